@@ -1,0 +1,25 @@
+"""cnnext: hand-written CNN kernels for PyTorch.
+
+Importing the package loads the compiled extension, which registers the ops under
+``torch.ops.cnnext``, then their fake (meta) kernels and autograd formulas.
+"""
+import torch
+
+from . import _C  # noqa: F401  (registers torch.ops.cnnext.*)
+from . import _meta, _autograd  # noqa: F401  (fake kernels, autograd formulas)
+from . import functional, nn
+
+__version__ = "0.1.0"
+__all__ = ["build_info", "functional", "nn", "__version__"]
+
+
+def build_info():
+    """What this build of cnnext was compiled with.
+
+    Returns a dict: ``cuda`` (whether CUDA kernels were compiled), ``cuda_version``,
+    ``torch_version`` (the torch it was compiled against), ``compiler``, ``cxx11_abi``,
+    and ``torch_runtime`` (the torch imported now).
+    """
+    info = dict(_C.build_info())
+    info["torch_runtime"] = torch.__version__
+    return info

@@ -1,0 +1,22 @@
+"""Output-size math for the fake (meta) kernels.
+
+Mirrors csrc/common/conv2d.h, which the C++ checks and kernels use; the Python copy
+exists because fake kernels must also work on symbolic sizes under torch.compile.
+tests/test_conv2d.py::test_opcheck checks that both agree.
+"""
+import torch
+
+
+def conv_out_size(size, kernel, stride, padding, dilation):
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def prefers_channels_last(*tensors):
+    """The layout rule of csrc/ops: channels_last output when any 4-D operand is
+    channels_last-contiguous without also being plain contiguous."""
+    return any(
+        t.dim() == 4
+        and t.is_contiguous(memory_format=torch.channels_last)
+        and not t.is_contiguous()
+        for t in tensors
+    )

@@ -1,0 +1,84 @@
+"""torch.nn.functional-style entry points: argument normalisation, then the op.
+
+Each function has the signature and semantics of its torch.nn.functional namesake;
+the checks of what reaches the op live in C++ (csrc/ops).
+"""
+import numbers
+
+import torch
+
+__all__ = ["conv2d"]
+
+_ops = torch.ops.cnnext
+
+
+def _pair(value, name, op):
+    """An int or a pair of ints, as torch.nn.functional takes them."""
+    if isinstance(value, bool):
+        raise TypeError(f"{op}: expected {name} to be an int or a pair of ints, got {value!r}")
+    if isinstance(value, numbers.Integral) or isinstance(value, torch.SymInt):
+        return [int(value)] * 2 if isinstance(value, numbers.Integral) else [value, value]
+    try:
+        items = list(value)
+    except TypeError:
+        raise TypeError(f"{op}: expected {name} to be an int or a pair of ints, got {value!r}") from None
+    if len(items) == 1:
+        items = items * 2
+    if len(items) != 2 or not all(isinstance(v, (numbers.Integral, torch.SymInt)) and not isinstance(v, bool) for v in items):
+        raise ValueError(f"{op}: expected {name} to be an int or a pair of ints, got {value!r}")
+    return [int(v) if isinstance(v, numbers.Integral) else v for v in items]
+
+
+def _same_padding(weight, dilation, stride, op):
+    """padding='same': the total padding d*(k-1) per dim, split as torch splits it
+    (the odd extra element at the end). Returns the symmetric padding to pass and,
+    per dim, whether the first output row/column must be dropped."""
+    if any(s != 1 for s in stride):
+        raise ValueError(f"{op}: padding='same' is not supported for strided convolutions, got stride={tuple(stride)}")
+    if weight.dim() != 4:
+        raise RuntimeError(
+            f"{op}: expected weight to be 4-D (out_channels, in_channels / groups, kH, kW), "
+            f"got {weight.dim()}-D tensor of shape {list(weight.shape)}"
+        )
+    pad, drop = [], []
+    for k, d in zip(weight.shape[2:], dilation):
+        total = d * (k - 1)
+        pad.append(total - total // 2)  # the larger side; the smaller is one less when odd
+        drop.append(total % 2 == 1)
+    return pad, drop
+
+
+def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """2-D cross-correlation, as :func:`torch.nn.functional.conv2d`.
+
+    input: (N, C, H, W) or unbatched (C, H, W); weight: (out_channels, C / groups, kH, kW);
+    bias: (out_channels,) or None; stride, dilation: int or pair; padding: int, pair,
+    'valid' or 'same'; groups: int. float32/float64 on CPU, plus float16/bfloat16 on CUDA.
+    """
+    op = "conv2d"
+    stride = _pair(stride, "stride", op)
+    dilation = _pair(dilation, "dilation", op)
+    if not isinstance(groups, (numbers.Integral, torch.SymInt)) or isinstance(groups, bool):
+        raise TypeError(f"{op}: expected groups to be an int, got {groups!r}")
+    drop = (False, False)
+    if isinstance(padding, str):
+        if padding == "valid":
+            padding = [0, 0]
+        elif padding == "same":
+            padding, drop = _same_padding(weight, dilation, stride, op)
+        else:
+            raise ValueError(f"{op}: expected padding to be 'valid', 'same', an int or a pair of ints, got {padding!r}")
+    else:
+        padding = _pair(padding, "padding", op)
+    out = _ops.conv2d(input, weight, bias, stride, padding, dilation, int(groups))
+    if drop[0] or drop[1]:
+        out = _drop_first(out, drop)
+    return out
+
+
+def _drop_first(out, drop):
+    """Removes the first output row and/or column (the asymmetric half of 'same'),
+    keeping the result dense in the layout it had."""
+    channels_last = out.dim() == 4 and out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    out = out[..., 1 if drop[0] else 0 :, 1 if drop[1] else 0 :]
+    return out.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)

@@ -1,0 +1,281 @@
+// conv2d on the CPU: im2col / col2im (ours) around a matrix multiply (at::mm).
+//
+// The output is cut into work items (one sample, a band of output rows); each item
+// unfolds its band into a thread-local column buffer small enough to stay in cache
+// and multiplies it with the weight of each group. Items run in parallel over the
+// cores; a single item runs alone and lets the matrix multiply use every core.
+// Tensors of any strides are read and written through their strides, so
+// channels_last and non-contiguous inputs need no copy.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "ops/conv2d.h"
+
+namespace cnnext {
+namespace cpu {
+namespace {
+
+Strides4 strides_of(const at::Tensor& t) {
+  return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+}
+
+// Column buffer elements a work item aims for: about 1 MiB of floats.
+constexpr int64_t kColBudget = int64_t(1) << 18;
+
+struct Bands {
+  int64_t rows;   // output rows per band
+  int64_t count;  // bands per sample
+};
+
+Bands bands_for(const Conv2dParams& p) {
+  const int64_t per_row = std::max<int64_t>(1, p.in_per_group() * p.KH * p.KW * p.OW);
+  const int64_t rows = std::clamp<int64_t>(kColBudget / per_row, 1, std::max<int64_t>(p.OH, 1));
+  return {rows, (p.OH + rows - 1) / rows};
+}
+
+// A 1x1, stride-1, unpadded convolution reads its input as the column matrix itself.
+bool is_pointwise(const Conv2dParams& p) {
+  return p.KH == 1 && p.KW == 1 && p.SH == 1 && p.SW == 1 && p.PH == 0 && p.PW == 0;
+}
+
+// (rows, cols) matrix view of channels [c0, c0 + rows) of sample n, output rows
+// [r0, r1) of a 4-D tensor whose (h, w) dims flatten (stride h == W * stride w).
+at::Tensor plane_matrix(const at::Tensor& t, int64_t n, int64_t c0, int64_t rows, int64_t r0,
+                        int64_t r1) {
+  const Strides4 s = strides_of(t);
+  const int64_t W = t.size(3);
+  return t.as_strided({rows, (r1 - r0) * W}, {s.c, s.w},
+                      t.storage_offset() + n * s.n + c0 * s.c + r0 * s.h);
+}
+
+bool planes_flatten(const at::Tensor& t) { return t.size(2) == 1 || t.stride(2) == t.size(3) * t.stride(3); }
+
+// grad_output as plane_matrix needs it: most gradients already are.
+at::Tensor flattenable(const at::Tensor& t) { return planes_flatten(t) ? t : t.contiguous(); }
+
+// Unfolds channels [0, Cg) (x points at the group's first channel of one sample) for
+// output rows [oh0, oh1) into col, laid out (Cg * KH * KW, (oh1 - oh0) * OW).
+template <typename T>
+void im2col(const T* x, const Strides4& xs, const Conv2dParams& p, int64_t Cg, int64_t oh0,
+            int64_t oh1, T* col) {
+  const int64_t L = (oh1 - oh0) * p.OW;
+  for (int64_t c = 0; c < Cg; ++c) {
+    for (int64_t kh = 0; kh < p.KH; ++kh) {
+      for (int64_t kw = 0; kw < p.KW; ++kw) {
+        T* dst = col + ((c * p.KH + kh) * p.KW + kw) * L;
+        int64_t lo, hi;
+        conv_valid_out_range(kw, p.W, p.SW, p.PW, p.DW, p.OW, &lo, &hi);
+        const int64_t iw_lo = conv_in_coord(lo, kw, p.SW, p.PW, p.DW);
+        for (int64_t oh = oh0; oh < oh1; ++oh, dst += p.OW) {
+          const int64_t ih = conv_in_coord(oh, kh, p.SH, p.PH, p.DH);
+          if (ih < 0 || ih >= p.H) {
+            std::fill(dst, dst + p.OW, T(0));
+            continue;
+          }
+          std::fill(dst, dst + lo, T(0));
+          std::fill(dst + hi, dst + p.OW, T(0));
+          const T* src = x + c * xs.c + ih * xs.h + iw_lo * xs.w;
+          if (p.SW == 1 && xs.w == 1) {
+            std::memcpy(dst + lo, src, sizeof(T) * (hi - lo));
+          } else {
+            const int64_t step = p.SW * xs.w;
+            for (int64_t ow = lo; ow < hi; ++ow) dst[ow] = src[(ow - lo) * step];
+          }
+        }
+      }
+    }
+  }
+}
+
+// The adjoint of im2col: adds col back into the input positions it was read from.
+template <typename T>
+void col2im_add(const T* col, const Conv2dParams& p, int64_t Cg, int64_t oh0, int64_t oh1,
+                T* x, const Strides4& xs) {
+  const int64_t L = (oh1 - oh0) * p.OW;
+  for (int64_t c = 0; c < Cg; ++c) {
+    for (int64_t kh = 0; kh < p.KH; ++kh) {
+      for (int64_t kw = 0; kw < p.KW; ++kw) {
+        const T* src = col + ((c * p.KH + kh) * p.KW + kw) * L;
+        int64_t lo, hi;
+        conv_valid_out_range(kw, p.W, p.SW, p.PW, p.DW, p.OW, &lo, &hi);
+        const int64_t iw_lo = conv_in_coord(lo, kw, p.SW, p.PW, p.DW);
+        const int64_t step = p.SW * xs.w;
+        for (int64_t oh = oh0; oh < oh1; ++oh, src += p.OW) {
+          const int64_t ih = conv_in_coord(oh, kh, p.SH, p.PH, p.DH);
+          if (ih < 0 || ih >= p.H) continue;
+          T* dst = x + c * xs.c + ih * xs.h + iw_lo * xs.w;
+          for (int64_t ow = lo; ow < hi; ++ow) dst[(ow - lo) * step] += src[ow];
+        }
+      }
+    }
+  }
+}
+
+// Runs fn(item, buffer) over items; in parallel with a buffer per thread when there
+// are several items, else once with the matrix multiply free to use every core.
+template <typename Fn>
+void for_each_item(int64_t items, const at::Tensor& like, int64_t buf_elems, const Fn& fn) {
+  if (items == 0) return;
+  if (items == 1 || at::get_num_threads() == 1) {
+    at::Tensor buf = at::empty({buf_elems}, like.options());
+    for (int64_t i = 0; i < items; ++i) fn(i, buf);
+    return;
+  }
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    at::Tensor buf = at::empty({buf_elems}, like.options());
+    for (int64_t i = begin; i < end; ++i) fn(i, buf);
+  });
+}
+
+}  // namespace
+
+at::Tensor conv2d_forward(const at::Tensor& input, const at::Tensor& weight,
+                          const c10::optional<at::Tensor>& bias, const Conv2dParams& p,
+                          at::MemoryFormat out_format) {
+  at::Tensor out = at::empty({p.N, p.O, p.OH, p.OW}, input.options().memory_format(out_format));
+  if (out.numel() == 0) return out;
+  const int64_t Cg = p.in_per_group(), Og = p.out_per_group(), K = Cg * p.KH * p.KW;
+  const at::Tensor w = weight.contiguous().view({p.G, Og, K});
+  const bool has_bias = bias.has_value() && bias->defined();
+  const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
+  const bool direct = is_pointwise(p) && planes_flatten(input);
+  const Bands bands = direct ? Bands{p.OH, 1} : bands_for(p);
+  const Strides4 xs = strides_of(input);
+
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "cnnext_conv2d_forward", [&] {
+    const scalar_t* x = input.const_data_ptr<scalar_t>();
+    for_each_item(p.N * bands.count, input, direct ? 0 : K * bands.rows * p.OW,
+                  [&](int64_t item, at::Tensor& buf) {
+      const int64_t n = item / bands.count;
+      const int64_t oh0 = (item % bands.count) * bands.rows;
+      const int64_t oh1 = std::min(p.OH, oh0 + bands.rows);
+      const int64_t L = (oh1 - oh0) * p.OW;
+      for (int64_t g = 0; g < p.G; ++g) {
+        at::Tensor col;
+        if (direct) {
+          col = plane_matrix(input, n, g * Cg, Cg, 0, p.H);
+        } else {
+          im2col(x + n * xs.n + g * Cg * xs.c, xs, p, Cg, oh0, oh1, buf.data_ptr<scalar_t>());
+          col = buf.narrow(0, 0, K * L).view({K, L});
+        }
+        at::Tensor dst = plane_matrix(out, n, g * Og, Og, oh0, oh1);
+        if (has_bias) {
+          at::addmm_out(dst, b.narrow(0, g * Og, Og).unsqueeze(1).expand({Og, L}), w[g], col);
+        } else {
+          at::mm_out(dst, w[g], col);
+        }
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor conv2d_input_backward(const at::Tensor& grad_out, const at::Tensor& weight,
+                                 const Conv2dParams& p, at::MemoryFormat out_format) {
+  const at::Tensor grad_output = flattenable(grad_out);
+  const int64_t Cg = p.in_per_group(), Og = p.out_per_group(), K = Cg * p.KH * p.KW;
+  const bool direct = is_pointwise(p);
+  at::Tensor gx = direct ? at::empty({p.N, p.C, p.H, p.W}, grad_output.options().memory_format(out_format))
+                         : at::zeros({p.N, p.C, p.H, p.W}, grad_output.options().memory_format(out_format));
+  if (gx.numel() == 0) return gx;
+  const at::Tensor wt = weight.contiguous().view({p.G, Og, K}).transpose(1, 2);  // (G, K, Og)
+  const Bands bands = direct ? Bands{p.OH, 1} : bands_for(p);
+  const Strides4 xs = strides_of(gx);
+
+  AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "cnnext_conv2d_input_backward", [&] {
+    scalar_t* gxp = gx.mutable_data_ptr<scalar_t>();
+    // One item per sample: the bands of a sample overlap in the input they add to.
+    for_each_item(p.N, grad_output, direct ? 0 : K * bands.rows * p.OW,
+                  [&](int64_t n, at::Tensor& buf) {
+      for (int64_t band = 0; band < bands.count; ++band) {
+        const int64_t oh0 = band * bands.rows, oh1 = std::min(p.OH, oh0 + bands.rows);
+        const int64_t L = (oh1 - oh0) * p.OW;
+        for (int64_t g = 0; g < p.G; ++g) {
+          const at::Tensor gy = plane_matrix(grad_output, n, g * Og, Og, oh0, oh1);
+          if (direct) {
+            at::Tensor dst = plane_matrix(gx, n, g * Cg, Cg, 0, p.H);
+            at::mm_out(dst, wt[g], gy);
+          } else {
+            at::Tensor col = buf.narrow(0, 0, K * L).view({K, L});
+            at::mm_out(col, wt[g], gy);
+            col2im_add(col.const_data_ptr<scalar_t>(), p, Cg, oh0, oh1,
+                       gxp + n * xs.n + g * Cg * xs.c, xs);
+          }
+        }
+      }
+    });
+  });
+  return gx;
+}
+
+at::Tensor conv2d_weight_backward(const at::Tensor& grad_out, const at::Tensor& input,
+                                  const Conv2dParams& p) {
+  const at::Tensor grad_output = flattenable(grad_out);
+  const int64_t Cg = p.in_per_group(), Og = p.out_per_group(), K = Cg * p.KH * p.KW;
+  const bool direct = is_pointwise(p) && planes_flatten(input);
+  const Bands bands = direct ? Bands{p.OH, 1} : bands_for(p);
+  const int64_t items = p.N * bands.count;
+  const int64_t threads = items > 1 ? at::get_num_threads() : 1;
+  // One partial sum per thread, added up at the end: no two threads write one place.
+  at::Tensor partial = at::zeros({threads, p.G, Og, K}, grad_output.options());
+  const Strides4 xs = strides_of(input);
+
+  AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "cnnext_conv2d_weight_backward", [&] {
+    const scalar_t* x = input.const_data_ptr<scalar_t>();
+    for_each_item(items, input, direct ? 0 : K * bands.rows * p.OW,
+                  [&](int64_t item, at::Tensor& buf) {
+      at::Tensor acc = partial[threads > 1 ? at::get_thread_num() : 0];
+      const int64_t n = item / bands.count;
+      const int64_t oh0 = (item % bands.count) * bands.rows;
+      const int64_t oh1 = std::min(p.OH, oh0 + bands.rows);
+      const int64_t L = (oh1 - oh0) * p.OW;
+      for (int64_t g = 0; g < p.G; ++g) {
+        at::Tensor col;
+        if (direct) {
+          col = plane_matrix(input, n, g * Cg, Cg, 0, p.H);
+        } else {
+          im2col(x + n * xs.n + g * Cg * xs.c, xs, p, Cg, oh0, oh1, buf.data_ptr<scalar_t>());
+          col = buf.narrow(0, 0, K * L).view({K, L});
+        }
+        const at::Tensor gy = plane_matrix(grad_output, n, g * Og, Og, oh0, oh1);
+        at::Tensor dst = acc[g];
+        at::addmm_out(dst, dst, gy, col.t());
+      }
+    });
+  });
+  at::Tensor gw = partial[0];
+  for (int64_t t = 1; t < threads; ++t) gw.add_(partial[t]);
+  return gw.view({p.O, Cg, p.KH, p.KW});
+}
+
+at::Tensor channel_sum(const at::Tensor& t) {
+  const int64_t N = t.size(0), C = t.size(1), H = t.size(2), W = t.size(3);
+  at::Tensor out = at::empty({C}, t.options());
+  if (C == 0) return out;
+  const Strides4 s = strides_of(t);
+  AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "cnnext_channel_sum", [&] {
+    const scalar_t* x = t.const_data_ptr<scalar_t>();
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    // Accumulates in double whatever the dtype.
+    at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        double acc = 0;
+        for (int64_t n = 0; n < N; ++n)
+          for (int64_t h = 0; h < H; ++h) {
+            const scalar_t* row = x + n * s.n + c * s.c + h * s.h;
+            for (int64_t w = 0; w < W; ++w) acc += static_cast<double>(row[w * s.w]);
+          }
+        o[c] = static_cast<scalar_t>(acc);
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace cpu
+}  // namespace cnnext

@@ -1,0 +1,41 @@
+// The Python extension module cnnext._C. Loading it registers the ops (TORCH_LIBRARY
+// in csrc/ops/*.cpp); the module itself only reports how it was built.
+#include <torch/extension.h>
+#include <torch/version.h>
+
+#ifdef CNNEXT_WITH_CUDA
+#include <cuda_runtime_api.h>
+#endif
+
+namespace {
+
+pybind11::dict build_info() {
+  pybind11::dict d;
+#ifdef CNNEXT_WITH_CUDA
+  d["cuda"] = true;
+  d["cuda_version"] = std::to_string(CUDART_VERSION / 1000) + "." +
+                      std::to_string((CUDART_VERSION % 1000) / 10);
+#else
+  d["cuda"] = false;
+  d["cuda_version"] = pybind11::none();
+#endif
+  d["torch_version"] = std::to_string(TORCH_VERSION_MAJOR) + "." +
+                       std::to_string(TORCH_VERSION_MINOR) + "." +
+                       std::to_string(TORCH_VERSION_PATCH);
+#if defined(__clang__)
+  d["compiler"] = std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+  d["compiler"] = std::string("gcc ") + __VERSION__;
+#elif defined(_MSC_VER)
+  d["compiler"] = "msvc " + std::to_string(_MSC_VER);
+#endif
+  d["cxx11_abi"] = bool(_GLIBCXX_USE_CXX11_ABI);
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "cnnext kernels; the ops live in torch.ops.cnnext";
+  m.def("build_info", &build_info, "How this extension was built.");
+}

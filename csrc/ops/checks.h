@@ -1,0 +1,55 @@
+// Argument checks shared by every op. Each failure names the op, the argument,
+// what was expected and what came in.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <sstream>
+#include <string>
+
+namespace cnnext {
+
+inline std::string shape_str(at::IntArrayRef sizes) {
+  std::ostringstream os;
+  os << "[";
+  for (size_t i = 0; i < sizes.size(); ++i) os << (i ? ", " : "") << sizes[i];
+  os << "]";
+  return os.str();
+}
+
+// Floating dtypes each backend computes in.
+inline bool backend_supports(const at::Tensor& t) {
+  const auto st = t.scalar_type();
+  if (st == at::kFloat || st == at::kDouble) return true;
+  return t.is_cuda() && (st == at::kHalf || st == at::kBFloat16);
+}
+
+inline void check_dtype_supported(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK_TYPE(backend_supports(t), op, ": expected ", name, " to be ",
+                   t.is_cuda() ? "float16, bfloat16, float32 or float64 on CUDA"
+                               : "float32 or float64 on CPU",
+                   ", got ", t.scalar_type(), " on ", t.device());
+}
+
+// `other` must match `ref` (named ref_name) in dtype and device.
+inline void check_same_dtype_device(const char* op, const char* ref_name, const at::Tensor& ref,
+                                    const char* name, const at::Tensor& other) {
+  TORCH_CHECK(other.device() == ref.device(), op, ": expected ", name,
+              " to be on the same device as ", ref_name, " (", ref.device(), "), got ",
+              other.device());
+  TORCH_CHECK_TYPE(other.scalar_type() == ref.scalar_type(), op, ": expected ", name,
+                   " to have the same dtype as ", ref_name, " (", ref.scalar_type(), "), got ",
+                   other.scalar_type());
+}
+
+// A list argument of exactly two entries, each at least `min_value`.
+inline void check_pair(const char* op, const char* name, at::IntArrayRef v, int64_t min_value) {
+  TORCH_CHECK(v.size() == 2, op, ": expected ", name, " to be a single integer or a pair, got ",
+              v.size(), " values ", shape_str(v));
+  for (int64_t x : v) {
+    TORCH_CHECK(x >= min_value, op, ": expected ", name, " to be ",
+                min_value == 0 ? "non-negative" : "at least 1", ", got ", shape_str(v));
+  }
+}
+
+}  // namespace cnnext

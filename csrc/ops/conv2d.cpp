@@ -1,0 +1,205 @@
+// conv2d: op schemas, argument checks and device dispatch. The only place that
+// checks what a user passed; the backends trust the Conv2dParams filled here.
+//
+// Four ops, closed under differentiation (see cnnext/_autograd.py):
+//   conv2d                  y  = x (*) w + b
+//   conv2d_input_backward   dx = dy (*)^T w      (also transposed convolution)
+//   conv2d_weight_backward  dw = x (*)^T dy
+//   channel_sum             db = sum of dy over every dim but the channel dim
+#include <torch/library.h>
+
+#include "ops/checks.h"
+#include "ops/conv2d.h"
+
+namespace cnnext {
+namespace {
+
+[[noreturn]] void no_cuda(const char* op) {
+  TORCH_CHECK(false, op,
+              ": got CUDA tensors, but this cnnext build has no CUDA kernels "
+              "(cnnext.build_info()['cuda'] is False). Rebuild with a CUDA build of torch and "
+              "nvcc on PATH, e.g. FORCE_CUDA=1 pip install --no-build-isolation .");
+}
+
+// Accepts (C, H, W) as a batch of one; returns the 4-D view and whether it was batched.
+std::pair<at::Tensor, bool> as_batch(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.dim() == 3 || t.dim() == 4, op, ": expected ", name,
+              " to be 3-D (C, H, W) or 4-D (N, C, H, W), got ", t.dim(), "-D tensor of shape ",
+              shape_str(t.sizes()));
+  return {t.dim() == 3 ? t.unsqueeze(0) : t, t.dim() == 4};
+}
+
+// Checks every size and hyper-parameter and fills the kernel parameters.
+// in: (N, C, H, W); w: (O, C / groups, KH, KW).
+Conv2dParams make_params(const char* op, at::IntArrayRef in, at::IntArrayRef w,
+                         at::IntArrayRef stride, at::IntArrayRef padding,
+                         at::IntArrayRef dilation, int64_t groups) {
+  TORCH_CHECK(w.size() == 4, op,
+              ": expected weight to be 4-D (out_channels, in_channels / groups, kH, kW), got ",
+              w.size(), "-D tensor of shape ", shape_str(w));
+  check_pair(op, "stride", stride, 1);
+  check_pair(op, "padding", padding, 0);
+  check_pair(op, "dilation", dilation, 1);
+  TORCH_CHECK(groups >= 1, op, ": expected groups to be at least 1, got ", groups);
+  for (int64_t s : in) TORCH_CHECK(s >= 0, op, ": negative input size ", shape_str(in));
+
+  Conv2dParams p{};
+  p.N = in[0]; p.C = in[1]; p.H = in[2]; p.W = in[3];
+  p.O = w[0]; p.KH = w[2]; p.KW = w[3];
+  p.SH = stride[0]; p.SW = stride[1];
+  p.PH = padding[0]; p.PW = padding[1];
+  p.DH = dilation[0]; p.DW = dilation[1];
+  p.G = groups;
+
+  TORCH_CHECK(p.O >= 1 && p.KH >= 1 && p.KW >= 1, op,
+              ": expected weight to have at least one output channel and a non-empty kernel, "
+              "got weight of shape ", shape_str(w));
+  TORCH_CHECK(p.O % groups == 0, op, ": expected out_channels (weight.size(0) = ", p.O,
+              ") to be divisible by groups = ", groups);
+  TORCH_CHECK(p.C % groups == 0, op, ": expected in_channels (input.size(1) = ", p.C,
+              ") to be divisible by groups = ", groups);
+  TORCH_CHECK(w[1] * groups == p.C, op, ": expected weight to have ", p.C / groups,
+              " input channels per group (input has ", p.C, " channels, groups=", groups,
+              "), got ", w[1], " (weight of shape ", shape_str(w), ")");
+  TORCH_CHECK(p.H > 0 && p.W > 0, op, ": expected input to have non-zero height and width, got ",
+              "input of shape ", shape_str(in));
+  TORCH_CHECK(conv_kernel_fits(p.H, p.KH, p.PH, p.DH) && conv_kernel_fits(p.W, p.KW, p.PW, p.DW),
+              op, ": expected the dilated kernel (", conv_dilated_kernel(p.KH, p.DH), " x ",
+              conv_dilated_kernel(p.KW, p.DW), ", kernel ", p.KH, " x ", p.KW, ", dilation ",
+              shape_str(dilation), ") to fit in the padded input (", p.H + 2 * p.PH, " x ",
+              p.W + 2 * p.PW, ", input ", p.H, " x ", p.W, ", padding ", shape_str(padding), ")");
+  p.OH = conv_out_size(p.H, p.KH, p.SH, p.PH, p.DH);
+  p.OW = conv_out_size(p.W, p.KW, p.SW, p.PW, p.DW);
+  return p;
+}
+
+void check_grad_output(const char* op, const Conv2dParams& p, const at::Tensor& g) {
+  const std::vector<int64_t> want{p.N, p.O, p.OH, p.OW};
+  TORCH_CHECK(g.sizes() == at::IntArrayRef(want), op, ": expected grad_output of shape ",
+              shape_str(want), ", got ", shape_str(g.sizes()));
+}
+
+// Output layout: channels_last when either operand is channels_last-contiguous and
+// not also plain contiguous (cnnext/_shapes.py states the same rule for fake kernels).
+at::MemoryFormat layout_of(const at::Tensor& a, const at::Tensor& b) {
+  auto cl = [](const at::Tensor& t) {
+    return t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast) && !t.is_contiguous();
+  };
+  return cl(a) || cl(b) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+at::Tensor unbatch(const at::Tensor& t, bool batched) { return batched ? t : t.squeeze(0); }
+
+at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight,
+                  const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                  at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  constexpr const char* op = "conv2d";
+  auto [x, batched] = as_batch(op, "input", input);
+  check_dtype_supported(op, "input", input);
+  check_same_dtype_device(op, "input", input, "weight", weight);
+  const Conv2dParams p = make_params(op, x.sizes(), weight.sizes(), stride, padding, dilation, groups);
+  if (bias.has_value() && bias->defined()) {
+    check_same_dtype_device(op, "input", input, "bias", *bias);
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == p.O, op,
+                ": expected bias to be 1-D of size out_channels = ", p.O, ", got shape ",
+                shape_str(bias->sizes()));
+  }
+  const auto fmt = layout_of(x, weight);
+  if (x.is_cuda()) {
+#ifdef CNNEXT_WITH_CUDA
+    return unbatch(cuda::conv2d_forward(x, weight, bias, p, fmt), batched);
+#else
+    no_cuda(op);
+#endif
+  }
+  return unbatch(cpu::conv2d_forward(x, weight, bias, p, fmt), batched);
+}
+
+at::Tensor conv2d_input_backward(const at::Tensor& grad_output, const at::Tensor& weight,
+                                 at::IntArrayRef input_size, at::IntArrayRef stride,
+                                 at::IntArrayRef padding, at::IntArrayRef dilation,
+                                 int64_t groups) {
+  constexpr const char* op = "conv2d_input_backward";
+  auto [g, batched] = as_batch(op, "grad_output", grad_output);
+  TORCH_CHECK(input_size.size() == (batched ? 4u : 3u), op, ": expected input_size of ",
+              batched ? 4 : 3, " entries to match grad_output's ", grad_output.dim(),
+              " dims, got ", shape_str(input_size));
+  std::vector<int64_t> in(input_size.begin(), input_size.end());
+  if (!batched) in.insert(in.begin(), 1);
+  check_dtype_supported(op, "grad_output", grad_output);
+  check_same_dtype_device(op, "grad_output", grad_output, "weight", weight);
+  const Conv2dParams p = make_params(op, in, weight.sizes(), stride, padding, dilation, groups);
+  check_grad_output(op, p, g);
+  const auto fmt = layout_of(g, weight);
+  if (g.is_cuda()) {
+#ifdef CNNEXT_WITH_CUDA
+    return unbatch(cuda::conv2d_input_backward(g, weight, p, fmt), batched);
+#else
+    no_cuda(op);
+#endif
+  }
+  return unbatch(cpu::conv2d_input_backward(g, weight, p, fmt), batched);
+}
+
+at::Tensor conv2d_weight_backward(const at::Tensor& grad_output, const at::Tensor& input,
+                                  at::IntArrayRef weight_size, at::IntArrayRef stride,
+                                  at::IntArrayRef padding, at::IntArrayRef dilation,
+                                  int64_t groups) {
+  constexpr const char* op = "conv2d_weight_backward";
+  auto [g, g_batched] = as_batch(op, "grad_output", grad_output);
+  auto [x, x_batched] = as_batch(op, "input", input);
+  TORCH_CHECK(g_batched == x_batched, op, ": expected grad_output (", grad_output.dim(),
+              "-D) and input (", input.dim(), "-D) to be both batched or both unbatched");
+  check_dtype_supported(op, "grad_output", grad_output);
+  check_same_dtype_device(op, "grad_output", grad_output, "input", input);
+  const Conv2dParams p = make_params(op, x.sizes(), weight_size, stride, padding, dilation, groups);
+  check_grad_output(op, p, g);
+  if (g.is_cuda()) {
+#ifdef CNNEXT_WITH_CUDA
+    return cuda::conv2d_weight_backward(g, x, p);
+#else
+    no_cuda(op);
+#endif
+  }
+  return cpu::conv2d_weight_backward(g, x, p);
+}
+
+at::Tensor channel_sum(const at::Tensor& t) {
+  constexpr const char* op = "channel_sum";
+  auto [x, batched] = as_batch(op, "input", t);
+  check_dtype_supported(op, "input", t);
+  if (x.is_cuda()) {
+#ifdef CNNEXT_WITH_CUDA
+    return cuda::channel_sum(x);
+#else
+    no_cuda(op);
+#endif
+  }
+  return cpu::channel_sum(x);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(cnnext, m) {
+  m.def("conv2d(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
+        "int[2] dilation, int groups) -> Tensor");
+  m.def("conv2d_input_backward(Tensor grad_output, Tensor weight, SymInt[] input_size, "
+        "int[2] stride, int[2] padding, int[2] dilation, int groups) -> Tensor");
+  m.def("conv2d_weight_backward(Tensor grad_output, Tensor input, SymInt[] weight_size, "
+        "int[2] stride, int[2] padding, int[2] dilation, int groups) -> Tensor");
+  m.def("channel_sum(Tensor input) -> Tensor");
+}
+
+// The same checked entry points serve both dispatch keys: they pick the backend
+// from the input's device, and report a CPU-only build clearly.
+#define CNNEXT_REGISTER_CONV2D(KEY)                                  \
+  TORCH_LIBRARY_IMPL(cnnext, KEY, m) {                               \
+    m.impl("conv2d", &conv2d);                                       \
+    m.impl("conv2d_input_backward", &conv2d_input_backward);         \
+    m.impl("conv2d_weight_backward", &conv2d_weight_backward);       \
+    m.impl("channel_sum", &channel_sum);                             \
+  }
+CNNEXT_REGISTER_CONV2D(CPU)
+CNNEXT_REGISTER_CONV2D(CUDA)
+
+}  // namespace cnnext
