@@ -1,0 +1,100 @@
+"""`python -m cnnext check`: every op against stock torch, as a table of max errors.
+
+Each case runs a cnnext op and its torch.nn.functional namesake on the same random
+inputs, forward and every gradient, and reports the largest error relative to the
+largest reference magnitude. The exit status is non-zero when any case fails.
+"""
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import functional as cf
+
+TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+
+
+@dataclass
+class Case:
+    op: str
+    config: str
+    run: object  # (dtype, device) -> list of (what, cnnext tensor, torch tensor)
+
+
+def rel_err(a, b):
+    if a.shape != b.shape:
+        return float("inf")
+    if a.numel() == 0:
+        return 0.0
+    a, b = a.double(), b.double()
+    if torch.isnan(a).any() or torch.isnan(b).any():
+        return 0.0 if torch.equal(torch.isnan(a), torch.isnan(b)) and torch.allclose(a.nan_to_num(), b.nan_to_num()) else float("inf")
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def _grads(fn, inputs, grad):
+    out = fn(*inputs)
+    return [out, *torch.autograd.grad(out, [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad], grad)]
+
+
+def conv2d_case(shape, weight_shape, layout="contiguous", **kw):
+    def run(dtype, device):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(shape, generator=g, dtype=torch.float64).to(device, dtype)
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+        elif layout == "non-contiguous":
+            x = x.transpose(-1, -2).contiguous().transpose(-1, -2)
+        w = torch.randn(weight_shape, generator=g, dtype=torch.float64).to(device, dtype)
+        b = torch.randn(weight_shape[0], generator=g, dtype=torch.float64).to(device, dtype)
+        x.requires_grad_(), w.requires_grad_(), b.requires_grad_()
+        ref = F.conv2d(x, w, b, **kw)
+        gy = torch.randn(ref.shape, generator=g, dtype=torch.float64).to(device, dtype)
+        ours = _grads(lambda *a: cf.conv2d(*a, **kw), (x, w, b), gy)
+        theirs = _grads(lambda *a: F.conv2d(*a, **kw), (x, w, b), gy)
+        return list(zip(("output", "grad_input", "grad_weight", "grad_bias"), ours, theirs))
+
+    args = ", ".join(f"{k}={v}" for k, v in kw.items())
+    return Case("conv2d", f"x{list(shape)} w{list(weight_shape)} {args} {layout}".replace("  ", " "), run)
+
+
+CASES = [
+    conv2d_case((4, 3, 17, 19), (8, 3, 3, 3), padding=1),
+    conv2d_case((2, 6, 16, 15), (9, 2, 3, 5), stride=(2, 1), padding=(1, 2), dilation=(1, 2), groups=3),
+    conv2d_case((2, 8, 12, 12), (8, 1, 3, 3), padding="same", groups=8, layout="channels_last"),
+    conv2d_case((3, 9, 10), (4, 3, 4, 2), padding="same", dilation=2),
+    conv2d_case((2, 16, 14, 14), (32, 16, 1, 1), stride=2, layout="non-contiguous"),
+    conv2d_case((0, 3, 8, 8), (4, 3, 3, 3), padding=1),
+]
+
+
+def devices():
+    from . import build_info
+
+    yield "cpu", (torch.float64, torch.float32)
+    if torch.cuda.is_available() and build_info()["cuda"]:
+        yield "cuda", (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+def run_checks(out=sys.stdout):
+    rows, failed = [], 0
+    for device, dtypes in devices():
+        for case in CASES:
+            for dtype in dtypes:
+                try:
+                    results = [(what, rel_err(a.detach(), b.detach())) for what, a, b in case.run(dtype, device)]
+                    err = max(e for _, e in results)
+                    worst = max(results, key=lambda r: r[1])[0]
+                    ok = err <= TOL[dtype]
+                    note = f"worst: {worst}"
+                except Exception as e:  # a crash is a failure, reported in the table
+                    err, ok, note = float("inf"), False, f"{type(e).__name__}: {e}"[:60]
+                failed += not ok
+                rows.append((case.op, case.config, device, str(dtype).replace("torch.", ""), f"{err:.1e}", f"{TOL[dtype]:.0e}", "PASS" if ok else "FAIL", note))
+    header = ("op", "configuration", "device", "dtype", "max rel err", "tol", "result", "")
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    for r in [header, tuple("-" * w for w in widths)] + rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip(), file=out)
+    print(f"\n{len(rows) - failed} passed, {failed} failed", file=out)
+    return failed
