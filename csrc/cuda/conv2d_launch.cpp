@@ -1,0 +1,96 @@
+// conv2d on CUDA, torch side: device guard, current stream, output allocation and
+// dtype mapping around the torch-free launchers of csrc/cuda/conv2d.cu. Compiled only
+// in CUDA builds (setup.py defines CNNEXT_WITH_CUDA for them). The arguments were
+// checked by csrc/ops/conv2d.cpp; every tensor here is 4-D and on one device.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "cuda/conv2d.h"
+#include "ops/conv2d.h"
+
+namespace cnnext {
+namespace cuda {
+namespace {
+
+kernels::DType dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return kernels::DType::F32;
+    case at::kDouble: return kernels::DType::F64;
+    case at::kHalf: return kernels::DType::F16;
+    case at::kBFloat16: return kernels::DType::BF16;
+    default: break;
+  }
+  // The ops layer admits only the four types above; reaching this is a bug.
+  TORCH_CHECK(false, "cnnext CUDA conv2d: unsupported dtype ", t.scalar_type());
+}
+
+// The current stream of the current device (which the caller's guard has set).
+// c10's own header, not ATen/cuda/CUDAContext.h: that one pulls in the cuBLAS,
+// cuSPARSE and cuSOLVER headers, which nothing here needs.
+cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+Strides4 strides_of(const at::Tensor& t) {
+  return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+}
+
+}  // namespace
+
+at::Tensor conv2d_forward(const at::Tensor& input, const at::Tensor& weight,
+                          const c10::optional<at::Tensor>& bias, const Conv2dParams& p,
+                          at::MemoryFormat out_format) {
+  const c10::cuda::CUDAGuard guard(input.device());
+  at::Tensor out = at::empty({p.N, p.O, p.OH, p.OW}, input.options().memory_format(out_format));
+  if (out.numel() == 0) return out;
+  const at::Tensor w = weight.contiguous();
+  const bool has_bias = bias.has_value() && bias->defined();
+  const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
+  C10_CUDA_CHECK(kernels::conv2d_forward(
+      p, dtype_of(input), input.const_data_ptr(), strides_of(input), w.const_data_ptr(),
+      has_bias ? b.const_data_ptr() : nullptr, out.mutable_data_ptr(), strides_of(out),
+      current_stream()));
+  return out;
+}
+
+at::Tensor conv2d_input_backward(const at::Tensor& grad_output, const at::Tensor& weight,
+                                 const Conv2dParams& p, at::MemoryFormat out_format) {
+  const c10::cuda::CUDAGuard guard(grad_output.device());
+  at::Tensor gx =
+      at::empty({p.N, p.C, p.H, p.W}, grad_output.options().memory_format(out_format));
+  if (gx.numel() == 0) return gx;
+  const at::Tensor w = weight.contiguous();
+  C10_CUDA_CHECK(kernels::conv2d_input_backward(
+      p, dtype_of(grad_output), grad_output.const_data_ptr(), strides_of(grad_output),
+      w.const_data_ptr(), gx.mutable_data_ptr(), strides_of(gx),
+      current_stream()));
+  return gx;
+}
+
+at::Tensor conv2d_weight_backward(const at::Tensor& grad_output, const at::Tensor& input,
+                                  const Conv2dParams& p) {
+  const c10::cuda::CUDAGuard guard(input.device());
+  at::Tensor gw = at::empty({p.O, p.in_per_group(), p.KH, p.KW}, input.options());
+  if (gw.numel() == 0) return gw;
+  // With N == 0 the launcher still runs: it writes the zeros of an empty sum.
+  C10_CUDA_CHECK(kernels::conv2d_weight_backward(
+      p, dtype_of(input), grad_output.const_data_ptr(), strides_of(grad_output),
+      input.const_data_ptr(), strides_of(input), gw.mutable_data_ptr(),
+      current_stream()));
+  return gw;
+}
+
+at::Tensor channel_sum(const at::Tensor& t) {
+  const c10::cuda::CUDAGuard guard(t.device());
+  const int64_t C = t.size(1);
+  at::Tensor out = at::empty({C}, t.options());
+  if (C == 0) return out;
+  // With N * H * W == 0 the launcher still runs: it writes zeros.
+  C10_CUDA_CHECK(kernels::channel_sum(dtype_of(t), t.const_data_ptr(), t.size(0), C, t.size(2),
+                                      t.size(3), strides_of(t), out.mutable_data_ptr(),
+                                      current_stream()));
+  return out;
+}
+
+}  // namespace cuda
+}  // namespace cnnext
