@@ -41,7 +41,7 @@ def sources(pattern):
 def make_extension():
     with_cuda, why = decide_cuda()
     srcs = sources("csrc/extension.cpp") + sources("csrc/ops/*.cpp") + sources("csrc/cpu/*.cpp")
-    cxx = ["-O3", "-std=c++17"]
+    cxx = ["-O3"]
     macros = []
     if with_cuda:
         srcs += sources("csrc/cuda/*.cu") + sources("csrc/cuda/*.cpp")
@@ -53,7 +53,7 @@ def make_extension():
             srcs,
             include_dirs=[os.path.join(ROOT, "csrc")],
             define_macros=macros,
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
         )
     print(f"cnnext: building CPU kernels only ({why})")
     return CppExtension(

@@ -132,6 +132,109 @@ void for_each_item(int64_t items, const at::Tensor& like, int64_t buf_elems, con
   });
 }
 
+
+// Thin groups (depthwise and the like: few channels in and out per group) make
+// matrices too small for a GEMM to pay; these direct loops compute them instead.
+bool use_direct(const Conv2dParams& p) { return p.in_per_group() * p.out_per_group() <= 8; }
+
+// y[n, o, :, :] = bias[o] + sum over the group's channels and taps.
+template <typename T>
+void direct_forward(const T* x, const Strides4& xs, const T* w, const T* bias, T* y,
+                    const Strides4& ys, const Conv2dParams& p) {
+  const int64_t Cg = p.in_per_group(), Og = p.out_per_group();
+  at::parallel_for(0, p.N * p.O, 1, [&](int64_t b, int64_t e) {
+    std::vector<T> row(p.OW);
+    for (int64_t item = b; item < e; ++item) {
+      const int64_t n = item / p.O, o = item % p.O, c0 = (o / Og) * Cg;
+      for (int64_t oh = 0; oh < p.OH; ++oh) {
+        std::fill(row.begin(), row.end(), bias ? bias[o] : T(0));
+        for (int64_t c = 0; c < Cg; ++c) {
+          for (int64_t kh = 0; kh < p.KH; ++kh) {
+            const int64_t ih = conv_in_coord(oh, kh, p.SH, p.PH, p.DH);
+            if (ih < 0 || ih >= p.H) continue;
+            const T* xr = x + n * xs.n + (c0 + c) * xs.c + ih * xs.h;
+            for (int64_t kw = 0; kw < p.KW; ++kw) {
+              const T wv = w[((o * Cg + c) * p.KH + kh) * p.KW + kw];
+              int64_t lo, hi;
+              conv_valid_out_range(kw, p.W, p.SW, p.PW, p.DW, p.OW, &lo, &hi);
+              const T* src = xr + conv_in_coord(lo, kw, p.SW, p.PW, p.DW) * xs.w;
+              const int64_t step = p.SW * xs.w;
+              for (int64_t ow = lo; ow < hi; ++ow) row[ow] += wv * src[(ow - lo) * step];
+            }
+          }
+        }
+        T* yr = y + n * ys.n + o * ys.c + oh * ys.h;
+        for (int64_t ow = 0; ow < p.OW; ++ow) yr[ow * ys.w] = row[ow];
+      }
+    }
+  });
+}
+
+// gx[n, c] = sum over the group's output channels of gy[n, o] spread back through w[o, c].
+// gx must be zero on entry; each (n, c) plane is written by one thread.
+template <typename T>
+void direct_input_backward(const T* gy, const Strides4& gs, const T* w, T* gx,
+                           const Strides4& xs, const Conv2dParams& p) {
+  const int64_t Cg = p.in_per_group(), Og = p.out_per_group();
+  at::parallel_for(0, p.N * p.C, 1, [&](int64_t b, int64_t e) {
+    for (int64_t item = b; item < e; ++item) {
+      const int64_t n = item / p.C, c = item % p.C, o0 = (c / Cg) * Og, cl = c % Cg;
+      T* gxp = gx + n * xs.n + c * xs.c;
+      for (int64_t o = o0; o < o0 + Og; ++o) {
+        for (int64_t kh = 0; kh < p.KH; ++kh) {
+          for (int64_t kw = 0; kw < p.KW; ++kw) {
+            const T wv = w[((o * Cg + cl) * p.KH + kh) * p.KW + kw];
+            int64_t lo, hi;
+            conv_valid_out_range(kw, p.W, p.SW, p.PW, p.DW, p.OW, &lo, &hi);
+            const int64_t iw_lo = conv_in_coord(lo, kw, p.SW, p.PW, p.DW);
+            const int64_t step = p.SW * xs.w;
+            for (int64_t oh = 0; oh < p.OH; ++oh) {
+              const int64_t ih = conv_in_coord(oh, kh, p.SH, p.PH, p.DH);
+              if (ih < 0 || ih >= p.H) continue;
+              const T* g = gy + n * gs.n + o * gs.c + oh * gs.h;
+              T* dst = gxp + ih * xs.h + iw_lo * xs.w;
+              for (int64_t ow = lo; ow < hi; ++ow) dst[(ow - lo) * step] += wv * g[ow * gs.w];
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+// gw[o, c, kh, kw] = sum over n, oh, ow of gy[n, o, oh, ow] * x[n, c', ih, iw], each
+// weight element summed by one thread (rows in T, rows added up in double).
+template <typename T>
+void direct_weight_backward(const T* gy, const Strides4& gs, const T* x, const Strides4& xs,
+                            T* gw, const Conv2dParams& p) {
+  const int64_t Cg = p.in_per_group(), Og = p.out_per_group();
+  const int64_t taps = p.KH * p.KW;
+  at::parallel_for(0, p.O * Cg * taps, 1, [&](int64_t b, int64_t e) {
+    for (int64_t item = b; item < e; ++item) {
+      const int64_t o = item / (Cg * taps), cl = (item / taps) % Cg;
+      const int64_t kh = (item % taps) / p.KW, kw = item % p.KW;
+      const int64_t c = (o / Og) * Cg + cl;
+      int64_t lo, hi;
+      conv_valid_out_range(kw, p.W, p.SW, p.PW, p.DW, p.OW, &lo, &hi);
+      const int64_t iw_lo = conv_in_coord(lo, kw, p.SW, p.PW, p.DW);
+      const int64_t step = p.SW * xs.w;
+      double acc = 0;
+      for (int64_t n = 0; n < p.N; ++n) {
+        for (int64_t oh = 0; oh < p.OH; ++oh) {
+          const int64_t ih = conv_in_coord(oh, kh, p.SH, p.PH, p.DH);
+          if (ih < 0 || ih >= p.H) continue;
+          const T* g = gy + n * gs.n + o * gs.c + oh * gs.h;
+          const T* src = x + n * xs.n + c * xs.c + ih * xs.h + iw_lo * xs.w;
+          T row = 0;
+          for (int64_t ow = lo; ow < hi; ++ow) row += g[ow * gs.w] * src[(ow - lo) * step];
+          acc += static_cast<double>(row);
+        }
+      }
+      gw[item] = static_cast<T>(acc);
+    }
+  });
+}
+
 }  // namespace
 
 at::Tensor conv2d_forward(const at::Tensor& input, const at::Tensor& weight,
@@ -143,13 +246,19 @@ at::Tensor conv2d_forward(const at::Tensor& input, const at::Tensor& weight,
   const at::Tensor w = weight.contiguous().view({p.G, Og, K});
   const bool has_bias = bias.has_value() && bias->defined();
   const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
-  const bool direct = is_pointwise(p) && planes_flatten(input);
-  const Bands bands = direct ? Bands{p.OH, 1} : bands_for(p);
+  const bool pointwise = is_pointwise(p) && planes_flatten(input);
+  const Bands bands = pointwise ? Bands{p.OH, 1} : bands_for(p);
   const Strides4 xs = strides_of(input);
 
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "cnnext_conv2d_forward", [&] {
     const scalar_t* x = input.const_data_ptr<scalar_t>();
-    for_each_item(p.N * bands.count, input, direct ? 0 : K * bands.rows * p.OW,
+    if (use_direct(p)) {
+      direct_forward(x, xs, w.const_data_ptr<scalar_t>(),
+                     has_bias ? b.const_data_ptr<scalar_t>() : nullptr,
+                     out.mutable_data_ptr<scalar_t>(), strides_of(out), p);
+      return;
+    }
+    for_each_item(p.N * bands.count, input, pointwise ? 0 : K * bands.rows * p.OW,
                   [&](int64_t item, at::Tensor& buf) {
       const int64_t n = item / bands.count;
       const int64_t oh0 = (item % bands.count) * bands.rows;
@@ -157,7 +266,7 @@ at::Tensor conv2d_forward(const at::Tensor& input, const at::Tensor& weight,
       const int64_t L = (oh1 - oh0) * p.OW;
       for (int64_t g = 0; g < p.G; ++g) {
         at::Tensor col;
-        if (direct) {
+        if (pointwise) {
           col = plane_matrix(input, n, g * Cg, Cg, 0, p.H);
         } else {
           im2col(x + n * xs.n + g * Cg * xs.c, xs, p, Cg, oh0, oh1, buf.data_ptr<scalar_t>());
@@ -179,25 +288,30 @@ at::Tensor conv2d_input_backward(const at::Tensor& grad_out, const at::Tensor& w
                                  const Conv2dParams& p, at::MemoryFormat out_format) {
   const at::Tensor grad_output = flattenable(grad_out);
   const int64_t Cg = p.in_per_group(), Og = p.out_per_group(), K = Cg * p.KH * p.KW;
-  const bool direct = is_pointwise(p);
-  at::Tensor gx = direct ? at::empty({p.N, p.C, p.H, p.W}, grad_output.options().memory_format(out_format))
+  const bool pointwise = is_pointwise(p) && !use_direct(p);
+  at::Tensor gx = pointwise ? at::empty({p.N, p.C, p.H, p.W}, grad_output.options().memory_format(out_format))
                          : at::zeros({p.N, p.C, p.H, p.W}, grad_output.options().memory_format(out_format));
   if (gx.numel() == 0) return gx;
   const at::Tensor wt = weight.contiguous().view({p.G, Og, K}).transpose(1, 2);  // (G, K, Og)
-  const Bands bands = direct ? Bands{p.OH, 1} : bands_for(p);
+  const Bands bands = pointwise ? Bands{p.OH, 1} : bands_for(p);
   const Strides4 xs = strides_of(gx);
 
   AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "cnnext_conv2d_input_backward", [&] {
     scalar_t* gxp = gx.mutable_data_ptr<scalar_t>();
+    if (use_direct(p)) {
+      direct_input_backward(grad_output.const_data_ptr<scalar_t>(), strides_of(grad_output),
+                            weight.contiguous().const_data_ptr<scalar_t>(), gxp, xs, p);
+      return;
+    }
     // One item per sample: the bands of a sample overlap in the input they add to.
-    for_each_item(p.N, grad_output, direct ? 0 : K * bands.rows * p.OW,
+    for_each_item(p.N, grad_output, pointwise ? 0 : K * bands.rows * p.OW,
                   [&](int64_t n, at::Tensor& buf) {
       for (int64_t band = 0; band < bands.count; ++band) {
         const int64_t oh0 = band * bands.rows, oh1 = std::min(p.OH, oh0 + bands.rows);
         const int64_t L = (oh1 - oh0) * p.OW;
         for (int64_t g = 0; g < p.G; ++g) {
           const at::Tensor gy = plane_matrix(grad_output, n, g * Og, Og, oh0, oh1);
-          if (direct) {
+          if (pointwise) {
             at::Tensor dst = plane_matrix(gx, n, g * Cg, Cg, 0, p.H);
             at::mm_out(dst, wt[g], gy);
           } else {
@@ -217,8 +331,16 @@ at::Tensor conv2d_weight_backward(const at::Tensor& grad_out, const at::Tensor& 
                                   const Conv2dParams& p) {
   const at::Tensor grad_output = flattenable(grad_out);
   const int64_t Cg = p.in_per_group(), Og = p.out_per_group(), K = Cg * p.KH * p.KW;
-  const bool direct = is_pointwise(p) && planes_flatten(input);
-  const Bands bands = direct ? Bands{p.OH, 1} : bands_for(p);
+  const bool pointwise = is_pointwise(p) && planes_flatten(input);
+  if (use_direct(p)) {
+    at::Tensor gw = at::empty({p.O, Cg, p.KH, p.KW}, grad_output.options());
+    AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "cnnext_conv2d_weight_backward", [&] {
+      direct_weight_backward(grad_output.const_data_ptr<scalar_t>(), strides_of(grad_output),
+                             input.const_data_ptr<scalar_t>(), strides_of(input), gw.mutable_data_ptr<scalar_t>(), p);
+    });
+    return gw;
+  }
+  const Bands bands = pointwise ? Bands{p.OH, 1} : bands_for(p);
   const int64_t items = p.N * bands.count;
   const int64_t threads = items > 1 ? at::get_num_threads() : 1;
   // One partial sum per thread, added up at the end: no two threads write one place.
@@ -227,7 +349,7 @@ at::Tensor conv2d_weight_backward(const at::Tensor& grad_out, const at::Tensor& 
 
   AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "cnnext_conv2d_weight_backward", [&] {
     const scalar_t* x = input.const_data_ptr<scalar_t>();
-    for_each_item(items, input, direct ? 0 : K * bands.rows * p.OW,
+    for_each_item(items, input, pointwise ? 0 : K * bands.rows * p.OW,
                   [&](int64_t item, at::Tensor& buf) {
       at::Tensor acc = partial[threads > 1 ? at::get_thread_num() : 0];
       const int64_t n = item / bands.count;
@@ -236,7 +358,7 @@ at::Tensor conv2d_weight_backward(const at::Tensor& grad_out, const at::Tensor& 
       const int64_t L = (oh1 - oh0) * p.OW;
       for (int64_t g = 0; g < p.G; ++g) {
         at::Tensor col;
-        if (direct) {
+        if (pointwise) {
           col = plane_matrix(input, n, g * Cg, Cg, 0, p.H);
         } else {
           im2col(x + n * xs.n + g * Cg * xs.c, xs, p, Cg, oh0, oh1, buf.data_ptr<scalar_t>());
