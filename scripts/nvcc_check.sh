@@ -3,6 +3,7 @@
 #   1. each csrc/**/*.cu with nvcc for sm_80 and sm_90, warnings as errors;
 #   2. each csrc/cuda/*.cpp (the torch side of the CUDA path) with the host compiler,
 #      -fsyntax-only against torch's headers, when torch is importable.
+# Both in C++17 and C++20 (torch's cpp_extension uses C++20 from torch 2.10 on).
 # Prints each file with OK or FAIL and exits non-zero if any failed. CI runs it.
 #
 # Environment: NVCC (default: nvcc on PATH, else $CUDA_HOME/bin/nvcc), CXX (default g++),
@@ -16,6 +17,7 @@ cd "$ROOT"
 NVCC="${NVCC:-$(command -v nvcc || echo "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc")}"
 CXX="${CXX:-g++}"
 PYTHON="${PYTHON:-python3}"
+# Pairs of "-gencode arch=...,code=..."; the C++20 pass uses the last pair only.
 ARCH_FLAGS="${NVCC_ARCH_FLAGS:--gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90}"
 
 failed=0
@@ -54,15 +56,18 @@ CUDA_INC="$(cuda_include)"
 
 # 1. CUDA sources. The flags mirror setup.py's nvcc flags, plus the half/bfloat16
 #    operator switches torch.utils.cpp_extension adds, so code that only compiles
-#    without them fails here too.
+#    without them fails here too. C++17 (CMakeLists.txt, older torch) for every
+#    architecture, and C++20 (what torch >= 2.10's cpp_extension passes) for the last.
+NVCC_FLAGS=(--expt-relaxed-constexpr -O3 -Icsrc
+  -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__
+  -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__
+  -Werror all-warnings -Xcompiler -Wall,-Wextra)
+read -r -a ARCHS <<<"$ARCH_FLAGS"
+LAST_ARCH=("${ARCHS[@]: -2}")
 mapfile -t cu_files < <(find csrc -name '*.cu' | sort)
 for f in "${cu_files[@]}"; do
-  # shellcheck disable=SC2086
-  "$NVCC" -std=c++17 -O3 --expt-relaxed-constexpr -Icsrc $ARCH_FLAGS \
-    -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ \
-    -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__ \
-    -Werror all-warnings -Xcompiler -Wall,-Wextra \
-    -c -o /dev/null "$f" >"$log" 2>&1
+  { "$NVCC" -std=c++17 "${NVCC_FLAGS[@]}" "${ARCHS[@]}" -c -o /dev/null "$f" &&
+    "$NVCC" -std=c++20 "${NVCC_FLAGS[@]}" "${LAST_ARCH[@]}" -c -o /dev/null "$f"; } >"$log" 2>&1
   report "$f" $?
 done
 
@@ -75,12 +80,15 @@ if [ "${#cpp_files[@]}" -gt 0 ]; then
   if TORCH_INC="$("$PYTHON" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "include"))' 2>/dev/null)"; then
     PY_INC="$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')"
     for f in "${cpp_files[@]}"; do
-      "$CXX" -std=c++17 -fsyntax-only -Wall -Wextra -Werror \
-        -DCNNEXT_WITH_CUDA -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE -Icsrc \
-        -isystem "$TORCH_INC" -isystem "$TORCH_INC/torch/csrc/api/include" \
-        -isystem "$CUDA_INC" -isystem "$PY_INC" \
-        "$f" >"$log" 2>&1
-      report "$f" $?
+      status=0
+      for std in c++17 c++20; do
+        "$CXX" -std=$std -fsyntax-only -Wall -Wextra -Werror \
+          -DCNNEXT_WITH_CUDA -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE -Icsrc \
+          -isystem "$TORCH_INC" -isystem "$TORCH_INC/torch/csrc/api/include" \
+          -isystem "$CUDA_INC" -isystem "$PY_INC" \
+          "$f" >"$log" 2>&1 || { status=1; break; }
+      done
+      report "$f" $status
     done
   else
     echo "SKIP  csrc/cuda/*.cpp (torch is not importable with $PYTHON)"
