@@ -3,7 +3,7 @@
 #   1. each csrc/**/*.cu with nvcc for sm_80 and sm_90, warnings as errors;
 #   2. each csrc/cuda/*.cpp (the torch side of the CUDA path) with the host compiler,
 #      -fsyntax-only against torch's headers, when torch is importable.
-# Both in C++17 and C++20 (torch's cpp_extension uses C++20 from torch 2.10 on).
+# Both in C++17 and C++20 (recent torch, e.g. 2.13, builds extensions as C++20).
 # Prints each file with OK or FAIL and exits non-zero if any failed. CI runs it.
 #
 # Environment: NVCC (default: nvcc on PATH, else $CUDA_HOME/bin/nvcc), CXX (default g++),
@@ -57,7 +57,7 @@ CUDA_INC="$(cuda_include)"
 # 1. CUDA sources. The flags mirror setup.py's nvcc flags, plus the half/bfloat16
 #    operator switches torch.utils.cpp_extension adds, so code that only compiles
 #    without them fails here too. C++17 (CMakeLists.txt, older torch) for every
-#    architecture, and C++20 (what torch >= 2.10's cpp_extension passes) for the last.
+#    architecture, and C++20 (what recent torch, e.g. 2.13, passes in cpp_extension) for the last.
 NVCC_FLAGS=(--expt-relaxed-constexpr -O3 -Icsrc
   -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__
   -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__
