@@ -15,14 +15,11 @@
 #include <vector>
 
 #include "ops/conv2d.h"
+#include "ops/tensors.h"
 
 namespace cnnext {
 namespace cpu {
 namespace {
-
-Strides4 strides_of(const at::Tensor& t) {
-  return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
-}
 
 // Column buffer elements a work item aims for: about 1 MiB of floats.
 constexpr int64_t kColBudget = int64_t(1) << 18;

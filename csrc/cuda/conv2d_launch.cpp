@@ -5,37 +5,13 @@
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 
 #include "cuda/conv2d.h"
+#include "cuda/torch_glue.h"
 #include "ops/conv2d.h"
 
 namespace cnnext {
 namespace cuda {
-namespace {
-
-kernels::DType dtype_of(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return kernels::DType::F32;
-    case at::kDouble: return kernels::DType::F64;
-    case at::kHalf: return kernels::DType::F16;
-    case at::kBFloat16: return kernels::DType::BF16;
-    default: break;
-  }
-  // The ops layer admits only the four types above; reaching this is a bug.
-  TORCH_CHECK(false, "cnnext CUDA conv2d: unsupported dtype ", t.scalar_type());
-}
-
-// The current stream of the current device (which the caller's guard has set).
-// c10's own header, not ATen/cuda/CUDAContext.h: that one pulls in the cuBLAS,
-// cuSPARSE and cuSOLVER headers, which nothing here needs.
-cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
-
-Strides4 strides_of(const at::Tensor& t) {
-  return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
-}
-
-}  // namespace
 
 at::Tensor conv2d_forward(const at::Tensor& input, const at::Tensor& weight,
                           const c10::optional<at::Tensor>& bias, const Conv2dParams& p,
