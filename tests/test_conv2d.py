@@ -1,0 +1,874 @@
+"""cnnext.functional.conv2d and the torch.ops.cnnext conv2d ops against torch.nn.functional.conv2d."""
+import re
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from cnnext.functional import conv2d
+from conftest import LAYOUTS, assert_close_scaled, is_channels_last, leaf, to_layout
+
+ops = torch.ops.cnnext
+RTOL = {torch.float64: 1e-12, torch.float32: 1e-5}
+
+
+def pair(v):
+    return list(v) if isinstance(v, (tuple, list)) else [v, v]
+
+
+# --------------------------------------------------------------------------------------------
+# float64 gradcheck / gradgradcheck grid
+# --------------------------------------------------------------------------------------------
+
+# (input shape, weight shape, bias, stride, padding, dilation, groups, input layout)
+GRID = {
+    "basic": ((2, 3, 6, 5), (4, 3, 3, 3), True, 1, 0, 1, 1, "contiguous"),
+    "no_bias": ((2, 3, 6, 5), (4, 3, 3, 3), False, 1, 0, 1, 1, "contiguous"),
+    "stride2_pad1": ((2, 3, 7, 6), (4, 3, 3, 3), True, 2, 1, 1, 1, "contiguous"),
+    "rect_kernel_rect_args": ((1, 2, 7, 8), (3, 2, 2, 3), True, (2, 1), (1, 2), 1, 1, "contiguous"),
+    "dilation2": ((2, 2, 7, 7), (3, 2, 3, 3), True, 1, 2, 2, 1, "contiguous"),
+    "rect_dilation_stride": ((1, 2, 8, 9), (2, 2, 3, 2), False, (1, 2), (0, 1), (2, 3), 1, "contiguous"),
+    "odd_sizes": ((1, 3, 7, 9), (2, 3, 3, 5), True, (3, 2), (2, 1), (1, 2), 1, "contiguous"),
+    "stride_gt_kernel": ((2, 2, 9, 8), (3, 2, 2, 2), True, 3, 0, 1, 1, "contiguous"),
+    "groups2": ((2, 4, 5, 6), (6, 2, 3, 3), True, 1, 1, 1, 2, "contiguous"),
+    "groups2_strided": ((1, 4, 7, 6), (4, 2, 3, 2), False, 2, (1, 0), (1, 2), 2, "contiguous"),
+    "depthwise": ((2, 3, 6, 6), (3, 1, 3, 3), True, 1, 1, 1, 3, "contiguous"),
+    "depthwise_multiplier": ((1, 3, 7, 6), (6, 1, 3, 3), True, 2, 1, 1, 3, "contiguous"),
+    "pointwise": ((2, 4, 5, 3), (3, 4, 1, 1), True, 1, 0, 1, 1, "contiguous"),
+    "pointwise_groups": ((2, 4, 5, 3), (6, 2, 1, 1), True, 1, 0, 1, 2, "contiguous"),
+    "same_odd_kernel": ((2, 2, 5, 6), (3, 2, 3, 3), True, 1, "same", 1, 1, "contiguous"),
+    "same_even_kernel": ((2, 2, 5, 6), (3, 2, 4, 2), True, 1, "same", 1, 1, "contiguous"),
+    "same_even_kernel_dilated": ((1, 2, 7, 6), (2, 2, 2, 4), False, 1, "same", (3, 1), 1, "contiguous"),
+    "same_groups": ((1, 4, 5, 5), (4, 2, 2, 3), True, 1, "same", 1, 2, "contiguous"),
+    "valid": ((2, 2, 5, 6), (3, 2, 2, 3), True, 1, "valid", 1, 1, "contiguous"),
+    "kernel_fills_padded_input": ((2, 2, 3, 4), (3, 2, 5, 4), True, 1, (1, 0), 1, 1, "contiguous"),
+    "unbatched": ((3, 6, 5), (4, 3, 3, 2), True, (1, 2), 1, 1, 1, "contiguous"),
+    "unbatched_same_even": ((2, 5, 6), (3, 2, 2, 4), True, 1, "same", 1, 1, "contiguous"),
+    "channels_last": ((2, 3, 6, 5), (4, 3, 3, 3), True, (2, 1), 1, 1, 1, "channels_last"),
+    "channels_last_depthwise": ((2, 4, 5, 5), (4, 1, 3, 3), True, 1, 1, 1, 4, "channels_last"),
+    "channels_last_pointwise": ((2, 4, 3, 5), (3, 4, 1, 1), True, 1, 0, 1, 1, "channels_last"),
+    "sliced": ((2, 3, 6, 5), (4, 3, 3, 3), True, 2, 1, (2, 1), 1, "sliced"),
+    "sliced_pointwise": ((2, 3, 6, 5), (4, 3, 1, 1), True, 1, 0, 1, 1, "sliced"),
+    "permuted": ((1, 2, 6, 7), (2, 2, 3, 3), True, 1, "same", 1, 1, "permuted"),
+}
+
+
+def grid_inputs(case):
+    xshape, wshape, bias, stride, padding, dilation, groups, layout = GRID[case]
+    x = leaf(torch.randn(xshape, dtype=torch.float64), layout)
+    w = leaf(torch.randn(wshape, dtype=torch.float64))
+    tensors = (x, w, leaf(torch.randn(wshape[0], dtype=torch.float64))) if bias else (x, w)
+    return tensors, dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+
+
+@pytest.mark.parametrize("case", GRID)
+def test_gradcheck(case):
+    tensors, kw = grid_inputs(case)
+    fn = lambda *t: conv2d(*t, **kw)  # noqa: E731
+    torch.testing.assert_close(fn(*tensors), F.conv2d(*tensors, **kw), rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(fn, tensors)
+
+
+@pytest.mark.parametrize("case", GRID)
+def test_gradgradcheck(case):
+    tensors, kw = grid_inputs(case)
+    fn = lambda *t: conv2d(*t, **kw)  # noqa: E731
+    assert torch.autograd.gradgradcheck(fn, tensors)
+
+
+# The backward ops' own autograd formulas (the pieces double backward is made of).
+BACKWARD_GRID = {
+    "basic": ((2, 3, 6, 5), (4, 3, 3, 3), 1, 0, 1, 1),
+    "strided_dilated_padded": ((1, 2, 8, 7), (3, 2, 2, 3), (2, 1), (1, 2), (2, 1), 1),
+    "groups": ((2, 4, 5, 5), (6, 2, 3, 1), 1, 1, 1, 2),
+    "pointwise": ((2, 3, 4, 3), (2, 3, 1, 1), 1, 0, 1, 1),
+    "unbatched": ((2, 5, 6), (3, 2, 3, 3), 2, 1, 1, 1),
+}
+
+
+@pytest.mark.parametrize("op_name", ["conv2d_input_backward", "conv2d_weight_backward"])
+@pytest.mark.parametrize("case", BACKWARD_GRID)
+def test_backward_ops_gradcheck(op_name, case):
+    xshape, wshape, stride, padding, dilation, groups = BACKWARD_GRID[case]
+    conf = (pair(stride), pair(padding), pair(dilation), groups)
+    x = torch.randn(xshape, dtype=torch.float64)
+    w = torch.randn(wshape, dtype=torch.float64)
+    g = leaf(torch.randn(ops.conv2d(x, w, None, *conf).shape, dtype=torch.float64))
+    if op_name == "conv2d_input_backward":
+        fn = lambda g, w: ops.conv2d_input_backward(g, w, list(xshape), *conf)  # noqa: E731
+        args = (g, leaf(w))
+    else:
+        fn = lambda g, x: ops.conv2d_weight_backward(g, x, list(wshape), *conf)  # noqa: E731
+        args = (g, leaf(x))
+    assert torch.autograd.gradcheck(fn, args)
+    assert torch.autograd.gradgradcheck(fn, args)
+
+
+def test_channel_sum_gradcheck():
+    for shape in [(2, 3, 4, 5), (3, 4, 2)]:
+        t = leaf(torch.randn(shape, dtype=torch.float64))
+        assert torch.autograd.gradcheck(ops.channel_sum, (t,))
+        assert torch.autograd.gradgradcheck(ops.channel_sum, (t,))
+
+
+def test_double_backward_matches_torch():
+    """Gradient of a gradient norm (what gradient-penalty training does) equals torch's."""
+    x0 = torch.randn(2, 4, 7, 6, dtype=torch.float64)
+    w0 = torch.randn(6, 2, 3, 2, dtype=torch.float64)
+    b0 = torch.randn(6, dtype=torch.float64)
+    results = []
+    for f in (conv2d, F.conv2d):
+        x, w, b = leaf(x0, "channels_last"), leaf(w0), leaf(b0)
+        y = f(x, w, b, stride=(2, 1), padding=1, dilation=(1, 2), groups=2)
+        gx, gw = torch.autograd.grad(y.pow(2).sum(), (x, w), create_graph=True)
+        penalty = gx.pow(2).sum() + gw.pow(3).sum()
+        results.append(torch.autograd.grad(penalty, (x, w, b)))
+    for ours, ref, name in zip(*results, "xwb"):
+        assert_close_scaled(ours, ref, 1e-11, name)
+
+
+# --------------------------------------------------------------------------------------------
+# Random configurations: parity with torch.nn.functional.conv2d, forward and every gradient
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class Conf:
+    xshape: tuple
+    wshape: tuple
+    bias: bool
+    stride: object
+    padding: object
+    dilation: object
+    groups: int
+    x_layout: str
+    w_layout: str
+    g_layout: str
+    seed: int
+
+    def kwargs(self):
+        return dict(stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.groups)
+
+
+def _as_arg(draw, values):
+    """A pair as torch takes it: an int when both are equal (sometimes), a tuple or a list."""
+    if values[0] == values[1] and draw(st.booleans()):
+        return values[0]
+    return draw(st.sampled_from([tuple, list]))(values)
+
+
+@st.composite
+def conv_confs(draw, batch=st.sampled_from([0, 1, 2, 3, None])):
+    # Channels per group on both sides of the CPU backend's switch between direct loops
+    # (thin groups: in * out channels per group <= 8) and im2col + GEMM.
+    kind = draw(st.sampled_from(["plain", "plain", "groups", "depthwise"]))
+    if kind == "plain":
+        groups, cg, og = 1, draw(st.integers(1, 6)), draw(st.integers(1, 6))
+    elif kind == "groups":
+        groups, cg, og = draw(st.integers(2, 3)), draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    else:
+        groups, cg, og = draw(st.integers(2, 5)), 1, draw(st.integers(1, 2))
+    pointwise = draw(st.integers(0, 4)) == 0  # 1x1 kernels, which have a path of their own
+    kernel = [1, 1] if pointwise else [draw(st.integers(1, 4)), draw(st.integers(1, 4))]
+    dilation = [draw(st.integers(1, 3)), draw(st.integers(1, 3))]
+    pad_kind = draw(st.sampled_from(["valid", "valid"] if pointwise else ["explicit", "explicit", "same", "valid"]))
+    if pad_kind == "same":
+        stride, padding = [1, 1], "same"
+        pads = [d * (k - 1) / 2 for k, d in zip(kernel, dilation)]
+    else:
+        stride = [1, 1] if pointwise and draw(st.booleans()) else [draw(st.integers(1, 3)), draw(st.integers(1, 3))]
+        pads = [0, 0] if pad_kind == "valid" else [draw(st.integers(0, 3)), draw(st.integers(0, 3))]
+        padding = "valid" if pad_kind == "valid" else _as_arg(draw, pads)
+    # Spatial sizes from the smallest the dilated kernel fits in up to a few more.
+    spatial = []
+    for k, d, p in zip(kernel, dilation, pads):
+        smallest = max(1, d * (k - 1) + 1 - int(2 * p))
+        spatial.append(draw(st.integers(smallest, smallest + 7)))
+    n = draw(batch)
+    xshape = (groups * cg, *spatial) if n is None else (n, groups * cg, *spatial)
+    return Conf(
+        xshape=xshape,
+        wshape=(groups * og, cg, *kernel),
+        bias=draw(st.booleans()),
+        stride=_as_arg(draw, stride),
+        padding=padding,
+        dilation=_as_arg(draw, dilation),
+        groups=groups,
+        x_layout=draw(st.sampled_from(LAYOUTS)),
+        w_layout=draw(st.sampled_from(["contiguous", "contiguous", "channels_last", "sliced", "offset"])),
+        g_layout=draw(st.sampled_from(LAYOUTS + ("expanded",))),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+def run_both(c, dtype):
+    """Output and (input, weight[, bias]) gradients of cnnext and torch for one configuration."""
+    gen = torch.Generator().manual_seed(c.seed)
+    x = torch.randn(c.xshape, dtype=dtype, generator=gen)
+    w = torch.randn(c.wshape, dtype=dtype, generator=gen)
+    b = torch.randn(c.wshape[0], dtype=dtype, generator=gen) if c.bias else None
+
+    xs, ws = leaf(x, c.x_layout), leaf(w, c.w_layout)
+    ours_in = (xs, ws) + ((leaf(b),) if c.bias else ())
+    ours = conv2d(*ours_in[:2], ours_in[2] if c.bias else None, **c.kwargs())
+    ref_in = (leaf(x, c.x_layout), leaf(w, c.w_layout)) + ((leaf(b),) if c.bias else ())
+    ref = F.conv2d(*ref_in[:2], ref_in[2] if c.bias else None, **c.kwargs())
+
+    if c.g_layout == "expanded":  # what y.sum().backward() sends: one value, stride 0 everywhere
+        go = torch.randn((), dtype=dtype, generator=gen).expand(ref.shape)
+    else:
+        go = to_layout(torch.randn(ref.shape, dtype=dtype, generator=gen), c.g_layout)
+    return (ours, *torch.autograd.grad(ours, ours_in, go)), (ref, *torch.autograd.grad(ref, ref_in, go))
+
+
+def check_parity(c, dtype):
+    ours, ref = run_both(c, dtype)
+    for a, e, what in zip(ours, ref, ["output", "grad_input", "grad_weight", "grad_bias"]):
+        assert_close_scaled(a, e, RTOL[dtype], f"{what} of {c}")
+    out, gx = ours[0], ours[1]
+    assert gx.shape == torch.Size(c.xshape)
+    if len(c.xshape) == 4 and c.xshape[0] == 0:
+        # Empty batch: empty output of the right shape, gradients exact zeros.
+        assert out.numel() == 0
+        for g in ours[2:]:
+            assert torch.count_nonzero(g) == 0
+    # The output in the layout torch gives it, where the layout rule is unambiguous: dense
+    # operands without size-1 dims (whose strides torch's and cnnext's heuristics read apart).
+    if out.dim() == 4 and c.x_layout in ("contiguous", "channels_last") and c.w_layout != "sliced" \
+            and min(c.xshape) > 1 and min(c.wshape) > 1 and min(out.shape) > 1:
+        assert out.is_contiguous() == ref[0].is_contiguous()
+        assert is_channels_last(out) == is_channels_last(ref[0])
+
+
+@settings(max_examples=120)
+@given(c=conv_confs())
+def test_parity_float64(c):
+    check_parity(c, torch.float64)
+
+
+@settings(max_examples=80)
+@given(c=conv_confs())
+def test_parity_float32(c):
+    check_parity(c, torch.float32)
+
+
+@settings(max_examples=25)
+@given(c=conv_confs(batch=st.just(0)), dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_parity_empty_batch(c, dtype):
+    check_parity(c, dtype)
+
+
+@pytest.mark.parametrize("padding", ["same", "valid"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_string_padding_output_shape(padding, dtype):
+    """'same' keeps H x W for every kernel parity and dilation, 'valid' is padding 0."""
+    x = torch.randn(2, 3, 9, 10, dtype=dtype)
+    for kh, kw, dil in [(1, 1, 1), (3, 3, 1), (4, 2, 1), (2, 5, 2), (3, 4, (2, 3))]:
+        w = torch.randn(4, 3, kh, kw, dtype=dtype)
+        out = conv2d(x, w, padding=padding, dilation=dil)
+        ref = F.conv2d(x, w, padding=padding, dilation=dil)
+        if padding == "same":
+            assert out.shape == (2, 4, 9, 10)
+        assert_close_scaled(out, ref, RTOL[dtype], f"{padding} {kh}x{kw} dilation {dil}")
+
+
+# Large enough for the CPU backend to cut each sample into several bands of output rows
+# (its column buffer holds 2**18 elements) and to run items on several threads.
+BANDS = {
+    "same_3x3": ((2, 16, 66, 70), (24, 16, 3, 3), 1, 1, 1, 1),
+    "strided_dilated": ((2, 16, 67, 70), (24, 16, 3, 4), (2, 1), (1, 2), (2, 1), 1),
+    "grouped": ((1, 32, 64, 66), (32, 16, 3, 3), 1, 1, 1, 2),
+    "pointwise": ((2, 64, 40, 40), (32, 64, 1, 1), 1, 0, 1, 1),
+    "depthwise": ((2, 32, 40, 41), (32, 1, 5, 5), (1, 2), 2, 1, 32),
+}
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", BANDS)
+def test_parity_large(case, dtype, layout):
+    xshape, wshape, stride, padding, dilation, groups = BANDS[case]
+    c = Conf(xshape, wshape, True, stride, padding, dilation, groups, layout, "contiguous", layout, seed=3)
+    ours, ref = run_both(c, dtype)
+    for a, e, what in zip(ours, ref, ["output", "grad_input", "grad_weight", "grad_bias"]):
+        assert_close_scaled(a, e, 4 * RTOL[dtype], what)
+
+
+@pytest.mark.parametrize("needs", ["x", "w", "b", "xw", "xb", "wb", "xwb"])
+def test_partial_requires_grad(needs):
+    """Only the gradients asked for are computed, and they are right."""
+    x0, w0, b0 = torch.randn(2, 4, 6, 5), torch.randn(6, 2, 3, 3), torch.randn(6)
+    grads = []
+    for f in (conv2d, F.conv2d):
+        x, w, b = (t.clone().requires_grad_(name in needs) for t, name in zip((x0, w0, b0), "xwb"))
+        y = f(x, w, b, padding=1, groups=2)
+        assert y.requires_grad
+        y.backward(torch.linspace(-1, 1, y.numel()).view(y.shape))
+        grads.append([t.grad for t in (x, w, b)])
+    for name, ours, ref in zip("xwb", *grads):
+        if name in needs:
+            assert_close_scaled(ours, ref, 1e-5, name)
+        else:
+            assert ours is None and ref is None
+
+
+def test_no_grad_output_has_no_graph():
+    x, w = torch.randn(1, 2, 4, 4, requires_grad=True), torch.randn(3, 2, 2, 2, requires_grad=True)
+    with torch.no_grad():
+        y = conv2d(x, w)
+    assert not y.requires_grad and y.grad_fn is None
+    torch.testing.assert_close(y, F.conv2d(x, w).detach())
+
+
+def test_expanded_operands():
+    """Stride-0 (broadcast) input, weight and bias, as torch accepts them."""
+    x = torch.randn(1, 3, 1, 6, dtype=torch.float64).expand(4, 3, 5, 6)
+    w = torch.randn(1, 3, 2, 2, dtype=torch.float64).expand(5, 3, 2, 2)
+    b = torch.randn(1, dtype=torch.float64).expand(5)
+    for kw in [dict(), dict(padding=1, stride=2), dict(padding="same")]:
+        assert_close_scaled(conv2d(x, w, b, **kw), F.conv2d(x, w, b, **kw), 1e-12, str(kw))
+    xw = torch.randn(2, 6, 1, 1, dtype=torch.float64).expand(2, 6, 4, 5)  # pointwise path
+    wp = torch.randn(4, 6, 1, 1, dtype=torch.float64)
+    assert_close_scaled(conv2d(xw, wp), F.conv2d(xw, wp), 1e-12)
+
+
+def test_inputs_not_modified():
+    x, w, b = torch.randn(2, 4, 6, 6), torch.randn(4, 1, 3, 3), torch.randn(4)
+    copies = [t.clone() for t in (x, w, b)]
+    g = torch.randn(2, 4, 6, 6)
+    conv2d(x, w, b, padding=1, groups=4)
+    ops.conv2d_input_backward(g, w, list(x.shape), [1, 1], [1, 1], [1, 1], 4)
+    ops.conv2d_weight_backward(g, x, list(w.shape), [1, 1], [1, 1], [1, 1], 4)
+    for t, c in zip((x, w, b), copies):
+        assert torch.equal(t, c)
+
+
+# --------------------------------------------------------------------------------------------
+# Output memory format
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("padding", [1, "same"])
+@pytest.mark.parametrize("w_layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("x_layout", ["contiguous", "channels_last"])
+def test_output_memory_format(x_layout, w_layout, padding, dtype):
+    x0 = torch.randn(2, 4, 7, 6, dtype=dtype)
+    w0 = torch.randn(6, 4, 4, 3, dtype=dtype)  # even kH: 'same' takes the drop-a-row path
+    gy = to_layout(torch.randn(2, 6, 7 if padding == "same" else 6, 6, dtype=dtype), "channels_last")
+    results = []
+    for f in (conv2d, F.conv2d):
+        x, w = leaf(x0, x_layout), leaf(w0, w_layout)
+        y = f(x, w, padding=padding)
+        y.backward(gy)
+        results.append((y, x.grad, w.grad))
+    expect_cl = "channels_last" in (x_layout, w_layout)
+    for ours, ref, name in zip(*results, ["output", "grad_input", "grad_weight"]):
+        assert_close_scaled(ours, ref, RTOL[dtype], name)
+        assert ours.is_contiguous() == ref.is_contiguous(), name
+        assert is_channels_last(ours) == is_channels_last(ref), name
+    assert is_channels_last(results[0][0]) == expect_cl
+    assert results[0][0].is_contiguous() == (not expect_cl)
+
+
+@pytest.mark.xfail(strict=True, reason="cnnext keeps a channels-last-like layout for unbatched "
+                   "(C, H, W) input whose C stride is 1; torch returns a contiguous output")
+def test_unbatched_channels_last_like_output_layout():
+    x = to_layout(torch.randn(4, 7, 6), "channels_last")
+    w = torch.randn(5, 4, 3, 3)
+    ours, ref = conv2d(x, w), F.conv2d(x, w)
+    torch.testing.assert_close(ours, ref)
+    assert ours.stride() == ref.stride()
+
+
+ZEROS_DROPS_LAYOUT = (
+    "csrc/cpu/conv2d.cpp conv2d_input_backward allocates grad_input with at::zeros(size, "
+    "options.memory_format(fmt)); at::zeros ignores the memory format, so outside the pointwise "
+    "path the result is contiguous although csrc/ops asked for (and the fake kernel states) channels_last")
+WEIGHT_GRAD_ALWAYS_CONTIGUOUS = (
+    "conv2d_weight_backward always returns a contiguous grad_weight; torch returns it channels_last "
+    "when input or weight is channels_last")
+
+
+def _grad_layout_params(which):
+    out = []
+    for x_layout in ("contiguous", "channels_last"):
+        for w_layout in ("contiguous", "channels_last"):
+            marks = ()
+            if "channels_last" in (x_layout, w_layout):
+                reason = ZEROS_DROPS_LAYOUT if which == "input" else WEIGHT_GRAD_ALWAYS_CONTIGUOUS
+                marks = pytest.mark.xfail(strict=True, reason=reason)
+            out.append(pytest.param(x_layout, w_layout, marks=marks, id=f"{x_layout}-{w_layout}"))
+    return out
+
+
+def _grads_of_both(x_layout, w_layout, wshape):
+    """torch.autograd.grad (no AccumulateGrad re-striding) with grad_output in the layout of the
+    output, as the next layer of a network hands it back."""
+    x0, w0 = torch.randn(2, 4, 7, 6, dtype=torch.float64), torch.randn(wshape, dtype=torch.float64)
+    results = []
+    for f in (conv2d, F.conv2d):
+        gen = torch.Generator().manual_seed(1)
+        x, w = leaf(x0, x_layout), leaf(w0, w_layout)
+        y = f(x, w, padding=1)
+        gy = torch.empty_like(y).copy_(torch.randn(y.shape, dtype=y.dtype, generator=gen))  # y's layout
+        assert gy.stride() == y.stride()
+        results.append(torch.autograd.grad(y, (x, w), gy))
+    for a, e in zip(*results):
+        assert_close_scaled(a, e, 1e-12)
+    return results
+
+
+@pytest.mark.parametrize("x_layout, w_layout", _grad_layout_params("input"))
+def test_grad_input_memory_format(x_layout, w_layout):
+    (gx, _), (ref_gx, _) = _grads_of_both(x_layout, w_layout, (6, 4, 3, 3))
+    assert gx.stride() == ref_gx.stride()
+
+
+@pytest.mark.parametrize("x_layout, w_layout", _grad_layout_params("weight"))
+def test_grad_weight_memory_format(x_layout, w_layout):
+    (_, gw), (_, ref_gw) = _grads_of_both(x_layout, w_layout, (6, 4, 3, 3))
+    assert gw.stride() == ref_gw.stride()
+
+
+@pytest.mark.parametrize("x_layout", ["contiguous", "channels_last"])
+def test_grad_input_memory_format_pointwise(x_layout):
+    """1x1 kernels allocate grad_input with at::empty, which keeps the layout."""
+    x0, w0 = torch.randn(2, 8, 5, 6, dtype=torch.float64), torch.randn(6, 8, 1, 1, dtype=torch.float64)
+    grads = []
+    for f in (conv2d, F.conv2d):
+        x, w = leaf(x0, x_layout), leaf(w0)
+        y = f(x, w)
+        grads.append(torch.autograd.grad(y, x, to_layout(torch.ones(y.shape, dtype=y.dtype), x_layout))[0])
+    assert_close_scaled(grads[0], grads[1], 1e-12)
+    assert grads[0].stride() == grads[1].stride()
+
+
+# --------------------------------------------------------------------------------------------
+# The backward ops called directly
+# --------------------------------------------------------------------------------------------
+
+# (input shape, weight shape, stride, padding, dilation, groups)
+DIRECT = {
+    "basic": ((2, 3, 7, 6), (4, 3, 3, 3), 1, 0, 1, 1),
+    "strided_padded_dilated": ((2, 2, 9, 8), (3, 2, 2, 3), (2, 3), (1, 2), (2, 1), 1),
+    "stride_leaves_rows_unread": ((1, 2, 9, 8), (2, 2, 2, 2), 3, 0, 1, 1),
+    "gemm_path": ((2, 4, 6, 7), (6, 4, 3, 2), (1, 2), 1, (2, 1), 1),
+    "groups": ((2, 4, 6, 5), (6, 2, 3, 1), 1, 1, 1, 2),
+    "depthwise": ((3, 3, 5, 5), (6, 1, 3, 3), 2, 1, 1, 3),
+    "pointwise": ((2, 4, 3, 5), (6, 4, 1, 1), 1, 0, 1, 1),
+    "pointwise_thin": ((2, 4, 3, 5), (2, 4, 1, 1), 1, 0, 1, 1),
+    "pointwise_strided": ((2, 4, 5, 5), (2, 4, 1, 1), 2, 0, 1, 1),
+    "empty_batch": ((0, 3, 5, 5), (2, 3, 3, 3), 1, 1, 1, 1),
+}
+GRAD_LAYOUTS = LAYOUTS + ("expanded_scalar", "expanded_channel")
+
+
+def make_grad_output(shape, layout, dtype):
+    if layout == "expanded_scalar":
+        return torch.randn((), dtype=dtype).expand(shape)
+    if layout == "expanded_channel":
+        return torch.randn(shape[1], 1, 1, dtype=dtype).expand(shape)
+    return to_layout(torch.randn(shape, dtype=dtype), layout)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("g_layout", GRAD_LAYOUTS)
+@pytest.mark.parametrize("case", DIRECT)
+def test_backward_ops_match_torch(case, g_layout, dtype):
+    xshape, wshape, stride, padding, dilation, groups = DIRECT[case]
+    conf = (pair(stride), pair(padding), pair(dilation), groups)
+    x = torch.randn(xshape, dtype=dtype)
+    w = torch.randn(wshape, dtype=dtype)
+    yshape = F.conv2d(x, w, None, *conf).shape
+    g = make_grad_output(yshape, g_layout, dtype)
+    rtol = RTOL[dtype]
+
+    gx = ops.conv2d_input_backward(g, w, list(xshape), *conf)
+    assert_close_scaled(gx, torch.nn.grad.conv2d_input(xshape, w, g, *conf), rtol, "input_backward")
+    gw = ops.conv2d_weight_backward(g, x, list(wshape), *conf)
+    assert_close_scaled(gw, torch.nn.grad.conv2d_weight(x, wshape, g, *conf), rtol, "weight_backward")
+    assert_close_scaled(ops.channel_sum(g), g.sum((0, 2, 3)), rtol, "channel_sum")
+    if xshape[0] == 0:
+        assert torch.count_nonzero(gw) == 0 and torch.count_nonzero(ops.channel_sum(g)) == 0
+
+
+@pytest.mark.parametrize("x_layout", LAYOUTS)
+def test_weight_backward_input_layouts(x_layout):
+    conf = ([2, 1], [1, 1], [1, 2], 1)
+    x0 = torch.randn(2, 3, 7, 8, dtype=torch.float64)
+    w = torch.randn(4, 3, 3, 2, dtype=torch.float64)
+    g = torch.randn(F.conv2d(x0, w, None, *conf).shape, dtype=torch.float64)
+    ours = ops.conv2d_weight_backward(g, to_layout(x0, x_layout), list(w.shape), *conf)
+    assert_close_scaled(ours, torch.nn.grad.conv2d_weight(x0, w.shape, g, *conf), 1e-12)
+
+
+def test_backward_ops_unbatched():
+    conf = ([1, 2], [1, 0], [1, 1], 1)
+    x = torch.randn(3, 6, 7, dtype=torch.float64)
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64)
+    g = torch.randn(F.conv2d(x, w, None, *conf).shape, dtype=torch.float64)
+    assert g.dim() == 3
+    gx = ops.conv2d_input_backward(g, w, [3, 6, 7], *conf)
+    ref = torch.nn.grad.conv2d_input((1, 3, 6, 7), w, g.unsqueeze(0), *conf).squeeze(0)
+    assert_close_scaled(gx, ref, 1e-12)
+    gw = ops.conv2d_weight_backward(g, x, list(w.shape), *conf)
+    assert_close_scaled(gw, torch.nn.grad.conv2d_weight(x.unsqueeze(0), w.shape, g.unsqueeze(0), *conf), 1e-12)
+    assert_close_scaled(ops.channel_sum(g), g.sum((1, 2)), 1e-12)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS + ("expanded_scalar", "expanded_channel"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_channel_sum(layout, dtype):
+    for shape in [(3, 5, 4, 6), (0, 5, 4, 6), (1, 1, 1, 1), (2, 3, 1, 7)]:
+        t = make_grad_output(shape, layout, dtype)
+        assert_close_scaled(ops.channel_sum(t), t.sum((0, 2, 3)), RTOL[dtype], str(shape))
+
+
+def test_channel_sum_large_float32_accuracy():
+    """Many float32 values: the result must be as accurate as torch's (pairwise) sum."""
+    t = torch.full((64, 3, 64, 64), 0.1, dtype=torch.float32)
+    exact = t.double().sum((0, 2, 3))
+    torch.testing.assert_close(ops.channel_sum(t).double(), exact, rtol=1e-6, atol=0)
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input
+# --------------------------------------------------------------------------------------------
+
+def r(*shape, dtype=torch.float32):
+    return torch.randn(shape).to(dtype)
+
+
+# (args of cnnext.functional.conv2d, exception type, regex the message must match)
+BAD = {
+    "channels_per_group": (
+        (r(1, 6, 5, 5), r(4, 4, 1, 1), None, 1, 0, 1, 2), RuntimeError,
+        r"conv2d: expected weight to have 3 input channels per group \(input has 6 channels, "
+        r"groups=2\), got 4 \(weight of shape \[4, 4, 1, 1\]\)"),
+    "channel_mismatch": (
+        (r(1, 3, 5, 5), r(2, 4, 3, 3)), RuntimeError,
+        r"expected weight to have 3 input channels per group \(input has 3 channels, groups=1\), got 4"),
+    "out_channels_not_divisible": (
+        (r(1, 4, 5, 5), r(3, 2, 1, 1), None, 1, 0, 1, 2), RuntimeError,
+        r"expected out_channels \(weight.size\(0\) = 3\) to be divisible by groups = 2"),
+    "in_channels_not_divisible": (
+        (r(1, 3, 5, 5), r(4, 1, 1, 1), None, 1, 0, 1, 2), RuntimeError,
+        r"expected in_channels \(input.size\(1\) = 3\) to be divisible by groups = 2"),
+    "weight_3d": (
+        (r(1, 3, 5, 5), r(2, 3, 1)), RuntimeError,
+        r"expected weight to be 4-D \(out_channels, in_channels / groups, kH, kW\), "
+        r"got 3-D tensor of shape \[2, 3, 1\]"),
+    "weight_5d_same": (
+        (r(1, 3, 5, 5), r(2, 3, 1, 1, 1), None, 1, "same"), RuntimeError,
+        r"expected weight to be 4-D .*got 5-D tensor of shape \[2, 3, 1, 1, 1\]"),
+    "input_2d": (
+        (r(5, 5), r(2, 3, 1, 1)), RuntimeError,
+        r"expected input to be 3-D \(C, H, W\) or 4-D \(N, C, H, W\), got 2-D tensor of shape \[5, 5\]"),
+    "input_5d": (
+        (r(1, 1, 3, 5, 5), r(2, 3, 1, 1)), RuntimeError,
+        r"expected input to be 3-D .* or 4-D .*got 5-D tensor of shape \[1, 1, 3, 5, 5\]"),
+    "kernel_too_large": (
+        (r(1, 3, 5, 6), r(2, 3, 6, 3), None, 1, (0, 1)), RuntimeError,
+        r"expected the dilated kernel \(6 x 3, kernel 6 x 3, dilation \[1, 1\]\) to fit in the "
+        r"padded input \(5 x 8, input 5 x 6, padding \[0, 1\]\)"),
+    "dilated_kernel_too_large": (
+        (r(1, 3, 5, 5), r(2, 3, 2, 2), None, 1, 0, (5, 1)), RuntimeError,
+        r"expected the dilated kernel \(6 x 2, kernel 2 x 2, dilation \[5, 1\]\) to fit"),
+    "empty_height": (
+        (r(1, 3, 0, 5), r(2, 3, 1, 1), None, 1, 1), RuntimeError,
+        r"expected input to have non-zero height and width, got input of shape \[1, 3, 0, 5\]"),
+    "empty_kernel": (
+        (r(1, 3, 5, 5), r(2, 3, 0, 1)), RuntimeError,
+        r"non-empty kernel, got weight of shape \[2, 3, 0, 1\]"),
+    "no_out_channels": (
+        (r(1, 3, 5, 5), r(0, 3, 1, 1)), RuntimeError,
+        r"at least one output channel.*got weight of shape \[0, 3, 1, 1\]"),
+    "stride_0": ((r(1, 3, 5, 5), r(2, 3, 1, 1), None, 0), RuntimeError,
+                 r"expected stride to be at least 1, got \[0, 0\]"),
+    "stride_pair_0": ((r(1, 3, 5, 5), r(2, 3, 1, 1), None, (1, 0)), RuntimeError,
+                      r"expected stride to be at least 1, got \[1, 0\]"),
+    "stride_negative": ((r(1, 3, 5, 5), r(2, 3, 1, 1), None, -2), RuntimeError,
+                        r"expected stride to be at least 1, got \[-2, -2\]"),
+    "dilation_0": ((r(1, 3, 5, 5), r(2, 3, 1, 1), None, 1, 0, (0, 1)), RuntimeError,
+                   r"expected dilation to be at least 1, got \[0, 1\]"),
+    "padding_negative": ((r(1, 3, 5, 5), r(2, 3, 1, 1), None, 1, (0, -1)), RuntimeError,
+                         r"expected padding to be non-negative, got \[0, -1\]"),
+    "groups_0": ((r(1, 3, 5, 5), r(2, 3, 1, 1), None, 1, 0, 1, 0), RuntimeError,
+                 r"expected groups to be at least 1, got 0"),
+    "groups_negative": ((r(1, 3, 5, 5), r(2, 3, 1, 1), None, 1, 0, 1, -1), RuntimeError,
+                        r"expected groups to be at least 1, got -1"),
+    "groups_float": ((r(1, 4, 5, 5), r(2, 2, 1, 1), None, 1, 0, 1, 2.0), TypeError,
+                     r"expected groups to be an int, got 2.0"),
+    "stride_3_values": ((r(1, 3, 5, 5), r(2, 3, 1, 1), None, (1, 1, 1)), ValueError,
+                        r"expected stride to be an int or a pair of ints, got \(1, 1, 1\)"),
+    "padding_3_values": ((r(1, 3, 5, 5), r(2, 3, 1, 1), None, 1, [0, 0, 0]), ValueError,
+                         r"expected padding to be an int or a pair of ints, got \[0, 0, 0\]"),
+    "dilation_empty": ((r(1, 3, 5, 5), r(2, 3, 1, 1), None, 1, 0, ()), ValueError,
+                       r"expected dilation to be an int or a pair of ints, got \(\)"),
+    "stride_float": ((r(1, 3, 5, 5), r(2, 3, 1, 1), None, 1.5), TypeError,
+                     r"expected stride to be an int or a pair of ints, got 1.5"),
+    "stride_bool": ((r(1, 3, 5, 5), r(2, 3, 1, 1), None, True), TypeError,
+                    r"expected stride to be an int or a pair of ints, got True"),
+    "padding_pair_of_floats": ((r(1, 3, 5, 5), r(2, 3, 1, 1), None, 1, (1.0, 1.0)), ValueError,
+                               r"expected padding to be an int or a pair of ints, got \(1.0, 1.0\)"),
+    "padding_string": ((r(1, 3, 5, 5), r(2, 3, 1, 1), None, 1, "full"), ValueError,
+                       r"expected padding to be 'valid', 'same', an int or a pair of ints, got 'full'"),
+    "same_strided": ((r(1, 3, 5, 5), r(2, 3, 3, 3), None, 2, "same"), ValueError,
+                     r"padding='same' is not supported for strided convolutions, got stride=\(2, 2\)"),
+    "same_strided_pair": ((r(1, 3, 5, 5), r(2, 3, 3, 3), None, (1, 3), "same"), ValueError,
+                          r"padding='same' is not supported for strided convolutions, got stride=\(1, 3\)"),
+    "weight_dtype": ((r(1, 3, 5, 5), r(2, 3, 1, 1, dtype=torch.float64)), TypeError,
+                     r"expected weight to have the same dtype as input \(Float\), got Double"),
+    "weight_half": ((r(1, 3, 5, 5), r(2, 3, 1, 1, dtype=torch.float16)), TypeError,
+                    r"expected weight to have the same dtype as input \(Float\), got Half"),
+    "bias_dtype": ((r(1, 3, 5, 5, dtype=torch.float64), r(2, 3, 1, 1, dtype=torch.float64), r(2)),
+                   TypeError, r"expected bias to have the same dtype as input \(Double\), got Float"),
+    "bias_size": ((r(1, 3, 5, 5), r(2, 3, 1, 1), r(3)), RuntimeError,
+                  r"expected bias to be 1-D of size out_channels = 2, got shape \[3\]"),
+    "bias_2d": ((r(1, 3, 5, 5), r(2, 3, 1, 1), r(1, 2)), RuntimeError,
+                r"expected bias to be 1-D of size out_channels = 2, got shape \[1, 2\]"),
+    "bias_0d": ((r(1, 3, 5, 5), r(2, 3, 1, 1), r()), RuntimeError,
+                r"expected bias to be 1-D of size out_channels = 2, got shape \[\]"),
+    "float16_cpu": ((r(1, 3, 5, 5, dtype=torch.float16), r(2, 3, 1, 1, dtype=torch.float16)), TypeError,
+                    r"expected input to be float32 or float64 on CPU, got Half on cpu"),
+    "bfloat16_cpu": ((r(1, 3, 5, 5, dtype=torch.bfloat16), r(2, 3, 1, 1, dtype=torch.bfloat16)), TypeError,
+                     r"expected input to be float32 or float64 on CPU, got BFloat16"),
+    "int64_cpu": ((torch.ones(1, 3, 5, 5, dtype=torch.int64), torch.ones(2, 3, 1, 1, dtype=torch.int64)),
+                  TypeError, r"expected input to be float32 or float64 on CPU, got Long"),
+    "complex_cpu": ((r(1, 3, 5, 5, dtype=torch.complex64), r(2, 3, 1, 1, dtype=torch.complex64)),
+                    TypeError, r"expected input to be float32 or float64 on CPU, got ComplexFloat"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_input(case):
+    args, exc, pattern = BAD[case]
+    with pytest.raises(exc, match=pattern) as info:
+        conv2d(*args)
+    assert str(info.value).lstrip().startswith("conv2d: ")
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_torch_rejects_too(case):
+    """cnnext rejects exactly what torch rejects, except the dtypes torch computes in on the
+    CPU that cnnext deliberately does not."""
+    args, _, _ = BAD[case]
+    if case.endswith("_cpu"):
+        pytest.skip("torch computes in this dtype on the CPU; cnnext rejects it by design")
+    with pytest.raises((RuntimeError, ValueError, TypeError)):
+        F.conv2d(*args)
+
+
+# Direct op calls: what reaches C++ without the Python normalisation.
+BAD_OPS = {
+    "op_stride_3_values": (
+        lambda: ops.conv2d(r(1, 3, 5, 5), r(2, 3, 1, 1), None, [1, 1, 1], [0, 0], [1, 1], 1),
+        RuntimeError, r"conv2d: expected stride to be a single integer or a pair, got 3 values \[1, 1, 1\]"),
+    "op_padding_1_value": (
+        lambda: ops.conv2d(r(1, 3, 5, 5), r(2, 3, 1, 1), None, [1, 1], [0], [1, 1], 1),
+        RuntimeError, r"conv2d: expected padding to be a single integer or a pair, got 1 values \[0\]"),
+    "op_negative_padding": (
+        lambda: ops.conv2d(r(1, 3, 5, 5), r(2, 3, 1, 1), None, [1, 1], [-1, 0], [1, 1], 1),
+        RuntimeError, r"expected padding to be non-negative, got \[-1, 0\]"),
+    "input_backward_grad_shape": (
+        lambda: ops.conv2d_input_backward(r(2, 4, 3, 4), r(4, 3, 3, 3), [2, 3, 5, 5], [1, 1], [0, 0], [1, 1], 1),
+        RuntimeError, r"conv2d_input_backward: expected grad_output of shape \[2, 4, 3, 3\], got \[2, 4, 3, 4\]"),
+    "input_backward_grad_channels": (
+        lambda: ops.conv2d_input_backward(r(2, 5, 3, 3), r(4, 3, 3, 3), [2, 3, 5, 5], [1, 1], [0, 0], [1, 1], 1),
+        RuntimeError, r"expected grad_output of shape \[2, 4, 3, 3\], got \[2, 5, 3, 3\]"),
+    "input_backward_grad_batch": (
+        lambda: ops.conv2d_input_backward(r(3, 4, 3, 3), r(4, 3, 3, 3), [2, 3, 5, 5], [1, 1], [0, 0], [1, 1], 1),
+        RuntimeError, r"expected grad_output of shape \[2, 4, 3, 3\], got \[3, 4, 3, 3\]"),
+    "input_backward_input_size_entries": (
+        lambda: ops.conv2d_input_backward(r(2, 4, 3, 3), r(4, 3, 3, 3), [3, 5, 5], [1, 1], [0, 0], [1, 1], 1),
+        RuntimeError, r"conv2d_input_backward: expected input_size of 4 entries to match grad_output's 4 dims, "
+                      r"got \[3, 5, 5\]"),
+    "input_backward_grad_2d": (
+        lambda: ops.conv2d_input_backward(r(4, 9), r(4, 3, 3, 3), [2, 3, 5, 5], [1, 1], [0, 0], [1, 1], 1),
+        RuntimeError, r"conv2d_input_backward: expected grad_output to be 3-D .* or 4-D .*got 2-D"),
+    "input_backward_dtype": (
+        lambda: ops.conv2d_input_backward(r(2, 4, 3, 3), r(4, 3, 3, 3, dtype=torch.float64), [2, 3, 5, 5],
+                                          [1, 1], [0, 0], [1, 1], 1),
+        TypeError, r"conv2d_input_backward: expected weight to have the same dtype as grad_output \(Float\), got Double"),
+    "input_backward_half": (
+        lambda: ops.conv2d_input_backward(r(2, 4, 3, 3, dtype=torch.float16), r(4, 3, 3, 3, dtype=torch.float16),
+                                          [2, 3, 5, 5], [1, 1], [0, 0], [1, 1], 1),
+        TypeError, r"conv2d_input_backward: expected grad_output to be float32 or float64 on CPU, got Half"),
+    "input_backward_stride_0": (
+        lambda: ops.conv2d_input_backward(r(2, 4, 3, 3), r(4, 3, 3, 3), [2, 3, 5, 5], [0, 1], [0, 0], [1, 1], 1),
+        RuntimeError, r"conv2d_input_backward: expected stride to be at least 1, got \[0, 1\]"),
+    "weight_backward_grad_shape": (
+        lambda: ops.conv2d_weight_backward(r(2, 4, 3, 4), r(2, 3, 5, 5), [4, 3, 3, 3], [1, 1], [0, 0], [1, 1], 1),
+        RuntimeError, r"conv2d_weight_backward: expected grad_output of shape \[2, 4, 3, 3\], got \[2, 4, 3, 4\]"),
+    "weight_backward_weight_size_3": (
+        lambda: ops.conv2d_weight_backward(r(2, 4, 3, 3), r(2, 3, 5, 5), [4, 3, 3], [1, 1], [0, 0], [1, 1], 1),
+        RuntimeError, r"conv2d_weight_backward: expected weight to be 4-D .*got 3-D tensor of shape \[4, 3, 3\]"),
+    "weight_backward_batched_mismatch": (
+        lambda: ops.conv2d_weight_backward(r(4, 3, 3), r(2, 3, 5, 5), [4, 3, 3, 3], [1, 1], [0, 0], [1, 1], 1),
+        RuntimeError, r"conv2d_weight_backward: expected grad_output \(3-D\) and input \(4-D\) to be both "
+                      r"batched or both unbatched"),
+    "weight_backward_dtype": (
+        lambda: ops.conv2d_weight_backward(r(2, 4, 3, 3), r(2, 3, 5, 5, dtype=torch.float64), [4, 3, 3, 3],
+                                           [1, 1], [0, 0], [1, 1], 1),
+        TypeError, r"conv2d_weight_backward: expected input to have the same dtype as grad_output \(Float\), "
+                   r"got Double"),
+    "weight_backward_groups": (
+        lambda: ops.conv2d_weight_backward(r(2, 4, 3, 3), r(2, 3, 5, 5), [4, 3, 3, 3], [1, 1], [0, 0], [1, 1], 2),
+        RuntimeError, r"conv2d_weight_backward: expected in_channels \(input.size\(1\) = 3\) to be divisible by "
+                      r"groups = 2"),
+    "channel_sum_2d": (
+        lambda: ops.channel_sum(r(3, 4)), RuntimeError,
+        r"channel_sum: expected input to be 3-D \(C, H, W\) or 4-D \(N, C, H, W\), got 2-D tensor of shape \[3, 4\]"),
+    "channel_sum_half": (
+        lambda: ops.channel_sum(r(1, 3, 4, 4, dtype=torch.float16)), TypeError,
+        r"channel_sum: expected input to be float32 or float64 on CPU, got Half"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_OPS)
+def test_bad_op_input(case):
+    call, exc, pattern = BAD_OPS[case]
+    with pytest.raises(exc, match=pattern):
+        call()
+
+
+# Odd but valid: cnnext computes what torch computes.
+ODD = {
+    "kernel_is_padded_input": ((2, 3, 3, 4), (2, 3, 5, 6), 1, 1, 1, 1),
+    "kernel_is_input": ((2, 3, 4, 5), (2, 3, 4, 5), 1, 0, 1, 1),
+    "dilated_kernel_is_padded_input": ((1, 2, 5, 5), (2, 2, 3, 2), 1, (1, 0), (3, 4), 1),
+    "height_1": ((2, 3, 1, 6), (4, 3, 1, 3), 1, 0, 1, 1),
+    "height_1_padded": ((2, 3, 1, 6), (4, 3, 3, 3), (2, 1), 1, 1, 1),
+    "width_1": ((2, 3, 6, 1), (4, 3, 2, 1), 2, 0, 1, 1),
+    "one_pixel": ((3, 2, 1, 1), (4, 2, 1, 1), 1, 0, 1, 1),
+    "stride_one_tuple": ((2, 3, 5, 5), (2, 3, 2, 2), (2,), (1,), [2], 1),
+    "pointwise_stride_beyond_size": ((2, 3, 3, 2), (2, 3, 1, 1), (5, 7), 0, 1, 1),
+    "stride_beyond_size": ((2, 3, 4, 4), (2, 3, 2, 2), 9, 1, 1, 1),
+    "padding_larger_than_kernel": ((1, 2, 3, 3), (2, 2, 2, 2), 1, (4, 3), 1, 1),
+    "padding_only_output": ((1, 2, 2, 2), (3, 2, 3, 3), 3, 5, 2, 1),
+    "pointwise_padded": ((2, 3, 4, 4), (2, 3, 1, 1), 1, 2, 1, 1),
+    "pointwise_dilated": ((2, 3, 4, 4), (2, 3, 1, 1), 1, 0, 3, 1),
+    "groups_equal_channels_one_out": ((2, 4, 5, 5), (4, 1, 1, 1), 1, 0, 1, 4),
+    "many_groups_one_channel_each": ((1, 6, 4, 4), (6, 1, 2, 2), 1, 0, 1, 6),
+    "large_dilation_small_kernel": ((1, 2, 9, 9), (2, 2, 2, 2), 1, 0, 8, 1),
+    "single_output_channel": ((2, 3, 5, 5), (1, 3, 3, 3), 1, 1, 1, 1),
+    "batch_1_channel_1": ((1, 1, 5, 6), (1, 1, 3, 3), 1, 1, 1, 1),
+    "same_kernel_larger_than_input": ((1, 2, 2, 3), (3, 2, 5, 4), 1, "same", 1, 1),
+}
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+@pytest.mark.parametrize("case", ODD)
+def test_odd_but_valid_matches_torch(case, layout):
+    xshape, wshape, stride, padding, dilation, groups = ODD[case]
+    c = Conf(xshape, wshape, True, stride, padding, dilation, groups, layout, "contiguous", layout, seed=7)
+    ours, ref = run_both(c, torch.float64)
+    for a, e, what in zip(ours, ref, ["output", "grad_input", "grad_weight", "grad_bias"]):
+        assert_close_scaled(a, e, 1e-12, what)
+
+
+# --------------------------------------------------------------------------------------------
+# opcheck and fake kernels
+# --------------------------------------------------------------------------------------------
+
+# (input shape, weight shape, stride, padding, dilation, groups, input layout, weight layout)
+OPCHECK = {
+    "basic": ((2, 3, 6, 5), (4, 3, 3, 3), [1, 1], [0, 0], [1, 1], 1, "contiguous", "contiguous"),
+    "strided_grouped": ((2, 4, 7, 6), (6, 2, 2, 3), [2, 1], [1, 2], [1, 2], 2, "contiguous", "contiguous"),
+    "channels_last_input": ((2, 3, 6, 5), (4, 3, 3, 3), [1, 2], [1, 1], [1, 1], 1, "channels_last", "contiguous"),
+    "channels_last_weight": ((2, 4, 5, 5), (4, 1, 3, 3), [1, 1], [1, 1], [1, 1], 4, "contiguous", "channels_last"),
+    "sliced_input": ((2, 3, 6, 5), (2, 3, 1, 1), [1, 1], [0, 0], [1, 1], 1, "sliced", "contiguous"),
+    "unbatched": ((3, 6, 5), (2, 3, 2, 2), [1, 1], [1, 0], [1, 1], 1, "contiguous", "contiguous"),
+    "empty_batch": ((0, 3, 5, 5), (2, 3, 3, 3), [1, 1], [1, 1], [1, 1], 1, "contiguous", "contiguous"),
+}
+
+
+def opcheck_args(case, requires_grad):
+    xshape, wshape, stride, padding, dilation, groups, x_layout, w_layout = OPCHECK[case]
+    conf = [stride, padding, dilation, groups]
+    x = to_layout(torch.randn(xshape, dtype=torch.float64), x_layout).requires_grad_(requires_grad)
+    w = to_layout(torch.randn(wshape, dtype=torch.float64), w_layout).requires_grad_(requires_grad)
+    b = torch.randn(wshape[0], dtype=torch.float64).requires_grad_(requires_grad)
+    y = ops.conv2d(x.detach(), w.detach(), None, *conf)
+    g = to_layout(torch.randn(y.shape, dtype=torch.float64), x_layout).requires_grad_(requires_grad)
+    return {
+        "conv2d": (x, w, b, *conf),
+        "conv2d_input_backward": (g, w, list(xshape), *conf),
+        "conv2d_weight_backward": (g, x, list(wshape), *conf),
+        "channel_sum": (g,),
+    }
+
+
+OP_NAMES = ["conv2d", "conv2d_input_backward", "conv2d_weight_backward", "channel_sum"]
+
+
+def _op_case_params():
+    out = []
+    for op_name in OP_NAMES:
+        for case in OPCHECK:
+            # grad_output is channels_last there and the kernel is not 1x1: see ZEROS_DROPS_LAYOUT.
+            bad = op_name == "conv2d_input_backward" and case == "channels_last_input"
+            marks = pytest.mark.xfail(strict=True, reason=ZEROS_DROPS_LAYOUT) if bad else ()
+            out.append(pytest.param(op_name, case, marks=marks, id=f"{op_name}-{case}"))
+    return out
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+@pytest.mark.parametrize("op_name, case", _op_case_params())
+def test_opcheck(op_name, case, requires_grad):
+    args = opcheck_args(case, requires_grad)[op_name]
+    results = torch.library.opcheck(getattr(ops, op_name).default, args)
+    assert set(results.values()) == {"SUCCESS"}, results
+
+
+@pytest.mark.parametrize("op_name, case", _op_case_params())
+def test_fake_kernel_metadata(op_name, case):
+    """The fake kernels state the real outputs' shape, strides and dtype exactly (the Python
+    copy of the output-size math in cnnext/_shapes.py agrees with csrc/common/conv2d.h)."""
+    args = opcheck_args(case, False)[op_name]
+    real = getattr(ops, op_name)(*args)
+    with FakeTensorMode() as mode:
+        fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        fake = getattr(ops, op_name)(*fake_args)
+    assert fake.shape == real.shape
+    assert fake.stride() == real.stride()
+    assert fake.dtype == real.dtype
+
+
+# --------------------------------------------------------------------------------------------
+# torch.compile
+# --------------------------------------------------------------------------------------------
+
+def _compile_available():
+    try:
+        import torch._dynamo  # noqa: F401
+        import torch._inductor  # noqa: F401
+    except Exception:  # pragma: no cover
+        return False
+    return hasattr(torch, "compile")
+
+
+@pytest.mark.skipif(not _compile_available(), reason="torch.compile is not available")
+def test_torch_compile_fullgraph():
+    import torch._dynamo
+
+    def net(x, w1, b1, w2):
+        y = torch.relu(conv2d(x, w1, b1, stride=2, padding=1))
+        return conv2d(y, w2, None, padding="same", groups=2)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(net, fullgraph=True, dynamic=False)
+    x0, w10, b10, w20 = torch.randn(2, 3, 9, 8), torch.randn(4, 3, 3, 3), torch.randn(4), torch.randn(6, 2, 2, 3)
+    results = []
+    for f in (net, compiled):
+        inputs = [leaf(t) for t in (x0, w10, b10, w20)]
+        out = f(*inputs)
+        out.backward(torch.full_like(out, 0.5))
+        results.append((out, *(t.grad for t in inputs)))
+    for eager, comp in zip(*results):
+        torch.testing.assert_close(comp, eager, rtol=1e-5, atol=1e-5)
+    # And the same function in stock torch agrees with both.
+    ref = F.conv2d(torch.relu(F.conv2d(x0, w10, b10, stride=2, padding=1)), w20, None, padding="same", groups=2)
+    torch.testing.assert_close(results[1][0], ref, rtol=1e-5, atol=1e-5)
