@@ -872,3 +872,29 @@ def test_torch_compile_fullgraph():
     # And the same function in stock torch agrees with both.
     ref = F.conv2d(torch.relu(F.conv2d(x0, w10, b10, stride=2, padding=1)), w20, None, padding="same", groups=2)
     torch.testing.assert_close(results[1][0], ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not _compile_available(), reason="torch.compile is not available")
+def test_torch_compile_dynamic_shapes():
+    """Symbolic sizes through the fake kernels (aot_eager: no code generation, so it stays quick)."""
+    import torch._dynamo
+
+    def net(x, w1, b1, w2):
+        y = torch.relu(conv2d(x, w1, b1, stride=2, padding=1))
+        return conv2d(y, w2, None, padding="same", groups=2)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(net, fullgraph=True, dynamic=True, backend="aot_eager")
+    w1, b1, w2 = leaf(torch.randn(4, 3, 3, 3)), leaf(torch.randn(4)), leaf(torch.randn(6, 2, 2, 3))
+    for shape in [(2, 3, 9, 8), (3, 3, 12, 11)]:
+        x = leaf(torch.randn(shape))
+        out = compiled(x, w1, b1, w2)
+        grads = torch.autograd.grad(out.square().sum(), (x, w1, b1, w2))
+        x_ref, w1_ref, b1_ref, w2_ref = (leaf(t) for t in (x, w1, b1, w2))
+        ref = F.conv2d(torch.relu(F.conv2d(x_ref, w1_ref, b1_ref, stride=2, padding=1)), w2_ref, None,
+                       padding="same", groups=2)
+        ref_grads = torch.autograd.grad(ref.square().sum(), (x_ref, w1_ref, b1_ref, w2_ref))
+        assert out.shape == ref.shape
+        assert_close_scaled(out, ref, 1e-5, f"output {shape}")
+        for a, e in zip(grads, ref_grads):
+            assert_close_scaled(a, e, 1e-5, f"grad {shape}")
