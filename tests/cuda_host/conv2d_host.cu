@@ -1,0 +1,174 @@
+// Runs the per-element bodies of the CUDA conv2d kernels on the host, without a GPU,
+// for tests/test_cuda_kernels_on_host.py. It includes csrc/cuda/conv2d.cu itself, so
+// it calls the very __host__ __device__ functions the kernels loop around:
+// forward_element, input_backward_element, weight_backward_partial and
+// channel_sum_partial. No torch headers; build with
+//   nvcc -std=c++17 -Icsrc -o conv2d_host tests/cuda_host/conv2d_host.cu
+// and run as `conv2d_host IN OUT`.
+//
+// IN is a sequence of records; every integer is a little-endian int64.
+//   op      0 forward, 1 input backward, 2 weight backward, 3 channel_sum
+//   dtype   DType: 0 F32, 1 F64, 2 F16, 3 BF16
+//   split   the reductions (ops 2, 3) add `split` partial sums, partial j0 taking terms
+//           j0, j0 + split, ... (a block of the kernel has kThreads of them)
+//   the 16 fields of Conv2dParams, in declaration order (channel_sum reads N, C, H, W)
+//   the op's tensors, each as: strides (n, c, h, w), span, then span elements for an
+//   input (none for the output). span is the number of elements from element
+//   (0, 0, 0, 0) to the last one; 0 for an empty tensor or an absent bias.
+//     op 0: x, w, bias, y        op 1: gy, w, gx
+//     op 2: gy, x, gw            op 3: t, out
+// For each record OUT gets the output's span elements. Outputs start out NaN, so an
+// element no call writes, or a gap of a strided output, comes back NaN.
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "cuda/conv2d.cu"
+
+using namespace cnnext;
+using namespace cnnext::cuda::kernels;
+
+namespace {
+
+FILE* g_in;
+long long g_record = -1;  // index of the record being run, for error messages
+
+[[noreturn]] void die(const char* what) {
+  if (g_record >= 0)
+    std::fprintf(stderr, "conv2d_host: record %lld: %s\n", g_record, what);
+  else
+    std::fprintf(stderr, "conv2d_host: %s\n", what);
+  std::exit(2);
+}
+
+bool try_read(int64_t* v) { return std::fread(v, sizeof *v, 1, g_in) == 1; }
+
+int64_t read_i64() {
+  int64_t v;
+  if (!try_read(&v)) die("truncated input");
+  return v;
+}
+
+// A tensor's elements, between kGuard NaN elements on either side: a read just
+// outside the tensor yields NaN, a write there is reported.
+constexpr int64_t kGuard = 64;
+
+template <typename T>
+struct Tensor {
+  Strides4 s{};
+  int64_t span = 0;
+  std::vector<T> buf;
+
+  T* data() { return buf.data() + kGuard; }
+  // nullptr for an empty tensor: the kernels take no bias as nullptr.
+  const T* data_or_null() { return span > 0 ? data() : nullptr; }
+  bool guards_intact() const {
+    const auto* b = reinterpret_cast<const unsigned char*>(buf.data());
+    const size_t bytes = kGuard * sizeof(T), end = (kGuard + span) * sizeof(T);
+    for (size_t k = 0; k < bytes; ++k)
+      if (b[k] != 0xFF || b[end + k] != 0xFF) return false;
+    return true;
+  }
+};
+
+// Reads strides and span, and for an input the elements. Every byte starts 0xFF:
+// a NaN in each of float, double, __half and __nv_bfloat16.
+template <typename T>
+Tensor<T> read_tensor(bool with_data) {
+  Tensor<T> t;
+  t.s = {read_i64(), read_i64(), read_i64(), read_i64()};
+  t.span = read_i64();
+  if (t.span < 0) die("negative span");
+  t.buf.resize(t.span + 2 * kGuard);
+  std::memset(static_cast<void*>(t.buf.data()), 0xFF, t.buf.size() * sizeof(T));
+  if (with_data && std::fread(t.data(), sizeof(T), t.span, g_in) != size_t(t.span))
+    die("truncated tensor data");
+  return t;
+}
+
+template <typename T>
+void write_output(Tensor<T>& t, FILE* out) {
+  if (!t.guards_intact()) die("a kernel wrote outside its output");
+  if (std::fwrite(t.data(), sizeof(T), t.span, out) != size_t(t.span)) die("write failed");
+}
+
+// The loops of the kernels, in sequence: every element index once, every partial sum
+// of a reduction added in order (block_sum's tree order is device-only).
+template <typename T>
+void run(int64_t op, const Conv2dParams& p, int64_t split, FILE* out) {
+  using A = typename AccType<T>::type;
+  if (op == 0) {
+    auto x = read_tensor<T>(true), w = read_tensor<T>(true), b = read_tensor<T>(true);
+    auto y = read_tensor<T>(false);
+    const int64_t total = p.N * p.O * p.OH * p.OW;
+    const bool cl = channels_fastest(y.s);  // as the launcher picks
+    for (int64_t i = 0; i < total; ++i) {
+      if (cl)
+        forward_element<T, true>(p, x.data(), x.s, w.data(), b.data_or_null(), y.data(), y.s, i);
+      else
+        forward_element<T, false>(p, x.data(), x.s, w.data(), b.data_or_null(), y.data(), y.s, i);
+    }
+    write_output(y, out);
+  } else if (op == 1) {
+    auto gy = read_tensor<T>(true), w = read_tensor<T>(true), gx = read_tensor<T>(false);
+    const int64_t total = p.N * p.C * p.H * p.W;
+    const bool cl = channels_fastest(gx.s);
+    for (int64_t i = 0; i < total; ++i) {
+      if (cl)
+        input_backward_element<T, true>(p, gy.data(), gy.s, w.data(), gx.data(), gx.s, i);
+      else
+        input_backward_element<T, false>(p, gy.data(), gy.s, w.data(), gx.data(), gx.s, i);
+    }
+    write_output(gx, out);
+  } else if (op == 2) {
+    auto gy = read_tensor<T>(true), x = read_tensor<T>(true), gw = read_tensor<T>(false);
+    const int64_t total = p.O * p.in_per_group() * p.KH * p.KW;
+    for (int64_t e = 0; e < total; ++e) {
+      A acc = A(0);
+      for (int64_t j0 = 0; j0 < split; ++j0)
+        acc += weight_backward_partial<T>(p, gy.data(), gy.s, x.data(), x.s, e, j0, split);
+      gw.data()[e] = AccType<T>::from(acc);
+    }
+    write_output(gw, out);
+  } else if (op == 3) {
+    auto t = read_tensor<T>(true), sums = read_tensor<T>(false);
+    for (int64_t c = 0; c < p.C; ++c) {
+      A acc = A(0);
+      for (int64_t j0 = 0; j0 < split; ++j0)
+        acc += channel_sum_partial<T>(t.data(), p.N, p.H, p.W, t.s, c, j0, split);
+      sums.data()[c] = AccType<T>::from(acc);
+    }
+    write_output(sums, out);
+  } else {
+    die("unknown op");
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc != 3) die("usage: conv2d_host IN OUT");
+  g_in = std::fopen(argv[1], "rb");
+  FILE* out = std::fopen(argv[2], "wb");
+  if (g_in == nullptr || out == nullptr) die("cannot open IN or OUT");
+  int64_t op;
+  while (try_read(&op)) {
+    ++g_record;
+    const int64_t dtype = read_i64(), split = read_i64();
+    if (split < 1) die("split < 1");
+    Conv2dParams p;
+    for (int64_t* f : {&p.N, &p.C, &p.H, &p.W, &p.O, &p.KH, &p.KW, &p.OH, &p.OW, &p.SH, &p.SW,
+                       &p.PH, &p.PW, &p.DH, &p.DW, &p.G})
+      *f = read_i64();
+    switch (dtype) {
+      case int64_t(DType::F32): run<float>(op, p, split, out); break;
+      case int64_t(DType::F64): run<double>(op, p, split, out); break;
+      case int64_t(DType::F16): run<__half>(op, p, split, out); break;
+      case int64_t(DType::BF16): run<__nv_bfloat16>(op, p, split, out); break;
+      default: die("unknown dtype");
+    }
+  }
+  if (std::fclose(out) != 0) die("write failed");
+  return 0;
+}
