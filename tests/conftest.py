@@ -8,13 +8,19 @@ from hypothesis import HealthCheck, settings
 import cnnext  # noqa: F401  (registers torch.ops.cnnext.*)
 
 # No example database in the repository; deadlines are meaningless on a shared CI box.
-# CNNEXT_HYPOTHESIS_PROFILE=thorough runs ten times the examples of each test.
 settings.register_profile(
-    "default", database=None, deadline=None, print_blob=True,
+    "cnnext", database=None, deadline=None, print_blob=True,
     suppress_health_check=[HealthCheck.too_slow],
 )
-settings.register_profile("thorough", parent=settings.get_profile("default"), max_examples=1000)
-settings.load_profile(os.environ.get("CNNEXT_HYPOTHESIS_PROFILE", "default"))
+settings.load_profile("cnnext")
+
+# CNNEXT_HYPOTHESIS_SCALE=20 runs twenty times the examples of every hypothesis test.
+_EXAMPLES_SCALE = int(os.environ.get("CNNEXT_HYPOTHESIS_SCALE", "1"))
+
+
+def examples(n):
+    """max_examples for a hypothesis test: n, times CNNEXT_HYPOTHESIS_SCALE."""
+    return n * _EXAMPLES_SCALE
 
 # contiguous; channels_last; "sliced": every other element of a wider tensor (stride 2
 # in W, so neither layout is dense; NaN in between); "permuted": H and W swapped in memory;
@@ -26,6 +32,17 @@ LAYOUTS = ("contiguous", "channels_last", "sliced", "permuted", "offset")
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def single_thread():
+    """Runs a test on one intra-op thread. For gradcheck: it calls the ops thousands of times
+    on tiny tensors, and on a busy 2-core machine every parallel region can stall for a
+    scheduler time slice. The multi-threaded paths are covered by the parity tests."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def to_layout(t, layout):
