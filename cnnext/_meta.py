@@ -19,7 +19,7 @@ def _conv2d_fake(input, weight, bias, stride, padding, dilation, groups):
     n, _, h, w = x.shape
     oh = conv_out_size(h, weight.shape[2], stride[0], padding[0], dilation[0])
     ow = conv_out_size(w, weight.shape[3], stride[1], padding[1], dilation[1])
-    out = _empty_like_layout(input, (n, weight.shape[0], oh, ow), x, weight)
+    out = _empty_like_layout(input, (n, weight.shape[0], oh, ow), *((x, weight) if input.dim() == 4 else (weight,)))
     return out if input.dim() == 4 else out.squeeze(0)
 
 
@@ -27,13 +27,14 @@ def _conv2d_fake(input, weight, bias, stride, padding, dilation, groups):
 def _conv2d_input_backward_fake(grad_output, weight, input_size, stride, padding, dilation, groups):
     g = _batched(grad_output)
     size = list(input_size) if grad_output.dim() == 4 else [1, *input_size]
-    out = _empty_like_layout(grad_output, size, g, weight)
+    out = _empty_like_layout(grad_output, size, *((g, weight) if grad_output.dim() == 4 else (weight,)))
     return out if grad_output.dim() == 4 else out.squeeze(0)
 
 
 @torch.library.register_fake("cnnext::conv2d_weight_backward")
 def _conv2d_weight_backward_fake(grad_output, input, weight_size, stride, padding, dilation, groups):
-    return grad_output.new_empty(list(weight_size))
+    batched = grad_output.dim() == 4
+    return _empty_like_layout(grad_output, list(weight_size), *((grad_output, input) if batched else ()))
 
 
 @torch.library.register_fake("cnnext::channel_sum")

@@ -12,8 +12,9 @@ def conv_out_size(size, kernel, stride, padding, dilation):
 
 
 def prefers_channels_last(*tensors):
-    """The layout rule of csrc/ops: channels_last output when any 4-D operand is
-    channels_last-contiguous without also being plain contiguous."""
+    """The layout rule of csrc/ops (layout_of): channels_last output when any 4-D
+    operand is channels_last-contiguous without also being plain contiguous. Callers
+    pass only the weight for unbatched input, as csrc/ops does."""
     return any(
         t.dim() == 4
         and t.is_contiguous(memory_format=torch.channels_last)

@@ -79,13 +79,15 @@ void check_grad_output(const char* op, const Conv2dParams& p, const at::Tensor& 
               shape_str(want), ", got ", shape_str(g.sizes()));
 }
 
-// Output layout: channels_last when either operand is channels_last-contiguous and
-// not also plain contiguous (cnnext/_shapes.py states the same rule for fake kernels).
-at::MemoryFormat layout_of(const at::Tensor& a, const at::Tensor& b) {
-  auto cl = [](const at::Tensor& t) {
-    return t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast) && !t.is_contiguous();
-  };
-  return cl(a) || cl(b) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+// Output layout: channels_last when an operand is channels_last-contiguous and not
+// also plain contiguous (cnnext/_shapes.py states the same rule for fake kernels).
+// Unbatched input counts only through the weight, as in torch.
+at::MemoryFormat layout_of(std::initializer_list<at::Tensor> operands) {
+  for (const at::Tensor& t : operands) {
+    if (t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast) && !t.is_contiguous())
+      return at::MemoryFormat::ChannelsLast;
+  }
+  return at::MemoryFormat::Contiguous;
 }
 
 at::Tensor unbatch(const at::Tensor& t, bool batched) { return batched ? t : t.squeeze(0); }
@@ -104,7 +106,7 @@ at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight,
                 ": expected bias to be 1-D of size out_channels = ", p.O, ", got shape ",
                 shape_str(bias->sizes()));
   }
-  const auto fmt = layout_of(x, weight);
+  const auto fmt = batched ? layout_of({x, weight}) : layout_of({weight});
   if (x.is_cuda()) {
 #ifdef CNNEXT_WITH_CUDA
     return unbatch(cuda::conv2d_forward(x, weight, bias, p, fmt), batched);
@@ -130,7 +132,7 @@ at::Tensor conv2d_input_backward(const at::Tensor& grad_output, const at::Tensor
   check_same_dtype_device(op, "grad_output", grad_output, "weight", weight);
   const Conv2dParams p = make_params(op, in, weight.sizes(), stride, padding, dilation, groups);
   check_grad_output(op, p, g);
-  const auto fmt = layout_of(g, weight);
+  const auto fmt = batched ? layout_of({g, weight}) : layout_of({weight});
   if (g.is_cuda()) {
 #ifdef CNNEXT_WITH_CUDA
     return unbatch(cuda::conv2d_input_backward(g, weight, p, fmt), batched);
@@ -154,14 +156,19 @@ at::Tensor conv2d_weight_backward(const at::Tensor& grad_output, const at::Tenso
   check_same_dtype_device(op, "grad_output", grad_output, "input", input);
   const Conv2dParams p = make_params(op, x.sizes(), weight_size, stride, padding, dilation, groups);
   check_grad_output(op, p, g);
+  at::Tensor gw;
   if (g.is_cuda()) {
 #ifdef CNNEXT_WITH_CUDA
-    return cuda::conv2d_weight_backward(g, x, p);
+    gw = cuda::conv2d_weight_backward(g, x, p);
 #else
     no_cuda(op);
 #endif
+  } else {
+    gw = cpu::conv2d_weight_backward(g, x, p);
   }
-  return cpu::conv2d_weight_backward(g, x, p);
+  // The weight gradient takes the layout the input and output had (as torch's does).
+  const auto fmt = g_batched ? layout_of({g, x}) : at::MemoryFormat::Contiguous;
+  return fmt == at::MemoryFormat::ChannelsLast ? gw.contiguous(fmt) : gw;
 }
 
 at::Tensor channel_sum(const at::Tensor& t) {

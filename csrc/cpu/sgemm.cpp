@@ -1,0 +1,138 @@
+// See sgemm.h. The micro-kernel keeps a kMR x kNR tile of C in 24 AVX-512 registers
+// and adds one rank-1 product per k: two vector loads of B, kMR broadcasts of A.
+// K is cut into blocks of kKC so the B panel of a block (kKC x kNR floats, 32 KiB)
+// stays in L1 while every A panel passes it.
+#include "cpu/sgemm.h"
+
+#include <algorithm>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define CNNEXT_SGEMM_AVX512 1
+#endif
+
+namespace cnnext {
+namespace cpu {
+namespace sgemm {
+
+void pack_a(const float* a, int64_t rs, int64_t cs, int64_t M, int64_t K, float* out) {
+  for (int64_t i0 = 0; i0 < M; i0 += kMR) {
+    const int64_t rows = std::min(kMR, M - i0);
+    float* panel = out + i0 * K;
+    for (int64_t k = 0; k < K; ++k) {
+      float* dst = panel + k * kMR;
+      int64_t r = 0;
+      for (; r < rows; ++r) dst[r] = a[(i0 + r) * rs + k * cs];
+      for (; r < kMR; ++r) dst[r] = 0.f;
+    }
+  }
+}
+
+void pack_b(const float* b, int64_t rs, int64_t cs, int64_t K, int64_t N, float* out) {
+  for (int64_t j0 = 0; j0 < N; j0 += kNR) {
+    const int64_t cols = std::min(kNR, N - j0);
+    float* panel = out + j0 * K;
+    for (int64_t k = 0; k < K; ++k) {
+      float* dst = panel + k * kNR;
+      const float* src = b + k * rs + j0 * cs;
+      int64_t j = 0;
+      if (cs == 1) {
+        for (; j < cols; ++j) dst[j] = src[j];
+      } else {
+        for (; j < cols; ++j) dst[j] = src[j * cs];
+      }
+      for (; j < kNR; ++j) dst[j] = 0.f;
+    }
+  }
+}
+
+#ifdef CNNEXT_SGEMM_AVX512
+
+namespace {
+
+constexpr int64_t kKC = 256;
+
+// One kMR x kNR tile: acc = A_panel(kc) * B_panel(kc), then stored into C rows
+// [0, rows) and columns [0, cols) (masked), added to C when `add`.
+__attribute__((target("avx512f,fma"))) void micro_kernel(int64_t kc, const float* a,
+                                                          const float* b, float* c, int64_t ldc,
+                                                          int64_t rows, int64_t cols, bool add,
+                                                          const float* bias) {
+  __m512 acc[kMR][2];
+  for (int r = 0; r < kMR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m512 b0 = _mm512_loadu_ps(b + k * kNR);
+    const __m512 b1 = _mm512_loadu_ps(b + k * kNR + 16);
+    const float* ak = a + k * kMR;
+#pragma GCC unroll 12
+    for (int r = 0; r < kMR; ++r) {
+      const __m512 av = _mm512_set1_ps(ak[r]);
+      acc[r][0] = _mm512_fmadd_ps(av, b0, acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(av, b1, acc[r][1]);
+    }
+  }
+  const __mmask16 m0 = cols >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << cols) - 1);
+  const __mmask16 m1 = cols >= 32 ? __mmask16(0xFFFF) : cols <= 16 ? __mmask16(0) : __mmask16((1u << (cols - 16)) - 1);
+  for (int r = 0; r < rows; ++r) {
+    float* cr = c + r * ldc;
+    __m512 v0 = acc[r][0], v1 = acc[r][1];
+    if (add) {
+      v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, cr));
+      v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, cr + 16));
+    } else if (bias) {
+      const __m512 bv = _mm512_set1_ps(bias[r]);
+      v0 = _mm512_add_ps(v0, bv);
+      v1 = _mm512_add_ps(v1, bv);
+    }
+    _mm512_mask_storeu_ps(cr, m0, v0);
+    _mm512_mask_storeu_ps(cr + 16, m1, v1);
+  }
+}
+
+}  // namespace
+
+bool available() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
+  return ok;
+}
+
+void gemm(const float* a_packed, const float* b_packed, int64_t M, int64_t N, int64_t K,
+          float* c, int64_t ldc, bool accumulate, const float* bias) {
+  for (int64_t k0 = 0; k0 < K; k0 += kKC) {
+    const int64_t kc = std::min(kKC, K - k0);
+    const bool add = accumulate || k0 > 0;
+    for (int64_t j0 = 0; j0 < N; j0 += kNR) {
+      const float* bp = b_packed + j0 * K + k0 * kNR;
+      const int64_t cols = std::min(kNR, N - j0);
+      for (int64_t i0 = 0; i0 < M; i0 += kMR) {
+        micro_kernel(kc, a_packed + i0 * K + k0 * kMR, bp, c + i0 * ldc + j0, ldc,
+                     std::min(kMR, M - i0), cols, add, bias ? bias + i0 : nullptr);
+      }
+    }
+  }
+}
+
+#else  // not x86-64: available() is false and the convolution uses at::mm; this
+       // plain version keeps gemm() correct for any other caller.
+
+bool available() { return false; }
+
+void gemm(const float* a_packed, const float* b_packed, int64_t M, int64_t N, int64_t K,
+          float* c, int64_t ldc, bool accumulate, const float* bias) {
+  for (int64_t i = 0; i < M; ++i) {
+    const float* ap = a_packed + (i / kMR) * K * kMR + i % kMR;
+    for (int64_t j = 0; j < N; ++j) {
+      const float* bp = b_packed + (j / kNR) * K * kNR + j % kNR;
+      float acc = 0.f;
+      for (int64_t k = 0; k < K; ++k) acc += ap[k * kMR] * bp[k * kNR];
+      float& out = c[i * ldc + j];
+      out = accumulate ? out + acc : acc + (bias ? bias[i] : 0.f);
+    }
+  }
+}
+
+#endif
+
+}  // namespace sgemm
+}  // namespace cpu
+}  // namespace cnnext

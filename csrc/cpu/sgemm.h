@@ -1,0 +1,38 @@
+// Our single-precision GEMM for the CPU convolution: packed panels and an AVX-512
+// micro-kernel, used where the CPU has AVX-512F (checked at run time); elsewhere
+// the convolution multiplies with at::mm.
+//
+// Packed layouts (zero-padded to whole panels):
+//   A (M x K) in panels of kMR rows:    a[(i / kMR) * K * kMR + k * kMR + i % kMR]
+//   B (K x N) in panels of kNR columns: b[(j / kNR) * K * kNR + k * kNR + j % kNR]
+#pragma once
+
+#include <cstdint>
+
+namespace cnnext {
+namespace cpu {
+namespace sgemm {
+
+constexpr int64_t kMR = 12;
+constexpr int64_t kNR = 32;
+
+inline int64_t packed_a_size(int64_t M, int64_t K) { return (M + kMR - 1) / kMR * kMR * K; }
+inline int64_t packed_b_size(int64_t K, int64_t N) { return (N + kNR - 1) / kNR * kNR * K; }
+
+// Whether this CPU runs the micro-kernel.
+bool available();
+
+// Packs A (M x K), element (i, k) at a[i * rs + k * cs].
+void pack_a(const float* a, int64_t rs, int64_t cs, int64_t M, int64_t K, float* out);
+
+// Packs B (K x N), element (k, j) at b[k * rs + j * cs].
+void pack_b(const float* b, int64_t rs, int64_t cs, int64_t K, int64_t N, float* out);
+
+// C (M x N, element (i, j) at c[i * ldc + j]) = A_packed * B_packed, plus, when
+// `accumulate`, the C it had, plus, when `bias` is given, bias[i] on row i.
+void gemm(const float* a_packed, const float* b_packed, int64_t M, int64_t N, int64_t K,
+          float* c, int64_t ldc, bool accumulate, const float* bias);
+
+}  // namespace sgemm
+}  // namespace cpu
+}  // namespace cnnext
