@@ -6,7 +6,7 @@
 
 #include <algorithm>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(CNNEXT_NO_AVX512)
 #include <immintrin.h>
 #define CNNEXT_SGEMM_AVX512 1
 #endif
@@ -112,7 +112,7 @@ void gemm(const float* a_packed, const float* b_packed, int64_t M, int64_t N, in
   }
 }
 
-#else  // not x86-64: available() is false and the convolution uses at::mm; this
+#else  // not x86-64 (or CNNEXT_NO_AVX512): available() is false and the convolution uses at::mm; this
        // plain version keeps gemm() correct for any other caller.
 
 bool available() { return false; }

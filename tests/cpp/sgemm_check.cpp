@@ -1,0 +1,45 @@
+// Checks cnnext's packed sgemm (csrc/cpu/sgemm.cpp) against a plain triple loop on
+// integer-valued inputs, where every result is exact: prints one line per case,
+// "M N K accumulate bias maxerr". Built by tests/test_sgemm.py with and without
+// CNNEXT_NO_AVX512, so both the micro-kernel and the portable version are run.
+#include <cmath>
+#include <cstdio>
+#include <vector>
+
+#include "cpu/sgemm.h"
+
+using namespace cnnext::cpu::sgemm;
+
+int main() {
+  const int sizes[][3] = {{1, 1, 1}, {12, 32, 1}, {13, 37, 29}, {11, 31, 300}, {64, 448, 576}, {25, 17, 513}};
+  std::printf("avx512=%d\n", int(available()));
+  for (const auto& s : sizes) {
+    const int M = s[0], N = s[1], K = s[2];
+    for (int accumulate = 0; accumulate < 2; ++accumulate) {
+      for (int with_bias = 0; with_bias < 2; ++with_bias) {
+        std::vector<float> a(M * K), b(K * N), bias(M), c(M * N), before(M * N);
+        for (int i = 0; i < M * K; ++i) a[i] = float(i * 7 % 11 - 5);
+        for (int i = 0; i < K * N; ++i) b[i] = float(i * 5 % 13 - 6);
+        for (int i = 0; i < M; ++i) bias[i] = float(i % 5 - 2);
+        for (int i = 0; i < M * N; ++i) before[i] = c[i] = float(i % 3);
+        // A read transposed (column-major) to exercise pack_a's strides.
+        std::vector<float> at(K * M);
+        for (int i = 0; i < M; ++i)
+          for (int k = 0; k < K; ++k) at[k * M + i] = a[i * K + k];
+        std::vector<float> ap(packed_a_size(M, K)), bp(packed_b_size(K, N));
+        pack_a(at.data(), 1, M, M, K, ap.data());
+        pack_b(b.data(), N, 1, K, N, bp.data());
+        gemm(ap.data(), bp.data(), M, N, K, c.data(), N, accumulate, with_bias ? bias.data() : nullptr);
+        double err = 0;
+        for (int i = 0; i < M; ++i)
+          for (int j = 0; j < N; ++j) {
+            double want = accumulate ? before[i * N + j] : (with_bias ? bias[i] : 0.0);
+            for (int k = 0; k < K; ++k) want += double(a[i * K + k]) * b[k * N + j];
+            err = std::fmax(err, std::fabs(want - c[i * N + j]));
+          }
+        std::printf("%d %d %d %d %d %g\n", M, N, K, accumulate, with_bias, err);
+      }
+    }
+  }
+  return 0;
+}
