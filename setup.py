@@ -41,7 +41,10 @@ def sources(pattern):
 def make_extension():
     with_cuda, why = decide_cuda()
     srcs = sources("csrc/extension.cpp") + sources("csrc/ops/*.cpp") + sources("csrc/cpu/*.cpp")
-    cxx = ["-O3"]
+    # at::parallel_for is an OpenMP region compiled into this extension (torch's CPU
+    # builds use OpenMP): without -fopenmp every parallel_for here would run serially.
+    cxx = ["-O3", "-fopenmp"]
+    link = ["-fopenmp"]
     macros = []
     if with_cuda:
         srcs += sources("csrc/cuda/*.cu") + sources("csrc/cuda/*.cpp")
@@ -54,6 +57,7 @@ def make_extension():
             include_dirs=[os.path.join(ROOT, "csrc")],
             define_macros=macros,
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
+            extra_link_args=link,
         )
     print(f"cnnext: building CPU kernels only ({why})")
     return CppExtension(
@@ -62,6 +66,7 @@ def make_extension():
         include_dirs=[os.path.join(ROOT, "csrc")],
         define_macros=macros,
         extra_compile_args={"cxx": cxx},
+        extra_link_args=link,
     )
 
 

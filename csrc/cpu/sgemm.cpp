@@ -59,6 +59,7 @@ __attribute__((target("avx512f,fma"))) void micro_kernel(int64_t kc, const float
                                                           int64_t rows, int64_t cols, bool add,
                                                           const float* bias) {
   __m512 acc[kMR][2];
+#pragma GCC unroll 12
   for (int r = 0; r < kMR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
   for (int64_t k = 0; k < kc; ++k) {
     const __m512 b0 = _mm512_loadu_ps(b + k * kNR);
@@ -73,19 +74,23 @@ __attribute__((target("avx512f,fma"))) void micro_kernel(int64_t kc, const float
   }
   const __mmask16 m0 = cols >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << cols) - 1);
   const __mmask16 m1 = cols >= 32 ? __mmask16(0xFFFF) : cols <= 16 ? __mmask16(0) : __mmask16((1u << (cols - 16)) - 1);
-  for (int r = 0; r < rows; ++r) {
-    float* cr = c + r * ldc;
-    __m512 v0 = acc[r][0], v1 = acc[r][1];
-    if (add) {
-      v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, cr));
-      v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, cr + 16));
-    } else if (bias) {
-      const __m512 bv = _mm512_set1_ps(bias[r]);
-      v0 = _mm512_add_ps(v0, bv);
-      v1 = _mm512_add_ps(v1, bv);
+  // Constant trip counts throughout, so acc stays in registers.
+#pragma GCC unroll 12
+  for (int r = 0; r < kMR; ++r) {
+    if (r < rows) {
+      float* cr = c + r * ldc;
+      __m512 v0 = acc[r][0], v1 = acc[r][1];
+      if (add) {
+        v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, cr));
+        v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, cr + 16));
+      } else if (bias) {
+        const __m512 bv = _mm512_set1_ps(bias[r]);
+        v0 = _mm512_add_ps(v0, bv);
+        v1 = _mm512_add_ps(v1, bv);
+      }
+      _mm512_mask_storeu_ps(cr, m0, v0);
+      _mm512_mask_storeu_ps(cr + 16, m1, v1);
     }
-    _mm512_mask_storeu_ps(cr, m0, v0);
-    _mm512_mask_storeu_ps(cr + 16, m1, v1);
   }
 }
 
