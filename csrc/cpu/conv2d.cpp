@@ -125,6 +125,9 @@ void for_each_item(int64_t items, const at::Tensor& like, int64_t buf_elems, con
     return;
   }
   at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    // Worker threads do not inherit the caller's dispatch state: keep the at:: calls
+    // below (the buffer, at::mm) out of autograd, as they are on the calling thread.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
     at::Tensor buf = at::empty({buf_elems}, like.options());
     for (int64_t i = begin; i < end; ++i) fn(i, buf);
   });
