@@ -166,8 +166,10 @@ def _as_arg(draw, values):
 def conv_confs(draw, batch=st.sampled_from([0, 1, 2, 3, None])):
     # Channels per group on both sides of the CPU backend's switch between direct loops
     # (thin groups: in * out channels per group <= 8) and im2col + GEMM.
-    kind = draw(st.sampled_from(["plain", "plain", "groups", "depthwise"]))
-    if kind == "plain":
+    kind = draw(st.sampled_from(["plain", "plain", "plain", "groups", "depthwise", "deep"]))
+    if kind == "deep":  # GEMM dimensions past the float32 sgemm's tiles and K blocks
+        groups, cg, og = draw(st.integers(1, 2)), draw(st.integers(8, 20)), draw(st.integers(13, 30))
+    elif kind == "plain":
         groups, cg, og = 1, draw(st.integers(1, 6)), draw(st.integers(1, 6))
     elif kind == "groups":
         groups, cg, og = draw(st.integers(2, 3)), draw(st.integers(1, 4)), draw(st.integers(1, 4))
@@ -307,8 +309,15 @@ def test_string_padding_output_shape(padding, dtype):
 
 
 # Large enough for the CPU backend to cut each sample into several bands of output rows
-# (its column buffer holds 2**18 elements) and to run items on several threads.
+# (its column buffer holds 2**18 elements) and to run items on several threads; and with
+# GEMM sizes past the float32 sgemm's blocking (tiles of 12 x 32, K in blocks of 256) and
+# not multiples of it.
 BANDS = {
+    "deep_k": ((2, 40, 20, 21), (30, 40, 3, 3), 1, 1, 1, 1),                    # K = 360
+    "deep_k_strided": ((2, 33, 17, 19), (13, 33, 3, 3), 2, 1, 1, 1),            # K = 297
+    "deep_k_groups": ((1, 64, 12, 13), (26, 32, 3, 3), 1, 2, (2, 1), 2),        # K = 288 per group
+    "wide_out_pointwise": ((1, 20, 9, 11), (300, 20, 1, 1), 1, 0, 1, 1),        # Og = 300
+    "wide_out": ((2, 8, 7, 9), (270, 8, 2, 2), 1, 0, 1, 1),
     "same_3x3": ((2, 16, 66, 70), (24, 16, 3, 3), 1, 1, 1, 1),
     "strided_dilated": ((2, 16, 67, 70), (24, 16, 3, 4), (2, 1), (1, 2), (2, 1), 1),
     "grouped": ((1, 32, 64, 66), (32, 16, 3, 3), 1, 1, 1, 2),
@@ -342,6 +351,32 @@ def test_partial_requires_grad(needs):
             assert_close_scaled(ours, ref, 1e-5, name)
         else:
             assert ours is None and ref is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_operands_requiring_grad_on_worker_threads(kernel, dtype):
+    """The CPU kernels call ATen ops (mm_out, views) on worker threads of at::parallel_for,
+    which do not inherit the caller's grad mode: those calls must not see the operands as
+    tensors to record autograd for ("mm(): functions with out=... arguments don't support
+    automatic differentiation, but one of the arguments requires grad")."""
+    x0, w0, b0 = (torch.randn(4, 8, 9, 9, dtype=dtype), torch.randn(12, 8, kernel, kernel, dtype=dtype),
+                  torch.randn(12, dtype=dtype))
+    results = []
+    for f in (conv2d, F.conv2d):
+        x, w, b = leaf(x0), leaf(w0), leaf(b0)
+        y = f(x, w, b, padding=kernel // 2)
+        results.append((y, *torch.autograd.grad(y.square().sum(), (x, w, b))))
+    for a, e, name in zip(*results, GRAD_NAMES):
+        assert_close_scaled(a, e, 10 * RTOL[dtype], name)
+    # The ops called directly with every tensor requiring grad, grad mode on.
+    g, w = leaf(results[0][0].detach()), leaf(w0)
+    conf = ([1, 1], [kernel // 2] * 2, [1, 1], 1)
+    gx = ops.conv2d_input_backward(g, w, list(x0.shape), *conf)
+    assert gx.requires_grad
+    assert_close_scaled(gx, torch.nn.grad.conv2d_input(x0.shape, w0, g.detach(), *conf), 10 * RTOL[dtype])
+    gw = ops.conv2d_weight_backward(g, leaf(x0), list(w0.shape), *conf)
+    assert_close_scaled(gw, torch.nn.grad.conv2d_weight(x0, w0.shape, g.detach(), *conf), 10 * RTOL[dtype])
 
 
 def test_no_grad_output_has_no_graph():
