@@ -484,7 +484,7 @@ def test_grad_weight_memory_format(x_layout, w_layout):
 
 @pytest.mark.parametrize("x_layout", ["contiguous", "channels_last"])
 def test_grad_input_memory_format_pointwise(x_layout):
-    """1x1 kernels allocate grad_input with at::empty, which keeps the layout."""
+    """1x1 kernels take a backward path of their own: grad_input keeps the layout there too."""
     x0, w0 = torch.randn(2, 8, 5, 6, dtype=torch.float64), torch.randn(6, 8, 1, 1, dtype=torch.float64)
     grads = []
     for f in (conv2d, F.conv2d):
