@@ -22,8 +22,9 @@ namespace cnnext {
 namespace cpu {
 namespace {
 
-// Column buffer elements a work item aims for: about 1 MiB of floats.
-constexpr int64_t kColBudget = int64_t(1) << 18;
+// Column buffer elements a work item aims for: about 4 MiB of floats. Bands of one
+// sample are made equal, so no band is a sliver.
+constexpr int64_t kColBudget = int64_t(1) << 20;
 
 struct Bands {
   int64_t rows;   // output rows per band
@@ -32,8 +33,10 @@ struct Bands {
 
 Bands bands_for(const Conv2dParams& p) {
   const int64_t per_row = std::max<int64_t>(1, p.in_per_group() * p.KH * p.KW * p.OW);
-  const int64_t rows = std::clamp<int64_t>(kColBudget / per_row, 1, std::max<int64_t>(p.OH, 1));
-  return {rows, (p.OH + rows - 1) / rows};
+  const int64_t OH = std::max<int64_t>(p.OH, 1);
+  const int64_t count = std::clamp<int64_t>((per_row * OH + kColBudget - 1) / kColBudget, 1, OH);
+  const int64_t rows = (OH + count - 1) / count;
+  return {rows, (OH + rows - 1) / rows};
 }
 
 // A 1x1, stride-1, unpadded convolution reads its input as the column matrix itself.

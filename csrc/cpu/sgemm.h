@@ -13,7 +13,7 @@ namespace cnnext {
 namespace cpu {
 namespace sgemm {
 
-constexpr int64_t kMR = 12;
+constexpr int64_t kMR = 8;
 constexpr int64_t kNR = 32;
 
 inline int64_t packed_a_size(int64_t M, int64_t K) { return (M + kMR - 1) / kMR * kMR * K; }
