@@ -117,25 +117,40 @@ void col2im_add(const T* col, const Conv2dParams& p, int64_t Cg, int64_t oh0, in
   }
 }
 
+// Scratch memory of the calling thread, kept between calls and grown as needed:
+// buffers of megabytes allocated afresh on every call cost page faults comparable to
+// the arithmetic of a small layer. Slot 0 holds per-item buffers, slot 1 packed weights.
+float* thread_scratch(int slot, int64_t elems, int64_t elem_size = sizeof(float)) {
+  thread_local std::vector<char> mem[2];
+  std::vector<char>& m = mem[slot];
+  const size_t bytes = size_t(elems) * size_t(elem_size) + 64;
+  if (m.size() < bytes) m.resize(bytes);
+  const uintptr_t p = reinterpret_cast<uintptr_t>(m.data());
+  return reinterpret_cast<float*>((p + 63) & ~uintptr_t(63));
+}
+
+at::Tensor scratch_tensor(int slot, int64_t elems, const at::Tensor& like) {
+  return at::from_blob(thread_scratch(slot, elems, like.element_size()), {elems}, like.options());
+}
+
 // Runs fn(item, buffer) over items; in parallel with a buffer per thread when there
 // are several items, else once with the matrix multiply free to use every core.
 template <typename Fn>
 void for_each_item(int64_t items, const at::Tensor& like, int64_t buf_elems, const Fn& fn) {
   if (items == 0) return;
   if (items == 1 || at::get_num_threads() == 1) {
-    at::Tensor buf = at::empty({buf_elems}, like.options());
+    at::Tensor buf = scratch_tensor(0, buf_elems, like);
     for (int64_t i = 0; i < items; ++i) fn(i, buf);
     return;
   }
   at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
     // Worker threads do not inherit the caller's dispatch state: keep the at:: calls
-    // below (the buffer, at::mm) out of autograd, as they are on the calling thread.
+    // below (at::mm) out of autograd, as they are on the calling thread.
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    at::Tensor buf = at::empty({buf_elems}, like.options());
+    at::Tensor buf = scratch_tensor(0, buf_elems, like);
     for (int64_t i = begin; i < end; ++i) fn(i, buf);
   });
 }
-
 
 // Thin groups (depthwise and the like: few channels in and out per group) make
 // matrices too small for a GEMM to pay; these direct loops compute them instead.
@@ -288,15 +303,14 @@ void forward_sgemm(const at::Tensor& input, const at::Tensor& w, const float* bi
                    at::Tensor& out, const Conv2dParams& p) {
   const int64_t Cg = p.in_per_group(), Og = p.out_per_group(), K = Cg * p.KH * p.KW;
   const int64_t a_size = sgemm::packed_a_size(Og, K);
-  at::Tensor apack = at::empty({p.G, a_size}, w.options());
+  float* apack = thread_scratch(1, p.G * a_size);
   for (int64_t g = 0; g < p.G; ++g)
-    sgemm::pack_a(w.const_data_ptr<float>() + g * Og * K, K, 1, Og, K,
-                  apack.mutable_data_ptr<float>() + g * a_size);
+    sgemm::pack_a(w.const_data_ptr<float>() + g * Og * K, K, 1, Og, K, apack + g * a_size);
   const Bands bands = bands_for(p);
   const Strides4 xs = strides_of(input), ys = strides_of(out);
   const float* x = input.const_data_ptr<float>();
   float* y = out.mutable_data_ptr<float>();
-  const float* ap = apack.const_data_ptr<float>();
+  const float* ap = apack;
   for_each_item(p.N * bands.count, input, sgemm::packed_b_size(K, bands.rows * p.OW),
                 [&](int64_t item, at::Tensor& buf) {
     const int64_t n = item / bands.count;
@@ -318,17 +332,16 @@ void input_backward_sgemm(const at::Tensor& gy_t, const at::Tensor& w, at::Tenso
                           const Conv2dParams& p) {
   const int64_t Cg = p.in_per_group(), Og = p.out_per_group(), K = Cg * p.KH * p.KW;
   const int64_t a_size = sgemm::packed_a_size(K, Og);
-  at::Tensor apack = at::empty({p.G, a_size}, w.options());
+  float* apack = thread_scratch(1, p.G * a_size);
   for (int64_t g = 0; g < p.G; ++g)  // A = W_g^T: element (k, o) at w[g][o][k]
-    sgemm::pack_a(w.const_data_ptr<float>() + g * Og * K, 1, K, K, Og,
-                  apack.mutable_data_ptr<float>() + g * a_size);
+    sgemm::pack_a(w.const_data_ptr<float>() + g * Og * K, 1, K, K, Og, apack + g * a_size);
   const Bands bands = bands_for(p);
   const int64_t Lmax = bands.rows * p.OW;
   const int64_t b_size = sgemm::packed_b_size(Og, Lmax);
   const Strides4 gs = strides_of(gy_t), xs = strides_of(gx);
   const float* gy = gy_t.const_data_ptr<float>();
   float* gxp = gx.mutable_data_ptr<float>();
-  const float* ap = apack.const_data_ptr<float>();
+  const float* ap = apack;
   // One item per sample: the bands of a sample overlap in the input they add to.
   for_each_item(p.N, gy_t, b_size + K * Lmax, [&](int64_t n, at::Tensor& buf) {
     float* bp = buf.mutable_data_ptr<float>();
