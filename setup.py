@@ -24,6 +24,9 @@ def decide_cuda():
     if flag("CNNEXT_CPU_ONLY"):
         return False, "CNNEXT_CPU_ONLY=1"
     if flag("FORCE_CUDA"):
+        if torch.version.cuda is None:
+            sys.exit(f"cnnext: FORCE_CUDA=1 needs a CUDA build of torch to link against; torch {torch.__version__} is CPU-only "
+                     "(the CUDA sources alone compile without one: bash scripts/nvcc_check.sh)")
         if CUDA_HOME is None:
             sys.exit("cnnext: FORCE_CUDA=1 but no CUDA toolkit was found (set CUDA_HOME or put nvcc on PATH)")
         return True, f"FORCE_CUDA=1, CUDA toolkit at {CUDA_HOME}"
