@@ -10,87 +10,16 @@
 
 #include "ops/checks.h"
 #include "ops/conv2d.h"
+#include "ops/conv2d_common.h"
 
 namespace cnnext {
 namespace {
-
-[[noreturn]] void no_cuda(const char* op) {
-  TORCH_CHECK(false, op,
-              ": got CUDA tensors, but this cnnext build has no CUDA kernels "
-              "(cnnext.build_info()['cuda'] is False). Rebuild with a CUDA build of torch and "
-              "nvcc on PATH, e.g. FORCE_CUDA=1 pip install --no-build-isolation .");
-}
-
-// Accepts (C, H, W) as a batch of one; returns the 4-D view and whether it was batched.
-std::pair<at::Tensor, bool> as_batch(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK(t.dim() == 3 || t.dim() == 4, op, ": expected ", name,
-              " to be 3-D (C, H, W) or 4-D (N, C, H, W), got ", t.dim(), "-D tensor of shape ",
-              shape_str(t.sizes()));
-  return {t.dim() == 3 ? t.unsqueeze(0) : t, t.dim() == 4};
-}
-
-// Checks every size and hyper-parameter and fills the kernel parameters.
-// in: (N, C, H, W); w: (O, C / groups, KH, KW).
-Conv2dParams make_params(const char* op, at::IntArrayRef in, at::IntArrayRef w,
-                         at::IntArrayRef stride, at::IntArrayRef padding,
-                         at::IntArrayRef dilation, int64_t groups) {
-  TORCH_CHECK(w.size() == 4, op,
-              ": expected weight to be 4-D (out_channels, in_channels / groups, kH, kW), got ",
-              w.size(), "-D tensor of shape ", shape_str(w));
-  check_pair(op, "stride", stride, 1);
-  check_pair(op, "padding", padding, 0);
-  check_pair(op, "dilation", dilation, 1);
-  TORCH_CHECK(groups >= 1, op, ": expected groups to be at least 1, got ", groups);
-  for (int64_t s : in) TORCH_CHECK(s >= 0, op, ": negative input size ", shape_str(in));
-
-  Conv2dParams p{};
-  p.N = in[0]; p.C = in[1]; p.H = in[2]; p.W = in[3];
-  p.O = w[0]; p.KH = w[2]; p.KW = w[3];
-  p.SH = stride[0]; p.SW = stride[1];
-  p.PH = padding[0]; p.PW = padding[1];
-  p.DH = dilation[0]; p.DW = dilation[1];
-  p.G = groups;
-
-  TORCH_CHECK(p.O >= 1 && p.KH >= 1 && p.KW >= 1, op,
-              ": expected weight to have at least one output channel and a non-empty kernel, "
-              "got weight of shape ", shape_str(w));
-  TORCH_CHECK(p.O % groups == 0, op, ": expected out_channels (weight.size(0) = ", p.O,
-              ") to be divisible by groups = ", groups);
-  TORCH_CHECK(p.C % groups == 0, op, ": expected in_channels (input.size(1) = ", p.C,
-              ") to be divisible by groups = ", groups);
-  TORCH_CHECK(w[1] * groups == p.C, op, ": expected weight to have ", p.C / groups,
-              " input channels per group (input has ", p.C, " channels, groups=", groups,
-              "), got ", w[1], " (weight of shape ", shape_str(w), ")");
-  TORCH_CHECK(p.H > 0 && p.W > 0, op, ": expected input to have non-zero height and width, got ",
-              "input of shape ", shape_str(in));
-  TORCH_CHECK(conv_kernel_fits(p.H, p.KH, p.PH, p.DH) && conv_kernel_fits(p.W, p.KW, p.PW, p.DW),
-              op, ": expected the dilated kernel (", conv_dilated_kernel(p.KH, p.DH), " x ",
-              conv_dilated_kernel(p.KW, p.DW), ", kernel ", p.KH, " x ", p.KW, ", dilation ",
-              shape_str(dilation), ") to fit in the padded input (", p.H + 2 * p.PH, " x ",
-              p.W + 2 * p.PW, ", input ", p.H, " x ", p.W, ", padding ", shape_str(padding), ")");
-  p.OH = conv_out_size(p.H, p.KH, p.SH, p.PH, p.DH);
-  p.OW = conv_out_size(p.W, p.KW, p.SW, p.PW, p.DW);
-  return p;
-}
 
 void check_grad_output(const char* op, const Conv2dParams& p, const at::Tensor& g) {
   const std::vector<int64_t> want{p.N, p.O, p.OH, p.OW};
   TORCH_CHECK(g.sizes() == at::IntArrayRef(want), op, ": expected grad_output of shape ",
               shape_str(want), ", got ", shape_str(g.sizes()));
 }
-
-// Output layout: channels_last when an operand is channels_last-contiguous and not
-// also plain contiguous (cnnext/_shapes.py states the same rule for fake kernels).
-// Unbatched input counts only through the weight, as in torch.
-at::MemoryFormat layout_of(std::initializer_list<at::Tensor> operands) {
-  for (const at::Tensor& t : operands) {
-    if (t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast) && !t.is_contiguous())
-      return at::MemoryFormat::ChannelsLast;
-  }
-  return at::MemoryFormat::Contiguous;
-}
-
-at::Tensor unbatch(const at::Tensor& t, bool batched) { return batched ? t : t.squeeze(0); }
 
 at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight,
                   const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
