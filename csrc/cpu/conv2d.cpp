@@ -568,5 +568,28 @@ at::Tensor channel_sum(const at::Tensor& t) {
   return out;
 }
 
+void add_channel_bias_(at::Tensor& out, const at::Tensor& bias) {
+  const int64_t N = out.size(0), C = out.size(1), H = out.size(2), W = out.size(3);
+  if (out.numel() == 0) return;
+  const at::Tensor b = bias.contiguous();
+  const Strides4 s = strides_of(out);
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "cnnext_add_channel_bias", [&] {
+    scalar_t* y = out.mutable_data_ptr<scalar_t>();
+    const scalar_t* bp = b.const_data_ptr<scalar_t>();
+    // One (n, c) plane per item: each element is written by one thread.
+    at::parallel_for(0, N * C, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t item = b0; item < b1; ++item) {
+        const int64_t n = item / C, c = item % C;
+        const scalar_t v = bp[c];
+        scalar_t* plane = y + n * s.n + c * s.c;
+        for (int64_t h = 0; h < H; ++h) {
+          scalar_t* row = plane + h * s.h;
+          for (int64_t w = 0; w < W; ++w) row[w * s.w] += v;
+        }
+      }
+    });
+  });
+}
+
 }  // namespace cpu
 }  // namespace cnnext

@@ -9,6 +9,8 @@
 //   weight backward  one block per grad_weight element: a block reduction over the
 //                    (n, oh, ow) positions whose tap lands on real input.
 //   channel_sum      one block per channel: a block reduction over (n, h, w).
+//   add_channel_bias one thread per element: t[n, c, h, w] += bias[c] (the bias of the
+//                    transposed convolution, whose main part is input backward).
 //
 // Every sum is taken in a fixed order, so results are bitwise reproducible.
 #include <cuda_bf16.h>
@@ -175,6 +177,17 @@ CNNEXT_HD typename AccType<T>::type channel_sum_partial(const T* __restrict__ t,
   return acc;
 }
 
+// Adds bias[c] to element i (linear index in kChannelsLast order) of t (N, C, H, W).
+template <typename T, bool kChannelsLast>
+CNNEXT_HD void add_bias_element(T* __restrict__ t, int64_t C, int64_t H, int64_t W,
+                                const Strides4& ts, const T* __restrict__ bias, int64_t i) {
+  using Acc = AccType<T>;
+  int64_t n, c, h, w;
+  unravel<kChannelsLast>(i, C, H, W, &n, &c, &h, &w);
+  T* e = t + n * ts.n + c * ts.c + h * ts.h + w * ts.w;
+  *e = Acc::from(Acc::to(*e) + Acc::to(bias[c]));
+}
+
 template <typename T, bool kChannelsLast>
 __global__ void __launch_bounds__(kThreads)
     conv2d_forward_kernel(const Conv2dParams p, const T* __restrict__ x, const Strides4 xs,
@@ -216,6 +229,14 @@ __global__ void __launch_bounds__(kThreads)
     const auto acc = block_sum(channel_sum_partial<T>(t, N, H, W, ts, c, threadIdx.x, blockDim.x));
     if (threadIdx.x == 0) out[c] = AccType<T>::from(acc);
   }
+}
+
+template <typename T, bool kChannelsLast>
+__global__ void __launch_bounds__(kThreads)
+    add_channel_bias_kernel(T* __restrict__ t, const int64_t C, const int64_t H, const int64_t W,
+                            const Strides4 ts, const T* __restrict__ bias, const int64_t total) {
+  for (int64_t i = grid_first(); i < total; i += grid_step())
+    add_bias_element<T, kChannelsLast>(t, C, H, W, ts, bias, i);
 }
 
 }  // namespace
@@ -285,6 +306,26 @@ cudaError_t channel_sum(DType dt, const void* t, int64_t N, int64_t C, int64_t H
     using T = decltype(tag);
     channel_sum_kernel<T><<<grid_size(C, 1), kThreads, 0, stream>>>(
         static_cast<const T*>(t), N, C, H, W, ts, static_cast<T*>(out));
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t add_channel_bias(DType dt, void* t, int64_t N, int64_t C, int64_t H, int64_t W,
+                             Strides4 ts, const void* bias, cudaStream_t stream) {
+  const int64_t total = N * C * H * W;
+  if (total == 0) return cudaSuccess;
+  const bool cl = channels_fastest(ts);
+  return dispatch_dtype(dt, [&](auto tag) {
+    using T = decltype(tag);
+    T* tp = static_cast<T*>(t);
+    const T* bp = static_cast<const T*>(bias);
+    if (cl) {
+      add_channel_bias_kernel<T, true>
+          <<<grid_size(total), kThreads, 0, stream>>>(tp, C, H, W, ts, bp, total);
+    } else {
+      add_channel_bias_kernel<T, false>
+          <<<grid_size(total), kThreads, 0, stream>>>(tp, C, H, W, ts, bp, total);
+    }
     return cudaGetLastError();
   });
 }

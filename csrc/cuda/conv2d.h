@@ -45,6 +45,11 @@ cudaError_t conv2d_weight_backward(const Conv2dParams& p, DType dt, const void* 
 cudaError_t channel_sum(DType dt, const void* t, int64_t N, int64_t C, int64_t H, int64_t W,
                         Strides4 ts, void* out, cudaStream_t stream);
 
+// t (N, C, H, W), strides ts: t[n, c, h, w] += bias[c], in place; bias contiguous (C,).
+// One thread per element (each written once), so it is deterministic too.
+cudaError_t add_channel_bias(DType dt, void* t, int64_t N, int64_t C, int64_t H, int64_t W,
+                             Strides4 ts, const void* bias, cudaStream_t stream);
+
 }  // namespace kernels
 }  // namespace cuda
 }  // namespace cnnext

@@ -68,5 +68,15 @@ at::Tensor channel_sum(const at::Tensor& t) {
   return out;
 }
 
+void add_channel_bias_(at::Tensor& out, const at::Tensor& bias) {
+  if (out.numel() == 0) return;
+  const c10::cuda::CUDAGuard guard(out.device());
+  const at::Tensor b = bias.contiguous();
+  C10_CUDA_CHECK(kernels::add_channel_bias(dtype_of(out), out.mutable_data_ptr(), out.size(0),
+                                           out.size(1), out.size(2), out.size(3),
+                                           strides_of(out), b.const_data_ptr(),
+                                           current_stream()));
+}
+
 }  // namespace cuda
 }  // namespace cnnext

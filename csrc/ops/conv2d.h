@@ -17,7 +17,9 @@ namespace cnnext {
                                    const Conv2dParams& p, at::MemoryFormat out_format);       \
   at::Tensor conv2d_weight_backward(const at::Tensor& grad_output, const at::Tensor& input,   \
                                     const Conv2dParams& p);                                   \
-  at::Tensor channel_sum(const at::Tensor& t);
+  at::Tensor channel_sum(const at::Tensor& t);                                                \
+  /* out[n, c, h, w] += bias[c], in place, through out's strides; bias 1-D of size C. */      \
+  void add_channel_bias_(at::Tensor& out, const at::Tensor& bias);
 
 namespace cpu {
 CNNEXT_CONV2D_BACKEND_DECLS
