@@ -1,7 +1,7 @@
 """Fake (meta) kernels: output metadata of each op, for torch.compile and opcheck."""
 import torch
 
-from ._shapes import conv_out_size, prefers_channels_last
+from ._shapes import conv_out_size, conv_transpose_out_size, prefers_channels_last
 
 
 def _empty_like_layout(ref, shape, *layout_from):
@@ -40,3 +40,14 @@ def _conv2d_weight_backward_fake(grad_output, input, weight_size, stride, paddin
 @torch.library.register_fake("cnnext::channel_sum")
 def _channel_sum_fake(input):
     return input.new_empty((input.shape[1 if input.dim() == 4 else 0],))
+
+
+@torch.library.register_fake("cnnext::conv_transpose2d")
+def _conv_transpose2d_fake(input, weight, bias, stride, padding, output_padding, groups, dilation):
+    x = _batched(input)
+    n, _, h, w = x.shape
+    oh = conv_transpose_out_size(h, weight.shape[2], stride[0], padding[0], dilation[0], output_padding[0])
+    ow = conv_transpose_out_size(w, weight.shape[3], stride[1], padding[1], dilation[1], output_padding[1])
+    shape = (n, weight.shape[1] * groups, oh, ow)
+    out = _empty_like_layout(input, shape, *((x, weight) if input.dim() == 4 else (weight,)))
+    return out if input.dim() == 4 else out.squeeze(0)

@@ -11,6 +11,11 @@ def conv_out_size(size, kernel, stride, padding, dilation):
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
+def conv_transpose_out_size(size, kernel, stride, padding, dilation, output_padding):
+    """Output length of a transposed convolution (conv_transpose_out_size in csrc/common/conv2d.h)."""
+    return (size - 1) * stride - 2 * padding + dilation * (kernel - 1) + output_padding + 1
+
+
 def prefers_channels_last(*tensors):
     """The layout rule of csrc/ops (layout_of): channels_last output when any 4-D
     operand is channels_last-contiguous without also being plain contiguous. Callers

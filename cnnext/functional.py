@@ -7,7 +7,7 @@ import numbers
 
 import torch
 
-__all__ = ["conv2d"]
+__all__ = ["conv2d", "conv_transpose2d"]
 
 _ops = torch.ops.cnnext
 
@@ -74,6 +74,25 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     if drop[0] or drop[1]:
         out = _drop_first(out, drop)
     return out
+
+
+def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
+    """2-D transposed convolution, as :func:`torch.nn.functional.conv_transpose2d`.
+
+    input: (N, C, H, W) or unbatched (C, H, W); weight: (C, out_channels / groups, kH, kW);
+    bias: (out_channels,) or None; stride, padding, output_padding, dilation: int or pair;
+    groups: int. The output is (N, out_channels, H_out, W_out) with
+    H_out = (H - 1) * stride - 2 * padding + dilation * (kH - 1) + output_padding + 1.
+    float32/float64 on CPU, plus float16/bfloat16 on CUDA.
+    """
+    op = "conv_transpose2d"
+    stride = _pair(stride, "stride", op)
+    padding = _pair(padding, "padding", op)
+    output_padding = _pair(output_padding, "output_padding", op)
+    dilation = _pair(dilation, "dilation", op)
+    if not isinstance(groups, (numbers.Integral, torch.SymInt)) or isinstance(groups, bool):
+        raise TypeError(f"{op}: expected groups to be an int, got {groups!r}")
+    return _ops.conv_transpose2d(input, weight, bias, stride, padding, output_padding, int(groups), dilation)
 
 
 def _drop_first(out, drop):

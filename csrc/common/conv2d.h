@@ -36,6 +36,14 @@ CNNEXT_HD int64_t conv_out_size(int64_t in, int64_t k, int64_t s, int64_t p, int
   return (in + 2 * p - conv_dilated_kernel(k, d)) / s + 1;
 }
 
+// Output length of a transposed convolution along one dimension (the input length
+// of the conv2d it is the adjoint of, lengthened by output_padding). May be < 1 for
+// arguments the checks reject.
+CNNEXT_HD int64_t conv_transpose_out_size(int64_t in, int64_t k, int64_t s, int64_t p, int64_t d,
+                                          int64_t output_padding) {
+  return (in - 1) * s - 2 * p + conv_dilated_kernel(k, d) + output_padding;
+}
+
 CNNEXT_HD bool conv_kernel_fits(int64_t in, int64_t k, int64_t p, int64_t d) {
   return in + 2 * p >= conv_dilated_kernel(k, d);
 }

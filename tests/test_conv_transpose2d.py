@@ -1,0 +1,593 @@
+"""cnnext.functional.conv_transpose2d, torch.ops.cnnext.conv_transpose2d and
+cnnext.nn.ConvTranspose2d against torch.nn.functional.conv_transpose2d / torch.nn.ConvTranspose2d."""
+import io
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import cnnext
+from cnnext.functional import conv_transpose2d
+from conftest import LAYOUTS, assert_close_scaled, examples, is_channels_last, leaf, to_layout
+
+ops = torch.ops.cnnext
+RTOL = {torch.float64: 1e-12, torch.float32: 1e-5}
+
+
+def pair(v):
+    return list(v) if isinstance(v, (tuple, list)) else [v, v]
+
+
+# --------------------------------------------------------------------------------------------
+# float64 gradcheck / gradgradcheck grid
+# --------------------------------------------------------------------------------------------
+
+# (input shape, weight shape (C_in, C_out / groups, kH, kW), bias, stride, padding,
+#  output_padding, dilation, groups, input layout)
+GRID = {
+    "basic": ((2, 3, 4, 5), (3, 4, 3, 3), True, 1, 0, 0, 1, 1, "contiguous"),
+    "no_bias": ((2, 3, 4, 5), (3, 4, 3, 3), False, 1, 0, 0, 1, 1, "contiguous"),
+    "stride2_pad1": ((2, 3, 4, 3), (3, 2, 3, 3), True, 2, 1, 0, 1, 1, "contiguous"),
+    "stride2_output_padding1": ((1, 2, 3, 4), (2, 3, 3, 3), True, 2, 1, 1, 1, 1, "contiguous"),
+    "doubling_k4_s2_p1": ((1, 3, 4, 4), (3, 2, 4, 4), True, 2, 1, 0, 1, 1, "contiguous"),
+    "rect_kernel_rect_args": ((1, 2, 4, 5), (2, 3, 2, 3), True, (2, 1), (1, 2), (1, 0), 1, 1, "contiguous"),
+    "stride3_output_padding2": ((1, 2, 3, 3), (2, 2, 2, 3), False, 3, 0, (2, 1), 1, 1, "contiguous"),
+    "dilation2": ((2, 2, 4, 4), (2, 3, 3, 3), True, 1, 2, 0, 2, 1, "contiguous"),
+    # output_padding >= stride, allowed because it is below the dilation
+    "output_padding_below_dilation": ((1, 2, 4, 3), (2, 2, 3, 2), True, 1, 1, (1, 2), (2, 3), 1, "contiguous"),
+    "output_padding_below_dilation_strided": ((1, 2, 3, 4), (2, 2, 2, 2), True, (2, 1), 0, (2, 1), 3, 1,
+                                              "contiguous"),
+    "groups2": ((2, 4, 3, 4), (4, 3, 3, 3), True, 1, 1, 0, 1, 2, "contiguous"),
+    "groups2_strided": ((1, 4, 4, 3), (4, 2, 3, 2), False, 2, (1, 0), (1, 0), (1, 2), 2, "contiguous"),
+    "depthwise": ((2, 3, 4, 4), (3, 1, 3, 3), True, 1, 1, 0, 1, 3, "contiguous"),
+    "depthwise_multiplier_strided": ((1, 3, 4, 3), (3, 2, 3, 3), True, 2, 1, 1, 1, 3, "contiguous"),
+    "pointwise": ((2, 4, 3, 3), (4, 3, 1, 1), True, 1, 0, 0, 1, 1, "contiguous"),
+    "pointwise_strided": ((2, 4, 3, 3), (4, 3, 1, 1), True, 2, 0, 1, 1, 1, "contiguous"),
+    "padding_eats_output": ((1, 2, 5, 5), (2, 2, 3, 3), True, 1, 2, 0, 1, 1, "contiguous"),
+    "unbatched": ((3, 4, 3), (3, 4, 3, 2), True, (2, 1), 1, (1, 0), 1, 1, "contiguous"),
+    "unbatched_groups": ((4, 3, 3), (4, 1, 2, 2), False, 2, 0, 0, 1, 2, "contiguous"),
+    "channels_last": ((2, 3, 4, 3), (3, 4, 3, 3), True, (2, 1), 1, (1, 0), 1, 1, "channels_last"),
+    "channels_last_depthwise": ((2, 4, 3, 3), (4, 1, 3, 3), True, 2, 1, 1, 1, 4, "channels_last"),
+    "sliced": ((2, 3, 4, 3), (3, 2, 3, 3), True, 2, 1, 1, (2, 1), 1, "sliced"),
+    "permuted": ((1, 2, 4, 5), (2, 2, 3, 3), True, 1, 1, 0, 1, 1, "permuted"),
+}
+
+
+def grid_inputs(case):
+    xshape, wshape, bias, stride, padding, output_padding, dilation, groups, layout = GRID[case]
+    x = leaf(torch.randn(xshape, dtype=torch.float64), layout)
+    w = leaf(torch.randn(wshape, dtype=torch.float64))
+    tensors = (x, w, leaf(torch.randn(wshape[1] * groups, dtype=torch.float64))) if bias else (x, w)
+    return tensors, dict(stride=stride, padding=padding, output_padding=output_padding, groups=groups,
+                         dilation=dilation)
+
+
+@pytest.mark.usefixtures("single_thread")
+@pytest.mark.parametrize("case", GRID)
+def test_gradcheck(case):
+    tensors, kw = grid_inputs(case)
+    fn = lambda *t: conv_transpose2d(*t, **kw)  # noqa: E731
+    torch.testing.assert_close(fn(*tensors), F.conv_transpose2d(*tensors, **kw), rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(fn, tensors)
+
+
+@pytest.mark.usefixtures("single_thread")
+@pytest.mark.parametrize("case", GRID)
+def test_gradgradcheck(case):
+    tensors, kw = grid_inputs(case)
+    fn = lambda *t: conv_transpose2d(*t, **kw)  # noqa: E731
+    assert torch.autograd.gradgradcheck(fn, tensors)
+
+
+def test_double_backward_matches_torch():
+    """Gradient of a gradient norm (gradient-penalty training) equals torch's."""
+    x0 = torch.randn(2, 4, 5, 4, dtype=torch.float64)
+    w0 = torch.randn(4, 3, 3, 2, dtype=torch.float64)
+    b0 = torch.randn(6, dtype=torch.float64)
+    results = []
+    for f in (conv_transpose2d, F.conv_transpose2d):
+        x, w, b = leaf(x0, "channels_last"), leaf(w0), leaf(b0)
+        y = f(x, w, b, stride=(2, 1), padding=1, output_padding=(1, 0), groups=2, dilation=(1, 2))
+        gx, gw = torch.autograd.grad(y.pow(2).sum(), (x, w), create_graph=True)
+        penalty = gx.pow(2).sum() + gw.pow(3).sum()
+        results.append(torch.autograd.grad(penalty, (x, w, b)))
+    for ours, ref, name in zip(*results, "xwb"):
+        assert_close_scaled(ours, ref, 1e-11, name)
+
+
+# --------------------------------------------------------------------------------------------
+# Random configurations: parity with torch.nn.functional.conv_transpose2d
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class Conf:
+    xshape: tuple
+    wshape: tuple
+    bias: bool
+    stride: object
+    padding: object
+    output_padding: object
+    dilation: object
+    groups: int
+    x_layout: str
+    w_layout: str
+    g_layout: str
+    seed: int
+
+    def kwargs(self):
+        return dict(stride=self.stride, padding=self.padding, output_padding=self.output_padding,
+                    groups=self.groups, dilation=self.dilation)
+
+
+def _as_arg(draw, values):
+    """A pair as torch takes it: an int when both are equal (sometimes), a tuple or a list."""
+    if values[0] == values[1] and draw(st.booleans()):
+        return values[0]
+    return draw(st.sampled_from([tuple, list]))(values)
+
+
+@st.composite
+def conv_transpose_confs(draw, batch=st.sampled_from([0, 1, 2, 3, None])):
+    # Channels per group on both sides of the CPU backend's switch between direct loops
+    # (thin groups) and im2col + GEMM; "deep" reaches past the float32 sgemm's tiles.
+    kind = draw(st.sampled_from(["plain", "plain", "plain", "groups", "depthwise", "deep"]))
+    if kind == "deep":
+        groups, cg, og = draw(st.integers(1, 2)), draw(st.integers(13, 30)), draw(st.integers(8, 20))
+    elif kind == "plain":
+        groups, cg, og = 1, draw(st.integers(1, 6)), draw(st.integers(1, 6))
+    elif kind == "groups":
+        groups, cg, og = draw(st.integers(2, 3)), draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    else:
+        groups, cg, og = draw(st.integers(2, 5)), 1, draw(st.integers(1, 2))
+    pointwise = draw(st.integers(0, 4)) == 0
+    kernel = [1, 1] if pointwise else [draw(st.integers(1, 4)), draw(st.integers(1, 4))]
+    stride = [draw(st.integers(1, 3)), draw(st.integers(1, 3))]
+    dilation = [draw(st.integers(1, 3)), draw(st.integers(1, 3))]
+    padding = [draw(st.integers(0, 2)), draw(st.integers(0, 2))]
+    # torch's rule: output_padding below the stride or below the dilation, per dim.
+    output_padding = [draw(st.integers(0, max(s, d) - 1)) for s, d in zip(stride, dilation)]
+    # Input sizes from the smallest with a non-empty output up to a few more.
+    spatial = []
+    for k, s, p, d, op in zip(kernel, stride, padding, dilation, output_padding):
+        need = 2 * p - d * (k - 1) - op  # (H - 1) * s must reach it
+        smallest = max(1, -(-need // s) + 1)
+        spatial.append(draw(st.integers(smallest, smallest + 4)))
+    n = draw(batch)
+    xshape = (groups * cg, *spatial) if n is None else (n, groups * cg, *spatial)
+    return Conf(
+        xshape=xshape,
+        wshape=(groups * cg, og, *kernel),
+        bias=draw(st.booleans()),
+        stride=_as_arg(draw, stride),
+        padding=_as_arg(draw, padding),
+        output_padding=_as_arg(draw, output_padding),
+        dilation=_as_arg(draw, dilation),
+        groups=groups,
+        x_layout=draw(st.sampled_from(LAYOUTS)),
+        w_layout=draw(st.sampled_from(["contiguous", "contiguous", "channels_last", "sliced", "offset"])),
+        g_layout=draw(st.sampled_from(LAYOUTS + ("expanded",))),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+GRAD_NAMES = ["output", "grad_input", "grad_weight", "grad_bias"]
+
+
+def _torch_float64(x, w, b, go, kwargs):
+    """Output and gradients of F.conv_transpose2d in float64 on contiguous copies (torch's
+    own CPU convolutions have layout bugs that must not turn into false alarms here)."""
+    leaves = [t.detach().double().contiguous().requires_grad_() for t in (x, w) + ((b,) if b is not None else ())]
+    y = F.conv_transpose2d(leaves[0], leaves[1], leaves[2] if b is not None else None, **kwargs)
+    return (y.detach(), *torch.autograd.grad(y, leaves, go.double()))
+
+
+def run_both(c, dtype):
+    """cnnext's output and gradients, torch's float64 ones from the same values (the
+    reference) and from their absolute values (the magnitude of the terms summed)."""
+    gen = torch.Generator().manual_seed(c.seed)
+    x = torch.randn(c.xshape, dtype=dtype, generator=gen)
+    w = torch.randn(c.wshape, dtype=dtype, generator=gen)
+    b = torch.randn(c.wshape[1] * c.groups, dtype=dtype, generator=gen) if c.bias else None
+    inputs = (leaf(x, c.x_layout), leaf(w, c.w_layout)) + ((leaf(b),) if c.bias else ())
+    out = conv_transpose2d(inputs[0], inputs[1], inputs[2] if c.bias else None, **c.kwargs())
+    if c.g_layout == "expanded":
+        go = torch.randn((), dtype=dtype, generator=gen).expand(out.shape)
+    else:
+        go = to_layout(torch.randn(out.shape, dtype=dtype, generator=gen), c.g_layout)
+    ours = (out, *torch.autograd.grad(out, inputs, go))
+    ref = _torch_float64(x, w, b, go, c.kwargs())
+    mag = _torch_float64(x.abs(), w.abs(), b.abs() if c.bias else None, go.abs(), c.kwargs())
+    return ours, ref, mag
+
+
+def assert_matches(ours, ref, mag, rtol, what=""):
+    """Each result within rtol of the largest magnitude of the terms it sums."""
+    for a, e, m, name in zip(ours, ref, mag, GRAD_NAMES):
+        assert a.shape == e.shape, f"{name} {what}: shape {tuple(a.shape)} != {tuple(e.shape)}"
+        if e.numel() == 0:
+            continue
+        bound = rtol * max(m.max().item(), 1e-300)
+        err = (a.double() - e).abs().max().item()
+        assert err <= bound, f"{name} {what}: max abs error {err:.3e} > {bound:.3e}"
+
+
+def check_parity(c, dtype):
+    ours, ref, mag = run_both(c, dtype)
+    assert all(t.dtype == dtype for t in ours)
+    assert_matches(ours, ref, mag, RTOL[dtype], str(c))
+    out = ours[0]
+    assert ours[1].shape == torch.Size(c.xshape)
+    if len(c.xshape) == 4 and c.xshape[0] == 0:
+        assert out.numel() == 0
+        for g in ours[2:]:
+            assert torch.count_nonzero(g) == 0
+    # The output in the layout torch gives it, where the rule is unambiguous (dense
+    # operands without size-1 dims).
+    if out.dim() == 4 and c.x_layout in ("contiguous", "channels_last") and c.w_layout != "sliced" \
+            and min(c.xshape) > 1 and min(c.wshape) > 1 and min(out.shape) > 1:
+        with torch.no_grad():
+            ref_out = F.conv_transpose2d(to_layout(ref[0].new_zeros(c.xshape), c.x_layout),
+                                         to_layout(ref[0].new_zeros(c.wshape), c.w_layout), **c.kwargs())
+        assert out.is_contiguous() == ref_out.is_contiguous()
+        assert is_channels_last(out) == is_channels_last(ref_out)
+
+
+@settings(max_examples=examples(300))
+@given(c=conv_transpose_confs())
+def test_parity_float64(c):
+    check_parity(c, torch.float64)
+
+
+@settings(max_examples=examples(200))
+@given(c=conv_transpose_confs())
+def test_parity_float32(c):
+    check_parity(c, torch.float32)
+
+
+@settings(max_examples=examples(50))
+@given(c=conv_transpose_confs(batch=st.just(0)), dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_parity_empty_batch(c, dtype):
+    check_parity(c, dtype)
+
+
+# Larger than one column band of the CPU backend, several threads, past sgemm's blocking.
+LARGE = {
+    # (input shape, weight shape, stride, padding, output_padding, dilation, groups)
+    "doubling_k4": ((2, 64, 14, 14), (64, 32, 4, 4), 2, 1, 0, 1, 1),
+    "k3_s2_op1": ((2, 48, 13, 12), (48, 40, 3, 3), 2, 1, 1, 1, 1),
+    "grouped_dilated": ((1, 32, 16, 15), (32, 12, 3, 2), (1, 2), (2, 1), (0, 1), (2, 1), 2),
+}
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", LARGE)
+def test_parity_large(case, dtype, layout):
+    xshape, wshape, stride, padding, output_padding, dilation, groups = LARGE[case]
+    c = Conf(xshape, wshape, True, stride, padding, output_padding, dilation, groups, layout, "contiguous",
+             layout, seed=3)
+    assert_matches(*run_both(c, dtype), RTOL[dtype])
+
+
+@pytest.mark.parametrize("needs", ["x", "w", "b", "xw", "xwb"])
+def test_partial_requires_grad(needs):
+    """Only the gradients asked for are computed, and they are right."""
+    x0, w0, b0 = torch.randn(2, 4, 5, 4), torch.randn(4, 3, 3, 3), torch.randn(6)
+    grads = []
+    for f in (conv_transpose2d, F.conv_transpose2d):
+        x, w, b = (t.clone().requires_grad_(name in needs) for t, name in zip((x0, w0, b0), "xwb"))
+        y = f(x, w, b, stride=2, padding=1, output_padding=1, groups=2)
+        y.backward(torch.linspace(-1, 1, y.numel()).view(y.shape))
+        grads.append([t.grad for t in (x, w, b)])
+    for name, ours, ref in zip("xwb", *grads):
+        if name in needs:
+            assert_close_scaled(ours, ref, 1e-5, name)
+        else:
+            assert ours is None and ref is None
+
+
+def test_is_the_adjoint_of_conv2d():
+    """<conv2d(u, w), v> == <u, conv_transpose2d(v, w)> for the output size torch picks."""
+    w = torch.randn(5, 3, 3, 2, dtype=torch.float64)
+    v = torch.randn(2, 5, 4, 6, dtype=torch.float64)
+    conf = dict(stride=(2, 3), padding=(1, 0), dilation=(1, 2))
+    y = conv_transpose2d(v, w, output_padding=(1, 2), **conf)
+    u = torch.randn(y.shape, dtype=torch.float64)
+    lhs = (F.conv2d(u, w, **conf) * v).sum()
+    assert torch.allclose(lhs, (u * y).sum(), rtol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# Module: drop-in for torch.nn.ConvTranspose2d
+# --------------------------------------------------------------------------------------------
+
+MODULE_CONFIGS = {
+    "default": (4, 6, 3, {}),
+    "strided": (4, 6, 3, dict(stride=2, padding=1, output_padding=1)),
+    "rect": (4, 6, (3, 2), dict(stride=(2, 1), padding=(1, 0), dilation=(1, 2))),
+    "groups_no_bias": (4, 6, 3, dict(groups=2, bias=False)),
+    "depthwise": (4, 8, 4, dict(stride=2, padding=1, groups=4)),
+}
+
+
+def make_pair(in_ch, out_ch, kernel, kwargs, seed=0):
+    torch.manual_seed(seed)
+    ours = cnnext.nn.ConvTranspose2d(in_ch, out_ch, kernel, **kwargs)
+    torch.manual_seed(seed)
+    ref = torch.nn.ConvTranspose2d(in_ch, out_ch, kernel, **kwargs)
+    return ours, ref
+
+
+@pytest.mark.parametrize("case", MODULE_CONFIGS)
+def test_module_matches_torch(case):
+    ours, ref = make_pair(*MODULE_CONFIGS[case], seed=11)
+    assert isinstance(ours, torch.nn.ConvTranspose2d) and type(ours) is not torch.nn.ConvTranspose2d
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    for (name, a), (_, b) in zip(ours.named_parameters(), ref.named_parameters()):
+        assert torch.equal(a, b), name  # same initialisation from the same seed
+    assert repr(ours) == repr(ref)
+    for x in (torch.randn(2, 4, 5, 6), torch.randn(4, 5, 6)):
+        xo, xr = leaf(x), leaf(x)
+        yo, yr = ours(xo), ref(xr)
+        assert_close_scaled(yo, yr, 1e-5, "output")
+        yo.square().sum().backward()
+        yr.square().sum().backward()
+        assert_close_scaled(xo.grad, xr.grad, 1e-5, "grad_input")
+    for (name, a), (_, b) in zip(ours.named_parameters(), ref.named_parameters()):
+        assert_close_scaled(a.grad, b.grad, 1e-5, name)
+
+
+@pytest.mark.parametrize("direction", ["torch_to_cnnext", "cnnext_to_torch"])
+def test_module_state_dict_loads_both_ways(direction):
+    ours, ref = make_pair(4, 6, 3, dict(stride=2, padding=1, groups=2), seed=0)
+    src, dst = (ref, ours) if direction == "torch_to_cnnext" else (ours, ref)
+    with torch.no_grad():
+        for p in src.parameters():
+            p.normal_()
+    buf = io.BytesIO()
+    torch.save(src.state_dict(), buf)
+    buf.seek(0)
+    result = dst.load_state_dict(torch.load(buf), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    for (name, a), (_, b) in zip(src.named_parameters(), dst.named_parameters()):
+        assert torch.equal(a, b), name
+    x = torch.randn(2, 4, 5, 5)
+    assert_close_scaled(dst(x), src(x), 1e-5)
+
+
+@pytest.mark.parametrize("output_size", [[9, 9], [10, 10], [9, 10], (2, 6, 10, 9), torch.Size([10, 9])])
+def test_module_output_size(output_size):
+    """forward(input, output_size) picks output_padding as torch.nn.ConvTranspose2d does."""
+    ours, ref = make_pair(4, 6, 3, dict(stride=2, padding=1, groups=2), seed=5)
+    x = torch.randn(2, 4, 5, 5)
+    y = ours(x, output_size=output_size)
+    assert y.shape[-2:] == tuple(output_size)[-2:]
+    assert_close_scaled(y, ref(x, output_size=output_size), 1e-5)
+
+
+def test_module_output_size_unbatched():
+    ours, ref = make_pair(3, 2, (3, 2), dict(stride=(3, 2)), seed=5)
+    x = torch.randn(3, 4, 4)
+    for size in ([12, 9], [14, 8], (2, 13, 9)):
+        assert_close_scaled(ours(x, output_size=size), ref(x, output_size=size), 1e-5, str(size))
+
+
+@pytest.mark.parametrize("output_size", [[8, 9], [11, 9], [9, 11], [9], [1, 2, 3, 4, 5]])
+def test_module_unreachable_output_size_raises(output_size):
+    ours, ref = make_pair(4, 6, 3, dict(stride=2, padding=1), seed=5)
+    x = torch.randn(2, 4, 5, 5)
+    with pytest.raises(ValueError) as ref_info:
+        ref(x, output_size=output_size)
+    with pytest.raises(ValueError, match="output_size must have|requested an output size") as info:
+        ours(x, output_size=output_size)
+    assert str(info.value) == str(ref_info.value)
+
+
+def test_module_padding_mode_rejected_like_torch():
+    with pytest.raises(ValueError, match='Only "zeros" padding mode'):
+        cnnext.nn.ConvTranspose2d(4, 6, 3, padding_mode="reflect")
+
+
+def test_module_double_precision_and_no_grad():
+    ours, ref = make_pair(4, 6, 3, dict(stride=2, output_padding=1), seed=2)
+    ours, ref = ours.double(), ref.double()
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    with torch.no_grad():
+        y = ours(x)
+    assert y.dtype == torch.float64 and not y.requires_grad
+    assert_close_scaled(y, ref(x).detach(), 1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input
+# --------------------------------------------------------------------------------------------
+
+def r(*shape, dtype=torch.float32):
+    return torch.randn(shape).to(dtype)
+
+
+# (args of cnnext.functional.conv_transpose2d: input, weight, bias, stride, padding,
+#  output_padding, groups, dilation; exception type; regex the message must match)
+BAD = {
+    "input_2d": ((r(5, 5), r(3, 2, 1, 1)), RuntimeError,
+                 r"expected input to be 3-D \(C, H, W\) or 4-D \(N, C, H, W\), got 2-D tensor of shape \[5, 5\]"),
+    "input_5d": ((r(1, 1, 3, 5, 5), r(3, 2, 1, 1)), RuntimeError,
+                 r"expected input to be 3-D .* or 4-D .*got 5-D tensor of shape \[1, 1, 3, 5, 5\]"),
+    "weight_3d": ((r(1, 3, 5, 5), r(3, 2, 1)), RuntimeError,
+                  r"expected weight to be 4-D \(in_channels, out_channels / groups, kH, kW\), "
+                  r"got 3-D tensor of shape \[3, 2, 1\]"),
+    "channel_mismatch": ((r(1, 5, 5, 5), r(4, 3, 3, 3)), RuntimeError,
+                         r"expected weight.size\(0\) to be in_channels = 5 \(the input's channels\), got 4 "
+                         r"\(weight of shape \[4, 3, 3, 3\]\)"),
+    "in_channels_not_divisible": ((r(1, 4, 5, 5), r(4, 3, 3, 3), None, 1, 0, 0, 3), RuntimeError,
+                                  r"expected in_channels \(weight.size\(0\) = 4\) to be divisible by groups = 3"),
+    "output_padding_equals_stride": ((r(1, 3, 5, 5), r(3, 2, 3, 3), None, 2, 0, 2), RuntimeError,
+                                     r"expected output_padding to be smaller than either stride or dilation in "
+                                     r"each dim, got output_padding \[2, 2\], stride \[2, 2\], dilation \[1, 1\]"),
+    "output_padding_unstrided": ((r(1, 3, 5, 5), r(3, 2, 3, 3), None, 1, 0, (0, 1)), RuntimeError,
+                                 r"smaller than either stride or dilation in each dim, got output_padding \[0, 1\], "
+                                 r"stride \[1, 1\], dilation \[1, 1\]"),
+    "output_padding_equals_dilation_and_stride": (
+        (r(1, 3, 5, 5), r(3, 2, 3, 3), None, (1, 2), 0, (2, 0), 1, 2), RuntimeError,
+        r"got output_padding \[2, 0\], stride \[1, 2\], dilation \[2, 2\]"),
+    "output_padding_negative": ((r(1, 3, 5, 5), r(3, 2, 3, 3), None, 2, 0, (-1, 0)), RuntimeError,
+                                r"expected output_padding to be non-negative, got \[-1, 0\]"),
+    "padding_negative": ((r(1, 3, 5, 5), r(3, 2, 3, 3), None, 1, (0, -1)), RuntimeError,
+                         r"expected padding to be non-negative, got \[0, -1\]"),
+    "stride_0": ((r(1, 3, 5, 5), r(3, 2, 3, 3), None, 0), RuntimeError,
+                 r"expected stride to be at least 1, got \[0, 0\]"),
+    "stride_negative": ((r(1, 3, 5, 5), r(3, 2, 3, 3), None, (1, -2)), RuntimeError,
+                        r"expected stride to be at least 1, got \[1, -2\]"),
+    "dilation_0": ((r(1, 3, 5, 5), r(3, 2, 3, 3), None, 1, 0, 0, 1, (0, 1)), RuntimeError,
+                   r"expected dilation to be at least 1, got \[0, 1\]"),
+    "groups_0": ((r(1, 3, 5, 5), r(3, 2, 3, 3), None, 1, 0, 0, 0), RuntimeError,
+                 r"expected groups to be at least 1, got 0"),
+    "groups_negative": ((r(1, 3, 5, 5), r(3, 2, 3, 3), None, 1, 0, 0, -1), RuntimeError,
+                        r"expected groups to be at least 1, got -1"),
+    "output_too_small": ((r(1, 3, 1, 1), r(3, 2, 3, 3), None, 1, 2), RuntimeError,
+                         r"expected a non-empty output, got output size -1 x -1 \(input 1 x 1, kernel 3 x 3, "
+                         r"stride \[1, 1\], padding \[2, 2\], output_padding \[0, 0\], dilation \[1, 1\]\)"),
+    "output_empty_one_dim": ((r(1, 3, 2, 4), r(3, 2, 1, 3), None, 1, (1, 0)), RuntimeError,
+                             r"expected a non-empty output, got output size 0 x 6 \(input 2 x 4, kernel 1 x 3,"),
+    "empty_height": ((r(1, 3, 0, 5), r(3, 2, 3, 3)), RuntimeError,
+                     r"expected input to have non-zero height and width, got input of shape \[1, 3, 0, 5\]"),
+    "empty_kernel": ((r(1, 3, 5, 5), r(3, 2, 0, 1)), RuntimeError,
+                     r"non-empty kernel, got weight of shape \[3, 2, 0, 1\]"),
+    "no_out_channels": ((r(1, 3, 5, 5), r(3, 0, 1, 1)), RuntimeError,
+                        r"at least one input and one output channel.*got weight of shape \[3, 0, 1, 1\]"),
+    "weight_dtype": ((r(1, 3, 5, 5), r(3, 2, 1, 1, dtype=torch.float64)), TypeError,
+                     r"expected weight to have the same dtype as input \(Float\), got Double"),
+    "bias_dtype": ((r(1, 3, 5, 5, dtype=torch.float64), r(3, 2, 1, 1, dtype=torch.float64), r(2)), TypeError,
+                   r"expected bias to have the same dtype as input \(Double\), got Float"),
+    "bias_size": ((r(1, 3, 5, 5), r(3, 2, 1, 1), r(3)), RuntimeError,
+                  r"expected bias to be 1-D of size out_channels = 2 \(weight.size\(1\) \* groups\), got shape \[3\]"),
+    "bias_size_groups": ((r(1, 4, 5, 5), r(4, 3, 1, 1), r(3), 1, 0, 0, 2), RuntimeError,
+                         r"expected bias to be 1-D of size out_channels = 6 .*got shape \[3\]"),
+    "bias_2d": ((r(1, 3, 5, 5), r(3, 2, 1, 1), r(1, 2)), RuntimeError,
+                r"expected bias to be 1-D of size out_channels = 2 .*got shape \[1, 2\]"),
+    "float16_cpu": ((r(1, 3, 5, 5, dtype=torch.float16), r(3, 2, 1, 1, dtype=torch.float16)), TypeError,
+                    r"expected input to be float32 or float64 on CPU, got Half on cpu"),
+    "int64_cpu": ((torch.ones(1, 3, 5, 5, dtype=torch.int64), torch.ones(3, 2, 1, 1, dtype=torch.int64)),
+                  TypeError, r"expected input to be float32 or float64 on CPU, got Long"),
+    "groups_float": ((r(1, 4, 5, 5), r(4, 2, 1, 1), None, 1, 0, 0, 2.0), TypeError,
+                     r"expected groups to be an int, got 2.0"),
+    "stride_3_values": ((r(1, 3, 5, 5), r(3, 2, 1, 1), None, (1, 1, 1)), ValueError,
+                        r"expected stride to be an int or a pair of ints, got \(1, 1, 1\)"),
+    "output_padding_float": ((r(1, 3, 5, 5), r(3, 2, 1, 1), None, 2, 0, 0.5), TypeError,
+                             r"expected output_padding to be an int or a pair of ints, got 0.5"),
+    "padding_string": ((r(1, 3, 5, 5), r(3, 2, 1, 1), None, 1, "same"), ValueError,
+                       r"expected padding to be an int or a pair of ints, got 'same'"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_input(case):
+    args, exc, pattern = BAD[case]
+    with pytest.raises(exc, match=pattern) as info:
+        conv_transpose2d(*args)
+    assert str(info.value).lstrip().startswith("conv_transpose2d: ")
+
+
+# float16 and integer inputs torch computes in on the CPU, and a bias of another dtype it
+# converts (torch 2.13's CPU conv_transpose2d); cnnext rejects them by design, as its conv2d does.
+@pytest.mark.parametrize("case", [case for case in BAD if not case.endswith("_cpu") and case != "bias_dtype"])
+def test_torch_rejects_too(case):
+    """What cnnext rejects, torch rejects too: the checks are not stricter than torch's."""
+    args, _, _ = BAD[case]
+    with pytest.raises((RuntimeError, ValueError, TypeError)):
+        F.conv_transpose2d(*args)
+
+
+BAD_OPS = {
+    "op_output_padding_3_values": (
+        lambda: ops.conv_transpose2d(r(1, 3, 5, 5), r(3, 2, 1, 1), None, [2, 2], [0, 0], [1, 1, 1], 1, [1, 1]),
+        RuntimeError, r"conv_transpose2d: expected output_padding to be a single integer or a pair, got 3 values"),
+    "op_dilation_1_value": (
+        lambda: ops.conv_transpose2d(r(1, 3, 5, 5), r(3, 2, 1, 1), None, [1, 1], [0, 0], [0, 0], 1, [1]),
+        RuntimeError, r"conv_transpose2d: expected dilation to be a single integer or a pair, got 1 values \[1\]"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_OPS)
+def test_bad_op_input(case):
+    call, exc, pattern = BAD_OPS[case]
+    with pytest.raises(exc, match=pattern):
+        call()
+
+
+# --------------------------------------------------------------------------------------------
+# opcheck and fake kernel
+# --------------------------------------------------------------------------------------------
+
+# (input shape, weight shape, stride, padding, output_padding, dilation, groups, input layout,
+#  weight layout)
+OPCHECK = {
+    "basic": ((2, 3, 4, 5), (3, 4, 3, 3), [1, 1], [0, 0], [0, 0], [1, 1], 1, "contiguous", "contiguous"),
+    "strided_grouped": ((2, 4, 4, 3), (4, 3, 2, 3), [2, 1], [1, 1], [1, 0], [1, 2], 2, "contiguous", "contiguous"),
+    "output_padding_below_dilation": ((1, 2, 4, 3), (2, 3, 3, 2), [1, 1], [1, 0], [1, 1], [2, 2], 1, "contiguous",
+                                      "contiguous"),
+    "channels_last_input": ((2, 3, 4, 5), (3, 4, 3, 3), [2, 2], [1, 1], [1, 0], [1, 1], 1, "channels_last",
+                            "contiguous"),
+    "channels_last_weight": ((2, 4, 4, 4), (4, 1, 3, 3), [1, 1], [1, 1], [0, 0], [1, 1], 4, "contiguous",
+                             "channels_last"),
+    "sliced_input": ((2, 3, 4, 5), (3, 2, 1, 1), [1, 1], [0, 0], [0, 0], [1, 1], 1, "sliced", "contiguous"),
+    "unbatched": ((3, 4, 5), (3, 2, 2, 2), [2, 1], [1, 0], [1, 0], [1, 1], 1, "contiguous", "contiguous"),
+    "empty_batch": ((0, 3, 4, 4), (3, 2, 3, 3), [1, 1], [1, 1], [0, 0], [1, 1], 1, "contiguous", "contiguous"),
+}
+
+
+def opcheck_args(case, requires_grad, bias=True):
+    xshape, wshape, stride, padding, output_padding, dilation, groups, x_layout, w_layout = OPCHECK[case]
+    x = to_layout(torch.randn(xshape, dtype=torch.float64), x_layout).requires_grad_(requires_grad)
+    w = to_layout(torch.randn(wshape, dtype=torch.float64), w_layout).requires_grad_(requires_grad)
+    b = torch.randn(wshape[1] * groups, dtype=torch.float64).requires_grad_(requires_grad) if bias else None
+    return (x, w, b, stride, padding, output_padding, groups, dilation)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("requires_grad", [False, True])
+@pytest.mark.parametrize("case", OPCHECK)
+def test_opcheck(case, requires_grad, bias):
+    results = torch.library.opcheck(ops.conv_transpose2d.default, opcheck_args(case, requires_grad, bias))
+    assert set(results.values()) == {"SUCCESS"}, results
+
+
+@pytest.mark.parametrize("case", OPCHECK)
+def test_fake_kernel_metadata(case):
+    """The fake kernel states the real output's shape, strides and dtype exactly (the Python
+    output-size math in cnnext/_shapes.py agrees with csrc/common/conv2d.h)."""
+    args = opcheck_args(case, False)
+    real = ops.conv_transpose2d(*args)
+    with FakeTensorMode() as mode:
+        fake = ops.conv_transpose2d(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args])
+    assert fake.shape == real.shape
+    assert fake.stride() == real.stride()
+    assert fake.dtype == real.dtype
+
+
+def test_torch_compile_dynamic_shapes():
+    """Symbolic sizes through the fake kernel (aot_eager: no code generation)."""
+    import torch._dynamo
+
+    def net(x, w1, b1, w2):
+        y = torch.relu(conv_transpose2d(x, w1, b1, stride=2, padding=1, output_padding=1))
+        return conv_transpose2d(y, w2, None, groups=2)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(net, fullgraph=True, dynamic=True, backend="aot_eager")
+    w1, b1, w2 = leaf(torch.randn(3, 4, 3, 3)), leaf(torch.randn(4)), leaf(torch.randn(4, 1, 2, 3))
+    for shape in [(2, 3, 5, 4), (3, 3, 6, 7)]:
+        x = leaf(torch.randn(shape))
+        out = compiled(x, w1, b1, w2)
+        grads = torch.autograd.grad(out.square().sum(), (x, w1, b1, w2))
+        refs = [leaf(t) for t in (x, w1, b1, w2)]
+        ref = F.conv_transpose2d(torch.relu(F.conv_transpose2d(refs[0], refs[1], refs[2], stride=2, padding=1,
+                                                               output_padding=1)), refs[3], None, groups=2)
+        ref_grads = torch.autograd.grad(ref.square().sum(), refs)
+        assert out.shape == ref.shape
+        assert_close_scaled(out, ref, 1e-5, f"output {shape}")
+        for a, e in zip(grads, ref_grads):
+            assert_close_scaled(a, e, 1e-5, f"grad {shape}")
