@@ -12,3 +12,10 @@ CONV2D = {
     "resnet_shortcut": (8, 64, 56, 56, 128, 1, 2, 0),
     "resnet_1x1": (8, 256, 14, 14, 256, 1, 1, 0),
 }
+
+# Transposed convolutions of decoders and GANs (batch 8 on CPU).
+# name: (N, C_in, H, W, out_channels, kernel, stride, padding, output_padding)
+CONV_TRANSPOSE2D = {
+    "upsample_k4s2": (8, 64, 28, 28, 32, 4, 2, 1, 0),      # 28x28 -> 56x56 (DCGAN-style)
+    "upsample_k3s2op1": (8, 64, 28, 28, 32, 3, 2, 1, 1),   # 28x28 -> 56x56 (U-Net / FCN-style)
+}

@@ -59,6 +59,27 @@ def conv2d_case(shape, weight_shape, layout="contiguous", **kw):
     return Case("conv2d", f"x{list(shape)} w{list(weight_shape)} {args} {layout}".replace("  ", " "), run)
 
 
+def conv_transpose2d_case(shape, weight_shape, layout="contiguous", groups=1, **kw):
+    def run(dtype, device):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(shape, generator=g, dtype=torch.float64).to(device, dtype)
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+        elif layout == "non-contiguous":
+            x = x.transpose(-1, -2).contiguous().transpose(-1, -2)
+        w = torch.randn(weight_shape, generator=g, dtype=torch.float64).to(device, dtype)
+        b = torch.randn(weight_shape[1] * groups, generator=g, dtype=torch.float64).to(device, dtype)
+        x.requires_grad_(), w.requires_grad_(), b.requires_grad_()
+        ref = F.conv_transpose2d(x, w, b, groups=groups, **kw)
+        gy = torch.randn(ref.shape, generator=g, dtype=torch.float64).to(device, dtype)
+        ours = _grads(lambda *a: cf.conv_transpose2d(*a, groups=groups, **kw), (x, w, b), gy)
+        theirs = _grads(lambda *a: F.conv_transpose2d(*a, groups=groups, **kw), (x, w, b), gy)
+        return list(zip(("output", "grad_input", "grad_weight", "grad_bias"), ours, theirs))
+
+    args = ", ".join(f"{k}={v}" for k, v in dict(kw, **({"groups": groups} if groups != 1 else {})).items())
+    return Case("conv_transpose2d", f"x{list(shape)} w{list(weight_shape)} {args} {layout}".replace("  ", " "), run)
+
+
 CASES = [
     conv2d_case((4, 3, 17, 19), (8, 3, 3, 3), padding=1),
     conv2d_case((2, 6, 16, 15), (9, 2, 3, 5), stride=(2, 1), padding=(1, 2), dilation=(1, 2), groups=3),
@@ -66,6 +87,9 @@ CASES = [
     conv2d_case((3, 9, 10), (4, 3, 4, 2), padding="same", dilation=2),
     conv2d_case((2, 16, 14, 14), (32, 16, 1, 1), stride=2, layout="non-contiguous"),
     conv2d_case((0, 3, 8, 8), (4, 3, 3, 3), padding=1),
+    conv_transpose2d_case((2, 6, 7, 6), (6, 2, 3, 2), stride=(2, 1), padding=1, output_padding=(1, 0),
+                          dilation=(1, 2), groups=3, layout="channels_last"),
+    conv_transpose2d_case((8, 64, 28, 28), (64, 32, 4, 4), stride=2, padding=1),  # 28x28 -> 56x56
 ]
 
 
