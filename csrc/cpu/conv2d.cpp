@@ -548,18 +548,56 @@ at::Tensor channel_sum(const at::Tensor& t) {
   const int64_t N = t.size(0), C = t.size(1), H = t.size(2), W = t.size(3);
   at::Tensor out = at::empty({C}, t.options());
   if (C == 0) return out;
+  if (N * H * W == 0) return out.zero_();
   const Strides4 s = strides_of(t);
+  // Accumulates in double (vectorised along rows); channels_last sums each image row
+  // in the tensor's dtype first.
   AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "cnnext_channel_sum", [&] {
     const scalar_t* x = t.const_data_ptr<scalar_t>();
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
-    // Accumulates in double whatever the dtype.
+    if (s.c == 1 && C > 1) {
+      // Channels innermost (channels_last): each thread sums whole pixel rows into a
+      // per-channel partial; the partials are added in thread order.
+      const int64_t rows = N * H;
+      const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows));
+      std::vector<double> partial(threads * C, 0.0);
+      at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+        std::vector<scalar_t> row_sum(C);
+        for (int64_t tid = t0; tid < t1; ++tid) {
+          double* acc = partial.data() + tid * C;
+          for (int64_t r = tid * rows / threads; r < (tid + 1) * rows / threads; ++r) {
+            const scalar_t* row = x + (r / H) * s.n + (r % H) * s.h;
+            std::fill(row_sum.begin(), row_sum.end(), scalar_t(0));
+            scalar_t* rs = row_sum.data();
+            for (int64_t w = 0; w < W; ++w) {
+              const scalar_t* px = row + w * s.w;
+              for (int64_t c = 0; c < C; ++c) rs[c] += px[c];
+            }
+            for (int64_t c = 0; c < C; ++c) acc[c] += static_cast<double>(rs[c]);
+          }
+        }
+      });
+      for (int64_t c = 0; c < C; ++c) {
+        double sum = 0;
+        for (int64_t tid = 0; tid < threads; ++tid) sum += partial[tid * C + c];
+        o[c] = static_cast<scalar_t>(sum);
+      }
+      return;
+    }
     at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
         double acc = 0;
         for (int64_t n = 0; n < N; ++n)
           for (int64_t h = 0; h < H; ++h) {
             const scalar_t* row = x + n * s.n + c * s.c + h * s.h;
-            for (int64_t w = 0; w < W; ++w) acc += static_cast<double>(row[w * s.w]);
+            double rs = 0;
+            if (s.w == 1) {
+              _Pragma("omp simd reduction(+ : rs)")
+              for (int64_t w = 0; w < W; ++w) rs += static_cast<double>(row[w]);
+            } else {
+              for (int64_t w = 0; w < W; ++w) rs += static_cast<double>(row[w * s.w]);
+            }
+            acc += rs;
           }
         o[c] = static_cast<scalar_t>(acc);
       }
