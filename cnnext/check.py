@@ -38,7 +38,10 @@ def _grads(fn, inputs, grad):
     return [out, *torch.autograd.grad(out, [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad], grad)]
 
 
-def conv2d_case(shape, weight_shape, layout="contiguous", **kw):
+def _conv_case(name, ours, ref, shape, weight_shape, bias_size, layout, kw):
+    """One convolution-like op against its torch namesake: output and the gradients of
+    input, weight and bias, on seeded inputs in the given input layout."""
+
     def run(dtype, device):
         g = torch.Generator().manual_seed(0)
         x = torch.randn(shape, generator=g, dtype=torch.float64).to(device, dtype)
@@ -47,37 +50,23 @@ def conv2d_case(shape, weight_shape, layout="contiguous", **kw):
         elif layout == "non-contiguous":
             x = x.transpose(-1, -2).contiguous().transpose(-1, -2)
         w = torch.randn(weight_shape, generator=g, dtype=torch.float64).to(device, dtype)
-        b = torch.randn(weight_shape[0], generator=g, dtype=torch.float64).to(device, dtype)
+        b = torch.randn(bias_size, generator=g, dtype=torch.float64).to(device, dtype)
         x.requires_grad_(), w.requires_grad_(), b.requires_grad_()
-        ref = F.conv2d(x, w, b, **kw)
-        gy = torch.randn(ref.shape, generator=g, dtype=torch.float64).to(device, dtype)
-        ours = _grads(lambda *a: cf.conv2d(*a, **kw), (x, w, b), gy)
-        theirs = _grads(lambda *a: F.conv2d(*a, **kw), (x, w, b), gy)
-        return list(zip(("output", "grad_input", "grad_weight", "grad_bias"), ours, theirs))
+        gy = torch.randn(ref(x, w, b, **kw).shape, generator=g, dtype=torch.float64).to(device, dtype)
+        results = [_grads(lambda *a, fn=fn: fn(*a, **kw), (x, w, b), gy) for fn in (ours, ref)]
+        return list(zip(("output", "grad_input", "grad_weight", "grad_bias"), *results))
 
     args = ", ".join(f"{k}={v}" for k, v in kw.items())
-    return Case("conv2d", f"x{list(shape)} w{list(weight_shape)} {args} {layout}".replace("  ", " "), run)
+    return Case(name, f"x{list(shape)} w{list(weight_shape)} {args} {layout}".replace("  ", " "), run)
 
 
-def conv_transpose2d_case(shape, weight_shape, layout="contiguous", groups=1, **kw):
-    def run(dtype, device):
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(shape, generator=g, dtype=torch.float64).to(device, dtype)
-        if layout == "channels_last":
-            x = x.contiguous(memory_format=torch.channels_last)
-        elif layout == "non-contiguous":
-            x = x.transpose(-1, -2).contiguous().transpose(-1, -2)
-        w = torch.randn(weight_shape, generator=g, dtype=torch.float64).to(device, dtype)
-        b = torch.randn(weight_shape[1] * groups, generator=g, dtype=torch.float64).to(device, dtype)
-        x.requires_grad_(), w.requires_grad_(), b.requires_grad_()
-        ref = F.conv_transpose2d(x, w, b, groups=groups, **kw)
-        gy = torch.randn(ref.shape, generator=g, dtype=torch.float64).to(device, dtype)
-        ours = _grads(lambda *a: cf.conv_transpose2d(*a, groups=groups, **kw), (x, w, b), gy)
-        theirs = _grads(lambda *a: F.conv_transpose2d(*a, groups=groups, **kw), (x, w, b), gy)
-        return list(zip(("output", "grad_input", "grad_weight", "grad_bias"), ours, theirs))
+def conv2d_case(shape, weight_shape, layout="contiguous", **kw):
+    return _conv_case("conv2d", cf.conv2d, F.conv2d, shape, weight_shape, weight_shape[0], layout, kw)
 
-    args = ", ".join(f"{k}={v}" for k, v in dict(kw, **({"groups": groups} if groups != 1 else {})).items())
-    return Case("conv_transpose2d", f"x{list(shape)} w{list(weight_shape)} {args} {layout}".replace("  ", " "), run)
+
+def conv_transpose2d_case(shape, weight_shape, layout="contiguous", **kw):
+    bias_size = weight_shape[1] * kw.get("groups", 1)
+    return _conv_case("conv_transpose2d", cf.conv_transpose2d, F.conv_transpose2d, shape, weight_shape, bias_size, layout, kw)
 
 
 CASES = [

@@ -11,10 +11,9 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import cnnext
 from cnnext.functional import conv_transpose2d
-from conftest import LAYOUTS, assert_close_scaled, examples, is_channels_last, leaf, to_layout
+from conftest import LAYOUTS, RTOL, Parity, assert_close_scaled, assert_matches, examples, leaf, to_layout
 
 ops = torch.ops.cnnext
-RTOL = {torch.float64: 1e-12, torch.float32: 1e-5}
 
 
 def pair(v):
@@ -173,66 +172,8 @@ def conv_transpose_confs(draw, batch=st.sampled_from([0, 1, 2, 3, None])):
     )
 
 
-GRAD_NAMES = ["output", "grad_input", "grad_weight", "grad_bias"]
-
-
-def _torch_float64(x, w, b, go, kwargs):
-    """Output and gradients of F.conv_transpose2d in float64 on contiguous copies (torch's
-    own CPU convolutions have layout bugs that must not turn into false alarms here)."""
-    leaves = [t.detach().double().contiguous().requires_grad_() for t in (x, w) + ((b,) if b is not None else ())]
-    y = F.conv_transpose2d(leaves[0], leaves[1], leaves[2] if b is not None else None, **kwargs)
-    return (y.detach(), *torch.autograd.grad(y, leaves, go.double()))
-
-
-def run_both(c, dtype):
-    """cnnext's output and gradients, torch's float64 ones from the same values (the
-    reference) and from their absolute values (the magnitude of the terms summed)."""
-    gen = torch.Generator().manual_seed(c.seed)
-    x = torch.randn(c.xshape, dtype=dtype, generator=gen)
-    w = torch.randn(c.wshape, dtype=dtype, generator=gen)
-    b = torch.randn(c.wshape[1] * c.groups, dtype=dtype, generator=gen) if c.bias else None
-    inputs = (leaf(x, c.x_layout), leaf(w, c.w_layout)) + ((leaf(b),) if c.bias else ())
-    out = conv_transpose2d(inputs[0], inputs[1], inputs[2] if c.bias else None, **c.kwargs())
-    if c.g_layout == "expanded":
-        go = torch.randn((), dtype=dtype, generator=gen).expand(out.shape)
-    else:
-        go = to_layout(torch.randn(out.shape, dtype=dtype, generator=gen), c.g_layout)
-    ours = (out, *torch.autograd.grad(out, inputs, go))
-    ref = _torch_float64(x, w, b, go, c.kwargs())
-    mag = _torch_float64(x.abs(), w.abs(), b.abs() if c.bias else None, go.abs(), c.kwargs())
-    return ours, ref, mag
-
-
-def assert_matches(ours, ref, mag, rtol, what=""):
-    """Each result within rtol of the largest magnitude of the terms it sums."""
-    for a, e, m, name in zip(ours, ref, mag, GRAD_NAMES):
-        assert a.shape == e.shape, f"{name} {what}: shape {tuple(a.shape)} != {tuple(e.shape)}"
-        if e.numel() == 0:
-            continue
-        bound = rtol * max(m.max().item(), 1e-300)
-        err = (a.double() - e).abs().max().item()
-        assert err <= bound, f"{name} {what}: max abs error {err:.3e} > {bound:.3e}"
-
-
-def check_parity(c, dtype):
-    ours, ref, mag = run_both(c, dtype)
-    assert all(t.dtype == dtype for t in ours)
-    assert_matches(ours, ref, mag, RTOL[dtype], str(c))
-    out = ours[0]
-    assert ours[1].shape == torch.Size(c.xshape)
-    if len(c.xshape) == 4 and c.xshape[0] == 0:
-        assert out.numel() == 0
-        for g in ours[2:]:
-            assert torch.count_nonzero(g) == 0
-    # The output in the layout torch gives it, where the rule is unambiguous (dense
-    # operands without size-1 dims).
-    if out.dim() == 4 and c.x_layout in ("contiguous", "channels_last") and c.w_layout != "sliced" \
-            and min(c.xshape) > 1 and min(c.wshape) > 1 and min(out.shape) > 1:
-        with torch.no_grad():
-            ref_out = F.conv_transpose2d(to_layout(ref[0].new_zeros(c.xshape), c.x_layout),
-                                         to_layout(ref[0].new_zeros(c.wshape), c.w_layout), **c.kwargs())
-        assert out.is_contiguous() == ref_out.is_contiguous()
-        assert is_channels_last(out) == is_channels_last(ref_out)
+PARITY = Parity(conv_transpose2d, F.conv_transpose2d, bias_size=lambda c: c.wshape[1] * c.groups)
+run_both, check_parity = PARITY.run_both, PARITY.check
 
 
 @settings(max_examples=examples(300))
