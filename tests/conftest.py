@@ -1,4 +1,5 @@
 """Shared helpers of the cnnext test suite: seeding, memory layouts, comparisons."""
+import io
 import os
 
 import pytest
@@ -172,3 +173,19 @@ class Parity:
                                    to_layout(ref[0].new_zeros(c.wshape), c.w_layout), **c.kwargs())
             assert out.is_contiguous() == ref_out.is_contiguous()
             assert is_channels_last(out) == is_channels_last(ref_out)
+
+
+def assert_state_dict_round_trip(src, dst, x):
+    """dst loads src's (perturbed) parameters through torch.save/torch.load, strictly;
+    returns both modules' outputs on x for the caller to compare."""
+    with torch.no_grad():
+        for p in src.parameters():
+            p.normal_()  # differ from dst's init
+    buf = io.BytesIO()
+    torch.save(src.state_dict(), buf)
+    buf.seek(0)
+    result = dst.load_state_dict(torch.load(buf), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    for (name, a), (_, b) in zip(src.named_parameters(), dst.named_parameters()):
+        assert torch.equal(a, b), name
+    return dst(x), src(x)

@@ -1,6 +1,5 @@
 """cnnext.functional.conv_transpose2d, torch.ops.cnnext.conv_transpose2d and
 cnnext.nn.ConvTranspose2d against torch.nn.functional.conv_transpose2d / torch.nn.ConvTranspose2d."""
-import io
 from dataclasses import dataclass
 
 import pytest
@@ -11,7 +10,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import cnnext
 from cnnext.functional import conv_transpose2d
-from conftest import LAYOUTS, RTOL, Parity, assert_close_scaled, assert_matches, examples, leaf, to_layout
+from conftest import LAYOUTS, RTOL, Parity, assert_close_scaled, assert_state_dict_round_trip, assert_matches, examples, leaf, to_layout
 
 ops = torch.ops.cnnext
 
@@ -285,18 +284,8 @@ def test_module_matches_torch(case):
 def test_module_state_dict_loads_both_ways(direction):
     ours, ref = make_pair(4, 6, 3, dict(stride=2, padding=1, groups=2), seed=0)
     src, dst = (ref, ours) if direction == "torch_to_cnnext" else (ours, ref)
-    with torch.no_grad():
-        for p in src.parameters():
-            p.normal_()
-    buf = io.BytesIO()
-    torch.save(src.state_dict(), buf)
-    buf.seek(0)
-    result = dst.load_state_dict(torch.load(buf), strict=True)
-    assert not result.missing_keys and not result.unexpected_keys
-    for (name, a), (_, b) in zip(src.named_parameters(), dst.named_parameters()):
-        assert torch.equal(a, b), name
-    x = torch.randn(2, 4, 5, 5)
-    assert_close_scaled(dst(x), src(x), 1e-5)
+    ours_out, ref_out = assert_state_dict_round_trip(src, dst, torch.randn(2, 4, 5, 5))
+    assert_close_scaled(ours_out, ref_out, 1e-5)
 
 
 @pytest.mark.parametrize("output_size", [[9, 9], [10, 10], [9, 10], (2, 6, 10, 9), torch.Size([10, 9])])

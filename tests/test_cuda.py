@@ -296,13 +296,14 @@ def test_opcheck(case):
     torch.library.opcheck(op, args)
 
 
+@pytest.mark.parametrize("op, wshape", [("conv2d", (3, 2, 3, 3)), ("conv_transpose2d", (2, 3, 3, 3))])
 @pytest.mark.parametrize("where", ["input_cpu", "weight_cpu", "bias_cpu"])
-def test_mixed_devices_raise(where):
+def test_mixed_devices_raise(where, op, wshape):
     x = torch.randn(1, 2, 5, 5, device="cpu" if where == "input_cpu" else "cuda")
-    w = torch.randn(3, 2, 3, 3, device="cpu" if where == "weight_cpu" else "cuda")
+    w = torch.randn(wshape, device="cpu" if where == "weight_cpu" else "cuda")
     b = torch.randn(3, device="cpu" if where == "bias_cpu" else "cuda")
     with pytest.raises(RuntimeError, match="same device"):
-        conv2d(x, w, b)
+        getattr(cnnext.functional, op)(x, w, b)
 
 
 def test_mixed_devices_backward_ops_raise():
@@ -409,15 +410,6 @@ def test_conv_transpose2d_gradcheck_and_opcheck():
     torch.library.opcheck(ops.conv_transpose2d.default, (x, w, b, *conf))
     xcl = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
     torch.library.opcheck(ops.conv_transpose2d.default, (xcl, w, b, *conf))
-
-
-@pytest.mark.parametrize("where", ["input_cpu", "weight_cpu", "bias_cpu"])
-def test_conv_transpose2d_mixed_devices_raise(where):
-    x = torch.randn(1, 2, 5, 5, device="cpu" if where == "input_cpu" else "cuda")
-    w = torch.randn(2, 3, 3, 3, device="cpu" if where == "weight_cpu" else "cuda")
-    b = torch.randn(3, device="cpu" if where == "bias_cpu" else "cuda")
-    with pytest.raises(RuntimeError, match="same device"):
-        cnnext.functional.conv_transpose2d(x, w, b)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)

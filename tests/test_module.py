@@ -1,12 +1,11 @@
 """cnnext.nn.Conv2d is a drop-in for torch.nn.Conv2d: same parameters, init, state_dict, results."""
 import copy
-import io
 
 import pytest
 import torch
 
 import cnnext
-from conftest import assert_close_scaled, to_layout
+from conftest import assert_close_scaled, assert_state_dict_round_trip, to_layout
 
 # kwargs of both constructors (after in_channels, out_channels, kernel_size)
 CONFIGS = {
@@ -62,18 +61,8 @@ def test_different_seed_different_init():
 def test_state_dict_loads_both_ways(direction):
     ours, ref = make_pair(4, 6, 3, dict(padding=1, groups=2), seed=0)
     src, dst = (ref, ours) if direction == "torch_to_cnnext" else (ours, ref)
-    with torch.no_grad():
-        for p in src.parameters():
-            p.normal_()  # differ from dst's init
-    buf = io.BytesIO()
-    torch.save(src.state_dict(), buf)
-    buf.seek(0)
-    result = dst.load_state_dict(torch.load(buf), strict=True)
-    assert not result.missing_keys and not result.unexpected_keys
-    for (name, a), (_, b) in zip(src.named_parameters(), dst.named_parameters()):
-        assert torch.equal(a, b), name
-    x = torch.randn(2, 4, 7, 7)
-    torch.testing.assert_close(dst(x), src(x), rtol=1e-5, atol=1e-5)
+    ours_out, ref_out = assert_state_dict_round_trip(src, dst, torch.randn(2, 4, 7, 7))
+    torch.testing.assert_close(ours_out, ref_out, rtol=1e-5, atol=1e-5)
 
 
 def test_state_dict_without_bias_rejected_like_torch():

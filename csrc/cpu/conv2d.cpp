@@ -449,18 +449,19 @@ at::Tensor conv2d_input_backward(const at::Tensor& grad_out, const at::Tensor& w
                                  const Conv2dParams& p, at::MemoryFormat out_format) {
   const at::Tensor grad_output = flattenable(grad_out);
   const int64_t Cg = p.in_per_group(), Og = p.out_per_group(), K = Cg * p.KH * p.KW;
-  const bool pointwise = is_pointwise(p) && !use_direct(p);
-  at::Tensor gx = pointwise ? at::empty({p.N, p.C, p.H, p.W}, grad_output.options().memory_format(out_format))
-                         : at::empty({p.N, p.C, p.H, p.W}, grad_output.options().memory_format(out_format)).zero_();
+  const bool sgemm = use_sgemm(grad_output) && !use_direct(p);
+  // Only at::mm on a pointwise conv writes every element of gx; every other path adds.
+  const bool pointwise = is_pointwise(p) && !use_direct(p) && !sgemm;
+  at::Tensor gx = at::empty({p.N, p.C, p.H, p.W}, grad_output.options().memory_format(out_format));
   if (gx.numel() == 0) return gx;
-  const at::Tensor wt = weight.contiguous().view({p.G, Og, K}).transpose(1, 2);  // (G, K, Og)
-  const Bands bands = pointwise ? Bands{p.OH, 1} : bands_for(p);
-  const Strides4 xs = strides_of(gx);
-  if (use_sgemm(grad_output) && !use_direct(p)) {
-    if (pointwise) gx.zero_();
+  if (!pointwise) gx.zero_();
+  if (sgemm) {
     input_backward_sgemm(grad_output, weight.contiguous(), gx, p);
     return gx;
   }
+  const at::Tensor wt = weight.contiguous().view({p.G, Og, K}).transpose(1, 2);  // (G, K, Og)
+  const Bands bands = pointwise ? Bands{p.OH, 1} : bands_for(p);
+  const Strides4 xs = strides_of(gx);
 
   AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "cnnext_conv2d_input_backward", [&] {
     scalar_t* gxp = gx.mutable_data_ptr<scalar_t>();

@@ -17,35 +17,37 @@ namespace cnnext {
 namespace cpu {
 namespace sgemm {
 
-void pack_a(const float* a, int64_t rs, int64_t cs, int64_t M, int64_t K, float* out) {
-  for (int64_t i0 = 0; i0 < M; i0 += kMR) {
-    const int64_t rows = std::min(kMR, M - i0);
+namespace {
+
+// Packs a (extent x K) matrix, element (i, k) at src[i * s_i + k * s_k], into panels of
+// `width` rows of i: out[(i / width) * K * width + k * width + i % width], zero-padded.
+void pack_panels(const float* src, int64_t s_i, int64_t s_k, int64_t extent, int64_t K,
+                 int64_t width, float* out) {
+  for (int64_t i0 = 0; i0 < extent; i0 += width) {
+    const int64_t n = std::min(width, extent - i0);
     float* panel = out + i0 * K;
     for (int64_t k = 0; k < K; ++k) {
-      float* dst = panel + k * kMR;
-      int64_t r = 0;
-      for (; r < rows; ++r) dst[r] = a[(i0 + r) * rs + k * cs];
-      for (; r < kMR; ++r) dst[r] = 0.f;
+      float* dst = panel + k * width;
+      const float* from = src + i0 * s_i + k * s_k;
+      int64_t i = 0;
+      if (s_i == 1) {
+        for (; i < n; ++i) dst[i] = from[i];
+      } else {
+        for (; i < n; ++i) dst[i] = from[i * s_i];
+      }
+      for (; i < width; ++i) dst[i] = 0.f;
     }
   }
 }
 
+}  // namespace
+
+void pack_a(const float* a, int64_t rs, int64_t cs, int64_t M, int64_t K, float* out) {
+  pack_panels(a, rs, cs, M, K, kMR, out);
+}
+
 void pack_b(const float* b, int64_t rs, int64_t cs, int64_t K, int64_t N, float* out) {
-  for (int64_t j0 = 0; j0 < N; j0 += kNR) {
-    const int64_t cols = std::min(kNR, N - j0);
-    float* panel = out + j0 * K;
-    for (int64_t k = 0; k < K; ++k) {
-      float* dst = panel + k * kNR;
-      const float* src = b + k * rs + j0 * cs;
-      int64_t j = 0;
-      if (cs == 1) {
-        for (; j < cols; ++j) dst[j] = src[j];
-      } else {
-        for (; j < cols; ++j) dst[j] = src[j * cs];
-      }
-      for (; j < kNR; ++j) dst[j] = 0.f;
-    }
-  }
+  pack_panels(b, cs, rs, N, K, kNR, out);
 }
 
 #ifdef CNNEXT_SGEMM_AVX512
