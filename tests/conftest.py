@@ -4,7 +4,7 @@ import os
 
 import pytest
 import torch
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, settings, strategies as st
 
 import cnnext  # noqa: F401  (registers torch.ops.cnnext.*)
 
@@ -189,3 +189,11 @@ def assert_state_dict_round_trip(src, dst, x):
     for (name, a), (_, b) in zip(src.named_parameters(), dst.named_parameters()):
         assert torch.equal(a, b), name
     return dst(x), src(x)
+
+
+def pair_arg(draw, values):
+    """(hypothesis) A pair as torch takes it: an int when both are equal (sometimes), a
+    tuple or a list."""
+    if values[0] == values[1] and draw(st.booleans()):
+        return values[0]
+    return draw(st.sampled_from([tuple, list]))(values)

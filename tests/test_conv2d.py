@@ -8,7 +8,7 @@ from hypothesis import given, settings, strategies as st
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from cnnext.functional import conv2d
-from conftest import GRAD_NAMES, LAYOUTS, RTOL, Parity, assert_close_scaled, assert_matches, examples, is_channels_last, leaf, to_layout
+from conftest import pair_arg, GRAD_NAMES, LAYOUTS, RTOL, Parity, assert_close_scaled, assert_matches, examples, is_channels_last, leaf, to_layout
 
 ops = torch.ops.cnnext
 
@@ -154,13 +154,6 @@ class Conf:
         return dict(stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.groups)
 
 
-def _as_arg(draw, values):
-    """A pair as torch takes it: an int when both are equal (sometimes), a tuple or a list."""
-    if values[0] == values[1] and draw(st.booleans()):
-        return values[0]
-    return draw(st.sampled_from([tuple, list]))(values)
-
-
 @st.composite
 def conv_confs(draw, batch=st.sampled_from([0, 1, 2, 3, None])):
     # Channels per group on both sides of the CPU backend's switch between direct loops
@@ -184,7 +177,7 @@ def conv_confs(draw, batch=st.sampled_from([0, 1, 2, 3, None])):
     else:
         stride = [1, 1] if pointwise and draw(st.booleans()) else [draw(st.integers(1, 3)), draw(st.integers(1, 3))]
         pads = [0, 0] if pad_kind == "valid" else [draw(st.integers(0, 3)), draw(st.integers(0, 3))]
-        padding = "valid" if pad_kind == "valid" else _as_arg(draw, pads)
+        padding = "valid" if pad_kind == "valid" else pair_arg(draw, pads)
     # Spatial sizes from the smallest the dilated kernel fits in up to a few more.
     spatial = []
     for k, d, p in zip(kernel, dilation, pads):
@@ -196,9 +189,9 @@ def conv_confs(draw, batch=st.sampled_from([0, 1, 2, 3, None])):
         xshape=xshape,
         wshape=(groups * og, cg, *kernel),
         bias=draw(st.booleans()),
-        stride=_as_arg(draw, stride),
+        stride=pair_arg(draw, stride),
         padding=padding,
-        dilation=_as_arg(draw, dilation),
+        dilation=pair_arg(draw, dilation),
         groups=groups,
         x_layout=draw(st.sampled_from(LAYOUTS)),
         w_layout=draw(st.sampled_from(["contiguous", "contiguous", "channels_last", "sliced", "offset"])),

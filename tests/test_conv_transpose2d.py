@@ -10,7 +10,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import cnnext
 from cnnext.functional import conv_transpose2d
-from conftest import LAYOUTS, RTOL, Parity, assert_close_scaled, assert_state_dict_round_trip, assert_matches, examples, leaf, to_layout
+from conftest import pair_arg, LAYOUTS, RTOL, Parity, assert_close_scaled, assert_state_dict_round_trip, assert_matches, examples, leaf, to_layout
 
 ops = torch.ops.cnnext
 
@@ -120,13 +120,6 @@ class Conf:
                     groups=self.groups, dilation=self.dilation)
 
 
-def _as_arg(draw, values):
-    """A pair as torch takes it: an int when both are equal (sometimes), a tuple or a list."""
-    if values[0] == values[1] and draw(st.booleans()):
-        return values[0]
-    return draw(st.sampled_from([tuple, list]))(values)
-
-
 @st.composite
 def conv_transpose_confs(draw, batch=st.sampled_from([0, 1, 2, 3, None])):
     # Channels per group on both sides of the CPU backend's switch between direct loops
@@ -159,10 +152,10 @@ def conv_transpose_confs(draw, batch=st.sampled_from([0, 1, 2, 3, None])):
         xshape=xshape,
         wshape=(groups * cg, og, *kernel),
         bias=draw(st.booleans()),
-        stride=_as_arg(draw, stride),
-        padding=_as_arg(draw, padding),
-        output_padding=_as_arg(draw, output_padding),
-        dilation=_as_arg(draw, dilation),
+        stride=pair_arg(draw, stride),
+        padding=pair_arg(draw, padding),
+        output_padding=pair_arg(draw, output_padding),
+        dilation=pair_arg(draw, dilation),
         groups=groups,
         x_layout=draw(st.sampled_from(LAYOUTS)),
         w_layout=draw(st.sampled_from(["contiguous", "contiguous", "channels_last", "sliced", "offset"])),
