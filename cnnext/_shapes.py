@@ -26,3 +26,13 @@ def prefers_channels_last(*tensors):
         and not t.is_contiguous()
         for t in tensors
     )
+
+
+def pool_out_size(size, kernel, stride, padding, dilation, ceil_mode):
+    """Output length of pooling (pool_out_size in csrc/common/pool2d.h): with ceil_mode
+    the last window must start inside the input or the left padding."""
+    span = size + 2 * padding - dilation * (kernel - 1) - 1
+    out = (span + (stride - 1 if ceil_mode else 0)) // stride + 1
+    if ceil_mode and (out - 1) * stride >= size + padding:
+        out -= 1
+    return out

@@ -1,0 +1,61 @@
+// Shape arithmetic and window math of 2-D pooling (max, average, adaptive average),
+// written once for the checks (csrc/ops), the CPU kernels (csrc/cpu) and the CUDA
+// kernels (csrc/cuda). Follows torch's rules exactly (aten/src/ATen/native/Pool.h).
+#pragma once
+
+#include "macros.h"
+
+namespace cnnext {
+
+// Everything a kernel needs to know about one 2-D pooling window grid. Filled by
+// make_pool_params (csrc/ops/pool2d_common.h) after every argument has been checked.
+// Average pooling has no dilation (DH = DW = 1).
+struct Pool2dParams {
+  int64_t N, C, H, W;  // input
+  int64_t OH, OW;      // output
+  int64_t KH, KW;      // kernel
+  int64_t SH, SW;      // stride
+  int64_t PH, PW;      // implicit padding on each side (-inf for max, zeros for average)
+  int64_t DH, DW;      // dilation
+};
+
+// floor(a / b) for b > 0, also for negative a (C++ division truncates toward zero).
+CNNEXT_HD int64_t floor_div(int64_t a, int64_t b) {
+  const int64_t q = a / b;
+  return (a % b != 0 && a < 0) ? q - 1 : q;
+}
+
+// Output length of pooling along one dimension, torch's rule: with ceil_mode the
+// division rounds up, but the last window must start inside the input or the left
+// padding (start < in + p), else it is dropped. May be < 1 for arguments the checks
+// reject (a window larger than the padded input).
+CNNEXT_HD int64_t pool_out_size(int64_t in, int64_t k, int64_t s, int64_t p, int64_t d,
+                                bool ceil_mode) {
+  const int64_t span = in + 2 * p - d * (k - 1) - 1;
+  int64_t out = floor_div(span + (ceil_mode ? s - 1 : 0), s) + 1;
+  if (ceil_mode && (out - 1) * s >= in + p) --out;
+  return out;
+}
+
+// Average-pooling window of output position o along one dimension: [*lo, *hi) is
+// the part inside the input; the return value is the window's length clipped to the
+// padded input [-p, in + p), which count_include_pad=True divides by.
+CNNEXT_HD int64_t avg_window(int64_t o, int64_t in, int64_t k, int64_t s, int64_t p,
+                             int64_t* lo, int64_t* hi) {
+  int64_t start = o * s - p;
+  int64_t end = start + k;
+  if (end > in + p) end = in + p;
+  const int64_t padded_len = end - start;
+  *lo = start < 0 ? 0 : start;
+  *hi = end > in ? in : end;
+  return padded_len;
+}
+
+// Adaptive pooling window of output position o of out along an input of length in:
+// [floor(o * in / out), ceil((o + 1) * in / out)). out >= 1.
+CNNEXT_HD int64_t adaptive_start(int64_t o, int64_t in, int64_t out) { return (o * in) / out; }
+CNNEXT_HD int64_t adaptive_end(int64_t o, int64_t in, int64_t out) {
+  return ((o + 1) * in + out - 1) / out;
+}
+
+}  // namespace cnnext
