@@ -112,6 +112,8 @@ LARGE = [
     ((2, 24, 33, 17), dict(kernel_size=3, stride=2, padding=1, ceil_mode=True, count_include_pad=False)),
     ((3, 1100, 7, 7), dict(kernel_size=7)),  # global, more channels than a channel block
     ((2, 1030, 5, 6), dict(kernel_size=3, stride=1, padding=1)),
+    ((2, 40, 6, 5), dict(kernel_size=1, stride=2)),  # one-pixel windows
+    ((2, 36, 11, 10), dict(kernel_size=5, stride=3, padding=2, ceil_mode=True)),  # up to 25 pixels
 ]
 
 
