@@ -175,6 +175,23 @@ void forward_nchw(const AvgPool2dParams& a, const Windows<T>& win, const at::Ten
   const T* x = input.const_data_ptr<T>();
   T* y = out.mutable_data_ptr<T>();
   const int64_t per_item = p.H * p.W + p.OH * p.OW;
+  if (win.global) {
+    // Global pooling: one sum per plane; (n, c) stepped, not divided out, per plane.
+    const T inv = win.inv[0];
+    const bool dense = xs.w == 1 && xs.h == p.W;
+    at::parallel_for(0, p.N * p.C, grain_for(per_item), [&](int64_t b, int64_t e) {
+      int64_t n = b / p.C, c = b % p.C;
+      for (int64_t item = b; item < e; ++item) {
+        const T* xp = x + n * xs.n + c * xs.c;
+        y[item] = (dense ? contiguous_sum(xp, p.H * p.W) : block_sum(xp, p.H, p.W, xs.h, xs.w)) * inv;
+        if (++c == p.C) {
+          c = 0;
+          ++n;
+        }
+      }
+    });
+    return;
+  }
   at::parallel_for(0, p.N * p.C, grain_for(per_item), [&](int64_t b, int64_t e) {
     std::vector<T> rb(p.W), acc(p.OW);
     for (int64_t item = b; item < e; ++item) {
