@@ -226,7 +226,18 @@ inline void window_channels(const T* x, const Strides4& xs, int64_t h0, int64_t 
       return;
     }
     std::memcpy(acc, p0, sizeof(T) * C);
-    for (int64_t k = 1; k + 1 < pixels; ++k) row_add(acc, pixel(k), 1, C);
+    int64_t k = 1;
+    if (pixels > 16) {
+      // Four pixels per pass over acc (the same left-to-right order of additions).
+      for (; k + 4 < pixels; k += 4) {
+        const T* __restrict__ q0 = pixel(k);
+        const T* __restrict__ q1 = pixel(k + 1);
+        const T* __restrict__ q2 = pixel(k + 2);
+        const T* __restrict__ q3 = pixel(k + 3);
+        for (int64_t c = 0; c < C; ++c) acc[c] = acc[c] + q0[c] + q1[c] + q2[c] + q3[c];
+      }
+    }
+    for (; k + 1 < pixels; ++k) row_add(acc, pixel(k), 1, C);
     const T* last = pixel(pixels - 1);
     for (int64_t c = 0; c < C; ++c) out[c] = (acc[c] + last[c]) * scale;
     return;
