@@ -82,6 +82,48 @@ CASES = [
 ]
 
 
+def _pool_case(name, ours, ref, shape, layout, kw):
+    """One pooling op against its torch namesake: output and input gradient, on seeded
+    inputs in the given input layout."""
+
+    def run(dtype, device):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(shape, generator=g, dtype=torch.float64).to(device, dtype)
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+        elif layout == "non-contiguous":
+            x = x.transpose(-1, -2).contiguous().transpose(-1, -2)
+        x.requires_grad_()
+        gy = torch.randn(ref(x, **kw).shape, generator=g, dtype=torch.float64).to(device, dtype)
+        results = [_grads(lambda t, fn=fn: fn(t, **kw), (x,), gy) for fn in (ours, ref)]
+        return list(zip(("output", "grad_input"), *results))
+
+    args = ", ".join(f"{k}={v}" for k, v in kw.items())
+    return Case(name, f"x{list(shape)} {args} {layout}", run)
+
+
+def avg_pool2d_case(shape, layout="contiguous", **kw):
+    return _pool_case("avg_pool2d", cf.avg_pool2d, F.avg_pool2d, shape, layout, kw)
+
+
+def adaptive_avg_pool2d_case(shape, layout="contiguous", **kw):
+    return _pool_case("adaptive_avg_pool2d", cf.adaptive_avg_pool2d, F.adaptive_avg_pool2d, shape, layout, kw)
+
+
+CASES += [
+    avg_pool2d_case((4, 16, 28, 28), kernel_size=2, stride=2),  # DenseNet transition
+    avg_pool2d_case((2, 8, 17, 15), kernel_size=3, stride=2, padding=1, ceil_mode=True, count_include_pad=False,
+                    layout="channels_last"),
+    avg_pool2d_case((3, 9, 10), kernel_size=(3, 2), stride=1, padding=(1, 0), divisor_override=5),
+    avg_pool2d_case((2, 6, 9, 8), kernel_size=3, padding=1, ceil_mode=True, layout="non-contiguous"),
+    adaptive_avg_pool2d_case((8, 512, 7, 7), output_size=1),  # ResNet head
+    adaptive_avg_pool2d_case((4, 64, 7, 7), output_size=1, layout="channels_last"),
+    adaptive_avg_pool2d_case((2, 6, 11, 9), output_size=(4, 5), layout="non-contiguous"),
+    adaptive_avg_pool2d_case((3, 5, 4), output_size=(7, None)),
+    adaptive_avg_pool2d_case((0, 3, 8, 8), output_size=2),
+]
+
+
 def devices():
     from . import build_info
 

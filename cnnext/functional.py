@@ -7,7 +7,7 @@ import numbers
 
 import torch
 
-__all__ = ["conv2d", "conv_transpose2d"]
+__all__ = ["conv2d", "conv_transpose2d", "avg_pool2d", "adaptive_avg_pool2d"]
 
 _ops = torch.ops.cnnext
 
@@ -101,3 +101,57 @@ def _drop_first(out, drop):
     channels_last = out.dim() == 4 and out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
     out = out[..., 1 if drop[0] else 0 :, 1 if drop[1] else 0 :]
     return out.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def _int_arg(value, name, op):
+    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, torch.SymInt)):
+        raise TypeError(f"{op}: expected {name} to be an int, got {value!r}")
+    return int(value) if isinstance(value, numbers.Integral) else value
+
+
+def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
+               divisor_override=None):
+    """2-D average pooling, as :func:`torch.nn.functional.avg_pool2d`.
+
+    input: (N, C, H, W) or unbatched (C, H, W); kernel_size, padding: int or pair;
+    stride: int, pair, or None / [] for kernel_size. With ceil_mode the output rounds up
+    (the last window must start inside the input or the left padding). Each output is
+    its window's sum divided by divisor_override (non-zero) if given, else by the
+    window's size: counting the padding inside it with count_include_pad, else only
+    its input elements. float32/float64 on CPU, plus float16/bfloat16 on CUDA.
+    """
+    op = "avg_pool2d"
+    kernel_size = _pair(kernel_size, "kernel_size", op)
+    if stride is None or (isinstance(stride, (list, tuple)) and len(stride) == 0):
+        stride = []
+    else:
+        stride = _pair(stride, "stride", op)
+    padding = _pair(padding, "padding", op)
+    if divisor_override is not None:
+        divisor_override = _int_arg(divisor_override, "divisor_override", op)
+    return _ops.avg_pool2d(input, kernel_size, stride, padding, bool(ceil_mode), bool(count_include_pad),
+                           divisor_override)
+
+
+def adaptive_avg_pool2d(input, output_size):
+    """2-D adaptive average pooling, as :func:`torch.nn.functional.adaptive_avg_pool2d`.
+
+    input: (N, C, H, W) or unbatched (C, H, W); output_size: int or pair, a None entry
+    keeping that dimension of the input. Output (oh, ow) averages input rows
+    [floor(oh * H / OH), ceil((oh + 1) * H / OH)) and likewise columns; output sizes
+    larger than the input are allowed. float32/float64 on CPU, plus float16/bfloat16 on CUDA.
+    """
+    op = "adaptive_avg_pool2d"
+    if isinstance(output_size, (list, tuple)):
+        items = list(output_size)
+        if len(items) == 1:
+            items = items * 2
+        if len(items) != 2:
+            raise ValueError(f"{op}: expected output_size to be an int or a pair, got {output_size!r}")
+        if any(v is None for v in items) and input.dim() < 2:
+            raise ValueError(f"{op}: expected input to be 3-D or 4-D, got {input.dim()}-D")
+        sizes = [input.shape[-2 + d] if v is None else _int_arg(v, "output_size", op) for d, v in enumerate(items)]
+    else:
+        sizes = [_int_arg(output_size, "output_size", op)] * 2
+    return _ops.adaptive_avg_pool2d(input, sizes)
+

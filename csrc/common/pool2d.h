@@ -58,4 +58,26 @@ CNNEXT_HD int64_t adaptive_end(int64_t o, int64_t in, int64_t out) {
   return ((o + 1) * in + out - 1) / out;
 }
 
+// The output positions [*lo, *hi) along one dimension whose average-pooling window
+// (avg_window: start o * s - p, length k) contains input position i, 0 <= i < in.
+// The gather form of average pooling's backward sums over exactly these. A window
+// clipped at in + p (ceil_mode) still contains every i < in it contained unclipped.
+CNNEXT_HD void avg_windows_containing(int64_t i, int64_t k, int64_t s, int64_t p, int64_t out,
+                                      int64_t* lo, int64_t* hi) {
+  // o * s - p <= i  <=>  o <= floor((i + p) / s);  i < o * s - p + k  <=>  o > (i + p - k) / s.
+  const int64_t first = floor_div(i + p - k, s) + 1;
+  const int64_t last = floor_div(i + p, s);
+  *lo = first < 0 ? 0 : first;
+  *hi = last + 1 > out ? out : last + 1;
+}
+
+// The output positions [*lo, *hi) whose adaptive window [adaptive_start(o),
+// adaptive_end(o)) contains input position i, 0 <= i < in; in, out >= 1:
+// [floor(i * out / in), ceil((i + 1) * out / in)).
+CNNEXT_HD void adaptive_windows_containing(int64_t i, int64_t in, int64_t out, int64_t* lo,
+                                           int64_t* hi) {
+  *lo = (i * out) / in;
+  *hi = ((i + 1) * out + in - 1) / in;
+}
+
 }  // namespace cnnext

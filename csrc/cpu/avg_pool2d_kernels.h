@@ -1,0 +1,503 @@
+// The CPU kernels of csrc/cpu/avg_pool2d.cpp. No include guard and no includes: that
+// file includes this one twice, into namespaces compiled for different instruction sets
+// (AVX2 + FMA, and the baseline), and picks one at run time. Everything here is plain
+// loops the compiler vectorises for the target it is compiled for.
+
+// Elements of work below which a parallel region costs more than it saves.
+constexpr int64_t kGrainElems = 32768;
+
+int64_t grain_for(int64_t elems_per_item) {
+  return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, elems_per_item));
+}
+
+// 256-bit vectors of T (GCC / clang vector extensions): one AVX2 register in the AVX2
+// build, two SSE registers in the baseline one. Loaded and stored with memcpy (no
+// alignment needed); kept local to each function (no vector-typed parameters).
+template <typename T>
+struct VecOf;
+template <>
+struct VecOf<float> {
+  typedef float type __attribute__((vector_size(32)));
+};
+template <>
+struct VecOf<double> {
+  typedef double type __attribute__((vector_size(32)));
+};
+template <typename T>
+using Vec = typename VecOf<T>::type;
+template <typename T>
+constexpr int64_t kVecLen = 32 / sizeof(T);
+
+#define CNNEXT_VLOAD(v, ptr) __builtin_memcpy(&(v), (ptr), sizeof(v))
+#define CNNEXT_VSTORE(ptr, v) __builtin_memcpy((ptr), &(v), sizeof(v))
+
+// Windows and divisors of one call (see csrc/common/avg_pool2d.h).
+template <typename T>
+struct Windows {
+  std::vector<int64_t> hlo, hhi, wlo, whi;  // input range of each output row / column
+  std::vector<T> inv;                       // 1 / divisor of each output, OH x OW
+  bool global = false;                      // a single window covering the whole plane
+  bool w_regular = false;                   // every column window is [ow * SW, ow * SW + KW)
+
+  explicit Windows(const AvgPool2dParams& a) {
+    const Pool2dParams& p = a.p;
+    hlo.resize(p.OH); hhi.resize(p.OH); wlo.resize(p.OW); whi.resize(p.OW);
+    std::vector<int64_t> fh(p.OH), fw(p.OW);
+    for (int64_t oh = 0; oh < p.OH; ++oh) fh[oh] = avg_pool_window_h(a, oh, &hlo[oh], &hhi[oh]);
+    for (int64_t ow = 0; ow < p.OW; ++ow) fw[ow] = avg_pool_window_w(a, ow, &wlo[ow], &whi[ow]);
+    inv.resize(p.OH * p.OW);
+    for (int64_t oh = 0; oh < p.OH; ++oh)
+      for (int64_t ow = 0; ow < p.OW; ++ow)
+        inv[oh * p.OW + ow] = static_cast<T>(1.0 / static_cast<double>(avg_pool_divisor(a, fh[oh], fw[ow])));
+    global = p.OH == 1 && p.OW == 1 && hlo[0] == 0 && hhi[0] == p.H && wlo[0] == 0 && whi[0] == p.W;
+    w_regular = !a.adaptive;
+    for (int64_t ow = 0; ow < p.OW && w_regular; ++ow)
+      w_regular = wlo[ow] == ow * p.SW && whi[ow] == ow * p.SW + p.KW;
+  }
+};
+
+// dst[0, n) += src[0, n) (src through stride ss).
+template <typename T>
+inline void row_add(T* __restrict__ dst, const T* __restrict__ src, int64_t ss, int64_t n) {
+  if (ss == 1) {
+    for (int64_t i = 0; i < n; ++i) dst[i] += src[i];
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] += src[i * ss];
+  }
+}
+
+template <typename T>
+inline void row_copy(T* __restrict__ dst, const T* __restrict__ src, int64_t ss, int64_t n) {
+  if (ss == 1) {
+    std::memcpy(dst, src, sizeof(T) * n);
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = src[i * ss];
+  }
+}
+
+// Sum of n contiguous elements: two vectors of partial sums, then a fixed tree over
+// their lanes, then the tail (vectorised, deterministic).
+template <typename T>
+inline T contiguous_sum(const T* __restrict__ x, int64_t n) {
+  constexpr int64_t L = kVecLen<T>;
+  if (n < L) {
+    T s0 = 0, s1 = 0;
+    int64_t i = 0;
+    for (; i + 2 <= n; i += 2) {
+      s0 += x[i];
+      s1 += x[i + 1];
+    }
+    if (i < n) s0 += x[i];
+    return s0 + s1;
+  }
+  Vec<T> a0 = {}, a1 = {}, v0, v1;
+  int64_t i = 0;
+  for (; i + 2 * L <= n; i += 2 * L) {
+    CNNEXT_VLOAD(v0, x + i);
+    CNNEXT_VLOAD(v1, x + i + L);
+    a0 += v0;
+    a1 += v1;
+  }
+  if (i + L <= n) {
+    CNNEXT_VLOAD(v0, x + i);
+    a0 += v0;
+    i += L;
+  }
+  a0 += a1;
+  T lane[L];
+  CNNEXT_VSTORE(lane, a0);
+  for (int64_t w = L / 2; w >= 1; w /= 2)
+    for (int64_t l = 0; l < w; ++l) lane[l] += lane[l + w];
+  T s = lane[0];
+  for (; i < n; ++i) s += x[i];
+  return s;
+}
+
+// Sum of a (rows x cols) block read through strides (rs, cs).
+template <typename T>
+inline T block_sum(const T* x, int64_t rows, int64_t cols, int64_t rs, int64_t cs) {
+  if (cs == 1 && rs == cols) return contiguous_sum(x, rows * cols);
+  T s = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    if (cs == 1) {
+      s += contiguous_sum(x + r * rs, cols);
+    } else {
+      for (int64_t c = 0; c < cols; ++c) s += x[r * rs + c * cs];
+    }
+  }
+  return s;
+}
+
+// ---------------------------------------------------------------------------------
+// Forward
+// ---------------------------------------------------------------------------------
+
+// One (n, c) plane into a contiguous output plane y (OH x OW).
+template <typename T>
+void forward_plane(const AvgPool2dParams& a, const Windows<T>& win, const T* x, int64_t xh,
+                   int64_t xw, T* y, T* rb, T* acc) {
+  const Pool2dParams& p = a.p;
+  if (win.global) {
+    y[0] = block_sum(x, p.H, p.W, xh, xw) * win.inv[0];
+    return;
+  }
+  for (int64_t oh = 0; oh < p.OH; ++oh) {
+    const int64_t h0 = win.hlo[oh], h1 = win.hhi[oh];
+    row_copy(rb, x + h0 * xh, xw, p.W);
+    for (int64_t ih = h0 + 1; ih < h1; ++ih) row_add(rb, x + ih * xh, xw, p.W);
+    T* yr = y + oh * p.OW;
+    const T* inv = win.inv.data() + oh * p.OW;
+    if (win.w_regular) {
+      const int64_t SW = p.SW;
+      if (p.KW == 2 && SW == 2) {
+        for (int64_t ow = 0; ow < p.OW; ++ow) yr[ow] = (rb[2 * ow] + rb[2 * ow + 1]) * inv[ow];
+        continue;
+      }
+      for (int64_t ow = 0; ow < p.OW; ++ow) acc[ow] = rb[ow * SW];
+      for (int64_t kw = 1; kw < p.KW; ++kw)
+        for (int64_t ow = 0; ow < p.OW; ++ow) acc[ow] += rb[ow * SW + kw];
+      for (int64_t ow = 0; ow < p.OW; ++ow) yr[ow] = acc[ow] * inv[ow];
+    } else {
+      for (int64_t ow = 0; ow < p.OW; ++ow) {
+        T s = 0;
+        for (int64_t iw = win.wlo[ow]; iw < win.whi[ow]; ++iw) s += rb[iw];
+        yr[ow] = s * inv[ow];
+      }
+    }
+  }
+}
+
+template <typename T>
+void forward_nchw(const AvgPool2dParams& a, const Windows<T>& win, const at::Tensor& input,
+                  at::Tensor& out) {
+  const Pool2dParams& p = a.p;
+  const Strides4 xs = strides_of(input);
+  const T* x = input.const_data_ptr<T>();
+  T* y = out.mutable_data_ptr<T>();
+  const int64_t per_item = p.H * p.W + p.OH * p.OW;
+  if (win.global) {
+    // Global pooling: one sum per plane; (n, c) stepped, not divided out, per plane.
+    const T inv = win.inv[0];
+    const bool dense = xs.w == 1 && xs.h == p.W;
+    at::parallel_for(0, p.N * p.C, grain_for(per_item), [&](int64_t b, int64_t e) {
+      int64_t n = b / p.C, c = b % p.C;
+      for (int64_t item = b; item < e; ++item) {
+        const T* xp = x + n * xs.n + c * xs.c;
+        y[item] = (dense ? contiguous_sum(xp, p.H * p.W) : block_sum(xp, p.H, p.W, xs.h, xs.w)) * inv;
+        if (++c == p.C) {
+          c = 0;
+          ++n;
+        }
+      }
+    });
+    return;
+  }
+  at::parallel_for(0, p.N * p.C, grain_for(per_item), [&](int64_t b, int64_t e) {
+    std::vector<T> rb(p.W), acc(p.OW);
+    for (int64_t item = b; item < e; ++item) {
+      const int64_t n = item / p.C, c = item % p.C;
+      forward_plane(a, win, x + n * xs.n + c * xs.c, xs.h, xs.w, y + item * p.OH * p.OW,
+                    rb.data(), acc.data());
+    }
+  });
+}
+
+// out[c] = scale * sum over the pixels (ih, iw) of rows [h0, h1), columns [w0, w1) of
+// x[ih, iw, c] for c in [0, C); x points at channel 0 of pixel (0, 0) of one sample.
+// Dense channels: windows of 5 to 16 pixels sum blocks of 4 vectors of channels in
+// registers, others stream through acc; each channel's sum runs over the pixels in
+// row-major order whatever the path.
+template <typename T>
+inline void window_channels(const T* x, const Strides4& xs, int64_t h0, int64_t h1, int64_t w0,
+                            int64_t w1, int64_t C, T scale, T* __restrict__ acc,
+                            T* __restrict__ out, int64_t os) {
+  const int64_t pixels = (h1 - h0) * (w1 - w0);
+  if (xs.c == 1 && os == 1 && (pixels <= 4 || pixels > 16)) {
+    // Stream each pixel's channels into acc (in L1), the last one added while storing.
+    // Measured faster than the register blocks below, and than one fused pass over the
+    // 4 pixels, for 2x2 windows (DenseNet's transitions); and for large
+    // windows, whose pixels the blocks read at a stride of C elements (for C * sizeof(T)
+    // a multiple of 4 KiB all in one L1 set: 2.4x slower on (32, 1024, 7, 7)).
+    const int64_t cols = w1 - w0;
+    auto pixel = [&](int64_t k) { return x + (h0 + k / cols) * xs.h + (w0 + k % cols) * xs.w; };
+    const T* __restrict__ p0 = pixel(0);
+    if (pixels == 1) {
+      for (int64_t c = 0; c < C; ++c) out[c] = p0[c] * scale;
+      return;
+    }
+    std::memcpy(acc, p0, sizeof(T) * C);
+    int64_t k = 1;
+    if (pixels > 16) {
+      // Four pixels per pass over acc (the same left-to-right order of additions).
+      for (; k + 4 < pixels; k += 4) {
+        const T* __restrict__ q0 = pixel(k);
+        const T* __restrict__ q1 = pixel(k + 1);
+        const T* __restrict__ q2 = pixel(k + 2);
+        const T* __restrict__ q3 = pixel(k + 3);
+        for (int64_t c = 0; c < C; ++c) acc[c] = acc[c] + q0[c] + q1[c] + q2[c] + q3[c];
+      }
+    }
+    for (; k + 1 < pixels; ++k) row_add(acc, pixel(k), 1, C);
+    const T* last = pixel(pixels - 1);
+    for (int64_t c = 0; c < C; ++c) out[c] = (acc[c] + last[c]) * scale;
+    return;
+  }
+  if (xs.c == 1 && os == 1) {
+    constexpr int64_t L = kVecLen<T>;
+    int64_t c = 0;
+    for (; c + 4 * L <= C; c += 4 * L) {
+      Vec<T> a0 = {}, a1 = {}, a2 = {}, a3 = {}, v0, v1, v2, v3;
+      for (int64_t ih = h0; ih < h1; ++ih) {
+        for (int64_t iw = w0; iw < w1; ++iw) {
+          const T* px = x + ih * xs.h + iw * xs.w + c;
+          CNNEXT_VLOAD(v0, px);
+          CNNEXT_VLOAD(v1, px + L);
+          CNNEXT_VLOAD(v2, px + 2 * L);
+          CNNEXT_VLOAD(v3, px + 3 * L);
+          a0 += v0;
+          a1 += v1;
+          a2 += v2;
+          a3 += v3;
+        }
+      }
+      a0 *= scale;
+      a1 *= scale;
+      a2 *= scale;
+      a3 *= scale;
+      CNNEXT_VSTORE(out + c, a0);
+      CNNEXT_VSTORE(out + c + L, a1);
+      CNNEXT_VSTORE(out + c + 2 * L, a2);
+      CNNEXT_VSTORE(out + c + 3 * L, a3);
+    }
+    for (; c + L <= C; c += L) {
+      Vec<T> a0 = {}, v0;
+      for (int64_t ih = h0; ih < h1; ++ih) {
+        for (int64_t iw = w0; iw < w1; ++iw) {
+          CNNEXT_VLOAD(v0, x + ih * xs.h + iw * xs.w + c);
+          a0 += v0;
+        }
+      }
+      a0 *= scale;
+      CNNEXT_VSTORE(out + c, a0);
+    }
+    for (; c < C; ++c) {
+      T a = 0;
+      for (int64_t ih = h0; ih < h1; ++ih)
+        for (int64_t iw = w0; iw < w1; ++iw) a += x[ih * xs.h + iw * xs.w + c];
+      out[c] = a * scale;
+    }
+    return;
+  }
+  std::fill(acc, acc + C, T(0));
+  for (int64_t ih = h0; ih < h1; ++ih)
+    for (int64_t iw = w0; iw < w1; ++iw) row_add(acc, x + ih * xs.h + iw * xs.w, xs.c, C);
+  for (int64_t c = 0; c < C; ++c) out[c * os] = acc[c] * scale;
+}
+
+// Channels-last output: one (n, output row, channel block) per item.
+template <typename T>
+void forward_channels_last(const AvgPool2dParams& a, const Windows<T>& win,
+                           const at::Tensor& input, at::Tensor& out) {
+  const Pool2dParams& p = a.p;
+  const Strides4 xs = strides_of(input), ys = strides_of(out);
+  const T* x = input.const_data_ptr<T>();
+  T* y = out.mutable_data_ptr<T>();
+  constexpr int64_t CB = 1024;  // channels per item: the accumulators stay in L1
+  const int64_t cblocks = (p.C + CB - 1) / CB;
+  const int64_t window_elems = p.OW * std::max<int64_t>(1, (p.H * p.W) / std::max<int64_t>(1, p.OH * p.OW));
+  const int64_t per_item = std::min(p.C, CB) * (window_elems + p.OW);
+  at::parallel_for(0, p.N * p.OH * cblocks, grain_for(per_item), [&](int64_t b, int64_t e) {
+    std::vector<T> acc(std::min(p.C, CB));
+    for (int64_t item = b; item < e; ++item) {
+      const int64_t cb = item % cblocks, row = item / cblocks;
+      const int64_t n = row / p.OH, oh = row % p.OH;
+      const int64_t c0 = cb * CB, nc = std::min(CB, p.C - c0);
+      const T* xn = x + n * xs.n + c0 * xs.c;
+      for (int64_t ow = 0; ow < p.OW; ++ow) {
+        window_channels(xn, xs, win.hlo[oh], win.hhi[oh], win.wlo[ow], win.whi[ow], nc,
+                        win.inv[oh * p.OW + ow], acc.data(),
+                        y + n * ys.n + c0 * ys.c + oh * ys.h + ow * ys.w, ys.c);
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------------
+
+// One (n, c) plane of grad_input, contiguous (H x W), from grad_output's plane g read
+// through strides (gh, gw): zero it, then add each output row's spread-out gradient.
+template <typename T>
+void backward_plane(const AvgPool2dParams& a, const Windows<T>& win, const T* g, int64_t gh,
+                    int64_t gw, T* gx, T* rb) {
+  const Pool2dParams& p = a.p;
+  if (win.global) {
+    const T v = g[0] * win.inv[0];
+    std::fill(gx, gx + p.H * p.W, v);
+    return;
+  }
+  std::fill(gx, gx + p.H * p.W, T(0));
+  for (int64_t oh = 0; oh < p.OH; ++oh) {
+    const T* gr = g + oh * gh;
+    const T* inv = win.inv.data() + oh * p.OW;
+    if (win.w_regular && p.KW == p.SW) {
+      // Non-overlapping columns tiling [0, OW * KW): each buffer entry written once.
+      const int64_t K = p.KW;
+      for (int64_t ow = 0; ow < p.OW; ++ow) {
+        const T v = gr[ow * gw] * inv[ow];
+        for (int64_t k = 0; k < K; ++k) rb[ow * K + k] = v;
+      }
+      std::fill(rb + p.OW * K, rb + p.W, T(0));
+    } else {
+      std::fill(rb, rb + p.W, T(0));
+      for (int64_t ow = 0; ow < p.OW; ++ow) {
+        const T v = gr[ow * gw] * inv[ow];
+        for (int64_t iw = win.wlo[ow]; iw < win.whi[ow]; ++iw) rb[iw] += v;
+      }
+    }
+    for (int64_t ih = win.hlo[oh]; ih < win.hhi[oh]; ++ih) row_add(gx + ih * p.W, rb, 1, p.W);
+  }
+}
+
+template <typename T>
+void backward_nchw(const AvgPool2dParams& a, const Windows<T>& win, const at::Tensor& grad_output,
+                   at::Tensor& gx) {
+  const Pool2dParams& p = a.p;
+  const Strides4 gs = strides_of(grad_output);
+  const T* g = grad_output.const_data_ptr<T>();
+  T* dx = gx.mutable_data_ptr<T>();
+  const int64_t per_item = 2 * p.H * p.W + p.OH * p.OW;
+  at::parallel_for(0, p.N * p.C, grain_for(per_item), [&](int64_t b, int64_t e) {
+    std::vector<T> rb(p.W);
+    for (int64_t item = b; item < e; ++item) {
+      const int64_t n = item / p.C, c = item % p.C;
+      backward_plane(a, win, g + n * gs.n + c * gs.c, gs.h, gs.w, dx + item * p.H * p.W,
+                     rb.data());
+    }
+  });
+}
+
+// out[c] = sum over the outputs (oh, ow) in [oh0, oh1) x [ow0, ow1) of
+// g[oh, ow, c] * inv[oh * OW + ow], for dense channels; g points at channel 0 of
+// output (0, 0) of one sample. Blocks of 4 vectors of channels stay in registers.
+template <typename T>
+inline void gather_channels(const T* g, const Strides4& gs, int64_t oh0, int64_t oh1, int64_t ow0,
+                            int64_t ow1, const T* inv, int64_t OW, int64_t C, T* __restrict__ out) {
+  constexpr int64_t L = kVecLen<T>;
+  int64_t c = 0;
+  for (; c + 4 * L <= C; c += 4 * L) {
+    Vec<T> a0 = {}, a1 = {}, a2 = {}, a3 = {}, v0, v1, v2, v3;
+    for (int64_t oh = oh0; oh < oh1; ++oh) {
+      for (int64_t ow = ow0; ow < ow1; ++ow) {
+        const T* gp = g + oh * gs.h + ow * gs.w + c;
+        const T s = inv[oh * OW + ow];
+        CNNEXT_VLOAD(v0, gp);
+        CNNEXT_VLOAD(v1, gp + L);
+        CNNEXT_VLOAD(v2, gp + 2 * L);
+        CNNEXT_VLOAD(v3, gp + 3 * L);
+        a0 += v0 * s;
+        a1 += v1 * s;
+        a2 += v2 * s;
+        a3 += v3 * s;
+      }
+    }
+    CNNEXT_VSTORE(out + c, a0);
+    CNNEXT_VSTORE(out + c + L, a1);
+    CNNEXT_VSTORE(out + c + 2 * L, a2);
+    CNNEXT_VSTORE(out + c + 3 * L, a3);
+  }
+  for (; c + L <= C; c += L) {
+    Vec<T> a0 = {}, v0;
+    for (int64_t oh = oh0; oh < oh1; ++oh) {
+      for (int64_t ow = ow0; ow < ow1; ++ow) {
+        CNNEXT_VLOAD(v0, g + oh * gs.h + ow * gs.w + c);
+        a0 += v0 * inv[oh * OW + ow];
+      }
+    }
+    CNNEXT_VSTORE(out + c, a0);
+  }
+  for (; c < C; ++c) {
+    T a = 0;
+    for (int64_t oh = oh0; oh < oh1; ++oh)
+      for (int64_t ow = ow0; ow < ow1; ++ow) a += g[oh * gs.h + ow * gs.w + c] * inv[oh * OW + ow];
+    out[c] = a;
+  }
+}
+
+// Channels-last grad_input: one (n, input row, channel block) per item; each pixel
+// gathers grad / divisor over the windows that contain it.
+template <typename T>
+void backward_channels_last(const AvgPool2dParams& a, const Windows<T>& win,
+                            const at::Tensor& grad_output, at::Tensor& gx) {
+  const Pool2dParams& p = a.p;
+  const Strides4 gs = strides_of(grad_output), xs = strides_of(gx);
+  const T* g = grad_output.const_data_ptr<T>();
+  T* dx = gx.mutable_data_ptr<T>();
+  std::vector<int64_t> olo(p.H), ohi(p.H), wlo(p.W), whi(p.W);
+  for (int64_t ih = 0; ih < p.H; ++ih)
+    avg_pool_windows_containing(a, ih, p.H, p.OH, p.KH, p.SH, p.PH, &olo[ih], &ohi[ih]);
+  for (int64_t iw = 0; iw < p.W; ++iw)
+    avg_pool_windows_containing(a, iw, p.W, p.OW, p.KW, p.SW, p.PW, &wlo[iw], &whi[iw]);
+  constexpr int64_t CB = 1024;
+  const int64_t cblocks = (p.C + CB - 1) / CB;
+  const int64_t per_item = std::min(p.C, CB) * p.W * 2;
+  at::parallel_for(0, p.N * p.H * cblocks, grain_for(per_item), [&](int64_t b, int64_t e) {
+    std::vector<T> acc(std::min(p.C, CB));
+    T* ac = acc.data();
+    for (int64_t item = b; item < e; ++item) {
+      const int64_t cb = item % cblocks, row = item / cblocks;
+      const int64_t n = row / p.H, ih = row % p.H;
+      const int64_t c0 = cb * CB, nc = std::min(CB, p.C - c0);
+      const T* gn = g + n * gs.n + c0 * gs.c;
+      T* xr = dx + n * xs.n + c0 * xs.c + ih * xs.h;
+      for (int64_t iw = 0; iw < p.W; ++iw) {
+        if (gs.c == 1 && xs.c == 1) {
+          gather_channels(gn, gs, olo[ih], ohi[ih], wlo[iw], whi[iw], win.inv.data(), p.OW, nc,
+                          xr + iw * xs.w);
+          continue;
+        }
+        std::fill(ac, ac + nc, T(0));
+        for (int64_t oh = olo[ih]; oh < ohi[ih]; ++oh) {
+          for (int64_t ow = wlo[iw]; ow < whi[iw]; ++ow) {
+            const T s = win.inv[oh * p.OW + ow];
+            const T* gp = gn + oh * gs.h + ow * gs.w;
+            if (gs.c == 1) {
+              for (int64_t c = 0; c < nc; ++c) ac[c] += gp[c] * s;
+            } else {
+              for (int64_t c = 0; c < nc; ++c) ac[c] += gp[c * gs.c] * s;
+            }
+          }
+        }
+        T* xp = xr + iw * xs.w;
+        if (xs.c == 1) {
+          std::memcpy(xp, ac, sizeof(T) * nc);
+        } else {
+          for (int64_t c = 0; c < nc; ++c) xp[c * xs.c] = ac[c];
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void forward(const AvgPool2dParams& a, const at::Tensor& input, at::Tensor& out, bool channels_last) {
+  const Windows<T> win(a);
+  if (channels_last) {
+    forward_channels_last(a, win, input, out);
+  } else {
+    forward_nchw(a, win, input, out);
+  }
+}
+
+template <typename T>
+void backward(const AvgPool2dParams& a, const at::Tensor& grad_output, at::Tensor& gx,
+              bool channels_last) {
+  const Windows<T> win(a);
+  if (channels_last) {
+    backward_channels_last(a, win, grad_output, gx);
+  } else {
+    backward_nchw(a, win, grad_output, gx);
+  }
+}
+

@@ -1,0 +1,156 @@
+// Runs the per-element bodies of the CUDA avg_pool2d / adaptive_avg_pool2d kernels on
+// the host, without a GPU, for tests/test_cuda_avg_pool2d_on_host.py. It includes
+// csrc/cuda/avg_pool2d.cu itself, so it calls the very __host__ __device__ functions
+// the kernels loop around: forward_element, global_partial + global_store and
+// backward_element. No torch headers; build with
+//   nvcc -std=c++17 -Icsrc -o avg_pool2d_host tests/cuda_host/avg_pool2d_host.cu
+// and run as `avg_pool2d_host IN OUT`.
+//
+// IN is a sequence of records; every integer is a little-endian int64.
+//   op      0 forward (one element at a time, in the order the launcher picks),
+//           1 global forward (`split` lane partial sums per plane, added in lane order,
+//             as a warp of 32 lanes does with split 32), 2 backward
+//   dtype   DType: 0 F32, 1 F64, 2 F16, 3 BF16
+//   split   op 1 only (>= 1)
+//   the 14 fields of Pool2dParams in declaration order, then adaptive,
+//   count_include_pad and divisor (AvgPool2dParams)
+//   two tensors, each as: strides (n, c, h, w), span, then span elements for the
+//   input (none for the output). span: elements from element (0, 0, 0, 0) to the last.
+//     op 0, 1: x, y        op 2: gy, gx
+// For each record OUT gets the output's span elements. Outputs start out NaN, so an
+// element no call writes, or a gap of a strided output, comes back NaN; inputs sit
+// between NaN guards, so a read outside them poisons the result.
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "cuda/avg_pool2d.cu"
+
+using namespace cnnext;
+using namespace cnnext::cuda::kernels;
+using namespace cnnext::cuda::kernels::avg_pool2d_detail;
+
+namespace {
+
+FILE* g_in;
+long long g_record = -1;
+
+[[noreturn]] void die(const char* what) {
+  std::fprintf(stderr, "avg_pool2d_host: record %lld: %s\n", g_record, what);
+  std::exit(2);
+}
+
+bool try_read(int64_t* v) { return std::fread(v, sizeof *v, 1, g_in) == 1; }
+
+int64_t read_i64() {
+  int64_t v;
+  if (!try_read(&v)) die("truncated input");
+  return v;
+}
+
+constexpr int64_t kGuard = 64;
+
+template <typename T>
+struct Tensor {
+  Strides4 s{};
+  int64_t span = 0;
+  std::vector<T> buf;
+  T* data() { return buf.data() + kGuard; }
+  bool guards_intact() const {
+    const auto* b = reinterpret_cast<const unsigned char*>(buf.data());
+    const size_t bytes = kGuard * sizeof(T), end = (kGuard + span) * sizeof(T);
+    for (size_t k = 0; k < bytes; ++k)
+      if (b[k] != 0xFF || b[end + k] != 0xFF) return false;
+    return true;
+  }
+};
+
+// Every byte starts 0xFF: a NaN in float, double, __half and __nv_bfloat16.
+template <typename T>
+Tensor<T> read_tensor(bool with_data) {
+  Tensor<T> t;
+  t.s = {read_i64(), read_i64(), read_i64(), read_i64()};
+  t.span = read_i64();
+  if (t.span < 0) die("negative span");
+  t.buf.resize(t.span + 2 * kGuard);
+  std::memset(static_cast<void*>(t.buf.data()), 0xFF, t.buf.size() * sizeof(T));
+  if (with_data && std::fread(t.data(), sizeof(T), t.span, g_in) != size_t(t.span))
+    die("truncated tensor data");
+  return t;
+}
+
+template <typename T>
+void write_output(Tensor<T>& t, FILE* out) {
+  if (!t.guards_intact()) die("a kernel wrote outside its output");
+  if (std::fwrite(t.data(), sizeof(T), t.span, out) != size_t(t.span)) die("write failed");
+}
+
+template <typename T>
+void run(int64_t op, const AvgPool2dParams& a, int64_t split, FILE* out) {
+  using A = typename AccType<T>::type;
+  auto in = read_tensor<T>(true), res = read_tensor<T>(false);
+  const Pool2dParams& p = a.p;
+  if (op == 0) {
+    const int64_t total = p.N * p.C * p.OH * p.OW;
+    const bool cl = channels_fastest(res.s);  // as the launcher picks
+    for (int64_t i = 0; i < total; ++i) {
+      if (cl)
+        forward_element<T, true>(a, in.data(), in.s, res.data(), res.s, i);
+      else
+        forward_element<T, false>(a, in.data(), in.s, res.data(), res.s, i);
+    }
+  } else if (op == 1) {
+    if (!is_global(a)) die("op 1 needs a global pooling");
+    for (int64_t plane = 0; plane < p.N * p.C; ++plane) {
+      A acc = A(0);
+      for (int64_t lane = 0; lane < split; ++lane)
+        acc += global_partial<T>(a, in.data(), in.s, plane, lane, split);
+      global_store<T>(a, acc, plane, res.data(), res.s);
+    }
+  } else if (op == 2) {
+    const int64_t total = p.N * p.C * p.H * p.W;
+    const bool cl = channels_fastest(res.s);
+    for (int64_t i = 0; i < total; ++i) {
+      if (cl)
+        backward_element<T, true>(a, in.data(), in.s, res.data(), res.s, i);
+      else
+        backward_element<T, false>(a, in.data(), in.s, res.data(), res.s, i);
+    }
+  } else {
+    die("unknown op");
+  }
+  write_output(res, out);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc != 3) die("usage: avg_pool2d_host IN OUT");
+  g_in = std::fopen(argv[1], "rb");
+  FILE* out = std::fopen(argv[2], "wb");
+  if (g_in == nullptr || out == nullptr) die("cannot open IN or OUT");
+  int64_t op;
+  while (try_read(&op)) {
+    ++g_record;
+    const int64_t dtype = read_i64(), split = read_i64();
+    if (split < 1) die("split < 1");
+    AvgPool2dParams a{};
+    Pool2dParams& p = a.p;
+    for (int64_t* f : {&p.N, &p.C, &p.H, &p.W, &p.OH, &p.OW, &p.KH, &p.KW, &p.SH, &p.SW, &p.PH,
+                       &p.PW, &p.DH, &p.DW})
+      *f = read_i64();
+    a.adaptive = read_i64() != 0;
+    a.count_include_pad = read_i64() != 0;
+    a.divisor = read_i64();
+    switch (dtype) {
+      case int64_t(DType::F32): run<float>(op, a, split, out); break;
+      case int64_t(DType::F64): run<double>(op, a, split, out); break;
+      case int64_t(DType::F16): run<__half>(op, a, split, out); break;
+      case int64_t(DType::BF16): run<__nv_bfloat16>(op, a, split, out); break;
+      default: die("unknown dtype");
+    }
+  }
+  if (std::fclose(out) != 0) die("write failed");
+  return 0;
+}
