@@ -359,7 +359,7 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_forward(const at::Tensor& input,
 
 at::Tensor max_pool2d_backward(const at::Tensor& grad_output, const at::Tensor& indices,
                                const Pool2dParams& p, at::MemoryFormat out_format) {
-  at::Tensor gx = at::zeros({p.N, p.C, p.H, p.W}, grad_output.options().memory_format(out_format));
+  at::Tensor gx = at::empty({p.N, p.C, p.H, p.W}, grad_output.options().memory_format(out_format)).zero_();
   if (gx.numel() == 0 || grad_output.numel() == 0) return gx;
   const EmptyWindows empty(p);
   BadIndex bad;
@@ -457,7 +457,7 @@ at::Tensor max_unpool2d_backward(const at::Tensor& grad_output, const at::Tensor
 at::Tensor max_unpool2d_forward(const at::Tensor& input, const at::Tensor& indices, int64_t OH,
                                 int64_t OW, at::MemoryFormat out_format) {
   const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
-  at::Tensor out = at::zeros({N, C, OH, OW}, input.options().memory_format(out_format));
+  at::Tensor out = at::empty({N, C, OH, OW}, input.options().memory_format(out_format)).zero_();
   if (out.numel() == 0 || input.numel() == 0) return out;
   const int64_t OHW = OH * OW;
   BadIndex bad;
