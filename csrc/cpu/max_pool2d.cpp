@@ -405,6 +405,9 @@ at::Tensor gather(const char* op, const at::Tensor& src, const at::Tensor& indic
   if (out.numel() == 0) return out;
   const int64_t N = indices.size(0), C = indices.size(1), h = indices.size(2), w = indices.size(3);
   const int64_t Hs = src.size(2), Ws = src.size(3), HWs = Hs * Ws;
+  // An empty source plane (max_unpool2d to an empty output, which checks no index
+  // either) gives zeros.
+  if (HWs == 0) return out.zero_();
   std::vector<char> row_ok(h, 1), col_ok(w, 1);
   if (pool != nullptr) {
     const EmptyWindows empty(*pool);

@@ -139,8 +139,8 @@ at::Tensor max_unpool2d(const at::Tensor& input, const at::Tensor& indices,
   TORCH_CHECK(output_size.size() == 2, op,
               ": expected output_size to have 2 entries (height, width), got ",
               shape_str(output_size));
-  TORCH_CHECK(output_size[0] >= 1 && output_size[1] >= 1, op,
-              ": expected output_size to be positive, got ", shape_str(output_size));
+  TORCH_CHECK(output_size[0] >= 0 && output_size[1] >= 0, op,
+              ": expected output_size to be non-negative, got ", shape_str(output_size));
   const at::Tensor idx = batched ? indices : indices.unsqueeze(0);
   // The output takes the input's layout, as torch's does.
   const auto fmt = batched ? layout_of({x}) : at::MemoryFormat::Contiguous;
@@ -167,9 +167,6 @@ at::Tensor max_unpool2d_backward(const at::Tensor& grad_output, const at::Tensor
               op, ": expected indices to have the batch and channel sizes of grad_output ",
               shape_str(grad_output.sizes()), ", got ", shape_str(indices.sizes()));
   check_indices_type(op, grad_output, "grad_output", indices);
-  TORCH_CHECK(g.size(2) >= 1 && g.size(3) >= 1, op,
-              ": expected grad_output to have non-zero height and width, got ",
-              shape_str(grad_output.sizes()));
   const at::Tensor idx = batched ? indices : indices.unsqueeze(0);
   const auto fmt = batched ? layout_of({idx}) : at::MemoryFormat::Contiguous;
   if (g.is_cuda()) {
