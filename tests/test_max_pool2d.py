@@ -346,3 +346,37 @@ def test_compile():
     fn = torch.compile(lambda t: max_pool2d(t, 3, 2, 1, return_indices=True), backend="eager", fullgraph=True)
     a, b = fn(x), F.max_pool2d(x, 3, 2, 1, return_indices=True)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+@pytest.mark.parametrize("channels", [37, 70])
+def test_channels_last_wide(channels):
+    """channels_last with channels past the vector blocks (32 float / 16 double, a quarter
+    block and a scalar tail): special values, forward, backward and the unpooling."""
+    gen = torch.Generator().manual_seed(channels)
+    for dtype in (torch.float32, torch.float64):
+        for kw in (dict(kernel_size=3, stride=2), dict(kernel_size=3, stride=1, padding=1),
+                   dict(kernel_size=(2, 3), stride=(1, 2), padding=1, dilation=(2, 1), ceil_mode=True),
+                   dict(kernel_size=2, stride=1, padding=1, dilation=3)):
+            x0 = special_values((2, channels, 7, 8), dtype, gen)
+            x = x0.contiguous(memory_format=torch.channels_last).requires_grad_()
+            ref_out, ref_idx = F.max_pool2d(x0, return_indices=True, **kw)
+            out, idx = max_pool2d(x, return_indices=True, **kw)
+            assert is_channels_last(out) and is_channels_last(idx)
+            torch.testing.assert_close(out, ref_out, rtol=0, atol=0, equal_nan=True)
+            assert torch.equal(idx, ref_idx)
+            go = torch.randn(out.shape, generator=gen, dtype=dtype)
+            gx, = torch.autograd.grad(out, x, go.contiguous(memory_format=torch.channels_last))
+            k, s, p, d = (pair_arg_value(kw.get(a, dflt)) for a, dflt in
+                          (("kernel_size", 1), ("stride", kw["kernel_size"]), ("padding", 0), ("dilation", 1)))
+            want = scatter_reference(x0.shape, ref_idx, go, k, s, p, d, kw.get("ceil_mode", False))
+            torch.testing.assert_close(gx.double(), want, rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=1e-6)
+            if d == (1, 1):  # the unpooling to the input's size (reachable for these)
+                y = torch.randn(out.shape, generator=gen, dtype=dtype).contiguous(memory_format=torch.channels_last)
+                got = cnnext.functional.max_unpool2d(y, idx, k, s, p, output_size=(7, 8))
+                assert is_channels_last(got)
+                torch.testing.assert_close(got, F.max_unpool2d(y, ref_idx, k, s, p, output_size=(7, 8)),
+                                           rtol=0, atol=0)
+
+
+def pair_arg_value(v):
+    return (v, v) if isinstance(v, int) else tuple(v)

@@ -14,10 +14,12 @@
 //     C++ that the compiler vectorises, built for AVX-512, AVX2 and baseline x86-64
 //     (target_clones, picked at load time).
 //   - channels_last (channels contiguous, output channels_last): per output pixel, the
-//     taps in scan order, vectorised over the channels.
+//     taps in scan order, on blocks of channels in AVX2 registers (values and the tap
+//     number per lane; indices looked up once per pixel), scalar tail / fallback.
 //   - anything else: a scalar loop through the strides.
 // Backward scatters grad_output into grad_input plane by plane, each plane by one
-// thread, in output order: deterministic. The gathers (max_pool2d_select,
+// thread, in output order: deterministic (channels_last: one sample per thread, pixels
+// in output order, channels inside; the unpooling scatter and the gathers likewise). The gathers (max_pool2d_select,
 // max_unpool2d_backward) and the unpooling scatter are one loop through the strides.
 // Every index read from a tensor is checked against its plane before it is used.
 #include <ATen/ATen.h>
@@ -26,6 +28,11 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstring>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
 #include <limits>
 #include <vector>
 
@@ -241,25 +248,102 @@ void forward_nchw(const at::Tensor& input, const Pool2dParams& p, at::Tensor& ou
   });
 }
 
-// channels_last: channels contiguous in input and output.
+// channels_last: channels contiguous in input and output. Per output pixel, the
+// window's taps in scan order, on blocks of channels held in registers: the running
+// maximum and the number of the tap it came from (in the value type, the same lane
+// width, so the selects vectorise; exact as the tap count is checked below 2^digits);
+// the flat index is looked up from the tap number once per pixel and channel.
+//
+// AVX2 intrinsics where the CPU has AVX2 (checked once at run time), else scalar.
+
+// The scalar loop over channels [c, C).
 template <typename T>
-CNNEXT_CLONES void cl_pixel(const T* __restrict__ xp, int64_t C, const int64_t* taps_off,
-                            const int64_t* taps_idx, int64_t ntaps, int64_t first_idx,
-                            T* __restrict__ y, int64_t* __restrict__ yi) {
-  for (int64_t c = 0; c < C; ++c) {
-    y[c] = neg_inf<T>();
-    yi[c] = first_idx;
-  }
-  for (int64_t t = 0; t < ntaps; ++t) {
-    const T* row = xp + taps_off[t];
-    const int64_t id = taps_idx[t];
-    for (int64_t c = 0; c < C; ++c) {
-      const T val = row[c];
-      const bool take = (val > y[c]) | (val != val);
-      y[c] = take ? val : y[c];
-      yi[c] = take ? id : yi[c];
+void cl_pixel_scalar(const T* __restrict__ xp, int64_t c, int64_t C, const int64_t* off,
+                     const int64_t* tidx, int64_t ntaps, T* __restrict__ y,
+                     int64_t* __restrict__ yi) {
+  for (; c < C; ++c) {
+    T best = xp[off[0] + c];
+    int64_t bt = 0;
+    for (int64_t t = 1; t < ntaps; ++t) {
+      const T v = xp[off[t] + c];
+      if (max_pool_takes(v, best)) {
+        best = v;
+        bt = t;
+      }
     }
+    y[c] = best;
+    yi[c] = tidx[bt];
   }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define CNNEXT_CL_AVX2 1
+// NV vectors of channels from c: y = maximum over the taps (torch's rule in scan
+// order), the tap number per lane; then the index looked up per channel. Starting from
+// tap 0's value is torch's start from -inf: tap 0 is taken when it is greater than
+// -inf or NaN, and a -inf keeps -inf with tap 0's index either way.
+#define CNNEXT_CL_BLOCK(T, VT, SFX, NV)                                                         \
+  {                                                                                             \
+    constexpr int L = 32 / sizeof(T);                                                           \
+    VT acc[NV], tn[NV];                                                                         \
+    for (int k = 0; k < NV; ++k) {                                                              \
+      acc[k] = _mm256_loadu_##SFX(xp + off[0] + c + k * L);                                     \
+      tn[k] = _mm256_setzero_##SFX();                                                           \
+    }                                                                                           \
+    for (int64_t t = 1; t < ntaps; ++t) {                                                       \
+      const T* r = xp + off[t] + c;                                                             \
+      const VT tt = _mm256_set1_##SFX(T(t));                                                    \
+      for (int k = 0; k < NV; ++k) {                                                            \
+        const VT v = _mm256_loadu_##SFX(r + k * L);                                             \
+        const VT take = _mm256_or_##SFX(_mm256_cmp_##SFX(v, acc[k], _CMP_GT_OQ),               \
+                                        _mm256_cmp_##SFX(v, v, _CMP_UNORD_Q));                  \
+        acc[k] = _mm256_blendv_##SFX(acc[k], v, take);                                          \
+        tn[k] = _mm256_blendv_##SFX(tn[k], tt, take);                                           \
+      }                                                                                         \
+    }                                                                                           \
+    T tap[NV * L];                                                                              \
+    for (int k = 0; k < NV; ++k) {                                                              \
+      _mm256_storeu_##SFX(y + c + k * L, acc[k]);                                               \
+      _mm256_storeu_##SFX(tap + k * L, tn[k]);                                                  \
+    }                                                                                           \
+    for (int b = 0; b < NV * L; ++b) yi[c + b] = tidx[static_cast<int64_t>(tap[b])];           \
+  }
+
+#define CNNEXT_CL_PIXEL(T, VT, SFX)                                                             \
+  __attribute__((target("avx2"))) void cl_pixel_avx2(                                           \
+      const T* __restrict__ xp, int64_t C, const int64_t* off, const int64_t* tidx,            \
+      int64_t ntaps, T* __restrict__ y, int64_t* __restrict__ yi) {                             \
+    constexpr int L = 32 / sizeof(T);                                                           \
+    int64_t c = 0;                                                                              \
+    for (; c + 4 * L <= C; c += 4 * L) CNNEXT_CL_BLOCK(T, VT, SFX, 4)                           \
+    for (; c + L <= C; c += L) CNNEXT_CL_BLOCK(T, VT, SFX, 1)                                   \
+    cl_pixel_scalar<T>(xp, c, C, off, tidx, ntaps, y, yi);                                      \
+  }
+
+CNNEXT_CL_PIXEL(float, __m256, ps)
+CNNEXT_CL_PIXEL(double, __m256d, pd)
+#undef CNNEXT_CL_PIXEL
+#undef CNNEXT_CL_BLOCK
+#endif
+
+// One output pixel: C channels at xp + off[t] (t < ntaps, ntaps >= 1); tap t has flat
+// index tidx[t].
+template <typename T>
+void cl_pixel(bool avx2, const T* xp, int64_t C, const int64_t* off, const int64_t* tidx,
+              int64_t ntaps, T* y, int64_t* yi) {
+#ifdef CNNEXT_CL_AVX2
+  if (avx2) return cl_pixel_avx2(xp, C, off, tidx, ntaps, y, yi);
+#endif
+  cl_pixel_scalar<T>(xp, 0, C, off, tidx, ntaps, y, yi);
+}
+
+bool cpu_has_avx2() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool has = __builtin_cpu_supports("avx2");
+  return has;
+#else
+  return false;
+#endif
 }
 
 template <typename T>
@@ -269,6 +353,7 @@ void forward_channels_last(const at::Tensor& input, const Pool2dParams& p, at::T
   T* y = out.mutable_data_ptr<T>();
   int64_t* yi = idx.mutable_data_ptr<int64_t>();
   const Strides4 xs = strides_of(input);
+  const bool avx2 = cpu_has_avx2();
   at::parallel_for(0, p.N * p.OH, 1, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> off(p.KH * p.KW), id(p.KH * p.KW);
     for (int64_t item = begin; item < end; ++item) {
@@ -285,7 +370,14 @@ void forward_channels_last(const at::Tensor& input, const Pool2dParams& p, at::T
             id[nt] = ih * p.W + iw;
           }
         const int64_t o = ((n * p.OH + oh) * p.OW + ow) * p.C;
-        cl_pixel<T>(x + n * xs.n, p.C, off.data(), id.data(), nt, hlo * p.W + wlo, y + o, yi + o);
+        if (nt == 0) {  // no tap inside the input: -inf, torch's index
+          for (int64_t c = 0; c < p.C; ++c) {
+            y[o + c] = neg_inf<T>();
+            yi[o + c] = hlo * p.W + wlo;
+          }
+          continue;
+        }
+        cl_pixel<T>(avx2, x + n * xs.n, p.C, off.data(), id.data(), nt, y + o, yi + o);
       }
     }
   });
@@ -348,7 +440,8 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_forward(const at::Tensor& input,
     if (is_nchw_rows(input) && out.is_contiguous() && index_exact) {
       forward_nchw<scalar_t>(input, p, out, idx);
     } else if (out_format == at::MemoryFormat::ChannelsLast && input.stride(1) == 1 &&
-               input.stride(3) == p.C && input.stride(2) == p.W * p.C) {
+               input.stride(3) == p.C && input.stride(2) == p.W * p.C &&
+               p.KH * p.KW < (int64_t(1) << std::numeric_limits<scalar_t>::digits)) {
       forward_channels_last<scalar_t>(input, p, out, idx);
     } else {
       forward_generic<scalar_t>(input, p, out, idx);
@@ -370,6 +463,34 @@ at::Tensor max_pool2d_backward(const at::Tensor& grad_output, const at::Tensor& 
     scalar_t* dx = gx.mutable_data_ptr<scalar_t>();
     const Strides4 gs = strides_of(grad_output), is = strides_of(indices), xs = strides_of(gx);
     // gx is allocated dense: flat plane index i is at i * xs.w.
+    if (xs.c == 1 && p.C > 1) {
+      // channels_last: one sample per thread, output pixels in order, channels inside
+      // (each plane still receives its grads in output order: the same sums).
+      at::parallel_for(0, p.N, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t n = begin; n < end; ++n) {
+          const scalar_t* gp = g + n * gs.n;
+          const int64_t* ipp = ip + n * is.n;
+          scalar_t* xp = dx + n * xs.n;
+          for (int64_t oh = 0; oh < p.OH; ++oh) {
+            if (empty.row_empty[oh]) continue;
+            for (int64_t ow = 0; ow < p.OW; ++ow) {
+              if (empty.col_empty[ow]) continue;
+              const scalar_t* gpx = gp + oh * gs.h + ow * gs.w;
+              const int64_t* ipx = ipp + oh * is.h + ow * is.w;
+              for (int64_t c = 0; c < p.C; ++c) {
+                const int64_t i = ipx[c * is.c];
+                if (i < 0 || i >= HW) {
+                  bad.record(i);
+                  continue;
+                }
+                xp[i * xs.w + c] += gpx[c * gs.c];
+              }
+            }
+          }
+        }
+      });
+      return;
+    }
     at::parallel_for(0, p.N * p.C, 1, [&](int64_t begin, int64_t end) {
       for (int64_t plane = begin; plane < end; ++plane) {
         const int64_t n = plane / p.C, c = plane % p.C;
@@ -420,6 +541,32 @@ at::Tensor gather(const char* op, const at::Tensor& src, const at::Tensor& indic
     const int64_t* ip = indices.const_data_ptr<int64_t>();
     scalar_t* op_ = out.mutable_data_ptr<scalar_t>();
     const Strides4 ss = strides_of(src), is = strides_of(indices), os = strides_of(out);
+    if (os.c == 1 && C > 1) {
+      // channels_last output: one output row (n, oh) per item, channels innermost.
+      at::parallel_for(0, N * h, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t item = begin; item < end; ++item) {
+          const int64_t n = item / h, oh = item % h;
+          const scalar_t* spp = sp + n * ss.n;
+          const int64_t* ipp = ip + n * is.n + oh * is.h;
+          scalar_t* opp = op_ + n * os.n + oh * os.h;
+          for (int64_t ow = 0; ow < w; ++ow) {
+            const bool ok = row_ok[oh] && col_ok[ow];
+            for (int64_t c = 0; c < C; ++c) {
+              scalar_t v = scalar_t(0);
+              if (ok) {
+                const int64_t i = ipp[ow * is.w + c * is.c];
+                if (i < 0 || i >= HWs)
+                  bad.record(i);
+                else
+                  v = spp[c * ss.c + flat_offset(ss, Ws, i)];
+              }
+              opp[ow * os.w + c] = v;
+            }
+          }
+        }
+      });
+      return;
+    }
     at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
       for (int64_t plane = begin; plane < end; ++plane) {
         const int64_t n = plane / C, c = plane % C;
@@ -470,6 +617,31 @@ at::Tensor max_unpool2d_forward(const at::Tensor& input, const at::Tensor& indic
     scalar_t* yp = out.mutable_data_ptr<scalar_t>();
     const Strides4 xs = strides_of(input), is = strides_of(indices), ys = strides_of(out);
     // One plane per thread, in input order: with repeated indices the last one wins.
+    if (ys.c == 1 && C > 1) {
+      // channels_last: one sample per thread, input pixels in order, channels inside
+      // (each plane is still written in input order).
+      at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t n = begin; n < end; ++n) {
+          const scalar_t* xpp = xp + n * xs.n;
+          const int64_t* ipp = ip + n * is.n;
+          scalar_t* ypp = yp + n * ys.n;
+          for (int64_t h = 0; h < H; ++h)
+            for (int64_t w = 0; w < W; ++w) {
+              const scalar_t* xpx = xpp + h * xs.h + w * xs.w;
+              const int64_t* ipx = ipp + h * is.h + w * is.w;
+              for (int64_t c = 0; c < C; ++c) {
+                const int64_t i = ipx[c * is.c];
+                if (i < 0 || i >= OHW) {
+                  bad.record(i);
+                  continue;
+                }
+                ypp[i * ys.w + c] = xpx[c * xs.c];
+              }
+            }
+        }
+      });
+      return;
+    }
     at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
       for (int64_t plane = begin; plane < end; ++plane) {
         const int64_t n = plane / C, c = plane % C;
