@@ -8,6 +8,7 @@ import torch
 from . import _C  # noqa: F401  (registers torch.ops.cnnext.*)
 from . import _meta, _autograd  # noqa: F401  (fake kernels, autograd formulas)
 from . import _avg_pool  # noqa: F401  (avg_pool2d, adaptive_avg_pool2d: fake kernels, autograd)
+from . import _max_pool  # noqa: F401  (max pooling: fake kernels, autograd formulas)
 from . import functional, nn
 
 __version__ = "0.1.0"

@@ -69,6 +69,46 @@ def conv_transpose2d_case(shape, weight_shape, layout="contiguous", **kw):
     return _conv_case("conv_transpose2d", cf.conv_transpose2d, F.conv_transpose2d, shape, weight_shape, bias_size, layout, kw)
 
 
+def max_pool2d_case(shape, layout="contiguous", **kw):
+    """max_pool2d with indices: output, indices (as float, exact) and grad_input; then
+    max_unpool2d of the result (when the windows do not overlap) and its gradient."""
+
+    def run(dtype, device):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(shape, generator=g, dtype=torch.float64).to(device, dtype)
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+        x.requires_grad_()
+        results = []
+        for fn in (cf.max_pool2d, F.max_pool2d):
+            out, idx = fn(x, return_indices=True, **kw)
+            gy = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(device, dtype)
+            gx, = torch.autograd.grad(out, x, gy)
+            results.append((out, idx.to(torch.float64), gx))
+        return list(zip(("output", "indices", "grad_input"), *results))
+
+    args = ", ".join(f"{k}={v}" for k, v in kw.items())
+    return Case("max_pool2d", f"x{list(shape)} {args} {layout}", run)
+
+
+def max_unpool2d_case(shape, kernel_size, layout="contiguous"):
+    def run(dtype, device):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(shape, generator=g, dtype=torch.float64).to(device, dtype)
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+        y, idx = F.max_pool2d(x, kernel_size, return_indices=True)
+        y.requires_grad_()
+        results = []
+        for fn in (cf.max_unpool2d, F.max_unpool2d):
+            u = fn(y, idx, kernel_size, output_size=x.shape[-2:])
+            gu = torch.randn(u.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(device, dtype)
+            results.append((u, *torch.autograd.grad(u, y, gu)))
+        return list(zip(("output", "grad_input"), *results))
+
+    return Case("max_unpool2d", f"x{list(shape)} kernel_size={kernel_size} {layout}", run)
+
+
 CASES = [
     conv2d_case((4, 3, 17, 19), (8, 3, 3, 3), padding=1),
     conv2d_case((2, 6, 16, 15), (9, 2, 3, 5), stride=(2, 1), padding=(1, 2), dilation=(1, 2), groups=3),
@@ -79,6 +119,12 @@ CASES = [
     conv_transpose2d_case((2, 6, 7, 6), (6, 2, 3, 2), stride=(2, 1), padding=1, output_padding=(1, 0),
                           dilation=(1, 2), groups=3, layout="channels_last"),
     conv_transpose2d_case((8, 64, 28, 28), (64, 32, 4, 4), stride=2, padding=1),  # 28x28 -> 56x56
+    max_pool2d_case((4, 16, 27, 27), kernel_size=3, stride=2),
+    max_pool2d_case((2, 8, 14, 15), kernel_size=(3, 2), stride=(1, 2), padding=1, dilation=(1, 2), ceil_mode=True,
+                    layout="channels_last"),
+    max_pool2d_case((3, 9, 10), kernel_size=2),
+    max_unpool2d_case((4, 16, 28, 28), 2),
+    max_unpool2d_case((2, 8, 15, 14), (3, 2), layout="channels_last"),
 ]
 
 

@@ -8,6 +8,7 @@ import numbers
 import torch
 
 __all__ = ["conv2d", "conv_transpose2d", "avg_pool2d", "adaptive_avg_pool2d"]
+__all__ = ["conv2d", "conv_transpose2d", "max_pool2d", "max_pool2d_with_indices", "max_unpool2d"]
 
 _ops = torch.ops.cnnext
 
@@ -155,3 +156,71 @@ def adaptive_avg_pool2d(input, output_size):
         sizes = [_int_arg(output_size, "output_size", op)] * 2
     return _ops.adaptive_avg_pool2d(input, sizes)
 
+def _pool_stride(stride, kernel_size, op):
+    """stride=None or [] (torch's default) means the kernel size."""
+    if stride is None or (isinstance(stride, (list, tuple)) and len(stride) == 0):
+        return list(kernel_size)
+    return _pair(stride, "stride", op)
+
+
+def max_pool2d_with_indices(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+                            return_indices=False):
+    """2-D max pooling returning (output, indices), as
+    :func:`torch.nn.functional.max_pool2d_with_indices` (return_indices is ignored, as there).
+
+    input: (N, C, H, W) or unbatched (C, H, W); kernel_size, stride, padding, dilation: int
+    or pair (stride None: kernel_size); padding at most half the kernel. indices are int64
+    flat positions h * W + w in each plane; ties go to the first maximum in row-major order,
+    and a window with NaN picks its last NaN, as torch does. float32/float64 on CPU, plus
+    float16/bfloat16 on CUDA.
+    """
+    op = "max_pool2d"
+    kernel_size = _pair(kernel_size, "kernel_size", op)
+    stride = _pool_stride(stride, kernel_size, op)
+    padding = _pair(padding, "padding", op)
+    dilation = _pair(dilation, "dilation", op)
+    return _ops.max_pool2d_with_indices(input, kernel_size, stride, padding, dilation, bool(ceil_mode))
+
+
+def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
+    """2-D max pooling, as :func:`torch.nn.functional.max_pool2d`: the output, or
+    (output, indices) with return_indices=True (see max_pool2d_with_indices)."""
+    out, indices = max_pool2d_with_indices(input, kernel_size, stride, padding, dilation, ceil_mode)
+    return (out, indices) if return_indices else out
+
+
+def _unpool_output_size(input, kernel_size, stride, padding, output_size):
+    """torch's rule: the default (H - 1) * stride - 2 * padding + kernel_size, or output_size
+    (2 entries, or 4 of which the last 2 count) strictly within stride of the default."""
+    if input.dim() not in (3, 4):
+        raise RuntimeError(f"max_unpool2d: expected input to be 3-D (C, H, W) or 4-D (N, C, H, W), "
+                           f"got {input.dim()}-D tensor of shape {list(input.shape)}")
+    default = [(input.shape[-2 + d] - 1) * stride[d] + kernel_size[d] - 2 * padding[d] for d in range(2)]
+    if output_size is None:
+        return default
+    output_size = list(output_size)
+    if len(output_size) == 4:
+        output_size = output_size[2:]
+    if len(output_size) != 2:
+        raise ValueError("max_unpool2d: expected output_size to be a sequence of 2 or 4 elements, "
+                         f"but it has a length of {len(output_size)}: {output_size}")
+    for d in range(2):
+        lo, hi = default[d] - stride[d], default[d] + stride[d]
+        if not lo < output_size[d] < hi:
+            raise ValueError(f"max_unpool2d: invalid output_size {output_size} (dim {d} must be between "
+                             f"{lo} and {hi}, exclusive: the default size {default[d]} +- stride {stride[d]})")
+    return [int(v) if not isinstance(v, torch.SymInt) else v for v in output_size]
+
+
+def max_unpool2d(input, indices, kernel_size, stride=None, padding=0, output_size=None):
+    """Partial inverse of max_pool2d, as :func:`torch.nn.functional.max_unpool2d`: a zero
+    tensor of output_size (default (H - 1) * stride - 2 * padding + kernel_size) with
+    input[o] written at the flat position indices[o] of each plane. An index outside the
+    output plane is an error. float32/float64 on CPU, plus float16/bfloat16 on CUDA.
+    """
+    op = "max_unpool2d"
+    kernel_size = _pair(kernel_size, "kernel_size", op)
+    stride = _pool_stride(stride, kernel_size, op)
+    padding = _pair(padding, "padding", op)
+    size = _unpool_output_size(input, kernel_size, stride, padding, output_size)
+    return _ops.max_unpool2d(input, indices, size)

@@ -4,3 +4,6 @@ from .conv import Conv2d, ConvTranspose2d
 from .pooling_avg import AdaptiveAvgPool2d, AvgPool2d
 
 __all__ = ["Conv2d", "ConvTranspose2d", "AvgPool2d", "AdaptiveAvgPool2d"]
+from .pooling_max import MaxPool2d, MaxUnpool2d
+
+__all__ = ["Conv2d", "ConvTranspose2d", "MaxPool2d", "MaxUnpool2d"]

@@ -80,4 +80,55 @@ CNNEXT_HD void adaptive_windows_containing(int64_t i, int64_t in, int64_t out, i
   *hi = ((i + 1) * out + in - 1) / in;
 }
 
+// ---- Max pooling (csrc/ops/max_pool2d.cpp, csrc/cpu/max_pool2d.cpp, csrc/cuda/max_pool2d.cu) ----
+
+// Taps of the max-pooling window of output position o along one dimension that lie
+// inside the input: lo, lo + d, ... while < hi. torch's rule: the window starts at
+// o * s - p, is stepped up by the dilation until it is inside the input, and ends at
+// min(start + (k - 1) * d + 1, in). lo >= hi means no tap is inside the input (possible
+// only with dilation): torch then outputs -inf with the index lo_h * W + lo_w, which may
+// lie outside the window or the plane; such windows pass no gradient here.
+CNNEXT_HD void max_window(int64_t o, int64_t in, int64_t k, int64_t s, int64_t p, int64_t d,
+                          int64_t* lo, int64_t* hi) {
+  int64_t start = o * s - p;
+  int64_t end = start + (k - 1) * d + 1;
+  if (end > in) end = in;
+  if (start < 0) start += ((-start + d - 1) / d) * d;
+  *lo = start;
+  *hi = end;
+}
+
+// Whether the window of output position o (one dimension) has a tap inside the input.
+CNNEXT_HD bool max_window_nonempty(int64_t o, int64_t in, int64_t k, int64_t s, int64_t p,
+                                   int64_t d) {
+  int64_t lo, hi;
+  max_window(o, in, k, s, p, d, &lo, &hi);
+  return lo < hi;
+}
+
+// torch's update rule of the running maximum, scanning the window row by row: a value
+// replaces the maximum when it is greater or NaN. So the first of equal maxima wins,
+// and with NaN in the window the last NaN does.
+template <typename A>
+CNNEXT_HD bool max_pool_takes(A val, A cur) {
+  return val > cur || val != val;
+}
+
+// The same choice between two candidates in any order, by flat index: a NaN beats a
+// number and, between NaNs, the larger index wins; between numbers the greater wins
+// and, when equal, the smaller index. Scanning in row-major order with max_pool_takes
+// gives this result, so a kernel may split a window (rows first, then columns).
+template <typename A, typename I>
+CNNEXT_HD bool max_pool_prefers(A val, I idx, A cur, I cur_idx) {
+  const bool vn = val != val, cn = cur != cur;
+  if (vn || cn) return vn && (!cn || idx > cur_idx);
+  return val > cur || (val == cur && idx < cur_idx);
+}
+
+// Default output length of max_unpool2d along one dimension (torch's
+// (in - 1) * s - 2p + k); output_size may differ from it by less than s either way.
+CNNEXT_HD int64_t unpool_default_size(int64_t in, int64_t k, int64_t s, int64_t p) {
+  return (in - 1) * s - 2 * p + k;
+}
+
 }  // namespace cnnext

@@ -1,0 +1,668 @@
+// max_pool2d and max_unpool2d on the CPU.
+//
+// Forward, three loops, each parallel (at::parallel_for) over independent outputs:
+//   - NCHW planes (input rows contiguous, output contiguous): one plane at a time,
+//     one output row at a time, split in two passes. The vertical pass takes, for
+//     every input column, the maximum over the window's rows (torch's rule in scan
+//     order); it reads the row with the stride of the pooling, one "phase" array per
+//     residue of the column modulo the stride, so that the horizontal pass, which
+//     combines the window's columns, reads each tap as one contiguous run. The
+//     horizontal pass chooses between candidates by value and flat index
+//     (max_pool_prefers), which gives torch's row-major first maximum / last NaN.
+//     Indices are carried in the value type (exact for planes below 2^24 elements in
+//     float32; larger planes take the generic loop). The loops are plain, branch-free
+//     C++ that the compiler vectorises, built for AVX-512, AVX2 and baseline x86-64
+//     (target_clones, picked at load time).
+//   - channels_last (channels contiguous, output channels_last): per output pixel, the
+//     taps in scan order, on blocks of channels in AVX2 registers (values and the tap
+//     number per lane; indices looked up once per pixel), scalar tail / fallback.
+//   - anything else: a scalar loop through the strides.
+// Backward scatters grad_output into grad_input plane by plane, each plane by one
+// thread, in output order: deterministic (channels_last: one sample per thread, pixels
+// in output order, channels inside; the unpooling scatter and the gathers likewise). The gathers (max_pool2d_select,
+// max_unpool2d_backward) and the unpooling scatter are one loop through the strides.
+// Every index read from a tensor is checked against its plane before it is used.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
+#include <limits>
+#include <vector>
+
+#include "common/pool2d.h"
+#include "ops/max_pool2d.h"
+#include "ops/tensors.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(CNNEXT_NO_CLONES)
+#define CNNEXT_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define CNNEXT_CLONES
+#endif
+
+namespace cnnext {
+namespace cpu {
+namespace {
+
+// The first bad index any thread met, reported after the parallel loop.
+struct BadIndex {
+  std::atomic<bool> found{false};
+  int64_t value = 0;
+  void record(int64_t v) {
+    bool expected = false;
+    if (found.compare_exchange_strong(expected, true)) value = v;
+  }
+  void check(const char* op, int64_t H, int64_t W) const {
+    TORCH_CHECK(!found.load(), op, ": found an invalid index ", value,
+                " in indices: the plane it indexes is ", H, " x ", W,
+                ", so indices must lie in [0, ", H * W, ")");
+  }
+};
+
+template <typename T>
+constexpr T neg_inf() {
+  return -std::numeric_limits<T>::infinity();
+}
+
+// ---- NCHW row kernels -------------------------------------------------------------
+
+// Vertical pass over one phase: v[j], vi[j] = maximum (torch's rule) and its flat index
+// over the rows x + ih * W, ih = lo, lo + d, ... < hi, of the columns base + s * j,
+// j in [0, n). fi[j] holds the column index of entry j (as T).
+template <typename T>
+inline __attribute__((always_inline)) void vertical_body(const T* __restrict__ x, int64_t W,
+                                                         int64_t base, int64_t s, int64_t n,
+                                                         int64_t lo, int64_t hi, int64_t d,
+                                                         const T* __restrict__ fi,
+                                                         T* __restrict__ v, T* __restrict__ vi) {
+  const T* row = x + lo * W + base;
+  const T off0 = T(lo * W);
+  for (int64_t j = 0; j < n; ++j) {
+    v[j] = row[j * s];
+    vi[j] = fi[j] + off0;
+  }
+  for (int64_t ih = lo + d; ih < hi; ih += d) {
+    row = x + ih * W + base;
+    const T off = T(ih * W);
+    for (int64_t j = 0; j < n; ++j) {
+      const T val = row[j * s];
+      const bool take = (val > v[j]) | (val != val);
+      v[j] = take ? val : v[j];
+      vi[j] = take ? fi[j] + off : vi[j];
+    }
+  }
+}
+
+// Horizontal pass, one tap: acc / acci (n entries) take c / ci where max_pool_prefers.
+template <typename T>
+inline __attribute__((always_inline)) void horizontal_body(const T* __restrict__ c,
+                                                           const T* __restrict__ ci, int64_t n,
+                                                           T* __restrict__ acc,
+                                                           T* __restrict__ acci) {
+  for (int64_t j = 0; j < n; ++j) {
+    const T a = acc[j], ai = acci[j], v = c[j], vi = ci[j];
+    const bool vn = v != v, an = a != a;
+    const bool take_nan = vn & ((!an) | (vi > ai));
+    const bool take_num = (v > a) | ((v == a) & (vi < ai));
+    const bool take = vn ? take_nan : take_num;
+    acc[j] = take ? v : a;
+    acci[j] = take ? vi : ai;
+  }
+}
+
+template <typename T>
+inline __attribute__((always_inline)) void store_body(const T* __restrict__ acc,
+                                                      const T* __restrict__ acci, int64_t n,
+                                                      T* __restrict__ y, int64_t* __restrict__ yi) {
+  for (int64_t j = 0; j < n; ++j) {
+    y[j] = acc[j];
+    yi[j] = static_cast<int64_t>(acci[j]);
+  }
+}
+
+#define CNNEXT_ROW_KERNELS(T)                                                                    \
+  CNNEXT_CLONES void vertical(const T* x, int64_t W, int64_t base, int64_t s, int64_t n,        \
+                              int64_t lo, int64_t hi, int64_t d, const T* fi, T* v, T* vi) {    \
+    if (s == 1)                                                                                 \
+      vertical_body<T>(x, W, base, 1, n, lo, hi, d, fi, v, vi);                                 \
+    else if (s == 2)                                                                            \
+      vertical_body<T>(x, W, base, 2, n, lo, hi, d, fi, v, vi);                                 \
+    else                                                                                        \
+      vertical_body<T>(x, W, base, s, n, lo, hi, d, fi, v, vi);                                 \
+  }                                                                                             \
+  CNNEXT_CLONES void horizontal(const T* c, const T* ci, int64_t n, T* acc, T* acci) {          \
+    horizontal_body<T>(c, ci, n, acc, acci);                                                    \
+  }                                                                                             \
+  CNNEXT_CLONES void store(const T* acc, const T* acci, int64_t n, T* y, int64_t* yi) {         \
+    store_body<T>(acc, acci, n, y, yi);                                                         \
+  }
+
+CNNEXT_ROW_KERNELS(float)
+CNNEXT_ROW_KERNELS(double)
+#undef CNNEXT_ROW_KERNELS
+
+// Output rows / columns whose window has no tap inside the input: torch outputs -inf
+// there, with index lo_h * W + lo_w.
+struct EmptyWindows {
+  std::vector<int64_t> row_lo, col_lo;  // lo of each output row / column
+  std::vector<char> row_empty, col_empty;
+  bool any_col = false;
+  explicit EmptyWindows(const Pool2dParams& p)
+      : row_lo(p.OH), col_lo(p.OW), row_empty(p.OH), col_empty(p.OW) {
+    for (int64_t o = 0; o < p.OH; ++o) {
+      int64_t lo, hi;
+      max_window(o, p.H, p.KH, p.SH, p.PH, p.DH, &lo, &hi);
+      row_lo[o] = lo;
+      row_empty[o] = lo >= hi;
+    }
+    for (int64_t o = 0; o < p.OW; ++o) {
+      int64_t lo, hi;
+      max_window(o, p.W, p.KW, p.SW, p.PW, p.DW, &lo, &hi);
+      col_lo[o] = lo;
+      col_empty[o] = lo >= hi;
+      any_col |= lo >= hi;
+    }
+  }
+};
+
+template <typename T>
+void forward_nchw(const at::Tensor& input, const Pool2dParams& p, at::Tensor& out,
+                  at::Tensor& idx) {
+  const T* x = input.const_data_ptr<T>();
+  T* y = out.mutable_data_ptr<T>();
+  int64_t* yi = idx.mutable_data_ptr<int64_t>();
+  const Strides4 xs = strides_of(input);
+  const int64_t planes = p.N * p.C, OHW = p.OH * p.OW;
+  const int64_t s = p.SW;
+  // Padded row: position u = iw + PW; output ow's taps at u = ow * s + kw * DW.
+  const int64_t span = (p.OW - 1) * s + (p.KW - 1) * p.DW + 1;
+  const int64_t L = (span + s - 1) / s + 1;  // entries per phase array
+  const EmptyWindows empty(p);
+  // Per phase r: entries j with iw = r + s * j - PW inside [0, W) are [jlo, jhi).
+  std::vector<int64_t> jlo(s), jhi(s);
+  for (int64_t r = 0; r < s; ++r) {
+    const int64_t a = p.PW - r;  // iw >= 0  <=>  j >= a / s (rounded up)
+    jlo[r] = a <= 0 ? 0 : (a + s - 1) / s;
+    const int64_t b = p.W - 1 + p.PW - r;  // iw <= W - 1
+    jhi[r] = b < 0 ? 0 : std::min<int64_t>(b / s + 1, L);
+    if (jlo[r] > jhi[r]) jlo[r] = jhi[r];
+  }
+  at::parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
+    // Phase arrays of values and indices (padding: -inf with index +inf, which loses
+    // every tie), column indices, and the accumulators of one output row.
+    std::vector<T> pv(s * L, neg_inf<T>()), pi(s * L, std::numeric_limits<T>::infinity());
+    std::vector<T> fi(s * L), acc(p.OW), acci(p.OW);
+    for (int64_t r = 0; r < s; ++r)
+      for (int64_t j = 0; j < L; ++j) fi[r * L + j] = T(r + s * j - p.PW);
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const int64_t n = plane / p.C, c = plane % p.C;
+      const T* xp = x + n * xs.n + c * xs.c;
+      T* yp = y + plane * OHW;
+      int64_t* ip = yi + plane * OHW;
+      for (int64_t oh = 0; oh < p.OH; ++oh) {
+        T* yr = yp + oh * p.OW;
+        int64_t* ir = ip + oh * p.OW;
+        if (empty.row_empty[oh]) {
+          for (int64_t ow = 0; ow < p.OW; ++ow) {
+            yr[ow] = neg_inf<T>();
+            ir[ow] = empty.row_lo[oh] * p.W + empty.col_lo[ow];
+          }
+          continue;
+        }
+        int64_t lo, hi;
+        max_window(oh, p.H, p.KH, p.SH, p.PH, p.DH, &lo, &hi);
+        for (int64_t r = 0; r < s; ++r) {
+          const int64_t j0 = jlo[r], n_r = jhi[r] - j0;
+          if (n_r <= 0) continue;
+          vertical(xp, p.W, r + s * j0 - p.PW, s, n_r, lo, hi, p.DH, fi.data() + r * L + j0,
+                   pv.data() + r * L + j0, pi.data() + r * L + j0);
+        }
+        for (int64_t kw = 0; kw < p.KW; ++kw) {
+          const int64_t u = kw * p.DW, r = u % s, q = u / s;
+          const T* cv = pv.data() + r * L + q;
+          const T* ci = pi.data() + r * L + q;
+          if (kw == 0) {
+            std::copy(cv, cv + p.OW, acc.data());
+            std::copy(ci, ci + p.OW, acci.data());
+          } else {
+            horizontal(cv, ci, p.OW, acc.data(), acci.data());
+          }
+        }
+        if (empty.any_col) {
+          for (int64_t ow = 0; ow < p.OW; ++ow) {
+            if (empty.col_empty[ow]) {
+              acc[ow] = neg_inf<T>();
+              acci[ow] = T(lo * p.W + empty.col_lo[ow]);
+            }
+          }
+        }
+        store(acc.data(), acci.data(), p.OW, yr, ir);
+      }
+    }
+  });
+}
+
+// channels_last: channels contiguous in input and output. Per output pixel, the
+// window's taps in scan order, on blocks of channels held in registers: the running
+// maximum and the number of the tap it came from (in the value type, the same lane
+// width, so the selects vectorise; exact as the tap count is checked below 2^digits);
+// the flat index is looked up from the tap number once per pixel and channel.
+//
+// AVX2 intrinsics where the CPU has AVX2 (checked once at run time), else scalar.
+
+// The scalar loop over channels [c, C).
+template <typename T>
+void cl_pixel_scalar(const T* __restrict__ xp, int64_t c, int64_t C, const int64_t* off,
+                     const int64_t* tidx, int64_t ntaps, T* __restrict__ y,
+                     int64_t* __restrict__ yi) {
+  for (; c < C; ++c) {
+    T best = xp[off[0] + c];
+    int64_t bt = 0;
+    for (int64_t t = 1; t < ntaps; ++t) {
+      const T v = xp[off[t] + c];
+      if (max_pool_takes(v, best)) {
+        best = v;
+        bt = t;
+      }
+    }
+    y[c] = best;
+    yi[c] = tidx[bt];
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define CNNEXT_CL_AVX2 1
+// NV vectors of channels from c: y = maximum over the taps (torch's rule in scan
+// order), the tap number per lane; then the index looked up per channel. Starting from
+// tap 0's value is torch's start from -inf: tap 0 is taken when it is greater than
+// -inf or NaN, and a -inf keeps -inf with tap 0's index either way.
+#define CNNEXT_CL_BLOCK(T, VT, SFX, NV)                                                         \
+  {                                                                                             \
+    constexpr int L = 32 / sizeof(T);                                                           \
+    VT acc[NV], tn[NV];                                                                         \
+    for (int k = 0; k < NV; ++k) {                                                              \
+      acc[k] = _mm256_loadu_##SFX(xp + off[0] + c + k * L);                                     \
+      tn[k] = _mm256_setzero_##SFX();                                                           \
+    }                                                                                           \
+    for (int64_t t = 1; t < ntaps; ++t) {                                                       \
+      const T* r = xp + off[t] + c;                                                             \
+      const VT tt = _mm256_set1_##SFX(T(t));                                                    \
+      for (int k = 0; k < NV; ++k) {                                                            \
+        const VT v = _mm256_loadu_##SFX(r + k * L);                                             \
+        const VT take = _mm256_or_##SFX(_mm256_cmp_##SFX(v, acc[k], _CMP_GT_OQ),               \
+                                        _mm256_cmp_##SFX(v, v, _CMP_UNORD_Q));                  \
+        acc[k] = _mm256_blendv_##SFX(acc[k], v, take);                                          \
+        tn[k] = _mm256_blendv_##SFX(tn[k], tt, take);                                           \
+      }                                                                                         \
+    }                                                                                           \
+    T tap[NV * L];                                                                              \
+    for (int k = 0; k < NV; ++k) {                                                              \
+      _mm256_storeu_##SFX(y + c + k * L, acc[k]);                                               \
+      _mm256_storeu_##SFX(tap + k * L, tn[k]);                                                  \
+    }                                                                                           \
+    for (int b = 0; b < NV * L; ++b) yi[c + b] = tidx[static_cast<int64_t>(tap[b])];           \
+  }
+
+#define CNNEXT_CL_PIXEL(T, VT, SFX)                                                             \
+  __attribute__((target("avx2"))) void cl_pixel_avx2(                                           \
+      const T* __restrict__ xp, int64_t C, const int64_t* off, const int64_t* tidx,            \
+      int64_t ntaps, T* __restrict__ y, int64_t* __restrict__ yi) {                             \
+    constexpr int L = 32 / sizeof(T);                                                           \
+    int64_t c = 0;                                                                              \
+    for (; c + 4 * L <= C; c += 4 * L) CNNEXT_CL_BLOCK(T, VT, SFX, 4)                           \
+    for (; c + L <= C; c += L) CNNEXT_CL_BLOCK(T, VT, SFX, 1)                                   \
+    cl_pixel_scalar<T>(xp, c, C, off, tidx, ntaps, y, yi);                                      \
+  }
+
+CNNEXT_CL_PIXEL(float, __m256, ps)
+CNNEXT_CL_PIXEL(double, __m256d, pd)
+#undef CNNEXT_CL_PIXEL
+#undef CNNEXT_CL_BLOCK
+#endif
+
+// One output pixel: C channels at xp + off[t] (t < ntaps, ntaps >= 1); tap t has flat
+// index tidx[t].
+template <typename T>
+void cl_pixel(bool avx2, const T* xp, int64_t C, const int64_t* off, const int64_t* tidx,
+              int64_t ntaps, T* y, int64_t* yi) {
+#ifdef CNNEXT_CL_AVX2
+  if (avx2) return cl_pixel_avx2(xp, C, off, tidx, ntaps, y, yi);
+#endif
+  cl_pixel_scalar<T>(xp, 0, C, off, tidx, ntaps, y, yi);
+}
+
+bool cpu_has_avx2() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool has = __builtin_cpu_supports("avx2");
+  return has;
+#else
+  return false;
+#endif
+}
+
+template <typename T>
+void forward_channels_last(const at::Tensor& input, const Pool2dParams& p, at::Tensor& out,
+                           at::Tensor& idx) {
+  const T* x = input.const_data_ptr<T>();
+  T* y = out.mutable_data_ptr<T>();
+  int64_t* yi = idx.mutable_data_ptr<int64_t>();
+  const Strides4 xs = strides_of(input);
+  const bool avx2 = cpu_has_avx2();
+  at::parallel_for(0, p.N * p.OH, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> off(p.KH * p.KW), id(p.KH * p.KW);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t n = item / p.OH, oh = item % p.OH;
+      int64_t hlo, hhi;
+      max_window(oh, p.H, p.KH, p.SH, p.PH, p.DH, &hlo, &hhi);
+      for (int64_t ow = 0; ow < p.OW; ++ow) {
+        int64_t wlo, whi;
+        max_window(ow, p.W, p.KW, p.SW, p.PW, p.DW, &wlo, &whi);
+        int64_t nt = 0;
+        for (int64_t ih = hlo; ih < hhi; ih += p.DH)
+          for (int64_t iw = wlo; iw < whi; iw += p.DW, ++nt) {
+            off[nt] = ih * xs.h + iw * xs.w;
+            id[nt] = ih * p.W + iw;
+          }
+        const int64_t o = ((n * p.OH + oh) * p.OW + ow) * p.C;
+        if (nt == 0) {  // no tap inside the input: -inf, torch's index
+          for (int64_t c = 0; c < p.C; ++c) {
+            y[o + c] = neg_inf<T>();
+            yi[o + c] = hlo * p.W + wlo;
+          }
+          continue;
+        }
+        cl_pixel<T>(avx2, x + n * xs.n, p.C, off.data(), id.data(), nt, y + o, yi + o);
+      }
+    }
+  });
+}
+
+// Any strides: one output row of one plane at a time, scalar.
+template <typename T>
+void forward_generic(const at::Tensor& input, const Pool2dParams& p, at::Tensor& out,
+                     at::Tensor& idx) {
+  const T* x = input.const_data_ptr<T>();
+  T* y = out.mutable_data_ptr<T>();
+  int64_t* yi = idx.mutable_data_ptr<int64_t>();
+  const Strides4 xs = strides_of(input), ys = strides_of(out), is = strides_of(idx);
+  at::parallel_for(0, p.N * p.C * p.OH, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t oh = item % p.OH, nc = item / p.OH, c = nc % p.C, n = nc / p.C;
+      const T* xp = x + n * xs.n + c * xs.c;
+      int64_t hlo, hhi;
+      max_window(oh, p.H, p.KH, p.SH, p.PH, p.DH, &hlo, &hhi);
+      for (int64_t ow = 0; ow < p.OW; ++ow) {
+        int64_t wlo, whi;
+        max_window(ow, p.W, p.KW, p.SW, p.PW, p.DW, &wlo, &whi);
+        T best = neg_inf<T>();
+        int64_t best_i = hlo * p.W + wlo;
+        for (int64_t ih = hlo; ih < hhi; ih += p.DH)
+          for (int64_t iw = wlo; iw < whi; iw += p.DW) {
+            const T val = xp[ih * xs.h + iw * xs.w];
+            if (max_pool_takes(val, best)) {
+              best = val;
+              best_i = ih * p.W + iw;
+            }
+          }
+        y[n * ys.n + c * ys.c + oh * ys.h + ow * ys.w] = best;
+        yi[n * is.n + c * is.c + oh * is.h + ow * is.w] = best_i;
+      }
+    }
+  });
+}
+
+bool is_nchw_rows(const at::Tensor& t) { return t.stride(3) == 1 && t.stride(2) == t.size(3); }
+
+// Element offset of flat plane index i in a tensor whose (h, w) dims flatten
+// (stride h == W * stride w; true of every tensor allocated here).
+inline int64_t flat_offset(const Strides4& s, int64_t W, int64_t i) {
+  return (i / W) * s.h + (i % W) * s.w;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> max_pool2d_forward(const at::Tensor& input,
+                                                      const Pool2dParams& p,
+                                                      at::MemoryFormat out_format) {
+  at::Tensor out = at::empty({p.N, p.C, p.OH, p.OW}, input.options().memory_format(out_format));
+  at::Tensor idx = at::empty({p.N, p.C, p.OH, p.OW},
+                             input.options().dtype(at::kLong).memory_format(out_format));
+  if (out.numel() == 0) return {out, idx};
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "cnnext_max_pool2d_forward", [&] {
+    const bool index_exact =
+        p.H * p.W < (int64_t(1) << std::numeric_limits<scalar_t>::digits);
+    if (is_nchw_rows(input) && out.is_contiguous() && index_exact) {
+      forward_nchw<scalar_t>(input, p, out, idx);
+    } else if (out_format == at::MemoryFormat::ChannelsLast && input.stride(1) == 1 &&
+               input.stride(3) == p.C && input.stride(2) == p.W * p.C &&
+               p.KH * p.KW < (int64_t(1) << std::numeric_limits<scalar_t>::digits)) {
+      forward_channels_last<scalar_t>(input, p, out, idx);
+    } else {
+      forward_generic<scalar_t>(input, p, out, idx);
+    }
+  });
+  return {out, idx};
+}
+
+at::Tensor max_pool2d_backward(const at::Tensor& grad_output, const at::Tensor& indices,
+                               const Pool2dParams& p, at::MemoryFormat out_format) {
+  at::Tensor gx = at::empty({p.N, p.C, p.H, p.W}, grad_output.options().memory_format(out_format)).zero_();
+  if (gx.numel() == 0 || grad_output.numel() == 0) return gx;
+  const EmptyWindows empty(p);
+  BadIndex bad;
+  const int64_t HW = p.H * p.W;
+  AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "cnnext_max_pool2d_backward", [&] {
+    const scalar_t* g = grad_output.const_data_ptr<scalar_t>();
+    const int64_t* ip = indices.const_data_ptr<int64_t>();
+    scalar_t* dx = gx.mutable_data_ptr<scalar_t>();
+    const Strides4 gs = strides_of(grad_output), is = strides_of(indices), xs = strides_of(gx);
+    // gx is allocated dense: flat plane index i is at i * xs.w.
+    if (xs.c == 1 && p.C > 1) {
+      // channels_last: one sample per thread, output pixels in order, channels inside
+      // (each plane still receives its grads in output order: the same sums).
+      at::parallel_for(0, p.N, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t n = begin; n < end; ++n) {
+          const scalar_t* gp = g + n * gs.n;
+          const int64_t* ipp = ip + n * is.n;
+          scalar_t* xp = dx + n * xs.n;
+          for (int64_t oh = 0; oh < p.OH; ++oh) {
+            if (empty.row_empty[oh]) continue;
+            for (int64_t ow = 0; ow < p.OW; ++ow) {
+              if (empty.col_empty[ow]) continue;
+              const scalar_t* gpx = gp + oh * gs.h + ow * gs.w;
+              const int64_t* ipx = ipp + oh * is.h + ow * is.w;
+              for (int64_t c = 0; c < p.C; ++c) {
+                const int64_t i = ipx[c * is.c];
+                if (i < 0 || i >= HW) {
+                  bad.record(i);
+                  continue;
+                }
+                xp[i * xs.w + c] += gpx[c * gs.c];
+              }
+            }
+          }
+        }
+      });
+      return;
+    }
+    at::parallel_for(0, p.N * p.C, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t plane = begin; plane < end; ++plane) {
+        const int64_t n = plane / p.C, c = plane % p.C;
+        const scalar_t* gp = g + n * gs.n + c * gs.c;
+        const int64_t* ipp = ip + n * is.n + c * is.c;
+        scalar_t* xp = dx + n * xs.n + c * xs.c;
+        for (int64_t oh = 0; oh < p.OH; ++oh) {
+          if (empty.row_empty[oh]) continue;
+          for (int64_t ow = 0; ow < p.OW; ++ow) {
+            if (empty.col_empty[ow]) continue;
+            const int64_t i = ipp[oh * is.h + ow * is.w];
+            if (i < 0 || i >= HW) {
+              bad.record(i);
+              continue;
+            }
+            xp[i * xs.w] += gp[oh * gs.h + ow * gs.w];
+          }
+        }
+      }
+    });
+  });
+  bad.check("max_pool2d_with_indices_backward", p.H, p.W);
+  return gx;
+}
+
+namespace {
+
+// out (N, C, h, w) = src (N, C, Hs, Ws) at indices (N, C, h, w); with `pool`, zero for
+// the windows without a tap inside the input.
+at::Tensor gather(const char* op, const at::Tensor& src, const at::Tensor& indices,
+                  const Pool2dParams* pool, at::MemoryFormat out_format) {
+  at::Tensor out = at::empty(indices.sizes(), src.options().memory_format(out_format));
+  if (out.numel() == 0) return out;
+  const int64_t N = indices.size(0), C = indices.size(1), h = indices.size(2), w = indices.size(3);
+  const int64_t Hs = src.size(2), Ws = src.size(3), HWs = Hs * Ws;
+  // An empty source plane (max_unpool2d to an empty output, which checks no index
+  // either) gives zeros.
+  if (HWs == 0) return out.zero_();
+  std::vector<char> row_ok(h, 1), col_ok(w, 1);
+  if (pool != nullptr) {
+    const EmptyWindows empty(*pool);
+    for (int64_t o = 0; o < h; ++o) row_ok[o] = !empty.row_empty[o];
+    for (int64_t o = 0; o < w; ++o) col_ok[o] = !empty.col_empty[o];
+  }
+  BadIndex bad;
+  AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "cnnext_max_pool2d_gather", [&] {
+    const scalar_t* sp = src.const_data_ptr<scalar_t>();
+    const int64_t* ip = indices.const_data_ptr<int64_t>();
+    scalar_t* op_ = out.mutable_data_ptr<scalar_t>();
+    const Strides4 ss = strides_of(src), is = strides_of(indices), os = strides_of(out);
+    if (os.c == 1 && C > 1) {
+      // channels_last output: one output row (n, oh) per item, channels innermost.
+      at::parallel_for(0, N * h, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t item = begin; item < end; ++item) {
+          const int64_t n = item / h, oh = item % h;
+          const scalar_t* spp = sp + n * ss.n;
+          const int64_t* ipp = ip + n * is.n + oh * is.h;
+          scalar_t* opp = op_ + n * os.n + oh * os.h;
+          for (int64_t ow = 0; ow < w; ++ow) {
+            const bool ok = row_ok[oh] && col_ok[ow];
+            for (int64_t c = 0; c < C; ++c) {
+              scalar_t v = scalar_t(0);
+              if (ok) {
+                const int64_t i = ipp[ow * is.w + c * is.c];
+                if (i < 0 || i >= HWs)
+                  bad.record(i);
+                else
+                  v = spp[c * ss.c + flat_offset(ss, Ws, i)];
+              }
+              opp[ow * os.w + c] = v;
+            }
+          }
+        }
+      });
+      return;
+    }
+    at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t plane = begin; plane < end; ++plane) {
+        const int64_t n = plane / C, c = plane % C;
+        const scalar_t* spp = sp + n * ss.n + c * ss.c;
+        const int64_t* ipp = ip + n * is.n + c * is.c;
+        scalar_t* opp = op_ + n * os.n + c * os.c;
+        for (int64_t oh = 0; oh < h; ++oh)
+          for (int64_t ow = 0; ow < w; ++ow) {
+            scalar_t v = scalar_t(0);
+            if (row_ok[oh] && col_ok[ow]) {
+              const int64_t i = ipp[oh * is.h + ow * is.w];
+              if (i < 0 || i >= HWs)
+                bad.record(i);
+              else
+                v = spp[flat_offset(ss, Ws, i)];
+            }
+            opp[oh * os.h + ow * os.w] = v;
+          }
+      }
+    });
+  });
+  bad.check(op, Hs, Ws);
+  return out;
+}
+
+}  // namespace
+
+at::Tensor max_pool2d_select(const at::Tensor& src, const at::Tensor& indices,
+                             const Pool2dParams& p, at::MemoryFormat out_format) {
+  return gather("max_pool2d_select", src, indices, &p, out_format);
+}
+
+at::Tensor max_unpool2d_backward(const at::Tensor& grad_output, const at::Tensor& indices,
+                                 at::MemoryFormat out_format) {
+  return gather("max_unpool2d_backward", grad_output, indices, nullptr, out_format);
+}
+
+at::Tensor max_unpool2d_forward(const at::Tensor& input, const at::Tensor& indices, int64_t OH,
+                                int64_t OW, at::MemoryFormat out_format) {
+  const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
+  at::Tensor out = at::empty({N, C, OH, OW}, input.options().memory_format(out_format)).zero_();
+  if (out.numel() == 0 || input.numel() == 0) return out;
+  const int64_t OHW = OH * OW;
+  BadIndex bad;
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "cnnext_max_unpool2d", [&] {
+    const scalar_t* xp = input.const_data_ptr<scalar_t>();
+    const int64_t* ip = indices.const_data_ptr<int64_t>();
+    scalar_t* yp = out.mutable_data_ptr<scalar_t>();
+    const Strides4 xs = strides_of(input), is = strides_of(indices), ys = strides_of(out);
+    // One plane per thread, in input order: with repeated indices the last one wins.
+    if (ys.c == 1 && C > 1) {
+      // channels_last: one sample per thread, input pixels in order, channels inside
+      // (each plane is still written in input order).
+      at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t n = begin; n < end; ++n) {
+          const scalar_t* xpp = xp + n * xs.n;
+          const int64_t* ipp = ip + n * is.n;
+          scalar_t* ypp = yp + n * ys.n;
+          for (int64_t h = 0; h < H; ++h)
+            for (int64_t w = 0; w < W; ++w) {
+              const scalar_t* xpx = xpp + h * xs.h + w * xs.w;
+              const int64_t* ipx = ipp + h * is.h + w * is.w;
+              for (int64_t c = 0; c < C; ++c) {
+                const int64_t i = ipx[c * is.c];
+                if (i < 0 || i >= OHW) {
+                  bad.record(i);
+                  continue;
+                }
+                ypp[i * ys.w + c] = xpx[c * xs.c];
+              }
+            }
+        }
+      });
+      return;
+    }
+    at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t plane = begin; plane < end; ++plane) {
+        const int64_t n = plane / C, c = plane % C;
+        const scalar_t* xpp = xp + n * xs.n + c * xs.c;
+        const int64_t* ipp = ip + n * is.n + c * is.c;
+        scalar_t* ypp = yp + n * ys.n + c * ys.c;
+        for (int64_t h = 0; h < H; ++h)
+          for (int64_t w = 0; w < W; ++w) {
+            const int64_t i = ipp[h * is.h + w * is.w];
+            if (i < 0 || i >= OHW) {
+              bad.record(i);
+              continue;
+            }
+            ypp[i * ys.w] = xpp[h * xs.h + w * xs.w];
+          }
+      }
+    });
+  });
+  bad.check("max_unpool2d", OH, OW);
+  return out;
+}
+
+}  // namespace cpu
+}  // namespace cnnext
