@@ -7,10 +7,12 @@ import torch
 
 from . import _C  # noqa: F401  (registers torch.ops.cnnext.*)
 from . import _meta, _autograd  # noqa: F401  (fake kernels, autograd formulas)
+from . import _conv_bn_relu  # noqa: F401  (conv_bn_relu2d: fake kernels, autograd)
 from . import functional, nn
+from .fuse import fuse
 
 __version__ = "0.1.0"
-__all__ = ["build_info", "functional", "nn", "__version__"]
+__all__ = ["build_info", "functional", "fuse", "nn", "__version__"]
 
 
 def build_info():
