@@ -74,6 +74,7 @@ def _train_setup(ctx, inputs, output):
     input, weight, bias, bn_weight, bn_bias, eps, stride, padding, dilation, groups, relu = inputs
     out, conv_out, mean, var = output
     ctx.mark_non_differentiable(conv_out, mean, var)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for them (an activation's worth)
     need = ctx.needs_input_grad
     ctx.save_for_backward(
         input if need[1] else None,
