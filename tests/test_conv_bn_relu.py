@@ -175,12 +175,13 @@ def test_module_parity_random_float32(c):
     check_parity(c, torch.float32, steps=2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_module_parity_resnet_layer(layout):
-    """A ResNet layer's shape: several row bands per sample in the float32 GEMM path, so the
-    statistics are merged from many bands on several threads."""
-    check_parity(Conf((2, 64, 40, 40), 64, 3, dict(padding=1, bias=False), layout=layout, seed=5),
-                 torch.float32, steps=1)
+def test_module_parity_resnet_layer(layout, dtype):
+    """Large layers: several row bands per sample (the float32 GEMM path, the at::mm path of
+    float64 and channels_last), so the statistics are merged from many bands on several threads."""
+    shape = (2, 64, 48, 48) if dtype == torch.float32 else (1, 96, 48, 48)  # 2 bands per sample
+    check_parity(Conf(shape, 64, 3, dict(padding=1, bias=False), layout=layout, seed=5), dtype, steps=1)
 
 
 def test_deterministic():
