@@ -18,6 +18,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -141,10 +142,103 @@ void normalize(const T* y, T* out, const Dense& d, const T* mean, const T* a, co
   });
 }
 
-// gm: grad masked by out > 0 (when out is given).
-template <typename T>
-inline T masked(const T* g, const T* out, int64_t i) {
-  return out == nullptr ? g[i] : (out[i] > T(0) ? g[i] : T(0));
+// gm: grad, masked by out > 0 when kMask (the ReLU's gradient, read from its output).
+template <typename T, bool kMask>
+inline T masked(const T* __restrict__ g, const T* __restrict__ out, int64_t i) {
+  if constexpr (kMask) {
+    // Both loads first: a select between two values vectorises; a load inside it does
+    // not (GCC keeps the branch, which mispredicts on a ReLU's mask).
+    const T gv = g[i], ov = out[i];
+    return ov > T(0) ? gv : T(0);
+  } else {
+    return g[i];
+  }
+}
+
+// Elements summed in T (vectorised) before the partial sum is added in double: short
+// enough that float32's rounding stays far below its tolerance, long enough for speed.
+constexpr int64_t kChunk = 256;
+
+// One contiguous run of n elements of one channel (mean m): *s0 = sum gm,
+// *s1 = sum gm * (y - m).
+template <typename T, bool kMask>
+void run_sums(const T* __restrict__ g, const T* __restrict__ o, const T* __restrict__ y,
+              int64_t n, T m, double* s0, double* s1) {
+  double a0 = 0, a1 = 0;
+  for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
+    const int64_t i1 = std::min(n, i0 + kChunk);
+    T c0 = 0, c1 = 0;
+    _Pragma("omp simd reduction(+ : c0, c1)")
+    for (int64_t i = i0; i < i1; ++i) {
+      const T gm = masked<T, kMask>(g, o, i);
+      c0 += gm;
+      c1 += gm * (y[i] - m);
+    }
+    a0 += static_cast<double>(c0);
+    a1 += static_cast<double>(c1);
+  }
+  *s0 = a0;
+  *s1 = a1;
+}
+
+// dy = k * gm + shift - coef * (y - m) over one contiguous run; returns the sum of dy.
+template <typename T, bool kMask>
+double run_apply(const T* __restrict__ g, const T* __restrict__ o, const T* __restrict__ y,
+                 int64_t n, T m, T k, T shift, T coef, T* __restrict__ dy) {
+  double a0 = 0;
+  for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
+    const int64_t i1 = std::min(n, i0 + kChunk);
+    T c0 = 0;
+    _Pragma("omp simd reduction(+ : c0)")
+    for (int64_t i = i0; i < i1; ++i) {
+      const T v = k * masked<T, kMask>(g, o, i) + shift - coef * (y[i] - m);
+      dy[i] = v;
+      c0 += v;
+    }
+    a0 += static_cast<double>(c0);
+  }
+  return a0;
+}
+
+// The same over one pixel row of channels_last data (W pixels of C channels): each row's
+// sums are taken in T (scratch r0, r1 of C), then added into the per-channel doubles.
+template <typename T, bool kMask>
+void row_sums(const T* __restrict__ g, const T* __restrict__ o, const T* __restrict__ y,
+              int64_t W, int64_t C, const T* __restrict__ mean, T* __restrict__ r0,
+              T* __restrict__ r1, double* __restrict__ s0, double* __restrict__ s1) {
+  std::fill(r0, r0 + C, T(0));
+  std::fill(r1, r1 + C, T(0));
+  for (int64_t w = 0; w < W; ++w) {
+    const int64_t base = w * C;
+    _Pragma("omp simd")
+    for (int64_t c = 0; c < C; ++c) {
+      const T gm = masked<T, kMask>(g, o, base + c);
+      r0[c] += gm;
+      r1[c] += gm * (y[base + c] - mean[c]);
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    s0[c] += static_cast<double>(r0[c]);
+    s1[c] += static_cast<double>(r1[c]);
+  }
+}
+
+template <typename T, bool kMask>
+void row_apply(const T* __restrict__ g, const T* __restrict__ o, const T* __restrict__ y,
+               int64_t W, int64_t C, const T* __restrict__ mean, const T* __restrict__ k,
+               const T* __restrict__ shift, const T* __restrict__ coef, T* __restrict__ dy,
+               T* __restrict__ r0, double* __restrict__ s0) {
+  std::fill(r0, r0 + C, T(0));
+  for (int64_t w = 0; w < W; ++w) {
+    const int64_t base = w * C;
+    _Pragma("omp simd")
+    for (int64_t c = 0; c < C; ++c) {
+      const T v = k[c] * masked<T, kMask>(g, o, base + c) + shift[c] - coef[c] * (y[base + c] - mean[c]);
+      dy[base + c] = v;
+      r0[c] += v;
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) s0[c] += static_cast<double>(r0[c]);
 }
 
 }  // namespace
@@ -233,31 +327,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu2d_train_
 
     // Sweep 1: sum gm and sum gm * (y - mean).
     at::parallel_for(0, items, 1, [&](int64_t b, int64_t e) {
+      std::vector<T> r0(d.cl ? C : 0), r1(d.cl ? C : 0);
       for (int64_t item = b; item < e; ++item) {
         if (!d.cl) {
           const int64_t c = item % C, base = item * P;
-          const T m = mp[c];
-          double a0 = 0, a1 = 0;
-          _Pragma("omp simd reduction(+ : a0, a1)")
-          for (int64_t i = 0; i < P; ++i) {
-            const T gm = masked(g, o, base + i);
-            a0 += static_cast<double>(gm);
-            a1 += static_cast<double>(gm * (y[base + i] - m));
-          }
-          s_gm[item] = a0;
-          s_gmx[item] = a1;
+          const T* ob = o ? o + base : nullptr;
+          if (o) run_sums<T, true>(g + base, ob, y + base, P, mp[c], &s_gm[item], &s_gmx[item]);
+          else run_sums<T, false>(g + base, ob, y + base, P, mp[c], &s_gm[item], &s_gmx[item]);
         } else {
+          const int64_t base = item * row;
+          const T* ob = o ? o + base : nullptr;
           double* a0 = s_gm.data() + item * C;
           double* a1 = s_gmx.data() + item * C;
-          for (int64_t w = 0; w < d.W; ++w) {
-            const int64_t base = item * row + w * C;
-            _Pragma("omp simd")
-            for (int64_t c = 0; c < C; ++c) {
-              const T gm = masked(g, o, base + c);
-              a0[c] += static_cast<double>(gm);
-              a1[c] += static_cast<double>(gm * (y[base + c] - mp[c]));
-            }
-          }
+          if (o) row_sums<T, true>(g + base, ob, y + base, d.W, C, mp, r0.data(), r1.data(), a0, a1);
+          else row_sums<T, false>(g + base, ob, y + base, d.W, C, mp, r0.data(), r1.data(), a0, a1);
         }
       }
     });
@@ -290,30 +373,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu2d_train_
     }
     // Sweep 2: grad_conv_out and its channel sums.
     at::parallel_for(0, items, 1, [&](int64_t b, int64_t e) {
+      std::vector<T> r0(d.cl ? C : 0);
       for (int64_t item = b; item < e; ++item) {
         if (!d.cl) {
           const int64_t c = item % C, base = item * P;
-          const T m = mp[c], kc = k[c], sc = shift[c], cc = coef[c];
-          double a0 = 0;
-          _Pragma("omp simd reduction(+ : a0)")
-          for (int64_t i = 0; i < P; ++i) {
-            const T v = kc * masked(g, o, base + i) + sc - cc * (y[base + i] - m);
-            dy[base + i] = v;
-            a0 += static_cast<double>(v);
-          }
-          s_gm[item] = a0;
+          const T* ob = o ? o + base : nullptr;
+          s_gm[item] = o ? run_apply<T, true>(g + base, ob, y + base, P, mp[c], k[c], shift[c], coef[c], dy + base)
+                         : run_apply<T, false>(g + base, ob, y + base, P, mp[c], k[c], shift[c], coef[c], dy + base);
         } else {
+          const int64_t base = item * row;
+          const T* ob = o ? o + base : nullptr;
           double* a0 = s_gm.data() + item * C;
           std::fill(a0, a0 + C, 0.0);
-          for (int64_t w = 0; w < d.W; ++w) {
-            const int64_t base = item * row + w * C;
-            _Pragma("omp simd")
-            for (int64_t c = 0; c < C; ++c) {
-              const T v = k[c] * masked(g, o, base + c) + shift[c] - coef[c] * (y[base + c] - mp[c]);
-              dy[base + c] = v;
-              a0[c] += static_cast<double>(v);
-            }
-          }
+          if (o) row_apply<T, true>(g + base, ob, y + base, d.W, C, mp, k.data(), shift.data(), coef.data(), dy + base, r0.data(), a0);
+          else row_apply<T, false>(g + base, ob, y + base, d.W, C, mp, k.data(), shift.data(), coef.data(), dy + base, r0.data(), a0);
         }
       }
     });
