@@ -110,7 +110,13 @@ void col2im_add(const T* col, const Conv2dParams& p, int64_t Cg, int64_t oh0, in
           const int64_t ih = conv_in_coord(oh, kh, p.SH, p.PH, p.DH);
           if (ih < 0 || ih >= p.H) continue;
           T* dst = x + c * xs.c + ih * xs.h + iw_lo * xs.w;
-          for (int64_t ow = lo; ow < hi; ++ow) dst[(ow - lo) * step] += src[ow];
+          if (step == 1) {  // unit stride: a vectorised row add (col and x never overlap)
+            const T* srow = src + lo;
+            _Pragma("omp simd")
+            for (int64_t q = 0; q < hi - lo; ++q) dst[q] += srow[q];
+          } else {
+            for (int64_t ow = lo; ow < hi; ++ow) dst[(ow - lo) * step] += src[ow];
+          }
         }
       }
     }
