@@ -9,10 +9,12 @@ from . import _C  # noqa: F401  (registers torch.ops.cnnext.*)
 from . import _meta, _autograd  # noqa: F401  (fake kernels, autograd formulas)
 from . import _avg_pool  # noqa: F401  (avg_pool2d, adaptive_avg_pool2d: fake kernels, autograd)
 from . import _max_pool  # noqa: F401  (max pooling: fake kernels, autograd formulas)
+from . import _conv_bn_relu  # noqa: F401  (conv_bn_relu2d: fake kernels, autograd)
 from . import functional, nn
+from .fuse import fuse
 
 __version__ = "0.1.0"
-__all__ = ["build_info", "functional", "nn", "__version__"]
+__all__ = ["build_info", "functional", "fuse", "nn", "__version__"]
 
 
 def build_info():

@@ -7,8 +7,8 @@ import numbers
 
 import torch
 
-__all__ = ["conv2d", "conv_transpose2d", "avg_pool2d", "adaptive_avg_pool2d"]
-__all__ = ["conv2d", "conv_transpose2d", "max_pool2d", "max_pool2d_with_indices", "max_unpool2d"]
+__all__ = ["conv2d", "conv_transpose2d", "max_pool2d", "max_pool2d_with_indices", "max_unpool2d", "avg_pool2d",
+           "adaptive_avg_pool2d", "conv_bn_relu2d"]
 
 _ops = torch.ops.cnnext
 
@@ -224,3 +224,60 @@ def max_unpool2d(input, indices, kernel_size, stride=None, padding=0, output_siz
     padding = _pair(padding, "padding", op)
     size = _unpool_output_size(input, kernel_size, stride, padding, output_size)
     return _ops.max_unpool2d(input, indices, size)
+def conv_bn_relu2d(input, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, momentum=0.1,
+                   eps=1e-5, stride=1, padding=0, dilation=1, groups=1, relu=True):
+    """conv2d -> batch_norm -> relu as one op: what ``F.relu(F.batch_norm(F.conv2d(input,
+    weight, bias, stride, padding, dilation, groups), running_mean, running_var, bn_weight,
+    bn_bias, training, momentum, eps))`` computes (without the relu when ``relu=False``).
+
+    input: (N, C, H, W) (batch norm takes batches only); weight, bias, stride, padding
+    ('same', 'valid', int or pair), dilation, groups: as :func:`conv2d`; bn_weight, bn_bias
+    (None: affine=False), running_mean, running_var: (out_channels,) or None.
+    training=True normalises with the batch statistics and, when running_mean/running_var
+    are given, updates them in place with ``momentum`` (a float; BatchNorm2d's
+    momentum=None cumulative average is ``1 / num_batches_tracked``, which
+    cnnext.nn.ConvBNReLU2d passes) and the unbiased variance. training=False folds the
+    running statistics into the convolution and runs one conv pass with bias and ReLU
+    applied as the output is written; it needs running_mean and running_var.
+    float32/float64 on CPU, plus float16/bfloat16 on CUDA (statistics in float32).
+    """
+    op = "conv_bn_relu2d"
+    stride = _pair(stride, "stride", op)
+    dilation = _pair(dilation, "dilation", op)
+    if not isinstance(groups, (numbers.Integral, torch.SymInt)) or isinstance(groups, bool):
+        raise TypeError(f"{op}: expected groups to be an int, got {groups!r}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{op}: expected running_mean and running_var to be both given or both None")
+    if not training and running_mean is None:
+        raise ValueError(f"{op}: expected running_mean and running_var in inference mode (training=False)")
+    if isinstance(padding, str):
+        if padding == "valid":
+            padding = [0, 0]
+        elif padding == "same":
+            padding, drop = _same_padding(weight, dilation, stride, op)
+            if drop[0] or drop[1]:
+                # Asymmetric 'same' (even dilated kernel): pad the input as torch's split
+                # implies (the odd element at the end), then convolve unpadded.
+                pads = []
+                for p, d in zip(reversed(padding), reversed(drop)):
+                    pads += [p - 1 if d else p, p]
+                input = torch.nn.functional.pad(input, pads)
+                padding = [0, 0]
+        else:
+            raise ValueError(f"{op}: expected padding to be 'valid', 'same', an int or a pair of ints, got {padding!r}")
+    else:
+        padding = _pair(padding, "padding", op)
+    groups = int(groups)
+    if not training:
+        return _ops.conv_bn_relu2d_eval(input, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                                        float(eps), stride, padding, dilation, groups, bool(relu))
+    out, _, mean, var = _ops.conv_bn_relu2d_train(input, weight, bias, bn_weight, bn_bias, float(eps), stride,
+                                                  padding, dilation, groups, bool(relu))
+    if running_mean is not None:
+        if momentum is None:
+            raise TypeError(f"{op}: expected momentum to be a float in training mode with running statistics, "
+                            "got None (cnnext.nn.ConvBNReLU2d turns momentum=None into 1 / num_batches_tracked)")
+        with torch.no_grad():
+            count = out.shape[0] * out.shape[2] * out.shape[3]
+            _ops.batch_norm_update_stats_(running_mean, running_var, mean, var, float(momentum), count)
+    return out

@@ -110,7 +110,13 @@ void col2im_add(const T* col, const Conv2dParams& p, int64_t Cg, int64_t oh0, in
           const int64_t ih = conv_in_coord(oh, kh, p.SH, p.PH, p.DH);
           if (ih < 0 || ih >= p.H) continue;
           T* dst = x + c * xs.c + ih * xs.h + iw_lo * xs.w;
-          for (int64_t ow = lo; ow < hi; ++ow) dst[(ow - lo) * step] += src[ow];
+          if (step == 1) {  // unit stride: a vectorised row add (col and x never overlap)
+            const T* srow = src + lo;
+            _Pragma("omp simd")
+            for (int64_t q = 0; q < hi - lo; ++q) dst[q] += srow[q];
+          } else {
+            for (int64_t ow = lo; ow < hi; ++ow) dst[(ow - lo) * step] += src[ow];
+          }
         }
       }
     }
@@ -156,10 +162,10 @@ void for_each_item(int64_t items, const at::Tensor& like, int64_t buf_elems, con
 // matrices too small for a GEMM to pay; these direct loops compute them instead.
 bool use_direct(const Conv2dParams& p) { return p.in_per_group() * p.out_per_group() <= 8; }
 
-// y[n, o, :, :] = bias[o] + sum over the group's channels and taps.
+// y[n, o, :, :] = bias[o] + sum over the group's channels and taps (then max(., 0) with relu).
 template <typename T>
 void direct_forward(const T* x, const Strides4& xs, const T* w, const T* bias, T* y,
-                    const Strides4& ys, const Conv2dParams& p) {
+                    const Strides4& ys, const Conv2dParams& p, bool relu) {
   const int64_t Cg = p.in_per_group(), Og = p.out_per_group();
   at::parallel_for(0, p.N * p.O, 1, [&](int64_t b, int64_t e) {
     std::vector<T> row(p.OW);
@@ -183,7 +189,11 @@ void direct_forward(const T* x, const Strides4& xs, const T* w, const T* bias, T
           }
         }
         T* yr = y + n * ys.n + o * ys.c + oh * ys.h;
-        for (int64_t ow = 0; ow < p.OW; ++ow) yr[ow * ys.w] = row[ow];
+        if (relu) {
+          for (int64_t ow = 0; ow < p.OW; ++ow) yr[ow * ys.w] = row[ow] < T(0) ? T(0) : row[ow];
+        } else {
+          for (int64_t ow = 0; ow < p.OW; ++ow) yr[ow * ys.w] = row[ow];
+        }
       }
     }
   });
@@ -300,7 +310,7 @@ void im2col_packed(const float* x, const Strides4& xs, const Conv2dParams& p, in
 
 // Forward with our sgemm: float32 output in plain contiguous layout, AVX-512 CPU.
 void forward_sgemm(const at::Tensor& input, const at::Tensor& w, const float* bias,
-                   at::Tensor& out, const Conv2dParams& p) {
+                   at::Tensor& out, const Conv2dParams& p, bool relu, const RowsDone& rows_done) {
   const int64_t Cg = p.in_per_group(), Og = p.out_per_group(), K = Cg * p.KH * p.KW;
   const int64_t a_size = sgemm::packed_a_size(Og, K);
   float* apack = thread_scratch(1, p.G * a_size);
@@ -321,8 +331,9 @@ void forward_sgemm(const at::Tensor& input, const at::Tensor& w, const float* bi
       im2col_packed(x + n * xs.n + g * Cg * xs.c, xs, p, Cg, oh0, oh1, bp);
       sgemm::gemm(ap + g * a_size, bp, Og, (oh1 - oh0) * p.OW, K,
                   y + n * ys.n + g * Og * ys.c + oh0 * ys.h, ys.c, false,
-                  bias ? bias + g * Og : nullptr);
+                  bias ? bias + g * Og : nullptr, relu);
     }
+    if (rows_done) rows_done(n, oh0, oh1);
   });
 }
 
@@ -396,9 +407,18 @@ at::Tensor weight_backward_sgemm(const at::Tensor& gy_t, const at::Tensor& input
 
 at::Tensor conv2d_forward(const at::Tensor& input, const at::Tensor& weight,
                           const c10::optional<at::Tensor>& bias, const Conv2dParams& p,
-                          at::MemoryFormat out_format) {
+                          at::MemoryFormat out_format, bool relu) {
   at::Tensor out = at::empty({p.N, p.O, p.OH, p.OW}, input.options().memory_format(out_format));
-  if (out.numel() == 0) return out;
+  conv2d_forward_rows(input, weight, bias, p, out, relu, RowsDone());
+  return out;
+}
+
+void conv2d_forward_rows(const at::Tensor& input, const at::Tensor& weight,
+                         const c10::optional<at::Tensor>& bias, const Conv2dParams& p,
+                         at::Tensor& out, bool relu, const RowsDone& rows_done) {
+  if (out.numel() == 0) return;
+  const at::MemoryFormat out_format =
+      out.is_contiguous() ? at::MemoryFormat::Contiguous : at::MemoryFormat::ChannelsLast;
   const int64_t Cg = p.in_per_group(), Og = p.out_per_group(), K = Cg * p.KH * p.KW;
   const at::Tensor w = weight.contiguous().view({p.G, Og, K});
   const bool has_bias = bias.has_value() && bias->defined();
@@ -407,8 +427,8 @@ at::Tensor conv2d_forward(const at::Tensor& input, const at::Tensor& weight,
   const Bands bands = pointwise ? Bands{p.OH, 1} : bands_for(p);
   const Strides4 xs = strides_of(input);
   if (use_sgemm(input) && !use_direct(p) && out_format == at::MemoryFormat::Contiguous) {
-    forward_sgemm(input, w, has_bias ? b.const_data_ptr<float>() : nullptr, out, p);
-    return out;
+    forward_sgemm(input, w, has_bias ? b.const_data_ptr<float>() : nullptr, out, p, relu, rows_done);
+    return;
   }
 
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "cnnext_conv2d_forward", [&] {
@@ -416,7 +436,13 @@ at::Tensor conv2d_forward(const at::Tensor& input, const at::Tensor& weight,
     if (use_direct(p)) {
       direct_forward(x, xs, w.const_data_ptr<scalar_t>(),
                      has_bias ? b.const_data_ptr<scalar_t>() : nullptr,
-                     out.mutable_data_ptr<scalar_t>(), strides_of(out), p);
+                     out.mutable_data_ptr<scalar_t>(), strides_of(out), p, relu);
+      // Planes are computed per (n, o); the bands are whole samples.
+      if (rows_done) {
+        at::parallel_for(0, p.N, 1, [&](int64_t n0, int64_t n1) {
+          for (int64_t n = n0; n < n1; ++n) rows_done(n, 0, p.OH);
+        });
+      }
       return;
     }
     for_each_item(p.N * bands.count, input, pointwise ? 0 : K * bands.rows * p.OW,
@@ -439,10 +465,11 @@ at::Tensor conv2d_forward(const at::Tensor& input, const at::Tensor& weight,
         } else {
           at::mm_out(dst, w[g], col);
         }
+        if (relu) dst.clamp_min_(0);  // while the band is in cache
       }
+      if (rows_done) rows_done(n, oh0, oh1);
     });
   });
-  return out;
 }
 
 at::Tensor conv2d_input_backward(const at::Tensor& grad_out, const at::Tensor& weight,

@@ -57,13 +57,13 @@ namespace {
 constexpr int64_t kKC = 384;
 
 // One kMR x kNR tile: acc = A_panel(kc) * B_panel(kc), then stored into C rows
-// [0, rows) and columns [0, cols) (masked), added to C when `add`.
+// [0, rows) and columns [0, cols) (masked), added to C when `add`, clamped at 0 when `relu`.
 constexpr int kNV = int(kNR / 16);  // 16-float vectors per tile row
 
 __attribute__((target("avx512f,fma"))) void micro_kernel(int64_t kc, const float* a,
                                                           const float* b, float* c, int64_t ldc,
                                                           int64_t rows, int64_t cols, bool add,
-                                                          const float* bias) {
+                                                          const float* bias, bool relu) {
   __m512 acc[kMR][kNV];
 #pragma GCC unroll 16
   for (int r = 0; r < kMR; ++r)
@@ -100,6 +100,10 @@ __attribute__((target("avx512f,fma"))) void micro_kernel(int64_t kc, const float
         } else if (bias) {
           val = _mm512_add_ps(val, _mm512_set1_ps(bias[r]));
         }
+        if (relu) {  // negative -> 0; NaN stays NaN (the ordered compare is false for it)
+          const __m512 zero = _mm512_setzero_ps();
+          val = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(val, zero, _CMP_LT_OQ), val, zero);
+        }
         _mm512_mask_storeu_ps(cr + 16 * v, mask[v], val);
       }
     }
@@ -114,16 +118,17 @@ bool available() {
 }
 
 void gemm(const float* a_packed, const float* b_packed, int64_t M, int64_t N, int64_t K,
-          float* c, int64_t ldc, bool accumulate, const float* bias) {
+          float* c, int64_t ldc, bool accumulate, const float* bias, bool relu) {
   for (int64_t k0 = 0; k0 < K; k0 += kKC) {
     const int64_t kc = std::min(kKC, K - k0);
     const bool add = accumulate || k0 > 0;
+    const bool last = k0 + kc >= K;  // the ReLU sees only final values
     for (int64_t j0 = 0; j0 < N; j0 += kNR) {
       const float* bp = b_packed + j0 * K + k0 * kNR;
       const int64_t cols = std::min(kNR, N - j0);
       for (int64_t i0 = 0; i0 < M; i0 += kMR) {
         micro_kernel(kc, a_packed + i0 * K + k0 * kMR, bp, c + i0 * ldc + j0, ldc,
-                     std::min(kMR, M - i0), cols, add, bias ? bias + i0 : nullptr);
+                     std::min(kMR, M - i0), cols, add, bias ? bias + i0 : nullptr, relu && last);
       }
     }
   }
@@ -135,7 +140,7 @@ void gemm(const float* a_packed, const float* b_packed, int64_t M, int64_t N, in
 bool available() { return false; }
 
 void gemm(const float* a_packed, const float* b_packed, int64_t M, int64_t N, int64_t K,
-          float* c, int64_t ldc, bool accumulate, const float* bias) {
+          float* c, int64_t ldc, bool accumulate, const float* bias, bool relu) {
   for (int64_t i = 0; i < M; ++i) {
     const float* ap = a_packed + (i / kMR) * K * kMR + i % kMR;
     for (int64_t j = 0; j < N; ++j) {
@@ -144,6 +149,7 @@ void gemm(const float* a_packed, const float* b_packed, int64_t M, int64_t N, in
       for (int64_t k = 0; k < K; ++k) acc += ap[k * kMR] * bp[k * kNR];
       float& out = c[i * ldc + j];
       out = accumulate ? out + acc : acc + (bias ? bias[i] : 0.f);
+      if (relu && out < 0.f) out = 0.f;
     }
   }
 }

@@ -29,9 +29,10 @@ void pack_a(const float* a, int64_t rs, int64_t cs, int64_t M, int64_t K, float*
 void pack_b(const float* b, int64_t rs, int64_t cs, int64_t K, int64_t N, float* out);
 
 // C (M x N, element (i, j) at c[i * ldc + j]) = A_packed * B_packed, plus, when
-// `accumulate`, the C it had, plus, when `bias` is given, bias[i] on row i.
+// `accumulate`, the C it had, plus, when `bias` is given, bias[i] on row i; then, when
+// `relu`, max(., 0) (applied as the final values are stored, after every K block).
 void gemm(const float* a_packed, const float* b_packed, int64_t M, int64_t N, int64_t K,
-          float* c, int64_t ldc, bool accumulate, const float* bias);
+          float* c, int64_t ldc, bool accumulate, const float* bias, bool relu = false);
 
 }  // namespace sgemm
 }  // namespace cpu

@@ -55,11 +55,13 @@ CNNEXT_HD void unravel(int64_t i, int64_t C, int64_t H, int64_t W, int64_t* n, i
 // The per-element bodies below are __host__ __device__: the kernels are thin loops
 // around them, and a host harness can run them without a GPU.
 
-// Computes y element i (linear index in kChannelsLast order).
+// Computes y element i (linear index in kChannelsLast order); with relu, max(y, 0)
+// (NaN stays NaN).
 template <typename T, bool kChannelsLast>
 CNNEXT_HD void forward_element(const Conv2dParams& p, const T* __restrict__ x, const Strides4& xs,
                                const T* __restrict__ w, const T* __restrict__ bias,
-                               T* __restrict__ y, const Strides4& ys, int64_t i) {
+                               T* __restrict__ y, const Strides4& ys, int64_t i,
+                               bool relu = false) {
   using Acc = AccType<T>;
   using A = typename Acc::type;
   const int64_t Cg = p.in_per_group(), Og = p.out_per_group();
@@ -81,6 +83,7 @@ CNNEXT_HD void forward_element(const Conv2dParams& p, const T* __restrict__ x, c
       for (int64_t c = 0; c < Cg; ++c) acc += Acc::to(xp[c * xs.c]) * Acc::to(wp[c * taps]);
     }
   }
+  if (relu && acc < A(0)) acc = A(0);
   y[n * ys.n + o * ys.c + oh * ys.h + ow * ys.w] = Acc::from(acc);
 }
 
@@ -192,9 +195,9 @@ template <typename T, bool kChannelsLast>
 __global__ void __launch_bounds__(kThreads)
     conv2d_forward_kernel(const Conv2dParams p, const T* __restrict__ x, const Strides4 xs,
                           const T* __restrict__ w, const T* __restrict__ bias, T* __restrict__ y,
-                          const Strides4 ys, const int64_t total) {
+                          const Strides4 ys, const int64_t total, const bool relu) {
   for (int64_t i = grid_first(); i < total; i += grid_step())
-    forward_element<T, kChannelsLast>(p, x, xs, w, bias, y, ys, i);
+    forward_element<T, kChannelsLast>(p, x, xs, w, bias, y, ys, i, relu);
 }
 
 template <typename T, bool kChannelsLast>
@@ -243,7 +246,7 @@ __global__ void __launch_bounds__(kThreads)
 
 cudaError_t conv2d_forward(const Conv2dParams& p, DType dt, const void* x, Strides4 xs,
                            const void* w, const void* bias, void* y, Strides4 ys,
-                           cudaStream_t stream) {
+                           cudaStream_t stream, bool relu) {
   const int64_t total = p.N * p.O * p.OH * p.OW;
   if (total == 0) return cudaSuccess;
   const bool cl = channels_fastest(ys);
@@ -255,10 +258,10 @@ cudaError_t conv2d_forward(const Conv2dParams& p, DType dt, const void* x, Strid
     T* yp = static_cast<T*>(y);
     if (cl) {
       conv2d_forward_kernel<T, true>
-          <<<grid_size(total), kThreads, 0, stream>>>(p, xp, xs, wp, bp, yp, ys, total);
+          <<<grid_size(total), kThreads, 0, stream>>>(p, xp, xs, wp, bp, yp, ys, total, relu);
     } else {
       conv2d_forward_kernel<T, false>
-          <<<grid_size(total), kThreads, 0, stream>>>(p, xp, xs, wp, bp, yp, ys, total);
+          <<<grid_size(total), kThreads, 0, stream>>>(p, xp, xs, wp, bp, yp, ys, total, relu);
     }
     return cudaGetLastError();
   });

@@ -22,11 +22,12 @@ namespace cnnext {
 namespace cuda {
 namespace kernels {
 
-// y (N, O, OH, OW), strides ys  =  x (N, C, H, W), strides xs  (*)  w + bias.
+// y (N, O, OH, OW), strides ys  =  x (N, C, H, W), strides xs  (*)  w + bias, then
+// max(y, 0) when relu (the epilogue of conv_bn_relu2d's inference path).
 // w: contiguous (O, C / G, KH, KW); bias: contiguous (O,) or nullptr.
 cudaError_t conv2d_forward(const Conv2dParams& p, DType dt, const void* x, Strides4 xs,
                            const void* w, const void* bias, void* y, Strides4 ys,
-                           cudaStream_t stream);
+                           cudaStream_t stream, bool relu = false);
 
 // grad_input (N, C, H, W), strides gxs  =  grad_output (N, O, OH, OW), strides gys,
 // correlated with the transposed contiguous weight w (O, C / G, KH, KW).

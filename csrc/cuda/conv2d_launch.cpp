@@ -15,7 +15,7 @@ namespace cuda {
 
 at::Tensor conv2d_forward(const at::Tensor& input, const at::Tensor& weight,
                           const c10::optional<at::Tensor>& bias, const Conv2dParams& p,
-                          at::MemoryFormat out_format) {
+                          at::MemoryFormat out_format, bool relu) {
   const c10::cuda::CUDAGuard guard(input.device());
   at::Tensor out = at::empty({p.N, p.O, p.OH, p.OW}, input.options().memory_format(out_format));
   if (out.numel() == 0) return out;
@@ -25,7 +25,7 @@ at::Tensor conv2d_forward(const at::Tensor& input, const at::Tensor& weight,
   C10_CUDA_CHECK(kernels::conv2d_forward(
       p, dtype_of(input), input.const_data_ptr(), strides_of(input), w.const_data_ptr(),
       has_bias ? b.const_data_ptr() : nullptr, out.mutable_data_ptr(), strides_of(out),
-      current_stream()));
+      current_stream(), relu));
   return out;
 }
 

@@ -1,0 +1,408 @@
+// conv_bn_relu2d (training mode) on the CPU.
+//
+// Forward: the convolution (csrc/cpu/conv2d.cpp) writes conv_out band by band; as each
+// band of rows is finished, and still in cache, its per-channel moments (count, mean,
+// sum of squared deviations) are taken in two sweeps over the band and kept per band.
+// The bands' moments are merged in a fixed order (Chan et al.'s pairwise formula: no
+// cancellation of large sums, and the same result whatever the thread count), giving
+// the batch mean and biased variance. One more pass writes
+// out = [relu]((conv_out - mean) * gamma * invstd + beta).
+//
+// Backward: one sweep of reductions (sum gm, sum gm * (conv_out - mean)) with partial
+// sums per plane (or per pixel row for channels_last) added up in order, then one
+// elementwise sweep writing grad_conv_out and its channel sums (the conv bias gradient).
+//
+// Every tensor with the output's shape is dense, contiguous or channels_last (see
+// csrc/ops/conv_bn_relu2d.h); statistics are accumulated in double.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "ops/conv2d.h"
+#include "ops/conv_bn_relu2d.h"
+
+namespace cnnext {
+namespace cpu {
+namespace {
+
+// Moments of `count` values: their mean and the sum of squared deviations from it.
+struct Moments {
+  double count = 0, mean = 0, m2 = 0;
+};
+
+// a := moments of the union of a's and b's values (Chan, Golub, LeVeque).
+void merge(Moments& a, const Moments& b) {
+  if (b.count == 0) return;
+  if (a.count == 0) {
+    a = b;
+    return;
+  }
+  const double n = a.count + b.count, d = b.mean - a.mean;
+  a.mean += d * (b.count / n);
+  a.m2 += b.m2 + d * d * (a.count / n * b.count);
+  a.count = n;
+}
+
+// Dense 4-D shape and layout of the output-shaped tensors.
+struct Dense {
+  int64_t N, C, H, W;
+  bool cl;  // channels_last (channels innermost), else contiguous (planes)
+  int64_t plane() const { return H * W; }
+};
+
+Dense dense_of(const at::Tensor& t) {
+  const bool cl = !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
+  return {t.size(0), t.size(1), t.size(2), t.size(3), cl};
+}
+
+// Moments of every channel of rows [oh0, oh1) of sample n, into m[0, C).
+template <typename T>
+void band_moments(const T* y, const Dense& d, int64_t n, int64_t oh0, int64_t oh1, Moments* m) {
+  const int64_t L = (oh1 - oh0) * d.W;
+  if (L == 0) return;
+  if (!d.cl) {
+    for (int64_t c = 0; c < d.C; ++c) {
+      const T* v = y + (n * d.C + c) * d.plane() + oh0 * d.W;
+      double s = 0;
+      _Pragma("omp simd reduction(+ : s)")
+      for (int64_t i = 0; i < L; ++i) s += static_cast<double>(v[i]);
+      const double mean = s / double(L);
+      double m2 = 0;
+      _Pragma("omp simd reduction(+ : m2)")
+      for (int64_t i = 0; i < L; ++i) {
+        const double dv = static_cast<double>(v[i]) - mean;
+        m2 += dv * dv;
+      }
+      m[c] = {double(L), mean, m2};
+    }
+    return;
+  }
+  std::vector<double> s(d.C, 0.0), m2(d.C, 0.0);
+  const T* base = y + (n * d.H + oh0) * d.W * d.C;
+  for (int64_t i = 0; i < L; ++i) {
+    const T* px = base + i * d.C;
+    _Pragma("omp simd")
+    for (int64_t c = 0; c < d.C; ++c) s[c] += static_cast<double>(px[c]);
+  }
+  for (int64_t c = 0; c < d.C; ++c) s[c] /= double(L);
+  for (int64_t i = 0; i < L; ++i) {
+    const T* px = base + i * d.C;
+    _Pragma("omp simd")
+    for (int64_t c = 0; c < d.C; ++c) {
+      const double dv = static_cast<double>(px[c]) - s[c];
+      m2[c] += dv * dv;
+    }
+  }
+  for (int64_t c = 0; c < d.C; ++c) m[c] = {double(L), s[c], m2[c]};
+}
+
+// out = [relu]((y - mean[c]) * a[c] + beta[c]).
+template <typename T>
+void normalize(const T* y, T* out, const Dense& d, const T* mean, const T* a, const T* beta,
+               bool relu) {
+  if (!d.cl) {
+    const int64_t P = d.plane();
+    at::parallel_for(0, d.N * d.C, 1, [&](int64_t b, int64_t e) {
+      for (int64_t item = b; item < e; ++item) {
+        const int64_t c = item % d.C;
+        const T m = mean[c], s = a[c], t = beta[c];
+        const T* v = y + item * P;
+        T* o = out + item * P;
+        if (relu) {
+          _Pragma("omp simd")
+          for (int64_t i = 0; i < P; ++i) {
+            const T r = (v[i] - m) * s + t;
+            o[i] = r < T(0) ? T(0) : r;
+          }
+        } else {
+          _Pragma("omp simd")
+          for (int64_t i = 0; i < P; ++i) o[i] = (v[i] - m) * s + t;
+        }
+      }
+    });
+    return;
+  }
+  const int64_t row = d.W * d.C;
+  at::parallel_for(0, d.N * d.H, 1, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      for (int64_t w = 0; w < d.W; ++w) {
+        const T* v = y + r * row + w * d.C;
+        T* o = out + r * row + w * d.C;
+        _Pragma("omp simd")
+        for (int64_t c = 0; c < d.C; ++c) {
+          const T x = (v[c] - mean[c]) * a[c] + beta[c];
+          o[c] = (relu && x < T(0)) ? T(0) : x;
+        }
+      }
+    }
+  });
+}
+
+// gm: grad, masked by out > 0 when kMask (the ReLU's gradient, read from its output).
+template <typename T, bool kMask>
+inline T masked(const T* __restrict__ g, const T* __restrict__ out, int64_t i) {
+  if constexpr (kMask) {
+    // Both loads first: a select between two values vectorises; a load inside it does
+    // not (GCC keeps the branch, which mispredicts on a ReLU's mask).
+    const T gv = g[i], ov = out[i];
+    return ov > T(0) ? gv : T(0);
+  } else {
+    return g[i];
+  }
+}
+
+// Elements summed in T (vectorised) before the partial sum is added in double: short
+// enough that float32's rounding stays far below its tolerance, long enough for speed.
+constexpr int64_t kChunk = 256;
+
+// One contiguous run of n elements of one channel (mean m): *s0 = sum gm,
+// *s1 = sum gm * (y - m).
+template <typename T, bool kMask>
+void run_sums(const T* __restrict__ g, const T* __restrict__ o, const T* __restrict__ y,
+              int64_t n, T m, double* s0, double* s1) {
+  double a0 = 0, a1 = 0;
+  for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
+    const int64_t i1 = std::min(n, i0 + kChunk);
+    T c0 = 0, c1 = 0;
+    _Pragma("omp simd reduction(+ : c0, c1)")
+    for (int64_t i = i0; i < i1; ++i) {
+      const T gm = masked<T, kMask>(g, o, i);
+      c0 += gm;
+      c1 += gm * (y[i] - m);
+    }
+    a0 += static_cast<double>(c0);
+    a1 += static_cast<double>(c1);
+  }
+  *s0 = a0;
+  *s1 = a1;
+}
+
+// dy = k * gm + shift - coef * (y - m) over one contiguous run; returns the sum of dy.
+template <typename T, bool kMask>
+double run_apply(const T* __restrict__ g, const T* __restrict__ o, const T* __restrict__ y,
+                 int64_t n, T m, T k, T shift, T coef, T* __restrict__ dy) {
+  double a0 = 0;
+  for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
+    const int64_t i1 = std::min(n, i0 + kChunk);
+    T c0 = 0;
+    _Pragma("omp simd reduction(+ : c0)")
+    for (int64_t i = i0; i < i1; ++i) {
+      const T v = k * masked<T, kMask>(g, o, i) + shift - coef * (y[i] - m);
+      dy[i] = v;
+      c0 += v;
+    }
+    a0 += static_cast<double>(c0);
+  }
+  return a0;
+}
+
+// The same over one pixel row of channels_last data (W pixels of C channels): each row's
+// sums are taken in T (scratch r0, r1 of C), then added into the per-channel doubles.
+template <typename T, bool kMask>
+void row_sums(const T* __restrict__ g, const T* __restrict__ o, const T* __restrict__ y,
+              int64_t W, int64_t C, const T* __restrict__ mean, T* __restrict__ r0,
+              T* __restrict__ r1, double* __restrict__ s0, double* __restrict__ s1) {
+  std::fill(r0, r0 + C, T(0));
+  std::fill(r1, r1 + C, T(0));
+  for (int64_t w = 0; w < W; ++w) {
+    const int64_t base = w * C;
+    _Pragma("omp simd")
+    for (int64_t c = 0; c < C; ++c) {
+      const T gm = masked<T, kMask>(g, o, base + c);
+      r0[c] += gm;
+      r1[c] += gm * (y[base + c] - mean[c]);
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    s0[c] += static_cast<double>(r0[c]);
+    s1[c] += static_cast<double>(r1[c]);
+  }
+}
+
+template <typename T, bool kMask>
+void row_apply(const T* __restrict__ g, const T* __restrict__ o, const T* __restrict__ y,
+               int64_t W, int64_t C, const T* __restrict__ mean, const T* __restrict__ k,
+               const T* __restrict__ shift, const T* __restrict__ coef, T* __restrict__ dy,
+               T* __restrict__ r0, double* __restrict__ s0) {
+  std::fill(r0, r0 + C, T(0));
+  for (int64_t w = 0; w < W; ++w) {
+    const int64_t base = w * C;
+    _Pragma("omp simd")
+    for (int64_t c = 0; c < C; ++c) {
+      const T v = k[c] * masked<T, kMask>(g, o, base + c) + shift[c] - coef[c] * (y[base + c] - mean[c]);
+      dy[base + c] = v;
+      r0[c] += v;
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) s0[c] += static_cast<double>(r0[c]);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu2d_train(
+    const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& bn_weight, const c10::optional<at::Tensor>& bn_bias,
+    double eps, const Conv2dParams& p, at::MemoryFormat out_format, bool relu) {
+  at::Tensor conv_out =
+      at::empty({p.N, p.O, p.OH, p.OW}, input.options().memory_format(out_format));
+  at::Tensor out = at::empty_like(conv_out);
+  const Dense d = dense_of(conv_out);
+  const int64_t M = p.N * p.OH * p.OW;
+  at::Tensor mean = at::zeros({p.O}, input.options());
+  at::Tensor var = at::zeros({p.O}, input.options());
+  if (conv_out.numel() == 0) return {out, conv_out, mean, var};
+
+  // Moments per (sample, first row of a band) slot; only band starts are filled.
+  std::vector<Moments> slots(size_t(p.N * p.OH * p.O));
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "cnnext_conv_bn_relu2d_train", [&] {
+    const scalar_t* y = conv_out.const_data_ptr<scalar_t>();
+    conv2d_forward_rows(input, weight, bias, p, conv_out, false,
+                        [&](int64_t n, int64_t oh0, int64_t oh1) {
+                          band_moments(y, d, n, oh0, oh1, slots.data() + (n * p.OH + oh0) * p.O);
+                        });
+    // Merge the bands in (n, row) order, channel by channel.
+    std::vector<scalar_t> mean_v(p.O), a_v(p.O), beta_v(p.O);
+    const at::Tensor gamma_t =
+        bn_weight.has_value() && bn_weight->defined() ? bn_weight->contiguous() : at::Tensor();
+    const at::Tensor beta_t =
+        bn_bias.has_value() && bn_bias->defined() ? bn_bias->contiguous() : at::Tensor();
+    const scalar_t* gp = gamma_t.defined() ? gamma_t.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* bp = beta_t.defined() ? beta_t.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* mp = mean.mutable_data_ptr<scalar_t>();
+    scalar_t* vp = var.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, p.O, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        Moments total;
+        for (int64_t s = 0; s < p.N * p.OH; ++s) merge(total, slots[s * p.O + c]);
+        const double v = total.m2 / double(M);
+        mp[c] = static_cast<scalar_t>(total.mean);
+        vp[c] = static_cast<scalar_t>(v);
+        const double invstd = 1.0 / std::sqrt(v + eps);
+        mean_v[c] = static_cast<scalar_t>(total.mean);
+        a_v[c] = static_cast<scalar_t>(gp ? double(gp[c]) * invstd : invstd);
+        beta_v[c] = bp ? bp[c] : scalar_t(0);
+      }
+    });
+    normalize(y, out.mutable_data_ptr<scalar_t>(), d, mean_v.data(), a_v.data(), beta_v.data(),
+              relu);
+  });
+  return {out, conv_out, mean, var};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu2d_train_backward(
+    const at::Tensor& grad, const c10::optional<at::Tensor>& out, const at::Tensor& conv_out,
+    const at::Tensor& mean, const at::Tensor& var, const c10::optional<at::Tensor>& bn_weight,
+    double eps, bool relu) {
+  const Dense d = dense_of(conv_out);
+  const int64_t M = d.N * d.H * d.W;
+  at::Tensor grad_conv = at::empty_like(conv_out);
+  at::Tensor g_gamma = at::zeros({d.C}, conv_out.options());
+  at::Tensor g_beta = at::zeros({d.C}, conv_out.options());
+  at::Tensor g_bias = at::zeros({d.C}, conv_out.options());
+  if (conv_out.numel() == 0) return {grad_conv, g_gamma, g_beta, g_bias};
+  const bool use_out = relu && out.has_value() && out->defined();
+
+  AT_DISPATCH_FLOATING_TYPES(conv_out.scalar_type(), "cnnext_conv_bn_relu2d_backward", [&] {
+    using T = scalar_t;
+    const T* g = grad.const_data_ptr<T>();
+    const T* o = use_out ? out->const_data_ptr<T>() : nullptr;
+    const T* y = conv_out.const_data_ptr<T>();
+    const at::Tensor mean_c = mean.contiguous(), var_c = var.contiguous();
+    const T* mp = mean_c.const_data_ptr<T>();
+    const T* vp = var_c.const_data_ptr<T>();
+    const at::Tensor gamma_t =
+        bn_weight.has_value() && bn_weight->defined() ? bn_weight->contiguous() : at::Tensor();
+    const T* gp = gamma_t.defined() ? gamma_t.const_data_ptr<T>() : nullptr;
+    T* dy = grad_conv.mutable_data_ptr<T>();
+    const int64_t C = d.C;
+    // Items: planes (n, c) or pixel rows (n, h); partial sums per item and channel.
+    const int64_t items = d.cl ? d.N * d.H : d.N * d.C;
+    const int64_t per_item = d.cl ? C : 1;
+    std::vector<double> s_gm(items * per_item, 0.0), s_gmx(items * per_item, 0.0);
+    const int64_t P = d.plane(), row = d.W * C;
+
+    // Sweep 1: sum gm and sum gm * (y - mean).
+    at::parallel_for(0, items, 1, [&](int64_t b, int64_t e) {
+      std::vector<T> r0(d.cl ? C : 0), r1(d.cl ? C : 0);
+      for (int64_t item = b; item < e; ++item) {
+        if (!d.cl) {
+          const int64_t c = item % C, base = item * P;
+          const T* ob = o ? o + base : nullptr;
+          if (o) run_sums<T, true>(g + base, ob, y + base, P, mp[c], &s_gm[item], &s_gmx[item]);
+          else run_sums<T, false>(g + base, ob, y + base, P, mp[c], &s_gm[item], &s_gmx[item]);
+        } else {
+          const int64_t base = item * row;
+          const T* ob = o ? o + base : nullptr;
+          double* a0 = s_gm.data() + item * C;
+          double* a1 = s_gmx.data() + item * C;
+          if (o) row_sums<T, true>(g + base, ob, y + base, d.W, C, mp, r0.data(), r1.data(), a0, a1);
+          else row_sums<T, false>(g + base, ob, y + base, d.W, C, mp, r0.data(), r1.data(), a0, a1);
+        }
+      }
+    });
+    // Per-channel totals, added in item order; then the coefficients of sweep 2:
+    // dy = k * gm + shift - coef * (y - mean).
+    std::vector<T> k(C), shift(C), coef(C);
+    T* ggp = g_gamma.mutable_data_ptr<T>();
+    T* gbp = g_beta.mutable_data_ptr<T>();
+    for (int64_t c = 0; c < C; ++c) {
+      double sg = 0, sgx = 0;
+      if (!d.cl) {
+        for (int64_t n = 0; n < d.N; ++n) {
+          sg += s_gm[n * C + c];
+          sgx += s_gmx[n * C + c];
+        }
+      } else {
+        for (int64_t it = 0; it < items; ++it) {
+          sg += s_gm[it * C + c];
+          sgx += s_gmx[it * C + c];
+        }
+      }
+      const double invstd = 1.0 / std::sqrt(static_cast<double>(vp[c]) + eps);
+      const double dgamma = sgx * invstd;
+      ggp[c] = static_cast<T>(dgamma);
+      gbp[c] = static_cast<T>(sg);
+      const double kk = (gp ? static_cast<double>(gp[c]) : 1.0) * invstd;
+      k[c] = static_cast<T>(kk);
+      shift[c] = static_cast<T>(-kk * sg / double(M));
+      coef[c] = static_cast<T>(kk * invstd * dgamma / double(M));
+    }
+    // Sweep 2: grad_conv_out and its channel sums.
+    at::parallel_for(0, items, 1, [&](int64_t b, int64_t e) {
+      std::vector<T> r0(d.cl ? C : 0);
+      for (int64_t item = b; item < e; ++item) {
+        if (!d.cl) {
+          const int64_t c = item % C, base = item * P;
+          const T* ob = o ? o + base : nullptr;
+          s_gm[item] = o ? run_apply<T, true>(g + base, ob, y + base, P, mp[c], k[c], shift[c], coef[c], dy + base)
+                         : run_apply<T, false>(g + base, ob, y + base, P, mp[c], k[c], shift[c], coef[c], dy + base);
+        } else {
+          const int64_t base = item * row;
+          const T* ob = o ? o + base : nullptr;
+          double* a0 = s_gm.data() + item * C;
+          std::fill(a0, a0 + C, 0.0);
+          if (o) row_apply<T, true>(g + base, ob, y + base, d.W, C, mp, k.data(), shift.data(), coef.data(), dy + base, r0.data(), a0);
+          else row_apply<T, false>(g + base, ob, y + base, d.W, C, mp, k.data(), shift.data(), coef.data(), dy + base, r0.data(), a0);
+        }
+      }
+    });
+    T* gbi = g_bias.mutable_data_ptr<T>();
+    for (int64_t c = 0; c < C; ++c) {
+      double s = 0;
+      if (!d.cl) {
+        for (int64_t n = 0; n < d.N; ++n) s += s_gm[n * C + c];
+      } else {
+        for (int64_t it = 0; it < items; ++it) s += s_gm[it * C + c];
+      }
+      gbi[c] = static_cast<T>(s);
+    }
+  });
+  return {grad_conv, g_gamma, g_beta, g_bias};
+}
+
+}  // namespace cpu
+}  // namespace cnnext

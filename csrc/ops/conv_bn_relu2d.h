@@ -1,0 +1,54 @@
+// Entry points of the conv_bn_relu2d backends (training mode; inference folds the
+// batch norm into the convolution and runs conv2d_forward with its ReLU epilogue).
+// csrc/ops/conv_bn_relu2d.cpp checks the arguments and calls these; they trust them.
+//
+// Layouts: the tensors of one call that have the convolution's output shape (conv_out,
+// out, grad) are dense in one memory format, contiguous or channels_last, which the
+// kernels read from conv_out (the ops layer makes grad and out dense in it).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+
+#include "common/conv2d.h"
+
+namespace cnnext {
+
+// Statistics dtype: float for float16 / bfloat16 input, the input's dtype otherwise.
+inline at::ScalarType stats_dtype(at::ScalarType t) {
+  return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
+}
+
+#define CNNEXT_CONV_BN_RELU2D_BACKEND_DECLS                                                    \
+  /* conv_out = conv2d(input, weight, bias), in layout out_format; mean, var: its       */    \
+  /* per-channel batch mean and biased variance over (n, h, w) (stats_dtype);           */    \
+  /* out = [relu]((conv_out - mean) / sqrt(var + eps) * bn_weight + bn_bias). Returns   */    \
+  /* (out, conv_out, mean, var). p.N * p.OH * p.OW may be 0 (zeros for mean and var).   */    \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu2d_train(            \
+      const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, \
+      const c10::optional<at::Tensor>& bn_weight, const c10::optional<at::Tensor>& bn_bias,   \
+      double eps, const Conv2dParams& p, at::MemoryFormat out_format, bool relu);             \
+  /* The batch-norm (+ ReLU) part of the backward pass. gm = grad masked by out > 0     */    \
+  /* (relu) or grad; xhat = (conv_out - mean) * invstd. Returns (grad_conv_out,         */    \
+  /* grad_bn_weight = sum gm * xhat, grad_bn_bias = sum gm, grad_conv_bias = the        */    \
+  /* channel sums of grad_conv_out); grad_conv_out = bn_weight * invstd * (gm -         */    \
+  /* sum gm / M - xhat * sum(gm * xhat) / M), M = N * H * W.                             */    \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu2d_train_backward(   \
+      const at::Tensor& grad, const c10::optional<at::Tensor>& out, const at::Tensor& conv_out, \
+      const at::Tensor& mean, const at::Tensor& var, const c10::optional<at::Tensor>& bn_weight, \
+      double eps, bool relu);
+
+namespace cpu {
+CNNEXT_CONV_BN_RELU2D_BACKEND_DECLS
+}
+
+#ifdef CNNEXT_WITH_CUDA
+namespace cuda {
+CNNEXT_CONV_BN_RELU2D_BACKEND_DECLS
+}
+#endif
+
+#undef CNNEXT_CONV_BN_RELU2D_BACKEND_DECLS
+
+}  // namespace cnnext

@@ -1,0 +1,446 @@
+"""cnnext.functional.conv_bn_relu2d, its ops and cnnext.nn.ConvBNReLU2d against the stock
+triple torch.nn.Conv2d -> torch.nn.BatchNorm2d -> torch.nn.ReLU."""
+import copy
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import cnnext
+from cnnext.functional import conv_bn_relu2d
+from cnnext.nn import ConvBNReLU2d
+from conftest import assert_close_scaled, examples, is_channels_last, to_layout
+
+ops = torch.ops.cnnext
+
+
+# --------------------------------------------------------------------------------------------
+# Module parity over several SGD-with-momentum steps, then eval mode
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class Conf:
+    xshape: tuple          # (N, C, H, W)
+    out_channels: int
+    kernel: object
+    conv: dict = field(default_factory=dict)   # stride, padding, dilation, groups, bias, padding_mode
+    bn: dict = field(default_factory=dict)     # eps, momentum, affine, track_running_stats
+    relu: bool = True
+    layout: str = "contiguous"
+    seed: int = 0
+
+
+def make_pair(c, dtype):
+    """The stock triple and a ConvBNReLU2d with the same (randomised) state."""
+    torch.manual_seed(c.seed)
+    ref = nn.Sequential(nn.Conv2d(c.xshape[1], c.out_channels, c.kernel, **c.conv),
+                        nn.BatchNorm2d(c.out_channels, **c.bn), *([nn.ReLU()] if c.relu else [])).to(dtype)
+    with torch.no_grad():
+        bn = ref[1]
+        if bn.affine:
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+        if bn.track_running_stats:
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 1.5)
+    ours = ConvBNReLU2d(c.xshape[1], c.out_channels, c.kernel, **c.conv, **c.bn, relu=c.relu).to(dtype)
+    result = ours.load_state_dict(ref.state_dict(), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    if c.layout == "channels_last":
+        ref, ours = ref.to(memory_format=torch.channels_last), ours.to(memory_format=torch.channels_last)
+    return ref, ours
+
+
+def check_parity(c, dtype, steps=3, rtol=None):
+    """Train steps (outputs, input and parameter gradients, buffers after SGD with momentum),
+    then eval mode (output and gradients), each compared with the stock triple."""
+    rtol = rtol or {torch.float64: 1e-9, torch.float32: 1e-4}[dtype]
+    ref, ours = make_pair(c, dtype)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (ref, ours)]
+    gen = torch.Generator().manual_seed(c.seed)
+    for step in range(steps + 1):
+        train = step < steps
+        for m in (ref, ours):
+            m.train(train)
+        x0 = torch.randn(c.xshape, dtype=torch.float64, generator=gen).to(dtype) * 2 + 0.5
+        results = []
+        for m, opt in zip((ref, ours), opts):
+            x = to_layout(x0, c.layout).requires_grad_()
+            opt.zero_grad()
+            y = m(x)
+            gy = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(step)).to(dtype)
+            y.backward(to_layout(gy, c.layout))
+            results.append((y.detach(), x.grad, {k: p.grad for k, p in m.named_parameters()}))
+            if train:
+                opt.step()
+        (y_r, gx_r, g_r), (y_o, gx_o, g_o) = results
+        what = f"{c} step {step} ({'train' if train else 'eval'})"
+        assert_close_scaled(y_o, y_r, rtol, f"output {what}")
+        if c.layout == "channels_last" and min(y_r.shape) > 1 and min(c.xshape) > 1 and min(m[0].weight.shape) > 1:
+            assert is_channels_last(y_o) == is_channels_last(y_r)
+        assert_close_scaled(gx_o, gx_r, rtol, f"grad_input {what}")
+        assert g_o.keys() == g_r.keys()
+        for k in g_r:
+            if g_r[k] is None:
+                assert g_o[k] is None, k
+            elif k == "0.bias" and (train or not c.bn.get("track_running_stats", True)):
+                # Batch statistics: zero up to rounding in both (batch norm removes the channel
+                # mean), so compare on the scale of the output gradient's channel sums.
+                scale = gy.abs().sum((0, 2, 3)).max().item() * 1e3 * torch.finfo(dtype).eps
+                assert (g_o[k] - g_r[k]).abs().max().item() <= scale, f"grad {k} {what}"
+            else:
+                assert_close_scaled(g_o[k], g_r[k], rtol, f"grad {k} {what}")
+        for (k, b_r), (k2, b_o) in zip(ref.named_buffers(), ours.named_buffers()):
+            assert k == k2
+            if b_r.dtype == torch.long:
+                assert torch.equal(b_o, b_r), f"{k} {what}"
+            else:
+                assert_close_scaled(b_o, b_r, rtol, f"{k} {what}")
+        for (k, p_r), (_, p_o) in zip(ref.named_parameters(), ours.named_parameters()):
+            assert_close_scaled(p_o.detach(), p_r.detach(), rtol, f"parameter {k} after {what}")
+
+
+GRID = {
+    "basic": Conf((3, 4, 7, 6), 5, 3, dict(padding=1)),
+    "no_relu": Conf((3, 4, 7, 6), 5, 3, dict(padding=1), relu=False),
+    "no_bias": Conf((2, 4, 6, 6), 6, 3, dict(bias=False)),
+    "strided_rect": Conf((2, 3, 9, 8), 4, (3, 2), dict(stride=(2, 1), padding=(1, 0), dilation=(1, 2))),
+    "groups": Conf((2, 6, 6, 5), 9, 3, dict(groups=3, padding=1)),
+    "depthwise": Conf((2, 4, 6, 6), 4, 3, dict(groups=4, padding=1)),
+    "pointwise": Conf((2, 8, 5, 5), 6, 1),
+    "momentum_none": Conf((2, 3, 5, 5), 4, 3, dict(padding=1), dict(momentum=None)),
+    "eps": Conf((2, 3, 5, 5), 4, 3, dict(padding=1), dict(eps=0.3, momentum=0.4)),
+    "affine_false": Conf((2, 3, 5, 5), 4, 3, dict(padding=1), dict(affine=False)),
+    "no_running_stats": Conf((2, 3, 5, 5), 4, 3, dict(padding=1), dict(track_running_stats=False)),
+    "no_running_stats_no_affine": Conf((3, 3, 4, 4), 4, 2, {}, dict(track_running_stats=False, affine=False),
+                                       relu=False),
+    "channels_last": Conf((2, 4, 6, 7), 6, 3, dict(padding=1, stride=2), layout="channels_last"),
+    "channels_last_groups": Conf((2, 4, 6, 6), 4, 3, dict(padding=1, groups=2), relu=False, layout="channels_last"),
+    "reflect_padding": Conf((2, 3, 6, 6), 4, 3, dict(padding=1, padding_mode="reflect")),
+    "same_even_kernel": Conf((2, 3, 6, 5), 4, (2, 4), dict(padding="same")),
+    "valid": Conf((2, 3, 6, 5), 4, 3, dict(padding="valid")),
+    "batch_one": Conf((1, 3, 2, 1), 4, 1),  # two values per channel: the least training allows
+    "one_pixel_batch": Conf((5, 3, 3, 3), 4, 3),  # 1x1 output, N values per channel
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", GRID)
+def test_module_parity(case, dtype):
+    if case == "batch_one" and dtype == torch.float32:
+        pytest.skip("two values per channel: grad_input cancels to the rounding level of its terms "
+                    "(exactly zero without the ReLU); float64 checks it")
+    check_parity(GRID[case], dtype)
+
+
+@st.composite
+def confs(draw):
+    groups = draw(st.sampled_from([1, 1, 2, 3]))
+    cin, cout = groups * draw(st.integers(1, 4)), groups * draw(st.integers(1, 4))
+    k = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    if cin // groups * k[0] * k[1] == 1:
+        # A fan-in of one: batch norm makes the output (nearly, up to eps) independent of the
+        # conv weight, whose gradient is then rounding noise in both implementations.
+        k = (2, k[1])
+    stride = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    padding = (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
+    # At least 2 x 2 outputs: with 2 values per channel (batch_one in GRID) gradients cancel
+    # to the rounding level of float32.
+    spatial = [max(1, d * (kk - 1) + 1 - 2 * p) + s + draw(st.integers(0, 5))
+               for kk, d, p, s in zip(k, dilation, padding, stride)]
+    n = draw(st.integers(2, 4))
+    momentum = draw(st.sampled_from([0.1, 0.5, None]))
+    return Conf((n, cin, *spatial), cout, k,
+                dict(stride=stride, padding=padding, dilation=dilation, groups=groups, bias=draw(st.booleans())),
+                dict(eps=draw(st.sampled_from([1e-5, 1e-3, 0.1])), momentum=momentum, affine=draw(st.booleans()),
+                     track_running_stats=draw(st.booleans())),
+                relu=draw(st.booleans()), layout=draw(st.sampled_from(["contiguous", "channels_last"])),
+                seed=draw(st.integers(0, 2**31 - 1)))
+
+
+@settings(max_examples=examples(12))
+@given(c=confs())
+def test_module_parity_random_float64(c):
+    check_parity(c, torch.float64, steps=2)
+
+
+@settings(max_examples=examples(8))
+@given(c=confs())
+def test_module_parity_random_float32(c):
+    check_parity(c, torch.float32, steps=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_module_parity_resnet_layer(layout, dtype):
+    """Large layers: several row bands per sample (the float32 GEMM path, the at::mm path of
+    float64 and channels_last), so the statistics are merged from many bands on several threads."""
+    shape = (2, 64, 48, 48) if dtype == torch.float32 else (1, 96, 48, 48)  # 2 bands per sample
+    check_parity(Conf(shape, 64, 3, dict(padding=1, bias=False), layout=layout, seed=5), dtype, steps=1)
+
+
+def test_deterministic():
+    x = torch.randn(4, 16, 20, 20)
+    m = ConvBNReLU2d(16, 16, 3, padding=1, track_running_stats=False)
+    y1, y2 = m(x), m(x)
+    assert torch.equal(y1, y2)
+
+
+def test_empty_batch_matches_batchnorm():
+    """N=0 in training: empty output, running statistics untouched, num_batches_tracked
+    counted, zero gradients, as BatchNorm2d."""
+    c = Conf((0, 3, 5, 5), 4, 3, dict(padding=1))
+    ref, ours = make_pair(c, torch.float64)
+    for m in (ref, ours):
+        x = torch.randn(0, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+        y = m(x)
+        y.sum().backward()
+        assert y.shape == (0, 4, 5, 5)
+        assert torch.count_nonzero(m[0].weight.grad) == 0 and torch.count_nonzero(m[1].weight.grad) == 0
+    for (k, a), (_, b) in zip(ref.named_buffers(), ours.named_buffers()):
+        assert torch.equal(a, b), k
+
+
+# --------------------------------------------------------------------------------------------
+# The functional form and the ops
+# --------------------------------------------------------------------------------------------
+
+def functional_inputs(dtype=torch.float64, groups=1, bias=True, affine=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, 2 * groups, 5, 4, dtype=dtype, generator=g)
+    w = torch.randn(3 * groups, 2, 3, 2, dtype=dtype, generator=g)
+    b = torch.randn(3 * groups, dtype=dtype, generator=g) if bias else None
+    gamma = torch.rand(3 * groups, dtype=dtype, generator=g) + 0.5 if affine else None
+    beta = torch.randn(3 * groups, dtype=dtype, generator=g) if affine else None
+    rm = torch.randn(3 * groups, dtype=dtype, generator=g)
+    rv = torch.rand(3 * groups, dtype=dtype, generator=g) + 0.5
+    return x, w, b, gamma, beta, rm, rv
+
+
+CONV_KW = dict(stride=(2, 1), padding=1, dilation=(1, 2))
+
+
+def reference(x, w, b, gamma, beta, rm, rv, training, momentum=0.1, eps=1e-5, relu=True, groups=1, **kw):
+    y = F.batch_norm(F.conv2d(x, w, b, groups=groups, **kw), rm, rv, gamma, beta, training, momentum, eps)
+    return F.relu(y) if relu else y
+
+
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("training", [True, False])
+def test_functional_matches_torch(training, relu):
+    inputs = functional_inputs(groups=2)
+    ours_in = [t.clone() if t is not None else None for t in inputs]
+    y = conv_bn_relu2d(*ours_in, training, 0.3, 1e-3, groups=2, relu=relu, **CONV_KW)
+    y_ref = reference(*inputs, training, 0.3, 1e-3, relu=relu, groups=2, **CONV_KW)
+    assert_close_scaled(y, y_ref, 1e-12, "output")
+    assert_close_scaled(ours_in[5], inputs[5], 1e-12, "running_mean")
+    assert_close_scaled(ours_in[6], inputs[6], 1e-12, "running_var")
+
+
+@pytest.mark.usefixtures("single_thread")
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_gradcheck_training(bias, affine, relu):
+    x, w, b, gamma, beta, _, _ = functional_inputs(bias=bias, affine=affine, seed=1)
+    tensors = [t.requires_grad_() for t in (x, w, b, gamma, beta) if t is not None]
+
+    def fn(*t):
+        it = iter(t)
+        x, w = next(it), next(it)
+        b = next(it) if bias else None
+        g, be = (next(it), next(it)) if affine else (None, None)
+        return conv_bn_relu2d(x, w, b, g, be, None, None, True, relu=relu, **CONV_KW)
+
+    assert torch.autograd.gradcheck(fn, tensors)
+
+
+@pytest.mark.usefixtures("single_thread")
+@pytest.mark.parametrize("relu", [True, False])
+def test_gradcheck_eval(relu):
+    """Eval mode differentiates through the folded weights, running statistics included;
+    its backward is made of differentiable ops, so gradgradcheck passes too."""
+    tensors = [t.requires_grad_() for t in functional_inputs(seed=2)]
+    fn = lambda x, w, b, g, be, rm, rv: conv_bn_relu2d(x, w, b, g, be, rm, rv, False, eps=0.1, relu=relu,  # noqa: E731
+                                                       **CONV_KW)
+    assert torch.autograd.gradcheck(fn, tensors)
+    assert torch.autograd.gradgradcheck(fn, tensors)
+
+
+def test_double_backward_training_raises():
+    x, w, b, gamma, beta, _, _ = functional_inputs()
+    x.requires_grad_(), w.requires_grad_()
+    y = conv_bn_relu2d(x, w, b, gamma, beta, None, None, True)
+    (gx,) = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        gx.sum().backward()
+
+
+def test_partial_requires_grad():
+    """Only the gradients asked for come back, and they are right."""
+    inputs = functional_inputs(seed=3)
+    grads = []
+    for f in (conv_bn_relu2d, reference):
+        x, w, b, gamma, beta, rm, rv = (t.clone() for t in inputs)
+        w.requires_grad_(), beta.requires_grad_()
+        f(x, w, b, gamma, beta, rm, rv, True).sum().backward()
+        grads.append((x.grad, w.grad, b.grad, gamma.grad, beta.grad))
+    for ours, ref in zip(*grads):
+        if ref is None:
+            assert ours is None
+        else:
+            assert_close_scaled(ours, ref, 1e-12)
+
+
+def test_update_stats_op():
+    rm, rv = torch.randn(4, dtype=torch.float64), torch.rand(4, dtype=torch.float64)
+    mean, var = torch.randn(4, dtype=torch.float64), torch.rand(4, dtype=torch.float64)
+    want_m, want_v = 0.7 * rm + 0.3 * mean, 0.7 * rv + 0.3 * var * 10 / 9
+    ops.batch_norm_update_stats_(rm, rv, mean, var, 0.3, 10)
+    torch.testing.assert_close(rm, want_m, rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(rv, want_v, rtol=1e-14, atol=1e-14)
+    before = rm.clone()
+    ops.batch_norm_update_stats_(rm, rv, mean, var, 0.3, 0)  # empty batch: untouched
+    assert torch.equal(rm, before)
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input
+# --------------------------------------------------------------------------------------------
+
+def test_single_value_per_channel_raises_like_batchnorm():
+    m = ConvBNReLU2d(3, 4, 3)
+    msg = "Expected more than 1 value per channel when training"
+    with pytest.raises(ValueError, match=msg):
+        nn.BatchNorm2d(4)(torch.randn(1, 4, 1, 1))
+    with pytest.raises(ValueError, match=msg):
+        m(torch.randn(1, 3, 3, 3))
+    m.eval()
+    assert m(torch.randn(1, 3, 3, 3)).shape == (1, 4, 1, 1)  # eval mode uses the running statistics
+
+
+BAD = {
+    "bn_weight_size": (dict(gamma=torch.ones(4)), RuntimeError, "expected bn_weight to be 1-D of size out_channels = 3"),
+    "bn_bias_size": (dict(beta=torch.ones(3, 1)), RuntimeError, "expected bn_bias to be 1-D of size out_channels = 3"),
+    "bias_size": (dict(b=torch.ones(2)), RuntimeError, "expected bias to be 1-D of size out_channels = 3"),
+    "running_mean_size": (dict(rm=torch.zeros(5)), RuntimeError,
+                          "expected running_mean to be 1-D of size out_channels = 3"),
+    "running_var_dtype": (dict(rv=torch.ones(3, dtype=torch.float64)), TypeError,
+                          "expected running_var to have dtype Float"),
+    "bn_weight_dtype": (dict(gamma=torch.ones(3, dtype=torch.float64)), TypeError, "expected bn_weight to have dtype"),
+    "weight_dtype": (dict(w=torch.ones(3, 2, 3, 3, dtype=torch.float64)), TypeError,
+                     "expected weight to have the same dtype as input"),
+    "input_int": (dict(x=torch.ones(2, 2, 5, 5, dtype=torch.int32), w=torch.ones(3, 2, 3, 3, dtype=torch.int32)),
+                  TypeError, "expected input to be float32 or float64 on CPU"),
+    "input_3d": (dict(x=torch.ones(2, 5, 5)), ValueError, "expected input to be 4-D"),
+    "channels": (dict(w=torch.ones(3, 3, 3, 3)), RuntimeError, "expected weight to have 2 input channels per group"),
+    "kernel_too_big": (dict(w=torch.ones(3, 2, 7, 7)), RuntimeError, "to fit in the padded input"),
+}
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("case", BAD)
+def test_bad_input(case, training):
+    changes, exc, msg = BAD[case]
+    args = dict(x=torch.randn(2, 2, 5, 5), w=torch.randn(3, 2, 3, 3), b=torch.zeros(3), gamma=torch.ones(3),
+                beta=torch.zeros(3), rm=torch.zeros(3), rv=torch.ones(3))
+    if "running" in case and training:
+        pytest.skip("the running statistics are checked when they are read or updated")
+    args.update(changes)
+    with pytest.raises(exc, match=msg):
+        conv_bn_relu2d(*args.values(), training)
+
+
+def test_bad_running_stats_in_training():
+    with pytest.raises(RuntimeError, match="expected running_var to be 1-D of size out_channels = 3"):
+        conv_bn_relu2d(torch.randn(2, 2, 5, 5), torch.randn(3, 2, 3, 3), None, None, None, torch.zeros(3),
+                       torch.ones(4), True)
+
+
+def test_eval_needs_running_stats():
+    with pytest.raises(ValueError, match="expected running_mean and running_var in inference mode"):
+        conv_bn_relu2d(torch.randn(2, 2, 5, 5), torch.randn(3, 2, 3, 3), None, None, None, None, None, False)
+
+
+def test_from_modules_checks():
+    with pytest.raises(ValueError, match="expected bn.num_features to equal conv.out_channels = 4"):
+        ConvBNReLU2d.from_modules(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(5))
+    with pytest.raises(TypeError, match="expected bn to be an nn.BatchNorm2d"):
+        ConvBNReLU2d.from_modules(nn.Conv2d(3, 4, 3), nn.BatchNorm1d(4))
+
+
+# --------------------------------------------------------------------------------------------
+# The module's shape: keys, parameter sharing
+# --------------------------------------------------------------------------------------------
+
+def test_state_dict_keys_are_the_sequential_triple():
+    ours = ConvBNReLU2d(3, 4, 3)
+    ref = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    assert ours.conv is ours[0] and ours.bn is ours[1]
+    assert isinstance(ours.conv, cnnext.nn.Conv2d)
+
+
+def test_from_modules_shares_parameters():
+    conv, bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+    m = ConvBNReLU2d.from_modules(conv, bn, relu=False)
+    assert m.conv.weight is conv.weight and m.bn.running_mean is bn.running_mean
+    assert len(m) == 2 and not m.relu
+    m(torch.randn(2, 3, 5, 5))
+    assert bn.num_batches_tracked.item() == 1
+
+
+# --------------------------------------------------------------------------------------------
+# opcheck and fake kernels
+# --------------------------------------------------------------------------------------------
+
+def op_args(layout="contiguous", requires_grad=False, bias=True, affine=True):
+    x, w, b, gamma, beta, rm, rv = functional_inputs(bias=bias, affine=affine)
+    x = to_layout(x, layout)
+    rg = [t.requires_grad_(requires_grad) if t is not None else None for t in (x, w, b, gamma, beta)]
+    return rg, rm, rv
+
+
+@pytest.mark.parametrize("layout, requires_grad, affine", [("contiguous", True, True), ("channels_last", True, False),
+                                                          ("contiguous", False, False), ("channels_last", False, True)])
+def test_opcheck(layout, requires_grad, affine):
+    (x, w, b, gamma, beta), rm, rv = op_args(layout, requires_grad, affine=affine)
+    conf = ([2, 1], [1, 1], [1, 2], 1)
+    train_args = (x, w, b, gamma, beta, 1e-3, *conf, True)
+    results = [torch.library.opcheck(ops.conv_bn_relu2d_train.default, train_args)]
+    eval_args = (x, w, b, gamma, beta, rm, rv, 1e-3, *conf, True)
+    results.append(torch.library.opcheck(ops.conv_bn_relu2d_eval.default, eval_args))
+    with torch.no_grad():
+        out, conv_out, mean, var = ops.conv_bn_relu2d_train(*train_args)
+    grad = torch.randn_like(out)
+    # Its inputs do not require grad: the op has no derivative (double backward through
+    # training mode raises, see test_double_backward_training_raises).
+    gamma = gamma.detach() if gamma is not None else None
+    results.append(torch.library.opcheck(ops.conv_bn_relu2d_train_backward.default,
+                                         (grad, out, conv_out, mean, var, gamma, 1e-3, True)))
+    results.append(torch.library.opcheck(ops.batch_norm_update_stats_.default,
+                                         (rm.clone(), rv.clone(), mean, var, 0.1, out.numel() // out.shape[1])))
+    for r in results:
+        assert set(r.values()) == {"SUCCESS"}, r
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_fake_kernel_metadata(layout):
+    (x, w, b, gamma, beta), rm, rv = op_args(layout)
+    conf = ([2, 1], [1, 1], [1, 2], 1)
+    calls = [(ops.conv_bn_relu2d_train, (x, w, b, gamma, beta, 1e-3, *conf, False)),
+             (ops.conv_bn_relu2d_eval, (x, w, b, gamma, beta, rm, rv, 1e-3, *conf, True))]
+    out, conv_out, mean, var = ops.conv_bn_relu2d_train(*calls[0][1])
+    calls.append((ops.conv_bn_relu2d_train_backward, (torch.randn_like(out), out, conv_out, mean, var, gamma, 1e-3,
+                                                      True)))
+    for op, args in calls:
+        real = op(*args)
+        with FakeTensorMode() as mode:
+            fake = op(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args])
+        for r, f in zip(real if isinstance(real, tuple) else (real,), fake if isinstance(fake, tuple) else (fake,)):
+            assert (f.shape, f.stride(), f.dtype) == (r.shape, r.stride(), r.dtype), op
