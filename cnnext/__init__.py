@@ -8,9 +8,11 @@ import torch
 from . import _C  # noqa: F401  (registers torch.ops.cnnext.*)
 from . import _meta, _autograd  # noqa: F401  (fake kernels, autograd formulas)
 from . import functional, nn
+from . import models  # noqa: E402  (after nn: the networks are built from it)
+from .summary import summary
 
 __version__ = "0.1.0"
-__all__ = ["build_info", "functional", "nn", "__version__"]
+__all__ = ["build_info", "functional", "models", "nn", "summary", "__version__"]
 
 
 def build_info():
