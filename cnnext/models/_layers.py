@@ -8,22 +8,17 @@ the same modules at the same places and therefore the same state_dict keys.
 Linear, Dropout, Flatten, ReLU and stand-alone BatchNorm2d (DenseNet's
 pre-activation) stay stock in both backends.
 """
-from collections import OrderedDict
-
 from torch import nn
 
 BACKENDS = ("cnnext", "torch")
 
 
 class ConvBN(nn.Sequential):
-    """Stock Conv2d -> BatchNorm2d (-> ReLU) with the children named conv, bn (relu),
-    so its state_dict keys are those of cnnext.nn.ConvBNReLU2d."""
+    """Stock Conv2d -> BatchNorm2d (-> ReLU) as children 0, 1 (2): the modules, and so the
+    state_dict keys (0.weight, 1.running_mean, ...), of cnnext.nn.ConvBNReLU2d."""
 
     def __init__(self, conv, bn, relu=True):
-        mods = [("conv", conv), ("bn", bn)]
-        if relu:
-            mods.append(("relu", nn.ReLU()))
-        super().__init__(OrderedDict(mods))
+        super().__init__(conv, bn, *([nn.ReLU()] if relu else []))
 
 
 class Layers:
