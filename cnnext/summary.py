@@ -24,7 +24,7 @@ def _shape_of(out):
     return ()
 
 
-def summary(model, input_size, depth=1, dtype=None, device=None, file=sys.stdout):
+def summary(model, input_size, depth=1, dtype=None, device=None, file=None):
     """Runs one forward pass of `model` on zeros of `input_size` ((C, H, W) or (N, C, H, W);
     a batch of one is added to a 3-tuple) and prints, for each submodule down to `depth`
     levels in the order they ran, its output shape and parameter count, then the totals.
@@ -33,6 +33,7 @@ def summary(model, input_size, depth=1, dtype=None, device=None, file=sys.stdout
     dtype and device default to those of the model's first parameter. Returns the rows
     (a list of SummaryRow) so that callers can use them.
     """
+    file = sys.stdout if file is None else file
     if depth < 1:
         raise ValueError(f"summary: expected depth to be at least 1, got {depth}")
     size = tuple(int(s) for s in input_size)
