@@ -11,10 +11,12 @@ from . import _avg_pool  # noqa: F401  (avg_pool2d, adaptive_avg_pool2d: fake ke
 from . import _max_pool  # noqa: F401  (max pooling: fake kernels, autograd formulas)
 from . import _conv_bn_relu  # noqa: F401  (conv_bn_relu2d: fake kernels, autograd)
 from . import functional, nn
+from . import models  # noqa: E402  (after nn: the networks are built from it)
 from .fuse import fuse
+from .summary import summary
 
 __version__ = "0.1.0"
-__all__ = ["build_info", "functional", "fuse", "nn", "__version__"]
+__all__ = ["build_info", "functional", "fuse", "models", "nn", "summary", "__version__"]
 
 
 def build_info():

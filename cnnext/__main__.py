@@ -1,4 +1,4 @@
-"""python -m cnnext [check | info]"""
+"""python -m cnnext [check | summary NAME | info]"""
 import argparse
 import json
 import sys
@@ -7,7 +7,12 @@ import sys
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m cnnext", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("check", help="compare every op with stock torch; exit 1 on any failure")
+    chk = sub.add_parser("check", help="compare every op and every network with stock torch; exit 1 on any failure")
+    chk.add_argument("--ops-only", action="store_true", help="skip the networks")
+    summ = sub.add_parser("summary", help="print the layer-by-layer table of one network")
+    summ.add_argument("name", help="a network of cnnext.models.MODELS")
+    summ.add_argument("--depth", type=int, default=1, help="levels of submodules to show (default 1)")
+    summ.add_argument("--in-channels", type=int, default=1)
     sub.add_parser("info", help="print how this build of cnnext was compiled")
     args = ap.parse_args(argv)
 
@@ -16,11 +21,24 @@ def main(argv=None):
     if args.cmd == "info":
         print(json.dumps(cnnext.build_info(), indent=2))
         return 0
-    from .check import run_checks
+    if args.cmd == "summary":
+        from .models import MODELS
+
+        if args.name not in MODELS:
+            ap.error(f"unknown network {args.name!r}; expected one of {', '.join(MODELS)}")
+        spec = MODELS[args.name]
+        net = spec.build(in_channels=args.in_channels)
+        cnnext.summary(net, (args.in_channels, spec.input_size, spec.input_size), depth=args.depth)
+        return 0
+    from .check import run_checks, run_network_checks
 
     info = cnnext.build_info()
     print(f"cnnext {cnnext.__version__} (CUDA kernels: {'yes' if info['cuda'] else 'no'}), torch {info['torch_runtime']}\n")
-    return 1 if run_checks() else 0
+    failed = run_checks()
+    if not args.ops_only:
+        print()
+        failed += run_network_checks()
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -239,9 +239,45 @@ def run_checks(out=sys.stdout):
                     err, ok, note = float("inf"), False, f"{type(e).__name__}: {e}"[:60]
                 failed += not ok
                 rows.append((case.op, case.config, device, str(dtype).replace("torch.", ""), f"{err:.1e}", f"{TOL[dtype]:.0e}", "PASS" if ok else "FAIL", note))
-    header = ("op", "configuration", "device", "dtype", "max rel err", "tol", "result", "")
+    _table(("op", "configuration", "device", "dtype", "max rel err", "tol", "result", ""), rows, failed, out)
+    return failed
+
+
+def _table(header, rows, failed, out):
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
     for r in [header, tuple("-" * w for w in widths)] + rows:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip(), file=out)
     print(f"\n{len(rows) - failed} passed, {failed} failed", file=out)
+
+
+# The networks at batch 1 (2 with BatchNorm, whose train mode needs more than one
+# value per channel) in float64; VGG-11 at a quarter width (full width takes a minute
+# here, and its layers are the same code).
+NETWORK_RUNS = {"vgg11": {"width_divisor": 4}}
+
+
+def run_network_checks(out=sys.stdout, names=None):
+    """Every network of cnnext.models through cnnext.models.parity.compare; a table of
+    network, max output error, max gradient error, max error after an SGD step."""
+    from .models import MODELS
+    from .models.parity import TOL as NET_TOL, compare
+
+    rows, failed = [], 0
+    for name in names or MODELS:
+        spec, kw = MODELS[name], NETWORK_RUNS.get(name, {})
+        batch = 2 if spec.has_batchnorm else 1
+        config = f"batch {batch}, {'train' if spec.has_batchnorm else 'eval'} mode" + "".join(f", {k}={v}" for k, v in kw.items())
+        try:
+            r = compare(name, torch.float64, batch=batch, build_kwargs=kw)
+            step = max(r.errors[k][0] for k in ("parameters after step", "buffers after step", "output after step"))
+            ok = r.ok()
+            cells = (f"{r.output_error:.1e}", f"{r.grad_error:.1e}", f"{step:.1e}", "PASS" if ok else "FAIL",
+                     "" if ok else "worst: " + max(r.errors.items(), key=lambda kv: kv[1][0])[0])
+        except Exception as e:  # a crash is a failure, reported in the table
+            ok, cells = False, ("-", "-", "-", "FAIL", f"{type(e).__name__}: {e}"[:60])
+        failed += not ok
+        rows.append((name, config, "float64", *cells))
+    _table(("network", "configuration", "dtype", "output err", "grad err", "after SGD step", "result", ""),
+           rows, failed, out)
+    print(f"(errors relative to the largest stock magnitude; tolerance {NET_TOL[torch.float64]:.0e})", file=out)
     return failed
