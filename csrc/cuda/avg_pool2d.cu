@@ -33,25 +33,6 @@ inline bool channels_fastest(const Strides4& s) { return s.c < s.w; }
 
 // Splits a linear index into (n, c, h, w) of a (N, C, H, W) tensor, w fastest
 // (kChannelsLast false) or c fastest (true).
-template <bool kChannelsLast>
-CNNEXT_HD void unravel(int64_t i, int64_t C, int64_t H, int64_t W, int64_t* n, int64_t* c,
-                       int64_t* h, int64_t* w) {
-  if (kChannelsLast) {
-    *c = i % C;
-    i /= C;
-    *w = i % W;
-    i /= W;
-    *h = i % H;
-    *n = i / H;
-  } else {
-    *w = i % W;
-    i /= W;
-    *h = i % H;
-    i /= H;
-    *c = i % C;
-    *n = i / C;
-  }
-}
 
 // The per-element bodies below are __host__ __device__: the kernels are thin loops
 // around them, and tests/cuda_host/avg_pool2d_host.cu runs them on the host.

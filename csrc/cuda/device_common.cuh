@@ -89,6 +89,29 @@ __device__ A block_sum(A v) {
   return v;
 }
 
+// The coordinates (n, c, h, w) of element i of an (N, C, H, W) tensor enumerated in
+// NCHW order, or in NHWC order when kChannelsLast: how the elementwise kernels walk
+// their outputs (the linear order that matches the output's memory order).
+template <bool kChannelsLast>
+CNNEXT_HD void unravel(int64_t i, int64_t C, int64_t H, int64_t W, int64_t* n, int64_t* c,
+                       int64_t* h, int64_t* w) {
+  if (kChannelsLast) {
+    *c = i % C;
+    i /= C;
+    *w = i % W;
+    i /= W;
+    *h = i % H;
+    *n = i / H;
+  } else {
+    *w = i % W;
+    i /= W;
+    *h = i % H;
+    i /= H;
+    *c = i % C;
+    *n = i / C;
+  }
+}
+
 }  // namespace kernels
 }  // namespace cuda
 }  // namespace cnnext

@@ -26,20 +26,6 @@ namespace {
 
 bool channels_fastest_mp(const Strides4& s) { return s.c < s.w; }
 
-// (n, c, h, w) of linear index i over (N, C, H, W), w fastest or (kChannelsLast) c fastest.
-template <bool kChannelsLast>
-CNNEXT_HD void unravel_mp(int64_t i, int64_t C, int64_t H, int64_t W, int64_t* n, int64_t* c,
-                          int64_t* h, int64_t* w) {
-  if (kChannelsLast) {
-    *c = i % C; i /= C;
-    *w = i % W; i /= W;
-    *h = i % H; *n = i / H;
-  } else {
-    *w = i % W; i /= W;
-    *h = i % H; i /= H;
-    *c = i % C; *n = i / C;
-  }
-}
 
 template <typename T>
 CNNEXT_HD bool is_nan_acc(T v) { return v != v; }
@@ -52,7 +38,7 @@ CNNEXT_HD void max_pool_forward_element(const Pool2dParams& p, const T* __restri
   using Acc = AccType<T>;
   using A = typename Acc::type;
   int64_t n, c, oh, ow;
-  unravel_mp<kChannelsLast>(i, p.C, p.OH, p.OW, &n, &c, &oh, &ow);
+  unravel<kChannelsLast>(i, p.C, p.OH, p.OW, &n, &c, &oh, &ow);
   int64_t hlo, hhi, wlo, whi;
   max_window(oh, p.H, p.KH, p.SH, p.PH, p.DH, &hlo, &hhi);
   max_window(ow, p.W, p.KW, p.SW, p.PW, p.DW, &wlo, &whi);
@@ -84,7 +70,7 @@ CNNEXT_HD void max_pool_backward_element(const Pool2dParams& p, const T* __restr
   using Acc = AccType<T>;
   using A = typename Acc::type;
   int64_t n, c, ih, iw;
-  unravel_mp<kChannelsLast>(i, p.C, p.H, p.W, &n, &c, &ih, &iw);
+  unravel<kChannelsLast>(i, p.C, p.H, p.W, &n, &c, &ih, &iw);
   const int64_t me = ih * p.W + iw;
   const T* gp = gy + n * gys.n + c * gys.c;
   const int64_t* ip = idx + n * is.n + c * is.c;
@@ -110,7 +96,7 @@ CNNEXT_HD bool gather_element(const Pool2dParams* pool, const T* __restrict__ sr
                               int64_t h, int64_t w, T* __restrict__ out, const Strides4& os,
                               int64_t i, int64_t* bad_value) {
   int64_t n, c, oh, ow;
-  unravel_mp<kChannelsLast>(i, C, h, w, &n, &c, &oh, &ow);
+  unravel<kChannelsLast>(i, C, h, w, &n, &c, &oh, &ow);
   T v = AccType<T>::from(0);
   bool ok = true;
   const bool taps = pool == nullptr ||
@@ -137,7 +123,7 @@ CNNEXT_HD bool unpool_element(const T* __restrict__ x, const Strides4& xs,
                               int64_t H, int64_t W, T* __restrict__ out, const Strides4& os,
                               int64_t OH, int64_t OW, int64_t i, int64_t* bad_value) {
   int64_t n, c, h, w;
-  unravel_mp<false>(i, C, H, W, &n, &c, &h, &w);
+  unravel<false>(i, C, H, W, &n, &c, &h, &w);
   const int64_t k = idx[n * is.n + c * is.c + h * is.h + w * is.w];
   if (k < 0 || k >= OH * OW) {
     *bad_value = k;
