@@ -163,7 +163,7 @@ def confs(draw):
                 seed=draw(st.integers(0, 2**31 - 1)))
 
 
-@settings(max_examples=examples(12))
+@settings(max_examples=examples(6))
 @given(c=confs())
 def test_module_parity_random_float64(c):
     check_parity(c, torch.float64, steps=2)
