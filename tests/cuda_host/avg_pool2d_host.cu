@@ -31,60 +31,10 @@ using namespace cnnext;
 using namespace cnnext::cuda::kernels;
 using namespace cnnext::cuda::kernels::avg_pool2d_detail;
 
+#define CNNEXT_HOST_PROGRAM "avg_pool2d_host"
+#include "harness.h"
+
 namespace {
-
-FILE* g_in;
-long long g_record = -1;
-
-[[noreturn]] void die(const char* what) {
-  std::fprintf(stderr, "avg_pool2d_host: record %lld: %s\n", g_record, what);
-  std::exit(2);
-}
-
-bool try_read(int64_t* v) { return std::fread(v, sizeof *v, 1, g_in) == 1; }
-
-int64_t read_i64() {
-  int64_t v;
-  if (!try_read(&v)) die("truncated input");
-  return v;
-}
-
-constexpr int64_t kGuard = 64;
-
-template <typename T>
-struct Tensor {
-  Strides4 s{};
-  int64_t span = 0;
-  std::vector<T> buf;
-  T* data() { return buf.data() + kGuard; }
-  bool guards_intact() const {
-    const auto* b = reinterpret_cast<const unsigned char*>(buf.data());
-    const size_t bytes = kGuard * sizeof(T), end = (kGuard + span) * sizeof(T);
-    for (size_t k = 0; k < bytes; ++k)
-      if (b[k] != 0xFF || b[end + k] != 0xFF) return false;
-    return true;
-  }
-};
-
-// Every byte starts 0xFF: a NaN in float, double, __half and __nv_bfloat16.
-template <typename T>
-Tensor<T> read_tensor(bool with_data) {
-  Tensor<T> t;
-  t.s = {read_i64(), read_i64(), read_i64(), read_i64()};
-  t.span = read_i64();
-  if (t.span < 0) die("negative span");
-  t.buf.resize(t.span + 2 * kGuard);
-  std::memset(static_cast<void*>(t.buf.data()), 0xFF, t.buf.size() * sizeof(T));
-  if (with_data && std::fread(t.data(), sizeof(T), t.span, g_in) != size_t(t.span))
-    die("truncated tensor data");
-  return t;
-}
-
-template <typename T>
-void write_output(Tensor<T>& t, FILE* out) {
-  if (!t.guards_intact()) die("a kernel wrote outside its output");
-  if (std::fwrite(t.data(), sizeof(T), t.span, out) != size_t(t.span)) die("write failed");
-}
 
 template <typename T>
 void run(int64_t op, const AvgPool2dParams& a, int64_t split, FILE* out) {

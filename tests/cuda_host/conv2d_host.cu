@@ -29,69 +29,10 @@
 using namespace cnnext;
 using namespace cnnext::cuda::kernels;
 
+#define CNNEXT_HOST_PROGRAM "conv2d_host"
+#include "harness.h"
+
 namespace {
-
-FILE* g_in;
-long long g_record = -1;  // index of the record being run, for error messages
-
-[[noreturn]] void die(const char* what) {
-  if (g_record >= 0)
-    std::fprintf(stderr, "conv2d_host: record %lld: %s\n", g_record, what);
-  else
-    std::fprintf(stderr, "conv2d_host: %s\n", what);
-  std::exit(2);
-}
-
-bool try_read(int64_t* v) { return std::fread(v, sizeof *v, 1, g_in) == 1; }
-
-int64_t read_i64() {
-  int64_t v;
-  if (!try_read(&v)) die("truncated input");
-  return v;
-}
-
-// A tensor's elements, between kGuard NaN elements on either side: a read just
-// outside the tensor yields NaN, a write there is reported.
-constexpr int64_t kGuard = 64;
-
-template <typename T>
-struct Tensor {
-  Strides4 s{};
-  int64_t span = 0;
-  std::vector<T> buf;
-
-  T* data() { return buf.data() + kGuard; }
-  // nullptr for an empty tensor: the kernels take no bias as nullptr.
-  const T* data_or_null() { return span > 0 ? data() : nullptr; }
-  bool guards_intact() const {
-    const auto* b = reinterpret_cast<const unsigned char*>(buf.data());
-    const size_t bytes = kGuard * sizeof(T), end = (kGuard + span) * sizeof(T);
-    for (size_t k = 0; k < bytes; ++k)
-      if (b[k] != 0xFF || b[end + k] != 0xFF) return false;
-    return true;
-  }
-};
-
-// Reads strides and span, and for an input the elements. Every byte starts 0xFF:
-// a NaN in each of float, double, __half and __nv_bfloat16.
-template <typename T>
-Tensor<T> read_tensor(bool with_data) {
-  Tensor<T> t;
-  t.s = {read_i64(), read_i64(), read_i64(), read_i64()};
-  t.span = read_i64();
-  if (t.span < 0) die("negative span");
-  t.buf.resize(t.span + 2 * kGuard);
-  std::memset(static_cast<void*>(t.buf.data()), 0xFF, t.buf.size() * sizeof(T));
-  if (with_data && std::fread(t.data(), sizeof(T), t.span, g_in) != size_t(t.span))
-    die("truncated tensor data");
-  return t;
-}
-
-template <typename T>
-void write_output(Tensor<T>& t, FILE* out) {
-  if (!t.guards_intact()) die("a kernel wrote outside its output");
-  if (std::fwrite(t.data(), sizeof(T), t.span, out) != size_t(t.span)) die("write failed");
-}
 
 // The loops of the kernels, in sequence: every element index once, every partial sum
 // of a reduction added in order (block_sum's tree order is device-only).
