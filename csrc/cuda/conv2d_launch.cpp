@@ -6,12 +6,38 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <cstdlib>
+#include <cstring>
+
 #include "cuda/conv2d.h"
+#include "cuda/conv2d_igemm.h"
 #include "cuda/torch_glue.h"
 #include "ops/conv2d.h"
 
 namespace cnnext {
 namespace cuda {
+namespace {
+
+// Which kernels conv2d uses, from $CNNEXT_CUDA_IGEMM: "0" the direct kernels only,
+// "1" the implicit GEMM wherever it supports the problem (tests use it to reach the
+// GEMM path with small shapes), anything else (or unset) the implicit GEMM where it
+// pays off (kernels::igemm_profitable).
+bool use_igemm(const kernels::IgemmProblem& q, kernels::DType dt) {
+  const char* env = std::getenv("CNNEXT_CUDA_IGEMM");
+  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+  if (!kernels::igemm_supported(q, dt)) return false;
+  if (env != nullptr && std::strcmp(env, "1") == 0) return true;
+  return kernels::igemm_profitable(q);
+}
+
+// float32 on tensor cores (TF32) only when torch allows TF32 for cuDNN convolutions
+// (torch.backends.cudnn.allow_tf32): the same precision stock would use.
+kernels::IgemmF32Math f32_math() {
+  return at::globalContext().allowTF32CuDNN() ? kernels::IgemmF32Math::kTF32
+                                              : kernels::IgemmF32Math::kStrict;
+}
+
+}  // namespace
 
 at::Tensor conv2d_forward(const at::Tensor& input, const at::Tensor& weight,
                           const c10::optional<at::Tensor>& bias, const Conv2dParams& p,
@@ -19,9 +45,20 @@ at::Tensor conv2d_forward(const at::Tensor& input, const at::Tensor& weight,
   const c10::cuda::CUDAGuard guard(input.device());
   at::Tensor out = at::empty({p.N, p.O, p.OH, p.OW}, input.options().memory_format(out_format));
   if (out.numel() == 0) return out;
-  const at::Tensor w = weight.contiguous();
   const bool has_bias = bias.has_value() && bias->defined();
   const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
+  const auto q = kernels::igemm_forward_problem(p, strides_of(input), strides_of(out), relu);
+  if (use_igemm(q, dtype_of(input))) {
+    // B of the GEMM, k-contiguous in the problem's k order: (O, C/G, KH, KW) for
+    // (c, kh, kw), (O, KH, KW, C/G) for the channels-last order (kh, kw, c).
+    const at::Tensor wk = q.ch_fast ? weight.permute({0, 2, 3, 1}).contiguous() : weight.contiguous();
+    C10_CUDA_CHECK(kernels::conv2d_igemm(q, dtype_of(input), f32_math(), input.const_data_ptr(),
+                                         wk.const_data_ptr(),
+                                         has_bias ? b.const_data_ptr() : nullptr,
+                                         out.mutable_data_ptr(), current_stream()));
+    return out;
+  }
+  const at::Tensor w = weight.contiguous();
   C10_CUDA_CHECK(kernels::conv2d_forward(
       p, dtype_of(input), input.const_data_ptr(), strides_of(input), w.const_data_ptr(),
       has_bias ? b.const_data_ptr() : nullptr, out.mutable_data_ptr(), strides_of(out),
@@ -35,6 +72,18 @@ at::Tensor conv2d_input_backward(const at::Tensor& grad_output, const at::Tensor
   at::Tensor gx =
       at::empty({p.N, p.C, p.H, p.W}, grad_output.options().memory_format(out_format));
   if (gx.numel() == 0) return gx;
+  const auto q = kernels::igemm_input_backward_problem(p, strides_of(grad_output), strides_of(gx));
+  if (use_igemm(q, dtype_of(grad_output))) {
+    // B of the GEMM: column c of group g, k = (o, kh, kw) or (kh, kw, o) contiguous,
+    // i.e. the weight as (G, C/G, O/G, KH, KW) or (G, C/G, KH, KW, O/G).
+    const at::Tensor w5 = weight.reshape({p.G, p.out_per_group(), p.in_per_group(), p.KH, p.KW});
+    const at::Tensor wk = q.ch_fast ? w5.permute({0, 2, 3, 4, 1}).contiguous()
+                                    : w5.permute({0, 2, 1, 3, 4}).contiguous();
+    C10_CUDA_CHECK(kernels::conv2d_igemm(q, dtype_of(grad_output), f32_math(),
+                                         grad_output.const_data_ptr(), wk.const_data_ptr(),
+                                         nullptr, gx.mutable_data_ptr(), current_stream()));
+    return gx;
+  }
   const at::Tensor w = weight.contiguous();
   C10_CUDA_CHECK(kernels::conv2d_input_backward(
       p, dtype_of(grad_output), grad_output.const_data_ptr(), strides_of(grad_output),

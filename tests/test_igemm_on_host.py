@@ -1,0 +1,219 @@
+"""The implicit-GEMM CUDA conv2d (csrc/cuda/conv2d_igemm.cu), run on the CPU: no GPU
+needed, only nvcc.
+
+tests/cuda_host/conv2d_igemm_host.cu includes the kernel file and runs, for every block
+of the launch grid and every thread of the block, the kernel's own __host__ __device__
+pieces in the kernel's order (thread setup, double-buffered stage copies with host
+stand-ins for cp.async, the SIMT stage compute, the epilogue); the warp-collective
+tensor-core compute (ldmatrix, mma.sync) is emulated from the lane addresses and
+fragment coordinates the kernel computes. So this checks, against torch in float64:
+the GEMM row -> (n, oh, ow) and k -> (c, kh, kw) maps in both k orders, the padding,
+stride, dilation and group handling of forward and input backward (including input
+positions no output reads), NCHW / channels-last / strided addressing of input and
+output, partial tiles in M, N and K, every copy mapping (m-fast, k-fast, 16-byte
+vectors), both shared-memory buffers, the bias / ReLU epilogue, and the fragment
+bookkeeping of the mma paths. Shared memory is poisoned before every stage, outputs
+start NaN and sit between NaN guards.
+
+Not covered (they need a GPU; tests/test_cuda_igemm.py covers them there): the PTX
+instructions' actual behaviour (the emulation follows the PTX ISA's fragment layouts),
+cp.async completion and the barriers, and the torch-side dispatch.
+"""
+import ctypes
+import itertools
+import os
+import re
+import struct
+import subprocess
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from test_cuda_kernels_on_host import NVCC, REPO, Conv, span, to_layout
+
+SOURCE = os.path.join(REPO, "tests", "cuda_host", "conv2d_igemm_host.cu")
+pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found: cannot build the host harness")
+
+# (dtype, math): float32 strict (SIMT), float32 TF32, float16, bfloat16.
+MATHS = [(torch.float32, "strict"), (torch.float32, "tf32"), (torch.float16, "mma"),
+         (torch.bfloat16, "mma")]
+DTYPE_CODE = {torch.float32: 0, torch.float16: 2, torch.bfloat16: 3}
+# Relative to max |reference|. The references are computed in float64 from the very
+# inputs the kernel multiplies (TF32: rounded to TF32 first), so float32 and TF32 are
+# held to float32 accumulation error; float16 / bfloat16 to the final rounding.
+RTOL = {"strict": 2e-5, "tf32": 2e-5, torch.float16: 7e-4, torch.bfloat16: 5e-3}
+MAP_NAMES = {0: "mfast", 1: "kfast", 2: "vec"}
+
+CONVS = [
+    Conv((2, 16, 9, 11), 24, (3, 3), 1, 1, 1, 1),               # 2 row tiles, K = 144
+    Conv((1, 8, 12, 11), 136, (1, 1), 1, 0, 1, 1),              # 2 column tiles, K < BK
+    Conv((2, 12, 10, 9), 18, (3, 2), (2, 1), (0, 1), (1, 2), 3),  # groups, mixed
+    Conv((1, 16, 7, 7), 16, (5, 5), 1, 2, 1, 2),                # 8 channels per group
+    Conv((2, 3, 15, 13), 16, (7, 7), 2, 3, 1, 1),               # a stem: 3 channels
+    Conv((1, 8, 9, 9), 8, (2, 2), 3, 0, 1, 1),                  # stride > kernel
+    Conv((1, 8, 3, 3), 8, (3, 3), 2, 4, 1, 1),                  # padding wider than input
+    Conv((2, 8, 6, 6), 8, (3, 3), 1, 1, 1, 8),                  # depthwise
+    Conv((3, 24, 6, 5), 40, (3, 3), 1, 2, 2, 1),                # dilation 2
+    Conv((0, 8, 5, 5), 16, (3, 3), 1, 1, 1, 1),                 # N = 0
+]
+# (A layout, C layout).
+LAYOUTS = [("contiguous", "contiguous"), ("channels_last", "channels_last"),
+           ("sliced", "contiguous"), ("channels_last", "sliced"), ("permuted", "channels_last")]
+
+
+@dataclass(frozen=True)
+class Case:
+    op: str             # "forward" or "input_backward"
+    conv: Conv
+    dtype: torch.dtype
+    math: str
+    layouts: tuple
+    bias: bool = False
+    relu: bool = False
+
+    def __str__(self):
+        return "-".join([self.op, str(self.conv), str(self.dtype).replace("torch.", ""), self.math,
+                         *self.layouts] + (["bias"] if self.bias else []) + (["relu"] if self.relu else []))
+
+
+CASES = []
+for i, (conv, (dt, math), ls) in enumerate(itertools.product(CONVS, MATHS, LAYOUTS)):
+    CASES.append(Case("forward", conv, dt, math, ls, bias=i % 2 == 0, relu=i % 3 == 0))
+    CASES.append(Case("input_backward", conv, dt, math, ls))
+
+
+def tf32(t):
+    """t (float32) rounded as cvt.rna.tf32.f32 does: 10 mantissa bits, ties away from 0."""
+    u = t.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    finite = (u & 0x7F800000) != 0x7F800000
+    r = torch.where(finite, (u + 0x1000) & 0xFFFFE000, u)
+    r = torch.where(r >= 2**31, r - 2**32, r).to(torch.int32)
+    return r.view(torch.float32).reshape(t.shape)
+
+
+def channels_fastest(t):
+    """igemm_channels_fastest of csrc/cuda/conv2d_igemm.h."""
+    s = t.stride()
+    return s[1] < s[3] and s[1] < s[2]
+
+
+def k_contiguous_weight(case, w, a):
+    """B as the torch side (csrc/cuda/conv2d_launch.cpp) passes it: the weight laid out
+    k-contiguous in the kernel's k order, which is channels-fastest when A is."""
+    c = case.conv
+    a_ch_fast = channels_fastest(a)
+    if case.op == "forward":
+        return (w.permute(0, 2, 3, 1) if a_ch_fast else w).contiguous()
+    o, cg, kh, kw = w.shape
+    w5 = w.reshape(c.groups, o // c.groups, cg, kh, kw)
+    return (w5.permute(0, 2, 3, 4, 1) if a_ch_fast else w5.permute(0, 2, 1, 3, 4)).contiguous()
+
+
+def make(case, seed):
+    g = torch.Generator().manual_seed(seed)
+    c, dt = case.conv, case.dtype
+    rand = lambda *s: torch.randn(s, generator=g, dtype=torch.float64).to(dt)  # noqa: E731
+    w = rand(*c.w_shape())
+    if case.op == "forward":
+        a = to_layout(rand(*c.x_shape), case.layouts[0])
+        out_shape = c.y_shape()
+    else:
+        a = to_layout(rand(*c.y_shape()), case.layouts[0])
+        out_shape = c.x_shape
+    bias = rand(c.out_channels) if case.bias else torch.empty(0, dtype=dt)
+    out = to_layout(torch.zeros(out_shape, dtype=dt), case.layouts[1])
+    return a, w, bias, out
+
+
+def record(case, a, w, bias, out):
+    head = struct.pack("<4q", ("forward", "input_backward").index(case.op), DTYPE_CODE[case.dtype],
+                       int(case.math == "tf32"), int(case.relu))
+    parts = [head, struct.pack("<16q", *case.conv.params())]
+    b = k_contiguous_weight(case, w, a)
+    for t, data in ((a, True), (b.reshape(-1), True), (bias, True), (out, False)):
+        strides = t.stride() if t.dim() == 4 else (0, 0, 0, 0)
+        parts.append(struct.pack("<5q", *strides, span(t)))
+        if data and span(t):
+            window = torch.as_strided(t, (span(t),), (1,), t.storage_offset()).contiguous()
+            parts.append(ctypes.string_at(window.data_ptr(), window.numel() * window.element_size()))
+    return b"".join(parts)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    d = tmp_path_factory.mktemp("igemm_host")
+    exe = str(d / "conv2d_igemm_host")
+    # PTX only (no ptxas) for sm_80, the oldest target of the kernel's instructions:
+    # only the host code runs.
+    cmd = [NVCC, "-std=c++17", f"-I{os.path.join(REPO, 'csrc')}", "-O2", "--expt-relaxed-constexpr",
+           "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+           "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
+           "-gencode=arch=compute_80,code=compute_80", "-o", exe, SOURCE]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    if res.returncode != 0:
+        pytest.fail(f"nvcc failed ({' '.join(cmd)}):\n{res.stdout}{res.stderr}", pytrace=False)
+    operands = [make(c, seed) for seed, c in enumerate(CASES)]
+    (d / "in.bin").write_bytes(b"".join(record(c, *ops) for c, ops in zip(CASES, operands)))
+    res = subprocess.run([exe, str(d / "in.bin"), str(d / "out.bin")], capture_output=True,
+                         text=True, timeout=900)
+    if res.returncode != 0:
+        m = re.search(r"record (\d+)", res.stderr)
+        where = f" at case {CASES[int(m.group(1))]}" if m else ""
+        pytest.fail(f"conv2d_igemm_host failed ({res.returncode}){where}: {res.stderr}", pytrace=False)
+    data = (d / "out.bin").read_bytes()
+    out, pos = {}, 0
+    for case, (a, w, bias, template) in zip(CASES, operands):
+        (mapping,) = struct.unpack_from("<q", data, pos)
+        pos += 8
+        nbytes = span(template) * template.element_size()
+        raw = data[pos:pos + nbytes]
+        pos += nbytes
+        flat = (torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw
+                else torch.empty(0, dtype=torch.uint8)).view(case.dtype)
+        out[case] = (a, w, bias), MAP_NAMES[mapping], torch.as_strided(flat, template.shape, template.stride())
+    assert pos == len(data)
+    return out
+
+
+def reference(case, a, w, bias):
+    if case.math == "tf32":
+        a, w = tf32(a), tf32(w)
+    a, w = a.double(), w.double()
+    c = case.conv
+    if case.op == "forward":
+        y = F.conv2d(a, w, bias.double() if case.bias else None, *c.args())
+        return y.clamp_min(0) if case.relu else y
+    return torch.nn.grad.conv2d_input(c.x_shape, w, a, *c.args())
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_igemm(case, results):
+    (a, w, bias), _, got = results[case]
+    want = reference(case, a, w, bias)
+    assert got.shape == want.shape
+    window = torch.as_strided(got, (span(got),), (1,))
+    written = torch.zeros(span(got), dtype=torch.bool)
+    torch.as_strided(written, got.shape, got.stride()).fill_(True)
+    assert torch.isfinite(got).all(), "an output element was not written (NaN) or is not finite"
+    assert window[~written].isnan().all(), "a gap of the strided output was written"
+    if want.numel() == 0:
+        return
+    scale = max(want.abs().max().item(), 1e-30)
+    err = (got.double() - want).abs().max().item()
+    tol = RTOL[case.math] if case.dtype == torch.float32 else RTOL[case.dtype]
+    assert err <= tol * scale, f"max abs error {err:.3e} > {tol:g} * {scale:.3e}"
+
+
+def test_every_copy_mapping_ran(results):
+    """The cases reach every copy mapping of every element type: the 16-byte vectors
+    for 16-bit channels-last inputs with 8 | channels per group, k-fast for float32
+    channels-last, m-fast otherwise."""
+    seen = {(c.dtype, m) for c, (_, m, _) in results.items()}
+    for dt in (torch.float16, torch.bfloat16):
+        assert (dt, "vec") in seen and (dt, "mfast") in seen
+    assert (torch.float32, "kfast") in seen and (torch.float32, "mfast") in seen
+    for c, (_, m, _) in results.items():
+        if c.dtype != torch.float32 and c.layouts[0] == "channels_last" and (c.conv.x_shape[1] // c.conv.groups if c.op == "forward" else c.conv.out_channels // c.conv.groups) % 8 == 0:
+            assert m == "vec", str(c)
