@@ -1,5 +1,5 @@
 """The implicit-GEMM CUDA conv2d (csrc/cuda/conv2d_igemm.cu) on a GPU: forward (with the
-bias / folded-BN + ReLU epilogue) and input backward, against torch.nn.functional in
+bias / folded-BN + ReLU epilogue), input backward and weight backward (split K), against torch.nn.functional in
 float64 on the CPU and against cnnext's CPU backend.
 
 $CNNEXT_CUDA_IGEMM=1 sends every supported problem through the GEMM kernels, so small
@@ -110,7 +110,7 @@ def inputs(cfg, dtype):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("math", MATHS, ids=mid)
 @pytest.mark.parametrize("cfg", CONFIGS, ids=cid)
-def test_forward_and_input_backward(cfg, math, layout, igemm):
+def test_forward_and_gradients(cfg, math, layout, igemm):
     dtype, fmath = math
     set_math(fmath)
     _, _, _, s, p, d, g, _ = cfg
@@ -121,19 +121,23 @@ def test_forward_and_input_backward(cfg, math, layout, igemm):
     xr, wr, gyr = (tf32(t) if fmath == "tf32" else t for t in (x, w, gy))
     want_y = F.conv2d(xr.double(), wr.double(), None if b is None else b.double(), s, p, d, g)
     want_gx = torch.nn.grad.conv2d_input(x.shape, wr.double(), gyr.double(), s, p, d, g)
+    want_gw = torch.nn.grad.conv2d_weight(xr.double(), w.shape, gyr.double(), s, p, d, g)
     dev = lambda t: None if t is None else t.cuda()  # noqa: E731
     xc = to_layout(dev(x), layout).requires_grad_()
-    y = conv2d(xc, dev(w), dev(b), s, p, d, g)
-    (gx,) = torch.autograd.grad(y, xc, to_layout(dev(gy), LAYOUTS[(LAYOUTS.index(layout) + 1) % 4]))
+    wc = dev(w).requires_grad_()
+    y = conv2d(xc, wc, dev(b), s, p, d, g)
+    gx, gw = torch.autograd.grad(y, (xc, wc), to_layout(dev(gy), LAYOUTS[(LAYOUTS.index(layout) + 1) % 4]))
     check(y, want_y, rtol, "output")
     check(gx, want_gx, rtol, "grad_input")
+    check(gw, want_gw, rtol, "grad_weight")
     assert y.dtype == dtype and gx.dtype == dtype
     if fmath == "strict":  # and against the CPU backend
-        xcpu = to_layout(x, layout).requires_grad_()
-        ycpu = conv2d(xcpu, w, b, s, p, d, g)
-        (gxcpu,) = torch.autograd.grad(ycpu, xcpu, gy)
+        xcpu, wcpu = to_layout(x, layout).requires_grad_(), w.clone().requires_grad_()
+        ycpu = conv2d(xcpu, wcpu, b, s, p, d, g)
+        gxcpu, gwcpu = torch.autograd.grad(ycpu, (xcpu, wcpu), gy)
         check(y, ycpu.double(), rtol, "output vs cnnext CPU")
         check(gx, gxcpu.double(), rtol, "grad_input vs cnnext CPU")
+        check(gw, gwcpu.double(), rtol, "grad_weight vs cnnext CPU")
 
 
 @pytest.mark.parametrize("math", MATHS, ids=mid)
@@ -141,11 +145,12 @@ def test_empty_batch(math, igemm):
     dtype, fmath = math
     set_math(fmath)
     x = torch.randn(0, 16, 7, 7, device="cuda", dtype=dtype, requires_grad=True)
-    w = torch.randn(32, 16, 3, 3, device="cuda", dtype=dtype)
+    w = torch.randn(32, 16, 3, 3, device="cuda", dtype=dtype, requires_grad=True)
     y = conv2d(x, w, None, 1, 1)
     assert y.shape == (0, 32, 7, 7)
-    (gx,) = torch.autograd.grad(y, x, torch.randn_like(y))
+    gx, gw = torch.autograd.grad(y, (x, w), torch.randn_like(y))
     assert gx.shape == x.shape
+    assert torch.equal(gw, torch.zeros_like(w))  # the GEMM's K = 0: zeros
 
 
 @pytest.mark.parametrize("math", MATHS, ids=mid)
@@ -205,6 +210,10 @@ def test_deterministic(igemm):
     assert torch.equal(y1, y2)
     g = torch.randn_like(y1)
     assert torch.equal(torch.autograd.grad(y1, x, g)[0], torch.autograd.grad(y2, x, g)[0])
+    wg = w.clone().requires_grad_()
+    gw1 = torch.autograd.grad(conv2d(x, wg, None, 1, 1), wg, g)[0]
+    gw2 = torch.autograd.grad(conv2d(x, wg, None, 1, 1), wg, g)[0]
+    assert torch.equal(gw1, gw2)  # split-K partials added in a fixed order
 
 
 def test_float64_stays_direct(igemm):

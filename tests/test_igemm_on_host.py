@@ -65,23 +65,32 @@ LAYOUTS = [("contiguous", "contiguous"), ("channels_last", "channels_last"),
 
 @dataclass(frozen=True)
 class Case:
-    op: str             # "forward" or "input_backward"
+    op: str             # "forward", "input_backward" or "weight_backward"
     conv: Conv
     dtype: torch.dtype
     math: str
     layouts: tuple
     bias: bool = False
     relu: bool = False
+    target_blocks: int = 1  # weight_backward: the grid size its K split aims at
 
     def __str__(self):
         return "-".join([self.op, str(self.conv), str(self.dtype).replace("torch.", ""), self.math,
-                         *self.layouts] + (["bias"] if self.bias else []) + (["relu"] if self.relu else []))
+                         *self.layouts] + (["bias"] if self.bias else []) + (["relu"] if self.relu else [])
+                        + ([f"target{self.target_blocks}"] if self.op == "weight_backward" else []))
 
 
 CASES = []
 for i, (conv, (dt, math), ls) in enumerate(itertools.product(CONVS, MATHS, LAYOUTS)):
     CASES.append(Case("forward", conv, dt, math, ls, bias=i % 2 == 0, relu=i % 3 == 0))
     CASES.append(Case("input_backward", conv, dt, math, ls))
+# weight_backward: (grad_output layout, input layout); target_blocks 1 (one split) and
+# 40 (several splits of K, whose partial sums a second pass adds).
+WGRAD_LAYOUTS = [("contiguous", "contiguous"), ("channels_last", "channels_last"),
+                 ("permuted", "sliced"), ("expanded", "channels_last")]
+for conv, (dt, math), ls, tb in itertools.product(CONVS, MATHS, WGRAD_LAYOUTS, (1, 40)):
+    if tb == 1 or ls in WGRAD_LAYOUTS[1:3]:
+        CASES.append(Case("weight_backward", conv, dt, math, ls, target_blocks=tb))
 
 
 def tf32(t):
@@ -115,6 +124,10 @@ def make(case, seed):
     g = torch.Generator().manual_seed(seed)
     c, dt = case.conv, case.dtype
     rand = lambda *s: torch.randn(s, generator=g, dtype=torch.float64).to(dt)  # noqa: E731
+    if case.op == "weight_backward":  # (gy, x, None, gw)
+        gy = to_layout(rand(*c.y_shape()), case.layouts[0])
+        x = to_layout(rand(*c.x_shape), case.layouts[1])
+        return gy, x, None, torch.zeros(c.w_shape(), dtype=dt)
     w = rand(*c.w_shape())
     if case.op == "forward":
         a = to_layout(rand(*c.x_shape), case.layouts[0])
@@ -128,11 +141,14 @@ def make(case, seed):
 
 
 def record(case, a, w, bias, out):
-    head = struct.pack("<4q", ("forward", "input_backward").index(case.op), DTYPE_CODE[case.dtype],
-                       int(case.math == "tf32"), int(case.relu))
+    head = struct.pack("<5q", ("forward", "input_backward", "weight_backward").index(case.op),
+                       DTYPE_CODE[case.dtype], int(case.math == "tf32"), int(case.relu), case.target_blocks)
     parts = [head, struct.pack("<16q", *case.conv.params())]
-    b = k_contiguous_weight(case, w, a)
-    for t, data in ((a, True), (b.reshape(-1), True), (bias, True), (out, False)):
+    if case.op == "weight_backward":  # a = gy, w = x
+        tensors = ((a, True), (w, True), (out, False))
+    else:
+        tensors = ((a, True), (k_contiguous_weight(case, w, a).reshape(-1), True), (bias, True), (out, False))
+    for t, data in tensors:
         strides = t.stride() if t.dim() == 4 else (0, 0, 0, 0)
         parts.append(struct.pack("<5q", *strides, span(t)))
         if data and span(t):
@@ -172,7 +188,8 @@ def results(tmp_path_factory):
         pos += nbytes
         flat = (torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw
                 else torch.empty(0, dtype=torch.uint8)).view(case.dtype)
-        out[case] = (a, w, bias), MAP_NAMES[mapping], torch.as_strided(flat, template.shape, template.stride())
+        extra = mapping if case.op == "weight_backward" else MAP_NAMES[mapping]
+        out[case] = (a, w, bias), extra, torch.as_strided(flat, template.shape, template.stride())
     assert pos == len(data)
     return out
 
@@ -182,6 +199,8 @@ def reference(case, a, w, bias):
         a, w = tf32(a), tf32(w)
     a, w = a.double(), w.double()
     c = case.conv
+    if case.op == "weight_backward":  # a = gy, w = x
+        return torch.nn.grad.conv2d_weight(w, c.w_shape(), a, *c.args())
     if case.op == "forward":
         y = F.conv2d(a, w, bias.double() if case.bias else None, *c.args())
         return y.clamp_min(0) if case.relu else y
@@ -210,10 +229,22 @@ def test_every_copy_mapping_ran(results):
     """The cases reach every copy mapping of every element type: the 16-byte vectors
     for 16-bit channels-last inputs with 8 | channels per group, k-fast for float32
     channels-last, m-fast otherwise."""
-    seen = {(c.dtype, m) for c, (_, m, _) in results.items()}
+    seen = {(c.dtype, m) for c, (_, m, _) in results.items() if c.op != "weight_backward"}
     for dt in (torch.float16, torch.bfloat16):
         assert (dt, "vec") in seen and (dt, "mfast") in seen
     assert (torch.float32, "kfast") in seen and (torch.float32, "mfast") in seen
     for c, (_, m, _) in results.items():
+        if c.op == "weight_backward":
+            continue
         if c.dtype != torch.float32 and c.layouts[0] == "channels_last" and (c.conv.x_shape[1] // c.conv.groups if c.op == "forward" else c.conv.out_channels // c.conv.groups) % 8 == 0:
             assert m == "vec", str(c)
+
+
+def test_weight_backward_splits_k(results):
+    """target_blocks 40 splits K into several runs wherever there are enough k tiles."""
+    for c, (_, splits, _) in results.items():
+        if c.op != "weight_backward":
+            continue
+        if c.target_blocks == 1 or c.conv.x_shape[0] == 0:
+            assert splits == 1, str(c)
+    assert max(s for c, (_, s, _) in results.items() if c.op == "weight_backward") > 4

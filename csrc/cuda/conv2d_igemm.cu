@@ -514,6 +514,152 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
 #endif
 }
 
+// ---- weight gradient (IgemmWgradProblem): the same tiles, stage computes and
+//      accumulator layouts; its own copies (A = grad_output rows, B = the input
+//      gathered through the taps) and an epilogue into the split's float workspace.
+
+template <typename T>
+struct WCtx {
+  IgemmWgradProblem q;
+  const T* gy;
+  const T* x;
+  float* ws;
+  int64_t g, split, m0, n0;
+};
+
+struct WState {
+  float acc[64];
+};
+
+// The copies of thread tid for the stage of k in [k0, k0 + BK) into buffer buf.
+template <typename T>
+CNNEXT_HD void wgrad_load_stage(const WCtx<T>& ctx, Smem<T>& sm, int buf, int64_t k0, int tid) {
+  constexpr int BK = Cfg<T>::BK;
+  const IgemmWgradProblem& q = ctx.q;
+IG_UNROLL
+  for (int i = 0; i < Cfg<T>::kScalarSlots; ++i) {
+    int row, kl;
+    scalar_slot<BK>(tid, i, q.a_m_fast, &row, &kl);
+    const int64_t o = ctx.m0 + row, k = k0 + kl;
+    const T* src = nullptr;
+    if (o < q.M && k < q.K) {
+      int64_t n, oh, ow;
+      igemm_wgrad_k(q, k, &n, &oh, &ow);
+      src = ctx.gy + igemm_wgrad_a_offset(q, ctx.g, o, n, oh, ow);
+    }
+    copy_scalar(a_at(sm, buf, row, kl), src, ctx.gy);
+  }
+IG_UNROLL
+  for (int i = 0; i < Cfg<T>::kScalarSlots; ++i) {
+    int nl, kl;
+    scalar_slot<BK>(tid, i, false, &nl, &kl);
+    const int64_t col = ctx.n0 + nl, k = k0 + kl;
+    const T* src = nullptr;
+    if (col < q.Ncol && k < q.K) {
+      int64_t n, oh, ow, c, kh, kw;
+      igemm_wgrad_k(q, k, &n, &oh, &ow);
+      igemm_wgrad_col(q, col, &c, &kh, &kw);
+      const int64_t off = igemm_wgrad_b_offset(q, ctx.g, c, kh, kw, n, oh, ow);
+      if (off >= 0) src = ctx.x + off;
+    }
+    copy_scalar(b_at(sm, buf, nl, kl), src, ctx.x);
+  }
+}
+
+// Thread tid's accumulators into the split's workspace slice (G * Og, Ncol).
+template <typename T, bool kMma>
+CNNEXT_HD void wgrad_epilogue(const WCtx<T>& ctx, const float* acc, int tid) {
+  const IgemmWgradProblem& q = ctx.q;
+  float* out = ctx.ws + (ctx.split * q.G + ctx.g) * q.M * q.Ncol;
+IG_UNROLL
+  for (int i = 0; i < 64; ++i) {
+    int row, col;
+    if (kMma)
+      mma_acc_rc(tid, i / 16, (i / 4) % 4, i % 4, &row, &col);
+    else {
+      row = simt_row(tid, i / 8);
+      col = simt_col(tid, i % 8);
+    }
+    const int64_t o = ctx.m0 + row, c = ctx.n0 + col;
+    if (o < q.M && c < q.Ncol) out[o * q.Ncol + c] = acc[i];
+  }
+}
+
+// grad_weight element e = the splits' partial sums of e, added in split order.
+template <typename T>
+CNNEXT_HD void wgrad_reduce_element(const IgemmWgradProblem& q, const float* ws, T* gw, int64_t e) {
+  const int64_t total = q.G * q.M * q.Ncol;
+  float v = 0.f;
+  for (int64_t s = 0; s < q.splits; ++s) v += ws[s * total + e];
+  gw[e] = AccType<T>::from(v);
+}
+
+template <typename T, bool kMma>
+__global__ void __launch_bounds__(kThreadsPerBlock)
+    igemm_wgrad_kernel(const IgemmWgradProblem q, const T* __restrict__ gy, const T* __restrict__ x,
+                       float* __restrict__ ws) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  constexpr int BK = Cfg<T>::BK;
+  __shared__ Smem<T> sm;
+  const int64_t z = blockIdx.z;
+  const WCtx<T> ctx{q, gy, x, ws, z % q.G, z / q.G, static_cast<int64_t>(blockIdx.x) * kBM,
+                    static_cast<int64_t>(blockIdx.y) * kBN};
+  const int tid = static_cast<int>(threadIdx.x);
+  WState st;
+IG_UNROLL
+  for (int i = 0; i < 64; ++i) st.acc[i] = 0.f;
+  const int64_t tiles = (q.K + BK - 1) / BK;
+  const int64_t s0 = ctx.split * q.tiles_per_split;
+  const int64_t s1 = s0 + q.tiles_per_split < tiles ? s0 + q.tiles_per_split : tiles;
+  if (s0 < s1) {
+    wgrad_load_stage(ctx, sm, 0, s0 * BK, tid);
+    cp_async_commit();
+  }
+  for (int64_t s = s0; s < s1; ++s) {
+    const int buf = static_cast<int>((s - s0) & 1);
+    if (s + 1 < s1) {
+      wgrad_load_stage(ctx, sm, buf ^ 1, (s + 1) * BK, tid);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    if constexpr (kMma)
+      mma_stage<T>(sm, buf, st.acc, tid);
+    else
+      simt_stage(sm, buf, st.acc, tid);
+    __syncthreads();
+  }
+  wgrad_epilogue<T, kMma>(ctx, st.acc, tid);
+#else
+  (void)q; (void)gy; (void)x; (void)ws;
+  __trap();
+#endif
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreadsPerBlock)
+    wgrad_reduce_kernel(const IgemmWgradProblem q, const float* __restrict__ ws, T* __restrict__ gw,
+                        const int64_t total) {
+  for (int64_t e = grid_first(); e < total; e += grid_step()) wgrad_reduce_element(q, ws, gw, e);
+}
+
+template <typename T, bool kMma>
+cudaError_t launch_wgrad(const IgemmWgradProblem& q, const void* gy, const void* x, float* ws,
+                         void* gw, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>((q.M + kBM - 1) / kBM),
+                  static_cast<unsigned>((q.Ncol + kBN - 1) / kBN),
+                  static_cast<unsigned>(q.G * q.splits));
+  igemm_wgrad_kernel<T, kMma><<<grid, kThreadsPerBlock, 0, stream>>>(
+      q, static_cast<const T*>(gy), static_cast<const T*>(x), ws);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  const int64_t total = q.G * q.M * q.Ncol;
+  wgrad_reduce_kernel<T><<<grid_size(total), kThreads, 0, stream>>>(q, ws, static_cast<T*>(gw), total);
+  return cudaGetLastError();
+}
+
 template <typename T, bool kMma, int kMap>
 cudaError_t launch_map(const IgemmProblem& q, const void* a, const void* b, const void* bias,
                        void* c, cudaStream_t stream) {
@@ -553,6 +699,43 @@ bool igemm_supported(const IgemmProblem& q, DType dt) {
     return false;
   }
   return major >= 8;
+}
+
+int64_t igemm_target_blocks() {
+  int dev = 0, sms = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 1;
+  }
+  return 2 * static_cast<int64_t>(sms);
+}
+
+bool igemm_wgrad_supported(const IgemmWgradProblem& q, DType dt) {
+  IgemmProblem shape{};
+  shape.M = q.M; shape.Ncol = q.Ncol; shape.G = q.G * q.splits;
+  return igemm_supported(shape, dt) && (q.M + igemm::kBM - 1) / igemm::kBM <= 0x7fffffff;
+}
+
+bool igemm_wgrad_profitable(const IgemmWgradProblem& q) {
+  return q.M >= 16 && q.Ncol >= 16 && q.K >= 256;
+}
+
+cudaError_t conv2d_igemm_wgrad(const IgemmWgradProblem& q, DType dt, IgemmF32Math math,
+                               const void* gy, const void* x, float* workspace, void* gw,
+                               cudaStream_t stream) {
+  if (q.G * q.M * q.Ncol == 0) return cudaSuccess;
+  switch (dt) {
+    case DType::F32:
+      return math == IgemmF32Math::kTF32
+                 ? igemm::launch_wgrad<float, true>(q, gy, x, workspace, gw, stream)
+                 : igemm::launch_wgrad<float, false>(q, gy, x, workspace, gw, stream);
+    case DType::F16: return igemm::launch_wgrad<__half, true>(q, gy, x, workspace, gw, stream);
+    case DType::BF16:
+      return igemm::launch_wgrad<__nv_bfloat16, true>(q, gy, x, workspace, gw, stream);
+    default: break;
+  }
+  return cudaErrorInvalidValue;
 }
 
 bool igemm_profitable(const IgemmProblem& q) {

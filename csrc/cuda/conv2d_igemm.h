@@ -144,6 +144,91 @@ CNNEXT_HD int64_t igemm_c_offset(const IgemmProblem& q, int64_t g, int64_t n, in
   return n * q.cs.n + (g * q.Ncol + col) * q.cs.c + p * q.cs.h + qq * q.cs.w;
 }
 
+// ---- weight gradient: per group g,
+//   gw[g*Og + o][col] = sum over k of gy[n, g*Og + o, oh, ow] * x[n, g*Cg + c, ih, iw]
+//   m = o (Og rows), col = (c, kh, kw) (kw fastest: gw's own layout), k = (n, oh, ow),
+//   (ih, iw) = conv_in_coord of (oh, ow) through (kh, kw); 0 where that is padding.
+// The K = N * OH * OW sum is long and the GEMM small, so it is split in `splits` runs of
+// `tiles_per_split` k tiles (grid z = G * splits); each writes its float partial sums to
+// a workspace (splits, G * Og, Ncol) and a second kernel adds the splits in order.
+struct IgemmWgradProblem {
+  int64_t M, Ncol, K, G;   // Og, Cg * KH * KW, N * OH * OW, groups
+  int64_t N, OH, OW, Cg, Og, H, W;
+  int64_t KH, KW, SH, SW, PH, PW, DH, DW;
+  Strides4 gys, xs;        // grad_output (N, O, OH, OW), input (N, C, H, W)
+  bool a_m_fast;           // copy A (grad_output) row-fast: when it is channels-last
+  int64_t splits, tiles_per_split;
+};
+
+// k tile depth of the weight-gradient kernel for an element type of `elem_bytes`.
+CNNEXT_HD int64_t igemm_wgrad_bk(int64_t elem_bytes) { return elem_bytes == 4 ? 16 : 32; }
+
+// The problem, split so that the grid has about `target_blocks` blocks (at most 64
+// splits, at least one k tile each).
+inline IgemmWgradProblem igemm_wgrad_problem(const Conv2dParams& p, const Strides4& gys,
+                                             const Strides4& xs, int64_t elem_bytes,
+                                             int64_t target_blocks) {
+  IgemmWgradProblem q{};
+  q.G = p.G; q.Og = p.out_per_group(); q.Cg = p.in_per_group();
+  q.M = q.Og; q.Ncol = q.Cg * p.KH * p.KW; q.K = p.N * p.OH * p.OW;
+  q.N = p.N; q.OH = p.OH; q.OW = p.OW; q.H = p.H; q.W = p.W;
+  q.KH = p.KH; q.KW = p.KW; q.SH = p.SH; q.SW = p.SW;
+  q.PH = p.PH; q.PW = p.PW; q.DH = p.DH; q.DW = p.DW;
+  q.gys = gys; q.xs = xs;
+  q.a_m_fast = igemm_channels_fastest(gys);
+  const int64_t bk = igemm_wgrad_bk(elem_bytes);
+  const int64_t tiles = (q.K + bk - 1) / bk;
+  const int64_t base = ((q.M + 127) / 128) * ((q.Ncol + 127) / 128) * q.G;
+  int64_t s = base > 0 ? (target_blocks + base - 1) / base : 1;
+  if (s > 64) s = 64;
+  if (s > tiles) s = tiles;
+  if (s < 1) s = 1;
+  q.tiles_per_split = tiles > 0 ? (tiles + s - 1) / s : 0;
+  q.splits = q.tiles_per_split > 0 ? (tiles + q.tiles_per_split - 1) / q.tiles_per_split : 1;
+  return q;
+}
+
+// k -> (n, oh, ow).
+CNNEXT_HD void igemm_wgrad_k(const IgemmWgradProblem& q, int64_t k, int64_t* n, int64_t* oh,
+                             int64_t* ow) {
+  *ow = k % q.OW;
+  k /= q.OW;
+  *oh = k % q.OH;
+  *n = k / q.OH;
+}
+
+// col -> (c, kh, kw).
+CNNEXT_HD void igemm_wgrad_col(const IgemmWgradProblem& q, int64_t col, int64_t* c, int64_t* kh,
+                               int64_t* kw) {
+  *kw = col % q.KW;
+  col /= q.KW;
+  *kh = col % q.KH;
+  *c = col / q.KH;
+}
+
+// Offset of A[o][k] = grad_output[n, g*Og + o, oh, ow].
+CNNEXT_HD int64_t igemm_wgrad_a_offset(const IgemmWgradProblem& q, int64_t g, int64_t o,
+                                       int64_t n, int64_t oh, int64_t ow) {
+  return n * q.gys.n + (g * q.Og + o) * q.gys.c + oh * q.gys.h + ow * q.gys.w;
+}
+
+// Offset of B[k][col] = input[n, g*Cg + c, ih, iw]; -1 in the padding.
+CNNEXT_HD int64_t igemm_wgrad_b_offset(const IgemmWgradProblem& q, int64_t g, int64_t c,
+                                       int64_t kh, int64_t kw, int64_t n, int64_t oh, int64_t ow) {
+  const int64_t ih = conv_in_coord(oh, kh, q.SH, q.PH, q.DH);
+  const int64_t iw = conv_in_coord(ow, kw, q.SW, q.PW, q.DW);
+  if (ih < 0 || ih >= q.H || iw < 0 || iw >= q.W) return -1;
+  return n * q.xs.n + (g * q.Cg + c) * q.xs.c + ih * q.xs.h + iw * q.xs.w;
+}
+
+// Floats of workspace conv2d_igemm_wgrad needs.
+CNNEXT_HD int64_t igemm_wgrad_workspace(const IgemmWgradProblem& q) {
+  return q.splits * q.G * q.M * q.Ncol;
+}
+
+// Blocks that fill the current device about twice (2 x its multiprocessors).
+int64_t igemm_target_blocks();
+
 // Which kernel computes float32: strict fp32 FMA on the CUDA cores, or TF32 tensor
 // cores (only when torch's flags allow TF32 for convolutions).
 enum class IgemmF32Math { kStrict, kTF32 };
@@ -162,6 +247,15 @@ bool igemm_profitable(const IgemmProblem& q);
 // launching when C is empty, cudaErrorInvalidValue when !igemm_supported.
 cudaError_t conv2d_igemm(const IgemmProblem& q, DType dt, IgemmF32Math math, const void* a,
                          const void* b, const void* bias, void* c, cudaStream_t stream);
+
+bool igemm_wgrad_supported(const IgemmWgradProblem& q, DType dt);
+bool igemm_wgrad_profitable(const IgemmWgradProblem& q);
+
+// gw, contiguous (O, C / G, KH, KW) = the weight gradient; workspace: at least
+// igemm_wgrad_workspace(q) floats. Writes every element of gw (zeros when K == 0).
+cudaError_t conv2d_igemm_wgrad(const IgemmWgradProblem& q, DType dt, IgemmF32Math math,
+                               const void* gy, const void* x, float* workspace, void* gw,
+                               cudaStream_t stream);
 
 }  // namespace kernels
 }  // namespace cuda

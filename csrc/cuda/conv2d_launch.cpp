@@ -30,6 +30,14 @@ bool use_igemm(const kernels::IgemmProblem& q, kernels::DType dt) {
   return kernels::igemm_profitable(q);
 }
 
+bool use_igemm_wgrad(const kernels::IgemmWgradProblem& q, kernels::DType dt) {
+  const char* env = std::getenv("CNNEXT_CUDA_IGEMM");
+  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+  if (!kernels::igemm_wgrad_supported(q, dt)) return false;
+  if (env != nullptr && std::strcmp(env, "1") == 0) return true;
+  return kernels::igemm_wgrad_profitable(q);
+}
+
 // float32 on tensor cores (TF32) only when torch allows TF32 for cuDNN convolutions
 // (torch.backends.cudnn.allow_tf32): the same precision stock would use.
 kernels::IgemmF32Math f32_math() {
@@ -97,6 +105,16 @@ at::Tensor conv2d_weight_backward(const at::Tensor& grad_output, const at::Tenso
   const c10::cuda::CUDAGuard guard(input.device());
   at::Tensor gw = at::empty({p.O, p.in_per_group(), p.KH, p.KW}, input.options());
   if (gw.numel() == 0) return gw;
+  const auto dt = dtype_of(input);
+  const auto q = kernels::igemm_wgrad_problem(p, strides_of(grad_output), strides_of(input),
+                                              input.element_size(), kernels::igemm_target_blocks());
+  if (use_igemm_wgrad(q, dt)) {
+    at::Tensor ws = at::empty({kernels::igemm_wgrad_workspace(q)}, input.options().dtype(at::kFloat));
+    C10_CUDA_CHECK(kernels::conv2d_igemm_wgrad(q, dt, f32_math(), grad_output.const_data_ptr(),
+                                               input.const_data_ptr(), ws.mutable_data_ptr<float>(),
+                                               gw.mutable_data_ptr(), current_stream()));
+    return gw;
+  }
   // With N == 0 the launcher still runs: it writes the zeros of an empty sum.
   C10_CUDA_CHECK(kernels::conv2d_weight_backward(
       p, dtype_of(input), grad_output.const_data_ptr(), strides_of(grad_output),

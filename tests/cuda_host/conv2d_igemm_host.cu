@@ -15,18 +15,22 @@
 // and run as `conv2d_igemm_host IN OUT`.
 //
 // IN is a sequence of records; every integer is a little-endian int64.
-//   op      0 forward, 1 input backward
+//   op      0 forward, 1 input backward, 2 weight backward
 //   dtype   DType: 0 F32, 2 F16, 3 BF16
 //   math    float32 only: 0 strict (SIMT), 1 TF32 (tensor cores)
 //   relu    forward only: 0 or 1
+//   target_blocks  weight backward only: the grid size its split of K aims at
 //   the 16 fields of Conv2dParams, in declaration order
 //   the tensors, each as: strides (n, c, h, w), span, then span elements for an input
-//   (none for the output): A (x or grad_output), B (the k-contiguous weight the torch
-//   side passes: strides unused), bias (span 0: none), C (the output).
-// For each record OUT gets an int64, the copy mapping the launcher picks (kMap*), then
-// C's span elements. Outputs start out NaN.
+//   (none for the output). ops 0, 1: A (x or grad_output), B (the k-contiguous weight
+//   the torch side passes: strides unused), bias (span 0: none), C (the output);
+//   op 2: grad_output, x, grad_weight (contiguous).
+// For each record OUT gets an int64 (ops 0, 1: the copy mapping the launcher picks,
+// kMap*; op 2: the number of K splits), then the output's span elements. Outputs start
+// out NaN; the weight gradient's split workspace too.
 #include <cstdio>
 #include <cstdlib>
+#include <algorithm>
 #include <cstring>
 #include <memory>
 #include <vector>
@@ -96,9 +100,10 @@ void ldmatrix_x4_emulate(const T (&tile)[ROWS][COLS], const int* row, const int*
     }
 }
 
-// One stage of warp `warp`'s mma tiles, as the device's mma_stage computes it.
-template <typename T, int kMap>
-void mma_stage_emulate(const Smem<T>& sm, int buf, State<T, kMap>* st, int warp) {
+// One stage of warp `warp`'s mma tiles, as the device's mma_stage computes it. st: the
+// warp's 32 thread states (anything with a float acc[64]).
+template <typename T, typename S>
+void mma_stage_emulate(const Smem<T>& sm, int buf, S* st, int warp) {
   const int wm = warp_m0(warp), wn = warp_n0(warp);
   static float a[4][32][4][2], b[4][32][2][2], acc[32][4];
   if constexpr (sizeof(T) == 4) {
@@ -186,13 +191,56 @@ void run_grid(const IgemmProblem& q, const T* a, const T* b, const T* bias, T* c
           }
           if constexpr (kMma) {
             for (int warp = 0; warp < kThreadsPerBlock / 32; ++warp)
-              mma_stage_emulate<T, kMap>(*sm, buf, &st[warp * 32], warp);
+              mma_stage_emulate<T>(*sm, buf, &st[warp * 32], warp);
           } else {
             for (int tid = 0; tid < kThreadsPerBlock; ++tid) simt_stage(*sm, buf, st[tid].acc, tid);
           }
         }
         for (int tid = 0; tid < kThreadsPerBlock; ++tid) epilogue<T, kMma, kMap>(ctx, st[tid], tid);
       }
+}
+
+// The weight-gradient launch: every block (grid z = G * splits), then the reduction.
+template <typename T, bool kMma>
+void run_wgrad_grid(const IgemmWgradProblem& q, const T* gy, const T* x, T* gw) {
+  constexpr int BK = Cfg<T>::BK;
+  const int64_t total = q.G * q.M * q.Ncol;
+  std::vector<float> ws(igemm_wgrad_workspace(q));
+  poison(ws.data(), ws.size());
+  auto sm = std::make_unique<Smem<T>>();
+  std::vector<WState> st(kThreadsPerBlock);
+  const int64_t mt = (q.M + kBM - 1) / kBM, nt = (q.Ncol + kBN - 1) / kBN;
+  const int64_t tiles = (q.K + BK - 1) / BK;
+  for (int64_t z = 0; z < q.G * q.splits; ++z)
+    for (int64_t by = 0; by < nt; ++by)
+      for (int64_t bx = 0; bx < mt; ++bx) {
+        const WCtx<T> ctx{q, gy, x, ws.data(), z % q.G, z / q.G, bx * kBM, by * kBN};
+        for (auto& t : st)
+          for (float& v : t.acc) v = 0.f;
+        const int64_t s0 = ctx.split * q.tiles_per_split;
+        const int64_t s1 = std::min(s0 + q.tiles_per_split, tiles);
+        poison(&sm->a[0][0][0], sizeof(sm->a) / sizeof(T));
+        poison(&sm->b[0][0][0], sizeof(sm->b) / sizeof(T));
+        if (s0 < s1)
+          for (int tid = 0; tid < kThreadsPerBlock; ++tid) wgrad_load_stage(ctx, *sm, 0, s0 * BK, tid);
+        for (int64_t s = s0; s < s1; ++s) {
+          const int buf = static_cast<int>((s - s0) & 1);
+          if (s + 1 < s1) {
+            poison(&sm->a[buf ^ 1][0][0], sizeof(sm->a[0]) / sizeof(T));
+            poison(&sm->b[buf ^ 1][0][0], sizeof(sm->b[0]) / sizeof(T));
+            for (int tid = 0; tid < kThreadsPerBlock; ++tid)
+              wgrad_load_stage(ctx, *sm, buf ^ 1, (s + 1) * BK, tid);
+          }
+          if constexpr (kMma) {
+            for (int warp = 0; warp < kThreadsPerBlock / 32; ++warp)
+              mma_stage_emulate<T>(*sm, buf, &st[warp * 32], warp);
+          } else {
+            for (int tid = 0; tid < kThreadsPerBlock; ++tid) simt_stage(*sm, buf, st[tid].acc, tid);
+          }
+        }
+        for (int tid = 0; tid < kThreadsPerBlock; ++tid) wgrad_epilogue<T, kMma>(ctx, st[tid].acc, tid);
+      }
+  for (int64_t e = 0; e < total; ++e) wgrad_reduce_element(q, ws.data(), gw, e);
 }
 
 template <typename T, bool kMma>
@@ -207,6 +255,27 @@ int64_t run_math(const IgemmProblem& q, const T* a, const T* b, const T* bias, T
     run_grid<T, kMma, kMapMFast>(q, a, b, bias, c);
   }
   return map;
+}
+
+// op 2: record tensors gy, x, gw; OUT gets the number of splits, then gw.
+template <typename T>
+void run_wgrad(int64_t math, int64_t target_blocks, const Conv2dParams& p, FILE* out) {
+  auto gy = read_tensor<T>(true), x = read_tensor<T>(true), gw = read_tensor<T>(false);
+  const IgemmWgradProblem q = igemm_wgrad_problem(p, gy.s, x.s, sizeof(T), target_blocks);
+  if (gw.span != q.G * q.M * q.Ncol) die("gw span is not O * C/G * KH * KW");
+  if (q.G * q.M * q.Ncol > 0) {
+    if constexpr (sizeof(T) == 4) {
+      if (math == 0)
+        run_wgrad_grid<T, false>(q, gy.data(), x.data(), gw.data());
+      else
+        run_wgrad_grid<T, true>(q, gy.data(), x.data(), gw.data());
+    } else {
+      run_wgrad_grid<T, true>(q, gy.data(), x.data(), gw.data());
+    }
+  }
+  const int64_t splits = q.splits;
+  if (std::fwrite(&splits, sizeof splits, 1, out) != 1) die("write failed");
+  write_output(gw, out);
 }
 
 template <typename T>
@@ -239,11 +308,21 @@ int main(int argc, char** argv) {
   while (try_read(&op)) {
     ++g_record;
     const int64_t dtype = read_i64(), math = read_i64(), relu = read_i64();
-    if (op != 0 && op != 1) die("unknown op");
+    const int64_t target_blocks = read_i64();
+    if (op < 0 || op > 2) die("unknown op");
     Conv2dParams p;
     for (int64_t* fld : {&p.N, &p.C, &p.H, &p.W, &p.O, &p.KH, &p.KW, &p.OH, &p.OW, &p.SH, &p.SW,
                          &p.PH, &p.PW, &p.DH, &p.DW, &p.G})
       *fld = read_i64();
+    if (op == 2) {
+      switch (dtype) {
+        case int64_t(DType::F32): run_wgrad<float>(math, target_blocks, p, out); break;
+        case int64_t(DType::F16): run_wgrad<__half>(math, target_blocks, p, out); break;
+        case int64_t(DType::BF16): run_wgrad<__nv_bfloat16>(math, target_blocks, p, out); break;
+        default: die("unknown dtype");
+      }
+      continue;
+    }
     switch (dtype) {
       case int64_t(DType::F32): run<float>(op, math, relu != 0, p, out); break;
       case int64_t(DType::F16): run<__half>(op, math, relu != 0, p, out); break;
