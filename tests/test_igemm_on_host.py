@@ -84,6 +84,34 @@ CASES = []
 for i, (conv, (dt, math), ls) in enumerate(itertools.product(CONVS, MATHS, LAYOUTS)):
     CASES.append(Case("forward", conv, dt, math, ls, bias=i % 2 == 0, relu=i % 3 == 0))
     CASES.append(Case("input_backward", conv, dt, math, ls))
+
+
+def random_convs(count, seed=6):
+    """Small random convolutions (valid by construction): groups, rectangular kernels,
+    stride, padding (up to wider than the kernel's reach), dilation, odd sizes."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=g))  # noqa: E731
+    convs = []
+    while len(convs) < count:
+        groups = (1, 1, 2, 3, 4)[r(0, 4)]
+        c, o = groups * r(1, 12), groups * r(1, 40)
+        kh, kw, sh, sw, dh, dw = r(1, 5), r(1, 5), r(1, 3), r(1, 3), r(1, 2), r(1, 2)
+        ph, pw = r(0, kh), r(0, kw)
+        h, w = r(1, 16), r(1, 16)
+        if h + 2 * ph < dh * (kh - 1) + 1 or w + 2 * pw < dw * (kw - 1) + 1:
+            continue
+        convs.append(Conv((r(1, 3), c, h, w), o, (kh, kw), (sh, sw), (ph, pw), (dh, dw), groups))
+    return convs
+
+
+# Random convolutions: every op, one (dtype, math) and one layout pair each, in rotation.
+for i, conv in enumerate(random_convs(16)):
+    dt, math = MATHS[i % len(MATHS)]
+    ls = LAYOUTS[i % len(LAYOUTS)]
+    CASES.append(Case("forward", conv, dt, math, ls, bias=i % 2 == 1, relu=i % 3 == 1))
+    CASES.append(Case("input_backward", conv, dt, math, ls))
+    CASES.append(Case("weight_backward", conv, dt, math, ls, target_blocks=(1, 7, 40)[i % 3]))
+
 # weight_backward: (grad_output layout, input layout); target_blocks 1 (one split) and
 # 40 (several splits of K, whose partial sums a second pass adds).
 WGRAD_LAYOUTS = [("contiguous", "contiguous"), ("channels_last", "channels_last"),
