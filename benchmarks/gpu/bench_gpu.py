@@ -184,6 +184,13 @@ class Bench:
         return (1,) + tuple(s[1:]) if not self.cuda else s
 
 
+def rel_err(a, b):
+    """||a - b|| / ||b|| in float64 (0 for empty tensors)."""
+    a, b = a.double(), b.double()
+    n = b.norm().item()
+    return (a - b).norm().item() / n if n > 0 else 0.0
+
+
 def conv_out(h, k, s, p):
     return (h + 2 * p - k) // s + 1
 
@@ -214,13 +221,18 @@ def section_conv(b, names, precisions):
                                    lambda: aten.convolution_backward(gy, x, w, None, st, pd, dl, False,
                                                                      [0, 0], 1, [False, True, False])),
                 }
+                pick = {"conv_fwd": None, "conv_dgrad": 0, "conv_wgrad": 1}
                 for section, (mine, stock) in cases.items():
                     if b.args.only and not re.search(b.args.only, section):
                         continue
                     if section != "conv_fwd" and precision not in ("fp32", "bf16"):
                         continue  # gradients: strict fp32 (the targets) and bf16
+                    # Correct first: cnnext's result against stock's, ||a - b|| / ||b||.
+                    ref = stock() if pick[section] is None else stock()[pick[section]]
+                    err = rel_err(mine(), ref)
                     for impl, fn in (("cnnext", mine), ("torch", stock)):
-                        b.record(section, name, layout, precision, impl, fn, gflop=flops / 1e9)
+                        b.record(section, name, layout, precision, impl, fn, gflop=flops / 1e9,
+                                 rel_err_vs_stock=err)
 
 
 def section_fused(b, names):
@@ -267,8 +279,11 @@ def section_fused(b, names):
                     if b.args.only and not re.search(b.args.only, section):
                         continue
                     with torch.no_grad() if section == "fused_eval" else _null():
+                        extra = {}
+                        if section == "fused_eval":
+                            extra["rel_err_vs_stock"] = rel_err(mine(), stock())
                         for impl, fn in (("cnnext", mine), ("torch", stock)):
-                            b.record(section, name, layout, precision, impl, fn)
+                            b.record(section, name, layout, precision, impl, fn, **extra)
 
 
 class _null:
@@ -394,8 +409,15 @@ def geomean(v):
     return math.exp(sum(math.log(x) for x in v) / len(v)) if v else float("nan")
 
 
-def table(rat):
-    lines = ["| target | measured: geomean (min .. max, n) | target | met |", "|---|---|---|---|"]
+def table(rat, results=()):
+    worst = {}
+    for r in results:
+        if "rel_err_vs_stock" in r:
+            k = (r["section"], r["precision"])
+            worst[k] = max(worst.get(k, 0.0), r["rel_err_vs_stock"])
+    errs = [f"{s} {p}: {e:.1e}" for (s, p), e in sorted(worst.items())]
+    lines = ["largest ||cnnext - stock|| / ||stock|| per section and precision: " + "; ".join(errs), ""]
+    lines += ["| target | measured: geomean (min .. max, n) | target | met |", "|---|---|---|---|"]
     for label, sec, prec, target in TARGETS:
         v = [r for (s, _, _, p), r in rat.items() if s == sec and (prec is None or p == prec)]
         if not v:
@@ -479,7 +501,7 @@ def main(argv=None):
                   "measurements (raise --budget-s for all shapes)", flush=True)
 
     rat = ratios(b.results, copy_bw)
-    md = table(rat)
+    md = table(rat, b.results)
     if b.cuda:
         dev_name = torch.cuda.get_device_name()
         info = dict(device=dev_name, capability=list(torch.cuda.get_device_capability()),
