@@ -161,8 +161,8 @@ def test_fused_inference_epilogue(math, igemm):
     x = torch.randn(3, 32, 13, 11, dtype=torch.float64).to(dtype)
     w = torch.randn(48, 32, 3, 3, dtype=torch.float64).to(dtype)
     b, gamma, beta = (torch.randn(48, dtype=torch.float64).to(dtype) for _ in range(3))
-    mean = torch.randn(48, dtype=torch.float32)
-    var = torch.rand(48, dtype=torch.float32) + 0.5
+    mean = torch.randn(48, dtype=torch.float64).to(dtype)  # running stats: the input's dtype
+    var = (torch.rand(48, dtype=torch.float64) + 0.5).to(dtype)
     args = lambda dev: [t.to(dev) for t in (x, w, b, gamma, beta, mean, var)]  # noqa: E731
     got = conv_bn_relu2d(*args("cuda"), False, 0.1, 1e-5, 1, 1)
     xd, wd, bd, gd, bed, md, vd = (t.double() for t in args("cpu"))

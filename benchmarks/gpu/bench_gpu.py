@@ -248,8 +248,8 @@ def section_fused(b, names):
                 x = b.randn((N, C, H, W), dt, layout)
                 w = b.fmt(b.randn((O, C, k, k), dt), layout)
                 gamma, beta = b.randn((O,), dt), b.randn((O,), dt)
-                sdt = torch.float32
-                rm, rv = b.randn((O,), sdt), torch.rand(O, device=b.dev) + 0.5
+                # Running statistics in the input's dtype (what conv_bn_relu2d takes).
+                rm, rv = b.randn((O,), dt), (torch.rand(O, device=b.dev) + 0.5).to(dt)
                 st, pd, dl = [s, s], [p, p], [1, 1]
 
                 def mine_eval():
