@@ -222,3 +222,43 @@ def test_float64_stays_direct(igemm):
     w = torch.randn(32, 16, 3, 3, dtype=torch.float64)
     got = conv2d(x.cuda(), w.cuda(), None, 1, 1)
     check(got, F.conv2d(x, w, None, 1, 1), 1e-10, "float64")
+
+
+@pytest.mark.parametrize("layout", ("contiguous", "channels_last"))
+@pytest.mark.parametrize("math", MATHS, ids=mid)
+def test_fused_training_statistics_in_epilogue(math, layout, igemm):
+    """conv_bn_relu2d training: the GEMM's epilogue takes the batch statistics (per-tile
+    mean / M2, combined per channel); output, running statistics and gradients against
+    the stock triple in float64 from the same rounded inputs. 3 x 31 x 29 rows: 22 tiles."""
+    dtype, fmath = math
+    set_math(fmath)
+    g = torch.Generator().manual_seed(3)
+    r = lambda *s: torch.randn(s, generator=g, dtype=torch.float64).to(dtype)  # noqa: E731
+    x, w, b, beta = r(3, 16, 31, 29), r(20, 16, 3, 3), r(20), r(20)
+    gamma = (torch.rand(20, generator=g, dtype=torch.float64) + 0.5).to(dtype)
+    rm, rv = r(20), (torch.rand(20, generator=g, dtype=torch.float64) + 0.5).to(dtype)
+    gy = r(3, 20, 31, 29)
+    xr, wr = (tf32(t) if fmath == "tf32" else t for t in (x, w))
+    leaves = [t.double().requires_grad_() for t in (xr, wr, b, gamma, beta)]
+    rm_ref, rv_ref = rm.double(), rv.double()
+    want = F.relu(F.batch_norm(F.conv2d(leaves[0], leaves[1], leaves[2], 1, 1), rm_ref, rv_ref, leaves[3],
+                               leaves[4], True, 0.1, 1e-5))
+    want_grads = torch.autograd.grad(want, leaves, gy.double())
+    dev = [to_layout(x.cuda(), layout)] + [t.cuda() for t in (w, b, gamma, beta)]
+    dev = [t.requires_grad_() for t in dev]
+    rmc, rvc = rm.cuda(), rv.cuda()
+    got = conv_bn_relu2d(*dev, rmc, rvc, True, 0.1, 1e-5, 1, 1)
+    grads = torch.autograd.grad(got, dev, gy.cuda())
+    rtol = {"strict": 5e-5, "tf32": 2e-2}.get(fmath, {torch.float16: 2e-2, torch.bfloat16: 8e-2}.get(dtype))
+    check(got, want.detach(), rtol, "output")
+    check(rmc, rm_ref, rtol, "running_mean")
+    check(rvc, rv_ref, rtol, "running_var")
+    if fmath == "tf32":  # TF32 backward passes: beyond what a float64 reference models
+        return
+    grtol = rtol if fmath != "strict" else 1e-4
+    for name, a, e in zip(("x", "w", "b", "gamma", "beta"), grads, want_grads):
+        if name == "b":  # the conv bias cancels under batch norm: its gradient is ~0
+            scale = want_grads[4].abs().max().item()
+            assert a.double().abs().max().item() <= grtol * scale, "grad b"
+        else:
+            check(a, e, grtol, f"grad {name}")

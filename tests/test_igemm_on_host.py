@@ -45,6 +45,7 @@ DTYPE_CODE = {torch.float32: 0, torch.float16: 2, torch.bfloat16: 3}
 # held to float32 accumulation error; float16 / bfloat16 to the final rounding.
 RTOL = {"strict": 2e-5, "tf32": 2e-5, torch.float16: 7e-4, torch.bfloat16: 5e-3}
 MAP_NAMES = {0: "mfast", 1: "kfast", 2: "vec"}
+OPS = ("forward", "input_backward", "weight_backward", "forward_stats")  # the harness's op codes
 
 CONVS = [
     Conv((2, 16, 9, 11), 24, (3, 3), 1, 1, 1, 1),               # 2 row tiles, K = 144
@@ -112,6 +113,13 @@ for i, conv in enumerate(random_convs(16)):
     CASES.append(Case("input_backward", conv, dt, math, ls))
     CASES.append(Case("weight_backward", conv, dt, math, ls, target_blocks=(1, 7, 40)[i % 3]))
 
+# forward_stats: the forward plus the batch-norm statistics of its stored output (the
+# epilogue of conv_bn_relu2d's training path), every (dtype, math), two layouts.
+for conv, (dt, math), ls in itertools.product(CONVS, MATHS, LAYOUTS[:2]):
+    CASES.append(Case("forward_stats", conv, dt, math, ls, bias=conv.out_channels % 2 == 0))
+CASES.append(Case("forward_stats", Conv((3, 16, 31, 29), 20, (3, 3), 1, 1, 1, 1), torch.float32, "strict",
+                  LAYOUTS[0], relu=True))  # 21 row tiles: the tree of the finishing kernel
+
 # weight_backward: (grad_output layout, input layout); target_blocks 1 (one split) and
 # 40 (several splits of K, whose partial sums a second pass adds).
 WGRAD_LAYOUTS = [("contiguous", "contiguous"), ("channels_last", "channels_last"),
@@ -141,7 +149,7 @@ def k_contiguous_weight(case, w, a):
     k-contiguous in the kernel's k order, which is channels-fastest when A is."""
     c = case.conv
     a_ch_fast = channels_fastest(a)
-    if case.op == "forward":
+    if case.op in ("forward", "forward_stats"):
         return (w.permute(0, 2, 3, 1) if a_ch_fast else w).contiguous()
     o, cg, kh, kw = w.shape
     w5 = w.reshape(c.groups, o // c.groups, cg, kh, kw)
@@ -157,7 +165,7 @@ def make(case, seed):
         x = to_layout(rand(*c.x_shape), case.layouts[1])
         return gy, x, None, torch.zeros(c.w_shape(), dtype=dt)
     w = rand(*c.w_shape())
-    if case.op == "forward":
+    if case.op in ("forward", "forward_stats"):
         a = to_layout(rand(*c.x_shape), case.layouts[0])
         out_shape = c.y_shape()
     else:
@@ -169,7 +177,7 @@ def make(case, seed):
 
 
 def record(case, a, w, bias, out):
-    head = struct.pack("<5q", ("forward", "input_backward", "weight_backward").index(case.op),
+    head = struct.pack("<5q", OPS.index(case.op),
                        DTYPE_CODE[case.dtype], int(case.math == "tf32"), int(case.relu), case.target_blocks)
     parts = [head, struct.pack("<16q", *case.conv.params())]
     if case.op == "weight_backward":  # a = gy, w = x
@@ -217,6 +225,11 @@ def results(tmp_path_factory):
         flat = (torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw
                 else torch.empty(0, dtype=torch.uint8)).view(case.dtype)
         extra = mapping if case.op == "weight_backward" else MAP_NAMES[mapping]
+        if case.op == "forward_stats":  # then mean and variance per channel, float32
+            o = case.conv.out_channels
+            mv = torch.frombuffer(bytearray(data[pos:pos + 8 * o]), dtype=torch.float32)
+            pos += 8 * o
+            extra = (extra, mv[:o], mv[o:])
         out[case] = (a, w, bias), extra, torch.as_strided(flat, template.shape, template.stride())
     assert pos == len(data)
     return out
@@ -229,7 +242,7 @@ def reference(case, a, w, bias):
     c = case.conv
     if case.op == "weight_backward":  # a = gy, w = x
         return torch.nn.grad.conv2d_weight(w, c.w_shape(), a, *c.args())
-    if case.op == "forward":
+    if case.op in ("forward", "forward_stats"):
         y = F.conv2d(a, w, bias.double() if case.bias else None, *c.args())
         return y.clamp_min(0) if case.relu else y
     return torch.nn.grad.conv2d_input(c.x_shape, w, a, *c.args())
@@ -257,12 +270,12 @@ def test_every_copy_mapping_ran(results):
     """The cases reach every copy mapping of every element type: the 16-byte vectors
     for 16-bit channels-last inputs with 8 | channels per group, k-fast for float32
     channels-last, m-fast otherwise."""
-    seen = {(c.dtype, m) for c, (_, m, _) in results.items() if c.op != "weight_backward"}
+    seen = {(c.dtype, m) for c, (_, m, _) in results.items() if c.op in ("forward", "input_backward")}
     for dt in (torch.float16, torch.bfloat16):
         assert (dt, "vec") in seen and (dt, "mfast") in seen
     assert (torch.float32, "kfast") in seen and (torch.float32, "mfast") in seen
     for c, (_, m, _) in results.items():
-        if c.op == "weight_backward":
+        if c.op not in ("forward", "input_backward"):
             continue
         if c.dtype != torch.float32 and c.layouts[0] == "channels_last" and (c.conv.x_shape[1] // c.conv.groups if c.op == "forward" else c.conv.out_channels // c.conv.groups) % 8 == 0:
             assert m == "vec", str(c)
@@ -276,3 +289,18 @@ def test_weight_backward_splits_k(results):
         if c.target_blocks == 1 or c.conv.x_shape[0] == 0:
             assert splits == 1, str(c)
     assert max(s for c, (_, s, _) in results.items() if c.op == "weight_backward") > 4
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.op == "forward_stats"], ids=str)
+def test_forward_statistics(case, results):
+    """Mean and biased variance per channel of the output as stored, from the epilogue's
+    per-tile (count, mean, M2) combined by the finishing kernel's tree."""
+    _, (_, mean, var), got = results[case]
+    y = got.double()
+    if y.numel() == 0:
+        return
+    want_mean = y.mean((0, 2, 3))
+    want_var = y.var((0, 2, 3), unbiased=False)
+    scale = y.abs().max().item()
+    assert (mean.double() - want_mean).abs().max().item() <= 1e-5 * scale
+    assert (var.double() - want_var).abs().max().item() <= 1e-5 * scale * scale

@@ -179,6 +179,7 @@ struct Ctx {
   const T* bias;
   T* c;
   int64_t g, m0, n0;  // group, first row and first column of the block's tile
+  float* stats;       // forward only: the tile's column statistics (see stats_*), or nullptr
 };
 
 template <typename T, int kMap>
@@ -425,12 +426,120 @@ IG_UNROLL
 #endif  // __CUDA_ARCH__
 
 // Writes C element (row, col) of the tile from its accumulated value: + bias, ReLU.
+// The value stored for accumulator v of (group-local) column col: + bias, ReLU, in T.
+template <typename T>
+CNNEXT_HD T out_value(const Ctx<T>& ctx, int64_t col, float v) {
+  if (ctx.bias != nullptr) v += AccType<T>::to(ctx.bias[ctx.g * ctx.q.Ncol + col]);
+  if (ctx.q.relu && v < 0.f) v = 0.f;
+  return AccType<T>::from(v);
+}
+
 template <typename T>
 CNNEXT_HD void store_c(const Ctx<T>& ctx, int64_t n, int64_t p, int64_t qq, int64_t col, float v) {
-  const IgemmProblem& q = ctx.q;
-  if (ctx.bias != nullptr) v += AccType<T>::to(ctx.bias[ctx.g * q.Ncol + col]);
-  if (q.relu && v < 0.f) v = 0.f;
-  ctx.c[igemm_c_offset(q, ctx.g, n, p, qq, col)] = AccType<T>::from(v);
+  ctx.c[igemm_c_offset(ctx.q, ctx.g, n, p, qq, col)] = out_value(ctx, col, v);
+}
+
+// ---- batch-norm statistics of the stored output, per tile (conv_bn_relu2d training):
+// tile t's column col gets (count, mean, M2) of its valid rows' stored values, written to
+// stats[(t * G * Ncol + g * Ncol + col) * 3 ..]; igemm_stats_finish combines the tiles.
+// Two passes over the accumulators (mean, then squared deviations), each a fixed-order
+// reduction through shared memory: 16 row groups x 128 columns of partial sums.
+
+// Tile position of accumulator i of thread tid.
+template <bool kMma>
+CNNEXT_HD void acc_rc(int tid, int i, int* row, int* col) {
+  if (kMma) {
+    mma_acc_rc(tid, i / 16, (i / 4) % 4, i % 4, row, col);
+  } else {
+    *row = simt_row(tid, i / 8);
+    *col = simt_col(tid, i % 8);
+  }
+}
+// Which of a thread's 8 columns accumulator i is in.
+template <bool kMma>
+CNNEXT_HD int acc_col_slot(int i) { return kMma ? ((i / 4) % 4) * 2 + (i % 2) : i % 8; }
+// The row group of thread tid: the 16 threads that share a column set have distinct
+// groups, and all rows of a thread are in its group.
+template <bool kMma>
+CNNEXT_HD int row_group(int tid) {
+  return kMma ? ((tid / 32) % 2) * 8 + (tid % 32) / 4 : tid / 16;
+}
+
+// Pass of thread tid: part[group][col] = sum over its valid rows of the stored value
+// (mean == nullptr) or of its squared deviation from mean[col].
+template <typename T, bool kMma>
+CNNEXT_HD void stats_pass(const Ctx<T>& ctx, const float* acc, float* part, const float* mean, int tid) {
+  float sum[8];
+  int cols[8];
+IG_UNROLL
+  for (int j = 0; j < 8; ++j) sum[j] = 0.f;
+IG_UNROLL
+  for (int i = 0; i < 64; ++i) {
+    int row, col;
+    acc_rc<kMma>(tid, i, &row, &col);
+    const int j = acc_col_slot<kMma>(i);
+    cols[j] = col;
+    if (ctx.m0 + row >= ctx.q.M || ctx.n0 + col >= ctx.q.Ncol) continue;
+    const float v = AccType<T>::to(out_value(ctx, ctx.n0 + col, acc[i]));
+    if (mean == nullptr) {
+      sum[j] += v;
+    } else {
+      const float d = v - mean[col];
+      sum[j] += d * d;
+    }
+  }
+  const int gr = row_group<kMma>(tid);
+IG_UNROLL
+  for (int j = 0; j < 8; ++j) part[gr * kBN + cols[j]] = sum[j];
+}
+
+// Thread tid < kBN: column tid's total over the 16 row groups, in order. First pass:
+// its mean into mean[tid]; second pass: (count, mean, M2) into the tile's statistics.
+template <typename T>
+CNNEXT_HD void stats_column(const Ctx<T>& ctx, const float* part, float* mean, bool second, int tid) {
+  if (tid >= kBN) return;
+  float total = 0.f;
+  for (int gr = 0; gr < 16; ++gr) total += part[gr * kBN + tid];
+  const int64_t rows = ctx.q.M - ctx.m0 < kBM ? ctx.q.M - ctx.m0 : kBM;
+  if (!second) {
+    mean[tid] = total / static_cast<float>(rows);
+  } else if (ctx.n0 + tid < ctx.q.Ncol) {
+    const int64_t tile = ctx.m0 / kBM, channels = ctx.q.G * ctx.q.Ncol;
+    float* out = ctx.stats + (tile * channels + ctx.g * ctx.q.Ncol + ctx.n0 + tid) * 3;
+    out[0] = static_cast<float>(rows);
+    out[1] = mean[tid];
+    out[2] = total;
+  }
+}
+
+// Shared memory of the statistics passes, in the (finished) tile buffers.
+template <typename T>
+CNNEXT_HD float* stats_part(Smem<T>& sm) { return reinterpret_cast<float*>(&sm); }
+template <typename T>
+CNNEXT_HD float* stats_mean(Smem<T>& sm) { return reinterpret_cast<float*>(&sm) + 16 * kBN; }
+static_assert(sizeof(Smem<float>) >= (16 + 1) * kBN * sizeof(float), "statistics scratch");
+static_assert(sizeof(Smem<__half>) >= (16 + 1) * kBN * sizeof(float), "statistics scratch");
+
+// Chan et al.'s combination of (count, mean, M2) b into a.
+CNNEXT_HD void chan_combine(float* a, const float* b) {
+  const float n = a[0] + b[0];
+  if (b[0] == 0.f) return;
+  if (a[0] == 0.f) {
+    a[0] = b[0]; a[1] = b[1]; a[2] = b[2];
+    return;
+  }
+  const float delta = b[1] - a[1];
+  a[1] += delta * (b[0] / n);
+  a[2] += b[2] + delta * delta * (a[0] * b[0] / n);
+  a[0] = n;
+}
+
+// Thread t of the block of channel c in igemm_stats_finish: the combination of tiles
+// t, t + threads, ... in order.
+CNNEXT_HD void stats_thread_partial(const float* stats, int64_t tiles, int64_t channels, int64_t c,
+                                    int t, int threads, float* out) {
+  out[0] = out[1] = out[2] = 0.f;
+  for (int64_t tile = t; tile < tiles; tile += threads) chan_combine(out, stats + (tile * channels + c) * 3);
 }
 
 // The epilogue of thread tid: its accumulators into C, inside the problem's bounds.
@@ -477,12 +586,13 @@ IG_UNROLL
 template <typename T, bool kMma, int kMap>
 __global__ void __launch_bounds__(kThreadsPerBlock)
     igemm_kernel(const IgemmProblem q, const T* __restrict__ a, const T* __restrict__ b,
-                 const T* __restrict__ bias, T* __restrict__ c) {
+                 const T* __restrict__ bias, T* __restrict__ c, float* __restrict__ stats) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   constexpr int BK = Cfg<T>::BK;
   __shared__ Smem<T> sm;
   const Ctx<T> ctx{q, a, b, bias, c, static_cast<int64_t>(blockIdx.z),
-                   static_cast<int64_t>(blockIdx.x) * kBM, static_cast<int64_t>(blockIdx.y) * kBN};
+                   static_cast<int64_t>(blockIdx.x) * kBM, static_cast<int64_t>(blockIdx.y) * kBN,
+                   stats};
   const int tid = static_cast<int>(threadIdx.x);
   State<T, kMap> st;
   init_thread(ctx, st, tid);
@@ -506,10 +616,21 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
     __syncthreads();
   }
   epilogue<T, kMma, kMap>(ctx, st, tid);
+  if (ctx.stats != nullptr) {  // uniform across the block
+    float* part = stats_part(sm);
+    float* mean = stats_mean(sm);
+    stats_pass<T, kMma>(ctx, st.acc, part, nullptr, tid);
+    __syncthreads();
+    stats_column(ctx, part, mean, false, tid);
+    __syncthreads();
+    stats_pass<T, kMma>(ctx, st.acc, part, mean, tid);
+    __syncthreads();
+    stats_column(ctx, part, mean, true, tid);
+  }
 #else
   // Built for an architecture without cp.async / mma.sync: never launched there
   // (igemm_supported checks the device), but the symbol must exist.
-  (void)q; (void)a; (void)b; (void)bias; (void)c;
+  (void)q; (void)a; (void)b; (void)bias; (void)c; (void)stats;
   __trap();
 #endif
 }
@@ -662,31 +783,68 @@ cudaError_t launch_wgrad(const IgemmWgradProblem& q, const void* gy, const void*
 
 template <typename T, bool kMma, int kMap>
 cudaError_t launch_map(const IgemmProblem& q, const void* a, const void* b, const void* bias,
-                       void* c, cudaStream_t stream) {
+                       void* c, float* stats, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>((q.M + kBM - 1) / kBM),
                   static_cast<unsigned>((q.Ncol + kBN - 1) / kBN), static_cast<unsigned>(q.G));
   igemm_kernel<T, kMma, kMap><<<grid, kThreadsPerBlock, 0, stream>>>(
       q, static_cast<const T*>(a), static_cast<const T*>(b), static_cast<const T*>(bias),
-      static_cast<T*>(c));
+      static_cast<T*>(c), stats);
   return cudaGetLastError();
 }
 
 template <typename T, bool kMma>
 cudaError_t launch(const IgemmProblem& q, const void* a, const void* b, const void* bias, void* c,
-                   cudaStream_t stream) {
+                   float* stats, cudaStream_t stream) {
   switch (choose_map<T>(q, a, b)) {
     case kMapVec:
-      if constexpr (sizeof(T) == 2) return launch_map<T, kMma, kMapVec>(q, a, b, bias, c, stream);
+      if constexpr (sizeof(T) == 2)
+        return launch_map<T, kMma, kMapVec>(q, a, b, bias, c, stats, stream);
       break;
     case kMapKFast:
-      if constexpr (sizeof(T) == 4) return launch_map<T, kMma, kMapKFast>(q, a, b, bias, c, stream);
+      if constexpr (sizeof(T) == 4)
+        return launch_map<T, kMma, kMapKFast>(q, a, b, bias, c, stats, stream);
       break;
-    default: return launch_map<T, kMma, kMapMFast>(q, a, b, bias, c, stream);
+    default: return launch_map<T, kMma, kMapMFast>(q, a, b, bias, c, stats, stream);
   }
   return cudaErrorInvalidValue;
 }
 
+// One block per channel: thread partials over the tiles, then a fixed tree over the
+// threads (deterministic); mean and biased variance in float.
+__global__ void __launch_bounds__(kThreadsPerBlock)
+    stats_finish_kernel(const float* __restrict__ stats, const int64_t tiles,
+                        const int64_t channels, float* __restrict__ mean, float* __restrict__ var) {
+  __shared__ float sh[kThreadsPerBlock][3];
+  for (int64_t c = blockIdx.x; c < channels; c += gridDim.x) {
+    const int t = static_cast<int>(threadIdx.x);
+    stats_thread_partial(stats, tiles, channels, c, t, kThreadsPerBlock, sh[t]);
+    __syncthreads();
+    for (int half = kThreadsPerBlock / 2; half > 0; half /= 2) {
+      if (t < half) chan_combine(sh[t], sh[t + half]);
+      __syncthreads();
+    }
+    if (t == 0) {
+      mean[c] = sh[0][1];
+      var[c] = sh[0][0] > 0.f ? sh[0][2] / sh[0][0] : 0.f;
+    }
+    __syncthreads();
+  }
+}
+
 }  // namespace igemm
+
+int64_t igemm_stats_floats(const IgemmProblem& q) {
+  return ((q.M + igemm::kBM - 1) / igemm::kBM) * q.G * q.Ncol * 3;
+}
+
+cudaError_t igemm_stats_finish(const IgemmProblem& q, const float* stats, float* mean, float* var,
+                               cudaStream_t stream) {
+  const int64_t channels = q.G * q.Ncol;
+  if (channels == 0 || q.M == 0) return cudaSuccess;
+  igemm::stats_finish_kernel<<<grid_size(channels, 1), igemm::kThreadsPerBlock, 0, stream>>>(
+      stats, (q.M + igemm::kBM - 1) / igemm::kBM, channels, mean, var);
+  return cudaGetLastError();
+}
 
 bool igemm_supported(const IgemmProblem& q, DType dt) {
   if (dt == DType::F64) return false;
@@ -743,16 +901,17 @@ bool igemm_profitable(const IgemmProblem& q) {
 }
 
 cudaError_t conv2d_igemm(const IgemmProblem& q, DType dt, IgemmF32Math math, const void* a,
-                         const void* b, const void* bias, void* c, cudaStream_t stream) {
+                         const void* b, const void* bias, void* c, cudaStream_t stream,
+                         float* stats) {
   if (q.M == 0 || q.Ncol == 0 || q.G == 0) return cudaSuccess;
   if (dt == DType::F64) return cudaErrorInvalidValue;
   switch (dt) {
     case DType::F32:
       return math == IgemmF32Math::kTF32
-                 ? igemm::launch<float, true>(q, a, b, bias, c, stream)
-                 : igemm::launch<float, false>(q, a, b, bias, c, stream);
-    case DType::F16: return igemm::launch<__half, true>(q, a, b, bias, c, stream);
-    case DType::BF16: return igemm::launch<__nv_bfloat16, true>(q, a, b, bias, c, stream);
+                 ? igemm::launch<float, true>(q, a, b, bias, c, stats, stream)
+                 : igemm::launch<float, false>(q, a, b, bias, c, stats, stream);
+    case DType::F16: return igemm::launch<__half, true>(q, a, b, bias, c, stats, stream);
+    case DType::BF16: return igemm::launch<__nv_bfloat16, true>(q, a, b, bias, c, stats, stream);
     default: break;
   }
   return cudaErrorInvalidValue;

@@ -245,8 +245,18 @@ bool igemm_profitable(const IgemmProblem& q);
 // atomics, a fixed summation order. a: the A tensor at element (0, 0, 0, 0); b: the
 // k-contiguous B; bias: contiguous (G * Ncol,) or nullptr. Returns cudaSuccess without
 // launching when C is empty, cudaErrorInvalidValue when !igemm_supported.
+//
+// With `stats` (forward, for conv_bn_relu2d's training path) the epilogue also writes the
+// batch-norm statistics of each 128-row tile of every channel of the stored output,
+// (count, mean, M2) as floats: igemm_stats_floats(q) of them; igemm_stats_finish then
+// combines the tiles into each channel's mean and biased variance (float, contiguous
+// (G * Ncol,)), so the output is not read again for them.
 cudaError_t conv2d_igemm(const IgemmProblem& q, DType dt, IgemmF32Math math, const void* a,
-                         const void* b, const void* bias, void* c, cudaStream_t stream);
+                         const void* b, const void* bias, void* c, cudaStream_t stream,
+                         float* stats = nullptr);
+int64_t igemm_stats_floats(const IgemmProblem& q);
+cudaError_t igemm_stats_finish(const IgemmProblem& q, const float* stats, float* mean, float* var,
+                               cudaStream_t stream);
 
 bool igemm_wgrad_supported(const IgemmWgradProblem& q, DType dt);
 bool igemm_wgrad_profitable(const IgemmWgradProblem& q);

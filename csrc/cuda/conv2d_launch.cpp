@@ -11,6 +11,7 @@
 
 #include "cuda/conv2d.h"
 #include "cuda/conv2d_igemm.h"
+#include "cuda/conv2d_launch.h"
 #include "cuda/torch_glue.h"
 #include "ops/conv2d.h"
 
@@ -72,6 +73,32 @@ at::Tensor conv2d_forward(const at::Tensor& input, const at::Tensor& weight,
       has_bias ? b.const_data_ptr() : nullptr, out.mutable_data_ptr(), strides_of(out),
       current_stream(), relu));
   return out;
+}
+
+bool conv2d_forward_bn_stats(const at::Tensor& input, const at::Tensor& weight,
+                             const c10::optional<at::Tensor>& bias, const Conv2dParams& p,
+                             at::MemoryFormat out_format, at::Tensor* out, at::Tensor& mean,
+                             at::Tensor& var) {
+  const c10::cuda::CUDAGuard guard(input.device());
+  if (mean.scalar_type() != at::kFloat || var.scalar_type() != at::kFloat) return false;
+  at::Tensor y = at::empty({p.N, p.O, p.OH, p.OW}, input.options().memory_format(out_format));
+  if (y.numel() == 0) return false;
+  const auto dt = dtype_of(input);
+  const auto q = kernels::igemm_forward_problem(p, strides_of(input), strides_of(y), false);
+  if (!use_igemm(q, dt)) return false;
+  const bool has_bias = bias.has_value() && bias->defined();
+  const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
+  const at::Tensor wk = q.ch_fast ? weight.permute({0, 2, 3, 1}).contiguous() : weight.contiguous();
+  at::Tensor stats = at::empty({kernels::igemm_stats_floats(q)}, input.options().dtype(at::kFloat));
+  C10_CUDA_CHECK(kernels::conv2d_igemm(q, dt, f32_math(), input.const_data_ptr(),
+                                       wk.const_data_ptr(), has_bias ? b.const_data_ptr() : nullptr,
+                                       y.mutable_data_ptr(), current_stream(),
+                                       stats.mutable_data_ptr<float>()));
+  C10_CUDA_CHECK(kernels::igemm_stats_finish(q, stats.const_data_ptr<float>(),
+                                             mean.mutable_data_ptr<float>(),
+                                             var.mutable_data_ptr<float>(), current_stream()));
+  *out = y;
+  return true;
 }
 
 at::Tensor conv2d_input_backward(const at::Tensor& grad_output, const at::Tensor& weight,

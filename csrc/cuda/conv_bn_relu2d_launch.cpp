@@ -6,6 +6,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include "cuda/conv2d_launch.h"
 #include "cuda/conv_bn_relu2d.h"
 #include "cuda/torch_glue.h"
 #include "ops/conv2d.h"
@@ -28,16 +29,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu2d_train(
     const c10::optional<at::Tensor>& bn_weight, const c10::optional<at::Tensor>& bn_bias,
     double eps, const Conv2dParams& p, at::MemoryFormat out_format, bool relu) {
   const c10::cuda::CUDAGuard guard(input.device());
-  at::Tensor conv_out = conv2d_forward(input, weight, bias, p, out_format);
-  at::Tensor out = at::empty_like(conv_out);
   const auto sopt = input.options().dtype(stats_dtype(input.scalar_type()));
   at::Tensor mean = at::zeros({p.O}, sopt), var = at::zeros({p.O}, sopt);
+  const auto dt = dtype_of(input);
+  // The implicit GEMM takes the batch statistics in its epilogue (the output is not read
+  // again for them); otherwise the direct convolution, then the two-sweep statistics.
+  at::Tensor conv_out;
+  const bool fused = conv2d_forward_bn_stats(input, weight, bias, p, out_format, &conv_out, mean, var);
+  if (!fused) conv_out = conv2d_forward(input, weight, bias, p, out_format);
+  at::Tensor out = at::empty_like(conv_out);
   if (conv_out.numel() == 0) return {out, conv_out, mean, var};
   const Strides4 s = strides_of(conv_out);
-  const auto dt = dtype_of(input);
-  C10_CUDA_CHECK(kernels::bn_batch_stats(dt, conv_out.const_data_ptr(), p.N, p.O, p.OH, p.OW, s,
-                                         mean.mutable_data_ptr(), var.mutable_data_ptr(),
-                                         current_stream()));
+  if (!fused)
+    C10_CUDA_CHECK(kernels::bn_batch_stats(dt, conv_out.const_data_ptr(), p.N, p.O, p.OH, p.OW, s,
+                                           mean.mutable_data_ptr(), var.mutable_data_ptr(),
+                                           current_stream()));
   at::Tensor g_keep, b_keep;
   const void* gamma = ptr_or_null(bn_weight, g_keep);
   const void* beta = ptr_or_null(bn_bias, b_keep);

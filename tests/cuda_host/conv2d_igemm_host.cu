@@ -15,7 +15,9 @@
 // and run as `conv2d_igemm_host IN OUT`.
 //
 // IN is a sequence of records; every integer is a little-endian int64.
-//   op      0 forward, 1 input backward, 2 weight backward
+//   op      0 forward, 1 input backward, 2 weight backward, 3 forward with the batch-norm
+//           statistics of its output (then OUT also gets mean and biased variance per
+//           channel, float32, after the output)
 //   dtype   DType: 0 F32, 2 F16, 3 BF16
 //   math    float32 only: 0 strict (SIMT), 1 TF32 (tensor cores)
 //   relu    forward only: 0 or 1
@@ -167,7 +169,7 @@ void poison(T* p, size_t n) { std::memset(static_cast<void*>(p), 0xFF, n * sizeo
 
 // The launch: every block of the grid, every thread of the block, in kernel order.
 template <typename T, bool kMma, int kMap>
-void run_grid(const IgemmProblem& q, const T* a, const T* b, const T* bias, T* c) {
+void run_grid(const IgemmProblem& q, const T* a, const T* b, const T* bias, T* c, float* stats) {
   constexpr int BK = Cfg<T>::BK;
   auto sm = std::make_unique<Smem<T>>();
   std::vector<State<T, kMap>> st(kThreadsPerBlock);
@@ -176,7 +178,7 @@ void run_grid(const IgemmProblem& q, const T* a, const T* b, const T* bias, T* c
   for (int64_t g = 0; g < q.G; ++g)
     for (int64_t by = 0; by < nt; ++by)
       for (int64_t bx = 0; bx < mt; ++bx) {
-        const Ctx<T> ctx{q, a, b, bias, c, g, bx * kBM, by * kBN};
+        const Ctx<T> ctx{q, a, b, bias, c, g, bx * kBM, by * kBN, stats};
         for (int tid = 0; tid < kThreadsPerBlock; ++tid) init_thread(ctx, st[tid], tid);
         poison(&sm->a[0][0][0], sizeof(sm->a[0]) / sizeof(T));
         poison(&sm->b[0][0][0], sizeof(sm->b[0]) / sizeof(T));
@@ -197,7 +199,32 @@ void run_grid(const IgemmProblem& q, const T* a, const T* b, const T* bias, T* c
           }
         }
         for (int tid = 0; tid < kThreadsPerBlock; ++tid) epilogue<T, kMma, kMap>(ctx, st[tid], tid);
+        if (stats != nullptr) {  // the kernel's four phases, a barrier between each
+          float* part = stats_part(*sm);
+          float* mean = stats_mean(*sm);
+          poison(part, 17 * kBN);
+          for (int tid = 0; tid < kThreadsPerBlock; ++tid)
+            stats_pass<T, kMma>(ctx, st[tid].acc, part, nullptr, tid);
+          for (int tid = 0; tid < kThreadsPerBlock; ++tid) stats_column(ctx, part, mean, false, tid);
+          for (int tid = 0; tid < kThreadsPerBlock; ++tid)
+            stats_pass<T, kMma>(ctx, st[tid].acc, part, mean, tid);
+          for (int tid = 0; tid < kThreadsPerBlock; ++tid) stats_column(ctx, part, mean, true, tid);
+        }
       }
+}
+
+// stats_finish_kernel: one block per channel, thread partials then the same tree.
+void stats_finish(const IgemmProblem& q, const float* stats, float* mean, float* var) {
+  const int64_t tiles = (q.M + kBM - 1) / kBM, channels = q.G * q.Ncol;
+  static float sh[kThreadsPerBlock][3];
+  for (int64_t c = 0; c < channels; ++c) {
+    for (int t = 0; t < kThreadsPerBlock; ++t)
+      stats_thread_partial(stats, tiles, channels, c, t, kThreadsPerBlock, sh[t]);
+    for (int half = kThreadsPerBlock / 2; half > 0; half /= 2)
+      for (int t = 0; t < half; ++t) chan_combine(sh[t], sh[t + half]);
+    mean[c] = sh[0][1];
+    var[c] = sh[0][0] > 0.f ? sh[0][2] / sh[0][0] : 0.f;
+  }
 }
 
 // The weight-gradient launch: every block (grid z = G * splits), then the reduction.
@@ -244,15 +271,15 @@ void run_wgrad_grid(const IgemmWgradProblem& q, const T* gy, const T* x, T* gw) 
 }
 
 template <typename T, bool kMma>
-int64_t run_math(const IgemmProblem& q, const T* a, const T* b, const T* bias, T* c) {
+int64_t run_math(const IgemmProblem& q, const T* a, const T* b, const T* bias, T* c, float* stats) {
   const int map = choose_map<T>(q, a, b);
   if (q.M == 0) return map;  // the launcher returns before launching
   if (map == kMapVec) {
-    if constexpr (sizeof(T) == 2) run_grid<T, kMma, kMapVec>(q, a, b, bias, c);
+    if constexpr (sizeof(T) == 2) run_grid<T, kMma, kMapVec>(q, a, b, bias, c, stats);
   } else if (map == kMapKFast) {
-    if constexpr (sizeof(T) == 4) run_grid<T, kMma, kMapKFast>(q, a, b, bias, c);
+    if constexpr (sizeof(T) == 4) run_grid<T, kMma, kMapKFast>(q, a, b, bias, c, stats);
   } else {
-    run_grid<T, kMma, kMapMFast>(q, a, b, bias, c);
+    run_grid<T, kMma, kMapMFast>(q, a, b, bias, c, stats);
   }
   return map;
 }
@@ -282,19 +309,30 @@ template <typename T>
 void run(int64_t op, int64_t math, bool relu, const Conv2dParams& p, FILE* out) {
   auto A = read_tensor<T>(true), B = read_tensor<T>(true), bias = read_tensor<T>(true);
   auto C = read_tensor<T>(false);
-  const IgemmProblem q = op == 0 ? igemm_forward_problem(p, A.s, C.s, relu)
+  const IgemmProblem q = op != 1 ? igemm_forward_problem(p, A.s, C.s, relu)
                                  : igemm_input_backward_problem(p, A.s, C.s);
+  // op 3: the forward with batch-norm statistics (a NaN-filled tile workspace).
+  std::vector<float> stats(op == 3 ? igemm_stats_floats(q) : 0);
+  poison(stats.data(), stats.size());
+  float* sp = op == 3 ? stats.data() : nullptr;
   if (B.span != q.G * q.Ncol * q.K) die("B span is not G * Ncol * K");
   if (bias.span != 0 && bias.span != q.G * q.Ncol) die("bias span is not G * Ncol");
   int64_t map;
   if constexpr (sizeof(T) == 4) {
-    map = math == 1 ? run_math<T, true>(q, A.data(), B.data(), bias.data_or_null(), C.data())
-                    : run_math<T, false>(q, A.data(), B.data(), bias.data_or_null(), C.data());
+    map = math == 1 ? run_math<T, true>(q, A.data(), B.data(), bias.data_or_null(), C.data(), sp)
+                    : run_math<T, false>(q, A.data(), B.data(), bias.data_or_null(), C.data(), sp);
   } else {
-    map = run_math<T, true>(q, A.data(), B.data(), bias.data_or_null(), C.data());
+    map = run_math<T, true>(q, A.data(), B.data(), bias.data_or_null(), C.data(), sp);
   }
   if (std::fwrite(&map, sizeof map, 1, out) != 1) die("write failed");
   write_output(C, out);
+  if (op == 3) {
+    std::vector<float> mean(q.G * q.Ncol), var(q.G * q.Ncol);
+    if (q.M > 0) stats_finish(q, stats.data(), mean.data(), var.data());
+    if (std::fwrite(mean.data(), sizeof(float), mean.size(), out) != mean.size() ||
+        std::fwrite(var.data(), sizeof(float), var.size(), out) != var.size())
+      die("write failed");
+  }
 }
 
 }  // namespace
@@ -309,7 +347,7 @@ int main(int argc, char** argv) {
     ++g_record;
     const int64_t dtype = read_i64(), math = read_i64(), relu = read_i64();
     const int64_t target_blocks = read_i64();
-    if (op < 0 || op > 2) die("unknown op");
+    if (op < 0 || op > 3) die("unknown op");
     Conv2dParams p;
     for (int64_t* fld : {&p.N, &p.C, &p.H, &p.W, &p.O, &p.KH, &p.KW, &p.OH, &p.OW, &p.SH, &p.SW,
                          &p.PH, &p.PW, &p.DH, &p.DW, &p.G})
