@@ -34,9 +34,11 @@
 #include <immintrin.h>
 #endif
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "common/pool2d.h"
+#include "cpu/max_pool2d_avx512.h"
 #include "ops/max_pool2d.h"
 #include "ops/tensors.h"
 
@@ -437,7 +439,12 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_forward(const at::Tensor& input,
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "cnnext_max_pool2d_forward", [&] {
     const bool index_exact =
         p.H * p.W < (int64_t(1) << std::numeric_limits<scalar_t>::digits);
-    if (is_nchw_rows(input) && out.is_contiguous() && index_exact) {
+    if (input.stride(3) == 1 && out.is_contiguous() &&
+        max_pool2d_nchw_avx512_ok(p, std::is_same_v<scalar_t, float>)) {
+      max_pool2d_nchw_avx512(input.const_data_ptr<scalar_t>(), input.stride(0), input.stride(1),
+                             input.stride(2), p, out.mutable_data_ptr<scalar_t>(),
+                             idx.mutable_data_ptr<int64_t>());
+    } else if (is_nchw_rows(input) && out.is_contiguous() && index_exact) {
       forward_nchw<scalar_t>(input, p, out, idx);
     } else if (out_format == at::MemoryFormat::ChannelsLast && input.stride(1) == 1 &&
                input.stride(3) == p.C && input.stride(2) == p.W * p.C &&
