@@ -356,8 +356,10 @@ void forward_channels_last(const at::Tensor& input, const Pool2dParams& p, at::T
   int64_t* yi = idx.mutable_data_ptr<int64_t>();
   const Strides4 xs = strides_of(input);
   const bool avx2 = cpu_has_avx2();
+  const bool avx512 = max_pool2d_cl_avx512_ok(p);
   at::parallel_for(0, p.N * p.OH, 1, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> off(p.KH * p.KW), id(p.KH * p.KW);
+    int32_t id32[32] = {};
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / p.OH, oh = item % p.OH;
       int64_t hlo, hhi;
@@ -377,6 +379,11 @@ void forward_channels_last(const at::Tensor& input, const Pool2dParams& p, at::T
             y[o + c] = neg_inf<T>();
             yi[o + c] = hlo * p.W + wlo;
           }
+          continue;
+        }
+        if (avx512) {
+          for (int64_t t = 0; t < nt; ++t) id32[t] = static_cast<int32_t>(id[t]);
+          max_pool2d_cl_pixel_avx512(x + n * xs.n, p.C, off.data(), id32, nt, y + o, yi + o);
           continue;
         }
         cl_pixel<T>(avx2, x + n * xs.n, p.C, off.data(), id.data(), nt, y + o, yi + o);

@@ -17,11 +17,14 @@
 
 #include <algorithm>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__)
 // GCC 12's AVX-512 headers trip -Wmaybe-uninitialized on their own _mm512_undefined_*.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wpsabi"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #include <immintrin.h>
 #define CNNEXT_MAXPOOL_AVX512 1
 #define CNNEXT_TARGET_AVX512 __attribute__((target("avx512f")))
@@ -181,6 +184,74 @@ void run(const T* x, int64_t xn, int64_t xc, int64_t xh, const Pool2dParams& p, 
   });
 }
 
+// channels_last, one output pixel: channels [0, C) of the taps at xp + off[t], t < nt
+// (1 <= nt <= 32), in scan order; the winning tap number per lane (int32) becomes the
+// flat index through a 32-entry table (two permute sources). Blocks of NV vectors,
+// then single vectors, the last one masked.
+CNNEXT_TARGET_AVX512 inline __m512 mload(const float* ptr, uint32_t m) {
+  return _mm512_maskz_loadu_ps(static_cast<__mmask16>(m), ptr);
+}
+CNNEXT_TARGET_AVX512 inline __m512d mload(const double* ptr, uint32_t m) {
+  return _mm512_maskz_loadu_pd(static_cast<__mmask8>(m), ptr);
+}
+
+template <typename T, int NV>
+CNNEXT_TARGET_AVX512 inline void cl_block(const T* __restrict__ xp, int64_t c, uint32_t m,
+                                          const int64_t* off, int64_t nt, __m512i tab0,
+                                          __m512i tab1, T* __restrict__ y, int64_t* __restrict__ yi) {
+  constexpr int L = 64 / sizeof(T);
+  using V = decltype(mload(xp, 0));
+  V acc[NV];
+  __m512i tn[NV];
+  for (int k = 0; k < NV; ++k) {
+    acc[k] = mload(xp + off[0] + c + k * L, m);
+    tn[k] = _mm512_setzero_si512();
+  }
+  for (int64_t t = 1; t < nt; ++t) {
+    const T* r = xp + off[t] + c;
+    const __m512i tt = _mm512_set1_epi32(static_cast<int32_t>(t));
+    for (int k = 0; k < NV; ++k) {
+      const V v = mload(r + k * L, m);
+      __mmask16 take;
+      if constexpr (sizeof(T) == 4) {
+        take = _mm512_cmp_ps_mask(v, acc[k], _CMP_GT_OQ) | _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        acc[k] = _mm512_mask_mov_ps(acc[k], take, v);
+      } else {
+        const __mmask8 t8 = _mm512_cmp_pd_mask(v, acc[k], _CMP_GT_OQ) | _mm512_cmp_pd_mask(v, v, _CMP_UNORD_Q);
+        acc[k] = _mm512_mask_mov_pd(acc[k], t8, v);
+        take = t8;
+      }
+      tn[k] = _mm512_mask_mov_epi32(tn[k], take, tt);
+    }
+  }
+  for (int k = 0; k < NV; ++k) {
+    const __m512i id = _mm512_permutex2var_epi32(tab0, tn[k], tab1);
+    if constexpr (sizeof(T) == 4) {
+      _mm512_mask_storeu_ps(y + c + k * L, static_cast<__mmask16>(m), acc[k]);
+      _mm512_mask_storeu_epi64(yi + c + k * L, static_cast<__mmask8>(m & 0xff),
+                               _mm512_cvtepi32_epi64(_mm512_castsi512_si256(id)));
+      _mm512_mask_storeu_epi64(yi + c + k * L + 8, static_cast<__mmask8>(m >> 8),
+                               _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(id, 1)));
+    } else {
+      _mm512_mask_storeu_pd(y + c + k * L, static_cast<__mmask8>(m), acc[k]);
+      _mm512_mask_storeu_epi64(yi + c + k * L, static_cast<__mmask8>(m),
+                               _mm512_cvtepi32_epi64(_mm512_castsi512_si256(id)));
+    }
+  }
+}
+
+template <typename T>
+CNNEXT_TARGET_AVX512 void cl_pixel(const T* xp, int64_t C, const int64_t* off, const int32_t* tidx,
+                                   int64_t nt, T* y, int64_t* yi) {
+  constexpr int L = 64 / sizeof(T);
+  const __m512i tab0 = _mm512_loadu_si512(tidx), tab1 = _mm512_loadu_si512(tidx + 16);
+  const uint32_t full = lane_range(0, L);
+  int64_t c = 0;
+  for (; c + 4 * L <= C; c += 4 * L) cl_block<T, 4>(xp, c, full, off, nt, tab0, tab1, y, yi);
+  for (; c + L <= C; c += L) cl_block<T, 1>(xp, c, full, off, nt, tab0, tab1, y, yi);
+  if (c < C) cl_block<T, 1>(xp, c, lane_range(0, C - c), off, nt, tab0, tab1, y, yi);
+}
+
 }  // namespace
 
 bool max_pool2d_nchw_avx512_ok(const Pool2dParams& p, bool is_float) {
@@ -204,6 +275,20 @@ void max_pool2d_nchw_avx512(const double* x, int64_t xn, int64_t xc, int64_t xh,
     run<double, int64_t>(x, xn, xc, xh, p, y, yi, 8, plane_f64<2>);
 }
 
+bool max_pool2d_cl_avx512_ok(const Pool2dParams& p) {
+  return has_avx512f() && p.KH * p.KW <= 32 && p.H * p.W < (int64_t(1) << 31);
+}
+
+void max_pool2d_cl_pixel_avx512(const float* xp, int64_t C, const int64_t* off,
+                                const int32_t* tidx, int64_t nt, float* y, int64_t* yi) {
+  cl_pixel<float>(xp, C, off, tidx, nt, y, yi);
+}
+
+void max_pool2d_cl_pixel_avx512(const double* xp, int64_t C, const int64_t* off,
+                                const int32_t* tidx, int64_t nt, double* y, int64_t* yi) {
+  cl_pixel<double>(xp, C, off, tidx, nt, y, yi);
+}
+
 #else  // no AVX-512 build: never selected
 
 bool max_pool2d_nchw_avx512_ok(const Pool2dParams&, bool) { return false; }
@@ -211,6 +296,11 @@ void max_pool2d_nchw_avx512(const float*, int64_t, int64_t, int64_t, const Pool2
                             int64_t*) {}
 void max_pool2d_nchw_avx512(const double*, int64_t, int64_t, int64_t, const Pool2dParams&,
                             double*, int64_t*) {}
+bool max_pool2d_cl_avx512_ok(const Pool2dParams&) { return false; }
+void max_pool2d_cl_pixel_avx512(const float*, int64_t, const int64_t*, const int32_t*, int64_t,
+                                float*, int64_t*) {}
+void max_pool2d_cl_pixel_avx512(const double*, int64_t, const int64_t*, const int32_t*, int64_t,
+                                double*, int64_t*) {}
 
 #endif
 

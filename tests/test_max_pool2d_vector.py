@@ -1,5 +1,5 @@
-"""The vectorised NCHW max_pool2d forward (csrc/cpu/max_pool2d_avx512.cpp: input rows
-contiguous, column stride 1 or 2, on CPUs with AVX-512F) against torch: values and indices
+"""The AVX-512 max_pool2d forwards (csrc/cpu/max_pool2d_avx512.cpp: NCHW rows with column
+stride 1 or 2; channels_last windows of at most 32 taps) against torch: values and indices
 exactly, with ties, NaN, -inf, padding, dilation, ceil_mode, rows wider and narrower than a
 vector (16 float / 8 double lanes, partial vectors at the row ends), strided rows and
 planes, float32 and float64. Column stride 3 (the other loops) is checked alongside."""
@@ -104,3 +104,25 @@ def test_empty_windows_match_torch_forward():
             check(x[..., :2], (1, 2), (1, s), (0, 1), (1, 3), False)
             check(x, (1, 2), (1, s), (0, 1), (1, 21), False)
             check(x, (2, 2), (1, s), (1, 1), (3, 21), True)
+
+
+# The channels_last forward's AVX-512 pixel kernel (windows of at most 32 taps; blocks of
+# 4 vectors, single vectors, a masked last vector) and the loops beside it (more taps).
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("channels", [1, 3, 8, 15, 16, 17, 33, 64, 70, 129])
+def test_channels_last_channel_tails(dtype, channels):
+    gen = torch.Generator().manual_seed(channels)
+    for special in (False, True):
+        x = values((2, channels, 9, 11), dtype, gen, special).contiguous(memory_format=torch.channels_last)
+        for k, s, p, d, ceil_mode in (((3, 3), 2, 1, 1, True), ((2, 2), 2, 0, 1, False),
+                                      ((3, 2), (1, 2), (1, 0), (2, 1), True), ((1, 1), 1, 0, 1, False)):
+            check(x, k, s, p, d, ceil_mode)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("k", [(4, 8), (8, 4), (5, 6), (6, 6), (3, 11)])
+def test_channels_last_many_taps(dtype, k):
+    gen = torch.Generator().manual_seed(k[0] * 10 + k[1])
+    x = values((2, 20, 13, 14), dtype, gen, True).contiguous(memory_format=torch.channels_last)
+    for s, p, ceil_mode in ((1, 0, False), (2, 1, True), (3, (1, 2), False)):
+        check(x, k, s, p, 1, ceil_mode)
