@@ -505,12 +505,28 @@ at::Tensor max_pool2d_backward(const at::Tensor& grad_output, const at::Tensor& 
       });
       return;
     }
+    bool any_empty = empty.any_col;
+    for (int64_t oh = 0; oh < p.OH; ++oh) any_empty |= empty.row_empty[oh] != 0;
+    const bool flat = !any_empty && xs.w == 1 && gs.w == 1 && gs.h == p.OW && is.w == 1 &&
+                      is.h == p.OW;
     at::parallel_for(0, p.N * p.C, 1, [&](int64_t begin, int64_t end) {
       for (int64_t plane = begin; plane < end; ++plane) {
         const int64_t n = plane / p.C, c = plane % p.C;
         const scalar_t* gp = g + n * gs.n + c * gs.c;
         const int64_t* ipp = ip + n * is.n + c * is.c;
         scalar_t* xp = dx + n * xs.n + c * xs.c;
+        if (flat) {  // dense planes, every window with a tap: one flat loop
+          const int64_t OHW = p.OH * p.OW;
+          for (int64_t k = 0; k < OHW; ++k) {
+            const int64_t i = ipp[k];
+            if (static_cast<uint64_t>(i) >= static_cast<uint64_t>(HW)) {
+              bad.record(i);
+              continue;
+            }
+            xp[i] += gp[k];
+          }
+          continue;
+        }
         for (int64_t oh = 0; oh < p.OH; ++oh) {
           if (empty.row_empty[oh]) continue;
           for (int64_t ow = 0; ow < p.OW; ++ow) {
@@ -656,12 +672,25 @@ at::Tensor max_unpool2d_forward(const at::Tensor& input, const at::Tensor& indic
       });
       return;
     }
+    const bool flat = ys.w == 1 && xs.w == 1 && xs.h == W && is.w == 1 && is.h == W;
     at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
       for (int64_t plane = begin; plane < end; ++plane) {
         const int64_t n = plane / C, c = plane % C;
         const scalar_t* xpp = xp + n * xs.n + c * xs.c;
         const int64_t* ipp = ip + n * is.n + c * is.c;
         scalar_t* ypp = yp + n * ys.n + c * ys.c;
+        if (flat) {  // dense planes: one flat loop, the index checked as unsigned
+          const int64_t HW = H * W;
+          for (int64_t k = 0; k < HW; ++k) {
+            const int64_t i = ipp[k];
+            if (static_cast<uint64_t>(i) >= static_cast<uint64_t>(OHW)) {
+              bad.record(i);
+              continue;
+            }
+            ypp[i] = xpp[k];
+          }
+          continue;
+        }
         for (int64_t h = 0; h < H; ++h)
           for (int64_t w = 0; w < W; ++w) {
             const int64_t i = ipp[h * is.h + w * is.w];
