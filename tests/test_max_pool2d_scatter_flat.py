@@ -57,3 +57,28 @@ def test_invalid_indices_reported():
             ops.max_unpool2d(y, idx, [6, 6])
         with pytest.raises(RuntimeError, match=f"max_pool2d_with_indices_backward: found an invalid index {bad}"):
             ops.max_pool2d_with_indices_backward(y, idx, [2, 2, 6, 6], [2, 2], [2, 2], [0, 0], [1, 1], False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("k,s,p", [(3, 1, 1), (3, 2, 0), (2, 2, 0)])
+def test_channels_last_backward(dtype, k, s, p):
+    # channels_last grad and indices (channels contiguous: the unit-stride loop), and mixed
+    # layouts (the strided loop), ties so that indices repeat
+    gen = torch.Generator().manual_seed(k + 10 * s + 100 * p)
+    x = torch.randint(-2, 3, (2, 5, 9, 10), generator=gen).to(dtype)
+    y, idx = F.max_pool2d(x, k, s, p, return_indices=True)
+    g = torch.randn(y.shape, generator=gen, dtype=dtype)
+    xr = x.clone().requires_grad_()
+    (want,) = torch.autograd.grad(F.max_pool2d(xr, k, s, p), xr, g)
+    cl = torch.channels_last
+    for n, (gg, ii) in enumerate(((g.contiguous(memory_format=cl), idx.contiguous(memory_format=cl)),
+                                  (g.contiguous(memory_format=cl), idx), (g, idx.contiguous(memory_format=cl)))):
+        gx = ops.max_pool2d_with_indices_backward(gg, ii, list(x.shape), [k, k], [s, s], [p, p], [1, 1], False)
+        if n == 0:
+            assert gx.is_contiguous(memory_format=cl)
+        torch.testing.assert_close(gx, want, rtol=0, atol=0)
+    bad = idx.clone()
+    bad[1, 3, 0, 0] = 90
+    with pytest.raises(RuntimeError, match="invalid index 90"):
+        ops.max_pool2d_with_indices_backward(g.contiguous(memory_format=cl), bad.contiguous(memory_format=cl),
+                                             list(x.shape), [k, k], [s, s], [p, p], [1, 1], False)

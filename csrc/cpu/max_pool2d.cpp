@@ -480,6 +480,8 @@ at::Tensor max_pool2d_backward(const at::Tensor& grad_output, const at::Tensor& 
     if (xs.c == 1 && p.C > 1) {
       // channels_last: one sample per thread, output pixels in order, channels inside
       // (each plane still receives its grads in output order: the same sums).
+      const bool unit = gs.c == 1 && is.c == 1 && xs.w == p.C;
+      const int64_t C = p.C;
       at::parallel_for(0, p.N, 1, [&](int64_t begin, int64_t end) {
         for (int64_t n = begin; n < end; ++n) {
           const scalar_t* gp = g + n * gs.n;
@@ -489,8 +491,20 @@ at::Tensor max_pool2d_backward(const at::Tensor& grad_output, const at::Tensor& 
             if (empty.row_empty[oh]) continue;
             for (int64_t ow = 0; ow < p.OW; ++ow) {
               if (empty.col_empty[ow]) continue;
-              const scalar_t* gpx = gp + oh * gs.h + ow * gs.w;
-              const int64_t* ipx = ipp + oh * is.h + ow * is.w;
+              const scalar_t* __restrict__ gpx = gp + oh * gs.h + ow * gs.w;
+              const int64_t* __restrict__ ipx = ipp + oh * is.h + ow * is.w;
+              if (unit) {  // channels contiguous in grad_output and indices
+                const uint64_t hw = static_cast<uint64_t>(HW);
+                for (int64_t c = 0; c < p.C; ++c) {
+                  const int64_t i = ipx[c];
+                  if (static_cast<uint64_t>(i) >= hw) {
+                    bad.record(i);
+                    continue;
+                  }
+                  xp[i * C + c] += gpx[c];
+                }
+                continue;
+              }
               for (int64_t c = 0; c < p.C; ++c) {
                 const int64_t i = ipx[c * is.c];
                 if (i < 0 || i >= HW) {
