@@ -1,6 +1,8 @@
 // max_pool2d and max_unpool2d on the CPU.
 //
-// Forward, three loops, each parallel (at::parallel_for) over independent outputs:
+// Forward: where the CPU has AVX-512F, NCHW rows with column stride 1 or 2 and
+// channels_last windows of at most 32 taps take the kernels of max_pool2d_avx512.cpp.
+// Otherwise three loops, each parallel (at::parallel_for) over independent outputs:
 //   - NCHW planes (input rows contiguous, output contiguous): one plane at a time,
 //     one output row at a time, split in two passes. The vertical pass takes, for
 //     every input column, the maximum over the window's rows (torch's rule in scan
@@ -18,7 +20,7 @@
 //     number per lane; indices looked up once per pixel), scalar tail / fallback.
 //   - anything else: a scalar loop through the strides.
 // Backward scatters grad_output into grad_input plane by plane, each plane by one
-// thread, in output order: deterministic (channels_last: one sample per thread, pixels
+// thread, in output order (dense planes: one flat loop): deterministic (channels_last: one sample per thread, pixels
 // in output order, channels inside; the unpooling scatter and the gathers likewise). The gathers (max_pool2d_select,
 // max_unpool2d_backward) and the unpooling scatter are one loop through the strides.
 // Every index read from a tensor is checked against its plane before it is used.
