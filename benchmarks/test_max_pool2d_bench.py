@@ -53,3 +53,26 @@ def test_max_unpool2d_forward(benchmark, name, impl):
     with torch.no_grad():
         out = benchmark(UNPOOL[impl], y, idx, k, s, p, output_size=x.shape[-2:])
     assert out.shape == x.shape
+
+
+# channels_last input (groups named "... channels_last"; the groups above are NCHW).
+@pytest.mark.parametrize("impl", list(POOL))
+@pytest.mark.parametrize("name", list(MAX_POOL2D))
+def test_max_pool2d_forward_channels_last(benchmark, name, impl):
+    x, k, s, p = make(name)
+    x = x.contiguous(memory_format=torch.channels_last)
+    benchmark.group = f"max_pool2d forward with indices {name} channels_last"
+    with torch.no_grad():
+        out, idx = benchmark(POOL[impl], x, k, s, p, return_indices=True)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("impl", list(POOL))
+@pytest.mark.parametrize("name", list(MAX_POOL2D))
+def test_max_pool2d_train_channels_last(benchmark, name, impl):
+    x, k, s, p = make(name)
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    grad = torch.randn_like(POOL[impl](x, k, s, p).detach())
+    benchmark.group = f"max_pool2d forward+backward {name} channels_last"
+    gx, = benchmark(lambda: torch.autograd.grad(POOL[impl](x, k, s, p), x, grad))
+    assert gx.shape == x.shape

@@ -1,6 +1,8 @@
 // max_pool2d and max_unpool2d on the CPU.
 //
-// Forward, three loops, each parallel (at::parallel_for) over independent outputs:
+// Forward: where the CPU has AVX-512F, NCHW rows with column stride 1 or 2 and
+// channels_last windows of at most 32 taps take the kernels of max_pool2d_avx512.cpp.
+// Otherwise three loops, each parallel (at::parallel_for) over independent outputs:
 //   - NCHW planes (input rows contiguous, output contiguous): one plane at a time,
 //     one output row at a time, split in two passes. The vertical pass takes, for
 //     every input column, the maximum over the window's rows (torch's rule in scan
@@ -18,7 +20,7 @@
 //     number per lane; indices looked up once per pixel), scalar tail / fallback.
 //   - anything else: a scalar loop through the strides.
 // Backward scatters grad_output into grad_input plane by plane, each plane by one
-// thread, in output order: deterministic (channels_last: one sample per thread, pixels
+// thread, in output order (dense planes: one flat loop): deterministic (channels_last: one sample per thread, pixels
 // in output order, channels inside; the unpooling scatter and the gathers likewise). The gathers (max_pool2d_select,
 // max_unpool2d_backward) and the unpooling scatter are one loop through the strides.
 // Every index read from a tensor is checked against its plane before it is used.
@@ -34,9 +36,11 @@
 #include <immintrin.h>
 #endif
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "common/pool2d.h"
+#include "cpu/max_pool2d_avx512.h"
 #include "ops/max_pool2d.h"
 #include "ops/tensors.h"
 
@@ -354,8 +358,10 @@ void forward_channels_last(const at::Tensor& input, const Pool2dParams& p, at::T
   int64_t* yi = idx.mutable_data_ptr<int64_t>();
   const Strides4 xs = strides_of(input);
   const bool avx2 = cpu_has_avx2();
+  const bool avx512 = max_pool2d_cl_avx512_ok(p);
   at::parallel_for(0, p.N * p.OH, 1, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> off(p.KH * p.KW), id(p.KH * p.KW);
+    int32_t id32[32] = {};
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / p.OH, oh = item % p.OH;
       int64_t hlo, hhi;
@@ -375,6 +381,11 @@ void forward_channels_last(const at::Tensor& input, const Pool2dParams& p, at::T
             y[o + c] = neg_inf<T>();
             yi[o + c] = hlo * p.W + wlo;
           }
+          continue;
+        }
+        if (avx512) {
+          for (int64_t t = 0; t < nt; ++t) id32[t] = static_cast<int32_t>(id[t]);
+          max_pool2d_cl_pixel_avx512(x + n * xs.n, p.C, off.data(), id32, nt, y + o, yi + o);
           continue;
         }
         cl_pixel<T>(avx2, x + n * xs.n, p.C, off.data(), id.data(), nt, y + o, yi + o);
@@ -437,7 +448,12 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_forward(const at::Tensor& input,
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "cnnext_max_pool2d_forward", [&] {
     const bool index_exact =
         p.H * p.W < (int64_t(1) << std::numeric_limits<scalar_t>::digits);
-    if (is_nchw_rows(input) && out.is_contiguous() && index_exact) {
+    if (input.stride(3) == 1 && out.is_contiguous() &&
+        max_pool2d_nchw_avx512_ok(p, std::is_same_v<scalar_t, float>)) {
+      max_pool2d_nchw_avx512(input.const_data_ptr<scalar_t>(), input.stride(0), input.stride(1),
+                             input.stride(2), p, out.mutable_data_ptr<scalar_t>(),
+                             idx.mutable_data_ptr<int64_t>());
+    } else if (is_nchw_rows(input) && out.is_contiguous() && index_exact) {
       forward_nchw<scalar_t>(input, p, out, idx);
     } else if (out_format == at::MemoryFormat::ChannelsLast && input.stride(1) == 1 &&
                input.stride(3) == p.C && input.stride(2) == p.W * p.C &&
@@ -466,6 +482,8 @@ at::Tensor max_pool2d_backward(const at::Tensor& grad_output, const at::Tensor& 
     if (xs.c == 1 && p.C > 1) {
       // channels_last: one sample per thread, output pixels in order, channels inside
       // (each plane still receives its grads in output order: the same sums).
+      const bool unit = gs.c == 1 && is.c == 1 && xs.w == p.C;
+      const int64_t C = p.C;
       at::parallel_for(0, p.N, 1, [&](int64_t begin, int64_t end) {
         for (int64_t n = begin; n < end; ++n) {
           const scalar_t* gp = g + n * gs.n;
@@ -475,8 +493,20 @@ at::Tensor max_pool2d_backward(const at::Tensor& grad_output, const at::Tensor& 
             if (empty.row_empty[oh]) continue;
             for (int64_t ow = 0; ow < p.OW; ++ow) {
               if (empty.col_empty[ow]) continue;
-              const scalar_t* gpx = gp + oh * gs.h + ow * gs.w;
-              const int64_t* ipx = ipp + oh * is.h + ow * is.w;
+              const scalar_t* __restrict__ gpx = gp + oh * gs.h + ow * gs.w;
+              const int64_t* __restrict__ ipx = ipp + oh * is.h + ow * is.w;
+              if (unit) {  // channels contiguous in grad_output and indices
+                const uint64_t hw = static_cast<uint64_t>(HW);
+                for (int64_t c = 0; c < p.C; ++c) {
+                  const int64_t i = ipx[c];
+                  if (static_cast<uint64_t>(i) >= hw) {
+                    bad.record(i);
+                    continue;
+                  }
+                  xp[i * C + c] += gpx[c];
+                }
+                continue;
+              }
               for (int64_t c = 0; c < p.C; ++c) {
                 const int64_t i = ipx[c * is.c];
                 if (i < 0 || i >= HW) {
@@ -491,12 +521,28 @@ at::Tensor max_pool2d_backward(const at::Tensor& grad_output, const at::Tensor& 
       });
       return;
     }
+    bool any_empty = empty.any_col;
+    for (int64_t oh = 0; oh < p.OH; ++oh) any_empty |= empty.row_empty[oh] != 0;
+    const bool flat = !any_empty && xs.w == 1 && gs.w == 1 && gs.h == p.OW && is.w == 1 &&
+                      is.h == p.OW;
     at::parallel_for(0, p.N * p.C, 1, [&](int64_t begin, int64_t end) {
       for (int64_t plane = begin; plane < end; ++plane) {
         const int64_t n = plane / p.C, c = plane % p.C;
         const scalar_t* gp = g + n * gs.n + c * gs.c;
         const int64_t* ipp = ip + n * is.n + c * is.c;
         scalar_t* xp = dx + n * xs.n + c * xs.c;
+        if (flat) {  // dense planes, every window with a tap: one flat loop
+          const int64_t OHW = p.OH * p.OW;
+          for (int64_t k = 0; k < OHW; ++k) {
+            const int64_t i = ipp[k];
+            if (static_cast<uint64_t>(i) >= static_cast<uint64_t>(HW)) {
+              bad.record(i);
+              continue;
+            }
+            xp[i] += gp[k];
+          }
+          continue;
+        }
         for (int64_t oh = 0; oh < p.OH; ++oh) {
           if (empty.row_empty[oh]) continue;
           for (int64_t ow = 0; ow < p.OW; ++ow) {
@@ -642,12 +688,25 @@ at::Tensor max_unpool2d_forward(const at::Tensor& input, const at::Tensor& indic
       });
       return;
     }
+    const bool flat = ys.w == 1 && xs.w == 1 && xs.h == W && is.w == 1 && is.h == W;
     at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
       for (int64_t plane = begin; plane < end; ++plane) {
         const int64_t n = plane / C, c = plane % C;
         const scalar_t* xpp = xp + n * xs.n + c * xs.c;
         const int64_t* ipp = ip + n * is.n + c * is.c;
         scalar_t* ypp = yp + n * ys.n + c * ys.c;
+        if (flat) {  // dense planes: one flat loop, the index checked as unsigned
+          const int64_t HW = H * W;
+          for (int64_t k = 0; k < HW; ++k) {
+            const int64_t i = ipp[k];
+            if (static_cast<uint64_t>(i) >= static_cast<uint64_t>(OHW)) {
+              bad.record(i);
+              continue;
+            }
+            ypp[i] = xpp[k];
+          }
+          continue;
+        }
         for (int64_t h = 0; h < H; ++h)
           for (int64_t w = 0; w < W; ++w) {
             const int64_t i = ipp[h * is.h + w * is.w];
