@@ -15,6 +15,11 @@ _ops = torch.ops.cnnext
 
 def _pair(value, name, op):
     """An int or a pair of ints, as torch.nn.functional takes them."""
+    kind = type(value)
+    if kind is int:  # the common cases first: this runs on every call
+        return [value, value]
+    if (kind is tuple or kind is list) and len(value) == 2 and type(value[0]) is int and type(value[1]) is int:
+        return [value[0], value[1]]
     if isinstance(value, bool):
         raise TypeError(f"{op}: expected {name} to be an int or a pair of ints, got {value!r}")
     if isinstance(value, numbers.Integral) or isinstance(value, torch.SymInt):
