@@ -217,3 +217,26 @@ def test_update_stats_mixed_dtypes():
     want_m, want_v = _stats_reference(rm, mean, 0.1), _stats_reference(rv, var, 0.1, 8 / 7)
     ops.batch_norm_update_stats_(rm, rv, mean, var, 0.1, 8)
     assert torch.equal(rm, want_m) and torch.equal(rv, want_v)
+
+
+# --------------------------------------------------------------------------------------------
+# the inference fold (one CPU loop in csrc/ops/conv_bn_relu2d.cpp)
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("groups, has_bias, affine, channels_last", [
+    (1, True, True, False), (2, False, True, True), (2, True, False, False), (1, False, False, True)])
+def test_eval_fold_matches_torch(dtype, groups, has_bias, affine, channels_last):
+    torch.manual_seed(groups + 2 * has_bias + 4 * affine)
+    x = torch.randn(3, 4, 7, 6, dtype=dtype)
+    w = torch.randn(6, 4 // groups, 3, 2, dtype=dtype)
+    if channels_last:
+        x, w = x.to(memory_format=torch.channels_last), w.to(memory_format=torch.channels_last)
+    b = torch.randn(6, dtype=dtype) if has_bias else None
+    gamma, beta = (torch.rand(6, dtype=dtype) + 0.5, torch.randn(6, dtype=dtype)) if affine else (None, None)
+    rm, rv = torch.randn(6, dtype=dtype), torch.rand(6, dtype=dtype) + 0.1
+    got = CF.conv_bn_relu2d(x, w, b, gamma, beta, rm, rv, False, eps=1e-3, padding=1, groups=groups)
+    want = F.relu(F.batch_norm(F.conv2d(x, w, b, 1, 1, 1, groups), rm, rv, gamma, beta, False, 0.0, 1e-3))
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    assert got.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
