@@ -13,6 +13,8 @@ import cnnext
 # name: (N, C, H, W, out_channels, kernel, stride, padding)
 SHAPES = {
     "resnet_layer": (8, 64, 56, 56, 64, 3, 1, 1),
+    # a small layer (NiN's late sizes): the per-call costs (Python, autograd, fold) show
+    "small_layer": (32, 16, 5, 5, 16, 3, 1, 1),
 }
 
 

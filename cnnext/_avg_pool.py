@@ -1,5 +1,6 @@
-"""avg_pool2d and adaptive_avg_pool2d: fake (meta) kernels and autograd formulas,
-registered on the ops (torch.ops.cnnext.*) themselves.
+"""avg_pool2d and adaptive_avg_pool2d: fake (meta) kernels, registered on the ops
+(torch.ops.cnnext.*) themselves. The autograd formulas below are implemented in C++
+(csrc/ops/autograd_pool2d.cpp, the Autograd dispatch key).
 
 Both forwards are linear maps of the input, y = A x, and their backward ops are the
 adjoints, dx = A^T dy, linear in grad_output. So the ops are closed under
@@ -55,56 +56,3 @@ def _adaptive_avg_pool2d_fake(input, output_size):
 @torch.library.register_fake("cnnext::adaptive_avg_pool2d_backward")
 def _adaptive_avg_pool2d_backward_fake(grad_output, input):
     return _out_like(input, input.shape)
-
-
-# avg_pool2d(input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
-def _avg_setup(ctx, inputs, output):
-    ctx.conf = inputs[1:]
-    ctx.save_for_backward(inputs[0])
-
-
-def _avg_backward(ctx, grad):
-    (input,) = ctx.saved_tensors
-    gx = ops.avg_pool2d_backward(grad, input, *ctx.conf) if ctx.needs_input_grad[0] else None
-    return gx, None, None, None, None, None, None
-
-
-# avg_pool2d_backward(grad_output, input, kernel_size, ...): linear in grad_output.
-def _avg_backward_setup(ctx, inputs, output):
-    ctx.conf = inputs[2:]
-
-
-def _avg_backward_backward(ctx, dz):
-    dg = ops.avg_pool2d(dz, *ctx.conf) if ctx.needs_input_grad[0] else None
-    return dg, None, None, None, None, None, None, None
-
-
-# adaptive_avg_pool2d(input, output_size)
-def _adaptive_setup(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0])
-
-
-def _adaptive_backward(ctx, grad):
-    (input,) = ctx.saved_tensors
-    gx = ops.adaptive_avg_pool2d_backward(grad, input) if ctx.needs_input_grad[0] else None
-    return gx, None
-
-
-# adaptive_avg_pool2d_backward(grad_output, input): linear in grad_output.
-def _adaptive_backward_setup(ctx, inputs, output):
-    ctx.output_size = list(inputs[0].shape[-2:])
-
-
-def _adaptive_backward_backward(ctx, dz):
-    dg = ops.adaptive_avg_pool2d(dz, ctx.output_size) if ctx.needs_input_grad[0] else None
-    return dg, None
-
-
-torch.library.register_autograd("cnnext::avg_pool2d", _avg_backward, setup_context=_avg_setup)
-torch.library.register_autograd(
-    "cnnext::avg_pool2d_backward", _avg_backward_backward, setup_context=_avg_backward_setup
-)
-torch.library.register_autograd("cnnext::adaptive_avg_pool2d", _adaptive_backward, setup_context=_adaptive_setup)
-torch.library.register_autograd(
-    "cnnext::adaptive_avg_pool2d_backward", _adaptive_backward_backward, setup_context=_adaptive_backward_setup
-)

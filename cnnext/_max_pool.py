@@ -1,4 +1,5 @@
-"""Fake kernels and autograd formulas of the max-pooling ops (csrc/ops/max_pool2d.cpp).
+"""Fake kernels of the max-pooling ops (csrc/ops/max_pool2d.cpp); their autograd formulas,
+below, are implemented in C++ (csrc/ops/autograd_pool2d.cpp, the Autograd dispatch key).
 
 The five ops are closed under differentiation, so gradients of any order run on
 cnnext kernels. With S the scatter-add of each plane to the positions the indices name
@@ -60,74 +61,3 @@ def _max_unpool2d_fake(input, indices, output_size):
 @torch.library.register_fake("cnnext::max_unpool2d_backward")
 def _max_unpool2d_backward_fake(grad_output, indices):
     return _new(grad_output, indices.shape, _fmt(indices, indices.dim() == 4))
-
-
-# max_pool2d_with_indices(input, kernel_size, stride, padding, dilation, ceil_mode)
-def _max_pool2d_setup(ctx, inputs, output):
-    input, *conf = inputs
-    ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(output[1])
-    ctx.input_shape = input.shape
-    ctx.conf = conf
-
-
-def _max_pool2d_backward(ctx, grad, _grad_indices):
-    (indices,) = ctx.saved_tensors
-    return (ops.max_pool2d_with_indices_backward(grad, indices, list(ctx.input_shape), *ctx.conf),
-            None, None, None, None, None)
-
-
-# max_pool2d_with_indices_backward(grad_output, indices, input_size, kernel_size, stride, padding, dilation, ceil_mode)
-def _max_pool2d_bw_setup(ctx, inputs, output):
-    _, indices, _, *conf = inputs
-    ctx.save_for_backward(indices)
-    ctx.conf = conf
-
-
-def _max_pool2d_bw_backward(ctx, dz):
-    (indices,) = ctx.saved_tensors
-    return (ops.max_pool2d_select(dz, indices, *ctx.conf),) + (None,) * 7
-
-
-# max_pool2d_select(input, indices, kernel_size, stride, padding, dilation, ceil_mode)
-def _select_setup(ctx, inputs, output):
-    input, indices, *conf = inputs
-    ctx.save_for_backward(indices)
-    ctx.input_shape = input.shape
-    ctx.conf = conf
-
-
-def _select_backward(ctx, grad):
-    (indices,) = ctx.saved_tensors
-    return (ops.max_pool2d_with_indices_backward(grad, indices, list(ctx.input_shape), *ctx.conf),) + (None,) * 6
-
-
-# max_unpool2d(input, indices, output_size)
-def _unpool_setup(ctx, inputs, output):
-    ctx.save_for_backward(inputs[1])
-
-
-def _unpool_backward(ctx, grad):
-    (indices,) = ctx.saved_tensors
-    return ops.max_unpool2d_backward(grad, indices), None, None
-
-
-# max_unpool2d_backward(grad_output, indices)
-def _unpool_bw_setup(ctx, inputs, output):
-    ctx.save_for_backward(inputs[1])
-    ctx.out_hw = list(inputs[0].shape[-2:])
-
-
-def _unpool_bw_backward(ctx, dz):
-    (indices,) = ctx.saved_tensors
-    return ops.max_unpool2d(dz, indices, ctx.out_hw), None
-
-
-torch.library.register_autograd("cnnext::max_pool2d_with_indices", _max_pool2d_backward,
-                                setup_context=_max_pool2d_setup)
-torch.library.register_autograd("cnnext::max_pool2d_with_indices_backward", _max_pool2d_bw_backward,
-                                setup_context=_max_pool2d_bw_setup)
-torch.library.register_autograd("cnnext::max_pool2d_select", _select_backward, setup_context=_select_setup)
-torch.library.register_autograd("cnnext::max_unpool2d", _unpool_backward, setup_context=_unpool_setup)
-torch.library.register_autograd("cnnext::max_unpool2d_backward", _unpool_bw_backward,
-                                setup_context=_unpool_bw_setup)

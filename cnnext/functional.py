@@ -15,6 +15,11 @@ _ops = torch.ops.cnnext
 
 def _pair(value, name, op):
     """An int or a pair of ints, as torch.nn.functional takes them."""
+    kind = type(value)
+    if kind is int:  # the common cases first: this runs on every call
+        return [value, value]
+    if (kind is tuple or kind is list) and len(value) == 2 and type(value[0]) is int and type(value[1]) is int:
+        return [value[0], value[1]]
     if isinstance(value, bool):
         raise TypeError(f"{op}: expected {name} to be an int or a pair of ints, got {value!r}")
     if isinstance(value, numbers.Integral) or isinstance(value, torch.SymInt):
@@ -59,7 +64,7 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     op = "conv2d"
     stride = _pair(stride, "stride", op)
     dilation = _pair(dilation, "dilation", op)
-    if not isinstance(groups, (numbers.Integral, torch.SymInt)) or isinstance(groups, bool):
+    if type(groups) is not int and (not isinstance(groups, (numbers.Integral, torch.SymInt)) or isinstance(groups, bool)):
         raise TypeError(f"{op}: expected groups to be an int, got {groups!r}")
     drop = (False, False)
     if isinstance(padding, str):
@@ -91,7 +96,7 @@ def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_paddi
     padding = _pair(padding, "padding", op)
     output_padding = _pair(output_padding, "output_padding", op)
     dilation = _pair(dilation, "dilation", op)
-    if not isinstance(groups, (numbers.Integral, torch.SymInt)) or isinstance(groups, bool):
+    if type(groups) is not int and (not isinstance(groups, (numbers.Integral, torch.SymInt)) or isinstance(groups, bool)):
         raise TypeError(f"{op}: expected groups to be an int, got {groups!r}")
     return _ops.conv_transpose2d(input, weight, bias, stride, padding, output_padding, int(groups), dilation)
 
@@ -105,6 +110,8 @@ def _drop_first(out, drop):
 
 
 def _int_arg(value, name, op):
+    if type(value) is int:
+        return value
     if isinstance(value, bool) or not isinstance(value, (numbers.Integral, torch.SymInt)):
         raise TypeError(f"{op}: expected {name} to be an int, got {value!r}")
     return int(value) if isinstance(value, numbers.Integral) else value
@@ -143,6 +150,12 @@ def adaptive_avg_pool2d(input, output_size):
     larger than the input are allowed. float32/float64 on CPU, plus float16/bfloat16 on CUDA.
     """
     op = "adaptive_avg_pool2d"
+    kind = type(output_size)
+    if kind is int:
+        return _ops.adaptive_avg_pool2d(input, [output_size, output_size])
+    if (kind is tuple or kind is list) and len(output_size) == 2 and type(output_size[0]) is int \
+            and type(output_size[1]) is int:
+        return _ops.adaptive_avg_pool2d(input, [output_size[0], output_size[1]])
     if isinstance(output_size, (list, tuple)):
         items = list(output_size)
         if len(items) == 1:
@@ -244,7 +257,7 @@ def conv_bn_relu2d(input, weight, bias, bn_weight, bn_bias, running_mean, runnin
     op = "conv_bn_relu2d"
     stride = _pair(stride, "stride", op)
     dilation = _pair(dilation, "dilation", op)
-    if not isinstance(groups, (numbers.Integral, torch.SymInt)) or isinstance(groups, bool):
+    if type(groups) is not int and (not isinstance(groups, (numbers.Integral, torch.SymInt)) or isinstance(groups, bool)):
         raise TypeError(f"{op}: expected groups to be an int, got {groups!r}")
     if (running_mean is None) != (running_var is None):
         raise ValueError(f"{op}: expected running_mean and running_var to be both given or both None")

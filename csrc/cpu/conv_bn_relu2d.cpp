@@ -47,6 +47,16 @@ void merge(Moments& a, const Moments& b) {
   a.count = n;
 }
 
+// Grain of a parallel loop whose items each touch `per_item` elements: at least ~32K
+// elements per thread, so that a small tensor runs inline on the calling thread (an
+// OpenMP region costs a few us, and much more when the cores are oversubscribed) and
+// a large one still spreads over every core. The results do not depend on it: every
+// reduction is per item, added up in item order.
+int64_t grain_for(int64_t per_item) {
+  constexpr int64_t kElementsPerTask = 32768;
+  return std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(1, per_item));
+}
+
 // Dense 4-D shape and layout of the output-shaped tensors.
 struct Dense {
   int64_t N, C, H, W;
@@ -106,7 +116,7 @@ void normalize(const T* y, T* out, const Dense& d, const T* mean, const T* a, co
                bool relu) {
   if (!d.cl) {
     const int64_t P = d.plane();
-    at::parallel_for(0, d.N * d.C, 1, [&](int64_t b, int64_t e) {
+    at::parallel_for(0, d.N * d.C, grain_for(P), [&](int64_t b, int64_t e) {
       for (int64_t item = b; item < e; ++item) {
         const int64_t c = item % d.C;
         const T m = mean[c], s = a[c], t = beta[c];
@@ -127,7 +137,7 @@ void normalize(const T* y, T* out, const Dense& d, const T* mean, const T* a, co
     return;
   }
   const int64_t row = d.W * d.C;
-  at::parallel_for(0, d.N * d.H, 1, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, d.N * d.H, grain_for(row), [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
       for (int64_t w = 0; w < d.W; ++w) {
         const T* v = y + r * row + w * d.C;
@@ -274,7 +284,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu2d_train(
     const scalar_t* bp = beta_t.defined() ? beta_t.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* mp = mean.mutable_data_ptr<scalar_t>();
     scalar_t* vp = var.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, p.O, 1, [&](int64_t c0, int64_t c1) {
+    at::parallel_for(0, p.O, grain_for(p.N * p.OH), [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
         Moments total;
         for (int64_t s = 0; s < p.N * p.OH; ++s) merge(total, slots[s * p.O + c]);
@@ -326,7 +336,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu2d_train_
     const int64_t P = d.plane(), row = d.W * C;
 
     // Sweep 1: sum gm and sum gm * (y - mean).
-    at::parallel_for(0, items, 1, [&](int64_t b, int64_t e) {
+    at::parallel_for(0, items, grain_for(d.cl ? row : P), [&](int64_t b, int64_t e) {
       std::vector<T> r0(d.cl ? C : 0), r1(d.cl ? C : 0);
       for (int64_t item = b; item < e; ++item) {
         if (!d.cl) {
@@ -372,7 +382,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu2d_train_
       coef[c] = static_cast<T>(kk * invstd * dgamma / double(M));
     }
     // Sweep 2: grad_conv_out and its channel sums.
-    at::parallel_for(0, items, 1, [&](int64_t b, int64_t e) {
+    at::parallel_for(0, items, grain_for(d.cl ? row : P), [&](int64_t b, int64_t e) {
       std::vector<T> r0(d.cl ? C : 0);
       for (int64_t item = b; item < e; ++item) {
         if (!d.cl) {
