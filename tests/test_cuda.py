@@ -17,6 +17,17 @@ pytestmark = pytest.mark.skipif(
     not HAS_CUDA, reason="needs a CUDA device and a cnnext build with CUDA kernels"
 )
 
+
+@pytest.fixture(autouse=True)
+def strict_fp32():
+    """float32 on CUDA follows torch's TF32 flag, which is on by default for convolutions;
+    these tests compare strict float32 with tight tolerances, so TF32 is off while they run."""
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = saved
+
+
 ops = torch.ops.cnnext
 
 # Largest error allowed, relative to the largest magnitude of the reference.

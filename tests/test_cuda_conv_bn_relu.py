@@ -15,6 +15,16 @@ from cnnext.nn import ConvBNReLU2d
 HAS_CUDA = torch.cuda.is_available() and bool(cnnext.build_info()["cuda"])
 pytestmark = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and a cnnext build with CUDA kernels")
 
+@pytest.fixture(autouse=True)
+def strict_fp32():
+    """float32 on CUDA follows torch's TF32 flag, which is on by default for convolutions;
+    these tests compare strict float32 with tight tolerances, so TF32 is off while they run."""
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = saved
+
+
 ops = torch.ops.cnnext
 
 # Relative to the largest magnitude of the reference. The half types store the pre-BN
