@@ -1,15 +1,16 @@
 """cnnext: hand-written CNN kernels for PyTorch.
 
 Importing the package loads the compiled extension, which registers the ops under
-``torch.ops.cnnext``, then their fake (meta) kernels and autograd formulas.
+``torch.ops.cnnext`` with their autograd formulas (C++, Autograd key), then the fake
+(meta) kernels.
 """
 import torch
 
 from . import _C  # noqa: F401  (registers torch.ops.cnnext.*)
-from . import _meta, _autograd  # noqa: F401  (fake kernels, autograd formulas)
-from . import _avg_pool  # noqa: F401  (avg_pool2d, adaptive_avg_pool2d: fake kernels, autograd)
-from . import _max_pool  # noqa: F401  (max pooling: fake kernels, autograd formulas)
-from . import _conv_bn_relu  # noqa: F401  (conv_bn_relu2d: fake kernels, autograd)
+from . import _meta, _autograd  # noqa: F401  (fake kernels; _autograd documents the algebra)
+from . import _avg_pool  # noqa: F401  (avg_pool2d, adaptive_avg_pool2d: fake kernels)
+from . import _max_pool  # noqa: F401  (max pooling: fake kernels)
+from . import _conv_bn_relu  # noqa: F401  (conv_bn_relu2d: fake kernels)
 from . import functional, nn
 from . import models  # noqa: E402  (after nn: the networks are built from it)
 from .fuse import fuse
