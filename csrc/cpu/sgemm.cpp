@@ -47,7 +47,27 @@ void pack_a(const float* a, int64_t rs, int64_t cs, int64_t M, int64_t K, float*
 }
 
 void pack_b(const float* b, int64_t rs, int64_t cs, int64_t K, int64_t N, float* out) {
-  pack_panels(b, cs, rs, N, K, kNR, out);
+  if (rs != 1 || cs == 1) {
+    pack_panels(b, cs, rs, N, K, kNR, out);
+    return;
+  }
+  // Columns of B contiguous (B^T row-major, as a weight read transposed): blocks of 16 k
+  // x kNR columns, so each cache line read is used whole while it is in L1.
+  constexpr int64_t kKB = 16;
+  for (int64_t j0 = 0; j0 < N; j0 += kNR) {
+    const int64_t n = std::min(kNR, N - j0);
+    float* panel = out + j0 * K;
+    for (int64_t k0 = 0; k0 < K; k0 += kKB) {
+      const int64_t kb = std::min(kKB, K - k0);
+      for (int64_t j = 0; j < n; ++j) {
+        const float* src = b + (j0 + j) * cs + k0;
+        float* dst = panel + k0 * kNR + j;
+        for (int64_t k = 0; k < kb; ++k) dst[k * kNR] = src[k];
+      }
+      for (int64_t k = 0; k < kb; ++k)
+        for (int64_t j = n; j < kNR; ++j) panel[(k0 + k) * kNR + j] = 0.f;
+    }
+  }
 }
 
 #ifdef CNNEXT_SGEMM_AVX512
@@ -60,8 +80,11 @@ constexpr int64_t kKC = 384;
 // [0, rows) and columns [0, cols) (masked), added to C when `add`, clamped at 0 when `relu`.
 constexpr int kNV = int(kNR / 16);  // 16-float vectors per tile row
 
+// kOff: row k of B is b + off[k] (B read in place, rows anywhere), else the packed panel.
+template <bool kOff>
 __attribute__((target("avx512f,fma"))) void micro_kernel(int64_t kc, const float* a,
-                                                          const float* b, float* c, int64_t ldc,
+                                                          const float* b, const int64_t* off,
+                                                          float* c, int64_t ldc,
                                                           int64_t rows, int64_t cols, bool add,
                                                           const float* bias, bool relu) {
   __m512 acc[kMR][kNV];
@@ -72,7 +95,7 @@ __attribute__((target("avx512f,fma"))) void micro_kernel(int64_t kc, const float
   for (int64_t k = 0; k < kc; ++k) {
     __m512 bv[kNV];
 #pragma GCC unroll 4
-    for (int v = 0; v < kNV; ++v) bv[v] = _mm512_loadu_ps(b + k * kNR + 16 * v);
+    for (int v = 0; v < kNV; ++v) bv[v] = _mm512_loadu_ps((kOff ? b + off[k] : b + k * kNR) + 16 * v);
     const float* ak = a + k * kMR;
 #pragma GCC unroll 16
     for (int r = 0; r < kMR; ++r) {
@@ -127,8 +150,24 @@ void gemm(const float* a_packed, const float* b_packed, int64_t M, int64_t N, in
       const float* bp = b_packed + j0 * K + k0 * kNR;
       const int64_t cols = std::min(kNR, N - j0);
       for (int64_t i0 = 0; i0 < M; i0 += kMR) {
-        micro_kernel(kc, a_packed + i0 * K + k0 * kMR, bp, c + i0 * ldc + j0, ldc,
+        micro_kernel<false>(kc, a_packed + i0 * K + k0 * kMR, bp, nullptr, c + i0 * ldc + j0, ldc,
                      std::min(kMR, M - i0), cols, add, bias ? bias + i0 : nullptr, relu && last);
+      }
+    }
+  }
+}
+
+void gemm_rows(const float* a_packed, const float* b, const int64_t* off, int64_t M, int64_t N,
+               int64_t K, float* c, int64_t ldc, const float* bias, bool relu) {
+  for (int64_t k0 = 0; k0 < K; k0 += kKC) {
+    const int64_t kc = std::min(kKC, K - k0);
+    const bool last = k0 + kc >= K;
+    for (int64_t j0 = 0; j0 < N; j0 += kNR) {
+      const int64_t cols = std::min(kNR, N - j0);
+      for (int64_t i0 = 0; i0 < M; i0 += kMR) {
+        micro_kernel<true>(kc, a_packed + i0 * K + k0 * kMR, b + j0, off + k0, c + i0 * ldc + j0,
+                           ldc, std::min(kMR, M - i0), cols, k0 > 0, bias ? bias + i0 : nullptr,
+                           relu && last);
       }
     }
   }
@@ -149,6 +188,20 @@ void gemm(const float* a_packed, const float* b_packed, int64_t M, int64_t N, in
       for (int64_t k = 0; k < K; ++k) acc += ap[k * kMR] * bp[k * kNR];
       float& out = c[i * ldc + j];
       out = accumulate ? out + acc : acc + (bias ? bias[i] : 0.f);
+      if (relu && out < 0.f) out = 0.f;
+    }
+  }
+}
+
+void gemm_rows(const float* a_packed, const float* b, const int64_t* off, int64_t M, int64_t N,
+               int64_t K, float* c, int64_t ldc, const float* bias, bool relu) {
+  for (int64_t i = 0; i < M; ++i) {
+    const float* ap = a_packed + (i / kMR) * K * kMR + i % kMR;
+    for (int64_t j = 0; j < N; ++j) {
+      float acc = 0.f;
+      for (int64_t k = 0; k < K; ++k) acc += ap[k * kMR] * b[off[k] + j];
+      float& out = c[i * ldc + j];
+      out = acc + (bias ? bias[i] : 0.f);
       if (relu && out < 0.f) out = 0.f;
     }
   }
