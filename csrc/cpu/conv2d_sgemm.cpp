@@ -169,39 +169,6 @@ CNNEXT_CONV_AVX512 void pack_channels(const float* g, const Strides4& gs, const 
   }
 }
 
-// col^T (L x (k1 - k0)) for taps [k0, k1) and global rows [r0, r1) in sgemm's packed-B
-// layout (panels of kNR taps): out[((k - k0) / kNR) * L * kNR + l * kNR + (k - k0) % kNR],
-// zero-padded to a whole panel.
-CNNEXT_CONV_AVX512 void im2col_t(const float* x, const Strides4& xs, const Conv2dParams& p, int64_t k0, int64_t k1,
-              int64_t r0, int64_t r1, float* out) {
-  const int64_t L = (r1 - r0) * p.OW;
-  for (int64_t k = k0; k < round_up(k1 - k0, kNR) + k0; ++k) {
-    float* base = out + ((k - k0) / kNR) * L * kNR + (k - k0) % kNR;
-    if (k >= k1) {
-      for (int64_t l = 0; l < L; ++l) base[l * kNR] = 0.f;
-      continue;
-    }
-    const int64_t c = k / (p.KH * p.KW), kh = (k / p.KW) % p.KH, kw = k % p.KW;
-    int64_t lo, hi;
-    conv_valid_out_range(kw, p.W, p.SW, p.PW, p.DW, p.OW, &lo, &hi);
-    const int64_t iw_lo = conv_in_coord(lo, kw, p.SW, p.PW, p.DW);
-    const int64_t step = p.SW * xs.w;
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t n = r / p.OH, oh = r % p.OH;
-      const int64_t ih = conv_in_coord(oh, kh, p.SH, p.PH, p.DH);
-      float* d = base + (r - r0) * p.OW * kNR;
-      if (ih < 0 || ih >= p.H) {
-        for (int64_t ow = 0; ow < p.OW; ++ow) d[ow * kNR] = 0.f;
-        continue;
-      }
-      const float* src = x + n * xs.n + c * xs.c + ih * xs.h + iw_lo * xs.w;
-      for (int64_t ow = 0; ow < lo; ++ow) d[ow * kNR] = 0.f;
-      for (int64_t ow = lo; ow < hi; ++ow) d[ow * kNR] = src[(ow - lo) * step];
-      for (int64_t ow = hi; ow < p.OW; ++ow) d[ow * kNR] = 0.f;
-    }
-  }
-}
-
 // Adds col (element (k - c0 * KH * KW, l) at col[k * ks + l * ls], channels [c0, c1) of x's
 // group) back into the input positions it was read from, for global rows [r0, r1).
 CNNEXT_CONV_AVX512 void col2im_add(const float* col, int64_t ks, int64_t ls, const Conv2dParams& p, int64_t c0,
@@ -246,15 +213,11 @@ void run_items(int64_t count, const Fn& fn) {
   });
 }
 
-// Stride 1 without im2col: the input is copied once with its zero padding, and the GEMM
-// reads B(k, l) = xpad[off[k] + l] in place, in padded-width coordinates l = oh * Wp + ow
-// (the Wp - OW columns past each output row are computed and dropped).
-void forward_implicit(const float* x, const Strides4& xs, const float* wp, int64_t w_size,
-                      const float* bias, float* y, const Strides4& ys, const Conv2dParams& p,
-                      bool relu, const RowsDoneFn& rows_done) {
-  const int64_t Cg = p.in_per_group(), Og = p.out_per_group(), taps = p.KH * p.KW, K = Cg * taps;
-  const int64_t Hp = p.H + 2 * p.PH, Wp = p.W + 2 * p.PW, plane = Hp * Wp, T = at::get_num_threads();
-  float* xp = scratch(3, p.N * p.C * plane + kNR);  // kNR floats of slack for the last panel
+// The input with its zero padding: (N, C) planes of Hp x Wp (Hp = H + 2 PH, Wp = W + 2 PW)
+// in scratch slot 3, plus kNR zero floats of slack at the end.
+float* pad_input(const float* x, const Strides4& xs, const Conv2dParams& p) {
+  const int64_t Hp = p.H + 2 * p.PH, Wp = p.W + 2 * p.PW, plane = Hp * Wp;
+  float* xp = scratch(3, p.N * p.C * plane + kNR);
   run_items(p.N * p.C, [&](int64_t nc) {
     const int64_t n = nc / p.C, c = nc % p.C;
     float* dst = xp + nc * plane;
@@ -270,9 +233,75 @@ void forward_implicit(const float* x, const Strides4& xs, const float* wp, int64
     std::fill(dst + (p.PH + p.H) * Wp, dst + plane, 0.f);
   });
   std::fill(xp + p.N * p.C * plane, xp + p.N * p.C * plane + kNR, 0.f);
+  return xp;
+}
+
+// Offsets in the padded input of the taps [0, K) of one group (from its first channel).
+std::vector<int64_t> tap_offsets(const Conv2dParams& p) {
+  const int64_t taps = p.KH * p.KW, K = p.in_per_group() * taps;
+  const int64_t Wp = p.W + 2 * p.PW, plane = (p.H + 2 * p.PH) * Wp;
   std::vector<int64_t> off(K);
   for (int64_t k = 0; k < K; ++k)
     off[k] = (k / taps) * plane + ((k / p.KW) % p.KH) * p.DH * Wp + (k % p.KW) * p.DW;
+  return off;
+}
+
+// Offsets in the padded input (from sample 0, channel 0) of the top-left tap of each output
+// position of global rows [r0, r1).
+void position_offsets(const Conv2dParams& p, int64_t r0, int64_t r1, int64_t* idx) {
+  const int64_t Wp = p.W + 2 * p.PW, img = p.C * (p.H + 2 * p.PH) * Wp;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t base = (r / p.OH) * img + (r % p.OH) * p.SH * Wp;
+    int64_t* d = idx + (r - r0) * p.OW;
+    for (int64_t ow = 0; ow < p.OW; ++ow) d[ow] = base + ow * p.SW;
+  }
+}
+
+// im2col as gathers from the padded input: element (k, l) = xp[off[k] + idx[l]] into
+// panels of `width` positions, out[(l / width) * K * width + k * width + l % width], the
+// positions past L up to a whole panel zero.
+CNNEXT_CONV_AVX512 void gather_panels(const float* xp, const int64_t* off, int64_t K,
+                                      const int64_t* idx, int64_t L, int64_t width, float* out) {
+  for (int64_t l0 = 0; l0 < L; l0 += width) {
+    const int64_t n = std::min(width, L - l0);
+    float* panel = out + (l0 / width) * K * width;
+    const int64_t* id = idx + l0;
+    for (int64_t k = 0; k < K; ++k) {
+      const float* src = xp + off[k];
+      float* d = panel + k * width;
+      for (int64_t j = 0; j < n; ++j) d[j] = src[id[j]];
+      for (int64_t j = n; j < width; ++j) d[j] = 0.f;
+    }
+  }
+}
+
+// col^T as gathers: element (l, k - k0) = xp[off[k] + idx[l]] in sgemm's packed-B layout,
+// out[((k - k0) / kNR) * L * kNR + l * kNR + (k - k0) % kNR], zero-padded to a whole panel.
+CNNEXT_CONV_AVX512 void gather_t(const float* xp, const int64_t* off, int64_t k0, int64_t k1,
+                                 const int64_t* idx, int64_t L, float* out) {
+  for (int64_t kp = k0; kp < k1; kp += kNR) {
+    const int64_t n = std::min(kNR, k1 - kp);
+    float* panel = out + (kp - k0) * L;
+    const int64_t* o = off + kp;
+    for (int64_t l = 0; l < L; ++l) {
+      const float* src = xp + idx[l];
+      float* d = panel + l * kNR;
+      for (int64_t j = 0; j < n; ++j) d[j] = src[o[j]];
+      for (int64_t j = n; j < kNR; ++j) d[j] = 0.f;
+    }
+  }
+}
+
+// Stride 1 without im2col: the input is copied once with its zero padding, and the GEMM
+// reads B(k, l) = xpad[off[k] + l] in place, in padded-width coordinates l = oh * Wp + ow
+// (the Wp - OW columns past each output row are computed and dropped).
+void forward_implicit(const float* x, const Strides4& xs, const float* wp, int64_t w_size,
+                      const float* bias, float* y, const Strides4& ys, const Conv2dParams& p,
+                      bool relu, const RowsDoneFn& rows_done) {
+  const int64_t Cg = p.in_per_group(), Og = p.out_per_group(), taps = p.KH * p.KW, K = Cg * taps;
+  const int64_t Wp = p.W + 2 * p.PW, plane = (p.H + 2 * p.PH) * Wp, T = at::get_num_threads();
+  const float* xp = pad_input(x, xs, p);  // kNR floats of slack for the last panel
+  const std::vector<int64_t> off = tap_offsets(p);
   // Bands of about 384 positions; output-channel blocks when there are few bands.
   const int64_t rows = std::clamp<int64_t>(ceil_div(384, Wp), 1, p.OH);
   const int64_t bands = ceil_div(p.OH, rows);
@@ -351,15 +380,20 @@ void forward(const float* x, const Strides4& xs, const float* w, const float* bi
     return;
   }
 
+  const float* xp = pad_input(x, xs, p);
+  const std::vector<int64_t> off = tap_offsets(p);
+  const int64_t gstride = Cg * (p.H + 2 * p.PH) * (p.W + 2 * p.PW);
   const int64_t col_size = round_up(Lmax, trans ? kMR : kNR) * K;
   const bool planes = ys.w == 1 && (p.OH == 1 || ys.h == p.OW);
   run_items(p.G * chunks * oblocks, [&](int64_t item) {
     const int64_t g = item / (chunks * oblocks), chunk = (item / oblocks) % chunks;
     const int64_t o0 = (item % oblocks) * ob, M = std::min(ob, Og - o0);
     const int64_t r0 = chunk * rows, r1 = std::min(R, r0 + rows), L = (r1 - r0) * p.OW;
-    float* col = scratch(0, col_size + ob * Lmax);
+    float* col = scratch(0, round_up(col_size + ob * Lmax, 16) + Lmax * 2);
     float* cbuf = col + col_size;
-    im2col_panels(x + g * Cg * xs.c, xs, p, 0, K, r0, r1, trans ? kMR : kNR, col, true);
+    int64_t* idx = reinterpret_cast<int64_t*>(col + round_up(col_size + ob * Lmax, 16));
+    position_offsets(p, r0, r1, idx);
+    gather_panels(xp + g * gstride, off.data(), K, idx, L, trans ? kMR : kNR, col);
     const float* b = bias ? bias + g * Og + o0 : nullptr;
     float* yg = y + (g * Og + o0) * ys.c;
     if (!trans) {
@@ -497,14 +531,19 @@ void weight_backward(const float* gy, const Strides4& gs, const float* x, const 
   const int64_t rows = std::clamp<int64_t>(kColBudget / std::max<int64_t>(1, kpb * p.OW), 1, R);
   const int64_t Lmax = rows * p.OW;
   const int64_t a_size = sgemm::packed_a_size(Og, Lmax), b_size = sgemm::packed_b_size(Lmax, kpb);
+  const float* xp = pad_input(x, xs, p);
+  const std::vector<int64_t> off = tap_offsets(p);
+  const int64_t gstride = Cg * (p.H + 2 * p.PH) * (p.W + 2 * p.PW);
   run_items(p.G * kblocks, [&](int64_t item) {
     const int64_t g = item / kblocks, k0 = (item % kblocks) * kpb, k1 = std::min(K, k0 + kpb);
-    float* apk = scratch(0, a_size + b_size);
+    float* apk = scratch(0, a_size + b_size + 2 * Lmax);
     float* bpk = apk + a_size;
+    int64_t* idx = reinterpret_cast<int64_t*>(bpk + b_size);
     for (int64_t r0 = 0; r0 < R; r0 += rows) {
       const int64_t r1 = std::min(R, r0 + rows), L = (r1 - r0) * p.OW;
       pack_channels(gy + g * Og * gs.c, gs, p, Og, r0, r1, kMR, apk);
-      im2col_t(x + g * Cg * xs.c, xs, p, k0, k1, r0, r1, bpk);
+      position_offsets(p, r0, r1, idx);
+      gather_t(xp + g * gstride, off.data(), k0, k1, idx, L, bpk);
       sgemm::gemm(apk, bpk, Og, k1 - k0, L, gw + g * Og * K + k0, K, r0 > 0, nullptr);
     }
   });

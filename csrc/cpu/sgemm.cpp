@@ -42,6 +42,10 @@ void pack_panels(const float* src, int64_t s_i, int64_t s_k, int64_t extent, int
 
 }  // namespace
 
+// dst[k * ld + i] = src[i * cs + k] for i, k in [0, 16): a 16 x 16 transpose (AVX-512).
+// Returns false where the CPU or the build has no AVX-512.
+bool transpose16(const float* src, int64_t cs, float* dst, int64_t ld);
+
 void pack_a(const float* a, int64_t rs, int64_t cs, int64_t M, int64_t K, float* out) {
   pack_panels(a, rs, cs, M, K, kMR, out);
 }
@@ -59,7 +63,12 @@ void pack_b(const float* b, int64_t rs, int64_t cs, int64_t K, int64_t N, float*
     float* panel = out + j0 * K;
     for (int64_t k0 = 0; k0 < K; k0 += kKB) {
       const int64_t kb = std::min(kKB, K - k0);
-      for (int64_t j = 0; j < n; ++j) {
+      int64_t j = 0;
+      if (kb == kKB) {
+        for (; j + 16 <= n; j += 16)
+          if (!transpose16(b + (j0 + j) * cs + k0, cs, panel + k0 * kNR + j, kNR)) break;
+      }
+      for (; j < n; ++j) {
         const float* src = b + (j0 + j) * cs + k0;
         float* dst = panel + k0 * kNR + j;
         for (int64_t k = 0; k < kb; ++k) dst[k * kNR] = src[k];
@@ -135,6 +144,49 @@ __attribute__((target("avx512f,fma"))) void micro_kernel(int64_t kc, const float
 
 }  // namespace
 
+// GCC 12 warns about the undefined source operand inside its unpack intrinsics.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+__attribute__((target("avx512f"))) void transpose16_avx512(const float* src, int64_t cs,
+                                                            float* dst, int64_t ld) {
+  __m512 r[16];
+  __m512 u[16];
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * cs);
+  // Within 128-bit lanes: u[4b + m] lane L = column 4L + m of rows 4b .. 4b + 3.
+#pragma GCC unroll 4
+  for (int b = 0; b < 4; ++b) {
+    const __m512d ta = _mm512_castps_pd(_mm512_unpacklo_ps(r[4 * b], r[4 * b + 1]));
+    const __m512d tb = _mm512_castps_pd(_mm512_unpackhi_ps(r[4 * b], r[4 * b + 1]));
+    const __m512d tc = _mm512_castps_pd(_mm512_unpacklo_ps(r[4 * b + 2], r[4 * b + 3]));
+    const __m512d td = _mm512_castps_pd(_mm512_unpackhi_ps(r[4 * b + 2], r[4 * b + 3]));
+    u[4 * b + 0] = _mm512_castpd_ps(_mm512_unpacklo_pd(ta, tc));
+    u[4 * b + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(ta, tc));
+    u[4 * b + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(tb, td));
+    u[4 * b + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(tb, td));
+  }
+  // Then across lanes: column 4L + m = lane L of u[m], u[4 + m], u[8 + m], u[12 + m].
+#pragma GCC unroll 4
+  for (int m = 0; m < 4; ++m) {
+    const __m512 v = _mm512_shuffle_f32x4(u[m], u[4 + m], 0x88);
+    const __m512 w = _mm512_shuffle_f32x4(u[m], u[4 + m], 0xdd);
+    const __m512 v2 = _mm512_shuffle_f32x4(u[8 + m], u[12 + m], 0x88);
+    const __m512 w2 = _mm512_shuffle_f32x4(u[8 + m], u[12 + m], 0xdd);
+    _mm512_storeu_ps(dst + m * ld, _mm512_shuffle_f32x4(v, v2, 0x88));
+    _mm512_storeu_ps(dst + (8 + m) * ld, _mm512_shuffle_f32x4(v, v2, 0xdd));
+    _mm512_storeu_ps(dst + (4 + m) * ld, _mm512_shuffle_f32x4(w, w2, 0x88));
+    _mm512_storeu_ps(dst + (12 + m) * ld, _mm512_shuffle_f32x4(w, w2, 0xdd));
+  }
+}
+#pragma GCC diagnostic pop
+
+bool transpose16(const float* src, int64_t cs, float* dst, int64_t ld) {
+  if (!available()) return false;
+  transpose16_avx512(src, cs, dst, ld);
+  return true;
+}
+
 bool available() {
   static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
   return ok;
@@ -177,6 +229,8 @@ void gemm_rows(const float* a_packed, const float* b, const int64_t* off, int64_
        // plain version keeps gemm() correct for any other caller.
 
 bool available() { return false; }
+
+bool transpose16(const float*, int64_t, float*, int64_t) { return false; }
 
 void gemm(const float* a_packed, const float* b_packed, int64_t M, int64_t N, int64_t K,
           float* c, int64_t ldc, bool accumulate, const float* bias, bool relu) {
