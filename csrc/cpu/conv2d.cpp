@@ -271,7 +271,7 @@ bool use_sgemm(const at::Tensor& t) { return t.scalar_type() == at::kFloat && sg
 
 // Thin groups go to the direct loops, except a plain convolution with a few output
 // channels and enough taps (LeNet's first layer: 1 -> 6 channels, 5x5), which our float32
-// GEMM runs faster than the scalar loops (forward and input gradient).
+// GEMM runs faster than the scalar loops.
 bool use_direct_sgemm(const Conv2dParams& p) {
   return use_direct(p) && !(p.G == 1 && p.out_per_group() >= 4 && p.in_per_group() * p.KH * p.KW >= 9);
 }
@@ -404,7 +404,7 @@ at::Tensor conv2d_weight_backward(const at::Tensor& grad_out, const at::Tensor& 
   const at::Tensor grad_output = flattenable(grad_out);
   const int64_t Cg = p.in_per_group(), Og = p.out_per_group(), K = Cg * p.KH * p.KW;
   const bool pointwise = is_pointwise(p) && planes_flatten(input);
-  if (use_direct(p)) {
+  if (use_sgemm(grad_output) ? use_direct_sgemm(p) : use_direct(p)) {
     at::Tensor gw = at::empty({p.O, Cg, p.KH, p.KW}, grad_output.options());
     AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "cnnext_conv2d_weight_backward", [&] {
       direct_weight_backward(grad_output.const_data_ptr<scalar_t>(), strides_of(grad_output),

@@ -331,6 +331,10 @@ void forward_implicit(const float* x, const Strides4& xs, const float* wp, int64
 
 }  // namespace
 
+void forward_impl(const float* x, const Strides4& xs, const float* w, bool w_t, const float* bias,
+                  float* y, const Strides4& ys, const Conv2dParams& p, bool relu,
+                  const RowsDoneFn& rows_done);
+
 bool positions_on_m(int64_t positions, int64_t channels) {
   // The transposed form costs a transposing copy of its result: ask it to win clearly.
   return fill(positions, channels, kMR, kNR) > 1.15 * fill(channels, positions, kMR, kNR);
@@ -338,6 +342,13 @@ bool positions_on_m(int64_t positions, int64_t channels) {
 
 void forward(const float* x, const Strides4& xs, const float* w, const float* bias, float* y,
              const Strides4& ys, const Conv2dParams& p, bool relu, const RowsDoneFn& rows_done) {
+  forward_impl(x, xs, w, false, bias, y, ys, p, relu, rows_done);
+}
+
+// w_t: the weight given transposed per group, (K x Og) row-major at w + g * K * Og.
+void forward_impl(const float* x, const Strides4& xs, const float* w, bool w_t, const float* bias,
+                  float* y, const Strides4& ys, const Conv2dParams& p, bool relu,
+                  const RowsDoneFn& rows_done) {
   const int64_t Cg = p.in_per_group(), Og = p.out_per_group(), K = Cg * p.KH * p.KW;
   const int64_t R = p.N * p.OH, T = at::get_num_threads();
   int64_t rows = std::clamp<int64_t>(kColBudget / std::max<int64_t>(1, K * p.OW), 1, R);
@@ -366,12 +377,21 @@ void forward(const float* x, const Strides4& xs, const float* w, const float* bi
   const int64_t panels = ceil_div(Og, mr);
   run_items(p.G * panels, [&](int64_t item) {
     const int64_t g = item / panels, o0 = (item % panels) * mr, m = std::min(mr, Og - o0);
-    const float* src = w + (g * Og + o0) * K;
     float* dst = wp + g * w_size + o0 * K;
-    if (trans) {
-      sgemm::pack_b(src, 1, K, K, m, dst);
+    if (w_t) {  // element (o, k) at w[g K Og + k Og + o]
+      const float* src = w + g * K * Og + o0;
+      if (trans) {
+        sgemm::pack_b(src, Og, 1, K, m, dst);
+      } else {
+        sgemm::pack_a(src, 1, Og, m, K, dst);
+      }
     } else {
-      sgemm::pack_a(src, K, 1, m, K, dst);
+      const float* src = w + (g * Og + o0) * K;
+      if (trans) {
+        sgemm::pack_b(src, 1, K, K, m, dst);
+      } else {
+        sgemm::pack_a(src, K, 1, m, K, dst);
+      }
     }
   });
 
@@ -462,16 +482,16 @@ void input_backward(const float* gy, const Strides4& gs, const float* w, float* 
     q.OW = p.W;
     q.PH = p.DH * (p.KH - 1) - p.PH;
     q.PW = p.DW * (p.KW - 1) - p.PW;
+    // w' transposed per group: wf[g][(o, t)][c] = w[g Og + o][c][taps - 1 - t], read in order.
     float* wf = scratch(2, p.C * Og * taps);
-    run_items(p.C, [&](int64_t ci) {
-      const int64_t g = ci / Cg, c = ci % Cg;
-      for (int64_t o = 0; o < Og; ++o) {
-        const float* src = w + ((g * Og + o) * Cg + c) * taps;
-        float* dst = wf + (ci * Og + o) * taps;
-        for (int64_t t = 0; t < taps; ++t) dst[t] = src[taps - 1 - t];
-      }
+    run_items(p.O, [&](int64_t go) {
+      const int64_t g = go / Og, o = go % Og;
+      const float* src = w + go * Cg * taps;
+      float* dst = wf + g * Og * taps * Cg + o * taps * Cg;
+      for (int64_t t = 0; t < taps; ++t)
+        for (int64_t c = 0; c < Cg; ++c) dst[t * Cg + c] = src[c * taps + taps - 1 - t];
     });
-    forward(gy, gs, wf, nullptr, gx, xs, q, false, RowsDoneFn());
+    forward_impl(gy, gs, wf, true, nullptr, gx, xs, q, false, RowsDoneFn());
     return;
   }
   // Items: (group, block of channels, block of samples); none shares an element of gx.
