@@ -292,6 +292,29 @@ CNNEXT_CONV_AVX512 void gather_t(const float* xp, const int64_t* off, int64_t k0
   }
 }
 
+// gy^T of one sample (g points at its group's first channel) for output rows [oh0, oh1) in
+// padded-width coordinates l = (oh - oh0) * Wp + ow, l < Lp, in sgemm's packed-B layout
+// (panels of kNR channels); zero in the columns ow >= OW and the channels past Og.
+void pack_gy_padded(const float* g, const Strides4& gs, const Conv2dParams& p, int64_t Og,
+                    int64_t oh0, int64_t oh1, int64_t Wp, int64_t Lp, float* out) {
+  for (int64_t o0 = 0; o0 < Og; o0 += kNR) {
+    float* panel = out + o0 * Lp;
+    const int64_t nb = std::min(kNR, Og - o0);
+    for (int64_t oh = oh0; oh < oh1; ++oh) {
+      float* dst = panel + (oh - oh0) * Wp * kNR;
+      const int64_t ncol = std::min(Wp, Lp - (oh - oh0) * Wp);
+      for (int64_t j = 0; j < nb; ++j) {
+        const float* src = g + (o0 + j) * gs.c + oh * gs.h;
+        for (int64_t ow = 0; ow < p.OW; ++ow) dst[ow * kNR + j] = src[ow * gs.w];
+      }
+      if (nb < kNR) {
+        for (int64_t ow = 0; ow < p.OW; ++ow) std::fill(dst + ow * kNR + nb, dst + (ow + 1) * kNR, 0.f);
+      }
+      if (ncol > p.OW) std::fill(dst + p.OW * kNR, dst + ncol * kNR, 0.f);
+    }
+  }
+}
+
 // Stride 1 without im2col: the input is copied once with its zero padding, and the GEMM
 // reads B(k, l) = xpad[off[k] + l] in place, in padded-width coordinates l = oh * Wp + ow
 // (the Wp - OW columns past each output row are computed and dropped).
@@ -541,6 +564,43 @@ void weight_backward(const float* gy, const Strides4& gs, const float* x, const 
   const int64_t R = p.N * p.OH, T = at::get_num_threads();
   if (R == 0 || p.OW == 0) {
     std::fill(gw, gw + p.O * K, 0.f);
+    return;
+  }
+  if (p.SH == 1 && p.SW == 1 && p.OW >= 12) {
+    // gw_g^T (K x Og) = A (K x L) * gy_g^T with A read in place from the padded input,
+    // A(k, l) = xpad[off[k] + l] in padded-width coordinates l = oh * Wp + ow; gy^T is
+    // packed in the same coordinates, zero in the Wp - OW extra columns, which so add
+    // nothing. Items: (group, block of rows of gw^T), each reducing every position itself.
+    const int64_t Wp = p.W + 2 * p.PW, plane = (p.H + 2 * p.PH) * Wp;
+    const float* xp = pad_input(x, xs, p);
+    const std::vector<int64_t> off = tap_offsets(p);
+    const int64_t rows = std::clamp<int64_t>(ceil_div(1536, Wp), 1, p.OH);
+    const int64_t bands = ceil_div(p.OH, rows);
+    const int64_t kpb = round_up(ceil_div(K, std::min(ceil_div(K, kMR), ceil_div(T, p.G))), kMR);
+    const int64_t kblocks = ceil_div(K, kpb);
+    float* gwt = scratch(1, p.G * K * Og);
+    const int64_t b_size = sgemm::packed_b_size(rows * Wp, Og);
+    run_items(p.G * kblocks, [&](int64_t item) {
+      const int64_t g = item / kblocks, k0 = (item % kblocks) * kpb, k1 = std::min(K, k0 + kpb);
+      float* bpk = scratch(0, b_size);
+      for (int64_t n = 0; n < p.N; ++n) {
+        for (int64_t band = 0; band < bands; ++band) {
+          const int64_t oh0 = band * rows, oh1 = std::min(p.OH, oh0 + rows);
+          const int64_t Lp = (oh1 - oh0) * Wp - (Wp - p.OW);
+          pack_gy_padded(gy + n * gs.n + g * Og * gs.c, gs, p, Og, oh0, oh1, Wp, Lp, bpk);
+          sgemm::gemm_arows(xp + (n * p.C + g * Cg) * plane + oh0 * Wp, off.data() + k0, bpk,
+                            k1 - k0, Og, Lp, gwt + (g * K + k0) * Og, Og, n > 0 || band > 0);
+        }
+      }
+    });
+    run_items(std::min<int64_t>(T, p.O), [&](int64_t t) {
+      const int64_t per = ceil_div(p.O, std::min<int64_t>(T, p.O));
+      for (int64_t o = t * per; o < std::min(p.O, (t + 1) * per); ++o) {
+        const float* src = gwt + (o / Og) * K * Og + o % Og;
+        float* dst = gw + o * K;
+        for (int64_t k = 0; k < K; ++k) dst[k] = src[k * Og];
+      }
+    });
     return;
   }
   // gw_g (Og x K) = gy_g (Og x L) * col^T (L x K), summed over chunks of positions. Items:

@@ -90,8 +90,9 @@ constexpr int64_t kKC = 384;
 constexpr int kNV = int(kNR / 16);  // 16-float vectors per tile row
 
 // kOff: row k of B is b + off[k] (B read in place, rows anywhere), else the packed panel.
-template <bool kOff>
+template <bool kOff, bool kARows = false>
 __attribute__((target("avx512f,fma"))) void micro_kernel(int64_t kc, const float* a,
+                                                          const float* const* arows,
                                                           const float* b, const int64_t* off,
                                                           float* c, int64_t ldc,
                                                           int64_t rows, int64_t cols, bool add,
@@ -108,7 +109,7 @@ __attribute__((target("avx512f,fma"))) void micro_kernel(int64_t kc, const float
     const float* ak = a + k * kMR;
 #pragma GCC unroll 16
     for (int r = 0; r < kMR; ++r) {
-      const __m512 av = _mm512_set1_ps(ak[r]);
+      const __m512 av = _mm512_set1_ps(kARows ? arows[r][k] : ak[r]);
 #pragma GCC unroll 4
       for (int v = 0; v < kNV; ++v) acc[r][v] = _mm512_fmadd_ps(av, bv[v], acc[r][v]);
     }
@@ -202,7 +203,7 @@ void gemm(const float* a_packed, const float* b_packed, int64_t M, int64_t N, in
       const float* bp = b_packed + j0 * K + k0 * kNR;
       const int64_t cols = std::min(kNR, N - j0);
       for (int64_t i0 = 0; i0 < M; i0 += kMR) {
-        micro_kernel<false>(kc, a_packed + i0 * K + k0 * kMR, bp, nullptr, c + i0 * ldc + j0, ldc,
+        micro_kernel<false>(kc, a_packed + i0 * K + k0 * kMR, nullptr, bp, nullptr, c + i0 * ldc + j0, ldc,
                      std::min(kMR, M - i0), cols, add, bias ? bias + i0 : nullptr, relu && last);
       }
     }
@@ -217,9 +218,27 @@ void gemm_rows(const float* a_packed, const float* b, const int64_t* off, int64_
     for (int64_t j0 = 0; j0 < N; j0 += kNR) {
       const int64_t cols = std::min(kNR, N - j0);
       for (int64_t i0 = 0; i0 < M; i0 += kMR) {
-        micro_kernel<true>(kc, a_packed + i0 * K + k0 * kMR, b + j0, off + k0, c + i0 * ldc + j0,
+        micro_kernel<true>(kc, a_packed + i0 * K + k0 * kMR, nullptr, b + j0, off + k0, c + i0 * ldc + j0,
                            ldc, std::min(kMR, M - i0), cols, k0 > 0, bias ? bias + i0 : nullptr,
                            relu && last);
+      }
+    }
+  }
+}
+
+void gemm_arows(const float* a, const int64_t* a_off, const float* b_packed, int64_t M,
+                int64_t N, int64_t K, float* c, int64_t ldc, bool accumulate) {
+  for (int64_t k0 = 0; k0 < K; k0 += kKC) {
+    const int64_t kc = std::min(kKC, K - k0);
+    for (int64_t j0 = 0; j0 < N; j0 += kNR) {
+      const float* bp = b_packed + j0 * K + k0 * kNR;
+      const int64_t cols = std::min(kNR, N - j0);
+      for (int64_t i0 = 0; i0 < M; i0 += kMR) {
+        const float* rows[kMR];
+        for (int64_t r = 0; r < kMR; ++r) rows[r] = a + a_off[std::min(i0 + r, M - 1)] + k0;
+        micro_kernel<false, true>(kc, nullptr, rows, bp, nullptr, c + i0 * ldc + j0, ldc,
+                                  std::min(kMR, M - i0), cols, accumulate || k0 > 0, nullptr,
+                                  false);
       }
     }
   }
@@ -257,6 +276,19 @@ void gemm_rows(const float* a_packed, const float* b, const int64_t* off, int64_
       float& out = c[i * ldc + j];
       out = acc + (bias ? bias[i] : 0.f);
       if (relu && out < 0.f) out = 0.f;
+    }
+  }
+}
+
+void gemm_arows(const float* a, const int64_t* a_off, const float* b_packed, int64_t M,
+                int64_t N, int64_t K, float* c, int64_t ldc, bool accumulate) {
+  for (int64_t i = 0; i < M; ++i) {
+    for (int64_t j = 0; j < N; ++j) {
+      const float* bp = b_packed + (j / kNR) * K * kNR + j % kNR;
+      float acc = 0.f;
+      for (int64_t k = 0; k < K; ++k) acc += a[a_off[i] + k] * bp[k * kNR];
+      float& out = c[i * ldc + j];
+      out = accumulate ? out + acc : acc;
     }
   }
 }

@@ -40,6 +40,10 @@ void gemm(const float* a_packed, const float* b_packed, int64_t M, int64_t N, in
 void gemm_rows(const float* a_packed, const float* b, const int64_t* off, int64_t M, int64_t N,
                int64_t K, float* c, int64_t ldc, const float* bias, bool relu = false);
 
+// C (M x N) (+)= A * B_packed with A read in place: element (i, k) at a[a_off[i] + k].
+void gemm_arows(const float* a, const int64_t* a_off, const float* b_packed, int64_t M,
+                int64_t N, int64_t K, float* c, int64_t ldc, bool accumulate);
+
 }  // namespace sgemm
 }  // namespace cpu
 }  // namespace cnnext
