@@ -200,11 +200,12 @@ CNNEXT_CONV_AVX512 void col2im_add(const float* col, int64_t ks, int64_t ls, con
   }
 }
 
-// Calls fn(item) for items [0, count) over the threads.
+// Calls fn(item) for items [0, count) over the threads; on the calling thread alone when
+// the whole work (`elems`, when given) is too small to pay for waking the others.
 template <typename Fn>
-void run_items(int64_t count, const Fn& fn) {
+void run_items(int64_t count, const Fn& fn, int64_t elems = -1) {
   if (count <= 0) return;
-  if (count == 1 || at::get_num_threads() == 1) {
+  if (count == 1 || at::get_num_threads() == 1 || (elems >= 0 && elems < (int64_t(1) << 15))) {
     for (int64_t i = 0; i < count; ++i) fn(i);
     return;
   }
@@ -231,7 +232,7 @@ float* pad_input(const float* x, const Strides4& xs, const Conv2dParams& p) {
       std::fill(d + p.PW + p.W, d + Wp, 0.f);
     }
     std::fill(dst + (p.PH + p.H) * Wp, dst + plane, 0.f);
-  });
+  }, p.N * p.C * plane);
   std::fill(xp + p.N * p.C * plane, xp + p.N * p.C * plane + kNR, 0.f);
   return xp;
 }
@@ -416,7 +417,7 @@ void forward_impl(const float* x, const Strides4& xs, const float* w, bool w_t, 
         sgemm::pack_a(src, K, 1, m, K, dst);
       }
     }
-  });
+  }, p.O * K);
 
   if (!trans && p.SH == 1 && p.SW == 1 && p.OW >= 12) {
     forward_implicit(x, xs, wp, w_size, bias, y, ys, p, relu, rows_done);
@@ -513,7 +514,7 @@ void input_backward(const float* gy, const Strides4& gs, const float* w, float* 
       float* dst = wf + g * Og * taps * Cg + o * taps * Cg;
       for (int64_t t = 0; t < taps; ++t)
         for (int64_t c = 0; c < Cg; ++c) dst[t * Cg + c] = src[c * taps + taps - 1 - t];
-    });
+    }, p.O * Cg * taps);
     forward_impl(gy, gs, wf, true, nullptr, gx, xs, q, false, RowsDoneFn());
     return;
   }
@@ -600,7 +601,7 @@ void weight_backward(const float* gy, const Strides4& gs, const float* x, const 
         float* dst = gw + o * K;
         for (int64_t k = 0; k < K; ++k) dst[k] = src[k * Og];
       }
-    });
+    }, p.O * K);
     return;
   }
   // gw_g (Og x K) = gy_g (Og x L) * col^T (L x K), summed over chunks of positions. Items:
