@@ -36,11 +36,13 @@ CASES = {
     "lenet_conv1": (6, 1, 12, 12, 6, 5, 1, 2, 1, 1),
     "lenet_conv2": (5, 6, 14, 14, 16, 5, 1, 0, 1, 1),
     "one_sample_3x3": (1, 128, 3, 3, 72, 3, 1, 1, 1, 1),
-    # Stride 1 with >= 12 output columns: the GEMM reads a zero-padded copy of the input in
-    # place (no im2col); the input gradient of these runs as such a forward as well.
+    # Stride 1 with >= 16 output columns (forward; >= 12 for the weight gradient): the GEMM
+    # reads a zero-padded copy of the input in place (no im2col); the input gradient of
+    # these runs as such a forward as well.
     "implicit_dilated": (2, 8, 16, 17, 12, (3, 3), 1, (1, 2), (2, 1), 1),
-    "implicit_groups": (3, 16, 14, 14, 24, 3, 1, 1, 1, 2),
-    "implicit_1x1": (2, 24, 13, 13, 40, 1, 1, 0, 1, 1),
+    "implicit_groups": (3, 16, 18, 18, 24, 3, 1, 1, 1, 2),
+    "implicit_1x1": (2, 24, 17, 17, 40, 1, 1, 0, 1, 1),
+    "implicit_w_only": (3, 16, 12, 13, 24, 3, 1, 1, 1, 1),
 }
 
 

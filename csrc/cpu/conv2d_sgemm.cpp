@@ -419,7 +419,7 @@ void forward_impl(const float* x, const Strides4& xs, const float* w, bool w_t, 
     }
   }, p.O * K);
 
-  if (!trans && p.SH == 1 && p.SW == 1 && p.OW >= 12) {
+  if (!trans && p.SH == 1 && p.SW == 1 && p.OW >= 16) {
     forward_implicit(x, xs, wp, w_size, bias, y, ys, p, relu, rows_done);
     return;
   }
