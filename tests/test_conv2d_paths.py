@@ -43,6 +43,8 @@ CASES = {
     "implicit_groups": (3, 16, 18, 18, 24, 3, 1, 1, 1, 2),
     "implicit_1x1": (2, 24, 17, 17, 40, 1, 1, 0, 1, 1),
     "implicit_w_only": (3, 16, 12, 13, 24, 3, 1, 1, 1, 1),
+    # 1 x 1 unpadded on a small map: implicit too (no extra columns).
+    "implicit_pointwise_small": (3, 40, 7, 9, 48, 1, 1, 0, 1, 1),
 }
 
 

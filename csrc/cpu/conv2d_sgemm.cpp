@@ -419,7 +419,8 @@ void forward_impl(const float* x, const Strides4& xs, const float* w, bool w_t, 
     }
   }, p.O * K);
 
-  if (!trans && p.SH == 1 && p.SW == 1 && p.OW >= 16) {
+  // Stride 1 and >= 16 output columns, or no extra columns at all (1 x 1 unpadded).
+  if (!trans && p.SH == 1 && p.SW == 1 && (p.OW >= 16 || p.W + 2 * p.PW == p.OW)) {
     forward_implicit(x, xs, wp, w_size, bias, y, ys, p, relu, rows_done);
     return;
   }
