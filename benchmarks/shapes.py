@@ -19,3 +19,21 @@ CONV_TRANSPOSE2D = {
     "upsample_k4s2": (8, 64, 28, 28, 32, 4, 2, 1, 0),      # 28x28 -> 56x56 (DCGAN-style)
     "upsample_k3s2op1": (8, 64, 28, 28, 32, 3, 2, 1, 1),   # 28x28 -> 56x56 (U-Net / FCN-style)
 }
+
+# The convolutions of the classic networks at the small sizes their training benchmarks use
+# (ResNet-18 at 96x96, batch 4; LeNet-5 at 32x32, batch 64): small maps, where batching
+# positions over samples and the GEMM orientation matter.
+# name: (N, C, H, W, out_channels, kernel, stride, padding)
+CONV2D_NETWORKS = {
+    "resnet18_96_stem": (4, 3, 96, 96, 64, 7, 2, 3),
+    "resnet18_96_l1": (4, 64, 24, 24, 64, 3, 1, 1),
+    "resnet18_96_l2_down": (4, 64, 24, 24, 128, 3, 2, 1),
+    "resnet18_96_l2": (4, 128, 12, 12, 128, 3, 1, 1),
+    "resnet18_96_l3_down": (4, 128, 12, 12, 256, 3, 2, 1),
+    "resnet18_96_l3": (4, 256, 6, 6, 256, 3, 1, 1),
+    "resnet18_96_l4_down": (4, 256, 6, 6, 512, 3, 2, 1),
+    "resnet18_96_l4": (4, 512, 3, 3, 512, 3, 1, 1),
+    "resnet18_96_l4_shortcut": (4, 256, 6, 6, 512, 1, 2, 0),
+    "lenet_conv1": (64, 1, 32, 32, 6, 5, 1, 2),
+    "lenet_conv2": (64, 6, 14, 14, 16, 5, 1, 0),
+}

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import cnnext
-from shapes import CONV2D
+from shapes import CONV2D, CONV2D_NETWORKS
 
 IMPLS = {"cnnext": cnnext.functional.conv2d, "torch": F.conv2d}
 
@@ -45,5 +45,32 @@ def test_conv2d_train(benchmark, name, impl):
         return torch.autograd.grad(y, (x, w, b), grad)
 
     benchmark.group = f"conv2d forward+backward {name}"
+    grads = benchmark(step)
+    assert grads[1].shape == w.shape
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("name", list(CONV2D_NETWORKS))
+def test_conv2d_network_forward(benchmark, name, impl):
+    x, w, b, s, p = make(CONV2D_NETWORKS[name], False)
+    fn = IMPLS[impl]
+    benchmark.group = f"conv2d network forward {name}"
+    with torch.no_grad():
+        out = benchmark(fn, x, w, b, s, p)
+    assert out.shape[1] == w.shape[0]
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("name", list(CONV2D_NETWORKS))
+def test_conv2d_network_train(benchmark, name, impl):
+    x, w, b, s, p = make(CONV2D_NETWORKS[name], True)
+    fn = IMPLS[impl]
+    grad = torch.randn_like(fn(x, w, b, s, p).detach())
+
+    def step():
+        y = fn(x, w, b, s, p)
+        return torch.autograd.grad(y, (x, w, b), grad)
+
+    benchmark.group = f"conv2d network forward+backward {name}"
     grads = benchmark(step)
     assert grads[1].shape == w.shape

@@ -16,6 +16,7 @@
 
 #include "ops/conv2d.h"
 #include "ops/tensors.h"
+#include "cpu/conv2d_sgemm.h"
 #include "cpu/sgemm.h"
 
 namespace cnnext {
@@ -268,139 +269,11 @@ void direct_weight_backward(const T* gy, const Strides4& gs, const T* x, const S
 // float32 multiplies with our sgemm where the CPU has AVX-512F, with at::mm elsewhere.
 bool use_sgemm(const at::Tensor& t) { return t.scalar_type() == at::kFloat && sgemm::available(); }
 
-// im2col straight into sgemm's packed B layout (panels of kNR output positions).
-void im2col_packed(const float* x, const Strides4& xs, const Conv2dParams& p, int64_t Cg,
-                   int64_t oh0, int64_t oh1, float* bp) {
-  constexpr int64_t NR = sgemm::kNR;
-  const int64_t K = Cg * p.KH * p.KW;
-  for (int64_t c = 0; c < Cg; ++c) {
-    for (int64_t kh = 0; kh < p.KH; ++kh) {
-      for (int64_t kw = 0; kw < p.KW; ++kw) {
-        const int64_t k = (c * p.KH + kh) * p.KW + kw;
-        float* base = bp + k * NR;
-        int64_t lo, hi;
-        conv_valid_out_range(kw, p.W, p.SW, p.PW, p.DW, p.OW, &lo, &hi);
-        const int64_t iw_lo = conv_in_coord(lo, kw, p.SW, p.PW, p.DW);
-        const int64_t step = p.SW * xs.w;
-        for (int64_t oh = oh0; oh < oh1; ++oh) {
-          const int64_t ih = conv_in_coord(oh, kh, p.SH, p.PH, p.DH);
-          const bool row_valid = ih >= 0 && ih < p.H;
-          const float* src = x + c * xs.c + ih * xs.h + iw_lo * xs.w;  // only read when valid
-          const int64_t l0 = (oh - oh0) * p.OW;
-          for (int64_t ow = 0; ow < p.OW;) {
-            const int64_t l = l0 + ow, r = l % NR;
-            const int64_t seg = std::min(NR - r, p.OW - ow);
-            float* d = base + (l / NR) * K * NR + r;
-            const int64_t a = row_valid ? std::clamp(lo, ow, ow + seg) : ow + seg;
-            const int64_t b = row_valid ? std::clamp(hi, a, ow + seg) : ow + seg;
-            for (int64_t q = ow; q < a; ++q) d[q - ow] = 0.f;
-            if (step == 1) {
-              std::memcpy(d + (a - ow), src + (a - lo), sizeof(float) * (b - a));
-            } else {
-              for (int64_t q = a; q < b; ++q) d[q - ow] = src[(q - lo) * step];
-            }
-            for (int64_t q = b; q < ow + seg; ++q) d[q - ow] = 0.f;
-            ow += seg;
-          }
-        }
-      }
-    }
-  }
-}
-
-// Forward with our sgemm: float32 output in plain contiguous layout, AVX-512 CPU.
-void forward_sgemm(const at::Tensor& input, const at::Tensor& w, const float* bias,
-                   at::Tensor& out, const Conv2dParams& p, bool relu, const RowsDone& rows_done) {
-  const int64_t Cg = p.in_per_group(), Og = p.out_per_group(), K = Cg * p.KH * p.KW;
-  const int64_t a_size = sgemm::packed_a_size(Og, K);
-  float* apack = thread_scratch(1, p.G * a_size);
-  for (int64_t g = 0; g < p.G; ++g)
-    sgemm::pack_a(w.const_data_ptr<float>() + g * Og * K, K, 1, Og, K, apack + g * a_size);
-  const Bands bands = bands_for(p);
-  const Strides4 xs = strides_of(input), ys = strides_of(out);
-  const float* x = input.const_data_ptr<float>();
-  float* y = out.mutable_data_ptr<float>();
-  const float* ap = apack;
-  for_each_item(p.N * bands.count, input, sgemm::packed_b_size(K, bands.rows * p.OW),
-                [&](int64_t item, at::Tensor& buf) {
-    const int64_t n = item / bands.count;
-    const int64_t oh0 = (item % bands.count) * bands.rows;
-    const int64_t oh1 = std::min(p.OH, oh0 + bands.rows);
-    float* bp = buf.mutable_data_ptr<float>();
-    for (int64_t g = 0; g < p.G; ++g) {
-      im2col_packed(x + n * xs.n + g * Cg * xs.c, xs, p, Cg, oh0, oh1, bp);
-      sgemm::gemm(ap + g * a_size, bp, Og, (oh1 - oh0) * p.OW, K,
-                  y + n * ys.n + g * Og * ys.c + oh0 * ys.h, ys.c, false,
-                  bias ? bias + g * Og : nullptr, relu);
-    }
-    if (rows_done) rows_done(n, oh0, oh1);
-  });
-}
-
-
-// Input gradient with our sgemm: col = W_g^T * gy_band, then col2im. gx must be zero.
-void input_backward_sgemm(const at::Tensor& gy_t, const at::Tensor& w, at::Tensor& gx,
-                          const Conv2dParams& p) {
-  const int64_t Cg = p.in_per_group(), Og = p.out_per_group(), K = Cg * p.KH * p.KW;
-  const int64_t a_size = sgemm::packed_a_size(K, Og);
-  float* apack = thread_scratch(1, p.G * a_size);
-  for (int64_t g = 0; g < p.G; ++g)  // A = W_g^T: element (k, o) at w[g][o][k]
-    sgemm::pack_a(w.const_data_ptr<float>() + g * Og * K, 1, K, K, Og, apack + g * a_size);
-  const Bands bands = bands_for(p);
-  const int64_t Lmax = bands.rows * p.OW;
-  const int64_t b_size = sgemm::packed_b_size(Og, Lmax);
-  const Strides4 gs = strides_of(gy_t), xs = strides_of(gx);
-  const float* gy = gy_t.const_data_ptr<float>();
-  float* gxp = gx.mutable_data_ptr<float>();
-  const float* ap = apack;
-  // One item per sample: the bands of a sample overlap in the input they add to.
-  for_each_item(p.N, gy_t, b_size + K * Lmax, [&](int64_t n, at::Tensor& buf) {
-    float* bp = buf.mutable_data_ptr<float>();
-    float* col = bp + b_size;
-    for (int64_t band = 0; band < bands.count; ++band) {
-      const int64_t oh0 = band * bands.rows, oh1 = std::min(p.OH, oh0 + bands.rows);
-      const int64_t L = (oh1 - oh0) * p.OW;
-      for (int64_t g = 0; g < p.G; ++g) {
-        sgemm::pack_b(gy + n * gs.n + g * Og * gs.c + oh0 * gs.h, gs.c, gs.w, Og, L, bp);
-        sgemm::gemm(ap + g * a_size, bp, K, L, Og, col, L, false, nullptr);
-        col2im_add(col, p, Cg, oh0, oh1, gxp + n * xs.n + g * Cg * xs.c, xs);
-      }
-    }
-  });
-}
-
-// Weight gradient with our sgemm, transposed: gw_g^T (K x Og) += col (K x L) * gy_band^T,
-// one partial sum per thread, added up and transposed at the end.
-at::Tensor weight_backward_sgemm(const at::Tensor& gy_t, const at::Tensor& input,
-                                 const Conv2dParams& p) {
-  const int64_t Cg = p.in_per_group(), Og = p.out_per_group(), K = Cg * p.KH * p.KW;
-  const Bands bands = bands_for(p);
-  const int64_t items = p.N * bands.count;
-  const int64_t threads = items > 1 ? at::get_num_threads() : 1;
-  at::Tensor partial = at::zeros({threads, p.G, K, Og}, gy_t.options());
-  const int64_t Lmax = bands.rows * p.OW;
-  const int64_t a_size = sgemm::packed_a_size(K, Lmax), b_size = sgemm::packed_b_size(Lmax, Og);
-  const Strides4 gs = strides_of(gy_t), xs = strides_of(input);
-  const float* gy = gy_t.const_data_ptr<float>();
-  const float* x = input.const_data_ptr<float>();
-  for_each_item(items, input, K * Lmax + a_size + b_size, [&](int64_t item, at::Tensor& buf) {
-    float* acc = partial.mutable_data_ptr<float>() + (threads > 1 ? at::get_thread_num() : 0) * p.G * K * Og;
-    float* col = buf.mutable_data_ptr<float>();
-    float* ap = col + K * Lmax;
-    float* bp = ap + a_size;
-    const int64_t n = item / bands.count;
-    const int64_t oh0 = (item % bands.count) * bands.rows;
-    const int64_t oh1 = std::min(p.OH, oh0 + bands.rows);
-    const int64_t L = (oh1 - oh0) * p.OW;
-    for (int64_t g = 0; g < p.G; ++g) {
-      im2col(x + n * xs.n + g * Cg * xs.c, xs, p, Cg, oh0, oh1, col);
-      sgemm::pack_a(col, L, 1, K, L, ap);
-      // B = gy_band^T: element (l, o) at gy[n][g * Og + o] row oh0 + l / OW ...
-      sgemm::pack_b(gy + n * gs.n + g * Og * gs.c + oh0 * gs.h, gs.w, gs.c, L, Og, bp);
-      sgemm::gemm(ap, bp, K, Og, L, acc + g * K * Og, Og, true, nullptr);
-    }
-  });
-  return partial.sum(0).transpose(1, 2).contiguous().view({p.O, Cg, p.KH, p.KW});
+// Thin groups go to the direct loops, except a plain convolution with a few output
+// channels and enough taps (LeNet's first layer: 1 -> 6 channels, 5x5), which our float32
+// GEMM runs faster than the scalar loops.
+bool use_direct_sgemm(const Conv2dParams& p) {
+  return use_direct(p) && !(p.G == 1 && p.out_per_group() >= 4 && p.in_per_group() * p.KH * p.KW >= 9);
 }
 
 }  // namespace
@@ -426,8 +299,10 @@ void conv2d_forward_rows(const at::Tensor& input, const at::Tensor& weight,
   const bool pointwise = is_pointwise(p) && planes_flatten(input);
   const Bands bands = pointwise ? Bands{p.OH, 1} : bands_for(p);
   const Strides4 xs = strides_of(input);
-  if (use_sgemm(input) && !use_direct(p) && out_format == at::MemoryFormat::Contiguous) {
-    forward_sgemm(input, w, has_bias ? b.const_data_ptr<float>() : nullptr, out, p, relu, rows_done);
+  if (use_sgemm(input) && !use_direct_sgemm(p) && out_format == at::MemoryFormat::Contiguous) {
+    conv_sgemm::forward(input.const_data_ptr<float>(), xs, w.const_data_ptr<float>(),
+                        has_bias ? b.const_data_ptr<float>() : nullptr,
+                        out.mutable_data_ptr<float>(), strides_of(out), p, relu, rows_done);
     return;
   }
 
@@ -476,14 +351,17 @@ at::Tensor conv2d_input_backward(const at::Tensor& grad_out, const at::Tensor& w
                                  const Conv2dParams& p, at::MemoryFormat out_format) {
   const at::Tensor grad_output = flattenable(grad_out);
   const int64_t Cg = p.in_per_group(), Og = p.out_per_group(), K = Cg * p.KH * p.KW;
-  const bool sgemm = use_sgemm(grad_output) && !use_direct(p);
+  const bool sgemm = use_sgemm(grad_output) && !use_direct_sgemm(p);
   // Only at::mm on a pointwise conv writes every element of gx; every other path adds.
   const bool pointwise = is_pointwise(p) && !use_direct(p) && !sgemm;
   at::Tensor gx = at::empty({p.N, p.C, p.H, p.W}, grad_output.options().memory_format(out_format));
   if (gx.numel() == 0) return gx;
-  if (!pointwise) gx.zero_();
+  if (!pointwise && !(sgemm && conv_sgemm::input_backward_overwrites(p))) gx.zero_();
   if (sgemm) {
-    input_backward_sgemm(grad_output, weight.contiguous(), gx, p);
+    const at::Tensor w = weight.contiguous();
+    conv_sgemm::input_backward(grad_output.const_data_ptr<float>(), strides_of(grad_output),
+                               w.const_data_ptr<float>(), gx.mutable_data_ptr<float>(),
+                               strides_of(gx), p);
     return gx;
   }
   const at::Tensor wt = weight.contiguous().view({p.G, Og, K}).transpose(1, 2);  // (G, K, Og)
@@ -526,7 +404,7 @@ at::Tensor conv2d_weight_backward(const at::Tensor& grad_out, const at::Tensor& 
   const at::Tensor grad_output = flattenable(grad_out);
   const int64_t Cg = p.in_per_group(), Og = p.out_per_group(), K = Cg * p.KH * p.KW;
   const bool pointwise = is_pointwise(p) && planes_flatten(input);
-  if (use_direct(p)) {
+  if (use_sgemm(grad_output) ? use_direct_sgemm(p) : use_direct(p)) {
     at::Tensor gw = at::empty({p.O, Cg, p.KH, p.KW}, grad_output.options());
     AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "cnnext_conv2d_weight_backward", [&] {
       direct_weight_backward(grad_output.const_data_ptr<scalar_t>(), strides_of(grad_output),
@@ -535,7 +413,11 @@ at::Tensor conv2d_weight_backward(const at::Tensor& grad_out, const at::Tensor& 
     return gw;
   }
   if (use_sgemm(grad_output)) {
-    return weight_backward_sgemm(grad_output, input, p);
+    at::Tensor gw = at::empty({p.O, Cg, p.KH, p.KW}, grad_output.options());
+    conv_sgemm::weight_backward(grad_output.const_data_ptr<float>(), strides_of(grad_output),
+                                input.const_data_ptr<float>(), strides_of(input),
+                                gw.mutable_data_ptr<float>(), p);
+    return gw;
   }
   const Bands bands = pointwise ? Bands{p.OH, 1} : bands_for(p);
   const int64_t items = p.N * bands.count;

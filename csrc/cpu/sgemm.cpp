@@ -42,12 +42,41 @@ void pack_panels(const float* src, int64_t s_i, int64_t s_k, int64_t extent, int
 
 }  // namespace
 
+// dst[k * ld + i] = src[i * cs + k] for i, k in [0, 16): a 16 x 16 transpose (AVX-512).
+// Returns false where the CPU or the build has no AVX-512.
+bool transpose16(const float* src, int64_t cs, float* dst, int64_t ld);
+
 void pack_a(const float* a, int64_t rs, int64_t cs, int64_t M, int64_t K, float* out) {
   pack_panels(a, rs, cs, M, K, kMR, out);
 }
 
 void pack_b(const float* b, int64_t rs, int64_t cs, int64_t K, int64_t N, float* out) {
-  pack_panels(b, cs, rs, N, K, kNR, out);
+  if (rs != 1 || cs == 1) {
+    pack_panels(b, cs, rs, N, K, kNR, out);
+    return;
+  }
+  // Columns of B contiguous (B^T row-major, as a weight read transposed): blocks of 16 k
+  // x kNR columns, so each cache line read is used whole while it is in L1.
+  constexpr int64_t kKB = 16;
+  for (int64_t j0 = 0; j0 < N; j0 += kNR) {
+    const int64_t n = std::min(kNR, N - j0);
+    float* panel = out + j0 * K;
+    for (int64_t k0 = 0; k0 < K; k0 += kKB) {
+      const int64_t kb = std::min(kKB, K - k0);
+      int64_t j = 0;
+      if (kb == kKB) {
+        for (; j + 16 <= n; j += 16)
+          if (!transpose16(b + (j0 + j) * cs + k0, cs, panel + k0 * kNR + j, kNR)) break;
+      }
+      for (; j < n; ++j) {
+        const float* src = b + (j0 + j) * cs + k0;
+        float* dst = panel + k0 * kNR + j;
+        for (int64_t k = 0; k < kb; ++k) dst[k * kNR] = src[k];
+      }
+      for (int64_t k = 0; k < kb; ++k)
+        for (int64_t j = n; j < kNR; ++j) panel[(k0 + k) * kNR + j] = 0.f;
+    }
+  }
 }
 
 #ifdef CNNEXT_SGEMM_AVX512
@@ -60,8 +89,12 @@ constexpr int64_t kKC = 384;
 // [0, rows) and columns [0, cols) (masked), added to C when `add`, clamped at 0 when `relu`.
 constexpr int kNV = int(kNR / 16);  // 16-float vectors per tile row
 
+// kOff: row k of B is b + off[k] (B read in place, rows anywhere), else the packed panel.
+template <bool kOff, bool kARows = false>
 __attribute__((target("avx512f,fma"))) void micro_kernel(int64_t kc, const float* a,
-                                                          const float* b, float* c, int64_t ldc,
+                                                          const float* const* arows,
+                                                          const float* b, const int64_t* off,
+                                                          float* c, int64_t ldc,
                                                           int64_t rows, int64_t cols, bool add,
                                                           const float* bias, bool relu) {
   __m512 acc[kMR][kNV];
@@ -72,11 +105,11 @@ __attribute__((target("avx512f,fma"))) void micro_kernel(int64_t kc, const float
   for (int64_t k = 0; k < kc; ++k) {
     __m512 bv[kNV];
 #pragma GCC unroll 4
-    for (int v = 0; v < kNV; ++v) bv[v] = _mm512_loadu_ps(b + k * kNR + 16 * v);
+    for (int v = 0; v < kNV; ++v) bv[v] = _mm512_loadu_ps((kOff ? b + off[k] : b + k * kNR) + 16 * v);
     const float* ak = a + k * kMR;
 #pragma GCC unroll 16
     for (int r = 0; r < kMR; ++r) {
-      const __m512 av = _mm512_set1_ps(ak[r]);
+      const __m512 av = _mm512_set1_ps(kARows ? arows[r][k] : ak[r]);
 #pragma GCC unroll 4
       for (int v = 0; v < kNV; ++v) acc[r][v] = _mm512_fmadd_ps(av, bv[v], acc[r][v]);
     }
@@ -112,6 +145,49 @@ __attribute__((target("avx512f,fma"))) void micro_kernel(int64_t kc, const float
 
 }  // namespace
 
+// GCC 12 warns about the undefined source operand inside its unpack intrinsics.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+__attribute__((target("avx512f"))) void transpose16_avx512(const float* src, int64_t cs,
+                                                            float* dst, int64_t ld) {
+  __m512 r[16];
+  __m512 u[16];
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * cs);
+  // Within 128-bit lanes: u[4b + m] lane L = column 4L + m of rows 4b .. 4b + 3.
+#pragma GCC unroll 4
+  for (int b = 0; b < 4; ++b) {
+    const __m512d ta = _mm512_castps_pd(_mm512_unpacklo_ps(r[4 * b], r[4 * b + 1]));
+    const __m512d tb = _mm512_castps_pd(_mm512_unpackhi_ps(r[4 * b], r[4 * b + 1]));
+    const __m512d tc = _mm512_castps_pd(_mm512_unpacklo_ps(r[4 * b + 2], r[4 * b + 3]));
+    const __m512d td = _mm512_castps_pd(_mm512_unpackhi_ps(r[4 * b + 2], r[4 * b + 3]));
+    u[4 * b + 0] = _mm512_castpd_ps(_mm512_unpacklo_pd(ta, tc));
+    u[4 * b + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(ta, tc));
+    u[4 * b + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(tb, td));
+    u[4 * b + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(tb, td));
+  }
+  // Then across lanes: column 4L + m = lane L of u[m], u[4 + m], u[8 + m], u[12 + m].
+#pragma GCC unroll 4
+  for (int m = 0; m < 4; ++m) {
+    const __m512 v = _mm512_shuffle_f32x4(u[m], u[4 + m], 0x88);
+    const __m512 w = _mm512_shuffle_f32x4(u[m], u[4 + m], 0xdd);
+    const __m512 v2 = _mm512_shuffle_f32x4(u[8 + m], u[12 + m], 0x88);
+    const __m512 w2 = _mm512_shuffle_f32x4(u[8 + m], u[12 + m], 0xdd);
+    _mm512_storeu_ps(dst + m * ld, _mm512_shuffle_f32x4(v, v2, 0x88));
+    _mm512_storeu_ps(dst + (8 + m) * ld, _mm512_shuffle_f32x4(v, v2, 0xdd));
+    _mm512_storeu_ps(dst + (4 + m) * ld, _mm512_shuffle_f32x4(w, w2, 0x88));
+    _mm512_storeu_ps(dst + (12 + m) * ld, _mm512_shuffle_f32x4(w, w2, 0xdd));
+  }
+}
+#pragma GCC diagnostic pop
+
+bool transpose16(const float* src, int64_t cs, float* dst, int64_t ld) {
+  if (!available()) return false;
+  transpose16_avx512(src, cs, dst, ld);
+  return true;
+}
+
 bool available() {
   static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
   return ok;
@@ -127,8 +203,42 @@ void gemm(const float* a_packed, const float* b_packed, int64_t M, int64_t N, in
       const float* bp = b_packed + j0 * K + k0 * kNR;
       const int64_t cols = std::min(kNR, N - j0);
       for (int64_t i0 = 0; i0 < M; i0 += kMR) {
-        micro_kernel(kc, a_packed + i0 * K + k0 * kMR, bp, c + i0 * ldc + j0, ldc,
+        micro_kernel<false>(kc, a_packed + i0 * K + k0 * kMR, nullptr, bp, nullptr, c + i0 * ldc + j0, ldc,
                      std::min(kMR, M - i0), cols, add, bias ? bias + i0 : nullptr, relu && last);
+      }
+    }
+  }
+}
+
+void gemm_rows(const float* a_packed, const float* b, const int64_t* off, int64_t M, int64_t N,
+               int64_t K, float* c, int64_t ldc, const float* bias, bool relu) {
+  for (int64_t k0 = 0; k0 < K; k0 += kKC) {
+    const int64_t kc = std::min(kKC, K - k0);
+    const bool last = k0 + kc >= K;
+    for (int64_t j0 = 0; j0 < N; j0 += kNR) {
+      const int64_t cols = std::min(kNR, N - j0);
+      for (int64_t i0 = 0; i0 < M; i0 += kMR) {
+        micro_kernel<true>(kc, a_packed + i0 * K + k0 * kMR, nullptr, b + j0, off + k0, c + i0 * ldc + j0,
+                           ldc, std::min(kMR, M - i0), cols, k0 > 0, bias ? bias + i0 : nullptr,
+                           relu && last);
+      }
+    }
+  }
+}
+
+void gemm_arows(const float* a, const int64_t* a_off, const float* b_packed, int64_t M,
+                int64_t N, int64_t K, float* c, int64_t ldc, bool accumulate) {
+  for (int64_t k0 = 0; k0 < K; k0 += kKC) {
+    const int64_t kc = std::min(kKC, K - k0);
+    for (int64_t j0 = 0; j0 < N; j0 += kNR) {
+      const float* bp = b_packed + j0 * K + k0 * kNR;
+      const int64_t cols = std::min(kNR, N - j0);
+      for (int64_t i0 = 0; i0 < M; i0 += kMR) {
+        const float* rows[kMR];
+        for (int64_t r = 0; r < kMR; ++r) rows[r] = a + a_off[std::min(i0 + r, M - 1)] + k0;
+        micro_kernel<false, true>(kc, nullptr, rows, bp, nullptr, c + i0 * ldc + j0, ldc,
+                                  std::min(kMR, M - i0), cols, accumulate || k0 > 0, nullptr,
+                                  false);
       }
     }
   }
@@ -138,6 +248,8 @@ void gemm(const float* a_packed, const float* b_packed, int64_t M, int64_t N, in
        // plain version keeps gemm() correct for any other caller.
 
 bool available() { return false; }
+
+bool transpose16(const float*, int64_t, float*, int64_t) { return false; }
 
 void gemm(const float* a_packed, const float* b_packed, int64_t M, int64_t N, int64_t K,
           float* c, int64_t ldc, bool accumulate, const float* bias, bool relu) {
@@ -150,6 +262,33 @@ void gemm(const float* a_packed, const float* b_packed, int64_t M, int64_t N, in
       float& out = c[i * ldc + j];
       out = accumulate ? out + acc : acc + (bias ? bias[i] : 0.f);
       if (relu && out < 0.f) out = 0.f;
+    }
+  }
+}
+
+void gemm_rows(const float* a_packed, const float* b, const int64_t* off, int64_t M, int64_t N,
+               int64_t K, float* c, int64_t ldc, const float* bias, bool relu) {
+  for (int64_t i = 0; i < M; ++i) {
+    const float* ap = a_packed + (i / kMR) * K * kMR + i % kMR;
+    for (int64_t j = 0; j < N; ++j) {
+      float acc = 0.f;
+      for (int64_t k = 0; k < K; ++k) acc += ap[k * kMR] * b[off[k] + j];
+      float& out = c[i * ldc + j];
+      out = acc + (bias ? bias[i] : 0.f);
+      if (relu && out < 0.f) out = 0.f;
+    }
+  }
+}
+
+void gemm_arows(const float* a, const int64_t* a_off, const float* b_packed, int64_t M,
+                int64_t N, int64_t K, float* c, int64_t ldc, bool accumulate) {
+  for (int64_t i = 0; i < M; ++i) {
+    for (int64_t j = 0; j < N; ++j) {
+      const float* bp = b_packed + (j / kNR) * K * kNR + j % kNR;
+      float acc = 0.f;
+      for (int64_t k = 0; k < K; ++k) acc += a[a_off[i] + k] * bp[k * kNR];
+      float& out = c[i * ldc + j];
+      out = accumulate ? out + acc : acc;
     }
   }
 }

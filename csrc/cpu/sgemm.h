@@ -34,6 +34,16 @@ void pack_b(const float* b, int64_t rs, int64_t cs, int64_t K, int64_t N, float*
 void gemm(const float* a_packed, const float* b_packed, int64_t M, int64_t N, int64_t K,
           float* c, int64_t ldc, bool accumulate, const float* bias, bool relu = false);
 
+// As gemm (without accumulate), but B read in place: element (k, j) at b[off[k] + j]. The
+// micro-kernel reads whole panels: b[off[k] + j] must be readable for j up to N rounded
+// up to kNR (the extra columns are computed and not stored).
+void gemm_rows(const float* a_packed, const float* b, const int64_t* off, int64_t M, int64_t N,
+               int64_t K, float* c, int64_t ldc, const float* bias, bool relu = false);
+
+// C (M x N) (+)= A * B_packed with A read in place: element (i, k) at a[a_off[i] + k].
+void gemm_arows(const float* a, const int64_t* a_off, const float* b_packed, int64_t M,
+                int64_t N, int64_t K, float* c, int64_t ldc, bool accumulate);
+
 }  // namespace sgemm
 }  // namespace cpu
 }  // namespace cnnext

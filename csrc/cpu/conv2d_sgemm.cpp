@@ -1,0 +1,636 @@
+// See conv2d_sgemm.h. Three GEMMs per convolution, each over chunks of global output rows
+// (several samples per chunk when the maps are small):
+//   forward          y_chunk (Og x L)  = W (Og x K) * col (K x L)      or its transpose
+//   input gradient   col (Kc x L)      = W^T[k rows] (Kc x Og) * gy    or its transpose; col2im
+//   weight gradient  gw^T[k rows] (Kc x Og) += col (Kc x L) * gy^T (L x Og)
+// Work items: forward (group, chunk, block of output channels); input gradient (group,
+// block of input channels, block of samples), so no two items add to one element of gx;
+// weight gradient (group, block of rows of gw^T) with every position reduced inside the
+// item: no partial sums per thread, and the order of the sum is fixed by the shape.
+#include "cpu/conv2d_sgemm.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "cpu/sgemm.h"
+
+namespace cnnext {
+namespace cpu {
+namespace conv_sgemm {
+namespace {
+
+using sgemm::kMR;
+using sgemm::kNR;
+
+// Column-buffer floats a chunk aims for (1 MiB).
+constexpr int64_t kColBudget = int64_t(1) << 18;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
+// Scratch memory of the calling thread, kept between calls: slot 0 per-item buffers,
+// slot 1 the packed weights the caller shares with its workers, slot 2 the flipped weight
+// of the input gradient, slot 3 the zero-padded input of the implicit forward.
+float* scratch(int slot, int64_t elems) {
+  thread_local std::vector<char> mem[4];
+  std::vector<char>& m = mem[slot];
+  const size_t bytes = size_t(std::max<int64_t>(elems, 1)) * sizeof(float) + 64;
+  if (m.size() < bytes) m.resize(bytes);
+  const uintptr_t ptr = reinterpret_cast<uintptr_t>(m.data());
+  return reinterpret_cast<float*>((ptr + 63) & ~uintptr_t(63));
+}
+
+// Fraction of a GEMM tile grid that holds real elements.
+double fill(int64_t m, int64_t n, int64_t mr, int64_t nr) {
+  return double(m) / double(round_up(m, mr)) * double(n) / double(round_up(n, nr));
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(CNNEXT_NO_AVX512)
+#include <immintrin.h>
+#define CNNEXT_CONV_AVX512 __attribute__((target("avx512f")))
+#else
+#define CNNEXT_CONV_AVX512
+#endif
+
+// d[q] = src[q] for q in [a, b), 0 elsewhere in [0, seg); src is only read in [a, b).
+CNNEXT_CONV_AVX512 inline void copy_segment(float* d, int64_t seg, int64_t a, int64_t b,
+                                            const float* src) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(CNNEXT_NO_AVX512)
+  // These paths run only where sgemm::available() (AVX-512F). Masked loads read no lane
+  // outside [a, b).
+  for (int64_t v = 0; v < seg; v += 16) {
+    const int64_t cnt = std::min<int64_t>(16, seg - v);
+    const int64_t lo = std::clamp<int64_t>(a - v, 0, 16), hi = std::clamp<int64_t>(b - v, lo, 16);
+    const __mmask16 st = __mmask16((1u << cnt) - 1);
+    const __mmask16 ld = __mmask16(((1u << hi) - 1) & ~((1u << lo) - 1));
+    const __m512 val = _mm512_maskz_loadu_ps(ld, reinterpret_cast<const float*>(
+                                                     reinterpret_cast<uintptr_t>(src) + v * sizeof(float)));
+    _mm512_mask_storeu_ps(d + v, st, val);
+  }
+#else
+  for (int64_t q = 0; q < a; ++q) d[q] = 0.f;
+  for (int64_t q = a; q < b; ++q) d[q] = src[q];
+  for (int64_t q = b; q < seg; ++q) d[q] = 0.f;
+#endif
+}
+
+// Columns of taps [k0, k1) (k = (c * KH + kh) * KW + kw; x points at the first channel of
+// the group in sample 0) for global output rows [r0, r1): element (k - k0, l) goes to
+//   out[(l / width) * (k1 - k0) * width + (k - k0) * width + l % width],
+// panels of `width` positions (width >= L: plain rows of stride width). With pad_tail the
+// positions from L to the end of the last panel are zero.
+CNNEXT_CONV_AVX512 void im2col_panels(const float* x, const Strides4& xs, const Conv2dParams& p,
+                                      int64_t k0, int64_t k1, int64_t r0, int64_t r1,
+                                      int64_t width, float* out, bool pad_tail) {
+  const int64_t pstride = (k1 - k0) * width, L = (r1 - r0) * p.OW;
+  for (int64_t k = k0; k < k1; ++k) {
+    const int64_t c = k / (p.KH * p.KW), kh = (k / p.KW) % p.KH, kw = k % p.KW;
+    float* base = out + (k - k0) * width;
+    int64_t lo, hi;
+    conv_valid_out_range(kw, p.W, p.SW, p.PW, p.DW, p.OW, &lo, &hi);
+    const int64_t iw_lo = conv_in_coord(lo, kw, p.SW, p.PW, p.DW);
+    const int64_t step = p.SW * xs.w;
+    int64_t n = r0 / p.OH, oh = r0 % p.OH;
+    int64_t pi = 0, j = 0;  // panel and offset in it of the row's first position
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t ih = conv_in_coord(oh, kh, p.SH, p.PH, p.DH);
+      const bool row_valid = ih >= 0 && ih < p.H;
+      const float* src = x + n * xs.n + c * xs.c + ih * xs.h + iw_lo * xs.w;  // read when valid
+      for (int64_t ow = 0; ow < p.OW;) {
+        const int64_t seg = std::min(width - j, p.OW - ow);
+        float* d = base + pi * pstride + j;
+        const int64_t a = row_valid ? std::clamp(lo, ow, ow + seg) : ow + seg;
+        const int64_t b = row_valid ? std::clamp(hi, a, ow + seg) : ow + seg;
+        if (step == 1) {
+          // src shifted so that element q - ow of the segment reads src_seg[q - ow]
+          // (an address computed in integers: it may lie before src, but no lane outside
+          // [a, b) is read).
+          const float* src_seg = reinterpret_cast<const float*>(
+              reinterpret_cast<uintptr_t>(src) + (ow - lo) * int64_t(sizeof(float)));
+          copy_segment(d, seg, a - ow, b - ow, src_seg);
+        } else {
+          for (int64_t q = ow; q < a; ++q) d[q - ow] = 0.f;
+          for (int64_t q = a; q < b; ++q) d[q - ow] = src[(q - lo) * step];
+          for (int64_t q = b; q < ow + seg; ++q) d[q - ow] = 0.f;
+        }
+        ow += seg;
+        j += seg;
+        if (j == width) {
+          j = 0;
+          ++pi;
+        }
+      }
+      if (++oh == p.OH) {
+        oh = 0;
+        ++n;
+      }
+    }
+    if (pad_tail) {
+      for (int64_t l = L; l < round_up(L, width); ++l) base[(l / width) * pstride + l % width] = 0.f;
+    }
+  }
+}
+
+// Channels [0, count) of grad_output (g points at the first) for global rows [r0, r1), in
+// panels of `width` positions as im2col_panels writes them: a 1x1 unpadded convolution's columns.
+void pack_positions(const float* g, const Strides4& gs, const Conv2dParams& p, int64_t count,
+                    int64_t r0, int64_t r1, int64_t width, float* out) {
+  Conv2dParams q = p;
+  q.H = p.OH;
+  q.W = p.OW;
+  q.KH = q.KW = q.SH = q.SW = q.DH = q.DW = 1;
+  q.PH = q.PW = 0;
+  im2col_panels(g, gs, q, 0, count, r0, r1, width, out, true);
+}
+
+// Channels [0, Og) of grad_output (g points at the first) for global rows [r0, r1),
+// channel-major in panels of `width` channels: out[(o / width) * L * width + l * width +
+// o % width], zero-padded (sgemm's packed A of gy with width kMR, packed B of gy^T with kNR).
+CNNEXT_CONV_AVX512 void pack_channels(const float* g, const Strides4& gs, const Conv2dParams& p, int64_t Og,
+                   int64_t r0, int64_t r1, int64_t width, float* out) {
+  const int64_t L = (r1 - r0) * p.OW;
+  for (int64_t o0 = 0; o0 < Og; o0 += width) {
+    float* panel = out + o0 * L;
+    const int64_t nb = std::min(width, Og - o0);
+    if (nb < width) {
+      for (int64_t l = 0; l < L; ++l) std::fill(panel + l * width + nb, panel + (l + 1) * width, 0.f);
+    }
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t n = r / p.OH, oh = r % p.OH;
+      float* dst = panel + (r - r0) * p.OW * width;
+      for (int64_t o = 0; o < nb; ++o) {
+        const float* src = g + n * gs.n + (o0 + o) * gs.c + oh * gs.h;
+        for (int64_t ow = 0; ow < p.OW; ++ow) dst[ow * width + o] = src[ow * gs.w];
+      }
+    }
+  }
+}
+
+// Adds col (element (k - c0 * KH * KW, l) at col[k * ks + l * ls], channels [c0, c1) of x's
+// group) back into the input positions it was read from, for global rows [r0, r1).
+CNNEXT_CONV_AVX512 void col2im_add(const float* col, int64_t ks, int64_t ls, const Conv2dParams& p, int64_t c0,
+                int64_t c1, int64_t r0, int64_t r1, float* x, const Strides4& xs) {
+  for (int64_t c = c0; c < c1; ++c) {
+    for (int64_t kh = 0; kh < p.KH; ++kh) {
+      for (int64_t kw = 0; kw < p.KW; ++kw) {
+        const float* src_k = col + (((c - c0) * p.KH + kh) * p.KW + kw) * ks;
+        int64_t lo, hi;
+        conv_valid_out_range(kw, p.W, p.SW, p.PW, p.DW, p.OW, &lo, &hi);
+        const int64_t iw_lo = conv_in_coord(lo, kw, p.SW, p.PW, p.DW);
+        const int64_t step = p.SW * xs.w;
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t n = r / p.OH, oh = r % p.OH;
+          const int64_t ih = conv_in_coord(oh, kh, p.SH, p.PH, p.DH);
+          if (ih < 0 || ih >= p.H) continue;
+          float* dst = x + n * xs.n + c * xs.c + ih * xs.h + iw_lo * xs.w;
+          const float* src = src_k + ((r - r0) * p.OW + lo) * ls;
+          const int64_t cnt = hi - lo;
+          if (step == 1 && ls == 1) {  // col and x never overlap
+            _Pragma("omp simd")
+            for (int64_t q = 0; q < cnt; ++q) dst[q] += src[q];
+          } else {
+            for (int64_t q = 0; q < cnt; ++q) dst[q * step] += src[q * ls];
+          }
+        }
+      }
+    }
+  }
+}
+
+// Calls fn(item) for items [0, count) over the threads; on the calling thread alone when
+// the whole work (`elems`, when given) is too small to pay for waking the others.
+template <typename Fn>
+void run_items(int64_t count, const Fn& fn, int64_t elems = -1) {
+  if (count <= 0) return;
+  if (count == 1 || at::get_num_threads() == 1 || (elems >= 0 && elems < (int64_t(1) << 15))) {
+    for (int64_t i = 0; i < count; ++i) fn(i);
+    return;
+  }
+  at::parallel_for(0, count, 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) fn(i);
+  });
+}
+
+// The input with its zero padding: (N, C) planes of Hp x Wp (Hp = H + 2 PH, Wp = W + 2 PW)
+// in scratch slot 3, plus kNR zero floats of slack at the end.
+float* pad_input(const float* x, const Strides4& xs, const Conv2dParams& p) {
+  const int64_t Hp = p.H + 2 * p.PH, Wp = p.W + 2 * p.PW, plane = Hp * Wp;
+  float* xp = scratch(3, p.N * p.C * plane + kNR);
+  run_items(p.N * p.C, [&](int64_t nc) {
+    const int64_t n = nc / p.C, c = nc % p.C;
+    float* dst = xp + nc * plane;
+    const float* src = x + n * xs.n + c * xs.c;
+    std::fill(dst, dst + p.PH * Wp, 0.f);
+    for (int64_t h = 0; h < p.H; ++h) {
+      float* d = dst + (p.PH + h) * Wp;
+      const float* sr = src + h * xs.h;
+      std::fill(d, d + p.PW, 0.f);
+      for (int64_t w = 0; w < p.W; ++w) d[p.PW + w] = sr[w * xs.w];
+      std::fill(d + p.PW + p.W, d + Wp, 0.f);
+    }
+    std::fill(dst + (p.PH + p.H) * Wp, dst + plane, 0.f);
+  }, p.N * p.C * plane);
+  std::fill(xp + p.N * p.C * plane, xp + p.N * p.C * plane + kNR, 0.f);
+  return xp;
+}
+
+// Offsets in the padded input of the taps [0, K) of one group (from its first channel).
+std::vector<int64_t> tap_offsets(const Conv2dParams& p) {
+  const int64_t taps = p.KH * p.KW, K = p.in_per_group() * taps;
+  const int64_t Wp = p.W + 2 * p.PW, plane = (p.H + 2 * p.PH) * Wp;
+  std::vector<int64_t> off(K);
+  for (int64_t k = 0; k < K; ++k)
+    off[k] = (k / taps) * plane + ((k / p.KW) % p.KH) * p.DH * Wp + (k % p.KW) * p.DW;
+  return off;
+}
+
+// Offsets in the padded input (from sample 0, channel 0) of the top-left tap of each output
+// position of global rows [r0, r1).
+void position_offsets(const Conv2dParams& p, int64_t r0, int64_t r1, int64_t* idx) {
+  const int64_t Wp = p.W + 2 * p.PW, img = p.C * (p.H + 2 * p.PH) * Wp;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t base = (r / p.OH) * img + (r % p.OH) * p.SH * Wp;
+    int64_t* d = idx + (r - r0) * p.OW;
+    for (int64_t ow = 0; ow < p.OW; ++ow) d[ow] = base + ow * p.SW;
+  }
+}
+
+// im2col as gathers from the padded input: element (k, l) = xp[off[k] + idx[l]] into
+// panels of `width` positions, out[(l / width) * K * width + k * width + l % width], the
+// positions past L up to a whole panel zero.
+CNNEXT_CONV_AVX512 void gather_panels(const float* xp, const int64_t* off, int64_t K,
+                                      const int64_t* idx, int64_t L, int64_t width, float* out) {
+  for (int64_t l0 = 0; l0 < L; l0 += width) {
+    const int64_t n = std::min(width, L - l0);
+    float* panel = out + (l0 / width) * K * width;
+    const int64_t* id = idx + l0;
+    for (int64_t k = 0; k < K; ++k) {
+      const float* src = xp + off[k];
+      float* d = panel + k * width;
+      for (int64_t j = 0; j < n; ++j) d[j] = src[id[j]];
+      for (int64_t j = n; j < width; ++j) d[j] = 0.f;
+    }
+  }
+}
+
+// col^T as gathers: element (l, k - k0) = xp[off[k] + idx[l]] in sgemm's packed-B layout,
+// out[((k - k0) / kNR) * L * kNR + l * kNR + (k - k0) % kNR], zero-padded to a whole panel.
+CNNEXT_CONV_AVX512 void gather_t(const float* xp, const int64_t* off, int64_t k0, int64_t k1,
+                                 const int64_t* idx, int64_t L, float* out) {
+  for (int64_t kp = k0; kp < k1; kp += kNR) {
+    const int64_t n = std::min(kNR, k1 - kp);
+    float* panel = out + (kp - k0) * L;
+    const int64_t* o = off + kp;
+    for (int64_t l = 0; l < L; ++l) {
+      const float* src = xp + idx[l];
+      float* d = panel + l * kNR;
+      for (int64_t j = 0; j < n; ++j) d[j] = src[o[j]];
+      for (int64_t j = n; j < kNR; ++j) d[j] = 0.f;
+    }
+  }
+}
+
+// gy^T of one sample (g points at its group's first channel) for output rows [oh0, oh1) in
+// padded-width coordinates l = (oh - oh0) * Wp + ow, l < Lp, in sgemm's packed-B layout
+// (panels of kNR channels); zero in the columns ow >= OW and the channels past Og.
+void pack_gy_padded(const float* g, const Strides4& gs, const Conv2dParams& p, int64_t Og,
+                    int64_t oh0, int64_t oh1, int64_t Wp, int64_t Lp, float* out) {
+  for (int64_t o0 = 0; o0 < Og; o0 += kNR) {
+    float* panel = out + o0 * Lp;
+    const int64_t nb = std::min(kNR, Og - o0);
+    for (int64_t oh = oh0; oh < oh1; ++oh) {
+      float* dst = panel + (oh - oh0) * Wp * kNR;
+      const int64_t ncol = std::min(Wp, Lp - (oh - oh0) * Wp);
+      for (int64_t j = 0; j < nb; ++j) {
+        const float* src = g + (o0 + j) * gs.c + oh * gs.h;
+        for (int64_t ow = 0; ow < p.OW; ++ow) dst[ow * kNR + j] = src[ow * gs.w];
+      }
+      if (nb < kNR) {
+        for (int64_t ow = 0; ow < p.OW; ++ow) std::fill(dst + ow * kNR + nb, dst + (ow + 1) * kNR, 0.f);
+      }
+      if (ncol > p.OW) std::fill(dst + p.OW * kNR, dst + ncol * kNR, 0.f);
+    }
+  }
+}
+
+// Stride 1 without im2col: the input is copied once with its zero padding, and the GEMM
+// reads B(k, l) = xpad[off[k] + l] in place, in padded-width coordinates l = oh * Wp + ow
+// (the Wp - OW columns past each output row are computed and dropped).
+void forward_implicit(const float* x, const Strides4& xs, const float* wp, int64_t w_size,
+                      const float* bias, float* y, const Strides4& ys, const Conv2dParams& p,
+                      bool relu, const RowsDoneFn& rows_done) {
+  const int64_t Cg = p.in_per_group(), Og = p.out_per_group(), taps = p.KH * p.KW, K = Cg * taps;
+  const int64_t Wp = p.W + 2 * p.PW, plane = (p.H + 2 * p.PH) * Wp, T = at::get_num_threads();
+  const float* xp = pad_input(x, xs, p);  // kNR floats of slack for the last panel
+  const std::vector<int64_t> off = tap_offsets(p);
+  // Bands of about 384 positions; output-channel blocks when there are few bands.
+  const int64_t rows = std::clamp<int64_t>(ceil_div(384, Wp), 1, p.OH);
+  const int64_t bands = ceil_div(p.OH, rows);
+  int64_t ob = Og;
+  if (!rows_done && p.N * p.G * bands < T)
+    ob = round_up(ceil_div(Og, std::min(ceil_div(T, p.N * p.G * bands), ceil_div(Og, 32))), kMR);
+  const int64_t oblocks = ceil_div(Og, ob);
+  run_items(p.N * p.G * bands * oblocks, [&](int64_t item) {
+    const int64_t ob_i = item % oblocks, band = (item / oblocks) % bands;
+    const int64_t g = (item / (oblocks * bands)) % p.G, n = item / (oblocks * bands * p.G);
+    const int64_t o0 = ob_i * ob, M = std::min(ob, Og - o0);
+    const int64_t oh0 = band * rows, oh1 = std::min(p.OH, oh0 + rows);
+    const int64_t Lp = (oh1 - oh0) * Wp - (Wp - p.OW);
+    float* cbuf = scratch(0, ob * rows * Wp);
+    sgemm::gemm_rows(wp + g * w_size + o0 * K, xp + (n * p.C + g * Cg) * plane + oh0 * Wp,
+                     off.data(), M, Lp, K, cbuf, Lp, bias ? bias + g * Og + o0 : nullptr, relu);
+    for (int64_t o = 0; o < M; ++o) {
+      for (int64_t oh = oh0; oh < oh1; ++oh) {
+        const float* src = cbuf + o * Lp + (oh - oh0) * Wp;
+        float* dst = y + n * ys.n + (g * Og + o0 + o) * ys.c + oh * ys.h;
+        for (int64_t ow = 0; ow < p.OW; ++ow) dst[ow * ys.w] = src[ow];
+      }
+    }
+    if (rows_done) rows_done(n, oh0, oh1);
+  });
+}
+
+}  // namespace
+
+void forward_impl(const float* x, const Strides4& xs, const float* w, bool w_t, const float* bias,
+                  float* y, const Strides4& ys, const Conv2dParams& p, bool relu,
+                  const RowsDoneFn& rows_done);
+
+bool positions_on_m(int64_t positions, int64_t channels) {
+  // The transposed form costs a transposing copy of its result: ask it to win clearly.
+  return fill(positions, channels, kMR, kNR) > 1.15 * fill(channels, positions, kMR, kNR);
+}
+
+void forward(const float* x, const Strides4& xs, const float* w, const float* bias, float* y,
+             const Strides4& ys, const Conv2dParams& p, bool relu, const RowsDoneFn& rows_done) {
+  forward_impl(x, xs, w, false, bias, y, ys, p, relu, rows_done);
+}
+
+// w_t: the weight given transposed per group, (K x Og) row-major at w + g * K * Og.
+void forward_impl(const float* x, const Strides4& xs, const float* w, bool w_t, const float* bias,
+                  float* y, const Strides4& ys, const Conv2dParams& p, bool relu,
+                  const RowsDoneFn& rows_done) {
+  const int64_t Cg = p.in_per_group(), Og = p.out_per_group(), K = Cg * p.KH * p.KW;
+  const int64_t R = p.N * p.OH, T = at::get_num_threads();
+  int64_t rows = std::clamp<int64_t>(kColBudget / std::max<int64_t>(1, K * p.OW), 1, R);
+  int64_t chunks = ceil_div(R, rows);
+  const bool trans = positions_on_m(rows * p.OW, Og);
+  const int64_t mr = trans ? kNR : kMR;  // output-channel granularity
+  int64_t ob = Og;
+  if (!rows_done && p.G * chunks < T) {
+    // Few chunks: split the output channels (blocks of >= 32), then the rows.
+    const int64_t oblocks = std::min(ceil_div(T, p.G * chunks), ceil_div(Og, std::max<int64_t>(mr, 32)));
+    ob = round_up(ceil_div(Og, oblocks), mr);
+    const int64_t got = p.G * chunks * ceil_div(Og, ob);
+    if (got < T) {
+      chunks = std::min(R, ceil_div(T, p.G * ceil_div(Og, ob)));
+      rows = ceil_div(R, chunks);
+      chunks = ceil_div(R, rows);
+    }
+  }
+  const int64_t oblocks = ceil_div(Og, ob);
+  const int64_t Lmax = rows * p.OW;
+
+  // Packed weight of every group, shared by the items: A (panels of 8 channels) or, for
+  // the transposed form, B (panels of 32 channels).
+  const int64_t w_size = trans ? sgemm::packed_b_size(K, Og) : sgemm::packed_a_size(Og, K);
+  float* wp = scratch(1, p.G * w_size);
+  const int64_t panels = ceil_div(Og, mr);
+  run_items(p.G * panels, [&](int64_t item) {
+    const int64_t g = item / panels, o0 = (item % panels) * mr, m = std::min(mr, Og - o0);
+    float* dst = wp + g * w_size + o0 * K;
+    if (w_t) {  // element (o, k) at w[g K Og + k Og + o]
+      const float* src = w + g * K * Og + o0;
+      if (trans) {
+        sgemm::pack_b(src, Og, 1, K, m, dst);
+      } else {
+        sgemm::pack_a(src, 1, Og, m, K, dst);
+      }
+    } else {
+      const float* src = w + (g * Og + o0) * K;
+      if (trans) {
+        sgemm::pack_b(src, 1, K, K, m, dst);
+      } else {
+        sgemm::pack_a(src, K, 1, m, K, dst);
+      }
+    }
+  }, p.O * K);
+
+  // Stride 1 and >= 16 output columns, or no extra columns at all (1 x 1 unpadded).
+  if (!trans && p.SH == 1 && p.SW == 1 && (p.OW >= 16 || p.W + 2 * p.PW == p.OW)) {
+    forward_implicit(x, xs, wp, w_size, bias, y, ys, p, relu, rows_done);
+    return;
+  }
+
+  const float* xp = pad_input(x, xs, p);
+  const std::vector<int64_t> off = tap_offsets(p);
+  const int64_t gstride = Cg * (p.H + 2 * p.PH) * (p.W + 2 * p.PW);
+  const int64_t col_size = round_up(Lmax, trans ? kMR : kNR) * K;
+  const bool planes = ys.w == 1 && (p.OH == 1 || ys.h == p.OW);
+  run_items(p.G * chunks * oblocks, [&](int64_t item) {
+    const int64_t g = item / (chunks * oblocks), chunk = (item / oblocks) % chunks;
+    const int64_t o0 = (item % oblocks) * ob, M = std::min(ob, Og - o0);
+    const int64_t r0 = chunk * rows, r1 = std::min(R, r0 + rows), L = (r1 - r0) * p.OW;
+    float* col = scratch(0, round_up(col_size + ob * Lmax, 16) + Lmax * 2);
+    float* cbuf = col + col_size;
+    int64_t* idx = reinterpret_cast<int64_t*>(col + round_up(col_size + ob * Lmax, 16));
+    position_offsets(p, r0, r1, idx);
+    gather_panels(xp + g * gstride, off.data(), K, idx, L, trans ? kMR : kNR, col);
+    const float* b = bias ? bias + g * Og + o0 : nullptr;
+    float* yg = y + (g * Og + o0) * ys.c;
+    if (!trans) {
+      const float* a = wp + g * w_size + o0 * K;
+      if (planes && r0 / p.OH == (r1 - 1) / p.OH) {  // one sample: straight into y
+        sgemm::gemm(a, col, M, L, K, yg + (r0 / p.OH) * ys.n + (r0 % p.OH) * ys.h, ys.c, false, b,
+                    relu);
+      } else {
+        sgemm::gemm(a, col, M, L, K, cbuf, L, false, b, relu);
+        for (int64_t r = r0; r < r1; ++r) {
+          float* yr = yg + (r / p.OH) * ys.n + (r % p.OH) * ys.h;
+          for (int64_t o = 0; o < M; ++o) {
+            const float* src = cbuf + o * L + (r - r0) * p.OW;
+            float* dst = yr + o * ys.c;
+            for (int64_t ow = 0; ow < p.OW; ++ow) dst[ow * ys.w] = src[ow];
+          }
+        }
+      }
+    } else {
+      sgemm::gemm(col, wp + g * w_size + o0 * K, L, M, K, cbuf, M, false, nullptr, false);
+      for (int64_t r = r0; r < r1; ++r) {
+        float* yr = yg + (r / p.OH) * ys.n + (r % p.OH) * ys.h;
+        const float* cr = cbuf + (r - r0) * p.OW * M;
+        for (int64_t o = 0; o < M; ++o) {
+          const float bo = b ? b[o] : 0.f;
+          float* dst = yr + o * ys.c;
+          for (int64_t ow = 0; ow < p.OW; ++ow) {
+            float v = cr[ow * M + o] + bo;
+            if (relu && v < 0.f) v = 0.f;  // NaN stays NaN
+            dst[ow * ys.w] = v;
+          }
+        }
+      }
+    }
+    if (rows_done) {
+      for (int64_t r = r0; r < r1;) {
+        const int64_t n = r / p.OH, end = std::min(r1, (n + 1) * p.OH);
+        rows_done(n, r - n * p.OH, end - n * p.OH);
+        r = end;
+      }
+    }
+  });
+}
+
+bool input_backward_overwrites(const Conv2dParams& p) {
+  // Its columns (O x KH x KW by H x W) must not outnumber col2im's (C x KH x KW by OH x OW)
+  // by much: LeNet's 6 -> 16 channels, 14x14 -> 10x10 stays with col2im.
+  return p.SH == 1 && p.SW == 1 && p.PH <= p.DH * (p.KH - 1) && p.PW <= p.DW * (p.KW - 1) &&
+         4 * p.O * p.H * p.W <= 5 * p.C * p.OH * p.OW;
+}
+
+void input_backward(const float* gy, const Strides4& gs, const float* w, float* gx,
+                    const Strides4& xs, const Conv2dParams& p) {
+  const int64_t Cg = p.in_per_group(), Og = p.out_per_group(), K = Cg * p.KH * p.KW;
+  const int64_t taps = p.KH * p.KW, T = at::get_num_threads();
+  if (input_backward_overwrites(p)) {
+    // Stride 1: gx is the convolution of gy, padded by d (k - 1) - p, with the weight
+    // flipped in space and transposed in channels (w'[g Cg + c][o][kh][kw] =
+    // w[g Og + o][c][KH - 1 - kh][KW - 1 - kw]): a forward, which overwrites gx, no col2im.
+    Conv2dParams q = p;
+    q.C = p.O;
+    q.H = p.OH;
+    q.W = p.OW;
+    q.O = p.C;
+    q.OH = p.H;
+    q.OW = p.W;
+    q.PH = p.DH * (p.KH - 1) - p.PH;
+    q.PW = p.DW * (p.KW - 1) - p.PW;
+    // w' transposed per group: wf[g][(o, t)][c] = w[g Og + o][c][taps - 1 - t], read in order.
+    float* wf = scratch(2, p.C * Og * taps);
+    run_items(p.O, [&](int64_t go) {
+      const int64_t g = go / Og, o = go % Og;
+      const float* src = w + go * Cg * taps;
+      float* dst = wf + g * Og * taps * Cg + o * taps * Cg;
+      for (int64_t t = 0; t < taps; ++t)
+        for (int64_t c = 0; c < Cg; ++c) dst[t * Cg + c] = src[c * taps + taps - 1 - t];
+    }, p.O * Cg * taps);
+    forward_impl(gy, gs, wf, true, nullptr, gx, xs, q, false, RowsDoneFn());
+    return;
+  }
+  // Items: (group, block of channels, block of samples); none shares an element of gx.
+  int64_t cpb = ceil_div(Cg, std::min(Cg, ceil_div(T, p.G)));
+  const int64_t cblocks = ceil_div(Cg, cpb);
+  int64_t spb = p.N;
+  if (p.G * cblocks < T) spb = ceil_div(p.N, std::min(p.N, ceil_div(T, p.G * cblocks)));
+  const int64_t nblocks = ceil_div(p.N, spb);
+  const int64_t Kc_max = cpb * taps;
+  const int64_t rows = std::clamp<int64_t>(kColBudget / std::max<int64_t>(1, Kc_max * p.OW), 1,
+                                           spb * p.OH);
+  const int64_t Lmax = rows * p.OW;
+  const bool trans = positions_on_m(Lmax, Kc_max);
+  const int64_t w_size = trans ? sgemm::packed_b_size(Og, Kc_max) : sgemm::packed_a_size(Kc_max, Og);
+  const int64_t g_size = trans ? sgemm::packed_a_size(Lmax, Og) : sgemm::packed_b_size(Og, Lmax);
+  run_items(p.G * cblocks * nblocks, [&](int64_t item) {
+    const int64_t g = item / (cblocks * nblocks), cb = (item / nblocks) % cblocks;
+    const int64_t nb = item % nblocks;
+    const int64_t c0 = cb * cpb, c1 = std::min(Cg, c0 + cpb), Kc = (c1 - c0) * taps;
+    float* wpk = scratch(0, w_size + g_size + Kc_max * Lmax);
+    float* gpk = wpk + w_size;
+    float* col = gpk + g_size;
+    const float* wg = w + g * Og * K + c0 * taps;  // element (o, k) at wg[o * K + k]
+    if (trans) {
+      sgemm::pack_b(wg, K, 1, Og, Kc, wpk);
+    } else {
+      sgemm::pack_a(wg, 1, K, Kc, Og, wpk);
+    }
+    const int64_t rend = std::min(p.N, (nb + 1) * spb) * p.OH;
+    for (int64_t r0 = nb * spb * p.OH; r0 < rend; r0 += rows) {
+      const int64_t r1 = std::min(rend, r0 + rows), L = (r1 - r0) * p.OW;
+      pack_positions(gy + g * Og * gs.c, gs, p, Og, r0, r1, trans ? kMR : kNR, gpk);
+      if (trans) {
+        sgemm::gemm(gpk, wpk, L, Kc, Og, col, Kc, false, nullptr);
+        col2im_add(col, 1, Kc, p, g * Cg + c0, g * Cg + c1, r0, r1, gx, xs);
+      } else {
+        sgemm::gemm(wpk, gpk, Kc, L, Og, col, L, false, nullptr);
+        col2im_add(col, L, 1, p, g * Cg + c0, g * Cg + c1, r0, r1, gx, xs);
+      }
+    }
+  });
+}
+
+void weight_backward(const float* gy, const Strides4& gs, const float* x, const Strides4& xs,
+                     float* gw, const Conv2dParams& p) {
+  const int64_t Cg = p.in_per_group(), Og = p.out_per_group(), K = Cg * p.KH * p.KW;
+  const int64_t R = p.N * p.OH, T = at::get_num_threads();
+  if (R == 0 || p.OW == 0) {
+    std::fill(gw, gw + p.O * K, 0.f);
+    return;
+  }
+  if (p.SH == 1 && p.SW == 1 && p.OW >= 12) {
+    // gw_g^T (K x Og) = A (K x L) * gy_g^T with A read in place from the padded input,
+    // A(k, l) = xpad[off[k] + l] in padded-width coordinates l = oh * Wp + ow; gy^T is
+    // packed in the same coordinates, zero in the Wp - OW extra columns, which so add
+    // nothing. Items: (group, block of rows of gw^T), each reducing every position itself.
+    const int64_t Wp = p.W + 2 * p.PW, plane = (p.H + 2 * p.PH) * Wp;
+    const float* xp = pad_input(x, xs, p);
+    const std::vector<int64_t> off = tap_offsets(p);
+    const int64_t rows = std::clamp<int64_t>(ceil_div(1536, Wp), 1, p.OH);
+    const int64_t bands = ceil_div(p.OH, rows);
+    const int64_t kpb = round_up(ceil_div(K, std::min(ceil_div(K, kMR), ceil_div(T, p.G))), kMR);
+    const int64_t kblocks = ceil_div(K, kpb);
+    float* gwt = scratch(1, p.G * K * Og);
+    const int64_t b_size = sgemm::packed_b_size(rows * Wp, Og);
+    run_items(p.G * kblocks, [&](int64_t item) {
+      const int64_t g = item / kblocks, k0 = (item % kblocks) * kpb, k1 = std::min(K, k0 + kpb);
+      float* bpk = scratch(0, b_size);
+      for (int64_t n = 0; n < p.N; ++n) {
+        for (int64_t band = 0; band < bands; ++band) {
+          const int64_t oh0 = band * rows, oh1 = std::min(p.OH, oh0 + rows);
+          const int64_t Lp = (oh1 - oh0) * Wp - (Wp - p.OW);
+          pack_gy_padded(gy + n * gs.n + g * Og * gs.c, gs, p, Og, oh0, oh1, Wp, Lp, bpk);
+          sgemm::gemm_arows(xp + (n * p.C + g * Cg) * plane + oh0 * Wp, off.data() + k0, bpk,
+                            k1 - k0, Og, Lp, gwt + (g * K + k0) * Og, Og, n > 0 || band > 0);
+        }
+      }
+    });
+    run_items(std::min<int64_t>(T, p.O), [&](int64_t t) {
+      const int64_t per = ceil_div(p.O, std::min<int64_t>(T, p.O));
+      for (int64_t o = t * per; o < std::min(p.O, (t + 1) * per); ++o) {
+        const float* src = gwt + (o / Og) * K * Og + o % Og;
+        float* dst = gw + o * K;
+        for (int64_t k = 0; k < K; ++k) dst[k] = src[k * Og];
+      }
+    }, p.O * K);
+    return;
+  }
+  // gw_g (Og x K) = gy_g (Og x L) * col^T (L x K), summed over chunks of positions. Items:
+  // (group, block of taps, a multiple of kNR): each owns its columns of gw and reduces
+  // every position itself.
+  const int64_t kpb = round_up(ceil_div(K, std::min(ceil_div(K, kNR), ceil_div(T, p.G))), kNR);
+  const int64_t kblocks = ceil_div(K, kpb);
+  const int64_t rows = std::clamp<int64_t>(kColBudget / std::max<int64_t>(1, kpb * p.OW), 1, R);
+  const int64_t Lmax = rows * p.OW;
+  const int64_t a_size = sgemm::packed_a_size(Og, Lmax), b_size = sgemm::packed_b_size(Lmax, kpb);
+  const float* xp = pad_input(x, xs, p);
+  const std::vector<int64_t> off = tap_offsets(p);
+  const int64_t gstride = Cg * (p.H + 2 * p.PH) * (p.W + 2 * p.PW);
+  run_items(p.G * kblocks, [&](int64_t item) {
+    const int64_t g = item / kblocks, k0 = (item % kblocks) * kpb, k1 = std::min(K, k0 + kpb);
+    float* apk = scratch(0, a_size + b_size + 2 * Lmax);
+    float* bpk = apk + a_size;
+    int64_t* idx = reinterpret_cast<int64_t*>(bpk + b_size);
+    for (int64_t r0 = 0; r0 < R; r0 += rows) {
+      const int64_t r1 = std::min(R, r0 + rows), L = (r1 - r0) * p.OW;
+      pack_channels(gy + g * Og * gs.c, gs, p, Og, r0, r1, kMR, apk);
+      position_offsets(p, r0, r1, idx);
+      gather_t(xp + g * gstride, off.data(), k0, k1, idx, L, bpk);
+      sgemm::gemm(apk, bpk, Og, k1 - k0, L, gw + g * Og * K + k0, K, r0 > 0, nullptr);
+    }
+  });
+}
+
+}  // namespace conv_sgemm
+}  // namespace cpu
+}  // namespace cnnext

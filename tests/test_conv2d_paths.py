@@ -1,0 +1,174 @@
+"""The float32 GEMM paths of the CPU conv2d (csrc/cpu/conv2d_sgemm.cpp), each selected by
+shape, against torch.nn.functional.conv2d: forward, grad_input, grad_weight, grad_bias.
+
+Output positions are batched over samples (one GEMM spans several small maps); each GEMM
+puts positions on its N side (channels on M) or, when that wastes less padding, transposed;
+the work is split over output-channel blocks (forward), input-channel x sample blocks (input
+gradient) and tap blocks (weight gradient) depending on the thread count, so the float32
+cases run on 1, 2 and 3 threads. float64 takes the at::mm paths on the same shapes.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import cnnext
+from cnnext.functional import conv2d, conv_bn_relu2d
+from conftest import assert_close_scaled, to_layout
+
+# name: (N, C, H, W, O, kernel, stride, padding, dilation, groups)
+CASES = {
+    # 11-row chunks of a 40x40 map: chunks inside one sample (written straight into y) and
+    # chunks across two samples; weight gradient over several chunks.
+    "rows_chunks": (2, 64, 40, 40, 16, 3, 1, 1, 1, 1),
+    # 5 samples of 7x7 in one GEMM (positions on N), 40 output channels (a partial panel of 8).
+    "across_samples": (5, 32, 7, 7, 40, 3, 1, 1, 1, 1),
+    # 45 positions, 96 channels: positions on M (transposed), output-channel blocks of 32/64.
+    "transposed": (5, 64, 3, 3, 96, 3, 1, 1, 1, 1),
+    # 6 positions, odd channel counts and a 2x2 kernel: transposed with partial tiles everywhere.
+    "transposed_odd": (3, 40, 2, 3, 70, 2, 1, 0, 1, 1),
+    "stride2_small": (4, 32, 6, 6, 48, 3, 2, 1, 1, 1),
+    "pointwise_stride2": (4, 24, 6, 6, 40, 1, 2, 0, 1, 1),
+    "dilated_padded": (3, 12, 11, 9, 20, (3, 2), (2, 1), (2, 1), (2, 3), 1),
+    "groups": (3, 24, 9, 9, 36, 3, 1, 1, 1, 3),
+    "groups_transposed": (4, 64, 3, 3, 64, 3, 1, 1, 1, 2),
+    # LeNet's first layer (1 -> 6 channels): forward and input gradient on the GEMM (input
+    # gradient split over samples), weight gradient on the direct loops.
+    "lenet_conv1": (6, 1, 12, 12, 6, 5, 1, 2, 1, 1),
+    "lenet_conv2": (5, 6, 14, 14, 16, 5, 1, 0, 1, 1),
+    "one_sample_3x3": (1, 128, 3, 3, 72, 3, 1, 1, 1, 1),
+    # Stride 1 with >= 16 output columns (forward; >= 12 for the weight gradient): the GEMM
+    # reads a zero-padded copy of the input in place (no im2col); the input gradient of
+    # these runs as such a forward as well.
+    "implicit_dilated": (2, 8, 16, 17, 12, (3, 3), 1, (1, 2), (2, 1), 1),
+    "implicit_groups": (3, 16, 18, 18, 24, 3, 1, 1, 1, 2),
+    "implicit_1x1": (2, 24, 17, 17, 40, 1, 1, 0, 1, 1),
+    "implicit_w_only": (3, 16, 12, 13, 24, 3, 1, 1, 1, 1),
+    # 1 x 1 unpadded on a small map: implicit too (no extra columns).
+    "implicit_pointwise_small": (3, 40, 7, 9, 48, 1, 1, 0, 1, 1),
+}
+
+
+def run(case, dtype, layout, bias=True):
+    n, c, h, w, o, k, s, p, d, g = CASES[case]
+    kh, kw = (k, k) if isinstance(k, int) else k
+    x0 = torch.randn(n, c, h, w, dtype=torch.float64)
+    w0 = torch.randn(o, c // g, kh, kw, dtype=torch.float64)
+    b0 = torch.randn(o, dtype=torch.float64) if bias else None
+    kw_args = dict(stride=s, padding=p, dilation=d, groups=g)
+    results = []
+    for fn in (conv2d, F.conv2d):
+        x = to_layout(x0.to(dtype), layout).requires_grad_(True)
+        wt = w0.to(dtype).requires_grad_(True)
+        b = b0.to(dtype).requires_grad_(True) if bias else None
+        y = fn(x, wt, b, **kw_args)
+        gy = to_layout(torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).to(dtype), layout)
+        grads = torch.autograd.grad(y, (x, wt) + ((b,) if bias else ()), gy)
+        results.append((y.detach(),) + grads)
+    return results
+
+
+def compare(ours, ref, dtype):
+    for name, a, e in zip(["output", "grad_input", "grad_weight", "grad_bias"], ours, ref):
+        if dtype == torch.float32:
+            assert_close_scaled(a, e, 1e-5, name)
+        else:
+            torch.testing.assert_close(a, e, msg=name)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("case", list(CASES))
+def test_float32_threads(case, threads):
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ours, ref = run(case, torch.float32, "contiguous")
+    finally:
+        torch.set_num_threads(old)
+    compare(ours, ref, torch.float32)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "sliced", "permuted", "offset"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_float32_layouts(case, layout):
+    ours, ref = run(case, torch.float32, layout)
+    compare(ours, ref, torch.float32)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_float64(case, layout):
+    ours, ref = run(case, torch.float64, layout)
+    compare(ours, ref, torch.float64)
+
+
+@pytest.mark.parametrize("case", ["transposed", "across_samples", "lenet_conv1"])
+def test_no_bias(case):
+    ours, ref = run(case, torch.float32, "contiguous", bias=False)
+    compare(ours, ref, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [0, 1])
+def test_small_batches(n, dtype):
+    x = torch.randn(n, 64, 3, 3, dtype=dtype, requires_grad=True)
+    w = torch.randn(96, 64, 3, 3, dtype=dtype, requires_grad=True)
+    outs = []
+    for fn in (conv2d, F.conv2d):
+        y = fn(x, w, None, padding=1)
+        outs.append((y.detach(),) + torch.autograd.grad(y, (x, w), torch.ones_like(y)))
+    for a, e in zip(*outs):
+        assert_close_scaled(a, e, 1e-5 if dtype == torch.float32 else 1e-12)
+
+
+def test_unbatched_transposed():
+    x = torch.randn(64, 3, 3, requires_grad=True)
+    w = torch.randn(96, 64, 3, 3, requires_grad=True)
+    outs = []
+    for fn in (conv2d, F.conv2d):
+        y = fn(x, w, None, padding=1)
+        outs.append((y.detach(),) + torch.autograd.grad(y, (x, w), torch.ones_like(y)))
+    for a, e in zip(*outs):
+        assert_close_scaled(a, e, 1e-5)
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_relu_epilogue_transposed(relu):
+    """conv_bn_relu2d inference folds into one conv with bias and ReLU: the transposed form
+    applies them while transposing, the other in the GEMM's store."""
+    for case in ("transposed", "across_samples"):
+        n, c, h, w, o, k = CASES[case][:6]
+        x = torch.randn(n, c, h, w)
+        wt, b = torch.randn(o, c, k, k), torch.randn(o)
+        gamma, beta = torch.rand(o) + 0.5, torch.randn(o)
+        mean, var = torch.randn(o), torch.rand(o) + 0.5
+        ours = conv_bn_relu2d(x, wt, b, gamma, beta, mean, var, False, padding=1, relu=relu)
+        ref = F.batch_norm(F.conv2d(x, wt, b, padding=1), mean, var, gamma, beta, False)
+        if relu:
+            ref = F.relu(ref)
+        assert_close_scaled(ours, ref, 1e-5, case)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_batch_stats_chunks_across_samples(threads):
+    """conv_bn_relu2d training takes its statistics from the forward's row bands, which
+    here span samples (5 samples of 7x7 in one chunk, then 11-row chunks of 40x40)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for shape, o in (((5, 32, 7, 7), 40), ((2, 64, 40, 40), 16)):
+            x = torch.randn(*shape, requires_grad=True)
+            wt = torch.randn(o, shape[1], 3, 3, requires_grad=True)
+            gamma, beta = torch.rand(o) + 0.5, torch.randn(o)
+            outs = []
+            for fused in (True, False):
+                rm, rv = torch.zeros(o), torch.ones(o)
+                if fused:
+                    y = conv_bn_relu2d(x, wt, None, gamma, beta, rm, rv, True, padding=1)
+                else:
+                    y = F.relu(F.batch_norm(F.conv2d(x, wt, None, padding=1), rm, rv, gamma, beta, True))
+                gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(2))
+                outs.append((y.detach(), rm, rv) + torch.autograd.grad(y, (x, wt), gy))
+            for a, e, name in zip(*outs, ["out", "running_mean", "running_var", "grad_input", "grad_weight"]):
+                assert_close_scaled(a, e, 1e-4, name)
+    finally:
+        torch.set_num_threads(old)
