@@ -22,55 +22,48 @@ def make(shape, requires_grad):
     return x, wt, b, s, p
 
 
-@pytest.mark.parametrize("impl", list(IMPLS))
-@pytest.mark.parametrize("name", list(CONV2D))
-def test_conv2d_forward(benchmark, name, impl):
-    x, w, b, s, p = make(CONV2D[name], False)
+def run_forward(benchmark, spec, group, impl):
+    x, w, b, s, p = make(spec, False)
     fn = IMPLS[impl]
-    benchmark.group = f"conv2d forward {name}"
+    benchmark.group = group
     with torch.no_grad():
         out = benchmark(fn, x, w, b, s, p)
     assert out.shape[1] == w.shape[0]
+
+
+def run_train(benchmark, spec, group, impl):
+    x, w, b, s, p = make(spec, True)
+    fn = IMPLS[impl]
+    grad = torch.randn_like(fn(x, w, b, s, p).detach())
+
+    def step():
+        y = fn(x, w, b, s, p)
+        return torch.autograd.grad(y, (x, w, b), grad)
+
+    benchmark.group = group
+    grads = benchmark(step)
+    assert grads[1].shape == w.shape
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("name", list(CONV2D))
+def test_conv2d_forward(benchmark, name, impl):
+    run_forward(benchmark, CONV2D[name], f"conv2d forward {name}", impl)
 
 
 @pytest.mark.parametrize("impl", list(IMPLS))
 @pytest.mark.parametrize("name", list(CONV2D))
 def test_conv2d_train(benchmark, name, impl):
-    x, w, b, s, p = make(CONV2D[name], True)
-    fn = IMPLS[impl]
-    grad = torch.randn_like(fn(x, w, b, s, p).detach())
-
-    def step():
-        y = fn(x, w, b, s, p)
-        return torch.autograd.grad(y, (x, w, b), grad)
-
-    benchmark.group = f"conv2d forward+backward {name}"
-    grads = benchmark(step)
-    assert grads[1].shape == w.shape
+    run_train(benchmark, CONV2D[name], f"conv2d forward+backward {name}", impl)
 
 
 @pytest.mark.parametrize("impl", list(IMPLS))
 @pytest.mark.parametrize("name", list(CONV2D_NETWORKS))
 def test_conv2d_network_forward(benchmark, name, impl):
-    x, w, b, s, p = make(CONV2D_NETWORKS[name], False)
-    fn = IMPLS[impl]
-    benchmark.group = f"conv2d network forward {name}"
-    with torch.no_grad():
-        out = benchmark(fn, x, w, b, s, p)
-    assert out.shape[1] == w.shape[0]
+    run_forward(benchmark, CONV2D_NETWORKS[name], f"conv2d network forward {name}", impl)
 
 
 @pytest.mark.parametrize("impl", list(IMPLS))
 @pytest.mark.parametrize("name", list(CONV2D_NETWORKS))
 def test_conv2d_network_train(benchmark, name, impl):
-    x, w, b, s, p = make(CONV2D_NETWORKS[name], True)
-    fn = IMPLS[impl]
-    grad = torch.randn_like(fn(x, w, b, s, p).detach())
-
-    def step():
-        y = fn(x, w, b, s, p)
-        return torch.autograd.grad(y, (x, w, b), grad)
-
-    benchmark.group = f"conv2d network forward+backward {name}"
-    grads = benchmark(step)
-    assert grads[1].shape == w.shape
+    run_train(benchmark, CONV2D_NETWORKS[name], f"conv2d network forward+backward {name}", impl)

@@ -17,9 +17,7 @@ host adds the lanes' partial sums in lane order instead).
 """
 import ctypes
 import itertools
-import re
 import struct
-import subprocess
 import os
 from dataclasses import dataclass
 
@@ -28,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import to_layout
-from test_cuda_kernels_on_host import NVCC, REPO, span
+from test_cuda_kernels_on_host import NVCC, REPO, build_host_program, run_host_program, span
 
 SOURCE = os.path.join(REPO, "tests", "cuda_host", "avg_pool2d_host.cu")
 pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found: cannot build the host harness")
@@ -143,20 +141,9 @@ def record(case, src, res):
 def results(tmp_path_factory):
     d = tmp_path_factory.mktemp("avg_pool2d_host")
     exe = str(d / "avg_pool2d_host")
-    cmd = [NVCC, "-std=c++17", f"-I{os.path.join(REPO, 'csrc')}", "-O2", "--expt-relaxed-constexpr",
-           "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
-           "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__", "-o", exe, SOURCE]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    if res.returncode != 0:
-        pytest.fail(f"nvcc failed ({' '.join(cmd)}):\n{res.stdout}{res.stderr}", pytrace=False)
+    build_host_program(exe, SOURCE)
     operands = [make_operands(c, seed) for seed, c in enumerate(ALL_CASES)]
-    (d / "in.bin").write_bytes(b"".join(record(c, *o) for c, o in zip(ALL_CASES, operands)))
-    run = subprocess.run([exe, str(d / "in.bin"), str(d / "out.bin")], capture_output=True, text=True, timeout=300)
-    if run.returncode != 0:
-        m = re.search(r"record (\d+)", run.stderr)
-        where = f" at case {ALL_CASES[int(m.group(1))]}" if m else ""
-        pytest.fail(f"avg_pool2d_host failed (exit status {run.returncode}){where}: {run.stderr}", pytrace=False)
-    data = (d / "out.bin").read_bytes()
+    data = run_host_program(exe, d, [record(c, *o) for c, o in zip(ALL_CASES, operands)], ALL_CASES)
     out, pos = {}, 0
     for case, (src, template) in zip(ALL_CASES, operands):
         nbytes = span(template) * template.element_size()

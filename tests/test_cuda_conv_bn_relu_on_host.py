@@ -12,12 +12,11 @@ launch configuration and block_sum (tests/test_cuda_conv_bn_relu.py covers them 
 import itertools
 import os
 import struct
-import subprocess
 
 import pytest
 import torch
 
-from test_cuda_kernels_on_host import NVCC, REPO
+from test_cuda_kernels_on_host import NVCC, REPO, build_host_program, run_host_program
 
 pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found: cannot build the host harness")
 
@@ -64,18 +63,9 @@ def record(case, y, gr, gamma, beta):
 def results(tmp_path_factory):
     d = tmp_path_factory.mktemp("cbr_host")
     exe = str(d / "conv_bn_relu2d_host")
-    cmd = [NVCC, "-std=c++17", f"-I{os.path.join(REPO, 'csrc')}", "-O2", "--expt-relaxed-constexpr",
-           "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
-           "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__", "-o", exe, SOURCE]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    if res.returncode != 0:
-        pytest.fail(f"nvcc failed:\n{res.stdout}{res.stderr}", pytrace=False)
+    build_host_program(exe, SOURCE)
     data = [inputs(case, seed) for seed, case in enumerate(CASES)]
-    (d / "in.bin").write_bytes(b"".join(record(c, *t) for c, t in zip(CASES, data)))
-    res = subprocess.run([exe, str(d / "in.bin"), str(d / "out.bin")], capture_output=True, text=True, timeout=300)
-    if res.returncode != 0:
-        pytest.fail(f"conv_bn_relu2d_host failed: {res.stderr}", pytrace=False)
-    raw = (d / "out.bin").read_bytes()
+    raw = run_host_program(exe, d, [record(c, *t) for c, t in zip(CASES, data)], CASES)
     values = torch.tensor(struct.unpack(f"<{len(raw) // 8}d", raw), dtype=torch.float64)
     out, pos = {}, 0
     for case, t in zip(CASES, data):

@@ -48,6 +48,35 @@ def find_nvcc():
 
 
 NVCC = find_nvcc()
+
+# The half / bfloat16 switches torch's cpp_extension builds the kernels with.
+NVCC_FLAGS = ["-std=c++17", f"-I{os.path.join(REPO, 'csrc')}", "--expt-relaxed-constexpr",
+              "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+              "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__"]
+
+
+def build_host_program(exe, source, opt="-O2", extra=(), timeout=600):
+    """Compiles the nvcc host harness `source` into `exe` (a test failure with nvcc's
+    output if it does not build); returns exe."""
+    cmd = [NVCC, *NVCC_FLAGS, opt, *extra, "-o", str(exe), source]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if res.returncode != 0:
+        pytest.fail(f"nvcc failed ({' '.join(cmd)}):\n{res.stdout}{res.stderr}", pytrace=False)
+    return str(exe)
+
+
+def run_host_program(exe, directory, records, cases, timeout=300):
+    """Runs a host harness on the concatenated `records` (one per case) and returns the
+    bytes it wrote; a failure names the case of the record the program stopped at."""
+    (directory / "in.bin").write_bytes(b"".join(records))
+    res = subprocess.run([str(exe), str(directory / "in.bin"), str(directory / "out.bin")],
+                         capture_output=True, text=True, timeout=timeout)
+    if res.returncode != 0:
+        m = re.search(r"record (\d+)", res.stderr)
+        where = f" at case {cases[int(m.group(1))]}" if m and int(m.group(1)) < len(cases) else ""
+        pytest.fail(f"{os.path.basename(str(exe))} failed (exit status {res.returncode}){where}: "
+                    f"{res.stderr}", pytrace=False)
+    return (directory / "out.bin").read_bytes()
 pytestmark = pytest.mark.skipif(
     NVCC is None,
     reason="nvcc not found (not $NVCC, not on PATH, not $CUDA_HOME/bin/nvcc): "
@@ -245,15 +274,7 @@ def conv2d_host(tmp_path_factory):
     except (OSError, subprocess.SubprocessError):
         arch = []
     arch_flags = [f"-gencode=arch={arch[0]},code={arch[0]}"] if arch else []
-    # The half / bfloat16 switches torch's cpp_extension builds the kernels with.
-    cmd = [NVCC, "-std=c++17", f"-I{os.path.join(REPO, 'csrc')}", "-O2", "--expt-relaxed-constexpr",
-           "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
-           "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
-           *arch_flags, "-o", exe, SOURCE]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    if res.returncode != 0:
-        pytest.fail(f"nvcc failed ({' '.join(cmd)}):\n{res.stdout}{res.stderr}", pytrace=False)
-    return exe
+    return build_host_program(exe, SOURCE, extra=arch_flags)
 
 
 @pytest.fixture(scope="module")
@@ -263,15 +284,8 @@ def results(conv2d_host, tmp_path_factory):
     the program left there."""
     operands = [make_operands(case, seed) for seed, case in enumerate(ALL_CASES)]
     d = tmp_path_factory.mktemp("cuda_host_run")
-    (d / "in.bin").write_bytes(b"".join(record(c, *ops) for c, ops in zip(ALL_CASES, operands)))
-    res = subprocess.run([conv2d_host, str(d / "in.bin"), str(d / "out.bin")],
-                         capture_output=True, text=True, timeout=300)
-    if res.returncode != 0:
-        m = re.search(r"record (\d+)", res.stderr)
-        where = f" at case {ALL_CASES[int(m.group(1))]}" if m else ""
-        pytest.fail(f"conv2d_host failed (exit status {res.returncode}){where}: {res.stderr}",
-                    pytrace=False)
-    data = (d / "out.bin").read_bytes()
+    data = run_host_program(conv2d_host, d, [record(c, *ops) for c, ops in zip(ALL_CASES, operands)],
+                            ALL_CASES)
     out, pos = {}, 0
     for case, (inputs, template) in zip(ALL_CASES, operands):
         nbytes = span(template) * template.element_size()

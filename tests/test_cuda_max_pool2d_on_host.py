@@ -20,16 +20,14 @@ expected result is exact in every dtype and compared exactly.
 import ctypes
 import itertools
 import os
-import re
 import struct
-import subprocess
 from dataclasses import dataclass
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from test_cuda_kernels_on_host import find_nvcc, span
+from test_cuda_kernels_on_host import build_host_program, find_nvcc, run_host_program, span
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCE = os.path.join(REPO, "tests", "cuda_host", "max_pool2d_host.cu")
@@ -231,21 +229,10 @@ def record(case, ins, outs):
 def results(tmp_path_factory):
     d = tmp_path_factory.mktemp("max_pool2d_host")
     exe = str(d / "max_pool2d_host")
-    cmd = [NVCC, "-std=c++17", f"-I{os.path.join(REPO, 'csrc')}", "-O1", "--expt-relaxed-constexpr",
-           "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
-           "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__", "-o", exe, SOURCE]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    if res.returncode != 0:
-        pytest.fail(f"nvcc failed ({' '.join(cmd)}):\n{res.stdout}{res.stderr}", pytrace=False)
+    build_host_program(exe, SOURCE, opt="-O1")
     made = [make(c, seed) for seed, c in enumerate(ALL_CASES)]
-    (d / "in.bin").write_bytes(b"".join(record(c, *m) for c, m in zip(ALL_CASES, made)))
-    res = subprocess.run([exe, str(d / "in.bin"), str(d / "out.bin")], capture_output=True, text=True,
-                         timeout=300)
-    if res.returncode != 0:
-        m = re.search(r"record (\d+)", res.stderr)
-        where = f" at case {ALL_CASES[int(m.group(1))]}" if m else ""
-        pytest.fail(f"max_pool2d_host failed ({res.returncode}){where}: {res.stderr}", pytrace=False)
-    data, pos, out = (d / "out.bin").read_bytes(), 0, {}
+    data = run_host_program(exe, d, [record(c, *m) for c, m in zip(ALL_CASES, made)], ALL_CASES)
+    pos, out = 0, {}
     for case, (ins, outs) in zip(ALL_CASES, made):
         got = []
         for dt, shape, layout in outs:

@@ -22,16 +22,14 @@ cp.async completion and the barriers, and the torch-side dispatch.
 import ctypes
 import itertools
 import os
-import re
 import struct
-import subprocess
 from dataclasses import dataclass
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from test_cuda_kernels_on_host import NVCC, REPO, Conv, span, to_layout
+from test_cuda_kernels_on_host import NVCC, REPO, Conv, build_host_program, run_host_program, span, to_layout
 
 SOURCE = os.path.join(REPO, "tests", "cuda_host", "conv2d_igemm_host.cu")
 pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found: cannot build the host harness")
@@ -199,22 +197,9 @@ def results(tmp_path_factory):
     exe = str(d / "conv2d_igemm_host")
     # PTX only (no ptxas) for sm_80, the oldest target of the kernel's instructions:
     # only the host code runs.
-    cmd = [NVCC, "-std=c++17", f"-I{os.path.join(REPO, 'csrc')}", "-O2", "--expt-relaxed-constexpr",
-           "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
-           "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
-           "-gencode=arch=compute_80,code=compute_80", "-o", exe, SOURCE]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    if res.returncode != 0:
-        pytest.fail(f"nvcc failed ({' '.join(cmd)}):\n{res.stdout}{res.stderr}", pytrace=False)
+    build_host_program(exe, SOURCE, extra=["-gencode=arch=compute_80,code=compute_80"], timeout=900)
     operands = [make(c, seed) for seed, c in enumerate(CASES)]
-    (d / "in.bin").write_bytes(b"".join(record(c, *ops) for c, ops in zip(CASES, operands)))
-    res = subprocess.run([exe, str(d / "in.bin"), str(d / "out.bin")], capture_output=True,
-                         text=True, timeout=900)
-    if res.returncode != 0:
-        m = re.search(r"record (\d+)", res.stderr)
-        where = f" at case {CASES[int(m.group(1))]}" if m else ""
-        pytest.fail(f"conv2d_igemm_host failed ({res.returncode}){where}: {res.stderr}", pytrace=False)
-    data = (d / "out.bin").read_bytes()
+    data = run_host_program(exe, d, [record(c, *ops) for c, ops in zip(CASES, operands)], CASES, timeout=900)
     out, pos = {}, 0
     for case, (a, w, bias, template) in zip(CASES, operands):
         (mapping,) = struct.unpack_from("<q", data, pos)
