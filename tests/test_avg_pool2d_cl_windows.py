@@ -1,6 +1,7 @@
 """channels_last average pooling through the streamed window loop of
-csrc/cpu/avg_pool2d_kernels.h (windows of 2-4 pixels: the first two pixels summed in one
-pass, the last two added at the store; windows over 16 pixels: four per pass), with the
+csrc/cpu/avg_pool2d_kernels.h (windows of 1-4 pixels: one pixel per pass summed into the
+output, the last one added while scaling; windows over 16 pixels: four per pass into a
+buffer, the last one or two added at the store), with the
 window sizes that select each of its branches (1, 2, 3, 4, 17-21 and 49 pixels, and the
 edge windows ceil_mode / padding shrink), channel counts around the vector width, float32
 and float64, against torch (avg_pool_testing.check_parity: output and gradient)."""
