@@ -1,7 +1,10 @@
 // The Python extension module cnnext._C. Loading it registers the ops (TORCH_LIBRARY
-// in csrc/ops/*.cpp); the module itself only reports how it was built.
+// in csrc/ops/*.cpp); the module itself reports how it was built and holds the direct
+// eager entries to the ops (cnnext._C.eager, csrc/eager.cpp).
 #include <torch/extension.h>
 #include <torch/version.h>
+
+#include "eager.h"
 
 #ifdef CNNEXT_WITH_CUDA
 #include <cuda_runtime_api.h>
@@ -38,4 +41,5 @@ pybind11::dict build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "cnnext kernels; the ops live in torch.ops.cnnext";
   m.def("build_info", &build_info, "How this extension was built.");
+  cnnext::bind_eager(m);
 }
