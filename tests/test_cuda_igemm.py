@@ -1,4 +1,4 @@
-"""The implicit-GEMM CUDA conv2d (csrc/cuda/conv2d_igemm.cu) on a GPU: forward (with the
+"""The implicit-GEMM CUDA conv2d (csrc/cuda/conv2d_igemm_kernels.cuh) on a GPU: forward (with the
 bias / folded-BN + ReLU epilogue), input backward and weight backward (split K), against torch.nn.functional in
 float64 on the CPU and against cnnext's CPU backend.
 

@@ -1,4 +1,4 @@
-"""The implicit-GEMM CUDA conv2d (csrc/cuda/conv2d_igemm.cu), run on the CPU: no GPU
+"""The implicit-GEMM CUDA conv2d (csrc/cuda/conv2d_igemm_kernels.cuh), run on the CPU: no GPU
 needed, only nvcc.
 
 tests/cuda_host/conv2d_igemm_host.cu includes the kernel file and runs, for every block

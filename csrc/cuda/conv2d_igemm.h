@@ -1,4 +1,5 @@
-// Implicit-GEMM conv2d on CUDA (csrc/cuda/conv2d_igemm.cu): the GEMM a convolution is,
+// Implicit-GEMM conv2d on CUDA (csrc/cuda/conv2d_igemm.cu; the kernels are in
+// conv2d_igemm_kernels.cuh): the GEMM a convolution is,
 // its index math, and the launcher. Torch-free; included by the .cu (nvcc), by
 // csrc/cuda/conv2d_launch.cpp (host compiler) and by the host harness
 // tests/cuda_host/conv2d_igemm_host.cu, so every index function below is one

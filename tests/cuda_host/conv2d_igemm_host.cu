@@ -1,5 +1,5 @@
-// Runs the implicit-GEMM conv2d kernel of csrc/cuda/conv2d_igemm.cu on the host,
-// without a GPU, for tests/test_igemm_on_host.py. It includes the .cu itself and, for
+// Runs the implicit-GEMM conv2d kernel of csrc/cuda/conv2d_igemm_kernels.cuh on the host,
+// without a GPU, for tests/test_igemm_on_host.py. It includes that header and, for
 // every block of the launch grid, calls the kernel's own __host__ __device__ pieces for
 // each of its 256 threads in the kernel's order: init_thread, load_stage of stage 0,
 // then per stage load_stage of the next stage into the other buffer, the stage compute,
@@ -37,7 +37,7 @@
 #include <memory>
 #include <vector>
 
-#include "cuda/conv2d_igemm.cu"
+#include "cuda/conv2d_igemm_kernels.cuh"
 
 using namespace cnnext;
 using namespace cnnext::cuda::kernels;
@@ -312,7 +312,7 @@ void run(int64_t op, int64_t math, bool relu, const Conv2dParams& p, FILE* out) 
   const IgemmProblem q = op != 1 ? igemm_forward_problem(p, A.s, C.s, relu)
                                  : igemm_input_backward_problem(p, A.s, C.s);
   // op 3: the forward with batch-norm statistics (a NaN-filled tile workspace).
-  std::vector<float> stats(op == 3 ? igemm_stats_floats(q) : 0);
+  std::vector<float> stats(op == 3 ? stats_floats(q) : 0);
   poison(stats.data(), stats.size());
   float* sp = op == 3 ? stats.data() : nullptr;
   if (B.span != q.G * q.Ncol * q.K) die("B span is not G * Ncol * K");
