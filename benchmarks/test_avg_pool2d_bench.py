@@ -4,6 +4,8 @@ forward+backward, NCHW and channels_last, on the pooling layers of the classic n
 Run: python -m pytest benchmarks/test_avg_pool2d_bench.py --benchmark-json=benchmarks/results/cpu.json
 then python benchmarks/report.py benchmarks/results/cpu.json to print the ratios.
 """
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -30,7 +32,13 @@ IMPLS = {
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
+@functools.lru_cache(maxsize=None)
 def make(name, layout, requires_grad):
+    """The input of one shape and layout, made once and shared by the cnnext and the
+    torch benchmark: both read the same memory. These pooling layers are bound by
+    memory, and on this VM a separately allocated copy of the same tensor can run
+    1.5-2x slower or faster than another (where its pages land in the shared L3), which
+    otherwise shows up in the ratio."""
     shape, kind, kw = SHAPES[name]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=g).contiguous(memory_format=LAYOUTS[layout]).requires_grad_(requires_grad)
