@@ -277,3 +277,33 @@ def test_fused_train_parallel_split_is_deterministic(layout):
     torch.testing.assert_close(results[0][0], want, rtol=1e-12, atol=1e-12)
     for a, b in zip(results[0][4:], torch.autograd.grad(want, (xx, ww, gg, bb), g)):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+class _CreatedTensors(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records (op, dtype) of every tensor an op returns while the mode is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.made = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.made.append((str(func), t.dtype))
+        return out
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_max_pool_backward_makes_no_index_gradient(layout):
+    # The indices output never gets a gradient; the backward must not build a zero
+    # int64 tensor for it (the engine does unless the node opts out), only grad_input.
+    x = _r(2, 3, 9, 9).contiguous(memory_format=layout).requires_grad_(True)
+    out, idx = CF.max_pool2d(x, 3, 2, return_indices=True)
+    g = torch.randn_like(out)
+    with _CreatedTensors() as rec:
+        (gx,) = torch.autograd.grad(out, x, g)
+    ops = [op for op, _ in rec.made]
+    assert "cnnext.max_pool2d_with_indices_backward.default" in ops
+    assert [dt for _, dt in rec.made if dt == torch.int64] == []
+    torch.testing.assert_close(gx, torch.autograd.grad(F.max_pool2d(x, 3, 2), x, g)[0], rtol=0, atol=0)

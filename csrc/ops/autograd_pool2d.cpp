@@ -148,6 +148,9 @@ struct cnnext_max_pool2d_with_indices : torch::autograd::Function<cnnext_max_poo
                                IntList p, IntList d, bool ceil) {
     auto [out, idx] = max_pool2d_with_indices_op().call(input, k, s, p, d, ceil);
     ctx->mark_non_differentiable({idx});
+    // No zero tensor for the indices' (never defined) gradient: materialising it cost
+    // an int64 fill the size of the output, longer than the backward kernel itself.
+    ctx->set_materialize_grads(false);
     ctx->save_for_backward({idx});
     ctx->saved_data["size"] = sym_vector(input.sym_sizes());
     save_conf(ctx, k, s, p, d);
@@ -156,7 +159,7 @@ struct cnnext_max_pool2d_with_indices : torch::autograd::Function<cnnext_max_poo
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     at::Tensor gx;
-    if (ctx->needs_input_grad(0)) {
+    if (ctx->needs_input_grad(0) && grads[0].defined()) {
       const PoolConf c = load_conf(ctx);
       const auto size = ctx->saved_data["size"].toSymIntVector();
       gx = max_pool2d_with_indices_backward_op().call(grads[0], ctx->get_saved_variables()[0], size,
