@@ -31,6 +31,11 @@ CASES = {
     "dilated_padded": (3, 12, 11, 9, 20, (3, 2), (2, 1), (2, 1), (2, 3), 1),
     "groups": (3, 24, 9, 9, 36, 3, 1, 1, 1, 3),
     "groups_transposed": (4, 64, 3, 3, 64, 3, 1, 1, 1, 2),
+    # Every position in one column buffer and more than 32 output channels: one item per
+    # panel of 32 channels packs its own weight rows (forward_panels), with groups and a
+    # partial last panel; its input gradient runs the same way on the transposed weight.
+    "panels_groups": (4, 48, 3, 3, 140, 3, 1, 1, 1, 2),
+    "panels_deep": (2, 256, 3, 3, 96, 3, 1, 1, 1, 1),
     # LeNet's first layer (1 -> 6 channels): forward and input gradient on the GEMM (input
     # gradient split over samples), weight gradient on the direct loops.
     "lenet_conv1": (6, 1, 12, 12, 6, 5, 1, 2, 1, 1),

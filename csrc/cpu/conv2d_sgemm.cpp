@@ -353,6 +353,62 @@ void forward_implicit(const float* x, const Strides4& xs, const float* wp, int64
   });
 }
 
+// Output rows [r0, r1) (global n * OH + oh) of M channels from the transposed GEMM
+// result c (positions x M, row-major) into y (channel 0 of the block at yg), plus the
+// bias b (or none), then the ReLU.
+void store_transposed(const float* c, int64_t M, int64_t r0, int64_t r1, const Conv2dParams& p,
+                      float* yg, const Strides4& ys, const float* b, bool relu) {
+  for (int64_t r = r0; r < r1; ++r) {
+    float* yr = yg + (r / p.OH) * ys.n + (r % p.OH) * ys.h;
+    const float* cr = c + (r - r0) * p.OW * M;
+    for (int64_t o = 0; o < M; ++o) {
+      const float bo = b ? b[o] : 0.f;
+      float* dst = yr + o * ys.c;
+      for (int64_t ow = 0; ow < p.OW; ++ow) {
+        float v = cr[ow * M + o] + bo;
+        if (relu && v < 0.f) v = 0.f;  // NaN stays NaN
+        dst[ow * ys.w] = v;
+      }
+    }
+  }
+}
+
+// The transposed forward when every output position fits one column buffer and the
+// weight is large (deep layers on small maps: ResNet-18's 3x3 and 6x6 maps): the
+// columns are gathered once, and each item takes a panel of 32 output channels, packs
+// its weight rows into the thread's scratch and multiplies them at once, while the panel
+// is in L2. The weight is read once instead of being packed to memory whole and read
+// back by the GEMMs.
+void forward_panels(const float* x, const Strides4& xs, const float* w, bool w_t, const float* bias,
+                    float* y, const Strides4& ys, const Conv2dParams& p, bool relu) {
+  const int64_t Cg = p.in_per_group(), Og = p.out_per_group(), K = Cg * p.KH * p.KW;
+  const int64_t R = p.N * p.OH, L = R * p.OW;
+  const float* xp = pad_input(x, xs, p);
+  const std::vector<int64_t> off = tap_offsets(p);
+  const int64_t gstride = Cg * (p.H + 2 * p.PH) * (p.W + 2 * p.PW);
+  const int64_t col_size = round_up(L, kMR) * K, cols = round_up(p.G * col_size, 16);
+  float* col = scratch(1, cols + 2 * L);
+  int64_t* idx = reinterpret_cast<int64_t*>(col + cols);
+  position_offsets(p, 0, R, idx);
+  run_items(p.G, [&](int64_t g) {
+    gather_panels(xp + g * gstride, off.data(), K, idx, L, kMR, col + g * col_size);
+  }, p.G * col_size);
+  const int64_t panels = ceil_div(Og, kNR);
+  run_items(p.G * panels, [&](int64_t item) {
+    const int64_t g = item / panels, o0 = (item % panels) * kNR, m = std::min(kNR, Og - o0);
+    float* pb = scratch(0, K * kNR + L * kNR);
+    float* cbuf = pb + K * kNR;
+    if (w_t) {  // element (o, k) at w[g K Og + k Og + o]
+      sgemm::pack_b(w + g * K * Og + o0, Og, 1, K, m, pb);
+    } else {
+      sgemm::pack_b(w + (g * Og + o0) * K, 1, K, K, m, pb);
+    }
+    sgemm::gemm(col + g * col_size, pb, L, m, K, cbuf, m, false, nullptr, false);
+    store_transposed(cbuf, m, 0, R, p, y + (g * Og + o0) * ys.c, ys, bias ? bias + g * Og + o0 : nullptr,
+                     relu);
+  }, p.O * K);
+}
+
 }  // namespace
 
 void forward_impl(const float* x, const Strides4& xs, const float* w, bool w_t, const float* bias,
@@ -378,6 +434,10 @@ void forward_impl(const float* x, const Strides4& xs, const float* w, bool w_t, 
   int64_t rows = std::clamp<int64_t>(kColBudget / std::max<int64_t>(1, K * p.OW), 1, R);
   int64_t chunks = ceil_div(R, rows);
   const bool trans = positions_on_m(rows * p.OW, Og);
+  if (trans && chunks == 1 && !rows_done && Og > kNR) {
+    forward_panels(x, xs, w, w_t, bias, y, ys, p, relu);
+    return;
+  }
   const int64_t mr = trans ? kNR : kMR;  // output-channel granularity
   int64_t ob = Og;
   if (!rows_done && p.G * chunks < T) {
@@ -459,19 +519,7 @@ void forward_impl(const float* x, const Strides4& xs, const float* w, bool w_t, 
       }
     } else {
       sgemm::gemm(col, wp + g * w_size + o0 * K, L, M, K, cbuf, M, false, nullptr, false);
-      for (int64_t r = r0; r < r1; ++r) {
-        float* yr = yg + (r / p.OH) * ys.n + (r % p.OH) * ys.h;
-        const float* cr = cbuf + (r - r0) * p.OW * M;
-        for (int64_t o = 0; o < M; ++o) {
-          const float bo = b ? b[o] : 0.f;
-          float* dst = yr + o * ys.c;
-          for (int64_t ow = 0; ow < p.OW; ++ow) {
-            float v = cr[ow * M + o] + bo;
-            if (relu && v < 0.f) v = 0.f;  // NaN stays NaN
-            dst[ow * ys.w] = v;
-          }
-        }
-      }
+      store_transposed(cbuf, M, r0, r1, p, yg, ys, b, relu);
     }
     if (rows_done) {
       for (int64_t r = r0; r < r1;) {

@@ -19,6 +19,7 @@
 #include <torch/library.h>
 
 #include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
@@ -216,16 +217,21 @@ at::Tensor conv_bn_relu2d_eval(const at::Tensor& input, const at::Tensor& weight
       const T* src = wc.const_data_ptr<T>();
       T* dst = w.mutable_data_ptr<T>();
       T* sh = shift.mutable_data_ptr<T>();
-      for (int64_t o = 0; o < p.O; ++o) {
-        T scale = T(1) / std::sqrt(rv[o] + static_cast<T>(eps));
-        if (g) scale = scale * g->accessor<T, 1>()[o];
-        for (int64_t k = 0; k < K; ++k) dst[o * K + k] = src[o * K + k] * scale;
-        T t = -rm[o];
-        if (b) t = t + b->accessor<T, 1>()[o];
-        t = t * scale;
-        if (be) t = t + be->accessor<T, 1>()[o];
-        sh[o] = t;
-      }
+      // Parallel over output channels once the weight is large (ResNet's 512 x 512 x 3 x 3:
+      // 2.4M elements, about 1 ms on one thread); small weights stay on the calling thread.
+      const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(K, 1));
+      at::parallel_for(0, p.O, grain, [&](int64_t begin, int64_t end) {
+        for (int64_t o = begin; o < end; ++o) {
+          T scale = T(1) / std::sqrt(rv[o] + static_cast<T>(eps));
+          if (g) scale = scale * g->accessor<T, 1>()[o];
+          for (int64_t k = 0; k < K; ++k) dst[o * K + k] = src[o * K + k] * scale;
+          T t = -rm[o];
+          if (b) t = t + b->accessor<T, 1>()[o];
+          t = t * scale;
+          if (be) t = t + be->accessor<T, 1>()[o];
+          sh[o] = t;
+        }
+      });
     });
     return cpu::conv2d_forward(input, w, c10::optional<at::Tensor>(shift), p, fmt, relu);
   }
