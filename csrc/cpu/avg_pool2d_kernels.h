@@ -75,8 +75,9 @@ inline void row_copy(T* __restrict__ dst, const T* __restrict__ src, int64_t ss,
   }
 }
 
-// dst[0, n) = src[0, n) in vector registers: inlined, where a call to memcpy (which
-// GCC makes of a plain copy loop) measured 25% slower on 1 KiB pixel copies.
+// dst[0, n) = src[0, n) in vector registers, inlined: GCC turns a plain copy loop into
+// a call to memcpy, which showed at 6% of the channels_last 2x2 pool's profile for its
+// 1 KiB pixel copies.
 template <typename T>
 inline void copy_channels(T* __restrict__ dst, const T* __restrict__ src, int64_t n) {
   constexpr int64_t L = kVecLen<T>;
