@@ -76,13 +76,7 @@ void run(int64_t op, const AvgPool2dParams& a, int64_t split, FILE* out) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 3) die("usage: avg_pool2d_host IN OUT");
-  g_in = std::fopen(argv[1], "rb");
-  FILE* out = std::fopen(argv[2], "wb");
-  if (g_in == nullptr || out == nullptr) die("cannot open IN or OUT");
-  int64_t op;
-  while (try_read(&op)) {
-    ++g_record;
+  return harness_main(argc, argv, [](int64_t op, FILE* out) {
     const int64_t dtype = read_i64(), split = read_i64();
     if (split < 1) die("split < 1");
     AvgPool2dParams a{};
@@ -100,7 +94,5 @@ int main(int argc, char** argv) {
       case int64_t(DType::BF16): run<__nv_bfloat16>(op, a, split, out); break;
       default: die("unknown dtype");
     }
-  }
-  if (std::fclose(out) != 0) die("write failed");
-  return 0;
+  });
 }

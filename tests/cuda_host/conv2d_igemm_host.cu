@@ -338,13 +338,7 @@ void run(int64_t op, int64_t math, bool relu, const Conv2dParams& p, FILE* out) 
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 3) die("usage: conv2d_igemm_host IN OUT");
-  g_in = std::fopen(argv[1], "rb");
-  FILE* out = std::fopen(argv[2], "wb");
-  if (g_in == nullptr || out == nullptr) die("cannot open IN or OUT");
-  int64_t op;
-  while (try_read(&op)) {
-    ++g_record;
+  return harness_main(argc, argv, [](int64_t op, FILE* out) {
     const int64_t dtype = read_i64(), math = read_i64(), relu = read_i64();
     const int64_t target_blocks = read_i64();
     if (op < 0 || op > 3) die("unknown op");
@@ -359,7 +353,7 @@ int main(int argc, char** argv) {
         case int64_t(DType::BF16): run_wgrad<__nv_bfloat16>(math, target_blocks, p, out); break;
         default: die("unknown dtype");
       }
-      continue;
+      return;
     }
     switch (dtype) {
       case int64_t(DType::F32): run<float>(op, math, relu != 0, p, out); break;
@@ -367,7 +361,5 @@ int main(int argc, char** argv) {
       case int64_t(DType::BF16): run<__nv_bfloat16>(op, math, relu != 0, p, out); break;
       default: die("unknown dtype");
     }
-  }
-  if (std::fclose(out) != 0) die("write failed");
-  return 0;
+  });
 }

@@ -2,7 +2,8 @@
 // reading the little-endian int64 records their Python tests write, tensors held
 // between guard elements, and writing an output back after checking its guards.
 // Each harness defines CNNEXT_HOST_PROGRAM (its name, for error messages) and includes
-// this after its kernel file. Host-only, no torch headers.
+// this after its kernel file; its main is harness_main with a function that runs one
+// record. Host-only, no torch headers.
 #pragma once
 
 #include <cstdio>
@@ -74,6 +75,23 @@ template <typename T>
 void write_output(Tensor<T>& t, FILE* out) {
   if (!t.guards_intact()) die("a kernel wrote outside its output");
   if (std::fwrite(t.data(), sizeof(T), t.span, out) != size_t(t.span)) die("write failed");
+}
+
+// A harness's main: `PROGRAM IN OUT`, then record(op, out) for every record of IN, op
+// being the record's first int64 (g_record counts the records, for error messages).
+template <typename Record>
+int harness_main(int argc, char** argv, Record&& record) {
+  if (argc != 3) die("usage: " CNNEXT_HOST_PROGRAM " IN OUT");
+  g_in = std::fopen(argv[1], "rb");
+  FILE* out = std::fopen(argv[2], "wb");
+  if (g_in == nullptr || out == nullptr) die("cannot open IN or OUT");
+  int64_t op;
+  while (try_read(&op)) {
+    ++g_record;
+    record(op, out);
+  }
+  if (std::fclose(out) != 0) die("write failed");
+  return 0;
 }
 
 }  // namespace

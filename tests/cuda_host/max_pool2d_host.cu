@@ -118,13 +118,7 @@ void run(int64_t op, int64_t flag, const Pool2dParams& p, FILE* out) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 3) die("usage: max_pool2d_host IN OUT");
-  g_in = std::fopen(argv[1], "rb");
-  FILE* out = std::fopen(argv[2], "wb");
-  if (g_in == nullptr || out == nullptr) die("cannot open IN or OUT");
-  int64_t op;
-  while (try_read(&op)) {
-    ++g_record;
+  return harness_main(argc, argv, [](int64_t op, FILE* out) {
     const int64_t dtype = read_i64(), flag = read_i64();
     Pool2dParams p;
     for (int64_t* f : {&p.N, &p.C, &p.H, &p.W, &p.OH, &p.OW, &p.KH, &p.KW, &p.SH, &p.SW, &p.PH,
@@ -137,7 +131,5 @@ int main(int argc, char** argv) {
       case int64_t(DType::BF16): run<__nv_bfloat16>(op, flag, p, out); break;
       default: die("unknown dtype");
     }
-  }
-  if (std::fclose(out) != 0) die("write failed");
-  return 0;
+  });
 }
