@@ -36,6 +36,17 @@ def _seed():
 
 
 @pytest.fixture
+def strict_fp32():
+    """float32 on CUDA follows torch's TF32 flag, which is on by default for convolutions;
+    tests that compare strict float32 with tight tolerances turn TF32 off while they run
+    (pytest.mark.usefixtures("strict_fp32"))."""
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.fixture
 def single_thread():
     """Runs a test on one intra-op thread. For gradcheck: it calls the ops thousands of times
     on tiny tensors, and on a busy 2-core machine every parallel region can stall for a

@@ -13,19 +13,10 @@ import cnnext
 from cnnext.functional import conv2d
 
 HAS_CUDA = torch.cuda.is_available() and bool(cnnext.build_info()["cuda"])
-pytestmark = pytest.mark.skipif(
-    not HAS_CUDA, reason="needs a CUDA device and a cnnext build with CUDA kernels"
-)
-
-
-@pytest.fixture(autouse=True)
-def strict_fp32():
-    """float32 on CUDA follows torch's TF32 flag, which is on by default for convolutions;
-    these tests compare strict float32 with tight tolerances, so TF32 is off while they run."""
-    saved = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32 = saved
+pytestmark = [
+    pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and a cnnext build with CUDA kernels"),
+    pytest.mark.usefixtures("strict_fp32"),
+]
 
 
 ops = torch.ops.cnnext
