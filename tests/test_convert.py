@@ -280,18 +280,18 @@ def test_enable_nests_decorates_and_routes_every_spelling():
                    F.max_pool2d(x, 3, 2), torch.max_pool2d(x, 2), F.avg_pool2d(x, 2, ceil_mode=True),
                    F.adaptive_avg_pool2d(x, (2, None)), torch._C._nn.adaptive_avg_pool2d(x, [3, 3])]
             y, idx = F.max_pool2d(x, 2, return_indices=True)
-            out += [y, idx, F.max_unpool2d(y, idx, 2, output_size=(9, 9)), torch._C._nn.max_unpool2d(y, idx, [8, 8])]
+            out += [y, idx, F.max_unpool2d(y, idx, 2, output_size=(9, 9)), torch._C._nn.max_unpool2d(y, idx, [9, 9])]
             out += list(F.max_pool2d_with_indices(x, 3, 1, 1))
         return out
 
     with calls:
         got = run()
-    assert calls.stock == [] and calls.cnnext >= 13
+    assert calls.stock == [] and calls.cnnext == 12  # one op per call (y, idx: one)
     y, idx = F.max_pool2d(x, 2, return_indices=True)
     expected = [F.conv2d(x, w, padding="same"), torch.conv2d(x, w), F.conv_transpose2d(x, w.transpose(0, 1)),
                 F.max_pool2d(x, 3, 2), torch.max_pool2d(x, 2), F.avg_pool2d(x, 2, ceil_mode=True),
                 F.adaptive_avg_pool2d(x, (2, None)), torch._C._nn.adaptive_avg_pool2d(x, [3, 3]),
-                y, idx, F.max_unpool2d(y, idx, 2, output_size=(9, 9)), torch._C._nn.max_unpool2d(y, idx, [8, 8]),
+                y, idx, F.max_unpool2d(y, idx, 2, output_size=(9, 9)), torch._C._nn.max_unpool2d(y, idx, [9, 9]),
                 *F.max_pool2d_with_indices(x, 3, 1, 1)]
     assert len(got) == len(expected)
     for i, (a, e) in enumerate(zip(got, expected)):
@@ -319,3 +319,17 @@ def test_enable_in_other_thread_is_not_active():
         t.start()
         t.join()
     assert seen == [["conv2d"]]
+
+
+def test_enable_keeps_the_fast_eager_entry(monkeypatch):
+    """Inside the mode's handler the mode is off: cnnext.functional takes its direct eager
+    entry (cnnext._C.eager), not torch.ops, and nothing recurses."""
+    eager = cnnext._C.eager
+    calls = []
+    original = eager.conv2d
+    monkeypatch.setattr(eager, "conv2d", lambda *a: calls.append(1) or original(*a))
+    x, w = torch.randn(1, 2, 5, 5), torch.randn(2, 2, 3, 3)
+    with cnnext.enable():
+        F.conv2d(x, w)
+        nn.Conv2d(2, 2, 3)(x)
+    assert len(calls) == 2

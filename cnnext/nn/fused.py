@@ -18,7 +18,9 @@ class ConvBNReLU2d(nn.Sequential):
     nn.BatchNorm2d(...), nn.ReLU())`` (``0.weight``, ``0.bias``, ``1.weight``, ``1.bias``,
     ``1.running_mean``, ``1.running_var``, ``1.num_batches_tracked``): checkpoints load
     both ways. Only the forward pass differs: it does not call the parts, it runs
-    cnnext.functional.conv_bn_relu2d on their parameters. Train/eval mode is the batch
+    cnnext.functional.conv_bn_relu2d on their parameters (:func:`conv_bn_forward`; when the
+    batch norm part is a synchronised one, cnnext.nn.SyncBatchNorm or nn.SyncBatchNorm, its
+    statistics in training are those of the whole process group). Train/eval mode is the batch
     norm's (``.train()`` / ``.eval()`` set it, as for any Sequential).
 
     Constructor: Conv2d's arguments (``padding_mode`` 'zeros', 'reflect', 'replicate',
