@@ -117,7 +117,7 @@ class enable:
     Calls cnnext cannot run (a dtype or device it lacks, a tensor subclass) fall back to
     stock torch; ``strict=True`` raises a ``TypeError`` instead. Built on
     ``torch.overrides.TorchFunctionMode``: nests, is per thread, and leaves other
-    functions alone. Under ``torch.compile`` it is traced as a TorchFunctionMode is.
+    functions alone. (Not tried under ``torch.compile``.)
     """
 
     def __init__(self, strict=False):

@@ -61,6 +61,8 @@ def _torchvision(name):
     M = import_torchvision().models
     if name == "googlenet":
         return M.googlenet(num_classes=10, aux_logits=False, init_weights=True)
+    if name == "mobilenet_v2":  # half width: stock float64 depthwise convolutions are slow on CPU
+        return M.mobilenet_v2(num_classes=10, width_mult=0.5)
     model = getattr(M, name)(num_classes=10)
     return _small_head(model) if name in ("vgg11_bn", "alexnet") else model
 
@@ -181,17 +183,19 @@ def test_convert_fuse_enable_revert(name):
     # Stock again: revert of convert+fuse gives the stock classes and bitwise the stock output.
     back = cnnext.revert(cnnext.fuse(cnnext.convert(copy.deepcopy(ref)), warn=False))
     assert cnnext_layers(back) == [] and list(back.state_dict()) == keys
-    ref.eval(), back.eval()
-    with torch.no_grad():
-        assert torch.equal(back(x), ref(x))
 
-    for train in (True, False):
+    for train in (False, True):  # eval first: the running statistics are the initial ones
         expected = step(ref, x, train)
-        calls = _Calls()
-        with calls, cnnext.enable():
+        if not train:
+            back.eval()
+            with torch.no_grad():
+                assert torch.equal(back(x), expected[0])
+        calls = _Calls() if train else None  # (counting takes cnnext's slower torch.ops path)
+        with calls or cnnext.enable(), cnnext.enable():
             got = step(converted, x, train)
-        assert calls.stock == [], f"{name}: stock calls under enable(): {sorted(set(calls.stock))}"
-        assert calls.cnnext > 0
+        if train:
+            assert calls.stock == [], f"{name}: stock calls under enable(): {sorted(set(calls.stock))}"
+            assert calls.cnnext > 0
         assert_same_step(got, expected, f"{name} convert+enable train={train}")
         assert_same_step(step(fused, x, train), expected, f"{name} fuse train={train}")
 
