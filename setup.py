@@ -81,5 +81,8 @@ setup(
     ext_modules=[make_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.10",
+    # The tests' extras. torchvision (the model-level tests) is installed apart, with
+    # `pip install --no-deps torchvision==...` (see README.md), so that pip never swaps torch.
+    extras_require={"test": ["pytest", "hypothesis", "pytest-benchmark", "pillow"]},
     zip_safe=False,
 )

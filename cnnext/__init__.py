@@ -13,11 +13,14 @@ from . import _max_pool  # noqa: F401  (max pooling: fake kernels)
 from . import _conv_bn_relu  # noqa: F401  (conv_bn_relu2d: fake kernels)
 from . import functional, nn
 from . import models  # noqa: E402  (after nn: the networks are built from it)
-from .fuse import fuse
+from ._convert import ConvertWarning, convert, revert
+from .fuse import FuseReport, FuseWarning, fuse
+from ._enable import enable
 from .summary import summary
 
 __version__ = "0.1.0"
-__all__ = ["build_info", "functional", "fuse", "models", "nn", "summary", "__version__"]
+__all__ = ["build_info", "convert", "enable", "functional", "fuse", "models", "nn", "revert", "summary",
+           "ConvertWarning", "FuseReport", "FuseWarning", "__version__"]
 
 
 def build_info():

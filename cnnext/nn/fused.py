@@ -4,6 +4,7 @@ from torch import nn
 
 from .. import functional as F
 from .conv import Conv2d
+from .sync_bn import SyncBatchNorm, bn_call_arguments, sync_batch_norm, sync_group
 
 
 class ConvBNReLU2d(nn.Sequential):
@@ -17,7 +18,9 @@ class ConvBNReLU2d(nn.Sequential):
     nn.BatchNorm2d(...), nn.ReLU())`` (``0.weight``, ``0.bias``, ``1.weight``, ``1.bias``,
     ``1.running_mean``, ``1.running_var``, ``1.num_batches_tracked``): checkpoints load
     both ways. Only the forward pass differs: it does not call the parts, it runs
-    cnnext.functional.conv_bn_relu2d on their parameters. Train/eval mode is the batch
+    cnnext.functional.conv_bn_relu2d on their parameters (:func:`conv_bn_forward`; when the
+    batch norm part is a synchronised one, cnnext.nn.SyncBatchNorm or nn.SyncBatchNorm, its
+    statistics in training are those of the whole process group). Train/eval mode is the batch
     norm's (``.train()`` / ``.eval()`` set it, as for any Sequential).
 
     Constructor: Conv2d's arguments (``padding_mode`` 'zeros', 'reflect', 'replicate',
@@ -63,20 +66,77 @@ class ConvBNReLU2d(nn.Sequential):
         return self[1]
 
     def forward(self, input):
-        conv, bn = self[0], self[1]
-        if conv.padding_mode != "zeros":
-            input = torch.nn.functional.pad(input, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
-            padding = 0
-        else:
-            padding = conv.padding
-        # BatchNorm2d.forward's bookkeeping, as torch.nn.modules.batchnorm._BatchNorm does it.
-        factor = 0.0 if bn.momentum is None else bn.momentum
-        if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-            bn.num_batches_tracked.add_(1)
-            factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-        training = bn.training or (bn.running_mean is None and bn.running_var is None)
-        use_running = not bn.training or bn.track_running_stats
-        return F.conv_bn_relu2d(
-            input, conv.weight, conv.bias, bn.weight, bn.bias,
-            bn.running_mean if use_running else None, bn.running_var if use_running else None,
-            training, factor, bn.eps, conv.stride, padding, conv.dilation, conv.groups, self.relu)
+        return conv_bn_forward(self[0], self[1], self.relu, input)
+
+
+def is_synchronised(bn):
+    """Whether a batch norm module synchronises its batch statistics across a process group
+    (torch.nn.SyncBatchNorm, cnnext.nn.SyncBatchNorm, or a FusedBatchNorm2d that was one)."""
+    kind = bn.__dict__.get("_unfused_class", type(bn)) if isinstance(bn, FusedBatchNorm2d) else type(bn)
+    return issubclass(kind, (nn.SyncBatchNorm, SyncBatchNorm))
+
+
+def conv_bn_forward(conv, bn, relu, input):
+    """relu(bn(conv(input))) (without relu when relu is False) on the modules' parameters and
+    buffers, with the batch norm's bookkeeping (num_batches_tracked, momentum=None) done as
+    BatchNorm2d.forward does it. One cnnext op, or, when the batch norm is synchronised and
+    a process group of more than one rank is there in training, cnnext's conv2d followed by
+    the synchronised batch norm (statistics all_reduced across the group)."""
+    if conv.padding_mode != "zeros":
+        input = torch.nn.functional.pad(input, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
+        padding = 0
+    else:
+        padding = conv.padding
+    training, factor, running_mean, running_var = bn_call_arguments(bn)
+    if bn.training and is_synchronised(bn):
+        group = sync_group(getattr(bn, "process_group", None))
+        if group is not None:
+            y = F.conv2d(input, conv.weight, conv.bias, conv.stride, padding, conv.dilation, conv.groups)
+            y = sync_batch_norm(y, running_mean, running_var, bn.weight, bn.bias, True, factor, bn.eps, group)
+            return torch.relu(y) if relu else y
+    return F.conv_bn_relu2d(
+        input, conv.weight, conv.bias, bn.weight, bn.bias, running_mean, running_var,
+        training, factor, bn.eps, conv.stride, padding, conv.dilation, conv.groups, relu)
+
+
+class FusedConv2d(Conv2d):
+    """A Conv2d fused by :func:`cnnext.fuse` with the batch norm (and ReLU) its output
+    feeds: it computes relu(bn(conv(x))) as one cnnext op (:func:`conv_bn_forward`).
+
+    It keeps the Conv2d's place, parameters and state_dict keys; the batch norm keeps its
+    own place and keys as a :class:`FusedBatchNorm2d` (whose forward passes its input
+    through), so ``model.train()``/``eval()``, ``.to()``, optimizers and checkpoints see
+    the model as before. The batch norm is held as ``fused_bn`` (not registered here);
+    ``fused_relu`` says whether the ReLU is applied. :func:`cnnext.revert` restores the
+    original classes.
+    """
+
+    @property
+    def fused_bn(self):
+        return self.__dict__["_fused_bn"]
+
+    @property
+    def fused_relu(self):
+        return self.__dict__["_fused_relu"]
+
+    def extra_repr(self):
+        return super().extra_repr() + f", fused with batch norm{' + ReLU' if self.fused_relu else ''}"
+
+    def forward(self, input):
+        return conv_bn_forward(self, self.fused_bn, self.fused_relu, input)
+
+
+class FusedBatchNorm2d(nn.BatchNorm2d):
+    """The batch norm of a :class:`FusedConv2d`, in its own place: same parameters, buffers,
+    state_dict keys and train/eval mode; the FusedConv2d before it computes it, so its
+    forward returns its input."""
+
+    def forward(self, input):
+        return input
+
+
+class FusedReLU(nn.ReLU):
+    """A ReLU that a :class:`FusedConv2d` applies: its forward returns its input."""
+
+    def forward(self, input):
+        return input
