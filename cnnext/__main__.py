@@ -1,4 +1,4 @@
-"""python -m cnnext [check | summary NAME | info]"""
+"""python -m cnnext [check | summary NAME | info | train NET]"""
 import argparse
 import json
 import sys
@@ -14,7 +14,14 @@ def main(argv=None):
     summ.add_argument("--depth", type=int, default=1, help="levels of submodules to show (default 1)")
     summ.add_argument("--in-channels", type=int, default=1)
     sub.add_parser("info", help="print how this build of cnnext was compiled")
+    from .train.cli import add_parser as add_train_parser
+
+    train = add_train_parser(sub)
     args = ap.parse_args(argv)
+    if args.cmd == "train":
+        from .train.cli import run as run_train
+
+        return run_train(args, train)
 
     import cnnext
 
