@@ -81,5 +81,8 @@ setup(
     ext_modules=[make_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.10",
+    # `python -m cnnext train` / cnnext.train: pip install -e ".[train]" (torchvision, for
+    # mnist / fashion-mnist / cifar10 / folder: data, is left to the user: it must match torch).
+    extras_require={"train": ["tqdm", "matplotlib", "scikit-learn"]},
     zip_safe=False,
 )

@@ -49,22 +49,24 @@ def add_parser(sub):
                                                                           "not in --data-root")
     g.add_argument("--input-size", type=int, metavar="N", help="resize images to NxN (default: the network's "
                                                                 "own input size, e.g. 32 for lenet)")
-    g.add_argument("--batch-size", type=int, metavar="N", help="images per batch and process (default 64)")
+    g.add_argument("--batch-size", type=int, metavar="N", help="images per batch and process (default 32)")
     g.add_argument("--workers", type=int, metavar="N",
                    help="data-loader processes for folder: data (default 0); the in-memory datasets are "
                         "batched by tensor indexing in the main process")
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=int, metavar="N", help="train up to epoch N (default 10)")
-    t.add_argument("--lr", type=float, help="learning rate (default 0.1 for sgd, 0.001 for adam)")
+    t.add_argument("--lr", type=float, help="learning rate (default 0.05 for sgd, 0.001 for adam)")
     t.add_argument("--optimizer", choices=("sgd", "adam"), help="default sgd")
     t.add_argument("--momentum", type=float, help="sgd momentum (default 0.9)")
-    t.add_argument("--weight-decay", type=float, help="L2 regularisation (default 0)")
+    t.add_argument("--weight-decay", type=float, help="L2 regularisation (default 5e-4)")
     t.add_argument("--schedule", choices=("none", "cosine", "step"),
-                   help="learning-rate schedule: none (default), cosine (anneals to 0 over --epochs), "
-                        "step (times --lr-gamma every --lr-step epochs)")
+                   help="learning-rate schedule: step (default: times --lr-gamma every --lr-step epochs), "
+                        "cosine (anneals to 0 over --epochs), none")
     t.add_argument("--lr-step", type=int, metavar="N", help="step schedule: epochs between decays "
-                                                             "(default a third of --epochs)")
+                                                             "(default half of --epochs)")
     t.add_argument("--lr-gamma", type=float, help="step schedule: the factor (default 0.1)")
+    t.add_argument("--label-smoothing", type=float, metavar="EPS",
+                   help="of the cross-entropy loss (default 0.1)")
     t.add_argument("--seed", type=int, help="seeds the weights, the batch order and dropout (default 0)")
     r = p.add_argument_group("how it runs")
     r.add_argument("--backend", choices=BACKENDS, help="cnnext's layers (default) or the same network from "
@@ -89,8 +91,8 @@ def add_parser(sub):
 
 
 _OPTIONS = ("data", "data_root", "download", "input_size", "batch_size", "workers", "epochs", "lr", "optimizer",
-            "momentum", "weight_decay", "schedule", "lr_step", "lr_gamma", "seed", "backend", "device", "dtype",
-            "channels_last", "amp", "progress", "out")
+            "momentum", "weight_decay", "schedule", "lr_step", "lr_gamma", "label_smoothing", "seed", "backend",
+            "device", "dtype", "channels_last", "amp", "progress", "out")
 
 
 def run(args, parser):

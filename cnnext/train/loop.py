@@ -40,14 +40,15 @@ class TrainOptions:
     net: str = None
     data: str = "digits"
     epochs: int = 10
-    batch_size: int = 64
-    lr: float = None                # 0.1 for sgd, 0.001 for adam
+    batch_size: int = 32
+    lr: float = None                # 0.05 for sgd, 0.001 for adam
     optimizer: str = "sgd"
     momentum: float = 0.9           # sgd only
-    weight_decay: float = 0.0       # L2 regularisation (the optimizer's weight_decay)
-    schedule: str = "none"
-    lr_step: int = None             # step schedule: epochs between decays (default max(1, epochs // 3))
+    weight_decay: float = 5e-4      # L2 regularisation (the optimizer's weight_decay)
+    schedule: str = "step"
+    lr_step: int = None             # step schedule: epochs between decays (default max(1, epochs // 2))
     lr_gamma: float = 0.1           # step schedule: the decay factor
+    label_smoothing: float = 0.1    # of the cross-entropy loss
     backend: str = "cnnext"
     channels_last: bool = False
     amp: bool = False
@@ -66,7 +67,7 @@ DEFAULTS = TrainOptions()
 # What a resumed run must share with its checkpoint (the rest may change: more epochs,
 # another output folder or device, ...). Options not given on resume come from the checkpoint.
 MUST_MATCH = ("net", "data", "input_size", "batch_size", "backend", "dtype", "optimizer", "lr", "momentum",
-              "weight_decay", "schedule", "lr_step", "lr_gamma", "seed", "amp")
+              "weight_decay", "schedule", "lr_step", "lr_gamma", "label_smoothing", "seed", "amp")
 # Options a resumed run does not take from its checkpoint (out defaults to the checkpoint's folder).
 _NOT_INHERITED = ("out", "progress", "download")
 
@@ -165,14 +166,17 @@ def resolve_options(given, checkpoint_options=None):
     _check_positive("batch_size", o.batch_size)
     _check_positive("workers", o.workers, allow_zero=True)
     if o.lr is None:
-        o.lr = 0.1 if o.optimizer == "sgd" else 0.001
+        o.lr = 0.05 if o.optimizer == "sgd" else 0.001
     _check_positive("lr", o.lr, integer=False)
     _check_positive("momentum", o.momentum, integer=False, allow_zero=True)
     _check_positive("weight_decay", o.weight_decay, integer=False, allow_zero=True)
     _check_positive("lr_gamma", o.lr_gamma, integer=False)
+    _check_positive("label_smoothing", o.label_smoothing, integer=False, allow_zero=True)
+    if o.label_smoothing >= 1:
+        raise OptionError(f"expected label_smoothing to be below 1, got {o.label_smoothing!r}")
     if o.schedule == "step":
         if o.lr_step is None:
-            o.lr_step = max(1, o.epochs // 3)
+            o.lr_step = max(1, o.epochs // 2)
         _check_positive("lr_step", o.lr_step)
     else:
         o.lr_step = None
@@ -426,7 +430,7 @@ def _train_epoch(model, loader, opt, scaler, o, device, dist_, epoch):
         opt.zero_grad(set_to_none=True)
         with amp:
             out = model(x)
-            loss = F.cross_entropy(out, y)
+            loss = F.cross_entropy(out, y, label_smoothing=o.label_smoothing)
         if scaler is not None:
             scaler.scale(loss).backward()
             scaler.step(opt)

@@ -53,7 +53,7 @@ def plot_curves(path, history, epochs, title=""):
     top = max([1.0] + [r["train_loss"] for r in history if r["train_loss"] == r["train_loss"]])
     ax.set_ylim(0, min(top, 3.0) * 1.05)
     ax.grid(True)
-    ax.legend(loc="center right")
+    ax.legend(loc="best")
     if title:
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
