@@ -93,14 +93,33 @@ def test_cli_trains_writes_files_and_resumes(tmp_path, capsys):
     assert load_checkpoint(str(out / "checkpoint.pt"))["epoch"] == 3
 
 
-def test_resume_is_exact_float64(tmp_path, small_digits):
-    """2 epochs, then a resume to 3, equals 3 epochs straight: metrics and parameters,
-    with momentum and a step schedule whose states must come back from the checkpoint."""
-    opts = dict(epochs=3, dtype="float64", schedule="step", lr_step=1, lr_gamma=0.5, lr=0.05, batch_size=64,
+def _tiny_dropout_net(in_channels=1, num_classes=10, backend="cnnext"):
+    """A small network with dropout, on 8x8 input: its masks make a resume depend on the RNG states."""
+    from cnnext.models import Layers
+
+    L = Layers(backend)
+    return torch.nn.Sequential(L.conv(in_channels, 8, 3, padding=1), torch.nn.ReLU(), L.max_pool(2, 2),
+                               torch.nn.Flatten(), torch.nn.Dropout(0.3), torch.nn.Linear(8 * 4 * 4, num_classes))
+
+
+@pytest.fixture
+def tiny_dropout_net(monkeypatch):
+    from cnnext.models import ModelSpec
+
+    monkeypatch.setitem(MODELS, "tiny", ModelSpec("tiny", _tiny_dropout_net, 8, False, True))
+
+
+@pytest.mark.parametrize("net", ["lenet", "tiny"])
+def test_resume_is_exact_float64(tmp_path, small_digits, tiny_dropout_net, net):
+    """2 epochs, then a resume to 4, equals 4 epochs straight: metrics and parameters.
+    Momentum, a step schedule that decays after epoch 3 (a scheduler started afresh on
+    resume would decay after epoch 5) and, for the tiny net, dropout masks (the RNG
+    states) must all come back from the checkpoint."""
+    opts = dict(epochs=4, dtype="float64", schedule="step", lr_step=3, lr_gamma=0.2, lr=0.05, batch_size=64,
                 progress=False, seed=3, log=None)
-    straight = fit("lenet", "digits", **opts)
-    fit("lenet", "digits", out=str(tmp_path / "b"), **{**opts, "epochs": 2})
-    resumed = fit(resume=str(tmp_path / "b" / "checkpoint.pt"), epochs=3, log=None, progress=False)
+    straight = fit(net, "digits", **opts)
+    fit(net, "digits", out=str(tmp_path / "b"), **{**opts, "epochs": 2})
+    resumed = fit(resume=str(tmp_path / "b" / "checkpoint.pt"), epochs=4, log=None, progress=False)
     assert resumed.start_epoch == 3 and resumed.options.schedule == "step" and resumed.options.dtype == "float64"
     key = ("epoch", "train_loss", "train_acc", "test_acc")
     assert [[r[k] for k in key] for r in resumed.history] == [[r[k] for k in key] for r in straight.history]
