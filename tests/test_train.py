@@ -250,6 +250,46 @@ def test_torchvision_dataset_missing_says_to_download(tmp_path, capsys):
     assert f"MNIST is not in {tmp_path}: run again with --download" in err and "--data digits works offline" in err
 
 
+def _write_mnist(root, n_train=96, n_test=32):
+    """A tiny MNIST in torchvision's raw idx format: class k is a bright square at a place of its own."""
+    import struct
+
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = torch.arange(n) % 10
+        images = torch.zeros(n, 28, 28, dtype=torch.uint8)
+        for i, k in enumerate(labels.tolist()):
+            r, c = 2 + 8 * (k // 3), 2 + 8 * (k % 3)
+            images[i, r:r + 6, c:c + 6] = 200 + i % 50
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">iiii", 2051, n, 28, 28) + images.numpy().tobytes())
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">ii", 2049, n) + labels.to(torch.uint8).numpy().tobytes())
+
+
+def test_mnist_from_torchvision_files(tmp_path):
+    torchvision_or_skip()
+    _write_mnist(tmp_path)
+    ds = load_data("mnist", 32, root=str(tmp_path))
+    assert (len(ds.train), len(ds.test), ds.in_channels, ds.num_classes) == (96, 32, 1, 10)
+    assert ds.train.images.dtype == torch.uint8 and ds.train.images.shape == (96, 1, 28, 28)
+    r = fit("lenet", "mnist", data_root=str(tmp_path), epochs=3, batch_size=16, progress=False, log=None)
+    assert int(r.confusion.sum()) == 32 and r.history[-1]["train_acc"] > 0.3
+
+
+def test_torchvision_download_offline_says_what_to_do(tmp_path, capsys, monkeypatch):
+    tv = torchvision_or_skip()
+
+    def offline(self):
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried http://...")
+
+    monkeypatch.setattr(tv.datasets.FashionMNIST, "download", offline)
+    code, _, err = cli(capsys, "lenet", "--data", "fashion-mnist", "--download", "--data-root", str(tmp_path),
+                       "--epochs", "1", "--out", str(tmp_path / "o"))
+    assert code == 2
+    assert (f"could not download FashionMNIST into {tmp_path} (Error downloading train-images-idx3-ubyte.gz:): "
+            "this machine may be offline") in err
+
+
 # ---------------------------------------------------------------------------- errors
 
 @pytest.mark.parametrize("args, message", [

@@ -174,16 +174,17 @@ def _torchvision_dataset(name, root, download, rank_zero_first):
     try:
         with rank_zero_first():
             train, test = load(download)
-    except RuntimeError as e:
-        if not download and "not found" in str(e).lower():
+    except (RuntimeError, OSError) as e:  # torchvision's "Dataset not found", "Error downloading"; URLError ...
+        what = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if download:
+            raise DataError(f"could not download {cls.__name__} into {root} ({what}): this machine may be "
+                            f"offline; download it where there is internet (python -m cnnext train ... --data "
+                            f"{name} --download --data-root DIR) and copy DIR here, or use --data digits") from None
+        if "not found" in str(e).lower():
             raise DataError(f"{cls.__name__} is not in {root}: run again with --download to fetch it "
                             f"(needs internet access), or copy torchvision's {cls.__name__} files there "
                             f"(--data-root DIR picks another folder); --data digits works offline") from None
-        raise DataError(f"could not load {cls.__name__} from {root}: {e}") from e
-    except OSError as e:  # URLError, socket errors, a full disk ...
-        raise DataError(f"could not download {cls.__name__} into {root} ({e}): this machine may be offline; "
-                        f"download it where there is internet (python -m cnnext train ... --data {name} "
-                        f"--download --data-root DIR) and copy DIR here, or use --data digits") from None
+        raise DataError(f"could not load {cls.__name__} from {root}: {what}") from None
 
     def split(ds):
         data = ds.data if isinstance(ds.data, torch.Tensor) else torch.from_numpy(ds.data)
