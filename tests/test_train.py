@@ -262,8 +262,10 @@ def _write_mnist(root, n_train=96, n_test=32):
         for i, k in enumerate(labels.tolist()):
             r, c = 2 + 8 * (k // 3), 2 + 8 * (k % 3)
             images[i, r:r + 6, c:c + 6] = 200 + i % 50
-        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">iiii", 2051, n, 28, 28) + images.numpy().tobytes())
-        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">ii", 2049, n) + labels.to(torch.uint8).numpy().tobytes())
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">iiii", 2051, n, 28, 28)
+                                                           + images.numpy().tobytes())
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">ii", 2049, n)
+                                                           + labels.to(torch.uint8).numpy().tobytes())
 
 
 def test_mnist_from_torchvision_files(tmp_path):

@@ -6,7 +6,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from ..models import BACKENDS, MODELS
 from . import report
-from .data import Batches, DataError, default_data_root, load_data, parse_data
+from .data import Batches, default_data_root, load_data, parse_data
 
 __all__ = ["fit", "FitResult", "TrainOptions", "OptionError", "CheckpointError", "DEFAULTS",
            "CHECKPOINT_FORMAT", "load_checkpoint"]
@@ -78,7 +78,7 @@ class FitResult:
     train_acc, test_acc, seconds), those of the checkpoint included on resume; model: the
     trained network (unwrapped from DDP); confusion: the final test confusion matrix
     (int64, rows true class, columns predicted); test_acc: the final test accuracy;
-    options: the resolved TrainOptions."""
+    options: the resolved TrainOptions; start_epoch: the first epoch this call trained."""
     history: list
     model: torch.nn.Module
     confusion: torch.Tensor
@@ -86,7 +86,6 @@ class FitResult:
     classes: list
     options: TrainOptions
     start_epoch: int = 1
-    extra: dict = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------- switches
@@ -361,7 +360,8 @@ def load_checkpoint(path, map_location="cpu"):
         raise FileNotFoundError(f"no checkpoint at {path} (--resume takes the checkpoint.pt a run wrote "
                                 "into its --out folder)")
     if os.path.isdir(path):
-        raise CheckpointError(f"--resume {path} is a folder; pass the checkpoint file, {os.path.join(path, 'checkpoint.pt')}")
+        raise CheckpointError(f"--resume {path} is a folder; pass the checkpoint file, "
+                              f"{os.path.join(path, 'checkpoint.pt')}")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
@@ -607,5 +607,6 @@ def _fit(o, ckpt, resume, start_epoch, dist_, log):
     log(report.format_confusion(confusion, dataset.classes))
     if o.out and dist_.main:
         report.write_confusion(os.path.join(o.out, "confusion.csv"), confusion, dataset.classes)
-        log(f"wrote {', '.join(os.path.join(o.out, f) for f in ('metrics.csv', 'curves.png', 'checkpoint.pt', 'confusion.csv'))}")
+        files = ("metrics.csv", "curves.png", "checkpoint.pt", "confusion.csv")
+        log(f"wrote {', '.join(os.path.join(o.out, f) for f in files)}")
     return FitResult(history, model, confusion, test_acc, dataset.classes, o, start_epoch)
