@@ -81,8 +81,10 @@ setup(
     ext_modules=[make_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.10",
-    # The tests' extras. torchvision (the model-level tests) is installed apart, with
-    # `pip install --no-deps torchvision==...` (see README.md), so that pip never swaps torch.
-    extras_require={"test": ["pytest", "hypothesis", "pytest-benchmark", "pillow"]},
+    # Extras. torchvision (the model-level tests; mnist / fashion-mnist / cifar10 / folder:
+    # data for `train`) is installed apart, with `pip install --no-deps torchvision==...`
+    # (see README.md), so that pip never swaps torch.
+    extras_require={"test": ["pytest", "hypothesis", "pytest-benchmark", "pillow"],
+                    "train": ["tqdm", "matplotlib", "scikit-learn"]},
     zip_safe=False,
 )

@@ -1,4 +1,4 @@
-"""python -m cnnext [check | summary NAME | info | --version]"""
+"""python -m cnnext [check | summary NAME | info | train NET | --version]"""
 import argparse
 import json
 import sys
@@ -28,7 +28,14 @@ def main(argv=None):
                       help="add each layer's median forward time on cnnext and on stock torch")
     summ.add_argument("--parts", action="store_true", help="add rows for the parts of fused blocks")
     sub.add_parser("info", help="print how this build of cnnext was compiled")
+    from .train.cli import add_parser as add_train_parser
+
+    train = add_train_parser(sub)
     args = ap.parse_args(argv)
+    if args.cmd == "train":
+        from .train.cli import run as run_train
+
+        return run_train(args, train)
 
     import cnnext
 

@@ -211,31 +211,14 @@ def pair_arg(draw, values):
 
 
 def import_torchvision():
-    """torchvision, or a pytest skip when it is not installed. The one place that imports it.
-
-    The torchvision wheels these machines install (`pip install --no-deps torchvision`) may be
-    CUDA builds whose compiled ops do not load against a CPU torch; importing torchvision then
-    fails on its fake-kernel registrations for ``torchvision::nms`` and ``torchvision::qnms``.
-    Defining those two schemas first (no kernels: the tests never call them) lets it import.
-    """
+    """torchvision, or a pytest skip when it is not installed. The tests' one way to import it:
+    cnnext.train.data.import_torchvision, which also lets a torchvision wheel whose compiled
+    ops do not load against this torch (the CUDA wheels these machines install with
+    `--no-deps`) import, by defining the ``torchvision::nms`` / ``qnms`` schemas first."""
     import importlib.util
-    import sys
 
-    if "torchvision" in sys.modules:
-        return sys.modules["torchvision"]
     if importlib.util.find_spec("torchvision") is None:
         pytest.skip("torchvision is not installed")
-    global _TORCHVISION_SHIM
-    try:
-        torch.ops.torchvision.nms  # noqa: B018  (its own kernels loaded: nothing to define)
-    except (AttributeError, RuntimeError):
-        if _TORCHVISION_SHIM is None:
-            _TORCHVISION_SHIM = torch.library.Library("torchvision", "DEF")
-            for op in ("nms", "qnms"):
-                _TORCHVISION_SHIM.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    import torchvision
+    from cnnext.train.data import import_torchvision as _import
 
-    return torchvision
-
-
-_TORCHVISION_SHIM = None
+    return _import("the model-level tests")
