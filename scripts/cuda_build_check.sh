@@ -57,7 +57,7 @@ VPY="$WORK/venv/bin/python"
 
 stage "download $TORCH_SPEC, the default (CUDA) wheel"
 # --isolated: the configuration's find-links may hold a CPU-only wheel of the same version.
-"$VPY" -m pip download --quiet --isolated --no-deps --dest "$WORK/wheels" "$TORCH_SPEC"
+"$VPY" -m pip download --quiet --isolated --disable-pip-version-check --no-deps --dest "$WORK/wheels" "$TORCH_SPEC"
 ls "$WORK"/wheels/torch-*.whl
 
 stage "install torch and its CUDA packages"
