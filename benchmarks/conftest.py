@@ -19,3 +19,12 @@ def _flush_caches():
     assert float(buf.sum()) == buf.numel()
     del buf
     yield
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    """Records torch's version and how cnnext was built in the run's JSON (machine_info),
+    for benchmarks/report.py's summary."""
+    import cnnext
+
+    machine_info["torch"] = torch.__version__
+    machine_info["cnnext_build"] = cnnext.build_info()

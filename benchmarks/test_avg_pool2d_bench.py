@@ -1,8 +1,8 @@
 """cnnext vs stock torch avg_pool2d / adaptive_avg_pool2d on CPU, forward and
 forward+backward, NCHW and channels_last, on the pooling layers of the classic networks.
 
-Run: python -m pytest benchmarks/test_avg_pool2d_bench.py --benchmark-json=benchmarks/results/cpu.json
-then python benchmarks/report.py benchmarks/results/cpu.json to print the ratios.
+Run: python -m pytest benchmarks/test_avg_pool2d_bench.py --benchmark-json=benchmarks/results/raw/cpu.json
+then python benchmarks/report.py benchmarks/results/raw/cpu.json to print the ratios.
 """
 import functools
 

@@ -1,8 +1,8 @@
 """cnnext ConvBNReLU2d vs the stock torch triple Conv2d -> BatchNorm2d -> ReLU on CPU:
 inference (eval mode, no grad) and a training step (train mode, forward + backward).
 
-Run: python -m pytest benchmarks/test_conv_bn_relu_bench.py --benchmark-json=benchmarks/results/cpu.json
-then python benchmarks/report.py benchmarks/results/cpu.json to print the ratios.
+Run: python -m pytest benchmarks/test_conv_bn_relu_bench.py --benchmark-json=benchmarks/results/raw/cpu.json
+then python benchmarks/report.py benchmarks/results/raw/cpu.json to print the ratios.
 """
 import pytest
 import torch

@@ -1,7 +1,7 @@
 """cnnext vs stock torch conv_transpose2d on CPU, forward and forward+backward.
 
-Run: python -m pytest benchmarks/test_conv_transpose2d_bench.py --benchmark-json=benchmarks/results/cpu.json
-then python benchmarks/report.py benchmarks/results/cpu.json to print the ratios.
+Run: python -m pytest benchmarks/test_conv_transpose2d_bench.py --benchmark-json=benchmarks/results/raw/cpu.json
+then python benchmarks/report.py benchmarks/results/raw/cpu.json to print the ratios.
 """
 import pytest
 import torch

@@ -16,8 +16,6 @@ import torch
 
 from ._shapes import pool_out_size, prefers_channels_last
 
-ops = torch.ops.cnnext
-
 
 def _out_like(x, shape):
     """An empty tensor of shape in the layout the ops give their output: the input's

@@ -23,8 +23,6 @@ import torch
 
 from ._shapes import conv_out_size, prefers_channels_last
 
-ops = torch.ops.cnnext
-
 _HALF = (torch.float16, torch.bfloat16)
 
 

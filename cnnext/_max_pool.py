@@ -17,8 +17,6 @@ import torch
 
 from ._shapes import pool_out_size, prefers_channels_last
 
-ops = torch.ops.cnnext
-
 
 def _fmt(t, batched):
     return torch.channels_last if batched and prefers_channels_last(t) else torch.contiguous_format
