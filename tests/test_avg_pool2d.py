@@ -10,8 +10,10 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import cnnext
 from cnnext.functional import avg_pool2d
-from conftest import LAYOUTS, examples, leaf, pair_arg, to_layout
-from avg_pool_testing import batch_shape, check_layout_like_torch, check_parity, layouts
+from cnnext.testing import (LAYOUTS, check_layout_like_torch, check_parity, check_pool_on_device, cpu_and_cuda,
+                            cuda_only, device_dtypes, leaf, to_layout)
+from conftest import examples
+from strategies import batch_shape, pair_arg, pool_layouts
 
 ops = torch.ops.cnnext
 
@@ -94,7 +96,7 @@ def configs(draw, max_hw=10):
 
 
 @settings(max_examples=examples(150))
-@given(c=configs(), lay=layouts(), dtype=st.sampled_from([torch.float64, torch.float32]), seed=st.integers(0, 99))
+@given(c=configs(), lay=pool_layouts(), dtype=st.sampled_from([torch.float64, torch.float32]), seed=st.integers(0, 99))
 def test_parity_random(c, lay, dtype, seed):
     shape, kw = c
     ours = lambda t: avg_pool2d(t, **kw)  # noqa: E731
@@ -126,6 +128,33 @@ def test_parity_large(case, dtype, layout):
                  "contiguous" if layout == "permuted" else layout, case)
 
 
+# Every device: against torch in float64 from the very values the run sees and, on CUDA,
+# against cnnext's CPU backend; every layout.
+DEVICE_CONFIGS = [
+    ((2, 3, 8, 9), dict(kernel_size=2)),
+    ((2, 3, 7, 9), dict(kernel_size=3, stride=2, padding=1, ceil_mode=True, count_include_pad=False)),
+    ((1, 4, 7, 6), dict(kernel_size=(3, 2), stride=(2, 3), padding=(1, 0), ceil_mode=True)),
+    ((2, 2, 5, 5), dict(kernel_size=3, stride=1, padding=1, divisor_override=4)),
+    ((4, 64, 7, 7), dict(kernel_size=7)),  # global by kernel
+    ((0, 3, 6, 6), dict(kernel_size=2)),
+]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("device, dtype", device_dtypes())
+@pytest.mark.parametrize("cfg", range(len(DEVICE_CONFIGS)))
+def test_parity_on_device(cfg, device, dtype, layout):
+    shape, kw = DEVICE_CONFIGS[cfg]
+    check_pool_on_device(avg_pool2d, F.avg_pool2d, shape, kw, dtype, layout, device, seed=cfg)
+
+
+@pytest.mark.parametrize("device", cuda_only())
+def test_mixed_devices_raise(device):
+    x = torch.randn(2, 3, 6, 6, device=device)
+    with pytest.raises(RuntimeError, match="avg_pool2d_backward: expected input to be on the same device"):
+        ops.avg_pool2d_backward(torch.randn(2, 3, 3, 3), x, [2, 2], [2, 2], [0, 0], False, True, None)
+
+
 def test_every_window_holds_input_with_ceil_mode():
     """With torch's ceil_mode rule no window lies wholly in the padding, so
     count_include_pad=False never divides by zero: on ones, every output is exactly 1
@@ -149,9 +178,15 @@ def test_empty_batch():
     assert x.grad.shape == x.shape
 
 
-def test_deterministic():
-    x = torch.randn(4, 16, 19, 19, dtype=torch.float32)
-    g = torch.randn(4, 16, 17, 17)
+# (input shape, grad_output shape) per device
+DETERMINISTIC = {"cpu": ((4, 16, 19, 19), (4, 16, 17, 17)), "cuda": ((8, 32, 17, 19), (8, 32, 15, 17))}
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_deterministic(device):
+    xshape, gshape = DETERMINISTIC[device]
+    x = torch.randn(xshape, dtype=torch.float32, device=device)
+    g = torch.randn(gshape, device=device)
     runs = [ops.avg_pool2d_backward(g, x, [3, 3], [1, 1], [0, 0], False, True, None) for _ in range(3)]
     assert all(torch.equal(runs[0], r) for r in runs[1:])
 
@@ -227,14 +262,15 @@ OPCHECK = [
 ]
 
 
+@pytest.mark.parametrize("device", cpu_and_cuda())
 @pytest.mark.parametrize("case", range(len(OPCHECK)))
-def test_opcheck(case):
+def test_opcheck(case, device):
     shape, *conf, layout = OPCHECK[case]
-    x = to_layout(torch.randn(shape, dtype=torch.float64), layout).requires_grad_()
+    x = to_layout(torch.randn(shape, dtype=torch.float64, device=device), layout).requires_grad_()
     results = torch.library.opcheck(ops.avg_pool2d.default, (x, *conf))
     assert set(results.values()) == {"SUCCESS"}, results
     y = ops.avg_pool2d(x.detach(), *conf)
-    g = to_layout(torch.randn(y.shape, dtype=torch.float64), layout).requires_grad_()
+    g = to_layout(torch.randn(y.shape, dtype=torch.float64, device=device), layout).requires_grad_()
     results = torch.library.opcheck(ops.avg_pool2d_backward.default, (g, x.detach(), *conf))
     assert set(results.values()) == {"SUCCESS"}, results
 
