@@ -7,14 +7,15 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+import cnnext
 from cnnext.functional import conv2d
-from conftest import pair_arg, GRAD_NAMES, LAYOUTS, RTOL, Parity, assert_close_scaled, assert_matches, examples, is_channels_last, leaf, to_layout
+from cnnext.testing import (GRAD_NAMES, LAYOUTS, RTOL, TOLERANCES, Parity, assert_close_scaled,
+                            assert_close_to_reference, assert_matches, cpu_and_cuda, cuda_only, device_dtypes,
+                            is_channels_last, leaf, needs_cuda, outputs_and_grads, pair, to_layout)
+from conftest import examples
+from strategies import pair_arg
 
 ops = torch.ops.cnnext
-
-
-def pair(v):
-    return list(v) if isinstance(v, (tuple, list)) else [v, v]
 
 
 # --------------------------------------------------------------------------------------------
@@ -870,3 +871,281 @@ def test_torch_compile_dynamic_shapes():
         assert_close_scaled(out, ref, 1e-5, f"output {shape}")
         for a, e in zip(grads, ref_grads):
             assert_close_scaled(a, e, 1e-5, f"grad {shape}")
+
+
+# --------------------------------------------------------------------------------------------
+# Every device: against F.conv2d in float64 on the CPU from the very values the run sees
+# (inputs rounded to the tested dtype first, so the tolerances measure the kernels, not
+# the rounding of the inputs) and, on CUDA, against cnnext's CPU backend
+# --------------------------------------------------------------------------------------------
+
+DEVICE_RTOL = TOLERANCES["device_conv"]
+DEVICE_LAYOUTS = ("contiguous", "channels_last", "sliced", "permuted")
+
+# (N, C, H, W), out_channels, (kH, kW), stride, padding, dilation, groups, bias
+DEVICE_CONFIGS = [
+    ((2, 3, 8, 9), 4, (3, 3), 1, 1, 1, 1, True),
+    ((2, 4, 9, 7), 6, (3, 2), (2, 1), (0, 1), (1, 2), 2, True),
+    ((2, 6, 9, 8), 6, (3, 3), 2, 1, 1, 6, False),          # depthwise
+    ((1, 4, 7, 7), 8, (5, 5), 1, 2, 1, 4, True),           # depthwise, multiplier 2
+    ((3, 5, 6, 5), 7, (1, 1), 1, 0, 1, 1, True),           # pointwise
+    ((2, 2, 11, 10), 3, (5, 3), (3, 2), (2, 0), (2, 1), 1, False),
+    ((1, 4, 4, 4), 4, (4, 4), 1, 0, 1, 2, True),           # kernel as large as the input
+    ((1, 2, 3, 3), 2, (3, 3), 2, 4, 1, 1, True),           # padding wider than the input
+    ((2, 6, 6, 5), 9, (2, 3), (1, 3), (3, 2), 1, 3, True),
+    ((4, 16, 14, 14), 32, (3, 3), 1, 1, 1, 1, True),       # several blocks per kernel
+    ((2, 3, 20, 20), 8, (7, 7), 2, 3, 1, 1, True),         # a ResNet stem
+]
+
+
+def config_id(cfg):
+    shape, o, k, s, p, d, g, b = cfg
+    return f"x{'x'.join(map(str, shape))}-o{o}-k{k[0]}x{k[1]}-s{s}-p{p}-d{d}-g{g}-{'bias' if b else 'nobias'}"
+
+
+def make_inputs(cfg, dtype):
+    """Random x, w, b (or None) and grad_output as float64 CPU tensors holding values
+    exactly representable in dtype."""
+    shape, o, (kh, kw), s, p, d, g, has_bias = cfg
+    sd, pd, dl = pair(s), pair(p), pair(d)
+    x = torch.randn(shape, dtype=torch.float64)
+    w = torch.randn(o, shape[1] // g, kh, kw, dtype=torch.float64)
+    b = torch.randn(o, dtype=torch.float64) if has_bias else None
+    oh = (shape[2] + 2 * pd[0] - dl[0] * (kh - 1) - 1) // sd[0] + 1
+    ow = (shape[3] + 2 * pd[1] - dl[1] * (kw - 1) - 1) // sd[1] + 1
+    gy = torch.randn(shape[0], o, oh, ow, dtype=torch.float64)
+    rnd = lambda t: None if t is None else t.to(dtype).double()  # noqa: E731
+    return rnd(x), rnd(w), rnd(b), rnd(gy)
+
+
+def run_conv(fn, x, w, b, gy, *conf):
+    """Output and gradients of fn(x, w, b, *conf) on whatever device x is on."""
+    leaves = [t.detach().requires_grad_() for t in (x, w, b) if t is not None]
+    out = outputs_and_grads(lambda *t: fn(*t, *conf) if b is not None else fn(*t, None, *conf), leaves, gy)
+    return (out[0].detach(), *out[1:])
+
+
+def moved(device, dtype, *tensors):
+    return [None if t is None else t.to(dtype=dtype, device=device) for t in tensors]
+
+
+@pytest.mark.parametrize("layout", DEVICE_LAYOUTS)
+@pytest.mark.parametrize("device, dtype", device_dtypes())
+@pytest.mark.parametrize("cfg", DEVICE_CONFIGS, ids=config_id)
+@pytest.mark.usefixtures("strict_fp32")
+def test_parity_on_device(cfg, device, dtype, layout):
+    """Forward and every gradient against F.conv2d (float64 CPU) and, on CUDA for float32
+    and float64, against cnnext's CPU backend, with input and grad_output in every layout."""
+    _, _, _, s, p, d, g, _ = cfg
+    x, w, b, gy = make_inputs(cfg, dtype)
+    ref = run_conv(F.conv2d, x, w, b, gy, s, p, d, g)
+    # grad_output in another layout than the input, so both kernels see mixed layouts.
+    gy_layout = DEVICE_LAYOUTS[(DEVICE_LAYOUTS.index(layout) + 1) % len(DEVICE_LAYOUTS)]
+    xd, wd, bd, gyd = moved(device, dtype, x, w, b, gy)
+    xc = to_layout(xd, layout)
+    out = run_conv(conv2d, xc, wd, bd, to_layout(gyd, gy_layout), s, p, d, g)
+    for name, got, want in zip(GRAD_NAMES, out, ref):
+        assert got.device.type == device and got.dtype == dtype, name
+        assert_close_to_reference(got, want, DEVICE_RTOL[dtype], f"{name} vs F.conv2d")
+    if device == "cpu":  # the CPU backend's layout rules: test_output_memory_format and those after it
+        return
+    # Layout rule of the CUDA backend: channels_last output iff an operand is channels_last.
+    fmt = torch.channels_last if is_channels_last(xc) else torch.contiguous_format
+    assert out[0].is_contiguous(memory_format=fmt)
+    assert out[2].is_contiguous()
+
+    if dtype in (torch.float32, torch.float64):
+        xh, wh, bh, gyh = moved("cpu", dtype, x, w, b, gy)
+        out_cpu = run_conv(conv2d, to_layout(xh, layout), wh, bh, to_layout(gyh, gy_layout), s, p, d, g)
+        for name, got, want in zip(GRAD_NAMES, out, out_cpu):
+            assert_close_to_reference(got, want.double(), DEVICE_RTOL[dtype], f"{name} vs cnnext CPU")
+        assert is_channels_last(out[0]) == is_channels_last(out_cpu[0])
+        assert is_channels_last(out[1]) == is_channels_last(out_cpu[1])
+
+
+@pytest.mark.parametrize("device, dtype", device_dtypes())
+@pytest.mark.usefixtures("strict_fp32")
+def test_expanded_grad_output(device, dtype):
+    """y.sum() gives backward a grad_output of stride 0 in every dim."""
+    cfg = ((2, 4, 9, 8), 6, (3, 3), 2, 1, 1, 2, True)
+    _, _, _, s, p, d, g, _ = cfg
+    x, w, b, gy = make_inputs(cfg, dtype)
+    ref = run_conv(F.conv2d, x, w, b, torch.ones_like(gy), s, p, d, g)
+    xc, wc, bc = (t.requires_grad_() for t in moved(device, dtype, x, w, b))
+    grads = torch.autograd.grad(conv2d(xc, wc, bc, s, p, d, g).sum(), (xc, wc, bc))
+    for name, got, want in zip(GRAD_NAMES[1:], grads, ref[1:]):
+        assert_close_to_reference(got, want, DEVICE_RTOL[dtype], name)
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("padding", ["same", "valid"])
+def test_string_padding(padding, device):
+    x = torch.randn(2, 4, 9, 10, dtype=torch.float64)
+    w = torch.randn(6, 2, 4, 3, dtype=torch.float64)  # kH = 4: 'same' pads H asymmetrically
+    want = F.conv2d(x, w, None, 1, padding, (1, 2), 2)
+    got = conv2d(x.to(device), w.to(device), None, 1, padding, (1, 2), 2)
+    assert_close_to_reference(got, want, DEVICE_RTOL[torch.float64], padding)
+
+
+@pytest.mark.parametrize("device, dtype", device_dtypes())
+def test_empty_batch(device, dtype):
+    """N = 0: empty output and grad_input, zero grad_weight and grad_bias."""
+    x = torch.randn(0, 4, 7, 7, device=device, dtype=dtype, requires_grad=True)
+    w = torch.randn(6, 2, 3, 3, device=device, dtype=dtype, requires_grad=True)
+    b = torch.randn(6, device=device, dtype=dtype, requires_grad=True)
+    y = conv2d(x, w, b, 1, 1, 1, 2)
+    assert y.shape == (0, 6, 7, 7) and y.device.type == device
+    gx, gw, gb = torch.autograd.grad(y, (x, w, b), torch.randn_like(y))
+    assert gx.shape == x.shape
+    assert torch.equal(gw, torch.zeros_like(w))
+    assert torch.equal(gb, torch.zeros_like(b))
+
+
+@pytest.mark.parametrize("device, dtype", device_dtypes())
+@pytest.mark.usefixtures("strict_fp32")
+def test_unbatched(device, dtype):
+    """A (C, H, W) input is a batch of one; output and grad_input are 3-D."""
+    cfg = ((1, 6, 8, 7), 9, (3, 2), (2, 1), 1, (1, 2), 3, True)
+    _, _, _, s, p, d, g, _ = cfg
+    x, w, b, gy = make_inputs(cfg, dtype)
+    ref = run_conv(F.conv2d, x[0], w, b, gy[0], s, p, d, g)
+    xd, wd, bd, gyd = moved(device, dtype, x[0], w, b, gy[0])
+    out = run_conv(conv2d, xd, wd, bd, gyd, s, p, d, g)
+    assert out[0].dim() == 3 and out[1].dim() == 3
+    for name, got, want in zip(GRAD_NAMES, out, ref):
+        assert_close_to_reference(got, want, DEVICE_RTOL[dtype], name)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_deterministic(device):
+    """Two runs give bitwise equal results (no atomics, fixed summation order)."""
+    cfg = ((8, 16, 20, 20), 32, (3, 3), 1, 1, 1, 1, True)
+    x, w, b, gy = moved(device, torch.float32, *make_inputs(cfg, torch.float32))
+    first = run_conv(conv2d, x, w, b, gy, 1, 1, 1, 1)
+    second = run_conv(conv2d, x, w, b, gy, 1, 1, 1, 1)
+    for name, a, c in zip(GRAD_NAMES, first, second):
+        assert torch.equal(a, c), name
+
+
+@pytest.mark.parametrize("device", cuda_only())
+def test_side_stream(device):
+    """Kernels run on the current stream, not the default one."""
+    cfg = ((4, 8, 16, 16), 16, (3, 3), 1, 1, 1, 2, True)
+    x, w, b, gy = make_inputs(cfg, torch.float64)
+    ref = run_conv(F.conv2d, x, w, b, gy, 1, 1, 1, 2)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        out = run_conv(conv2d, *moved(device, torch.float64, x, w, b, gy), 1, 1, 1, 2)
+    stream.synchronize()
+    for name, got, want in zip(GRAD_NAMES, out, ref):
+        assert_close_to_reference(got, want, DEVICE_RTOL[torch.float64], name)
+
+
+@needs_cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_second_device():
+    """Tensors on cuda:1 while cuda:0 is current: the device guard picks cuda:1."""
+    cfg = ((2, 4, 8, 8), 6, (3, 3), 1, 1, 1, 2, True)
+    x, w, b, gy = make_inputs(cfg, torch.float64)
+    ref = run_conv(F.conv2d, x, w, b, gy, 1, 1, 1, 2)
+    with torch.cuda.device(0):
+        out = run_conv(conv2d, *moved("cuda:1", torch.float64, x, w, b, gy), 1, 1, 1, 2)
+    for name, got, want in zip(GRAD_NAMES, out, ref):
+        assert got.device == torch.device("cuda:1"), name
+        assert_close_to_reference(got, want, DEVICE_RTOL[torch.float64], name)
+
+
+GRADCHECK_CONFIGS = [
+    ((2, 4, 6, 5), 4, (3, 2), (2, 1), (1, 0), (1, 2), 2, True),
+    ((1, 3, 5, 5), 3, (3, 3), 1, 1, 1, 3, False),          # depthwise
+    ((2, 2, 4, 6), 3, (1, 1), 1, 0, 1, 1, True),
+]
+
+
+@pytest.mark.usefixtures("single_thread")
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("cfg", GRADCHECK_CONFIGS, ids=config_id)
+def test_gradcheck_on_device(cfg, device):
+    _, _, _, s, p, d, g, _ = cfg
+    x, w, b, _ = make_inputs(cfg, torch.float64)
+    args = [t.to(device).requires_grad_() for t in (x, w, b) if t is not None]
+    fn = (lambda x, w, b: conv2d(x, w, b, s, p, d, g)) if b is not None else (lambda x, w: conv2d(x, w, None, s, p, d, g))
+    assert torch.autograd.gradcheck(fn, args)
+    assert torch.autograd.gradgradcheck(fn, args)
+
+
+@pytest.mark.usefixtures("single_thread")
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_gradcheck_channels_last(device):
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64, device=device)
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    w = torch.randn(4, 2, 3, 3, dtype=torch.float64, device=device, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: conv2d(x, w, None, 2, 1, 1, 2), (x, w))
+
+
+def device_opcheck_cases(device):
+    """{name: (op, args)} on float64 tensors of the device that require grad."""
+    x = torch.randn(2, 4, 7, 6, device=device, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 2, 3, 2, device=device, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, device=device, dtype=torch.float64, requires_grad=True)
+    conf = ([2, 1], [1, 0], [1, 2], 2)
+    y = ops.conv2d(x.detach(), w.detach(), b.detach(), *conf)
+    gy = torch.randn_like(y).requires_grad_()
+    xcl = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    x3 = x.detach()[0].clone().requires_grad_()
+    return {
+        "conv2d": (ops.conv2d.default, (x, w, b, *conf)),
+        "conv2d_nobias": (ops.conv2d.default, (x, w, None, *conf)),
+        "conv2d_channels_last": (ops.conv2d.default, (xcl, w, b, *conf)),
+        "conv2d_unbatched": (ops.conv2d.default, (x3, w, b, *conf)),
+        "conv2d_input_backward": (ops.conv2d_input_backward.default, (gy, w, list(x.shape), *conf)),
+        "conv2d_weight_backward": (ops.conv2d_weight_backward.default, (gy, x, list(w.shape), *conf)),
+        "channel_sum": (ops.channel_sum.default, (gy,)),
+    }
+
+
+DEVICE_OPCHECK_CASES = ["conv2d", "conv2d_nobias", "conv2d_channels_last", "conv2d_unbatched",
+                        "conv2d_input_backward", "conv2d_weight_backward", "channel_sum"]
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("case", DEVICE_OPCHECK_CASES)
+def test_opcheck_on_device(case, device):
+    op, args = device_opcheck_cases(device)[case]
+    torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("where", ["input_cpu", "weight_cpu", "bias_cpu"])
+@pytest.mark.parametrize("device", cuda_only())
+def test_mixed_devices_raise(device, where):
+    x = torch.randn(1, 2, 5, 5, device="cpu" if where == "input_cpu" else device)
+    w = torch.randn(3, 2, 3, 3, device="cpu" if where == "weight_cpu" else device)
+    b = torch.randn(3, device="cpu" if where == "bias_cpu" else device)
+    with pytest.raises(RuntimeError, match="same device"):
+        conv2d(x, w, b)
+
+
+@pytest.mark.parametrize("device", cuda_only())
+def test_mixed_devices_backward_ops_raise(device):
+    gy = torch.randn(1, 3, 3, 3, device=device)
+    with pytest.raises(RuntimeError, match="same device"):
+        ops.conv2d_input_backward(gy, torch.randn(3, 2, 3, 3), [1, 2, 5, 5], [1, 1], [0, 0], [1, 1], 1)
+    with pytest.raises(RuntimeError, match="same device"):
+        ops.conv2d_weight_backward(gy, torch.randn(1, 2, 5, 5), [3, 2, 3, 3], [1, 1], [0, 0], [1, 1], 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("device", cuda_only())
+@pytest.mark.usefixtures("strict_fp32")
+def test_half_types_module(device, dtype):
+    """cnnext.nn.Conv2d in half precision tracks torch.nn.Conv2d in float32."""
+    mod = cnnext.nn.Conv2d(8, 16, 3, stride=2, padding=1, groups=2).to(device)
+    ref = torch.nn.Conv2d(8, 16, 3, stride=2, padding=1, groups=2).to(device)
+    ref.load_state_dict(mod.state_dict())
+    x = torch.randn(4, 8, 15, 15, device=device).to(dtype)
+    want = F.conv2d(x.double().cpu(), ref.weight.to(dtype).double().cpu(), ref.bias.to(dtype).double().cpu(),
+                    2, 1, 1, 2)
+    got = mod.to(dtype)(x)
+    assert got.dtype == dtype
+    assert_close_to_reference(got, want, DEVICE_RTOL[dtype], "Conv2d output")

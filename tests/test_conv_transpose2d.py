@@ -10,13 +10,13 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import cnnext
 from cnnext.functional import conv_transpose2d
-from conftest import pair_arg, LAYOUTS, RTOL, Parity, assert_close_scaled, assert_state_dict_round_trip, assert_matches, examples, leaf, to_layout
+from cnnext.testing import (GRAD_NAMES, LAYOUTS, RTOL, TOLERANCES, Parity, assert_close_scaled,
+                            assert_close_to_reference, assert_matches, cpu_and_cuda, cuda_only, device_dtypes,
+                            is_channels_last, leaf, outputs_and_grads, pair, to_layout)
+from conftest import assert_state_dict_round_trip, examples
+from strategies import pair_arg
 
 ops = torch.ops.cnnext
-
-
-def pair(v):
-    return list(v) if isinstance(v, (tuple, list)) else [v, v]
 
 
 # --------------------------------------------------------------------------------------------
@@ -514,3 +514,112 @@ def test_torch_compile_dynamic_shapes():
         assert_close_scaled(out, ref, 1e-5, f"output {shape}")
         for a, e in zip(grads, ref_grads):
             assert_close_scaled(a, e, 1e-5, f"grad {shape}")
+
+
+# --------------------------------------------------------------------------------------------
+# Every device: against F.conv_transpose2d in float64 on the CPU from the very values the
+# run sees and, on CUDA, against cnnext's CPU backend
+# --------------------------------------------------------------------------------------------
+
+DEVICE_RTOL = TOLERANCES["device_conv"]
+
+# (N, C_in, H, W), out_channels, (kH, kW), stride, padding, output_padding, dilation, groups, bias
+DEVICE_CONFIGS = [
+    ((2, 3, 5, 6), 4, (3, 3), 1, 0, 0, 1, 1, True),
+    ((2, 4, 6, 5), 6, (3, 2), (2, 1), (1, 0), (1, 0), (1, 2), 2, True),
+    ((2, 6, 5, 5), 6, (4, 4), 2, 1, 0, 1, 6, False),           # depthwise, doubling
+    ((1, 4, 5, 4), 4, (3, 3), 1, 1, (1, 1), 2, 1, True),        # output_padding >= stride (< dilation)
+    ((3, 5, 4, 4), 7, (1, 1), 2, 0, 1, 1, 1, True),             # pointwise, strided
+    ((4, 16, 14, 14), 8, (4, 4), 2, 1, 0, 1, 1, True),          # several blocks
+]
+
+
+def transpose_id(cfg):
+    shape, o, k, s, p, op, d, g, b = cfg
+    return f"x{'x'.join(map(str, shape))}-o{o}-k{k[0]}x{k[1]}-s{s}-p{p}-op{op}-d{d}-g{g}-{'bias' if b else 'nobias'}"
+
+
+def transpose_run(fn, x, w, b, gy, conf):
+    leaves = [t.detach().requires_grad_() for t in (x, w, b) if t is not None]
+    out = outputs_and_grads(lambda *t: fn(*t, *conf) if b is not None else fn(*t, None, *conf), leaves, gy)
+    return (out[0].detach(), *out[1:])
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+@pytest.mark.parametrize("device, dtype", device_dtypes())
+@pytest.mark.parametrize("cfg", DEVICE_CONFIGS, ids=transpose_id)
+@pytest.mark.usefixtures("strict_fp32")
+def test_parity_on_device(cfg, device, dtype, layout):
+    """Forward and every gradient against F.conv_transpose2d (float64 CPU) and, on CUDA for
+    float32 and float64, against cnnext's CPU backend."""
+    shape, o, (kh, kw), s, p, op, d, g, has_bias = cfg
+    conf = (s, p, op, g, d)
+    rnd = lambda t: None if t is None else t.to(dtype).double()  # noqa: E731
+    x = rnd(torch.randn(shape, dtype=torch.float64))
+    w = rnd(torch.randn(shape[1], o // g, kh, kw, dtype=torch.float64))
+    b = rnd(torch.randn(o, dtype=torch.float64)) if has_bias else None
+    gy = rnd(torch.randn(F.conv_transpose2d(x, w, b, *conf).shape, dtype=torch.float64))
+    ref = transpose_run(F.conv_transpose2d, x, w, b, gy, conf)
+    dev = lambda t: None if t is None else t.to(dtype=dtype, device=device)  # noqa: E731
+    out = transpose_run(conv_transpose2d, to_layout(dev(x), layout), dev(w), dev(b),
+                        to_layout(dev(gy), "permuted"), conf)
+    for name, got, want in zip(GRAD_NAMES, out, ref):
+        assert got.device.type == device and got.dtype == dtype, name
+        assert_close_to_reference(got, want, DEVICE_RTOL[dtype], f"{name} vs F.conv_transpose2d")
+    if device != "cpu" and dtype in (torch.float32, torch.float64):
+        cpu = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+        out_cpu = transpose_run(conv_transpose2d, to_layout(cpu(x), layout), cpu(w), cpu(b),
+                                to_layout(cpu(gy), "permuted"), conf)
+        for name, got, want in zip(GRAD_NAMES, out, out_cpu):
+            assert_close_to_reference(got, want.double(), DEVICE_RTOL[dtype], f"{name} vs cnnext CPU")
+        assert is_channels_last(out[0]) == is_channels_last(out_cpu[0])
+
+
+@pytest.mark.parametrize("device, dtype", device_dtypes())
+def test_unbatched_and_empty_on_device(device, dtype):
+    w = torch.randn(4, 3, 3, 3, device=device, dtype=dtype)
+    b = torch.randn(6, device=device, dtype=dtype)
+    x = torch.randn(4, 5, 6, device=device, dtype=dtype)
+    got = conv_transpose2d(x, w, b, 2, 1, 1, 2)
+    want = F.conv_transpose2d(x.double().cpu(), w.double().cpu(), b.double().cpu(), 2, 1, 1, 2)
+    assert got.dim() == 3
+    assert_close_to_reference(got, want, DEVICE_RTOL[dtype], "unbatched")
+    empty = conv_transpose2d(torch.randn(0, 4, 5, 6, device=device, dtype=dtype), w, b, 2, 1, 1, 2)
+    assert empty.shape == (0, 6, 10, 12) and empty.device.type == device
+
+
+@pytest.mark.usefixtures("single_thread")
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_gradcheck_and_opcheck_on_device(device):
+    x = torch.randn(2, 4, 4, 3, dtype=torch.float64, device=device, requires_grad=True)
+    w = torch.randn(4, 2, 3, 2, dtype=torch.float64, device=device, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, device=device, requires_grad=True)
+    conf = ([2, 1], [1, 0], [1, 0], 2, [1, 2])
+    fn = lambda x, w, b: conv_transpose2d(x, w, b, *conf)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+    assert torch.autograd.gradgradcheck(fn, (x, w, b))
+    torch.library.opcheck(ops.conv_transpose2d.default, (x, w, b, *conf))
+    xcl = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    torch.library.opcheck(ops.conv_transpose2d.default, (xcl, w, b, *conf))
+
+
+@pytest.mark.parametrize("where", ["input_cpu", "weight_cpu", "bias_cpu"])
+@pytest.mark.parametrize("device", cuda_only())
+def test_mixed_devices_raise(device, where):
+    x = torch.randn(1, 2, 5, 5, device="cpu" if where == "input_cpu" else device)
+    w = torch.randn(2, 3, 3, 3, device="cpu" if where == "weight_cpu" else device)
+    b = torch.randn(3, device="cpu" if where == "bias_cpu" else device)
+    with pytest.raises(RuntimeError, match="same device"):
+        conv_transpose2d(x, w, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("device", cuda_only())
+@pytest.mark.usefixtures("strict_fp32")
+def test_half_types_module(device, dtype):
+    mod = cnnext.nn.ConvTranspose2d(8, 16, 4, stride=2, padding=1, groups=2).to(device, dtype)
+    x = torch.randn(4, 8, 7, 7, device=device).to(dtype)
+    want = F.conv_transpose2d(x.double().cpu(), mod.weight.double().cpu(), mod.bias.double().cpu(), 2, 1, 0, 2)
+    got = mod(x, output_size=[14, 14])
+    assert got.dtype == dtype
+    assert_close_to_reference(got, want, DEVICE_RTOL[dtype], "ConvTranspose2d output")
