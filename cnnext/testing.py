@@ -52,6 +52,15 @@ if pytest is not None:
         backend with the CPU one (on the CPU it would compare the CPU backend with itself)."""
         return (pytest.param("cuda", marks=needs_cuda),)
 
+    # The CUDA implicit GEMM's instructions (mma, cp.async) start at compute capability 8.0.
+    needs_sm80 = pytest.mark.skipif(
+        not (HAS_CUDA and torch.cuda.get_device_capability()[0] >= 8),
+        reason="needs a CUDA device of compute capability >= 8.0 and a cnnext build with CUDA kernels")
+
+    def sm80_only():
+        """For @pytest.mark.parametrize("device", ...) of a test of the CUDA implicit GEMM."""
+        return (pytest.param("cuda", marks=needs_sm80),)
+
     def device_dtypes(dtypes=None):
         """(device, dtype) parameters: every dtype of DTYPES[device] (or of `dtypes`, those
         the device takes) on "cpu" and "cuda", the CUDA ones marked needs_cuda."""
@@ -106,6 +115,24 @@ TOLERANCES = {
 }
 RTOL = TOLERANCES["conv"]
 GRAD_NAMES = ["output", "grad_input", "grad_weight", "grad_bias"]
+
+# The float32 maths of the CUDA implicit GEMM (torch.backends.cudnn.allow_tf32 picks one):
+# (dtype, math) for float32 strict (SIMT), float32 TF32, float16, bfloat16.
+IGEMM_MATHS = [(torch.float32, "strict"), (torch.float32, "tf32"), (torch.float16, None), (torch.bfloat16, None)]
+
+
+def igemm_math_id(m):
+    return f"{str(m[0]).replace('torch.', '')}{'-' + m[1] if m[1] else ''}"
+
+
+def tf32(t):
+    """float32 t rounded as cvt.rna.tf32.f32 (10 mantissa bits, ties away from zero)."""
+    u = t.float().contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    finite = (u & 0x7F800000) != 0x7F800000
+    r = torch.where(finite, (u + 0x1000) & 0xFFFFE000, u)
+    r = torch.where(r >= 2**31, r - 2**32, r).to(torch.int32)
+    return r.view(torch.float32).reshape(t.shape)
+
 
 # --------------------------------------------------------------------------------------------
 # Memory layouts

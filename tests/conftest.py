@@ -47,6 +47,17 @@ def strict_fp32():
 
 
 @pytest.fixture
+def igemm(monkeypatch):
+    """Every problem the CUDA implicit GEMM supports goes through it ($CNNEXT_CUDA_IGEMM=1,
+    so small odd shapes with partial tiles reach it; =0 would pick the direct kernels);
+    the TF32 switch is restored afterwards."""
+    monkeypatch.setenv("CNNEXT_CUDA_IGEMM", "1")
+    saved = torch.backends.cudnn.allow_tf32
+    yield lambda math: setattr(torch.backends.cudnn, "allow_tf32", math == "tf32")
+    torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.fixture
 def single_thread():
     """Runs a test on one intra-op thread. For gradcheck: it calls the ops thousands of times
     on tiny tensors, and on a busy 2-core machine every parallel region can stall for a

@@ -9,9 +9,10 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import cnnext
 from cnnext.functional import conv2d
-from cnnext.testing import (GRAD_NAMES, LAYOUTS, RTOL, TOLERANCES, Parity, assert_close_scaled,
+from cnnext.testing import (GRAD_NAMES, IGEMM_MATHS, LAYOUTS, RTOL, TOLERANCES, Parity, assert_close_scaled,
                             assert_close_to_reference, assert_matches, cpu_and_cuda, cuda_only, device_dtypes,
-                            is_channels_last, leaf, needs_cuda, outputs_and_grads, pair, to_layout)
+                            igemm_math_id, is_channels_last, leaf, needs_cuda, outputs_and_grads, pair, sm80_only,
+                            tf32, to_layout)
 from conftest import examples
 from strategies import pair_arg
 
@@ -1149,3 +1150,122 @@ def test_half_types_module(device, dtype):
     got = mod.to(dtype)(x)
     assert got.dtype == dtype
     assert_close_to_reference(got, want, DEVICE_RTOL[dtype], "Conv2d output")
+
+
+# --------------------------------------------------------------------------------------------
+# The CUDA implicit GEMM (csrc/cuda/conv2d_igemm_kernels.cuh): forward (with the bias
+# epilogue), input backward and weight backward (split K), against F.conv2d in float64 on
+# the CPU and against cnnext's CPU backend. The `igemm` fixture sends every supported
+# problem through it; float32 follows torch.backends.cudnn.allow_tf32 (strict SIMT or TF32).
+# --------------------------------------------------------------------------------------------
+
+IGEMM_RTOL = TOLERANCES["device_igemm"]
+
+# (N, C, H, W), out_channels, (kH, kW), stride, padding, dilation, groups, bias
+IGEMM_CONFIGS = [
+    ((2, 16, 9, 11), 24, (3, 3), 1, 1, 1, 1, True),              # 2 row tiles, partial K
+    ((1, 8, 12, 11), 136, (1, 1), 1, 0, 1, 1, False),            # 2 column tiles
+    ((2, 12, 10, 9), 18, (3, 2), (2, 1), (0, 1), (1, 2), 3, True),
+    ((1, 16, 7, 7), 16, (5, 5), 1, 2, 1, 2, True),               # 8 channels per group
+    ((2, 3, 15, 13), 16, (7, 7), 2, 3, 1, 1, True),              # a stem
+    ((1, 8, 9, 9), 8, (2, 2), 3, 0, 1, 1, False),                # stride > kernel
+    ((3, 24, 6, 5), 40, (3, 3), 1, 2, 2, 1, True),               # dilation 2
+    ((4, 64, 28, 28), 128, (3, 3), 1, 1, 1, 1, True),            # many full tiles
+]
+
+
+def igemm_inputs(cfg, dtype):
+    shape, o, (kh, kw), s, p, d, g, has_bias = cfg
+    x = torch.randn(shape, dtype=torch.float64).to(dtype)
+    w = torch.randn(o, shape[1] // g, kh, kw, dtype=torch.float64).to(dtype)
+    b = torch.randn(o, dtype=torch.float64).to(dtype) if has_bias else None
+    y = F.conv2d(x.double(), w.double(), None, s, p, d, g)
+    gy = torch.randn(y.shape, dtype=torch.float64).to(dtype)
+    return x, w, b, gy
+
+
+@pytest.mark.parametrize("layout", DEVICE_LAYOUTS)
+@pytest.mark.parametrize("math", IGEMM_MATHS, ids=igemm_math_id)
+@pytest.mark.parametrize("cfg", IGEMM_CONFIGS, ids=config_id)
+@pytest.mark.parametrize("device", sm80_only())
+def test_igemm_forward_and_gradients(device, cfg, math, layout, igemm):
+    dtype, fmath = math
+    igemm(fmath)
+    _, _, _, s, p, d, g, _ = cfg
+    x, w, b, gy = igemm_inputs(cfg, dtype)
+    rtol = IGEMM_RTOL[fmath] if dtype == torch.float32 else IGEMM_RTOL[dtype]
+    # References from the operands the kernel multiplies (TF32: rounded first, so the
+    # bound measures the accumulation, with slack for TF32's own rounding of products).
+    xr, wr, gyr = (tf32(t) if fmath == "tf32" else t for t in (x, w, gy))
+    want_y = F.conv2d(xr.double(), wr.double(), None if b is None else b.double(), s, p, d, g)
+    want_gx = torch.nn.grad.conv2d_input(x.shape, wr.double(), gyr.double(), s, p, d, g)
+    want_gw = torch.nn.grad.conv2d_weight(xr.double(), w.shape, gyr.double(), s, p, d, g)
+    dev = lambda t: None if t is None else t.to(device)  # noqa: E731
+    xc = to_layout(dev(x), layout).requires_grad_()
+    wc = dev(w).requires_grad_()
+    y = conv2d(xc, wc, dev(b), s, p, d, g)
+    gx, gw = torch.autograd.grad(y, (xc, wc), to_layout(dev(gy), DEVICE_LAYOUTS[(DEVICE_LAYOUTS.index(layout) + 1) % 4]))
+    assert_close_to_reference(y, want_y, rtol, "output")
+    assert_close_to_reference(gx, want_gx, rtol, "grad_input")
+    assert_close_to_reference(gw, want_gw, rtol, "grad_weight")
+    assert y.dtype == dtype and gx.dtype == dtype
+    if fmath == "strict":  # and against the CPU backend
+        xcpu, wcpu = to_layout(x, layout).requires_grad_(), w.clone().requires_grad_()
+        ycpu = conv2d(xcpu, wcpu, b, s, p, d, g)
+        gxcpu, gwcpu = torch.autograd.grad(ycpu, (xcpu, wcpu), gy)
+        assert_close_to_reference(y, ycpu.double(), rtol, "output vs cnnext CPU")
+        assert_close_to_reference(gx, gxcpu.double(), rtol, "grad_input vs cnnext CPU")
+        assert_close_to_reference(gw, gwcpu.double(), rtol, "grad_weight vs cnnext CPU")
+
+
+@pytest.mark.parametrize("math", IGEMM_MATHS, ids=igemm_math_id)
+@pytest.mark.parametrize("device", sm80_only())
+def test_igemm_empty_batch(device, math, igemm):
+    dtype, fmath = math
+    igemm(fmath)
+    x = torch.randn(0, 16, 7, 7, device=device, dtype=dtype, requires_grad=True)
+    w = torch.randn(32, 16, 3, 3, device=device, dtype=dtype, requires_grad=True)
+    y = conv2d(x, w, None, 1, 1)
+    assert y.shape == (0, 32, 7, 7)
+    gx, gw = torch.autograd.grad(y, (x, w), torch.randn_like(y))
+    assert gx.shape == x.shape
+    assert torch.equal(gw, torch.zeros_like(w))  # the GEMM's K = 0: zeros
+
+
+@pytest.mark.parametrize("device", sm80_only())
+@pytest.mark.usefixtures("strict_fp32")
+def test_igemm_auto_mode_large_shape(device, monkeypatch):
+    """Without the override a ResNet-like layer takes the GEMM (profitable) and agrees
+    with the direct kernels (=0) to float32 accuracy."""
+    x = torch.randn(8, 64, 28, 28, device=device)
+    w = torch.randn(64, 64, 3, 3, device=device)
+    monkeypatch.delenv("CNNEXT_CUDA_IGEMM", raising=False)
+    auto = conv2d(x, w, None, 1, 1)
+    monkeypatch.setenv("CNNEXT_CUDA_IGEMM", "0")
+    direct = conv2d(x, w, None, 1, 1)
+    assert_close_to_reference(auto, direct.double().cpu(), 2e-5, "auto vs direct")
+
+
+@pytest.mark.parametrize("device", sm80_only())
+def test_igemm_deterministic(device, igemm):
+    igemm("strict")
+    x = torch.randn(8, 32, 20, 20, device=device, requires_grad=True)
+    w = torch.randn(64, 32, 3, 3, device=device)
+    y1 = conv2d(x, w, None, 1, 1)
+    y2 = conv2d(x, w, None, 1, 1)
+    assert torch.equal(y1, y2)
+    g = torch.randn_like(y1)
+    assert torch.equal(torch.autograd.grad(y1, x, g)[0], torch.autograd.grad(y2, x, g)[0])
+    wg = w.clone().requires_grad_()
+    gw1 = torch.autograd.grad(conv2d(x, wg, None, 1, 1), wg, g)[0]
+    gw2 = torch.autograd.grad(conv2d(x, wg, None, 1, 1), wg, g)[0]
+    assert torch.equal(gw1, gw2)  # split-K partials added in a fixed order
+
+
+@pytest.mark.parametrize("device", sm80_only())
+def test_igemm_float64_stays_direct(device, igemm):
+    """float64 never goes through the GEMM kernels (they do not support it): exact parity."""
+    x = torch.randn(2, 16, 9, 9, dtype=torch.float64)
+    w = torch.randn(32, 16, 3, 3, dtype=torch.float64)
+    got = conv2d(x.to(device), w.to(device), None, 1, 1)
+    assert_close_to_reference(got, F.conv2d(x, w, None, 1, 1), 1e-10, "float64")

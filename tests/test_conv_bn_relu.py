@@ -13,8 +13,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 import cnnext
 from cnnext.functional import conv_bn_relu2d
 from cnnext.nn import ConvBNReLU2d
-from cnnext.testing import (TOLERANCES, assert_close_scaled, assert_close_to_reference, cpu_and_cuda, cuda_only,
-                            device_dtypes, is_channels_last, to_layout)
+from cnnext.testing import (IGEMM_MATHS, TOLERANCES, assert_close_scaled, assert_close_to_reference, cpu_and_cuda,
+                            cuda_only, device_dtypes, igemm_math_id, is_channels_last, sm80_only, tf32, to_layout)
 from conftest import examples
 
 ops = torch.ops.cnnext
@@ -595,3 +595,73 @@ def test_fuse_half_types(device, dtype):
         assert_close_to_reference(y, y_ref, 2 * RTOL[dtype], f"train={train}")
     for a, b in zip(ref.buffers(), fused.buffers()):
         assert_close_to_reference(b.float(), a.double().cpu(), 2 * RTOL[dtype], "buffer")
+
+
+# --------------------------------------------------------------------------------------------
+# The CUDA implicit GEMM's epilogues (the `igemm` fixture sends every supported problem
+# through it): the folded BN as its bias and ReLU as it stores (inference), the batch
+# statistics per tile (training)
+# --------------------------------------------------------------------------------------------
+
+IGEMM_RTOL = TOLERANCES["device_igemm"]
+
+
+@pytest.mark.parametrize("math", IGEMM_MATHS, ids=igemm_math_id)
+@pytest.mark.parametrize("device", sm80_only())
+def test_igemm_fused_inference_epilogue(device, math, igemm):
+    """conv_bn_relu2d in inference: folded BN as the GEMM's bias, ReLU as it stores."""
+    dtype, fmath = math
+    igemm(fmath)
+    x = torch.randn(3, 32, 13, 11, dtype=torch.float64).to(dtype)
+    w = torch.randn(48, 32, 3, 3, dtype=torch.float64).to(dtype)
+    b, gamma, beta = (torch.randn(48, dtype=torch.float64).to(dtype) for _ in range(3))
+    mean = torch.randn(48, dtype=torch.float64).to(dtype)  # running stats: the input's dtype
+    var = (torch.rand(48, dtype=torch.float64) + 0.5).to(dtype)
+    args = lambda dev: [t.to(dev) for t in (x, w, b, gamma, beta, mean, var)]  # noqa: E731
+    got = conv_bn_relu2d(*args(device), False, 0.1, 1e-5, 1, 1)
+    xd, wd, bd, gd, bed, md, vd = (t.double() for t in args("cpu"))
+    want = F.relu(F.batch_norm(F.conv2d(xd, wd, bd, 1, 1), md, vd, gd, bed, False, 0.1, 1e-5))
+    rtol = {"strict": 5e-5, "tf32": 2e-2}.get(fmath, 4 * IGEMM_RTOL.get(dtype, 0))
+    assert_close_to_reference(got, want, rtol, "conv_bn_relu2d inference")
+    assert (got >= 0).all()
+
+
+@pytest.mark.parametrize("layout", ("contiguous", "channels_last"))
+@pytest.mark.parametrize("math", IGEMM_MATHS, ids=igemm_math_id)
+@pytest.mark.parametrize("device", sm80_only())
+def test_igemm_fused_training_statistics_in_epilogue(device, math, layout, igemm):
+    """conv_bn_relu2d training: the GEMM's epilogue takes the batch statistics (per-tile
+    mean / M2, combined per channel); output, running statistics and gradients against
+    the stock triple in float64 from the same rounded inputs. 3 x 31 x 29 rows: 22 tiles."""
+    dtype, fmath = math
+    igemm(fmath)
+    g = torch.Generator().manual_seed(3)
+    r = lambda *s: torch.randn(s, generator=g, dtype=torch.float64).to(dtype)  # noqa: E731
+    x, w, b, beta = r(3, 16, 31, 29), r(20, 16, 3, 3), r(20), r(20)
+    gamma = (torch.rand(20, generator=g, dtype=torch.float64) + 0.5).to(dtype)
+    rm, rv = r(20), (torch.rand(20, generator=g, dtype=torch.float64) + 0.5).to(dtype)
+    gy = r(3, 20, 31, 29)
+    xr, wr = (tf32(t) if fmath == "tf32" else t for t in (x, w))
+    leaves = [t.double().requires_grad_() for t in (xr, wr, b, gamma, beta)]
+    rm_ref, rv_ref = rm.double(), rv.double()
+    want = F.relu(F.batch_norm(F.conv2d(leaves[0], leaves[1], leaves[2], 1, 1), rm_ref, rv_ref, leaves[3],
+                               leaves[4], True, 0.1, 1e-5))
+    want_grads = torch.autograd.grad(want, leaves, gy.double())
+    dev = [to_layout(x.to(device), layout)] + [t.to(device) for t in (w, b, gamma, beta)]
+    dev = [t.requires_grad_() for t in dev]
+    rmc, rvc = rm.to(device), rv.to(device)
+    got = conv_bn_relu2d(*dev, rmc, rvc, True, 0.1, 1e-5, 1, 1)
+    grads = torch.autograd.grad(got, dev, gy.to(device))
+    rtol = {"strict": 5e-5, "tf32": 2e-2}.get(fmath, {torch.float16: 2e-2, torch.bfloat16: 8e-2}.get(dtype))
+    assert_close_to_reference(got, want.detach(), rtol, "output")
+    assert_close_to_reference(rmc, rm_ref, rtol, "running_mean")
+    assert_close_to_reference(rvc, rv_ref, rtol, "running_var")
+    if fmath == "tf32":  # TF32 backward passes: beyond what a float64 reference models
+        return
+    grtol = rtol if fmath != "strict" else 1e-4
+    for name, a, e in zip(("x", "w", "b", "gamma", "beta"), grads, want_grads):
+        if name == "b":  # the conv bias cancels under batch norm: its gradient is ~0
+            scale = want_grads[4].abs().max().item()
+            assert a.double().abs().max().item() <= grtol * scale, "grad b"
+        else:
+            assert_close_to_reference(a, e, grtol, f"grad {name}")

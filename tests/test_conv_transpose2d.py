@@ -10,9 +10,10 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import cnnext
 from cnnext.functional import conv_transpose2d
-from cnnext.testing import (GRAD_NAMES, LAYOUTS, RTOL, TOLERANCES, Parity, assert_close_scaled,
+from cnnext.testing import (GRAD_NAMES, IGEMM_MATHS, LAYOUTS, RTOL, TOLERANCES, Parity, assert_close_scaled,
                             assert_close_to_reference, assert_matches, cpu_and_cuda, cuda_only, device_dtypes,
-                            is_channels_last, leaf, outputs_and_grads, pair, to_layout)
+                            igemm_math_id, is_channels_last, leaf, outputs_and_grads, pair, sm80_only, tf32,
+                            to_layout)
 from conftest import assert_state_dict_round_trip, examples
 from strategies import pair_arg
 
@@ -623,3 +624,19 @@ def test_half_types_module(device, dtype):
     got = mod(x, output_size=[14, 14])
     assert got.dtype == dtype
     assert_close_to_reference(got, want, DEVICE_RTOL[dtype], "ConvTranspose2d output")
+
+
+@pytest.mark.parametrize("math", IGEMM_MATHS, ids=igemm_math_id)
+@pytest.mark.parametrize("device", sm80_only())
+def test_igemm_uses_input_backward(device, math, igemm):
+    """conv_transpose2d through the CUDA implicit GEMM's input backward."""
+    dtype, fmath = math
+    igemm(fmath)
+    x = torch.randn(2, 32, 7, 9, dtype=torch.float64).to(dtype)
+    w = torch.randn(32, 24, 4, 4, dtype=torch.float64).to(dtype)
+    b = torch.randn(24, dtype=torch.float64).to(dtype)
+    got = conv_transpose2d(x.to(device), w.to(device), b.to(device), 2, 1)
+    xr, wr = (tf32(t) if fmath == "tf32" else t for t in (x, w))
+    want = F.conv_transpose2d(xr.double(), wr.double(), b.double(), 2, 1)
+    rtol = TOLERANCES["device_igemm"]
+    assert_close_to_reference(got, want, rtol[fmath] if dtype == torch.float32 else rtol[dtype], "conv_transpose2d")
