@@ -10,6 +10,7 @@ import re
 import shutil
 import struct
 import subprocess
+from dataclasses import dataclass
 
 import torch
 
@@ -489,8 +490,48 @@ def read_strided(data, pos, template):
     """The tensor of template's dtype, shape and strides a harness wrote at data[pos:]
     (its span's bytes); returns it and the position after it."""
     nbytes = span(template) * template.element_size()
-    flat = torch.frombuffer(bytearray(data[pos:pos + nbytes]), dtype=torch.uint8).view(template.dtype)
+    raw = data[pos:pos + nbytes]
+    flat = (torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw
+            else torch.empty(0, dtype=torch.uint8)).view(template.dtype)
     return torch.as_strided(flat, template.shape, template.stride()), pos + nbytes
+
+
+@dataclass(frozen=True)
+class ConvShape:
+    """A convolution's geometry, as the host harnesses of the CUDA conv2d kernels take it."""
+    x_shape: tuple  # (N, C, H, W)
+    out_channels: int
+    kernel: tuple   # (KH, KW)
+    stride: object
+    padding: object
+    dilation: object
+    groups: int
+
+    def out_hw(self):
+        (_, _, h, w), (kh, kw) = self.x_shape, self.kernel
+        (sh, sw), (ph, pw), (dh, dw) = pair(self.stride), pair(self.padding), pair(self.dilation)
+        return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+
+    def y_shape(self):
+        return (self.x_shape[0], self.out_channels, *self.out_hw())
+
+    def w_shape(self):
+        return (self.out_channels, self.x_shape[1] // self.groups, *self.kernel)
+
+    def args(self):
+        """stride, padding, dilation, groups, as torch takes them."""
+        return self.stride, self.padding, self.dilation, self.groups
+
+    def params(self):
+        """The 16 fields of Conv2dParams."""
+        (sh, sw), (ph, pw), (dh, dw) = pair(self.stride), pair(self.padding), pair(self.dilation)
+        return (*self.x_shape, self.out_channels, *self.kernel, *self.out_hw(),
+                sh, sw, ph, pw, dh, dw, self.groups)
+
+    def __str__(self):
+        s = lambda v: "x".join(map(str, pair(v)))  # noqa: E731
+        return (f"x{'x'.join(map(str, self.x_shape))}-o{self.out_channels}-k{s(self.kernel)}"
+                f"-s{s(self.stride)}-p{s(self.padding)}-d{s(self.dilation)}-g{self.groups}")
 
 
 def host_layout(t, layout):
