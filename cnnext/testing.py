@@ -126,6 +126,11 @@ def igemm_math_id(m):
     return f"{str(m[0]).replace('torch.', '')}{'-' + m[1] if m[1] else ''}"
 
 
+def rounded(dtype, *shapes):
+    """Standard normal float64 tensors of the given shapes, rounded to dtype."""
+    return [torch.randn(s, dtype=torch.float64).to(dtype) for s in shapes]
+
+
 def tf32(t):
     """float32 t rounded as cvt.rna.tf32.f32 (10 mantissa bits, ties away from zero)."""
     u = t.float().contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
@@ -272,6 +277,23 @@ def rel_err(a, b):
 # Parity harness: a cnnext function against its torch.nn.functional namesake in float64
 # --------------------------------------------------------------------------------------------
 
+@dataclass
+class ConvConf:
+    """One configuration of a convolution's parity test: shapes, bias, the function's
+    keyword arguments, the layouts of input, weight and grad_output, a seed."""
+    xshape: tuple
+    wshape: tuple
+    bias: bool
+    kw: dict
+    x_layout: str
+    w_layout: str
+    g_layout: str
+    seed: int
+
+    def kwargs(self):
+        return dict(self.kw)
+
+
 class Parity:
     """Parity of a cnnext convolution (`ours`) with its torch.nn.functional namesake
     (`ref`) on one configuration `c` (xshape, wshape, bias, layouts, seed, kwargs()).
@@ -407,6 +429,40 @@ def check_pool_on_device(ours, ref, shape, kw, dtype, layout, device, seed):
         assert all(is_channels_last(t) for t in results)
 
 
+def assert_gradchecks(ours, ref, x):
+    """ours(x) equals ref(x) in float64; gradcheck and gradgradcheck of ours at x."""
+    torch.testing.assert_close(ours(x), ref(x), rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(ours, (x,))
+    assert torch.autograd.gradgradcheck(ours, (x,))
+
+
+def assert_double_backward_matches(ours, ref, x, backward_op):
+    """Differentiating the input gradient with respect to grad_output (double backward)
+    gives torch's result, and the first backward ran cnnext's op `backward_op`."""
+    results = []
+    for fn in (ours, ref):
+        xx = x.detach().clone().requires_grad_()
+        y = fn(xx)
+        g = torch.ones_like(y).requires_grad_()
+        (gx,) = torch.autograd.grad(y, xx, g, create_graph=True)
+        (gg,) = torch.autograd.grad((gx * gx.detach().cos()).sum(), g)
+        results.append((gx, gg))
+    assert f"cnnext_{backward_op}" in results[0][0].grad_fn.name()
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def assert_pool_module_like_torch(ours, ref):
+    """A cnnext pooling module is a subclass of its torch namesake `ref`, with its repr, no
+    state, and its float64 results on a batched and an unbatched input."""
+    assert isinstance(ours, type(ref))
+    assert repr(ours) == repr(ref)
+    assert ours.state_dict() == ref.state_dict() == {}
+    for shape in ((2, 3, 7, 8), (3, 6, 5)):
+        x = torch.randn(shape, dtype=torch.float64)
+        torch.testing.assert_close(ours(x), ref(x), rtol=1e-12, atol=1e-12)
+
+
 def outputs_and_grads(fn, inputs, grad):
     """[fn(*inputs), gradients of every input tensor that requires grad] for grad_output `grad`."""
     out = fn(*inputs)
@@ -470,6 +526,16 @@ def run_host_program(exe, directory, records, cases, timeout=300):
         pytest.fail(f"{os.path.basename(str(exe))} failed (exit status {res.returncode}){where}: "
                     f"{res.stderr}", pytrace=False)
     return (directory / "out.bin").read_bytes()
+
+
+def run_host_harness(tmp_path_factory, source, records, cases, run_timeout=300, **build):
+    """Builds tests/cuda_host/`source` (with build_host_program's options `build`) in a
+    fresh temporary folder, runs it on `records` (one per case) and returns the bytes it
+    wrote."""
+    name = os.path.splitext(os.path.basename(source))[0]
+    d = tmp_path_factory.mktemp(name)
+    exe = build_host_program(d / name, source, **build)
+    return run_host_program(exe, d, records, cases, timeout=run_timeout)
 
 
 def raw_bytes(t):

@@ -8,8 +8,9 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import cnnext
 from cnnext.functional import adaptive_avg_pool2d
-from cnnext.testing import (LAYOUTS, check_layout_like_torch, check_parity, check_pool_on_device, cpu_and_cuda,
-                            cuda_only, device_dtypes, leaf, to_layout)
+from cnnext.testing import LAYOUTS, assert_double_backward_matches, assert_gradchecks
+from cnnext.testing import assert_pool_module_like_torch, check_layout_like_torch, check_parity
+from cnnext.testing import check_pool_on_device, cpu_and_cuda, cuda_only, device_dtypes, leaf, to_layout
 from conftest import examples
 from strategies import batch_shape, pair_arg, pool_layouts
 
@@ -37,25 +38,13 @@ def grid_case(case):
 @pytest.mark.parametrize("case", GRID)
 def test_gradcheck(case):
     x, size = grid_case(case)
-    fn = lambda t: adaptive_avg_pool2d(t, size)  # noqa: E731
-    torch.testing.assert_close(fn(x), F.adaptive_avg_pool2d(x, size), rtol=1e-12, atol=1e-12)
-    assert torch.autograd.gradcheck(fn, (x,))
-    assert torch.autograd.gradgradcheck(fn, (x,))
+    assert_gradchecks(lambda t: adaptive_avg_pool2d(t, size), lambda t: F.adaptive_avg_pool2d(t, size), x)
 
 
 def test_double_backward_runs_on_cnnext_ops_and_matches_torch():
     x, size = grid_case("overlapping")
-    results = []
-    for fn in (adaptive_avg_pool2d, F.adaptive_avg_pool2d):
-        xx = x.detach().clone().requires_grad_()
-        y = fn(xx, size)
-        g = torch.ones_like(y).requires_grad_()
-        (gx,) = torch.autograd.grad(y, xx, g, create_graph=True)
-        (gg,) = torch.autograd.grad((gx * gx.detach().cos()).sum(), g)
-        results.append((gx, gg))
-    assert "cnnext_adaptive_avg_pool2d_backward" in results[0][0].grad_fn.name()
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert_double_backward_matches(lambda t: adaptive_avg_pool2d(t, size), lambda t: F.adaptive_avg_pool2d(t, size),
+                                   x, "adaptive_avg_pool2d_backward")
 
 
 @st.composite
@@ -122,6 +111,13 @@ def test_deterministic(device):
     assert all(torch.equal(runs[0], r) for r in runs[1:])
 
 
+@pytest.mark.parametrize("device", cuda_only())
+def test_mixed_devices_raise(device):
+    x = torch.randn(2, 3, 6, 6, device=device)
+    with pytest.raises(RuntimeError, match="adaptive_avg_pool2d_backward: expected input to be on the same device"):
+        ops.adaptive_avg_pool2d_backward(torch.randn(2, 3, 1, 1, device=device), x.cpu())
+
+
 # Every device: against torch in float64 from the very values the run sees and, on CUDA,
 # against cnnext's CPU backend; every layout.
 DEVICE_CONFIGS = [
@@ -137,15 +133,7 @@ DEVICE_CONFIGS = [
 @pytest.mark.parametrize("device, dtype", device_dtypes())
 @pytest.mark.parametrize("cfg", range(len(DEVICE_CONFIGS)))
 def test_parity_on_device(cfg, device, dtype, layout):
-    shape, kw = DEVICE_CONFIGS[cfg]
-    check_pool_on_device(adaptive_avg_pool2d, F.adaptive_avg_pool2d, shape, kw, dtype, layout, device, seed=cfg)
-
-
-@pytest.mark.parametrize("device", cuda_only())
-def test_mixed_devices_raise(device):
-    x = torch.randn(2, 3, 6, 6, device=device)
-    with pytest.raises(RuntimeError, match="adaptive_avg_pool2d_backward: expected input to be on the same device"):
-        ops.adaptive_avg_pool2d_backward(torch.randn(2, 3, 1, 1, device=device), x.cpu())
+    check_pool_on_device(adaptive_avg_pool2d, F.adaptive_avg_pool2d, *DEVICE_CONFIGS[cfg], dtype, layout, device, cfg)
 
 
 def test_bad_inputs_raise():
@@ -207,10 +195,4 @@ def test_fake_kernel_metadata(case):
 
 @pytest.mark.parametrize("size", [1, (3, 2), (None, 4), 7])
 def test_module_matches_torch(size):
-    ours, ref = cnnext.nn.AdaptiveAvgPool2d(size), torch.nn.AdaptiveAvgPool2d(size)
-    assert isinstance(ours, torch.nn.AdaptiveAvgPool2d)
-    assert repr(ours) == repr(ref)
-    assert ours.state_dict() == ref.state_dict() == {}
-    for shape in ((2, 3, 7, 8), (3, 6, 5)):
-        x = torch.randn(shape, dtype=torch.float64)
-        torch.testing.assert_close(ours(x), ref(x), rtol=1e-12, atol=1e-12)
+    assert_pool_module_like_torch(cnnext.nn.AdaptiveAvgPool2d(size), torch.nn.AdaptiveAvgPool2d(size))

@@ -10,8 +10,9 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import cnnext
 from cnnext.functional import avg_pool2d
-from cnnext.testing import (LAYOUTS, check_layout_like_torch, check_parity, check_pool_on_device, cpu_and_cuda,
-                            cuda_only, device_dtypes, leaf, to_layout)
+from cnnext.testing import LAYOUTS, assert_double_backward_matches, assert_gradchecks
+from cnnext.testing import assert_pool_module_like_torch, check_layout_like_torch, check_parity
+from cnnext.testing import check_pool_on_device, cpu_and_cuda, cuda_only, device_dtypes, leaf, to_layout
 from conftest import examples
 from strategies import batch_shape, pair_arg, pool_layouts
 
@@ -51,25 +52,13 @@ def grid_case(case):
 @pytest.mark.parametrize("case", GRID)
 def test_gradcheck(case):
     x, kw = grid_case(case)
-    fn = lambda t: avg_pool2d(t, **kw)  # noqa: E731
-    torch.testing.assert_close(fn(x), F.avg_pool2d(x, **kw), rtol=1e-12, atol=1e-12)
-    assert torch.autograd.gradcheck(fn, (x,))
-    assert torch.autograd.gradgradcheck(fn, (x,))
+    assert_gradchecks(lambda t: avg_pool2d(t, **kw), lambda t: F.avg_pool2d(t, **kw), x)
 
 
 def test_double_backward_runs_on_cnnext_ops_and_matches_torch():
     x, kw = grid_case("ceil_mode_pad_exclude")
-    results = []
-    for fn in (avg_pool2d, F.avg_pool2d):
-        xx = x.detach().clone().requires_grad_()
-        y = fn(xx, **kw)
-        g = torch.ones_like(y).requires_grad_()
-        (gx,) = torch.autograd.grad(y, xx, g, create_graph=True)
-        (gg,) = torch.autograd.grad((gx * gx.detach().cos()).sum(), g)
-        results.append((gx, gg))
-    assert "cnnext_avg_pool2d_backward" in results[0][0].grad_fn.name()
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert_double_backward_matches(lambda t: avg_pool2d(t, **kw), lambda t: F.avg_pool2d(t, **kw), x,
+                                   "avg_pool2d_backward")
 
 
 # --------------------------------------------------------------------------------------------
@@ -308,10 +297,4 @@ MODULES = [
 
 @pytest.mark.parametrize("kw", MODULES)
 def test_module_matches_torch(kw):
-    ours, ref = cnnext.nn.AvgPool2d(**kw), torch.nn.AvgPool2d(**kw)
-    assert isinstance(ours, torch.nn.AvgPool2d)
-    assert repr(ours) == repr(ref)
-    assert ours.state_dict() == ref.state_dict() == {}
-    for shape in ((2, 3, 7, 8), (3, 6, 5)):
-        x = torch.randn(shape, dtype=torch.float64)
-        torch.testing.assert_close(ours(x), ref(x), rtol=1e-12, atol=1e-12)
+    assert_pool_module_like_torch(cnnext.nn.AvgPool2d(**kw), torch.nn.AvgPool2d(**kw))

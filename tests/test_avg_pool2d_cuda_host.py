@@ -23,8 +23,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cnnext.testing import (DTYPE_CODE, TOLERANCES, build_host_program, check_host_output, needs_nvcc, read_strided,
-                            run_host_program, strided_record, to_layout)
+from cnnext.testing import (DTYPE_CODE, TOLERANCES, check_host_output, needs_nvcc, read_strided, run_host_harness,
+                            strided_record, to_layout)
 
 pytestmark = needs_nvcc
 
@@ -131,11 +131,9 @@ def record(case, src, res):
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    d = tmp_path_factory.mktemp("avg_pool2d_host")
-    exe = str(d / "avg_pool2d_host")
-    build_host_program(exe, "avg_pool2d_host.cu")
     operands = [make_operands(c, seed) for seed, c in enumerate(ALL_CASES)]
-    data = run_host_program(exe, d, [record(c, *o) for c, o in zip(ALL_CASES, operands)], ALL_CASES)
+    data = run_host_harness(tmp_path_factory, "avg_pool2d_host.cu", [record(c, *o) for c, o in zip(ALL_CASES, operands)],
+                            ALL_CASES)
     out, pos = {}, 0
     for case, (src, template) in zip(ALL_CASES, operands):
         got, pos = read_strided(data, pos, template)

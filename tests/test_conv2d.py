@@ -1,6 +1,4 @@
 """cnnext.functional.conv2d and the torch.ops.cnnext conv2d ops against torch.nn.functional.conv2d."""
-from dataclasses import dataclass
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,12 +7,13 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import cnnext
 from cnnext.functional import conv2d
-from cnnext.testing import (GRAD_NAMES, IGEMM_MATHS, LAYOUTS, RTOL, TOLERANCES, Parity, assert_close_scaled,
+from cnnext.testing import (GRAD_NAMES, IGEMM_MATHS, LAYOUTS, RTOL, TOLERANCES, ConvConf, Parity, assert_close_scaled,
                             assert_close_to_reference, assert_matches, cpu_and_cuda, cuda_only, device_dtypes,
                             igemm_math_id, is_channels_last, leaf, needs_cuda, outputs_and_grads, pair, sm80_only,
                             tf32, to_layout)
 from conftest import examples
-from strategies import pair_arg
+import conv_tests
+from strategies import conv_conf, group_channels, pair_arg
 
 ops = torch.ops.cnnext
 
@@ -64,21 +63,7 @@ def grid_inputs(case):
     return tensors, dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
 
 
-@pytest.mark.usefixtures("single_thread")
-@pytest.mark.parametrize("case", GRID)
-def test_gradcheck(case):
-    tensors, kw = grid_inputs(case)
-    fn = lambda *t: conv2d(*t, **kw)  # noqa: E731
-    torch.testing.assert_close(fn(*tensors), F.conv2d(*tensors, **kw), rtol=1e-12, atol=1e-12)
-    assert torch.autograd.gradcheck(fn, tensors)
-
-
-@pytest.mark.usefixtures("single_thread")
-@pytest.mark.parametrize("case", GRID)
-def test_gradgradcheck(case):
-    tensors, kw = grid_inputs(case)
-    fn = lambda *t: conv2d(*t, **kw)  # noqa: E731
-    assert torch.autograd.gradgradcheck(fn, tensors)
+test_gradcheck, test_gradgradcheck = conv_tests.gradcheck_tests(conv2d, F.conv2d, GRID, grid_inputs)
 
 
 # The backward ops' own autograd formulas (the pieces double backward is made of).
@@ -118,57 +103,18 @@ def test_channel_sum_gradcheck():
         assert torch.autograd.gradgradcheck(ops.channel_sum, (t,))
 
 
-def test_double_backward_matches_torch():
-    """Gradient of a gradient norm (what gradient-penalty training does) equals torch's."""
-    x0 = torch.randn(2, 4, 7, 6, dtype=torch.float64)
-    w0 = torch.randn(6, 2, 3, 2, dtype=torch.float64)
-    b0 = torch.randn(6, dtype=torch.float64)
-    results = []
-    for f in (conv2d, F.conv2d):
-        x, w, b = leaf(x0, "channels_last"), leaf(w0), leaf(b0)
-        y = f(x, w, b, stride=(2, 1), padding=1, dilation=(1, 2), groups=2)
-        gx, gw = torch.autograd.grad(y.pow(2).sum(), (x, w), create_graph=True)
-        penalty = gx.pow(2).sum() + gw.pow(3).sum()
-        results.append(torch.autograd.grad(penalty, (x, w, b)))
-    for ours, ref, name in zip(*results, "xwb"):
-        assert_close_scaled(ours, ref, 1e-11, name)
+test_double_backward_matches_torch = conv_tests.double_backward_test(
+    conv2d, F.conv2d, ((2, 4, 7, 6), (6, 2, 3, 2), (6,)), dict(stride=(2, 1), padding=1, dilation=(1, 2), groups=2),
+    "Gradient of a gradient norm (what gradient-penalty training does) equals torch's.")
 
 
 # --------------------------------------------------------------------------------------------
 # Random configurations: parity with torch.nn.functional.conv2d, forward and every gradient
 # --------------------------------------------------------------------------------------------
 
-@dataclass
-class Conf:
-    xshape: tuple
-    wshape: tuple
-    bias: bool
-    stride: object
-    padding: object
-    dilation: object
-    groups: int
-    x_layout: str
-    w_layout: str
-    g_layout: str
-    seed: int
-
-    def kwargs(self):
-        return dict(stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.groups)
-
-
 @st.composite
 def conv_confs(draw, batch=st.sampled_from([0, 1, 2, 3, None])):
-    # Channels per group on both sides of the CPU backend's switch between direct loops
-    # (thin groups: in * out channels per group <= 8) and im2col + GEMM.
-    kind = draw(st.sampled_from(["plain", "plain", "plain", "groups", "depthwise", "deep"]))
-    if kind == "deep":  # GEMM dimensions past the float32 sgemm's tiles and K blocks
-        groups, cg, og = draw(st.integers(1, 2)), draw(st.integers(8, 20)), draw(st.integers(13, 30))
-    elif kind == "plain":
-        groups, cg, og = 1, draw(st.integers(1, 6)), draw(st.integers(1, 6))
-    elif kind == "groups":
-        groups, cg, og = draw(st.integers(2, 3)), draw(st.integers(1, 4)), draw(st.integers(1, 4))
-    else:
-        groups, cg, og = draw(st.integers(2, 5)), 1, draw(st.integers(1, 2))
+    groups, cg, og = group_channels(draw, deep=((8, 20), (13, 30)))
     pointwise = draw(st.integers(0, 4)) == 0  # 1x1 kernels, which have a path of their own
     kernel = [1, 1] if pointwise else [draw(st.integers(1, 4)), draw(st.integers(1, 4))]
     dilation = [draw(st.integers(1, 3)), draw(st.integers(1, 3))]
@@ -187,41 +133,15 @@ def conv_confs(draw, batch=st.sampled_from([0, 1, 2, 3, None])):
         spatial.append(draw(st.integers(smallest, smallest + 7)))
     n = draw(batch)
     xshape = (groups * cg, *spatial) if n is None else (n, groups * cg, *spatial)
-    return Conf(
-        xshape=xshape,
-        wshape=(groups * og, cg, *kernel),
-        bias=draw(st.booleans()),
-        stride=pair_arg(draw, stride),
-        padding=padding,
-        dilation=pair_arg(draw, dilation),
-        groups=groups,
-        x_layout=draw(st.sampled_from(LAYOUTS)),
-        w_layout=draw(st.sampled_from(["contiguous", "contiguous", "channels_last", "sliced", "offset"])),
-        g_layout=draw(st.sampled_from(LAYOUTS + ("expanded",))),
-        seed=draw(st.integers(0, 2**31 - 1)),
-    )
+    kw = dict(stride=pair_arg(draw, stride), padding=padding, dilation=pair_arg(draw, dilation), groups=groups)
+    return conv_conf(draw, xshape, (groups * og, cg, *kernel), kw)
 
 
 PARITY = Parity(conv2d, F.conv2d, bias_size=lambda c: c.wshape[0])
 run_both, check_parity = PARITY.run_both, PARITY.check
 
 
-@settings(max_examples=examples(300))
-@given(c=conv_confs())
-def test_parity_float64(c):
-    check_parity(c, torch.float64)
-
-
-@settings(max_examples=examples(200))
-@given(c=conv_confs())
-def test_parity_float32(c):
-    check_parity(c, torch.float32)
-
-
-@settings(max_examples=examples(50))
-@given(c=conv_confs(batch=st.just(0)), dtype=st.sampled_from([torch.float32, torch.float64]))
-def test_parity_empty_batch(c, dtype):
-    check_parity(c, dtype)
+test_parity_float64, test_parity_float32, test_parity_empty_batch = conv_tests.parity_tests(check_parity, conv_confs)
 
 
 @pytest.mark.parametrize("padding", ["same", "valid"])
@@ -261,26 +181,14 @@ BANDS = {
 @pytest.mark.parametrize("case", BANDS)
 def test_parity_large(case, dtype, layout):
     xshape, wshape, stride, padding, dilation, groups = BANDS[case]
-    c = Conf(xshape, wshape, True, stride, padding, dilation, groups, layout, "contiguous", layout, seed=3)
+    kw = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    c = ConvConf(xshape, wshape, True, kw, layout, "contiguous", layout, seed=3)
     assert_matches(*run_both(c, dtype), RTOL[dtype])
 
 
-@pytest.mark.parametrize("needs", ["x", "w", "b", "xw", "xb", "wb", "xwb"])
-def test_partial_requires_grad(needs):
-    """Only the gradients asked for are computed, and they are right."""
-    x0, w0, b0 = torch.randn(2, 4, 6, 5), torch.randn(6, 2, 3, 3), torch.randn(6)
-    grads = []
-    for f in (conv2d, F.conv2d):
-        x, w, b = (t.clone().requires_grad_(name in needs) for t, name in zip((x0, w0, b0), "xwb"))
-        y = f(x, w, b, padding=1, groups=2)
-        assert y.requires_grad
-        y.backward(torch.linspace(-1, 1, y.numel()).view(y.shape))
-        grads.append([t.grad for t in (x, w, b)])
-    for name, ours, ref in zip("xwb", *grads):
-        if name in needs:
-            assert_close_scaled(ours, ref, 1e-5, name)
-        else:
-            assert ours is None and ref is None
+test_partial_requires_grad = conv_tests.partial_requires_grad_test(
+    conv2d, F.conv2d, ["x", "w", "b", "xw", "xb", "wb", "xwb"], ((2, 4, 6, 5), (6, 2, 3, 3), (6,)),
+    dict(padding=1, groups=2))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -622,23 +530,6 @@ BAD = {
 }
 
 
-@pytest.mark.parametrize("case", BAD)
-def test_bad_input(case):
-    args, exc, pattern = BAD[case]
-    with pytest.raises(exc, match=pattern) as info:
-        conv2d(*args)
-    assert str(info.value).lstrip().startswith("conv2d: ")
-
-
-# float16, bfloat16, integer and complex inputs torch computes in on the CPU; cnnext rejects them by design.
-@pytest.mark.parametrize("case", [case for case in BAD if not case.endswith("_cpu")])
-def test_torch_rejects_too(case):
-    """What cnnext rejects, torch rejects too: the checks are not stricter than torch's."""
-    args, _, _ = BAD[case]
-    with pytest.raises((RuntimeError, ValueError, TypeError)):
-        F.conv2d(*args)
-
-
 # Direct op calls: what reaches C++ without the Python normalisation.
 BAD_OPS = {
     "op_stride_3_values": (
@@ -705,11 +596,9 @@ BAD_OPS = {
 }
 
 
-@pytest.mark.parametrize("case", BAD_OPS)
-def test_bad_op_input(case):
-    call, exc, pattern = BAD_OPS[case]
-    with pytest.raises(exc, match=pattern):
-        call()
+# float16, bfloat16, integer and complex inputs torch computes in on the CPU; cnnext rejects them by design.
+test_bad_input, test_torch_rejects_too, test_bad_op_input = conv_tests.bad_input_tests(
+    conv2d, F.conv2d, "conv2d", BAD, [case for case in BAD if not case.endswith("_cpu")], BAD_OPS)
 
 
 # Odd but valid: cnnext computes what torch computes.
@@ -741,7 +630,8 @@ ODD = {
 @pytest.mark.parametrize("case", ODD)
 def test_odd_but_valid_matches_torch(case, layout):
     xshape, wshape, stride, padding, dilation, groups = ODD[case]
-    c = Conf(xshape, wshape, True, stride, padding, dilation, groups, layout, "contiguous", layout, seed=7)
+    kw = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    c = ConvConf(xshape, wshape, True, kw, layout, "contiguous", layout, seed=7)
     assert_matches(*run_both(c, torch.float64), 1e-12)
 
 
@@ -848,30 +738,16 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(results[1][0], ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif(not _compile_available(), reason="torch.compile is not available")
-def test_torch_compile_dynamic_shapes():
-    """Symbolic sizes through the fake kernels (aot_eager: no code generation, so it stays quick)."""
-    import torch._dynamo
+def _net(conv, relu):
+    """Two convolutions (the second grouped, 'same'): cnnext's or stock torch's."""
+    return lambda x, w1, b1, w2: conv(relu(conv(x, w1, b1, stride=2, padding=1)), w2, None, padding="same", groups=2)
 
-    def net(x, w1, b1, w2):
-        y = torch.relu(conv2d(x, w1, b1, stride=2, padding=1))
-        return conv2d(y, w2, None, padding="same", groups=2)
 
-    torch._dynamo.reset()
-    compiled = torch.compile(net, fullgraph=True, dynamic=True, backend="aot_eager")
-    w1, b1, w2 = leaf(torch.randn(4, 3, 3, 3)), leaf(torch.randn(4)), leaf(torch.randn(6, 2, 2, 3))
-    for shape in [(2, 3, 9, 8), (3, 3, 12, 11)]:
-        x = leaf(torch.randn(shape))
-        out = compiled(x, w1, b1, w2)
-        grads = torch.autograd.grad(out.square().sum(), (x, w1, b1, w2))
-        x_ref, w1_ref, b1_ref, w2_ref = (leaf(t) for t in (x, w1, b1, w2))
-        ref = F.conv2d(torch.relu(F.conv2d(x_ref, w1_ref, b1_ref, stride=2, padding=1)), w2_ref, None,
-                       padding="same", groups=2)
-        ref_grads = torch.autograd.grad(ref.square().sum(), (x_ref, w1_ref, b1_ref, w2_ref))
-        assert out.shape == ref.shape
-        assert_close_scaled(out, ref, 1e-5, f"output {shape}")
-        for a, e in zip(grads, ref_grads):
-            assert_close_scaled(a, e, 1e-5, f"grad {shape}")
+test_torch_compile_dynamic_shapes = pytest.mark.skipif(not _compile_available(), reason="torch.compile is not available")(
+    conv_tests.compile_dynamic_shapes_test(
+        _net(conv2d, torch.relu), _net(F.conv2d, torch.relu), [(4, 3, 3, 3), (4,), (6, 2, 2, 3)],
+        [(2, 3, 9, 8), (3, 3, 12, 11)],
+        "Symbolic sizes through the fake kernels (aot_eager: no code generation, so it stays quick)."))
 
 
 # --------------------------------------------------------------------------------------------
@@ -1117,14 +993,7 @@ def test_opcheck_on_device(case, device):
     torch.library.opcheck(op, args)
 
 
-@pytest.mark.parametrize("where", ["input_cpu", "weight_cpu", "bias_cpu"])
-@pytest.mark.parametrize("device", cuda_only())
-def test_mixed_devices_raise(device, where):
-    x = torch.randn(1, 2, 5, 5, device="cpu" if where == "input_cpu" else device)
-    w = torch.randn(3, 2, 3, 3, device="cpu" if where == "weight_cpu" else device)
-    b = torch.randn(3, device="cpu" if where == "bias_cpu" else device)
-    with pytest.raises(RuntimeError, match="same device"):
-        conv2d(x, w, b)
+test_mixed_devices_raise = conv_tests.mixed_devices_test(conv2d, (3, 2, 3, 3))
 
 
 @pytest.mark.parametrize("device", cuda_only())

@@ -27,8 +27,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cnnext.testing import (DTYPE_CODE, TOLERANCES, ConvShape as Conv, build_host_program, check_host_output,
-                            host_layout as to_layout, needs_nvcc, read_strided, run_host_program, strided_record, tf32)
+from cnnext.testing import (DTYPE_CODE, TOLERANCES, ConvShape as Conv, check_host_output,
+                            host_layout as to_layout, needs_nvcc, read_strided, run_host_harness, strided_record, tf32)
 
 pytestmark = needs_nvcc
 
@@ -174,13 +174,11 @@ def record(case, a, w, bias, out):
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    d = tmp_path_factory.mktemp("igemm_host")
-    exe = str(d / "conv2d_igemm_host")
+    operands = [make(c, seed) for seed, c in enumerate(CASES)]
     # PTX only (no ptxas) for sm_80, the oldest target of the kernel's instructions:
     # only the host code runs.
-    build_host_program(exe, "conv2d_igemm_host.cu", extra=["-gencode=arch=compute_80,code=compute_80"], timeout=900)
-    operands = [make(c, seed) for seed, c in enumerate(CASES)]
-    data = run_host_program(exe, d, [record(c, *ops) for c, ops in zip(CASES, operands)], CASES, timeout=900)
+    data = run_host_harness(tmp_path_factory, "conv2d_igemm_host.cu", [record(c, *ops) for c, ops in zip(CASES, operands)],
+                            CASES, run_timeout=900, extra=["-gencode=arch=compute_80,code=compute_80"], timeout=900)
     out, pos = {}, 0
     for case, (a, w, bias, template) in zip(CASES, operands):
         (mapping,) = struct.unpack_from("<q", data, pos)

@@ -14,7 +14,8 @@ import cnnext
 from cnnext.functional import conv_bn_relu2d
 from cnnext.nn import ConvBNReLU2d
 from cnnext.testing import (IGEMM_MATHS, TOLERANCES, assert_close_scaled, assert_close_to_reference, cpu_and_cuda,
-                            cuda_only, device_dtypes, igemm_math_id, is_channels_last, sm80_only, tf32, to_layout)
+                            cuda_only, device_dtypes, igemm_math_id, is_channels_last, rounded, sm80_only, tf32,
+                            to_layout)
 from conftest import examples
 
 ops = torch.ops.cnnext
@@ -612,10 +613,8 @@ def test_igemm_fused_inference_epilogue(device, math, igemm):
     """conv_bn_relu2d in inference: folded BN as the GEMM's bias, ReLU as it stores."""
     dtype, fmath = math
     igemm(fmath)
-    x = torch.randn(3, 32, 13, 11, dtype=torch.float64).to(dtype)
-    w = torch.randn(48, 32, 3, 3, dtype=torch.float64).to(dtype)
-    b, gamma, beta = (torch.randn(48, dtype=torch.float64).to(dtype) for _ in range(3))
-    mean = torch.randn(48, dtype=torch.float64).to(dtype)  # running stats: the input's dtype
+    # running statistics: the input's dtype
+    x, w, b, gamma, beta, mean = rounded(dtype, (3, 32, 13, 11), (48, 32, 3, 3), (48,), (48,), (48,), (48,))
     var = (torch.rand(48, dtype=torch.float64) + 0.5).to(dtype)
     args = lambda dev: [t.to(dev) for t in (x, w, b, gamma, beta, mean, var)]  # noqa: E731
     got = conv_bn_relu2d(*args(device), False, 0.1, 1e-5, 1, 1)

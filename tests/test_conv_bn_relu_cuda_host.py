@@ -15,7 +15,7 @@ import struct
 import pytest
 import torch
 
-from cnnext.testing import DTYPE_CODE, TOLERANCES, build_host_program, needs_nvcc, run_host_program
+from cnnext.testing import DTYPE_CODE, TOLERANCES, needs_nvcc, run_host_harness
 
 pytestmark = needs_nvcc
 
@@ -58,11 +58,9 @@ def record(case, y, gr, gamma, beta):
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    d = tmp_path_factory.mktemp("cbr_host")
-    exe = str(d / "conv_bn_relu2d_host")
-    build_host_program(exe, "conv_bn_relu2d_host.cu")
     data = [inputs(case, seed) for seed, case in enumerate(CASES)]
-    raw = run_host_program(exe, d, [record(c, *t) for c, t in zip(CASES, data)], CASES)
+    raw = run_host_harness(tmp_path_factory, "conv_bn_relu2d_host.cu", [record(c, *t) for c, t in zip(CASES, data)],
+                           CASES)
     values = torch.tensor(struct.unpack(f"<{len(raw) // 8}d", raw), dtype=torch.float64)
     out, pos = {}, 0
     for case, t in zip(CASES, data):

@@ -25,7 +25,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cnnext.testing import (DTYPE_CODE, build_host_program, host_layout as to_layout, needs_nvcc, run_host_program,
+from cnnext.testing import (DTYPE_CODE, host_layout as to_layout, needs_nvcc, run_host_harness,
                             span, strided_record)
 
 pytestmark = needs_nvcc
@@ -199,11 +199,9 @@ def record(case, ins, outs):
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    d = tmp_path_factory.mktemp("max_pool2d_host")
-    exe = str(d / "max_pool2d_host")
-    build_host_program(exe, "max_pool2d_host.cu", opt="-O1")
     made = [make(c, seed) for seed, c in enumerate(ALL_CASES)]
-    data = run_host_program(exe, d, [record(c, *m) for c, m in zip(ALL_CASES, made)], ALL_CASES)
+    data = run_host_harness(tmp_path_factory, "max_pool2d_host.cu", [record(c, *m) for c, m in zip(ALL_CASES, made)],
+                            ALL_CASES, opt="-O1")
     pos, out = 0, {}
     for case, (ins, outs) in zip(ALL_CASES, made):
         got = []
