@@ -2,7 +2,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings, strategies as st
+from hypothesis import strategies as st
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import cnnext
@@ -11,7 +11,6 @@ from cnnext.testing import (GRAD_NAMES, IGEMM_MATHS, LAYOUTS, RTOL, TOLERANCES, 
                             assert_close_to_reference, assert_matches, cpu_and_cuda, cuda_only, device_dtypes,
                             igemm_math_id, is_channels_last, leaf, needs_cuda, outputs_and_grads, pair, sm80_only,
                             tf32, to_layout)
-from conftest import examples
 import conv_tests
 from strategies import conv_conf, group_channels, pair_arg
 

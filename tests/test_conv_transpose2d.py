@@ -3,16 +3,16 @@ cnnext.nn.ConvTranspose2d against torch.nn.functional.conv_transpose2d / torch.n
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings, strategies as st
+from hypothesis import strategies as st
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import cnnext
 from cnnext.functional import conv_transpose2d
-from cnnext.testing import (GRAD_NAMES, IGEMM_MATHS, LAYOUTS, RTOL, TOLERANCES, ConvConf, Parity, assert_close_scaled,
+from cnnext.testing import (GRAD_NAMES, IGEMM_MATHS, RTOL, TOLERANCES, ConvConf, Parity, assert_close_scaled,
                             assert_close_to_reference, assert_matches, cpu_and_cuda, cuda_only, device_dtypes,
-                            igemm_math_id, is_channels_last, leaf, outputs_and_grads, pair, rounded, sm80_only, tf32,
+                            igemm_math_id, is_channels_last, leaf, outputs_and_grads, rounded, sm80_only, tf32,
                             to_layout)
-from conftest import assert_state_dict_round_trip, examples
+from conftest import assert_state_dict_round_trip
 import conv_tests
 from strategies import conv_conf, group_channels, pair_arg
 

@@ -7,7 +7,7 @@ from hypothesis import given, settings, strategies as st
 
 import cnnext
 from cnnext.functional import max_pool2d, max_pool2d_with_indices
-from cnnext.testing import LAYOUTS, cpu_and_cuda, device_dtypes, is_channels_last, lay, leaf, to_layout
+from cnnext.testing import LAYOUTS, cpu_and_cuda, device_dtypes, is_channels_last, lay, leaf
 from conftest import examples
 from strategies import pair_arg
 

@@ -7,7 +7,7 @@ from hypothesis import given, settings, strategies as st
 
 import cnnext
 from cnnext.functional import max_pool2d, max_unpool2d
-from cnnext.testing import LAYOUTS, cpu_and_cuda, is_channels_last, lay, to_layout
+from cnnext.testing import LAYOUTS, cpu_and_cuda, is_channels_last, lay
 from conftest import examples
 from strategies import pair_arg
 
