@@ -565,6 +565,7 @@ def test_mixed_devices_raise(device, where):
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.usefixtures("strict_fp32")
 def test_opcheck_grouped_float32(device):
     tensors, kw, relu = device_inputs(DEVICE_CONFIGS[1], torch.float32, "contiguous")
     x, w, b, gamma, beta, rm, rv = on(device, tensors)
