@@ -23,7 +23,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cnnext.testing import (DTYPE_CODE, TOLERANCES, check_host_output, needs_nvcc, read_strided, run_host_harness,
+from cnnext.testing import (DTYPE_CODE, TOLERANCES, check_host_output, needs_nvcc, pair, read_strided, run_host_harness,
                             strided_record, to_layout)
 
 pytestmark = needs_nvcc
@@ -53,8 +53,7 @@ class Pool:
         if self.kind == "adaptive":
             return (n, c, h, w, oh, ow, 0, 0, 0, 0, 0, 0, 1, 1, 1, 0, 0)
         k, s, p, ceil, cip, div = self.kw
-        pr = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
-        (kh, kw), (sh, sw), (ph, pw) = pr(k), pr(s if s is not None else k), pr(p)
+        (kh, kw), (sh, sw), (ph, pw) = pair(k), pair(s if s is not None else k), pair(p)
         return (n, c, h, w, oh, ow, kh, kw, sh, sw, ph, pw, 1, 1, 0, int(cip), div or 0)
 
     def is_global(self):

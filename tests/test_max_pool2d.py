@@ -7,7 +7,7 @@ from hypothesis import given, settings, strategies as st
 
 import cnnext
 from cnnext.functional import max_pool2d, max_pool2d_with_indices
-from cnnext.testing import LAYOUTS, cpu_and_cuda, device_dtypes, is_channels_last, lay, leaf
+from cnnext.testing import LAYOUTS, cpu_and_cuda, device_dtypes, is_channels_last, lay, leaf, pair
 from conftest import examples
 from strategies import pair_arg
 
@@ -426,7 +426,7 @@ def test_channels_last_wide(channels):
             assert torch.equal(idx, ref_idx)
             go = torch.randn(out.shape, generator=gen, dtype=dtype)
             gx, = torch.autograd.grad(out, x, go.contiguous(memory_format=torch.channels_last))
-            k, s, p, d = (pair_arg_value(kw.get(a, dflt)) for a, dflt in
+            k, s, p, d = (tuple(pair(kw.get(a, dflt))) for a, dflt in
                           (("kernel_size", 1), ("stride", kw["kernel_size"]), ("padding", 0), ("dilation", 1)))
             want = scatter_reference(x0.shape, ref_idx, go, k, s, p, d, kw.get("ceil_mode", False))
             torch.testing.assert_close(gx.double(), want, rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=1e-6)
@@ -437,6 +437,3 @@ def test_channels_last_wide(channels):
                 torch.testing.assert_close(got, F.max_unpool2d(y, ref_idx, k, s, p, output_size=(7, 8)),
                                            rtol=0, atol=0)
 
-
-def pair_arg_value(v):
-    return (v, v) if isinstance(v, int) else tuple(v)
