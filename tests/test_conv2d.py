@@ -940,7 +940,7 @@ GRADCHECK_CONFIGS = [
 
 
 @pytest.mark.usefixtures("single_thread")
-@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("device", cuda_only())  # on the CPU: the tests above
 @pytest.mark.parametrize("cfg", GRADCHECK_CONFIGS, ids=config_id)
 def test_gradcheck_on_device(cfg, device):
     _, _, _, s, p, d, g, _ = cfg
@@ -952,7 +952,7 @@ def test_gradcheck_on_device(cfg, device):
 
 
 @pytest.mark.usefixtures("single_thread")
-@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("device", cuda_only())  # on the CPU: the tests above
 def test_gradcheck_channels_last(device):
     x = torch.randn(2, 4, 6, 6, dtype=torch.float64, device=device)
     x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
@@ -985,7 +985,7 @@ DEVICE_OPCHECK_CASES = ["conv2d", "conv2d_nobias", "conv2d_channels_last", "conv
                         "conv2d_input_backward", "conv2d_weight_backward", "channel_sum"]
 
 
-@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("device", cuda_only())  # on the CPU: the tests above
 @pytest.mark.parametrize("case", DEVICE_OPCHECK_CASES)
 def test_opcheck_on_device(case, device):
     op, args = device_opcheck_cases(device)[case]

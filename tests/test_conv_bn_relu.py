@@ -564,7 +564,7 @@ def test_mixed_devices_raise(device, where):
         conv_bn_relu2d(*tensors, False, **kw)
 
 
-@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("device", cuda_only())  # on the CPU: the tests above
 @pytest.mark.usefixtures("strict_fp32")
 def test_opcheck_grouped_float32(device):
     tensors, kw, relu = device_inputs(DEVICE_CONFIGS[1], torch.float32, "contiguous")

@@ -7,7 +7,7 @@ from hypothesis import given, settings, strategies as st
 
 import cnnext
 from cnnext.functional import max_pool2d, max_pool2d_with_indices
-from cnnext.testing import LAYOUTS, cpu_and_cuda, device_dtypes, is_channels_last, lay, leaf, pair
+from cnnext.testing import LAYOUTS, cpu_and_cuda, cuda_only, device_dtypes, is_channels_last, lay, leaf, pair
 from conftest import examples
 from strategies import pair_arg
 
@@ -362,7 +362,7 @@ def test_parity_with_cpu_float64(cfg, layout, device, dtype):
         torch.testing.assert_close(gy.double().cpu(), ops.max_unpool2d_backward(gu, ref_idx), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("device", cuda_only())  # on the CPU: the tests above
 def test_double_backward_and_select(device):
     x = torch.randn(2, 3, 7, 7, dtype=torch.float64, device=device, requires_grad=True)
     fn = lambda t: max_pool2d(t, 3, 2, 1)  # noqa: E731
