@@ -11,8 +11,11 @@ import torch
 import torch.nn.functional as F
 
 from . import functional as cf
+from .testing import DTYPES, TOLERANCES, devices, outputs_and_grads as _grads, rel_err, to_layout
 
-TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+TOL = TOLERANCES["check"]
+# The input layouts of the cases: their names in the table, cnnext.testing's names.
+_LAYOUTS = {"contiguous": "contiguous", "channels_last": "channels_last", "non-contiguous": "permuted"}
 
 
 @dataclass
@@ -22,20 +25,9 @@ class Case:
     run: object  # (dtype, device) -> list of (what, cnnext tensor, torch tensor)
 
 
-def rel_err(a, b):
-    if a.shape != b.shape:
-        return float("inf")
-    if a.numel() == 0:
-        return 0.0
-    a, b = a.double(), b.double()
-    if torch.isnan(a).any() or torch.isnan(b).any():
-        return 0.0 if torch.equal(torch.isnan(a), torch.isnan(b)) and torch.allclose(a.nan_to_num(), b.nan_to_num()) else float("inf")
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
-
-
-def _grads(fn, inputs, grad):
-    out = fn(*inputs)
-    return [out, *torch.autograd.grad(out, [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad], grad)]
+def _input(shape, g, device, dtype, layout):
+    """A seeded float64 normal tensor rounded to dtype on device, in the given layout."""
+    return to_layout(torch.randn(shape, generator=g, dtype=torch.float64).to(device, dtype), _LAYOUTS[layout])
 
 
 def _conv_case(name, ours, ref, shape, weight_shape, bias_size, layout, kw):
@@ -44,11 +36,7 @@ def _conv_case(name, ours, ref, shape, weight_shape, bias_size, layout, kw):
 
     def run(dtype, device):
         g = torch.Generator().manual_seed(0)
-        x = torch.randn(shape, generator=g, dtype=torch.float64).to(device, dtype)
-        if layout == "channels_last":
-            x = x.contiguous(memory_format=torch.channels_last)
-        elif layout == "non-contiguous":
-            x = x.transpose(-1, -2).contiguous().transpose(-1, -2)
+        x = _input(shape, g, device, dtype, layout)
         w = torch.randn(weight_shape, generator=g, dtype=torch.float64).to(device, dtype)
         b = torch.randn(bias_size, generator=g, dtype=torch.float64).to(device, dtype)
         x.requires_grad_(), w.requires_grad_(), b.requires_grad_()
@@ -75,9 +63,7 @@ def max_pool2d_case(shape, layout="contiguous", **kw):
 
     def run(dtype, device):
         g = torch.Generator().manual_seed(0)
-        x = torch.randn(shape, generator=g, dtype=torch.float64).to(device, dtype)
-        if layout == "channels_last":
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = _input(shape, g, device, dtype, layout)
         x.requires_grad_()
         results = []
         for fn in (cf.max_pool2d, F.max_pool2d):
@@ -94,9 +80,7 @@ def max_pool2d_case(shape, layout="contiguous", **kw):
 def max_unpool2d_case(shape, kernel_size, layout="contiguous"):
     def run(dtype, device):
         g = torch.Generator().manual_seed(0)
-        x = torch.randn(shape, generator=g, dtype=torch.float64).to(device, dtype)
-        if layout == "channels_last":
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = _input(shape, g, device, dtype, layout)
         y, idx = F.max_pool2d(x, kernel_size, return_indices=True)
         y.requires_grad_()
         results = []
@@ -175,11 +159,7 @@ def _pool_case(name, ours, ref, shape, layout, kw):
 
     def run(dtype, device):
         g = torch.Generator().manual_seed(0)
-        x = torch.randn(shape, generator=g, dtype=torch.float64).to(device, dtype)
-        if layout == "channels_last":
-            x = x.contiguous(memory_format=torch.channels_last)
-        elif layout == "non-contiguous":
-            x = x.transpose(-1, -2).contiguous().transpose(-1, -2)
+        x = _input(shape, g, device, dtype, layout)
         x.requires_grad_()
         gy = torch.randn(ref(x, **kw).shape, generator=g, dtype=torch.float64).to(device, dtype)
         results = [_grads(lambda t, fn=fn: fn(t, **kw), (x,), gy) for fn in (ours, ref)]
@@ -216,19 +196,11 @@ CASES += [
 ]
 
 
-def devices():
-    from . import build_info
-
-    yield "cpu", (torch.float64, torch.float32)
-    if torch.cuda.is_available() and build_info()["cuda"]:
-        yield "cuda", (torch.float64, torch.float32, torch.float16, torch.bfloat16)
-
-
 def run_checks(out=sys.stdout):
     rows, failed = [], 0
-    for device, dtypes in devices():
+    for device in devices():
         for case in CASES:
-            for dtype in dtypes:
+            for dtype in DTYPES[device]:
                 try:
                     results = [(what, rel_err(a.detach(), b.detach())) for what, a, b in case.run(dtype, device)]
                     err = max(e for _, e in results)

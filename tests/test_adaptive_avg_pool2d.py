@@ -8,8 +8,11 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import cnnext
 from cnnext.functional import adaptive_avg_pool2d
-from conftest import examples, leaf, pair_arg, to_layout
-from avg_pool_testing import batch_shape, check_layout_like_torch, check_parity, layouts
+from cnnext.testing import LAYOUTS, assert_double_backward_matches, assert_gradchecks
+from cnnext.testing import assert_pool_module_like_torch, check_layout_like_torch, check_parity
+from cnnext.testing import check_pool_on_device, cpu_and_cuda, cuda_only, device_dtypes, leaf, to_layout
+from conftest import examples
+from strategies import batch_shape, pair_arg, pool_layouts
 
 ops = torch.ops.cnnext
 
@@ -35,25 +38,13 @@ def grid_case(case):
 @pytest.mark.parametrize("case", GRID)
 def test_gradcheck(case):
     x, size = grid_case(case)
-    fn = lambda t: adaptive_avg_pool2d(t, size)  # noqa: E731
-    torch.testing.assert_close(fn(x), F.adaptive_avg_pool2d(x, size), rtol=1e-12, atol=1e-12)
-    assert torch.autograd.gradcheck(fn, (x,))
-    assert torch.autograd.gradgradcheck(fn, (x,))
+    assert_gradchecks(lambda t: adaptive_avg_pool2d(t, size), lambda t: F.adaptive_avg_pool2d(t, size), x)
 
 
 def test_double_backward_runs_on_cnnext_ops_and_matches_torch():
     x, size = grid_case("overlapping")
-    results = []
-    for fn in (adaptive_avg_pool2d, F.adaptive_avg_pool2d):
-        xx = x.detach().clone().requires_grad_()
-        y = fn(xx, size)
-        g = torch.ones_like(y).requires_grad_()
-        (gx,) = torch.autograd.grad(y, xx, g, create_graph=True)
-        (gg,) = torch.autograd.grad((gx * gx.detach().cos()).sum(), g)
-        results.append((gx, gg))
-    assert "cnnext_adaptive_avg_pool2d_backward" in results[0][0].grad_fn.name()
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert_double_backward_matches(lambda t: adaptive_avg_pool2d(t, size), lambda t: F.adaptive_avg_pool2d(t, size),
+                                   x, "adaptive_avg_pool2d_backward")
 
 
 @st.composite
@@ -72,7 +63,7 @@ def configs(draw):
 
 
 @settings(max_examples=examples(120))
-@given(c=configs(), lay=layouts(), dtype=st.sampled_from([torch.float64, torch.float32]), seed=st.integers(0, 99))
+@given(c=configs(), lay=pool_layouts(), dtype=st.sampled_from([torch.float64, torch.float32]), seed=st.integers(0, 99))
 def test_parity_random(c, lay, dtype, seed):
     shape, size = c
     ours = lambda t: adaptive_avg_pool2d(t, size)  # noqa: E731
@@ -112,11 +103,37 @@ def test_zero_output_size_and_zero_channels_like_torch():
         assert gx.shape == x.shape and torch.count_nonzero(gx) == 0
 
 
-def test_deterministic():
-    g = torch.randn(4, 16, 7, 9)
-    x = torch.randn(4, 16, 19, 20).contiguous(memory_format=torch.channels_last)
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_deterministic(device):
+    g = torch.randn(4, 16, 7, 9, device=device)
+    x = torch.randn(4, 16, 19, 20, device=device).contiguous(memory_format=torch.channels_last)
     runs = [ops.adaptive_avg_pool2d_backward(g, x) for _ in range(3)]
     assert all(torch.equal(runs[0], r) for r in runs[1:])
+
+
+@pytest.mark.parametrize("device", cuda_only())
+def test_mixed_devices_raise(device):
+    x = torch.randn(2, 3, 6, 6, device=device)
+    with pytest.raises(RuntimeError, match="adaptive_avg_pool2d_backward: expected input to be on the same device"):
+        ops.adaptive_avg_pool2d_backward(torch.randn(2, 3, 1, 1, device=device), x.cpu())
+
+
+# Every device: against torch in float64 from the very values the run sees and, on CUDA,
+# against cnnext's CPU backend; every layout.
+DEVICE_CONFIGS = [
+    ((4, 64, 7, 7), dict(output_size=1)),  # CUDA: a warp per plane
+    ((4, 300, 3, 3), dict(output_size=1)),  # CUDA: a thread per plane
+    ((2, 3, 7, 9), dict(output_size=(3, 4))),
+    ((1, 3, 3, 4), dict(output_size=(5, 7))),
+    ((3, 5, 6), dict(output_size=(2, None))),  # unbatched
+]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("device, dtype", device_dtypes())
+@pytest.mark.parametrize("cfg", range(len(DEVICE_CONFIGS)))
+def test_parity_on_device(cfg, device, dtype, layout):
+    check_pool_on_device(adaptive_avg_pool2d, F.adaptive_avg_pool2d, *DEVICE_CONFIGS[cfg], dtype, layout, device, cfg)
 
 
 def test_bad_inputs_raise():
@@ -146,20 +163,22 @@ def test_bad_inputs_raise():
 
 OPCHECK = [
     ((2, 3, 7, 6), [1, 1], "contiguous"),
+    ((2, 3, 7, 6), [3, 4], "contiguous"),
     ((2, 3, 7, 6), [3, 4], "channels_last"),
     ((3, 5, 5), [7, 2], "contiguous"),
     ((0, 2, 4, 4), [2, 2], "contiguous"),
 ]
 
 
+@pytest.mark.parametrize("device", cpu_and_cuda())
 @pytest.mark.parametrize("case", range(len(OPCHECK)))
-def test_opcheck(case):
+def test_opcheck(case, device):
     shape, size, layout = OPCHECK[case]
-    x = to_layout(torch.randn(shape, dtype=torch.float64), layout).requires_grad_()
+    x = to_layout(torch.randn(shape, dtype=torch.float64, device=device), layout).requires_grad_()
     results = torch.library.opcheck(ops.adaptive_avg_pool2d.default, (x, size))
     assert set(results.values()) == {"SUCCESS"}, results
     y = ops.adaptive_avg_pool2d(x.detach(), size)
-    g = to_layout(torch.randn(y.shape, dtype=torch.float64), layout).requires_grad_()
+    g = to_layout(torch.randn(y.shape, dtype=torch.float64, device=device), layout).requires_grad_()
     results = torch.library.opcheck(ops.adaptive_avg_pool2d_backward.default, (g, x.detach()))
     assert set(results.values()) == {"SUCCESS"}, results
 
@@ -176,10 +195,4 @@ def test_fake_kernel_metadata(case):
 
 @pytest.mark.parametrize("size", [1, (3, 2), (None, 4), 7])
 def test_module_matches_torch(size):
-    ours, ref = cnnext.nn.AdaptiveAvgPool2d(size), torch.nn.AdaptiveAvgPool2d(size)
-    assert isinstance(ours, torch.nn.AdaptiveAvgPool2d)
-    assert repr(ours) == repr(ref)
-    assert ours.state_dict() == ref.state_dict() == {}
-    for shape in ((2, 3, 7, 8), (3, 6, 5)):
-        x = torch.randn(shape, dtype=torch.float64)
-        torch.testing.assert_close(ours(x), ref(x), rtol=1e-12, atol=1e-12)
+    assert_pool_module_like_torch(cnnext.nn.AdaptiveAvgPool2d(size), torch.nn.AdaptiveAvgPool2d(size))

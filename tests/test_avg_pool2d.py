@@ -10,8 +10,11 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import cnnext
 from cnnext.functional import avg_pool2d
-from conftest import LAYOUTS, examples, leaf, pair_arg, to_layout
-from avg_pool_testing import batch_shape, check_layout_like_torch, check_parity, layouts
+from cnnext.testing import LAYOUTS, assert_double_backward_matches, assert_gradchecks
+from cnnext.testing import assert_pool_module_like_torch, check_layout_like_torch, check_parity
+from cnnext.testing import check_pool_on_device, cpu_and_cuda, cuda_only, device_dtypes, leaf, to_layout
+from conftest import examples
+from strategies import batch_shape, pair_arg, pool_layouts
 
 ops = torch.ops.cnnext
 
@@ -49,25 +52,13 @@ def grid_case(case):
 @pytest.mark.parametrize("case", GRID)
 def test_gradcheck(case):
     x, kw = grid_case(case)
-    fn = lambda t: avg_pool2d(t, **kw)  # noqa: E731
-    torch.testing.assert_close(fn(x), F.avg_pool2d(x, **kw), rtol=1e-12, atol=1e-12)
-    assert torch.autograd.gradcheck(fn, (x,))
-    assert torch.autograd.gradgradcheck(fn, (x,))
+    assert_gradchecks(lambda t: avg_pool2d(t, **kw), lambda t: F.avg_pool2d(t, **kw), x)
 
 
 def test_double_backward_runs_on_cnnext_ops_and_matches_torch():
     x, kw = grid_case("ceil_mode_pad_exclude")
-    results = []
-    for fn in (avg_pool2d, F.avg_pool2d):
-        xx = x.detach().clone().requires_grad_()
-        y = fn(xx, **kw)
-        g = torch.ones_like(y).requires_grad_()
-        (gx,) = torch.autograd.grad(y, xx, g, create_graph=True)
-        (gg,) = torch.autograd.grad((gx * gx.detach().cos()).sum(), g)
-        results.append((gx, gg))
-    assert "cnnext_avg_pool2d_backward" in results[0][0].grad_fn.name()
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert_double_backward_matches(lambda t: avg_pool2d(t, **kw), lambda t: F.avg_pool2d(t, **kw), x,
+                                   "avg_pool2d_backward")
 
 
 # --------------------------------------------------------------------------------------------
@@ -94,7 +85,7 @@ def configs(draw, max_hw=10):
 
 
 @settings(max_examples=examples(150))
-@given(c=configs(), lay=layouts(), dtype=st.sampled_from([torch.float64, torch.float32]), seed=st.integers(0, 99))
+@given(c=configs(), lay=pool_layouts(), dtype=st.sampled_from([torch.float64, torch.float32]), seed=st.integers(0, 99))
 def test_parity_random(c, lay, dtype, seed):
     shape, kw = c
     ours = lambda t: avg_pool2d(t, **kw)  # noqa: E731
@@ -126,6 +117,33 @@ def test_parity_large(case, dtype, layout):
                  "contiguous" if layout == "permuted" else layout, case)
 
 
+# Every device: against torch in float64 from the very values the run sees and, on CUDA,
+# against cnnext's CPU backend; every layout.
+DEVICE_CONFIGS = [
+    ((2, 3, 8, 9), dict(kernel_size=2)),
+    ((2, 3, 7, 9), dict(kernel_size=3, stride=2, padding=1, ceil_mode=True, count_include_pad=False)),
+    ((1, 4, 7, 6), dict(kernel_size=(3, 2), stride=(2, 3), padding=(1, 0), ceil_mode=True)),
+    ((2, 2, 5, 5), dict(kernel_size=3, stride=1, padding=1, divisor_override=4)),
+    ((4, 64, 7, 7), dict(kernel_size=7)),  # global by kernel
+    ((0, 3, 6, 6), dict(kernel_size=2)),
+]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("device, dtype", device_dtypes())
+@pytest.mark.parametrize("cfg", range(len(DEVICE_CONFIGS)))
+def test_parity_on_device(cfg, device, dtype, layout):
+    shape, kw = DEVICE_CONFIGS[cfg]
+    check_pool_on_device(avg_pool2d, F.avg_pool2d, shape, kw, dtype, layout, device, seed=cfg)
+
+
+@pytest.mark.parametrize("device", cuda_only())
+def test_mixed_devices_raise(device):
+    x = torch.randn(2, 3, 6, 6, device=device)
+    with pytest.raises(RuntimeError, match="avg_pool2d_backward: expected input to be on the same device"):
+        ops.avg_pool2d_backward(torch.randn(2, 3, 3, 3), x, [2, 2], [2, 2], [0, 0], False, True, None)
+
+
 def test_every_window_holds_input_with_ceil_mode():
     """With torch's ceil_mode rule no window lies wholly in the padding, so
     count_include_pad=False never divides by zero: on ones, every output is exactly 1
@@ -149,9 +167,15 @@ def test_empty_batch():
     assert x.grad.shape == x.shape
 
 
-def test_deterministic():
-    x = torch.randn(4, 16, 19, 19, dtype=torch.float32)
-    g = torch.randn(4, 16, 17, 17)
+# (input shape, grad_output shape) per device
+DETERMINISTIC = {"cpu": ((4, 16, 19, 19), (4, 16, 17, 17)), "cuda": ((8, 32, 17, 19), (8, 32, 15, 17))}
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_deterministic(device):
+    xshape, gshape = DETERMINISTIC[device]
+    x = torch.randn(xshape, dtype=torch.float32, device=device)
+    g = torch.randn(gshape, device=device)
     runs = [ops.avg_pool2d_backward(g, x, [3, 3], [1, 1], [0, 0], False, True, None) for _ in range(3)]
     assert all(torch.equal(runs[0], r) for r in runs[1:])
 
@@ -227,14 +251,15 @@ OPCHECK = [
 ]
 
 
+@pytest.mark.parametrize("device", cpu_and_cuda())
 @pytest.mark.parametrize("case", range(len(OPCHECK)))
-def test_opcheck(case):
+def test_opcheck(case, device):
     shape, *conf, layout = OPCHECK[case]
-    x = to_layout(torch.randn(shape, dtype=torch.float64), layout).requires_grad_()
+    x = to_layout(torch.randn(shape, dtype=torch.float64, device=device), layout).requires_grad_()
     results = torch.library.opcheck(ops.avg_pool2d.default, (x, *conf))
     assert set(results.values()) == {"SUCCESS"}, results
     y = ops.avg_pool2d(x.detach(), *conf)
-    g = to_layout(torch.randn(y.shape, dtype=torch.float64), layout).requires_grad_()
+    g = to_layout(torch.randn(y.shape, dtype=torch.float64, device=device), layout).requires_grad_()
     results = torch.library.opcheck(ops.avg_pool2d_backward.default, (g, x.detach(), *conf))
     assert set(results.values()) == {"SUCCESS"}, results
 
@@ -272,10 +297,4 @@ MODULES = [
 
 @pytest.mark.parametrize("kw", MODULES)
 def test_module_matches_torch(kw):
-    ours, ref = cnnext.nn.AvgPool2d(**kw), torch.nn.AvgPool2d(**kw)
-    assert isinstance(ours, torch.nn.AvgPool2d)
-    assert repr(ours) == repr(ref)
-    assert ours.state_dict() == ref.state_dict() == {}
-    for shape in ((2, 3, 7, 8), (3, 6, 5)):
-        x = torch.randn(shape, dtype=torch.float64)
-        torch.testing.assert_close(ours(x), ref(x), rtol=1e-12, atol=1e-12)
+    assert_pool_module_like_torch(cnnext.nn.AvgPool2d(**kw), torch.nn.AvgPool2d(**kw))

@@ -1,20 +1,20 @@
 """cnnext.functional.conv2d and the torch.ops.cnnext conv2d ops against torch.nn.functional.conv2d."""
-from dataclasses import dataclass
-
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings, strategies as st
+from hypothesis import strategies as st
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+import cnnext
 from cnnext.functional import conv2d
-from conftest import pair_arg, GRAD_NAMES, LAYOUTS, RTOL, Parity, assert_close_scaled, assert_matches, examples, is_channels_last, leaf, to_layout
+from cnnext.testing import (GRAD_NAMES, IGEMM_MATHS, LAYOUTS, RTOL, TOLERANCES, ConvConf, Parity, assert_close_scaled,
+                            assert_close_to_reference, assert_matches, cpu_and_cuda, cuda_only, device_dtypes,
+                            igemm_math_id, is_channels_last, leaf, needs_cuda, outputs_and_grads, pair, sm80_only,
+                            tf32, to_layout)
+import conv_tests
+from strategies import conv_conf, group_channels, pair_arg
 
 ops = torch.ops.cnnext
-
-
-def pair(v):
-    return list(v) if isinstance(v, (tuple, list)) else [v, v]
 
 
 # --------------------------------------------------------------------------------------------
@@ -62,21 +62,7 @@ def grid_inputs(case):
     return tensors, dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
 
 
-@pytest.mark.usefixtures("single_thread")
-@pytest.mark.parametrize("case", GRID)
-def test_gradcheck(case):
-    tensors, kw = grid_inputs(case)
-    fn = lambda *t: conv2d(*t, **kw)  # noqa: E731
-    torch.testing.assert_close(fn(*tensors), F.conv2d(*tensors, **kw), rtol=1e-12, atol=1e-12)
-    assert torch.autograd.gradcheck(fn, tensors)
-
-
-@pytest.mark.usefixtures("single_thread")
-@pytest.mark.parametrize("case", GRID)
-def test_gradgradcheck(case):
-    tensors, kw = grid_inputs(case)
-    fn = lambda *t: conv2d(*t, **kw)  # noqa: E731
-    assert torch.autograd.gradgradcheck(fn, tensors)
+test_gradcheck, test_gradgradcheck = conv_tests.gradcheck_tests(conv2d, F.conv2d, GRID, grid_inputs)
 
 
 # The backward ops' own autograd formulas (the pieces double backward is made of).
@@ -116,57 +102,18 @@ def test_channel_sum_gradcheck():
         assert torch.autograd.gradgradcheck(ops.channel_sum, (t,))
 
 
-def test_double_backward_matches_torch():
-    """Gradient of a gradient norm (what gradient-penalty training does) equals torch's."""
-    x0 = torch.randn(2, 4, 7, 6, dtype=torch.float64)
-    w0 = torch.randn(6, 2, 3, 2, dtype=torch.float64)
-    b0 = torch.randn(6, dtype=torch.float64)
-    results = []
-    for f in (conv2d, F.conv2d):
-        x, w, b = leaf(x0, "channels_last"), leaf(w0), leaf(b0)
-        y = f(x, w, b, stride=(2, 1), padding=1, dilation=(1, 2), groups=2)
-        gx, gw = torch.autograd.grad(y.pow(2).sum(), (x, w), create_graph=True)
-        penalty = gx.pow(2).sum() + gw.pow(3).sum()
-        results.append(torch.autograd.grad(penalty, (x, w, b)))
-    for ours, ref, name in zip(*results, "xwb"):
-        assert_close_scaled(ours, ref, 1e-11, name)
+test_double_backward_matches_torch = conv_tests.double_backward_test(
+    conv2d, F.conv2d, ((2, 4, 7, 6), (6, 2, 3, 2), (6,)), dict(stride=(2, 1), padding=1, dilation=(1, 2), groups=2),
+    "Gradient of a gradient norm (what gradient-penalty training does) equals torch's.")
 
 
 # --------------------------------------------------------------------------------------------
 # Random configurations: parity with torch.nn.functional.conv2d, forward and every gradient
 # --------------------------------------------------------------------------------------------
 
-@dataclass
-class Conf:
-    xshape: tuple
-    wshape: tuple
-    bias: bool
-    stride: object
-    padding: object
-    dilation: object
-    groups: int
-    x_layout: str
-    w_layout: str
-    g_layout: str
-    seed: int
-
-    def kwargs(self):
-        return dict(stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.groups)
-
-
 @st.composite
 def conv_confs(draw, batch=st.sampled_from([0, 1, 2, 3, None])):
-    # Channels per group on both sides of the CPU backend's switch between direct loops
-    # (thin groups: in * out channels per group <= 8) and im2col + GEMM.
-    kind = draw(st.sampled_from(["plain", "plain", "plain", "groups", "depthwise", "deep"]))
-    if kind == "deep":  # GEMM dimensions past the float32 sgemm's tiles and K blocks
-        groups, cg, og = draw(st.integers(1, 2)), draw(st.integers(8, 20)), draw(st.integers(13, 30))
-    elif kind == "plain":
-        groups, cg, og = 1, draw(st.integers(1, 6)), draw(st.integers(1, 6))
-    elif kind == "groups":
-        groups, cg, og = draw(st.integers(2, 3)), draw(st.integers(1, 4)), draw(st.integers(1, 4))
-    else:
-        groups, cg, og = draw(st.integers(2, 5)), 1, draw(st.integers(1, 2))
+    groups, cg, og = group_channels(draw, deep=((8, 20), (13, 30)))
     pointwise = draw(st.integers(0, 4)) == 0  # 1x1 kernels, which have a path of their own
     kernel = [1, 1] if pointwise else [draw(st.integers(1, 4)), draw(st.integers(1, 4))]
     dilation = [draw(st.integers(1, 3)), draw(st.integers(1, 3))]
@@ -185,41 +132,15 @@ def conv_confs(draw, batch=st.sampled_from([0, 1, 2, 3, None])):
         spatial.append(draw(st.integers(smallest, smallest + 7)))
     n = draw(batch)
     xshape = (groups * cg, *spatial) if n is None else (n, groups * cg, *spatial)
-    return Conf(
-        xshape=xshape,
-        wshape=(groups * og, cg, *kernel),
-        bias=draw(st.booleans()),
-        stride=pair_arg(draw, stride),
-        padding=padding,
-        dilation=pair_arg(draw, dilation),
-        groups=groups,
-        x_layout=draw(st.sampled_from(LAYOUTS)),
-        w_layout=draw(st.sampled_from(["contiguous", "contiguous", "channels_last", "sliced", "offset"])),
-        g_layout=draw(st.sampled_from(LAYOUTS + ("expanded",))),
-        seed=draw(st.integers(0, 2**31 - 1)),
-    )
+    kw = dict(stride=pair_arg(draw, stride), padding=padding, dilation=pair_arg(draw, dilation), groups=groups)
+    return conv_conf(draw, xshape, (groups * og, cg, *kernel), kw)
 
 
 PARITY = Parity(conv2d, F.conv2d, bias_size=lambda c: c.wshape[0])
 run_both, check_parity = PARITY.run_both, PARITY.check
 
 
-@settings(max_examples=examples(300))
-@given(c=conv_confs())
-def test_parity_float64(c):
-    check_parity(c, torch.float64)
-
-
-@settings(max_examples=examples(200))
-@given(c=conv_confs())
-def test_parity_float32(c):
-    check_parity(c, torch.float32)
-
-
-@settings(max_examples=examples(50))
-@given(c=conv_confs(batch=st.just(0)), dtype=st.sampled_from([torch.float32, torch.float64]))
-def test_parity_empty_batch(c, dtype):
-    check_parity(c, dtype)
+test_parity_float64, test_parity_float32, test_parity_empty_batch = conv_tests.parity_tests(check_parity, conv_confs)
 
 
 @pytest.mark.parametrize("padding", ["same", "valid"])
@@ -259,26 +180,14 @@ BANDS = {
 @pytest.mark.parametrize("case", BANDS)
 def test_parity_large(case, dtype, layout):
     xshape, wshape, stride, padding, dilation, groups = BANDS[case]
-    c = Conf(xshape, wshape, True, stride, padding, dilation, groups, layout, "contiguous", layout, seed=3)
+    kw = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    c = ConvConf(xshape, wshape, True, kw, layout, "contiguous", layout, seed=3)
     assert_matches(*run_both(c, dtype), RTOL[dtype])
 
 
-@pytest.mark.parametrize("needs", ["x", "w", "b", "xw", "xb", "wb", "xwb"])
-def test_partial_requires_grad(needs):
-    """Only the gradients asked for are computed, and they are right."""
-    x0, w0, b0 = torch.randn(2, 4, 6, 5), torch.randn(6, 2, 3, 3), torch.randn(6)
-    grads = []
-    for f in (conv2d, F.conv2d):
-        x, w, b = (t.clone().requires_grad_(name in needs) for t, name in zip((x0, w0, b0), "xwb"))
-        y = f(x, w, b, padding=1, groups=2)
-        assert y.requires_grad
-        y.backward(torch.linspace(-1, 1, y.numel()).view(y.shape))
-        grads.append([t.grad for t in (x, w, b)])
-    for name, ours, ref in zip("xwb", *grads):
-        if name in needs:
-            assert_close_scaled(ours, ref, 1e-5, name)
-        else:
-            assert ours is None and ref is None
+test_partial_requires_grad = conv_tests.partial_requires_grad_test(
+    conv2d, F.conv2d, ["x", "w", "b", "xw", "xb", "wb", "xwb"], ((2, 4, 6, 5), (6, 2, 3, 3), (6,)),
+    dict(padding=1, groups=2))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -620,23 +529,6 @@ BAD = {
 }
 
 
-@pytest.mark.parametrize("case", BAD)
-def test_bad_input(case):
-    args, exc, pattern = BAD[case]
-    with pytest.raises(exc, match=pattern) as info:
-        conv2d(*args)
-    assert str(info.value).lstrip().startswith("conv2d: ")
-
-
-# float16, bfloat16, integer and complex inputs torch computes in on the CPU; cnnext rejects them by design.
-@pytest.mark.parametrize("case", [case for case in BAD if not case.endswith("_cpu")])
-def test_torch_rejects_too(case):
-    """What cnnext rejects, torch rejects too: the checks are not stricter than torch's."""
-    args, _, _ = BAD[case]
-    with pytest.raises((RuntimeError, ValueError, TypeError)):
-        F.conv2d(*args)
-
-
 # Direct op calls: what reaches C++ without the Python normalisation.
 BAD_OPS = {
     "op_stride_3_values": (
@@ -703,11 +595,9 @@ BAD_OPS = {
 }
 
 
-@pytest.mark.parametrize("case", BAD_OPS)
-def test_bad_op_input(case):
-    call, exc, pattern = BAD_OPS[case]
-    with pytest.raises(exc, match=pattern):
-        call()
+# float16, bfloat16, integer and complex inputs torch computes in on the CPU; cnnext rejects them by design.
+test_bad_input, test_torch_rejects_too, test_bad_op_input = conv_tests.bad_input_tests(
+    conv2d, F.conv2d, "conv2d", BAD, [case for case in BAD if not case.endswith("_cpu")], BAD_OPS)
 
 
 # Odd but valid: cnnext computes what torch computes.
@@ -739,7 +629,8 @@ ODD = {
 @pytest.mark.parametrize("case", ODD)
 def test_odd_but_valid_matches_torch(case, layout):
     xshape, wshape, stride, padding, dilation, groups = ODD[case]
-    c = Conf(xshape, wshape, True, stride, padding, dilation, groups, layout, "contiguous", layout, seed=7)
+    kw = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    c = ConvConf(xshape, wshape, True, kw, layout, "contiguous", layout, seed=7)
     assert_matches(*run_both(c, torch.float64), 1e-12)
 
 
@@ -846,27 +737,403 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(results[1][0], ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif(not _compile_available(), reason="torch.compile is not available")
-def test_torch_compile_dynamic_shapes():
-    """Symbolic sizes through the fake kernels (aot_eager: no code generation, so it stays quick)."""
-    import torch._dynamo
+def _net(conv, relu):
+    """Two convolutions (the second grouped, 'same'): cnnext's or stock torch's."""
+    return lambda x, w1, b1, w2: conv(relu(conv(x, w1, b1, stride=2, padding=1)), w2, None, padding="same", groups=2)
 
-    def net(x, w1, b1, w2):
-        y = torch.relu(conv2d(x, w1, b1, stride=2, padding=1))
-        return conv2d(y, w2, None, padding="same", groups=2)
 
-    torch._dynamo.reset()
-    compiled = torch.compile(net, fullgraph=True, dynamic=True, backend="aot_eager")
-    w1, b1, w2 = leaf(torch.randn(4, 3, 3, 3)), leaf(torch.randn(4)), leaf(torch.randn(6, 2, 2, 3))
-    for shape in [(2, 3, 9, 8), (3, 3, 12, 11)]:
-        x = leaf(torch.randn(shape))
-        out = compiled(x, w1, b1, w2)
-        grads = torch.autograd.grad(out.square().sum(), (x, w1, b1, w2))
-        x_ref, w1_ref, b1_ref, w2_ref = (leaf(t) for t in (x, w1, b1, w2))
-        ref = F.conv2d(torch.relu(F.conv2d(x_ref, w1_ref, b1_ref, stride=2, padding=1)), w2_ref, None,
-                       padding="same", groups=2)
-        ref_grads = torch.autograd.grad(ref.square().sum(), (x_ref, w1_ref, b1_ref, w2_ref))
-        assert out.shape == ref.shape
-        assert_close_scaled(out, ref, 1e-5, f"output {shape}")
-        for a, e in zip(grads, ref_grads):
-            assert_close_scaled(a, e, 1e-5, f"grad {shape}")
+test_torch_compile_dynamic_shapes = pytest.mark.skipif(not _compile_available(), reason="torch.compile is not available")(
+    conv_tests.compile_dynamic_shapes_test(
+        _net(conv2d, torch.relu), _net(F.conv2d, torch.relu), [(4, 3, 3, 3), (4,), (6, 2, 2, 3)],
+        [(2, 3, 9, 8), (3, 3, 12, 11)],
+        "Symbolic sizes through the fake kernels (aot_eager: no code generation, so it stays quick)."))
+
+
+# --------------------------------------------------------------------------------------------
+# Every device: against F.conv2d in float64 on the CPU from the very values the run sees
+# (inputs rounded to the tested dtype first, so the tolerances measure the kernels, not
+# the rounding of the inputs) and, on CUDA, against cnnext's CPU backend
+# --------------------------------------------------------------------------------------------
+
+DEVICE_RTOL = TOLERANCES["device_conv"]
+DEVICE_LAYOUTS = ("contiguous", "channels_last", "sliced", "permuted")
+
+# (N, C, H, W), out_channels, (kH, kW), stride, padding, dilation, groups, bias
+DEVICE_CONFIGS = [
+    ((2, 3, 8, 9), 4, (3, 3), 1, 1, 1, 1, True),
+    ((2, 4, 9, 7), 6, (3, 2), (2, 1), (0, 1), (1, 2), 2, True),
+    ((2, 6, 9, 8), 6, (3, 3), 2, 1, 1, 6, False),          # depthwise
+    ((1, 4, 7, 7), 8, (5, 5), 1, 2, 1, 4, True),           # depthwise, multiplier 2
+    ((3, 5, 6, 5), 7, (1, 1), 1, 0, 1, 1, True),           # pointwise
+    ((2, 2, 11, 10), 3, (5, 3), (3, 2), (2, 0), (2, 1), 1, False),
+    ((1, 4, 4, 4), 4, (4, 4), 1, 0, 1, 2, True),           # kernel as large as the input
+    ((1, 2, 3, 3), 2, (3, 3), 2, 4, 1, 1, True),           # padding wider than the input
+    ((2, 6, 6, 5), 9, (2, 3), (1, 3), (3, 2), 1, 3, True),
+    ((4, 16, 14, 14), 32, (3, 3), 1, 1, 1, 1, True),       # several blocks per kernel
+    ((2, 3, 20, 20), 8, (7, 7), 2, 3, 1, 1, True),         # a ResNet stem
+]
+
+
+def config_id(cfg):
+    shape, o, k, s, p, d, g, b = cfg
+    return f"x{'x'.join(map(str, shape))}-o{o}-k{k[0]}x{k[1]}-s{s}-p{p}-d{d}-g{g}-{'bias' if b else 'nobias'}"
+
+
+def make_inputs(cfg, dtype):
+    """Random x, w, b (or None) and grad_output as float64 CPU tensors holding values
+    exactly representable in dtype."""
+    shape, o, (kh, kw), s, p, d, g, has_bias = cfg
+    sd, pd, dl = pair(s), pair(p), pair(d)
+    x = torch.randn(shape, dtype=torch.float64)
+    w = torch.randn(o, shape[1] // g, kh, kw, dtype=torch.float64)
+    b = torch.randn(o, dtype=torch.float64) if has_bias else None
+    oh = (shape[2] + 2 * pd[0] - dl[0] * (kh - 1) - 1) // sd[0] + 1
+    ow = (shape[3] + 2 * pd[1] - dl[1] * (kw - 1) - 1) // sd[1] + 1
+    gy = torch.randn(shape[0], o, oh, ow, dtype=torch.float64)
+    rnd = lambda t: None if t is None else t.to(dtype).double()  # noqa: E731
+    return rnd(x), rnd(w), rnd(b), rnd(gy)
+
+
+def run_conv(fn, x, w, b, gy, *conf):
+    """Output and gradients of fn(x, w, b, *conf) on whatever device x is on."""
+    leaves = [t.detach().requires_grad_() for t in (x, w, b) if t is not None]
+    out = outputs_and_grads(lambda *t: fn(*t, *conf) if b is not None else fn(*t, None, *conf), leaves, gy)
+    return (out[0].detach(), *out[1:])
+
+
+def moved(device, dtype, *tensors):
+    return [None if t is None else t.to(dtype=dtype, device=device) for t in tensors]
+
+
+@pytest.mark.parametrize("layout", DEVICE_LAYOUTS)
+@pytest.mark.parametrize("device, dtype", device_dtypes())
+@pytest.mark.parametrize("cfg", DEVICE_CONFIGS, ids=config_id)
+@pytest.mark.usefixtures("strict_fp32")
+def test_parity_on_device(cfg, device, dtype, layout):
+    """Forward and every gradient against F.conv2d (float64 CPU) and, on CUDA for float32
+    and float64, against cnnext's CPU backend, with input and grad_output in every layout."""
+    _, _, _, s, p, d, g, _ = cfg
+    x, w, b, gy = make_inputs(cfg, dtype)
+    ref = run_conv(F.conv2d, x, w, b, gy, s, p, d, g)
+    # grad_output in another layout than the input, so both kernels see mixed layouts.
+    gy_layout = DEVICE_LAYOUTS[(DEVICE_LAYOUTS.index(layout) + 1) % len(DEVICE_LAYOUTS)]
+    xd, wd, bd, gyd = moved(device, dtype, x, w, b, gy)
+    xc = to_layout(xd, layout)
+    out = run_conv(conv2d, xc, wd, bd, to_layout(gyd, gy_layout), s, p, d, g)
+    for name, got, want in zip(GRAD_NAMES, out, ref):
+        assert got.device.type == device and got.dtype == dtype, name
+        assert_close_to_reference(got, want, DEVICE_RTOL[dtype], f"{name} vs F.conv2d")
+    if device == "cpu":  # the CPU backend's layout rules: test_output_memory_format and those after it
+        return
+    # Layout rule of the CUDA backend: channels_last output iff an operand is channels_last.
+    fmt = torch.channels_last if is_channels_last(xc) else torch.contiguous_format
+    assert out[0].is_contiguous(memory_format=fmt)
+    assert out[2].is_contiguous()
+
+    if dtype in (torch.float32, torch.float64):
+        xh, wh, bh, gyh = moved("cpu", dtype, x, w, b, gy)
+        out_cpu = run_conv(conv2d, to_layout(xh, layout), wh, bh, to_layout(gyh, gy_layout), s, p, d, g)
+        for name, got, want in zip(GRAD_NAMES, out, out_cpu):
+            assert_close_to_reference(got, want.double(), DEVICE_RTOL[dtype], f"{name} vs cnnext CPU")
+        assert is_channels_last(out[0]) == is_channels_last(out_cpu[0])
+        assert is_channels_last(out[1]) == is_channels_last(out_cpu[1])
+
+
+@pytest.mark.parametrize("device, dtype", device_dtypes())
+@pytest.mark.usefixtures("strict_fp32")
+def test_expanded_grad_output(device, dtype):
+    """y.sum() gives backward a grad_output of stride 0 in every dim."""
+    cfg = ((2, 4, 9, 8), 6, (3, 3), 2, 1, 1, 2, True)
+    _, _, _, s, p, d, g, _ = cfg
+    x, w, b, gy = make_inputs(cfg, dtype)
+    ref = run_conv(F.conv2d, x, w, b, torch.ones_like(gy), s, p, d, g)
+    xc, wc, bc = (t.requires_grad_() for t in moved(device, dtype, x, w, b))
+    grads = torch.autograd.grad(conv2d(xc, wc, bc, s, p, d, g).sum(), (xc, wc, bc))
+    for name, got, want in zip(GRAD_NAMES[1:], grads, ref[1:]):
+        assert_close_to_reference(got, want, DEVICE_RTOL[dtype], name)
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("padding", ["same", "valid"])
+def test_string_padding(padding, device):
+    x = torch.randn(2, 4, 9, 10, dtype=torch.float64)
+    w = torch.randn(6, 2, 4, 3, dtype=torch.float64)  # kH = 4: 'same' pads H asymmetrically
+    want = F.conv2d(x, w, None, 1, padding, (1, 2), 2)
+    got = conv2d(x.to(device), w.to(device), None, 1, padding, (1, 2), 2)
+    assert_close_to_reference(got, want, DEVICE_RTOL[torch.float64], padding)
+
+
+@pytest.mark.parametrize("device, dtype", device_dtypes())
+def test_empty_batch(device, dtype):
+    """N = 0: empty output and grad_input, zero grad_weight and grad_bias."""
+    x = torch.randn(0, 4, 7, 7, device=device, dtype=dtype, requires_grad=True)
+    w = torch.randn(6, 2, 3, 3, device=device, dtype=dtype, requires_grad=True)
+    b = torch.randn(6, device=device, dtype=dtype, requires_grad=True)
+    y = conv2d(x, w, b, 1, 1, 1, 2)
+    assert y.shape == (0, 6, 7, 7) and y.device.type == device
+    gx, gw, gb = torch.autograd.grad(y, (x, w, b), torch.randn_like(y))
+    assert gx.shape == x.shape
+    assert torch.equal(gw, torch.zeros_like(w))
+    assert torch.equal(gb, torch.zeros_like(b))
+
+
+@pytest.mark.parametrize("device, dtype", device_dtypes())
+@pytest.mark.usefixtures("strict_fp32")
+def test_unbatched(device, dtype):
+    """A (C, H, W) input is a batch of one; output and grad_input are 3-D."""
+    cfg = ((1, 6, 8, 7), 9, (3, 2), (2, 1), 1, (1, 2), 3, True)
+    _, _, _, s, p, d, g, _ = cfg
+    x, w, b, gy = make_inputs(cfg, dtype)
+    ref = run_conv(F.conv2d, x[0], w, b, gy[0], s, p, d, g)
+    xd, wd, bd, gyd = moved(device, dtype, x[0], w, b, gy[0])
+    out = run_conv(conv2d, xd, wd, bd, gyd, s, p, d, g)
+    assert out[0].dim() == 3 and out[1].dim() == 3
+    for name, got, want in zip(GRAD_NAMES, out, ref):
+        assert_close_to_reference(got, want, DEVICE_RTOL[dtype], name)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_deterministic(device):
+    """Two runs give bitwise equal results (no atomics, fixed summation order)."""
+    cfg = ((8, 16, 20, 20), 32, (3, 3), 1, 1, 1, 1, True)
+    x, w, b, gy = moved(device, torch.float32, *make_inputs(cfg, torch.float32))
+    first = run_conv(conv2d, x, w, b, gy, 1, 1, 1, 1)
+    second = run_conv(conv2d, x, w, b, gy, 1, 1, 1, 1)
+    for name, a, c in zip(GRAD_NAMES, first, second):
+        assert torch.equal(a, c), name
+
+
+@pytest.mark.parametrize("device", cuda_only())
+def test_side_stream(device):
+    """Kernels run on the current stream, not the default one."""
+    cfg = ((4, 8, 16, 16), 16, (3, 3), 1, 1, 1, 2, True)
+    x, w, b, gy = make_inputs(cfg, torch.float64)
+    ref = run_conv(F.conv2d, x, w, b, gy, 1, 1, 1, 2)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        out = run_conv(conv2d, *moved(device, torch.float64, x, w, b, gy), 1, 1, 1, 2)
+    stream.synchronize()
+    for name, got, want in zip(GRAD_NAMES, out, ref):
+        assert_close_to_reference(got, want, DEVICE_RTOL[torch.float64], name)
+
+
+@needs_cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_second_device():
+    """Tensors on cuda:1 while cuda:0 is current: the device guard picks cuda:1."""
+    cfg = ((2, 4, 8, 8), 6, (3, 3), 1, 1, 1, 2, True)
+    x, w, b, gy = make_inputs(cfg, torch.float64)
+    ref = run_conv(F.conv2d, x, w, b, gy, 1, 1, 1, 2)
+    with torch.cuda.device(0):
+        out = run_conv(conv2d, *moved("cuda:1", torch.float64, x, w, b, gy), 1, 1, 1, 2)
+    for name, got, want in zip(GRAD_NAMES, out, ref):
+        assert got.device == torch.device("cuda:1"), name
+        assert_close_to_reference(got, want, DEVICE_RTOL[torch.float64], name)
+
+
+GRADCHECK_CONFIGS = [
+    ((2, 4, 6, 5), 4, (3, 2), (2, 1), (1, 0), (1, 2), 2, True),
+    ((1, 3, 5, 5), 3, (3, 3), 1, 1, 1, 3, False),          # depthwise
+    ((2, 2, 4, 6), 3, (1, 1), 1, 0, 1, 1, True),
+]
+
+
+@pytest.mark.usefixtures("single_thread")
+@pytest.mark.parametrize("device", cuda_only())  # on the CPU: the tests above
+@pytest.mark.parametrize("cfg", GRADCHECK_CONFIGS, ids=config_id)
+def test_gradcheck_on_device(cfg, device):
+    _, _, _, s, p, d, g, _ = cfg
+    x, w, b, _ = make_inputs(cfg, torch.float64)
+    args = [t.to(device).requires_grad_() for t in (x, w, b) if t is not None]
+    fn = (lambda x, w, b: conv2d(x, w, b, s, p, d, g)) if b is not None else (lambda x, w: conv2d(x, w, None, s, p, d, g))
+    assert torch.autograd.gradcheck(fn, args)
+    assert torch.autograd.gradgradcheck(fn, args)
+
+
+@pytest.mark.usefixtures("single_thread")
+@pytest.mark.parametrize("device", cuda_only())  # on the CPU: the tests above
+def test_gradcheck_channels_last(device):
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64, device=device)
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    w = torch.randn(4, 2, 3, 3, dtype=torch.float64, device=device, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: conv2d(x, w, None, 2, 1, 1, 2), (x, w))
+
+
+def device_opcheck_cases(device):
+    """{name: (op, args)} on float64 tensors of the device that require grad."""
+    x = torch.randn(2, 4, 7, 6, device=device, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 2, 3, 2, device=device, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, device=device, dtype=torch.float64, requires_grad=True)
+    conf = ([2, 1], [1, 0], [1, 2], 2)
+    y = ops.conv2d(x.detach(), w.detach(), b.detach(), *conf)
+    gy = torch.randn_like(y).requires_grad_()
+    xcl = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    x3 = x.detach()[0].clone().requires_grad_()
+    return {
+        "conv2d": (ops.conv2d.default, (x, w, b, *conf)),
+        "conv2d_nobias": (ops.conv2d.default, (x, w, None, *conf)),
+        "conv2d_channels_last": (ops.conv2d.default, (xcl, w, b, *conf)),
+        "conv2d_unbatched": (ops.conv2d.default, (x3, w, b, *conf)),
+        "conv2d_input_backward": (ops.conv2d_input_backward.default, (gy, w, list(x.shape), *conf)),
+        "conv2d_weight_backward": (ops.conv2d_weight_backward.default, (gy, x, list(w.shape), *conf)),
+        "channel_sum": (ops.channel_sum.default, (gy,)),
+    }
+
+
+DEVICE_OPCHECK_CASES = ["conv2d", "conv2d_nobias", "conv2d_channels_last", "conv2d_unbatched",
+                        "conv2d_input_backward", "conv2d_weight_backward", "channel_sum"]
+
+
+@pytest.mark.parametrize("device", cuda_only())  # on the CPU: the tests above
+@pytest.mark.parametrize("case", DEVICE_OPCHECK_CASES)
+def test_opcheck_on_device(case, device):
+    op, args = device_opcheck_cases(device)[case]
+    torch.library.opcheck(op, args)
+
+
+test_mixed_devices_raise = conv_tests.mixed_devices_test(conv2d, (3, 2, 3, 3))
+
+
+@pytest.mark.parametrize("device", cuda_only())
+def test_mixed_devices_backward_ops_raise(device):
+    gy = torch.randn(1, 3, 3, 3, device=device)
+    with pytest.raises(RuntimeError, match="same device"):
+        ops.conv2d_input_backward(gy, torch.randn(3, 2, 3, 3), [1, 2, 5, 5], [1, 1], [0, 0], [1, 1], 1)
+    with pytest.raises(RuntimeError, match="same device"):
+        ops.conv2d_weight_backward(gy, torch.randn(1, 2, 5, 5), [3, 2, 3, 3], [1, 1], [0, 0], [1, 1], 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("device", cuda_only())
+@pytest.mark.usefixtures("strict_fp32")
+def test_half_types_module(device, dtype):
+    """cnnext.nn.Conv2d in half precision tracks torch.nn.Conv2d in float32."""
+    mod = cnnext.nn.Conv2d(8, 16, 3, stride=2, padding=1, groups=2).to(device)
+    ref = torch.nn.Conv2d(8, 16, 3, stride=2, padding=1, groups=2).to(device)
+    ref.load_state_dict(mod.state_dict())
+    x = torch.randn(4, 8, 15, 15, device=device).to(dtype)
+    want = F.conv2d(x.double().cpu(), ref.weight.to(dtype).double().cpu(), ref.bias.to(dtype).double().cpu(),
+                    2, 1, 1, 2)
+    got = mod.to(dtype)(x)
+    assert got.dtype == dtype
+    assert_close_to_reference(got, want, DEVICE_RTOL[dtype], "Conv2d output")
+
+
+# --------------------------------------------------------------------------------------------
+# The CUDA implicit GEMM (csrc/cuda/conv2d_igemm_kernels.cuh): forward (with the bias
+# epilogue), input backward and weight backward (split K), against F.conv2d in float64 on
+# the CPU and against cnnext's CPU backend. The `igemm` fixture sends every supported
+# problem through it; float32 follows torch.backends.cudnn.allow_tf32 (strict SIMT or TF32).
+# --------------------------------------------------------------------------------------------
+
+IGEMM_RTOL = TOLERANCES["device_igemm"]
+
+# (N, C, H, W), out_channels, (kH, kW), stride, padding, dilation, groups, bias
+IGEMM_CONFIGS = [
+    ((2, 16, 9, 11), 24, (3, 3), 1, 1, 1, 1, True),              # 2 row tiles, partial K
+    ((1, 8, 12, 11), 136, (1, 1), 1, 0, 1, 1, False),            # 2 column tiles
+    ((2, 12, 10, 9), 18, (3, 2), (2, 1), (0, 1), (1, 2), 3, True),
+    ((1, 16, 7, 7), 16, (5, 5), 1, 2, 1, 2, True),               # 8 channels per group
+    ((2, 3, 15, 13), 16, (7, 7), 2, 3, 1, 1, True),              # a stem
+    ((1, 8, 9, 9), 8, (2, 2), 3, 0, 1, 1, False),                # stride > kernel
+    ((3, 24, 6, 5), 40, (3, 3), 1, 2, 2, 1, True),               # dilation 2
+    ((4, 64, 28, 28), 128, (3, 3), 1, 1, 1, 1, True),            # many full tiles
+]
+
+
+def igemm_inputs(cfg, dtype):
+    shape, o, (kh, kw), s, p, d, g, has_bias = cfg
+    x = torch.randn(shape, dtype=torch.float64).to(dtype)
+    w = torch.randn(o, shape[1] // g, kh, kw, dtype=torch.float64).to(dtype)
+    b = torch.randn(o, dtype=torch.float64).to(dtype) if has_bias else None
+    y = F.conv2d(x.double(), w.double(), None, s, p, d, g)
+    gy = torch.randn(y.shape, dtype=torch.float64).to(dtype)
+    return x, w, b, gy
+
+
+@pytest.mark.parametrize("layout", DEVICE_LAYOUTS)
+@pytest.mark.parametrize("math", IGEMM_MATHS, ids=igemm_math_id)
+@pytest.mark.parametrize("cfg", IGEMM_CONFIGS, ids=config_id)
+@pytest.mark.parametrize("device", sm80_only())
+def test_igemm_forward_and_gradients(device, cfg, math, layout, igemm):
+    dtype, fmath = math
+    igemm(fmath)
+    _, _, _, s, p, d, g, _ = cfg
+    x, w, b, gy = igemm_inputs(cfg, dtype)
+    rtol = IGEMM_RTOL[fmath] if dtype == torch.float32 else IGEMM_RTOL[dtype]
+    # References from the operands the kernel multiplies (TF32: rounded first, so the
+    # bound measures the accumulation, with slack for TF32's own rounding of products).
+    xr, wr, gyr = (tf32(t) if fmath == "tf32" else t for t in (x, w, gy))
+    want_y = F.conv2d(xr.double(), wr.double(), None if b is None else b.double(), s, p, d, g)
+    want_gx = torch.nn.grad.conv2d_input(x.shape, wr.double(), gyr.double(), s, p, d, g)
+    want_gw = torch.nn.grad.conv2d_weight(xr.double(), w.shape, gyr.double(), s, p, d, g)
+    dev = lambda t: None if t is None else t.to(device)  # noqa: E731
+    xc = to_layout(dev(x), layout).requires_grad_()
+    wc = dev(w).requires_grad_()
+    y = conv2d(xc, wc, dev(b), s, p, d, g)
+    gx, gw = torch.autograd.grad(y, (xc, wc), to_layout(dev(gy), DEVICE_LAYOUTS[(DEVICE_LAYOUTS.index(layout) + 1) % 4]))
+    assert_close_to_reference(y, want_y, rtol, "output")
+    assert_close_to_reference(gx, want_gx, rtol, "grad_input")
+    assert_close_to_reference(gw, want_gw, rtol, "grad_weight")
+    assert y.dtype == dtype and gx.dtype == dtype
+    if fmath == "strict":  # and against the CPU backend
+        xcpu, wcpu = to_layout(x, layout).requires_grad_(), w.clone().requires_grad_()
+        ycpu = conv2d(xcpu, wcpu, b, s, p, d, g)
+        gxcpu, gwcpu = torch.autograd.grad(ycpu, (xcpu, wcpu), gy)
+        assert_close_to_reference(y, ycpu.double(), rtol, "output vs cnnext CPU")
+        assert_close_to_reference(gx, gxcpu.double(), rtol, "grad_input vs cnnext CPU")
+        assert_close_to_reference(gw, gwcpu.double(), rtol, "grad_weight vs cnnext CPU")
+
+
+@pytest.mark.parametrize("math", IGEMM_MATHS, ids=igemm_math_id)
+@pytest.mark.parametrize("device", sm80_only())
+def test_igemm_empty_batch(device, math, igemm):
+    dtype, fmath = math
+    igemm(fmath)
+    x = torch.randn(0, 16, 7, 7, device=device, dtype=dtype, requires_grad=True)
+    w = torch.randn(32, 16, 3, 3, device=device, dtype=dtype, requires_grad=True)
+    y = conv2d(x, w, None, 1, 1)
+    assert y.shape == (0, 32, 7, 7)
+    gx, gw = torch.autograd.grad(y, (x, w), torch.randn_like(y))
+    assert gx.shape == x.shape
+    assert torch.equal(gw, torch.zeros_like(w))  # the GEMM's K = 0: zeros
+
+
+@pytest.mark.parametrize("device", sm80_only())
+@pytest.mark.usefixtures("strict_fp32")
+def test_igemm_auto_mode_large_shape(device, monkeypatch):
+    """Without the override a ResNet-like layer takes the GEMM (profitable) and agrees
+    with the direct kernels (=0) to float32 accuracy."""
+    x = torch.randn(8, 64, 28, 28, device=device)
+    w = torch.randn(64, 64, 3, 3, device=device)
+    monkeypatch.delenv("CNNEXT_CUDA_IGEMM", raising=False)
+    auto = conv2d(x, w, None, 1, 1)
+    monkeypatch.setenv("CNNEXT_CUDA_IGEMM", "0")
+    direct = conv2d(x, w, None, 1, 1)
+    assert_close_to_reference(auto, direct.double().cpu(), 2e-5, "auto vs direct")
+
+
+@pytest.mark.parametrize("device", sm80_only())
+def test_igemm_deterministic(device, igemm):
+    igemm("strict")
+    x = torch.randn(8, 32, 20, 20, device=device, requires_grad=True)
+    w = torch.randn(64, 32, 3, 3, device=device)
+    y1 = conv2d(x, w, None, 1, 1)
+    y2 = conv2d(x, w, None, 1, 1)
+    assert torch.equal(y1, y2)
+    g = torch.randn_like(y1)
+    assert torch.equal(torch.autograd.grad(y1, x, g)[0], torch.autograd.grad(y2, x, g)[0])
+    wg = w.clone().requires_grad_()
+    gw1 = torch.autograd.grad(conv2d(x, wg, None, 1, 1), wg, g)[0]
+    gw2 = torch.autograd.grad(conv2d(x, wg, None, 1, 1), wg, g)[0]
+    assert torch.equal(gw1, gw2)  # split-K partials added in a fixed order
+
+
+@pytest.mark.parametrize("device", sm80_only())
+def test_igemm_float64_stays_direct(device, igemm):
+    """float64 never goes through the GEMM kernels (they do not support it): exact parity."""
+    x = torch.randn(2, 16, 9, 9, dtype=torch.float64)
+    w = torch.randn(32, 16, 3, 3, dtype=torch.float64)
+    got = conv2d(x.to(device), w.to(device), None, 1, 1)
+    assert_close_to_reference(got, F.conv2d(x, w, None, 1, 1), 1e-10, "float64")

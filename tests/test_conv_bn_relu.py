@@ -13,7 +13,10 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 import cnnext
 from cnnext.functional import conv_bn_relu2d
 from cnnext.nn import ConvBNReLU2d
-from conftest import assert_close_scaled, examples, is_channels_last, to_layout
+from cnnext.testing import (IGEMM_MATHS, TOLERANCES, assert_close_scaled, assert_close_to_reference, cpu_and_cuda,
+                            cuda_only, device_dtypes, igemm_math_id, is_channels_last, rounded, sm80_only, tf32,
+                            to_layout)
+from conftest import examples
 
 ops = torch.ops.cnnext
 
@@ -444,3 +447,221 @@ def test_fake_kernel_metadata(layout):
             fake = op(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args])
         for r, f in zip(real if isinstance(real, tuple) else (real,), fake if isinstance(fake, tuple) else (fake,)):
             assert (f.shape, f.stride(), f.dtype) == (r.shape, r.stride(), r.dtype), op
+
+
+# --------------------------------------------------------------------------------------------
+# Every device: against the stock triple in float64 on the CPU from the very (rounded)
+# values the run sees, in every dtype the device takes
+# --------------------------------------------------------------------------------------------
+
+RTOL = TOLERANCES["device_conv_bn_relu"]
+
+# (N, C, H, W), out_channels, kernel, stride, padding, dilation, groups, bias, relu
+DEVICE_CONFIGS = [
+    ((2, 3, 8, 9), 4, 3, 1, 1, 1, 1, True, True),
+    ((2, 4, 9, 7), 6, (3, 2), (2, 1), (0, 1), (1, 2), 2, False, True),
+    ((3, 6, 6, 6), 6, 3, 1, 1, 1, 6, True, False),     # depthwise, no ReLU
+    ((4, 16, 14, 14), 32, 3, 1, 1, 1, 1, True, True),  # several blocks per channel reduction
+]
+
+
+def device_inputs(cfg, dtype, layout):
+    """[x, w, b, gamma, beta, running_mean, running_var] on the CPU in dtype, the conv's
+    keyword arguments, relu."""
+    shape, o, k, s, p, d, g, bias, relu = cfg
+    k = (k, k) if isinstance(k, int) else k
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+    w = torch.randn(o, shape[1] // g, *k, generator=gen, dtype=torch.float64).to(dtype)
+    b = torch.randn(o, generator=gen, dtype=torch.float64).to(dtype) if bias else None
+    gamma = (torch.rand(o, generator=gen, dtype=torch.float64) + 0.5).to(dtype)
+    beta = torch.randn(o, generator=gen, dtype=torch.float64).to(dtype)
+    rm = torch.randn(o, generator=gen, dtype=torch.float64).to(dtype)
+    rv = (torch.rand(o, generator=gen, dtype=torch.float64) + 0.5).to(dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return [x, w, b, gamma, beta, rm, rv], dict(stride=s, padding=p, dilation=d, groups=g), relu
+
+
+def on(device, tensors):
+    """Copies of tensors on device."""
+    return [t.detach().to(device, copy=True) if t is not None else None for t in tensors]
+
+
+def run_train_step(fn, tensors, training, kw, relu, gy):
+    """fn's output and the gradients of x, w, b (if any), gamma, beta; the running statistics."""
+    x, w, b, gamma, beta, rm, rv = tensors
+    leaves = [t.requires_grad_() for t in (x, w, b, gamma, beta) if t is not None]
+    y = fn(x, w, b, gamma, beta, rm, rv, training, 0.2, 1e-3, relu=relu, **kw)
+    return [y.detach(), *torch.autograd.grad(y, leaves, gy.to(y.dtype).to(y.device))], rm, rv
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("device, dtype", device_dtypes())
+@pytest.mark.parametrize("cfg", DEVICE_CONFIGS)
+@pytest.mark.usefixtures("strict_fp32")
+def test_parity_on_device(cfg, device, dtype, layout, training):
+    tensors, kw, relu = device_inputs(cfg, dtype, layout)
+    ref_in = [t.detach().double().clone() if t is not None else None for t in tensors]
+    y_ref = reference(*on("cpu", ref_in), training, 0.2, 1e-3, relu, **kw)
+    gy = torch.randn(y_ref.shape, dtype=torch.float64).to(dtype).double()
+    ours, rm, rv = run_train_step(conv_bn_relu2d, on(device, tensors), training, kw, relu, gy)
+    ref, rm_ref, rv_ref = run_train_step(reference, ref_in, training, kw, relu, gy)
+    names = ["output", "grad_input", "grad_weight"] + (["grad_bias"] if cfg[7] else []) + ["grad_bn_weight",
+                                                                                         "grad_bn_bias"]
+    for name, a, e in zip(names, ours, ref):
+        assert a.dtype == dtype and a.device.type == device
+        if name == "grad_bias" and training:
+            continue  # zero up to rounding in both
+        assert_close_to_reference(a, e, RTOL[dtype], f"{name} {dtype} {layout}")
+    if layout == "channels_last":
+        assert ours[0].is_contiguous(memory_format=torch.channels_last)
+    assert_close_to_reference(rm, rm_ref, RTOL[dtype], "running_mean")
+    assert_close_to_reference(rv, rv_ref, RTOL[dtype], "running_var")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("device", cuda_only())
+@pytest.mark.usefixtures("strict_fp32")
+def test_matches_cpu_backend(device, dtype):
+    tensors, kw, relu = device_inputs(DEVICE_CONFIGS[3], dtype, "contiguous")
+    gy = torch.randn(4, 32, 14, 14, dtype=dtype)
+    cpu, _, _ = run_train_step(conv_bn_relu2d, on("cpu", tensors), True, kw, relu, gy)
+    gpu, _, _ = run_train_step(conv_bn_relu2d, on(device, tensors), True, kw, relu, gy)
+    for a, e in zip(gpu, cpu):
+        assert_close_to_reference(a, e.double(), RTOL[dtype], "cpu vs cuda")
+
+
+@pytest.mark.parametrize("device, dtype", device_dtypes())
+def test_module_and_deterministic(device, dtype):
+    m = ConvBNReLU2d(8, 16, 3, padding=1).to(device, dtype)
+    x = torch.randn(4, 8, 12, 12, device=device, dtype=dtype)
+    y1, y2 = m(x), m(x)
+    assert torch.equal(y1, y2)
+    assert m.bn.num_batches_tracked.item() == 2
+    m.eval()
+    assert m(x).dtype == dtype
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_empty_batch(device):
+    m = ConvBNReLU2d(3, 4, 3).to(device)
+    x = torch.randn(0, 3, 5, 5, device=device, requires_grad=True)
+    y = m(x)
+    y.sum().backward()
+    assert y.shape == (0, 4, 3, 3) and torch.count_nonzero(m.conv.weight.grad) == 0
+
+
+@pytest.mark.parametrize("where", ["weight", "bn_weight", "running_mean"])
+@pytest.mark.parametrize("device", cuda_only())
+def test_mixed_devices_raise(device, where):
+    tensors, kw, relu = device_inputs(DEVICE_CONFIGS[0], torch.float32, "contiguous")
+    tensors = on(device, tensors)
+    index = {"weight": 1, "bn_weight": 3, "running_mean": 5}[where]
+    tensors[index] = tensors[index].cpu()
+    with pytest.raises(RuntimeError, match=f"expected {where} to be on the same device as input"):
+        conv_bn_relu2d(*tensors, False, **kw)
+
+
+@pytest.mark.parametrize("device", cuda_only())  # on the CPU: the tests above
+@pytest.mark.usefixtures("strict_fp32")
+def test_opcheck_grouped_float32(device):
+    tensors, kw, relu = device_inputs(DEVICE_CONFIGS[1], torch.float32, "contiguous")
+    x, w, b, gamma, beta, rm, rv = on(device, tensors)
+    conf = ([2, 1], [0, 1], [1, 2], 2)
+    r = torch.library.opcheck(ops.conv_bn_relu2d_train.default, (x, w, b, gamma, beta, 1e-3, *conf, True))
+    assert set(r.values()) == {"SUCCESS"}, r
+    r = torch.library.opcheck(ops.conv_bn_relu2d_eval.default, (x, w, b, gamma, beta, rm, rv, 1e-3, *conf, True))
+    assert set(r.values()) == {"SUCCESS"}, r
+    out, conv_out, mean, var = ops.conv_bn_relu2d_train(x, w, b, gamma, beta, 1e-3, *conf, True)
+    r = torch.library.opcheck(ops.conv_bn_relu2d_train_backward.default,
+                              (torch.randn_like(out), out, conv_out, mean, var, gamma, 1e-3, True))
+    assert set(r.values()) == {"SUCCESS"}, r
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("device", cuda_only())
+@pytest.mark.usefixtures("strict_fp32")
+def test_fuse_half_types(device, dtype):
+    """A fused half-precision model follows the stock one (train step, then eval)."""
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1),
+                        nn.BatchNorm2d(4)).to(device, dtype)
+    fused = cnnext.fuse(copy.deepcopy(ref))
+    assert sum(isinstance(m, cnnext.nn.FusedConv2d) for m in fused.modules()) == 2
+    x = torch.randn(4, 3, 10, 10, device=device).to(dtype)
+    for train in (True, False):
+        ref.train(train), fused.train(train)
+        y_ref, y = ref(x).double().cpu(), fused(x)
+        assert_close_to_reference(y, y_ref, 2 * RTOL[dtype], f"train={train}")
+    for a, b in zip(ref.buffers(), fused.buffers()):
+        assert_close_to_reference(b.float(), a.double().cpu(), 2 * RTOL[dtype], "buffer")
+
+
+# --------------------------------------------------------------------------------------------
+# The CUDA implicit GEMM's epilogues (the `igemm` fixture sends every supported problem
+# through it): the folded BN as its bias and ReLU as it stores (inference), the batch
+# statistics per tile (training)
+# --------------------------------------------------------------------------------------------
+
+IGEMM_RTOL = TOLERANCES["device_igemm"]
+
+
+@pytest.mark.parametrize("math", IGEMM_MATHS, ids=igemm_math_id)
+@pytest.mark.parametrize("device", sm80_only())
+def test_igemm_fused_inference_epilogue(device, math, igemm):
+    """conv_bn_relu2d in inference: folded BN as the GEMM's bias, ReLU as it stores."""
+    dtype, fmath = math
+    igemm(fmath)
+    # running statistics: the input's dtype
+    x, w, b, gamma, beta, mean = rounded(dtype, (3, 32, 13, 11), (48, 32, 3, 3), (48,), (48,), (48,), (48,))
+    var = (torch.rand(48, dtype=torch.float64) + 0.5).to(dtype)
+    args = lambda dev: [t.to(dev) for t in (x, w, b, gamma, beta, mean, var)]  # noqa: E731
+    got = conv_bn_relu2d(*args(device), False, 0.1, 1e-5, 1, 1)
+    xd, wd, bd, gd, bed, md, vd = (t.double() for t in args("cpu"))
+    want = F.relu(F.batch_norm(F.conv2d(xd, wd, bd, 1, 1), md, vd, gd, bed, False, 0.1, 1e-5))
+    rtol = {"strict": 5e-5, "tf32": 2e-2}.get(fmath, 4 * IGEMM_RTOL.get(dtype, 0))
+    assert_close_to_reference(got, want, rtol, "conv_bn_relu2d inference")
+    assert (got >= 0).all()
+
+
+@pytest.mark.parametrize("layout", ("contiguous", "channels_last"))
+@pytest.mark.parametrize("math", IGEMM_MATHS, ids=igemm_math_id)
+@pytest.mark.parametrize("device", sm80_only())
+def test_igemm_fused_training_statistics_in_epilogue(device, math, layout, igemm):
+    """conv_bn_relu2d training: the GEMM's epilogue takes the batch statistics (per-tile
+    mean / M2, combined per channel); output, running statistics and gradients against
+    the stock triple in float64 from the same rounded inputs. 3 x 31 x 29 rows: 22 tiles."""
+    dtype, fmath = math
+    igemm(fmath)
+    g = torch.Generator().manual_seed(3)
+    r = lambda *s: torch.randn(s, generator=g, dtype=torch.float64).to(dtype)  # noqa: E731
+    x, w, b, beta = r(3, 16, 31, 29), r(20, 16, 3, 3), r(20), r(20)
+    gamma = (torch.rand(20, generator=g, dtype=torch.float64) + 0.5).to(dtype)
+    rm, rv = r(20), (torch.rand(20, generator=g, dtype=torch.float64) + 0.5).to(dtype)
+    gy = r(3, 20, 31, 29)
+    xr, wr = (tf32(t) if fmath == "tf32" else t for t in (x, w))
+    leaves = [t.double().requires_grad_() for t in (xr, wr, b, gamma, beta)]
+    rm_ref, rv_ref = rm.double(), rv.double()
+    want = F.relu(F.batch_norm(F.conv2d(leaves[0], leaves[1], leaves[2], 1, 1), rm_ref, rv_ref, leaves[3],
+                               leaves[4], True, 0.1, 1e-5))
+    want_grads = torch.autograd.grad(want, leaves, gy.double())
+    dev = [to_layout(x.to(device), layout)] + [t.to(device) for t in (w, b, gamma, beta)]
+    dev = [t.requires_grad_() for t in dev]
+    rmc, rvc = rm.to(device), rv.to(device)
+    got = conv_bn_relu2d(*dev, rmc, rvc, True, 0.1, 1e-5, 1, 1)
+    grads = torch.autograd.grad(got, dev, gy.to(device))
+    rtol = {"strict": 5e-5, "tf32": 2e-2}.get(fmath, {torch.float16: 2e-2, torch.bfloat16: 8e-2}.get(dtype))
+    assert_close_to_reference(got, want.detach(), rtol, "output")
+    assert_close_to_reference(rmc, rm_ref, rtol, "running_mean")
+    assert_close_to_reference(rvc, rv_ref, rtol, "running_var")
+    if fmath == "tf32":  # TF32 backward passes: beyond what a float64 reference models
+        return
+    grtol = rtol if fmath != "strict" else 1e-4
+    for name, a, e in zip(("x", "w", "b", "gamma", "beta"), grads, want_grads):
+        if name == "b":  # the conv bias cancels under batch norm: its gradient is ~0
+            scale = want_grads[4].abs().max().item()
+            assert a.double().abs().max().item() <= grtol * scale, "grad b"
+        else:
+            assert_close_to_reference(a, e, grtol, f"grad {name}")

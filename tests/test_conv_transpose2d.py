@@ -1,22 +1,22 @@
 """cnnext.functional.conv_transpose2d, torch.ops.cnnext.conv_transpose2d and
 cnnext.nn.ConvTranspose2d against torch.nn.functional.conv_transpose2d / torch.nn.ConvTranspose2d."""
-from dataclasses import dataclass
-
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings, strategies as st
+from hypothesis import strategies as st
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import cnnext
 from cnnext.functional import conv_transpose2d
-from conftest import pair_arg, LAYOUTS, RTOL, Parity, assert_close_scaled, assert_state_dict_round_trip, assert_matches, examples, leaf, to_layout
+from cnnext.testing import (GRAD_NAMES, IGEMM_MATHS, RTOL, TOLERANCES, ConvConf, Parity, assert_close_scaled,
+                            assert_close_to_reference, assert_matches, cpu_and_cuda, cuda_only, device_dtypes,
+                            igemm_math_id, is_channels_last, leaf, outputs_and_grads, rounded, sm80_only, tf32,
+                            to_layout)
+from conftest import assert_state_dict_round_trip
+import conv_tests
+from strategies import conv_conf, group_channels, pair_arg
 
 ops = torch.ops.cnnext
-
-
-def pair(v):
-    return list(v) if isinstance(v, (tuple, list)) else [v, v]
 
 
 # --------------------------------------------------------------------------------------------
@@ -63,76 +63,22 @@ def grid_inputs(case):
                          dilation=dilation)
 
 
-@pytest.mark.usefixtures("single_thread")
-@pytest.mark.parametrize("case", GRID)
-def test_gradcheck(case):
-    tensors, kw = grid_inputs(case)
-    fn = lambda *t: conv_transpose2d(*t, **kw)  # noqa: E731
-    torch.testing.assert_close(fn(*tensors), F.conv_transpose2d(*tensors, **kw), rtol=1e-12, atol=1e-12)
-    assert torch.autograd.gradcheck(fn, tensors)
+test_gradcheck, test_gradgradcheck = conv_tests.gradcheck_tests(conv_transpose2d, F.conv_transpose2d, GRID, grid_inputs)
 
 
-@pytest.mark.usefixtures("single_thread")
-@pytest.mark.parametrize("case", GRID)
-def test_gradgradcheck(case):
-    tensors, kw = grid_inputs(case)
-    fn = lambda *t: conv_transpose2d(*t, **kw)  # noqa: E731
-    assert torch.autograd.gradgradcheck(fn, tensors)
-
-
-def test_double_backward_matches_torch():
-    """Gradient of a gradient norm (gradient-penalty training) equals torch's."""
-    x0 = torch.randn(2, 4, 5, 4, dtype=torch.float64)
-    w0 = torch.randn(4, 3, 3, 2, dtype=torch.float64)
-    b0 = torch.randn(6, dtype=torch.float64)
-    results = []
-    for f in (conv_transpose2d, F.conv_transpose2d):
-        x, w, b = leaf(x0, "channels_last"), leaf(w0), leaf(b0)
-        y = f(x, w, b, stride=(2, 1), padding=1, output_padding=(1, 0), groups=2, dilation=(1, 2))
-        gx, gw = torch.autograd.grad(y.pow(2).sum(), (x, w), create_graph=True)
-        penalty = gx.pow(2).sum() + gw.pow(3).sum()
-        results.append(torch.autograd.grad(penalty, (x, w, b)))
-    for ours, ref, name in zip(*results, "xwb"):
-        assert_close_scaled(ours, ref, 1e-11, name)
+test_double_backward_matches_torch = conv_tests.double_backward_test(
+    conv_transpose2d, F.conv_transpose2d, ((2, 4, 5, 4), (4, 3, 3, 2), (6,)),
+    dict(stride=(2, 1), padding=1, output_padding=(1, 0), groups=2, dilation=(1, 2)),
+    "Gradient of a gradient norm (gradient-penalty training) equals torch's.")
 
 
 # --------------------------------------------------------------------------------------------
 # Random configurations: parity with torch.nn.functional.conv_transpose2d
 # --------------------------------------------------------------------------------------------
 
-@dataclass
-class Conf:
-    xshape: tuple
-    wshape: tuple
-    bias: bool
-    stride: object
-    padding: object
-    output_padding: object
-    dilation: object
-    groups: int
-    x_layout: str
-    w_layout: str
-    g_layout: str
-    seed: int
-
-    def kwargs(self):
-        return dict(stride=self.stride, padding=self.padding, output_padding=self.output_padding,
-                    groups=self.groups, dilation=self.dilation)
-
-
 @st.composite
 def conv_transpose_confs(draw, batch=st.sampled_from([0, 1, 2, 3, None])):
-    # Channels per group on both sides of the CPU backend's switch between direct loops
-    # (thin groups) and im2col + GEMM; "deep" reaches past the float32 sgemm's tiles.
-    kind = draw(st.sampled_from(["plain", "plain", "plain", "groups", "depthwise", "deep"]))
-    if kind == "deep":
-        groups, cg, og = draw(st.integers(1, 2)), draw(st.integers(13, 30)), draw(st.integers(8, 20))
-    elif kind == "plain":
-        groups, cg, og = 1, draw(st.integers(1, 6)), draw(st.integers(1, 6))
-    elif kind == "groups":
-        groups, cg, og = draw(st.integers(2, 3)), draw(st.integers(1, 4)), draw(st.integers(1, 4))
-    else:
-        groups, cg, og = draw(st.integers(2, 5)), 1, draw(st.integers(1, 2))
+    groups, cg, og = group_channels(draw, deep=((13, 30), (8, 20)))
     pointwise = draw(st.integers(0, 4)) == 0
     kernel = [1, 1] if pointwise else [draw(st.integers(1, 4)), draw(st.integers(1, 4))]
     stride = [draw(st.integers(1, 3)), draw(st.integers(1, 3))]
@@ -148,42 +94,16 @@ def conv_transpose_confs(draw, batch=st.sampled_from([0, 1, 2, 3, None])):
         spatial.append(draw(st.integers(smallest, smallest + 4)))
     n = draw(batch)
     xshape = (groups * cg, *spatial) if n is None else (n, groups * cg, *spatial)
-    return Conf(
-        xshape=xshape,
-        wshape=(groups * cg, og, *kernel),
-        bias=draw(st.booleans()),
-        stride=pair_arg(draw, stride),
-        padding=pair_arg(draw, padding),
-        output_padding=pair_arg(draw, output_padding),
-        dilation=pair_arg(draw, dilation),
-        groups=groups,
-        x_layout=draw(st.sampled_from(LAYOUTS)),
-        w_layout=draw(st.sampled_from(["contiguous", "contiguous", "channels_last", "sliced", "offset"])),
-        g_layout=draw(st.sampled_from(LAYOUTS + ("expanded",))),
-        seed=draw(st.integers(0, 2**31 - 1)),
-    )
+    kw = dict(stride=pair_arg(draw, stride), padding=pair_arg(draw, padding),
+              output_padding=pair_arg(draw, output_padding), groups=groups, dilation=pair_arg(draw, dilation))
+    return conv_conf(draw, xshape, (groups * cg, og, *kernel), kw)
 
 
-PARITY = Parity(conv_transpose2d, F.conv_transpose2d, bias_size=lambda c: c.wshape[1] * c.groups)
+PARITY = Parity(conv_transpose2d, F.conv_transpose2d, bias_size=lambda c: c.wshape[1] * c.kw["groups"])
 run_both, check_parity = PARITY.run_both, PARITY.check
 
 
-@settings(max_examples=examples(300))
-@given(c=conv_transpose_confs())
-def test_parity_float64(c):
-    check_parity(c, torch.float64)
-
-
-@settings(max_examples=examples(200))
-@given(c=conv_transpose_confs())
-def test_parity_float32(c):
-    check_parity(c, torch.float32)
-
-
-@settings(max_examples=examples(50))
-@given(c=conv_transpose_confs(batch=st.just(0)), dtype=st.sampled_from([torch.float32, torch.float64]))
-def test_parity_empty_batch(c, dtype):
-    check_parity(c, dtype)
+test_parity_float64, test_parity_float32, test_parity_empty_batch = conv_tests.parity_tests(check_parity, conv_transpose_confs)
 
 
 # Larger than one column band of the CPU backend, several threads, past sgemm's blocking.
@@ -200,26 +120,14 @@ LARGE = {
 @pytest.mark.parametrize("case", LARGE)
 def test_parity_large(case, dtype, layout):
     xshape, wshape, stride, padding, output_padding, dilation, groups = LARGE[case]
-    c = Conf(xshape, wshape, True, stride, padding, output_padding, dilation, groups, layout, "contiguous",
-             layout, seed=3)
+    kw = dict(stride=stride, padding=padding, output_padding=output_padding, groups=groups, dilation=dilation)
+    c = ConvConf(xshape, wshape, True, kw, layout, "contiguous", layout, seed=3)
     assert_matches(*run_both(c, dtype), RTOL[dtype])
 
 
-@pytest.mark.parametrize("needs", ["x", "w", "b", "xw", "xwb"])
-def test_partial_requires_grad(needs):
-    """Only the gradients asked for are computed, and they are right."""
-    x0, w0, b0 = torch.randn(2, 4, 5, 4), torch.randn(4, 3, 3, 3), torch.randn(6)
-    grads = []
-    for f in (conv_transpose2d, F.conv_transpose2d):
-        x, w, b = (t.clone().requires_grad_(name in needs) for t, name in zip((x0, w0, b0), "xwb"))
-        y = f(x, w, b, stride=2, padding=1, output_padding=1, groups=2)
-        y.backward(torch.linspace(-1, 1, y.numel()).view(y.shape))
-        grads.append([t.grad for t in (x, w, b)])
-    for name, ours, ref in zip("xwb", *grads):
-        if name in needs:
-            assert_close_scaled(ours, ref, 1e-5, name)
-        else:
-            assert ours is None and ref is None
+test_partial_requires_grad = conv_tests.partial_requires_grad_test(
+    conv_transpose2d, F.conv_transpose2d, ["x", "w", "b", "xw", "xwb"], ((2, 4, 5, 4), (4, 3, 3, 3), (6,)),
+    dict(stride=2, padding=1, output_padding=1, groups=2))
 
 
 def test_is_the_adjoint_of_conv2d():
@@ -406,24 +314,6 @@ BAD = {
 }
 
 
-@pytest.mark.parametrize("case", BAD)
-def test_bad_input(case):
-    args, exc, pattern = BAD[case]
-    with pytest.raises(exc, match=pattern) as info:
-        conv_transpose2d(*args)
-    assert str(info.value).lstrip().startswith("conv_transpose2d: ")
-
-
-# float16 and integer inputs torch computes in on the CPU, and a bias of another dtype it
-# converts (torch 2.13's CPU conv_transpose2d); cnnext rejects them by design, as its conv2d does.
-@pytest.mark.parametrize("case", [case for case in BAD if not case.endswith("_cpu") and case != "bias_dtype"])
-def test_torch_rejects_too(case):
-    """What cnnext rejects, torch rejects too: the checks are not stricter than torch's."""
-    args, _, _ = BAD[case]
-    with pytest.raises((RuntimeError, ValueError, TypeError)):
-        F.conv_transpose2d(*args)
-
-
 BAD_OPS = {
     "op_output_padding_3_values": (
         lambda: ops.conv_transpose2d(r(1, 3, 5, 5), r(3, 2, 1, 1), None, [2, 2], [0, 0], [1, 1, 1], 1, [1, 1]),
@@ -434,11 +324,11 @@ BAD_OPS = {
 }
 
 
-@pytest.mark.parametrize("case", BAD_OPS)
-def test_bad_op_input(case):
-    call, exc, pattern = BAD_OPS[case]
-    with pytest.raises(exc, match=pattern):
-        call()
+# float16 and integer inputs torch computes in on the CPU, and a bias of another dtype it
+# converts (torch 2.13's CPU conv_transpose2d); cnnext rejects them by design, as its conv2d does.
+test_bad_input, test_torch_rejects_too, test_bad_op_input = conv_tests.bad_input_tests(
+    conv_transpose2d, F.conv_transpose2d, "conv_transpose2d", BAD,
+    [case for case in BAD if not case.endswith("_cpu") and case != "bias_dtype"], BAD_OPS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -491,26 +381,128 @@ def test_fake_kernel_metadata(case):
     assert fake.dtype == real.dtype
 
 
-def test_torch_compile_dynamic_shapes():
-    """Symbolic sizes through the fake kernel (aot_eager: no code generation)."""
-    import torch._dynamo
+def _net(conv, relu):
+    """Two transposed convolutions (the second grouped): cnnext's or stock torch's."""
+    return lambda x, w1, b1, w2: conv(relu(conv(x, w1, b1, stride=2, padding=1, output_padding=1)), w2, None,
+                                      groups=2)
 
-    def net(x, w1, b1, w2):
-        y = torch.relu(conv_transpose2d(x, w1, b1, stride=2, padding=1, output_padding=1))
-        return conv_transpose2d(y, w2, None, groups=2)
 
-    torch._dynamo.reset()
-    compiled = torch.compile(net, fullgraph=True, dynamic=True, backend="aot_eager")
-    w1, b1, w2 = leaf(torch.randn(3, 4, 3, 3)), leaf(torch.randn(4)), leaf(torch.randn(4, 1, 2, 3))
-    for shape in [(2, 3, 5, 4), (3, 3, 6, 7)]:
-        x = leaf(torch.randn(shape))
-        out = compiled(x, w1, b1, w2)
-        grads = torch.autograd.grad(out.square().sum(), (x, w1, b1, w2))
-        refs = [leaf(t) for t in (x, w1, b1, w2)]
-        ref = F.conv_transpose2d(torch.relu(F.conv_transpose2d(refs[0], refs[1], refs[2], stride=2, padding=1,
-                                                               output_padding=1)), refs[3], None, groups=2)
-        ref_grads = torch.autograd.grad(ref.square().sum(), refs)
-        assert out.shape == ref.shape
-        assert_close_scaled(out, ref, 1e-5, f"output {shape}")
-        for a, e in zip(grads, ref_grads):
-            assert_close_scaled(a, e, 1e-5, f"grad {shape}")
+test_torch_compile_dynamic_shapes = conv_tests.compile_dynamic_shapes_test(
+    _net(conv_transpose2d, torch.relu), _net(F.conv_transpose2d, torch.relu), [(3, 4, 3, 3), (4,), (4, 1, 2, 3)],
+    [(2, 3, 5, 4), (3, 3, 6, 7)], "Symbolic sizes through the fake kernel (aot_eager: no code generation).")
+
+
+# --------------------------------------------------------------------------------------------
+# Every device: against F.conv_transpose2d in float64 on the CPU from the very values the
+# run sees and, on CUDA, against cnnext's CPU backend
+# --------------------------------------------------------------------------------------------
+
+DEVICE_RTOL = TOLERANCES["device_conv"]
+
+# (N, C_in, H, W), out_channels, (kH, kW), stride, padding, output_padding, dilation, groups, bias
+DEVICE_CONFIGS = [
+    ((2, 3, 5, 6), 4, (3, 3), 1, 0, 0, 1, 1, True),
+    ((2, 4, 6, 5), 6, (3, 2), (2, 1), (1, 0), (1, 0), (1, 2), 2, True),
+    ((2, 6, 5, 5), 6, (4, 4), 2, 1, 0, 1, 6, False),           # depthwise, doubling
+    ((1, 4, 5, 4), 4, (3, 3), 1, 1, (1, 1), 2, 1, True),        # output_padding >= stride (< dilation)
+    ((3, 5, 4, 4), 7, (1, 1), 2, 0, 1, 1, 1, True),             # pointwise, strided
+    ((4, 16, 14, 14), 8, (4, 4), 2, 1, 0, 1, 1, True),          # several blocks
+]
+
+
+def transpose_id(cfg):
+    shape, o, k, s, p, op, d, g, b = cfg
+    return f"x{'x'.join(map(str, shape))}-o{o}-k{k[0]}x{k[1]}-s{s}-p{p}-op{op}-d{d}-g{g}-{'bias' if b else 'nobias'}"
+
+
+def transpose_run(fn, x, w, b, gy, conf):
+    leaves = [t.detach().requires_grad_() for t in (x, w, b) if t is not None]
+    out = outputs_and_grads(lambda *t: fn(*t, *conf) if b is not None else fn(*t, None, *conf), leaves, gy)
+    return (out[0].detach(), *out[1:])
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+@pytest.mark.parametrize("device, dtype", device_dtypes())
+@pytest.mark.parametrize("cfg", DEVICE_CONFIGS, ids=transpose_id)
+@pytest.mark.usefixtures("strict_fp32")
+def test_parity_on_device(cfg, device, dtype, layout):
+    """Forward and every gradient against F.conv_transpose2d (float64 CPU) and, on CUDA for
+    float32 and float64, against cnnext's CPU backend."""
+    shape, o, (kh, kw), s, p, op, d, g, has_bias = cfg
+    conf = (s, p, op, g, d)
+    rnd = lambda t: None if t is None else t.to(dtype).double()  # noqa: E731
+    x = rnd(torch.randn(shape, dtype=torch.float64))
+    w = rnd(torch.randn(shape[1], o // g, kh, kw, dtype=torch.float64))
+    b = rnd(torch.randn(o, dtype=torch.float64)) if has_bias else None
+    gy = rnd(torch.randn(F.conv_transpose2d(x, w, b, *conf).shape, dtype=torch.float64))
+    ref = transpose_run(F.conv_transpose2d, x, w, b, gy, conf)
+    dev = lambda t: None if t is None else t.to(dtype=dtype, device=device)  # noqa: E731
+    out = transpose_run(conv_transpose2d, to_layout(dev(x), layout), dev(w), dev(b),
+                        to_layout(dev(gy), "permuted"), conf)
+    for name, got, want in zip(GRAD_NAMES, out, ref):
+        assert got.device.type == device and got.dtype == dtype, name
+        assert_close_to_reference(got, want, DEVICE_RTOL[dtype], f"{name} vs F.conv_transpose2d")
+    if device != "cpu" and dtype in (torch.float32, torch.float64):
+        cpu = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+        out_cpu = transpose_run(conv_transpose2d, to_layout(cpu(x), layout), cpu(w), cpu(b),
+                                to_layout(cpu(gy), "permuted"), conf)
+        for name, got, want in zip(GRAD_NAMES, out, out_cpu):
+            assert_close_to_reference(got, want.double(), DEVICE_RTOL[dtype], f"{name} vs cnnext CPU")
+        assert is_channels_last(out[0]) == is_channels_last(out_cpu[0])
+
+
+@pytest.mark.parametrize("device, dtype", device_dtypes())
+def test_unbatched_and_empty_on_device(device, dtype):
+    w = torch.randn(4, 3, 3, 3, device=device, dtype=dtype)
+    b = torch.randn(6, device=device, dtype=dtype)
+    x = torch.randn(4, 5, 6, device=device, dtype=dtype)
+    got = conv_transpose2d(x, w, b, 2, 1, 1, 2)
+    want = F.conv_transpose2d(x.double().cpu(), w.double().cpu(), b.double().cpu(), 2, 1, 1, 2)
+    assert got.dim() == 3
+    assert_close_to_reference(got, want, DEVICE_RTOL[dtype], "unbatched")
+    empty = conv_transpose2d(torch.randn(0, 4, 5, 6, device=device, dtype=dtype), w, b, 2, 1, 1, 2)
+    assert empty.shape == (0, 6, 10, 12) and empty.device.type == device
+
+
+@pytest.mark.usefixtures("single_thread")
+@pytest.mark.parametrize("device", cuda_only())  # on the CPU: the tests above
+def test_gradcheck_and_opcheck_on_device(device):
+    x = torch.randn(2, 4, 4, 3, dtype=torch.float64, device=device, requires_grad=True)
+    w = torch.randn(4, 2, 3, 2, dtype=torch.float64, device=device, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, device=device, requires_grad=True)
+    conf = ([2, 1], [1, 0], [1, 0], 2, [1, 2])
+    fn = lambda x, w, b: conv_transpose2d(x, w, b, *conf)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+    assert torch.autograd.gradgradcheck(fn, (x, w, b))
+    torch.library.opcheck(ops.conv_transpose2d.default, (x, w, b, *conf))
+    xcl = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    torch.library.opcheck(ops.conv_transpose2d.default, (xcl, w, b, *conf))
+
+
+test_mixed_devices_raise = conv_tests.mixed_devices_test(conv_transpose2d, (2, 3, 3, 3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("device", cuda_only())
+@pytest.mark.usefixtures("strict_fp32")
+def test_half_types_module(device, dtype):
+    mod = cnnext.nn.ConvTranspose2d(8, 16, 4, stride=2, padding=1, groups=2).to(device, dtype)
+    x = torch.randn(4, 8, 7, 7, device=device).to(dtype)
+    want = F.conv_transpose2d(x.double().cpu(), mod.weight.double().cpu(), mod.bias.double().cpu(), 2, 1, 0, 2)
+    got = mod(x, output_size=[14, 14])
+    assert got.dtype == dtype
+    assert_close_to_reference(got, want, DEVICE_RTOL[dtype], "ConvTranspose2d output")
+
+
+@pytest.mark.parametrize("math", IGEMM_MATHS, ids=igemm_math_id)
+@pytest.mark.parametrize("device", sm80_only())
+def test_igemm_uses_input_backward(device, math, igemm):
+    """conv_transpose2d through the CUDA implicit GEMM's input backward."""
+    dtype, fmath = math
+    igemm(fmath)
+    x, w, b = rounded(dtype, (2, 32, 7, 9), (32, 24, 4, 4), (24,))
+    got = conv_transpose2d(x.to(device), w.to(device), b.to(device), 2, 1)
+    xr, wr = (tf32(t) if fmath == "tf32" else t for t in (x, w))
+    want = F.conv_transpose2d(xr.double(), wr.double(), b.double(), 2, 1)
+    rtol = TOLERANCES["device_igemm"]
+    assert_close_to_reference(got, want, rtol[fmath] if dtype == torch.float32 else rtol[dtype], "conv_transpose2d")

@@ -7,20 +7,12 @@ from hypothesis import given, settings, strategies as st
 
 import cnnext
 from cnnext.functional import max_pool2d, max_pool2d_with_indices
-from conftest import LAYOUTS, examples, is_channels_last, leaf, pair_arg, to_layout
+from cnnext.testing import LAYOUTS, cpu_and_cuda, cuda_only, device_dtypes, is_channels_last, lay, leaf, pair
+from conftest import examples
+from strategies import pair_arg
 
 ops = torch.ops.cnnext
 NAN, INF = float("nan"), float("inf")
-
-
-def lay(t, layout):
-    """t's values in the strides the given layout has (conftest's to_layout asserts equality,
-    so it takes neither NaN nor integer tensors)."""
-    ref = to_layout(torch.zeros(t.shape, dtype=torch.float64), layout)
-    out = torch.empty_strided(t.shape, ref.stride(), dtype=t.dtype)
-    with torch.no_grad():
-        out.copy_(t)
-    return out
 
 
 def lay_leaf(t, layout):
@@ -312,18 +304,86 @@ def test_backward_op_errors():
 # --------------------------------------------------------------------------------------------
 
 @pytest.mark.usefixtures("single_thread")
+@pytest.mark.parametrize("device", cpu_and_cuda())
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "unbatched"])
-def test_opcheck(layout):
-    x = distinct((3, 6, 7) if layout == "unbatched" else (2, 3, 6, 7))
+def test_opcheck(layout, device):
+    x = distinct((3, 6, 7) if layout == "unbatched" else (2, 3, 6, 7)).to(device)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     x.requires_grad_()
     conf = ([3, 2], [2, 1], [1, 1], [1, 2], True)
     torch.library.opcheck(ops.max_pool2d_with_indices, (x, *conf))
     y, idx = ops.max_pool2d_with_indices(x.detach(), *conf)
-    g = torch.randn(y.shape, dtype=x.dtype, requires_grad=True)
+    g = torch.randn(y.shape, dtype=x.dtype, device=device, requires_grad=True)
     torch.library.opcheck(ops.max_pool2d_with_indices_backward, (g, idx, list(x.shape), *conf))
     torch.library.opcheck(ops.max_pool2d_select, (x, idx, *conf))
+
+
+# Every device against cnnext's CPU kernels in float64, exactly: ties, NaN, outputs,
+# indices and gradients, then the unpooling of the result and its gradient.
+DEVICE_CONFIGS = [
+    ((2, 3, 9, 8), dict(kernel_size=3, stride=2, padding=1)),
+    ((1, 4, 7, 7), dict(kernel_size=(2, 3), stride=(1, 2), dilation=(2, 1), ceil_mode=True)),
+    ((3, 5, 6), dict(kernel_size=2)),
+    ((0, 2, 5, 5), dict(kernel_size=2)),
+    ((1, 1, 1, 1), dict(kernel_size=2, stride=1, padding=1, dilation=2)),  # window without taps
+]
+
+
+@pytest.mark.parametrize("device, dtype", device_dtypes())
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("cfg", range(len(DEVICE_CONFIGS)))
+def test_parity_with_cpu_float64(cfg, layout, device, dtype):
+    shape, kw = DEVICE_CONFIGS[cfg]
+    x = torch.randint(-4, 5, shape).double()  # ties; exact in every dtype
+    if x.numel():
+        x.view(-1)[0] = float("nan")
+    xc = lay(x.to(device, dtype), layout).requires_grad_()
+    out, idx = max_pool2d(xc, return_indices=True, **kw)
+    ref_out, ref_idx = max_pool2d(x, return_indices=True, **kw)  # cnnext CPU in float64
+    torch.testing.assert_close(out.double().cpu(), ref_out, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(idx.cpu(), ref_idx)
+    go = torch.randint(-3, 4, out.shape).double()
+    gx, = torch.autograd.grad(out, xc, go.to(device, dtype))
+    xr = x.clone().requires_grad_()
+    want, = torch.autograd.grad(max_pool2d(xr, **kw), xr, go)
+    torch.testing.assert_close(gx.double().cpu(), want, rtol=0, atol=0)
+    # unpooling of the pooled values, and its gradient
+    size = list(x.shape[-2:])
+    stride = kw.get("stride", kw["kernel_size"])
+    if kw.get("dilation", 1) == 1 and not kw.get("ceil_mode"):
+        y = out.detach().requires_grad_()
+        u = cnnext.functional.max_unpool2d(y, idx, kw["kernel_size"], stride, kw.get("padding", 0), output_size=size)
+        ur = cnnext.functional.max_unpool2d(ref_out, ref_idx, kw["kernel_size"], stride, kw.get("padding", 0),
+                                            output_size=size)
+        torch.testing.assert_close(u.double().cpu(), ur, rtol=0, atol=0, equal_nan=True)
+        gu = torch.randint(-3, 4, u.shape).double()
+        gy, = torch.autograd.grad(u, y, gu.to(device, dtype))
+        torch.testing.assert_close(gy.double().cpu(), ops.max_unpool2d_backward(gu, ref_idx), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", cuda_only())  # on the CPU: the tests above
+def test_double_backward_and_select(device):
+    x = torch.randn(2, 3, 7, 7, dtype=torch.float64, device=device, requires_grad=True)
+    fn = lambda t: max_pool2d(t, 3, 2, 1)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x,)) and torch.autograd.gradgradcheck(fn, (x,))
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_bad_indices_detected(device):
+    x = torch.randn(2, 3, 8, 8, device=device)
+    y, idx = max_pool2d(x, 2, return_indices=True)
+    bad = idx.clone()
+    bad[1, 2, 3, 3] = 5500
+    with pytest.raises(RuntimeError, match=r"max_unpool2d: found an invalid index 5500 in indices.*8 x 8"):
+        cnnext.functional.max_unpool2d(y, bad, 2)
+    with pytest.raises(RuntimeError, match="max_unpool2d_backward: found an invalid index 5500"):
+        ops.max_unpool2d_backward(torch.randn(2, 3, 8, 8, device=device), bad)
+    with pytest.raises(RuntimeError, match="max_pool2d_select: found an invalid index 5500"):
+        ops.max_pool2d_select(x, bad, [2, 2], [2, 2], [0, 0], [1, 1], False)
+    if device != "cpu":
+        with pytest.raises(RuntimeError, match="expected indices to be on the same device"):
+            cnnext.functional.max_unpool2d(y, idx.cpu(), 2)
 
 
 def test_module():
@@ -366,7 +426,7 @@ def test_channels_last_wide(channels):
             assert torch.equal(idx, ref_idx)
             go = torch.randn(out.shape, generator=gen, dtype=dtype)
             gx, = torch.autograd.grad(out, x, go.contiguous(memory_format=torch.channels_last))
-            k, s, p, d = (pair_arg_value(kw.get(a, dflt)) for a, dflt in
+            k, s, p, d = (tuple(pair(kw.get(a, dflt))) for a, dflt in
                           (("kernel_size", 1), ("stride", kw["kernel_size"]), ("padding", 0), ("dilation", 1)))
             want = scatter_reference(x0.shape, ref_idx, go, k, s, p, d, kw.get("ceil_mode", False))
             torch.testing.assert_close(gx.double(), want, rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=1e-6)
@@ -377,6 +437,3 @@ def test_channels_last_wide(channels):
                 torch.testing.assert_close(got, F.max_unpool2d(y, ref_idx, k, s, p, output_size=(7, 8)),
                                            rtol=0, atol=0)
 
-
-def pair_arg_value(v):
-    return (v, v) if isinstance(v, int) else tuple(v)

@@ -7,19 +7,11 @@ from hypothesis import given, settings, strategies as st
 
 import cnnext
 from cnnext.functional import max_pool2d, max_unpool2d
-from conftest import LAYOUTS, examples, is_channels_last, pair_arg, to_layout
+from cnnext.testing import LAYOUTS, cpu_and_cuda, is_channels_last, lay
+from conftest import examples
+from strategies import pair_arg
 
 ops = torch.ops.cnnext
-
-
-def lay(t, layout):
-    """t's values in the strides the given layout has (conftest's to_layout asserts equality,
-    so it takes neither NaN nor integer tensors)."""
-    ref = to_layout(torch.zeros(t.shape, dtype=torch.float64), layout)
-    out = torch.empty_strided(t.shape, ref.stride(), dtype=t.dtype)
-    with torch.no_grad():
-        out.copy_(t)
-    return out
 
 
 @st.composite
@@ -117,15 +109,16 @@ def test_gradcheck_gradgradcheck():
 
 
 @pytest.mark.usefixtures("single_thread")
+@pytest.mark.parametrize("device", cpu_and_cuda())
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "unbatched"])
-def test_opcheck(layout):
-    x = torch.randn((3, 6, 7) if layout == "unbatched" else (2, 3, 6, 7), dtype=torch.float64)
+def test_opcheck(layout, device):
+    x = torch.randn((3, 6, 7) if layout == "unbatched" else (2, 3, 6, 7), dtype=torch.float64, device=device)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     y, idx = F.max_pool2d(x, 2, return_indices=True)
     y.requires_grad_()
     torch.library.opcheck(ops.max_unpool2d, (y, idx, [7, 7]))
-    g = torch.randn(*x.shape[:-2], 7, 7, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(*x.shape[:-2], 7, 7, dtype=torch.float64, device=device, requires_grad=True)
     torch.library.opcheck(ops.max_unpool2d_backward, (g, idx))
 
 

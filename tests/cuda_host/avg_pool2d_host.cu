@@ -1,5 +1,5 @@
 // Runs the per-element bodies of the CUDA avg_pool2d / adaptive_avg_pool2d kernels on
-// the host, without a GPU, for tests/test_cuda_avg_pool2d_on_host.py. It includes
+// the host, without a GPU, for tests/test_avg_pool2d_cuda_host.py. It includes
 // csrc/cuda/avg_pool2d.cu itself, so it calls the very __host__ __device__ functions
 // the kernels loop around: forward_element, global_partial + global_store and
 // backward_element. No torch headers; build with

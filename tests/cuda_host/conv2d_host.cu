@@ -1,5 +1,5 @@
 // Runs the per-element bodies of the CUDA conv2d kernels on the host, without a GPU,
-// for tests/test_cuda_kernels_on_host.py. It includes csrc/cuda/conv2d.cu itself, so
+// for tests/test_conv2d_cuda_host.py. It includes csrc/cuda/conv2d.cu itself, so
 // it calls the very __host__ __device__ functions the kernels loop around:
 // forward_element, input_backward_element, weight_backward_partial and
 // channel_sum_partial. No torch headers; build with

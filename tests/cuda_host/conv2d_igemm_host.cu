@@ -1,5 +1,5 @@
 // Runs the implicit-GEMM conv2d kernel of csrc/cuda/conv2d_igemm_kernels.cuh on the host,
-// without a GPU, for tests/test_igemm_on_host.py. It includes that header and, for
+// without a GPU, for tests/test_conv2d_igemm_cuda_host.py. It includes that header and, for
 // every block of the launch grid, calls the kernel's own __host__ __device__ pieces for
 // each of its 256 threads in the kernel's order: init_thread, load_stage of stage 0,
 // then per stage load_stage of the next stage into the other buffer, the stage compute,

@@ -1,5 +1,5 @@
 // Runs the per-element bodies of the CUDA conv_bn_relu2d kernels on the host, without a
-// GPU, for tests/test_cuda_conv_bn_relu_on_host.py. It includes csrc/cuda/conv_bn_relu2d.cu
+// GPU, for tests/test_conv_bn_relu_cuda_host.py. It includes csrc/cuda/conv_bn_relu2d.cu
 // itself, so it calls the very __host__ __device__ functions the kernels loop around:
 // bn_moment_partial, bn_normalize_element, bn_backward_partial, bn_backward_element.
 // No torch headers; build with

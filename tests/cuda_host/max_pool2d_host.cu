@@ -1,5 +1,5 @@
 // Runs the per-element bodies of the CUDA max-pooling kernels on the host, without a
-// GPU, for tests/test_cuda_max_pool2d_on_host.py. It includes csrc/cuda/max_pool2d.cu
+// GPU, for tests/test_max_pool2d_cuda_host.py. It includes csrc/cuda/max_pool2d.cu
 // itself, so it calls the very __host__ __device__ functions the kernels loop around:
 // max_pool_forward_element, max_pool_backward_element, gather_element and
 // unpool_element. No torch headers; build with

@@ -12,7 +12,7 @@ channels-last, so both instantiations of the elementwise bodies run. Outputs sta
 out NaN and inputs sit between NaN guards, so a missed element, a write into a gap
 or just past the end, and a read of a gap or just outside an input all fail.
 
-Not covered here (tests/test_cuda.py covers them on a GPU): the __global__ wrappers,
+Not covered here (tests/test_conv2d.py covers them on a GPU): the __global__ wrappers,
 the launch configuration, and block_sum, the device-only reduction; the host adds a
 reduction's kThreads-strided partial sums in order instead.
 
@@ -20,11 +20,7 @@ The program is compiled once per session and runs once per module over every cas
 each test then compares one case's output with a float64 reference that torch
 computes from the very (rounded) inputs the program read.
 """
-import ctypes
 import itertools
-import os
-import re
-import shutil
 import struct
 import subprocess
 from dataclasses import dataclass
@@ -33,108 +29,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SOURCE = os.path.join(REPO, "tests", "cuda_host", "conv2d_host.cu")
+from cnnext.testing import (DTYPE_CODE, NVCC, TOLERANCES, ConvShape as Conv, build_host_program, check_host_output,
+                            host_layout as to_layout, needs_nvcc, read_strided, run_host_program, strided_record)
 
+pytestmark = needs_nvcc
 
-def find_nvcc():
-    """$NVCC, else nvcc on PATH, else $CUDA_HOME/bin/nvcc; None if none is there."""
-    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    for cand in (os.environ.get("NVCC"), shutil.which("nvcc"),
-                 cuda_home and os.path.join(cuda_home, "bin", "nvcc")):
-        if cand and os.path.isfile(cand) and os.access(cand, os.X_OK):
-            return cand
-    return None
-
-
-NVCC = find_nvcc()
-
-# The half / bfloat16 switches torch's cpp_extension builds the kernels with.
-NVCC_FLAGS = ["-std=c++17", f"-I{os.path.join(REPO, 'csrc')}", "--expt-relaxed-constexpr",
-              "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
-              "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__"]
-
-
-def build_host_program(exe, source, opt="-O2", extra=(), timeout=600):
-    """Compiles the nvcc host harness `source` into `exe` (a test failure with nvcc's
-    output if it does not build); returns exe."""
-    cmd = [NVCC, *NVCC_FLAGS, opt, *extra, "-o", str(exe), source]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    if res.returncode != 0:
-        pytest.fail(f"nvcc failed ({' '.join(cmd)}):\n{res.stdout}{res.stderr}", pytrace=False)
-    return str(exe)
-
-
-def run_host_program(exe, directory, records, cases, timeout=300):
-    """Runs a host harness on the concatenated `records` (one per case) and returns the
-    bytes it wrote; a failure names the case of the record the program stopped at."""
-    (directory / "in.bin").write_bytes(b"".join(records))
-    res = subprocess.run([str(exe), str(directory / "in.bin"), str(directory / "out.bin")],
-                         capture_output=True, text=True, timeout=timeout)
-    if res.returncode != 0:
-        m = re.search(r"record (\d+)", res.stderr)
-        where = f" at case {cases[int(m.group(1))]}" if m and int(m.group(1)) < len(cases) else ""
-        pytest.fail(f"{os.path.basename(str(exe))} failed (exit status {res.returncode}){where}: "
-                    f"{res.stderr}", pytrace=False)
-    return (directory / "out.bin").read_bytes()
-pytestmark = pytest.mark.skipif(
-    NVCC is None,
-    reason="nvcc not found (not $NVCC, not on PATH, not $CUDA_HOME/bin/nvcc): "
-           "cannot build the host harness of the CUDA kernels",
-)
-
-# Largest error allowed, relative to the largest magnitude of the float64 reference.
-# float32: as tests/test_cuda.py; the worst case here, 784 equal terms summed in one
-# partial (channel_sum of an expanded grad_output, split 1), is off by 7.5e-6.
-# float16 / bfloat16 accumulate in float, so their error is the final rounding to
-# nearest, at most the unit roundoff (2^-11 = 4.9e-4, 2^-8 = 3.9e-3) of max |reference|;
-# the bounds sit just above, so that rounding toward zero (twice the error) fails.
-RTOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 7e-4, torch.bfloat16: 5e-3}
+# Largest error allowed: TOLERANCES["host_conv"] (cnnext/testing.py says why).
+RTOL = TOLERANCES["host_conv"]
 DTYPES = tuple(RTOL)
-DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}  # DType
 OPS = ("forward", "input_backward", "weight_backward", "channel_sum")
 K_THREADS = 256  # kThreads of csrc/cuda/launch.h: the partial sums of one block
-
-
-def pair(v):
-    return (v, v) if isinstance(v, int) else tuple(v)
-
-
-@dataclass(frozen=True)
-class Conv:
-    x_shape: tuple  # (N, C, H, W)
-    out_channels: int
-    kernel: tuple   # (KH, KW)
-    stride: object
-    padding: object
-    dilation: object
-    groups: int
-
-    def out_hw(self):
-        (_, _, h, w), (kh, kw) = self.x_shape, self.kernel
-        (sh, sw), (ph, pw), (dh, dw) = pair(self.stride), pair(self.padding), pair(self.dilation)
-        return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-
-    def y_shape(self):
-        return (self.x_shape[0], self.out_channels, *self.out_hw())
-
-    def w_shape(self):
-        return (self.out_channels, self.x_shape[1] // self.groups, *self.kernel)
-
-    def args(self):
-        """stride, padding, dilation, groups, as torch takes them."""
-        return self.stride, self.padding, self.dilation, self.groups
-
-    def params(self):
-        """The 16 fields of Conv2dParams."""
-        (sh, sw), (ph, pw), (dh, dw) = pair(self.stride), pair(self.padding), pair(self.dilation)
-        return (*self.x_shape, self.out_channels, *self.kernel, *self.out_hw(),
-                sh, sw, ph, pw, dh, dw, self.groups)
-
-    def __str__(self):
-        s = lambda v: "x".join(map(str, pair(v)))  # noqa: E731
-        return (f"x{'x'.join(map(str, self.x_shape))}-o{self.out_channels}-k{s(self.kernel)}"
-                f"-s{s(self.stride)}-p{s(self.padding)}-d{s(self.dilation)}-g{self.groups}")
 
 
 CONVS = [
@@ -152,29 +56,6 @@ CONVS = [
     Conv((4, 16, 14, 14), 8, (3, 3), 1, 1, 1, 2),                 # sums longer than kThreads
 ]
 EMPTY_BATCH = Conv((0, 4, 5, 5), 6, (3, 3), 1, 1, 1, 2)           # reductions only
-
-
-def span(t):
-    """Elements from t's first element to its last one (0 if empty)."""
-    return 0 if t.numel() == 0 else 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
-
-
-def to_layout(t, layout):
-    """t's values (those of t[0, 0, 0, 0] for "expanded") in the given memory layout."""
-    if layout == "contiguous":
-        return t.contiguous()
-    if layout == "channels_last":
-        return t.contiguous(memory_format=torch.channels_last)
-    if layout == "sliced":  # every other element of a wider tensor, NaN between
-        wide = torch.full((*t.shape[:-1], 2 * t.shape[-1] + 1), float("nan"), dtype=t.dtype)
-        out = wide[..., 1::2]
-        out.copy_(t)
-        return out
-    if layout == "permuted":  # H and W swapped in memory
-        return t.transpose(-1, -2).contiguous().transpose(-1, -2)
-    if layout == "expanded":  # stride 0 in every dim, as y.sum() gives backward
-        return t.reshape(-1)[:1].reshape(1, 1, 1, 1).expand(t.shape) if t.numel() else t
-    raise ValueError(layout)
 
 
 @dataclass(frozen=True)
@@ -252,13 +133,7 @@ def record(case, inputs, out):
     else:
         params = case.conv.params()
     parts = [struct.pack("<19q", OPS.index(case.op), DTYPE_CODE[case.dtype], case.split, *params)]
-    for t in (*inputs.values(), out):
-        strides = t.stride() if t.dim() == 4 else (0, 0, 0, 0)  # 1-D: contiguous, unused
-        parts.append(struct.pack("<5q", *strides, span(t)))
-        if t is not out and span(t):
-            window = torch.as_strided(t, (span(t),), (1,), t.storage_offset())
-            raw = window.contiguous()  # torch alone: numpy is not among the test dependencies
-            parts.append(ctypes.string_at(raw.data_ptr(), raw.numel() * raw.element_size()))
+    parts += [strided_record(t) for t in inputs.values()] + [strided_record(out, data=False)]
     return b"".join(parts)
 
 
@@ -274,7 +149,7 @@ def conv2d_host(tmp_path_factory):
     except (OSError, subprocess.SubprocessError):
         arch = []
     arch_flags = [f"-gencode=arch={arch[0]},code={arch[0]}"] if arch else []
-    return build_host_program(exe, SOURCE, extra=arch_flags)
+    return build_host_program(exe, "conv2d_host.cu", extra=arch_flags)
 
 
 @pytest.fixture(scope="module")
@@ -288,12 +163,8 @@ def results(conv2d_host, tmp_path_factory):
                             ALL_CASES)
     out, pos = {}, 0
     for case, (inputs, template) in zip(ALL_CASES, operands):
-        nbytes = span(template) * template.element_size()
-        raw = data[pos:pos + nbytes]
-        flat = (torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw
-                else torch.empty(0, dtype=torch.uint8)).view(case.dtype)
-        pos += nbytes
-        out[case] = inputs, torch.as_strided(flat, template.shape, template.stride())
+        got, pos = read_strided(data, pos, template)
+        out[case] = inputs, got
     assert pos == len(data), f"output is {len(data)} bytes, the cases account for {pos}"
     return out
 
@@ -301,18 +172,7 @@ def results(conv2d_host, tmp_path_factory):
 def check(got, want, dtype, rtol=None):
     """got: every element written and nothing else in its span; its values within
     rtol (default RTOL[dtype]) of max |want|."""
-    rtol = RTOL[dtype] if rtol is None else rtol
-    assert got.shape == want.shape, f"shape {tuple(got.shape)} != {tuple(want.shape)}"
-    window = torch.as_strided(got, (span(got),), (1,))
-    written = torch.zeros(span(got), dtype=torch.bool)
-    torch.as_strided(written, got.shape, got.stride()).fill_(True)
-    assert torch.isfinite(got).all(), "an output element was not written (NaN) or is not finite"
-    assert window[~written].isnan().all(), "a gap of the strided output was written"
-    if want.numel() == 0:
-        return
-    scale = max(want.abs().max().item(), 1e-30)
-    err = (got.double() - want).abs().max().item()
-    assert err <= rtol * scale, f"max abs error {err:.3e} > {rtol:g} * max |reference| {scale:.3e}"
+    check_host_output(got, want, RTOL[dtype] if rtol is None else rtol)
 
 
 @pytest.mark.parametrize("case", FORWARD, ids=str)

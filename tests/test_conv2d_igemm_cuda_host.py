@@ -15,13 +15,11 @@ vectors), both shared-memory buffers, the bias / ReLU epilogue, and the fragment
 bookkeeping of the mma paths. Shared memory is poisoned before every stage, outputs
 start NaN and sit between NaN guards.
 
-Not covered (they need a GPU; tests/test_cuda_igemm.py covers them there): the PTX
+Not covered (they need a GPU; the test_igemm_* tests of tests/test_conv2d.py cover them there): the PTX
 instructions' actual behaviour (the emulation follows the PTX ISA's fragment layouts),
 cp.async completion and the barriers, and the torch-side dispatch.
 """
-import ctypes
 import itertools
-import os
 import struct
 from dataclasses import dataclass
 
@@ -29,19 +27,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from test_cuda_kernels_on_host import NVCC, REPO, Conv, build_host_program, check, run_host_program, span, to_layout
+from cnnext.testing import (DTYPE_CODE, TOLERANCES, ConvShape as Conv, check_host_output,
+                            host_layout as to_layout, needs_nvcc, read_strided, run_host_harness, strided_record, tf32)
 
-SOURCE = os.path.join(REPO, "tests", "cuda_host", "conv2d_igemm_host.cu")
-pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found: cannot build the host harness")
+pytestmark = needs_nvcc
 
 # (dtype, math): float32 strict (SIMT), float32 TF32, float16, bfloat16.
 MATHS = [(torch.float32, "strict"), (torch.float32, "tf32"), (torch.float16, "mma"),
          (torch.bfloat16, "mma")]
-DTYPE_CODE = {torch.float32: 0, torch.float16: 2, torch.bfloat16: 3}
-# Relative to max |reference|. The references are computed in float64 from the very
-# inputs the kernel multiplies (TF32: rounded to TF32 first), so float32 and TF32 are
-# held to float32 accumulation error; float16 / bfloat16 to the final rounding.
-RTOL = {"strict": 2e-5, "tf32": 2e-5, torch.float16: 7e-4, torch.bfloat16: 5e-3}
+# Relative to max |reference|: TOLERANCES["host_igemm"] (cnnext/testing.py says why).
+RTOL = TOLERANCES["host_igemm"]
 MAP_NAMES = {0: "mfast", 1: "kfast", 2: "vec"}
 OPS = ("forward", "input_backward", "weight_backward", "forward_stats")  # the harness's op codes
 
@@ -127,15 +122,6 @@ for conv, (dt, math), ls, tb in itertools.product(CONVS, MATHS, WGRAD_LAYOUTS, (
         CASES.append(Case("weight_backward", conv, dt, math, ls, target_blocks=tb))
 
 
-def tf32(t):
-    """t (float32) rounded as cvt.rna.tf32.f32 does: 10 mantissa bits, ties away from 0."""
-    u = t.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-    finite = (u & 0x7F800000) != 0x7F800000
-    r = torch.where(finite, (u + 0x1000) & 0xFFFFE000, u)
-    r = torch.where(r >= 2**31, r - 2**32, r).to(torch.int32)
-    return r.view(torch.float32).reshape(t.shape)
-
-
 def channels_fastest(t):
     """igemm_channels_fastest of csrc/cuda/conv2d_igemm.h."""
     s = t.stride()
@@ -182,40 +168,29 @@ def record(case, a, w, bias, out):
         tensors = ((a, True), (w, True), (out, False))
     else:
         tensors = ((a, True), (k_contiguous_weight(case, w, a).reshape(-1), True), (bias, True), (out, False))
-    for t, data in tensors:
-        strides = t.stride() if t.dim() == 4 else (0, 0, 0, 0)
-        parts.append(struct.pack("<5q", *strides, span(t)))
-        if data and span(t):
-            window = torch.as_strided(t, (span(t),), (1,), t.storage_offset()).contiguous()
-            parts.append(ctypes.string_at(window.data_ptr(), window.numel() * window.element_size()))
+    parts += [strided_record(t, data) for t, data in tensors]
     return b"".join(parts)
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    d = tmp_path_factory.mktemp("igemm_host")
-    exe = str(d / "conv2d_igemm_host")
+    operands = [make(c, seed) for seed, c in enumerate(CASES)]
     # PTX only (no ptxas) for sm_80, the oldest target of the kernel's instructions:
     # only the host code runs.
-    build_host_program(exe, SOURCE, extra=["-gencode=arch=compute_80,code=compute_80"], timeout=900)
-    operands = [make(c, seed) for seed, c in enumerate(CASES)]
-    data = run_host_program(exe, d, [record(c, *ops) for c, ops in zip(CASES, operands)], CASES, timeout=900)
+    data = run_host_harness(tmp_path_factory, "conv2d_igemm_host.cu", [record(c, *ops) for c, ops in zip(CASES, operands)],
+                            CASES, run_timeout=900, extra=["-gencode=arch=compute_80,code=compute_80"], timeout=900)
     out, pos = {}, 0
     for case, (a, w, bias, template) in zip(CASES, operands):
         (mapping,) = struct.unpack_from("<q", data, pos)
         pos += 8
-        nbytes = span(template) * template.element_size()
-        raw = data[pos:pos + nbytes]
-        pos += nbytes
-        flat = (torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw
-                else torch.empty(0, dtype=torch.uint8)).view(case.dtype)
+        got, pos = read_strided(data, pos, template)
         extra = mapping if case.op == "weight_backward" else MAP_NAMES[mapping]
         if case.op == "forward_stats":  # then mean and variance per channel, float32
             o = case.conv.out_channels
             mv = torch.frombuffer(bytearray(data[pos:pos + 8 * o]), dtype=torch.float32)
             pos += 8 * o
             extra = (extra, mv[:o], mv[o:])
-        out[case] = (a, w, bias), extra, torch.as_strided(flat, template.shape, template.stride())
+        out[case] = (a, w, bias), extra, got
     assert pos == len(data)
     return out
 
@@ -237,7 +212,7 @@ def reference(case, a, w, bias):
 def test_igemm(case, results):
     (a, w, bias), _, got = results[case]
     want = reference(case, a, w, bias)
-    check(got, want, case.dtype, RTOL[case.math] if case.dtype == torch.float32 else RTOL[case.dtype])
+    check_host_output(got, want, RTOL[case.math] if case.dtype == torch.float32 else RTOL[case.dtype])
 
 
 def test_every_copy_mapping_ran(results):

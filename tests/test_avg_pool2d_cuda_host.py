@@ -11,30 +11,26 @@ conversions of the kernels are checked on any machine with nvcc. Outputs start o
 NaN and inputs sit between NaN guards (and strided inputs have NaN in their gaps), so
 a missed element, a write into a gap or past the end, and a stray read all fail.
 
-Not covered here (tests/test_cuda_avg_pool2d.py covers them on a GPU): the __global__
+Not covered here (tests/test_avg_pool2d.py and tests/test_adaptive_avg_pool2d.py cover them on a GPU): the __global__
 wrappers, the launch configuration and the warp shuffle of the global forward (the
 host adds the lanes' partial sums in lane order instead).
 """
-import ctypes
 import itertools
 import struct
-import os
 from dataclasses import dataclass
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import to_layout
-from test_cuda_kernels_on_host import NVCC, REPO, build_host_program, run_host_program, span
+from cnnext.testing import (DTYPE_CODE, TOLERANCES, check_host_output, needs_nvcc, pair, read_strided, run_host_harness,
+                            strided_record, to_layout)
 
-SOURCE = os.path.join(REPO, "tests", "cuda_host", "avg_pool2d_host.cu")
-pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found: cannot build the host harness")
+pytestmark = needs_nvcc
 
 # float32 / float64: sums of at most a plane; float16 / bfloat16 accumulate in float
 # and round once at the end (unit roundoff 2^-11, 2^-8), the bounds just above.
-RTOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 7e-4, torch.bfloat16: 5e-3}
-DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+RTOL = TOLERANCES["host_pool"]
 OPS = ("forward", "global_forward", "backward")
 
 
@@ -57,8 +53,7 @@ class Pool:
         if self.kind == "adaptive":
             return (n, c, h, w, oh, ow, 0, 0, 0, 0, 0, 0, 1, 1, 1, 0, 0)
         k, s, p, ceil, cip, div = self.kw
-        pr = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
-        (kh, kw), (sh, sw), (ph, pw) = pr(k), pr(s if s is not None else k), pr(p)
+        (kh, kw), (sh, sw), (ph, pw) = pair(k), pair(s if s is not None else k), pair(p)
         return (n, c, h, w, oh, ow, kh, kw, sh, sw, ph, pw, 1, 1, 0, int(cip), div or 0)
 
     def is_global(self):
@@ -129,41 +124,25 @@ def make_operands(case, seed):
 
 def record(case, src, res):
     parts = [struct.pack("<20q", OPS.index(case.op), DTYPE_CODE[case.dtype], case.split, *case.pool.params())]
-    for t in (src, res):
-        parts.append(struct.pack("<5q", *t.stride(), span(t)))
-        if t is src and span(t):
-            raw = torch.as_strided(t, (span(t),), (1,), t.storage_offset()).contiguous()
-            parts.append(ctypes.string_at(raw.data_ptr(), raw.numel() * raw.element_size()))
+    parts += [strided_record(src), strided_record(res, data=False)]
     return b"".join(parts)
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    d = tmp_path_factory.mktemp("avg_pool2d_host")
-    exe = str(d / "avg_pool2d_host")
-    build_host_program(exe, SOURCE)
     operands = [make_operands(c, seed) for seed, c in enumerate(ALL_CASES)]
-    data = run_host_program(exe, d, [record(c, *o) for c, o in zip(ALL_CASES, operands)], ALL_CASES)
+    data = run_host_harness(tmp_path_factory, "avg_pool2d_host.cu", [record(c, *o) for c, o in zip(ALL_CASES, operands)],
+                            ALL_CASES)
     out, pos = {}, 0
     for case, (src, template) in zip(ALL_CASES, operands):
-        nbytes = span(template) * template.element_size()
-        flat = torch.frombuffer(bytearray(data[pos:pos + nbytes]), dtype=torch.uint8).view(case.dtype)
-        pos += nbytes
-        out[case] = src, torch.as_strided(flat, template.shape, template.stride())
+        got, pos = read_strided(data, pos, template)
+        out[case] = src, got
     assert pos == len(data)
     return out
 
 
 def check(got, want, dtype):
-    assert got.shape == want.shape
-    window = torch.as_strided(got, (span(got),), (1,))
-    written = torch.zeros(span(got), dtype=torch.bool)
-    torch.as_strided(written, got.shape, got.stride()).fill_(True)
-    assert torch.isfinite(got).all(), "an output element was not written (NaN) or is not finite"
-    assert window[~written].isnan().all(), "a gap of the strided output was written"
-    scale = max(want.abs().max().item(), 1e-30)
-    err = (got.double() - want).abs().max().item()
-    assert err <= RTOL[dtype] * scale, f"max abs error {err:.3e} > {RTOL[dtype]:g} * {scale:.3e}"
+    check_host_output(got, want, RTOL[dtype])
 
 
 @pytest.mark.parametrize("case", [c for c in ALL_CASES if c.op != "backward"], ids=str)

@@ -7,24 +7,21 @@ as the kernels would (the reductions as `split` partial sums added in order; blo
 tree order is device-only), for float16, bfloat16, float32 and float64, contiguous and
 channels_last strides. Each case is compared with a float64 reference computed from the
 very (rounded) inputs the program read. Not covered here: the __global__ wrappers, the
-launch configuration and block_sum (tests/test_cuda_conv_bn_relu.py covers them on a GPU).
+launch configuration and block_sum (tests/test_conv_bn_relu.py covers them on a GPU).
 """
 import itertools
-import os
 import struct
 
 import pytest
 import torch
 
-from test_cuda_kernels_on_host import NVCC, REPO, build_host_program, run_host_program
+from cnnext.testing import DTYPE_CODE, TOLERANCES, needs_nvcc, run_host_harness
 
-pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found: cannot build the host harness")
+pytestmark = needs_nvcc
 
-SOURCE = os.path.join(REPO, "tests", "cuda_host", "conv_bn_relu2d_host.cu")
-DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 # Relative to max |reference|. The statistics accumulate in float (double for float64);
 # outputs are rounded once to the dtype at the end.
-RTOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+RTOL = TOLERANCES["host_conv_bn_relu"]
 SHAPES = [(2, 3, 5, 4), (4, 5, 9, 11), (1, 2, 1, 3)]
 CASES = list(itertools.product(SHAPES, RTOL, (False, True), (True, False), (True, False), (1, 256)))
 EPS = 1e-3
@@ -61,11 +58,9 @@ def record(case, y, gr, gamma, beta):
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    d = tmp_path_factory.mktemp("cbr_host")
-    exe = str(d / "conv_bn_relu2d_host")
-    build_host_program(exe, SOURCE)
     data = [inputs(case, seed) for seed, case in enumerate(CASES)]
-    raw = run_host_program(exe, d, [record(c, *t) for c, t in zip(CASES, data)], CASES)
+    raw = run_host_harness(tmp_path_factory, "conv_bn_relu2d_host.cu", [record(c, *t) for c, t in zip(CASES, data)],
+                           CASES)
     values = torch.tensor(struct.unpack(f"<{len(raw) // 8}d", raw), dtype=torch.float64)
     out, pos = {}, 0
     for case, t in zip(CASES, data):

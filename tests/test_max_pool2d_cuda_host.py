@@ -11,15 +11,13 @@ bfloat16, contiguous, channels_last and gapped strides, padding, dilation, ceil_
 windows without a tap inside the input. Outputs start out all ones (NaN / -1) and inputs
 sit between guards, so a missed element or a write outside an output fails.
 
-Not covered here (tests/test_cuda_max_pool2d.py covers them on a GPU): the __global__
+Not covered here (tests/test_max_pool2d.py covers them on a GPU): the __global__
 wrappers, the launch configuration and the device flag (report_bad's atomicCAS).
 
 The values are small integers, NaN and +-inf, and the grads small integers, so every
 expected result is exact in every dtype and compared exactly.
 """
-import ctypes
 import itertools
-import os
 import struct
 from dataclasses import dataclass
 
@@ -27,15 +25,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from test_cuda_kernels_on_host import build_host_program, find_nvcc, run_host_program, span
+from cnnext.testing import (DTYPE_CODE, host_layout as to_layout, needs_nvcc, run_host_harness,
+                            span, strided_record)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SOURCE = os.path.join(REPO, "tests", "cuda_host", "max_pool2d_host.cu")
-NVCC = find_nvcc()
-pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found: cannot build the host harness")
+pytestmark = needs_nvcc
 
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 OPS = ("forward", "backward", "gather", "unpool")
 NAN, INF = float("nan"), float("inf")
 
@@ -101,20 +96,6 @@ POOLS = [
 ]
 LAYOUTS = [("contiguous", "contiguous"), ("channels_last", "channels_last"),
            ("sliced", "contiguous"), ("contiguous", "sliced")]
-
-
-def to_layout(t, layout):
-    if layout == "contiguous":
-        return t.contiguous()
-    if layout == "channels_last":
-        return t.contiguous(memory_format=torch.channels_last)
-    if layout == "sliced":  # every other element of a wider tensor
-        fill = -1 if t.dtype == torch.int64 else NAN
-        wide = torch.full((*t.shape[:-1], 2 * t.shape[-1] + 1), fill, dtype=t.dtype)
-        out = wide[..., 1::2]
-        out.copy_(t)
-        return out
-    raise ValueError(layout)
 
 
 @dataclass(frozen=True)
@@ -201,13 +182,6 @@ def make(case, seed):
     return ins, outs
 
 
-def raw(t):
-    if not span(t):
-        return b""
-    w = torch.as_strided(t, (span(t),), (1,), t.storage_offset()).contiguous()
-    return ctypes.string_at(w.data_ptr(), w.numel() * w.element_size())
-
-
 def record(case, ins, outs):
     pl = case.pool
     if case.op == "unpool":  # x / idx (N, C, OH, OW) of the pooling: the unpooling's (H, W) input
@@ -217,21 +191,17 @@ def record(case, ins, outs):
     else:
         params = pl.params()
     parts = [struct.pack("<17q", OPS.index(case.op), DTYPE_CODE[case.dtype], case.flag, *params)]
-    for t in ins.values():
-        parts.append(struct.pack("<5q", *t.stride(), span(t)) + raw(t))
+    parts += [strided_record(t) for t in ins.values()]
     for dt, shape, layout in outs if case.op != "unpool" else ():  # unpool's output is an input
-        t = to_layout(torch.zeros(shape, dtype=dt), layout)
-        parts.append(struct.pack("<5q", *t.stride(), span(t)))
+        parts.append(strided_record(to_layout(torch.zeros(shape, dtype=dt), layout), data=False))
     return b"".join(parts)
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    d = tmp_path_factory.mktemp("max_pool2d_host")
-    exe = str(d / "max_pool2d_host")
-    build_host_program(exe, SOURCE, opt="-O1")
     made = [make(c, seed) for seed, c in enumerate(ALL_CASES)]
-    data = run_host_program(exe, d, [record(c, *m) for c, m in zip(ALL_CASES, made)], ALL_CASES)
+    data = run_host_harness(tmp_path_factory, "max_pool2d_host.cu", [record(c, *m) for c, m in zip(ALL_CASES, made)],
+                            ALL_CASES, opt="-O1")
     pos, out = 0, {}
     for case, (ins, outs) in zip(ALL_CASES, made):
         got = []
