@@ -10,9 +10,8 @@
 // aten::avg_pool2d_backward does); it has no gradient.
 #include <torch/library.h>
 
-#include "ops/avg_pool2d.h"
 #include "ops/checks.h"
-#include "ops/conv2d_common.h"
+#include "ops/dispatch.h"
 #include "ops/pool2d_common.h"
 
 namespace cnnext {
@@ -63,14 +62,7 @@ at::MemoryFormat out_format(const at::Tensor& x, bool batched) {
 
 at::Tensor forward(const char* op, const at::Tensor& x, bool batched, const AvgPool2dParams& a) {
   const auto fmt = out_format(x, batched);
-  if (x.is_cuda()) {
-#ifdef CNNEXT_WITH_CUDA
-    return unbatch(cuda::avg_pool2d_forward(x, a, fmt), batched);
-#else
-    no_cuda(op);
-#endif
-  }
-  return unbatch(cpu::avg_pool2d_forward(x, a, fmt), batched);
+  return unbatch(CNNEXT_BACKEND(op, x, avg_pool2d_forward)(x, a, fmt), batched);
 }
 
 // The checks the backward ops share: grad_output and input both batched or both not,
@@ -97,14 +89,7 @@ at::Tensor backward(const char* op, const at::Tensor& g, const at::Tensor& x, bo
                     const AvgPool2dParams& a) {
   check_grad_output(op, a, g);
   const auto fmt = out_format(x, batched);
-  if (g.is_cuda()) {
-#ifdef CNNEXT_WITH_CUDA
-    return unbatch(cuda::avg_pool2d_backward(g, a, fmt), batched);
-#else
-    no_cuda(op);
-#endif
-  }
-  return unbatch(cpu::avg_pool2d_backward(g, a, fmt), batched);
+  return unbatch(CNNEXT_BACKEND(op, g, avg_pool2d_backward)(g, a, fmt), batched);
 }
 
 at::Tensor avg_pool2d(const at::Tensor& input, at::IntArrayRef kernel_size, at::IntArrayRef stride,

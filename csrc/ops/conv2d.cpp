@@ -9,7 +9,7 @@
 #include <torch/library.h>
 
 #include "ops/checks.h"
-#include "ops/conv2d.h"
+#include "ops/dispatch.h"
 #include "ops/conv2d_common.h"
 
 namespace cnnext {
@@ -36,14 +36,7 @@ at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight,
                 shape_str(bias->sizes()));
   }
   const auto fmt = batched ? layout_of({x, weight}) : layout_of({weight});
-  if (x.is_cuda()) {
-#ifdef CNNEXT_WITH_CUDA
-    return unbatch(cuda::conv2d_forward(x, weight, bias, p, fmt), batched);
-#else
-    no_cuda(op);
-#endif
-  }
-  return unbatch(cpu::conv2d_forward(x, weight, bias, p, fmt), batched);
+  return unbatch(CNNEXT_BACKEND(op, x, conv2d_forward)(x, weight, bias, p, fmt, false), batched);
 }
 
 at::Tensor conv2d_input_backward(const at::Tensor& grad_output, const at::Tensor& weight,
@@ -62,14 +55,7 @@ at::Tensor conv2d_input_backward(const at::Tensor& grad_output, const at::Tensor
   const Conv2dParams p = make_params(op, in, weight.sizes(), stride, padding, dilation, groups);
   check_grad_output(op, p, g);
   const auto fmt = batched ? layout_of({g, weight}) : layout_of({weight});
-  if (g.is_cuda()) {
-#ifdef CNNEXT_WITH_CUDA
-    return unbatch(cuda::conv2d_input_backward(g, weight, p, fmt), batched);
-#else
-    no_cuda(op);
-#endif
-  }
-  return unbatch(cpu::conv2d_input_backward(g, weight, p, fmt), batched);
+  return unbatch(CNNEXT_BACKEND(op, g, conv2d_input_backward)(g, weight, p, fmt), batched);
 }
 
 at::Tensor conv2d_weight_backward(const at::Tensor& grad_output, const at::Tensor& input,
@@ -85,16 +71,7 @@ at::Tensor conv2d_weight_backward(const at::Tensor& grad_output, const at::Tenso
   check_same_dtype_device(op, "grad_output", grad_output, "input", input);
   const Conv2dParams p = make_params(op, x.sizes(), weight_size, stride, padding, dilation, groups);
   check_grad_output(op, p, g);
-  at::Tensor gw;
-  if (g.is_cuda()) {
-#ifdef CNNEXT_WITH_CUDA
-    gw = cuda::conv2d_weight_backward(g, x, p);
-#else
-    no_cuda(op);
-#endif
-  } else {
-    gw = cpu::conv2d_weight_backward(g, x, p);
-  }
+  const at::Tensor gw = CNNEXT_BACKEND(op, g, conv2d_weight_backward)(g, x, p);
   // The weight gradient takes the layout the input and output had (as torch's does).
   const auto fmt = g_batched ? layout_of({g, x}) : at::MemoryFormat::Contiguous;
   return fmt == at::MemoryFormat::ChannelsLast ? gw.contiguous(fmt) : gw;
@@ -104,14 +81,7 @@ at::Tensor channel_sum(const at::Tensor& t) {
   constexpr const char* op = "channel_sum";
   auto [x, batched] = as_batch(op, "input", t);
   check_dtype_supported(op, "input", t);
-  if (x.is_cuda()) {
-#ifdef CNNEXT_WITH_CUDA
-    return cuda::channel_sum(x);
-#else
-    no_cuda(op);
-#endif
-  }
-  return cpu::channel_sum(x);
+  return CNNEXT_BACKEND(op, x, channel_sum)(x);
 }
 
 }  // namespace

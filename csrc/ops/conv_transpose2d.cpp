@@ -12,7 +12,7 @@
 #include <torch/library.h>
 
 #include "ops/checks.h"
-#include "ops/conv2d.h"
+#include "ops/dispatch.h"
 #include "ops/conv2d_common.h"
 
 namespace cnnext {
@@ -82,18 +82,8 @@ at::Tensor conv_transpose2d(const at::Tensor& input, const at::Tensor& weight,
   const at::Tensor g =
       p.OH == H && p.OW == W ? x : at::constant_pad_nd(x, {0, p.OW - W, 0, p.OH - H}, 0);
   const auto fmt = batched ? layout_of({x, weight}) : layout_of({weight});
-  at::Tensor out;
-  if (x.is_cuda()) {
-#ifdef CNNEXT_WITH_CUDA
-    out = cuda::conv2d_input_backward(g, weight, p, fmt);
-    if (bias.has_value() && bias->defined()) cuda::add_channel_bias_(out, *bias);
-#else
-    no_cuda(op);
-#endif
-  } else {
-    out = cpu::conv2d_input_backward(g, weight, p, fmt);
-    if (bias.has_value() && bias->defined()) cpu::add_channel_bias_(out, *bias);
-  }
+  at::Tensor out = CNNEXT_BACKEND(op, x, conv2d_input_backward)(g, weight, p, fmt);
+  if (bias.has_value() && bias->defined()) CNNEXT_BACKEND(op, x, add_channel_bias_)(out, *bias);
   return unbatch(out, batched);
 }
 

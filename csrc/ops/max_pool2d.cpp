@@ -14,8 +14,7 @@
 #include <torch/library.h>
 
 #include "ops/checks.h"
-#include "ops/conv2d_common.h"
-#include "ops/max_pool2d.h"
+#include "ops/dispatch.h"
 #include "ops/pool2d_common.h"
 
 namespace cnnext {
@@ -66,16 +65,7 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_with_indices(const at::Tensor& inp
   const Pool2dParams p =
       pool_params(op, x.sizes(), kernel_size, stride, padding, dilation, ceil_mode);
   const auto fmt = batched ? layout_of({x}) : at::MemoryFormat::Contiguous;
-  std::tuple<at::Tensor, at::Tensor> r;
-  if (x.is_cuda()) {
-#ifdef CNNEXT_WITH_CUDA
-    r = cuda::max_pool2d_forward(x, p, fmt);
-#else
-    no_cuda(op);
-#endif
-  } else {
-    r = cpu::max_pool2d_forward(x, p, fmt);
-  }
+  const auto r = CNNEXT_BACKEND(op, x, max_pool2d_forward)(x, p, fmt);
   return {unbatch(std::get<0>(r), batched), unbatch(std::get<1>(r), batched)};
 }
 
@@ -97,14 +87,7 @@ at::Tensor max_pool2d_with_indices_backward(const at::Tensor& grad_output,
   const at::Tensor idx = batched ? indices : indices.unsqueeze(0);
   // grad_input takes the layout of the indices, which is the input's (as torch's does).
   const auto fmt = batched ? layout_of({idx}) : at::MemoryFormat::Contiguous;
-  if (g.is_cuda()) {
-#ifdef CNNEXT_WITH_CUDA
-    return unbatch(cuda::max_pool2d_backward(g, idx, p, fmt), batched);
-#else
-    no_cuda(op);
-#endif
-  }
-  return unbatch(cpu::max_pool2d_backward(g, idx, p, fmt), batched);
+  return unbatch(CNNEXT_BACKEND(op, g, max_pool2d_backward)(g, idx, p, fmt), batched);
 }
 
 at::Tensor max_pool2d_select(const at::Tensor& input, const at::Tensor& indices,
@@ -120,14 +103,7 @@ at::Tensor max_pool2d_select(const at::Tensor& input, const at::Tensor& indices,
   check_indices(op, input, "the output of max_pool2d on input", indices, want);
   const at::Tensor idx = batched ? indices : indices.unsqueeze(0);
   const auto fmt = batched ? layout_of({idx}) : at::MemoryFormat::Contiguous;
-  if (x.is_cuda()) {
-#ifdef CNNEXT_WITH_CUDA
-    return unbatch(cuda::max_pool2d_select(x, idx, p, fmt), batched);
-#else
-    no_cuda(op);
-#endif
-  }
-  return unbatch(cpu::max_pool2d_select(x, idx, p, fmt), batched);
+  return unbatch(CNNEXT_BACKEND(op, x, max_pool2d_select)(x, idx, p, fmt), batched);
 }
 
 at::Tensor max_unpool2d(const at::Tensor& input, const at::Tensor& indices,
@@ -144,15 +120,9 @@ at::Tensor max_unpool2d(const at::Tensor& input, const at::Tensor& indices,
   const at::Tensor idx = batched ? indices : indices.unsqueeze(0);
   // The output takes the input's layout, as torch's does.
   const auto fmt = batched ? layout_of({x}) : at::MemoryFormat::Contiguous;
-  if (x.is_cuda()) {
-#ifdef CNNEXT_WITH_CUDA
-    return unbatch(cuda::max_unpool2d_forward(x, idx, output_size[0], output_size[1], fmt),
-                   batched);
-#else
-    no_cuda(op);
-#endif
-  }
-  return unbatch(cpu::max_unpool2d_forward(x, idx, output_size[0], output_size[1], fmt), batched);
+  return unbatch(CNNEXT_BACKEND(op, x, max_unpool2d_forward)(x, idx, output_size[0],
+                                                                    output_size[1], fmt),
+                 batched);
 }
 
 at::Tensor max_unpool2d_backward(const at::Tensor& grad_output, const at::Tensor& indices) {
@@ -169,14 +139,7 @@ at::Tensor max_unpool2d_backward(const at::Tensor& grad_output, const at::Tensor
   check_indices_type(op, grad_output, "grad_output", indices);
   const at::Tensor idx = batched ? indices : indices.unsqueeze(0);
   const auto fmt = batched ? layout_of({idx}) : at::MemoryFormat::Contiguous;
-  if (g.is_cuda()) {
-#ifdef CNNEXT_WITH_CUDA
-    return unbatch(cuda::max_unpool2d_backward(g, idx, fmt), batched);
-#else
-    no_cuda(op);
-#endif
-  }
-  return unbatch(cpu::max_unpool2d_backward(g, idx, fmt), batched);
+  return unbatch(CNNEXT_BACKEND(op, g, max_unpool2d_backward)(g, idx, fmt), batched);
 }
 
 }  // namespace

@@ -1,4 +1,4 @@
-// max_pool2d and max_unpool2d on the CPU.
+// max_pool2d forward (with indices) on the CPU.
 //
 // Forward: where the CPU has AVX-512F, NCHW rows with column stride 1 or 2 and
 // channels_last windows of at most 32 taps take the kernels of max_pool2d_avx512.cpp.
@@ -14,22 +14,16 @@
 //     Indices are carried in the value type (exact for planes below 2^24 elements in
 //     float32; larger planes take the generic loop). The loops are plain, branch-free
 //     C++ that the compiler vectorises, built for AVX-512, AVX2 and baseline x86-64
-//     (target_clones, picked at load time).
+//     (target attributes, picked per call from cpu_features()).
 //   - channels_last (channels contiguous, output channels_last): per output pixel, the
 //     taps in scan order, on blocks of channels in AVX2 registers (values and the tap
 //     number per lane; indices looked up once per pixel), scalar tail / fallback.
 //   - anything else: a scalar loop through the strides.
-// Backward scatters grad_output into grad_input plane by plane, each plane by one
-// thread, in output order (dense planes: one flat loop): deterministic (channels_last: one sample per thread, pixels
-// in output order, channels inside; the unpooling scatter and the gathers likewise). The gathers (max_pool2d_select,
-// max_unpool2d_backward) and the unpooling scatter are one loop through the strides.
-// Every index read from a tensor is checked against its plane before it is used.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstring>
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -40,39 +34,24 @@
 #include <vector>
 
 #include "common/pool2d.h"
+#include "cpu/max_pool2d.h"
 #include "cpu/max_pool2d_avx512.h"
-#include "ops/max_pool2d.h"
-#include "ops/tensors.h"
+#include "cpu/cpu_features.h"
+#include "cpu/max_pool2d_common.h"
+#include "paths.h"
+#include "tensors.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(CNNEXT_NO_CLONES)
-#define CNNEXT_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define CNNEXT_CLONES
-#endif
 
 namespace cnnext {
 namespace cpu {
 namespace {
 
-// The first bad index any thread met, reported after the parallel loop.
-struct BadIndex {
-  std::atomic<bool> found{false};
-  int64_t value = 0;
-  void record(int64_t v) {
-    bool expected = false;
-    if (found.compare_exchange_strong(expected, true)) value = v;
-  }
-  void check(const char* op, int64_t H, int64_t W) const {
-    TORCH_CHECK(!found.load(), op, ": found an invalid index ", value,
-                " in indices: the plane it indexes is ", H, " x ", W,
-                ", so indices must lie in [0, ", H * W, ")");
-  }
-};
-
-template <typename T>
-constexpr T neg_inf() {
-  return -std::numeric_limits<T>::infinity();
-}
+CNNEXT_PATH(kAvx512Rows, "max_pool2d.fwd.avx512_rows");
+CNNEXT_PATH(kNchwRows, "max_pool2d.fwd.nchw_rows");
+CNNEXT_PATH(kClAvx512, "max_pool2d.fwd.channels_last_avx512");
+CNNEXT_PATH(kClAvx2, "max_pool2d.fwd.channels_last_avx2");
+CNNEXT_PATH(kClScalar, "max_pool2d.fwd.channels_last_scalar");
+CNNEXT_PATH(kGeneric, "max_pool2d.fwd.generic");
 
 // ---- NCHW row kernels -------------------------------------------------------------
 
@@ -130,48 +109,61 @@ inline __attribute__((always_inline)) void store_body(const T* __restrict__ acc,
   }
 }
 
-#define CNNEXT_ROW_KERNELS(T)                                                                    \
-  CNNEXT_CLONES void vertical(const T* x, int64_t W, int64_t base, int64_t s, int64_t n,        \
-                              int64_t lo, int64_t hi, int64_t d, const T* fi, T* v, T* vi) {    \
-    if (s == 1)                                                                                 \
-      vertical_body<T>(x, W, base, 1, n, lo, hi, d, fi, v, vi);                                 \
-    else if (s == 2)                                                                            \
-      vertical_body<T>(x, W, base, 2, n, lo, hi, d, fi, v, vi);                                 \
-    else                                                                                        \
-      vertical_body<T>(x, W, base, s, n, lo, hi, d, fi, v, vi);                                 \
-  }                                                                                             \
-  CNNEXT_CLONES void horizontal(const T* c, const T* ci, int64_t n, T* acc, T* acci) {          \
-    horizontal_body<T>(c, ci, n, acc, acci);                                                    \
-  }                                                                                             \
-  CNNEXT_CLONES void store(const T* acc, const T* acci, int64_t n, T* y, int64_t* yi) {         \
-    store_body<T>(acc, acci, n, y, yi);                                                         \
-  }
+template <typename T>
+inline __attribute__((always_inline)) void vertical_any(const T* x, int64_t W, int64_t base,
+                                                        int64_t s, int64_t n, int64_t lo,
+                                                        int64_t hi, int64_t d, const T* fi, T* v,
+                                                        T* vi) {
+  if (s == 1)
+    vertical_body<T>(x, W, base, 1, n, lo, hi, d, fi, v, vi);
+  else if (s == 2)
+    vertical_body<T>(x, W, base, 2, n, lo, hi, d, fi, v, vi);
+  else
+    vertical_body<T>(x, W, base, s, n, lo, hi, d, fi, v, vi);
+}
 
-CNNEXT_ROW_KERNELS(float)
-CNNEXT_ROW_KERNELS(double)
-#undef CNNEXT_ROW_KERNELS
+// The three row kernels compiled for one instruction set (ISA: a target attribute or
+// nothing) from the bodies above, which the compiler vectorises for it.
+#define CNNEXT_ROW_KERNEL_SET(NAME, ISA)                                                   \
+  template <typename T>                                                                    \
+  struct NAME {                                                                            \
+    ISA static void vertical(const T* x, int64_t W, int64_t base, int64_t s, int64_t n,    \
+                             int64_t lo, int64_t hi, int64_t d, const T* fi, T* v, T* vi) { \
+      vertical_any<T>(x, W, base, s, n, lo, hi, d, fi, v, vi);                             \
+    }                                                                                      \
+    ISA static void horizontal(const T* c, const T* ci, int64_t n, T* acc, T* acci) {      \
+      horizontal_body<T>(c, ci, n, acc, acci);                                             \
+    }                                                                                      \
+    ISA static void store(const T* acc, const T* acci, int64_t n, T* y, int64_t* yi) {     \
+      store_body<T>(acc, acci, n, y, yi);                                                  \
+    }                                                                                      \
+  };
+CNNEXT_ROW_KERNEL_SET(RowsBaseline, )
+#if defined(__x86_64__) && defined(__GNUC__)
+CNNEXT_ROW_KERNEL_SET(RowsAvx2, CNNEXT_TARGET("avx2"))
+CNNEXT_ROW_KERNEL_SET(RowsAvx512, CNNEXT_TARGET("avx512f"))
+#endif
+#undef CNNEXT_ROW_KERNEL_SET
 
-// Output rows / columns whose window has no tap inside the input: torch outputs -inf
-// there, with index lo_h * W + lo_w.
-struct EmptyWindows {
-  std::vector<int64_t> row_lo, col_lo;  // lo of each output row / column
-  std::vector<char> row_empty, col_empty;
-  bool any_col = false;
-  explicit EmptyWindows(const Pool2dParams& p)
-      : row_lo(p.OH), col_lo(p.OW), row_empty(p.OH), col_empty(p.OW) {
-    for (int64_t o = 0; o < p.OH; ++o) {
-      int64_t lo, hi;
-      max_window(o, p.H, p.KH, p.SH, p.PH, p.DH, &lo, &hi);
-      row_lo[o] = lo;
-      row_empty[o] = lo >= hi;
+// The row kernels of one call, for the widest instruction set cpu_features() allows.
+template <typename T>
+struct RowKernels {
+  decltype(&RowsBaseline<T>::vertical) vertical = &RowsBaseline<T>::vertical;
+  decltype(&RowsBaseline<T>::horizontal) horizontal = &RowsBaseline<T>::horizontal;
+  decltype(&RowsBaseline<T>::store) store = &RowsBaseline<T>::store;
+  RowKernels() {
+#if defined(__x86_64__) && defined(__GNUC__)
+    const CpuFeatures& f = cpu_features();
+    if (f.avx512f) {
+      vertical = &RowsAvx512<T>::vertical;
+      horizontal = &RowsAvx512<T>::horizontal;
+      store = &RowsAvx512<T>::store;
+    } else if (f.avx2) {
+      vertical = &RowsAvx2<T>::vertical;
+      horizontal = &RowsAvx2<T>::horizontal;
+      store = &RowsAvx2<T>::store;
     }
-    for (int64_t o = 0; o < p.OW; ++o) {
-      int64_t lo, hi;
-      max_window(o, p.W, p.KW, p.SW, p.PW, p.DW, &lo, &hi);
-      col_lo[o] = lo;
-      col_empty[o] = lo >= hi;
-      any_col |= lo >= hi;
-    }
+#endif
   }
 };
 
@@ -188,6 +180,7 @@ void forward_nchw(const at::Tensor& input, const Pool2dParams& p, at::Tensor& ou
   const int64_t span = (p.OW - 1) * s + (p.KW - 1) * p.DW + 1;
   const int64_t L = (span + s - 1) / s + 1;  // entries per phase array
   const EmptyWindows empty(p);
+  const RowKernels<T> rk;
   // Per phase r: entries j with iw = r + s * j - PW inside [0, W) are [jlo, jhi).
   std::vector<int64_t> jlo(s), jhi(s);
   for (int64_t r = 0; r < s; ++r) {
@@ -224,7 +217,7 @@ void forward_nchw(const at::Tensor& input, const Pool2dParams& p, at::Tensor& ou
         for (int64_t r = 0; r < s; ++r) {
           const int64_t j0 = jlo[r], n_r = jhi[r] - j0;
           if (n_r <= 0) continue;
-          vertical(xp, p.W, r + s * j0 - p.PW, s, n_r, lo, hi, p.DH, fi.data() + r * L + j0,
+          rk.vertical(xp, p.W, r + s * j0 - p.PW, s, n_r, lo, hi, p.DH, fi.data() + r * L + j0,
                    pv.data() + r * L + j0, pi.data() + r * L + j0);
         }
         for (int64_t kw = 0; kw < p.KW; ++kw) {
@@ -235,7 +228,7 @@ void forward_nchw(const at::Tensor& input, const Pool2dParams& p, at::Tensor& ou
             std::copy(cv, cv + p.OW, acc.data());
             std::copy(ci, ci + p.OW, acci.data());
           } else {
-            horizontal(cv, ci, p.OW, acc.data(), acci.data());
+            rk.horizontal(cv, ci, p.OW, acc.data(), acci.data());
           }
         }
         if (empty.any_col) {
@@ -246,7 +239,7 @@ void forward_nchw(const at::Tensor& input, const Pool2dParams& p, at::Tensor& ou
             }
           }
         }
-        store(acc.data(), acci.data(), p.OW, yr, ir);
+        rk.store(acc.data(), acci.data(), p.OW, yr, ir);
       }
     }
   });
@@ -341,14 +334,6 @@ void cl_pixel(bool avx2, const T* xp, int64_t C, const int64_t* off, const int64
   cl_pixel_scalar<T>(xp, 0, C, off, tidx, ntaps, y, yi);
 }
 
-bool cpu_has_avx2() {
-#if defined(__x86_64__) && defined(__GNUC__)
-  static const bool has = __builtin_cpu_supports("avx2");
-  return has;
-#else
-  return false;
-#endif
-}
 
 template <typename T>
 void forward_channels_last(const at::Tensor& input, const Pool2dParams& p, at::Tensor& out,
@@ -357,8 +342,9 @@ void forward_channels_last(const at::Tensor& input, const Pool2dParams& p, at::T
   T* y = out.mutable_data_ptr<T>();
   int64_t* yi = idx.mutable_data_ptr<int64_t>();
   const Strides4 xs = strides_of(input);
-  const bool avx2 = cpu_has_avx2();
+  const bool avx2 = cpu_features().avx2;
   const bool avx512 = max_pool2d_cl_avx512_ok(p);
+  (avx512 ? kClAvx512 : avx2 ? kClAvx2 : kClScalar).hit();
   at::parallel_for(0, p.N * p.OH, 1, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> off(p.KH * p.KW), id(p.KH * p.KW);
     int32_t id32[32] = {};
@@ -430,12 +416,6 @@ void forward_generic(const at::Tensor& input, const Pool2dParams& p, at::Tensor&
 
 bool is_nchw_rows(const at::Tensor& t) { return t.stride(3) == 1 && t.stride(2) == t.size(3); }
 
-// Element offset of flat plane index i in a tensor whose (h, w) dims flatten
-// (stride h == W * stride w; true of every tensor allocated here).
-inline int64_t flat_offset(const Strides4& s, int64_t W, int64_t i) {
-  return (i / W) * s.h + (i % W) * s.w;
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> max_pool2d_forward(const at::Tensor& input,
@@ -450,278 +430,23 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_forward(const at::Tensor& input,
         p.H * p.W < (int64_t(1) << std::numeric_limits<scalar_t>::digits);
     if (input.stride(3) == 1 && out.is_contiguous() &&
         max_pool2d_nchw_avx512_ok(p, std::is_same_v<scalar_t, float>)) {
+      kAvx512Rows.hit();
       max_pool2d_nchw_avx512(input.const_data_ptr<scalar_t>(), input.stride(0), input.stride(1),
                              input.stride(2), p, out.mutable_data_ptr<scalar_t>(),
                              idx.mutable_data_ptr<int64_t>());
     } else if (is_nchw_rows(input) && out.is_contiguous() && index_exact) {
+      kNchwRows.hit();
       forward_nchw<scalar_t>(input, p, out, idx);
     } else if (out_format == at::MemoryFormat::ChannelsLast && input.stride(1) == 1 &&
                input.stride(3) == p.C && input.stride(2) == p.W * p.C &&
                p.KH * p.KW < (int64_t(1) << std::numeric_limits<scalar_t>::digits)) {
       forward_channels_last<scalar_t>(input, p, out, idx);
     } else {
+      kGeneric.hit();
       forward_generic<scalar_t>(input, p, out, idx);
     }
   });
   return {out, idx};
 }
-
-at::Tensor max_pool2d_backward(const at::Tensor& grad_output, const at::Tensor& indices,
-                               const Pool2dParams& p, at::MemoryFormat out_format) {
-  at::Tensor gx = at::empty({p.N, p.C, p.H, p.W}, grad_output.options().memory_format(out_format)).zero_();
-  if (gx.numel() == 0 || grad_output.numel() == 0) return gx;
-  const EmptyWindows empty(p);
-  BadIndex bad;
-  const int64_t HW = p.H * p.W;
-  AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "cnnext_max_pool2d_backward", [&] {
-    const scalar_t* g = grad_output.const_data_ptr<scalar_t>();
-    const int64_t* ip = indices.const_data_ptr<int64_t>();
-    scalar_t* dx = gx.mutable_data_ptr<scalar_t>();
-    const Strides4 gs = strides_of(grad_output), is = strides_of(indices), xs = strides_of(gx);
-    // gx is allocated dense: flat plane index i is at i * xs.w.
-    if (xs.c == 1 && p.C > 1) {
-      // channels_last: one sample per thread, output pixels in order, channels inside
-      // (each plane still receives its grads in output order: the same sums).
-      const bool unit = gs.c == 1 && is.c == 1 && xs.w == p.C;
-      const int64_t C = p.C;
-      at::parallel_for(0, p.N, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t n = begin; n < end; ++n) {
-          const scalar_t* gp = g + n * gs.n;
-          const int64_t* ipp = ip + n * is.n;
-          scalar_t* xp = dx + n * xs.n;
-          for (int64_t oh = 0; oh < p.OH; ++oh) {
-            if (empty.row_empty[oh]) continue;
-            for (int64_t ow = 0; ow < p.OW; ++ow) {
-              if (empty.col_empty[ow]) continue;
-              const scalar_t* __restrict__ gpx = gp + oh * gs.h + ow * gs.w;
-              const int64_t* __restrict__ ipx = ipp + oh * is.h + ow * is.w;
-              if (unit) {  // channels contiguous in grad_output and indices
-                const uint64_t hw = static_cast<uint64_t>(HW);
-                for (int64_t c = 0; c < p.C; ++c) {
-                  const int64_t i = ipx[c];
-                  if (static_cast<uint64_t>(i) >= hw) {
-                    bad.record(i);
-                    continue;
-                  }
-                  xp[i * C + c] += gpx[c];
-                }
-                continue;
-              }
-              for (int64_t c = 0; c < p.C; ++c) {
-                const int64_t i = ipx[c * is.c];
-                if (i < 0 || i >= HW) {
-                  bad.record(i);
-                  continue;
-                }
-                xp[i * xs.w + c] += gpx[c * gs.c];
-              }
-            }
-          }
-        }
-      });
-      return;
-    }
-    bool any_empty = empty.any_col;
-    for (int64_t oh = 0; oh < p.OH; ++oh) any_empty |= empty.row_empty[oh] != 0;
-    const bool flat = !any_empty && xs.w == 1 && gs.w == 1 && gs.h == p.OW && is.w == 1 &&
-                      is.h == p.OW;
-    at::parallel_for(0, p.N * p.C, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t plane = begin; plane < end; ++plane) {
-        const int64_t n = plane / p.C, c = plane % p.C;
-        const scalar_t* gp = g + n * gs.n + c * gs.c;
-        const int64_t* ipp = ip + n * is.n + c * is.c;
-        scalar_t* xp = dx + n * xs.n + c * xs.c;
-        if (flat) {  // dense planes, every window with a tap: one flat loop
-          const int64_t OHW = p.OH * p.OW;
-          for (int64_t k = 0; k < OHW; ++k) {
-            const int64_t i = ipp[k];
-            if (static_cast<uint64_t>(i) >= static_cast<uint64_t>(HW)) {
-              bad.record(i);
-              continue;
-            }
-            xp[i] += gp[k];
-          }
-          continue;
-        }
-        for (int64_t oh = 0; oh < p.OH; ++oh) {
-          if (empty.row_empty[oh]) continue;
-          for (int64_t ow = 0; ow < p.OW; ++ow) {
-            if (empty.col_empty[ow]) continue;
-            const int64_t i = ipp[oh * is.h + ow * is.w];
-            if (i < 0 || i >= HW) {
-              bad.record(i);
-              continue;
-            }
-            xp[i * xs.w] += gp[oh * gs.h + ow * gs.w];
-          }
-        }
-      }
-    });
-  });
-  bad.check("max_pool2d_with_indices_backward", p.H, p.W);
-  return gx;
-}
-
-namespace {
-
-// out (N, C, h, w) = src (N, C, Hs, Ws) at indices (N, C, h, w); with `pool`, zero for
-// the windows without a tap inside the input.
-at::Tensor gather(const char* op, const at::Tensor& src, const at::Tensor& indices,
-                  const Pool2dParams* pool, at::MemoryFormat out_format) {
-  at::Tensor out = at::empty(indices.sizes(), src.options().memory_format(out_format));
-  if (out.numel() == 0) return out;
-  const int64_t N = indices.size(0), C = indices.size(1), h = indices.size(2), w = indices.size(3);
-  const int64_t Hs = src.size(2), Ws = src.size(3), HWs = Hs * Ws;
-  // An empty source plane (max_unpool2d to an empty output, which checks no index
-  // either) gives zeros.
-  if (HWs == 0) return out.zero_();
-  std::vector<char> row_ok(h, 1), col_ok(w, 1);
-  if (pool != nullptr) {
-    const EmptyWindows empty(*pool);
-    for (int64_t o = 0; o < h; ++o) row_ok[o] = !empty.row_empty[o];
-    for (int64_t o = 0; o < w; ++o) col_ok[o] = !empty.col_empty[o];
-  }
-  BadIndex bad;
-  AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "cnnext_max_pool2d_gather", [&] {
-    const scalar_t* sp = src.const_data_ptr<scalar_t>();
-    const int64_t* ip = indices.const_data_ptr<int64_t>();
-    scalar_t* op_ = out.mutable_data_ptr<scalar_t>();
-    const Strides4 ss = strides_of(src), is = strides_of(indices), os = strides_of(out);
-    if (os.c == 1 && C > 1) {
-      // channels_last output: one output row (n, oh) per item, channels innermost.
-      at::parallel_for(0, N * h, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t item = begin; item < end; ++item) {
-          const int64_t n = item / h, oh = item % h;
-          const scalar_t* spp = sp + n * ss.n;
-          const int64_t* ipp = ip + n * is.n + oh * is.h;
-          scalar_t* opp = op_ + n * os.n + oh * os.h;
-          for (int64_t ow = 0; ow < w; ++ow) {
-            const bool ok = row_ok[oh] && col_ok[ow];
-            for (int64_t c = 0; c < C; ++c) {
-              scalar_t v = scalar_t(0);
-              if (ok) {
-                const int64_t i = ipp[ow * is.w + c * is.c];
-                if (i < 0 || i >= HWs)
-                  bad.record(i);
-                else
-                  v = spp[c * ss.c + flat_offset(ss, Ws, i)];
-              }
-              opp[ow * os.w + c] = v;
-            }
-          }
-        }
-      });
-      return;
-    }
-    at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t plane = begin; plane < end; ++plane) {
-        const int64_t n = plane / C, c = plane % C;
-        const scalar_t* spp = sp + n * ss.n + c * ss.c;
-        const int64_t* ipp = ip + n * is.n + c * is.c;
-        scalar_t* opp = op_ + n * os.n + c * os.c;
-        for (int64_t oh = 0; oh < h; ++oh)
-          for (int64_t ow = 0; ow < w; ++ow) {
-            scalar_t v = scalar_t(0);
-            if (row_ok[oh] && col_ok[ow]) {
-              const int64_t i = ipp[oh * is.h + ow * is.w];
-              if (i < 0 || i >= HWs)
-                bad.record(i);
-              else
-                v = spp[flat_offset(ss, Ws, i)];
-            }
-            opp[oh * os.h + ow * os.w] = v;
-          }
-      }
-    });
-  });
-  bad.check(op, Hs, Ws);
-  return out;
-}
-
-}  // namespace
-
-at::Tensor max_pool2d_select(const at::Tensor& src, const at::Tensor& indices,
-                             const Pool2dParams& p, at::MemoryFormat out_format) {
-  return gather("max_pool2d_select", src, indices, &p, out_format);
-}
-
-at::Tensor max_unpool2d_backward(const at::Tensor& grad_output, const at::Tensor& indices,
-                                 at::MemoryFormat out_format) {
-  return gather("max_unpool2d_backward", grad_output, indices, nullptr, out_format);
-}
-
-at::Tensor max_unpool2d_forward(const at::Tensor& input, const at::Tensor& indices, int64_t OH,
-                                int64_t OW, at::MemoryFormat out_format) {
-  const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
-  at::Tensor out = at::empty({N, C, OH, OW}, input.options().memory_format(out_format)).zero_();
-  if (out.numel() == 0 || input.numel() == 0) return out;
-  const int64_t OHW = OH * OW;
-  BadIndex bad;
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "cnnext_max_unpool2d", [&] {
-    const scalar_t* xp = input.const_data_ptr<scalar_t>();
-    const int64_t* ip = indices.const_data_ptr<int64_t>();
-    scalar_t* yp = out.mutable_data_ptr<scalar_t>();
-    const Strides4 xs = strides_of(input), is = strides_of(indices), ys = strides_of(out);
-    // One plane per thread, in input order: with repeated indices the last one wins.
-    if (ys.c == 1 && C > 1) {
-      // channels_last: one sample per thread, input pixels in order, channels inside
-      // (each plane is still written in input order).
-      at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t n = begin; n < end; ++n) {
-          const scalar_t* xpp = xp + n * xs.n;
-          const int64_t* ipp = ip + n * is.n;
-          scalar_t* ypp = yp + n * ys.n;
-          for (int64_t h = 0; h < H; ++h)
-            for (int64_t w = 0; w < W; ++w) {
-              const scalar_t* xpx = xpp + h * xs.h + w * xs.w;
-              const int64_t* ipx = ipp + h * is.h + w * is.w;
-              for (int64_t c = 0; c < C; ++c) {
-                const int64_t i = ipx[c * is.c];
-                if (i < 0 || i >= OHW) {
-                  bad.record(i);
-                  continue;
-                }
-                ypp[i * ys.w + c] = xpx[c * xs.c];
-              }
-            }
-        }
-      });
-      return;
-    }
-    const bool flat = ys.w == 1 && xs.w == 1 && xs.h == W && is.w == 1 && is.h == W;
-    at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t plane = begin; plane < end; ++plane) {
-        const int64_t n = plane / C, c = plane % C;
-        const scalar_t* xpp = xp + n * xs.n + c * xs.c;
-        const int64_t* ipp = ip + n * is.n + c * is.c;
-        scalar_t* ypp = yp + n * ys.n + c * ys.c;
-        if (flat) {  // dense planes: one flat loop, the index checked as unsigned
-          const int64_t HW = H * W;
-          for (int64_t k = 0; k < HW; ++k) {
-            const int64_t i = ipp[k];
-            if (static_cast<uint64_t>(i) >= static_cast<uint64_t>(OHW)) {
-              bad.record(i);
-              continue;
-            }
-            ypp[i] = xpp[k];
-          }
-          continue;
-        }
-        for (int64_t h = 0; h < H; ++h)
-          for (int64_t w = 0; w < W; ++w) {
-            const int64_t i = ipp[h * is.h + w * is.w];
-            if (i < 0 || i >= OHW) {
-              bad.record(i);
-              continue;
-            }
-            ypp[i * ys.w] = xpp[h * xs.h + w * xs.w];
-          }
-      }
-    });
-  });
-  bad.check("max_unpool2d", OH, OW);
-  return out;
-}
-
 }  // namespace cpu
 }  // namespace cnnext
