@@ -142,7 +142,9 @@ inline float fp16_to_float(uint16_t h) { return c10::detail::fp16_ieee_to_fp32_v
 inline uint16_t float_to_fp16(float f) { return c10::detail::fp16_ieee_from_fp32_value(f); }
 
 // Converts n values, each with the widest instructions cpu_features() allows
-// (csrc/cpu/vec.cpp): out = the float16 / bfloat16 bits of in, or back.
+// (csrc/cpu/vec.cpp): out = the float16 / bfloat16 bits of in, or back, bit for bit as
+// torch's tensor .to() (NaN narrows to 0xFFFF in bfloat16, as torch's vectorised
+// conversion writes; float_to_bf16(float) above gives c10's 0x7FC0).
 void float_to_bf16(const float* in, uint16_t* out, int64_t n);
 void bf16_to_float(const uint16_t* in, float* out, int64_t n);
 void float_to_fp16(const float* in, uint16_t* out, int64_t n);
