@@ -26,9 +26,6 @@
 #include <algorithm>
 #include <cstring>
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#endif
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -38,6 +35,7 @@
 #include "cpu/max_pool2d_avx512.h"
 #include "cpu/cpu_features.h"
 #include "cpu/max_pool2d_common.h"
+#include "cpu/vec.h"
 #include "paths.h"
 #include "tensors.h"
 
@@ -251,7 +249,7 @@ void forward_nchw(const at::Tensor& input, const Pool2dParams& p, at::Tensor& ou
 // width, so the selects vectorise; exact as the tap count is checked below 2^digits);
 // the flat index is looked up from the tap number once per pixel and channel.
 //
-// AVX2 intrinsics where the CPU has AVX2 (checked once at run time), else scalar.
+// AVX2 (csrc/cpu/vec.h's Vec<T, Isa::kAvx2>) where cpu_features() allows, else scalar.
 
 // The scalar loop over channels [c, C).
 template <typename T>
@@ -273,54 +271,50 @@ void cl_pixel_scalar(const T* __restrict__ xp, int64_t c, int64_t C, const int64
   }
 }
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#define CNNEXT_CL_AVX2 1
+#ifdef CNNEXT_VEC_X86
 // NV vectors of channels from c: y = maximum over the taps (torch's rule in scan
 // order), the tap number per lane; then the index looked up per channel. Starting from
 // tap 0's value is torch's start from -inf: tap 0 is taken when it is greater than
 // -inf or NaN, and a -inf keeps -inf with tap 0's index either way.
-#define CNNEXT_CL_BLOCK(T, VT, SFX, NV)                                                         \
-  {                                                                                             \
-    constexpr int L = 32 / sizeof(T);                                                           \
-    VT acc[NV], tn[NV];                                                                         \
-    for (int k = 0; k < NV; ++k) {                                                              \
-      acc[k] = _mm256_loadu_##SFX(xp + off[0] + c + k * L);                                     \
-      tn[k] = _mm256_setzero_##SFX();                                                           \
-    }                                                                                           \
-    for (int64_t t = 1; t < ntaps; ++t) {                                                       \
-      const T* r = xp + off[t] + c;                                                             \
-      const VT tt = _mm256_set1_##SFX(T(t));                                                    \
-      for (int k = 0; k < NV; ++k) {                                                            \
-        const VT v = _mm256_loadu_##SFX(r + k * L);                                             \
-        const VT take = _mm256_or_##SFX(_mm256_cmp_##SFX(v, acc[k], _CMP_GT_OQ),               \
-                                        _mm256_cmp_##SFX(v, v, _CMP_UNORD_Q));                  \
-        acc[k] = _mm256_blendv_##SFX(acc[k], v, take);                                          \
-        tn[k] = _mm256_blendv_##SFX(tn[k], tt, take);                                           \
-      }                                                                                         \
-    }                                                                                           \
-    T tap[NV * L];                                                                              \
-    for (int k = 0; k < NV; ++k) {                                                              \
-      _mm256_storeu_##SFX(y + c + k * L, acc[k]);                                               \
-      _mm256_storeu_##SFX(tap + k * L, tn[k]);                                                  \
-    }                                                                                           \
-    for (int b = 0; b < NV * L; ++b) yi[c + b] = tidx[static_cast<int64_t>(tap[b])];           \
+template <typename T, int NV>
+CNNEXT_AVX2 inline __attribute__((always_inline)) void cl_block_avx2(const T* __restrict__ xp, int64_t c, const int64_t* off,
+                                      const int64_t* tidx, int64_t ntaps, T* __restrict__ y,
+                                      int64_t* __restrict__ yi) {
+  using V = vec::Vec<T, Isa::kAvx2>;
+  constexpr int L = V::size;
+  V acc[NV], tn[NV];
+  for (int k = 0; k < NV; ++k) {
+    acc[k] = V::load(xp + off[0] + c + k * L);
+    tn[k] = V::zero();
   }
-
-#define CNNEXT_CL_PIXEL(T, VT, SFX)                                                             \
-  __attribute__((target("avx2"))) void cl_pixel_avx2(                                           \
-      const T* __restrict__ xp, int64_t C, const int64_t* off, const int64_t* tidx,            \
-      int64_t ntaps, T* __restrict__ y, int64_t* __restrict__ yi) {                             \
-    constexpr int L = 32 / sizeof(T);                                                           \
-    int64_t c = 0;                                                                              \
-    for (; c + 4 * L <= C; c += 4 * L) CNNEXT_CL_BLOCK(T, VT, SFX, 4)                           \
-    for (; c + L <= C; c += L) CNNEXT_CL_BLOCK(T, VT, SFX, 1)                                   \
-    cl_pixel_scalar<T>(xp, c, C, off, tidx, ntaps, y, yi);                                      \
+  for (int64_t t = 1; t < ntaps; ++t) {
+    const T* r = xp + off[t] + c;
+    const V tt = V::set1(T(t));
+    for (int k = 0; k < NV; ++k) {
+      const V v = V::load(r + k * L);
+      const typename V::Mask take = V::takes(v, acc[k]);
+      acc[k] = V::select(take, v, acc[k]);
+      tn[k] = V::select(take, tt, tn[k]);
+    }
   }
+  T tap[NV * L];
+  for (int k = 0; k < NV; ++k) {
+    acc[k].store(y + c + k * L);
+    tn[k].store(tap + k * L);
+  }
+  for (int b = 0; b < NV * L; ++b) yi[c + b] = tidx[static_cast<int64_t>(tap[b])];
+}
 
-CNNEXT_CL_PIXEL(float, __m256, ps)
-CNNEXT_CL_PIXEL(double, __m256d, pd)
-#undef CNNEXT_CL_PIXEL
-#undef CNNEXT_CL_BLOCK
+template <typename T>
+CNNEXT_AVX2 void cl_pixel_avx2(const T* __restrict__ xp, int64_t C, const int64_t* off,
+                               const int64_t* tidx, int64_t ntaps, T* __restrict__ y,
+                               int64_t* __restrict__ yi) {
+  constexpr int L = vec::Vec<T, Isa::kAvx2>::size;
+  int64_t c = 0;
+  for (; c + 4 * L <= C; c += 4 * L) cl_block_avx2<T, 4>(xp, c, off, tidx, ntaps, y, yi);
+  for (; c + L <= C; c += L) cl_block_avx2<T, 1>(xp, c, off, tidx, ntaps, y, yi);
+  cl_pixel_scalar<T>(xp, c, C, off, tidx, ntaps, y, yi);
+}
 #endif
 
 // One output pixel: C channels at xp + off[t] (t < ntaps, ntaps >= 1); tap t has flat
@@ -328,8 +322,8 @@ CNNEXT_CL_PIXEL(double, __m256d, pd)
 template <typename T>
 void cl_pixel(bool avx2, const T* xp, int64_t C, const int64_t* off, const int64_t* tidx,
               int64_t ntaps, T* y, int64_t* yi) {
-#ifdef CNNEXT_CL_AVX2
-  if (avx2) return cl_pixel_avx2(xp, C, off, tidx, ntaps, y, yi);
+#ifdef CNNEXT_VEC_X86
+  if (avx2) return cl_pixel_avx2<T>(xp, C, off, tidx, ntaps, y, yi);
 #endif
   cl_pixel_scalar<T>(xp, 0, C, off, tidx, ntaps, y, yi);
 }
@@ -342,7 +336,7 @@ void forward_channels_last(const at::Tensor& input, const Pool2dParams& p, at::T
   T* y = out.mutable_data_ptr<T>();
   int64_t* yi = idx.mutable_data_ptr<int64_t>();
   const Strides4 xs = strides_of(input);
-  const bool avx2 = cpu_features().avx2;
+  const bool avx2 = cpu_features().avx2_fma();
   const bool avx512 = max_pool2d_cl_avx512_ok(p);
   (avx512 ? kClAvx512 : avx2 ? kClAvx2 : kClScalar).hit();
   at::parallel_for(0, p.N * p.OH, 1, [&](int64_t begin, int64_t end) {
