@@ -1,6 +1,7 @@
 // avg_pool2d and adaptive_avg_pool2d: op schemas, argument checks and device dispatch.
 //
-// Four ops, closed under differentiation (see cnnext/_avg_pool.py). Each forward is a
+// Four ops, closed under differentiation (autograd: csrc/ops/autograd_pool2d.cpp; the
+// algebra: cnnext/_avg_pool.py). Each forward is a
 // linear map A of the input, and its backward the adjoint A^T of grad_output:
 //   avg_pool2d                      y  = A x      (windows of kernel/stride/padding)
 //   avg_pool2d_backward             dx = A^T dy
@@ -142,15 +143,14 @@ TORCH_LIBRARY_FRAGMENT(cnnext, m) {
   m.def("adaptive_avg_pool2d_backward(Tensor grad_output, Tensor input) -> Tensor");
 }
 
-// The same checked entry points serve both dispatch keys (see csrc/ops/conv2d.cpp).
-#define CNNEXT_REGISTER_AVG_POOL2D(KEY)                                          \
-  TORCH_LIBRARY_IMPL(cnnext, KEY, m) {                                           \
-    m.impl("avg_pool2d", &avg_pool2d);                                           \
-    m.impl("avg_pool2d_backward", &avg_pool2d_backward);                         \
-    m.impl("adaptive_avg_pool2d", &adaptive_avg_pool2d);                         \
-    m.impl("adaptive_avg_pool2d_backward", &adaptive_avg_pool2d_backward);       \
-  }
-CNNEXT_REGISTER_AVG_POOL2D(CPU)
-CNNEXT_REGISTER_AVG_POOL2D(CUDA)
+// The same checked entry points serve both dispatch keys: they pick the backend
+// from the input's device (CNNEXT_BACKEND).
+static void impls(torch::Library& m) {
+  m.impl("avg_pool2d", &avg_pool2d);
+  m.impl("avg_pool2d_backward", &avg_pool2d_backward);
+  m.impl("adaptive_avg_pool2d", &adaptive_avg_pool2d);
+  m.impl("adaptive_avg_pool2d_backward", &adaptive_avg_pool2d_backward);
+}
+CNNEXT_IMPL_CPU_AND_CUDA(impls)
 
 }  // namespace cnnext

@@ -1,7 +1,8 @@
 // conv2d: op schemas, argument checks and device dispatch. The only place that
 // checks what a user passed; the backends trust the Conv2dParams filled here.
 //
-// Four ops, closed under differentiation (see cnnext/_autograd.py):
+// Four ops, closed under differentiation (autograd: csrc/ops/autograd_conv2d.cpp; the
+// algebra: cnnext/_autograd.py):
 //   conv2d                  y  = x (*) w + b
 //   conv2d_input_backward   dx = dy (*)^T w      (also transposed convolution)
 //   conv2d_weight_backward  dw = x (*)^T dy
@@ -97,15 +98,13 @@ TORCH_LIBRARY_FRAGMENT(cnnext, m) {
 }
 
 // The same checked entry points serve both dispatch keys: they pick the backend
-// from the input's device, and report a CPU-only build clearly.
-#define CNNEXT_REGISTER_CONV2D(KEY)                                  \
-  TORCH_LIBRARY_IMPL(cnnext, KEY, m) {                               \
-    m.impl("conv2d", &conv2d);                                       \
-    m.impl("conv2d_input_backward", &conv2d_input_backward);         \
-    m.impl("conv2d_weight_backward", &conv2d_weight_backward);       \
-    m.impl("channel_sum", &channel_sum);                             \
-  }
-CNNEXT_REGISTER_CONV2D(CPU)
-CNNEXT_REGISTER_CONV2D(CUDA)
+// from the input's device (CNNEXT_BACKEND).
+static void impls(torch::Library& m) {
+  m.impl("conv2d", &conv2d);
+  m.impl("conv2d_input_backward", &conv2d_input_backward);
+  m.impl("conv2d_weight_backward", &conv2d_weight_backward);
+  m.impl("channel_sum", &channel_sum);
+}
+CNNEXT_IMPL_CPU_AND_CUDA(impls)
 
 }  // namespace cnnext

@@ -8,7 +8,7 @@
 //                                   what the backward pass needs.
 //   conv_bn_relu2d_train_backward   the batch-norm + ReLU part of its backward pass; the
 //                                   convolution's part is conv2d_input_backward and
-//                                   conv2d_weight_backward (cnnext/_conv_bn_relu.py).
+//                                   conv2d_weight_backward (csrc/ops/autograd_conv2d.cpp).
 //   batch_norm_update_stats_        running_mean / running_var updated in place with
 //                                   momentum and the unbiased variance (split from the
 //                                   differentiable op: autograd formulas cannot be
@@ -199,14 +199,14 @@ TORCH_LIBRARY_FRAGMENT(cnnext, m) {
         "int[2] padding, int[2] dilation, int groups, bool relu) -> Tensor");
 }
 
-#define CNNEXT_REGISTER_CONV_BN_RELU2D(KEY)                                      \
-  TORCH_LIBRARY_IMPL(cnnext, KEY, m) {                                           \
-    m.impl("conv_bn_relu2d_train", &conv_bn_relu2d_train);                       \
-    m.impl("conv_bn_relu2d_train_backward", &conv_bn_relu2d_train_backward);     \
-    m.impl("batch_norm_update_stats_", &batch_norm_update_stats_);               \
-    m.impl("conv_bn_relu2d_eval", &conv_bn_relu2d_eval);                         \
-  }
-CNNEXT_REGISTER_CONV_BN_RELU2D(CPU)
-CNNEXT_REGISTER_CONV_BN_RELU2D(CUDA)
+// The same checked entry points serve both dispatch keys: they pick the backend
+// from the input's device (CNNEXT_BACKEND).
+static void impls(torch::Library& m) {
+  m.impl("conv_bn_relu2d_train", &conv_bn_relu2d_train);
+  m.impl("conv_bn_relu2d_train_backward", &conv_bn_relu2d_train_backward);
+  m.impl("batch_norm_update_stats_", &batch_norm_update_stats_);
+  m.impl("conv_bn_relu2d_eval", &conv_bn_relu2d_eval);
+}
+CNNEXT_IMPL_CPU_AND_CUDA(impls)
 
 }  // namespace cnnext

@@ -4,10 +4,12 @@
 //   CNNEXT_BACKEND(op, t, fn)(args...)   calls cuda::fn for a CUDA tensor t and cpu::fn
 //                                        otherwise; in a CPU-only build a CUDA tensor
 //                                        raises the rebuild message naming op.
-//   CNNEXT_REGISTER_CPU_AND_CUDA(name, fn)   the one checked entry point serves both keys.
+//   CNNEXT_IMPL_CPU_AND_CUDA(fn)         registers the impls fn(m) makes for both the CPU
+//                                        and the CUDA dispatch key.
 #pragma once
 
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include "cpu/avg_pool2d.h"
 #include "cpu/conv2d.h"
@@ -49,3 +51,7 @@ inline bool on_cuda(const char* op, const at::Tensor& t) {
 #else
 #define CNNEXT_BACKEND(op, t, fn) (::cnnext::on_cuda(op, t), &::cnnext::cpu::fn)
 #endif
+
+#define CNNEXT_IMPL_CPU_AND_CUDA(fn) \
+  TORCH_LIBRARY_IMPL(cnnext, CPU, m) { fn(m); } \
+  TORCH_LIBRARY_IMPL(cnnext, CUDA, m) { fn(m); }

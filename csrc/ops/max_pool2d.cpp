@@ -2,7 +2,8 @@
 // only place that checks what a user passed (index values excepted: the backends
 // check each index as they read it).
 //
-// Five ops, closed under differentiation (see cnnext/_max_pool.py). With S the
+// Five ops, closed under differentiation (autograd: csrc/ops/autograd_pool2d.cpp; the
+// algebra: cnnext/_max_pool.py). With S the
 // scatter-add of a plane of values to the positions `indices` names:
 //   max_pool2d_with_indices            (y, idx)  y = x at idx (torch's maximum)
 //   max_pool2d_with_indices_backward   dx = S(dy)                 d/d(dy): max_pool2d_select
@@ -156,16 +157,15 @@ TORCH_LIBRARY_FRAGMENT(cnnext, m) {
   m.def("max_unpool2d_backward(Tensor grad_output, Tensor indices) -> Tensor");
 }
 
-// The same checked entry points serve both dispatch keys (see csrc/ops/conv2d.cpp).
-#define CNNEXT_REGISTER_MAX_POOL2D(KEY)                                                \
-  TORCH_LIBRARY_IMPL(cnnext, KEY, m) {                                                 \
-    m.impl("max_pool2d_with_indices", &max_pool2d_with_indices);                       \
-    m.impl("max_pool2d_with_indices_backward", &max_pool2d_with_indices_backward);     \
-    m.impl("max_pool2d_select", &max_pool2d_select);                                   \
-    m.impl("max_unpool2d", &max_unpool2d);                                             \
-    m.impl("max_unpool2d_backward", &max_unpool2d_backward);                           \
-  }
-CNNEXT_REGISTER_MAX_POOL2D(CPU)
-CNNEXT_REGISTER_MAX_POOL2D(CUDA)
+// The same checked entry points serve both dispatch keys: they pick the backend
+// from the input's device (CNNEXT_BACKEND).
+static void impls(torch::Library& m) {
+  m.impl("max_pool2d_with_indices", &max_pool2d_with_indices);
+  m.impl("max_pool2d_with_indices_backward", &max_pool2d_with_indices_backward);
+  m.impl("max_pool2d_select", &max_pool2d_select);
+  m.impl("max_unpool2d", &max_unpool2d);
+  m.impl("max_unpool2d_backward", &max_unpool2d_backward);
+}
+CNNEXT_IMPL_CPU_AND_CUDA(impls)
 
 }  // namespace cnnext
