@@ -103,7 +103,7 @@ def sources(pattern):
 
 def make_extension():
     with_cuda, why = decide_cuda()
-    srcs = sources("csrc/extension.cpp") + sources("csrc/eager.cpp") + sources("csrc/ops/*.cpp") + sources("csrc/cpu/*.cpp")
+    srcs = sources("csrc/*.cpp") + sources("csrc/ops/*.cpp") + sources("csrc/cpu/*.cpp")
     # at::parallel_for is an OpenMP region compiled into this extension (torch's CPU
     # builds use OpenMP): without -fopenmp every parallel_for here would run serially.
     cxx = ["-O3", "-fopenmp"]

@@ -27,7 +27,7 @@ _HALF = (torch.float16, torch.bfloat16)
 
 
 def stats_dtype(dtype):
-    """dtype of the batch statistics (csrc/ops/conv_bn_relu2d.h stats_dtype)."""
+    """dtype of the batch statistics (csrc/tensors.h stats_dtype)."""
     return torch.float32 if dtype in _HALF else dtype
 
 

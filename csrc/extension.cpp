@@ -1,10 +1,12 @@
 // The Python extension module cnnext._C. Loading it registers the ops (TORCH_LIBRARY
 // in csrc/ops/*.cpp); the module itself reports how it was built and holds the direct
-// eager entries to the ops (cnnext._C.eager, csrc/eager.cpp).
+// eager entries to the ops (cnnext._C.eager, csrc/eager.cpp) and the test-only entries
+// (csrc/test_hooks.cpp: kernel-path counters, the CPU vector layer).
 #include <torch/extension.h>
 #include <torch/version.h>
 
 #include "eager.h"
+#include "test_hooks.h"
 
 #ifdef CNNEXT_WITH_CUDA
 #include <cuda_runtime_api.h>
@@ -42,4 +44,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "cnnext kernels; the ops live in torch.ops.cnnext";
   m.def("build_info", &build_info, "How this extension was built.");
   cnnext::bind_eager(m);
+  cnnext::bind_test_hooks(m);
 }

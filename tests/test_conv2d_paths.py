@@ -5,13 +5,16 @@ Output positions are batched over samples (one GEMM spans several small maps); e
 puts positions on its N side (channels on M) or, when that wastes less padding, transposed;
 the work is split over output-channel blocks (forward), input-channel x sample blocks (input
 gradient) and tap blocks (weight gradient) depending on the thread count, so the float32
-cases run on 1, 2 and 3 threads. float64 takes the at::mm paths on the same shapes.
+cases run on 1, 2 and 3 threads. float64 takes the at::mm paths (or the direct loops for
+thin groups) on the same shapes. Each case names the kernel paths it targets (PATHS), and
+the tests assert through the extension's path counters (cnnext._paths) that they ran.
 """
 import pytest
 import torch
 import torch.nn.functional as F
 
 import cnnext
+from cnnext._paths import expect_path
 from cnnext.functional import conv2d, conv_bn_relu2d
 from conftest import assert_close_scaled, to_layout
 
@@ -36,8 +39,8 @@ CASES = {
     # partial last panel; its input gradient runs the same way on the transposed weight.
     "panels_groups": (4, 48, 3, 3, 140, 3, 1, 1, 1, 2),
     "panels_deep": (2, 256, 3, 3, 96, 3, 1, 1, 1, 1),
-    # LeNet's first layer (1 -> 6 channels): forward and input gradient on the GEMM (input
-    # gradient split over samples), weight gradient on the direct loops.
+    # LeNet's first layer (1 -> 6 channels): enough taps for the GEMM in every direction
+    # (input gradient split over samples) although its groups are thin.
     "lenet_conv1": (6, 1, 12, 12, 6, 5, 1, 2, 1, 1),
     "lenet_conv2": (5, 6, 14, 14, 16, 5, 1, 0, 1, 1),
     "one_sample_3x3": (1, 128, 3, 3, 72, 3, 1, 1, 1, 1),
@@ -51,6 +54,45 @@ CASES = {
     # 1 x 1 unpadded on a small map: implicit too (no extra columns).
     "implicit_pointwise_small": (3, 40, 7, 9, 48, 1, 1, 0, 1, 1),
 }
+
+# The float32 paths each case targets, on contiguous tensors and any thread count: the
+# forward GEMM's form (csrc/cpu/conv2d_sgemm.cpp forward_impl), the input gradient's and
+# the weight gradient's (None: it depends on the thread count).
+PATHS = {
+    "rows_chunks": ("implicit", "sgemm_as_forward", "sgemm_implicit"),
+    "across_samples": ("gather", "sgemm_as_forward", "sgemm_gather"),
+    "transposed": ("panels", "sgemm_col2im_transposed", "sgemm_gather"),
+    "transposed_odd": ("panels", "sgemm_col2im_transposed", "sgemm_gather"),
+    "stride2_small": ("panels", "sgemm_col2im_transposed", "sgemm_gather"),
+    "pointwise_stride2": ("gather", None, "sgemm_gather"),
+    "dilated_padded": ("gather", "sgemm_col2im", "sgemm_gather"),
+    "groups": ("gather", "sgemm_col2im", "sgemm_gather"),
+    "groups_transposed": ("gather_transposed", "sgemm_as_forward", "sgemm_gather"),
+    "panels_groups": ("panels", "sgemm_col2im_transposed", "sgemm_gather"),
+    "panels_deep": ("panels", "sgemm_as_forward", "sgemm_gather"),
+    "lenet_conv1": ("gather", "sgemm_col2im", "sgemm_implicit"),
+    "lenet_conv2": ("gather", "sgemm_col2im", "sgemm_gather"),
+    "one_sample_3x3": ("panels", "sgemm_as_forward", "sgemm_gather"),
+    "implicit_dilated": ("implicit", "sgemm_col2im", "sgemm_implicit"),
+    "implicit_groups": ("implicit", "sgemm_col2im", "sgemm_implicit"),
+    "implicit_1x1": ("implicit", "sgemm_col2im", "sgemm_implicit"),
+    "implicit_w_only": ("gather", "sgemm_col2im", "sgemm_implicit"),
+    "implicit_pointwise_small": ("implicit", "sgemm_as_forward", "sgemm_gather"),
+}
+
+
+def float32_paths(case):
+    fwd, grad_in, grad_w = PATHS[case]
+    names = ["conv2d.fwd.sgemm", f"conv2d.sgemm.{fwd}", "conv2d.input_grad.sgemm",
+             "conv2d.weight_grad.sgemm", f"conv2d.weight_grad.{grad_w}"]
+    return names + ([f"conv2d.input_grad.{grad_in}"] if grad_in else [])
+
+
+def float64_paths(case):
+    """at::mm, or the direct loops where in_channels x out_channels per group <= 8."""
+    n, c, h, w, o, k, s, p, d, g = CASES[case]
+    kind = "direct" if (c // g) * (o // g) <= 8 else "mm"
+    return [f"conv2d.fwd.{kind}", f"conv2d.input_grad.{kind}", f"conv2d.weight_grad.{kind}"]
 
 
 def run(case, dtype, layout, bias=True):
@@ -86,7 +128,8 @@ def test_float32_threads(case, threads):
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        ours, ref = run(case, torch.float32, "contiguous")
+        with expect_path(*float32_paths(case)):
+            ours, ref = run(case, torch.float32, "contiguous")
     finally:
         torch.set_num_threads(old)
     compare(ours, ref, torch.float32)
@@ -102,13 +145,15 @@ def test_float32_layouts(case, layout):
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_float64(case, layout):
-    ours, ref = run(case, torch.float64, layout)
+    with expect_path(*float64_paths(case)):
+        ours, ref = run(case, torch.float64, layout)
     compare(ours, ref, torch.float64)
 
 
 @pytest.mark.parametrize("case", ["transposed", "across_samples", "lenet_conv1"])
 def test_no_bias(case):
-    ours, ref = run(case, torch.float32, "contiguous", bias=False)
+    with expect_path(*float32_paths(case)):
+        ours, ref = run(case, torch.float32, "contiguous", bias=False)
     compare(ours, ref, torch.float32)
 
 
@@ -146,7 +191,8 @@ def test_relu_epilogue_transposed(relu):
         wt, b = torch.randn(o, c, k, k), torch.randn(o)
         gamma, beta = torch.rand(o) + 0.5, torch.randn(o)
         mean, var = torch.randn(o), torch.rand(o) + 0.5
-        ours = conv_bn_relu2d(x, wt, b, gamma, beta, mean, var, False, padding=1, relu=relu)
+        with expect_path(f"conv2d.sgemm.{PATHS[case][0]}"):
+            ours = conv_bn_relu2d(x, wt, b, gamma, beta, mean, var, False, padding=1, relu=relu)
         ref = F.batch_norm(F.conv2d(x, wt, b, padding=1), mean, var, gamma, beta, False)
         if relu:
             ref = F.relu(ref)
@@ -168,7 +214,9 @@ def test_batch_stats_chunks_across_samples(threads):
             for fused in (True, False):
                 rm, rv = torch.zeros(o), torch.ones(o)
                 if fused:
-                    y = conv_bn_relu2d(x, wt, None, gamma, beta, rm, rv, True, padding=1)
+                    # The statistics are taken per row band: gathered columns, then implicit.
+                    with expect_path("conv2d.sgemm.gather" if shape[0] == 5 else "conv2d.sgemm.implicit"):
+                        y = conv_bn_relu2d(x, wt, None, gamma, beta, rm, rv, True, padding=1)
                 else:
                     y = F.relu(F.batch_norm(F.conv2d(x, wt, None, padding=1), rm, rv, gamma, beta, True))
                 gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(2))

@@ -1,13 +1,15 @@
-"""The flat loops over dense planes (csrc/cpu/max_pool2d.cpp) of max_unpool2d's scatter and
+"""The flat loops over dense planes (csrc/cpu/max_pool2d_backward.cpp, csrc/cpu/max_unpool2d.cpp) of max_unpool2d's scatter and
 max_pool2d's backward scatter-add (NCHW, planes with contiguous rows and no row padding, every
 window with a tap), against torch: repeated indices (last write wins / gradients add in
 output order), float32 and float64, invalid indices reported, and the strided loops beside
-them (non-dense planes, empty windows)."""
+them (non-dense planes, empty windows). Each test asserts through the path counters
+(cnnext._paths) that the loop it targets ran."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 import cnnext
+from cnnext._paths import expect_path
 
 ops = torch.ops.cnnext
 
@@ -21,18 +23,21 @@ def test_unpool_and_backward_match_torch(dtype, k, s, p):
     y, idx = F.max_pool2d(x, k, s, p, return_indices=True)
     g = torch.randn(y.shape, generator=gen, dtype=dtype)
     for yy, ii, gg in ((y, idx, g), (y[:, 1:], idx[:, 1:], g[:, 1:])):  # dense planes, strided batch
-        got = cnnext.functional.max_unpool2d(yy, ii, k, s, p, output_size=x.shape[-2:])
+        with expect_path("max_unpool2d.fwd.flat_scatter"):
+            got = cnnext.functional.max_unpool2d(yy, ii, k, s, p, output_size=x.shape[-2:])
         want = F.max_unpool2d(yy, ii, k, s, p, output_size=x.shape[-2:])
         assert torch.equal(got, want)
         shape = list(yy.shape[:2]) + list(x.shape[-2:])
-        gx = ops.max_pool2d_with_indices_backward(gg, ii, shape, [k, k], [s, s], [p, p], [1, 1], False)
+        with expect_path("max_pool2d.bwd.flat_scatter"):
+            gx = ops.max_pool2d_with_indices_backward(gg, ii, shape, [k, k], [s, s], [p, p], [1, 1], False)
         xr = x[:, -yy.shape[1]:].clone().requires_grad_()
         (want_gx,) = torch.autograd.grad(F.max_pool2d(xr, k, s, p), xr, gg)
         torch.testing.assert_close(gx, want_gx, rtol=0, atol=0)
     # non-dense planes (rows of the grad / indices strided): the strided loops
     yt, it = y.transpose(2, 3).contiguous().transpose(2, 3), idx.transpose(2, 3).contiguous().transpose(2, 3)
-    assert torch.equal(cnnext.functional.max_unpool2d(yt, it, k, s, p, output_size=x.shape[-2:]),
-                       F.max_unpool2d(y, idx, k, s, p, output_size=x.shape[-2:]))
+    with expect_path("max_unpool2d.fwd.strided_scatter"):
+        got = cnnext.functional.max_unpool2d(yt, it, k, s, p, output_size=x.shape[-2:])
+    assert torch.equal(got, F.max_unpool2d(y, idx, k, s, p, output_size=x.shape[-2:]))
 
 
 def test_repeated_indices_order():
@@ -73,7 +78,9 @@ def test_channels_last_backward(dtype, k, s, p):
     cl = torch.channels_last
     for n, (gg, ii) in enumerate(((g.contiguous(memory_format=cl), idx.contiguous(memory_format=cl)),
                                   (g.contiguous(memory_format=cl), idx), (g, idx.contiguous(memory_format=cl)))):
-        gx = ops.max_pool2d_with_indices_backward(gg, ii, list(x.shape), [k, k], [s, s], [p, p], [1, 1], False)
+        # grad_input takes the indices' layout: channels_last loops when they are channels_last
+        with expect_path("max_pool2d.bwd.channels_last" if n != 1 else "max_pool2d.bwd.strided_scatter"):
+            gx = ops.max_pool2d_with_indices_backward(gg, ii, list(x.shape), [k, k], [s, s], [p, p], [1, 1], False)
         if n == 0:
             assert gx.is_contiguous(memory_format=cl)
         torch.testing.assert_close(gx, want, rtol=0, atol=0)

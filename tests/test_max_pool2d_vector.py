@@ -2,15 +2,31 @@
 stride 1 or 2; channels_last windows of at most 32 taps) against torch: values and indices
 exactly, with ties, NaN, -inf, padding, dilation, ceil_mode, rows wider and narrower than a
 vector (16 float / 8 double lanes, partial vectors at the row ends), strided rows and
-planes, float32 and float64. Column stride 3 (the other loops) is checked alongside."""
+planes, float32 and float64. Column stride 3 (the other loops) is checked alongside. Each
+test asserts through the path counters (cnnext._paths) that the kernel it targets ran; on a
+CPU without AVX-512 (or with CNNEXT_CPU_ISA capping it) the fallback loops are expected
+instead, and test_isa_fallbacks runs them here in a subprocess."""
 import itertools
+import os
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import cnnext
+from cnnext import _C
+from cnnext._paths import expect_path
+
+AVX512 = _C._cpu_isa() == "avx512"
+# The forward kernels: NCHW rows (column stride 1 or 2), the NCHW row loops (other strides
+# or no AVX-512), channels_last pixels of at most 32 taps (AVX-512) or more (AVX2).
+ROWS = "max_pool2d.fwd.avx512_rows" if AVX512 else "max_pool2d.fwd.nchw_rows"
+ROW_LOOPS = "max_pool2d.fwd.nchw_rows"
+CL_PIXELS = "max_pool2d.fwd.channels_last_avx512" if AVX512 else "max_pool2d.fwd.channels_last_avx2"
+CL_WIDE = "max_pool2d.fwd.channels_last_avx2" if _C._cpu_isa() != "scalar" else "max_pool2d.fwd.channels_last_scalar"
 
 NAN, INF = float("nan"), float("inf")
 
@@ -56,9 +72,10 @@ def configs(sw, seed, count):
 @pytest.mark.parametrize("special", [False, True])
 def test_random_windows(dtype, sw, ceil_mode, special):
     gen = torch.Generator().manual_seed(sw * 10 + ceil_mode * 2 + special)
-    for k, s, p, d, h, w in configs(sw, hash((sw, ceil_mode, special)) % 1000, 40):
-        x = values((2, 3, h, w), dtype, gen, special)
-        check(x, k, s, p, d, ceil_mode)
+    with expect_path(ROWS if sw < 3 else ROW_LOOPS):
+        for k, s, p, d, h, w in configs(sw, hash((sw, ceil_mode, special)) % 1000, 40):
+            x = values((2, 3, h, w), dtype, gen, special)
+            check(x, k, s, p, d, ceil_mode)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -71,7 +88,8 @@ def test_network_shapes_and_strided_rows(dtype, k, s, p):
         for t in (x[..., :w].contiguous(), x[..., 2:w + 2], x[:, 1::2, :, :w]):
             assert t.stride(3) == 1
             for ceil_mode in (False, True):
-                check(t, k, s, p, 1, ceil_mode)
+                with expect_path(ROWS):
+                    check(t, k, s, p, 1, ceil_mode)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -79,8 +97,9 @@ def test_distinct_values_alexnet_like(dtype):
     n = 2 * 3 * 54 * 54
     x = (torch.randperm(n, generator=torch.Generator().manual_seed(1)).to(dtype) - n / 2).reshape(2, 3, 54, 54)
     for k, s, p in ((3, 2, 0), (2, 2, 0), (3, 1, 1)):
-        check(x, k, s, p, 1, False)
-        check(-x, k, s, p, 1, True)
+        with expect_path(ROWS):
+            check(x, k, s, p, 1, False)
+            check(-x, k, s, p, 1, True)
 
 
 def test_all_nan_all_neg_inf_rows():
@@ -89,7 +108,8 @@ def test_all_nan_all_neg_inf_rows():
             x = torch.full((1, 2, 7, 37), fill, dtype=dtype)
             x[0, 1, 3, ::5] = 1.0
             for s, p in ((1, 1), (2, 0), (2, 1)):
-                check(x, 3, s, p, 1, True)
+                with expect_path(ROWS):
+                    check(x, 3, s, p, 1, True)
                 check(x, (2, 3), (1, s), (1, p), (2, 1), False)
 
 
@@ -116,7 +136,8 @@ def test_channels_last_channel_tails(dtype, channels):
         x = values((2, channels, 9, 11), dtype, gen, special).contiguous(memory_format=torch.channels_last)
         for k, s, p, d, ceil_mode in (((3, 3), 2, 1, 1, True), ((2, 2), 2, 0, 1, False),
                                       ((3, 2), (1, 2), (1, 0), (2, 1), True), ((1, 1), 1, 0, 1, False)):
-            check(x, k, s, p, d, ceil_mode)
+            with expect_path(CL_PIXELS if channels > 1 else ROWS):  # one channel: NCHW too
+                check(x, k, s, p, d, ceil_mode)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -125,4 +146,40 @@ def test_channels_last_many_taps(dtype, k):
     gen = torch.Generator().manual_seed(k[0] * 10 + k[1])
     x = values((2, 20, 13, 14), dtype, gen, True).contiguous(memory_format=torch.channels_last)
     for s, p, ceil_mode in ((1, 0, False), (2, 1, True), (3, (1, 2), False)):
-        check(x, k, s, p, 1, ceil_mode)
+        with expect_path(CL_PIXELS if k[0] * k[1] <= 32 else CL_WIDE):
+            check(x, k, s, p, 1, ceil_mode)
+
+
+# Each capped instruction-set level runs its own forward loops (csrc/cpu/cpu_features.h
+# reads CNNEXT_CPU_ISA once, hence a subprocess), checked against torch.
+FALLBACK_SCRIPT = """
+import torch, torch.nn.functional as F
+import cnnext
+from cnnext._paths import expect_path
+paths = {paths!r}
+for dtype in (torch.float32, torch.float64):
+    x = torch.randint(-3, 4, (2, 19, 9, 23)).to(dtype)
+    x[0, 0, 0, :5] = float("nan")
+    for t, path in ((x, paths[0]), (x.contiguous(memory_format=torch.channels_last), paths[1])):
+        for k, s, p in ((3, 2, 1), (2, 1, 0), (3, 3, 0)):
+            with expect_path(path):
+                y, i = cnnext.functional.max_pool2d(t, k, s, p, return_indices=True)
+            ry, ri = F.max_pool2d(t, k, s, p, return_indices=True)
+            torch.testing.assert_close(y, ry, rtol=0, atol=0, equal_nan=True)
+            assert torch.equal(i, ri)
+print(cnnext._C._cpu_isa())
+"""
+
+
+@pytest.mark.parametrize("isa,paths", [
+    ("avx2", ("max_pool2d.fwd.nchw_rows", "max_pool2d.fwd.channels_last_avx2")),
+    ("scalar", ("max_pool2d.fwd.nchw_rows", "max_pool2d.fwd.channels_last_scalar")),
+])
+def test_isa_fallbacks(isa, paths):
+    if isa == "avx2" and _C._cpu_isa() == "scalar":
+        pytest.skip("this CPU has no AVX2")
+    env = dict(os.environ, CNNEXT_CPU_ISA=isa)
+    out = subprocess.run([sys.executable, "-c", FALLBACK_SCRIPT.format(paths=paths)], env=env,
+                         capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(cnnext.__file__))))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[-1] == isa

@@ -125,10 +125,4 @@ CNNEXT_HD bool max_pool_prefers(A val, I idx, A cur, I cur_idx) {
   return val > cur || (val == cur && idx < cur_idx);
 }
 
-// Default output length of max_unpool2d along one dimension (torch's
-// (in - 1) * s - 2p + k); output_size may differ from it by less than s either way.
-CNNEXT_HD int64_t unpool_default_size(int64_t in, int64_t k, int64_t s, int64_t p) {
-  return (in - 1) * s - 2 * p + k;
-}
-
 }  // namespace cnnext

@@ -31,14 +31,20 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <vector>
 
-#include "ops/avg_pool2d.h"
-#include "ops/tensors.h"
+#include "cpu/avg_pool2d.h"
+#include "cpu/cpu_features.h"
+#include "paths.h"
+#include "tensors.h"
 
 namespace cnnext {
 namespace cpu {
+
+// The loops of window_channels (csrc/cpu/avg_pool2d_kernels.h), which returns one.
+enum WindowPath : int { kClSmall, kClLarge, kClBlocks, kClStrided };
 
 // x86-64 with GCC or clang: an AVX2 + FMA copy of the kernels besides the baseline one.
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -69,10 +75,22 @@ namespace {
 
 namespace {
 
+CNNEXT_PATH(kFwdAvx2, "avg_pool2d.fwd.avx2");
+CNNEXT_PATH(kFwdBaseline, "avg_pool2d.fwd.baseline");
+CNNEXT_PATH(kFwdNchw, "avg_pool2d.fwd.nchw");
+CNNEXT_PATH(kFwdCl, "avg_pool2d.fwd.channels_last");
+CNNEXT_PATH(kBwdNchw, "avg_pool2d.bwd.nchw");
+CNNEXT_PATH(kBwdCl, "avg_pool2d.bwd.channels_last");
+// channels_last forward, per window loop (window_channels): windows of 1-4 pixels, of
+// more than 16, register blocks (5-16), and strided channels.
+CNNEXT_PATH(kClSmallPath, "avg_pool2d.fwd.cl_small_windows");
+CNNEXT_PATH(kClLargePath, "avg_pool2d.fwd.cl_large_windows");
+CNNEXT_PATH(kClBlocksPath, "avg_pool2d.fwd.cl_register_blocks");
+CNNEXT_PATH(kClStridedPath, "avg_pool2d.fwd.cl_strided");
+
 bool use_avx2() {
 #ifdef CNNEXT_AVG_POOL_AVX2
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
+  return cpu_features().avx2_fma();
 #else
   return false;
 #endif
@@ -86,12 +104,23 @@ at::Tensor avg_pool2d_forward(const at::Tensor& input, const AvgPool2dParams& a,
   at::Tensor out = at::empty({p.N, p.C, p.OH, p.OW}, input.options().memory_format(out_format));
   if (out.numel() == 0) return out;
   const bool cl = out_format == at::MemoryFormat::ChannelsLast;
+  unsigned ran = 0;
+  const bool avx2 = use_avx2();
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "cnnext_avg_pool2d", [&] {
 #ifdef CNNEXT_AVG_POOL_AVX2
-    if (use_avx2()) return avx2::forward<scalar_t>(a, input, out, cl);
+    if (avx2) {
+      ran = avx2::forward<scalar_t>(a, input, out, cl);
+      return;
+    }
 #endif
-    baseline::forward<scalar_t>(a, input, out, cl);
+    ran = baseline::forward<scalar_t>(a, input, out, cl);
   });
+  (avx2 ? kFwdAvx2 : kFwdBaseline).hit();
+  (cl ? kFwdCl : kFwdNchw).hit();
+  if (ran & (1u << kClSmall)) kClSmallPath.hit();
+  if (ran & (1u << kClLarge)) kClLargePath.hit();
+  if (ran & (1u << kClBlocks)) kClBlocksPath.hit();
+  if (ran & (1u << kClStrided)) kClStridedPath.hit();
   return out;
 }
 
@@ -108,6 +137,7 @@ at::Tensor avg_pool2d_backward(const at::Tensor& grad_output, const AvgPool2dPar
 #endif
     baseline::backward<scalar_t>(a, grad_output, gx, cl);
   });
+  (cl ? kBwdCl : kBwdNchw).hit();
   return gx;
 }
 

@@ -225,7 +225,7 @@ void forward_nchw(const AvgPool2dParams& a, const Windows<T>& win, const at::Ten
 // pixels per pass into acc; each channel's sum runs over the pixels in row-major order
 // whatever the path.
 template <typename T>
-inline void window_channels(const T* x, const Strides4& xs, int64_t h0, int64_t h1, int64_t w0,
+inline int window_channels(const T* x, const Strides4& xs, int64_t h0, int64_t h1, int64_t w0,
                             int64_t w1, int64_t C, T scale, T* __restrict__ acc,
                             T* __restrict__ out, int64_t os) {
   const int64_t pixels = (h1 - h0) * (w1 - w0);
@@ -239,7 +239,7 @@ inline void window_channels(const T* x, const Strides4& xs, int64_t h0, int64_t 
     const T* __restrict__ first = x + h0 * xs.h + w0 * xs.w;
     if (pixels == 1) {
       for (int64_t c = 0; c < C; ++c) out[c] = first[c] * scale;
-      return;
+      return kClSmall;
     }
     int64_t k = 0;
     for (int64_t ih = h0; ih < h1; ++ih) {
@@ -254,7 +254,7 @@ inline void window_channels(const T* x, const Strides4& xs, int64_t h0, int64_t 
         }
       }
     }
-    return;
+    return kClSmall;
   }
   if (xs.c == 1 && os == 1 && pixels > 16) {
     // Large windows (global pooling of cached maps): the first two pixels summed into
@@ -284,7 +284,7 @@ inline void window_channels(const T* x, const Strides4& xs, int64_t h0, int64_t 
     } else {
       for (int64_t c = 0; c < C; ++c) out[c] = (acc[c] + a[c]) * scale;
     }
-    return;
+    return kClLarge;
   }
   if (xs.c == 1 && os == 1) {
     constexpr int64_t L = kVecLen<T>;
@@ -330,18 +330,20 @@ inline void window_channels(const T* x, const Strides4& xs, int64_t h0, int64_t 
         for (int64_t iw = w0; iw < w1; ++iw) a += x[ih * xs.h + iw * xs.w + c];
       out[c] = a * scale;
     }
-    return;
+    return kClBlocks;
   }
   std::fill(acc, acc + C, T(0));
   for (int64_t ih = h0; ih < h1; ++ih)
     for (int64_t iw = w0; iw < w1; ++iw) row_add(acc, x + ih * xs.h + iw * xs.w, xs.c, C);
   for (int64_t c = 0; c < C; ++c) out[c * os] = acc[c] * scale;
+  return kClStrided;
 }
 
 // Channels-last output: one (n, output row, channel block) per item.
+// Returns the window loops that ran, a bit (1 << path) per path.
 template <typename T>
-void forward_channels_last(const AvgPool2dParams& a, const Windows<T>& win,
-                           const at::Tensor& input, at::Tensor& out) {
+unsigned forward_channels_last(const AvgPool2dParams& a, const Windows<T>& win,
+                               const at::Tensor& input, at::Tensor& out) {
   const Pool2dParams& p = a.p;
   const Strides4 xs = strides_of(input), ys = strides_of(out);
   const T* x = input.const_data_ptr<T>();
@@ -350,20 +352,24 @@ void forward_channels_last(const AvgPool2dParams& a, const Windows<T>& win,
   const int64_t cblocks = (p.C + CB - 1) / CB;
   const int64_t window_elems = p.OW * std::max<int64_t>(1, (p.H * p.W) / std::max<int64_t>(1, p.OH * p.OW));
   const int64_t per_item = std::min(p.C, CB) * (window_elems + p.OW);
+  std::atomic<unsigned> ran{0};
   at::parallel_for(0, p.N * p.OH * cblocks, grain_for(per_item), [&](int64_t b, int64_t e) {
     std::vector<T> acc(std::min(p.C, CB));
+    unsigned used = 0;
     for (int64_t item = b; item < e; ++item) {
       const int64_t cb = item % cblocks, row = item / cblocks;
       const int64_t n = row / p.OH, oh = row % p.OH;
       const int64_t c0 = cb * CB, nc = std::min(CB, p.C - c0);
       const T* xn = x + n * xs.n + c0 * xs.c;
       for (int64_t ow = 0; ow < p.OW; ++ow) {
-        window_channels(xn, xs, win.hlo[oh], win.hhi[oh], win.wlo[ow], win.whi[ow], nc,
-                        win.inv[oh * p.OW + ow], acc.data(),
-                        y + n * ys.n + c0 * ys.c + oh * ys.h + ow * ys.w, ys.c);
+        used |= 1u << window_channels(xn, xs, win.hlo[oh], win.hhi[oh], win.wlo[ow], win.whi[ow],
+                                      nc, win.inv[oh * p.OW + ow], acc.data(),
+                                      y + n * ys.n + c0 * ys.c + oh * ys.h + ow * ys.w, ys.c);
       }
     }
+    ran.fetch_or(used, std::memory_order_relaxed);
   });
+  return ran.load(std::memory_order_relaxed);
 }
 
 // ---------------------------------------------------------------------------------
@@ -524,14 +530,14 @@ void backward_channels_last(const AvgPool2dParams& a, const Windows<T>& win,
   });
 }
 
+// Returns forward_channels_last's window loops (0 for NCHW).
 template <typename T>
-void forward(const AvgPool2dParams& a, const at::Tensor& input, at::Tensor& out, bool channels_last) {
+unsigned forward(const AvgPool2dParams& a, const at::Tensor& input, at::Tensor& out,
+                 bool channels_last) {
   const Windows<T> win(a);
-  if (channels_last) {
-    forward_channels_last(a, win, input, out);
-  } else {
-    forward_nchw(a, win, input, out);
-  }
+  if (channels_last) return forward_channels_last(a, win, input, out);
+  forward_nchw(a, win, input, out);
+  return 0;
 }
 
 template <typename T>

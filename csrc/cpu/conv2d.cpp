@@ -14,14 +14,25 @@
 #include <cstring>
 #include <vector>
 
-#include "ops/conv2d.h"
-#include "ops/tensors.h"
+#include "cpu/conv2d.h"
+#include "tensors.h"
 #include "cpu/conv2d_sgemm.h"
 #include "cpu/sgemm.h"
+#include "paths.h"
 
 namespace cnnext {
 namespace cpu {
 namespace {
+
+CNNEXT_PATH(kFwdSgemm, "conv2d.fwd.sgemm");
+CNNEXT_PATH(kFwdDirect, "conv2d.fwd.direct");
+CNNEXT_PATH(kFwdMm, "conv2d.fwd.mm");
+CNNEXT_PATH(kInSgemm, "conv2d.input_grad.sgemm");
+CNNEXT_PATH(kInDirect, "conv2d.input_grad.direct");
+CNNEXT_PATH(kInMm, "conv2d.input_grad.mm");
+CNNEXT_PATH(kWDirect, "conv2d.weight_grad.direct");
+CNNEXT_PATH(kWSgemm, "conv2d.weight_grad.sgemm");
+CNNEXT_PATH(kWMm, "conv2d.weight_grad.mm");
 
 // Column buffer elements a work item aims for: about 4 MiB of floats. Bands of one
 // sample are made equal, so no band is a sliver.
@@ -300,6 +311,7 @@ void conv2d_forward_rows(const at::Tensor& input, const at::Tensor& weight,
   const Bands bands = pointwise ? Bands{p.OH, 1} : bands_for(p);
   const Strides4 xs = strides_of(input);
   if (use_sgemm(input) && !use_direct_sgemm(p) && out_format == at::MemoryFormat::Contiguous) {
+    kFwdSgemm.hit();
     conv_sgemm::forward(input.const_data_ptr<float>(), xs, w.const_data_ptr<float>(),
                         has_bias ? b.const_data_ptr<float>() : nullptr,
                         out.mutable_data_ptr<float>(), strides_of(out), p, relu, rows_done);
@@ -309,6 +321,7 @@ void conv2d_forward_rows(const at::Tensor& input, const at::Tensor& weight,
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "cnnext_conv2d_forward", [&] {
     const scalar_t* x = input.const_data_ptr<scalar_t>();
     if (use_direct(p)) {
+      kFwdDirect.hit();
       direct_forward(x, xs, w.const_data_ptr<scalar_t>(),
                      has_bias ? b.const_data_ptr<scalar_t>() : nullptr,
                      out.mutable_data_ptr<scalar_t>(), strides_of(out), p, relu);
@@ -320,6 +333,7 @@ void conv2d_forward_rows(const at::Tensor& input, const at::Tensor& weight,
       }
       return;
     }
+    kFwdMm.hit();
     for_each_item(p.N * bands.count, input, pointwise ? 0 : K * bands.rows * p.OW,
                   [&](int64_t item, at::Tensor& buf) {
       const int64_t n = item / bands.count;
@@ -358,6 +372,7 @@ at::Tensor conv2d_input_backward(const at::Tensor& grad_out, const at::Tensor& w
   if (gx.numel() == 0) return gx;
   if (!pointwise && !(sgemm && conv_sgemm::input_backward_overwrites(p))) gx.zero_();
   if (sgemm) {
+    kInSgemm.hit();
     const at::Tensor w = weight.contiguous();
     conv_sgemm::input_backward(grad_output.const_data_ptr<float>(), strides_of(grad_output),
                                w.const_data_ptr<float>(), gx.mutable_data_ptr<float>(),
@@ -371,10 +386,12 @@ at::Tensor conv2d_input_backward(const at::Tensor& grad_out, const at::Tensor& w
   AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "cnnext_conv2d_input_backward", [&] {
     scalar_t* gxp = gx.mutable_data_ptr<scalar_t>();
     if (use_direct(p)) {
+      kInDirect.hit();
       direct_input_backward(grad_output.const_data_ptr<scalar_t>(), strides_of(grad_output),
                             weight.contiguous().const_data_ptr<scalar_t>(), gxp, xs, p);
       return;
     }
+    kInMm.hit();
     // One item per sample: the bands of a sample overlap in the input they add to.
     for_each_item(p.N, grad_output, pointwise ? 0 : K * bands.rows * p.OW,
                   [&](int64_t n, at::Tensor& buf) {
@@ -405,6 +422,7 @@ at::Tensor conv2d_weight_backward(const at::Tensor& grad_out, const at::Tensor& 
   const int64_t Cg = p.in_per_group(), Og = p.out_per_group(), K = Cg * p.KH * p.KW;
   const bool pointwise = is_pointwise(p) && planes_flatten(input);
   if (use_sgemm(grad_output) ? use_direct_sgemm(p) : use_direct(p)) {
+    kWDirect.hit();
     at::Tensor gw = at::empty({p.O, Cg, p.KH, p.KW}, grad_output.options());
     AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "cnnext_conv2d_weight_backward", [&] {
       direct_weight_backward(grad_output.const_data_ptr<scalar_t>(), strides_of(grad_output),
@@ -413,12 +431,14 @@ at::Tensor conv2d_weight_backward(const at::Tensor& grad_out, const at::Tensor& 
     return gw;
   }
   if (use_sgemm(grad_output)) {
+    kWSgemm.hit();
     at::Tensor gw = at::empty({p.O, Cg, p.KH, p.KW}, grad_output.options());
     conv_sgemm::weight_backward(grad_output.const_data_ptr<float>(), strides_of(grad_output),
                                 input.const_data_ptr<float>(), strides_of(input),
                                 gw.mutable_data_ptr<float>(), p);
     return gw;
   }
+  kWMm.hit();
   const Bands bands = pointwise ? Bands{p.OH, 1} : bands_for(p);
   const int64_t items = p.N * bands.count;
   const int64_t threads = items > 1 ? at::get_num_threads() : 1;

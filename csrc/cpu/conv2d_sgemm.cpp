@@ -16,11 +16,22 @@
 #include <vector>
 
 #include "cpu/sgemm.h"
+#include "paths.h"
 
 namespace cnnext {
 namespace cpu {
 namespace conv_sgemm {
 namespace {
+
+CNNEXT_PATH(kPanels, "conv2d.sgemm.panels");
+CNNEXT_PATH(kImplicit, "conv2d.sgemm.implicit");
+CNNEXT_PATH(kGather, "conv2d.sgemm.gather");
+CNNEXT_PATH(kGatherT, "conv2d.sgemm.gather_transposed");
+CNNEXT_PATH(kInForward, "conv2d.input_grad.sgemm_as_forward");
+CNNEXT_PATH(kInCol2im, "conv2d.input_grad.sgemm_col2im");
+CNNEXT_PATH(kInCol2imT, "conv2d.input_grad.sgemm_col2im_transposed");
+CNNEXT_PATH(kWImplicit, "conv2d.weight_grad.sgemm_implicit");
+CNNEXT_PATH(kWGather, "conv2d.weight_grad.sgemm_gather");
 
 using sgemm::kMR;
 using sgemm::kNR;
@@ -435,6 +446,7 @@ void forward_impl(const float* x, const Strides4& xs, const float* w, bool w_t, 
   int64_t chunks = ceil_div(R, rows);
   const bool trans = positions_on_m(rows * p.OW, Og);
   if (trans && chunks == 1 && !rows_done && Og > kNR) {
+    kPanels.hit();
     forward_panels(x, xs, w, w_t, bias, y, ys, p, relu);
     return;
   }
@@ -481,10 +493,12 @@ void forward_impl(const float* x, const Strides4& xs, const float* w, bool w_t, 
 
   // Stride 1 and >= 16 output columns, or no extra columns at all (1 x 1 unpadded).
   if (!trans && p.SH == 1 && p.SW == 1 && (p.OW >= 16 || p.W + 2 * p.PW == p.OW)) {
+    kImplicit.hit();
     forward_implicit(x, xs, wp, w_size, bias, y, ys, p, relu, rows_done);
     return;
   }
 
+  (trans ? kGatherT : kGather).hit();
   const float* xp = pad_input(x, xs, p);
   const std::vector<int64_t> off = tap_offsets(p);
   const int64_t gstride = Cg * (p.H + 2 * p.PH) * (p.W + 2 * p.PW);
@@ -543,6 +557,7 @@ void input_backward(const float* gy, const Strides4& gs, const float* w, float* 
   const int64_t Cg = p.in_per_group(), Og = p.out_per_group(), K = Cg * p.KH * p.KW;
   const int64_t taps = p.KH * p.KW, T = at::get_num_threads();
   if (input_backward_overwrites(p)) {
+    kInForward.hit();
     // Stride 1: gx is the convolution of gy, padded by d (k - 1) - p, with the weight
     // flipped in space and transposed in channels (w'[g Cg + c][o][kh][kw] =
     // w[g Og + o][c][KH - 1 - kh][KW - 1 - kw]): a forward, which overwrites gx, no col2im.
@@ -580,6 +595,7 @@ void input_backward(const float* gy, const Strides4& gs, const float* w, float* 
   const bool trans = positions_on_m(Lmax, Kc_max);
   const int64_t w_size = trans ? sgemm::packed_b_size(Og, Kc_max) : sgemm::packed_a_size(Kc_max, Og);
   const int64_t g_size = trans ? sgemm::packed_a_size(Lmax, Og) : sgemm::packed_b_size(Og, Lmax);
+  (trans ? kInCol2imT : kInCol2im).hit();
   run_items(p.G * cblocks * nblocks, [&](int64_t item) {
     const int64_t g = item / (cblocks * nblocks), cb = (item / nblocks) % cblocks;
     const int64_t nb = item % nblocks;
@@ -617,6 +633,7 @@ void weight_backward(const float* gy, const Strides4& gs, const float* x, const 
     return;
   }
   if (p.SH == 1 && p.SW == 1 && p.OW >= 12) {
+    kWImplicit.hit();
     // gw_g^T (K x Og) = A (K x L) * gy_g^T with A read in place from the padded input,
     // A(k, l) = xpad[off[k] + l] in padded-width coordinates l = oh * Wp + ow; gy^T is
     // packed in the same coordinates, zero in the Wp - OW extra columns, which so add
@@ -656,6 +673,7 @@ void weight_backward(const float* gy, const Strides4& gs, const float* x, const 
   // gw_g (Og x K) = gy_g (Og x L) * col^T (L x K), summed over chunks of positions. Items:
   // (group, block of taps, a multiple of kNR): each owns its columns of gw and reduces
   // every position itself.
+  kWGather.hit();
   const int64_t kpb = round_up(ceil_div(K, std::min(ceil_div(K, kNR), ceil_div(T, p.G))), kNR);
   const int64_t kblocks = ceil_div(K, kpb);
   const int64_t rows = std::clamp<int64_t>(kColBudget / std::max<int64_t>(1, kpb * p.OW), 1, R);

@@ -12,6 +12,7 @@
 // (int32 for float, int64 for double), starting from torch's index of an empty or all
 // -inf window, lo_h * W + lo_w, and is widened to int64 at the store.
 #include "cpu/max_pool2d_avx512.h"
+#include "cpu/cpu_features.h"
 
 #include <ATen/Parallel.h>
 
@@ -36,10 +37,7 @@ namespace cpu {
 #ifdef CNNEXT_MAXPOOL_AVX512
 namespace {
 
-bool has_avx512f() {
-  static const bool has = __builtin_cpu_supports("avx512f");
-  return has;
-}
+bool has_avx512f() { return cpu_features().avx512f; }
 
 // Lanes [lo, hi) of a mask of L lanes (empty when hi <= lo).
 inline uint32_t lane_range(int64_t lo, int64_t hi) {

@@ -8,6 +8,9 @@
 
 #include <algorithm>
 
+#include "cpu/cpu_features.h"
+#include "paths.h"
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(CNNEXT_NO_AVX512)
 #include <immintrin.h>
 #define CNNEXT_SGEMM_AVX512 1
@@ -16,6 +19,12 @@
 namespace cnnext {
 namespace cpu {
 namespace sgemm {
+
+// One count per GEMM call, per micro-kernel variant (packed B, B read in place by rows,
+// A read in place by rows).
+CNNEXT_PATH(kGemm, "sgemm.gemm");
+CNNEXT_PATH(kGemmRows, "sgemm.gemm_rows");
+CNNEXT_PATH(kGemmArows, "sgemm.gemm_arows");
 
 namespace {
 
@@ -189,12 +198,12 @@ bool transpose16(const float* src, int64_t cs, float* dst, int64_t ld) {
 }
 
 bool available() {
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
-  return ok;
+  return cpu_features().avx512f_fma();
 }
 
 void gemm(const float* a_packed, const float* b_packed, int64_t M, int64_t N, int64_t K,
           float* c, int64_t ldc, bool accumulate, const float* bias, bool relu) {
+  kGemm.hit();
   for (int64_t k0 = 0; k0 < K; k0 += kKC) {
     const int64_t kc = std::min(kKC, K - k0);
     const bool add = accumulate || k0 > 0;
@@ -212,6 +221,7 @@ void gemm(const float* a_packed, const float* b_packed, int64_t M, int64_t N, in
 
 void gemm_rows(const float* a_packed, const float* b, const int64_t* off, int64_t M, int64_t N,
                int64_t K, float* c, int64_t ldc, const float* bias, bool relu) {
+  kGemmRows.hit();
   for (int64_t k0 = 0; k0 < K; k0 += kKC) {
     const int64_t kc = std::min(kKC, K - k0);
     const bool last = k0 + kc >= K;
@@ -228,6 +238,7 @@ void gemm_rows(const float* a_packed, const float* b, const int64_t* off, int64_
 
 void gemm_arows(const float* a, const int64_t* a_off, const float* b_packed, int64_t M,
                 int64_t N, int64_t K, float* c, int64_t ldc, bool accumulate) {
+  kGemmArows.hit();
   for (int64_t k0 = 0; k0 < K; k0 += kKC) {
     const int64_t kc = std::min(kKC, K - k0);
     for (int64_t j0 = 0; j0 < N; j0 += kNR) {
@@ -253,6 +264,7 @@ bool transpose16(const float*, int64_t, float*, int64_t) { return false; }
 
 void gemm(const float* a_packed, const float* b_packed, int64_t M, int64_t N, int64_t K,
           float* c, int64_t ldc, bool accumulate, const float* bias, bool relu) {
+  kGemm.hit();
   for (int64_t i = 0; i < M; ++i) {
     const float* ap = a_packed + (i / kMR) * K * kMR + i % kMR;
     for (int64_t j = 0; j < N; ++j) {
@@ -268,6 +280,7 @@ void gemm(const float* a_packed, const float* b_packed, int64_t M, int64_t N, in
 
 void gemm_rows(const float* a_packed, const float* b, const int64_t* off, int64_t M, int64_t N,
                int64_t K, float* c, int64_t ldc, const float* bias, bool relu) {
+  kGemmRows.hit();
   for (int64_t i = 0; i < M; ++i) {
     const float* ap = a_packed + (i / kMR) * K * kMR + i % kMR;
     for (int64_t j = 0; j < N; ++j) {
@@ -282,6 +295,7 @@ void gemm_rows(const float* a_packed, const float* b, const int64_t* off, int64_
 
 void gemm_arows(const float* a, const int64_t* a_off, const float* b_packed, int64_t M,
                 int64_t N, int64_t K, float* c, int64_t ldc, bool accumulate) {
+  kGemmArows.hit();
   for (int64_t i = 0; i < M; ++i) {
     for (int64_t j = 0; j < N; ++j) {
       const float* bp = b_packed + (j / kNR) * K * kNR + j % kNR;

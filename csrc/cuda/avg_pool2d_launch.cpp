@@ -8,7 +8,7 @@
 
 #include "cuda/avg_pool2d.h"
 #include "cuda/torch_glue.h"
-#include "ops/avg_pool2d.h"
+#include "cuda/avg_pool2d_launch.h"
 
 namespace cnnext {
 namespace cuda {

@@ -13,7 +13,6 @@
 #include "cuda/conv2d_igemm.h"
 #include "cuda/conv2d_launch.h"
 #include "cuda/torch_glue.h"
-#include "ops/conv2d.h"
 
 namespace cnnext {
 namespace cuda {

@@ -9,8 +9,7 @@
 #include "cuda/conv2d_launch.h"
 #include "cuda/conv_bn_relu2d.h"
 #include "cuda/torch_glue.h"
-#include "ops/conv2d.h"
-#include "ops/conv_bn_relu2d.h"
+#include "cuda/conv_bn_relu2d_launch.h"
 
 namespace cnnext {
 namespace cuda {

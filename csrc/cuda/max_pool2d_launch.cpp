@@ -7,7 +7,7 @@
 
 #include "cuda/max_pool2d.h"
 #include "cuda/torch_glue.h"
-#include "ops/max_pool2d.h"
+#include "cuda/max_pool2d_launch.h"
 
 namespace cnnext {
 namespace cuda {

@@ -6,7 +6,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include "cuda/launch.h"
-#include "ops/tensors.h"
+#include "tensors.h"
 
 namespace cnnext {
 namespace cuda {

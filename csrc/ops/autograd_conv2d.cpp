@@ -18,7 +18,7 @@
 #include <ATen/ATen.h>
 
 #include "ops/autograd_common.h"
-#include "ops/conv_bn_relu2d.h"
+#include "tensors.h"
 
 namespace cnnext {
 namespace {

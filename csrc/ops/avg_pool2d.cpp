@@ -1,6 +1,7 @@
 // avg_pool2d and adaptive_avg_pool2d: op schemas, argument checks and device dispatch.
 //
-// Four ops, closed under differentiation (see cnnext/_avg_pool.py). Each forward is a
+// Four ops, closed under differentiation (autograd: csrc/ops/autograd_pool2d.cpp; the
+// algebra: cnnext/_avg_pool.py). Each forward is a
 // linear map A of the input, and its backward the adjoint A^T of grad_output:
 //   avg_pool2d                      y  = A x      (windows of kernel/stride/padding)
 //   avg_pool2d_backward             dx = A^T dy
@@ -10,9 +11,8 @@
 // aten::avg_pool2d_backward does); it has no gradient.
 #include <torch/library.h>
 
-#include "ops/avg_pool2d.h"
 #include "ops/checks.h"
-#include "ops/conv2d_common.h"
+#include "ops/dispatch.h"
 #include "ops/pool2d_common.h"
 
 namespace cnnext {
@@ -63,14 +63,7 @@ at::MemoryFormat out_format(const at::Tensor& x, bool batched) {
 
 at::Tensor forward(const char* op, const at::Tensor& x, bool batched, const AvgPool2dParams& a) {
   const auto fmt = out_format(x, batched);
-  if (x.is_cuda()) {
-#ifdef CNNEXT_WITH_CUDA
-    return unbatch(cuda::avg_pool2d_forward(x, a, fmt), batched);
-#else
-    no_cuda(op);
-#endif
-  }
-  return unbatch(cpu::avg_pool2d_forward(x, a, fmt), batched);
+  return unbatch(CNNEXT_BACKEND(op, x, avg_pool2d_forward)(x, a, fmt), batched);
 }
 
 // The checks the backward ops share: grad_output and input both batched or both not,
@@ -97,14 +90,7 @@ at::Tensor backward(const char* op, const at::Tensor& g, const at::Tensor& x, bo
                     const AvgPool2dParams& a) {
   check_grad_output(op, a, g);
   const auto fmt = out_format(x, batched);
-  if (g.is_cuda()) {
-#ifdef CNNEXT_WITH_CUDA
-    return unbatch(cuda::avg_pool2d_backward(g, a, fmt), batched);
-#else
-    no_cuda(op);
-#endif
-  }
-  return unbatch(cpu::avg_pool2d_backward(g, a, fmt), batched);
+  return unbatch(CNNEXT_BACKEND(op, g, avg_pool2d_backward)(g, a, fmt), batched);
 }
 
 at::Tensor avg_pool2d(const at::Tensor& input, at::IntArrayRef kernel_size, at::IntArrayRef stride,
@@ -157,15 +143,14 @@ TORCH_LIBRARY_FRAGMENT(cnnext, m) {
   m.def("adaptive_avg_pool2d_backward(Tensor grad_output, Tensor input) -> Tensor");
 }
 
-// The same checked entry points serve both dispatch keys (see csrc/ops/conv2d.cpp).
-#define CNNEXT_REGISTER_AVG_POOL2D(KEY)                                          \
-  TORCH_LIBRARY_IMPL(cnnext, KEY, m) {                                           \
-    m.impl("avg_pool2d", &avg_pool2d);                                           \
-    m.impl("avg_pool2d_backward", &avg_pool2d_backward);                         \
-    m.impl("adaptive_avg_pool2d", &adaptive_avg_pool2d);                         \
-    m.impl("adaptive_avg_pool2d_backward", &adaptive_avg_pool2d_backward);       \
-  }
-CNNEXT_REGISTER_AVG_POOL2D(CPU)
-CNNEXT_REGISTER_AVG_POOL2D(CUDA)
+// The same checked entry points serve both dispatch keys: they pick the backend
+// from the input's device (CNNEXT_BACKEND).
+static void impls(torch::Library& m) {
+  m.impl("avg_pool2d", &avg_pool2d);
+  m.impl("avg_pool2d_backward", &avg_pool2d_backward);
+  m.impl("adaptive_avg_pool2d", &adaptive_avg_pool2d);
+  m.impl("adaptive_avg_pool2d_backward", &adaptive_avg_pool2d_backward);
+}
+CNNEXT_IMPL_CPU_AND_CUDA(impls)
 
 }  // namespace cnnext

@@ -1,11 +1,13 @@
-// Argument checks shared by every op. Each failure names the op, the argument,
-// what was expected and what came in.
+// Argument checks and argument shaping shared by every op. Each failure names the op,
+// the argument, what was expected and what came in.
 #pragma once
 
 #include <ATen/ATen.h>
 
+#include <initializer_list>
 #include <sstream>
 #include <string>
+#include <utility>
 
 namespace cnnext {
 
@@ -51,5 +53,26 @@ inline void check_pair(const char* op, const char* name, at::IntArrayRef v, int6
                 min_value == 0 ? "non-negative" : "at least 1", ", got ", shape_str(v));
   }
 }
+
+// Accepts (C, H, W) as a batch of one; returns the 4-D view and whether it was batched.
+inline std::pair<at::Tensor, bool> as_batch(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.dim() == 3 || t.dim() == 4, op, ": expected ", name,
+              " to be 3-D (C, H, W) or 4-D (N, C, H, W), got ", t.dim(), "-D tensor of shape ",
+              shape_str(t.sizes()));
+  return {t.dim() == 3 ? t.unsqueeze(0) : t, t.dim() == 4};
+}
+
+// Output layout: channels_last when an operand is channels_last-contiguous and not
+// also plain contiguous (cnnext/_shapes.py states the same rule for fake kernels).
+// Unbatched input counts only through the weight, as in torch.
+inline at::MemoryFormat layout_of(std::initializer_list<at::Tensor> operands) {
+  for (const at::Tensor& t : operands) {
+    if (t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast) && !t.is_contiguous())
+      return at::MemoryFormat::ChannelsLast;
+  }
+  return at::MemoryFormat::Contiguous;
+}
+
+inline at::Tensor unbatch(const at::Tensor& t, bool batched) { return batched ? t : t.squeeze(0); }
 
 }  // namespace cnnext

@@ -1,7 +1,8 @@
 // conv2d: op schemas, argument checks and device dispatch. The only place that
 // checks what a user passed; the backends trust the Conv2dParams filled here.
 //
-// Four ops, closed under differentiation (see cnnext/_autograd.py):
+// Four ops, closed under differentiation (autograd: csrc/ops/autograd_conv2d.cpp; the
+// algebra: cnnext/_autograd.py):
 //   conv2d                  y  = x (*) w + b
 //   conv2d_input_backward   dx = dy (*)^T w      (also transposed convolution)
 //   conv2d_weight_backward  dw = x (*)^T dy
@@ -9,7 +10,7 @@
 #include <torch/library.h>
 
 #include "ops/checks.h"
-#include "ops/conv2d.h"
+#include "ops/dispatch.h"
 #include "ops/conv2d_common.h"
 
 namespace cnnext {
@@ -36,14 +37,7 @@ at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight,
                 shape_str(bias->sizes()));
   }
   const auto fmt = batched ? layout_of({x, weight}) : layout_of({weight});
-  if (x.is_cuda()) {
-#ifdef CNNEXT_WITH_CUDA
-    return unbatch(cuda::conv2d_forward(x, weight, bias, p, fmt), batched);
-#else
-    no_cuda(op);
-#endif
-  }
-  return unbatch(cpu::conv2d_forward(x, weight, bias, p, fmt), batched);
+  return unbatch(CNNEXT_BACKEND(op, x, conv2d_forward)(x, weight, bias, p, fmt, false), batched);
 }
 
 at::Tensor conv2d_input_backward(const at::Tensor& grad_output, const at::Tensor& weight,
@@ -62,14 +56,7 @@ at::Tensor conv2d_input_backward(const at::Tensor& grad_output, const at::Tensor
   const Conv2dParams p = make_params(op, in, weight.sizes(), stride, padding, dilation, groups);
   check_grad_output(op, p, g);
   const auto fmt = batched ? layout_of({g, weight}) : layout_of({weight});
-  if (g.is_cuda()) {
-#ifdef CNNEXT_WITH_CUDA
-    return unbatch(cuda::conv2d_input_backward(g, weight, p, fmt), batched);
-#else
-    no_cuda(op);
-#endif
-  }
-  return unbatch(cpu::conv2d_input_backward(g, weight, p, fmt), batched);
+  return unbatch(CNNEXT_BACKEND(op, g, conv2d_input_backward)(g, weight, p, fmt), batched);
 }
 
 at::Tensor conv2d_weight_backward(const at::Tensor& grad_output, const at::Tensor& input,
@@ -85,16 +72,7 @@ at::Tensor conv2d_weight_backward(const at::Tensor& grad_output, const at::Tenso
   check_same_dtype_device(op, "grad_output", grad_output, "input", input);
   const Conv2dParams p = make_params(op, x.sizes(), weight_size, stride, padding, dilation, groups);
   check_grad_output(op, p, g);
-  at::Tensor gw;
-  if (g.is_cuda()) {
-#ifdef CNNEXT_WITH_CUDA
-    gw = cuda::conv2d_weight_backward(g, x, p);
-#else
-    no_cuda(op);
-#endif
-  } else {
-    gw = cpu::conv2d_weight_backward(g, x, p);
-  }
+  const at::Tensor gw = CNNEXT_BACKEND(op, g, conv2d_weight_backward)(g, x, p);
   // The weight gradient takes the layout the input and output had (as torch's does).
   const auto fmt = g_batched ? layout_of({g, x}) : at::MemoryFormat::Contiguous;
   return fmt == at::MemoryFormat::ChannelsLast ? gw.contiguous(fmt) : gw;
@@ -104,14 +82,7 @@ at::Tensor channel_sum(const at::Tensor& t) {
   constexpr const char* op = "channel_sum";
   auto [x, batched] = as_batch(op, "input", t);
   check_dtype_supported(op, "input", t);
-  if (x.is_cuda()) {
-#ifdef CNNEXT_WITH_CUDA
-    return cuda::channel_sum(x);
-#else
-    no_cuda(op);
-#endif
-  }
-  return cpu::channel_sum(x);
+  return CNNEXT_BACKEND(op, x, channel_sum)(x);
 }
 
 }  // namespace
@@ -127,15 +98,13 @@ TORCH_LIBRARY_FRAGMENT(cnnext, m) {
 }
 
 // The same checked entry points serve both dispatch keys: they pick the backend
-// from the input's device, and report a CPU-only build clearly.
-#define CNNEXT_REGISTER_CONV2D(KEY)                                  \
-  TORCH_LIBRARY_IMPL(cnnext, KEY, m) {                               \
-    m.impl("conv2d", &conv2d);                                       \
-    m.impl("conv2d_input_backward", &conv2d_input_backward);         \
-    m.impl("conv2d_weight_backward", &conv2d_weight_backward);       \
-    m.impl("channel_sum", &channel_sum);                             \
-  }
-CNNEXT_REGISTER_CONV2D(CPU)
-CNNEXT_REGISTER_CONV2D(CUDA)
+// from the input's device (CNNEXT_BACKEND).
+static void impls(torch::Library& m) {
+  m.impl("conv2d", &conv2d);
+  m.impl("conv2d_input_backward", &conv2d_input_backward);
+  m.impl("conv2d_weight_backward", &conv2d_weight_backward);
+  m.impl("channel_sum", &channel_sum);
+}
+CNNEXT_IMPL_CPU_AND_CUDA(impls)
 
 }  // namespace cnnext

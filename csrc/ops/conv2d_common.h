@@ -1,33 +1,14 @@
-// What the torch-facing op files of the conv2d family share: the checks that fill
-// Conv2dParams, batching of unbatched input, the output layout rule and the error of
-// a CPU-only build. Used by csrc/ops/conv2d.cpp and csrc/ops/conv_transpose2d.cpp.
+// The checks that fill Conv2dParams, shared by the op files of the conv2d family
+// (csrc/ops/conv2d.cpp, conv_transpose2d.cpp, conv_bn_relu2d.cpp).
 #pragma once
 
 #include <ATen/ATen.h>
 
-#include <initializer_list>
-#include <utility>
-#include <vector>
 
 #include "common/conv2d.h"
 #include "ops/checks.h"
 
 namespace cnnext {
-
-[[noreturn]] inline void no_cuda(const char* op) {
-  TORCH_CHECK(false, op,
-              ": got CUDA tensors, but this cnnext build has no CUDA kernels "
-              "(cnnext.build_info()['cuda'] is False). Rebuild with a CUDA build of torch and "
-              "nvcc on PATH, e.g. FORCE_CUDA=1 pip install --no-build-isolation .");
-}
-
-// Accepts (C, H, W) as a batch of one; returns the 4-D view and whether it was batched.
-inline std::pair<at::Tensor, bool> as_batch(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK(t.dim() == 3 || t.dim() == 4, op, ": expected ", name,
-              " to be 3-D (C, H, W) or 4-D (N, C, H, W), got ", t.dim(), "-D tensor of shape ",
-              shape_str(t.sizes()));
-  return {t.dim() == 3 ? t.unsqueeze(0) : t, t.dim() == 4};
-}
 
 // Checks every size and hyper-parameter and fills the kernel parameters.
 // in: (N, C, H, W); w: (O, C / groups, KH, KW).
@@ -72,18 +53,5 @@ inline Conv2dParams make_params(const char* op, at::IntArrayRef in, at::IntArray
   p.OW = conv_out_size(p.W, p.KW, p.SW, p.PW, p.DW);
   return p;
 }
-
-// Output layout: channels_last when an operand is channels_last-contiguous and not
-// also plain contiguous (cnnext/_shapes.py states the same rule for fake kernels).
-// Unbatched input counts only through the weight, as in torch.
-inline at::MemoryFormat layout_of(std::initializer_list<at::Tensor> operands) {
-  for (const at::Tensor& t : operands) {
-    if (t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast) && !t.is_contiguous())
-      return at::MemoryFormat::ChannelsLast;
-  }
-  return at::MemoryFormat::Contiguous;
-}
-
-inline at::Tensor unbatch(const at::Tensor& t, bool batched) { return batched ? t : t.squeeze(0); }
 
 }  // namespace cnnext

@@ -1,5 +1,5 @@
 // conv_bn_relu2d: conv2d -> batch_norm -> relu as one op. Schemas, argument checks and
-// device dispatch; the backends (csrc/ops/conv_bn_relu2d.h, csrc/ops/conv2d.h) trust
+// device dispatch; the backends (csrc/cpu/conv_bn_relu2d.h, csrc/cpu/conv2d.h) trust
 // what is checked here.
 //
 //   conv_bn_relu2d_train            training mode: batch statistics. Returns (out,
@@ -8,7 +8,7 @@
 //                                   what the backward pass needs.
 //   conv_bn_relu2d_train_backward   the batch-norm + ReLU part of its backward pass; the
 //                                   convolution's part is conv2d_input_backward and
-//                                   conv2d_weight_backward (cnnext/_conv_bn_relu.py).
+//                                   conv2d_weight_backward (csrc/ops/autograd_conv2d.cpp).
 //   batch_norm_update_stats_        running_mean / running_var updated in place with
 //                                   momentum and the unbiased variance (split from the
 //                                   differentiable op: autograd formulas cannot be
@@ -18,16 +18,10 @@
 //                                   applied as the output is written.
 #include <torch/library.h>
 
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-
-#include <algorithm>
-#include <cmath>
-
 #include "ops/checks.h"
-#include "ops/conv2d.h"
+#include "ops/dispatch.h"
 #include "ops/conv2d_common.h"
-#include "ops/conv_bn_relu2d.h"
+#include "tensors.h"
 
 namespace cnnext {
 namespace {
@@ -86,14 +80,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu2d_train(
                     "torch.Size(", shape_str({p.N, p.O, p.OH, p.OW}),
                     ") (the convolution's output, which the batch norm normalises)");
   const auto fmt = layout_of({input, weight});
-  if (input.is_cuda()) {
-#ifdef CNNEXT_WITH_CUDA
-    return cuda::conv_bn_relu2d_train(input, weight, bias, bn_weight, bn_bias, eps, p, fmt, relu);
-#else
-    no_cuda(op);
-#endif
-  }
-  return cpu::conv_bn_relu2d_train(input, weight, bias, bn_weight, bn_bias, eps, p, fmt, relu);
+  return CNNEXT_BACKEND(op, input, conv_bn_relu2d_train)(input, weight, bias, bn_weight, bn_bias,
+                                                         eps, p, fmt, relu);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu2d_train_backward(
@@ -124,14 +112,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu2d_train_
   const at::Tensor g = grad_out.contiguous(fmt);
   const c10::optional<at::Tensor> od =
       (o && relu) ? c10::optional<at::Tensor>(o->contiguous(fmt)) : c10::nullopt;
-  if (y.is_cuda()) {
-#ifdef CNNEXT_WITH_CUDA
-    return cuda::conv_bn_relu2d_train_backward(g, od, y, mean, var, bn_weight, eps, relu);
-#else
-    no_cuda(op);
-#endif
-  }
-  return cpu::conv_bn_relu2d_train_backward(g, od, y, mean, var, bn_weight, eps, relu);
+  return CNNEXT_BACKEND(op, y, conv_bn_relu2d_train_backward)(g, od, y, mean, var, bn_weight,
+                                                              eps, relu);
 }
 
 void batch_norm_update_stats_(at::Tensor& running_mean, at::Tensor& running_var,
@@ -155,29 +137,13 @@ void batch_norm_update_stats_(at::Tensor& running_mean, at::Tensor& running_var,
               ": expected count (values per channel) to be 0 or more than 1, got ", count);
   if (count == 0) return;  // an empty batch leaves the running statistics as they are
   // Per-channel: computed in double, then stored in the buffers' dtype.
-  const double unbias = double(count) / double(count - 1);
   if (mean.is_cpu()) {
-    // One loop (the at:: formulation below is ~10 small ops, ~20 us per call).
     TORCH_CHECK(at::isFloatingType(mean.scalar_type()) && at::isFloatingType(var.scalar_type()), op,
                 ": expected floating mean and var");
-    const at::Tensor m = mean.to(at::kDouble).contiguous(), v = var.to(at::kDouble).contiguous();
-    const double* mp = m.const_data_ptr<double>();
-    const double* vp = v.const_data_ptr<double>();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, running_mean.scalar_type(), "cnnext_bn_stats_mean", [&] {
-      scalar_t* r = running_mean.mutable_data_ptr<scalar_t>();
-      const int64_t st = running_mean.stride(0);
-      for (int64_t c = 0; c < C; ++c)
-        r[c * st] = static_cast<scalar_t>(static_cast<double>(r[c * st]) * (1.0 - momentum) + mp[c] * momentum);
-    });
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, running_var.scalar_type(), "cnnext_bn_stats_var", [&] {
-      scalar_t* r = running_var.mutable_data_ptr<scalar_t>();
-      const int64_t st = running_var.stride(0);
-      for (int64_t c = 0; c < C; ++c)
-        r[c * st] = static_cast<scalar_t>(static_cast<double>(r[c * st]) * (1.0 - momentum) +
-                                          (vp[c] * unbias) * momentum);
-    });
+    cpu::batch_norm_update_stats_(running_mean, running_var, mean, var, momentum, count);
     return;
   }
+  const double unbias = double(count) / double(count - 1);
   const auto dd = at::TensorOptions().dtype(at::kDouble);
   const at::Tensor m = mean.to(dd), v = var.to(dd) * unbias;
   running_mean.copy_(running_mean.to(dd) * (1.0 - momentum) + m * momentum);
@@ -202,37 +168,8 @@ at::Tensor conv_bn_relu2d_eval(const at::Tensor& input, const at::Tensor& weight
   // w' = w * scale, b' = (bias - running_mean) * scale + bn_bias.
   const auto sdt = stats_dtype(dt);
   if (input.is_cpu()) {
-    // One loop over the weight (the at:: formulation below is ~10 small ops, ~10 us per
-    // call); the same arithmetic in the same order, in the input's dtype.
-    at::Tensor w = at::empty({p.O, weight.size(1), p.KH, p.KW}, weight.options());
-    at::Tensor shift = at::empty({p.O}, weight.options());
-    const at::Tensor wc = weight.contiguous();
-    const at::Tensor* b = opt(bias);
-    const at::Tensor* g = opt(bn_weight);
-    const at::Tensor* be = opt(bn_bias);
-    AT_DISPATCH_FLOATING_TYPES(dt, "cnnext_conv_bn_relu2d_fold", [&] {
-      using T = scalar_t;
-      const auto rm = running_mean.accessor<T, 1>(), rv = running_var.accessor<T, 1>();
-      const int64_t K = wc.numel() / std::max<int64_t>(p.O, 1);
-      const T* src = wc.const_data_ptr<T>();
-      T* dst = w.mutable_data_ptr<T>();
-      T* sh = shift.mutable_data_ptr<T>();
-      // Parallel over output channels once the weight is large (ResNet's 512 x 512 x 3 x 3:
-      // 2.4M elements, about 1 ms on one thread); small weights stay on the calling thread.
-      const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(K, 1));
-      at::parallel_for(0, p.O, grain, [&](int64_t begin, int64_t end) {
-        for (int64_t o = begin; o < end; ++o) {
-          T scale = T(1) / std::sqrt(rv[o] + static_cast<T>(eps));
-          if (g) scale = scale * g->accessor<T, 1>()[o];
-          for (int64_t k = 0; k < K; ++k) dst[o * K + k] = src[o * K + k] * scale;
-          T t = -rm[o];
-          if (b) t = t + b->accessor<T, 1>()[o];
-          t = t * scale;
-          if (be) t = t + be->accessor<T, 1>()[o];
-          sh[o] = t;
-        }
-      });
-    });
+    const auto [w, shift] =
+        cpu::bn_fold(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, p);
     return cpu::conv2d_forward(input, w, c10::optional<at::Tensor>(shift), p, fmt, relu);
   }
   at::Tensor scale = (running_var.to(sdt) + eps).rsqrt();
@@ -243,14 +180,7 @@ at::Tensor conv_bn_relu2d_eval(const at::Tensor& input, const at::Tensor& weight
   shift = shift * scale;
   if (auto b = opt(bn_bias)) shift = shift + b->to(sdt);
   const c10::optional<at::Tensor> b = shift.to(dt).contiguous();
-  if (input.is_cuda()) {
-#ifdef CNNEXT_WITH_CUDA
-    return cuda::conv2d_forward(input, w, b, p, fmt, relu);
-#else
-    no_cuda(op);
-#endif
-  }
-  return cpu::conv2d_forward(input, w, b, p, fmt, relu);
+  return CNNEXT_BACKEND(op, input, conv2d_forward)(input, w, b, p, fmt, relu);
 }
 
 }  // namespace
@@ -269,14 +199,14 @@ TORCH_LIBRARY_FRAGMENT(cnnext, m) {
         "int[2] padding, int[2] dilation, int groups, bool relu) -> Tensor");
 }
 
-#define CNNEXT_REGISTER_CONV_BN_RELU2D(KEY)                                      \
-  TORCH_LIBRARY_IMPL(cnnext, KEY, m) {                                           \
-    m.impl("conv_bn_relu2d_train", &conv_bn_relu2d_train);                       \
-    m.impl("conv_bn_relu2d_train_backward", &conv_bn_relu2d_train_backward);     \
-    m.impl("batch_norm_update_stats_", &batch_norm_update_stats_);               \
-    m.impl("conv_bn_relu2d_eval", &conv_bn_relu2d_eval);                         \
-  }
-CNNEXT_REGISTER_CONV_BN_RELU2D(CPU)
-CNNEXT_REGISTER_CONV_BN_RELU2D(CUDA)
+// The same checked entry points serve both dispatch keys: they pick the backend
+// from the input's device (CNNEXT_BACKEND).
+static void impls(torch::Library& m) {
+  m.impl("conv_bn_relu2d_train", &conv_bn_relu2d_train);
+  m.impl("conv_bn_relu2d_train_backward", &conv_bn_relu2d_train_backward);
+  m.impl("batch_norm_update_stats_", &batch_norm_update_stats_);
+  m.impl("conv_bn_relu2d_eval", &conv_bn_relu2d_eval);
+}
+CNNEXT_IMPL_CPU_AND_CUDA(impls)
 
 }  // namespace cnnext

@@ -3,8 +3,8 @@
 // The transposed convolution is the adjoint of conv2d: with A_w the map
 // x -> conv2d(x, w, stride, padding, dilation, groups) from (N, C_out, H_out, W_out) to
 // (N, C_in, H, W), conv_transpose2d(x, w) = A_w^T x + bias, which is what the backends'
-// conv2d_input_backward computes. Its autograd (cnnext/_autograd.py) is written with
-// the conv2d ops. output_padding only lengthens H_out / W_out:
+// conv2d_input_backward computes. Its autograd (csrc/ops/autograd_conv2d.cpp) is written
+// with the conv2d ops. output_padding only lengthens H_out / W_out:
 //   H_out = (H - 1) * stride - 2 * padding + dilation * (kH - 1) + output_padding + 1.
 // When output_padding >= stride (torch allows it while output_padding < dilation), the
 // conv2d over H_out has more output rows than the input has; the input is then padded
@@ -12,7 +12,7 @@
 #include <torch/library.h>
 
 #include "ops/checks.h"
-#include "ops/conv2d.h"
+#include "ops/dispatch.h"
 #include "ops/conv2d_common.h"
 
 namespace cnnext {
@@ -82,18 +82,8 @@ at::Tensor conv_transpose2d(const at::Tensor& input, const at::Tensor& weight,
   const at::Tensor g =
       p.OH == H && p.OW == W ? x : at::constant_pad_nd(x, {0, p.OW - W, 0, p.OH - H}, 0);
   const auto fmt = batched ? layout_of({x, weight}) : layout_of({weight});
-  at::Tensor out;
-  if (x.is_cuda()) {
-#ifdef CNNEXT_WITH_CUDA
-    out = cuda::conv2d_input_backward(g, weight, p, fmt);
-    if (bias.has_value() && bias->defined()) cuda::add_channel_bias_(out, *bias);
-#else
-    no_cuda(op);
-#endif
-  } else {
-    out = cpu::conv2d_input_backward(g, weight, p, fmt);
-    if (bias.has_value() && bias->defined()) cpu::add_channel_bias_(out, *bias);
-  }
+  at::Tensor out = CNNEXT_BACKEND(op, x, conv2d_input_backward)(g, weight, p, fmt);
+  if (bias.has_value() && bias->defined()) CNNEXT_BACKEND(op, x, add_channel_bias_)(out, *bias);
   return unbatch(out, batched);
 }
 
@@ -104,7 +94,7 @@ TORCH_LIBRARY_FRAGMENT(cnnext, m) {
         "int[2] padding, int[2] output_padding, int groups, int[2] dilation) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(cnnext, CPU, m) { m.impl("conv_transpose2d", &conv_transpose2d); }
-TORCH_LIBRARY_IMPL(cnnext, CUDA, m) { m.impl("conv_transpose2d", &conv_transpose2d); }
+static void impls(torch::Library& m) { m.impl("conv_transpose2d", &conv_transpose2d); }
+CNNEXT_IMPL_CPU_AND_CUDA(impls)
 
 }  // namespace cnnext

@@ -2,7 +2,8 @@
 // only place that checks what a user passed (index values excepted: the backends
 // check each index as they read it).
 //
-// Five ops, closed under differentiation (see cnnext/_max_pool.py). With S the
+// Five ops, closed under differentiation (autograd: csrc/ops/autograd_pool2d.cpp; the
+// algebra: cnnext/_max_pool.py). With S the
 // scatter-add of a plane of values to the positions `indices` names:
 //   max_pool2d_with_indices            (y, idx)  y = x at idx (torch's maximum)
 //   max_pool2d_with_indices_backward   dx = S(dy)                 d/d(dy): max_pool2d_select
@@ -14,8 +15,7 @@
 #include <torch/library.h>
 
 #include "ops/checks.h"
-#include "ops/conv2d_common.h"
-#include "ops/max_pool2d.h"
+#include "ops/dispatch.h"
 #include "ops/pool2d_common.h"
 
 namespace cnnext {
@@ -66,16 +66,7 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_with_indices(const at::Tensor& inp
   const Pool2dParams p =
       pool_params(op, x.sizes(), kernel_size, stride, padding, dilation, ceil_mode);
   const auto fmt = batched ? layout_of({x}) : at::MemoryFormat::Contiguous;
-  std::tuple<at::Tensor, at::Tensor> r;
-  if (x.is_cuda()) {
-#ifdef CNNEXT_WITH_CUDA
-    r = cuda::max_pool2d_forward(x, p, fmt);
-#else
-    no_cuda(op);
-#endif
-  } else {
-    r = cpu::max_pool2d_forward(x, p, fmt);
-  }
+  const auto r = CNNEXT_BACKEND(op, x, max_pool2d_forward)(x, p, fmt);
   return {unbatch(std::get<0>(r), batched), unbatch(std::get<1>(r), batched)};
 }
 
@@ -97,14 +88,7 @@ at::Tensor max_pool2d_with_indices_backward(const at::Tensor& grad_output,
   const at::Tensor idx = batched ? indices : indices.unsqueeze(0);
   // grad_input takes the layout of the indices, which is the input's (as torch's does).
   const auto fmt = batched ? layout_of({idx}) : at::MemoryFormat::Contiguous;
-  if (g.is_cuda()) {
-#ifdef CNNEXT_WITH_CUDA
-    return unbatch(cuda::max_pool2d_backward(g, idx, p, fmt), batched);
-#else
-    no_cuda(op);
-#endif
-  }
-  return unbatch(cpu::max_pool2d_backward(g, idx, p, fmt), batched);
+  return unbatch(CNNEXT_BACKEND(op, g, max_pool2d_backward)(g, idx, p, fmt), batched);
 }
 
 at::Tensor max_pool2d_select(const at::Tensor& input, const at::Tensor& indices,
@@ -120,14 +104,7 @@ at::Tensor max_pool2d_select(const at::Tensor& input, const at::Tensor& indices,
   check_indices(op, input, "the output of max_pool2d on input", indices, want);
   const at::Tensor idx = batched ? indices : indices.unsqueeze(0);
   const auto fmt = batched ? layout_of({idx}) : at::MemoryFormat::Contiguous;
-  if (x.is_cuda()) {
-#ifdef CNNEXT_WITH_CUDA
-    return unbatch(cuda::max_pool2d_select(x, idx, p, fmt), batched);
-#else
-    no_cuda(op);
-#endif
-  }
-  return unbatch(cpu::max_pool2d_select(x, idx, p, fmt), batched);
+  return unbatch(CNNEXT_BACKEND(op, x, max_pool2d_select)(x, idx, p, fmt), batched);
 }
 
 at::Tensor max_unpool2d(const at::Tensor& input, const at::Tensor& indices,
@@ -144,15 +121,9 @@ at::Tensor max_unpool2d(const at::Tensor& input, const at::Tensor& indices,
   const at::Tensor idx = batched ? indices : indices.unsqueeze(0);
   // The output takes the input's layout, as torch's does.
   const auto fmt = batched ? layout_of({x}) : at::MemoryFormat::Contiguous;
-  if (x.is_cuda()) {
-#ifdef CNNEXT_WITH_CUDA
-    return unbatch(cuda::max_unpool2d_forward(x, idx, output_size[0], output_size[1], fmt),
-                   batched);
-#else
-    no_cuda(op);
-#endif
-  }
-  return unbatch(cpu::max_unpool2d_forward(x, idx, output_size[0], output_size[1], fmt), batched);
+  return unbatch(CNNEXT_BACKEND(op, x, max_unpool2d_forward)(x, idx, output_size[0],
+                                                                    output_size[1], fmt),
+                 batched);
 }
 
 at::Tensor max_unpool2d_backward(const at::Tensor& grad_output, const at::Tensor& indices) {
@@ -169,14 +140,7 @@ at::Tensor max_unpool2d_backward(const at::Tensor& grad_output, const at::Tensor
   check_indices_type(op, grad_output, "grad_output", indices);
   const at::Tensor idx = batched ? indices : indices.unsqueeze(0);
   const auto fmt = batched ? layout_of({idx}) : at::MemoryFormat::Contiguous;
-  if (g.is_cuda()) {
-#ifdef CNNEXT_WITH_CUDA
-    return unbatch(cuda::max_unpool2d_backward(g, idx, fmt), batched);
-#else
-    no_cuda(op);
-#endif
-  }
-  return unbatch(cpu::max_unpool2d_backward(g, idx, fmt), batched);
+  return unbatch(CNNEXT_BACKEND(op, g, max_unpool2d_backward)(g, idx, fmt), batched);
 }
 
 }  // namespace
@@ -193,16 +157,15 @@ TORCH_LIBRARY_FRAGMENT(cnnext, m) {
   m.def("max_unpool2d_backward(Tensor grad_output, Tensor indices) -> Tensor");
 }
 
-// The same checked entry points serve both dispatch keys (see csrc/ops/conv2d.cpp).
-#define CNNEXT_REGISTER_MAX_POOL2D(KEY)                                                \
-  TORCH_LIBRARY_IMPL(cnnext, KEY, m) {                                                 \
-    m.impl("max_pool2d_with_indices", &max_pool2d_with_indices);                       \
-    m.impl("max_pool2d_with_indices_backward", &max_pool2d_with_indices_backward);     \
-    m.impl("max_pool2d_select", &max_pool2d_select);                                   \
-    m.impl("max_unpool2d", &max_unpool2d);                                             \
-    m.impl("max_unpool2d_backward", &max_unpool2d_backward);                           \
-  }
-CNNEXT_REGISTER_MAX_POOL2D(CPU)
-CNNEXT_REGISTER_MAX_POOL2D(CUDA)
+// The same checked entry points serve both dispatch keys: they pick the backend
+// from the input's device (CNNEXT_BACKEND).
+static void impls(torch::Library& m) {
+  m.impl("max_pool2d_with_indices", &max_pool2d_with_indices);
+  m.impl("max_pool2d_with_indices_backward", &max_pool2d_with_indices_backward);
+  m.impl("max_pool2d_select", &max_pool2d_select);
+  m.impl("max_unpool2d", &max_unpool2d);
+  m.impl("max_unpool2d_backward", &max_unpool2d_backward);
+}
+CNNEXT_IMPL_CPU_AND_CUDA(impls)
 
 }  // namespace cnnext

@@ -1,0 +1,160 @@
+// The CPU vector layer: Vec<T, I>, a small vector of T for instruction set I (AVX-512,
+// AVX2 or scalar), and the bfloat16 / float16 conversions and bfloat16 dot product the
+// kernels build on. Thin inline wrappers over the intrinsics: a kernel compiled for I
+// (CNNEXT_TARGET, csrc/cpu/cpu_features.h) and written with Vec<T, I> compiles to the
+// intrinsics themselves. float and double share every template.
+//
+// bfloat16 and float16 are stored as uint16_t bits and computed in float. Narrowing
+// rounds to nearest even, as torch does (c10::BFloat16, c10::Half): through the
+// AVX512_BF16 (vcvtneps2bf16) and F16C (vcvtps2ph) instructions where
+// cpu_features() has them, the scalar c10 conversions otherwise.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define CNNEXT_VEC_X86 1
+#endif
+
+#include "cpu/cpu_features.h"
+
+namespace cnnext {
+namespace cpu {
+namespace vec {
+
+template <typename T, Isa I>
+struct Vec;
+
+// ---- scalar ------------------------------------------------------------------------
+
+template <typename T>
+struct Vec<T, Isa::kScalar> {
+  static constexpr int size = 1;
+  using Mask = bool;
+  T v;
+  static Vec load(const T* p) { return {*p}; }
+  static Vec set1(T x) { return {x}; }
+  static Vec zero() { return {T(0)}; }
+  void store(T* p) const { *p = v; }
+  friend Vec operator+(Vec a, Vec b) { return {a.v + b.v}; }
+  friend Vec operator*(Vec a, Vec b) { return {a.v * b.v}; }
+  static Vec fmadd(Vec a, Vec b, Vec c) { return {a.v * b.v + c.v}; }
+  // max_pool_takes's rule per lane: v > best, or v is NaN.
+  static Mask takes(Vec v, Vec best) { return v.v > best.v || v.v != v.v; }
+  static Vec select(Mask m, Vec if_true, Vec if_false) { return m ? if_true : if_false; }
+};
+
+#ifdef CNNEXT_VEC_X86
+
+// ---- AVX2 --------------------------------------------------------------------------
+
+#define CNNEXT_AVX2 CNNEXT_TARGET("avx2,fma")
+
+template <>
+struct Vec<float, Isa::kAvx2> {
+  static constexpr int size = 8;
+  using Mask = __m256;
+  __m256 v;
+  CNNEXT_AVX2 static Vec load(const float* p) { return {_mm256_loadu_ps(p)}; }
+  CNNEXT_AVX2 static Vec set1(float x) { return {_mm256_set1_ps(x)}; }
+  CNNEXT_AVX2 static Vec zero() { return {_mm256_setzero_ps()}; }
+  CNNEXT_AVX2 void store(float* p) const { _mm256_storeu_ps(p, v); }
+  CNNEXT_AVX2 friend Vec operator+(Vec a, Vec b) { return {_mm256_add_ps(a.v, b.v)}; }
+  CNNEXT_AVX2 friend Vec operator*(Vec a, Vec b) { return {_mm256_mul_ps(a.v, b.v)}; }
+  CNNEXT_AVX2 static Vec fmadd(Vec a, Vec b, Vec c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
+  CNNEXT_AVX2 static Mask takes(Vec x, Vec best) {
+    return _mm256_or_ps(_mm256_cmp_ps(x.v, best.v, _CMP_GT_OQ), _mm256_cmp_ps(x.v, x.v, _CMP_UNORD_Q));
+  }
+  CNNEXT_AVX2 static Vec select(Mask m, Vec t, Vec f) { return {_mm256_blendv_ps(f.v, t.v, m)}; }
+};
+
+template <>
+struct Vec<double, Isa::kAvx2> {
+  static constexpr int size = 4;
+  using Mask = __m256d;
+  __m256d v;
+  CNNEXT_AVX2 static Vec load(const double* p) { return {_mm256_loadu_pd(p)}; }
+  CNNEXT_AVX2 static Vec set1(double x) { return {_mm256_set1_pd(x)}; }
+  CNNEXT_AVX2 static Vec zero() { return {_mm256_setzero_pd()}; }
+  CNNEXT_AVX2 void store(double* p) const { _mm256_storeu_pd(p, v); }
+  CNNEXT_AVX2 friend Vec operator+(Vec a, Vec b) { return {_mm256_add_pd(a.v, b.v)}; }
+  CNNEXT_AVX2 friend Vec operator*(Vec a, Vec b) { return {_mm256_mul_pd(a.v, b.v)}; }
+  CNNEXT_AVX2 static Vec fmadd(Vec a, Vec b, Vec c) { return {_mm256_fmadd_pd(a.v, b.v, c.v)}; }
+  CNNEXT_AVX2 static Mask takes(Vec x, Vec best) {
+    return _mm256_or_pd(_mm256_cmp_pd(x.v, best.v, _CMP_GT_OQ), _mm256_cmp_pd(x.v, x.v, _CMP_UNORD_Q));
+  }
+  CNNEXT_AVX2 static Vec select(Mask m, Vec t, Vec f) { return {_mm256_blendv_pd(f.v, t.v, m)}; }
+};
+
+// ---- AVX-512 -----------------------------------------------------------------------
+
+#define CNNEXT_AVX512 CNNEXT_TARGET("avx512f,avx512bw,fma")
+
+template <>
+struct Vec<float, Isa::kAvx512> {
+  static constexpr int size = 16;
+  using Mask = __mmask16;
+  __m512 v;
+  CNNEXT_AVX512 static Vec load(const float* p) { return {_mm512_loadu_ps(p)}; }
+  CNNEXT_AVX512 static Vec set1(float x) { return {_mm512_set1_ps(x)}; }
+  CNNEXT_AVX512 static Vec zero() { return {_mm512_setzero_ps()}; }
+  CNNEXT_AVX512 void store(float* p) const { _mm512_storeu_ps(p, v); }
+  CNNEXT_AVX512 friend Vec operator+(Vec a, Vec b) { return {_mm512_add_ps(a.v, b.v)}; }
+  CNNEXT_AVX512 friend Vec operator*(Vec a, Vec b) { return {_mm512_mul_ps(a.v, b.v)}; }
+  CNNEXT_AVX512 static Vec fmadd(Vec a, Vec b, Vec c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+  CNNEXT_AVX512 static Mask takes(Vec x, Vec best) {
+    return _mm512_cmp_ps_mask(x.v, best.v, _CMP_GT_OQ) | _mm512_cmp_ps_mask(x.v, x.v, _CMP_UNORD_Q);
+  }
+  CNNEXT_AVX512 static Vec select(Mask m, Vec t, Vec f) { return {_mm512_mask_blend_ps(m, f.v, t.v)}; }
+};
+
+template <>
+struct Vec<double, Isa::kAvx512> {
+  static constexpr int size = 8;
+  using Mask = __mmask8;
+  __m512d v;
+  CNNEXT_AVX512 static Vec load(const double* p) { return {_mm512_loadu_pd(p)}; }
+  CNNEXT_AVX512 static Vec set1(double x) { return {_mm512_set1_pd(x)}; }
+  CNNEXT_AVX512 static Vec zero() { return {_mm512_setzero_pd()}; }
+  CNNEXT_AVX512 void store(double* p) const { _mm512_storeu_pd(p, v); }
+  CNNEXT_AVX512 friend Vec operator+(Vec a, Vec b) { return {_mm512_add_pd(a.v, b.v)}; }
+  CNNEXT_AVX512 friend Vec operator*(Vec a, Vec b) { return {_mm512_mul_pd(a.v, b.v)}; }
+  CNNEXT_AVX512 static Vec fmadd(Vec a, Vec b, Vec c) { return {_mm512_fmadd_pd(a.v, b.v, c.v)}; }
+  CNNEXT_AVX512 static Mask takes(Vec x, Vec best) {
+    return _mm512_cmp_pd_mask(x.v, best.v, _CMP_GT_OQ) | _mm512_cmp_pd_mask(x.v, x.v, _CMP_UNORD_Q);
+  }
+  CNNEXT_AVX512 static Vec select(Mask m, Vec t, Vec f) { return {_mm512_mask_blend_pd(m, f.v, t.v)}; }
+};
+
+#endif  // CNNEXT_VEC_X86
+
+// ---- bfloat16 / float16 <-> float ------------------------------------------------------
+
+// Scalar conversions, torch's own (round to nearest even; NaN to a quiet NaN).
+inline float bf16_to_float(uint16_t b) { return c10::detail::f32_from_bits(b); }
+inline uint16_t float_to_bf16(float f) { return c10::detail::round_to_nearest_even(f); }
+inline float fp16_to_float(uint16_t h) { return c10::detail::fp16_ieee_to_fp32_value(h); }
+inline uint16_t float_to_fp16(float f) { return c10::detail::fp16_ieee_from_fp32_value(f); }
+
+// Converts n values, each with the widest instructions cpu_features() allows
+// (csrc/cpu/vec.cpp): out = the float16 / bfloat16 bits of in, or back, bit for bit as
+// torch's tensor .to() (NaN narrows to 0xFFFF in bfloat16, as torch's vectorised
+// conversion writes; float_to_bf16(float) above gives c10's 0x7FC0).
+void float_to_bf16(const float* in, uint16_t* out, int64_t n);
+void bf16_to_float(const uint16_t* in, float* out, int64_t n);
+void float_to_fp16(const float* in, uint16_t* out, int64_t n);
+void fp16_to_float(const uint16_t* in, float* out, int64_t n);
+
+// sum_i a[i] * b[i] over n bfloat16 values, accumulated in float: vdpbf16ps (pairs of
+// products per float lane) on CPUs with AVX512_BF16, a scalar float loop otherwise. The
+// order of the sum differs between the two: compare with a tolerance.
+float dot_bf16(const uint16_t* a, const uint16_t* b, int64_t n);
+
+}  // namespace vec
+}  // namespace cpu
+}  // namespace cnnext

@@ -1,0 +1,73 @@
+// Test-only entries of cnnext._C (underscore names, no stability promise): the kernel-path
+// counters (csrc/paths.h), the CPU instruction-set level (csrc/cpu/cpu_features.h) and the
+// bfloat16 / float16 conversions and dot product of the vector layer (csrc/cpu/vec.h),
+// which tests compare with torch bit for bit.
+#include "test_hooks.h"
+
+#include "cpu/cpu_features.h"
+#include "cpu/vec.h"
+#include "paths.h"
+
+namespace cnnext {
+namespace {
+
+void check_cpu(const at::Tensor& t, at::ScalarType want, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == want && t.dim() == 1, name,
+              ": expected a 1-D CPU tensor of ", want, ", got ", t.scalar_type(), " of ",
+              t.dim(), " dims on ", t.device());
+}
+
+// float32 -> bfloat16 / float16 through the vector layer's narrowing.
+at::Tensor vec_narrow(const at::Tensor& x, at::ScalarType to) {
+  check_cpu(x, at::kFloat, "_vec_narrow");
+  TORCH_CHECK(to == at::kBFloat16 || to == at::kHalf, "_vec_narrow: expected bfloat16 or float16");
+  const at::Tensor in = x.contiguous();
+  at::Tensor out = at::empty({x.numel()}, x.options().dtype(to));
+  auto* o = reinterpret_cast<uint16_t*>(out.data_ptr());
+  if (to == at::kBFloat16)
+    cpu::vec::float_to_bf16(in.const_data_ptr<float>(), o, in.numel());
+  else
+    cpu::vec::float_to_fp16(in.const_data_ptr<float>(), o, in.numel());
+  return out;
+}
+
+// bfloat16 / float16 -> float32 through the vector layer's widening.
+at::Tensor vec_widen(const at::Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+              "_vec_widen: expected bfloat16 or float16, got ", x.scalar_type());
+  check_cpu(x, x.scalar_type(), "_vec_widen");
+  const at::Tensor in = x.contiguous();
+  at::Tensor out = at::empty({x.numel()}, x.options().dtype(at::kFloat));
+  const auto* i = reinterpret_cast<const uint16_t*>(in.const_data_ptr());
+  if (x.scalar_type() == at::kBFloat16)
+    cpu::vec::bf16_to_float(i, out.mutable_data_ptr<float>(), in.numel());
+  else
+    cpu::vec::fp16_to_float(i, out.mutable_data_ptr<float>(), in.numel());
+  return out;
+}
+
+double vec_dot_bf16(const at::Tensor& a, const at::Tensor& b) {
+  check_cpu(a, at::kBFloat16, "_vec_dot_bf16");
+  check_cpu(b, at::kBFloat16, "_vec_dot_bf16");
+  TORCH_CHECK(a.numel() == b.numel(), "_vec_dot_bf16: expected equal sizes");
+  const at::Tensor x = a.contiguous(), y = b.contiguous();
+  return cpu::vec::dot_bf16(reinterpret_cast<const uint16_t*>(x.const_data_ptr()),
+                            reinterpret_cast<const uint16_t*>(y.const_data_ptr()), x.numel());
+}
+
+}  // namespace
+
+void bind_test_hooks(pybind11::module_& m) {
+  m.def("_path_counts", &paths::counts,
+        "Kernel-path counters (csrc/paths.h): name -> kernel calls that took the path since "
+        "load or the last reset. For tests; see cnnext/_paths.py.");
+  m.def("_reset_path_counts", &paths::reset, "Sets every kernel-path counter to 0.");
+  m.def("_cpu_isa", &cpu::cpu_isa_name,
+        "The CPU instruction-set level the kernels use: avx512, avx2 or scalar "
+        "(csrc/cpu/cpu_features.h; capped by the environment variable CNNEXT_CPU_ISA).");
+  m.def("_vec_narrow", &vec_narrow, "float32 1-D -> bfloat16 / float16 via csrc/cpu/vec.h (tests).");
+  m.def("_vec_widen", &vec_widen, "bfloat16 / float16 1-D -> float32 via csrc/cpu/vec.h (tests).");
+  m.def("_vec_dot_bf16", &vec_dot_bf16, "dot product of two bfloat16 1-D tensors via csrc/cpu/vec.h (tests).");
+}
+
+}  // namespace cnnext
