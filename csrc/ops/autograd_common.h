@@ -21,6 +21,26 @@ inline bool wants_grad_opt(const c10::optional<at::Tensor>& t) {
   return t.has_value() && t->defined() && t->requires_grad();
 }
 
+// Forward-mode AD (torch.autograd.forward_ad, torch.func.jvp / jacfwd): whether an input
+// carries a tangent at level 0, the level both use. An op without a forward derivative
+// must raise then, never hand back an output whose tangent silently reads as zero.
+template <typename... Ts>
+inline bool has_tangent(const Ts&... ts) {
+  return ((ts.defined() && ts._fw_grad(/*level=*/0).defined()) || ...);
+}
+
+inline bool has_tangent_opt(const c10::optional<at::Tensor>& t) {
+  return t.has_value() && has_tangent(*t);
+}
+
+[[noreturn]] inline void no_forward_ad(const char* op) {
+  TORCH_CHECK_NOT_IMPLEMENTED(false, "cnnext::", op,
+                              ": forward-mode AD (torch.autograd.forward_ad, torch.func.jvp, "
+                              "jacfwd) is not implemented for this op; an input carries a "
+                              "tangent. Use reverse mode (backward, torch.autograd.grad) or the "
+                              "stock torch op");
+}
+
 inline std::vector<c10::SymInt> sym_vector(c10::SymIntArrayRef a) {
   return std::vector<c10::SymInt>(a.begin(), a.end());
 }

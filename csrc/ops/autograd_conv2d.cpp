@@ -369,6 +369,7 @@ struct cnnext_conv_bn_relu2d_eval : torch::autograd::Function<cnnext_conv_bn_rel
 
 at::Tensor conv2d_ad(const at::Tensor& x, const at::Tensor& w, const OptTensor& b, IntList s, IntList p,
                      IntList d, int64_t g) {
+  if (has_tangent(x, w) || has_tangent_opt(b)) no_forward_ad("conv2d");
   if (!(wants_grad(x, w) || (c10::GradMode::is_enabled() && wants_grad_opt(b))))
     CNNEXT_BELOW_AUTOGRAD(conv2d_op().call(x, w, b, s, p, d, g))
   return cnnext_conv2d::apply(x, w, b, s, p, d, g);
@@ -376,23 +377,27 @@ at::Tensor conv2d_ad(const at::Tensor& x, const at::Tensor& w, const OptTensor& 
 
 at::Tensor conv2d_input_backward_ad(const at::Tensor& go, const at::Tensor& w, SymList size, IntList s,
                                     IntList p, IntList d, int64_t g) {
+  if (has_tangent(go, w)) no_forward_ad("conv2d_input_backward");
   if (!wants_grad(go, w)) CNNEXT_BELOW_AUTOGRAD(conv2d_input_backward_op().call(go, w, size, s, p, d, g))
   return cnnext_conv2d_input_backward::apply(go, w, size, s, p, d, g);
 }
 
 at::Tensor conv2d_weight_backward_ad(const at::Tensor& go, const at::Tensor& x, SymList size, IntList s,
                                      IntList p, IntList d, int64_t g) {
+  if (has_tangent(go, x)) no_forward_ad("conv2d_weight_backward");
   if (!wants_grad(go, x)) CNNEXT_BELOW_AUTOGRAD(conv2d_weight_backward_op().call(go, x, size, s, p, d, g))
   return cnnext_conv2d_weight_backward::apply(go, x, size, s, p, d, g);
 }
 
 at::Tensor channel_sum_ad(const at::Tensor& x) {
+  if (has_tangent(x)) no_forward_ad("channel_sum");
   if (!wants_grad(x)) CNNEXT_BELOW_AUTOGRAD(channel_sum_op().call(x))
   return cnnext_channel_sum::apply(x);
 }
 
 at::Tensor conv_transpose2d_ad(const at::Tensor& x, const at::Tensor& w, const OptTensor& b, IntList s,
                                IntList p, IntList op, int64_t g, IntList d) {
+  if (has_tangent(x, w) || has_tangent_opt(b)) no_forward_ad("conv_transpose2d");
   if (!(wants_grad(x, w) || (c10::GradMode::is_enabled() && wants_grad_opt(b))))
     CNNEXT_BELOW_AUTOGRAD(conv_transpose2d_op().call(x, w, b, s, p, op, g, d))
   return cnnext_conv_transpose2d::apply(x, w, b, s, p, op, g, d);
@@ -401,6 +406,7 @@ at::Tensor conv_transpose2d_ad(const at::Tensor& x, const at::Tensor& w, const O
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu2d_train_ad(
     const at::Tensor& x, const at::Tensor& w, const OptTensor& b, const OptTensor& gamma,
     const OptTensor& beta, double eps, IntList s, IntList p, IntList d, int64_t g, bool relu) {
+  if (has_tangent(x, w) || has_tangent_opt(b) || has_tangent_opt(gamma) || has_tangent_opt(beta)) no_forward_ad("conv_bn_relu2d_train");
   const bool grad = wants_grad(x, w) ||
                     (c10::GradMode::is_enabled() && (wants_grad_opt(b) || wants_grad_opt(gamma) || wants_grad_opt(beta)));
   if (!grad) CNNEXT_BELOW_AUTOGRAD(conv_bn_relu2d_train_op().call(x, w, b, gamma, beta, eps, s, p, d, g, relu))
@@ -411,6 +417,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu2d_train_
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu2d_train_backward_ad(
     const at::Tensor& go, const OptTensor& out, const at::Tensor& conv_out, const at::Tensor& mean,
     const at::Tensor& var, const OptTensor& gamma, double eps, bool relu) {
+  if (has_tangent(go, conv_out, mean, var) || has_tangent_opt(out) || has_tangent_opt(gamma)) no_forward_ad("conv_bn_relu2d_train_backward");
   const bool grad = wants_grad(go, conv_out, mean, var) ||
                     (c10::GradMode::is_enabled() && (wants_grad_opt(out) || wants_grad_opt(gamma)));
   if (!grad) CNNEXT_BELOW_AUTOGRAD(conv_bn_relu2d_train_backward_op().call(go, out, conv_out, mean, var, gamma, eps, relu))
@@ -422,6 +429,7 @@ at::Tensor conv_bn_relu2d_eval_ad(const at::Tensor& x, const at::Tensor& w, cons
                                   const OptTensor& gamma, const OptTensor& beta, const at::Tensor& rm,
                                   const at::Tensor& rv, double eps, IntList s, IntList p, IntList d, int64_t g,
                                   bool relu) {
+  if (has_tangent(x, w, rm, rv) || has_tangent_opt(b) || has_tangent_opt(gamma) || has_tangent_opt(beta)) no_forward_ad("conv_bn_relu2d_eval");
   const bool grad = wants_grad(x, w, rm, rv) ||
                     (c10::GradMode::is_enabled() && (wants_grad_opt(b) || wants_grad_opt(gamma) || wants_grad_opt(beta)));
   if (!grad) CNNEXT_BELOW_AUTOGRAD(conv_bn_relu2d_eval_op().call(x, w, b, gamma, beta, rm, rv, eps, s, p, d, g, relu))

@@ -245,6 +245,7 @@ struct cnnext_max_unpool2d_backward : torch::autograd::Function<cnnext_max_unpoo
 
 at::Tensor avg_pool2d_ad(const at::Tensor& x, IntList k, IntList s, IntList p, bool ceil, bool cip,
                          OptInt div) {
+  if (has_tangent(x)) no_forward_ad("avg_pool2d");
   if (!wants_grad(x)) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return avg_pool2d_op().call(x, k, s, p, ceil, cip, div);
@@ -254,6 +255,7 @@ at::Tensor avg_pool2d_ad(const at::Tensor& x, IntList k, IntList s, IntList p, b
 
 at::Tensor avg_pool2d_backward_ad(const at::Tensor& g, const at::Tensor& x, IntList k, IntList s,
                                   IntList p, bool ceil, bool cip, OptInt div) {
+  if (has_tangent(g, x)) no_forward_ad("avg_pool2d_backward");
   if (!wants_grad(g)) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return avg_pool2d_backward_op().call(g, x, k, s, p, ceil, cip, div);
@@ -262,6 +264,7 @@ at::Tensor avg_pool2d_backward_ad(const at::Tensor& g, const at::Tensor& x, IntL
 }
 
 at::Tensor adaptive_avg_pool2d_ad(const at::Tensor& x, IntList size) {
+  if (has_tangent(x)) no_forward_ad("adaptive_avg_pool2d");
   if (!wants_grad(x)) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return adaptive_avg_pool2d_op().call(x, size);
@@ -270,6 +273,7 @@ at::Tensor adaptive_avg_pool2d_ad(const at::Tensor& x, IntList size) {
 }
 
 at::Tensor adaptive_avg_pool2d_backward_ad(const at::Tensor& g, const at::Tensor& x) {
+  if (has_tangent(g, x)) no_forward_ad("adaptive_avg_pool2d_backward");
   if (!wants_grad(g)) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return adaptive_avg_pool2d_backward_op().call(g, x);
@@ -280,6 +284,7 @@ at::Tensor adaptive_avg_pool2d_backward_ad(const at::Tensor& g, const at::Tensor
 std::tuple<at::Tensor, at::Tensor> max_pool2d_with_indices_ad(const at::Tensor& x, IntList k,
                                                               IntList s, IntList p, IntList d,
                                                               bool ceil) {
+  if (has_tangent(x)) no_forward_ad("max_pool2d_with_indices");
   if (!wants_grad(x)) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return max_pool2d_with_indices_op().call(x, k, s, p, d, ceil);
@@ -291,6 +296,7 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_with_indices_ad(const at::Tensor& 
 at::Tensor max_pool2d_with_indices_backward_ad(const at::Tensor& g, const at::Tensor& idx,
                                                SymList size, IntList k, IntList s, IntList p,
                                                IntList d, bool ceil) {
+  if (has_tangent(g, idx)) no_forward_ad("max_pool2d_with_indices_backward");
   if (!wants_grad(g)) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return max_pool2d_with_indices_backward_op().call(g, idx, size, k, s, p, d, ceil);
@@ -300,6 +306,7 @@ at::Tensor max_pool2d_with_indices_backward_ad(const at::Tensor& g, const at::Te
 
 at::Tensor max_pool2d_select_ad(const at::Tensor& x, const at::Tensor& idx, IntList k, IntList s,
                                 IntList p, IntList d, bool ceil) {
+  if (has_tangent(x, idx)) no_forward_ad("max_pool2d_select");
   if (!wants_grad(x)) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return max_pool2d_select_op().call(x, idx, k, s, p, d, ceil);
@@ -308,6 +315,7 @@ at::Tensor max_pool2d_select_ad(const at::Tensor& x, const at::Tensor& idx, IntL
 }
 
 at::Tensor max_unpool2d_ad(const at::Tensor& x, const at::Tensor& idx, SymList size) {
+  if (has_tangent(x, idx)) no_forward_ad("max_unpool2d");
   if (!wants_grad(x)) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return max_unpool2d_op().call(x, idx, size);
@@ -316,6 +324,7 @@ at::Tensor max_unpool2d_ad(const at::Tensor& x, const at::Tensor& idx, SymList s
 }
 
 at::Tensor max_unpool2d_backward_ad(const at::Tensor& g, const at::Tensor& idx) {
+  if (has_tangent(g, idx)) no_forward_ad("max_unpool2d_backward");
   if (!wants_grad(g)) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return max_unpool2d_backward_op().call(g, idx);
