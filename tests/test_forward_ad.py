@@ -13,11 +13,12 @@ import torch.nn.functional as F
 import cnnext.functional as CF
 
 # Ops (keys of CASES) whose forward derivative is implemented; the others must raise.
-FORWARD_AD = set()
+FORWARD_AD = {"conv2d", "conv2d_groups", "conv_transpose2d", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d",
+              "max_unpool2d"}
 
 
 def _unpool_indices():
-    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     return F.max_pool2d(x, 2, return_indices=True)[1]
 
 
@@ -142,7 +143,8 @@ def _hvp(f, primals, tangents):
         return [fwAD.unpack_dual(g).tangent for g in grads]
 
 
-# The backward ops a forward-over-reverse product reaches, by the forward op.
+# Forward-over-reverse reaches each op's backward ops (whose forward derivatives come
+# with their forward op's).
 BACKWARD_OPS = {"conv2d", "conv_transpose2d", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d",
                 "max_unpool2d", "conv_bn_relu2d_eval", "conv_bn_relu2d_train"}
 
@@ -151,7 +153,7 @@ BACKWARD_OPS = {"conv2d", "conv_transpose2d", "max_pool2d", "avg_pool2d", "adapt
 def test_forward_over_reverse(name):
     ours, stock, shapes = CASES[name]
     primals, tangents = _inputs(shapes, seed=5)
-    if name not in FORWARD_AD or name + "_backward" not in FORWARD_AD:
+    if name not in FORWARD_AD:
         with pytest.raises(NotImplementedError, match="forward-mode AD"):
             _hvp(ours, primals, tangents)
         return
@@ -160,3 +162,24 @@ def test_forward_over_reverse(name):
     for g, w in zip(got, want):
         assert g is not None
         torch.testing.assert_close(g, w)
+
+
+@pytest.mark.parametrize("name", sorted(FORWARD_AD))
+def test_gradcheck_forward_ad(name):
+    """torch.autograd.gradcheck with check_forward_ad: the tangents against finite
+    differences, in float64, every argument at once."""
+    ours, _, shapes = CASES[name]
+    primals, _ = _inputs(shapes, seed=7)
+    primals = [p.requires_grad_() for p in primals]
+    assert torch.autograd.gradcheck(ours, primals, check_forward_ad=True, check_backward_ad=True,
+                                    check_batched_grad=False, check_batched_forward_grad=False)
+
+
+@pytest.mark.parametrize("name", sorted(FORWARD_AD))
+def test_gradgradcheck_forward_over_reverse(name):
+    """Forward-over-reverse through the backward ops (Hessian-vector products)."""
+    ours, _, shapes = CASES[name]
+    primals, _ = _inputs(shapes, seed=11)
+    primals = [p.requires_grad_() for p in primals]
+    assert torch.autograd.gradgradcheck(ours, primals, check_fwd_over_rev=True, check_rev_over_rev=False, check_undefined_grad=False,
+                                        check_batched_grad=False)

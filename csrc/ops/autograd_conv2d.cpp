@@ -97,6 +97,25 @@ bool needs(AutogradContext* ctx, const std::vector<int64_t>& present, size_t pos
 
 bool given(const OptTensor& t) { return t.has_value() && t->defined(); }
 
+// Forward-mode AD through a recorded node: the node is given the primals (the C++
+// Function API raises on inputs carrying tangents), so its backward would read its saved
+// tensors without their tangents, and a forward-over-reverse product would miss the terms
+// of their tangents. The node keeps the two tensor inputs as given, with their tangents,
+// and its backward reads those instead (dual(): the saved tensor i or its dual).
+template <class F>
+void keep_duals(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  if (auto* node = dynamic_cast<torch::autograd::CppNode<F>*>(out.grad_fn().get())) {
+    node->ctx_.saved_data["dual0"] = a;
+    node->ctx_.saved_data["dual1"] = b;
+  }
+}
+
+at::Tensor dual(AutogradContext* ctx, const variable_list& saved, size_t i) {
+  if (!saved[i].defined()) return saved[i];
+  const auto it = ctx->saved_data.find(i == 0 ? "dual0" : "dual1");
+  return it == ctx->saved_data.end() ? saved[i] : it->second.toTensor();
+}
+
 // --- conv2d ------------------------------------------------------------------------------
 
 // conv2d(input, weight, bias, stride, padding, dilation, groups)
@@ -118,8 +137,8 @@ struct cnnext_conv2d : torch::autograd::Function<cnnext_conv2d> {
     const Conf c = load_conf(ctx);
     const at::Tensor& g = grads[0];
     at::Tensor gx, gw, gb;
-    if (needs(ctx, present, 0)) gx = input_backward(g, saved[1], ctx->saved_data["input_size"].toSymIntVector(), c);
-    if (needs(ctx, present, 1)) gw = weight_backward(g, saved[0], ctx->saved_data["weight_size"].toSymIntVector(), c);
+    if (needs(ctx, present, 0)) gx = input_backward(g, dual(ctx, saved, 1), ctx->saved_data["input_size"].toSymIntVector(), c);
+    if (needs(ctx, present, 1)) gw = weight_backward(g, dual(ctx, saved, 0), ctx->saved_data["weight_size"].toSymIntVector(), c);
     if (needs(ctx, present, 2)) gb = channel_sum_op().call(g);
     return {gx, gw, gb, {}, {}, {}, {}};
   }
@@ -140,9 +159,9 @@ struct cnnext_conv2d_input_backward : torch::autograd::Function<cnnext_conv2d_in
     const auto saved = ctx->get_saved_variables();
     const Conf c = load_conf(ctx);
     at::Tensor dg, dw;
-    if (ctx->needs_input_grad(0)) dg = conv(grads[0], saved[1], c);
+    if (ctx->needs_input_grad(0)) dg = conv(grads[0], dual(ctx, saved, 1), c);
     if (ctx->needs_input_grad(1))
-      dw = weight_backward(saved[0], grads[0], ctx->saved_data["weight_size"].toSymIntVector(), c);
+      dw = weight_backward(dual(ctx, saved, 0), grads[0], ctx->saved_data["weight_size"].toSymIntVector(), c);
     return {dg, dw, {}, {}, {}, {}, {}};
   }
 };
@@ -162,9 +181,9 @@ struct cnnext_conv2d_weight_backward : torch::autograd::Function<cnnext_conv2d_w
     const auto saved = ctx->get_saved_variables();
     const Conf c = load_conf(ctx);
     at::Tensor dg, dx;
-    if (ctx->needs_input_grad(0)) dg = conv(saved[1], grads[0], c);
+    if (ctx->needs_input_grad(0)) dg = conv(dual(ctx, saved, 1), grads[0], c);
     if (ctx->needs_input_grad(1))
-      dx = input_backward(saved[0], grads[0], ctx->saved_data["input_size"].toSymIntVector(), c);
+      dx = input_backward(dual(ctx, saved, 0), grads[0], ctx->saved_data["input_size"].toSymIntVector(), c);
     return {dg, dx, {}, {}, {}, {}, {}};
   }
 };
@@ -217,11 +236,11 @@ struct cnnext_conv_transpose2d : torch::autograd::Function<cnnext_conv_transpose
       }
       const bool padded = extra[0] != 0 || extra[1] != 0;
       if (nx) {
-        gx = conv(g, saved[1], c);
+        gx = conv(g, dual(ctx, saved, 1), c);
         if (padded) gx = gx.slice_symint(-2, 0, hw[0]).slice_symint(-1, 0, hw[1]);
       }
       if (nw) {
-        at::Tensor x = saved[0];
+        at::Tensor x = dual(ctx, saved, 0);
         if (padded) x = at::constant_pad_nd(x, {0, extra[1], 0, extra[0]}, 0);
         gw = weight_backward(x, g, wsize, c);
       }
@@ -369,7 +388,18 @@ struct cnnext_conv_bn_relu2d_eval : torch::autograd::Function<cnnext_conv_bn_rel
 
 at::Tensor conv2d_ad(const at::Tensor& x, const at::Tensor& w, const OptTensor& b, IntList s, IntList p,
                      IntList d, int64_t g) {
-  if (has_tangent(x, w) || has_tangent_opt(b)) no_forward_ad("conv2d");
+  if (has_tangent(x, w) || has_tangent_opt(b)) {  // bilinear in (x, w), plus the bias
+    const at::Tensor xp = primal(x), wp = primal(w);
+    at::Tensor out = conv2d_ad(xp, wp, primal_opt(b), s, p, d, g);
+    keep_duals<cnnext_conv2d>(out, x, w);
+    const at::Tensor tx = tangent(x), tw = tangent(w), tb = tangent_opt(b);
+    at::Tensor t;
+    if (tx.defined()) t = conv2d_op().call(tx, wp, c10::nullopt, s, p, d, g);
+    if (tw.defined()) t = add_defined(t, conv2d_op().call(xp, tw, c10::nullopt, s, p, d, g));
+    if (tb.defined()) t = add_defined(t, tb.reshape(out.dim() == 4 ? at::IntArrayRef{1, -1, 1, 1} : at::IntArrayRef{-1, 1, 1}).expand_as(out));
+    set_tangent(out, t);
+    return out;
+  }
   if (!(wants_grad(x, w) || (c10::GradMode::is_enabled() && wants_grad_opt(b))))
     CNNEXT_BELOW_AUTOGRAD(conv2d_op().call(x, w, b, s, p, d, g))
   return cnnext_conv2d::apply(x, w, b, s, p, d, g);
@@ -377,27 +407,60 @@ at::Tensor conv2d_ad(const at::Tensor& x, const at::Tensor& w, const OptTensor& 
 
 at::Tensor conv2d_input_backward_ad(const at::Tensor& go, const at::Tensor& w, SymList size, IntList s,
                                     IntList p, IntList d, int64_t g) {
-  if (has_tangent(go, w)) no_forward_ad("conv2d_input_backward");
+  if (has_tangent(go, w)) {
+    const at::Tensor gp = primal(go), wp = primal(w);
+    at::Tensor out = conv2d_input_backward_ad(gp, wp, size, s, p, d, g);
+    keep_duals<cnnext_conv2d_input_backward>(out, go, w);
+    at::Tensor t;
+    if (has_tangent(go)) t = conv2d_input_backward_op().call(tangent(go), wp, size, s, p, d, g);
+    if (has_tangent(w)) t = add_defined(t, conv2d_input_backward_op().call(gp, tangent(w), size, s, p, d, g));
+    set_tangent(out, t);
+    return out;
+  }
   if (!wants_grad(go, w)) CNNEXT_BELOW_AUTOGRAD(conv2d_input_backward_op().call(go, w, size, s, p, d, g))
   return cnnext_conv2d_input_backward::apply(go, w, size, s, p, d, g);
 }
 
 at::Tensor conv2d_weight_backward_ad(const at::Tensor& go, const at::Tensor& x, SymList size, IntList s,
                                      IntList p, IntList d, int64_t g) {
-  if (has_tangent(go, x)) no_forward_ad("conv2d_weight_backward");
+  if (has_tangent(go, x)) {
+    const at::Tensor gp = primal(go), xp = primal(x);
+    at::Tensor out = conv2d_weight_backward_ad(gp, xp, size, s, p, d, g);
+    keep_duals<cnnext_conv2d_weight_backward>(out, go, x);
+    at::Tensor t;
+    if (has_tangent(go)) t = conv2d_weight_backward_op().call(tangent(go), xp, size, s, p, d, g);
+    if (has_tangent(x)) t = add_defined(t, conv2d_weight_backward_op().call(gp, tangent(x), size, s, p, d, g));
+    set_tangent(out, t);
+    return out;
+  }
   if (!wants_grad(go, x)) CNNEXT_BELOW_AUTOGRAD(conv2d_weight_backward_op().call(go, x, size, s, p, d, g))
   return cnnext_conv2d_weight_backward::apply(go, x, size, s, p, d, g);
 }
 
 at::Tensor channel_sum_ad(const at::Tensor& x) {
-  if (has_tangent(x)) no_forward_ad("channel_sum");
+  if (has_tangent(x)) {
+    at::Tensor out = channel_sum_ad(primal(x));
+    set_tangent(out, channel_sum_op().call(tangent(x)));
+    return out;
+  }
   if (!wants_grad(x)) CNNEXT_BELOW_AUTOGRAD(channel_sum_op().call(x))
   return cnnext_channel_sum::apply(x);
 }
 
 at::Tensor conv_transpose2d_ad(const at::Tensor& x, const at::Tensor& w, const OptTensor& b, IntList s,
                                IntList p, IntList op, int64_t g, IntList d) {
-  if (has_tangent(x, w) || has_tangent_opt(b)) no_forward_ad("conv_transpose2d");
+  if (has_tangent(x, w) || has_tangent_opt(b)) {  // bilinear in (x, w), plus the bias
+    const at::Tensor xp = primal(x), wp = primal(w);
+    at::Tensor out = conv_transpose2d_ad(xp, wp, primal_opt(b), s, p, op, g, d);
+    keep_duals<cnnext_conv_transpose2d>(out, x, w);
+    const at::Tensor tx = tangent(x), tw = tangent(w), tb = tangent_opt(b);
+    at::Tensor t;
+    if (tx.defined()) t = conv_transpose2d_op().call(tx, wp, c10::nullopt, s, p, op, g, d);
+    if (tw.defined()) t = add_defined(t, conv_transpose2d_op().call(xp, tw, c10::nullopt, s, p, op, g, d));
+    if (tb.defined()) t = add_defined(t, tb.reshape(out.dim() == 4 ? at::IntArrayRef{1, -1, 1, 1} : at::IntArrayRef{-1, 1, 1}).expand_as(out));
+    set_tangent(out, t);
+    return out;
+  }
   if (!(wants_grad(x, w) || (c10::GradMode::is_enabled() && wants_grad_opt(b))))
     CNNEXT_BELOW_AUTOGRAD(conv_transpose2d_op().call(x, w, b, s, p, op, g, d))
   return cnnext_conv_transpose2d::apply(x, w, b, s, p, op, g, d);

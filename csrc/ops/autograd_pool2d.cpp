@@ -245,7 +245,11 @@ struct cnnext_max_unpool2d_backward : torch::autograd::Function<cnnext_max_unpoo
 
 at::Tensor avg_pool2d_ad(const at::Tensor& x, IntList k, IntList s, IntList p, bool ceil, bool cip,
                          OptInt div) {
-  if (has_tangent(x)) no_forward_ad("avg_pool2d");
+  if (has_tangent(x)) {  // forward-mode AD: linear, the op applied to the tangent
+    at::Tensor out = avg_pool2d_ad(primal(x), k, s, p, ceil, cip, div);
+    set_tangent(out, avg_pool2d_op().call(tangent(x), k, s, p, ceil, cip, div));
+    return out;
+  }
   if (!wants_grad(x)) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return avg_pool2d_op().call(x, k, s, p, ceil, cip, div);
@@ -255,7 +259,12 @@ at::Tensor avg_pool2d_ad(const at::Tensor& x, IntList k, IntList s, IntList p, b
 
 at::Tensor avg_pool2d_backward_ad(const at::Tensor& g, const at::Tensor& x, IntList k, IntList s,
                                   IntList p, bool ceil, bool cip, OptInt div) {
-  if (has_tangent(g, x)) no_forward_ad("avg_pool2d_backward");
+  if (has_tangent(g, x)) {  // linear in g; x gives its shape only
+    at::Tensor out = avg_pool2d_backward_ad(primal(g), primal(x), k, s, p, ceil, cip, div);
+    if (has_tangent(g))
+      set_tangent(out, avg_pool2d_backward_op().call(tangent(g), primal(x), k, s, p, ceil, cip, div));
+    return out;
+  }
   if (!wants_grad(g)) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return avg_pool2d_backward_op().call(g, x, k, s, p, ceil, cip, div);
@@ -264,7 +273,11 @@ at::Tensor avg_pool2d_backward_ad(const at::Tensor& g, const at::Tensor& x, IntL
 }
 
 at::Tensor adaptive_avg_pool2d_ad(const at::Tensor& x, IntList size) {
-  if (has_tangent(x)) no_forward_ad("adaptive_avg_pool2d");
+  if (has_tangent(x)) {
+    at::Tensor out = adaptive_avg_pool2d_ad(primal(x), size);
+    set_tangent(out, adaptive_avg_pool2d_op().call(tangent(x), size));
+    return out;
+  }
   if (!wants_grad(x)) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return adaptive_avg_pool2d_op().call(x, size);
@@ -273,7 +286,11 @@ at::Tensor adaptive_avg_pool2d_ad(const at::Tensor& x, IntList size) {
 }
 
 at::Tensor adaptive_avg_pool2d_backward_ad(const at::Tensor& g, const at::Tensor& x) {
-  if (has_tangent(g, x)) no_forward_ad("adaptive_avg_pool2d_backward");
+  if (has_tangent(g, x)) {
+    at::Tensor out = adaptive_avg_pool2d_backward_ad(primal(g), primal(x));
+    if (has_tangent(g)) set_tangent(out, adaptive_avg_pool2d_backward_op().call(tangent(g), primal(x)));
+    return out;
+  }
   if (!wants_grad(g)) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return adaptive_avg_pool2d_backward_op().call(g, x);
@@ -284,7 +301,11 @@ at::Tensor adaptive_avg_pool2d_backward_ad(const at::Tensor& g, const at::Tensor
 std::tuple<at::Tensor, at::Tensor> max_pool2d_with_indices_ad(const at::Tensor& x, IntList k,
                                                               IntList s, IntList p, IntList d,
                                                               bool ceil) {
-  if (has_tangent(x)) no_forward_ad("max_pool2d_with_indices");
+  if (has_tangent(x)) {  // the tangent at the maxima's indices
+    auto r = max_pool2d_with_indices_ad(primal(x), k, s, p, d, ceil);
+    set_tangent(std::get<0>(r), max_pool2d_select_op().call(tangent(x), std::get<1>(r), k, s, p, d, ceil));
+    return r;
+  }
   if (!wants_grad(x)) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return max_pool2d_with_indices_op().call(x, k, s, p, d, ceil);
@@ -296,7 +317,11 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_with_indices_ad(const at::Tensor& 
 at::Tensor max_pool2d_with_indices_backward_ad(const at::Tensor& g, const at::Tensor& idx,
                                                SymList size, IntList k, IntList s, IntList p,
                                                IntList d, bool ceil) {
-  if (has_tangent(g, idx)) no_forward_ad("max_pool2d_with_indices_backward");
+  if (has_tangent(g)) {
+    at::Tensor out = max_pool2d_with_indices_backward_ad(primal(g), idx, size, k, s, p, d, ceil);
+    set_tangent(out, max_pool2d_with_indices_backward_op().call(tangent(g), idx, size, k, s, p, d, ceil));
+    return out;
+  }
   if (!wants_grad(g)) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return max_pool2d_with_indices_backward_op().call(g, idx, size, k, s, p, d, ceil);
@@ -306,7 +331,11 @@ at::Tensor max_pool2d_with_indices_backward_ad(const at::Tensor& g, const at::Te
 
 at::Tensor max_pool2d_select_ad(const at::Tensor& x, const at::Tensor& idx, IntList k, IntList s,
                                 IntList p, IntList d, bool ceil) {
-  if (has_tangent(x, idx)) no_forward_ad("max_pool2d_select");
+  if (has_tangent(x)) {
+    at::Tensor out = max_pool2d_select_ad(primal(x), idx, k, s, p, d, ceil);
+    set_tangent(out, max_pool2d_select_op().call(tangent(x), idx, k, s, p, d, ceil));
+    return out;
+  }
   if (!wants_grad(x)) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return max_pool2d_select_op().call(x, idx, k, s, p, d, ceil);
@@ -315,7 +344,11 @@ at::Tensor max_pool2d_select_ad(const at::Tensor& x, const at::Tensor& idx, IntL
 }
 
 at::Tensor max_unpool2d_ad(const at::Tensor& x, const at::Tensor& idx, SymList size) {
-  if (has_tangent(x, idx)) no_forward_ad("max_unpool2d");
+  if (has_tangent(x)) {
+    at::Tensor out = max_unpool2d_ad(primal(x), idx, size);
+    set_tangent(out, max_unpool2d_op().call(tangent(x), idx, size));
+    return out;
+  }
   if (!wants_grad(x)) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return max_unpool2d_op().call(x, idx, size);
@@ -324,7 +357,11 @@ at::Tensor max_unpool2d_ad(const at::Tensor& x, const at::Tensor& idx, SymList s
 }
 
 at::Tensor max_unpool2d_backward_ad(const at::Tensor& g, const at::Tensor& idx) {
-  if (has_tangent(g, idx)) no_forward_ad("max_unpool2d_backward");
+  if (has_tangent(g)) {
+    at::Tensor out = max_unpool2d_backward_ad(primal(g), idx);
+    set_tangent(out, max_unpool2d_backward_op().call(tangent(g), idx));
+    return out;
+  }
   if (!wants_grad(g)) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return max_unpool2d_backward_op().call(g, idx);
