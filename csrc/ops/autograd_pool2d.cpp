@@ -234,8 +234,18 @@ struct cnnext_max_unpool2d_backward : torch::autograd::Function<cnnext_max_unpoo
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     at::Tensor dg;
     if (ctx->needs_input_grad(0)) {
+      // The adjoint of a gather is a scatter-ADD: with repeated indices the values at
+      // one position sum (max_unpool2d would keep only the last).
       const auto hw = ctx->saved_data["hw"].toSymIntVector();
-      dg = max_unpool2d_op().call(grads[0], ctx->get_saved_variables()[0], hw);
+      const at::Tensor& dz = grads[0];
+      std::vector<c10::SymInt> flat(dz.sym_sizes().begin(), dz.sym_sizes().end() - 2);
+      flat.push_back(hw[0] * hw[1]);
+      std::vector<c10::SymInt> shape(flat.begin(), flat.end() - 1);
+      shape.push_back(hw[0]);
+      shape.push_back(hw[1]);
+      dg = at::zeros_symint(flat, dz.options())
+               .scatter_add(-1, ctx->get_saved_variables()[0].flatten(-2), dz.flatten(-2))
+               .view_symint(shape);
     }
     return {dg, {}};
   }

@@ -1,0 +1,30 @@
+"""Regression tests of issue 13 ("right or refused"): one test per item, each failing on
+the code before its fix. Item 1 (forward-mode AD) is tests/test_forward_ad.py."""
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import cnnext.functional as CF
+
+
+def test_item03_unpool_double_backward_sums_repeated_indices():
+    # Two inputs unpooled to one position: the gradient of grad_input with respect to
+    # grad_output is a scatter-ADD, so position 0 collects 1 + 100.
+    x = torch.tensor([[[[1., 2.]]]], dtype=torch.float64, requires_grad=True)
+    go = torch.zeros(1, 1, 2, 4, dtype=torch.float64, requires_grad=True)
+    y = CF.max_unpool2d(x, torch.tensor([[[[0, 0]]]]), 2, output_size=(2, 4))
+    g, = torch.autograd.grad(y, x, go, create_graph=True)
+    w = torch.tensor([[[[1., 100.]]]], dtype=torch.float64)
+    ggo, = torch.autograd.grad((g * w).sum(), go)
+    want = torch.zeros(1, 1, 2, 4, dtype=torch.float64)
+    want[0, 0, 0, 0] = 101.
+    torch.testing.assert_close(ggo, want, rtol=0, atol=0)
+    # and stock agrees
+    xs = x.detach().clone().requires_grad_()
+    gs = go.detach().clone().requires_grad_()
+    ys = F.max_unpool2d(xs, torch.tensor([[[[0, 0]]]]), 2, output_size=(2, 4))
+    g2, = torch.autograd.grad(ys, xs, gs, create_graph=True)
+    torch.testing.assert_close(torch.autograd.grad((g2 * w).sum(), gs)[0], want, rtol=0, atol=0)
