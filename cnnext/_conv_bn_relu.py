@@ -2,7 +2,7 @@
 formulas, below, are implemented in C++ (csrc/ops/autograd_conv2d.cpp).
 
 Training, with xhat = (conv_out - mean) * invstd and gm the output gradient masked by
-out > 0 (the ReLU mask, read from the saved output):
+out <= 0 zeroed (the ReLU mask, read from the saved output; NaN passes, as in torch):
   conv_bn_relu2d_train(x, w, b, gamma, beta) -> (out, conv_out, mean, var)
     d/d(conv_out) = conv_bn_relu2d_train_backward (one op: the sums, then one pass)
     d/dx = conv2d_input_backward(d/d(conv_out), w), d/dw = conv2d_weight_backward(.., x),

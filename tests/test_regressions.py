@@ -28,3 +28,23 @@ def test_item03_unpool_double_backward_sums_repeated_indices():
     ys = F.max_unpool2d(xs, torch.tensor([[[[0, 0]]]]), 2, output_size=(2, 4))
     g2, = torch.autograd.grad(ys, xs, gs, create_graph=True)
     torch.testing.assert_close(torch.autograd.grad((g2 * w).sum(), gs)[0], want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_item04_conv_bn_relu_gradient_passes_at_nan(training):
+    # torch's ReLU backward zeroes the gradient where out <= 0 only: a NaN output passes it.
+    x = torch.tensor([[[[float("nan"), 1.]]], [[[2., 3.]]]])
+    w = torch.ones(1, 1, 1, 1)
+    gamma = torch.ones(1, requires_grad=True)
+    beta = torch.zeros(1, requires_grad=True)
+    rm, rv = torch.zeros(1), torch.ones(1)
+    if training:
+        rm = rv = None
+    out = CF.conv_bn_relu2d(x, w, None, gamma, beta, rm, rv, training)
+    got, = torch.autograd.grad(out.sum(), beta)
+    beta_s = beta.detach().clone().requires_grad_()
+    ref = F.relu(F.batch_norm(F.conv2d(x, w), rm, rv, gamma.detach(), beta_s, training=training))
+    want, = torch.autograd.grad(ref.sum(), beta_s)
+    torch.testing.assert_close(got, want, equal_nan=True)
+    if training:
+        assert got.item() == 4.

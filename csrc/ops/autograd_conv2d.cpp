@@ -348,7 +348,8 @@ struct cnnext_conv_bn_relu2d_eval : torch::autograd::Function<cnnext_conv_bn_rel
     const double eps = ctx->saved_data["eps"].toDouble();
     const at::ScalarType dt = weight.scalar_type(), sdt = stats_dtype(dt);
     const at::Tensor& grad = grads[0];
-    const at::Tensor gm = out.defined() ? at::where(out > 0, grad, at::zeros_like(grad)) : grad;
+    // Zero where out <= 0: a NaN output passes the gradient, as torch's ReLU does.
+    const at::Tensor gm = out.defined() ? at::where(out <= 0, at::zeros_like(grad), grad) : grad;
     // The fold, as the op computes it (in the stats dtype).
     const at::Tensor invstd = (running_var.to(sdt) + eps).rsqrt();
     const at::Tensor scale = bn_weight.defined() ? invstd * bn_weight.to(sdt) : invstd;
