@@ -48,3 +48,43 @@ def test_item04_conv_bn_relu_gradient_passes_at_nan(training):
     torch.testing.assert_close(got, want, equal_nan=True)
     if training:
         assert got.item() == 4.
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_item05_conv2d_weight_grad_same_padding_nan(dtype):
+    # padding='same' with an even kernel: the tap that never reads x[0] stays finite.
+    x = torch.tensor([[[[float("nan"), 1., 2., 3.]]]], dtype=dtype)
+    w = torch.tensor([[[[.5, -1.]]]], dtype=dtype, requires_grad=True)
+    gw, = torch.autograd.grad(CF.conv2d(x, w, padding="same").sum(), w)
+    ws = w.detach().clone().requires_grad_()
+    want, = torch.autograd.grad(F.conv2d(x, ws, padding="same").sum(), ws)
+    torch.testing.assert_close(gw, want, equal_nan=True)
+    assert gw[0, 0, 0, 1].item() == 6.
+
+
+@pytest.mark.parametrize("where", [(0, 1, 0), (1, 0, 0), (0, 0, 34), (1, 1, 17)])
+def test_item05_conv2d_weight_grad_wide_rows_nan(where):
+    # Wide rows take the implicit GEMM (float32): its padded-width columns must not
+    # carry a NaN of x into taps that never read it.
+    x = torch.randn(1, 2, 2, 35, generator=torch.Generator().manual_seed(0))
+    x[(0, *where)] = float("nan")
+    w = torch.randn(8, 2, 1, 2, requires_grad=True)
+    gy = torch.randn(1, 8, 2, 34)
+    gw, = torch.autograd.grad(CF.conv2d(x, w), w, gy)
+    ws = w.detach().clone().requires_grad_()
+    want, = torch.autograd.grad(F.conv2d(x, ws), ws, gy)
+    assert torch.equal(gw.isnan(), want.isnan())
+    torch.testing.assert_close(gw, want, equal_nan=True, rtol=1e-4, atol=1e-4)
+
+
+def test_item05_conv2d_weight_grad_wide_rows_inf_padded():
+    x = torch.randn(2, 3, 5, 40)
+    x[1, 2, 3, 0] = float("inf")
+    w = torch.randn(4, 3, 3, 3, requires_grad=True)
+    gy = torch.randn(2, 4, 5, 40)
+    gw, = torch.autograd.grad(CF.conv2d(x, w, padding=1), w, gy)
+    ws = w.detach().clone().requires_grad_()
+    want, = torch.autograd.grad(F.conv2d(x, ws, padding=1), ws, gy)
+    assert torch.equal(gw.isnan(), want.isnan())
+    assert torch.equal(gw.isinf(), want.isinf())
+    torch.testing.assert_close(gw, want, equal_nan=True, rtol=1e-4, atol=1e-4)
