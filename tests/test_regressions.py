@@ -88,3 +88,16 @@ def test_item05_conv2d_weight_grad_wide_rows_inf_padded():
     assert torch.equal(gw.isnan(), want.isnan())
     assert torch.equal(gw.isinf(), want.isinf())
     torch.testing.assert_close(gw, want, equal_nan=True, rtol=1e-4, atol=1e-4)
+
+
+def test_item06_avg_pool2d_huge_kernel_divisor():
+    # Kernel 2^32 with padding 2^31: one window of 2^32 x 2^32 padded positions holding
+    # the 25 ones (torch itself refuses kernels past int32; cnnext computes it right).
+    for dtype in (torch.float32, torch.float64):
+        y = CF.avg_pool2d(torch.ones(1, 1, 5, 5, dtype=dtype), 2 ** 32, padding=2 ** 31)
+        assert y.shape == (1, 1, 1, 1)
+        want = torch.tensor(25 / 2.0 ** 64, dtype=dtype)
+        torch.testing.assert_close(y.reshape(()), want, rtol=1e-6, atol=0)
+        g = torch.ones(1, 1, 5, 5, dtype=dtype, requires_grad=True)
+        gx, = torch.autograd.grad(CF.avg_pool2d(g, 2 ** 32, padding=2 ** 31).sum(), g)
+        torch.testing.assert_close(gx, torch.full_like(gx, 2.0 ** -64), rtol=1e-6, atol=0)
