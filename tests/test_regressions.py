@@ -101,3 +101,28 @@ def test_item06_avg_pool2d_huge_kernel_divisor():
         g = torch.ones(1, 1, 5, 5, dtype=dtype, requires_grad=True)
         gx, = torch.autograd.grad(CF.avg_pool2d(g, 2 ** 32, padding=2 ** 31).sum(), g)
         torch.testing.assert_close(gx, torch.full_like(gx, 2.0 ** -64), rtol=1e-6, atol=0)
+
+
+def _meta(t):
+    return t.to("meta")
+
+
+@pytest.mark.parametrize("case", ["unpool_indices", "conv_weight", "conv_bias", "conv_transpose_weight",
+                                  "unpool_input", "bn_weight", "running_mean"])
+def test_item07_tensors_on_another_device_raise(case):
+    x = torch.randn(1, 2, 4, 4)
+    w = torch.randn(3, 2, 3, 3)
+    idx = F.max_pool2d(x, 2, return_indices=True)[1]
+    calls = {
+        "unpool_indices": lambda: CF.max_unpool2d(x[:, :, :2, :2], _meta(idx), 2),
+        "unpool_input": lambda: CF.max_unpool2d(_meta(x[:, :, :2, :2]), idx, 2),
+        "conv_weight": lambda: CF.conv2d(x, _meta(w)),
+        "conv_bias": lambda: CF.conv2d(x, w, _meta(torch.zeros(3))),
+        "conv_transpose_weight": lambda: CF.conv_transpose2d(x, _meta(torch.randn(2, 3, 3, 3))),
+        "bn_weight": lambda: CF.conv_bn_relu2d(x, w, None, _meta(torch.ones(3)), torch.zeros(3), None, None,
+                                               True),
+        "running_mean": lambda: CF.conv_bn_relu2d(x, w, None, torch.ones(3), torch.zeros(3),
+                                                  _meta(torch.zeros(3)), torch.ones(3), False),
+    }
+    with pytest.raises(RuntimeError, match="device"):
+        calls[case]()
