@@ -126,3 +126,27 @@ def test_item07_tensors_on_another_device_raise(case):
     }
     with pytest.raises(RuntimeError, match="device"):
         calls[case]()
+
+
+def test_item08_max_pool2d_huge_stride():
+    # One window, the top-left 2 x 2 (torch itself overflows an int for stride 2^40).
+    x = torch.randn(1, 1, 5, 5, dtype=torch.float64)
+    ys, is_ = F.max_pool2d(x, 2, stride=10 ** 8, return_indices=True)
+    assert ys.shape == (1, 1, 1, 1) and ys.item() == x[0, 0, :2, :2].max().item()
+    for stride in (10 ** 8, 2 ** 40, 2 ** 62):
+        y, i = CF.max_pool2d(x, 2, stride=stride, return_indices=True)
+        assert torch.equal(y, ys) and torch.equal(i, is_)
+    # a huge kernel and padding (one window) take no memory by their size either
+    y, i = CF.max_pool2d(x, 2 ** 40, padding=2 ** 39, return_indices=True)
+    assert y.item() == x.max().item() and i.item() == x.flatten().argmax().item()
+
+
+def test_item08_max_pool2d_stride_memory_stays_flat():
+    # The phase arrays of the NCHW rows kernel grew with the stride: 3.8 GB for 10^8.
+    code = ("import resource, torch, cnnext.functional as CF\n"
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "CF.max_pool2d(torch.randn(1, 1, 5, 5), 2, stride=10 ** 8)\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n")
+    grown_kib = int(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                                   text=True).stdout.strip().splitlines()[-1])
+    assert grown_kib < 256 * 1024, f"max_pool2d with stride 1e8 grew the process by {grown_kib} KiB"
