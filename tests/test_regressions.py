@@ -150,3 +150,24 @@ def test_item08_max_pool2d_stride_memory_stays_flat():
     grown_kib = int(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
                                    text=True).stdout.strip().splitlines()[-1])
     assert grown_kib < 256 * 1024, f"max_pool2d with stride 1e8 grew the process by {grown_kib} KiB"
+
+
+def _mean64(x):
+    return x.double().mean(dim=(-2, -1), keepdim=True)
+
+
+@pytest.mark.parametrize("case", ["transposed", "dense", "expanded", "channels_last"])
+def test_item09_global_average_pool_large_float32_planes(case):
+    g = torch.Generator().manual_seed(0)
+    if case == "transposed":
+        x = (torch.rand(1, 1, 4096, 4096, generator=g) + 3).transpose(-1, -2)
+    elif case == "dense":
+        x = torch.rand(1, 1, 4096, 4096, generator=g) + 3
+    elif case == "expanded":
+        x = torch.tensor(3.3).expand(1, 1, 4096, 4096)
+    else:
+        x = (torch.rand(1, 4, 1024, 1024, generator=g) + 3).contiguous(memory_format=torch.channels_last)
+    want = _mean64(x)
+    for y in (CF.adaptive_avg_pool2d(x, 1), CF.avg_pool2d(x, x.shape[-2:])):
+        err = ((y.double() - want).abs() / want.abs()).max().item()
+        assert err < 1e-6, f"{case}: relative error {err}"
