@@ -171,3 +171,14 @@ def test_item09_global_average_pool_large_float32_planes(case):
     for y in (CF.adaptive_avg_pool2d(x, 1), CF.avg_pool2d(x, x.shape[-2:])):
         err = ((y.double() - want).abs() / want.abs()).max().item()
         assert err < 1e-6, f"{case}: relative error {err}"
+
+
+def test_item10_empty_unpool_plane_checks_indices():
+    # Default output size (1 - 1) * 4 - 2 * 2 + 4 = 0 rows: the plane holds no position,
+    # so index 0 is out of range and the backward raises, as torch's does.
+    x = torch.ones(1, 1, 1, 1, requires_grad=True)
+    i = torch.zeros(1, 1, 1, 1, dtype=torch.long)
+    y = CF.max_unpool2d(x, i, (4, 5), padding=(2, 0))
+    assert y.shape == F.max_unpool2d(x.detach(), i, (4, 5), padding=(2, 0)).shape == (1, 1, 0, 5)
+    with pytest.raises(RuntimeError, match="index"):
+        y.backward(torch.ones_like(y))
