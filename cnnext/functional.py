@@ -186,9 +186,12 @@ def adaptive_avg_pool2d(input, output_size):
     if kind is int:
         return _ops.adaptive_avg_pool2d(input, [output_size, output_size])
     if (kind is tuple or kind is list) and len(output_size) == 2 and type(output_size[0]) is int \
-            and type(output_size[1]) is int:
+            and type(output_size[1]) is int and input.dim() > 2:
         return _ops.adaptive_avg_pool2d(input, [output_size[0], output_size[1]])
     if isinstance(output_size, (list, tuple)):
+        if input.dim() <= len(output_size):  # torch's ValueError (its _list_with_default)
+            raise ValueError(f"{op}: expected input to have more than {len(output_size)} dims for output_size "
+                             f"{output_size!r}, got {input.dim()}-D input of shape {list(input.shape)}")
         items = list(output_size)
         if len(items) == 1:
             items = items * 2

@@ -182,3 +182,15 @@ def test_item10_empty_unpool_plane_checks_indices():
     assert y.shape == F.max_unpool2d(x.detach(), i, (4, 5), padding=(2, 0)).shape == (1, 1, 0, 5)
     with pytest.raises(RuntimeError, match="index"):
         y.backward(torch.ones_like(y))
+
+
+def test_item11_exception_types_and_messages():
+    # torch: ValueError for a 2-D input with a tuple output_size (its _list_with_default).
+    for size in ((2, 2), [1, 1], (None, None)):
+        with pytest.raises(ValueError):
+            F.adaptive_avg_pool2d(torch.randn(2, 2), size)
+        with pytest.raises(ValueError, match="adaptive_avg_pool2d: expected input to have more than 2 dims"):
+            CF.adaptive_avg_pool2d(torch.randn(2, 2), size)
+    # The channel mismatch names the input, as torch's message does.
+    with pytest.raises(RuntimeError, match=r"expected input\[2, 1, 28, 28\] to have 3 channels, but got 1 channels"):
+        CF.conv2d(torch.randn(2, 1, 28, 28), torch.randn(4, 3, 3, 3))
