@@ -64,4 +64,4 @@ def _max_unpool2d_fake(input, indices, output_size):
 @torch.library.register_fake("cnnext::max_unpool2d_backward")
 def _max_unpool2d_backward_fake(grad_output, indices):
     check_same_device("max_unpool2d_backward", grad_output=grad_output, indices=indices)
-    return _new(grad_output, indices.shape, _fmt(indices, indices.dim() == 4))
+    return _new(grad_output, indices.shape, torch.contiguous_format)

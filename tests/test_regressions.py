@@ -194,3 +194,55 @@ def test_item11_exception_types_and_messages():
     # The channel mismatch names the input, as torch's message does.
     with pytest.raises(RuntimeError, match=r"expected input\[2, 1, 28, 28\] to have 3 channels, but got 1 channels"):
         CF.conv2d(torch.randn(2, 1, 28, 28), torch.randn(4, 3, 3, 3))
+
+
+def _is_cl(t):
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+@pytest.mark.parametrize("op", ["conv2d", "conv_transpose2d"])
+@pytest.mark.parametrize("x_cl, g_cl", [(False, True), (True, False)])
+def test_item12_conv_gradients_take_the_forward_layout(op, x_cl, g_cl):
+    # torch makes grad_output contiguous in the forward's memory format: the input and
+    # weight gradients follow the forward, not the incoming gradient.
+    x = torch.randn(2, 4, 6, 7, dtype=torch.float64)
+    x = x.contiguous(memory_format=torch.channels_last) if x_cl else x
+    w = torch.randn(4, 4, 3, 3, dtype=torch.float64)
+    ours, stock = (CF.conv2d, F.conv2d) if op == "conv2d" else (CF.conv_transpose2d, F.conv_transpose2d)
+    got, want = [], []
+    for fn, out in ((ours, got), (stock, want)):
+        xx, ww = x.clone(memory_format=torch.preserve_format).requires_grad_(), w.clone().requires_grad_()
+        y = fn(xx, ww, padding=1)
+        g = torch.randn(y.shape, dtype=y.dtype, generator=torch.Generator().manual_seed(0))
+        g = g.contiguous(memory_format=torch.channels_last) if g_cl else g
+        gx, gw = torch.autograd.grad(y, (xx, ww), g)
+        out += [gx, gw]
+    assert _is_cl(got[0]) == _is_cl(want[0]) == x_cl
+    assert got[0].is_contiguous() == want[0].is_contiguous()
+    torch.testing.assert_close(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1])
+
+
+def test_item12_transposed_conv_input_gradient_is_dense():
+    # output_padding >= stride (grouped, dilated): the input gradient is cut from a larger
+    # one; it must come back dense, as torch's, not as a strided view.
+    x = torch.randn(2, 4, 5, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 1, 3, 3, dtype=torch.float64)
+    y = CF.conv_transpose2d(x, w, stride=2, output_padding=3, groups=2, dilation=4)
+    gx, = torch.autograd.grad(y, x, torch.randn_like(y))
+    ys = F.conv_transpose2d(x, w, stride=2, output_padding=3, groups=2, dilation=4)
+    gs, = torch.autograd.grad(ys, x, torch.ones_like(ys))
+    assert gx.is_contiguous() and gs.is_contiguous()
+
+
+def test_item12_unpool_gradient_is_contiguous():
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    y, idx = F.max_pool2d(x, 2, return_indices=True)
+    y.requires_grad_()
+    u = CF.max_unpool2d(y, idx, 2)
+    g = torch.randn(u.shape, dtype=u.dtype).contiguous(memory_format=torch.channels_last)
+    gy, = torch.autograd.grad(u, y, g)
+    ys = y.detach().requires_grad_()
+    want, = torch.autograd.grad(F.max_unpool2d(ys, idx, 2), ys, g)
+    assert gy.is_contiguous() and want.is_contiguous()
+    torch.testing.assert_close(gy, want)

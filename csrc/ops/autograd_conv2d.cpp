@@ -18,6 +18,7 @@
 #include <ATen/ATen.h>
 
 #include "ops/autograd_common.h"
+#include "ops/checks.h"
 #include "tensors.h"
 
 namespace cnnext {
@@ -116,6 +117,15 @@ at::Tensor dual(AutogradContext* ctx, const variable_list& saved, size_t i) {
   return it == ctx->saved_data.end() ? saved[i] : it->second.toTensor();
 }
 
+// grad_output in the layout of the forward's output (channels_last or not), as torch
+// makes it before its convolution backward: the gradients then take the forward's
+// layout, not the incoming gradient's. A copy only where the two layouts differ.
+at::Tensor in_forward_layout(const at::Tensor& g, bool channels_last) {
+  if (!g.defined() || g.dim() != 4 || (layout_of({g}) == at::MemoryFormat::ChannelsLast) == channels_last)
+    return g;
+  return g.contiguous(channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+}
+
 // --- conv2d ------------------------------------------------------------------------------
 
 // conv2d(input, weight, bias, stride, padding, dilation, groups)
@@ -129,13 +139,15 @@ struct cnnext_conv2d : torch::autograd::Function<cnnext_conv2d> {
     ctx->saved_data["weight_size"] = sym_vector(weight.sym_sizes());
     ctx->saved_data["present"] = std::vector<int64_t>{1, 1, given(bias)};
     save_conf(ctx, stride, padding, dilation, groups);
-    return conv2d_op().call(input, weight, bias, stride, padding, dilation, groups);
+    at::Tensor out = conv2d_op().call(input, weight, bias, stride, padding, dilation, groups);
+    ctx->saved_data["cl"] = layout_of({out}) == at::MemoryFormat::ChannelsLast;
+    return out;
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const auto present = ctx->saved_data["present"].toIntVector();
     const Conf c = load_conf(ctx);
-    const at::Tensor& g = grads[0];
+    const at::Tensor g = in_forward_layout(grads[0], ctx->saved_data["cl"].toBool());
     at::Tensor gx, gw, gb;
     if (needs(ctx, present, 0)) gx = input_backward(g, dual(ctx, saved, 1), ctx->saved_data["input_size"].toSymIntVector(), c);
     if (needs(ctx, present, 1)) gw = weight_backward(g, dual(ctx, saved, 0), ctx->saved_data["weight_size"].toSymIntVector(), c);
@@ -216,13 +228,15 @@ struct cnnext_conv_transpose2d : torch::autograd::Function<cnnext_conv_transpose
     ctx->saved_data["weight_size"] = sym_vector(weight.sym_sizes());
     ctx->saved_data["present"] = std::vector<int64_t>{1, 1, given(bias)};
     save_conf(ctx, stride, padding, dilation, groups);
-    return conv_transpose2d_op().call(input, weight, bias, stride, padding, output_padding, groups, dilation);
+    at::Tensor out = conv_transpose2d_op().call(input, weight, bias, stride, padding, output_padding, groups, dilation);
+    ctx->saved_data["cl"] = layout_of({out}) == at::MemoryFormat::ChannelsLast;
+    return out;
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const auto present = ctx->saved_data["present"].toIntVector();
     const Conf c = load_conf(ctx);
-    const at::Tensor& g = grads[0];
+    const at::Tensor g = in_forward_layout(grads[0], ctx->saved_data["cl"].toBool());
     const bool nx = needs(ctx, present, 0), nw = needs(ctx, present, 1);
     at::Tensor gx, gw, gb;
     if (nx || nw) {
@@ -237,7 +251,8 @@ struct cnnext_conv_transpose2d : torch::autograd::Function<cnnext_conv_transpose
       const bool padded = extra[0] != 0 || extra[1] != 0;
       if (nx) {
         gx = conv(g, dual(ctx, saved, 1), c);
-        if (padded) gx = gx.slice_symint(-2, 0, hw[0]).slice_symint(-1, 0, hw[1]);
+        if (padded)  // dense, in the layout it had, as torch's (not a strided view)
+          gx = gx.slice_symint(-2, 0, hw[0]).slice_symint(-1, 0, hw[1]).contiguous(layout_of({gx}));
       }
       if (nw) {
         at::Tensor x = dual(ctx, saved, 0);

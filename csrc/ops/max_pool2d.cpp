@@ -143,7 +143,8 @@ at::Tensor max_unpool2d_backward(const at::Tensor& grad_output, const at::Tensor
               indices.flatten()[0].item<int64_t>(), " in indices: the plane it indexes is ",
               g.size(2), " x ", g.size(3), ", so it holds no position");
   const at::Tensor idx = batched ? indices : indices.unsqueeze(0);
-  const auto fmt = batched ? layout_of({idx}) : at::MemoryFormat::Contiguous;
+  // Contiguous whatever the layouts, as torch's (a gather over flattened planes).
+  const auto fmt = at::MemoryFormat::Contiguous;
   return unbatch(CNNEXT_BACKEND(op, g, max_unpool2d_backward)(g, idx, fmt), batched);
 }
 
