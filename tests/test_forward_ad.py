@@ -5,6 +5,8 @@ forward-over-reverse (a tangent reaching the backward ops). An op in FORWARD_AD 
 forward derivative and must match stock torch's tangent; every other op must raise
 NotImplementedError naming forward-mode AD.
 """
+import functools
+
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -17,6 +19,7 @@ FORWARD_AD = {"conv2d", "conv2d_groups", "conv_transpose2d", "max_pool2d", "avg_
               "max_unpool2d"}
 
 
+@functools.lru_cache(maxsize=None)
 def _unpool_indices():
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     return F.max_pool2d(x, 2, return_indices=True)[1]
@@ -183,3 +186,30 @@ def test_gradgradcheck_forward_over_reverse(name):
     primals = [p.requires_grad_() for p in primals]
     assert torch.autograd.gradgradcheck(ours, primals, check_fwd_over_rev=True, check_rev_over_rev=False, check_undefined_grad=False,
                                         check_batched_grad=False)
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+@pytest.mark.parametrize("name", ["conv2d", "max_pool2d", "avg_pool2d", "max_unpool2d"])
+def test_jacfwd_matches_stock(name):
+    """torch.func.jacfwd (jvp under vmap's fallback loop) against stock's Jacobian."""
+    ours, stock, shapes = CASES[name]
+    primals, _ = _inputs(shapes, seed=13)
+    got = torch.func.jacfwd(ours)(*primals)
+    want = torch.func.jacfwd(stock)(*primals)
+    torch.testing.assert_close(got, want)
+
+
+def test_jvp_through_a_module_with_parameters_requiring_grad():
+    """A tangent on the input of a model whose weights require grad (the recorded-node path)."""
+    import cnnext.nn
+    torch.manual_seed(0)
+    ref = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3, padding=1), torch.nn.MaxPool2d(2),
+                              torch.nn.AdaptiveAvgPool2d(1)).double()
+    ours = torch.nn.Sequential(cnnext.nn.Conv2d(2, 4, 3, padding=1), cnnext.nn.MaxPool2d(2),
+                               cnnext.nn.AdaptiveAvgPool2d(1)).double()
+    ours.load_state_dict(ref.state_dict())
+    x, t = torch.randn(3, 2, 6, 6, dtype=torch.float64), torch.randn(3, 2, 6, 6, dtype=torch.float64)
+    got = torch.func.jvp(ours, (x,), (t,))
+    want = torch.func.jvp(ref, (x,), (t,))
+    torch.testing.assert_close(got, want)
+    assert got[1].abs().sum() > 0
