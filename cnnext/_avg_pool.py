@@ -14,7 +14,7 @@ torch's aten::avg_pool2d_backward does; it gets no gradient.
 """
 import torch
 
-from ._shapes import pool_out_size, prefers_channels_last
+from ._shapes import check_same_device, pool_out_size, prefers_channels_last
 
 
 def _out_like(x, shape):
@@ -43,6 +43,7 @@ def _avg_pool2d_fake(input, kernel_size, stride, padding, ceil_mode, count_inclu
 @torch.library.register_fake("cnnext::avg_pool2d_backward")
 def _avg_pool2d_backward_fake(grad_output, input, kernel_size, stride, padding, ceil_mode, count_include_pad,
                               divisor_override):
+    check_same_device("avg_pool2d_backward", grad_output=grad_output, input=input)
     return _out_like(input, input.shape)
 
 
@@ -53,4 +54,5 @@ def _adaptive_avg_pool2d_fake(input, output_size):
 
 @torch.library.register_fake("cnnext::adaptive_avg_pool2d_backward")
 def _adaptive_avg_pool2d_backward_fake(grad_output, input):
+    check_same_device("adaptive_avg_pool2d_backward", grad_output=grad_output, input=input)
     return _out_like(input, input.shape)

@@ -2,7 +2,7 @@
 formulas, below, are implemented in C++ (csrc/ops/autograd_conv2d.cpp).
 
 Training, with xhat = (conv_out - mean) * invstd and gm the output gradient masked by
-out > 0 (the ReLU mask, read from the saved output):
+out <= 0 zeroed (the ReLU mask, read from the saved output; NaN passes, as in torch):
   conv_bn_relu2d_train(x, w, b, gamma, beta) -> (out, conv_out, mean, var)
     d/d(conv_out) = conv_bn_relu2d_train_backward (one op: the sums, then one pass)
     d/dx = conv2d_input_backward(d/d(conv_out), w), d/dw = conv2d_weight_backward(.., x),
@@ -21,7 +21,7 @@ b' = (b - running_mean) * scale + beta, out = [relu](conv2d(x, w') + b'):
 """
 import torch
 
-from ._shapes import conv_out_size, prefers_channels_last
+from ._shapes import check_same_device, conv_out_size, prefers_channels_last
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -41,6 +41,7 @@ def _conv_output(input, weight, stride, padding, dilation):
 
 @torch.library.register_fake("cnnext::conv_bn_relu2d_train")
 def _train_fake(input, weight, bias, bn_weight, bn_bias, eps, stride, padding, dilation, groups, relu):
+    check_same_device("conv_bn_relu2d_train", input=input, weight=weight, bias=bias, bn_weight=bn_weight, bn_bias=bn_bias)
     out = _conv_output(input, weight, stride, padding, dilation)
     stats = input.new_empty((weight.shape[0],), dtype=stats_dtype(input.dtype))
     return out, torch.empty_like(out), stats, torch.empty_like(stats)
@@ -48,6 +49,7 @@ def _train_fake(input, weight, bias, bn_weight, bn_bias, eps, stride, padding, d
 
 @torch.library.register_fake("cnnext::conv_bn_relu2d_train_backward")
 def _train_backward_fake(grad_out, out, conv_out, mean, var, bn_weight, eps, relu):
+    check_same_device("conv_bn_relu2d_train_backward", grad_out=grad_out, out=out, conv_out=conv_out, mean=mean, var=var, bn_weight=bn_weight)
     fmt = torch.channels_last if prefers_channels_last(conv_out) else torch.contiguous_format
     grad = conv_out.new_empty(conv_out.shape).contiguous(memory_format=fmt)
     c = conv_out.shape[1]
@@ -56,10 +58,12 @@ def _train_backward_fake(grad_out, out, conv_out, mean, var, bn_weight, eps, rel
 
 @torch.library.register_fake("cnnext::batch_norm_update_stats_")
 def _update_stats_fake(running_mean, running_var, mean, var, momentum, count):
+    check_same_device("batch_norm_update_stats_", running_mean=running_mean, running_var=running_var, mean=mean, var=var)
     return None
 
 
 @torch.library.register_fake("cnnext::conv_bn_relu2d_eval")
 def _eval_fake(input, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, stride, padding,
                dilation, groups, relu):
+    check_same_device("conv_bn_relu2d_eval", input=input, weight=weight, bias=bias, bn_weight=bn_weight, bn_bias=bn_bias, running_mean=running_mean, running_var=running_var)
     return _conv_output(input, weight, stride, padding, dilation)

@@ -15,7 +15,7 @@ outputs and never differentiable.
 """
 import torch
 
-from ._shapes import pool_out_size, prefers_channels_last
+from ._shapes import check_same_device, pool_out_size, prefers_channels_last
 
 
 def _fmt(t, batched):
@@ -43,19 +43,23 @@ def _max_pool2d_fake(input, kernel_size, stride, padding, dilation, ceil_mode):
 
 @torch.library.register_fake("cnnext::max_pool2d_with_indices_backward")
 def _max_pool2d_backward_fake(grad_output, indices, input_size, kernel_size, stride, padding, dilation, ceil_mode):
+    check_same_device("max_pool2d_with_indices_backward", grad_output=grad_output, indices=indices)
     return _new(grad_output, list(input_size), _fmt(indices, indices.dim() == 4))
 
 
 @torch.library.register_fake("cnnext::max_pool2d_select")
 def _max_pool2d_select_fake(input, indices, kernel_size, stride, padding, dilation, ceil_mode):
+    check_same_device("max_pool2d_select", input=input, indices=indices)
     return _new(input, indices.shape, _fmt(indices, indices.dim() == 4))
 
 
 @torch.library.register_fake("cnnext::max_unpool2d")
 def _max_unpool2d_fake(input, indices, output_size):
+    check_same_device("max_unpool2d", input=input, indices=indices)
     return _new(input, (*input.shape[:-2], *output_size), _fmt(input, input.dim() == 4))
 
 
 @torch.library.register_fake("cnnext::max_unpool2d_backward")
 def _max_unpool2d_backward_fake(grad_output, indices):
-    return _new(grad_output, indices.shape, _fmt(indices, indices.dim() == 4))
+    check_same_device("max_unpool2d_backward", grad_output=grad_output, indices=indices)
+    return _new(grad_output, indices.shape, torch.contiguous_format)

@@ -1,7 +1,7 @@
 """Fake (meta) kernels: output metadata of each op, for torch.compile and opcheck."""
 import torch
 
-from ._shapes import conv_out_size, conv_transpose_out_size, prefers_channels_last
+from ._shapes import check_same_device, conv_out_size, conv_transpose_out_size, prefers_channels_last
 
 
 def _empty_like_layout(ref, shape, *layout_from):
@@ -15,6 +15,7 @@ def _batched(t):
 
 @torch.library.register_fake("cnnext::conv2d")
 def _conv2d_fake(input, weight, bias, stride, padding, dilation, groups):
+    check_same_device("conv2d", input=input, weight=weight, bias=bias)
     x = _batched(input)
     n, _, h, w = x.shape
     oh = conv_out_size(h, weight.shape[2], stride[0], padding[0], dilation[0])
@@ -25,6 +26,7 @@ def _conv2d_fake(input, weight, bias, stride, padding, dilation, groups):
 
 @torch.library.register_fake("cnnext::conv2d_input_backward")
 def _conv2d_input_backward_fake(grad_output, weight, input_size, stride, padding, dilation, groups):
+    check_same_device("conv2d_input_backward", grad_output=grad_output, weight=weight)
     g = _batched(grad_output)
     size = list(input_size) if grad_output.dim() == 4 else [1, *input_size]
     out = _empty_like_layout(grad_output, size, *((g, weight) if grad_output.dim() == 4 else (weight,)))
@@ -33,6 +35,7 @@ def _conv2d_input_backward_fake(grad_output, weight, input_size, stride, padding
 
 @torch.library.register_fake("cnnext::conv2d_weight_backward")
 def _conv2d_weight_backward_fake(grad_output, input, weight_size, stride, padding, dilation, groups):
+    check_same_device("conv2d_weight_backward", grad_output=grad_output, input=input)
     batched = grad_output.dim() == 4
     return _empty_like_layout(grad_output, list(weight_size), *((grad_output, input) if batched else ()))
 
@@ -44,6 +47,7 @@ def _channel_sum_fake(input):
 
 @torch.library.register_fake("cnnext::conv_transpose2d")
 def _conv_transpose2d_fake(input, weight, bias, stride, padding, output_padding, groups, dilation):
+    check_same_device("conv_transpose2d", input=input, weight=weight, bias=bias)
     x = _batched(input)
     n, _, h, w = x.shape
     oh = conv_transpose_out_size(h, weight.shape[2], stride[0], padding[0], dilation[0], output_padding[0])

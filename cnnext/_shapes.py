@@ -36,3 +36,13 @@ def pool_out_size(size, kernel, stride, padding, dilation, ceil_mode):
     if ceil_mode and (out - 1) * stride >= size + padding:
         out -= 1
     return out
+
+
+def check_same_device(op, **tensors):
+    """Every tensor argument of an op on one device, as the C++ checks require. The fake
+    kernels run this too: a CPU input with meta indices dispatches to the Meta key, and
+    would otherwise come back as an uninitialised tensor instead of an error."""
+    given = [(name, t.device) for name, t in tensors.items() if t is not None]
+    if len({d for _, d in given}) > 1:
+        raise RuntimeError(f"{op}: expected all tensors to be on the same device, got "
+                           + ", ".join(f"{name} on {d}" for name, d in given))

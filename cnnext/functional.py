@@ -74,8 +74,8 @@ def _pair(value, name, op):
 
 def _same_padding(weight, dilation, stride, op):
     """padding='same': the total padding d*(k-1) per dim, split as torch splits it
-    (the odd extra element at the end). Returns the symmetric padding to pass and,
-    per dim, whether the first output row/column must be dropped."""
+    (the odd extra element at the end). Returns the larger side's padding and, per
+    dim, whether the split is odd (the callers then pad the input asymmetrically)."""
     if any(s != 1 for s in stride):
         raise ValueError(f"{op}: padding='same' is not supported for strided convolutions, got stride={tuple(stride)}")
     if weight.dim() != 4:
@@ -103,20 +103,23 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     dilation = _pair(dilation, "dilation", op)
     if type(groups) is not int and (not isinstance(groups, (numbers.Integral, torch.SymInt)) or isinstance(groups, bool)):
         raise TypeError(f"{op}: expected groups to be an int, got {groups!r}")
-    drop = (False, False)
     if isinstance(padding, str):
         if padding == "valid":
             padding = [0, 0]
         elif padding == "same":
             padding, drop = _same_padding(weight, dilation, stride, op)
+            if drop[0] or drop[1]:
+                # Asymmetric 'same': the smaller padding on both sides, the odd element at the
+                # end padded into the input, as torch does. (Padding by the larger and dropping
+                # the first output row/column made the weight gradient 0 * x there: NaN from a
+                # NaN input in entries that do not depend on it.)
+                padding = [p - int(d) for p, d in zip(padding, drop)]
+                input = torch.nn.functional.pad(input, (0, int(drop[1]), 0, int(drop[0])))
         else:
             raise ValueError(f"{op}: expected padding to be 'valid', 'same', an int or a pair of ints, got {padding!r}")
     else:
         padding = _pair(padding, "padding", op)
-    out = _ops.conv2d(input, weight, bias, stride, padding, dilation, int(groups))
-    if drop[0] or drop[1]:
-        out = _drop_first(out, drop)
-    return out
+    return _ops.conv2d(input, weight, bias, stride, padding, dilation, int(groups))
 
 
 def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
@@ -136,14 +139,6 @@ def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_paddi
     if type(groups) is not int and (not isinstance(groups, (numbers.Integral, torch.SymInt)) or isinstance(groups, bool)):
         raise TypeError(f"{op}: expected groups to be an int, got {groups!r}")
     return _ops.conv_transpose2d(input, weight, bias, stride, padding, output_padding, int(groups), dilation)
-
-
-def _drop_first(out, drop):
-    """Removes the first output row and/or column (the asymmetric half of 'same'),
-    keeping the result dense in the layout it had."""
-    channels_last = out.dim() == 4 and out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
-    out = out[..., 1 if drop[0] else 0 :, 1 if drop[1] else 0 :]
-    return out.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 def _int_arg(value, name, op):
@@ -191,9 +186,12 @@ def adaptive_avg_pool2d(input, output_size):
     if kind is int:
         return _ops.adaptive_avg_pool2d(input, [output_size, output_size])
     if (kind is tuple or kind is list) and len(output_size) == 2 and type(output_size[0]) is int \
-            and type(output_size[1]) is int:
+            and type(output_size[1]) is int and input.dim() > 2:
         return _ops.adaptive_avg_pool2d(input, [output_size[0], output_size[1]])
     if isinstance(output_size, (list, tuple)):
+        if input.dim() <= len(output_size):  # torch's ValueError (its _list_with_default)
+            raise ValueError(f"{op}: expected input to have more than {len(output_size)} dims for output_size "
+                             f"{output_size!r}, got {input.dim()}-D input of shape {list(input.shape)}")
         items = list(output_size)
         if len(items) == 1:
             items = items * 2

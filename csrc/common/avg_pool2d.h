@@ -56,9 +56,10 @@ CNNEXT_HD void avg_pool_windows_containing(const AvgPool2dParams& a, int64_t i, 
   }
 }
 
-// The divisor of an output whose window factors are fh and fw.
-CNNEXT_HD int64_t avg_pool_divisor(const AvgPool2dParams& a, int64_t fh, int64_t fw) {
-  return a.divisor != 0 ? a.divisor : fh * fw;
+// The divisor of an output whose window factors are fh and fw, in double: a product of
+// two factors of 2^32 or more (huge kernels and padding) overflows int64.
+CNNEXT_HD double avg_pool_divisor(const AvgPool2dParams& a, int64_t fh, int64_t fw) {
+  return a.divisor != 0 ? static_cast<double>(a.divisor) : static_cast<double>(fh) * static_cast<double>(fw);
 }
 
 }  // namespace cnnext

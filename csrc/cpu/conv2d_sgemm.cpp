@@ -12,6 +12,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -668,7 +669,11 @@ void weight_backward(const float* gy, const Strides4& gs, const float* x, const 
         for (int64_t k = 0; k < K; ++k) dst[k] = src[k * Og];
       }
     }, p.O * K);
-    return;
+    // The Wp - OW extra columns read x where gy is zero: a NaN or Inf of x there gives
+    // 0 * NaN = NaN in entries that do not depend on it. gw is finite unless x (or gy)
+    // holds such a value, so a check of the small gw is all the common case pays; the
+    // rare non-finite gw is recomputed below, reading only the positions each tap uses.
+    if (std::all_of(gw, gw + p.O * K, [](float v) { return std::isfinite(v); })) return;
   }
   // gw_g (Og x K) = gy_g (Og x L) * col^T (L x K), summed over chunks of positions. Items:
   // (group, block of taps, a multiple of kNR): each owns its columns of gw and reduces

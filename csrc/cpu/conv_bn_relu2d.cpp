@@ -153,14 +153,15 @@ void normalize(const T* y, T* out, const Dense& d, const T* mean, const T* a, co
   });
 }
 
-// gm: grad, masked by out > 0 when kMask (the ReLU's gradient, read from its output).
+// gm: grad, zero where out <= 0 when kMask (the ReLU's gradient, read from its output;
+// a NaN output passes the gradient, as torch's threshold_backward does).
 template <typename T, bool kMask>
 inline T masked(const T* __restrict__ g, const T* __restrict__ out, int64_t i) {
   if constexpr (kMask) {
     // Both loads first: a select between two values vectorises; a load inside it does
     // not (GCC keeps the branch, which mispredicts on a ReLU's mask).
     const T gv = g[i], ov = out[i];
-    return ov > T(0) ? gv : T(0);
+    return ov <= T(0) ? T(0) : gv;
   } else {
     return g[i];
   }

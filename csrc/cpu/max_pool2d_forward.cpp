@@ -428,7 +428,11 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_forward(const at::Tensor& input,
       max_pool2d_nchw_avx512(input.const_data_ptr<scalar_t>(), input.stride(0), input.stride(1),
                              input.stride(2), p, out.mutable_data_ptr<scalar_t>(),
                              idx.mutable_data_ptr<int64_t>());
-    } else if (is_nchw_rows(input) && out.is_contiguous() && index_exact) {
+    } else if (is_nchw_rows(input) && out.is_contiguous() && index_exact &&
+               p.SW <= p.W + 64 && (p.KW - 1) * p.DW <= p.W + 64) {
+      // (forward_nchw's phase arrays hold about span + 2 * stride entries, span the
+      // padded row's used part: huge strides, kernels or padding, whose few windows
+      // need no phases, go generic instead of allocating by the stride.)
       kNchwRows.hit();
       forward_nchw<scalar_t>(input, p, out, idx);
     } else if (out_format == at::MemoryFormat::ChannelsLast && input.stride(1) == 1 &&

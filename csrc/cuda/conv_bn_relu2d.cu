@@ -95,13 +95,13 @@ CNNEXT_HD void bn_normalize_element(const T* __restrict__ y, int64_t C, int64_t 
   out[off] = Acc::from(v);
 }
 
-// gm at offset off: g masked by out > 0 (out given) or g.
+// gm at offset off: g, zero where out <= 0 (out given; NaN passes, as torch's ReLU).
 template <typename T>
 CNNEXT_HD typename AccType<T>::type masked_grad(const T* __restrict__ g, const T* __restrict__ out,
                                                 int64_t off) {
   using Acc = AccType<T>;
   using A = typename Acc::type;
-  if (out != nullptr && !(Acc::to(out[off]) > A(0))) return A(0);
+  if (out != nullptr && Acc::to(out[off]) <= A(0)) return A(0);
   return Acc::to(g[off]);
 }
 

@@ -18,6 +18,7 @@
 #include <ATen/ATen.h>
 
 #include "ops/autograd_common.h"
+#include "ops/checks.h"
 #include "tensors.h"
 
 namespace cnnext {
@@ -97,6 +98,34 @@ bool needs(AutogradContext* ctx, const std::vector<int64_t>& present, size_t pos
 
 bool given(const OptTensor& t) { return t.has_value() && t->defined(); }
 
+// Forward-mode AD through a recorded node: the node is given the primals (the C++
+// Function API raises on inputs carrying tangents), so its backward would read its saved
+// tensors without their tangents, and a forward-over-reverse product would miss the terms
+// of their tangents. The node keeps the two tensor inputs as given, with their tangents,
+// and its backward reads those instead (dual(): the saved tensor i or its dual).
+template <class F>
+void keep_duals(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  if (auto* node = dynamic_cast<torch::autograd::CppNode<F>*>(out.grad_fn().get())) {
+    node->ctx_.saved_data["dual0"] = a;
+    node->ctx_.saved_data["dual1"] = b;
+  }
+}
+
+at::Tensor dual(AutogradContext* ctx, const variable_list& saved, size_t i) {
+  if (!saved[i].defined()) return saved[i];
+  const auto it = ctx->saved_data.find(i == 0 ? "dual0" : "dual1");
+  return it == ctx->saved_data.end() ? saved[i] : it->second.toTensor();
+}
+
+// grad_output in the layout of the forward's output (channels_last or not), as torch
+// makes it before its convolution backward: the gradients then take the forward's
+// layout, not the incoming gradient's. A copy only where the two layouts differ.
+at::Tensor in_forward_layout(const at::Tensor& g, bool channels_last) {
+  if (!g.defined() || g.dim() != 4 || (layout_of({g}) == at::MemoryFormat::ChannelsLast) == channels_last)
+    return g;
+  return g.contiguous(channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+}
+
 // --- conv2d ------------------------------------------------------------------------------
 
 // conv2d(input, weight, bias, stride, padding, dilation, groups)
@@ -110,16 +139,18 @@ struct cnnext_conv2d : torch::autograd::Function<cnnext_conv2d> {
     ctx->saved_data["weight_size"] = sym_vector(weight.sym_sizes());
     ctx->saved_data["present"] = std::vector<int64_t>{1, 1, given(bias)};
     save_conf(ctx, stride, padding, dilation, groups);
-    return conv2d_op().call(input, weight, bias, stride, padding, dilation, groups);
+    at::Tensor out = conv2d_op().call(input, weight, bias, stride, padding, dilation, groups);
+    ctx->saved_data["cl"] = layout_of({out}) == at::MemoryFormat::ChannelsLast;
+    return out;
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const auto present = ctx->saved_data["present"].toIntVector();
     const Conf c = load_conf(ctx);
-    const at::Tensor& g = grads[0];
+    const at::Tensor g = in_forward_layout(grads[0], ctx->saved_data["cl"].toBool());
     at::Tensor gx, gw, gb;
-    if (needs(ctx, present, 0)) gx = input_backward(g, saved[1], ctx->saved_data["input_size"].toSymIntVector(), c);
-    if (needs(ctx, present, 1)) gw = weight_backward(g, saved[0], ctx->saved_data["weight_size"].toSymIntVector(), c);
+    if (needs(ctx, present, 0)) gx = input_backward(g, dual(ctx, saved, 1), ctx->saved_data["input_size"].toSymIntVector(), c);
+    if (needs(ctx, present, 1)) gw = weight_backward(g, dual(ctx, saved, 0), ctx->saved_data["weight_size"].toSymIntVector(), c);
     if (needs(ctx, present, 2)) gb = channel_sum_op().call(g);
     return {gx, gw, gb, {}, {}, {}, {}};
   }
@@ -140,9 +171,9 @@ struct cnnext_conv2d_input_backward : torch::autograd::Function<cnnext_conv2d_in
     const auto saved = ctx->get_saved_variables();
     const Conf c = load_conf(ctx);
     at::Tensor dg, dw;
-    if (ctx->needs_input_grad(0)) dg = conv(grads[0], saved[1], c);
+    if (ctx->needs_input_grad(0)) dg = conv(grads[0], dual(ctx, saved, 1), c);
     if (ctx->needs_input_grad(1))
-      dw = weight_backward(saved[0], grads[0], ctx->saved_data["weight_size"].toSymIntVector(), c);
+      dw = weight_backward(dual(ctx, saved, 0), grads[0], ctx->saved_data["weight_size"].toSymIntVector(), c);
     return {dg, dw, {}, {}, {}, {}, {}};
   }
 };
@@ -162,9 +193,9 @@ struct cnnext_conv2d_weight_backward : torch::autograd::Function<cnnext_conv2d_w
     const auto saved = ctx->get_saved_variables();
     const Conf c = load_conf(ctx);
     at::Tensor dg, dx;
-    if (ctx->needs_input_grad(0)) dg = conv(saved[1], grads[0], c);
+    if (ctx->needs_input_grad(0)) dg = conv(dual(ctx, saved, 1), grads[0], c);
     if (ctx->needs_input_grad(1))
-      dx = input_backward(saved[0], grads[0], ctx->saved_data["input_size"].toSymIntVector(), c);
+      dx = input_backward(dual(ctx, saved, 0), grads[0], ctx->saved_data["input_size"].toSymIntVector(), c);
     return {dg, dx, {}, {}, {}, {}, {}};
   }
 };
@@ -197,13 +228,15 @@ struct cnnext_conv_transpose2d : torch::autograd::Function<cnnext_conv_transpose
     ctx->saved_data["weight_size"] = sym_vector(weight.sym_sizes());
     ctx->saved_data["present"] = std::vector<int64_t>{1, 1, given(bias)};
     save_conf(ctx, stride, padding, dilation, groups);
-    return conv_transpose2d_op().call(input, weight, bias, stride, padding, output_padding, groups, dilation);
+    at::Tensor out = conv_transpose2d_op().call(input, weight, bias, stride, padding, output_padding, groups, dilation);
+    ctx->saved_data["cl"] = layout_of({out}) == at::MemoryFormat::ChannelsLast;
+    return out;
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const auto present = ctx->saved_data["present"].toIntVector();
     const Conf c = load_conf(ctx);
-    const at::Tensor& g = grads[0];
+    const at::Tensor g = in_forward_layout(grads[0], ctx->saved_data["cl"].toBool());
     const bool nx = needs(ctx, present, 0), nw = needs(ctx, present, 1);
     at::Tensor gx, gw, gb;
     if (nx || nw) {
@@ -217,11 +250,12 @@ struct cnnext_conv_transpose2d : torch::autograd::Function<cnnext_conv_transpose
       }
       const bool padded = extra[0] != 0 || extra[1] != 0;
       if (nx) {
-        gx = conv(g, saved[1], c);
-        if (padded) gx = gx.slice_symint(-2, 0, hw[0]).slice_symint(-1, 0, hw[1]);
+        gx = conv(g, dual(ctx, saved, 1), c);
+        if (padded)  // dense, in the layout it had, as torch's (not a strided view)
+          gx = gx.slice_symint(-2, 0, hw[0]).slice_symint(-1, 0, hw[1]).contiguous(layout_of({gx}));
       }
       if (nw) {
-        at::Tensor x = saved[0];
+        at::Tensor x = dual(ctx, saved, 0);
         if (padded) x = at::constant_pad_nd(x, {0, extra[1], 0, extra[0]}, 0);
         gw = weight_backward(x, g, wsize, c);
       }
@@ -329,7 +363,8 @@ struct cnnext_conv_bn_relu2d_eval : torch::autograd::Function<cnnext_conv_bn_rel
     const double eps = ctx->saved_data["eps"].toDouble();
     const at::ScalarType dt = weight.scalar_type(), sdt = stats_dtype(dt);
     const at::Tensor& grad = grads[0];
-    const at::Tensor gm = out.defined() ? at::where(out > 0, grad, at::zeros_like(grad)) : grad;
+    // Zero where out <= 0: a NaN output passes the gradient, as torch's ReLU does.
+    const at::Tensor gm = out.defined() ? at::where(out <= 0, at::zeros_like(grad), grad) : grad;
     // The fold, as the op computes it (in the stats dtype).
     const at::Tensor invstd = (running_var.to(sdt) + eps).rsqrt();
     const at::Tensor scale = bn_weight.defined() ? invstd * bn_weight.to(sdt) : invstd;
@@ -369,6 +404,18 @@ struct cnnext_conv_bn_relu2d_eval : torch::autograd::Function<cnnext_conv_bn_rel
 
 at::Tensor conv2d_ad(const at::Tensor& x, const at::Tensor& w, const OptTensor& b, IntList s, IntList p,
                      IntList d, int64_t g) {
+  if (has_tangent(x, w) || has_tangent_opt(b)) {  // bilinear in (x, w), plus the bias
+    const at::Tensor xp = primal(x), wp = primal(w);
+    at::Tensor out = conv2d_ad(xp, wp, primal_opt(b), s, p, d, g);
+    keep_duals<cnnext_conv2d>(out, x, w);
+    const at::Tensor tx = tangent(x), tw = tangent(w), tb = tangent_opt(b);
+    at::Tensor t;
+    if (tx.defined()) t = conv2d_op().call(tx, wp, c10::nullopt, s, p, d, g);
+    if (tw.defined()) t = add_defined(t, conv2d_op().call(xp, tw, c10::nullopt, s, p, d, g));
+    if (tb.defined()) t = add_defined(t, tb.reshape(out.dim() == 4 ? at::IntArrayRef{1, -1, 1, 1} : at::IntArrayRef{-1, 1, 1}).expand_as(out));
+    set_tangent(out, t);
+    return out;
+  }
   if (!(wants_grad(x, w) || (c10::GradMode::is_enabled() && wants_grad_opt(b))))
     CNNEXT_BELOW_AUTOGRAD(conv2d_op().call(x, w, b, s, p, d, g))
   return cnnext_conv2d::apply(x, w, b, s, p, d, g);
@@ -376,23 +423,60 @@ at::Tensor conv2d_ad(const at::Tensor& x, const at::Tensor& w, const OptTensor& 
 
 at::Tensor conv2d_input_backward_ad(const at::Tensor& go, const at::Tensor& w, SymList size, IntList s,
                                     IntList p, IntList d, int64_t g) {
+  if (has_tangent(go, w)) {
+    const at::Tensor gp = primal(go), wp = primal(w);
+    at::Tensor out = conv2d_input_backward_ad(gp, wp, size, s, p, d, g);
+    keep_duals<cnnext_conv2d_input_backward>(out, go, w);
+    at::Tensor t;
+    if (has_tangent(go)) t = conv2d_input_backward_op().call(tangent(go), wp, size, s, p, d, g);
+    if (has_tangent(w)) t = add_defined(t, conv2d_input_backward_op().call(gp, tangent(w), size, s, p, d, g));
+    set_tangent(out, t);
+    return out;
+  }
   if (!wants_grad(go, w)) CNNEXT_BELOW_AUTOGRAD(conv2d_input_backward_op().call(go, w, size, s, p, d, g))
   return cnnext_conv2d_input_backward::apply(go, w, size, s, p, d, g);
 }
 
 at::Tensor conv2d_weight_backward_ad(const at::Tensor& go, const at::Tensor& x, SymList size, IntList s,
                                      IntList p, IntList d, int64_t g) {
+  if (has_tangent(go, x)) {
+    const at::Tensor gp = primal(go), xp = primal(x);
+    at::Tensor out = conv2d_weight_backward_ad(gp, xp, size, s, p, d, g);
+    keep_duals<cnnext_conv2d_weight_backward>(out, go, x);
+    at::Tensor t;
+    if (has_tangent(go)) t = conv2d_weight_backward_op().call(tangent(go), xp, size, s, p, d, g);
+    if (has_tangent(x)) t = add_defined(t, conv2d_weight_backward_op().call(gp, tangent(x), size, s, p, d, g));
+    set_tangent(out, t);
+    return out;
+  }
   if (!wants_grad(go, x)) CNNEXT_BELOW_AUTOGRAD(conv2d_weight_backward_op().call(go, x, size, s, p, d, g))
   return cnnext_conv2d_weight_backward::apply(go, x, size, s, p, d, g);
 }
 
 at::Tensor channel_sum_ad(const at::Tensor& x) {
+  if (has_tangent(x)) {
+    at::Tensor out = channel_sum_ad(primal(x));
+    set_tangent(out, channel_sum_op().call(tangent(x)));
+    return out;
+  }
   if (!wants_grad(x)) CNNEXT_BELOW_AUTOGRAD(channel_sum_op().call(x))
   return cnnext_channel_sum::apply(x);
 }
 
 at::Tensor conv_transpose2d_ad(const at::Tensor& x, const at::Tensor& w, const OptTensor& b, IntList s,
                                IntList p, IntList op, int64_t g, IntList d) {
+  if (has_tangent(x, w) || has_tangent_opt(b)) {  // bilinear in (x, w), plus the bias
+    const at::Tensor xp = primal(x), wp = primal(w);
+    at::Tensor out = conv_transpose2d_ad(xp, wp, primal_opt(b), s, p, op, g, d);
+    keep_duals<cnnext_conv_transpose2d>(out, x, w);
+    const at::Tensor tx = tangent(x), tw = tangent(w), tb = tangent_opt(b);
+    at::Tensor t;
+    if (tx.defined()) t = conv_transpose2d_op().call(tx, wp, c10::nullopt, s, p, op, g, d);
+    if (tw.defined()) t = add_defined(t, conv_transpose2d_op().call(xp, tw, c10::nullopt, s, p, op, g, d));
+    if (tb.defined()) t = add_defined(t, tb.reshape(out.dim() == 4 ? at::IntArrayRef{1, -1, 1, 1} : at::IntArrayRef{-1, 1, 1}).expand_as(out));
+    set_tangent(out, t);
+    return out;
+  }
   if (!(wants_grad(x, w) || (c10::GradMode::is_enabled() && wants_grad_opt(b))))
     CNNEXT_BELOW_AUTOGRAD(conv_transpose2d_op().call(x, w, b, s, p, op, g, d))
   return cnnext_conv_transpose2d::apply(x, w, b, s, p, op, g, d);
@@ -401,6 +485,7 @@ at::Tensor conv_transpose2d_ad(const at::Tensor& x, const at::Tensor& w, const O
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu2d_train_ad(
     const at::Tensor& x, const at::Tensor& w, const OptTensor& b, const OptTensor& gamma,
     const OptTensor& beta, double eps, IntList s, IntList p, IntList d, int64_t g, bool relu) {
+  if (has_tangent(x, w) || has_tangent_opt(b) || has_tangent_opt(gamma) || has_tangent_opt(beta)) no_forward_ad("conv_bn_relu2d_train");
   const bool grad = wants_grad(x, w) ||
                     (c10::GradMode::is_enabled() && (wants_grad_opt(b) || wants_grad_opt(gamma) || wants_grad_opt(beta)));
   if (!grad) CNNEXT_BELOW_AUTOGRAD(conv_bn_relu2d_train_op().call(x, w, b, gamma, beta, eps, s, p, d, g, relu))
@@ -411,6 +496,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu2d_train_
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu2d_train_backward_ad(
     const at::Tensor& go, const OptTensor& out, const at::Tensor& conv_out, const at::Tensor& mean,
     const at::Tensor& var, const OptTensor& gamma, double eps, bool relu) {
+  if (has_tangent(go, conv_out, mean, var) || has_tangent_opt(out) || has_tangent_opt(gamma)) no_forward_ad("conv_bn_relu2d_train_backward");
   const bool grad = wants_grad(go, conv_out, mean, var) ||
                     (c10::GradMode::is_enabled() && (wants_grad_opt(out) || wants_grad_opt(gamma)));
   if (!grad) CNNEXT_BELOW_AUTOGRAD(conv_bn_relu2d_train_backward_op().call(go, out, conv_out, mean, var, gamma, eps, relu))
@@ -422,6 +508,7 @@ at::Tensor conv_bn_relu2d_eval_ad(const at::Tensor& x, const at::Tensor& w, cons
                                   const OptTensor& gamma, const OptTensor& beta, const at::Tensor& rm,
                                   const at::Tensor& rv, double eps, IntList s, IntList p, IntList d, int64_t g,
                                   bool relu) {
+  if (has_tangent(x, w, rm, rv) || has_tangent_opt(b) || has_tangent_opt(gamma) || has_tangent_opt(beta)) no_forward_ad("conv_bn_relu2d_eval");
   const bool grad = wants_grad(x, w, rm, rv) ||
                     (c10::GradMode::is_enabled() && (wants_grad_opt(b) || wants_grad_opt(gamma) || wants_grad_opt(beta)));
   if (!grad) CNNEXT_BELOW_AUTOGRAD(conv_bn_relu2d_eval_op().call(x, w, b, gamma, beta, rm, rv, eps, s, p, d, g, relu))

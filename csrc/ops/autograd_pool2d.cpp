@@ -234,8 +234,18 @@ struct cnnext_max_unpool2d_backward : torch::autograd::Function<cnnext_max_unpoo
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     at::Tensor dg;
     if (ctx->needs_input_grad(0)) {
+      // The adjoint of a gather is a scatter-ADD: with repeated indices the values at
+      // one position sum (max_unpool2d would keep only the last).
       const auto hw = ctx->saved_data["hw"].toSymIntVector();
-      dg = max_unpool2d_op().call(grads[0], ctx->get_saved_variables()[0], hw);
+      const at::Tensor& dz = grads[0];
+      std::vector<c10::SymInt> flat(dz.sym_sizes().begin(), dz.sym_sizes().end() - 2);
+      flat.push_back(hw[0] * hw[1]);
+      std::vector<c10::SymInt> shape(flat.begin(), flat.end() - 1);
+      shape.push_back(hw[0]);
+      shape.push_back(hw[1]);
+      dg = at::zeros_symint(flat, dz.options())
+               .scatter_add(-1, ctx->get_saved_variables()[0].flatten(-2), dz.flatten(-2))
+               .view_symint(shape);
     }
     return {dg, {}};
   }
@@ -245,6 +255,11 @@ struct cnnext_max_unpool2d_backward : torch::autograd::Function<cnnext_max_unpoo
 
 at::Tensor avg_pool2d_ad(const at::Tensor& x, IntList k, IntList s, IntList p, bool ceil, bool cip,
                          OptInt div) {
+  if (has_tangent(x)) {  // forward-mode AD: linear, the op applied to the tangent
+    at::Tensor out = avg_pool2d_ad(primal(x), k, s, p, ceil, cip, div);
+    set_tangent(out, avg_pool2d_op().call(tangent(x), k, s, p, ceil, cip, div));
+    return out;
+  }
   if (!wants_grad(x)) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return avg_pool2d_op().call(x, k, s, p, ceil, cip, div);
@@ -254,6 +269,12 @@ at::Tensor avg_pool2d_ad(const at::Tensor& x, IntList k, IntList s, IntList p, b
 
 at::Tensor avg_pool2d_backward_ad(const at::Tensor& g, const at::Tensor& x, IntList k, IntList s,
                                   IntList p, bool ceil, bool cip, OptInt div) {
+  if (has_tangent(g, x)) {  // linear in g; x gives its shape only
+    at::Tensor out = avg_pool2d_backward_ad(primal(g), primal(x), k, s, p, ceil, cip, div);
+    if (has_tangent(g))
+      set_tangent(out, avg_pool2d_backward_op().call(tangent(g), primal(x), k, s, p, ceil, cip, div));
+    return out;
+  }
   if (!wants_grad(g)) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return avg_pool2d_backward_op().call(g, x, k, s, p, ceil, cip, div);
@@ -262,6 +283,11 @@ at::Tensor avg_pool2d_backward_ad(const at::Tensor& g, const at::Tensor& x, IntL
 }
 
 at::Tensor adaptive_avg_pool2d_ad(const at::Tensor& x, IntList size) {
+  if (has_tangent(x)) {
+    at::Tensor out = adaptive_avg_pool2d_ad(primal(x), size);
+    set_tangent(out, adaptive_avg_pool2d_op().call(tangent(x), size));
+    return out;
+  }
   if (!wants_grad(x)) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return adaptive_avg_pool2d_op().call(x, size);
@@ -270,6 +296,11 @@ at::Tensor adaptive_avg_pool2d_ad(const at::Tensor& x, IntList size) {
 }
 
 at::Tensor adaptive_avg_pool2d_backward_ad(const at::Tensor& g, const at::Tensor& x) {
+  if (has_tangent(g, x)) {
+    at::Tensor out = adaptive_avg_pool2d_backward_ad(primal(g), primal(x));
+    if (has_tangent(g)) set_tangent(out, adaptive_avg_pool2d_backward_op().call(tangent(g), primal(x)));
+    return out;
+  }
   if (!wants_grad(g)) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return adaptive_avg_pool2d_backward_op().call(g, x);
@@ -280,6 +311,11 @@ at::Tensor adaptive_avg_pool2d_backward_ad(const at::Tensor& g, const at::Tensor
 std::tuple<at::Tensor, at::Tensor> max_pool2d_with_indices_ad(const at::Tensor& x, IntList k,
                                                               IntList s, IntList p, IntList d,
                                                               bool ceil) {
+  if (has_tangent(x)) {  // the tangent at the maxima's indices
+    auto r = max_pool2d_with_indices_ad(primal(x), k, s, p, d, ceil);
+    set_tangent(std::get<0>(r), max_pool2d_select_op().call(tangent(x), std::get<1>(r), k, s, p, d, ceil));
+    return r;
+  }
   if (!wants_grad(x)) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return max_pool2d_with_indices_op().call(x, k, s, p, d, ceil);
@@ -291,6 +327,11 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_with_indices_ad(const at::Tensor& 
 at::Tensor max_pool2d_with_indices_backward_ad(const at::Tensor& g, const at::Tensor& idx,
                                                SymList size, IntList k, IntList s, IntList p,
                                                IntList d, bool ceil) {
+  if (has_tangent(g)) {
+    at::Tensor out = max_pool2d_with_indices_backward_ad(primal(g), idx, size, k, s, p, d, ceil);
+    set_tangent(out, max_pool2d_with_indices_backward_op().call(tangent(g), idx, size, k, s, p, d, ceil));
+    return out;
+  }
   if (!wants_grad(g)) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return max_pool2d_with_indices_backward_op().call(g, idx, size, k, s, p, d, ceil);
@@ -300,6 +341,11 @@ at::Tensor max_pool2d_with_indices_backward_ad(const at::Tensor& g, const at::Te
 
 at::Tensor max_pool2d_select_ad(const at::Tensor& x, const at::Tensor& idx, IntList k, IntList s,
                                 IntList p, IntList d, bool ceil) {
+  if (has_tangent(x)) {
+    at::Tensor out = max_pool2d_select_ad(primal(x), idx, k, s, p, d, ceil);
+    set_tangent(out, max_pool2d_select_op().call(tangent(x), idx, k, s, p, d, ceil));
+    return out;
+  }
   if (!wants_grad(x)) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return max_pool2d_select_op().call(x, idx, k, s, p, d, ceil);
@@ -308,6 +354,11 @@ at::Tensor max_pool2d_select_ad(const at::Tensor& x, const at::Tensor& idx, IntL
 }
 
 at::Tensor max_unpool2d_ad(const at::Tensor& x, const at::Tensor& idx, SymList size) {
+  if (has_tangent(x)) {
+    at::Tensor out = max_unpool2d_ad(primal(x), idx, size);
+    set_tangent(out, max_unpool2d_op().call(tangent(x), idx, size));
+    return out;
+  }
   if (!wants_grad(x)) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return max_unpool2d_op().call(x, idx, size);
@@ -316,6 +367,11 @@ at::Tensor max_unpool2d_ad(const at::Tensor& x, const at::Tensor& idx, SymList s
 }
 
 at::Tensor max_unpool2d_backward_ad(const at::Tensor& g, const at::Tensor& idx) {
+  if (has_tangent(g)) {
+    at::Tensor out = max_unpool2d_backward_ad(primal(g), idx);
+    set_tangent(out, max_unpool2d_backward_op().call(tangent(g), idx));
+    return out;
+  }
   if (!wants_grad(g)) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return max_unpool2d_backward_op().call(g, idx);

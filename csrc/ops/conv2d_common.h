@@ -41,7 +41,8 @@ inline Conv2dParams make_params(const char* op, at::IntArrayRef in, at::IntArray
               ") to be divisible by groups = ", groups);
   TORCH_CHECK(w[1] * groups == p.C, op, ": expected weight to have ", p.C / groups,
               " input channels per group (input has ", p.C, " channels, groups=", groups,
-              "), got ", w[1], " (weight of shape ", shape_str(w), ")");
+              "), got ", w[1], " (weight of shape ", shape_str(w), "): expected input", shape_str(in),
+              " to have ", w[1] * groups, " channels, but got ", p.C, " channels instead");
   TORCH_CHECK(p.H > 0 && p.W > 0, op, ": expected input to have non-zero height and width, got ",
               "input of shape ", shape_str(in));
   TORCH_CHECK(conv_kernel_fits(p.H, p.KH, p.PH, p.DH) && conv_kernel_fits(p.W, p.KW, p.PW, p.DW),

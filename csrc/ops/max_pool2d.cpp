@@ -138,8 +138,14 @@ at::Tensor max_unpool2d_backward(const at::Tensor& grad_output, const at::Tensor
               op, ": expected indices to have the batch and channel sizes of grad_output ",
               shape_str(grad_output.sizes()), ", got ", shape_str(indices.sizes()));
   check_indices_type(op, grad_output, "grad_output", indices);
+  // An empty plane (max_unpool2d's default output size can be 0 high or wide) holds
+  // no position, so every index is out of range: raise as torch does, on the first.
+  TORCH_CHECK(indices.numel() == 0 || g.size(2) * g.size(3) != 0, op, ": found an invalid index ",
+              indices.flatten()[0].item<int64_t>(), " in indices: the plane it indexes is ",
+              g.size(2), " x ", g.size(3), ", so it holds no position");
   const at::Tensor idx = batched ? indices : indices.unsqueeze(0);
-  const auto fmt = batched ? layout_of({idx}) : at::MemoryFormat::Contiguous;
+  // Contiguous whatever the layouts, as torch's (a gather over flattened planes).
+  const auto fmt = at::MemoryFormat::Contiguous;
   return unbatch(CNNEXT_BACKEND(op, g, max_unpool2d_backward)(g, idx, fmt), batched);
 }
 
