@@ -61,8 +61,17 @@ def test_parity(cfg, layout, idx_layout, dtype, size_delta, seed):
     if layout in ("contiguous", "channels_last") and got.dim() == 4 and min(y.shape) > 1 and min(got.shape) > 1:
         assert is_channels_last(got) == is_channels_last(F.max_unpool2d(lay(y, layout), idx, **kw))
     go = torch.randn(got.shape, generator=gen, dtype=dtype)
+    if got.numel() == 0 and y.numel() > 0:
+        # An empty output plane holds no position: every index is out of range, and the
+        # backward raises, as torch's does (issue 13 item 10), instead of returning zeros.
+        with pytest.raises(RuntimeError, match="found an invalid index"):
+            torch.autograd.grad(got, yl, go)
+        yr = y.clone().requires_grad_()
+        with pytest.raises(RuntimeError):
+            torch.autograd.grad(F.max_unpool2d(yr, idx, **kw), yr, go)
+        return
     gx, = torch.autograd.grad(got, yl, go)
-    if got.numel() == 0:  # torch's backward fails on an empty output plane; nothing flows
+    if got.numel() == 0:  # no indices at all: nothing flows
         assert torch.count_nonzero(gx) == 0
         return
     yr = y.clone().requires_grad_()
