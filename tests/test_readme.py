@@ -23,7 +23,10 @@ def test_readme_has_python_blocks():
 
 
 @pytest.mark.parametrize("index", range(len(python_blocks())))
-def test_readme_block_runs(index, capsys):
+def test_readme_block_runs(index, capsys, tmp_path, monkeypatch):
+    # In a temporary folder: blocks that write files (the training run's runs/...) leave
+    # nothing in the checkout.
+    monkeypatch.chdir(tmp_path)
     code = python_blocks()[index]
     if "torchvision" in code:
         # The block imports torchvision as a user would; the harness imports it first
