@@ -72,6 +72,7 @@ def _worker(rank, world, port, out):
         if rank == 0:
             torch.save({"state": model.state_dict(), "fused": fused, "empty": (y.detach(), mine.grad,
                         bn.weight.grad, bn.running_mean.clone(), bn.running_var.clone())}, out)
+        dist.barrier()  # both ranks done before either tears gloo down (an early teardown aborted a peer)
     finally:
         dist.destroy_process_group()
 
@@ -86,7 +87,16 @@ def _free_port():
 def test_ddp_two_processes_equal_one_process_on_global_batch():
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rank0.pt")
-        mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+        # A gloo process sometimes aborts at teardown on this 2-core VM ("terminate called
+        # without an active exception", SIGABRT, about one run in seven): a crash by signal is
+        # retried, up to three tries; an exception or a wrong number in a worker is not.
+        for attempt in range(3):
+            try:
+                mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+                break
+            except mp.ProcessExitedException:
+                if attempt == 2:
+                    raise
         got = torch.load(out)
     assert got["fused"] == 2
     ref = network()
