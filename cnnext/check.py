@@ -196,6 +196,85 @@ CASES += [
 ]
 
 
+# --- forward-mode AD and torch.func ------------------------------------------------------
+
+def _jvp_case(name, ours, ref, shapes, kw):
+    """torch.func.jvp of an op, a tangent on every argument, against stock's."""
+
+    def run(dtype, device):
+        g = torch.Generator().manual_seed(1)
+        primals = tuple(torch.randn(s, generator=g, dtype=torch.float64).to(device, dtype) for s in shapes)
+        tangents = tuple(torch.randn(s, generator=g, dtype=torch.float64).to(device, dtype) for s in shapes)
+        got = torch.func.jvp(lambda *a: ours(*a, **kw), primals, tangents)
+        want = torch.func.jvp(lambda *a: ref(*a, **kw), primals, tangents)
+        return list(zip(("output", "tangent"), got, want))
+
+    args = ", ".join(f"{k}={v}" for k, v in kw.items())
+    return Case(f"{name} (jvp)", " ".join(f"{list(s)}" for s in shapes) + f" {args}", run)
+
+
+def _fused(training):
+    def run(x, w, b, gamma, beta, **kw):
+        c = w.shape[0]
+        rm, rv = torch.zeros(c, dtype=x.dtype, device=x.device), torch.ones(c, dtype=x.dtype, device=x.device) * 1.5
+        return cf.conv_bn_relu2d(x, w, b, gamma, beta, rm, rv, training, **kw)
+
+    def ref(x, w, b, gamma, beta, **kw):
+        c = w.shape[0]
+        rm, rv = torch.zeros(c, dtype=x.dtype, device=x.device), torch.ones(c, dtype=x.dtype, device=x.device) * 1.5
+        return F.relu(F.batch_norm(F.conv2d(x, w, b, **kw), rm, rv, gamma, beta, training=training))
+
+    return run, ref
+
+
+def _per_sample_grad_case():
+    """vmap(grad(functional_call(model, ...))) over a small CNN of cnnext modules (conv,
+    max / average / adaptive pooling, transposed conv) against the same over torch.nn."""
+    from torch.func import functional_call, grad, vmap
+
+    from . import nn as cnn
+
+    def build(nn):
+        return torch.nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), torch.nn.ReLU(), nn.MaxPool2d(2),
+                                   nn.Conv2d(6, 8, 3, padding=1, groups=2), torch.nn.Tanh(), nn.AvgPool2d(2),
+                                   nn.ConvTranspose2d(8, 4, 2, stride=2), nn.AdaptiveAvgPool2d(1),
+                                   torch.nn.Flatten(), torch.nn.Linear(4, 5))
+
+    def per_sample(model, x, y):
+        params = {k: v.detach() for k, v in model.named_parameters()}
+
+        def loss(p, xi, yi):
+            return F.cross_entropy(functional_call(model, p, (xi.unsqueeze(0),)), yi.unsqueeze(0))
+
+        return vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
+
+    def run(dtype, device):
+        torch.manual_seed(0)
+        stock = build(torch.nn).to(device, dtype)
+        ours = build(cnn).to(device, dtype)
+        ours.load_state_dict(stock.state_dict())
+        g = torch.Generator().manual_seed(2)
+        x = torch.randn(6, 3, 12, 12, generator=g, dtype=torch.float64).to(device, dtype)
+        y = torch.randint(0, 5, (6,), generator=g).to(device)
+        got, want = per_sample(ours, x, y), per_sample(stock, x, y)
+        return [(f"grad {k}", got[k], want[k]) for k in want]
+
+    return Case("per-sample gradients", "vmap(grad(functional_call)), a 4-layer CNN, batch 6", run)
+
+
+CASES += [
+    _jvp_case("conv2d", cf.conv2d, F.conv2d, [(2, 4, 9, 8), (6, 2, 3, 3), (6,)], dict(stride=2, padding=1, groups=2)),
+    _jvp_case("conv_transpose2d", cf.conv_transpose2d, F.conv_transpose2d, [(2, 4, 5, 6), (4, 3, 3, 3), (3,)],
+              dict(stride=2, padding=1, output_padding=1)),
+    _jvp_case("max_pool2d", cf.max_pool2d, F.max_pool2d, [(2, 3, 9, 8)], dict(kernel_size=3, stride=2, padding=1)),
+    _jvp_case("avg_pool2d", cf.avg_pool2d, F.avg_pool2d, [(2, 3, 9, 8)], dict(kernel_size=3, stride=2, ceil_mode=True)),
+    _jvp_case("adaptive_avg_pool2d", cf.adaptive_avg_pool2d, F.adaptive_avg_pool2d, [(2, 3, 9, 8)],
+              dict(output_size=(4, 3))),
+    _jvp_case("conv_bn_relu2d train", *_fused(True), [(4, 3, 7, 6), (5, 3, 3, 3), (5,), (5,), (5,)], dict(padding=1)),
+    _jvp_case("conv_bn_relu2d eval", *_fused(False), [(4, 3, 7, 6), (5, 3, 3, 3), (5,), (5,), (5,)], dict(padding=1)),
+    _per_sample_grad_case(),
+]
+
 def run_checks(out=sys.stdout):
     rows, failed = [], 0
     for device in devices():

@@ -10,22 +10,19 @@
 // and ~15 us per backward were more than the kernel. A torch::autograd::Function costs
 // about what torch's own generated autograd nodes cost, and a call that needs no
 // gradient (grad mode off, or no input requiring grad) goes straight to the kernel.
-#include <torch/autograd.h>
 #include <torch/library.h>
 
 #include "ops/autograd_common.h"
+#include "ops/autograd_node.h"
 
 namespace cnnext {
 namespace {
 
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
 using IntList = at::IntArrayRef;
 using SymList = c10::SymIntArrayRef;
 using OptInt = c10::optional<int64_t>;
 
-// The Function types are named after their ops: a node's name() (grad_fn.name()) is
-// the type's, e.g. "cnnext::(anonymous namespace)::cnnext_avg_pool2d_backward".
+// Each node is named after its op: grad_fn.name() is e.g. "cnnext_avg_pool2d_backward".
 
 // --- dispatcher handles (the op below autograd, or with autograd from a backward) ------
 
@@ -54,200 +51,157 @@ CNNEXT_OP(max_unpool2d_backward, at::Tensor(const at::Tensor&, const at::Tensor&
 // Pooling arguments kept for the backward pass: (kernel_size, stride, padding, dilation).
 struct PoolConf {
   std::vector<int64_t> k, s, p, d;
+  bool ceil = false;
+  void set(IntList k_, IntList s_, IntList p_, IntList d_, bool ceil_) {
+    k = k_.vec(), s = s_.vec(), p = p_.vec(), d = d_.vec(), ceil = ceil_;
+  }
 };
-void save_conf(AutogradContext* ctx, IntList k, IntList s, IntList p, IntList d) {
-  ctx->saved_data["k"] = k.vec();
-  ctx->saved_data["s"] = s.vec();
-  ctx->saved_data["p"] = p.vec();
-  ctx->saved_data["d"] = d.vec();
-}
-PoolConf load_conf(AutogradContext* ctx) {
-  return {ctx->saved_data["k"].toIntVector(), ctx->saved_data["s"].toIntVector(),
-          ctx->saved_data["p"].toIntVector(), ctx->saved_data["d"].toIntVector()};
-}
+
+// The Autograd kernels below share one shape:
+//   1. an input carrying a tangent (forward-mode AD): the output's tangent is the op's
+//      linear map applied to the tangent, computed with the ops (so it is differentiable);
+//   2. no gradient wanted: the op below autograd, no node;
+//   3. else a node (csrc/ops/autograd_node.h) with one edge per tensor argument.
+// The op below autograd reads its inputs' values only, so duals go in as they are.
+#define CNNEXT_BELOW(CALL)                       \
+  [&] {                                          \
+    at::AutoDispatchBelowADInplaceOrView guard;  \
+    return CALL;                                 \
+  }()
 
 // --- average pooling ---------------------------------------------------------------------
 
-struct cnnext_avg_pool2d : torch::autograd::Function<cnnext_avg_pool2d> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, IntList k, IntList s,
-                            IntList p, bool ceil, bool cip, OptInt div) {
-    save_conf(ctx, k, s, p, {});
-    ctx->saved_data["ceil"] = ceil;
-    ctx->saved_data["cip"] = cip;
-    ctx->saved_data["div"] = div;
-    ctx->save_for_backward({input});
-    return avg_pool2d_op().call(input, k, s, p, ceil, cip, div);
-  }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto x = ctx->get_saved_variables()[0];
-    const PoolConf c = load_conf(ctx);
-    at::Tensor gx;
-    if (ctx->needs_input_grad(0))
-      gx = avg_pool2d_backward_op().call(grads[0], x, c.k, c.s, c.p, ctx->saved_data["ceil"].toBool(),
-                                         ctx->saved_data["cip"].toBool(),
-                                         ctx->saved_data["div"].toOptional<int64_t>());
-    return {gx, {}, {}, {}, {}, {}, {}};
+struct AvgPoolConf {
+  PoolConf c;
+  bool cip = true;
+  OptInt div;
+};
+
+struct AvgPool2dNode : OpNode {  // avg_pool2d(input, ...)
+  AvgPool2dNode() : OpNode("cnnext_avg_pool2d") {}
+  AvgPoolConf a;
+  size_t input;
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    variable_list r(1);
+    if (needs(0) && grads[0].defined())
+      r[0] = avg_pool2d_backward_op().call(grads[0], saved(input), a.c.k, a.c.s, a.c.p, a.c.ceil, a.cip, a.div);
+    return r;
   }
 };
 
 // Linear in grad_output: its derivative is avg_pool2d of the incoming gradient; the
 // input is read for its shape and layout only and gets no gradient.
-struct cnnext_avg_pool2d_backward : torch::autograd::Function<cnnext_avg_pool2d_backward> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& g, const at::Tensor& input,
-                            IntList k, IntList s, IntList p, bool ceil, bool cip, OptInt div) {
-    save_conf(ctx, k, s, p, {});
-    ctx->saved_data["ceil"] = ceil;
-    ctx->saved_data["cip"] = cip;
-    ctx->saved_data["div"] = div;
-    return avg_pool2d_backward_op().call(g, input, k, s, p, ceil, cip, div);
-  }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const PoolConf c = load_conf(ctx);
-    at::Tensor dg;
-    if (ctx->needs_input_grad(0))
-      dg = avg_pool2d_op().call(grads[0], c.k, c.s, c.p, ctx->saved_data["ceil"].toBool(),
-                                ctx->saved_data["cip"].toBool(),
-                                ctx->saved_data["div"].toOptional<int64_t>());
-    return {dg, {}, {}, {}, {}, {}, {}, {}};
+struct AvgPool2dBackwardNode : OpNode {  // avg_pool2d_backward(grad_output, input, ...)
+  AvgPool2dBackwardNode() : OpNode("cnnext_avg_pool2d_backward") {}
+  AvgPoolConf a;
+  variable_list apply(variable_list&& grads) override {
+    variable_list r(2);
+    if (needs(0) && grads[0].defined())
+      r[0] = avg_pool2d_op().call(grads[0], a.c.k, a.c.s, a.c.p, a.c.ceil, a.cip, a.div);
+    return r;
   }
 };
 
-struct cnnext_adaptive_avg_pool2d : torch::autograd::Function<cnnext_adaptive_avg_pool2d> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, IntList size) {
-    ctx->save_for_backward({input});
-    return adaptive_avg_pool2d_op().call(input, size);
-  }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    at::Tensor gx;
-    if (ctx->needs_input_grad(0))
-      gx = adaptive_avg_pool2d_backward_op().call(grads[0], ctx->get_saved_variables()[0]);
-    return {gx, {}};
+struct AdaptiveAvgPool2dNode : OpNode {
+  AdaptiveAvgPool2dNode() : OpNode("cnnext_adaptive_avg_pool2d") {}
+  size_t input;
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    variable_list r(1);
+    if (needs(0) && grads[0].defined()) r[0] = adaptive_avg_pool2d_backward_op().call(grads[0], saved(input));
+    return r;
   }
 };
 
-struct cnnext_adaptive_avg_pool2d_backward : torch::autograd::Function<cnnext_adaptive_avg_pool2d_backward> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& g, const at::Tensor& input) {
-    // The output size of the forward op is grad_output's H x W (an int[2] argument:
-    // under symbolic shapes this guards, as the Python formula did).
-    ctx->saved_data["hw"] = std::vector<int64_t>{
-        g.sym_size(-2).guard_int(__FILE__, __LINE__), g.sym_size(-1).guard_int(__FILE__, __LINE__)};
-    return adaptive_avg_pool2d_backward_op().call(g, input);
-  }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    at::Tensor dg;
-    if (ctx->needs_input_grad(0))
-      dg = adaptive_avg_pool2d_op().call(grads[0], ctx->saved_data["hw"].toIntVector());
-    return {dg, {}};
+struct AdaptiveAvgPool2dBackwardNode : OpNode {  // (grad_output, input)
+  AdaptiveAvgPool2dBackwardNode() : OpNode("cnnext_adaptive_avg_pool2d_backward") {}
+  std::vector<int64_t> hw;  // the forward op's output size: grad_output's H x W
+  variable_list apply(variable_list&& grads) override {
+    variable_list r(2);
+    if (needs(0) && grads[0].defined()) r[0] = adaptive_avg_pool2d_op().call(grads[0], hw);
+    return r;
   }
 };
 
 // --- max pooling -------------------------------------------------------------------------
 
-struct cnnext_max_pool2d_with_indices : torch::autograd::Function<cnnext_max_pool2d_with_indices> {
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& input, IntList k, IntList s,
-                               IntList p, IntList d, bool ceil) {
-    auto [out, idx] = max_pool2d_with_indices_op().call(input, k, s, p, d, ceil);
-    ctx->mark_non_differentiable({idx});
-    // No zero tensor for the indices' (never defined) gradient: materialising it cost
-    // an int64 fill the size of the output, longer than the backward kernel itself.
-    ctx->set_materialize_grads(false);
-    ctx->save_for_backward({idx});
-    ctx->saved_data["size"] = sym_vector(input.sym_sizes());
-    save_conf(ctx, k, s, p, d);
-    ctx->saved_data["ceil"] = ceil;
-    return {out, idx};
-  }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    at::Tensor gx;
-    if (ctx->needs_input_grad(0) && grads[0].defined()) {
-      const PoolConf c = load_conf(ctx);
-      const auto size = ctx->saved_data["size"].toSymIntVector();
-      gx = max_pool2d_with_indices_backward_op().call(grads[0], ctx->get_saved_variables()[0], size,
-                                                      c.k, c.s, c.p, c.d, ctx->saved_data["ceil"].toBool());
-    }
-    return {gx, {}, {}, {}, {}, {}};
+// max_pool2d_with_indices(input, ...) -> (out, indices): indices are not differentiable
+// (they get no history, so the node has one input: out's gradient).
+struct MaxPool2dNode : OpNode {
+  MaxPool2dNode() : OpNode("cnnext_max_pool2d_with_indices") {}
+  PoolConf c;
+  std::vector<c10::SymInt> size;
+  size_t idx;
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    variable_list r(1);
+    if (needs(0) && grads[0].defined())
+      r[0] = max_pool2d_with_indices_backward_op().call(grads[0], saved(idx), size, c.k, c.s, c.p, c.d, c.ceil);
+    return r;
   }
 };
 
 // S g (scatter-add to the indices); derivative in g: S^T dz = max_pool2d_select.
-struct cnnext_max_pool2d_with_indices_backward : torch::autograd::Function<cnnext_max_pool2d_with_indices_backward> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& g, const at::Tensor& idx,
-                            SymList size, IntList k, IntList s, IntList p, IntList d, bool ceil) {
-    ctx->save_for_backward({idx});
-    save_conf(ctx, k, s, p, d);
-    ctx->saved_data["ceil"] = ceil;
-    return max_pool2d_with_indices_backward_op().call(g, idx, size, k, s, p, d, ceil);
-  }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    at::Tensor dg;
-    if (ctx->needs_input_grad(0)) {
-      const PoolConf c = load_conf(ctx);
-      dg = max_pool2d_select_op().call(grads[0], ctx->get_saved_variables()[0], c.k, c.s, c.p, c.d,
-                                       ctx->saved_data["ceil"].toBool());
-    }
-    return {dg, {}, {}, {}, {}, {}, {}, {}};
+struct MaxPool2dBackwardNode : OpNode {  // (grad_output, indices, ...)
+  MaxPool2dBackwardNode() : OpNode("cnnext_max_pool2d_with_indices_backward") {}
+  PoolConf c;
+  size_t idx;
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    variable_list r(2);
+    if (needs(0) && grads[0].defined())
+      r[0] = max_pool2d_select_op().call(grads[0], saved(idx), c.k, c.s, c.p, c.d, c.ceil);
+    return r;
   }
 };
 
 // S^T x (x at the indices); derivative in x: S dz.
-struct cnnext_max_pool2d_select : torch::autograd::Function<cnnext_max_pool2d_select> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& idx,
-                            IntList k, IntList s, IntList p, IntList d, bool ceil) {
-    ctx->save_for_backward({idx});
-    ctx->saved_data["size"] = sym_vector(input.sym_sizes());
-    save_conf(ctx, k, s, p, d);
-    ctx->saved_data["ceil"] = ceil;
-    return max_pool2d_select_op().call(input, idx, k, s, p, d, ceil);
-  }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    at::Tensor gx;
-    if (ctx->needs_input_grad(0)) {
-      const PoolConf c = load_conf(ctx);
-      const auto size = ctx->saved_data["size"].toSymIntVector();
-      gx = max_pool2d_with_indices_backward_op().call(grads[0], ctx->get_saved_variables()[0], size,
-                                                      c.k, c.s, c.p, c.d, ctx->saved_data["ceil"].toBool());
-    }
-    return {gx, {}, {}, {}, {}, {}, {}};
+struct MaxPool2dSelectNode : OpNode {  // (input, indices, ...)
+  MaxPool2dSelectNode() : OpNode("cnnext_max_pool2d_select") {}
+  PoolConf c;
+  std::vector<c10::SymInt> size;
+  size_t idx;
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    variable_list r(2);
+    if (needs(0) && grads[0].defined())
+      r[0] = max_pool2d_with_indices_backward_op().call(grads[0], saved(idx), size, c.k, c.s, c.p, c.d, c.ceil);
+    return r;
   }
 };
 
-struct cnnext_max_unpool2d : torch::autograd::Function<cnnext_max_unpool2d> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& idx,
-                            SymList size) {
-    ctx->save_for_backward({idx});
-    return max_unpool2d_op().call(input, idx, size);
-  }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    at::Tensor gx;
-    if (ctx->needs_input_grad(0))
-      gx = max_unpool2d_backward_op().call(grads[0], ctx->get_saved_variables()[0]);
-    return {gx, {}, {}};
+struct MaxUnpool2dNode : OpNode {  // (input, indices, output_size)
+  MaxUnpool2dNode() : OpNode("cnnext_max_unpool2d") {}
+  size_t idx;
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    variable_list r(2);
+    if (needs(0) && grads[0].defined()) r[0] = max_unpool2d_backward_op().call(grads[0], saved(idx));
+    return r;
   }
 };
 
-struct cnnext_max_unpool2d_backward : torch::autograd::Function<cnnext_max_unpool2d_backward> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& g, const at::Tensor& idx) {
-    ctx->save_for_backward({idx});
-    ctx->saved_data["hw"] = std::vector<c10::SymInt>{g.sym_size(-2), g.sym_size(-1)};
-    return max_unpool2d_backward_op().call(g, idx);
-  }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    at::Tensor dg;
-    if (ctx->needs_input_grad(0)) {
-      // The adjoint of a gather is a scatter-ADD: with repeated indices the values at
-      // one position sum (max_unpool2d would keep only the last).
-      const auto hw = ctx->saved_data["hw"].toSymIntVector();
-      const at::Tensor& dz = grads[0];
-      std::vector<c10::SymInt> flat(dz.sym_sizes().begin(), dz.sym_sizes().end() - 2);
-      flat.push_back(hw[0] * hw[1]);
-      std::vector<c10::SymInt> shape(flat.begin(), flat.end() - 1);
-      shape.push_back(hw[0]);
-      shape.push_back(hw[1]);
-      dg = at::zeros_symint(flat, dz.options())
-               .scatter_add(-1, ctx->get_saved_variables()[0].flatten(-2), dz.flatten(-2))
+struct MaxUnpool2dBackwardNode : OpNode {  // (grad_output, indices)
+  MaxUnpool2dBackwardNode() : OpNode("cnnext_max_unpool2d_backward") {}
+  std::vector<c10::SymInt> hw;
+  size_t idx;
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    variable_list r(2);
+    if (!(needs(0) && grads[0].defined())) return r;
+    // The adjoint of a gather is a scatter-ADD: with repeated indices the values at
+    // one position sum (max_unpool2d would keep only the last).
+    const at::Tensor& dz = grads[0];
+    std::vector<c10::SymInt> flat(dz.sym_sizes().begin(), dz.sym_sizes().end() - 2);
+    flat.push_back(hw[0] * hw[1]);
+    std::vector<c10::SymInt> shape(flat.begin(), flat.end() - 1);
+    shape.push_back(hw[0]);
+    shape.push_back(hw[1]);
+    r[0] = at::zeros_symint(flat, dz.options())
+               .scatter_add(-1, saved(idx).flatten(-2), dz.flatten(-2))
                .view_symint(shape);
-    }
-    return {dg, {}};
+    return r;
   }
 };
 
@@ -255,129 +209,142 @@ struct cnnext_max_unpool2d_backward : torch::autograd::Function<cnnext_max_unpoo
 
 at::Tensor avg_pool2d_ad(const at::Tensor& x, IntList k, IntList s, IntList p, bool ceil, bool cip,
                          OptInt div) {
-  if (has_tangent(x)) {  // forward-mode AD: linear, the op applied to the tangent
-    at::Tensor out = avg_pool2d_ad(primal(x), k, s, p, ceil, cip, div);
-    set_tangent(out, avg_pool2d_op().call(tangent(x), k, s, p, ceil, cip, div));
-    return out;
+  const bool fw = has_tangent(x);
+  if (!fw && !wants_grad(x)) return CNNEXT_BELOW(avg_pool2d_op().call(x, k, s, p, ceil, cip, div));
+  at::Tensor out = CNNEXT_BELOW(avg_pool2d_op().call(x, k, s, p, ceil, cip, div));
+  if (wants_grad(x)) {
+    auto node = make_node<AvgPool2dNode>(x);
+    node->a = {{}, cip, div};
+    node->a.c.set(k, s, p, {}, ceil);
+    node->input = node->save(x);
+    out = record(node, out, x);
   }
-  if (!wants_grad(x)) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return avg_pool2d_op().call(x, k, s, p, ceil, cip, div);
-  }
-  return cnnext_avg_pool2d::apply(x, k, s, p, ceil, cip, div);
+  if (fw) set_tangent(out, avg_pool2d_op().call(tangent(x), k, s, p, ceil, cip, div));  // linear
+  return out;
 }
 
 at::Tensor avg_pool2d_backward_ad(const at::Tensor& g, const at::Tensor& x, IntList k, IntList s,
                                   IntList p, bool ceil, bool cip, OptInt div) {
-  if (has_tangent(g, x)) {  // linear in g; x gives its shape only
-    at::Tensor out = avg_pool2d_backward_ad(primal(g), primal(x), k, s, p, ceil, cip, div);
-    if (has_tangent(g))
-      set_tangent(out, avg_pool2d_backward_op().call(tangent(g), primal(x), k, s, p, ceil, cip, div));
-    return out;
+  const bool fw = has_tangent(g);  // linear in g; x gives its shape only
+  if (!fw && !wants_grad(g)) return CNNEXT_BELOW(avg_pool2d_backward_op().call(g, x, k, s, p, ceil, cip, div));
+  at::Tensor out = CNNEXT_BELOW(avg_pool2d_backward_op().call(g, x, k, s, p, ceil, cip, div));
+  if (wants_grad(g)) {
+    auto node = make_node<AvgPool2dBackwardNode>(g, x);
+    node->a = {{}, cip, div};
+    node->a.c.set(k, s, p, {}, ceil);
+    out = record(node, out, g, x);
   }
-  if (!wants_grad(g)) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return avg_pool2d_backward_op().call(g, x, k, s, p, ceil, cip, div);
-  }
-  return cnnext_avg_pool2d_backward::apply(g, x, k, s, p, ceil, cip, div);
+  if (fw) set_tangent(out, avg_pool2d_backward_op().call(tangent(g), primal(x), k, s, p, ceil, cip, div));
+  return out;
 }
 
 at::Tensor adaptive_avg_pool2d_ad(const at::Tensor& x, IntList size) {
-  if (has_tangent(x)) {
-    at::Tensor out = adaptive_avg_pool2d_ad(primal(x), size);
-    set_tangent(out, adaptive_avg_pool2d_op().call(tangent(x), size));
-    return out;
+  const bool fw = has_tangent(x);
+  if (!fw && !wants_grad(x)) return CNNEXT_BELOW(adaptive_avg_pool2d_op().call(x, size));
+  at::Tensor out = CNNEXT_BELOW(adaptive_avg_pool2d_op().call(x, size));
+  if (wants_grad(x)) {
+    auto node = make_node<AdaptiveAvgPool2dNode>(x);
+    node->input = node->save(x);
+    out = record(node, out, x);
   }
-  if (!wants_grad(x)) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return adaptive_avg_pool2d_op().call(x, size);
-  }
-  return cnnext_adaptive_avg_pool2d::apply(x, size);
+  if (fw) set_tangent(out, adaptive_avg_pool2d_op().call(tangent(x), size));
+  return out;
 }
 
 at::Tensor adaptive_avg_pool2d_backward_ad(const at::Tensor& g, const at::Tensor& x) {
-  if (has_tangent(g, x)) {
-    at::Tensor out = adaptive_avg_pool2d_backward_ad(primal(g), primal(x));
-    if (has_tangent(g)) set_tangent(out, adaptive_avg_pool2d_backward_op().call(tangent(g), primal(x)));
-    return out;
+  const bool fw = has_tangent(g);
+  if (!fw && !wants_grad(g)) return CNNEXT_BELOW(adaptive_avg_pool2d_backward_op().call(g, x));
+  at::Tensor out = CNNEXT_BELOW(adaptive_avg_pool2d_backward_op().call(g, x));
+  if (wants_grad(g)) {
+    auto node = make_node<AdaptiveAvgPool2dBackwardNode>(g, x);
+    // The forward op's output size is grad_output's H x W (an int[2] argument: under
+    // symbolic shapes this guards).
+    node->hw = {g.sym_size(-2).guard_int(__FILE__, __LINE__), g.sym_size(-1).guard_int(__FILE__, __LINE__)};
+    out = record(node, out, g, x);
   }
-  if (!wants_grad(g)) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return adaptive_avg_pool2d_backward_op().call(g, x);
-  }
-  return cnnext_adaptive_avg_pool2d_backward::apply(g, x);
+  if (fw) set_tangent(out, adaptive_avg_pool2d_backward_op().call(tangent(g), primal(x)));
+  return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> max_pool2d_with_indices_ad(const at::Tensor& x, IntList k,
                                                               IntList s, IntList p, IntList d,
                                                               bool ceil) {
-  if (has_tangent(x)) {  // the tangent at the maxima's indices
-    auto r = max_pool2d_with_indices_ad(primal(x), k, s, p, d, ceil);
-    set_tangent(std::get<0>(r), max_pool2d_select_op().call(tangent(x), std::get<1>(r), k, s, p, d, ceil));
-    return r;
+  const bool fw = has_tangent(x);
+  if (!fw && !wants_grad(x)) return CNNEXT_BELOW(max_pool2d_with_indices_op().call(x, k, s, p, d, ceil));
+  auto [out, idx] = CNNEXT_BELOW(max_pool2d_with_indices_op().call(x, k, s, p, d, ceil));
+  if (wants_grad(x)) {
+    auto node = make_node<MaxPool2dNode>(x);
+    node->c.set(k, s, p, d, ceil);
+    node->size = sym_vector(x.sym_sizes());
+    node->idx = node->save(idx);
+    out = record(node, out, x);
   }
-  if (!wants_grad(x)) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return max_pool2d_with_indices_op().call(x, k, s, p, d, ceil);
-  }
-  auto r = cnnext_max_pool2d_with_indices::apply(x, k, s, p, d, ceil);
-  return {r[0], r[1]};
+  // The tangent at the maxima's indices.
+  if (fw) set_tangent(out, max_pool2d_select_op().call(tangent(x), idx, k, s, p, d, ceil));
+  return {out, idx};
 }
 
 at::Tensor max_pool2d_with_indices_backward_ad(const at::Tensor& g, const at::Tensor& idx,
                                                SymList size, IntList k, IntList s, IntList p,
                                                IntList d, bool ceil) {
-  if (has_tangent(g)) {
-    at::Tensor out = max_pool2d_with_indices_backward_ad(primal(g), idx, size, k, s, p, d, ceil);
-    set_tangent(out, max_pool2d_with_indices_backward_op().call(tangent(g), idx, size, k, s, p, d, ceil));
-    return out;
+  const bool fw = has_tangent(g);
+  if (!fw && !wants_grad(g))
+    return CNNEXT_BELOW(max_pool2d_with_indices_backward_op().call(g, idx, size, k, s, p, d, ceil));
+  at::Tensor out = CNNEXT_BELOW(max_pool2d_with_indices_backward_op().call(g, idx, size, k, s, p, d, ceil));
+  if (wants_grad(g)) {
+    auto node = make_node<MaxPool2dBackwardNode>(g, idx);
+    node->c.set(k, s, p, d, ceil);
+    node->idx = node->save(idx);
+    out = record(node, out, g, idx);
   }
-  if (!wants_grad(g)) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return max_pool2d_with_indices_backward_op().call(g, idx, size, k, s, p, d, ceil);
-  }
-  return cnnext_max_pool2d_with_indices_backward::apply(g, idx, size, k, s, p, d, ceil);
+  if (fw) set_tangent(out, max_pool2d_with_indices_backward_op().call(tangent(g), idx, size, k, s, p, d, ceil));
+  return out;
 }
 
 at::Tensor max_pool2d_select_ad(const at::Tensor& x, const at::Tensor& idx, IntList k, IntList s,
                                 IntList p, IntList d, bool ceil) {
-  if (has_tangent(x)) {
-    at::Tensor out = max_pool2d_select_ad(primal(x), idx, k, s, p, d, ceil);
-    set_tangent(out, max_pool2d_select_op().call(tangent(x), idx, k, s, p, d, ceil));
-    return out;
+  const bool fw = has_tangent(x);
+  if (!fw && !wants_grad(x)) return CNNEXT_BELOW(max_pool2d_select_op().call(x, idx, k, s, p, d, ceil));
+  at::Tensor out = CNNEXT_BELOW(max_pool2d_select_op().call(x, idx, k, s, p, d, ceil));
+  if (wants_grad(x)) {
+    auto node = make_node<MaxPool2dSelectNode>(x, idx);
+    node->c.set(k, s, p, d, ceil);
+    node->size = sym_vector(x.sym_sizes());
+    node->idx = node->save(idx);
+    out = record(node, out, x, idx);
   }
-  if (!wants_grad(x)) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return max_pool2d_select_op().call(x, idx, k, s, p, d, ceil);
-  }
-  return cnnext_max_pool2d_select::apply(x, idx, k, s, p, d, ceil);
+  if (fw) set_tangent(out, max_pool2d_select_op().call(tangent(x), idx, k, s, p, d, ceil));
+  return out;
 }
 
 at::Tensor max_unpool2d_ad(const at::Tensor& x, const at::Tensor& idx, SymList size) {
-  if (has_tangent(x)) {
-    at::Tensor out = max_unpool2d_ad(primal(x), idx, size);
-    set_tangent(out, max_unpool2d_op().call(tangent(x), idx, size));
-    return out;
+  const bool fw = has_tangent(x);
+  if (!fw && !wants_grad(x)) return CNNEXT_BELOW(max_unpool2d_op().call(x, idx, size));
+  at::Tensor out = CNNEXT_BELOW(max_unpool2d_op().call(x, idx, size));
+  if (wants_grad(x)) {
+    auto node = make_node<MaxUnpool2dNode>(x, idx);
+    node->idx = node->save(idx);
+    out = record(node, out, x, idx);
   }
-  if (!wants_grad(x)) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return max_unpool2d_op().call(x, idx, size);
-  }
-  return cnnext_max_unpool2d::apply(x, idx, size);
+  if (fw) set_tangent(out, max_unpool2d_op().call(tangent(x), idx, size));
+  return out;
 }
 
 at::Tensor max_unpool2d_backward_ad(const at::Tensor& g, const at::Tensor& idx) {
-  if (has_tangent(g)) {
-    at::Tensor out = max_unpool2d_backward_ad(primal(g), idx);
-    set_tangent(out, max_unpool2d_backward_op().call(tangent(g), idx));
-    return out;
+  const bool fw = has_tangent(g);
+  if (!fw && !wants_grad(g)) return CNNEXT_BELOW(max_unpool2d_backward_op().call(g, idx));
+  at::Tensor out = CNNEXT_BELOW(max_unpool2d_backward_op().call(g, idx));
+  if (wants_grad(g)) {
+    auto node = make_node<MaxUnpool2dBackwardNode>(g, idx);
+    node->hw = {g.sym_size(-2), g.sym_size(-1)};
+    node->idx = node->save(idx);
+    out = record(node, out, g, idx);
   }
-  if (!wants_grad(g)) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return max_unpool2d_backward_op().call(g, idx);
-  }
-  return cnnext_max_unpool2d_backward::apply(g, idx);
+  if (fw) set_tangent(out, max_unpool2d_backward_op().call(tangent(g), idx));
+  return out;
 }
+
+#undef CNNEXT_BELOW
 
 }  // namespace
 

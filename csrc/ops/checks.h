@@ -65,8 +65,11 @@ inline std::pair<at::Tensor, bool> as_batch(const char* op, const char* name, co
 // Output layout: channels_last when an operand is channels_last-contiguous and not
 // also plain contiguous (cnnext/_shapes.py states the same rule for fake kernels).
 // Unbatched input counts only through the weight, as in torch.
+// A tensor batched by torch.vmap has no memory format of its own (its samples are views):
+// it counts as contiguous (the autograd nodes ask on vmap's tensors under jacrev).
 inline at::MemoryFormat layout_of(std::initializer_list<at::Tensor> operands) {
   for (const at::Tensor& t : operands) {
+    if (t.key_set().has(c10::DispatchKey::FuncTorchBatched)) continue;
     if (t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast) && !t.is_contiguous())
       return at::MemoryFormat::ChannelsLast;
   }
