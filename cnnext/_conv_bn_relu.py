@@ -53,7 +53,8 @@ def _train_backward_fake(grad_out, out, conv_out, mean, var, bn_weight, eps, rel
     fmt = torch.channels_last if prefers_channels_last(conv_out) else torch.contiguous_format
     grad = conv_out.new_empty(conv_out.shape).contiguous(memory_format=fmt)
     c = conv_out.shape[1]
-    return grad, conv_out.new_empty((c,)), conv_out.new_empty((c,)), conv_out.new_empty((c,))
+    sdt = stats_dtype(conv_out.dtype)  # grad_bn_weight / grad_bn_bias: the statistics' dtype
+    return grad, conv_out.new_empty((c,), dtype=sdt), conv_out.new_empty((c,), dtype=sdt), conv_out.new_empty((c,))
 
 
 @torch.library.register_fake("cnnext::batch_norm_update_stats_")

@@ -23,8 +23,8 @@ STOCK_TO_CNNEXT = {
 # cnnext type -> stock type, for revert (fused parts go back to what they were).
 _CNNEXT_TO_STOCK = {v: k for k, v in STOCK_TO_CNNEXT.items()}
 
-_CPU_DTYPES = (torch.float32, torch.float64)
-_CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_CPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_CUDA_DTYPES = _CPU_DTYPES
 
 
 class ConvertWarning(UserWarning):
@@ -40,7 +40,7 @@ def _why_not(module):
             return "its parameters are not initialised yet (lazy)"
         if t.device.type == "cpu":
             if t.dtype not in _CPU_DTYPES:
-                return f"dtype {t.dtype} on CPU (cnnext runs float32 and float64 there)"
+                return f"dtype {t.dtype} on CPU (cnnext runs float16, bfloat16, float32 and float64 there)"
         elif t.device.type == "cuda":
             from . import build_info
 

@@ -96,7 +96,7 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
 
     input: (N, C, H, W) or unbatched (C, H, W); weight: (out_channels, C / groups, kH, kW);
     bias: (out_channels,) or None; stride, dilation: int or pair; padding: int, pair,
-    'valid' or 'same'; groups: int. float32/float64 on CPU, plus float16/bfloat16 on CUDA.
+    'valid' or 'same'; groups: int. float16, bfloat16, float32 and float64 on CPU and CUDA.
     """
     op = "conv2d"
     stride = _pair(stride, "stride", op)
@@ -129,7 +129,7 @@ def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_paddi
     bias: (out_channels,) or None; stride, padding, output_padding, dilation: int or pair;
     groups: int. The output is (N, out_channels, H_out, W_out) with
     H_out = (H - 1) * stride - 2 * padding + dilation * (kH - 1) + output_padding + 1.
-    float32/float64 on CPU, plus float16/bfloat16 on CUDA.
+    float16, bfloat16, float32 and float64 on CPU and CUDA.
     """
     op = "conv_transpose2d"
     stride = _pair(stride, "stride", op)
@@ -158,7 +158,7 @@ def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False, coun
     (the last window must start inside the input or the left padding). Each output is
     its window's sum divided by divisor_override (non-zero) if given, else by the
     window's size: counting the padding inside it with count_include_pad, else only
-    its input elements. float32/float64 on CPU, plus float16/bfloat16 on CUDA.
+    its input elements. float16, bfloat16, float32 and float64 on CPU and CUDA.
     """
     op = "avg_pool2d"
     kernel_size = _pair(kernel_size, "kernel_size", op)
@@ -179,7 +179,7 @@ def adaptive_avg_pool2d(input, output_size):
     input: (N, C, H, W) or unbatched (C, H, W); output_size: int or pair, a None entry
     keeping that dimension of the input. Output (oh, ow) averages input rows
     [floor(oh * H / OH), ceil((oh + 1) * H / OH)) and likewise columns; output sizes
-    larger than the input are allowed. float32/float64 on CPU, plus float16/bfloat16 on CUDA.
+    larger than the input are allowed. float16, bfloat16, float32 and float64 on CPU and CUDA.
     """
     op = "adaptive_avg_pool2d"
     kind = type(output_size)
@@ -219,8 +219,8 @@ def max_pool2d_with_indices(input, kernel_size, stride=None, padding=0, dilation
     input: (N, C, H, W) or unbatched (C, H, W); kernel_size, stride, padding, dilation: int
     or pair (stride None: kernel_size); padding at most half the kernel. indices are int64
     flat positions h * W + w in each plane; ties go to the first maximum in row-major order,
-    and a window with NaN picks its last NaN, as torch does. float32/float64 on CPU, plus
-    float16/bfloat16 on CUDA.
+    and a window with NaN picks its last NaN, as torch does. float16, bfloat16, float32
+    and float64 on CPU and CUDA.
     """
     op = "max_pool2d"
     kernel_size = _pair(kernel_size, "kernel_size", op)
@@ -264,7 +264,7 @@ def max_unpool2d(input, indices, kernel_size, stride=None, padding=0, output_siz
     """Partial inverse of max_pool2d, as :func:`torch.nn.functional.max_unpool2d`: a zero
     tensor of output_size (default (H - 1) * stride - 2 * padding + kernel_size) with
     input[o] written at the flat position indices[o] of each plane. An index outside the
-    output plane is an error. float32/float64 on CPU, plus float16/bfloat16 on CUDA.
+    output plane is an error. float16, bfloat16, float32 and float64 on CPU and CUDA.
     """
     op = "max_unpool2d"
     kernel_size = _pair(kernel_size, "kernel_size", op)
@@ -287,7 +287,9 @@ def conv_bn_relu2d(input, weight, bias, bn_weight, bn_bias, running_mean, runnin
     cnnext.nn.ConvBNReLU2d passes) and the unbiased variance. training=False folds the
     running statistics into the convolution and runs one conv pass with bias and ReLU
     applied as the output is written; it needs running_mean and running_var.
-    float32/float64 on CPU, plus float16/bfloat16 on CUDA (statistics in float32).
+    float16, bfloat16, float32 and float64 on CPU and CUDA (for the half types, statistics
+    and running statistics in float32; bn_weight, bn_bias and the running statistics may be
+    float32, as under torch.autocast).
     """
     op = "conv_bn_relu2d"
     stride = _pair(stride, "stride", op)

@@ -27,9 +27,9 @@ from . import build_info
 
 HAS_CUDA = torch.cuda.is_available() and bool(build_info()["cuda"])
 NO_CUDA_REASON = "needs a CUDA device and a cnnext build with CUDA kernels"
-# The dtypes cnnext's kernels take on each device (the CPU backend: float32 and float64).
+# The dtypes cnnext's kernels take on each device (both: float16 and bfloat16 computed in float).
 DTYPES = {
-    "cpu": (torch.float64, torch.float32),
+    "cpu": (torch.float64, torch.float32, torch.float16, torch.bfloat16),
     "cuda": (torch.float64, torch.float32, torch.float16, torch.bfloat16),
 }
 
@@ -97,6 +97,13 @@ TOLERANCES = {
     # normalisation then magnifies by 1/std: their bounds are looser than conv2d's.
     "device_conv_bn_relu": {torch.float64: 1e-10, torch.float32: 5e-5, torch.float16: 2e-2,
                             torch.bfloat16: 8e-2},
+    # The CPU backend's half types against stock torch in the same dtype and against float64
+    # (tests/test_half_cpu.py): float accumulation and one rounding per output, at most the
+    # unit roundoff u of max |reference| (bfloat16 2^-8, float16 2^-11), twice that against
+    # stock's own rounding, or where a bias is added to a rounded result (conv_transpose2d).
+    "half_cpu": {torch.float16: 2e-3, torch.bfloat16: 1e-2},
+    # conv_bn_relu2d: the rounded convolution output magnified by the normalisation (1/std).
+    "half_cpu_bn": {torch.float16: 2e-2, torch.bfloat16: 8e-2},
     # The CUDA implicit GEMM; float32 keyed by its math: TF32 keeps 10 mantissa bits of each
     # operand, ~1e-3 of the scale for these sums.
     "device_igemm": {"strict": 2e-5, "tf32": 1e-2, torch.float16: 1e-2, torch.bfloat16: 2e-2},

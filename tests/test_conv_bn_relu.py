@@ -339,7 +339,7 @@ BAD = {
     "weight_dtype": (dict(w=torch.ones(3, 2, 3, 3, dtype=torch.float64)), TypeError,
                      "expected weight to have the same dtype as input"),
     "input_int": (dict(x=torch.ones(2, 2, 5, 5, dtype=torch.int32), w=torch.ones(3, 2, 3, 3, dtype=torch.int32)),
-                  TypeError, "expected input to be float32 or float64 on CPU"),
+                  TypeError, "expected input to be float16, bfloat16, float32 or float64, got Int"),
     "input_3d": (dict(x=torch.ones(2, 5, 5)), ValueError, "expected input to be 4-D"),
     "channels": (dict(w=torch.ones(3, 3, 3, 3)), RuntimeError, "expected weight to have 2 input channels per group"),
     "kernel_too_big": (dict(w=torch.ones(3, 2, 7, 7)), RuntimeError, "to fit in the padded input"),
@@ -510,11 +510,22 @@ def test_parity_on_device(cfg, device, dtype, layout, training):
     ref, rm_ref, rv_ref = run_train_step(reference, ref_in, training, kw, relu, gy)
     names = ["output", "grad_input", "grad_weight"] + (["grad_bias"] if cfg[7] else []) + ["grad_bn_weight",
                                                                                          "grad_bn_bias"]
-    for name, a, e in zip(names, ours, ref):
+    # Half types on the CPU: the batch-norm backward's cancellation magnifies the rounding of
+    # conv_out and grad_output (stock's own bfloat16 grad_input is 14% off float64 on cfg3),
+    # and an output within a rounding of zero can flip the ReLU's mask, which moves a whole
+    # gradient entry (cfg3 in eval: cnnext 10% off, stock 1.5%, by where the flips fall).
+    # There cnnext is held to RTOL plus twice stock's own error.
+    stock = None
+    if device == "cpu" and dtype in (torch.float16, torch.bfloat16):
+        stock, _, _ = run_train_step(reference, on("cpu", tensors), training, kw, relu, gy)
+    for i, (name, a, e) in enumerate(zip(names, ours, ref)):
         assert a.dtype == dtype and a.device.type == device
         if name == "grad_bias" and training:
             continue  # zero up to rounding in both
-        assert_close_to_reference(a, e, RTOL[dtype], f"{name} {dtype} {layout}")
+        rtol = RTOL[dtype]
+        if stock is not None and e.numel():
+            rtol += 2 * (stock[i].double() - e).abs().max().item() / max(e.abs().max().item(), 1e-30)
+        assert_close_to_reference(a, e, rtol, f"{name} {dtype} {layout}")
     if layout == "channels_last":
         assert ours[0].is_contiguous(memory_format=torch.channels_last)
     assert_close_to_reference(rm, rm_ref, RTOL[dtype], "running_mean")
@@ -581,7 +592,7 @@ def test_opcheck_grouped_float32(device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("device", cuda_only())
+@pytest.mark.parametrize("device", cpu_and_cuda())
 @pytest.mark.usefixtures("strict_fp32")
 def test_fuse_half_types(device, dtype):
     """A fused half-precision model follows the stock one (train step, then eval)."""

@@ -230,13 +230,21 @@ def test_convert_shares_parameters_hooks_and_mode():
     assert type(conv) is nn.Conv2d and type(model[3]) is nn.MaxPool2d
 
 
+@pytest.mark.filterwarnings("ignore:Complex modules")
 def test_convert_reports_what_cnnext_cannot_run():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3).to(torch.bfloat16))
-    with pytest.warns(cnnext.ConvertWarning, match=r"1 layer\(s\) left stock.*1 \(Conv2d\): dtype torch.bfloat16"):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3).to(torch.complex64))
+    with pytest.warns(cnnext.ConvertWarning, match=r"1 layer\(s\) left stock.*1 \(Conv2d\): dtype torch.complex64"):
         out = cnnext.convert(model)
     assert type(out[0]) is cnnext.nn.Conv2d and type(out[1]) is nn.Conv2d
-    with pytest.raises(TypeError, match=r"1 \(Conv2d\): dtype torch.bfloat16 on CPU"):
+    with pytest.raises(TypeError, match=r"1 \(Conv2d\): dtype torch.complex64 on CPU"):
         cnnext.convert(model, strict=True)
+
+
+def test_convert_takes_half_models():
+    """float16 / bfloat16 layers are converted (cnnext runs them on the CPU)."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.MaxPool2d(2)).to(torch.bfloat16)
+    out = cnnext.convert(model)
+    assert type(out[0]) is cnnext.nn.Conv2d and type(out[1]) is cnnext.nn.MaxPool2d
 
 
 def test_convert_subclasses_only_when_asked():
@@ -263,11 +271,11 @@ def test_convert_sync_batchnorm_and_revert():
 
 
 def test_enable_strict_and_fallback():
-    x = torch.randn(1, 2, 6, 6, dtype=torch.bfloat16)
-    w = torch.randn(2, 2, 3, 3, dtype=torch.bfloat16)
+    x = torch.randn(1, 2, 6, 6, dtype=torch.complex64)
+    w = torch.randn(2, 2, 3, 3, dtype=torch.complex64)
     with cnnext.enable():
         assert torch.equal(F.conv2d(x, w), torch.conv2d(x, w))  # falls back to stock
-    with pytest.raises(TypeError, match=r"cnnext cannot run conv2d on dtype torch.bfloat16 on CPU"):
+    with pytest.raises(TypeError, match=r"cnnext cannot run conv2d on dtype torch.complex64 on CPU"):
         with cnnext.enable(strict=True):
             F.conv2d(x, w)
 

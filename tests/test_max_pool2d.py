@@ -273,8 +273,8 @@ def test_with_indices_signature_and_stride_empty():
     ((torch.randn(1, 4, 4), 2), dict(stride=(1, 2, 3)), "stride to be an int or a pair"),
     ((torch.randn(4, 4), 2), {}, "input to be 3-D"),
     ((torch.randn(1, 0, 4, 4), 2), {}, "non-zero channels, height and width"),
-    ((torch.randint(0, 3, (1, 1, 4, 4)), 2), {}, "expected input to be float32 or float64"),
-    ((torch.randn(1, 1, 4, 4, dtype=torch.float16), 2), {}, "expected input to be float32 or float64"),
+    ((torch.randint(0, 3, (1, 1, 4, 4)), 2), {}, "expected input to be float16, bfloat16, float32 or float64, got Long"),
+    ((torch.randn(1, 1, 4, 4, dtype=torch.complex64), 2), {}, "expected input to be float16, bfloat16, float32 or float64, got ComplexFloat"),
 ])
 def test_errors(args, kw, match):
     with pytest.raises((RuntimeError, ValueError, TypeError), match=match):

@@ -151,8 +151,8 @@ def test_errors():
         max_unpool2d(y, idx, 2, output_size=(10, 10))
     with pytest.raises(ValueError, match="output_size to be a sequence of 2 or 4 elements"):
         max_unpool2d(y, idx, 2, output_size=(3, 8, 8))
-    with pytest.raises(TypeError, match="expected input to be float32 or float64"):
-        max_unpool2d(y.half(), idx, 2)
+    with pytest.raises(TypeError, match="expected input to be float16, bfloat16, float32 or float64, got Int"):
+        max_unpool2d(y.int(), idx, 2)
     with pytest.raises(RuntimeError, match="expected input to be 3-D"):
         max_unpool2d(y[0, 0], idx[0, 0], 2)
     with pytest.raises(RuntimeError, match="output_size to have 2 entries"):

@@ -140,10 +140,16 @@ def test_meta_device_construction():
     assert m(x).shape == ref(x).shape == (2, 4, 5, 5)
 
 
-def test_float16_module_rejected_on_cpu():
-    m = cnnext.nn.Conv2d(3, 4, 3, dtype=torch.float16)
-    with pytest.raises(TypeError, match=r"expected input to be float32 or float64 on CPU, got Half"):
-        m(torch.randn(1, 3, 5, 5, dtype=torch.float16))
+def test_half_modules_run_on_cpu():
+    """float16 / bfloat16 modules run on the CPU and give the dtype stock gives."""
+    for dtype in (torch.float16, torch.bfloat16):
+        m = cnnext.nn.Conv2d(3, 4, 3, dtype=dtype)
+        ref = torch.nn.Conv2d(3, 4, 3, dtype=dtype)
+        ref.load_state_dict(m.state_dict())
+        x = torch.randn(1, 3, 5, 5, dtype=dtype)
+        y = m(x)
+        assert y.dtype == dtype
+        torch.testing.assert_close(y, ref(x), rtol=2e-2, atol=2e-2)
 
 
 def test_dtype_mismatch_rejected():

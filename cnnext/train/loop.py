@@ -93,13 +93,8 @@ class FitResult:
 
 def amp_supported(backend, device):
     """(whether --amp can run with this backend on this device, why not). Autocast lowers
-    activations to bfloat16 (CPU) or float16 (CUDA); cnnext's ops do not take bfloat16 on
-    the CPU yet and have no autocast rules (issue 16 adds them): when they do, return
-    (True, "") for backend "cnnext" here and the rest of the loop already works."""
-    if backend == "cnnext":
-        return False, ("--amp needs autocast support in cnnext's ops, which they do not have yet "
-                       "(bfloat16 on the CPU, autocast rules); run with --backend torch for mixed precision, "
-                       "or without --amp")
+    activations to bfloat16 (CPU) or float16 (CUDA); cnnext's ops take both dtypes on both
+    devices and register autocast rules (csrc/ops/autocast.cpp), so every backend can."""
     return True, ""
 
 

@@ -36,6 +36,7 @@
 #include <vector>
 
 #include "cpu/avg_pool2d.h"
+#include "cpu/half.h"
 #include "cpu/cpu_features.h"
 #include "paths.h"
 #include "tensors.h"
@@ -100,6 +101,10 @@ bool use_avx2() {
 
 at::Tensor avg_pool2d_forward(const at::Tensor& input, const AvgPool2dParams& a,
                               at::MemoryFormat out_format) {
+  // float16 / bfloat16: the float kernels (float sums, double across chunks) on a float
+  // copy, each output rounded once.
+  if (is_half(input))
+    return avg_pool2d_forward(to_float(input), a, out_format).to(input.scalar_type());
   const Pool2dParams& p = a.p;
   at::Tensor out = at::empty({p.N, p.C, p.OH, p.OW}, input.options().memory_format(out_format));
   if (out.numel() == 0) return out;
@@ -126,6 +131,8 @@ at::Tensor avg_pool2d_forward(const at::Tensor& input, const AvgPool2dParams& a,
 
 at::Tensor avg_pool2d_backward(const at::Tensor& grad_output, const AvgPool2dParams& a,
                                at::MemoryFormat out_format) {
+  if (is_half(grad_output))
+    return avg_pool2d_backward(to_float(grad_output), a, out_format).to(grad_output.scalar_type());
   const Pool2dParams& p = a.p;
   at::Tensor gx = at::empty({p.N, p.C, p.H, p.W}, grad_output.options().memory_format(out_format));
   if (gx.numel() == 0) return gx;

@@ -15,6 +15,8 @@
 #include <vector>
 
 #include "cpu/conv2d.h"
+#include "cpu/conv2d_half.h"
+#include "cpu/half.h"
 #include "tensors.h"
 #include "cpu/conv2d_sgemm.h"
 #include "cpu/sgemm.h"
@@ -300,6 +302,7 @@ at::Tensor conv2d_forward(const at::Tensor& input, const at::Tensor& weight,
 void conv2d_forward_rows(const at::Tensor& input, const at::Tensor& weight,
                          const c10::optional<at::Tensor>& bias, const Conv2dParams& p,
                          at::Tensor& out, bool relu, const RowsDone& rows_done) {
+  if (is_half(input)) return half::conv2d_forward_rows(input, weight, bias, p, out, relu, rows_done);
   if (out.numel() == 0) return;
   const at::MemoryFormat out_format =
       out.is_contiguous() ? at::MemoryFormat::Contiguous : at::MemoryFormat::ChannelsLast;
@@ -363,6 +366,7 @@ void conv2d_forward_rows(const at::Tensor& input, const at::Tensor& weight,
 
 at::Tensor conv2d_input_backward(const at::Tensor& grad_out, const at::Tensor& weight,
                                  const Conv2dParams& p, at::MemoryFormat out_format) {
+  if (is_half(grad_out)) return half::conv2d_input_backward(grad_out, weight, p, out_format);
   const at::Tensor grad_output = flattenable(grad_out);
   const int64_t Cg = p.in_per_group(), Og = p.out_per_group(), K = Cg * p.KH * p.KW;
   const bool sgemm = use_sgemm(grad_output) && !use_direct_sgemm(p);
@@ -418,6 +422,7 @@ at::Tensor conv2d_input_backward(const at::Tensor& grad_out, const at::Tensor& w
 
 at::Tensor conv2d_weight_backward(const at::Tensor& grad_out, const at::Tensor& input,
                                   const Conv2dParams& p) {
+  if (is_half(grad_out)) return half::conv2d_weight_backward(grad_out, input, p);
   const at::Tensor grad_output = flattenable(grad_out);
   const int64_t Cg = p.in_per_group(), Og = p.out_per_group(), K = Cg * p.KH * p.KW;
   const bool pointwise = is_pointwise(p) && planes_flatten(input);
@@ -475,6 +480,7 @@ at::Tensor conv2d_weight_backward(const at::Tensor& grad_out, const at::Tensor& 
 }
 
 at::Tensor channel_sum(const at::Tensor& t) {
+  if (is_half(t)) return half::channel_sum(t);
   const int64_t N = t.size(0), C = t.size(1), H = t.size(2), W = t.size(3);
   at::Tensor out = at::empty({C}, t.options());
   if (C == 0) return out;
@@ -537,6 +543,7 @@ at::Tensor channel_sum(const at::Tensor& t) {
 }
 
 void add_channel_bias_(at::Tensor& out, const at::Tensor& bias) {
+  if (is_half(out)) return half::add_channel_bias_(out, bias);
   const int64_t N = out.size(0), C = out.size(1), H = out.size(2), W = out.size(3);
   if (out.numel() == 0) return;
   const at::Tensor b = bias.contiguous();

@@ -17,6 +17,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/OpMathType.h>
 
 #include <algorithm>
 #include <cmath>
@@ -112,26 +113,27 @@ void band_moments(const T* y, const Dense& d, int64_t n, int64_t oh0, int64_t oh
 }
 
 // out = [relu]((y - mean[c]) * a[c] + beta[c]).
-template <typename T>
-void normalize(const T* y, T* out, const Dense& d, const T* mean, const T* a, const T* beta,
+// In A (float for float16 / bfloat16), each output rounded to T once.
+template <typename T, typename A>
+void normalize(const T* y, T* out, const Dense& d, const A* mean, const A* a, const A* beta,
                bool relu) {
   if (!d.cl) {
     const int64_t P = d.plane();
     at::parallel_for(0, d.N * d.C, grain_for(P), [&](int64_t b, int64_t e) {
       for (int64_t item = b; item < e; ++item) {
         const int64_t c = item % d.C;
-        const T m = mean[c], s = a[c], t = beta[c];
+        const A m = mean[c], s = a[c], t = beta[c];
         const T* v = y + item * P;
         T* o = out + item * P;
         if (relu) {
           _Pragma("omp simd")
           for (int64_t i = 0; i < P; ++i) {
-            const T r = (v[i] - m) * s + t;
-            o[i] = r < T(0) ? T(0) : r;
+            const A r = (static_cast<A>(v[i]) - m) * s + t;
+            o[i] = static_cast<T>(r < A(0) ? A(0) : r);
           }
         } else {
           _Pragma("omp simd")
-          for (int64_t i = 0; i < P; ++i) o[i] = (v[i] - m) * s + t;
+          for (int64_t i = 0; i < P; ++i) o[i] = static_cast<T>((static_cast<A>(v[i]) - m) * s + t);
         }
       }
     });
@@ -145,8 +147,8 @@ void normalize(const T* y, T* out, const Dense& d, const T* mean, const T* a, co
         T* o = out + r * row + w * d.C;
         _Pragma("omp simd")
         for (int64_t c = 0; c < d.C; ++c) {
-          const T x = (v[c] - mean[c]) * a[c] + beta[c];
-          o[c] = (relu && x < T(0)) ? T(0) : x;
+          const A x = (static_cast<A>(v[c]) - mean[c]) * a[c] + beta[c];
+          o[c] = static_cast<T>((relu && x < A(0)) ? A(0) : x);
         }
       }
     }
@@ -173,18 +175,18 @@ constexpr int64_t kChunk = 256;
 
 // One contiguous run of n elements of one channel (mean m): *s0 = sum gm,
 // *s1 = sum gm * (y - m).
-template <typename T, bool kMask>
+template <typename T, typename A, bool kMask>
 void run_sums(const T* __restrict__ g, const T* __restrict__ o, const T* __restrict__ y,
-              int64_t n, T m, double* s0, double* s1) {
+              int64_t n, A m, double* s0, double* s1) {
   double a0 = 0, a1 = 0;
   for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
     const int64_t i1 = std::min(n, i0 + kChunk);
-    T c0 = 0, c1 = 0;
+    A c0 = 0, c1 = 0;
     _Pragma("omp simd reduction(+ : c0, c1)")
     for (int64_t i = i0; i < i1; ++i) {
-      const T gm = masked<T, kMask>(g, o, i);
+      const A gm = static_cast<A>(masked<T, kMask>(g, o, i));
       c0 += gm;
-      c1 += gm * (y[i] - m);
+      c1 += gm * (static_cast<A>(y[i]) - m);
     }
     a0 += static_cast<double>(c0);
     a1 += static_cast<double>(c1);
@@ -194,18 +196,19 @@ void run_sums(const T* __restrict__ g, const T* __restrict__ o, const T* __restr
 }
 
 // dy = k * gm + shift - coef * (y - m) over one contiguous run; returns the sum of dy.
-template <typename T, bool kMask>
+template <typename T, typename A, bool kMask>
 double run_apply(const T* __restrict__ g, const T* __restrict__ o, const T* __restrict__ y,
-                 int64_t n, T m, T k, T shift, T coef, T* __restrict__ dy) {
+                 int64_t n, A m, A k, A shift, A coef, T* __restrict__ dy) {
   double a0 = 0;
   for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
     const int64_t i1 = std::min(n, i0 + kChunk);
-    T c0 = 0;
+    A c0 = 0;
     _Pragma("omp simd reduction(+ : c0)")
     for (int64_t i = i0; i < i1; ++i) {
-      const T v = k * masked<T, kMask>(g, o, i) + shift - coef * (y[i] - m);
+      const T v = static_cast<T>(k * static_cast<A>(masked<T, kMask>(g, o, i)) + shift -
+                                 coef * (static_cast<A>(y[i]) - m));
       dy[i] = v;
-      c0 += v;
+      c0 += static_cast<A>(v);
     }
     a0 += static_cast<double>(c0);
   }
@@ -214,19 +217,19 @@ double run_apply(const T* __restrict__ g, const T* __restrict__ o, const T* __re
 
 // The same over one pixel row of channels_last data (W pixels of C channels): each row's
 // sums are taken in T (scratch r0, r1 of C), then added into the per-channel doubles.
-template <typename T, bool kMask>
+template <typename T, typename A, bool kMask>
 void row_sums(const T* __restrict__ g, const T* __restrict__ o, const T* __restrict__ y,
-              int64_t W, int64_t C, const T* __restrict__ mean, T* __restrict__ r0,
-              T* __restrict__ r1, double* __restrict__ s0, double* __restrict__ s1) {
-  std::fill(r0, r0 + C, T(0));
-  std::fill(r1, r1 + C, T(0));
+              int64_t W, int64_t C, const A* __restrict__ mean, A* __restrict__ r0,
+              A* __restrict__ r1, double* __restrict__ s0, double* __restrict__ s1) {
+  std::fill(r0, r0 + C, A(0));
+  std::fill(r1, r1 + C, A(0));
   for (int64_t w = 0; w < W; ++w) {
     const int64_t base = w * C;
     _Pragma("omp simd")
     for (int64_t c = 0; c < C; ++c) {
-      const T gm = masked<T, kMask>(g, o, base + c);
+      const A gm = static_cast<A>(masked<T, kMask>(g, o, base + c));
       r0[c] += gm;
-      r1[c] += gm * (y[base + c] - mean[c]);
+      r1[c] += gm * (static_cast<A>(y[base + c]) - mean[c]);
     }
   }
   for (int64_t c = 0; c < C; ++c) {
@@ -235,19 +238,20 @@ void row_sums(const T* __restrict__ g, const T* __restrict__ o, const T* __restr
   }
 }
 
-template <typename T, bool kMask>
+template <typename T, typename A, bool kMask>
 void row_apply(const T* __restrict__ g, const T* __restrict__ o, const T* __restrict__ y,
-               int64_t W, int64_t C, const T* __restrict__ mean, const T* __restrict__ k,
-               const T* __restrict__ shift, const T* __restrict__ coef, T* __restrict__ dy,
-               T* __restrict__ r0, double* __restrict__ s0) {
-  std::fill(r0, r0 + C, T(0));
+               int64_t W, int64_t C, const A* __restrict__ mean, const A* __restrict__ k,
+               const A* __restrict__ shift, const A* __restrict__ coef, T* __restrict__ dy,
+               A* __restrict__ r0, double* __restrict__ s0) {
+  std::fill(r0, r0 + C, A(0));
   for (int64_t w = 0; w < W; ++w) {
     const int64_t base = w * C;
     _Pragma("omp simd")
     for (int64_t c = 0; c < C; ++c) {
-      const T v = k[c] * masked<T, kMask>(g, o, base + c) + shift[c] - coef[c] * (y[base + c] - mean[c]);
+      const T v = static_cast<T>(k[c] * static_cast<A>(masked<T, kMask>(g, o, base + c)) + shift[c] -
+                                 coef[c] * (static_cast<A>(y[base + c]) - mean[c]));
       dy[base + c] = v;
-      r0[c] += v;
+      r0[c] += static_cast<A>(v);
     }
   }
   for (int64_t c = 0; c < C; ++c) s0[c] += static_cast<double>(r0[c]);
@@ -264,39 +268,45 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu2d_train(
   at::Tensor out = at::empty_like(conv_out);
   const Dense d = dense_of(conv_out);
   const int64_t M = p.N * p.OH * p.OW;
-  at::Tensor mean = at::zeros({p.O}, input.options());
-  at::Tensor var = at::zeros({p.O}, input.options());
+  // Statistics in stats_dtype: float for float16 / bfloat16 input.
+  const auto sopt = input.options().dtype(stats_dtype(input.scalar_type()));
+  at::Tensor mean = at::zeros({p.O}, sopt);
+  at::Tensor var = at::zeros({p.O}, sopt);
   if (conv_out.numel() == 0) return {out, conv_out, mean, var};
 
   // Moments per (sample, first row of a band) slot; only band starts are filled.
   std::vector<Moments> slots(size_t(p.N * p.OH * p.O));
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "cnnext_conv_bn_relu2d_train", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "cnnext_conv_bn_relu2d_train", [&] {
+    using A = at::opmath_type<scalar_t>;  // == stats_dtype
     const scalar_t* y = conv_out.const_data_ptr<scalar_t>();
     conv2d_forward_rows(input, weight, bias, p, conv_out, false,
                         [&](int64_t n, int64_t oh0, int64_t oh1) {
                           band_moments(y, d, n, oh0, oh1, slots.data() + (n * p.OH + oh0) * p.O);
                         });
     // Merge the bands in (n, row) order, channel by channel.
-    std::vector<scalar_t> mean_v(p.O), a_v(p.O), beta_v(p.O);
-    const at::Tensor gamma_t =
-        bn_weight.has_value() && bn_weight->defined() ? bn_weight->contiguous() : at::Tensor();
-    const at::Tensor beta_t =
-        bn_bias.has_value() && bn_bias->defined() ? bn_bias->contiguous() : at::Tensor();
-    const scalar_t* gp = gamma_t.defined() ? gamma_t.const_data_ptr<scalar_t>() : nullptr;
-    const scalar_t* bp = beta_t.defined() ? beta_t.const_data_ptr<scalar_t>() : nullptr;
-    scalar_t* mp = mean.mutable_data_ptr<scalar_t>();
-    scalar_t* vp = var.mutable_data_ptr<scalar_t>();
+    std::vector<A> mean_v(p.O), a_v(p.O), beta_v(p.O);
+    // bn_weight / bn_bias: the input's dtype or (float16 / bfloat16 input, as under
+    // autocast) float32; read in A.
+    const auto adt = c10::CppTypeToScalarType<A>::value;
+    const at::Tensor gamma_t = bn_weight.has_value() && bn_weight->defined()
+                                   ? bn_weight->to(adt).contiguous() : at::Tensor();
+    const at::Tensor beta_t = bn_bias.has_value() && bn_bias->defined()
+                                  ? bn_bias->to(adt).contiguous() : at::Tensor();
+    const A* gp = gamma_t.defined() ? gamma_t.const_data_ptr<A>() : nullptr;
+    const A* bp = beta_t.defined() ? beta_t.const_data_ptr<A>() : nullptr;
+    A* mp = mean.mutable_data_ptr<A>();
+    A* vp = var.mutable_data_ptr<A>();
     at::parallel_for(0, p.O, grain_for(p.N * p.OH), [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
         Moments total;
         for (int64_t s = 0; s < p.N * p.OH; ++s) merge(total, slots[s * p.O + c]);
         const double v = total.m2 / double(M);
-        mp[c] = static_cast<scalar_t>(total.mean);
-        vp[c] = static_cast<scalar_t>(v);
+        mp[c] = static_cast<A>(total.mean);
+        vp[c] = static_cast<A>(v);
         const double invstd = 1.0 / std::sqrt(v + eps);
-        mean_v[c] = static_cast<scalar_t>(total.mean);
-        a_v[c] = static_cast<scalar_t>(gp ? double(gp[c]) * invstd : invstd);
-        beta_v[c] = bp ? bp[c] : scalar_t(0);
+        mean_v[c] = static_cast<A>(total.mean);
+        a_v[c] = static_cast<A>(gp ? double(gp[c]) * invstd : invstd);
+        beta_v[c] = bp ? bp[c] : A(0);
       }
     });
     normalize(y, out.mutable_data_ptr<scalar_t>(), d, mean_v.data(), a_v.data(), beta_v.data(),
@@ -312,23 +322,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu2d_train_
   const Dense d = dense_of(conv_out);
   const int64_t M = d.N * d.H * d.W;
   at::Tensor grad_conv = at::empty_like(conv_out);
-  at::Tensor g_gamma = at::zeros({d.C}, conv_out.options());
-  at::Tensor g_beta = at::zeros({d.C}, conv_out.options());
+  // grad_bn_weight / grad_bn_bias in stats_dtype (float for float16 / bfloat16).
+  const auto sopt = conv_out.options().dtype(stats_dtype(conv_out.scalar_type()));
+  at::Tensor g_gamma = at::zeros({d.C}, sopt);
+  at::Tensor g_beta = at::zeros({d.C}, sopt);
   at::Tensor g_bias = at::zeros({d.C}, conv_out.options());
   if (conv_out.numel() == 0) return {grad_conv, g_gamma, g_beta, g_bias};
   const bool use_out = relu && out.has_value() && out->defined();
 
-  AT_DISPATCH_FLOATING_TYPES(conv_out.scalar_type(), "cnnext_conv_bn_relu2d_backward", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, conv_out.scalar_type(), "cnnext_conv_bn_relu2d_backward", [&] {
     using T = scalar_t;
+    using A = at::opmath_type<T>;  // == stats_dtype
+    const auto adt = c10::CppTypeToScalarType<A>::value;
     const T* g = grad.const_data_ptr<T>();
     const T* o = use_out ? out->const_data_ptr<T>() : nullptr;
     const T* y = conv_out.const_data_ptr<T>();
     const at::Tensor mean_c = mean.contiguous(), var_c = var.contiguous();
-    const T* mp = mean_c.const_data_ptr<T>();
-    const T* vp = var_c.const_data_ptr<T>();
-    const at::Tensor gamma_t =
-        bn_weight.has_value() && bn_weight->defined() ? bn_weight->contiguous() : at::Tensor();
-    const T* gp = gamma_t.defined() ? gamma_t.const_data_ptr<T>() : nullptr;
+    const A* mp = mean_c.const_data_ptr<A>();
+    const A* vp = var_c.const_data_ptr<A>();
+    const at::Tensor gamma_t = bn_weight.has_value() && bn_weight->defined()
+                                   ? bn_weight->to(adt).contiguous() : at::Tensor();
+    const A* gp = gamma_t.defined() ? gamma_t.const_data_ptr<A>() : nullptr;
     T* dy = grad_conv.mutable_data_ptr<T>();
     const int64_t C = d.C;
     // Items: planes (n, c) or pixel rows (n, h); partial sums per item and channel.
@@ -339,28 +353,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu2d_train_
 
     // Sweep 1: sum gm and sum gm * (y - mean).
     at::parallel_for(0, items, grain_for(d.cl ? row : P), [&](int64_t b, int64_t e) {
-      std::vector<T> r0(d.cl ? C : 0), r1(d.cl ? C : 0);
+      std::vector<A> r0(d.cl ? C : 0), r1(d.cl ? C : 0);
       for (int64_t item = b; item < e; ++item) {
         if (!d.cl) {
           const int64_t c = item % C, base = item * P;
           const T* ob = o ? o + base : nullptr;
-          if (o) run_sums<T, true>(g + base, ob, y + base, P, mp[c], &s_gm[item], &s_gmx[item]);
-          else run_sums<T, false>(g + base, ob, y + base, P, mp[c], &s_gm[item], &s_gmx[item]);
+          if (o) run_sums<T, A, true>(g + base, ob, y + base, P, mp[c], &s_gm[item], &s_gmx[item]);
+          else run_sums<T, A, false>(g + base, ob, y + base, P, mp[c], &s_gm[item], &s_gmx[item]);
         } else {
           const int64_t base = item * row;
           const T* ob = o ? o + base : nullptr;
           double* a0 = s_gm.data() + item * C;
           double* a1 = s_gmx.data() + item * C;
-          if (o) row_sums<T, true>(g + base, ob, y + base, d.W, C, mp, r0.data(), r1.data(), a0, a1);
-          else row_sums<T, false>(g + base, ob, y + base, d.W, C, mp, r0.data(), r1.data(), a0, a1);
+          if (o) row_sums<T, A, true>(g + base, ob, y + base, d.W, C, mp, r0.data(), r1.data(), a0, a1);
+          else row_sums<T, A, false>(g + base, ob, y + base, d.W, C, mp, r0.data(), r1.data(), a0, a1);
         }
       }
     });
     // Per-channel totals, added in item order; then the coefficients of sweep 2:
     // dy = k * gm + shift - coef * (y - mean).
-    std::vector<T> k(C), shift(C), coef(C);
-    T* ggp = g_gamma.mutable_data_ptr<T>();
-    T* gbp = g_beta.mutable_data_ptr<T>();
+    std::vector<A> k(C), shift(C), coef(C);
+    A* ggp = g_gamma.mutable_data_ptr<A>();
+    A* gbp = g_beta.mutable_data_ptr<A>();
     for (int64_t c = 0; c < C; ++c) {
       double sg = 0, sgx = 0;
       if (!d.cl) {
@@ -376,29 +390,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu2d_train_
       }
       const double invstd = 1.0 / std::sqrt(static_cast<double>(vp[c]) + eps);
       const double dgamma = sgx * invstd;
-      ggp[c] = static_cast<T>(dgamma);
-      gbp[c] = static_cast<T>(sg);
+      ggp[c] = static_cast<A>(dgamma);
+      gbp[c] = static_cast<A>(sg);
       const double kk = (gp ? static_cast<double>(gp[c]) : 1.0) * invstd;
-      k[c] = static_cast<T>(kk);
-      shift[c] = static_cast<T>(-kk * sg / double(M));
-      coef[c] = static_cast<T>(kk * invstd * dgamma / double(M));
+      k[c] = static_cast<A>(kk);
+      shift[c] = static_cast<A>(-kk * sg / double(M));
+      coef[c] = static_cast<A>(kk * invstd * dgamma / double(M));
     }
     // Sweep 2: grad_conv_out and its channel sums.
     at::parallel_for(0, items, grain_for(d.cl ? row : P), [&](int64_t b, int64_t e) {
-      std::vector<T> r0(d.cl ? C : 0);
+      std::vector<A> r0(d.cl ? C : 0);
       for (int64_t item = b; item < e; ++item) {
         if (!d.cl) {
           const int64_t c = item % C, base = item * P;
           const T* ob = o ? o + base : nullptr;
-          s_gm[item] = o ? run_apply<T, true>(g + base, ob, y + base, P, mp[c], k[c], shift[c], coef[c], dy + base)
-                         : run_apply<T, false>(g + base, ob, y + base, P, mp[c], k[c], shift[c], coef[c], dy + base);
+          s_gm[item] = o ? run_apply<T, A, true>(g + base, ob, y + base, P, mp[c], k[c], shift[c], coef[c], dy + base)
+                         : run_apply<T, A, false>(g + base, ob, y + base, P, mp[c], k[c], shift[c], coef[c], dy + base);
         } else {
           const int64_t base = item * row;
           const T* ob = o ? o + base : nullptr;
           double* a0 = s_gm.data() + item * C;
           std::fill(a0, a0 + C, 0.0);
-          if (o) row_apply<T, true>(g + base, ob, y + base, d.W, C, mp, k.data(), shift.data(), coef.data(), dy + base, r0.data(), a0);
-          else row_apply<T, false>(g + base, ob, y + base, d.W, C, mp, k.data(), shift.data(), coef.data(), dy + base, r0.data(), a0);
+          if (o) row_apply<T, A, true>(g + base, ob, y + base, d.W, C, mp, k.data(), shift.data(), coef.data(), dy + base, r0.data(), a0);
+          else row_apply<T, A, false>(g + base, ob, y + base, d.W, C, mp, k.data(), shift.data(), coef.data(), dy + base, r0.data(), a0);
         }
       }
     });
@@ -434,9 +448,16 @@ std::pair<at::Tensor, at::Tensor> bn_fold(const at::Tensor& weight,
   const at::Tensor* b = opt(bias);
   const at::Tensor* g = opt(bn_weight);
   const at::Tensor* be = opt(bn_bias);
-  AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "cnnext_conv_bn_relu2d_fold", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "cnnext_conv_bn_relu2d_fold", [&] {
     using T = scalar_t;
-    const auto rm = running_mean.accessor<T, 1>(), rv = running_var.accessor<T, 1>();
+    // The fold in A (float for float16 / bfloat16, whose running statistics and bn
+    // parameters may be float32, as under autocast); w' and b' rounded to T once.
+    using A = at::opmath_type<T>;
+    const auto adt = c10::CppTypeToScalarType<A>::value;
+    const at::Tensor rm_t = running_mean.to(adt), rv_t = running_var.to(adt);
+    const at::Tensor b_t = b ? b->to(adt) : at::Tensor(), g_t = g ? g->to(adt) : at::Tensor(),
+                     be_t = be ? be->to(adt) : at::Tensor();
+    const auto rm = rm_t.accessor<A, 1>(), rv = rv_t.accessor<A, 1>();
     const int64_t K = wc.numel() / std::max<int64_t>(p.O, 1);
     const T* src = wc.const_data_ptr<T>();
     T* dst = w.mutable_data_ptr<T>();
@@ -446,14 +467,14 @@ std::pair<at::Tensor, at::Tensor> bn_fold(const at::Tensor& weight,
     const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(K, 1));
     at::parallel_for(0, p.O, grain, [&](int64_t begin, int64_t end) {
       for (int64_t o = begin; o < end; ++o) {
-        T scale = T(1) / std::sqrt(rv[o] + static_cast<T>(eps));
-        if (g) scale = scale * g->accessor<T, 1>()[o];
-        for (int64_t k = 0; k < K; ++k) dst[o * K + k] = src[o * K + k] * scale;
-        T t = -rm[o];
-        if (b) t = t + b->accessor<T, 1>()[o];
+        A scale = A(1) / std::sqrt(rv[o] + static_cast<A>(eps));
+        if (g) scale = scale * g_t.accessor<A, 1>()[o];
+        for (int64_t k = 0; k < K; ++k) dst[o * K + k] = static_cast<T>(static_cast<A>(src[o * K + k]) * scale);
+        A t = -rm[o];
+        if (b) t = t + b_t.accessor<A, 1>()[o];
         t = t * scale;
-        if (be) t = t + be->accessor<T, 1>()[o];
-        sh[o] = t;
+        if (be) t = t + be_t.accessor<A, 1>()[o];
+        sh[o] = static_cast<T>(t);
       }
     });
   });

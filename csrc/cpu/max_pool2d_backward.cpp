@@ -37,7 +37,7 @@ at::Tensor max_pool2d_backward(const at::Tensor& grad_output, const at::Tensor& 
   const EmptyWindows empty(p);
   BadIndex bad;
   const int64_t HW = p.H * p.W;
-  AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "cnnext_max_pool2d_backward", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_output.scalar_type(), "cnnext_max_pool2d_backward", [&] {
     const scalar_t* g = grad_output.const_data_ptr<scalar_t>();
     const int64_t* ip = indices.const_data_ptr<int64_t>();
     scalar_t* dx = gx.mutable_data_ptr<scalar_t>();
@@ -146,7 +146,7 @@ at::Tensor max_pool2d_gather(const char* op, const at::Tensor& src, const at::Te
     for (int64_t o = 0; o < w; ++o) col_ok[o] = !empty.col_empty[o];
   }
   BadIndex bad;
-  AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "cnnext_max_pool2d_gather", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "cnnext_max_pool2d_gather", [&] {
     const scalar_t* sp = src.const_data_ptr<scalar_t>();
     const int64_t* ip = indices.const_data_ptr<int64_t>();
     scalar_t* op_ = out.mutable_data_ptr<scalar_t>();

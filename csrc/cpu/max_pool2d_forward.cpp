@@ -22,6 +22,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/OpMathType.h>
 
 #include <algorithm>
 #include <cstring>
@@ -56,23 +57,23 @@ CNNEXT_PATH(kGeneric, "max_pool2d.fwd.generic");
 // Vertical pass over one phase: v[j], vi[j] = maximum (torch's rule) and its flat index
 // over the rows x + ih * W, ih = lo, lo + d, ... < hi, of the columns base + s * j,
 // j in [0, n). fi[j] holds the column index of entry j (as T).
-template <typename T>
-inline __attribute__((always_inline)) void vertical_body(const T* __restrict__ x, int64_t W,
+template <typename T, typename S>
+inline __attribute__((always_inline)) void vertical_body(const S* __restrict__ x, int64_t W,
                                                          int64_t base, int64_t s, int64_t n,
                                                          int64_t lo, int64_t hi, int64_t d,
                                                          const T* __restrict__ fi,
                                                          T* __restrict__ v, T* __restrict__ vi) {
-  const T* row = x + lo * W + base;
+  const S* row = x + lo * W + base;
   const T off0 = T(lo * W);
   for (int64_t j = 0; j < n; ++j) {
-    v[j] = row[j * s];
+    v[j] = static_cast<T>(row[j * s]);
     vi[j] = fi[j] + off0;
   }
   for (int64_t ih = lo + d; ih < hi; ih += d) {
     row = x + ih * W + base;
     const T off = T(ih * W);
     for (int64_t j = 0; j < n; ++j) {
-      const T val = row[j * s];
+      const T val = static_cast<T>(row[j * s]);
       const bool take = (val > v[j]) | (val != val);
       v[j] = take ? val : v[j];
       vi[j] = take ? fi[j] + off : vi[j];
@@ -97,43 +98,43 @@ inline __attribute__((always_inline)) void horizontal_body(const T* __restrict__
   }
 }
 
-template <typename T>
+template <typename T, typename S>
 inline __attribute__((always_inline)) void store_body(const T* __restrict__ acc,
                                                       const T* __restrict__ acci, int64_t n,
-                                                      T* __restrict__ y, int64_t* __restrict__ yi) {
+                                                      S* __restrict__ y, int64_t* __restrict__ yi) {
   for (int64_t j = 0; j < n; ++j) {
-    y[j] = acc[j];
+    y[j] = static_cast<S>(acc[j]);
     yi[j] = static_cast<int64_t>(acci[j]);
   }
 }
 
-template <typename T>
-inline __attribute__((always_inline)) void vertical_any(const T* x, int64_t W, int64_t base,
+template <typename T, typename S>
+inline __attribute__((always_inline)) void vertical_any(const S* x, int64_t W, int64_t base,
                                                         int64_t s, int64_t n, int64_t lo,
                                                         int64_t hi, int64_t d, const T* fi, T* v,
                                                         T* vi) {
   if (s == 1)
-    vertical_body<T>(x, W, base, 1, n, lo, hi, d, fi, v, vi);
+    vertical_body<T, S>(x, W, base, 1, n, lo, hi, d, fi, v, vi);
   else if (s == 2)
-    vertical_body<T>(x, W, base, 2, n, lo, hi, d, fi, v, vi);
+    vertical_body<T, S>(x, W, base, 2, n, lo, hi, d, fi, v, vi);
   else
-    vertical_body<T>(x, W, base, s, n, lo, hi, d, fi, v, vi);
+    vertical_body<T, S>(x, W, base, s, n, lo, hi, d, fi, v, vi);
 }
 
 // The three row kernels compiled for one instruction set (ISA: a target attribute or
 // nothing) from the bodies above, which the compiler vectorises for it.
 #define CNNEXT_ROW_KERNEL_SET(NAME, ISA)                                                   \
-  template <typename T>                                                                    \
+  template <typename T, typename S>                                                        \
   struct NAME {                                                                            \
-    ISA static void vertical(const T* x, int64_t W, int64_t base, int64_t s, int64_t n,    \
+    ISA static void vertical(const S* x, int64_t W, int64_t base, int64_t s, int64_t n,    \
                              int64_t lo, int64_t hi, int64_t d, const T* fi, T* v, T* vi) { \
-      vertical_any<T>(x, W, base, s, n, lo, hi, d, fi, v, vi);                             \
+      vertical_any<T, S>(x, W, base, s, n, lo, hi, d, fi, v, vi);                          \
     }                                                                                      \
     ISA static void horizontal(const T* c, const T* ci, int64_t n, T* acc, T* acci) {      \
       horizontal_body<T>(c, ci, n, acc, acci);                                             \
     }                                                                                      \
-    ISA static void store(const T* acc, const T* acci, int64_t n, T* y, int64_t* yi) {     \
-      store_body<T>(acc, acci, n, y, yi);                                                  \
+    ISA static void store(const T* acc, const T* acci, int64_t n, S* y, int64_t* yi) {     \
+      store_body<T, S>(acc, acci, n, y, yi);                                               \
     }                                                                                      \
   };
 CNNEXT_ROW_KERNEL_SET(RowsBaseline, )
@@ -143,33 +144,36 @@ CNNEXT_ROW_KERNEL_SET(RowsAvx512, CNNEXT_TARGET("avx512f"))
 #endif
 #undef CNNEXT_ROW_KERNEL_SET
 
-// The row kernels of one call, for the widest instruction set cpu_features() allows.
-template <typename T>
+// The row kernels of one call, for the widest instruction set cpu_features() allows:
+// values of storage type S compared in T (float for float16 / bfloat16, which convert
+// exactly, so the maxima and indices are exact).
+template <typename T, typename S>
 struct RowKernels {
-  decltype(&RowsBaseline<T>::vertical) vertical = &RowsBaseline<T>::vertical;
-  decltype(&RowsBaseline<T>::horizontal) horizontal = &RowsBaseline<T>::horizontal;
-  decltype(&RowsBaseline<T>::store) store = &RowsBaseline<T>::store;
+  decltype(&RowsBaseline<T, S>::vertical) vertical = &RowsBaseline<T, S>::vertical;
+  decltype(&RowsBaseline<T, S>::horizontal) horizontal = &RowsBaseline<T, S>::horizontal;
+  decltype(&RowsBaseline<T, S>::store) store = &RowsBaseline<T, S>::store;
   RowKernels() {
 #if defined(__x86_64__) && defined(__GNUC__)
     const CpuFeatures& f = cpu_features();
     if (f.avx512f) {
-      vertical = &RowsAvx512<T>::vertical;
-      horizontal = &RowsAvx512<T>::horizontal;
-      store = &RowsAvx512<T>::store;
+      vertical = &RowsAvx512<T, S>::vertical;
+      horizontal = &RowsAvx512<T, S>::horizontal;
+      store = &RowsAvx512<T, S>::store;
     } else if (f.avx2) {
-      vertical = &RowsAvx2<T>::vertical;
-      horizontal = &RowsAvx2<T>::horizontal;
-      store = &RowsAvx2<T>::store;
+      vertical = &RowsAvx2<T, S>::vertical;
+      horizontal = &RowsAvx2<T, S>::horizontal;
+      store = &RowsAvx2<T, S>::store;
     }
 #endif
   }
 };
 
-template <typename T>
+template <typename S>
 void forward_nchw(const at::Tensor& input, const Pool2dParams& p, at::Tensor& out,
                   at::Tensor& idx) {
-  const T* x = input.const_data_ptr<T>();
-  T* y = out.mutable_data_ptr<T>();
+  using T = at::opmath_type<S>;  // the compare type (float for float16 / bfloat16)
+  const S* x = input.const_data_ptr<S>();
+  S* y = out.mutable_data_ptr<S>();
   int64_t* yi = idx.mutable_data_ptr<int64_t>();
   const Strides4 xs = strides_of(input);
   const int64_t planes = p.N * p.C, OHW = p.OH * p.OW;
@@ -178,7 +182,7 @@ void forward_nchw(const at::Tensor& input, const Pool2dParams& p, at::Tensor& ou
   const int64_t span = (p.OW - 1) * s + (p.KW - 1) * p.DW + 1;
   const int64_t L = (span + s - 1) / s + 1;  // entries per phase array
   const EmptyWindows empty(p);
-  const RowKernels<T> rk;
+  const RowKernels<T, S> rk;
   // Per phase r: entries j with iw = r + s * j - PW inside [0, W) are [jlo, jhi).
   std::vector<int64_t> jlo(s), jhi(s);
   for (int64_t r = 0; r < s; ++r) {
@@ -197,15 +201,15 @@ void forward_nchw(const at::Tensor& input, const Pool2dParams& p, at::Tensor& ou
       for (int64_t j = 0; j < L; ++j) fi[r * L + j] = T(r + s * j - p.PW);
     for (int64_t plane = begin; plane < end; ++plane) {
       const int64_t n = plane / p.C, c = plane % p.C;
-      const T* xp = x + n * xs.n + c * xs.c;
-      T* yp = y + plane * OHW;
+      const S* xp = x + n * xs.n + c * xs.c;
+      S* yp = y + plane * OHW;
       int64_t* ip = yi + plane * OHW;
       for (int64_t oh = 0; oh < p.OH; ++oh) {
-        T* yr = yp + oh * p.OW;
+        S* yr = yp + oh * p.OW;
         int64_t* ir = ip + oh * p.OW;
         if (empty.row_empty[oh]) {
           for (int64_t ow = 0; ow < p.OW; ++ow) {
-            yr[ow] = neg_inf<T>();
+            yr[ow] = neg_inf<S>();
             ir[ow] = empty.row_lo[oh] * p.W + empty.col_lo[ow];
           }
           continue;
@@ -336,8 +340,9 @@ void forward_channels_last(const at::Tensor& input, const Pool2dParams& p, at::T
   T* y = out.mutable_data_ptr<T>();
   int64_t* yi = idx.mutable_data_ptr<int64_t>();
   const Strides4 xs = strides_of(input);
-  const bool avx2 = cpu_features().avx2_fma();
-  const bool avx512 = max_pool2d_cl_avx512_ok(p);
+  constexpr bool kWide = std::is_same_v<T, float> || std::is_same_v<T, double>;
+  const bool avx2 = kWide && cpu_features().avx2_fma();
+  const bool avx512 = kWide && max_pool2d_cl_avx512_ok(p);
   (avx512 ? kClAvx512 : avx2 ? kClAvx2 : kClScalar).hit();
   at::parallel_for(0, p.N * p.OH, 1, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> off(p.KH * p.KW), id(p.KH * p.KW);
@@ -363,12 +368,16 @@ void forward_channels_last(const at::Tensor& input, const Pool2dParams& p, at::T
           }
           continue;
         }
-        if (avx512) {
-          for (int64_t t = 0; t < nt; ++t) id32[t] = static_cast<int32_t>(id[t]);
-          max_pool2d_cl_pixel_avx512(x + n * xs.n, p.C, off.data(), id32, nt, y + o, yi + o);
-          continue;
+        if constexpr (kWide) {
+          if (avx512) {
+            for (int64_t t = 0; t < nt; ++t) id32[t] = static_cast<int32_t>(id[t]);
+            max_pool2d_cl_pixel_avx512(x + n * xs.n, p.C, off.data(), id32, nt, y + o, yi + o);
+            continue;
+          }
+          cl_pixel<T>(avx2, x + n * xs.n, p.C, off.data(), id.data(), nt, y + o, yi + o);
+        } else {
+          cl_pixel_scalar<T>(x + n * xs.n, 0, p.C, off.data(), id.data(), nt, y + o, yi + o);
         }
-        cl_pixel<T>(avx2, x + n * xs.n, p.C, off.data(), id.data(), nt, y + o, yi + o);
       }
     }
   });
@@ -408,6 +417,22 @@ void forward_generic(const at::Tensor& input, const Pool2dParams& p, at::Tensor&
   });
 }
 
+// The AVX-512 rows kernel (float and double only): whether it ran.
+template <typename T>
+bool avx512_rows(const at::Tensor& input, const Pool2dParams& p, at::Tensor& out, at::Tensor& idx) {
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+    if (input.stride(3) == 1 && out.is_contiguous() &&
+        max_pool2d_nchw_avx512_ok(p, std::is_same_v<T, float>)) {
+      kAvx512Rows.hit();
+      max_pool2d_nchw_avx512(input.const_data_ptr<T>(), input.stride(0), input.stride(1),
+                             input.stride(2), p, out.mutable_data_ptr<T>(),
+                             idx.mutable_data_ptr<int64_t>());
+      return true;
+    }
+  }
+  return false;
+}
+
 bool is_nchw_rows(const at::Tensor& t) { return t.stride(3) == 1 && t.stride(2) == t.size(3); }
 
 }  // namespace
@@ -419,15 +444,11 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_forward(const at::Tensor& input,
   at::Tensor idx = at::empty({p.N, p.C, p.OH, p.OW},
                              input.options().dtype(at::kLong).memory_format(out_format));
   if (out.numel() == 0) return {out, idx};
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "cnnext_max_pool2d_forward", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "cnnext_max_pool2d_forward", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
     const bool index_exact =
-        p.H * p.W < (int64_t(1) << std::numeric_limits<scalar_t>::digits);
-    if (input.stride(3) == 1 && out.is_contiguous() &&
-        max_pool2d_nchw_avx512_ok(p, std::is_same_v<scalar_t, float>)) {
-      kAvx512Rows.hit();
-      max_pool2d_nchw_avx512(input.const_data_ptr<scalar_t>(), input.stride(0), input.stride(1),
-                             input.stride(2), p, out.mutable_data_ptr<scalar_t>(),
-                             idx.mutable_data_ptr<int64_t>());
+        p.H * p.W < (int64_t(1) << std::numeric_limits<opmath_t>::digits);
+    if (avx512_rows<scalar_t>(input, p, out, idx)) {
     } else if (is_nchw_rows(input) && out.is_contiguous() && index_exact &&
                p.SW <= p.W + 64 && (p.KW - 1) * p.DW <= p.W + 64) {
       // (forward_nchw's phase arrays hold about span + 2 * stride entries, span the
@@ -437,7 +458,7 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_forward(const at::Tensor& input,
       forward_nchw<scalar_t>(input, p, out, idx);
     } else if (out_format == at::MemoryFormat::ChannelsLast && input.stride(1) == 1 &&
                input.stride(3) == p.C && input.stride(2) == p.W * p.C &&
-               p.KH * p.KW < (int64_t(1) << std::numeric_limits<scalar_t>::digits)) {
+               p.KH * p.KW < (int64_t(1) << std::numeric_limits<opmath_t>::digits)) {
       forward_channels_last<scalar_t>(input, p, out, idx);
     } else {
       kGeneric.hit();

@@ -33,7 +33,7 @@ at::Tensor max_unpool2d_forward(const at::Tensor& input, const at::Tensor& indic
   if (out.numel() == 0 || input.numel() == 0) return out;
   const int64_t OHW = OH * OW;
   BadIndex bad;
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "cnnext_max_unpool2d", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "cnnext_max_unpool2d", [&] {
     const scalar_t* xp = input.const_data_ptr<scalar_t>();
     const int64_t* ip = indices.const_data_ptr<int64_t>();
     scalar_t* yp = out.mutable_data_ptr<scalar_t>();

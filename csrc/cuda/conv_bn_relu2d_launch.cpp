@@ -61,8 +61,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu2d_train_
   at::Tensor grad_conv = at::empty_like(conv_out);
   if (N * H * W == 0 || C == 0) {
     grad_conv.zero_();
-    at::Tensor z = at::zeros({C}, conv_out.options());
-    return {grad_conv, z, z.clone(), z.clone()};
+    const at::Tensor z = at::zeros({C}, mean.options());
+    return {grad_conv, z, z.clone(), at::zeros({C}, conv_out.options())};
   }
   const Strides4 s = strides_of(conv_out);
   const auto dt = dtype_of(conv_out);
@@ -78,10 +78,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu2d_train_
                                             N, C, H, W, s, mc.const_data_ptr(), vc.const_data_ptr(),
                                             gamma, sums.const_data_ptr(), eps,
                                             grad_conv.mutable_data_ptr(), current_stream()));
-  const auto dtype = conv_out.scalar_type();
-  // Copies (not views of sums, even when the dtypes agree): the outputs must not alias.
-  return {grad_conv, sums[0].to(dtype, false, true), sums[1].to(dtype, false, true),
-          channel_sum(grad_conv)};
+  // grad_bn_weight / grad_bn_bias in the statistics' dtype (float for float16 / bfloat16,
+  // as on the CPU). Copies, not views of sums: the outputs must not alias.
+  return {grad_conv, sums[0].clone(), sums[1].clone(), channel_sum(grad_conv)};
 }
 
 }  // namespace cuda

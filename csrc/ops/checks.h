@@ -19,18 +19,16 @@ inline std::string shape_str(at::IntArrayRef sizes) {
   return os.str();
 }
 
-// Floating dtypes each backend computes in.
+// Floating dtypes both backends compute in (float16 / bfloat16 accumulate in float).
 inline bool backend_supports(const at::Tensor& t) {
   const auto st = t.scalar_type();
-  if (st == at::kFloat || st == at::kDouble) return true;
-  return t.is_cuda() && (st == at::kHalf || st == at::kBFloat16);
+  return st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16;
 }
 
 inline void check_dtype_supported(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK_TYPE(backend_supports(t), op, ": expected ", name, " to be ",
-                   t.is_cuda() ? "float16, bfloat16, float32 or float64 on CUDA"
-                               : "float32 or float64 on CPU",
-                   ", got ", t.scalar_type(), " on ", t.device());
+  TORCH_CHECK_TYPE(backend_supports(t), op, ": expected ", name,
+                   " to be float16, bfloat16, float32 or float64, got ", t.scalar_type(), " on ",
+                   t.device());
 }
 
 // `other` must match `ref` (named ref_name) in dtype and device.

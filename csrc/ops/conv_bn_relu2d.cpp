@@ -37,13 +37,18 @@ void check_4d(const char* op, const char* name, const at::Tensor& t) {
                     t.dim(), "-D tensor of shape ", shape_str(t.sizes()));
 }
 
-// A per-channel vector: 1-D of size `channels`, on ref's device, of dtype `dtype`.
+// A per-channel vector: 1-D of size `channels`, on ref's device, of dtype `dtype` (or,
+// for the batch-norm parameters and running statistics of float16 / bfloat16 input,
+// stats_dtype(dtype) too: float32, as torch's batch_norm takes them, e.g. under autocast).
 void check_channel_vector(const char* op, const char* name, const at::Tensor& t,
-                          int64_t channels, const at::Tensor& ref, at::ScalarType dtype) {
+                          int64_t channels, const at::Tensor& ref, at::ScalarType dtype,
+                          bool or_stats_dtype = false) {
   TORCH_CHECK(t.device() == ref.device(), op, ": expected ", name,
               " to be on the same device as input (", ref.device(), "), got ", t.device());
-  TORCH_CHECK_TYPE(t.scalar_type() == dtype, op, ": expected ", name, " to have dtype ", dtype,
-                   ", got ", t.scalar_type());
+  const bool mixed = or_stats_dtype && stats_dtype(dtype) != dtype;
+  TORCH_CHECK_TYPE(t.scalar_type() == dtype || (mixed && t.scalar_type() == stats_dtype(dtype)),
+                   op, ": expected ", name, " to have dtype ", dtype,
+                   mixed ? " or float32" : "", ", got ", t.scalar_type());
   TORCH_CHECK(t.dim() == 1 && t.size(0) == channels, op, ": expected ", name,
               " to be 1-D of size out_channels = ", channels, ", got shape ",
               shape_str(t.sizes()));
@@ -62,9 +67,16 @@ Conv2dParams check_conv(const char* op, const at::Tensor& input, const at::Tenso
       make_params(op, input.sizes(), weight.sizes(), stride, padding, dilation, groups);
   const auto dt = input.scalar_type();
   if (auto b = opt(bias)) check_channel_vector(op, "bias", *b, p.O, input, dt);
-  if (auto b = opt(bn_weight)) check_channel_vector(op, "bn_weight", *b, p.O, input, dt);
-  if (auto b = opt(bn_bias)) check_channel_vector(op, "bn_bias", *b, p.O, input, dt);
+  if (auto b = opt(bn_weight)) check_channel_vector(op, "bn_weight", *b, p.O, input, dt, true);
+  if (auto b = opt(bn_bias)) check_channel_vector(op, "bn_bias", *b, p.O, input, dt, true);
   return p;
+}
+
+// The CUDA kernels read the batch-norm parameters in the input's dtype: float32 ones of
+// float16 / bfloat16 input are converted there (the CPU kernels read either).
+c10::optional<at::Tensor> for_backend(const c10::optional<at::Tensor>& t, const at::Tensor& input) {
+  if (!input.is_cuda() || !opt(t) || t->scalar_type() == input.scalar_type()) return t;
+  return t->to(input.scalar_type());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu2d_train(
@@ -80,8 +92,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu2d_train(
                     "torch.Size(", shape_str({p.N, p.O, p.OH, p.OW}),
                     ") (the convolution's output, which the batch norm normalises)");
   const auto fmt = layout_of({input, weight});
-  return CNNEXT_BACKEND(op, input, conv_bn_relu2d_train)(input, weight, bias, bn_weight, bn_bias,
-                                                         eps, p, fmt, relu);
+  return CNNEXT_BACKEND(op, input, conv_bn_relu2d_train)(input, weight, bias,
+                                                         for_backend(bn_weight, input),
+                                                         for_backend(bn_bias, input), eps, p, fmt,
+                                                         relu);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu2d_train_backward(
@@ -105,15 +119,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu2d_train_
   const auto sdt = stats_dtype(conv_out.scalar_type());
   check_channel_vector(op, "mean", mean, C, conv_out, sdt);
   check_channel_vector(op, "var", var, C, conv_out, sdt);
-  if (auto w = opt(bn_weight)) check_channel_vector(op, "bn_weight", *w, C, conv_out, conv_out.scalar_type());
+  if (auto w = opt(bn_weight))
+    check_channel_vector(op, "bn_weight", *w, C, conv_out, conv_out.scalar_type(), true);
   // The kernels read every output-shaped tensor in one dense layout: conv_out's.
   const auto fmt = layout_of({conv_out});
   const at::Tensor y = conv_out.contiguous(fmt);
   const at::Tensor g = grad_out.contiguous(fmt);
   const c10::optional<at::Tensor> od =
       (o && relu) ? c10::optional<at::Tensor>(o->contiguous(fmt)) : c10::nullopt;
-  return CNNEXT_BACKEND(op, y, conv_bn_relu2d_train_backward)(g, od, y, mean, var, bn_weight,
-                                                              eps, relu);
+  return CNNEXT_BACKEND(op, y, conv_bn_relu2d_train_backward)(g, od, y, mean, var,
+                                                              for_backend(bn_weight, y), eps,
+                                                              relu);
 }
 
 void batch_norm_update_stats_(at::Tensor& running_mean, at::Tensor& running_var,
@@ -161,8 +177,8 @@ at::Tensor conv_bn_relu2d_eval(const at::Tensor& input, const at::Tensor& weight
   const Conv2dParams p =
       check_conv(op, input, weight, bias, bn_weight, bn_bias, stride, padding, dilation, groups);
   const auto dt = input.scalar_type();
-  check_channel_vector(op, "running_mean", running_mean, p.O, input, dt);
-  check_channel_vector(op, "running_var", running_var, p.O, input, dt);
+  check_channel_vector(op, "running_mean", running_mean, p.O, input, dt, true);
+  check_channel_vector(op, "running_var", running_var, p.O, input, dt, true);
   const auto fmt = layout_of({input, weight});
   // Fold (per output channel, in float for half types): scale = bn_weight / sqrt(var + eps),
   // w' = w * scale, b' = (bias - running_mean) * scale + bn_bias.

@@ -1,0 +1,100 @@
+"""Interleaved medians of cnnext bfloat16 against stock bfloat16 and stock float32 on the
+CPU, for a shared, noisy machine: each round times every implementation once, in turn, so
+that a burst of load hits all of them alike; the median over rounds is reported with the
+ratios cnnext / stock-bf16 and cnnext / stock-fp32 and their geometric means.
+
+    python benchmarks/bf16_interleaved.py [--rounds 15] [--what forward|train|pool|all]
+"""
+import argparse
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import cnnext  # noqa: E402
+from test_bf16_bench import CONV3X3, POOL_SHAPES  # noqa: E402
+
+
+def conv_case(shape, train):
+    n, c, h, w, o, k, s, p = shape
+    g = torch.Generator().manual_seed(0)
+    x32, w32, b32 = torch.randn(n, c, h, w, generator=g), torch.randn(o, c, k, k, generator=g), torch.randn(o, generator=g)
+    impls = {}
+    for name, fn, dt in (("cnnext-bf16", cnnext.functional.conv2d, torch.bfloat16),
+                         ("torch-bf16", F.conv2d, torch.bfloat16), ("torch-fp32", F.conv2d, torch.float32)):
+        x, wt, b = (t.to(dt).requires_grad_(train) for t in (x32, w32, b32))
+        if train:
+            gy = torch.randn_like(fn(x, wt, b, s, p).detach())
+            impls[name] = (lambda fn=fn, x=x, wt=wt, b=b, gy=gy: torch.autograd.grad(fn(x, wt, b, s, p), (x, wt, b), gy))
+        else:
+            impls[name] = (lambda fn=fn, x=x, wt=wt, b=b: fn(x, wt, b, s, p))
+    return impls
+
+
+def pool_case(shape):
+    n, c, h, w, k, s, p = shape
+    x32 = torch.randn(n, c, h, w, generator=torch.Generator().manual_seed(0))
+    impls = {}
+    for name, fn, dt in (("cnnext-bf16", cnnext.functional.max_pool2d, torch.bfloat16),
+                         ("torch-bf16", F.max_pool2d, torch.bfloat16), ("torch-fp32", F.max_pool2d, torch.float32)):
+        x = x32.to(dt).requires_grad_()
+        gy = torch.randn_like(fn(x, k, s, p).detach())
+        impls[name + " fwd"] = (lambda fn=fn, x=x: fn(x.detach(), k, s, p, return_indices=True))
+        impls[name + " fwd+bwd"] = (lambda fn=fn, x=x, gy=gy: torch.autograd.grad(fn(x, k, s, p), (x,), gy))
+    return impls
+
+
+def measure(impls, rounds):
+    for f in impls.values():  # warm-up
+        f()
+    times = {k: [] for k in impls}
+    for _ in range(rounds):
+        for k, f in impls.items():
+            t = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--what", default="all", choices=["forward", "train", "pool", "all"])
+    a = ap.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, cnnext ISA {cnnext._C._cpu_isa()}")
+    kinds = ["forward", "train", "pool"] if a.what == "all" else [a.what]
+    with torch.no_grad():
+        pass
+    for kind in kinds:
+        r16, r32 = [], []
+        cases = POOL_SHAPES if kind == "pool" else CONV3X3
+        for name, shape in cases.items():
+            if kind == "pool":
+                med = measure(pool_case(shape), a.rounds)
+                for part in ("fwd", "fwd+bwd"):
+                    c, t16, t32 = (med[f"{impl} {part}"] for impl in ("cnnext-bf16", "torch-bf16", "torch-fp32"))
+                    r16.append(c / t16)
+                    r32.append(c / t32)
+                    print(f"pool {name:16s} {part:8s} cnnext {c * 1e3:8.2f} ms  torch-bf16 {t16 * 1e3:8.2f} ms  "
+                          f"torch-fp32 {t32 * 1e3:8.2f} ms  ratio/bf16 {c / t16:5.2f}  ratio/fp32 {c / t32:5.2f}")
+                continue
+            ctx = torch.no_grad() if kind == "forward" else torch.enable_grad()
+            with ctx:
+                med = measure(conv_case(shape, kind == "train"), a.rounds)
+            c, t16, t32 = med["cnnext-bf16"], med["torch-bf16"], med["torch-fp32"]
+            r16.append(c / t16)
+            r32.append(c / t32)
+            print(f"conv {kind:7s} {name:14s} cnnext {c * 1e3:8.2f} ms  torch-bf16 {t16 * 1e3:8.2f} ms  "
+                  f"torch-fp32 {t32 * 1e3:8.2f} ms  ratio/bf16 {c / t16:5.2f}  ratio/fp32 {c / t32:5.2f}")
+        gm = lambda v: math.exp(sum(map(math.log, v)) / len(v))  # noqa: E731
+        print(f"== {kind}: geomean cnnext/torch-bf16 {gm(r16):.2f}, cnnext/torch-fp32 {gm(r32):.2f}")
+
+
+if __name__ == "__main__":
+    main()

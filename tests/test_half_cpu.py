@@ -1,0 +1,381 @@
+"""float16 and bfloat16 on the CPU: every op against stock torch in the same dtype and
+against torch in float64 from the same rounded values (forward and every gradient).
+
+Tolerances (cnnext.testing.TOLERANCES["half_cpu"] and ["half_cpu_bn"]), as a fraction of
+the largest magnitude of the reference:
+- cnnext accumulates in float and rounds each output once, so against float64 its error
+  is the final rounding, at most the unit roundoff u of max |reference| (bfloat16
+  u = 2^-8 = 3.9e-3, float16 2^-11 = 4.9e-4), plus float accumulation error (~1e-6) and,
+  for conv_transpose2d with bias, a second rounding (the bias added to the rounded
+  convolution): bounds 1e-2 / 2e-3.
+- stock rounds once too (its accumulate type is float as well), but may sum in another
+  order: cnnext against stock is within the two roundings, 2u: the same bounds.
+- conv_bn_relu2d rounds the convolution's output to the half type before normalising it
+  (as stock's Conv2d -> BatchNorm2d does), and the normalisation magnifies that rounding
+  by max |conv_out - mean| / std: bounds 8e-2 / 2e-2 (as for CUDA's half types).
+- max pooling compares and copies: outputs and indices bit-exact against stock.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import cnnext
+import cnnext.functional as cf
+from cnnext.testing import TOLERANCES, assert_close_to_reference, to_layout
+
+HALF = [torch.bfloat16, torch.float16]
+RTOL = TOLERANCES["half_cpu"]
+RTOL_BN = TOLERANCES["half_cpu_bn"]
+LAYOUTS = ["contiguous", "channels_last", "sliced"]
+
+
+def _leaves(dtype, layout, *tensors):
+    """Each float64 tensor rounded to dtype, as a leaf requiring grad (the first in `layout`),
+    and the float64 copies of the rounded values, also leaves."""
+    half, wide = [], []
+    for i, t in enumerate(tensors):
+        h = t.to(dtype)
+        if i == 0:
+            h = to_layout(h, layout)
+        half.append(h.detach().requires_grad_())
+        wide.append(h.detach().double().requires_grad_())
+    return half, wide
+
+
+def _run(fn, leaves, gy_seed=1):
+    out = fn(*leaves)
+    g = torch.Generator().manual_seed(gy_seed)
+    gy = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.dtype)
+    grads = torch.autograd.grad(out, leaves, gy)
+    return [out.detach(), *grads]
+
+
+def _compare(ours_fn, stock_fn, dtype, layout, tensors, rtol, what):
+    (ours_in, wide_in) = _leaves(dtype, layout, *tensors)
+    stock_in, _ = _leaves(dtype, layout, *tensors)
+    ours = _run(ours_fn, ours_in)
+    stock = _run(stock_fn, stock_in)
+    ref = _run(stock_fn, wide_in)
+    names = ["output"] + [f"grad_{i}" for i in range(len(tensors))]
+    for name, a, s, r in zip(names, ours, stock, ref):
+        assert a.dtype == dtype, f"{what} {name}: dtype {a.dtype}"
+        assert a.shape == s.shape, f"{what} {name}: shape"
+        assert_close_to_reference(a, r, rtol, f"{what} {name} vs float64")
+        assert_close_to_reference(a, s.double(), rtol + _stock_error(s, r), f"{what} {name} vs stock {dtype}")
+    return ours, stock
+
+
+def _stock_error(stock, ref):
+    """Stock's own error against float64, relative to max |ref|: some of its float16 paths
+    (depthwise, the input gradient) round partial sums to float16, up to ~2.5e-3. cnnext
+    within rtol of float64 is then within rtol + that of stock."""
+    scale = max(ref.abs().max().item(), 1e-30) if ref.numel() else 1.0
+    return (stock.double() - ref).abs().max().item() / scale if ref.numel() else 0.0
+
+
+CONV = [
+    # input shape, weight shape, stride, padding, dilation, groups
+    ((2, 8, 12, 11), (16, 8, 3, 3), 1, 1, 1, 1),
+    ((2, 6, 9, 9), (12, 3, 3, 2), 2, (1, 0), (1, 2), 2),
+    ((1, 32, 7, 7), (32, 32, 1, 1), 1, 0, 1, 1),
+    ((3, 4, 10, 10), (4, 1, 5, 5), 1, 2, 1, 4),   # depthwise
+    ((1, 1, 28, 28), (6, 1, 5, 5), 1, 0, 1, 1),   # LeNet's first layer
+]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("cfg", range(len(CONV)))
+def test_conv2d(cfg, dtype, layout):
+    xs, ws, s, p, d, g = CONV[cfg]
+    gen = torch.Generator().manual_seed(cfg)
+    x, w, b = (torch.randn(sh, generator=gen, dtype=torch.float64) for sh in (xs, ws, (ws[0],)))
+    _compare(lambda x, w, b: cf.conv2d(x, w, b, s, p, d, g), lambda x, w, b: F.conv2d(x, w, b, s, p, d, g),
+             dtype, layout, (x, w, b), RTOL[dtype], "conv2d")
+
+
+CONVT = [
+    ((2, 8, 6, 5), (8, 6, 3, 3), 2, 1, 1, 1, 1),
+    ((1, 6, 7, 7), (6, 2, 4, 3), (2, 1), (1, 0), (1, 0), 3, (1, 2)),
+]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("cfg", range(len(CONVT)))
+def test_conv_transpose2d(cfg, dtype, layout):
+    xs, ws, s, p, op, g, d = CONVT[cfg]
+    gen = torch.Generator().manual_seed(cfg)
+    x, w, b = (torch.randn(sh, generator=gen, dtype=torch.float64) for sh in (xs, ws, (ws[1] * g,)))
+    _compare(lambda x, w, b: cf.conv_transpose2d(x, w, b, s, p, op, g, d),
+             lambda x, w, b: F.conv_transpose2d(x, w, b, s, p, op, g, d), dtype, layout, (x, w, b), RTOL[dtype],
+             "conv_transpose2d")
+
+
+POOL = [
+    ((2, 3, 9, 8), dict(kernel_size=3, stride=2, padding=1)),
+    ((1, 4, 8, 8), dict(kernel_size=2)),
+    ((2, 16, 7, 7), dict(kernel_size=(2, 3), stride=(1, 2), ceil_mode=True)),
+    ((1, 2, 20, 20), dict(kernel_size=3, stride=1, dilation=2)),
+]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("cfg", range(len(POOL)))
+def test_max_pool2d_exact(cfg, dtype, layout):
+    """Outputs and indices bit-exact against stock in the same dtype (ties and a NaN
+    included); the gradient within rounding of stock (bit-exact where windows do not
+    overlap: each input then receives at most one gradient)."""
+    shape, kw = POOL[cfg]
+    gen = torch.Generator().manual_seed(cfg)
+    x = (2 * torch.randn(shape, generator=gen, dtype=torch.float64)).round() / 2  # many ties
+    xh = to_layout(x.to(dtype), layout)
+    with torch.no_grad():
+        xh[0, 0, 1, 1] = float("nan")
+    out, idx = cf.max_pool2d(xh, return_indices=True, **kw)
+    ref, ref_idx = F.max_pool2d(xh, return_indices=True, **kw)
+    assert out.dtype == dtype
+    assert torch.equal(out.view(torch.int16), ref.view(torch.int16)) or torch.equal(out.isnan(), ref.isnan()) and \
+        torch.equal(out.nan_to_num(), ref.nan_to_num())
+    assert torch.equal(idx, ref_idx)
+    x = x.nan_to_num()
+    ours, stock = _compare(lambda t: cf.max_pool2d(t, **kw), lambda t: F.max_pool2d(t, **kw), dtype, layout, (x,),
+                           RTOL[dtype], "max_pool2d")
+    if kw.get("stride", kw["kernel_size"]) == kw["kernel_size"]:
+        assert torch.equal(ours[1], stock[1])
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("cfg", range(len(POOL)))
+def test_avg_pool2d(cfg, dtype, layout):
+    shape, kw = POOL[cfg]
+    kw = {k: v for k, v in kw.items() if k != "dilation"}
+    gen = torch.Generator().manual_seed(cfg)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64)
+    _compare(lambda t: cf.avg_pool2d(t, **kw), lambda t: F.avg_pool2d(t, **kw), dtype, layout, (x,), RTOL[dtype],
+             "avg_pool2d")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("out_size", [1, (3, 2), 5])
+def test_adaptive_avg_pool2d(out_size, dtype, layout):
+    x = torch.randn(2, 8, 9, 7, dtype=torch.float64)
+    _compare(lambda t: cf.adaptive_avg_pool2d(t, out_size), lambda t: F.adaptive_avg_pool2d(t, out_size), dtype,
+             layout, (x,), RTOL[dtype], "adaptive_avg_pool2d")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_max_unpool2d(dtype, layout):
+    """Unpooling copies: bit-exact against stock, and so is its gradient (a gather)."""
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64).to(dtype)
+    _, idx = F.max_pool2d(x, 2, return_indices=True)
+    y = to_layout(torch.randn(idx.shape, dtype=torch.float64).to(dtype), layout).requires_grad_()
+    ours = cf.max_unpool2d(y, idx, 2)
+    ref = F.max_unpool2d(y, idx, 2)
+    assert ours.dtype == dtype and torch.equal(ours, ref)
+    gu = torch.randn(ours.shape, dtype=torch.float64).to(dtype)
+    assert torch.equal(torch.autograd.grad(ours, y, gu)[0], torch.autograd.grad(ref, y, gu)[0])
+
+
+def _bn_pair(dtype, cin=6, cout=10, bn_dtype=None):
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU())
+    with torch.no_grad():
+        ref[1].weight.uniform_(0.5, 1.5)
+        ref[1].bias.uniform_(-0.5, 0.5)
+        ref[1].running_mean.uniform_(-0.5, 0.5)
+        ref[1].running_var.uniform_(0.5, 1.5)
+    ours = cnnext.nn.ConvBNReLU2d(cin, cout, 3, padding=1)
+    ours.load_state_dict(ref.state_dict())
+    return ref.to(dtype), ours.to(dtype)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_conv_bn_relu2d(dtype, training, layout):
+    """The fused op in the half type (parameters and buffers too) against the stock triple
+    in the same dtype and in float64: output, grad_input, every parameter's gradient, and
+    the running statistics (kept in the half type, as stock keeps them)."""
+    ref, ours = _bn_pair(dtype)
+    wide, _ = _bn_pair(torch.float64)
+    wide.load_state_dict({k: v.double() for k, v in ref.state_dict().items()})
+    for m in (ref, ours, wide):
+        m.train(training)
+    x = torch.randn(4, 6, 9, 8, dtype=torch.float64)
+    results = []
+    for m, dt in ((ours, dtype), (ref, dtype), (wide, torch.float64)):
+        xi = to_layout(x.to(dtype).to(dt), layout).requires_grad_()
+        out = m(xi)
+        gy = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dt)
+        params = [m[0].weight, m[0].bias, m[1].weight, m[1].bias]  # ConvBNReLU2d is (conv, bn) too
+        grads = torch.autograd.grad(out, [xi, *params], gy)
+        buffers = [m[1].running_mean, m[1].running_var]
+        results.append([out.detach(), *grads, *[b.clone() for b in buffers]])
+    names = ["output", "grad_input", "grad_weight", "grad_bias", "grad_bn_weight", "grad_bn_bias", "running_mean",
+             "running_var"]
+    for name, a, s, r in zip(names, *results):
+        assert a.dtype == s.dtype, f"{name}: dtype {a.dtype} != stock's {s.dtype}"
+        if name == "grad_bias" and training:
+            continue  # zero up to rounding (the batch mean removes it), in every implementation
+        assert_close_to_reference(a, s.double(), RTOL_BN[dtype], f"{name} vs stock {dtype}")
+        assert_close_to_reference(a, r, RTOL_BN[dtype], f"{name} vs float64")
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_conv_bn_relu2d_float32_bn_parameters(dtype):
+    """Half input and weight with float32 bn_weight, bn_bias and running statistics (what
+    autocast hands the op): accepted, statistics and running statistics float32, the BN
+    parameters' gradients float32, everything within rounding of float64."""
+    gen = torch.Generator().manual_seed(3)
+    x, w, b = (torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in ((2, 3, 6, 6), (5, 3, 3, 3),
+                                                                                       (5,)))
+    gamma = (torch.rand(5, generator=gen) + 0.5).requires_grad_()
+    beta = torch.randn(5, generator=gen).requires_grad_()
+    rm, rv = torch.zeros(5), torch.ones(5)
+    xl, wl = x.requires_grad_(), w.requires_grad_()
+    out = cf.conv_bn_relu2d(xl, wl, b, gamma, beta, rm, rv, True, 0.1, 1e-5, 1, 1)
+    assert out.dtype == dtype and rm.dtype == torch.float32
+    gg, gb = torch.autograd.grad(out.float().sum(), (gamma, beta))
+    assert gg.dtype == torch.float32 and gb.dtype == torch.float32
+    xd, wd = x.detach().double().requires_grad_(), w.detach().double()
+    gd, bd = gamma.detach().double().requires_grad_(), beta.detach().double().requires_grad_()
+    rmd, rvd = torch.zeros(5, dtype=torch.float64), torch.ones(5, dtype=torch.float64)
+    want = F.relu(F.batch_norm(F.conv2d(xd, wd, b.double(), 1, 1), rmd, rvd, gd, bd, True, 0.1, 1e-5))
+    assert_close_to_reference(out, want, RTOL_BN[dtype], "output")
+    wg, wb = torch.autograd.grad(want.sum(), (gd, bd))
+    assert_close_to_reference(gg, wg, RTOL_BN[dtype], "grad_bn_weight")
+    assert_close_to_reference(gb, wb, RTOL_BN[dtype], "grad_bn_bias")
+    assert_close_to_reference(rm, rmd, 1e-3, "running_mean")
+    assert_close_to_reference(rv, rvd, 1e-3, "running_var")
+    # eval with the float32 statistics
+    ev = cf.conv_bn_relu2d(x.detach(), w.detach(), b, gamma.detach(), beta.detach(), rm, rv, False, 0.1, 1e-5, 1, 1)
+    want = F.relu(F.batch_norm(F.conv2d(x.double(), w.double(), b.double(), 1, 1), rm.double(), rv.double(),
+                               gamma.detach().double(), beta.detach().double(), False, 0.1, 1e-5))
+    assert ev.dtype == dtype
+    assert_close_to_reference(ev, want, RTOL_BN[dtype], "eval output")
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_fake_kernels_give_torch_dtypes(dtype):
+    """Under FakeTensorMode every op's output has the dtype its eager CPU run gives."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def calls(x, w, gamma):
+        ops = torch.ops.cnnext
+        out, conv_out, mean, var = ops.conv_bn_relu2d_train(x, w, None, gamma, None, 1e-5, [1, 1], [1, 1], [1, 1],
+                                                            1, True)
+        back = ops.conv_bn_relu2d_train_backward(out, out, conv_out, mean, var, gamma, 1e-5, True)
+        pooled, idx = ops.max_pool2d_with_indices(x, [2, 2], [2, 2], [0, 0], [1, 1], False)
+        return [ops.conv2d(x, w, None, [1, 1], [0, 0], [1, 1], 1), out, conv_out, mean, var, *back, pooled, idx,
+                ops.avg_pool2d(x, [2, 2], [2, 2], [0, 0], False, True, None),
+                ops.adaptive_avg_pool2d(x, [3, 3]),
+                ops.max_unpool2d(pooled, idx, [6, 6]),
+                ops.conv_transpose2d(x, w.transpose(0, 1).contiguous(), None, [1, 1], [0, 0], [0, 0], 1, [1, 1])]
+
+    args = (torch.randn(2, 3, 6, 6).to(dtype), torch.randn(4, 3, 3, 3).to(dtype), torch.rand(4) + 0.5)
+    eager = calls(*args)
+    with FakeTensorMode() as mode:
+        fake = calls(*(mode.from_tensor(a) for a in args))
+    for i, (e, f) in enumerate(zip(eager, fake)):
+        assert (e.dtype, e.shape) == (f.dtype, f.shape), f"result {i}: eager {e.dtype} {tuple(e.shape)}, fake {f.dtype}"
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_opcheck(dtype):
+    x = torch.randn(2, 3, 7, 7).to(dtype)
+    w = torch.randn(4, 3, 3, 3).to(dtype)
+    torch.library.opcheck(torch.ops.cnnext.conv2d, (x, w, None, [1, 1], [1, 1], [1, 1], 1))
+    torch.library.opcheck(torch.ops.cnnext.max_pool2d_with_indices, (x, [2, 2], [2, 2], [0, 0], [1, 1], False))
+    torch.library.opcheck(torch.ops.cnnext.avg_pool2d, (x, [3, 3], [2, 2], [1, 1], False, True, None))
+
+
+def test_other_dtypes_still_raise():
+    with pytest.raises(TypeError, match=r"conv2d: expected input to be float16, bfloat16, float32 or float64, "
+                                        r"got Int on cpu"):
+        cf.conv2d(torch.ones(1, 1, 3, 3, dtype=torch.int32), torch.ones(1, 1, 1, 1, dtype=torch.int32))
+    with pytest.raises(TypeError, match="expected weight to have the same dtype as input"):
+        cf.conv2d(torch.ones(1, 1, 3, 3, dtype=torch.bfloat16), torch.ones(1, 1, 1, 1))
+    with pytest.raises(TypeError, match=r"expected bn_weight to have dtype BFloat16 or float32, got Double"):
+        cf.conv_bn_relu2d(torch.ones(2, 1, 3, 3, dtype=torch.bfloat16), torch.ones(1, 1, 1, 1, dtype=torch.bfloat16),
+                          None, torch.ones(1, dtype=torch.float64), None, None, None, True)
+
+
+def _has_avx512_bf16():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "avx512_bf16" in f.read() and cnnext._C._cpu_isa() == "avx512"
+    except OSError:
+        return False
+
+
+GEMM = [
+    # input, weight, stride, padding, dilation, groups: the shapes the vdpbf16ps GEMM takes,
+    # panels with tails (pixels not a multiple of 32, channels not of 8, odd K)
+    ((2, 16, 14, 14), (24, 16, 3, 3), 1, 1, 1, 1),
+    ((1, 3, 33, 35), (5, 3, 7, 7), 2, 3, 1, 1),       # a stem: stride 2 (the gathered panels), odd K
+    ((2, 8, 7, 7), (16, 4, 3, 3), 1, (2, 0), (2, 1), 2),
+    ((1, 32, 9, 40), (8, 32, 1, 1), 1, 0, 1, 1),      # 1x1, rows longer than a panel
+    ((3, 5, 4, 3), (7, 5, 2, 2), 1, 0, 1, 1),         # panels spanning many short rows
+]
+
+
+@pytest.mark.skipif(not _has_avx512_bf16(), reason="needs a CPU with AVX512_BF16")
+@pytest.mark.parametrize("relu_bias", [False, True])
+@pytest.mark.parametrize("cfg", range(len(GEMM)))
+def test_bf16_gemm_path(cfg, relu_bias):
+    """The vdpbf16ps GEMM runs (path counter) and is within one rounding of float64 (the
+    float sums of exact bfloat16 products: ~1e-6 before the final rounding to 2^-8)."""
+    from cnnext._paths import expect_path
+
+    xs, ws, s, p, d, g = GEMM[cfg]
+    gen = torch.Generator().manual_seed(cfg)
+    x, w, b = (torch.randn(sh, generator=gen).bfloat16() for sh in (xs, ws, (ws[0],)))
+    with expect_path("conv2d.fwd.bf16_gemm"):
+        if relu_bias:  # the fused op's eval path: bias and ReLU in the GEMM's epilogue
+            out = torch.ops.cnnext.conv_bn_relu2d_eval(x, w, b, None, None, torch.zeros(ws[0]),
+                                                        torch.ones(ws[0]) - 1e-5, 1e-5, list(torch.nn.modules.utils._pair(s)),
+                                                        list(torch.nn.modules.utils._pair(p)),
+                                                        list(torch.nn.modules.utils._pair(d)), g, True)
+        else:
+            out = cf.conv2d(x, w, None, s, p, d, g)
+    want = F.conv2d(x.double(), w.double(), b.double() if relu_bias else None, s, p, d, g)
+    if relu_bias:
+        want = want.relu()
+    assert out.dtype == torch.bfloat16
+    assert_close_to_reference(out, want, 5e-3, "bf16 GEMM vs float64")
+    assert_close_to_reference(out, F.conv2d(x, w, b if relu_bias else None, s, p, d, g).double().clamp_min(
+        0 if relu_bias else -float("inf")), 1e-2, "bf16 GEMM vs stock bf16")
+
+
+def test_bf16_without_avx512_bf16():
+    """CNNEXT_CPU_ISA=avx2 (no AVX512_BF16): the bfloat16 convolution runs the float
+    fallback, within rounding of float64, and the GEMM path does not run."""
+    import os
+    import subprocess
+    import sys
+
+    script = """
+import torch, torch.nn.functional as F, cnnext
+from cnnext import _C
+assert _C._cpu_isa() == "avx2", _C._cpu_isa()
+g = torch.Generator().manual_seed(0)
+x, w = torch.randn(2, 16, 14, 14, generator=g).bfloat16(), torch.randn(24, 16, 3, 3, generator=g).bfloat16()
+before = _C._path_counts()["conv2d.fwd.bf16_gemm"]
+y = cnnext.functional.conv2d(x, w, None, 1, 1)
+assert _C._path_counts()["conv2d.fwd.bf16_gemm"] == before
+want = F.conv2d(x.double(), w.double(), None, 1, 1)
+err = (y.double() - want).abs().max().item() / want.abs().max().item()
+assert y.dtype == torch.bfloat16 and err <= 5e-3, err
+print("ok")
+"""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(cnnext.__file__)))
+    out = subprocess.run([sys.executable, "-c", script], cwd=root, env=dict(os.environ, CNNEXT_CPU_ISA="avx2"),
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[-1] == "ok"
