@@ -16,6 +16,7 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu/conv2d_winograd.h"
 #include "cpu/sgemm.h"
 #include "paths.h"
 
@@ -571,6 +572,11 @@ void input_backward(const float* gy, const Strides4& gs, const float* w, float* 
     q.OW = p.W;
     q.PH = p.DH * (p.KH - 1) - p.PH;
     q.PW = p.DW * (p.KW - 1) - p.PW;
+    // Winograd reads the weight flipped and transposed in place: element (c, o, t) of the
+    // flipped weight is w[o][c][8 - t].
+    if (const int m = winograd::choose_tile(q)) {
+      if (winograd::forward(gy, gs, w + 8, 9, Cg * 9, -1, nullptr, nullptr, gx, xs, q, false, m)) return;
+    }
     // w' transposed per group: wf[g][(o, t)][c] = w[g Og + o][c][taps - 1 - t], read in order.
     float* wf = scratch(2, p.C * Og * taps);
     run_items(p.O, [&](int64_t go) {
