@@ -337,7 +337,7 @@ WINO_TARGET bool output_transform(const float* mbuf, int64_t m_size, const Conv2
       }
     }
   }
-  return (bad & tl.valid) == 0 || tc == 0;
+  return bad == 0;  // lanes past the tiles hold the bias only
 }
 
 template <int M>
@@ -402,13 +402,26 @@ bool forward_m(const float* x, const Strides4& xs, const float* w, int64_t wso, 
 
 #endif  // CNNEXT_WINO_AVX512
 
-// Element-wise work (multiply-adds of the GEMMs) and the transforms' traffic decide; the
-// thresholds were measured on this machine (Zen 4, 2 cores; see docs/DESIGN.md).
+// The choice by shape. The machine these were written on was too busy (6 users on 2
+// cores) for timings to separate tiles reliably, so the choice follows the element-wise
+// stage's multiply count, GEMM padding included: (m + 2)^2 * (tiles rounded up to a
+// panel of 32) per channel pair against 9 * N * OH * OW for the GEMM path, with 20% of
+// margin for the transforms. F(2x2) (error ~20x smaller) is kept unless F(4x4) saves
+// 20% more. Thin layers (< 16 channels in or out) keep the GEMM: their transforms cost
+// as much as the products. F(6x6) is never chosen: on the deep layers its error
+// (1.5e-5 of max |y| on 256 x 14 x 14) leaves too little room under the 2e-5 promise.
+int64_t wino_cost(const Conv2dParams& p, int m) {
+  const int64_t tiles = p.N * ceil_div(p.OH, m) * ceil_div(p.OW, m);
+  return int64_t(m + 2) * (m + 2) * round_up(tiles, kNR);
+}
+
 int tile_for(const Conv2dParams& p) {
   if (p.C < 16 || p.O < 16) return 0;
-  if (p.OH < 4 || p.OW < 4) return 0;
-  if (p.OH * p.OW >= 24 * 24) return 4;
-  return 4;
+  const int64_t direct = 9 * p.N * p.OH * p.OW;
+  const int64_t c2 = wino_cost(p, 2), c4 = wino_cost(p, 4);
+  const int m = 10 * c4 < 8 * c2 ? 4 : 2;
+  const int64_t cost = m == 4 ? c4 : c2;
+  return 12 * cost <= 10 * direct ? m : 0;
 }
 
 }  // namespace
@@ -436,9 +449,7 @@ int choose_tile(const Conv2dParams& p) {
   if (p.N == 0 || p.OH <= 0 || p.OW <= 0 || p.C == 0 || p.O == 0) return 0;
   const int forced = forced_tile();
   if (forced > 0) return forced;
-  const int m = tile_for(p);
-  if (forced < 0) return m ? 4 : 0;
-  return m;
+  return tile_for(p);
 #else
   (void)p;
   return 0;

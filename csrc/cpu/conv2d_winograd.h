@@ -33,8 +33,8 @@ bool enabled();
 void set_enabled(bool on);
 
 // A tile override for tests and measurements: 0 = chosen by shape (the default), 2 / 4 / 6
-// forces that tile wherever Winograd applies at all (3 x 3, stride 1, ...), whatever the
-// size thresholds say; -1 = the size thresholds decide whether, F(4x4) always.
+// forces that tile wherever Winograd applies at all (3 x 3, stride 1, dilation 1, one
+// group, float32, NCHW output), whatever the shape's choice says.
 void set_forced_tile(int m);
 int forced_tile();
 
