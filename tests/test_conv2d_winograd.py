@@ -19,6 +19,13 @@ WINO = list(TILES.values())
 pytestmark = pytest.mark.skipif(not _C._winograd_available(), reason="Winograd runs on AVX-512 CPUs only")
 
 
+@pytest.fixture(autouse=True)
+def _winograd_on():
+    """Winograd is off by default for now (cnnext/backends/cpu.py): on for these tests."""
+    with cpu_backend.flags(winograd=True):
+        yield
+
+
 @pytest.fixture
 def tile():
     """Forces a tile (2, 4, 6) wherever Winograd applies; restored after the test."""
@@ -81,7 +88,7 @@ def test_n_zero_and_switch(tile):
     with cpu_backend.flags(winograd=False):
         assert cpu_backend.winograd is False
         y_off, paths = ran(lambda: conv2d(x, wt, None, 1, 1))
-    assert cpu_backend.winograd is True
+    assert cpu_backend.winograd is True  # restored to the fixture's setting
     assert not paths & set(WINO) and "conv2d.fwd.sgemm" in paths
     cpu_backend.winograd = False
     try:

@@ -1,6 +1,7 @@
 """Switches of the CPU kernels.
 
-``winograd`` (bool, default True): float32 3x3 convolutions with stride 1, dilation 1 and
+``winograd`` (bool, default False until the gradient discrepancy of the ResNet-18
+float32 parity test, tests/test_models.py, is understood; see docs/DESIGN.md): float32 3x3 convolutions with stride 1, dilation 1 and
 one group (forward, the input gradient, and the stride-1 transposed convolution) run as
 Winograd F(m x m, 3 x 3) convolutions where the shape pays (see docs/DESIGN.md, "CPU
 Winograd"). Its error stays within 2e-5 * max|y| of the exact result on the classic
@@ -62,3 +63,7 @@ class _Module(types.ModuleType):
 
 
 sys.modules[__name__].__class__ = _Module
+
+# Off by default for now: with it on, tests/test_models.py::test_parity_float32[resnet18]
+# finds a 3e-2 gradient discrepancy (every single layer checks out alone).
+_C._set_winograd(False)
