@@ -145,6 +145,7 @@ setup(
     # data for `train`) is installed apart, with `pip install --no-deps torchvision==...`
     # (see README.md), so that pip never swaps torch.
     extras_require={"test": ["pytest", "hypothesis", "pytest-benchmark", "pillow"],
-                    "train": ["tqdm", "matplotlib", "scikit-learn"]},
+                    "train": ["tqdm", "matplotlib", "scikit-learn"],
+                    "bench": ["tqdm", "matplotlib", "pytest-benchmark"]},
     zip_safe=False,
 )

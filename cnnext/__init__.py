@@ -13,6 +13,7 @@ from . import _max_pool  # noqa: F401  (max pooling: fake kernels)
 from . import _conv_bn_relu  # noqa: F401  (conv_bn_relu2d: fake kernels)
 from . import _vmap  # noqa: F401  (batching rules for torch.vmap and torch.func)
 from . import functional, nn
+from . import backends  # noqa: F401  (cnnext.backends.cpu: the Winograd switch)
 from . import models  # noqa: E402  (after nn: the networks are built from it)
 from ._convert import ConvertWarning, convert, revert
 from .fuse import FuseReport, FuseWarning, fuse

@@ -1,4 +1,4 @@
-"""python -m cnnext [check | summary NAME | info | train NET | --version]"""
+"""python -m cnnext [check | summary NAME | info | train NET | bench [--full] | --version]"""
 import argparse
 import json
 import sys
@@ -31,6 +31,9 @@ def main(argv=None):
     from .train.cli import add_parser as add_train_parser
 
     train = add_train_parser(sub)
+    from .bench import add_parser as add_bench_parser
+
+    add_bench_parser(sub)
     args = ap.parse_args(argv)
     if args.cmd == "train":
         from .train.cli import run as run_train
@@ -43,8 +46,12 @@ def main(argv=None):
         print(f"cnnext {cnnext.__version__} (torch {cnnext.build_info()['torch_runtime']})")
         return 0
     if args.cmd is None:
-        ap.error("expected a command: check, summary or info")
+        ap.error("expected a command: check, summary, info, train or bench")
 
+    if args.cmd == "bench":
+        from .bench import main as run_bench
+
+        return run_bench(args)
     if args.cmd == "info":
         print(json.dumps(cnnext.build_info(), indent=2))
         return 0

@@ -3,8 +3,10 @@
 // eager entries to the ops (cnnext._C.eager, csrc/eager.cpp) and the test-only entries
 // (csrc/test_hooks.cpp: kernel-path counters, the CPU vector layer).
 #include <torch/extension.h>
+#include <pybind11/stl.h>
 #include <torch/version.h>
 
+#include "cpu/conv2d_winograd.h"
 #include "eager.h"
 #include "test_hooks.h"
 
@@ -43,6 +45,16 @@ pybind11::dict build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "cnnext kernels; the ops live in torch.ops.cnnext";
   m.def("build_info", &build_info, "How this extension was built.");
+  // The CPU Winograd switch and its weight cache (cnnext.backends.cpu).
+  namespace wino = cnnext::cpu::winograd;
+  m.def("_set_winograd", &wino::set_enabled);
+  m.def("_get_winograd", &wino::enabled);
+  m.def("_set_winograd_tile", &wino::set_forced_tile);
+  m.def("_get_winograd_tile", &wino::forced_tile);
+  m.def("_winograd_cache_info", [] { return std::make_pair(wino::cache_entries(), wino::cache_bytes()); });
+  m.def("_clear_winograd_cache", &wino::clear_cache);
+  m.def("_winograd_available", &wino::available);
+  m.def("_winograd_allowed_tiles", &wino::allowed_tiles);
   cnnext::bind_eager(m);
   cnnext::bind_test_hooks(m);
 }

@@ -14,9 +14,17 @@ import torch
 import torch.nn.functional as F
 
 import cnnext
+import cnnext.backends.cpu
 from cnnext._paths import expect_path
 from cnnext.functional import conv2d, conv_bn_relu2d
 from conftest import assert_close_scaled, to_layout
+
+
+@pytest.fixture(autouse=True)
+def _gemm_paths():
+    """These cases target the GEMM paths: Winograd (tests/test_conv2d_winograd.py) off."""
+    with cnnext.backends.cpu.flags(winograd=False):
+        yield
 
 # name: (N, C, H, W, O, kernel, stride, padding, dilation, groups)
 CASES = {

@@ -19,6 +19,7 @@
 #include "cpu/half.h"
 #include "tensors.h"
 #include "cpu/conv2d_sgemm.h"
+#include "cpu/conv2d_winograd.h"
 #include "cpu/sgemm.h"
 #include "paths.h"
 
@@ -314,6 +315,9 @@ void conv2d_forward_rows(const at::Tensor& input, const at::Tensor& weight,
   const Bands bands = pointwise ? Bands{p.OH, 1} : bands_for(p);
   const Strides4 xs = strides_of(input);
   if (use_sgemm(input) && !use_direct_sgemm(p) && out_format == at::MemoryFormat::Contiguous) {
+    if (winograd::forward_tensor(input, weight, has_bias ? b.const_data_ptr<float>() : nullptr, out, p,
+                                 relu, rows_done))
+      return;
     kFwdSgemm.hit();
     conv_sgemm::forward(input.const_data_ptr<float>(), xs, w.const_data_ptr<float>(),
                         has_bias ? b.const_data_ptr<float>() : nullptr,

@@ -16,6 +16,7 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu/conv2d_winograd.h"
 #include "cpu/sgemm.h"
 #include "paths.h"
 
@@ -546,11 +547,26 @@ void forward_impl(const float* x, const Strides4& xs, const float* w, bool w_t, 
   });
 }
 
+// The stride-1 input gradient as a forward convolution of gy (see input_backward).
+Conv2dParams as_forward(const Conv2dParams& p) {
+  Conv2dParams q = p;
+  q.C = p.O;
+  q.H = p.OH;
+  q.W = p.OW;
+  q.O = p.C;
+  q.OH = p.H;
+  q.OW = p.W;
+  q.PH = p.DH * (p.KH - 1) - p.PH;
+  q.PW = p.DW * (p.KW - 1) - p.PW;
+  return q;
+}
+
 bool input_backward_overwrites(const Conv2dParams& p) {
+  if (!(p.SH == 1 && p.SW == 1 && p.PH <= p.DH * (p.KH - 1) && p.PW <= p.DW * (p.KW - 1))) return false;
   // Its columns (O x KH x KW by H x W) must not outnumber col2im's (C x KH x KW by OH x OW)
-  // by much: LeNet's 6 -> 16 channels, 14x14 -> 10x10 stays with col2im.
-  return p.SH == 1 && p.SW == 1 && p.PH <= p.DH * (p.KH - 1) && p.PW <= p.DW * (p.KW - 1) &&
-         4 * p.O * p.H * p.W <= 5 * p.C * p.OH * p.OW;
+  // by much: LeNet's 6 -> 16 channels, 14x14 -> 10x10 stays with col2im. Winograd has no
+  // columns: it takes every shape it applies to.
+  return 4 * p.O * p.H * p.W <= 5 * p.C * p.OH * p.OW || winograd::choose_tile(as_forward(p)) != 0;
 }
 
 void input_backward(const float* gy, const Strides4& gs, const float* w, float* gx,
@@ -562,15 +578,12 @@ void input_backward(const float* gy, const Strides4& gs, const float* w, float* 
     // Stride 1: gx is the convolution of gy, padded by d (k - 1) - p, with the weight
     // flipped in space and transposed in channels (w'[g Cg + c][o][kh][kw] =
     // w[g Og + o][c][KH - 1 - kh][KW - 1 - kw]): a forward, which overwrites gx, no col2im.
-    Conv2dParams q = p;
-    q.C = p.O;
-    q.H = p.OH;
-    q.W = p.OW;
-    q.O = p.C;
-    q.OH = p.H;
-    q.OW = p.W;
-    q.PH = p.DH * (p.KH - 1) - p.PH;
-    q.PW = p.DW * (p.KW - 1) - p.PW;
+    const Conv2dParams q = as_forward(p);
+    // Winograd reads the weight flipped and transposed in place: element (c, o, t) of the
+    // flipped weight is w[o][c][8 - t].
+    if (const int m = winograd::choose_tile(q)) {
+      if (winograd::forward(gy, gs, w + 8, 9, Cg * 9, -1, nullptr, nullptr, gx, xs, q, false, m)) return;
+    }
     // w' transposed per group: wf[g][(o, t)][c] = w[g Og + o][c][taps - 1 - t], read in order.
     float* wf = scratch(2, p.C * Og * taps);
     run_items(p.O, [&](int64_t go) {

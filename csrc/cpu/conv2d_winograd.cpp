@@ -1,0 +1,626 @@
+// See conv2d_winograd.h. Transform matrices (Toom-Cook, interpolation points 0, +-1, +-2,
+// +-1/2 and infinity, generated exactly with rational arithmetic):
+//   F(2x2, 3x3): points 0, 1, -1        F(4x4, 3x3): 0, 1, -1, 2, -2
+//   F(6x6, 3x3): 0, 1, -1, 2, -2, 1/2, -1/2
+// The transforms run 16 tiles (input, output) or 16 (channel, output-channel) pairs
+// (weight) per AVX-512 vector: gathers from the padded input, scatters into the output.
+#include "cpu/conv2d_winograd.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/intrusive_ptr.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <list>
+#include <mutex>
+#include <vector>
+
+#include "cpu/cpu_features.h"
+#include "cpu/sgemm.h"
+#include "paths.h"
+#include "tensors.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(CNNEXT_NO_AVX512)
+#include <immintrin.h>
+#define CNNEXT_WINO_AVX512 1
+#endif
+
+namespace cnnext {
+namespace cpu {
+namespace winograd {
+namespace {
+
+CNNEXT_PATH(kF2, "conv2d.winograd.f2x2");
+CNNEXT_PATH(kF4, "conv2d.winograd.f4x4");
+CNNEXT_PATH(kF6, "conv2d.winograd.f6x6");
+CNNEXT_PATH(kNonFinite, "conv2d.winograd.nonfinite_fallback");
+CNNEXT_PATH(kCacheHit, "conv2d.winograd.weight_cache_hit");
+CNNEXT_PATH(kCacheMiss, "conv2d.winograd.weight_cache_miss");
+
+std::atomic<bool> g_enabled{true};
+std::atomic<int> g_forced{0};
+
+using sgemm::kMR;
+using sgemm::kNR;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
+template <int M>
+struct Mat;
+
+template <>
+struct Mat<2> {
+  static constexpr int A = 4;
+  static constexpr float BT[4][4] = {{-1, 0, 1, 0}, {0, 1, 1, 0}, {0, -1, 1, 0}, {0, -1, 0, 1}};
+  static constexpr float G[4][3] = {{-1, 0, 0}, {0.5f, 0.5f, 0.5f}, {0.5f, -0.5f, 0.5f}, {0, 0, 1}};
+  static constexpr float AT[2][4] = {{1, 1, 1, 0}, {0, 1, -1, 1}};
+};
+
+template <>
+struct Mat<4> {
+  static constexpr int A = 6;
+  static constexpr float BT[6][6] = {{4, 0, -5, 0, 1, 0},  {0, -4, -4, 1, 1, 0}, {0, 4, -4, -1, 1, 0},
+                                     {0, -2, -1, 2, 1, 0}, {0, 2, -1, -2, 1, 0}, {0, 4, 0, -5, 0, 1}};
+  static constexpr float G[6][3] = {{1.f / 4, 0, 0},
+                                    {-1.f / 6, -1.f / 6, -1.f / 6},
+                                    {-1.f / 6, 1.f / 6, -1.f / 6},
+                                    {1.f / 24, 1.f / 12, 1.f / 6},
+                                    {1.f / 24, -1.f / 12, 1.f / 6},
+                                    {0, 0, 1}};
+  static constexpr float AT[4][6] = {
+      {1, 1, 1, 1, 1, 0}, {0, 1, -1, 2, -2, 0}, {0, 1, 1, 4, 4, 0}, {0, 1, -1, 8, -8, 1}};
+};
+
+template <>
+struct Mat<6> {
+  static constexpr int A = 8;
+  static constexpr float BT[8][8] = {
+      {-1, 0, 21.f / 4, 0, -21.f / 4, 0, 1, 0},      {0, 1, 1, -17.f / 4, -17.f / 4, 1, 1, 0},
+      {0, -1, 1, 17.f / 4, -17.f / 4, -1, 1, 0},     {0, 0.5f, 0.25f, -2.5f, -1.25f, 2, 1, 0},
+      {0, -0.5f, 0.25f, 2.5f, -1.25f, -2, 1, 0},     {0, 2, 4, -2.5f, -5, 0.5f, 1, 0},
+      {0, -2, 4, 2.5f, -5, -0.5f, 1, 0},             {0, -1, 0, 21.f / 4, 0, -21.f / 4, 0, 1}};
+  static constexpr float G[8][3] = {{-1, 0, 0},
+                                    {-2.f / 9, -2.f / 9, -2.f / 9},
+                                    {-2.f / 9, 2.f / 9, -2.f / 9},
+                                    {1.f / 90, 1.f / 45, 2.f / 45},
+                                    {1.f / 90, -1.f / 45, 2.f / 45},
+                                    {32.f / 45, 16.f / 45, 8.f / 45},
+                                    {32.f / 45, -16.f / 45, 8.f / 45},
+                                    {0, 0, 1}};
+  static constexpr float AT[6][8] = {{1, 1, 1, 1, 1, 1, 1, 0},
+                                     {0, 1, -1, 2, -2, 0.5f, -0.5f, 0},
+                                     {0, 1, 1, 4, 4, 0.25f, 0.25f, 0},
+                                     {0, 1, -1, 8, -8, 0.125f, -0.125f, 0},
+                                     {0, 1, 1, 16, 16, 0.0625f, 0.0625f, 0},
+                                     {0, 1, -1, 32, -32, 0.03125f, -0.03125f, 1}};
+};
+
+// Scratch of the calling thread, kept between calls: slot 0 the per-item V and M
+// buffers, slot 1 the padded input, slot 2 the transformed weight of an uncached call.
+float* scratch(int slot, int64_t elems) {
+  thread_local std::vector<char> mem[3];
+  std::vector<char>& m = mem[slot];
+  const size_t bytes = size_t(std::max<int64_t>(elems, 1)) * sizeof(float) + 64;
+  if (m.size() < bytes) m.resize(bytes);
+  const uintptr_t ptr = reinterpret_cast<uintptr_t>(m.data());
+  return reinterpret_cast<float*>((ptr + 63) & ~uintptr_t(63));
+}
+
+// fn(i) for i in [0, count), over the threads when there are several items.
+template <typename Fn>
+void run_items(int64_t count, const Fn& fn) {
+  if (count <= 0) return;
+  if (count == 1 || at::get_num_threads() == 1) {
+    for (int64_t i = 0; i < count; ++i) fn(i);
+    return;
+  }
+  at::parallel_for(0, count, 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) fn(i);
+  });
+}
+
+#ifdef CNNEXT_WINO_AVX512
+
+#define WINO_TARGET __attribute__((target("avx512f,fma")))
+
+// sum_k c[k] * v[k * stride] with the constants folded at compile time (zero terms
+// skipped, +-1 as an add / subtract); every loop here has constant bounds and unrolls.
+template <int N>
+WINO_TARGET inline __m512 lin(const float (&c)[N], const __m512* v, int stride) {
+  __m512 acc = _mm512_setzero_ps();
+  bool first = true;
+#pragma GCC unroll 8
+  for (int k = 0; k < N; ++k) {
+    const float ck = c[k];
+    if (ck == 0.f) continue;
+    const __m512 x = v[k * stride];
+    if (first) {
+      acc = ck == 1.f ? x : ck == -1.f ? _mm512_sub_ps(_mm512_setzero_ps(), x) : _mm512_mul_ps(_mm512_set1_ps(ck), x);
+      first = false;
+    } else if (ck == 1.f) {
+      acc = _mm512_add_ps(acc, x);
+    } else if (ck == -1.f) {
+      acc = _mm512_sub_ps(acc, x);
+    } else {
+      acc = _mm512_fmadd_ps(_mm512_set1_ps(ck), x, acc);
+    }
+  }
+  return acc;
+}
+
+// U[xi] (packed A: panels of kMR output channels over K = C) for output-channel panels
+// [p0, p1): 16 lanes = 2 input channels x 8 output channels of one panel.
+template <int M>
+WINO_TARGET void weight_panels(const float* w, int64_t wso, int64_t wsc, int64_t wst, int64_t O,
+                               int64_t C, int64_t p0, int64_t p1, float* u) {
+  using T = Mat<M>;
+  constexpr int A = T::A;
+  const int64_t u_size = round_up(O, kMR) * C;
+  alignas(64) int32_t lane_off[16];
+  for (int64_t pn = p0; pn < p1; ++pn) {
+    for (int64_t c0 = 0; c0 < C; c0 += 2) {
+      __mmask16 valid = 0;
+      for (int l = 0; l < 16; ++l) {
+        const int64_t o = pn * kMR + l % 8, c = c0 + l / 8;
+        const bool ok = o < O && c < C;
+        lane_off[l] = ok ? int32_t(o * wso + c * wsc) : 0;
+        if (ok) valid |= __mmask16(1u << l);
+      }
+      const __m512i idx = _mm512_load_si512(lane_off);
+      __m512 g[9];
+#pragma GCC unroll 9
+      for (int t = 0; t < 9; ++t)
+        g[t] = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), valid, idx, w + t * wst, 4);
+      // tmp[i][k] = sum_j G[i][j] g[j][k] (rows of the kernel), then U[i][l] = sum_k tmp[i][k] G[l][k].
+      __m512 tmp[A * 3];
+#pragma GCC unroll 8
+      for (int i = 0; i < A; ++i)
+#pragma GCC unroll 3
+        for (int k = 0; k < 3; ++k) tmp[i * 3 + k] = lin<3>(T::G[i], g + k, 3);
+      const __mmask16 st = c0 + 1 < C ? __mmask16(0xFFFF) : __mmask16(0x00FF);
+      float* dst = u + pn * kMR * C + c0 * kMR;
+#pragma GCC unroll 8
+      for (int i = 0; i < A; ++i)
+#pragma GCC unroll 8
+        for (int l = 0; l < A; ++l)
+          _mm512_mask_storeu_ps(dst + (i * A + l) * u_size, st, lin<3>(T::G[l], tmp + i * 3, 1));
+    }
+  }
+}
+
+struct Layout {
+  int64_t tH, tW, T;  // tiles per column, per row, in all
+  int64_t Hq, Wq;     // the padded input's planes
+};
+
+// Zero-padded input planes (n, c) of Hq x Wq: element (i, j) = x[n, c, i - PH, j - PW].
+void pad_planes(const float* x, const Strides4& xs, const Conv2dParams& p, const Layout& L,
+                float* xp) {
+  const int64_t plane = L.Hq * L.Wq;
+  run_items(p.N * p.C, [&](int64_t nc) {
+    const int64_t n = nc / p.C, c = nc % p.C;
+    float* dst = xp + nc * plane;
+    const float* src = x + n * xs.n + c * xs.c;
+    for (int64_t i = 0; i < L.Hq; ++i) {
+      float* d = dst + i * L.Wq;
+      const int64_t h = i - p.PH;
+      if (h < 0 || h >= p.H) {
+        std::fill(d, d + L.Wq, 0.f);
+        continue;
+      }
+      const int64_t w0 = std::min(p.PW, L.Wq), w1 = std::min(L.Wq, p.PW + p.W);
+      std::fill(d, d + w0, 0.f);
+      const float* s = src + h * xs.h;
+      if (xs.w == 1) {
+        std::copy(s, s + (w1 - w0), d + w0);
+      } else {
+        for (int64_t j = w0; j < w1; ++j) d[j] = s[(j - p.PW) * xs.w];
+      }
+      std::fill(d + w1, d + L.Wq, 0.f);
+    }
+  });
+}
+
+// Per lane of the 16 tiles [t0, t0 + 16): the offset of its top-left input in the padded
+// input (from sample 0, channel 0), the offset of its first output (n, oh0, ow0) in y
+// (channel 0), its first output row and column; lanes past `tend` are invalid.
+struct TileLanes {
+  alignas(64) int32_t in[16];
+  alignas(64) int32_t out[16];
+  alignas(64) int32_t oh[16];
+  alignas(64) int32_t ow[16];
+  __mmask16 valid;
+};
+
+void tile_lanes(int64_t t0, int64_t tend, int m, const Conv2dParams& p, const Layout& L,
+                const Strides4& ys, TileLanes* tl) {
+  const int64_t plane = L.Hq * L.Wq, TS = L.tH * L.tW;
+  tl->valid = 0;
+  for (int l = 0; l < 16; ++l) {
+    const int64_t t = t0 + l;
+    if (t >= tend) {
+      tl->in[l] = tl->out[l] = 0;
+      tl->oh[l] = tl->ow[l] = int32_t(1) << 30;
+      continue;
+    }
+    const int64_t n = t / TS, th = (t % TS) / L.tW, tw = t % L.tW;
+    tl->in[l] = int32_t(n * p.C * plane + th * m * L.Wq + tw * m);
+    tl->out[l] = int32_t(n * ys.n + th * m * ys.h + tw * m * ys.w);
+    tl->oh[l] = int32_t(th * m);
+    tl->ow[l] = int32_t(tw * m);
+    tl->valid |= __mmask16(1u << l);
+  }
+}
+
+// V[xi] for the tiles [t0, t0 + tc) (tc rounded up to kNR, the padding tiles zero) in
+// packed-B panels: V + xi * v_size + (t / kNR) * C * kNR + c * kNR + t % kNR.
+template <int M>
+WINO_TARGET void input_transform(const float* xp, const Conv2dParams& p, const Layout& L,
+                                 const Strides4& ys, int64_t t0, int64_t tc, float* v,
+                                 int64_t v_size) {
+  using T = Mat<M>;
+  constexpr int A = T::A;
+  const int64_t plane = L.Hq * L.Wq, tcp = round_up(tc, kNR);
+  TileLanes tl;
+  for (int64_t tg = 0; tg < tcp; tg += 16) {
+    tile_lanes(t0 + tg, t0 + tc, M, p, L, ys, &tl);
+    const __m512i idx = _mm512_load_si512(tl.in);
+    float* vbase = v + (tg / kNR) * p.C * kNR + tg % kNR;
+    for (int64_t c = 0; c < p.C; ++c) {
+      const float* src = xp + c * plane;
+      __m512 tmp[A * A];  // tmp[r][j] = sum_s d[r][s] B[s][j] = sum_s BT[j][s] d[r][s]
+#pragma GCC unroll 8
+      for (int r = 0; r < A; ++r) {
+        __m512 d[A];
+#pragma GCC unroll 8
+        for (int s = 0; s < A; ++s)
+          d[s] = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), tl.valid, idx, src + r * L.Wq + s, 4);
+#pragma GCC unroll 8
+        for (int j = 0; j < A; ++j) tmp[r * A + j] = lin<A>(T::BT[j], d, 1);
+      }
+      float* dst = vbase + c * kNR;
+#pragma GCC unroll 8
+      for (int i = 0; i < A; ++i)
+#pragma GCC unroll 8
+        for (int j = 0; j < A; ++j) _mm512_storeu_ps(dst + (i * A + j) * v_size, lin<A>(T::BT[i], tmp + j, A));
+    }
+  }
+}
+
+// y for output channels [o0, o0 + ob) and tiles [t0, t0 + tc) from M (M + xi * m_size +
+// (o - o0) * tc + (t - t0)), plus bias, then ReLU. Returns false when a value is not finite.
+template <int M>
+WINO_TARGET bool output_transform(const float* mbuf, int64_t m_size, const Conv2dParams& p,
+                                  const Layout& L, const Strides4& ys, int64_t t0, int64_t tc,
+                                  int64_t o0, int64_t ob, const float* bias, bool relu, float* y) {
+  using T = Mat<M>;
+  constexpr int A = T::A;
+  TileLanes tl;
+  __mmask16 bad = 0;
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t tg = 0; tg < tc; tg += 16) {
+    tile_lanes(t0 + tg, t0 + tc, M, p, L, ys, &tl);
+    const __m512i oidx = _mm512_load_si512(tl.out);
+    const __m512i ohv = _mm512_load_si512(tl.oh), owv = _mm512_load_si512(tl.ow);
+    __mmask16 rowok[M], colok[M];
+#pragma GCC unroll 8
+    for (int i = 0; i < M; ++i) {
+      rowok[i] = _mm512_cmplt_epi32_mask(_mm512_add_epi32(ohv, _mm512_set1_epi32(i)), _mm512_set1_epi32(int32_t(p.OH)));
+      colok[i] = _mm512_cmplt_epi32_mask(_mm512_add_epi32(owv, _mm512_set1_epi32(i)), _mm512_set1_epi32(int32_t(p.OW)));
+    }
+    for (int64_t o = 0; o < ob; ++o) {
+      const float* src = mbuf + o * tc + tg;
+      __m512 mv[A * A];
+#pragma GCC unroll 64
+      for (int x = 0; x < A * A; ++x) mv[x] = _mm512_maskz_loadu_ps(tl.valid, src + x * m_size);
+      __m512 tmp[M * A];  // tmp[i][b] = sum_a AT[i][a] M[a][b]
+#pragma GCC unroll 8
+      for (int i = 0; i < M; ++i)
+#pragma GCC unroll 8
+        for (int b = 0; b < A; ++b) tmp[i * A + b] = lin<A>(T::AT[i], mv + b, A);
+      const __m512 bv = _mm512_set1_ps(bias ? bias[o0 + o] : 0.f);
+      float* yo = y + (o0 + o) * ys.c;
+#pragma GCC unroll 8
+      for (int i = 0; i < M; ++i) {
+#pragma GCC unroll 8
+        for (int j = 0; j < M; ++j) {
+          __m512 val = lin<A>(T::AT[j], tmp + i * A, 1);
+          if (bias) val = _mm512_add_ps(val, bv);
+          const __m512 dz = _mm512_sub_ps(val, val);  // NaN exactly where val is not finite
+          bad |= _mm512_cmp_ps_mask(dz, dz, _CMP_UNORD_Q);
+          if (relu) val = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(val, zero, _CMP_LT_OQ), val, zero);
+          const __mmask16 st = tl.valid & rowok[i] & colok[j];
+          _mm512_mask_i32scatter_ps(yo + i * ys.h + j * ys.w, st, oidx, val, 4);
+        }
+      }
+    }
+  }
+  return bad == 0;  // lanes past the tiles hold the bias only
+}
+
+template <int M>
+bool forward_m(const float* x, const Strides4& xs, const float* w, int64_t wso, int64_t wsc,
+               int64_t wst, const float* u, const float* bias, float* y, const Strides4& ys,
+               const Conv2dParams& p, bool relu) {
+  constexpr int A = Mat<M>::A;
+  Layout L;
+  L.tH = ceil_div(p.OH, M);
+  L.tW = ceil_div(p.OW, M);
+  L.T = p.N * L.tH * L.tW;
+  L.Hq = L.tH * M + 2;
+  L.Wq = L.tW * M + 2;
+  const int64_t plane = L.Hq * L.Wq;
+  // 32-bit gather / scatter offsets.
+  const int64_t lim = int64_t(1) << 31;
+  if (p.N * p.C * plane + 2 * L.Wq + 2 >= lim) return false;
+  const int64_t y_extent = (p.N - 1) * ys.n + (p.O - 1) * ys.c + (p.OH - 1) * ys.h + (p.OW - 1) * ys.w;
+  if (y_extent >= lim || p.O * p.C * 9 >= lim) return false;
+  const int64_t T_threads = at::get_num_threads();
+
+  // The transformed weight.
+  const int64_t u_size = round_up(p.O, kMR) * p.C;
+  if (!u) {
+    float* ub = scratch(2, int64_t(A) * A * u_size);
+    transform_weight(w, wso, wsc, wst, p.O, p.C, M, ub);
+    u = ub;
+  }
+  float* xp = scratch(1, p.N * p.C * plane);
+  pad_planes(x, xs, p, L, xp);
+
+  // Chunks of tiles (a multiple of kNR) sized so V and M of a chunk stay near 1 MiB; then
+  // blocks of output channels when the chunks are too few for the threads. The split
+  // changes which item computes an element, never how: results do not depend on it.
+  const int64_t budget = int64_t(1) << 18;  // floats
+  int64_t tc = round_up(std::max<int64_t>(kNR, budget / (int64_t(A) * A * (p.C + p.O))), kNR);
+  tc = std::min<int64_t>(tc, std::max<int64_t>(kNR, std::min<int64_t>(256, round_up(L.T, kNR))));
+  int64_t chunks = ceil_div(L.T, tc);
+  int64_t ob = p.O;
+  if (chunks < 2 * T_threads) {
+    const int64_t want = std::min(ceil_div(2 * T_threads, chunks), ceil_div(p.O, 32));
+    ob = round_up(ceil_div(p.O, std::max<int64_t>(want, 1)), kMR);
+  }
+  const int64_t oblocks = ceil_div(p.O, ob);
+  const int64_t tcp = round_up(tc, kNR);
+  const int64_t v_size = tcp * p.C, m_size = ob * tc;
+  std::atomic<bool> ok{true};
+  run_items(chunks * oblocks, [&](int64_t item) {
+    const int64_t chunk = item / oblocks, o0 = (item % oblocks) * ob;
+    const int64_t t0 = chunk * tc, n_t = std::min(tc, L.T - t0), n_o = std::min(ob, p.O - o0);
+    float* v = scratch(0, int64_t(A) * A * (v_size + m_size));
+    float* mb = v + int64_t(A) * A * v_size;
+    input_transform<M>(xp, p, L, ys, t0, n_t, v, v_size);
+    for (int xi = 0; xi < A * A; ++xi)
+      sgemm::gemm(u + xi * u_size + o0 * p.C, v + xi * v_size, n_o, n_t, p.C, mb + xi * m_size, n_t,
+                  false, nullptr, false);
+    if (!output_transform<M>(mb, m_size, p, L, ys, t0, n_t, o0, n_o, bias, relu, y))
+      ok.store(false, std::memory_order_relaxed);
+  });
+  return ok.load();
+}
+
+#endif  // CNNEXT_WINO_AVX512
+
+// The choice by shape. The machine these were written on was too busy (6 users on 2
+// cores) for timings to separate tiles reliably, so the choice follows the element-wise
+// stage's multiply count, GEMM padding included: (m + 2)^2 * (tiles rounded up to a
+// panel of 32) per channel pair against 9 * N * OH * OW for the GEMM path, with 20% of
+// margin for the transforms. F(2x2) (error ~20x smaller) is kept unless F(4x4) saves
+// 20% more. Thin layers (< 16 channels in or out) keep the GEMM: their transforms cost
+// as much as the products. F(6x6) is never chosen: on the deep layers its error
+// (1.5e-5 of max |y| on 256 x 14 x 14) leaves too little room under the 2e-5 promise.
+int64_t wino_cost(const Conv2dParams& p, int m) {
+  const int64_t tiles = p.N * ceil_div(p.OH, m) * ceil_div(p.OW, m);
+  return int64_t(m + 2) * (m + 2) * round_up(tiles, kNR);
+}
+
+int tile_for(const Conv2dParams& p) {
+  if (p.C < 16 || p.O < 16) return 0;
+  const int64_t direct = 9 * p.N * p.OH * p.OW;
+  const int64_t c2 = wino_cost(p, 2), c4 = wino_cost(p, 4);
+  const int m = 10 * c4 < 8 * c2 ? 4 : 2;
+  const int64_t cost = m == 4 ? c4 : c2;
+  return 12 * cost <= 10 * direct ? m : 0;
+}
+
+}  // namespace
+
+bool enabled() { return g_enabled.load(std::memory_order_relaxed); }
+void set_enabled(bool on) { g_enabled.store(on, std::memory_order_relaxed); }
+void set_forced_tile(int m) { g_forced.store(m, std::memory_order_relaxed); }
+int forced_tile() { return g_forced.load(std::memory_order_relaxed); }
+
+bool available() {
+#ifdef CNNEXT_WINO_AVX512
+  return sgemm::available();
+#else
+  return false;
+#endif
+}
+
+std::vector<int> allowed_tiles() { return {2, 4}; }
+
+int choose_tile(const Conv2dParams& p) {
+#ifdef CNNEXT_WINO_AVX512
+  if (!enabled() || !sgemm::available()) return 0;
+  if (p.KH != 3 || p.KW != 3 || p.SH != 1 || p.SW != 1 || p.DH != 1 || p.DW != 1 || p.G != 1)
+    return 0;
+  if (p.N == 0 || p.OH <= 0 || p.OW <= 0 || p.C == 0 || p.O == 0) return 0;
+  const int forced = forced_tile();
+  if (forced > 0) return forced;
+  return tile_for(p);
+#else
+  (void)p;
+  return 0;
+#endif
+}
+
+int64_t transformed_weight_size(int64_t O, int64_t C, int m) {
+  return int64_t(m + 2) * (m + 2) * round_up(O, kMR) * C;
+}
+
+void transform_weight(const float* w, int64_t wso, int64_t wsc, int64_t wst, int64_t O, int64_t C,
+                      int m, float* u) {
+#ifdef CNNEXT_WINO_AVX512
+  const int64_t panels = ceil_div(O, kMR);
+  const int64_t per = std::max<int64_t>(1, ceil_div(panels, 4 * at::get_num_threads()));
+  run_items(ceil_div(panels, per), [&](int64_t b) {
+    const int64_t p0 = b * per, p1 = std::min(panels, p0 + per);
+    if (m == 2) weight_panels<2>(w, wso, wsc, wst, O, C, p0, p1, u);
+    if (m == 4) weight_panels<4>(w, wso, wsc, wst, O, C, p0, p1, u);
+    if (m == 6) weight_panels<6>(w, wso, wsc, wst, O, C, p0, p1, u);
+  });
+#else
+  (void)w, (void)wso, (void)wsc, (void)wst, (void)O, (void)C, (void)m, (void)u;
+#endif
+}
+
+bool forward(const float* x, const Strides4& xs, const float* w, int64_t wso, int64_t wsc,
+             int64_t wst, const float* u, const float* bias, float* y, const Strides4& ys,
+             const Conv2dParams& p, bool relu, int m) {
+#ifdef CNNEXT_WINO_AVX512
+  bool ok = false;
+  if (m == 2) {
+    kF2.hit();
+    ok = forward_m<2>(x, xs, w, wso, wsc, wst, u, bias, y, ys, p, relu);
+  } else if (m == 4) {
+    kF4.hit();
+    ok = forward_m<4>(x, xs, w, wso, wsc, wst, u, bias, y, ys, p, relu);
+  } else if (m == 6) {
+    kF6.hit();
+    ok = forward_m<6>(x, xs, w, wso, wsc, wst, u, bias, y, ys, p, relu);
+  }
+  if (!ok) kNonFinite.hit();
+  return ok;
+#else
+  (void)x, (void)xs, (void)w, (void)wso, (void)wsc, (void)wst, (void)u, (void)bias, (void)y;
+  (void)ys, (void)p, (void)relu, (void)m;
+  return false;
+#endif
+}
+
+// ---- the transformed-weight cache ----
+namespace {
+
+struct Entry {
+  c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> impl;
+  const c10::TensorImpl* key;
+  uint32_t version;
+  const void* data;
+  int64_t O, C;
+  int m;
+  at::Tensor u;
+};
+
+constexpr int64_t kCacheBudget = int64_t(256) << 20;  // bytes
+
+struct Cache {
+  std::mutex mu;
+  std::list<Entry> entries;  // most recently used first
+  int64_t bytes = 0;
+};
+
+Cache& cache() {
+  static Cache* c = new Cache();  // never destroyed: no order problems at exit
+  return *c;
+}
+
+int64_t entry_bytes(const Entry& e) { return e.u.defined() ? e.u.numel() * int64_t(sizeof(float)) : 0; }
+
+}  // namespace
+
+int64_t cache_entries() {
+  std::lock_guard<std::mutex> lock(cache().mu);
+  return int64_t(cache().entries.size());
+}
+
+int64_t cache_bytes() {
+  std::lock_guard<std::mutex> lock(cache().mu);
+  return cache().bytes;
+}
+
+void clear_cache() {
+  std::lock_guard<std::mutex> lock(cache().mu);
+  cache().entries.clear();
+  cache().bytes = 0;
+}
+
+namespace {
+
+// The transformed weight of `weight` (O, C, 3, 3 float32) for tile m, from the cache or
+// computed (and cached). Inference tensors (no version counter) are not cached.
+at::Tensor cached_weight(const at::Tensor& weight, const Conv2dParams& p, int m) {
+  const int64_t size = transformed_weight_size(p.O, p.C, m);
+  const at::Tensor wc = weight.contiguous();
+  auto compute = [&](at::Tensor u) {
+    if (!u.defined()) u = at::empty({size}, weight.options());
+    transform_weight(wc.const_data_ptr<float>(), p.C * 9, 9, 1, p.O, p.C, m, u.mutable_data_ptr<float>());
+    return u;
+  };
+  if (weight.is_inference()) return compute(at::Tensor());
+  const c10::TensorImpl* key = weight.unsafeGetTensorImpl();
+  const uint32_t version = weight.unsafeGetTensorImpl()->version_counter().current_version();
+  const void* data = weight.const_data_ptr();
+  Cache& c = cache();
+  at::Tensor reuse;
+  {
+    std::lock_guard<std::mutex> lock(c.mu);
+    for (auto it = c.entries.begin(); it != c.entries.end();) {
+      if (it->impl.expired()) {  // a weight gone: drop its entry
+        c.bytes -= entry_bytes(*it);
+        it = c.entries.erase(it);
+        continue;
+      }
+      if (it->key == key && it->O == p.O && it->C == p.C && it->m == m) {
+        if (it->version == version && it->data == data) {
+          kCacheHit.hit();
+          c.entries.splice(c.entries.begin(), c.entries, it);
+          return it->u;
+        }
+        // Stale (the weight changed): recompute, into its buffer when no call holds it.
+        if (it->u.use_count() == 1) reuse = it->u;
+        c.bytes -= entry_bytes(*it);
+        c.entries.erase(it);
+        break;
+      }
+      ++it;
+    }
+  }
+  kCacheMiss.hit();
+  at::Tensor u = compute(reuse);
+  const int64_t bytes = size * int64_t(sizeof(float));
+  if (bytes > kCacheBudget / 2) return u;
+  std::lock_guard<std::mutex> lock(c.mu);
+  Entry e{c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(weight.getIntrusivePtr()),
+          key, version, data, p.O, p.C, m, u};
+  c.entries.push_front(std::move(e));
+  c.bytes += bytes;
+  while (c.bytes > kCacheBudget && !c.entries.empty()) {
+    c.bytes -= entry_bytes(c.entries.back());
+    c.entries.pop_back();
+  }
+  return u;
+}
+
+}  // namespace
+
+bool forward_tensor(const at::Tensor& input, const at::Tensor& weight, const float* bias,
+                    at::Tensor& out, const Conv2dParams& p, bool relu,
+                    const std::function<void(int64_t, int64_t, int64_t)>& rows_done) {
+  const int m = choose_tile(p);
+  if (m == 0 || input.scalar_type() != at::kFloat || weight.scalar_type() != at::kFloat) return false;
+  const at::Tensor u = cached_weight(weight, p, m);
+  if (!forward(input.const_data_ptr<float>(), strides_of(input), nullptr, 0, 0, 0,
+               u.const_data_ptr<float>(), bias, out.mutable_data_ptr<float>(), strides_of(out), p,
+               relu, m))
+    return false;
+  if (rows_done) {
+    run_items(p.N, [&](int64_t n) { rows_done(n, 0, p.OH); });
+  }
+  return true;
+}
+
+}  // namespace winograd
+}  // namespace cpu
+}  // namespace cnnext

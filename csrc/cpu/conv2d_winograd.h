@@ -1,0 +1,82 @@
+// Winograd convolution F(m x m, 3 x 3) for float32 on AVX-512 CPUs (csrc/cpu/conv2d_winograd.cpp):
+// 3 x 3 kernels, stride 1, dilation 1, one group, NCHW output (the input through any
+// strides). m = 2, 4 or 6 (tile of m x m outputs, (m + 2)^2 products per tile and channel
+// pair instead of 9 m^2).
+//
+// Steps per chunk of tiles (each a work item, with a block of output channels):
+//   V[xi] (C x tiles)  = B^T d B of each input tile, gathered from a zero-padded copy of
+//                        the input straight into sgemm's packed-B panels
+//   M[xi] (O x tiles)  = U[xi] (O x C) * V[xi]           (m+2)^2 GEMMs on sgemm's micro-kernel
+//   y tile             = A^T M A + bias (then ReLU), scattered into the output
+// with U[xi] = G g G^T the transformed weight in sgemm's packed-A panels.
+//
+// Every output element is computed in one work item in an order fixed by the shape, so
+// results do not depend on the thread count. A non-finite output (an Inf or NaN input, an
+// overflow in the transforms) makes the call return false: the caller then runs its GEMM
+// path, which gives the direct convolution's Inf / NaN pattern.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <functional>
+#include <vector>
+
+#include "common/conv2d.h"
+
+namespace cnnext {
+namespace cpu {
+namespace winograd {
+
+// The switch (cnnext.backends.cpu.winograd); on by default.
+bool enabled();
+void set_enabled(bool on);
+
+// A tile override for tests and measurements: 0 = chosen by shape (the default), 2 / 4 / 6
+// forces that tile wherever Winograd applies at all (3 x 3, stride 1, dilation 1, one
+// group, float32, NCHW output), whatever the shape's choice says.
+void set_forced_tile(int m);
+int forced_tile();
+
+// Whether this CPU and build run Winograd at all (AVX-512F).
+bool available();
+
+// The tiles the choice by shape may pick (F(6x6) only if it keeps the accuracy bound).
+std::vector<int> allowed_tiles();
+
+// The tile m chosen for this convolution (2, 4 or 6), or 0 when Winograd does not apply
+// (not 3 x 3 / stride 1 / dilation 1 / one group, too small to pay, or switched off).
+int choose_tile(const Conv2dParams& p);
+
+// y = conv(x, w) (+ bias) (then ReLU) by Winograd with tile m. The weight element
+// (o, c, kh, kw) is at w[o * wso + c * wsc + (kh * 3 + kw) * wst]. `u` (may be null) is
+// the transformed weight of transform_weight for the same weight and m. Returns false
+// (y then holds garbage) when an output is not finite or the sizes do not fit 32-bit
+// indices; the caller must then compute y another way.
+bool forward(const float* x, const Strides4& xs, const float* w, int64_t wso, int64_t wsc,
+             int64_t wst, const float* u, const float* bias, float* y, const Strides4& ys,
+             const Conv2dParams& p, bool relu, int m);
+
+// Floats of the transformed weight of an O x C weight for tile m.
+int64_t transformed_weight_size(int64_t O, int64_t C, int m);
+void transform_weight(const float* w, int64_t wso, int64_t wsc, int64_t wst, int64_t O, int64_t C,
+                      int m, float* u);
+
+// The forward of conv2d.cpp's float32 path when choose_tile(p) says so: the transformed
+// weight comes from a cache keyed by the weight tensor (its identity, version counter and
+// data pointer), so in evaluation it is computed once per weight version; an in-place
+// update (an optimizer step) bumps the version and the next call recomputes it. rows_done
+// (may be empty) is called per sample once its rows are final. Returns false when the
+// caller must run its own path.
+bool forward_tensor(const at::Tensor& input, const at::Tensor& weight, const float* bias,
+                    at::Tensor& out, const Conv2dParams& p, bool relu,
+                    const std::function<void(int64_t, int64_t, int64_t)>& rows_done);
+
+// The weight cache: entries and bytes held; clear drops them all.
+int64_t cache_entries();
+int64_t cache_bytes();
+void clear_cache();
+
+}  // namespace winograd
+}  // namespace cpu
+}  // namespace cnnext

@@ -1,0 +1,320 @@
+"""Winograd F(m x m, 3 x 3) convolutions of the CPU backend (csrc/cpu/conv2d_winograd.cpp):
+every tile, its fallbacks, the switch (cnnext.backends.cpu), the accuracy bound, determinism
+and the transformed-weight cache. Each case asserts through the path counters which path ran."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import cnnext
+import cnnext.backends.cpu as cpu_backend
+from cnnext import _C
+from cnnext._paths import counts, expect_path
+from cnnext.functional import conv2d, conv_bn_relu2d, conv_transpose2d
+
+TILES = {2: "conv2d.winograd.f2x2", 4: "conv2d.winograd.f4x4", 6: "conv2d.winograd.f6x6"}
+WINO = list(TILES.values())
+
+pytestmark = pytest.mark.skipif(not _C._winograd_available(), reason="Winograd runs on AVX-512 CPUs only")
+
+
+@pytest.fixture(autouse=True)
+def _winograd_on():
+    """Winograd is off by default for now (cnnext/backends/cpu.py): on for these tests."""
+    with cpu_backend.flags(winograd=True):
+        yield
+
+
+@pytest.fixture
+def tile():
+    """Forces a tile (2, 4, 6) wherever Winograd applies; restored after the test."""
+    old = _C._get_winograd_tile()
+    yield _C._set_winograd_tile
+    _C._set_winograd_tile(old)
+
+
+def ran(fn):
+    before = counts()
+    out = fn()
+    after = counts()
+    return out, {k for k, v in after.items() if v != before.get(k, 0)}
+
+
+def kaiming(o, c, k=3, dtype=torch.float32):
+    return torch.randn(o, c, k, k, dtype=dtype) * math.sqrt(2.0 / (c * k * k))
+
+
+def rel_err(y, ref):
+    return ((y.double() - ref).abs().max() / ref.abs().max()).item()
+
+
+# (N, C, H, W, O, padding): odd sizes, partial tiles in both directions, one-row maps.
+SHAPES = [
+    (2, 16, 9, 11, 24, 1),
+    (1, 17, 5, 7, 19, 0),      # no padding, 3x5 output: one partial tile
+    (3, 33, 13, 6, 40, 2),     # padding 2: output larger than the input
+    (2, 20, 1, 9, 18, 1),      # one input row
+    (5, 24, 7, 7, 70, 1),      # 7x7 maps: tiles of several samples share a GEMM panel
+    (1, 40, 30, 31, 8, 1),     # 8 output channels: one panel
+]
+
+
+@pytest.mark.parametrize("m", [2, 4, 6])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("bias", [True, False])
+def test_forward_every_tile(m, shape, bias, tile):
+    n, c, h, w, o, pad = shape
+    x = torch.randn(n, c, h, w)
+    wt = kaiming(o, c)
+    b = torch.randn(o) if bias else None
+    tile(m)
+    y, paths = ran(lambda: conv2d(x, wt, b, 1, pad))
+    assert TILES[m] in paths, paths
+    assert "conv2d.fwd.sgemm" not in paths
+    ref = F.conv2d(x.double(), wt.double(), None if b is None else b.double(), 1, pad)
+    assert y.shape == ref.shape
+    assert rel_err(y, ref) <= 2e-5
+
+
+def test_n_zero_and_switch(tile):
+    tile(4)
+    x = torch.randn(0, 16, 8, 8)
+    y, paths = ran(lambda: conv2d(x, kaiming(16, 16), None, 1, 1))
+    assert y.shape == (0, 16, 8, 8)
+    assert not paths & set(WINO)
+    x = torch.randn(2, 16, 8, 8)
+    wt = kaiming(16, 16)
+    with cpu_backend.flags(winograd=False):
+        assert cpu_backend.winograd is False
+        y_off, paths = ran(lambda: conv2d(x, wt, None, 1, 1))
+    assert cpu_backend.winograd is True  # restored to the fixture's setting
+    assert not paths & set(WINO) and "conv2d.fwd.sgemm" in paths
+    cpu_backend.winograd = False
+    try:
+        _, paths = ran(lambda: conv2d(x, wt, None, 1, 1))
+        assert not paths & set(WINO)
+    finally:
+        cpu_backend.winograd = True
+    y_on, paths = ran(lambda: conv2d(x, wt, None, 1, 1))
+    assert TILES[4] in paths
+    torch.testing.assert_close(y_on, y_off, rtol=0, atol=2e-5 * y_off.abs().max().item())
+    with pytest.raises(TypeError, match="must be a bool"):
+        cpu_backend.winograd = 0
+
+
+@pytest.mark.parametrize("case", ["groups", "stride2", "dilation2", "kernel5", "float64", "channels_last_out"])
+def test_fallbacks(case, tile):
+    tile(4)
+    x = torch.randn(2, 16, 10, 10)
+    w = kaiming(16, 16)
+    kw = dict(stride=1, padding=1)
+    if case == "groups":
+        w = kaiming(16, 8)
+        kw["groups"] = 2
+    elif case == "stride2":
+        kw["stride"] = 2
+    elif case == "dilation2":
+        kw["dilation"] = 2
+        kw["padding"] = 2
+    elif case == "kernel5":
+        w = kaiming(16, 16, 5)
+        kw["padding"] = 2
+    elif case == "float64":
+        x, w = x.double(), w.double()
+    elif case == "channels_last_out":
+        x = x.contiguous(memory_format=torch.channels_last)
+    y, paths = ran(lambda: conv2d(x, w, None, **kw))
+    assert not paths & set(WINO), paths
+    ref = F.conv2d(x.double(), w.double(), None, **kw)
+    assert rel_err(y, ref) <= 1e-5
+
+
+def test_channels_last_input_contiguous_output(tile):
+    # An NHWC input with a contiguous weight: torch gives an NCHW output here? Then the
+    # input is read through its strides.
+    tile(4)
+    x = torch.randn(2, 16, 10, 10)[:, :, :, :].transpose(2, 3)  # non-contiguous, NCHW-like output
+    w = kaiming(24, 16)
+    y, paths = ran(lambda: conv2d(x, w, None, 1, 1))
+    assert y.is_contiguous()
+    assert TILES[4] in paths
+    assert rel_err(y, F.conv2d(x.double(), w.double(), None, 1, 1)) <= 2e-5
+
+
+def test_nonfinite_falls_back(tile):
+    tile(4)
+    x = torch.randn(2, 16, 12, 12)
+    x[0, 3, 5, 7] = float("inf")
+    x[1, 2, 0, 0] = float("nan")
+    w = kaiming(16, 16)
+    y, paths = ran(lambda: conv2d(x, w, None, 1, 1))
+    assert "conv2d.winograd.nonfinite_fallback" in paths and "conv2d.fwd.sgemm" in paths
+    with cpu_backend.flags(winograd=False):
+        y_ref = conv2d(x, w, None, 1, 1)
+    assert torch.equal(y.isnan(), y_ref.isnan())
+    assert torch.equal(y.isinf(), y_ref.isinf())
+
+
+def test_relu_and_bn_epilogue(tile):
+    """conv_bn_relu2d in evaluation folds the BN into the weight and bias: the output
+    transform applies the shift and the ReLU; in training its batch statistics are read
+    from the Winograd output."""
+    tile(4)
+    x = torch.randn(3, 32, 14, 14)
+    w = kaiming(48, 32)
+    b = torch.randn(48)
+    gamma, beta = torch.rand(48) + 0.5, torch.randn(48)
+    rm, rv = torch.randn(48) * 0.1, torch.rand(48) + 0.5
+    with expect_path(TILES[4]):
+        y = conv_bn_relu2d(x, w, b, gamma, beta, rm.clone(), rv.clone(), training=False, padding=1)
+    ref = F.relu(F.batch_norm(F.conv2d(x.double(), w.double(), b.double(), 1, 1), rm.double(), rv.double(),
+                              gamma.double(), beta.double(), False, 0.1, 1e-5))
+    assert rel_err(y, ref) <= 2e-5
+    assert (y >= 0).all()
+    with expect_path(TILES[4]):
+        y = conv_bn_relu2d(x, w, b, gamma, beta, rm.clone(), rv.clone(), training=True, padding=1)
+    ref = F.relu(F.batch_norm(F.conv2d(x.double(), w.double(), b.double(), 1, 1), None, None,
+                              gamma.double(), beta.double(), True, 0.1, 1e-5))
+    assert rel_err(y, ref) <= 5e-5
+
+
+@pytest.mark.parametrize("m", [2, 4, 6])
+def test_input_gradient(m, tile):
+    """The stride-1 input gradient runs as a forward with the flipped, transposed weight."""
+    tile(m)
+    x = torch.randn(2, 24, 11, 13, requires_grad=True)
+    w = kaiming(32, 24).requires_grad_()
+    gy = torch.randn(2, 32, 11, 13)
+    y = conv2d(x, w, None, 1, 1)
+    with expect_path("conv2d.input_grad.sgemm_as_forward", TILES[m]):
+        gx, gw = torch.autograd.grad(y, (x, w), gy)
+    xd, wd = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    gx_ref, gw_ref = torch.autograd.grad(F.conv2d(xd, wd, None, 1, 1), (xd, wd), gy.double())
+    assert rel_err(gx, gx_ref) <= 2e-5
+    assert rel_err(gw, gw_ref) <= 1e-5
+
+
+def test_conv_transpose_stride1(tile):
+    tile(4)
+    x = torch.randn(2, 32, 9, 9)
+    w = torch.randn(32, 24, 3, 3) * 0.1
+    with expect_path(TILES[4]):
+        y = conv_transpose2d(x, w, None, 1, 1)
+    assert rel_err(y, F.conv_transpose2d(x.double(), w.double(), None, 1, 1)) <= 2e-5
+
+
+def _ref(x, w):
+    return F.conv2d(x.double(), w.double(), None, 1, 1)
+
+
+# The 3x3 stride-1 layers of the classic networks (cnnext.models at their input sizes,
+# batch 2; channel counts as built): VGG-11, ResNet-18, AlexNet, GoogLeNet's 3x3 branches.
+CLASSIC_3X3 = {
+    "vgg11_112_128": (2, 128, 112, 112, 256),
+    "vgg11_56_256": (1, 256, 56, 56, 256),
+    "vgg11_28_512": (2, 256, 28, 28, 512),
+    "vgg11_14_512": (2, 512, 14, 14, 512),
+    "resnet18_56_64": (2, 64, 56, 56, 64),
+    "resnet18_28_128": (2, 128, 28, 28, 128),
+    "resnet18_14_256": (2, 256, 14, 14, 256),
+    "resnet18_7_512": (2, 512, 7, 7, 512),
+    "resnet18_96_l1": (2, 64, 24, 24, 64),
+    "alexnet_conv4": (2, 384, 12, 12, 384),
+    "googlenet_b3": (2, 128, 12, 12, 192),
+    "densenet_l": (2, 128, 24, 24, 32),
+}
+
+
+def accuracy_cases():
+    for name, s in CLASSIC_3X3.items():
+        for m in (2, 4, 6):
+            yield pytest.param(name, m, id=f"{name}-f{m}")
+
+
+@pytest.mark.parametrize("name,m", list(accuracy_cases()))
+def test_accuracy_bound(name, m, tile):
+    """The promise (docs/DESIGN.md): max |error| <= 2e-5 * max |y| against float64, with
+    unit-normal input and Kaiming weights, for every tile Winograd may choose. F(6x6) is
+    only asserted where the shape's choice may pick it (it is never chosen otherwise)."""
+    n, c, h, w, o = CLASSIC_3X3[name]
+    x = torch.randn(n, c, h, w)
+    wt = kaiming(o, c)
+    tile(m)
+    y, paths = ran(lambda: conv2d(x, wt, None, 1, 1))
+    assert TILES[m] in paths
+    err = rel_err(y, _ref(x, wt))
+    bound = 2e-5 if m in _C._winograd_allowed_tiles() else 1e-3
+    assert err <= bound, f"F({m}x{m}) on {name}: {err:.2e}"
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_deterministic_and_thread_independent(threads, tile):
+    tile(0)
+    x = torch.randn(4, 64, 20, 20)
+    w = kaiming(64, 64)
+    b = torch.randn(64)
+    saved = torch.get_num_threads()
+    det = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        torch.set_num_threads(1)
+        ref = conv2d(x, w, b, 1, 1)
+        torch.set_num_threads(threads)
+        with expect_path(TILES[4]):
+            outs = [conv2d(x, w, b, 1, 1) for _ in range(3)]
+    finally:
+        torch.set_num_threads(saved)
+        torch.use_deterministic_algorithms(det)
+    for y in outs:
+        assert torch.equal(y, ref)
+
+
+def test_weight_cache_follows_the_version(tile):
+    tile(4)
+    cpu_backend.clear_winograd_cache()
+    x = torch.randn(2, 32, 12, 12)
+    conv = cnnext.nn.Conv2d(32, 32, 3, padding=1).eval()
+    with torch.no_grad():
+        with expect_path("conv2d.winograd.weight_cache_miss"):
+            y1 = conv(x)
+        with expect_path("conv2d.winograd.weight_cache_hit"):
+            y2 = conv(x)
+    assert torch.equal(y1, y2)
+    assert cpu_backend.winograd_cache_info()[0] >= 1
+    # An optimizer step changes the weight in place: the next call must see it.
+    conv.train()
+    opt = torch.optim.SGD(conv.parameters(), lr=0.5)
+    conv(x).square().sum().backward()
+    opt.step()
+    conv.eval()
+    with torch.no_grad():
+        with expect_path("conv2d.winograd.weight_cache_miss"):
+            y3 = conv(x)
+        ref = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), 1, 1)
+    assert rel_err(y3, ref) <= 2e-5
+    assert not torch.equal(y3, y1)
+    # copy_ under no_grad (load_state_dict) too.
+    with torch.no_grad():
+        conv.weight.copy_(kaiming(32, 32))
+        y4 = conv(x)
+        ref = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), 1, 1)
+    assert rel_err(y4, ref) <= 2e-5
+    # A weight freed and another allocated (perhaps at the same address) never hits.
+    del conv
+    for _ in range(3):
+        w = kaiming(32, 32)
+        y = conv2d(x, w, None, 1, 1)
+        assert rel_err(y, _ref(x, w)) <= 2e-5
+    cpu_backend.clear_winograd_cache()
+    assert cpu_backend.winograd_cache_info() == (0, 0)
+
+
+def test_default_choice_by_shape():
+    """Without a forced tile the choice follows the shape: thin or tiny layers keep the GEMM."""
+    x = torch.randn(2, 8, 16, 16)
+    _, paths = ran(lambda: conv2d(x, kaiming(8, 8), None, 1, 1))
+    assert not paths & set(WINO)
+    x = torch.randn(4, 64, 28, 28)
+    _, paths = ran(lambda: conv2d(x, kaiming(64, 64), None, 1, 1))
+    assert paths & set(WINO)
