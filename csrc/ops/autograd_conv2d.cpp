@@ -266,6 +266,9 @@ struct ConvBnReluEvalNode : OpNode {
   Conf c;
   double eps = 0;
   size_t input = 0, weight = 0, bias = 0, gamma = 0, rmean = 0, rvar = 0, out = 0;
+  // Each BN gradient in its own input's dtype (under autocast the BN parameters and
+  // running statistics stay float32 while the convolution runs in a half type).
+  at::ScalarType beta_dtype = at::kFloat;
   variable_list apply(variable_list&& grads) override {
     std::lock_guard<std::mutex> lock(mutex_);
     variable_list r(7);
@@ -290,18 +293,18 @@ struct ConvBnReluEvalNode : OpNode {
     if (need_scale) gw_folded = weight_backward(gm, x, w.sym_sizes(), c).to(sdt);
     const at::Tensor gs = channel_sum_op().call(gm).to(sdt);
     if (need[1]) r[1] = (gw_folded * scale.view({-1, 1, 1, 1})).to(dt);
-    if (need[2]) r[2] = (gs * scale).to(dt);
+    if (need[2]) r[2] = (gs * scale).to(b.scalar_type());
     if (need[3] || need[6]) {
       const at::Tensor shift = b.defined() ? b.to(sdt) - running_mean.to(sdt) : -running_mean.to(sdt);
       const at::Tensor g_scale = (gw_folded * w.to(sdt)).sum({1, 2, 3}) + gs * shift;
-      if (need[3]) r[3] = (g_scale * invstd).to(dt);
+      if (need[3]) r[3] = (g_scale * invstd).to(gam.scalar_type());
       if (need[6]) {
         const at::Tensor gamma1 = gam.defined() ? gam.to(sdt) : at::ones_like(invstd);
-        r[6] = (g_scale * gamma1 * invstd.pow(3) * -0.5).to(dt);
+        r[6] = (g_scale * gamma1 * invstd.pow(3) * -0.5).to(running_var.scalar_type());
       }
     }
-    if (need[4]) r[4] = gs.to(dt);
-    if (need[5]) r[5] = (-gs * scale).to(dt);
+    if (need[4]) r[4] = gs.to(beta_dtype);
+    if (need[5]) r[5] = (-gs * scale).to(running_mean.scalar_type());
     return r;
   }
 };
@@ -542,6 +545,7 @@ at::Tensor conv_bn_relu2d_eval_ad(const at::Tensor& x, const at::Tensor& w, cons
     node->gamma = node->save(value(gamma));
     node->rmean = node->save(rm);
     node->rvar = node->save(rv);
+    if (given(beta)) node->beta_dtype = beta->scalar_type();
     out = record(node, out, x, w, value(b), value(gamma), value(beta), rm, rv);
     node->out = node->save(relu ? out : at::Tensor(), /*is_output=*/true);
   }
