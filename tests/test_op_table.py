@@ -44,8 +44,28 @@ def test_schema_is_the_tables(name, schema):
 def test_device_kernels(name):
     assert _has_kernel(name, "CPU")
     # Every build registers the CUDA key: a CUDA build its kernels, a CPU-only build the
-    # op's message that says how to rebuild (tests/test_regressions.py checks it).
+    # op's message that says how to rebuild (test_cpu_only_build_says_how_to_rebuild).
     assert _has_kernel(name, "CUDA")
+
+
+class _CudaShell(torch.Tensor):
+    """A tensor whose device is cuda, without storage (a CPU-only torch can make one)."""
+
+    @staticmethod
+    def __new__(cls, *size):
+        return torch.Tensor._make_wrapper_subclass(cls, size, dtype=torch.float64, device="cuda")
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        raise AssertionError(f"{func} reached Python: the CUDA kernel was expected to raise first")
+
+
+@pytest.mark.skipif(cnnext.build_info()["cuda"], reason="a CUDA build runs its kernels instead")
+def test_cpu_only_build_says_how_to_rebuild():
+    cuda = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+    with pytest.raises(RuntimeError, match=r"channel_sum: got CUDA tensors, but this cnnext build has no CUDA "
+                                           r"kernels.*Rebuild with a CUDA build of torch"):
+        torch.ops.cnnext.channel_sum.default.redispatch(cuda, _CudaShell(2, 3, 4, 4))
 
 
 @pytest.mark.parametrize("name", NAMES)
