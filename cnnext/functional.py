@@ -34,18 +34,15 @@ def _entry(name):
 
 
 class _Ops:
-    """The ops this module calls (see _entry)."""
+    """The ops this module calls: each entry cnnext._C.eager binds (the ops marked eager in
+    csrc/ops/op_table.h), through _entry, and batch_norm_update_stats_ through torch.ops."""
 
-    conv2d = staticmethod(_entry("conv2d"))
-    conv_transpose2d = staticmethod(_entry("conv_transpose2d"))
-    avg_pool2d = staticmethod(_entry("avg_pool2d"))
-    adaptive_avg_pool2d = staticmethod(_entry("adaptive_avg_pool2d"))
-    max_pool2d_with_indices = staticmethod(_entry("max_pool2d_with_indices"))
-    max_unpool2d = staticmethod(_entry("max_unpool2d"))
-    conv_bn_relu2d_eval = staticmethod(_entry("conv_bn_relu2d_eval"))
-    conv_bn_relu2d_train = staticmethod(_entry("conv_bn_relu2d_train"))
     batch_norm_update_stats_ = torch.ops.cnnext.batch_norm_update_stats_
 
+
+for _name in _C.eager.ops:
+    setattr(_Ops, _name, staticmethod(_entry(_name)))
+del _name
 
 _ops = _Ops
 

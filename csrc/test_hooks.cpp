@@ -1,11 +1,12 @@
 // Test-only entries of cnnext._C (underscore names, no stability promise): the kernel-path
 // counters (csrc/paths.h), the CPU instruction-set level (csrc/cpu/cpu_features.h) and the
 // bfloat16 / float16 conversions and dot product of the vector layer (csrc/cpu/vec.h),
-// which tests compare with torch bit for bit.
+// which tests compare with torch bit for bit, and the op table (csrc/ops/op_table.h).
 #include "test_hooks.h"
 
 #include "cpu/cpu_features.h"
 #include "cpu/vec.h"
+#include "ops/handles.h"
 #include "paths.h"
 
 namespace cnnext {
@@ -55,6 +56,18 @@ double vec_dot_bf16(const at::Tensor& a, const at::Tensor& b) {
                             reinterpret_cast<const uint16_t*>(y.const_data_ptr()), x.numel());
 }
 
+// The op table: (qualified name, schema, entry) per op. Looks up every typed handle
+// first, so a signature in the table that disagrees with the op's kernels raises here.
+pybind11::list op_table() {
+  pybind11::list rows;
+#define CNNEXT_ROW(name, entry, schema, ...) \
+  (void)op::name();                          \
+  rows.append(pybind11::make_tuple("cnnext::" #name, "cnnext::" #name schema, #entry));
+  CNNEXT_OPS(CNNEXT_ROW)
+#undef CNNEXT_ROW
+  return rows;
+}
+
 }  // namespace
 
 void bind_test_hooks(pybind11::module_& m) {
@@ -68,6 +81,9 @@ void bind_test_hooks(pybind11::module_& m) {
   m.def("_vec_narrow", &vec_narrow, "float32 1-D -> bfloat16 / float16 via csrc/cpu/vec.h (tests).");
   m.def("_vec_widen", &vec_widen, "bfloat16 / float16 1-D -> float32 via csrc/cpu/vec.h (tests).");
   m.def("_vec_dot_bf16", &vec_dot_bf16, "dot product of two bfloat16 1-D tensors via csrc/cpu/vec.h (tests).");
+  m.def("_op_table", &op_table,
+        "The op table (csrc/ops/op_table.h): (name, schema, entry) per op, entry 'eager' or "
+        "'internal'; every typed handle is looked up (and its signature checked) first.");
 }
 
 }  // namespace cnnext

@@ -69,8 +69,9 @@ def main():
         fail("cnnext.build_info()['cuda'] is not True: the extension was built without CUDA kernels")
 
     names = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("cnnext::"))
-    if len(names) < 5:
-        fail(f"only {len(names)} cnnext operators are registered: {names}")
+    table = sorted(name for name, _, _ in cnnext._C._op_table())  # csrc/ops/op_table.h
+    if names != table:
+        fail(f"the registered cnnext operators {names} are not those of the op table {table}")
     missing = [n for n in names if not torch._C._dispatch_has_kernel_for_dispatch_key(n, "CUDA")]
     print(f"{len(names)} cnnext operators; with a CUDA kernel: {len(names) - len(missing)}")
     if missing:

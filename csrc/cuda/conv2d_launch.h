@@ -1,25 +1,21 @@
-// Entry points of the CUDA conv2d backend (csrc/cuda/conv2d_launch.cpp), with the
-// contract of csrc/cpu/conv2d.h: the torch side of the kernels in csrc/cuda/conv2d.cu and
-// the implicit GEMM. Compiled only in CUDA builds; never included by a .cu file.
+// Entry points of the CUDA conv2d backend (csrc/cuda/conv2d_launch.cpp: the torch side of
+// the kernels in csrc/cuda/conv2d.cu and the implicit GEMM): those of
+// csrc/backend_api/conv2d.h (types and contract), and the forward with batch statistics
+// the CUDA conv_bn_relu2d builds on. Compiled only in CUDA builds; never included by a .cu file.
 #pragma once
 
 #include <ATen/ATen.h>
 
-#include "common/conv2d.h"
+#include "backend_api/conv2d.h"
 
 namespace cnnext {
 namespace cuda {
 
-at::Tensor conv2d_forward(const at::Tensor& input, const at::Tensor& weight,
-                          const c10::optional<at::Tensor>& bias, const Conv2dParams& p,
-                          at::MemoryFormat out_format, bool relu = false);
-at::Tensor conv2d_input_backward(const at::Tensor& grad_output, const at::Tensor& weight,
-                                 const Conv2dParams& p, at::MemoryFormat out_format);
-at::Tensor conv2d_weight_backward(const at::Tensor& grad_output, const at::Tensor& input,
-                                  const Conv2dParams& p);
-at::Tensor channel_sum(const at::Tensor& t);
-// out[n, c, h, w] += bias[c], in place, through out's strides; bias 1-D of size C.
-void add_channel_bias_(at::Tensor& out, const at::Tensor& bias);
+backend_api::conv2d_forward conv2d_forward;
+backend_api::conv2d_input_backward conv2d_input_backward;
+backend_api::conv2d_weight_backward conv2d_weight_backward;
+backend_api::channel_sum channel_sum;
+backend_api::add_channel_bias_ add_channel_bias_;
 
 // conv2d forward (no ReLU) through the implicit GEMM with the batch-norm statistics of
 // its output taken in the epilogue: on success *out is the output (N, O, OH, OW) in

@@ -35,7 +35,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu2d_train(
   // again for them); otherwise the direct convolution, then the two-sweep statistics.
   at::Tensor conv_out;
   const bool fused = conv2d_forward_bn_stats(input, weight, bias, p, out_format, &conv_out, mean, var);
-  if (!fused) conv_out = conv2d_forward(input, weight, bias, p, out_format);
+  if (!fused) conv_out = conv2d_forward(input, weight, bias, p, out_format, /*relu=*/false);
   at::Tensor out = at::empty_like(conv_out);
   if (conv_out.numel() == 0) return {out, conv_out, mean, var};
   const Strides4 s = strides_of(conv_out);

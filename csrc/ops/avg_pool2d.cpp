@@ -1,8 +1,9 @@
-// avg_pool2d and adaptive_avg_pool2d: op schemas, argument checks and device dispatch.
+// avg_pool2d and adaptive_avg_pool2d: argument checks and device dispatch (schemas:
+// csrc/ops/op_table.h).
 //
 // Four ops, closed under differentiation (autograd: csrc/ops/autograd_pool2d.cpp; the
-// algebra: cnnext/_avg_pool.py). Each forward is a
-// linear map A of the input, and its backward the adjoint A^T of grad_output:
+// algebra: cnnext/_avg_pool.py). Each forward is a linear map A of the input, and its
+// backward the adjoint A^T of grad_output:
 //   avg_pool2d                      y  = A x      (windows of kernel/stride/padding)
 //   avg_pool2d_backward             dx = A^T dy
 //   adaptive_avg_pool2d             y  = B x      (windows of output_size)
@@ -132,16 +133,6 @@ at::Tensor adaptive_avg_pool2d_backward(const at::Tensor& grad_output, const at:
 }
 
 }  // namespace
-
-TORCH_LIBRARY_FRAGMENT(cnnext, m) {
-  m.def("avg_pool2d(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, "
-        "bool ceil_mode, bool count_include_pad, int? divisor_override) -> Tensor");
-  m.def("avg_pool2d_backward(Tensor grad_output, Tensor input, int[2] kernel_size, "
-        "int[2] stride, int[2] padding, bool ceil_mode, bool count_include_pad, "
-        "int? divisor_override) -> Tensor");
-  m.def("adaptive_avg_pool2d(Tensor input, int[2] output_size) -> Tensor");
-  m.def("adaptive_avg_pool2d_backward(Tensor grad_output, Tensor input) -> Tensor");
-}
 
 // The same checked entry points serve both dispatch keys: they pick the backend
 // from the input's device (CNNEXT_BACKEND).

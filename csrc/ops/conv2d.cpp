@@ -1,5 +1,5 @@
-// conv2d: op schemas, argument checks and device dispatch. The only place that
-// checks what a user passed; the backends trust the Conv2dParams filled here.
+// conv2d: argument checks and device dispatch (schemas: csrc/ops/op_table.h). The only
+// place that checks what a user passed; the backends trust the Conv2dParams filled here.
 //
 // Four ops, closed under differentiation (autograd: csrc/ops/autograd_conv2d.cpp; the
 // algebra: cnnext/_autograd.py):
@@ -86,16 +86,6 @@ at::Tensor channel_sum(const at::Tensor& t) {
 }
 
 }  // namespace
-
-TORCH_LIBRARY_FRAGMENT(cnnext, m) {
-  m.def("conv2d(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
-        "int[2] dilation, int groups) -> Tensor");
-  m.def("conv2d_input_backward(Tensor grad_output, Tensor weight, SymInt[] input_size, "
-        "int[2] stride, int[2] padding, int[2] dilation, int groups) -> Tensor");
-  m.def("conv2d_weight_backward(Tensor grad_output, Tensor input, SymInt[] weight_size, "
-        "int[2] stride, int[2] padding, int[2] dilation, int groups) -> Tensor");
-  m.def("channel_sum(Tensor input) -> Tensor");
-}
 
 // The same checked entry points serve both dispatch keys: they pick the backend
 // from the input's device (CNNEXT_BACKEND).

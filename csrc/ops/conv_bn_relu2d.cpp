@@ -1,4 +1,4 @@
-// conv_bn_relu2d: conv2d -> batch_norm -> relu as one op. Schemas, argument checks and
+// conv_bn_relu2d: conv2d -> batch_norm -> relu as one op. Argument checks and
 // device dispatch; the backends (csrc/cpu/conv_bn_relu2d.h, csrc/cpu/conv2d.h) trust
 // what is checked here.
 //
@@ -200,20 +200,6 @@ at::Tensor conv_bn_relu2d_eval(const at::Tensor& input, const at::Tensor& weight
 }
 
 }  // namespace
-
-TORCH_LIBRARY_FRAGMENT(cnnext, m) {
-  m.def("conv_bn_relu2d_train(Tensor input, Tensor weight, Tensor? bias, Tensor? bn_weight, "
-        "Tensor? bn_bias, float eps, int[2] stride, int[2] padding, int[2] dilation, int groups, "
-        "bool relu) -> (Tensor out, Tensor conv_out, Tensor mean, Tensor var)");
-  m.def("conv_bn_relu2d_train_backward(Tensor grad_out, Tensor? out, Tensor conv_out, "
-        "Tensor mean, Tensor var, Tensor? bn_weight, float eps, bool relu) -> (Tensor grad_conv_out, "
-        "Tensor grad_bn_weight, Tensor grad_bn_bias, Tensor grad_conv_bias)");
-  m.def("batch_norm_update_stats_(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, "
-        "Tensor var, float momentum, int count) -> ()");
-  m.def("conv_bn_relu2d_eval(Tensor input, Tensor weight, Tensor? bias, Tensor? bn_weight, "
-        "Tensor? bn_bias, Tensor running_mean, Tensor running_var, float eps, int[2] stride, "
-        "int[2] padding, int[2] dilation, int groups, bool relu) -> Tensor");
-}
 
 // The same checked entry points serve both dispatch keys: they pick the backend
 // from the input's device (CNNEXT_BACKEND).

@@ -1,4 +1,4 @@
-// conv_transpose2d: op schema, argument checks and device dispatch.
+// conv_transpose2d: argument checks and device dispatch (schema: csrc/ops/op_table.h).
 //
 // The transposed convolution is the adjoint of conv2d: with A_w the map
 // x -> conv2d(x, w, stride, padding, dilation, groups) from (N, C_out, H_out, W_out) to
@@ -88,11 +88,6 @@ at::Tensor conv_transpose2d(const at::Tensor& input, const at::Tensor& weight,
 }
 
 }  // namespace
-
-TORCH_LIBRARY_FRAGMENT(cnnext, m) {
-  m.def("conv_transpose2d(Tensor input, Tensor weight, Tensor? bias, int[2] stride, "
-        "int[2] padding, int[2] output_padding, int groups, int[2] dilation) -> Tensor");
-}
 
 static void impls(torch::Library& m) { m.impl("conv_transpose2d", &conv_transpose2d); }
 CNNEXT_IMPL_CPU_AND_CUDA(impls)

@@ -1,10 +1,10 @@
-// max_pool2d and max_unpool2d: op schemas, argument checks and device dispatch. The
-// only place that checks what a user passed (index values excepted: the backends
-// check each index as they read it).
+// max_pool2d and max_unpool2d: argument checks and device dispatch (schemas:
+// csrc/ops/op_table.h). The only place that checks what a user passed (index values
+// excepted: the backends check each index as they read it).
 //
 // Five ops, closed under differentiation (autograd: csrc/ops/autograd_pool2d.cpp; the
-// algebra: cnnext/_max_pool.py). With S the
-// scatter-add of a plane of values to the positions `indices` names:
+// algebra: cnnext/_max_pool.py). With S the scatter-add of a plane of values to the
+// positions `indices` names:
 //   max_pool2d_with_indices            (y, idx)  y = x at idx (torch's maximum)
 //   max_pool2d_with_indices_backward   dx = S(dy)                 d/d(dy): max_pool2d_select
 //   max_pool2d_select                  z  = S^T(x) = x at idx     d/dx: ..._backward
@@ -150,18 +150,6 @@ at::Tensor max_unpool2d_backward(const at::Tensor& grad_output, const at::Tensor
 }
 
 }  // namespace
-
-TORCH_LIBRARY_FRAGMENT(cnnext, m) {
-  m.def("max_pool2d_with_indices(Tensor input, int[2] kernel_size, int[] stride, "
-        "int[2] padding, int[2] dilation, bool ceil_mode) -> (Tensor, Tensor)");
-  m.def("max_pool2d_with_indices_backward(Tensor grad_output, Tensor indices, "
-        "SymInt[] input_size, int[2] kernel_size, int[] stride, int[2] padding, "
-        "int[2] dilation, bool ceil_mode) -> Tensor");
-  m.def("max_pool2d_select(Tensor input, Tensor indices, int[2] kernel_size, int[] stride, "
-        "int[2] padding, int[2] dilation, bool ceil_mode) -> Tensor");
-  m.def("max_unpool2d(Tensor input, Tensor indices, SymInt[2] output_size) -> Tensor");
-  m.def("max_unpool2d_backward(Tensor grad_output, Tensor indices) -> Tensor");
-}
 
 // The same checked entry points serve both dispatch keys: they pick the backend
 // from the input's device (CNNEXT_BACKEND).
