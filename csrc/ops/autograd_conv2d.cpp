@@ -18,6 +18,7 @@
 
 #include "ops/autograd_common.h"
 #include "ops/autograd_node.h"
+#include "ops/handles.h"
 #include "ops/checks.h"
 #include "tensors.h"
 
@@ -28,34 +29,6 @@ using IntList = at::IntArrayRef;
 using SymList = c10::SymIntArrayRef;
 using OptTensor = c10::optional<at::Tensor>;
 
-#define CNNEXT_OP(NAME, ...)                                                                    \
-  static const auto& NAME##_op() {                                                              \
-    static const auto h =                                                                       \
-        c10::Dispatcher::singleton().findSchemaOrThrow("cnnext::" #NAME, "").typed<__VA_ARGS__>(); \
-    return h;                                                                                   \
-  }
-
-CNNEXT_OP(conv2d, at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&, IntList, IntList,
-                             IntList, int64_t))
-CNNEXT_OP(conv2d_input_backward,
-          at::Tensor(const at::Tensor&, const at::Tensor&, SymList, IntList, IntList, IntList, int64_t))
-CNNEXT_OP(conv2d_weight_backward,
-          at::Tensor(const at::Tensor&, const at::Tensor&, SymList, IntList, IntList, IntList, int64_t))
-CNNEXT_OP(channel_sum, at::Tensor(const at::Tensor&))
-CNNEXT_OP(conv_transpose2d, at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&, IntList,
-                                       IntList, IntList, int64_t, IntList))
-CNNEXT_OP(conv_bn_relu2d_train,
-          std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-              const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
-              double, IntList, IntList, IntList, int64_t, bool))
-CNNEXT_OP(conv_bn_relu2d_train_backward,
-          std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-              const at::Tensor&, const OptTensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-              const OptTensor&, double, bool))
-CNNEXT_OP(conv_bn_relu2d_eval,
-          at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
-                     const at::Tensor&, const at::Tensor&, double, IntList, IntList, IntList, int64_t, bool))
-#undef CNNEXT_OP
 
 // The convolution's (stride, padding, dilation, groups), kept for the backward pass.
 struct Conf {
@@ -65,13 +38,13 @@ struct Conf {
 };
 
 at::Tensor input_backward(const at::Tensor& g, const at::Tensor& w, SymList size, const Conf& c) {
-  return conv2d_input_backward_op().call(g, w, size, c.stride, c.padding, c.dilation, c.groups);
+  return op::conv2d_input_backward().call(g, w, size, c.stride, c.padding, c.dilation, c.groups);
 }
 at::Tensor weight_backward(const at::Tensor& g, const at::Tensor& x, SymList size, const Conf& c) {
-  return conv2d_weight_backward_op().call(g, x, size, c.stride, c.padding, c.dilation, c.groups);
+  return op::conv2d_weight_backward().call(g, x, size, c.stride, c.padding, c.dilation, c.groups);
 }
 at::Tensor conv(const at::Tensor& x, const at::Tensor& w, const Conf& c) {
-  return conv2d_op().call(x, w, c10::nullopt, c.stride, c.padding, c.dilation, c.groups);
+  return op::conv2d().call(x, w, c10::nullopt, c.stride, c.padding, c.dilation, c.groups);
 }
 
 bool given(const OptTensor& t) { return t.has_value() && t->defined(); }
@@ -122,7 +95,7 @@ struct Conv2dNode : OpNode {
     const at::Tensor g = in_forward_layout(grads[0], cl);
     if (needs(0)) r[0] = input_backward(g, saved(weight), input_size, c);
     if (needs(1)) r[1] = weight_backward(g, saved(input), weight_size, c);
-    if (needs(2)) r[2] = channel_sum_op().call(g);
+    if (needs(2)) r[2] = op::channel_sum().call(g);
     return r;
   }
 };
@@ -211,7 +184,7 @@ struct ConvTranspose2dNode : OpNode {
         r[1] = weight_backward(x, g, weight_size, c);
       }
     }
-    if (needs(2)) r[2] = channel_sum_op().call(g);
+    if (needs(2)) r[2] = op::channel_sum().call(g);
     return r;
   }
 };
@@ -239,7 +212,7 @@ struct ConvBnReluTrainNode : OpNode {
     for (size_t i = 0; i < 5; ++i) any |= (need[i] = needs(i));
     if (!grads[0].defined() || !any) return r;
     const at::Tensor gam = saved(gamma);
-    auto [g_conv, g_gamma, g_beta, g_bias] = conv_bn_relu2d_train_backward_op().call(
+    auto [g_conv, g_gamma, g_beta, g_bias] = op::conv_bn_relu2d_train_backward().call(
         grads[0], relu ? OptTensor(saved(out)) : OptTensor(), saved(conv_out), saved(mean), saved(var),
         gam.defined() ? OptTensor(gam) : OptTensor(), eps, relu);
     if (need[0]) r[0] = input_backward(g_conv, saved(weight), input_size, c);
@@ -291,7 +264,7 @@ struct ConvBnReluEvalNode : OpNode {
     const bool need_scale = need[1] || need[3] || need[6];
     at::Tensor gw_folded;
     if (need_scale) gw_folded = weight_backward(gm, x, w.sym_sizes(), c).to(sdt);
-    const at::Tensor gs = channel_sum_op().call(gm).to(sdt);
+    const at::Tensor gs = op::channel_sum().call(gm).to(sdt);
     if (need[1]) r[1] = (gw_folded * scale.view({-1, 1, 1, 1})).to(dt);
     if (need[2]) r[2] = (gs * scale).to(b.scalar_type());
     if (need[3] || need[6]) {
@@ -315,8 +288,8 @@ at::Tensor conv2d_ad(const at::Tensor& x, const at::Tensor& w, const OptTensor& 
                      IntList d, int64_t g) {
   const bool fw = has_tangent(x, w) || has_tangent_opt(b);
   const bool rg = wants_grad(x, w) || (c10::GradMode::is_enabled() && wants_grad_opt(b));
-  if (!fw && !rg) return CNNEXT_BELOW(conv2d_op().call(x, w, b, s, p, d, g));
-  at::Tensor out = CNNEXT_BELOW(conv2d_op().call(x, w, b, s, p, d, g));
+  if (!fw && !rg) return CNNEXT_BELOW(op::conv2d().call(x, w, b, s, p, d, g));
+  at::Tensor out = CNNEXT_BELOW(op::conv2d().call(x, w, b, s, p, d, g));
   if (rg) {
     auto node = make_node<Conv2dNode>(x, w, b);
     node->c.set(s, p, d, g);
@@ -330,8 +303,8 @@ at::Tensor conv2d_ad(const at::Tensor& x, const at::Tensor& w, const OptTensor& 
   if (fw) {  // bilinear in (x, w), plus the bias
     const at::Tensor tx = tangent(x), tw = tangent(w), tb = tangent_opt(b);
     at::Tensor t;
-    if (tx.defined()) t = conv2d_op().call(tx, primal(w), c10::nullopt, s, p, d, g);
-    if (tw.defined()) t = add_defined(t, conv2d_op().call(primal(x), tw, c10::nullopt, s, p, d, g));
+    if (tx.defined()) t = op::conv2d().call(tx, primal(w), c10::nullopt, s, p, d, g);
+    if (tw.defined()) t = add_defined(t, op::conv2d().call(primal(x), tw, c10::nullopt, s, p, d, g));
     if (tb.defined()) t = add_defined(t, channel_broadcast(tb, out));
     set_tangent(out, t);
   }
@@ -341,8 +314,8 @@ at::Tensor conv2d_ad(const at::Tensor& x, const at::Tensor& w, const OptTensor& 
 at::Tensor conv2d_input_backward_ad(const at::Tensor& go, const at::Tensor& w, SymList size, IntList s,
                                     IntList p, IntList d, int64_t g) {
   const bool fw = has_tangent(go, w), rg = wants_grad(go, w);
-  if (!fw && !rg) return CNNEXT_BELOW(conv2d_input_backward_op().call(go, w, size, s, p, d, g));
-  at::Tensor out = CNNEXT_BELOW(conv2d_input_backward_op().call(go, w, size, s, p, d, g));
+  if (!fw && !rg) return CNNEXT_BELOW(op::conv2d_input_backward().call(go, w, size, s, p, d, g));
+  at::Tensor out = CNNEXT_BELOW(op::conv2d_input_backward().call(go, w, size, s, p, d, g));
   if (rg) {
     auto node = make_node<Conv2dInputBackwardNode>(go, w);
     node->c.set(s, p, d, g);
@@ -353,8 +326,8 @@ at::Tensor conv2d_input_backward_ad(const at::Tensor& go, const at::Tensor& w, S
   }
   if (fw) {
     at::Tensor t;
-    if (has_tangent(go)) t = conv2d_input_backward_op().call(tangent(go), primal(w), size, s, p, d, g);
-    if (has_tangent(w)) t = add_defined(t, conv2d_input_backward_op().call(primal(go), tangent(w), size, s, p, d, g));
+    if (has_tangent(go)) t = op::conv2d_input_backward().call(tangent(go), primal(w), size, s, p, d, g);
+    if (has_tangent(w)) t = add_defined(t, op::conv2d_input_backward().call(primal(go), tangent(w), size, s, p, d, g));
     set_tangent(out, t);
   }
   return out;
@@ -363,8 +336,8 @@ at::Tensor conv2d_input_backward_ad(const at::Tensor& go, const at::Tensor& w, S
 at::Tensor conv2d_weight_backward_ad(const at::Tensor& go, const at::Tensor& x, SymList size, IntList s,
                                      IntList p, IntList d, int64_t g) {
   const bool fw = has_tangent(go, x), rg = wants_grad(go, x);
-  if (!fw && !rg) return CNNEXT_BELOW(conv2d_weight_backward_op().call(go, x, size, s, p, d, g));
-  at::Tensor out = CNNEXT_BELOW(conv2d_weight_backward_op().call(go, x, size, s, p, d, g));
+  if (!fw && !rg) return CNNEXT_BELOW(op::conv2d_weight_backward().call(go, x, size, s, p, d, g));
+  at::Tensor out = CNNEXT_BELOW(op::conv2d_weight_backward().call(go, x, size, s, p, d, g));
   if (rg) {
     auto node = make_node<Conv2dWeightBackwardNode>(go, x);
     node->c.set(s, p, d, g);
@@ -375,8 +348,8 @@ at::Tensor conv2d_weight_backward_ad(const at::Tensor& go, const at::Tensor& x, 
   }
   if (fw) {
     at::Tensor t;
-    if (has_tangent(go)) t = conv2d_weight_backward_op().call(tangent(go), primal(x), size, s, p, d, g);
-    if (has_tangent(x)) t = add_defined(t, conv2d_weight_backward_op().call(primal(go), tangent(x), size, s, p, d, g));
+    if (has_tangent(go)) t = op::conv2d_weight_backward().call(tangent(go), primal(x), size, s, p, d, g);
+    if (has_tangent(x)) t = add_defined(t, op::conv2d_weight_backward().call(primal(go), tangent(x), size, s, p, d, g));
     set_tangent(out, t);
   }
   return out;
@@ -384,23 +357,23 @@ at::Tensor conv2d_weight_backward_ad(const at::Tensor& go, const at::Tensor& x, 
 
 at::Tensor channel_sum_ad(const at::Tensor& x) {
   const bool fw = has_tangent(x), rg = wants_grad(x);
-  if (!fw && !rg) return CNNEXT_BELOW(channel_sum_op().call(x));
-  at::Tensor out = CNNEXT_BELOW(channel_sum_op().call(x));
+  if (!fw && !rg) return CNNEXT_BELOW(op::channel_sum().call(x));
+  at::Tensor out = CNNEXT_BELOW(op::channel_sum().call(x));
   if (rg) {
     auto node = make_node<ChannelSumNode>(x);
     node->input_size = sym_vector(x.sym_sizes());
     out = record(node, out, x);
   }
-  if (fw) set_tangent(out, channel_sum_op().call(tangent(x)));
+  if (fw) set_tangent(out, op::channel_sum().call(tangent(x)));
   return out;
 }
 
 at::Tensor conv_transpose2d_ad(const at::Tensor& x, const at::Tensor& w, const OptTensor& b, IntList s,
-                               IntList p, IntList op, int64_t g, IntList d) {
+                               IntList p, IntList outpad, int64_t g, IntList d) {
   const bool fw = has_tangent(x, w) || has_tangent_opt(b);
   const bool rg = wants_grad(x, w) || (c10::GradMode::is_enabled() && wants_grad_opt(b));
-  if (!fw && !rg) return CNNEXT_BELOW(conv_transpose2d_op().call(x, w, b, s, p, op, g, d));
-  at::Tensor out = CNNEXT_BELOW(conv_transpose2d_op().call(x, w, b, s, p, op, g, d));
+  if (!fw && !rg) return CNNEXT_BELOW(op::conv_transpose2d().call(x, w, b, s, p, outpad, g, d));
+  at::Tensor out = CNNEXT_BELOW(op::conv_transpose2d().call(x, w, b, s, p, outpad, g, d));
   if (rg) {
     auto node = make_node<ConvTranspose2dNode>(x, w, b);
     node->c.set(s, p, d, g);
@@ -414,8 +387,8 @@ at::Tensor conv_transpose2d_ad(const at::Tensor& x, const at::Tensor& w, const O
   if (fw) {  // bilinear in (x, w), plus the bias
     const at::Tensor tx = tangent(x), tw = tangent(w), tb = tangent_opt(b);
     at::Tensor t;
-    if (tx.defined()) t = conv_transpose2d_op().call(tx, primal(w), c10::nullopt, s, p, op, g, d);
-    if (tw.defined()) t = add_defined(t, conv_transpose2d_op().call(primal(x), tw, c10::nullopt, s, p, op, g, d));
+    if (tx.defined()) t = op::conv_transpose2d().call(tx, primal(w), c10::nullopt, s, p, outpad, g, d);
+    if (tw.defined()) t = add_defined(t, op::conv_transpose2d().call(primal(x), tw, c10::nullopt, s, p, outpad, g, d));
     if (tb.defined()) t = add_defined(t, channel_broadcast(tb, out));
     set_tangent(out, t);
   }
@@ -458,9 +431,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu2d_train_
   const bool fw = has_tangent(x, w) || has_tangent_opt(b) || has_tangent_opt(gamma) || has_tangent_opt(beta);
   const bool rg = wants_grad(x, w) ||
                   (c10::GradMode::is_enabled() && (wants_grad_opt(b) || wants_grad_opt(gamma) || wants_grad_opt(beta)));
-  if (!fw && !rg) return CNNEXT_BELOW(conv_bn_relu2d_train_op().call(x, w, b, gamma, beta, eps, s, p, d, g, relu));
+  if (!fw && !rg) return CNNEXT_BELOW(op::conv_bn_relu2d_train().call(x, w, b, gamma, beta, eps, s, p, d, g, relu));
   auto [out, conv_out, mean, var] =
-      CNNEXT_BELOW(conv_bn_relu2d_train_op().call(x, w, b, gamma, beta, eps, s, p, d, g, relu));
+      CNNEXT_BELOW(op::conv_bn_relu2d_train().call(x, w, b, gamma, beta, eps, s, p, d, g, relu));
   Conf c;
   c.set(s, p, d, g);
   if (rg) {
@@ -512,7 +485,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu2d_train_
   if (has_tangent(go, conv_out, mean, var) || has_tangent_opt(out) || has_tangent_opt(gamma)) no_forward_ad("conv_bn_relu2d_train_backward");
   const bool rg = wants_grad(go, conv_out, mean, var) ||
                   (c10::GradMode::is_enabled() && (wants_grad_opt(out) || wants_grad_opt(gamma)));
-  auto r = CNNEXT_BELOW(conv_bn_relu2d_train_backward_op().call(go, out, conv_out, mean, var, gamma, eps, relu));
+  auto r = CNNEXT_BELOW(op::conv_bn_relu2d_train_backward().call(go, out, conv_out, mean, var, gamma, eps, relu));
   if (rg) {
     auto node = make_node<ConvBnReluTrainBackwardNode>(go, out, conv_out, mean, var, gamma);
     std::get<0>(r) = record(node, std::get<0>(r), go, conv_out);
@@ -531,8 +504,8 @@ at::Tensor conv_bn_relu2d_eval_ad(const at::Tensor& x, const at::Tensor& w, cons
   const bool rg = wants_grad(x, w, rm, rv) ||
                   (c10::GradMode::is_enabled() && (wants_grad_opt(b) || wants_grad_opt(gamma) || wants_grad_opt(beta)));
   if (!fw && !rg)
-    return CNNEXT_BELOW(conv_bn_relu2d_eval_op().call(x, w, b, gamma, beta, rm, rv, eps, s, p, d, g, relu));
-  at::Tensor out = CNNEXT_BELOW(conv_bn_relu2d_eval_op().call(x, w, b, gamma, beta, rm, rv, eps, s, p, d, g, relu));
+    return CNNEXT_BELOW(op::conv_bn_relu2d_eval().call(x, w, b, gamma, beta, rm, rv, eps, s, p, d, g, relu));
+  at::Tensor out = CNNEXT_BELOW(op::conv_bn_relu2d_eval().call(x, w, b, gamma, beta, rm, rv, eps, s, p, d, g, relu));
   Conf c;
   c.set(s, p, d, g);
   if (rg) {

@@ -14,6 +14,7 @@
 
 #include "ops/autograd_common.h"
 #include "ops/autograd_node.h"
+#include "ops/handles.h"
 
 namespace cnnext {
 namespace {
@@ -24,29 +25,8 @@ using OptInt = c10::optional<int64_t>;
 
 // Each node is named after its op: grad_fn.name() is e.g. "cnnext_avg_pool2d_backward".
 
-// --- dispatcher handles (the op below autograd, or with autograd from a backward) ------
-
-#define CNNEXT_OP(NAME, ...)                                                           \
-  static const auto& NAME##_op() {                                                     \
-    static const auto h =                                                              \
-        c10::Dispatcher::singleton().findSchemaOrThrow("cnnext::" #NAME, "").typed<__VA_ARGS__>(); \
-    return h;                                                                          \
-  }
-
-CNNEXT_OP(avg_pool2d, at::Tensor(const at::Tensor&, IntList, IntList, IntList, bool, bool, OptInt))
-CNNEXT_OP(avg_pool2d_backward,
-          at::Tensor(const at::Tensor&, const at::Tensor&, IntList, IntList, IntList, bool, bool, OptInt))
-CNNEXT_OP(adaptive_avg_pool2d, at::Tensor(const at::Tensor&, IntList))
-CNNEXT_OP(adaptive_avg_pool2d_backward, at::Tensor(const at::Tensor&, const at::Tensor&))
-CNNEXT_OP(max_pool2d_with_indices,
-          std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, IntList, IntList, IntList, IntList, bool))
-CNNEXT_OP(max_pool2d_with_indices_backward,
-          at::Tensor(const at::Tensor&, const at::Tensor&, SymList, IntList, IntList, IntList, IntList, bool))
-CNNEXT_OP(max_pool2d_select,
-          at::Tensor(const at::Tensor&, const at::Tensor&, IntList, IntList, IntList, IntList, bool))
-CNNEXT_OP(max_unpool2d, at::Tensor(const at::Tensor&, const at::Tensor&, SymList))
-CNNEXT_OP(max_unpool2d_backward, at::Tensor(const at::Tensor&, const at::Tensor&))
-#undef CNNEXT_OP
+// The ops are called through their handles (csrc/ops/handles.h: op::<name>()), below
+// autograd or, from a backward, with it.
 
 // Pooling arguments kept for the backward pass: (kernel_size, stride, padding, dilation).
 struct PoolConf {
@@ -85,7 +65,7 @@ struct AvgPool2dNode : OpNode {  // avg_pool2d(input, ...)
     std::lock_guard<std::mutex> lock(mutex_);
     variable_list r(1);
     if (needs(0) && grads[0].defined())
-      r[0] = avg_pool2d_backward_op().call(grads[0], saved(input), a.c.k, a.c.s, a.c.p, a.c.ceil, a.cip, a.div);
+      r[0] = op::avg_pool2d_backward().call(grads[0], saved(input), a.c.k, a.c.s, a.c.p, a.c.ceil, a.cip, a.div);
     return r;
   }
 };
@@ -98,7 +78,7 @@ struct AvgPool2dBackwardNode : OpNode {  // avg_pool2d_backward(grad_output, inp
   variable_list apply(variable_list&& grads) override {
     variable_list r(2);
     if (needs(0) && grads[0].defined())
-      r[0] = avg_pool2d_op().call(grads[0], a.c.k, a.c.s, a.c.p, a.c.ceil, a.cip, a.div);
+      r[0] = op::avg_pool2d().call(grads[0], a.c.k, a.c.s, a.c.p, a.c.ceil, a.cip, a.div);
     return r;
   }
 };
@@ -109,7 +89,7 @@ struct AdaptiveAvgPool2dNode : OpNode {
   variable_list apply(variable_list&& grads) override {
     std::lock_guard<std::mutex> lock(mutex_);
     variable_list r(1);
-    if (needs(0) && grads[0].defined()) r[0] = adaptive_avg_pool2d_backward_op().call(grads[0], saved(input));
+    if (needs(0) && grads[0].defined()) r[0] = op::adaptive_avg_pool2d_backward().call(grads[0], saved(input));
     return r;
   }
 };
@@ -119,7 +99,7 @@ struct AdaptiveAvgPool2dBackwardNode : OpNode {  // (grad_output, input)
   std::vector<int64_t> hw;  // the forward op's output size: grad_output's H x W
   variable_list apply(variable_list&& grads) override {
     variable_list r(2);
-    if (needs(0) && grads[0].defined()) r[0] = adaptive_avg_pool2d_op().call(grads[0], hw);
+    if (needs(0) && grads[0].defined()) r[0] = op::adaptive_avg_pool2d().call(grads[0], hw);
     return r;
   }
 };
@@ -137,7 +117,7 @@ struct MaxPool2dNode : OpNode {
     std::lock_guard<std::mutex> lock(mutex_);
     variable_list r(1);
     if (needs(0) && grads[0].defined())
-      r[0] = max_pool2d_with_indices_backward_op().call(grads[0], saved(idx), size, c.k, c.s, c.p, c.d, c.ceil);
+      r[0] = op::max_pool2d_with_indices_backward().call(grads[0], saved(idx), size, c.k, c.s, c.p, c.d, c.ceil);
     return r;
   }
 };
@@ -151,7 +131,7 @@ struct MaxPool2dBackwardNode : OpNode {  // (grad_output, indices, ...)
     std::lock_guard<std::mutex> lock(mutex_);
     variable_list r(2);
     if (needs(0) && grads[0].defined())
-      r[0] = max_pool2d_select_op().call(grads[0], saved(idx), c.k, c.s, c.p, c.d, c.ceil);
+      r[0] = op::max_pool2d_select().call(grads[0], saved(idx), c.k, c.s, c.p, c.d, c.ceil);
     return r;
   }
 };
@@ -166,7 +146,7 @@ struct MaxPool2dSelectNode : OpNode {  // (input, indices, ...)
     std::lock_guard<std::mutex> lock(mutex_);
     variable_list r(2);
     if (needs(0) && grads[0].defined())
-      r[0] = max_pool2d_with_indices_backward_op().call(grads[0], saved(idx), size, c.k, c.s, c.p, c.d, c.ceil);
+      r[0] = op::max_pool2d_with_indices_backward().call(grads[0], saved(idx), size, c.k, c.s, c.p, c.d, c.ceil);
     return r;
   }
 };
@@ -177,7 +157,7 @@ struct MaxUnpool2dNode : OpNode {  // (input, indices, output_size)
   variable_list apply(variable_list&& grads) override {
     std::lock_guard<std::mutex> lock(mutex_);
     variable_list r(2);
-    if (needs(0) && grads[0].defined()) r[0] = max_unpool2d_backward_op().call(grads[0], saved(idx));
+    if (needs(0) && grads[0].defined()) r[0] = op::max_unpool2d_backward().call(grads[0], saved(idx));
     return r;
   }
 };
@@ -210,8 +190,8 @@ struct MaxUnpool2dBackwardNode : OpNode {  // (grad_output, indices)
 at::Tensor avg_pool2d_ad(const at::Tensor& x, IntList k, IntList s, IntList p, bool ceil, bool cip,
                          OptInt div) {
   const bool fw = has_tangent(x);
-  if (!fw && !wants_grad(x)) return CNNEXT_BELOW(avg_pool2d_op().call(x, k, s, p, ceil, cip, div));
-  at::Tensor out = CNNEXT_BELOW(avg_pool2d_op().call(x, k, s, p, ceil, cip, div));
+  if (!fw && !wants_grad(x)) return CNNEXT_BELOW(op::avg_pool2d().call(x, k, s, p, ceil, cip, div));
+  at::Tensor out = CNNEXT_BELOW(op::avg_pool2d().call(x, k, s, p, ceil, cip, div));
   if (wants_grad(x)) {
     auto node = make_node<AvgPool2dNode>(x);
     node->a = {{}, cip, div};
@@ -219,42 +199,42 @@ at::Tensor avg_pool2d_ad(const at::Tensor& x, IntList k, IntList s, IntList p, b
     node->input = node->save(x);
     out = record(node, out, x);
   }
-  if (fw) set_tangent(out, avg_pool2d_op().call(tangent(x), k, s, p, ceil, cip, div));  // linear
+  if (fw) set_tangent(out, op::avg_pool2d().call(tangent(x), k, s, p, ceil, cip, div));  // linear
   return out;
 }
 
 at::Tensor avg_pool2d_backward_ad(const at::Tensor& g, const at::Tensor& x, IntList k, IntList s,
                                   IntList p, bool ceil, bool cip, OptInt div) {
   const bool fw = has_tangent(g);  // linear in g; x gives its shape only
-  if (!fw && !wants_grad(g)) return CNNEXT_BELOW(avg_pool2d_backward_op().call(g, x, k, s, p, ceil, cip, div));
-  at::Tensor out = CNNEXT_BELOW(avg_pool2d_backward_op().call(g, x, k, s, p, ceil, cip, div));
+  if (!fw && !wants_grad(g)) return CNNEXT_BELOW(op::avg_pool2d_backward().call(g, x, k, s, p, ceil, cip, div));
+  at::Tensor out = CNNEXT_BELOW(op::avg_pool2d_backward().call(g, x, k, s, p, ceil, cip, div));
   if (wants_grad(g)) {
     auto node = make_node<AvgPool2dBackwardNode>(g, x);
     node->a = {{}, cip, div};
     node->a.c.set(k, s, p, {}, ceil);
     out = record(node, out, g, x);
   }
-  if (fw) set_tangent(out, avg_pool2d_backward_op().call(tangent(g), primal(x), k, s, p, ceil, cip, div));
+  if (fw) set_tangent(out, op::avg_pool2d_backward().call(tangent(g), primal(x), k, s, p, ceil, cip, div));
   return out;
 }
 
 at::Tensor adaptive_avg_pool2d_ad(const at::Tensor& x, IntList size) {
   const bool fw = has_tangent(x);
-  if (!fw && !wants_grad(x)) return CNNEXT_BELOW(adaptive_avg_pool2d_op().call(x, size));
-  at::Tensor out = CNNEXT_BELOW(adaptive_avg_pool2d_op().call(x, size));
+  if (!fw && !wants_grad(x)) return CNNEXT_BELOW(op::adaptive_avg_pool2d().call(x, size));
+  at::Tensor out = CNNEXT_BELOW(op::adaptive_avg_pool2d().call(x, size));
   if (wants_grad(x)) {
     auto node = make_node<AdaptiveAvgPool2dNode>(x);
     node->input = node->save(x);
     out = record(node, out, x);
   }
-  if (fw) set_tangent(out, adaptive_avg_pool2d_op().call(tangent(x), size));
+  if (fw) set_tangent(out, op::adaptive_avg_pool2d().call(tangent(x), size));
   return out;
 }
 
 at::Tensor adaptive_avg_pool2d_backward_ad(const at::Tensor& g, const at::Tensor& x) {
   const bool fw = has_tangent(g);
-  if (!fw && !wants_grad(g)) return CNNEXT_BELOW(adaptive_avg_pool2d_backward_op().call(g, x));
-  at::Tensor out = CNNEXT_BELOW(adaptive_avg_pool2d_backward_op().call(g, x));
+  if (!fw && !wants_grad(g)) return CNNEXT_BELOW(op::adaptive_avg_pool2d_backward().call(g, x));
+  at::Tensor out = CNNEXT_BELOW(op::adaptive_avg_pool2d_backward().call(g, x));
   if (wants_grad(g)) {
     auto node = make_node<AdaptiveAvgPool2dBackwardNode>(g, x);
     // The forward op's output size is grad_output's H x W (an int[2] argument: under
@@ -262,7 +242,7 @@ at::Tensor adaptive_avg_pool2d_backward_ad(const at::Tensor& g, const at::Tensor
     node->hw = {g.sym_size(-2).guard_int(__FILE__, __LINE__), g.sym_size(-1).guard_int(__FILE__, __LINE__)};
     out = record(node, out, g, x);
   }
-  if (fw) set_tangent(out, adaptive_avg_pool2d_backward_op().call(tangent(g), primal(x)));
+  if (fw) set_tangent(out, op::adaptive_avg_pool2d_backward().call(tangent(g), primal(x)));
   return out;
 }
 
@@ -270,8 +250,8 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_with_indices_ad(const at::Tensor& 
                                                               IntList s, IntList p, IntList d,
                                                               bool ceil) {
   const bool fw = has_tangent(x);
-  if (!fw && !wants_grad(x)) return CNNEXT_BELOW(max_pool2d_with_indices_op().call(x, k, s, p, d, ceil));
-  auto [out, idx] = CNNEXT_BELOW(max_pool2d_with_indices_op().call(x, k, s, p, d, ceil));
+  if (!fw && !wants_grad(x)) return CNNEXT_BELOW(op::max_pool2d_with_indices().call(x, k, s, p, d, ceil));
+  auto [out, idx] = CNNEXT_BELOW(op::max_pool2d_with_indices().call(x, k, s, p, d, ceil));
   if (wants_grad(x)) {
     auto node = make_node<MaxPool2dNode>(x);
     node->c.set(k, s, p, d, ceil);
@@ -280,7 +260,7 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_with_indices_ad(const at::Tensor& 
     out = record(node, out, x);
   }
   // The tangent at the maxima's indices.
-  if (fw) set_tangent(out, max_pool2d_select_op().call(tangent(x), idx, k, s, p, d, ceil));
+  if (fw) set_tangent(out, op::max_pool2d_select().call(tangent(x), idx, k, s, p, d, ceil));
   return {out, idx};
 }
 
@@ -289,23 +269,23 @@ at::Tensor max_pool2d_with_indices_backward_ad(const at::Tensor& g, const at::Te
                                                IntList d, bool ceil) {
   const bool fw = has_tangent(g);
   if (!fw && !wants_grad(g))
-    return CNNEXT_BELOW(max_pool2d_with_indices_backward_op().call(g, idx, size, k, s, p, d, ceil));
-  at::Tensor out = CNNEXT_BELOW(max_pool2d_with_indices_backward_op().call(g, idx, size, k, s, p, d, ceil));
+    return CNNEXT_BELOW(op::max_pool2d_with_indices_backward().call(g, idx, size, k, s, p, d, ceil));
+  at::Tensor out = CNNEXT_BELOW(op::max_pool2d_with_indices_backward().call(g, idx, size, k, s, p, d, ceil));
   if (wants_grad(g)) {
     auto node = make_node<MaxPool2dBackwardNode>(g, idx);
     node->c.set(k, s, p, d, ceil);
     node->idx = node->save(idx);
     out = record(node, out, g, idx);
   }
-  if (fw) set_tangent(out, max_pool2d_with_indices_backward_op().call(tangent(g), idx, size, k, s, p, d, ceil));
+  if (fw) set_tangent(out, op::max_pool2d_with_indices_backward().call(tangent(g), idx, size, k, s, p, d, ceil));
   return out;
 }
 
 at::Tensor max_pool2d_select_ad(const at::Tensor& x, const at::Tensor& idx, IntList k, IntList s,
                                 IntList p, IntList d, bool ceil) {
   const bool fw = has_tangent(x);
-  if (!fw && !wants_grad(x)) return CNNEXT_BELOW(max_pool2d_select_op().call(x, idx, k, s, p, d, ceil));
-  at::Tensor out = CNNEXT_BELOW(max_pool2d_select_op().call(x, idx, k, s, p, d, ceil));
+  if (!fw && !wants_grad(x)) return CNNEXT_BELOW(op::max_pool2d_select().call(x, idx, k, s, p, d, ceil));
+  at::Tensor out = CNNEXT_BELOW(op::max_pool2d_select().call(x, idx, k, s, p, d, ceil));
   if (wants_grad(x)) {
     auto node = make_node<MaxPool2dSelectNode>(x, idx);
     node->c.set(k, s, p, d, ceil);
@@ -313,34 +293,34 @@ at::Tensor max_pool2d_select_ad(const at::Tensor& x, const at::Tensor& idx, IntL
     node->idx = node->save(idx);
     out = record(node, out, x, idx);
   }
-  if (fw) set_tangent(out, max_pool2d_select_op().call(tangent(x), idx, k, s, p, d, ceil));
+  if (fw) set_tangent(out, op::max_pool2d_select().call(tangent(x), idx, k, s, p, d, ceil));
   return out;
 }
 
 at::Tensor max_unpool2d_ad(const at::Tensor& x, const at::Tensor& idx, SymList size) {
   const bool fw = has_tangent(x);
-  if (!fw && !wants_grad(x)) return CNNEXT_BELOW(max_unpool2d_op().call(x, idx, size));
-  at::Tensor out = CNNEXT_BELOW(max_unpool2d_op().call(x, idx, size));
+  if (!fw && !wants_grad(x)) return CNNEXT_BELOW(op::max_unpool2d().call(x, idx, size));
+  at::Tensor out = CNNEXT_BELOW(op::max_unpool2d().call(x, idx, size));
   if (wants_grad(x)) {
     auto node = make_node<MaxUnpool2dNode>(x, idx);
     node->idx = node->save(idx);
     out = record(node, out, x, idx);
   }
-  if (fw) set_tangent(out, max_unpool2d_op().call(tangent(x), idx, size));
+  if (fw) set_tangent(out, op::max_unpool2d().call(tangent(x), idx, size));
   return out;
 }
 
 at::Tensor max_unpool2d_backward_ad(const at::Tensor& g, const at::Tensor& idx) {
   const bool fw = has_tangent(g);
-  if (!fw && !wants_grad(g)) return CNNEXT_BELOW(max_unpool2d_backward_op().call(g, idx));
-  at::Tensor out = CNNEXT_BELOW(max_unpool2d_backward_op().call(g, idx));
+  if (!fw && !wants_grad(g)) return CNNEXT_BELOW(op::max_unpool2d_backward().call(g, idx));
+  at::Tensor out = CNNEXT_BELOW(op::max_unpool2d_backward().call(g, idx));
   if (wants_grad(g)) {
     auto node = make_node<MaxUnpool2dBackwardNode>(g, idx);
     node->hw = {g.sym_size(-2), g.sym_size(-1)};
     node->idx = node->save(idx);
     out = record(node, out, g, idx);
   }
-  if (fw) set_tangent(out, max_unpool2d_backward_op().call(tangent(g), idx));
+  if (fw) set_tangent(out, op::max_unpool2d_backward().call(tangent(g), idx));
   return out;
 }
 
