@@ -27,8 +27,9 @@ at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight,
                   at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   constexpr const char* op = "conv2d";
   auto [x, batched] = as_batch(op, "input", input);
-  check_dtype_supported(op, "input", input);
+  // A dtype mismatch first (RuntimeError, as torch), then a dtype without a kernel.
   check_same_dtype_device(op, "input", input, "weight", weight);
+  check_dtype_supported(op, "input", input);
   const Conv2dParams p = make_params(op, x.sizes(), weight.sizes(), stride, padding, dilation, groups);
   if (bias.has_value() && bias->defined()) {
     check_same_dtype_device(op, "input", input, "bias", *bias);

@@ -24,8 +24,9 @@ at::Tensor conv_transpose2d(const at::Tensor& input, const at::Tensor& weight,
                             int64_t groups, at::IntArrayRef dilation) {
   constexpr const char* op = "conv_transpose2d";
   auto [x, batched] = as_batch(op, "input", input);
-  check_dtype_supported(op, "input", input);
+  // A dtype mismatch first (RuntimeError, as torch), then a dtype without a kernel.
   check_same_dtype_device(op, "input", input, "weight", weight);
+  check_dtype_supported(op, "input", input);
   TORCH_CHECK(weight.dim() == 4, op,
               ": expected weight to be 4-D (in_channels, out_channels / groups, kH, kW), got ",
               weight.dim(), "-D tensor of shape ", shape_str(weight.sizes()));
