@@ -68,7 +68,7 @@ def _pair(value, name, op):
     if len(items) == 1:
         items = items * 2
     if len(items) != 2:  # torch: RuntimeError ("kernel_size must either be a single int, or a tuple of two ints")
-        raise RuntimeError(f"{op}: expected {name} to be an int or a pair of ints, got {len(items)} values {value!r}")
+        raise RuntimeError(f"{op}: expected {name} to be an int or a pair of ints, got {value!r} ({len(items)} values)")
     if not all(isinstance(v, (numbers.Integral, torch.SymInt)) and not isinstance(v, bool) for v in items):
         raise TypeError(f"{op}: expected {name} to be an int or a pair of ints, got {value!r}")
     return [int(v) if isinstance(v, numbers.Integral) else v for v in items]
@@ -196,8 +196,8 @@ def adaptive_avg_pool2d(input, output_size):
                              f"{output_size!r}, got {input.dim()}-D input of shape {list(input.shape)}")
         items = list(output_size)
         if len(items) != 2:  # torch: RuntimeError ("output_size must be 2")
-            raise RuntimeError(f"{op}: expected output_size to be an int or a pair, got {len(items)} values "
-                               f"{output_size!r}")
+            raise RuntimeError(f"{op}: expected output_size to be an int or a pair, got {output_size!r} "
+                               f"({len(items)} values)")
         if any(v is None for v in items) and input.dim() < 2:
             raise ValueError(f"{op}: expected input to be 3-D or 4-D, got {input.dim()}-D")
         sizes = [input.shape[-2 + d] if v is None else _int_arg(v, "output_size", op) for d, v in enumerate(items)]
@@ -258,6 +258,9 @@ def _unpool_output_size(input, kernel_size, stride, padding, output_size):
         if not lo < output_size[d] < hi:
             raise ValueError(f"max_unpool2d: invalid output_size {output_size} (dim {d} must be between "
                              f"{lo} and {hi}, exclusive: the default size {default[d]} +- stride {stride[d]})")
+    for d in range(2):  # torch's ValueError (default sizes of 0 or less and a stride over 1 allow these)
+        if output_size[d] < 0:
+            raise ValueError(f"max_unpool2d: expected output_size to be non-negative, got {output_size}")
     return [int(v) if not isinstance(v, torch.SymInt) else v for v in output_size]
 
 

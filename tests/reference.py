@@ -124,3 +124,22 @@ def window_in_padding(x, *args, **kwargs):
         if F.max_pool2d(x.detach(), **kw).numel() == 0 and x.shape[-2] * x.shape[-1] == 0:
             return False
     return bool(_empty_windows(x, kw).any())
+
+
+def transposed_conv_cut(input_shape, weight_shape, stride=1, padding=0, output_padding=0, dilation=1, **_):
+    """Whether conv_transpose2d's input gradient is cut from a larger one here (the
+    output_padding makes an output whose adjoint convolution is longer than the input)."""
+    s, p, op, d = (_pair(v) for v in (stride, padding, output_padding, dilation))
+    for i in range(2):
+        n, k = input_shape[-2 + i], weight_shape[2 + i]
+        out = (n - 1) * s[i] - 2 * p[i] + d[i] * (k - 1) + op[i] + 1
+        if (out + 2 * p[i] - d[i] * (k - 1) - 1) // s[i] + 1 != n:
+            return True
+    return False
+
+
+# The lead's open fix (csrc/ops/autograd_conv2d.cpp): the cut input gradient of an unbatched
+# transposed convolution comes back NCHW where torch keeps channels innermost; see
+# tests/test_issue13_findings.py::test_item12_unbatched_transposed_conv_cut_gradient_keeps_channels_last.
+UNBATCHED_CUT_REASON = ("the lead's open fix in csrc/ops/autograd_conv2d.cpp: an unbatched transposed "
+                        "convolution's cut input gradient is made dense NCHW (torch: channels innermost)")

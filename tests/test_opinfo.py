@@ -32,6 +32,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn as nn
 import torch.nn.functional as F
+from torch._prims_common import suggest_memory_format
 from torch.testing._internal.common_methods_invocations import op_db
 from torch.testing._internal.common_modules import module_db
 
@@ -42,7 +43,7 @@ from reference import assert_close as _close
 from reference import assert_same_format as _same_format
 from reference import channels_last as _channels_last
 from reference import float64_copy as _float64_copy
-from reference import max_pool_reference, window_in_padding
+from reference import UNBATCHED_CUT_REASON, max_pool_reference, transposed_conv_cut, window_in_padding
 
 # OpInfo name (variant) -> the cnnext function. torch also has `max_pool2d_with_indices_backward`
 # (an aten backward op, which cnnext does not expose as a function: it is reached through
@@ -145,7 +146,12 @@ def _sample_params():
         for dtype in DTYPES:  # (the max_unpool2d "grad" samples differ in number by dtype)
             for i in range(_sample_count(key, dtype)):
                 for layout in LAYOUTS:
-                    yield pytest.param(key, i, dtype, layout,
+                    marks = ()
+                    s = _samples(key, dtype)[i]
+                    if key[0] == "nn.functional.conv_transpose2d" and layout == "channels_last" and \
+                            s.input.dim() == 3 and transposed_conv_cut(s.input.shape, s.args[0].shape, **s.kwargs):
+                        marks = pytest.mark.xfail(strict=True, raises=AssertionError, reason=UNBATCHED_CUT_REASON)
+                    yield pytest.param(key, i, dtype, layout, marks=marks,
                                        id=f"{_entry_id(key)}-{i}-{str(dtype)[6:]}-{layout}")
 
 
@@ -220,7 +226,7 @@ def test_opinfo_sample(key, index, dtype, layout):
                                                              for a in args], **kwargs))[0]
         _same_format(out, s_out, "output")
         if inp.dim() == 4 and grads[0] is not None:
-            fmt = inp.suggest_memory_format()
+            fmt = suggest_memory_format(inp)
             assert grads[0].is_contiguous(memory_format=fmt), f"input gradient strides {grads[0].stride()}"
         return
     s_inp, s_args, s_kwargs = _relayout(sample, layout)
