@@ -143,3 +143,12 @@ def transposed_conv_cut(input_shape, weight_shape, stride=1, padding=0, output_p
 # tests/test_issue13_findings.py::test_item12_unbatched_transposed_conv_cut_gradient_keeps_channels_last.
 UNBATCHED_CUT_REASON = ("the lead's open fix in csrc/ops/autograd_conv2d.cpp: an unbatched transposed "
                         "convolution's cut input gradient is made dense NCHW (torch: channels innermost)")
+
+# The lead's open fix (csrc/ops/autograd_conv2d.cpp): a convolution's grad_output is put in the
+# forward's layout with .contiguous(channels_last), which keeps the NCHW strides of an output
+# that is both contiguous and channels_last (e.g. one channel, one row); the backward op then
+# reads its layout from those strides and returns an NCHW input gradient where torch (which
+# takes the layout from the input and weight) returns channels_last. See
+# tests/test_issue13_findings.py::test_item12_ambiguous_output_gradient_takes_the_input_layout.
+AMBIGUOUS_OUTPUT_REASON = ("the lead's open fix in csrc/ops/autograd_conv2d.cpp: the gradient layout of a "
+                           "convolution whose output is both contiguous and channels_last")
