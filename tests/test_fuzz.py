@@ -112,7 +112,14 @@ def _check(ours_fn, stock_fn, inputs, dtype, g_layout, seed, exact_reference=Non
     grad_format = grad_format and memory_format(s_out) != "both"
     if grad_format and exact_reference is None and s_out.numel() and ours_in[0].numel():
         gx, = torch.autograd.grad(got_out, ours_in[0], go, retain_graph=True)
-        s_gx, = torch.autograd.grad(s_out, s_in[0], go)
+        try:
+            s_gx, = torch.autograd.grad(s_out, s_in[0], go)
+        except RuntimeError as e:
+            # stock's max_unpool2d backward raises on non-contiguous ("permuted") indices: "view
+            # size is not compatible with input tensor's size and stride"; the values were
+            # compared above on contiguous copies, where stock works.
+            assert "view size is not compatible" in str(e), e
+            return
         assert_same_format(gx, s_gx, "input gradient")
 
 
