@@ -19,7 +19,7 @@ from ._shapes import check_same_device, pool_out_size, prefers_channels_last
 
 def _out_like(x, shape):
     """An empty tensor of shape in the layout the ops give their output: the input's
-    (channels_last when it is channels_last-contiguous and not also contiguous);
+    (channels_last when its strides suggest channels_last, see prefers_channels_last);
     contiguous for unbatched input."""
     batched = x.dim() == 4
     fmt = torch.channels_last if batched and prefers_channels_last(x) else torch.contiguous_format
@@ -55,4 +55,6 @@ def _adaptive_avg_pool2d_fake(input, output_size):
 @torch.library.register_fake("cnnext::adaptive_avg_pool2d_backward")
 def _adaptive_avg_pool2d_backward_fake(grad_output, input):
     check_same_device("adaptive_avg_pool2d_backward", grad_output=grad_output, input=input)
+    if grad_output.shape[-2] == 1 and grad_output.shape[-1] == 1:  # torch's mean: a contiguous gradient
+        return input.new_empty(input.shape)
     return _out_like(input, input.shape)

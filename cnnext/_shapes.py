@@ -5,6 +5,7 @@ exists because fake kernels must also work on symbolic sizes under torch.compile
 tests/test_conv2d.py::test_opcheck checks that both agree.
 """
 import torch
+from torch._prims_common import suggest_memory_format
 
 
 def conv_out_size(size, kernel, stride, padding, dilation):
@@ -18,14 +19,10 @@ def conv_transpose_out_size(size, kernel, stride, padding, dilation, output_padd
 
 def prefers_channels_last(*tensors):
     """The layout rule of csrc/ops (layout_of): channels_last output when any 4-D
-    operand is channels_last-contiguous without also being plain contiguous. Callers
-    pass only the weight for unbatched input, as csrc/ops does."""
-    return any(
-        t.dim() == 4
-        and t.is_contiguous(memory_format=torch.channels_last)
-        and not t.is_contiguous()
-        for t in tensors
-    )
+    operand's strides suggest channels_last as torch decides (suggest_memory_format: a
+    sliced channels_last tensor counts, and so does one that is also plain contiguous).
+    Callers pass only the weight for unbatched input, as csrc/ops does."""
+    return any(t.dim() == 4 and suggest_memory_format(t) == torch.channels_last for t in tensors)
 
 
 def pool_out_size(size, kernel, stride, padding, dilation, ceil_mode):

@@ -64,8 +64,10 @@ def _pair(value, name, op):
         raise TypeError(f"{op}: expected {name} to be an int or a pair of ints, got {value!r}") from None
     if len(items) == 1:
         items = items * 2
-    if len(items) != 2 or not all(isinstance(v, (numbers.Integral, torch.SymInt)) and not isinstance(v, bool) for v in items):
-        raise ValueError(f"{op}: expected {name} to be an int or a pair of ints, got {value!r}")
+    if len(items) != 2:  # torch: RuntimeError ("kernel_size must either be a single int, or a tuple of two ints")
+        raise RuntimeError(f"{op}: expected {name} to be an int or a pair of ints, got {value!r} ({len(items)} values)")
+    if not all(isinstance(v, (numbers.Integral, torch.SymInt)) and not isinstance(v, bool) for v in items):
+        raise TypeError(f"{op}: expected {name} to be an int or a pair of ints, got {value!r}")
     return [int(v) if isinstance(v, numbers.Integral) else v for v in items]
 
 
@@ -190,10 +192,9 @@ def adaptive_avg_pool2d(input, output_size):
             raise ValueError(f"{op}: expected input to have more than {len(output_size)} dims for output_size "
                              f"{output_size!r}, got {input.dim()}-D input of shape {list(input.shape)}")
         items = list(output_size)
-        if len(items) == 1:
-            items = items * 2
-        if len(items) != 2:
-            raise ValueError(f"{op}: expected output_size to be an int or a pair, got {output_size!r}")
+        if len(items) != 2:  # torch: RuntimeError ("output_size must be 2")
+            raise RuntimeError(f"{op}: expected output_size to be an int or a pair, got {output_size!r} "
+                               f"({len(items)} values)")
         if any(v is None for v in items) and input.dim() < 2:
             raise ValueError(f"{op}: expected input to be 3-D or 4-D, got {input.dim()}-D")
         sizes = [input.shape[-2 + d] if v is None else _int_arg(v, "output_size", op) for d, v in enumerate(items)]
@@ -254,6 +255,9 @@ def _unpool_output_size(input, kernel_size, stride, padding, output_size):
         if not lo < output_size[d] < hi:
             raise ValueError(f"max_unpool2d: invalid output_size {output_size} (dim {d} must be between "
                              f"{lo} and {hi}, exclusive: the default size {default[d]} +- stride {stride[d]})")
+    for d in range(2):  # torch's ValueError (default sizes of 0 or less and a stride over 1 allow these)
+        if output_size[d] < 0:
+            raise ValueError(f"max_unpool2d: expected output_size to be non-negative, got {output_size}")
     return [int(v) if not isinstance(v, torch.SymInt) else v for v in output_size]
 
 
@@ -297,6 +301,10 @@ def conv_bn_relu2d(input, weight, bias, bn_weight, bn_bias, running_mean, runnin
         raise ValueError(f"{op}: expected running_mean and running_var to be both given or both None")
     if not training and running_mean is None:
         raise ValueError(f"{op}: expected running_mean and running_var in inference mode (training=False)")
+    if training and not eps > 0:  # torch.nn.functional.batch_norm's ValueError
+        raise ValueError(f"{op}: expected eps to be positive in training mode, got {eps}")
+    if not eps >= 0:
+        raise ValueError(f"{op}: expected eps to be non-negative, got {eps}")
     if isinstance(padding, str):
         if padding == "valid":
             padding = [0, 0]

@@ -214,7 +214,7 @@ def test_bad_arguments_raise(kw, match):
 def test_bad_inputs_raise():
     with pytest.raises(RuntimeError, match=r"avg_pool2d: expected input to be 3-D \(C, H, W\) or 4-D"):
         avg_pool2d(torch.randn(8, 8), 2)
-    with pytest.raises(TypeError, match="avg_pool2d: expected input to be float16, bfloat16, float32 or float64, got Int"):
+    with pytest.raises(NotImplementedError, match="avg_pool2d: expected input to be float16, bfloat16, float32 or float64, got Int"):
         avg_pool2d(torch.ones(1, 1, 4, 4, dtype=torch.int32), 2)
     with pytest.raises(RuntimeError, match="avg_pool2d: expected input with non-zero channels, height and width"):
         avg_pool2d(torch.randn(2, 0, 4, 4), 2)
@@ -233,7 +233,7 @@ def test_backward_op_bad_inputs_raise():
         ops.avg_pool2d_backward(torch.randn(2, 3, 3, 4), x, *conf)
     with pytest.raises(RuntimeError, match="avg_pool2d_backward: expected grad_output .* both batched or both"):
         ops.avg_pool2d_backward(torch.randn(3, 3, 3), x, *conf)
-    with pytest.raises(TypeError, match="avg_pool2d_backward: expected input to have the same dtype as grad_output"):
+    with pytest.raises(RuntimeError, match="avg_pool2d_backward: expected input to have the same dtype as grad_output"):
         ops.avg_pool2d_backward(torch.randn(2, 3, 3, 3, dtype=torch.float64), x, *conf)
     with pytest.raises(RuntimeError, match="avg_pool2d_backward: expected divisor_override to be non-zero"):
         ops.avg_pool2d_backward(torch.randn(2, 3, 3, 3), x, [2, 2], [2, 2], [0, 0], False, True, 0)

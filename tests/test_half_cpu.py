@@ -296,12 +296,12 @@ def test_opcheck(dtype):
 
 
 def test_other_dtypes_still_raise():
-    with pytest.raises(TypeError, match=r"conv2d: expected input to be float16, bfloat16, float32 or float64, "
+    with pytest.raises(NotImplementedError, match=r"conv2d: expected input to be float16, bfloat16, float32 or float64, "
                                         r"got Int on cpu"):
         cf.conv2d(torch.ones(1, 1, 3, 3, dtype=torch.int32), torch.ones(1, 1, 1, 1, dtype=torch.int32))
-    with pytest.raises(TypeError, match="expected weight to have the same dtype as input"):
+    with pytest.raises(RuntimeError, match="expected weight to have the same dtype as input"):
         cf.conv2d(torch.ones(1, 1, 3, 3, dtype=torch.bfloat16), torch.ones(1, 1, 1, 1))
-    with pytest.raises(TypeError, match=r"expected bn_weight to have dtype BFloat16 or float32, got Double"):
+    with pytest.raises(RuntimeError, match=r"expected bn_weight to have dtype BFloat16 or float32, got Double"):
         cf.conv_bn_relu2d(torch.ones(2, 1, 3, 3, dtype=torch.bfloat16), torch.ones(1, 1, 1, 1, dtype=torch.bfloat16),
                           None, torch.ones(1, dtype=torch.float64), None, None, None, True)
 

@@ -154,7 +154,7 @@ def test_half_modules_run_on_cpu():
 
 def test_dtype_mismatch_rejected():
     m = cnnext.nn.Conv2d(3, 4, 3)
-    with pytest.raises(TypeError, match=r"expected weight to have the same dtype as input \(Double\), got Float"):
+    with pytest.raises(RuntimeError, match=r"expected weight to have the same dtype as input \(Double\), got Float"):
         m(torch.randn(1, 3, 5, 5, dtype=torch.float64))
 
 

@@ -38,6 +38,7 @@ struct Windows {
   std::vector<T> inv;                       // 1 / divisor of each output, OH x OW
   bool global = false;                      // a single window covering the whole plane
   bool w_regular = false;                   // every column window is [ow * SW, ow * SW + KW)
+  int64_t max_area = 0;                     // input elements of the largest window
 
   explicit Windows(const AvgPool2dParams& a) {
     const Pool2dParams& p = a.p;
@@ -50,6 +51,10 @@ struct Windows {
       for (int64_t ow = 0; ow < p.OW; ++ow)
         inv[oh * p.OW + ow] = static_cast<T>(1.0 / static_cast<double>(avg_pool_divisor(a, fh[oh], fw[ow])));
     global = p.OH == 1 && p.OW == 1 && hlo[0] == 0 && hhi[0] == p.H && wlo[0] == 0 && whi[0] == p.W;
+    int64_t max_h = 0, max_w = 0;
+    for (int64_t oh = 0; oh < p.OH; ++oh) max_h = std::max(max_h, hhi[oh] - hlo[oh]);
+    for (int64_t ow = 0; ow < p.OW; ++ow) max_w = std::max(max_w, whi[ow] - wlo[ow]);
+    max_area = max_h * max_w;
     w_regular = !a.adaptive;
     for (int64_t ow = 0; ow < p.OW && w_regular; ++ow)
       w_regular = wlo[ow] == ow * p.SW && whi[ow] == ow * p.SW + p.KW;
@@ -178,6 +183,20 @@ void forward_plane(const AvgPool2dParams& a, const Windows<T>& win, const T* x, 
   const Pool2dParams& p = a.p;
   if (win.global) {
     y[0] = block_sum(x, p.H, p.W, xh, xw) * win.inv[0];
+    return;
+  }
+  if (win.max_area > kSumChunk) {
+    // Windows of more than kSumChunk elements (a few adaptive outputs of a large plane):
+    // each summed on its own as global pooling sums, rows in chunks added in double; the
+    // column sums of whole window heights in T below lost 1e-6 and more in float32.
+    for (int64_t oh = 0; oh < p.OH; ++oh) {
+      const int64_t h0 = win.hlo[oh], h1 = win.hhi[oh];
+      for (int64_t ow = 0; ow < p.OW; ++ow) {
+        const int64_t w0 = win.wlo[ow], w1 = win.whi[ow];
+        y[oh * p.OW + ow] =
+            block_sum(x + h0 * xh + w0 * xw, h1 - h0, w1 - w0, xh, xw) * win.inv[oh * p.OW + ow];
+      }
+    }
     return;
   }
   for (int64_t oh = 0; oh < p.OH; ++oh) {

@@ -129,7 +129,15 @@ at::Tensor adaptive_avg_pool2d_backward(const at::Tensor& grad_output, const at:
   bool batched = true;
   auto [g, x] = backward_operands(op, grad_output, input, &batched);
   const int64_t out[2] = {g.size(2), g.size(3)};
-  return backward(op, g, x, batched, adaptive_params(op, x.sizes(), out));
+  const AvgPool2dParams a = adaptive_params(op, x.sizes(), out);
+  if (out[0] == 1 && out[1] == 1) {
+    // A 1 x 1 output is torch's mean over H and W, whose gradient (an expanded grad_output
+    // divided by H * W) comes back contiguous whatever the input's layout.
+    check_grad_output(op, a, g);
+    return unbatch(CNNEXT_BACKEND(op, g, avg_pool2d_backward)(g, a, at::MemoryFormat::Contiguous),
+                   batched);
+  }
+  return backward(op, g, x, batched, a);
 }
 
 }  // namespace

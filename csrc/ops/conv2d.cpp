@@ -27,7 +27,7 @@ at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight,
                   at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   constexpr const char* op = "conv2d";
   auto [x, batched] = as_batch(op, "input", input);
-  check_dtype_supported(op, "input", input);
+  // A dtype mismatch first (RuntimeError, as torch; bias below), then a dtype without a kernel.
   check_same_dtype_device(op, "input", input, "weight", weight);
   const Conv2dParams p = make_params(op, x.sizes(), weight.sizes(), stride, padding, dilation, groups);
   if (bias.has_value() && bias->defined()) {
@@ -36,6 +36,7 @@ at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight,
                 ": expected bias to be 1-D of size out_channels = ", p.O, ", got shape ",
                 shape_str(bias->sizes()));
   }
+  check_dtype_supported(op, "input", input);
   const auto fmt = batched ? layout_of({x, weight}) : layout_of({weight});
   return unbatch(CNNEXT_BACKEND(op, x, conv2d_forward)(x, weight, bias, p, fmt, false), batched);
 }

@@ -46,9 +46,9 @@ void check_channel_vector(const char* op, const char* name, const at::Tensor& t,
   TORCH_CHECK(t.device() == ref.device(), op, ": expected ", name,
               " to be on the same device as input (", ref.device(), "), got ", t.device());
   const bool mixed = or_stats_dtype && stats_dtype(dtype) != dtype;
-  TORCH_CHECK_TYPE(t.scalar_type() == dtype || (mixed && t.scalar_type() == stats_dtype(dtype)),
-                   op, ": expected ", name, " to have dtype ", dtype,
-                   mixed ? " or float32" : "", ", got ", t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == dtype || (mixed && t.scalar_type() == stats_dtype(dtype)),
+              op, ": expected ", name, " to have dtype ", dtype,
+              mixed ? " or float32" : "", ", got ", t.scalar_type());
   TORCH_CHECK(t.dim() == 1 && t.size(0) == channels, op, ": expected ", name,
               " to be 1-D of size out_channels = ", channels, ", got shape ",
               shape_str(t.sizes()));
@@ -61,8 +61,9 @@ Conv2dParams check_conv(const char* op, const at::Tensor& input, const at::Tenso
                         const c10::optional<at::Tensor>& bn_bias, at::IntArrayRef stride,
                         at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   check_4d(op, "input", input);
-  check_dtype_supported(op, "input", input);
+  // A dtype mismatch first (RuntimeError, as torch), then a dtype without a kernel.
   check_same_dtype_device(op, "input", input, "weight", weight);
+  check_dtype_supported(op, "input", input);
   const Conv2dParams p =
       make_params(op, input.sizes(), weight.sizes(), stride, padding, dilation, groups);
   const auto dt = input.scalar_type();
@@ -146,8 +147,8 @@ void batch_norm_update_stats_(at::Tensor& running_mean, at::Tensor& running_var,
                 " to be on the same device as mean (", mean.device(), "), got ", t->device());
     TORCH_CHECK(t->dim() == 1 && t->size(0) == C, op, ": expected ", name,
                 " to be 1-D of size out_channels = ", C, ", got shape ", shape_str(t->sizes()));
-    TORCH_CHECK_TYPE(at::isFloatingType(t->scalar_type()), op, ": expected ", name,
-                     " to be a floating tensor, got ", t->scalar_type());
+    TORCH_CHECK(at::isFloatingType(t->scalar_type()), op, ": expected ", name,
+                " to be a floating tensor, got ", t->scalar_type());
   }
   TORCH_CHECK(count >= 0 && count != 1, op,
               ": expected count (values per channel) to be 0 or more than 1, got ", count);

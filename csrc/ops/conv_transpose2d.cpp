@@ -24,7 +24,7 @@ at::Tensor conv_transpose2d(const at::Tensor& input, const at::Tensor& weight,
                             int64_t groups, at::IntArrayRef dilation) {
   constexpr const char* op = "conv_transpose2d";
   auto [x, batched] = as_batch(op, "input", input);
-  check_dtype_supported(op, "input", input);
+  // A dtype mismatch first (RuntimeError, as torch; bias below), then a dtype without a kernel.
   check_same_dtype_device(op, "input", input, "weight", weight);
   TORCH_CHECK(weight.dim() == 4, op,
               ": expected weight to be 4-D (in_channels, out_channels / groups, kH, kW), got ",
@@ -68,6 +68,7 @@ at::Tensor conv_transpose2d(const at::Tensor& input, const at::Tensor& weight,
                 ": expected bias to be 1-D of size out_channels = ", C_out, " (weight.size(1) * groups), "
                 "got shape ", shape_str(bias->sizes()));
   }
+  check_dtype_supported(op, "input", input);
 
   // The adjoint conv2d: from the output (N, C_out, HO, WO) back to the input's shape.
   const std::vector<int64_t> out_size{N, C_out, HO, WO};

@@ -33,8 +33,8 @@ void check_indices_type(const char* op, const at::Tensor& ref, const char* ref_n
                         const at::Tensor& indices) {
   TORCH_CHECK(indices.device() == ref.device(), op, ": expected indices to be on the same device as ",
               ref_name, " (", ref.device(), "), got ", indices.device());
-  TORCH_CHECK_TYPE(indices.scalar_type() == at::kLong, op, ": expected indices to be int64, got ",
-                   indices.scalar_type());
+  TORCH_CHECK(indices.scalar_type() == at::kLong, op, ": expected indices to be int64, got ",
+              indices.scalar_type());
 }
 
 void check_indices(const char* op, const at::Tensor& ref, const char* ref_name,
