@@ -126,29 +126,5 @@ def window_in_padding(x, *args, **kwargs):
     return bool(_empty_windows(x, kw).any())
 
 
-def transposed_conv_cut(input_shape, weight_shape, stride=1, padding=0, output_padding=0, dilation=1, **_):
-    """Whether conv_transpose2d's input gradient is cut from a larger one here (the
-    output_padding makes an output whose adjoint convolution is longer than the input)."""
-    s, p, op, d = (_pair(v) for v in (stride, padding, output_padding, dilation))
-    for i in range(2):
-        n, k = input_shape[-2 + i], weight_shape[2 + i]
-        out = (n - 1) * s[i] - 2 * p[i] + d[i] * (k - 1) + op[i] + 1
-        if (out + 2 * p[i] - d[i] * (k - 1) - 1) // s[i] + 1 != n:
-            return True
-    return False
 
 
-# The lead's open fix (csrc/ops/autograd_conv2d.cpp): the cut input gradient of an unbatched
-# transposed convolution comes back NCHW where torch keeps channels innermost; see
-# tests/test_issue13_findings.py::test_item12_unbatched_transposed_conv_cut_gradient_keeps_channels_last.
-UNBATCHED_CUT_REASON = ("the lead's open fix in csrc/ops/autograd_conv2d.cpp: an unbatched transposed "
-                        "convolution's cut input gradient is made dense NCHW (torch: channels innermost)")
-
-# The lead's open fix (csrc/ops/autograd_conv2d.cpp): a convolution's grad_output is put in the
-# forward's layout with .contiguous(channels_last), which keeps the NCHW strides of an output
-# that is both contiguous and channels_last (e.g. one channel, one row); the backward op then
-# reads its layout from those strides and returns an NCHW input gradient where torch (which
-# takes the layout from the input and weight) returns channels_last. See
-# tests/test_issue13_findings.py::test_item12_ambiguous_output_gradient_takes_the_input_layout.
-AMBIGUOUS_OUTPUT_REASON = ("the lead's open fix in csrc/ops/autograd_conv2d.cpp: the gradient layout of a "
-                           "convolution whose output is both contiguous and channels_last")

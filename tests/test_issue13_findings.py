@@ -238,9 +238,6 @@ def test_item09_batch_norm_statistics_float32_large_planes():
     assert (out.double() - want).abs().max().item() < 1e-3
 
 
-@pytest.mark.xfail(strict=True, reason="the lead's (csrc/ops/autograd_conv2d.cpp, being rewritten): ConvTranspose2d's "
-                                       "backward makes the cut input gradient dense with .contiguous(layout_of({gx})), "
-                                       "which is NCHW for an unbatched (3-D) gradient; torch keeps channels innermost")
 def test_item12_unbatched_transposed_conv_cut_gradient_keeps_channels_last():
     # OpInfo conv_transpose2d sample 3 (unbatched, output_padding >= stride) with channels
     # innermost, found by tests/test_opinfo.py and the fuzz: torch's input gradient has strides
@@ -257,8 +254,6 @@ def test_item12_unbatched_transposed_conv_cut_gradient_keeps_channels_last():
     assert gx.stride() == sx.stride()
 
 
-@pytest.mark.xfail(strict=True, reason="the lead's (csrc/ops/autograd_conv2d.cpp, being rewritten): "
-                                       "in_forward_layout keeps an ambiguous grad_output's NCHW strides")
 @pytest.mark.parametrize("op", ["conv2d", "conv_transpose2d"])
 def test_item12_ambiguous_output_gradient_takes_the_input_layout(op):
     # Found by the fuzz: input (1, 2, 1, 2) channels_last, one output channel: the output is

@@ -43,7 +43,7 @@ from reference import assert_close as _close
 from reference import assert_same_format as _same_format
 from reference import channels_last as _channels_last
 from reference import float64_copy as _float64_copy
-from reference import UNBATCHED_CUT_REASON, max_pool_reference, transposed_conv_cut, window_in_padding
+from reference import max_pool_reference, window_in_padding
 
 # OpInfo name (variant) -> the cnnext function. torch also has `max_pool2d_with_indices_backward`
 # (an aten backward op, which cnnext does not expose as a function: it is reached through
@@ -146,12 +146,7 @@ def _sample_params():
         for dtype in DTYPES:  # (the max_unpool2d "grad" samples differ in number by dtype)
             for i in range(_sample_count(key, dtype)):
                 for layout in LAYOUTS:
-                    marks = ()
-                    s = _samples(key, dtype)[i]
-                    if key[0] == "nn.functional.conv_transpose2d" and layout == "channels_last" and \
-                            s.input.dim() == 3 and transposed_conv_cut(s.input.shape, s.args[0].shape, **s.kwargs):
-                        marks = pytest.mark.xfail(strict=True, raises=AssertionError, reason=UNBATCHED_CUT_REASON)
-                    yield pytest.param(key, i, dtype, layout, marks=marks,
+                    yield pytest.param(key, i, dtype, layout,
                                        id=f"{_entry_id(key)}-{i}-{str(dtype)[6:]}-{layout}")
 
 
@@ -406,9 +401,6 @@ def test_module_info(name, training, index, dtype, layout):
     _same_format(out, s_out, "output")
 
 
-@pytest.mark.xfail(strict=True, raises=NotImplementedError,
-                   reason="forward-mode AD of the fused conv+BN+ReLU: the lead's (issue 13 item 1), "
-                          "in csrc/ops/autograd_conv2d.cpp")
 @pytest.mark.parametrize("training", [True, False])
 def test_module_info_fused_forward_ad(training):
     mi = _module_inputs("BatchNorm2d", torch.float64, training)[0]

@@ -56,7 +56,9 @@ at::Tensor value(const OptTensor& t) { return given(t) ? *t : at::Tensor(); }
 at::Tensor in_forward_layout(const at::Tensor& g, bool channels_last) {
   if (!g.defined() || g.dim() != 4 || (layout_of({g}) == at::MemoryFormat::ChannelsLast) == channels_last)
     return g;
-  return g.contiguous(channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  // clone, not contiguous(): a gradient that is both contiguous and channels_last (one
+  // channel, or 1x1 maps) must take the exact strides of the wanted layout.
+  return g.clone(channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
 }
 
 // The bias's contribution to an output of out's rank: b as (1, C, 1, 1) or (C, 1, 1).
@@ -174,8 +176,12 @@ struct ConvTranspose2dNode : OpNode {
       const bool padded = extra[0] != 0 || extra[1] != 0;
       if (nx) {
         at::Tensor gx = conv(g, saved(weight), c);
-        if (padded)  // dense, in the layout it had, as torch's (not a strided view)
-          gx = gx.slice_symint(-2, 0, input_hw[0]).slice_symint(-1, 0, input_hw[1]).contiguous(layout_of({gx}));
+        if (padded) {  // dense, in the layout it had, as torch's (not a strided view)
+          const bool unbatched = gx.dim() == 3;
+          const at::MemoryFormat fmt = layout_of({unbatched ? gx.unsqueeze(0) : gx});
+          gx = gx.slice_symint(-2, 0, input_hw[0]).slice_symint(-1, 0, input_hw[1]);
+          gx = unbatched ? gx.unsqueeze(0).contiguous(fmt).squeeze(0) : gx.contiguous(fmt);
+        }
         r[0] = gx;
       }
       if (nw) {
