@@ -2,6 +2,7 @@
 switches. Layouts, tolerances, comparisons, devices and the parity harness live in
 cnnext.testing (shared with `python -m cnnext check`); hypothesis strategies in
 tests/strategies.py."""
+import contextlib
 import io
 import os
 
@@ -35,15 +36,23 @@ def _seed():
     torch.manual_seed(0)
 
 
+@contextlib.contextmanager
+def _cudnn_tf32_set(on):
+    """cudnn's TF32 switch set to `on` inside the block, as torch's flags() context manager
+    does it (torch.testing._internal, imported by the OpInfo suite, disables setting the
+    flags directly); the other cudnn flags keep their values."""
+    c = torch.backends.cudnn
+    with c.flags(enabled=c.enabled, benchmark=c.benchmark, deterministic=c.deterministic, allow_tf32=on):
+        yield
+
+
 @pytest.fixture
 def strict_fp32():
     """float32 on CUDA follows torch's TF32 flag, which is on by default for convolutions;
     tests that compare strict float32 with tight tolerances turn TF32 off while they run
     (pytest.mark.usefixtures("strict_fp32"))."""
-    saved = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32 = saved
+    with _cudnn_tf32_set(False):
+        yield
 
 
 @pytest.fixture
@@ -52,9 +61,8 @@ def igemm(monkeypatch):
     so small odd shapes with partial tiles reach it; =0 would pick the direct kernels);
     the TF32 switch is restored afterwards."""
     monkeypatch.setenv("CNNEXT_CUDA_IGEMM", "1")
-    saved = torch.backends.cudnn.allow_tf32
-    yield lambda math: setattr(torch.backends.cudnn, "allow_tf32", math == "tf32")
-    torch.backends.cudnn.allow_tf32 = saved
+    with contextlib.ExitStack() as stack:
+        yield lambda math: stack.enter_context(_cudnn_tf32_set(math == "tf32"))
 
 
 @pytest.fixture
