@@ -21,28 +21,29 @@ struct Vec32 {
   static constexpr int64_t size = 32 / sizeof(T);
   static constexpr int parts = size / V::size;
   V part[parts];
-  static Vec32 load(const T* p) {
+  CNNEXT_VEC_INLINE static Vec32 load(const T* p) {
     Vec32 r;
     for (int k = 0; k < parts; ++k) r.part[k] = V::load(p + k * V::size);
     return r;
   }
-  static Vec32 zero() {
+  CNNEXT_VEC_INLINE static Vec32 zero() {
     Vec32 r;
     for (int k = 0; k < parts; ++k) r.part[k] = V::zero();
     return r;
   }
-  void store(T* p) const {
+  CNNEXT_VEC_INLINE void store(T* p) const {
     for (int k = 0; k < parts; ++k) part[k].store(p + k * V::size);
   }
-  // Members, not friends: GCC compiles a class template's friends without the
+  // Always inlined, as the vector-extension code they replace was (the inliner then
+  // weighs the kernels as before). Members, not friends: GCC compiles a class template's friends without the
   // `#pragma GCC target` around them, and then neither inlines Vec's AVX2 code into them
   // nor returns its vectors intact (a vzeroupper clears their upper lanes).
-  Vec32 operator+(const Vec32& b) const {
+  CNNEXT_VEC_INLINE Vec32 operator+(const Vec32& b) const {
     Vec32 r;
     for (int k = 0; k < parts; ++k) r.part[k] = part[k] + b.part[k];
     return r;
   }
-  Vec32 operator*(T s) const {
+  CNNEXT_VEC_INLINE Vec32 operator*(T s) const {
     const V sv = V::set1(s);
     Vec32 r;
     for (int k = 0; k < parts; ++k) r.part[k] = part[k] * sv;
@@ -120,7 +121,7 @@ inline T contiguous_sum_chunk(const T* __restrict__ x, int64_t n);
 
 // Sum of n contiguous elements, by chunks of kSumChunk (see there).
 template <typename T>
-inline T contiguous_sum(const T* __restrict__ x, int64_t n) {
+inline __attribute__((always_inline)) T contiguous_sum(const T* __restrict__ x, int64_t n) {
   if (n <= kSumChunk) return contiguous_sum_chunk(x, n);
   double s = 0;
   for (int64_t i = 0; i < n; i += kSumChunk) s += contiguous_sum_chunk(x + i, std::min(kSumChunk, n - i));
@@ -130,7 +131,7 @@ inline T contiguous_sum(const T* __restrict__ x, int64_t n) {
 // Sum of n contiguous elements: two vectors of partial sums, then a fixed tree over
 // their lanes, then the tail (vectorised, deterministic).
 template <typename T>
-inline T contiguous_sum_chunk(const T* __restrict__ x, int64_t n) {
+inline __attribute__((always_inline)) T contiguous_sum_chunk(const T* __restrict__ x, int64_t n) {
   constexpr int64_t L = kVecLen<T>;
   if (n < L) {
     T s0 = 0, s1 = 0;

@@ -33,6 +33,14 @@ namespace vec {
 template <typename T, Isa I>
 struct Vec;
 
+// Every member of every Vec is always inlined (see CNNEXT_VEC_AVX2 below): kernels weigh
+// as if written with the intrinsics, and no vector passes through a call.
+#if defined(__GNUC__) || defined(__clang__)
+#define CNNEXT_VEC_INLINE __attribute__((always_inline))
+#else
+#define CNNEXT_VEC_INLINE
+#endif
+
 // The signed integer type as wide as T (int32_t for float, int64_t for double): the
 // lanes that carry an index beside a value, one per value lane, under the same mask.
 template <typename T>
@@ -45,16 +53,16 @@ struct Vec<T, Isa::kScalar> {
   static constexpr int size = 1;
   using Mask = bool;
   T v;
-  static Vec load(const T* p) { return {*p}; }
-  static Vec set1(T x) { return {x}; }
-  static Vec zero() { return {T(0)}; }
-  void store(T* p) const { *p = v; }
-  friend Vec operator+(Vec a, Vec b) { return {a.v + b.v}; }
-  friend Vec operator*(Vec a, Vec b) { return {a.v * b.v}; }
-  static Vec fmadd(Vec a, Vec b, Vec c) { return {a.v * b.v + c.v}; }
+  CNNEXT_VEC_INLINE static Vec load(const T* p) { return {*p}; }
+  CNNEXT_VEC_INLINE static Vec set1(T x) { return {x}; }
+  CNNEXT_VEC_INLINE static Vec zero() { return {T(0)}; }
+  CNNEXT_VEC_INLINE void store(T* p) const { *p = v; }
+  CNNEXT_VEC_INLINE friend Vec operator+(Vec a, Vec b) { return {a.v + b.v}; }
+  CNNEXT_VEC_INLINE friend Vec operator*(Vec a, Vec b) { return {a.v * b.v}; }
+  CNNEXT_VEC_INLINE static Vec fmadd(Vec a, Vec b, Vec c) { return {a.v * b.v + c.v}; }
   // max_pool_takes's rule per lane: v > best, or v is NaN.
-  static Mask takes(Vec v, Vec best) { return v.v > best.v || v.v != v.v; }
-  static Vec select(Mask m, Vec if_true, Vec if_false) { return m ? if_true : if_false; }
+  CNNEXT_VEC_INLINE static Mask takes(Vec v, Vec best) { return v.v > best.v || v.v != v.v; }
+  CNNEXT_VEC_INLINE static Vec select(Mask m, Vec if_true, Vec if_false) { return m ? if_true : if_false; }
 };
 
 #ifdef CNNEXT_VEC_X86
@@ -67,7 +75,7 @@ struct Vec<T, Isa::kScalar> {
 // (a vzeroupper before the ret), so no Vec may pass through a call; and a caller not
 // compiled for the instruction set then fails to build instead of calling one.
 #define CNNEXT_AVX2 CNNEXT_TARGET("avx2,fma")
-#define CNNEXT_VEC_AVX2 CNNEXT_AVX2 __attribute__((always_inline))
+#define CNNEXT_VEC_AVX2 CNNEXT_AVX2 CNNEXT_VEC_INLINE
 
 template <>
 struct Vec<float, Isa::kAvx2> {
@@ -108,7 +116,7 @@ struct Vec<double, Isa::kAvx2> {
 // ---- AVX-512 -----------------------------------------------------------------------
 
 #define CNNEXT_AVX512 CNNEXT_TARGET("avx512f,avx512bw,fma")
-#define CNNEXT_VEC_AVX512 CNNEXT_AVX512 __attribute__((always_inline))
+#define CNNEXT_VEC_AVX512 CNNEXT_AVX512 CNNEXT_VEC_INLINE
 
 template <>
 struct Vec<float, Isa::kAvx512> {
