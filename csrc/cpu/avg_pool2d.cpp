@@ -21,9 +21,12 @@
 //                      and a broadcast for the backward.
 // Every tensor is read through its strides; the output is allocated in the layout the
 // op asked for. The loops (csrc/cpu/avg_pool2d_kernels.h) are compiled twice, for AVX2 +
-// FMA and for the baseline x86-64 / other CPUs, and the AVX2 build runs where the CPU
-// has it: the extension is compiled without -march flags, and pooling is plain
-// loads and adds the compiler vectorises only as wide as the target allows. float32 accumulates in float (as torch's CPU kernels do): each sum has
+// FMA and for the baseline x86-64 / other CPUs, and the AVX2 build runs where
+// cpu_features() has it: the extension is compiled without -march flags, and pooling is
+// loads and adds on csrc/cpu/vec.h's vectors and plain loops the compiler vectorises
+// only as wide as the target allows. Both builds add in the same order (the AVX2 one
+// may fuse a multiply and an add: GCC contracts them under its default -ffp-contract).
+// float32 accumulates in float (as torch's CPU kernels do): each sum has
 // at most a window's terms, or for global pooling the plane's terms spread over vector
 // lanes; float64 in double.
 #include <ATen/ATen.h>
@@ -38,6 +41,7 @@
 #include "cpu/avg_pool2d.h"
 #include "cpu/half.h"
 #include "cpu/cpu_features.h"
+#include "cpu/vec.h"
 #include "paths.h"
 #include "tensors.h"
 
@@ -48,7 +52,7 @@ namespace cpu {
 enum WindowPath : int { kClSmall, kClLarge, kClBlocks, kClStrided };
 
 // x86-64 with GCC or clang: an AVX2 + FMA copy of the kernels besides the baseline one.
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#ifdef CNNEXT_VEC_X86
 #define CNNEXT_AVG_POOL_AVX2 1
 namespace avx2 {
 #if defined(__clang__)
@@ -58,6 +62,7 @@ namespace avx2 {
 #pragma GCC target("avx2,fma")
 #endif
 namespace {
+constexpr Isa kIsa = Isa::kAvx2;
 #include "cpu/avg_pool2d_kernels.h"
 }  // namespace
 #if defined(__clang__)
@@ -70,6 +75,7 @@ namespace {
 
 namespace baseline {
 namespace {
+constexpr Isa kIsa = Isa::kScalar;
 #include "cpu/avg_pool2d_kernels.h"
 }  // namespace
 }  // namespace baseline
@@ -91,7 +97,7 @@ CNNEXT_PATH(kClStridedPath, "avg_pool2d.fwd.cl_strided");
 
 bool use_avx2() {
 #ifdef CNNEXT_AVG_POOL_AVX2
-  return cpu_features().avx2_fma();
+  return cpu_features().has(Isa::kAvx2);
 #else
   return false;
 #endif

@@ -1,7 +1,8 @@
 // The CPU kernels of csrc/cpu/avg_pool2d.cpp. No include guard and no includes: that
 // file includes this one twice, into namespaces compiled for different instruction sets
-// (AVX2 + FMA, and the baseline), and picks one at run time. Everything here is plain
-// loops the compiler vectorises for the target it is compiled for.
+// (AVX2 + FMA, and the baseline), each defining kIsa (Isa::kAvx2, Isa::kScalar) before
+// the include, and picks one at run time. The explicit vectors are csrc/cpu/vec.h's
+// Vec<T, kIsa>; the plain loops the compiler vectorises for the target.
 
 // Elements of work below which a parallel region costs more than it saves.
 constexpr int64_t kGrainElems = 32768;
@@ -10,26 +11,47 @@ int64_t grain_for(int64_t elems_per_item) {
   return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, elems_per_item));
 }
 
-// 256-bit vectors of T (GCC / clang vector extensions): one AVX2 register in the AVX2
-// build, two SSE registers in the baseline one. Loaded and stored with memcpy (no
-// alignment needed); kept local to each function (no vector-typed parameters).
+// 32 bytes of T (8 float / 4 double lanes) as Vec<T, kIsa>s: one AVX2 vector, or 8 / 4
+// scalar ones in the baseline build (which the compiler packs into SSE registers). The
+// lanes, and so the order of every sum across them (contiguous_sum_chunk), are the same
+// in both builds.
 template <typename T>
-struct VecOf;
-template <>
-struct VecOf<float> {
-  typedef float type __attribute__((vector_size(32)));
+struct Vec32 {
+  using V = vec::Vec<T, kIsa>;
+  static constexpr int64_t size = 32 / sizeof(T);
+  static constexpr int parts = size / V::size;
+  V part[parts];
+  CNNEXT_VEC_INLINE static Vec32 load(const T* p) {
+    Vec32 r;
+    for (int k = 0; k < parts; ++k) r.part[k] = V::load(p + k * V::size);
+    return r;
+  }
+  CNNEXT_VEC_INLINE static Vec32 zero() {
+    Vec32 r;
+    for (int k = 0; k < parts; ++k) r.part[k] = V::zero();
+    return r;
+  }
+  CNNEXT_VEC_INLINE void store(T* p) const {
+    for (int k = 0; k < parts; ++k) part[k].store(p + k * V::size);
+  }
+  // Always inlined, as the vector-extension code they replace was (the inliner then
+  // weighs the kernels as before). Members, not friends: GCC compiles a class template's friends without the
+  // `#pragma GCC target` around them, and then neither inlines Vec's AVX2 code into them
+  // nor returns its vectors intact (a vzeroupper clears their upper lanes).
+  CNNEXT_VEC_INLINE Vec32 operator+(const Vec32& b) const {
+    Vec32 r;
+    for (int k = 0; k < parts; ++k) r.part[k] = part[k] + b.part[k];
+    return r;
+  }
+  CNNEXT_VEC_INLINE Vec32 operator*(T s) const {
+    const V sv = V::set1(s);
+    Vec32 r;
+    for (int k = 0; k < parts; ++k) r.part[k] = part[k] * sv;
+    return r;
+  }
 };
-template <>
-struct VecOf<double> {
-  typedef double type __attribute__((vector_size(32)));
-};
 template <typename T>
-using Vec = typename VecOf<T>::type;
-template <typename T>
-constexpr int64_t kVecLen = 32 / sizeof(T);
-
-#define CNNEXT_VLOAD(v, ptr) __builtin_memcpy(&(v), (ptr), sizeof(v))
-#define CNNEXT_VSTORE(ptr, v) __builtin_memcpy((ptr), &(v), sizeof(v))
+constexpr int64_t kVecLen = Vec32<T>::size;
 
 // Windows and divisors of one call (see csrc/common/avg_pool2d.h).
 template <typename T>
@@ -88,9 +110,7 @@ inline void copy_channels(T* __restrict__ dst, const T* __restrict__ src, int64_
   constexpr int64_t L = kVecLen<T>;
   int64_t i = 0;
   for (; i + L <= n; i += L) {
-    Vec<T> v;
-    CNNEXT_VLOAD(v, src + i);
-    CNNEXT_VSTORE(dst + i, v);
+    Vec32<T>::load(src + i).store(dst + i);
     __asm__ volatile("" ::: "memory");  // keeps GCC from turning the loop into memcpy
   }
   for (; i < n; ++i) dst[i] = src[i];
@@ -106,7 +126,7 @@ inline T contiguous_sum_chunk(const T* __restrict__ x, int64_t n);
 
 // Sum of n contiguous elements, by chunks of kSumChunk (see there).
 template <typename T>
-inline T contiguous_sum(const T* __restrict__ x, int64_t n) {
+inline __attribute__((always_inline)) T contiguous_sum(const T* __restrict__ x, int64_t n) {
   if (n <= kSumChunk) return contiguous_sum_chunk(x, n);
   double s = 0;
   for (int64_t i = 0; i < n; i += kSumChunk) s += contiguous_sum_chunk(x + i, std::min(kSumChunk, n - i));
@@ -116,7 +136,7 @@ inline T contiguous_sum(const T* __restrict__ x, int64_t n) {
 // Sum of n contiguous elements: two vectors of partial sums, then a fixed tree over
 // their lanes, then the tail (vectorised, deterministic).
 template <typename T>
-inline T contiguous_sum_chunk(const T* __restrict__ x, int64_t n) {
+inline __attribute__((always_inline)) T contiguous_sum_chunk(const T* __restrict__ x, int64_t n) {
   constexpr int64_t L = kVecLen<T>;
   if (n < L) {
     T s0 = 0, s1 = 0;
@@ -128,22 +148,19 @@ inline T contiguous_sum_chunk(const T* __restrict__ x, int64_t n) {
     if (i < n) s0 += x[i];
     return s0 + s1;
   }
-  Vec<T> a0 = {}, a1 = {}, v0, v1;
+  Vec32<T> a0 = Vec32<T>::zero(), a1 = Vec32<T>::zero();
   int64_t i = 0;
   for (; i + 2 * L <= n; i += 2 * L) {
-    CNNEXT_VLOAD(v0, x + i);
-    CNNEXT_VLOAD(v1, x + i + L);
-    a0 += v0;
-    a1 += v1;
+    a0 = a0 + Vec32<T>::load(x + i);
+    a1 = a1 + Vec32<T>::load(x + i + L);
   }
   if (i + L <= n) {
-    CNNEXT_VLOAD(v0, x + i);
-    a0 += v0;
+    a0 = a0 + Vec32<T>::load(x + i);
     i += L;
   }
-  a0 += a1;
+  a0 = a0 + a1;
   T lane[L];
-  CNNEXT_VSTORE(lane, a0);
+  a0.store(lane);
   for (int64_t w = L / 2; w >= 1; w /= 2)
     for (int64_t l = 0; l < w; ++l) lane[l] += lane[l + w];
   T s = lane[0];
@@ -352,39 +369,26 @@ inline int window_channels(const T* x, const Strides4& xs, int64_t h0, int64_t h
     constexpr int64_t L = kVecLen<T>;
     int64_t c = 0;
     for (; c + 4 * L <= C; c += 4 * L) {
-      Vec<T> a0 = {}, a1 = {}, a2 = {}, a3 = {}, v0, v1, v2, v3;
+      Vec32<T> a0 = Vec32<T>::zero(), a1 = a0, a2 = a0, a3 = a0;
       for (int64_t ih = h0; ih < h1; ++ih) {
         for (int64_t iw = w0; iw < w1; ++iw) {
           const T* px = x + ih * xs.h + iw * xs.w + c;
-          CNNEXT_VLOAD(v0, px);
-          CNNEXT_VLOAD(v1, px + L);
-          CNNEXT_VLOAD(v2, px + 2 * L);
-          CNNEXT_VLOAD(v3, px + 3 * L);
-          a0 += v0;
-          a1 += v1;
-          a2 += v2;
-          a3 += v3;
+          a0 = a0 + Vec32<T>::load(px);
+          a1 = a1 + Vec32<T>::load(px + L);
+          a2 = a2 + Vec32<T>::load(px + 2 * L);
+          a3 = a3 + Vec32<T>::load(px + 3 * L);
         }
       }
-      a0 *= scale;
-      a1 *= scale;
-      a2 *= scale;
-      a3 *= scale;
-      CNNEXT_VSTORE(out + c, a0);
-      CNNEXT_VSTORE(out + c + L, a1);
-      CNNEXT_VSTORE(out + c + 2 * L, a2);
-      CNNEXT_VSTORE(out + c + 3 * L, a3);
+      (a0 * scale).store(out + c);
+      (a1 * scale).store(out + c + L);
+      (a2 * scale).store(out + c + 2 * L);
+      (a3 * scale).store(out + c + 3 * L);
     }
     for (; c + L <= C; c += L) {
-      Vec<T> a0 = {}, v0;
-      for (int64_t ih = h0; ih < h1; ++ih) {
-        for (int64_t iw = w0; iw < w1; ++iw) {
-          CNNEXT_VLOAD(v0, x + ih * xs.h + iw * xs.w + c);
-          a0 += v0;
-        }
-      }
-      a0 *= scale;
-      CNNEXT_VSTORE(out + c, a0);
+      Vec32<T> a0 = Vec32<T>::zero();
+      for (int64_t ih = h0; ih < h1; ++ih)
+        for (int64_t iw = w0; iw < w1; ++iw) a0 = a0 + Vec32<T>::load(x + ih * xs.h + iw * xs.w + c);
+      (a0 * scale).store(out + c);
     }
     for (; c < C; ++c) {
       T a = 0;
@@ -499,35 +503,28 @@ inline void gather_channels(const T* g, const Strides4& gs, int64_t oh0, int64_t
   constexpr int64_t L = kVecLen<T>;
   int64_t c = 0;
   for (; c + 4 * L <= C; c += 4 * L) {
-    Vec<T> a0 = {}, a1 = {}, a2 = {}, a3 = {}, v0, v1, v2, v3;
+    Vec32<T> a0 = Vec32<T>::zero(), a1 = a0, a2 = a0, a3 = a0;
     for (int64_t oh = oh0; oh < oh1; ++oh) {
       for (int64_t ow = ow0; ow < ow1; ++ow) {
         const T* gp = g + oh * gs.h + ow * gs.w + c;
         const T s = inv[oh * OW + ow];
-        CNNEXT_VLOAD(v0, gp);
-        CNNEXT_VLOAD(v1, gp + L);
-        CNNEXT_VLOAD(v2, gp + 2 * L);
-        CNNEXT_VLOAD(v3, gp + 3 * L);
-        a0 += v0 * s;
-        a1 += v1 * s;
-        a2 += v2 * s;
-        a3 += v3 * s;
+        a0 = a0 + Vec32<T>::load(gp) * s;
+        a1 = a1 + Vec32<T>::load(gp + L) * s;
+        a2 = a2 + Vec32<T>::load(gp + 2 * L) * s;
+        a3 = a3 + Vec32<T>::load(gp + 3 * L) * s;
       }
     }
-    CNNEXT_VSTORE(out + c, a0);
-    CNNEXT_VSTORE(out + c + L, a1);
-    CNNEXT_VSTORE(out + c + 2 * L, a2);
-    CNNEXT_VSTORE(out + c + 3 * L, a3);
+    a0.store(out + c);
+    a1.store(out + c + L);
+    a2.store(out + c + 2 * L);
+    a3.store(out + c + 3 * L);
   }
   for (; c + L <= C; c += L) {
-    Vec<T> a0 = {}, v0;
-    for (int64_t oh = oh0; oh < oh1; ++oh) {
-      for (int64_t ow = ow0; ow < ow1; ++ow) {
-        CNNEXT_VLOAD(v0, g + oh * gs.h + ow * gs.w + c);
-        a0 += v0 * inv[oh * OW + ow];
-      }
-    }
-    CNNEXT_VSTORE(out + c, a0);
+    Vec32<T> a0 = Vec32<T>::zero();
+    for (int64_t oh = oh0; oh < oh1; ++oh)
+      for (int64_t ow = ow0; ow < ow1; ++ow)
+        a0 = a0 + Vec32<T>::load(g + oh * gs.h + ow * gs.w + c) * inv[oh * OW + ow];
+    a0.store(out + c);
   }
   for (; c < C; ++c) {
     T a = 0;

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "cpu/conv2d_winograd.h"
+#include "cpu/cpu_features.h"
 #include "cpu/sgemm.h"
 #include "paths.h"
 
@@ -63,7 +64,7 @@ double fill(int64_t m, int64_t n, int64_t mr, int64_t nr) {
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(CNNEXT_NO_AVX512)
 #include <immintrin.h>
-#define CNNEXT_CONV_AVX512 __attribute__((target("avx512f")))
+#define CNNEXT_CONV_AVX512 CNNEXT_TARGET("avx512f")
 #else
 #define CNNEXT_CONV_AVX512
 #endif

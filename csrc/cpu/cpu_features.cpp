@@ -48,8 +48,8 @@ const CpuFeatures& cpu_features() {
 
 const char* cpu_isa_name() {
   const CpuFeatures& f = cpu_features();
-  if (f.avx512f && f.avx512bw && f.avx2_fma()) return "avx512";
-  if (f.avx2_fma()) return "avx2";
+  if (f.has(Isa::kAvx512)) return "avx512";
+  if (f.has(Isa::kAvx2)) return "avx2";
   return "scalar";
 }
 

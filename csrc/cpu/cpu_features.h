@@ -34,6 +34,15 @@ struct CpuFeatures {
 
   bool avx2_fma() const { return avx2 && fma; }
   bool avx512f_fma() const { return avx512f && fma; }
+  // Whether code for i may run: every feature its Vec<T, i> (csrc/cpu/vec.h) is
+  // compiled for.
+  bool has(Isa i) const {
+    switch (i) {
+      case Isa::kAvx512: return avx512f && avx512bw && avx2_fma();
+      case Isa::kAvx2: return avx2_fma();
+      default: return true;
+    }
+  }
 };
 
 // Cached after the first call; thread-safe.

@@ -1,4 +1,4 @@
-// max_pool2d forward with indices on NCHW rows, AVX-512 (csrc/cpu/max_pool2d_avx512.cpp).
+// max_pool2d forward with indices on AVX-512 (csrc/cpu/max_pool2d_avx512.cpp).
 #pragma once
 
 #include <cstdint>
@@ -8,7 +8,8 @@
 namespace cnnext {
 namespace cpu {
 
-// Whether max_pool2d_nchw_avx512 handles p on this CPU: AVX-512F present, column stride
+// Whether max_pool2d_nchw_avx512 handles p on this CPU: AVX-512 usable
+// (cpu_features().has(Isa::kAvx512)), column stride
 // 1 or 2, and (float32, whose indices ride in int32 lanes) planes below 2^31 elements.
 bool max_pool2d_nchw_avx512_ok(const Pool2dParams& p, bool is_float);
 
@@ -19,7 +20,7 @@ void max_pool2d_nchw_avx512(const float* x, int64_t xn, int64_t xc, int64_t xh,
 void max_pool2d_nchw_avx512(const double* x, int64_t xn, int64_t xc, int64_t xh,
                             const Pool2dParams& p, double* y, int64_t* yi);
 
-// channels_last forward, one output pixel (AVX-512F, windows of at most 32 taps, planes
+// channels_last forward, one output pixel (AVX-512, windows of at most 32 taps, planes
 // below 2^31 elements): y[c], yi[c] for c < C = the maximum (torch's scan order) over the
 // taps t < nt (1 <= nt <= 32) at xp + off[t] + c, and the flat index tidx[t] of the
 // winning tap; tidx holds 32 entries (unused ones any value).

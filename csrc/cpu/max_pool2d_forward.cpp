@@ -1,6 +1,6 @@
 // max_pool2d forward (with indices) on the CPU.
 //
-// Forward: where the CPU has AVX-512F, NCHW rows with column stride 1 or 2 and
+// Forward: where the CPU has AVX-512, NCHW rows with column stride 1 or 2 and
 // channels_last windows of at most 32 taps take the kernels of max_pool2d_avx512.cpp.
 // Otherwise three loops, each parallel (at::parallel_for) over independent outputs:
 //   - NCHW planes (input rows contiguous, output contiguous): one plane at a time,

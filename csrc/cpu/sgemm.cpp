@@ -100,7 +100,7 @@ constexpr int kNV = int(kNR / 16);  // 16-float vectors per tile row
 
 // kOff: row k of B is b + off[k] (B read in place, rows anywhere), else the packed panel.
 template <bool kOff, bool kARows = false>
-__attribute__((target("avx512f,fma"))) void micro_kernel(int64_t kc, const float* a,
+CNNEXT_TARGET("avx512f,fma") void micro_kernel(int64_t kc, const float* a,
                                                           const float* const* arows,
                                                           const float* b, const int64_t* off,
                                                           float* c, int64_t ldc,
@@ -158,7 +158,7 @@ __attribute__((target("avx512f,fma"))) void micro_kernel(int64_t kc, const float
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-__attribute__((target("avx512f"))) void transpose16_avx512(const float* src, int64_t cs,
+CNNEXT_TARGET("avx512f") void transpose16_avx512(const float* src, int64_t cs,
                                                             float* dst, int64_t ld) {
   __m512 r[16];
   __m512 u[16];

@@ -2,7 +2,9 @@
 // AVX2 or scalar), and the bfloat16 / float16 conversions and bfloat16 dot product the
 // kernels build on. Thin inline wrappers over the intrinsics: a kernel compiled for I
 // (CNNEXT_TARGET, csrc/cpu/cpu_features.h) and written with Vec<T, I> compiles to the
-// intrinsics themselves. float and double share every template.
+// intrinsics themselves. float and double share every template. The AVX-512 vectors
+// also have masked loads and stores and an even-lane gather, and index vectors of
+// IntOf<T> lanes beside them (csrc/cpu/max_pool2d_avx512.cpp).
 //
 // bfloat16 and float16 are stored as uint16_t bits and computed in float. Narrowing
 // rounds to nearest even, as torch does (c10::BFloat16, c10::Half): through the
@@ -15,6 +17,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
@@ -30,6 +33,19 @@ namespace vec {
 template <typename T, Isa I>
 struct Vec;
 
+// Every member of every Vec is always inlined (see CNNEXT_VEC_AVX2 below): kernels weigh
+// as if written with the intrinsics, and no vector passes through a call.
+#if defined(__GNUC__) || defined(__clang__)
+#define CNNEXT_VEC_INLINE __attribute__((always_inline))
+#else
+#define CNNEXT_VEC_INLINE
+#endif
+
+// The signed integer type as wide as T (int32_t for float, int64_t for double): the
+// lanes that carry an index beside a value, one per value lane, under the same mask.
+template <typename T>
+using IntOf = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
+
 // ---- scalar ------------------------------------------------------------------------
 
 template <typename T>
@@ -37,40 +53,46 @@ struct Vec<T, Isa::kScalar> {
   static constexpr int size = 1;
   using Mask = bool;
   T v;
-  static Vec load(const T* p) { return {*p}; }
-  static Vec set1(T x) { return {x}; }
-  static Vec zero() { return {T(0)}; }
-  void store(T* p) const { *p = v; }
-  friend Vec operator+(Vec a, Vec b) { return {a.v + b.v}; }
-  friend Vec operator*(Vec a, Vec b) { return {a.v * b.v}; }
-  static Vec fmadd(Vec a, Vec b, Vec c) { return {a.v * b.v + c.v}; }
+  CNNEXT_VEC_INLINE static Vec load(const T* p) { return {*p}; }
+  CNNEXT_VEC_INLINE static Vec set1(T x) { return {x}; }
+  CNNEXT_VEC_INLINE static Vec zero() { return {T(0)}; }
+  CNNEXT_VEC_INLINE void store(T* p) const { *p = v; }
+  CNNEXT_VEC_INLINE friend Vec operator+(Vec a, Vec b) { return {a.v + b.v}; }
+  CNNEXT_VEC_INLINE friend Vec operator*(Vec a, Vec b) { return {a.v * b.v}; }
+  CNNEXT_VEC_INLINE static Vec fmadd(Vec a, Vec b, Vec c) { return {a.v * b.v + c.v}; }
   // max_pool_takes's rule per lane: v > best, or v is NaN.
-  static Mask takes(Vec v, Vec best) { return v.v > best.v || v.v != v.v; }
-  static Vec select(Mask m, Vec if_true, Vec if_false) { return m ? if_true : if_false; }
+  CNNEXT_VEC_INLINE static Mask takes(Vec v, Vec best) { return v.v > best.v || v.v != v.v; }
+  CNNEXT_VEC_INLINE static Vec select(Mask m, Vec if_true, Vec if_false) { return m ? if_true : if_false; }
 };
 
 #ifdef CNNEXT_VEC_X86
 
 // ---- AVX2 --------------------------------------------------------------------------
 
+// CNNEXT_AVX2 / CNNEXT_AVX512: the target of kernels written with these vectors.
+// Every Vec member is also always inlined (CNNEXT_VEC_*): GCC 12 returns a struct of one
+// AVX vector from an out-of-line target("avx2") function with its upper lanes cleared
+// (a vzeroupper before the ret), so no Vec may pass through a call; and a caller not
+// compiled for the instruction set then fails to build instead of calling one.
 #define CNNEXT_AVX2 CNNEXT_TARGET("avx2,fma")
+#define CNNEXT_VEC_AVX2 CNNEXT_AVX2 CNNEXT_VEC_INLINE
 
 template <>
 struct Vec<float, Isa::kAvx2> {
   static constexpr int size = 8;
   using Mask = __m256;
   __m256 v;
-  CNNEXT_AVX2 static Vec load(const float* p) { return {_mm256_loadu_ps(p)}; }
-  CNNEXT_AVX2 static Vec set1(float x) { return {_mm256_set1_ps(x)}; }
-  CNNEXT_AVX2 static Vec zero() { return {_mm256_setzero_ps()}; }
-  CNNEXT_AVX2 void store(float* p) const { _mm256_storeu_ps(p, v); }
-  CNNEXT_AVX2 friend Vec operator+(Vec a, Vec b) { return {_mm256_add_ps(a.v, b.v)}; }
-  CNNEXT_AVX2 friend Vec operator*(Vec a, Vec b) { return {_mm256_mul_ps(a.v, b.v)}; }
-  CNNEXT_AVX2 static Vec fmadd(Vec a, Vec b, Vec c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
-  CNNEXT_AVX2 static Mask takes(Vec x, Vec best) {
+  CNNEXT_VEC_AVX2 static Vec load(const float* p) { return {_mm256_loadu_ps(p)}; }
+  CNNEXT_VEC_AVX2 static Vec set1(float x) { return {_mm256_set1_ps(x)}; }
+  CNNEXT_VEC_AVX2 static Vec zero() { return {_mm256_setzero_ps()}; }
+  CNNEXT_VEC_AVX2 void store(float* p) const { _mm256_storeu_ps(p, v); }
+  CNNEXT_VEC_AVX2 friend Vec operator+(Vec a, Vec b) { return {_mm256_add_ps(a.v, b.v)}; }
+  CNNEXT_VEC_AVX2 friend Vec operator*(Vec a, Vec b) { return {_mm256_mul_ps(a.v, b.v)}; }
+  CNNEXT_VEC_AVX2 static Vec fmadd(Vec a, Vec b, Vec c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
+  CNNEXT_VEC_AVX2 static Mask takes(Vec x, Vec best) {
     return _mm256_or_ps(_mm256_cmp_ps(x.v, best.v, _CMP_GT_OQ), _mm256_cmp_ps(x.v, x.v, _CMP_UNORD_Q));
   }
-  CNNEXT_AVX2 static Vec select(Mask m, Vec t, Vec f) { return {_mm256_blendv_ps(f.v, t.v, m)}; }
+  CNNEXT_VEC_AVX2 static Vec select(Mask m, Vec t, Vec f) { return {_mm256_blendv_ps(f.v, t.v, m)}; }
 };
 
 template <>
@@ -78,39 +100,49 @@ struct Vec<double, Isa::kAvx2> {
   static constexpr int size = 4;
   using Mask = __m256d;
   __m256d v;
-  CNNEXT_AVX2 static Vec load(const double* p) { return {_mm256_loadu_pd(p)}; }
-  CNNEXT_AVX2 static Vec set1(double x) { return {_mm256_set1_pd(x)}; }
-  CNNEXT_AVX2 static Vec zero() { return {_mm256_setzero_pd()}; }
-  CNNEXT_AVX2 void store(double* p) const { _mm256_storeu_pd(p, v); }
-  CNNEXT_AVX2 friend Vec operator+(Vec a, Vec b) { return {_mm256_add_pd(a.v, b.v)}; }
-  CNNEXT_AVX2 friend Vec operator*(Vec a, Vec b) { return {_mm256_mul_pd(a.v, b.v)}; }
-  CNNEXT_AVX2 static Vec fmadd(Vec a, Vec b, Vec c) { return {_mm256_fmadd_pd(a.v, b.v, c.v)}; }
-  CNNEXT_AVX2 static Mask takes(Vec x, Vec best) {
+  CNNEXT_VEC_AVX2 static Vec load(const double* p) { return {_mm256_loadu_pd(p)}; }
+  CNNEXT_VEC_AVX2 static Vec set1(double x) { return {_mm256_set1_pd(x)}; }
+  CNNEXT_VEC_AVX2 static Vec zero() { return {_mm256_setzero_pd()}; }
+  CNNEXT_VEC_AVX2 void store(double* p) const { _mm256_storeu_pd(p, v); }
+  CNNEXT_VEC_AVX2 friend Vec operator+(Vec a, Vec b) { return {_mm256_add_pd(a.v, b.v)}; }
+  CNNEXT_VEC_AVX2 friend Vec operator*(Vec a, Vec b) { return {_mm256_mul_pd(a.v, b.v)}; }
+  CNNEXT_VEC_AVX2 static Vec fmadd(Vec a, Vec b, Vec c) { return {_mm256_fmadd_pd(a.v, b.v, c.v)}; }
+  CNNEXT_VEC_AVX2 static Mask takes(Vec x, Vec best) {
     return _mm256_or_pd(_mm256_cmp_pd(x.v, best.v, _CMP_GT_OQ), _mm256_cmp_pd(x.v, x.v, _CMP_UNORD_Q));
   }
-  CNNEXT_AVX2 static Vec select(Mask m, Vec t, Vec f) { return {_mm256_blendv_pd(f.v, t.v, m)}; }
+  CNNEXT_VEC_AVX2 static Vec select(Mask m, Vec t, Vec f) { return {_mm256_blendv_pd(f.v, t.v, m)}; }
 };
 
 // ---- AVX-512 -----------------------------------------------------------------------
 
 #define CNNEXT_AVX512 CNNEXT_TARGET("avx512f,avx512bw,fma")
+#define CNNEXT_VEC_AVX512 CNNEXT_AVX512 CNNEXT_VEC_INLINE
 
 template <>
 struct Vec<float, Isa::kAvx512> {
   static constexpr int size = 16;
   using Mask = __mmask16;
   __m512 v;
-  CNNEXT_AVX512 static Vec load(const float* p) { return {_mm512_loadu_ps(p)}; }
-  CNNEXT_AVX512 static Vec set1(float x) { return {_mm512_set1_ps(x)}; }
-  CNNEXT_AVX512 static Vec zero() { return {_mm512_setzero_ps()}; }
-  CNNEXT_AVX512 void store(float* p) const { _mm512_storeu_ps(p, v); }
-  CNNEXT_AVX512 friend Vec operator+(Vec a, Vec b) { return {_mm512_add_ps(a.v, b.v)}; }
-  CNNEXT_AVX512 friend Vec operator*(Vec a, Vec b) { return {_mm512_mul_ps(a.v, b.v)}; }
-  CNNEXT_AVX512 static Vec fmadd(Vec a, Vec b, Vec c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
-  CNNEXT_AVX512 static Mask takes(Vec x, Vec best) {
+  CNNEXT_VEC_AVX512 static Vec load(const float* p) { return {_mm512_loadu_ps(p)}; }
+  CNNEXT_VEC_AVX512 static Vec set1(float x) { return {_mm512_set1_ps(x)}; }
+  CNNEXT_VEC_AVX512 static Vec zero() { return {_mm512_setzero_ps()}; }
+  CNNEXT_VEC_AVX512 void store(float* p) const { _mm512_storeu_ps(p, v); }
+  CNNEXT_VEC_AVX512 friend Vec operator+(Vec a, Vec b) { return {_mm512_add_ps(a.v, b.v)}; }
+  CNNEXT_VEC_AVX512 friend Vec operator*(Vec a, Vec b) { return {_mm512_mul_ps(a.v, b.v)}; }
+  CNNEXT_VEC_AVX512 static Vec fmadd(Vec a, Vec b, Vec c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+  CNNEXT_VEC_AVX512 static Mask takes(Vec x, Vec best) {
     return _mm512_cmp_ps_mask(x.v, best.v, _CMP_GT_OQ) | _mm512_cmp_ps_mask(x.v, x.v, _CMP_UNORD_Q);
   }
-  CNNEXT_AVX512 static Vec select(Mask m, Vec t, Vec f) { return {_mm512_mask_blend_ps(m, f.v, t.v)}; }
+  CNNEXT_VEC_AVX512 static Vec select(Mask m, Vec t, Vec f) { return {_mm512_mask_blend_ps(m, f.v, t.v)}; }
+  // Lanes in m from p, the others from fill or zero (lanes off m are not read: no fault).
+  CNNEXT_VEC_AVX512 static Vec mask_load(Vec fill, Mask m, const float* p) { return {_mm512_mask_loadu_ps(fill.v, m, p)}; }
+  CNNEXT_VEC_AVX512 static Vec maskz_load(Mask m, const float* p) { return {_mm512_maskz_loadu_ps(m, p)}; }
+  CNNEXT_VEC_AVX512 void mask_store(float* p, Mask m) const { _mm512_mask_storeu_ps(p, m, v); }
+  // The even lanes of the concatenation a, b (a's lanes first).
+  CNNEXT_VEC_AVX512 static Vec even(Vec a, Vec b) {
+    const __m512i e = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    return {_mm512_permutex2var_ps(a.v, e, b.v)};
+  }
 };
 
 template <>
@@ -118,18 +150,62 @@ struct Vec<double, Isa::kAvx512> {
   static constexpr int size = 8;
   using Mask = __mmask8;
   __m512d v;
-  CNNEXT_AVX512 static Vec load(const double* p) { return {_mm512_loadu_pd(p)}; }
-  CNNEXT_AVX512 static Vec set1(double x) { return {_mm512_set1_pd(x)}; }
-  CNNEXT_AVX512 static Vec zero() { return {_mm512_setzero_pd()}; }
-  CNNEXT_AVX512 void store(double* p) const { _mm512_storeu_pd(p, v); }
-  CNNEXT_AVX512 friend Vec operator+(Vec a, Vec b) { return {_mm512_add_pd(a.v, b.v)}; }
-  CNNEXT_AVX512 friend Vec operator*(Vec a, Vec b) { return {_mm512_mul_pd(a.v, b.v)}; }
-  CNNEXT_AVX512 static Vec fmadd(Vec a, Vec b, Vec c) { return {_mm512_fmadd_pd(a.v, b.v, c.v)}; }
-  CNNEXT_AVX512 static Mask takes(Vec x, Vec best) {
+  CNNEXT_VEC_AVX512 static Vec load(const double* p) { return {_mm512_loadu_pd(p)}; }
+  CNNEXT_VEC_AVX512 static Vec set1(double x) { return {_mm512_set1_pd(x)}; }
+  CNNEXT_VEC_AVX512 static Vec zero() { return {_mm512_setzero_pd()}; }
+  CNNEXT_VEC_AVX512 void store(double* p) const { _mm512_storeu_pd(p, v); }
+  CNNEXT_VEC_AVX512 friend Vec operator+(Vec a, Vec b) { return {_mm512_add_pd(a.v, b.v)}; }
+  CNNEXT_VEC_AVX512 friend Vec operator*(Vec a, Vec b) { return {_mm512_mul_pd(a.v, b.v)}; }
+  CNNEXT_VEC_AVX512 static Vec fmadd(Vec a, Vec b, Vec c) { return {_mm512_fmadd_pd(a.v, b.v, c.v)}; }
+  CNNEXT_VEC_AVX512 static Mask takes(Vec x, Vec best) {
     return _mm512_cmp_pd_mask(x.v, best.v, _CMP_GT_OQ) | _mm512_cmp_pd_mask(x.v, x.v, _CMP_UNORD_Q);
   }
-  CNNEXT_AVX512 static Vec select(Mask m, Vec t, Vec f) { return {_mm512_mask_blend_pd(m, f.v, t.v)}; }
+  CNNEXT_VEC_AVX512 static Vec select(Mask m, Vec t, Vec f) { return {_mm512_mask_blend_pd(m, f.v, t.v)}; }
+  CNNEXT_VEC_AVX512 static Vec mask_load(Vec fill, Mask m, const double* p) { return {_mm512_mask_loadu_pd(fill.v, m, p)}; }
+  CNNEXT_VEC_AVX512 static Vec maskz_load(Mask m, const double* p) { return {_mm512_maskz_loadu_pd(m, p)}; }
+  CNNEXT_VEC_AVX512 void mask_store(double* p, Mask m) const { _mm512_mask_storeu_pd(p, m, v); }
+  CNNEXT_VEC_AVX512 static Vec even(Vec a, Vec b) {
+    return {_mm512_permutex2var_pd(a.v, _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14), b.v)};
+  }
 };
+
+// Index lanes (IntOf<T>) beside Vec<T, kAvx512>: as many lanes, the same Mask type.
+// mask_store_i64 writes the lanes in m widened to int64 (torch's index type).
+template <>
+struct Vec<int32_t, Isa::kAvx512> {
+  static constexpr int size = 16;
+  using Mask = __mmask16;
+  __m512i v;
+  CNNEXT_VEC_AVX512 static Vec load(const int32_t* p) { return {_mm512_loadu_si512(p)}; }
+  CNNEXT_VEC_AVX512 static Vec set1(int32_t x) { return {_mm512_set1_epi32(x)}; }
+  CNNEXT_VEC_AVX512 static Vec zero() { return {_mm512_setzero_si512()}; }
+  CNNEXT_VEC_AVX512 friend Vec operator+(Vec a, Vec b) { return {_mm512_add_epi32(a.v, b.v)}; }
+  CNNEXT_VEC_AVX512 static Vec select(Mask m, Vec t, Vec f) { return {_mm512_mask_blend_epi32(m, f.v, t.v)}; }
+  // Per lane, entry idx (0-31) of the 32-entry table lo, hi.
+  CNNEXT_VEC_AVX512 static Vec lookup(Vec lo, Vec idx, Vec hi) { return {_mm512_permutex2var_epi32(lo.v, idx.v, hi.v)}; }
+  // Lanes 0-7 widened to int64.
+  CNNEXT_VEC_AVX512 Vec<int64_t, Isa::kAvx512> low_i64() const;
+  CNNEXT_VEC_AVX512 void mask_store_i64(int64_t* p, Mask m) const {
+    _mm512_mask_storeu_epi64(p, static_cast<__mmask8>(m & 0xff), _mm512_cvtepi32_epi64(_mm512_castsi512_si256(v)));
+    _mm512_mask_storeu_epi64(p + 8, static_cast<__mmask8>(m >> 8), _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(v, 1)));
+  }
+};
+
+template <>
+struct Vec<int64_t, Isa::kAvx512> {
+  static constexpr int size = 8;
+  using Mask = __mmask8;
+  __m512i v;
+  CNNEXT_VEC_AVX512 static Vec load(const int64_t* p) { return {_mm512_loadu_si512(p)}; }
+  CNNEXT_VEC_AVX512 static Vec set1(int64_t x) { return {_mm512_set1_epi64(x)}; }
+  CNNEXT_VEC_AVX512 friend Vec operator+(Vec a, Vec b) { return {_mm512_add_epi64(a.v, b.v)}; }
+  CNNEXT_VEC_AVX512 static Vec select(Mask m, Vec t, Vec f) { return {_mm512_mask_blend_epi64(m, f.v, t.v)}; }
+  CNNEXT_VEC_AVX512 void mask_store_i64(int64_t* p, Mask m) const { _mm512_mask_storeu_epi64(p, m, v); }
+};
+
+CNNEXT_VEC_AVX512 inline Vec<int64_t, Isa::kAvx512> Vec<int32_t, Isa::kAvx512>::low_i64() const {
+  return {_mm512_cvtepi32_epi64(_mm512_castsi512_si256(v))};
+}
 
 #endif  // CNNEXT_VEC_X86
 
