@@ -177,8 +177,12 @@ struct ConvTranspose2dNode : OpNode {
       if (nx) {
         at::Tensor gx = conv(g, saved(weight), c);
         if (padded) {  // dense, in the layout it had, as torch's (not a strided view)
+          // An unbatched (C, H, W) gradient is channels_last when its channels are innermost.
           const bool unbatched = gx.dim() == 3;
-          const at::MemoryFormat fmt = layout_of({unbatched ? gx.unsqueeze(0) : gx});
+          const at::MemoryFormat fmt =
+              unbatched ? (gx.size(0) > 1 && gx.stride(0) == 1 ? at::MemoryFormat::ChannelsLast
+                                                              : at::MemoryFormat::Contiguous)
+                        : layout_of({gx});
           gx = gx.slice_symint(-2, 0, input_hw[0]).slice_symint(-1, 0, input_hw[1]);
           gx = unbatched ? gx.unsqueeze(0).contiguous(fmt).squeeze(0) : gx.contiguous(fmt);
         }
