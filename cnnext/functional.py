@@ -54,7 +54,7 @@ def _pair(value, name, op):
         return [value, value]
     if (kind is tuple or kind is list) and len(value) == 2 and type(value[0]) is int and type(value[1]) is int:
         return [value[0], value[1]]
-    if isinstance(value, bool):
+    if isinstance(value, (bool, str)):  # a string is not a sequence of sizes (torch: TypeError)
         raise TypeError(f"{op}: expected {name} to be an int or a pair of ints, got {value!r}")
     if isinstance(value, numbers.Integral) or isinstance(value, torch.SymInt):
         return [int(value)] * 2 if isinstance(value, numbers.Integral) else [value, value]

@@ -303,11 +303,11 @@ BAD = {
                   NotImplementedError, r"expected input to be float16, bfloat16, float32 or float64, got Long on cpu"),
     "groups_float": ((r(1, 4, 5, 5), r(4, 2, 1, 1), None, 1, 0, 0, 2.0), TypeError,
                      r"expected groups to be an int, got 2.0"),
-    "stride_3_values": ((r(1, 3, 5, 5), r(3, 2, 1, 1), None, (1, 1, 1)), ValueError,
+    "stride_3_values": ((r(1, 3, 5, 5), r(3, 2, 1, 1), None, (1, 1, 1)), RuntimeError,
                         r"expected stride to be an int or a pair of ints, got \(1, 1, 1\)"),
     "output_padding_float": ((r(1, 3, 5, 5), r(3, 2, 1, 1), None, 2, 0, 0.5), TypeError,
                              r"expected output_padding to be an int or a pair of ints, got 0.5"),
-    "padding_string": ((r(1, 3, 5, 5), r(3, 2, 1, 1), None, 1, "same"), ValueError,
+    "padding_string": ((r(1, 3, 5, 5), r(3, 2, 1, 1), None, 1, "same"), TypeError,
                        r"expected padding to be an int or a pair of ints, got 'same'"),
 }
 
