@@ -20,6 +20,7 @@ from torch.func import functional_call, grad, hessian, jacfwd, jacrev, vjp, vmap
 import cnnext
 import cnnext.functional as CF
 import cnnext.nn as cnn
+from test_forward_ad import CASES
 
 DT = torch.float64
 
@@ -37,32 +38,9 @@ def _no_fallback(fn):
     return run
 
 
-@functools.lru_cache(maxsize=None)
-def _unpool_indices(batch):
-    x = torch.randn(batch, 3, 6, 6, dtype=DT, generator=torch.Generator().manual_seed(2))
-    return F.max_pool2d(x, 2, return_indices=True)[1]
-
-
-# name -> (cnnext f, stock f, shapes of the arguments; the first is per sample)
-OPS = {
-    "conv2d": (lambda x, w, b: CF.conv2d(x, w, b, stride=2, padding=1, dilation=(1, 2)),
-               lambda x, w, b: F.conv2d(x, w, b, stride=2, padding=1, dilation=(1, 2)),
-               [(2, 4, 7, 8), (6, 4, 3, 2), (6,)]),
-    "conv2d_groups": (lambda x, w, b: CF.conv2d(x, w, b, padding=1, groups=2),
-                      lambda x, w, b: F.conv2d(x, w, b, padding=1, groups=2),
-                      [(2, 4, 5, 6), (6, 2, 3, 3), (6,)]),
-    "conv_transpose2d": (lambda x, w, b: CF.conv_transpose2d(x, w, b, stride=2, padding=1, output_padding=1, groups=2),
-                         lambda x, w, b: F.conv_transpose2d(x, w, b, stride=2, padding=1, output_padding=1, groups=2),
-                         [(2, 4, 5, 4), (4, 3, 3, 3), (6,)]),
-    "max_pool2d": (lambda x: CF.max_pool2d(x, 3, 2, 1, ceil_mode=True),
-                   lambda x: F.max_pool2d(x, 3, 2, 1, ceil_mode=True), [(2, 3, 7, 8)]),
-    "avg_pool2d": (lambda x: CF.avg_pool2d(x, 3, 2, 1, ceil_mode=True, count_include_pad=False),
-                   lambda x: F.avg_pool2d(x, 3, 2, 1, ceil_mode=True, count_include_pad=False), [(2, 3, 7, 8)]),
-    "adaptive_avg_pool2d": (lambda x: CF.adaptive_avg_pool2d(x, (3, 5)),
-                            lambda x: F.adaptive_avg_pool2d(x, (3, 5)), [(2, 3, 7, 8)]),
-    "max_unpool2d": (lambda x: CF.max_unpool2d(x, _unpool_indices(2), 2),
-                     lambda x: F.max_unpool2d(x, _unpool_indices(2), 2), [(2, 3, 3, 3)]),
-}
+# name -> (cnnext f, stock f, shapes of the arguments; the first is per sample): the
+# forward-AD suite's cases of the unfused ops.
+OPS = {k: v for k, v in CASES.items() if not k.startswith("conv_bn_relu2d")}
 
 
 def _args(shapes, seed=0):
