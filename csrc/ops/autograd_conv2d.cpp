@@ -102,36 +102,33 @@ struct Conv2dNode : OpNode {
   }
 };
 
-// conv2d_input_backward(grad_output, weight, input_size, ...) = A_w^T g:
-// d/dg = conv2d(dz, w), d/dw = weight_backward(g, dz).
-struct Conv2dInputBackwardNode : OpNode {
-  Conv2dInputBackwardNode() : OpNode("cnnext_conv2d_input_backward") {}
-  Conf c;
-  std::vector<c10::SymInt> weight_size;
-  size_t grad_output = 0, weight = 0;
-  variable_list apply(variable_list&& grads) override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    variable_list r(2);
-    if (!grads[0].defined()) return r;
-    if (needs(0)) r[0] = conv(grads[0], saved(weight), c);
-    if (needs(1)) r[1] = weight_backward(saved(grad_output), grads[0], weight_size, c);
-    return r;
-  }
-};
+// conv2d_input_backward(grad_output, weight, input_size, ...) = A_w^T g and
+// conv2d_weight_backward(grad_output, input, weight_size, ...): each bilinear in
+// (grad_output, other), the other the weight or the input. Their derivatives:
+//   input backward:  d/dg = conv2d(dz, w), d/dw = weight_backward(g, dz)
+//   weight backward: d/dg = conv2d(x, dz), d/dx = input_backward(g, dz)
+// other_size is the size of the other operand: the weight's or the input's.
+enum class ConvGrad { kInput, kWeight };
 
-// conv2d_weight_backward(grad_output, input, weight_size, ...):
-// d/dg = conv2d(x, dW), d/dx = input_backward(g, dW).
-struct Conv2dWeightBackwardNode : OpNode {
-  Conv2dWeightBackwardNode() : OpNode("cnnext_conv2d_weight_backward") {}
+template <ConvGrad G>
+struct Conv2dBackwardNode : OpNode {
+  Conv2dBackwardNode()
+      : OpNode(G == ConvGrad::kInput ? "cnnext_conv2d_input_backward" : "cnnext_conv2d_weight_backward") {}
   Conf c;
-  std::vector<c10::SymInt> input_size;
-  size_t grad_output = 0, input = 0;
+  std::vector<c10::SymInt> other_size;
+  size_t grad_output = 0, other = 0;
   variable_list apply(variable_list&& grads) override {
     std::lock_guard<std::mutex> lock(mutex_);
     variable_list r(2);
-    if (!grads[0].defined()) return r;
-    if (needs(0)) r[0] = conv(saved(input), grads[0], c);
-    if (needs(1)) r[1] = input_backward(saved(grad_output), grads[0], input_size, c);
+    const at::Tensor& dz = grads[0];
+    if (!dz.defined()) return r;
+    if constexpr (G == ConvGrad::kInput) {
+      if (needs(0)) r[0] = conv(dz, saved(other), c);
+      if (needs(1)) r[1] = weight_backward(saved(grad_output), dz, other_size, c);
+    } else {
+      if (needs(0)) r[0] = conv(saved(other), dz, c);
+      if (needs(1)) r[1] = input_backward(saved(grad_output), dz, other_size, c);
+    }
     return r;
   }
 };
@@ -321,45 +318,25 @@ at::Tensor conv2d_ad(const at::Tensor& x, const at::Tensor& w, const OptTensor& 
   return out;
 }
 
-at::Tensor conv2d_input_backward_ad(const at::Tensor& go, const at::Tensor& w, SymList size, IntList s,
-                                    IntList p, IntList d, int64_t g) {
-  const bool fw = has_tangent(go, w), rg = wants_grad(go, w);
-  if (!fw && !rg) return CNNEXT_BELOW(op::conv2d_input_backward().call(go, w, size, s, p, d, g));
-  at::Tensor out = CNNEXT_BELOW(op::conv2d_input_backward().call(go, w, size, s, p, d, g));
+template <ConvGrad G>
+at::Tensor conv2d_backward_ad(const at::Tensor& go, const at::Tensor& other, SymList size, IntList s, IntList p,
+                              IntList d, int64_t g) {
+  const auto& backward = G == ConvGrad::kInput ? op::conv2d_input_backward() : op::conv2d_weight_backward();
+  const bool fw = has_tangent(go, other), rg = wants_grad(go, other);
+  at::Tensor out = CNNEXT_BELOW(backward.call(go, other, size, s, p, d, g));
+  if (!fw && !rg) return out;
   if (rg) {
-    auto node = make_node<Conv2dInputBackwardNode>(go, w);
+    auto node = make_node<Conv2dBackwardNode<G>>(go, other);
     node->c.set(s, p, d, g);
-    node->weight_size = sym_vector(w.sym_sizes());
-    node->grad_output = node->save(w.requires_grad() ? go : at::Tensor());
-    node->weight = node->save(go.requires_grad() ? w : at::Tensor());
-    out = record(node, out, go, w);
+    node->other_size = sym_vector(other.sym_sizes());
+    node->grad_output = node->save(other.requires_grad() ? go : at::Tensor());
+    node->other = node->save(go.requires_grad() ? other : at::Tensor());
+    out = record(node, out, go, other);
   }
   if (fw) {
     at::Tensor t;
-    if (has_tangent(go)) t = op::conv2d_input_backward().call(tangent(go), primal(w), size, s, p, d, g);
-    if (has_tangent(w)) t = add_defined(t, op::conv2d_input_backward().call(primal(go), tangent(w), size, s, p, d, g));
-    set_tangent(out, t);
-  }
-  return out;
-}
-
-at::Tensor conv2d_weight_backward_ad(const at::Tensor& go, const at::Tensor& x, SymList size, IntList s,
-                                     IntList p, IntList d, int64_t g) {
-  const bool fw = has_tangent(go, x), rg = wants_grad(go, x);
-  if (!fw && !rg) return CNNEXT_BELOW(op::conv2d_weight_backward().call(go, x, size, s, p, d, g));
-  at::Tensor out = CNNEXT_BELOW(op::conv2d_weight_backward().call(go, x, size, s, p, d, g));
-  if (rg) {
-    auto node = make_node<Conv2dWeightBackwardNode>(go, x);
-    node->c.set(s, p, d, g);
-    node->input_size = sym_vector(x.sym_sizes());
-    node->grad_output = node->save(x.requires_grad() ? go : at::Tensor());
-    node->input = node->save(go.requires_grad() ? x : at::Tensor());
-    out = record(node, out, go, x);
-  }
-  if (fw) {
-    at::Tensor t;
-    if (has_tangent(go)) t = op::conv2d_weight_backward().call(tangent(go), primal(x), size, s, p, d, g);
-    if (has_tangent(x)) t = add_defined(t, op::conv2d_weight_backward().call(primal(go), tangent(x), size, s, p, d, g));
+    if (has_tangent(go)) t = backward.call(tangent(go), primal(other), size, s, p, d, g);
+    if (has_tangent(other)) t = add_defined(t, backward.call(primal(go), tangent(other), size, s, p, d, g));
     set_tangent(out, t);
   }
   return out;
@@ -574,8 +551,8 @@ at::Tensor conv_bn_relu2d_eval_ad(const at::Tensor& x, const at::Tensor& w, cons
 
 TORCH_LIBRARY_IMPL(cnnext, Autograd, m) {
   m.impl("conv2d", &conv2d_ad);
-  m.impl("conv2d_input_backward", &conv2d_input_backward_ad);
-  m.impl("conv2d_weight_backward", &conv2d_weight_backward_ad);
+  m.impl("conv2d_input_backward", &conv2d_backward_ad<ConvGrad::kInput>);
+  m.impl("conv2d_weight_backward", &conv2d_backward_ad<ConvGrad::kWeight>);
   m.impl("channel_sum", &channel_sum_ad);
   m.impl("conv_transpose2d", &conv_transpose2d_ad);
   m.impl("conv_bn_relu2d_train", &conv_bn_relu2d_train_ad);

@@ -71,6 +71,17 @@ struct OpNode : torch::autograd::Node {
   // absent optional tensor, whose edge is empty).
   bool needs(size_t i) const { return task_should_compute_output(i); }
 
+  // The apply() of a node whose op is linear in its first input and passes none of its
+  // other n_inputs - 1 a gradient (they are read for shape, layout or indices): the
+  // first input's gradient is f(dz), where it is wanted and dz is defined.
+  template <class F>
+  variable_list first_input_only(const variable_list& grads, size_t n_inputs, F&& f) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    variable_list r(n_inputs);
+    if (needs(0) && grads[0].defined()) r[0] = f(grads[0]);
+    return r;
+  }
+
  protected:
   const char* name_;
   std::vector<torch::autograd::SavedVariable> saved_;

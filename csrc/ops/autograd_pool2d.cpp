@@ -62,11 +62,9 @@ struct AvgPool2dNode : OpNode {  // avg_pool2d(input, ...)
   AvgPoolConf a;
   size_t input;
   variable_list apply(variable_list&& grads) override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    variable_list r(1);
-    if (needs(0) && grads[0].defined())
-      r[0] = op::avg_pool2d_backward().call(grads[0], saved(input), a.c.k, a.c.s, a.c.p, a.c.ceil, a.cip, a.div);
-    return r;
+    return first_input_only(grads, 1, [&](const at::Tensor& dz) {
+      return op::avg_pool2d_backward().call(dz, saved(input), a.c.k, a.c.s, a.c.p, a.c.ceil, a.cip, a.div);
+    });
   }
 };
 
@@ -76,10 +74,9 @@ struct AvgPool2dBackwardNode : OpNode {  // avg_pool2d_backward(grad_output, inp
   AvgPool2dBackwardNode() : OpNode("cnnext_avg_pool2d_backward") {}
   AvgPoolConf a;
   variable_list apply(variable_list&& grads) override {
-    variable_list r(2);
-    if (needs(0) && grads[0].defined())
-      r[0] = op::avg_pool2d().call(grads[0], a.c.k, a.c.s, a.c.p, a.c.ceil, a.cip, a.div);
-    return r;
+    return first_input_only(grads, 2, [&](const at::Tensor& dz) {
+      return op::avg_pool2d().call(dz, a.c.k, a.c.s, a.c.p, a.c.ceil, a.cip, a.div);
+    });
   }
 };
 
@@ -87,10 +84,8 @@ struct AdaptiveAvgPool2dNode : OpNode {
   AdaptiveAvgPool2dNode() : OpNode("cnnext_adaptive_avg_pool2d") {}
   size_t input;
   variable_list apply(variable_list&& grads) override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    variable_list r(1);
-    if (needs(0) && grads[0].defined()) r[0] = op::adaptive_avg_pool2d_backward().call(grads[0], saved(input));
-    return r;
+    return first_input_only(
+        grads, 1, [&](const at::Tensor& dz) { return op::adaptive_avg_pool2d_backward().call(dz, saved(input)); });
   }
 };
 
@@ -98,9 +93,7 @@ struct AdaptiveAvgPool2dBackwardNode : OpNode {  // (grad_output, input)
   AdaptiveAvgPool2dBackwardNode() : OpNode("cnnext_adaptive_avg_pool2d_backward") {}
   std::vector<int64_t> hw;  // the forward op's output size: grad_output's H x W
   variable_list apply(variable_list&& grads) override {
-    variable_list r(2);
-    if (needs(0) && grads[0].defined()) r[0] = op::adaptive_avg_pool2d().call(grads[0], hw);
-    return r;
+    return first_input_only(grads, 2, [&](const at::Tensor& dz) { return op::adaptive_avg_pool2d().call(dz, hw); });
   }
 };
 
@@ -114,11 +107,9 @@ struct MaxPool2dNode : OpNode {
   std::vector<c10::SymInt> size;
   size_t idx;
   variable_list apply(variable_list&& grads) override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    variable_list r(1);
-    if (needs(0) && grads[0].defined())
-      r[0] = op::max_pool2d_with_indices_backward().call(grads[0], saved(idx), size, c.k, c.s, c.p, c.d, c.ceil);
-    return r;
+    return first_input_only(grads, 1, [&](const at::Tensor& dz) {
+      return op::max_pool2d_with_indices_backward().call(dz, saved(idx), size, c.k, c.s, c.p, c.d, c.ceil);
+    });
   }
 };
 
@@ -128,11 +119,9 @@ struct MaxPool2dBackwardNode : OpNode {  // (grad_output, indices, ...)
   PoolConf c;
   size_t idx;
   variable_list apply(variable_list&& grads) override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    variable_list r(2);
-    if (needs(0) && grads[0].defined())
-      r[0] = op::max_pool2d_select().call(grads[0], saved(idx), c.k, c.s, c.p, c.d, c.ceil);
-    return r;
+    return first_input_only(grads, 2, [&](const at::Tensor& dz) {
+      return op::max_pool2d_select().call(dz, saved(idx), c.k, c.s, c.p, c.d, c.ceil);
+    });
   }
 };
 
@@ -143,11 +132,9 @@ struct MaxPool2dSelectNode : OpNode {  // (input, indices, ...)
   std::vector<c10::SymInt> size;
   size_t idx;
   variable_list apply(variable_list&& grads) override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    variable_list r(2);
-    if (needs(0) && grads[0].defined())
-      r[0] = op::max_pool2d_with_indices_backward().call(grads[0], saved(idx), size, c.k, c.s, c.p, c.d, c.ceil);
-    return r;
+    return first_input_only(grads, 2, [&](const at::Tensor& dz) {
+      return op::max_pool2d_with_indices_backward().call(dz, saved(idx), size, c.k, c.s, c.p, c.d, c.ceil);
+    });
   }
 };
 
@@ -155,10 +142,7 @@ struct MaxUnpool2dNode : OpNode {  // (input, indices, output_size)
   MaxUnpool2dNode() : OpNode("cnnext_max_unpool2d") {}
   size_t idx;
   variable_list apply(variable_list&& grads) override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    variable_list r(2);
-    if (needs(0) && grads[0].defined()) r[0] = op::max_unpool2d_backward().call(grads[0], saved(idx));
-    return r;
+    return first_input_only(grads, 2, [&](const at::Tensor& dz) { return op::max_unpool2d_backward().call(dz, saved(idx)); });
   }
 };
 
@@ -167,21 +151,18 @@ struct MaxUnpool2dBackwardNode : OpNode {  // (grad_output, indices)
   std::vector<c10::SymInt> hw;
   size_t idx;
   variable_list apply(variable_list&& grads) override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    variable_list r(2);
-    if (!(needs(0) && grads[0].defined())) return r;
     // The adjoint of a gather is a scatter-ADD: with repeated indices the values at
     // one position sum (max_unpool2d would keep only the last).
-    const at::Tensor& dz = grads[0];
-    std::vector<c10::SymInt> flat(dz.sym_sizes().begin(), dz.sym_sizes().end() - 2);
-    flat.push_back(hw[0] * hw[1]);
-    std::vector<c10::SymInt> shape(flat.begin(), flat.end() - 1);
-    shape.push_back(hw[0]);
-    shape.push_back(hw[1]);
-    r[0] = at::zeros_symint(flat, dz.options())
-               .scatter_add(-1, saved(idx).flatten(-2), dz.flatten(-2))
-               .view_symint(shape);
-    return r;
+    return first_input_only(grads, 2, [&](const at::Tensor& dz) {
+      std::vector<c10::SymInt> flat(dz.sym_sizes().begin(), dz.sym_sizes().end() - 2);
+      flat.push_back(hw[0] * hw[1]);
+      std::vector<c10::SymInt> shape(flat.begin(), flat.end() - 1);
+      shape.push_back(hw[0]);
+      shape.push_back(hw[1]);
+      return at::zeros_symint(flat, dz.options())
+          .scatter_add(-1, saved(idx).flatten(-2), dz.flatten(-2))
+          .view_symint(shape);
+    });
   }
 };
 
