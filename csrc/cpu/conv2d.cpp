@@ -18,6 +18,7 @@
 #include "cpu/conv2d_half.h"
 #include "cpu/half.h"
 #include "tensors.h"
+#include "cpu/conv2d_nhwc.h"
 #include "cpu/conv2d_sgemm.h"
 #include "cpu/conv2d_winograd.h"
 #include "cpu/sgemm.h"
@@ -322,6 +323,14 @@ void conv2d_forward_rows(const at::Tensor& input, const at::Tensor& weight,
     conv_sgemm::forward(input.const_data_ptr<float>(), xs, w.const_data_ptr<float>(),
                         has_bias ? b.const_data_ptr<float>() : nullptr,
                         out.mutable_data_ptr<float>(), strides_of(out), p, relu, rows_done);
+    return;
+  }
+  if (use_sgemm(input) && !use_direct_sgemm(p) && out_format == at::MemoryFormat::ChannelsLast &&
+      conv_nhwc::applies(p, xs, strides_of(out))) {
+    kFwdSgemm.hit();
+    conv_nhwc::forward(input.const_data_ptr<float>(), xs, weight.const_data_ptr<float>(), strides_of(weight),
+                       has_bias ? b.const_data_ptr<float>() : nullptr, out.mutable_data_ptr<float>(), p, relu,
+                       rows_done);
     return;
   }
 
