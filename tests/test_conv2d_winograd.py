@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(not _C._winograd_available(), reason="Winograd r
 
 @pytest.fixture(autouse=True)
 def _winograd_on():
-    """Winograd is off by default for now (cnnext/backends/cpu.py): on for these tests."""
+    """Winograd on for these tests whatever the process-wide switch (on by default)."""
     with cpu_backend.flags(winograd=True):
         yield
 
@@ -318,3 +318,16 @@ def test_default_choice_by_shape():
     x = torch.randn(4, 64, 28, 28)
     _, paths = ran(lambda: conv2d(x, kaiming(64, 64), None, 1, 1))
     assert paths & set(WINO)
+
+
+def test_on_by_default():
+    """A fresh process starts with Winograd on (docs/DESIGN.md: why it may be)."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = "import cnnext, cnnext.backends.cpu as c; print(c.winograd, cnnext.__file__)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True).stdout
+    flag, where = out.split()
+    assert flag == "True"
+    assert where.startswith(root)
