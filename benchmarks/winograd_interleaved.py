@@ -1,6 +1,6 @@
 """Interleaved medians of the Winograd forward (and forward + backward) on issue 15's 3x3
 stride-1 layers (batch 8), for a shared, noisy machine: each round times every
-implementation once, in turn, so that a burst of load hits all of them alike.
+implementation once, in a shuffled order, so that a burst of load hits all of them alike.
 
 Implementations: stock torch (oneDNN), cnnext's GEMM path (Winograd off), cnnext as it
 chooses (Winograd where the shape pays), and each Winograd tile forced (F(2x2), F(4x4),
@@ -14,6 +14,7 @@ is new each time, so the transform is recomputed), for every implementation alik
 import argparse
 import math
 import os
+import random
 import statistics
 import sys
 import time
@@ -63,8 +64,12 @@ def measure(fns, rounds):
     for f in fns.values():  # warm-up (and the weight cache)
         f()
     times = {k: [] for k in fns}
+    order = list(fns)
+    rng = random.Random(0)
     for _ in range(rounds):
-        for k, f in fns.items():
+        rng.shuffle(order)  # no implementation always follows the same one
+        for k in order:
+            f = fns[k]
             t = time.perf_counter()
             f()
             times[k].append(time.perf_counter() - t)
