@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(not _C._winograd_available(), reason="Winograd r
 
 @pytest.fixture(autouse=True)
 def _winograd_on():
-    """Winograd is off by default for now (cnnext/backends/cpu.py): on for these tests."""
+    """Winograd on for these tests whatever the process-wide switch (on by default)."""
     with cpu_backend.flags(winograd=True):
         yield
 
@@ -195,6 +195,43 @@ def test_input_gradient(m, tile):
     assert rel_err(gw, gw_ref) <= 1e-5
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["conv", "conv_bn_relu"])
+def test_training_steps_never_see_a_stale_transform(fused, tile):
+    """Hypothesis (b) of the ResNet-18 investigation (docs/DESIGN.md): one weight serves the
+    forward and the input gradient (two transforms, both cached per version), then an
+    optimizer step changes it in place. Over several steps, in train mode and in an eval
+    forward between them, every forward output and input gradient matches float64 on the
+    weight as it is at that moment."""
+    tile(4)
+    torch.manual_seed(0)
+    if fused:
+        mod = cnnext.nn.ConvBNReLU2d(24, 32, 3, padding=1)
+    else:
+        mod = cnnext.nn.Conv2d(24, 32, 3, padding=1)
+    ref = (torch.nn.Sequential(torch.nn.Conv2d(24, 32, 3, padding=1), torch.nn.BatchNorm2d(32), torch.nn.ReLU())
+           if fused else torch.nn.Conv2d(24, 32, 3, padding=1)).double()
+    opt = torch.optim.SGD(mod.parameters(), lr=0.2, momentum=0.9)
+    for step in range(4):
+        ref.load_state_dict({k: v.double() for k, v in mod.state_dict().items()})
+        mod.train(), ref.train()
+        x = torch.randn(3, 24, 10, 9, requires_grad=True)
+        xd = x.detach().double().requires_grad_()
+        y, yd = mod(x), ref(xd)
+        gy = torch.randn_like(y)
+        with expect_path(TILES[4]):
+            (gx,) = torch.autograd.grad(y, x, gy, retain_graph=True)
+        (gxd,) = torch.autograd.grad(yd, xd, gy.double())
+        assert rel_err(y, yd) <= 2e-5, step
+        assert rel_err(gx, gxd) <= 1e-4, step
+        y.backward(gy)
+        opt.step()
+        mod.eval(), ref.eval()
+        ref.load_state_dict({k: v.double() for k, v in mod.state_dict().items()})
+        with torch.no_grad(), expect_path(TILES[4]):
+            ye = mod(x.detach())
+        assert rel_err(ye, ref(x.detach().double())) <= 2e-5, step
+
+
 def test_conv_transpose_stride1(tile):
     tile(4)
     x = torch.randn(2, 32, 9, 9)
@@ -318,3 +355,16 @@ def test_default_choice_by_shape():
     x = torch.randn(4, 64, 28, 28)
     _, paths = ran(lambda: conv2d(x, kaiming(64, 64), None, 1, 1))
     assert paths & set(WINO)
+
+
+def test_on_by_default():
+    """A fresh process starts with Winograd on (docs/DESIGN.md: why it may be)."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = "import cnnext, cnnext.backends.cpu as c; print(c.winograd, cnnext.__file__)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True).stdout
+    flag, where = out.split()
+    assert flag == "True"
+    assert where.startswith(root)
