@@ -566,6 +566,36 @@ void forward(const float* x, const Strides4& xs, const float* w, const float* bi
   forward_impl(x, xs, w, false, bias, y, ys, p, relu, rows_done);
 }
 
+// Rows per chunk of the gathered forward on a small map, at most `most`: the count whose
+// chunks cost least on `threads` threads, by a model of the work each item does (its GEMM's
+// tile grid, padding included, in the better orientation, plus its gather) times the
+// waves of items a thread runs. Positions per chunk that fill whole GEMM panels (a 12x12
+// map: 8 or 16 rows, not 9) and chunk counts that keep every thread busy win.
+int64_t gather_rows(const Conv2dParams& p, int64_t K, int64_t most, int64_t threads) {
+  const int64_t R = p.N * p.OH, Og = p.out_per_group();
+  double best = 0;
+  int64_t best_rows = most;
+  for (int64_t r = most; r >= std::max<int64_t>(1, most - 4096); --r) {
+    const int64_t chunks = ceil_div(R, r), L = r * p.OW;
+    const bool trans = positions_on_m(L, Og);
+    const int64_t mr = trans ? kNR : kMR;
+    int64_t ob = Og;
+    if (p.G * chunks < threads) {
+      const int64_t oblocks = std::min(ceil_div(threads, p.G * chunks), ceil_div(Og, std::max<int64_t>(mr, 32)));
+      ob = round_up(ceil_div(Og, oblocks), mr);
+    }
+    const int64_t items = p.G * chunks * ceil_div(Og, ob);
+    const double area = trans ? 1.15 * double(round_up(L, kMR) * round_up(ob, kNR))
+                              : double(round_up(ob, kMR) * round_up(L, kNR));
+    const double cost = double(ceil_div(items, threads)) * (area / 16.0 + L / 1.5) * double(K);
+    if (r == most || cost < best) {
+      best = cost;
+      best_rows = r;
+    }
+  }
+  return best_rows;
+}
+
 // w_t: the weight given transposed per group, (K x Og) row-major at w + g * K * Og.
 void forward_impl(const float* x, const Strides4& xs, const float* w, bool w_t, const float* bias,
                   float* y, const Strides4& ys, const Conv2dParams& p, bool relu,
@@ -588,8 +618,14 @@ void forward_impl(const float* x, const Strides4& xs, const float* w, bool w_t, 
     chunks = p.N * bands;
   } else {
     chunks = ceil_div(R, rows);
-    if (!rows_done && T > 1 && chunks > 1) chunks = std::min(R, round_up(chunks, T));
-    rows = ceil_div(R, chunks);
+    const bool implicit_shape = p.SH == 1 && p.SW == 1 && (p.OW >= 16 || p.W + 2 * p.PW == p.OW);
+    const bool panels_shape = chunks == 1 && !rows_done && Og > kNR && positions_on_m(rows * p.OW, Og);
+    if (implicit_shape || panels_shape) {
+      if (!rows_done && T > 1 && chunks > 1) chunks = std::min(R, round_up(chunks, T));
+      rows = ceil_div(R, chunks);
+    } else {
+      rows = gather_rows(p, K, rows, rows_done ? 1 : T);
+    }
     chunks = ceil_div(R, rows);
   }
   const bool trans = positions_on_m(rows * p.OW, Og);
