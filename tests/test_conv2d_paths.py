@@ -72,7 +72,9 @@ PATHS = {
     "transposed": ("panels", "sgemm_col2im_transposed", "sgemm_gather"),
     "transposed_odd": ("panels", "sgemm_col2im_transposed", "sgemm_gather"),
     "stride2_small": ("panels", "sgemm_col2im_transposed", "sgemm_gather"),
-    "pointwise_stride2": ("gather", None, "sgemm_gather"),
+    # Gathered in either orientation: the chunks (and so the orientation) are chosen per
+    # thread count (conv2d_sgemm.cpp gather_rows); test_pointwise_stride2_forms asserts both.
+    "pointwise_stride2": (None, None, "sgemm_gather"),
     "dilated_padded": ("gather", "sgemm_col2im", "sgemm_gather"),
     "groups": ("gather", "sgemm_col2im", "sgemm_gather"),
     "groups_transposed": ("gather_transposed", "sgemm_as_forward", "sgemm_gather"),
@@ -91,9 +93,10 @@ PATHS = {
 
 def float32_paths(case):
     fwd, grad_in, grad_w = PATHS[case]
-    names = ["conv2d.fwd.sgemm", f"conv2d.sgemm.{fwd}", "conv2d.input_grad.sgemm",
+    names = ["conv2d.fwd.sgemm", "conv2d.input_grad.sgemm",
              "conv2d.weight_grad.sgemm", f"conv2d.weight_grad.{grad_w}"]
-    return names + ([f"conv2d.input_grad.{grad_in}"] if grad_in else [])
+    return (names + ([f"conv2d.sgemm.{fwd}"] if fwd else [])
+            + ([f"conv2d.input_grad.{grad_in}"] if grad_in else []))
 
 
 def float64_paths(case):
@@ -233,3 +236,17 @@ def test_batch_stats_chunks_across_samples(threads):
                 assert_close_scaled(a, e, 1e-4, name)
     finally:
         torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("threads, form", [(1, "gather"), (3, "gather_transposed")])
+def test_pointwise_stride2_forms(threads, form):
+    """The strided 1x1 case's chunks follow the thread count: one 12-row chunk (positions on
+    N) on one thread, three 4-row chunks (12 positions each: on M, transposed) on three."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with expect_path(f"conv2d.sgemm.{form}"):
+            ours, ref = run("pointwise_stride2", torch.float32, "contiguous")
+    finally:
+        torch.set_num_threads(old)
+    compare(ours, ref, torch.float32)

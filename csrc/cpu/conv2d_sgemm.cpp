@@ -30,6 +30,16 @@ CNNEXT_PATH(kPanels, "conv2d.sgemm.panels");
 CNNEXT_PATH(kImplicit, "conv2d.sgemm.implicit");
 CNNEXT_PATH(kGather, "conv2d.sgemm.gather");
 CNNEXT_PATH(kGatherT, "conv2d.sgemm.gather_transposed");
+// How the forward's columns are gathered (once per gather call that used it): vector copies
+// of runs of positions at a stride of 1, of 2, or another; a hardware gather of 16 positions
+// where runs are short; the scalar loop (no AVX-512, or a stride past int32). And whether
+// the columns were read from the input itself (no padding) instead of a padded copy.
+CNNEXT_PATH(kRunsUnit, "conv2d.sgemm.gather.runs_unit");
+CNNEXT_PATH(kRunsStride2, "conv2d.sgemm.gather.runs_stride2");
+CNNEXT_PATH(kRunsStrided, "conv2d.sgemm.gather.runs_strided");
+CNNEXT_PATH(kGatherHw, "conv2d.sgemm.gather.hw16");
+CNNEXT_PATH(kGatherScalar, "conv2d.sgemm.gather.scalar");
+CNNEXT_PATH(kUnpaddedSource, "conv2d.sgemm.gather.unpadded_source");
 CNNEXT_PATH(kInForward, "conv2d.input_grad.sgemm_as_forward");
 CNNEXT_PATH(kInCol2im, "conv2d.input_grad.sgemm_col2im");
 CNNEXT_PATH(kInCol2imT, "conv2d.input_grad.sgemm_col2im_transposed");
@@ -251,32 +261,149 @@ float* pad_input(const float* x, const Strides4& xs, const Conv2dParams& p) {
   return xp;
 }
 
-// Offsets in the padded input of the taps [0, K) of one group (from its first channel).
-std::vector<int64_t> tap_offsets(const Conv2dParams& p) {
-  const int64_t taps = p.KH * p.KW, K = p.in_per_group() * taps;
+// Element strides of pad_input's copy.
+Strides4 padded_strides(const Conv2dParams& p) {
   const int64_t Wp = p.W + 2 * p.PW, plane = (p.H + 2 * p.PH) * Wp;
+  return {p.C * plane, plane, Wp, 1};
+}
+
+// Offsets in a source of strides s (the padded input, or an unpadded input itself) of the
+// taps [0, K) of one group (from its first channel).
+std::vector<int64_t> tap_offsets(const Strides4& s, const Conv2dParams& p) {
+  const int64_t taps = p.KH * p.KW, K = p.in_per_group() * taps;
   std::vector<int64_t> off(K);
   for (int64_t k = 0; k < K; ++k)
-    off[k] = (k / taps) * plane + ((k / p.KW) % p.KH) * p.DH * Wp + (k % p.KW) * p.DW;
+    off[k] = (k / taps) * s.c + ((k / p.KW) % p.KH) * p.DH * s.h + (k % p.KW) * p.DW * s.w;
   return off;
 }
+std::vector<int64_t> tap_offsets(const Conv2dParams& p) { return tap_offsets(padded_strides(p), p); }
 
-// Offsets in the padded input (from sample 0, channel 0) of the top-left tap of each output
-// position of global rows [r0, r1).
-void position_offsets(const Conv2dParams& p, int64_t r0, int64_t r1, int64_t* idx) {
-  const int64_t Wp = p.W + 2 * p.PW, img = p.C * (p.H + 2 * p.PH) * Wp;
+// Offsets in a source of strides s (from sample 0, channel 0) of the top-left tap of each
+// output position of global rows [r0, r1).
+void position_offsets(const Strides4& s, const Conv2dParams& p, int64_t r0, int64_t r1, int64_t* idx) {
   for (int64_t r = r0; r < r1; ++r) {
-    const int64_t base = (r / p.OH) * img + (r % p.OH) * p.SH * Wp;
+    const int64_t base = (r / p.OH) * s.n + (r % p.OH) * p.SH * s.h;
     int64_t* d = idx + (r - r0) * p.OW;
-    for (int64_t ow = 0; ow < p.OW; ++ow) d[ow] = base + ow * p.SW;
+    for (int64_t ow = 0; ow < p.OW; ++ow) d[ow] = base + ow * p.SW * s.w;
   }
 }
+void position_offsets(const Conv2dParams& p, int64_t r0, int64_t r1, int64_t* idx) {
+  position_offsets(padded_strides(p), p, r0, r1, idx);
+}
 
-// im2col as gathers from the padded input: element (k, l) = xp[off[k] + idx[l]] into
-// panels of `width` positions, out[(l / width) * K * width + k * width + l % width], the
-// positions past L up to a whole panel zero.
+// Where the forward gathers its columns from: the zero-padded copy of the input or, with no
+// padding, the input itself through its strides (a strided 1x1 convolution then reads only
+// the positions it uses, and nothing is copied first).
+struct GatherSrc {
+  const float* x;
+  Strides4 s;
+};
+GatherSrc gather_source(const float* x, const Strides4& xs, const Conv2dParams& p) {
+  if (p.PH == 0 && p.PW == 0) {
+    kUnpaddedSource.hit();
+    return {x, xs};
+  }
+  return {pad_input(x, xs, p), padded_strides(p)};
+}
+
+// im2col as gathers from the padded input (or any strided source): element (k, l) =
+// xp[off[k] + idx[l]] into panels of `width` (<= kNR) positions, out[(l / width) * K * width
+// + k * width + l % width], the positions past L up to a whole panel zero. `step` is the
+// distance in xp between neighbouring positions of one output row (SW times the source's
+// w stride): positions are copied as runs of that stride, one vector copy per run (unit
+// stride: masked loads; stride 2: two loads and a permute; else a hardware gather), or,
+// where the runs are short (maps of a few columns), one hardware gather per 16 positions.
 CNNEXT_CONV_AVX512 void gather_panels(const float* xp, const int64_t* off, int64_t K,
-                                      const int64_t* idx, int64_t L, int64_t width, float* out) {
+                                      const int64_t* idx, int64_t L, int64_t width, int64_t step,
+                                      float* out) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(CNNEXT_NO_AVX512)
+  if (width <= kNR && step > 0 && step < (int64_t(1) << 26)) {
+    struct Run {
+      int64_t j, len, src;
+    };
+    Run runs[kNR];
+    alignas(64) int32_t vidx[kNR];
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i strided = _mm512_mullo_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        _mm512_set1_epi32(int32_t(step)));
+    const __m512 zero = _mm512_setzero_ps();
+    bool used_runs = false, used_hw = false;
+    for (int64_t l0 = 0; l0 < L; l0 += width) {
+      const int64_t n = std::min(width, L - l0);
+      float* panel = out + (l0 / width) * K * width;
+      const int64_t* id = idx + l0;
+      int64_t nruns = 0;
+      for (int64_t j = 0; j < n; ++j) {
+        if (nruns > 0 && runs[nruns - 1].len < 16 && id[j] - id[j - 1] == step) {
+          ++runs[nruns - 1].len;
+        } else {
+          runs[nruns++] = {j, 1, id[j]};
+        }
+      }
+      // Short runs: one gather of up to 16 positions (offsets from id[0] in int32).
+      bool gather = 4 * nruns > n;
+      if (gather) {
+        for (int64_t j = 0; j < kNR; ++j) {
+          const int64_t d = j < n ? id[j] - id[0] : 0;
+          gather = gather && d > -(int64_t(1) << 31) && d < (int64_t(1) << 31);
+          vidx[j] = int32_t(d);
+        }
+      }
+      const __mmask16 tail_lo = n >= 16 ? __mmask16(0) : __mmask16(~((1u << n) - 1));
+      const __mmask16 tail_hi =
+          n >= 32 ? __mmask16(0) : n <= 16 ? __mmask16(0xFFFF) : __mmask16(~((1u << (n - 16)) - 1));
+      const __mmask16 wmask_lo = width >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << width) - 1);
+      const __mmask16 wmask_hi = width >= 32 ? __mmask16(0xFFFF) : width <= 16 ? __mmask16(0) : __mmask16((1u << (width - 16)) - 1);
+      used_hw |= gather;
+      used_runs |= !gather;
+      if (gather) {
+        const __m512i v0 = _mm512_load_si512(vidx), v1 = _mm512_load_si512(vidx + 16);
+        const __mmask16 m0 = __mmask16(wmask_lo & ~tail_lo), m1 = __mmask16(wmask_hi & ~tail_hi);
+        for (int64_t k = 0; k < K; ++k) {
+          const float* src = xp + off[k] + id[0];
+          float* d = panel + k * width;
+          _mm512_mask_storeu_ps(d, wmask_lo, _mm512_mask_i32gather_ps(zero, m0, v0, src, 4));
+          if (width > 16)
+            _mm512_mask_storeu_ps(d + 16, wmask_hi, _mm512_mask_i32gather_ps(zero, m1, v1, src, 4));
+        }
+        continue;
+      }
+      for (int64_t k = 0; k < K; ++k) {
+        const uintptr_t src = reinterpret_cast<uintptr_t>(xp + off[k]);
+        float* d = panel + k * width;
+        for (int64_t r = 0; r < nruns; ++r) {
+          const Run& run = runs[r];
+          const __mmask16 m = __mmask16((1u << run.len) - 1);
+          const float* s = reinterpret_cast<const float*>(src + run.src * int64_t(sizeof(float)));
+          __m512 v;
+          if (step == 1) {
+            v = _mm512_maskz_loadu_ps(m, s);
+          } else if (step == 2) {
+            const int64_t span = 2 * run.len - 1;
+            const __mmask16 mlo = span >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << span) - 1);
+            const __mmask16 mhi = span > 16 ? __mmask16((1u << (span - 16)) - 1) : __mmask16(0);
+            const __m512 lo = _mm512_maskz_loadu_ps(mlo, s);
+            const __m512 hi = _mm512_maskz_loadu_ps(
+                mhi, reinterpret_cast<const float*>(reinterpret_cast<uintptr_t>(s) + 16 * sizeof(float)));
+            v = _mm512_permutex2var_ps(lo, even, hi);
+          } else {
+            v = _mm512_mask_i32gather_ps(zero, m, strided, s, 4);
+          }
+          _mm512_mask_storeu_ps(d + run.j, m, v);
+        }
+        if (n < width) {
+          _mm512_mask_storeu_ps(d, __mmask16(wmask_lo & tail_lo), zero);
+          if (width > 16) _mm512_mask_storeu_ps(d + 16, __mmask16(wmask_hi & tail_hi), zero);
+        }
+      }
+    }
+    if (used_hw) kGatherHw.hit();
+    if (used_runs) (step == 1 ? kRunsUnit : step == 2 ? kRunsStride2 : kRunsStrided).hit();
+    return;
+  }
+#endif
+  kGatherScalar.hit();
   for (int64_t l0 = 0; l0 < L; l0 += width) {
     const int64_t n = std::min(width, L - l0);
     float* panel = out + (l0 / width) * K * width;
@@ -397,15 +524,15 @@ void forward_panels(const float* x, const Strides4& xs, const float* w, bool w_t
                     float* y, const Strides4& ys, const Conv2dParams& p, bool relu) {
   const int64_t Cg = p.in_per_group(), Og = p.out_per_group(), K = Cg * p.KH * p.KW;
   const int64_t R = p.N * p.OH, L = R * p.OW;
-  const float* xp = pad_input(x, xs, p);
-  const std::vector<int64_t> off = tap_offsets(p);
-  const int64_t gstride = Cg * (p.H + 2 * p.PH) * (p.W + 2 * p.PW);
+  const GatherSrc src = gather_source(x, xs, p);
+  const std::vector<int64_t> off = tap_offsets(src.s, p);
+  const int64_t gstride = Cg * src.s.c;
   const int64_t col_size = round_up(L, kMR) * K, cols = round_up(p.G * col_size, 16);
   float* col = scratch(1, cols + 2 * L);
   int64_t* idx = reinterpret_cast<int64_t*>(col + cols);
-  position_offsets(p, 0, R, idx);
+  position_offsets(src.s, p, 0, R, idx);
   run_items(p.G, [&](int64_t g) {
-    gather_panels(xp + g * gstride, off.data(), K, idx, L, kMR, col + g * col_size);
+    gather_panels(src.x + g * gstride, off.data(), K, idx, L, kMR, p.SW * src.s.w, col + g * col_size);
   }, p.G * col_size);
   const int64_t panels = ceil_div(Og, kNR);
   run_items(p.G * panels, [&](int64_t item) {
@@ -439,14 +566,68 @@ void forward(const float* x, const Strides4& xs, const float* w, const float* bi
   forward_impl(x, xs, w, false, bias, y, ys, p, relu, rows_done);
 }
 
+// Rows per chunk of the gathered forward on a small map, at most `most`: the count whose
+// chunks cost least on `threads` threads, by a model of the work each item does (its GEMM's
+// tile grid, padding included, in the better orientation, plus its gather) times the
+// waves of items a thread runs. Positions per chunk that fill whole GEMM panels (a 12x12
+// map: 8 or 16 rows, not 9) and chunk counts that keep every thread busy win.
+int64_t gather_rows(const Conv2dParams& p, int64_t K, int64_t most, int64_t threads) {
+  const int64_t R = p.N * p.OH, Og = p.out_per_group();
+  double best = 0;
+  int64_t best_rows = most;
+  for (int64_t r = most; r >= std::max<int64_t>(1, most - 4096); --r) {
+    const int64_t chunks = ceil_div(R, r), L = r * p.OW;
+    const bool trans = positions_on_m(L, Og);
+    const int64_t mr = trans ? kNR : kMR;
+    int64_t ob = Og;
+    if (p.G * chunks < threads) {
+      const int64_t oblocks = std::min(ceil_div(threads, p.G * chunks), ceil_div(Og, std::max<int64_t>(mr, 32)));
+      ob = round_up(ceil_div(Og, oblocks), mr);
+    }
+    const int64_t items = p.G * chunks * ceil_div(Og, ob);
+    const double area = trans ? 1.15 * double(round_up(L, kMR) * round_up(ob, kNR))
+                              : double(round_up(ob, kMR) * round_up(L, kNR));
+    const double cost = double(ceil_div(items, threads)) * (area / 16.0 + L / 1.5) * double(K);
+    if (r == most || cost < best) {
+      best = cost;
+      best_rows = r;
+    }
+  }
+  return best_rows;
+}
+
 // w_t: the weight given transposed per group, (K x Og) row-major at w + g * K * Og.
 void forward_impl(const float* x, const Strides4& xs, const float* w, bool w_t, const float* bias,
                   float* y, const Strides4& ys, const Conv2dParams& p, bool relu,
                   const RowsDoneFn& rows_done) {
   const int64_t Cg = p.in_per_group(), Og = p.out_per_group(), K = Cg * p.KH * p.KW;
   const int64_t R = p.N * p.OH, T = at::get_num_threads();
+  // Chunks of global output rows, each within the column budget. A large map (>= 512
+  // positions) is cut into equal bands of one sample each, so the GEMM writes straight into
+  // y; small maps into equal runs of rows across samples, as many as a multiple of the
+  // threads where the bands are free to depend on them (no rows_done): a short last chunk
+  // would leave a thread waiting.
   int64_t rows = std::clamp<int64_t>(kColBudget / std::max<int64_t>(1, K * p.OW), 1, R);
-  int64_t chunks = ceil_div(R, rows);
+  const bool by_sample = p.OH * p.OW >= 512;
+  int64_t bands = 1;  // per sample, when by_sample
+  int64_t chunks;
+  if (by_sample) {
+    bands = ceil_div(p.OH, std::min(rows, p.OH));
+    rows = ceil_div(p.OH, bands);
+    bands = ceil_div(p.OH, rows);
+    chunks = p.N * bands;
+  } else {
+    chunks = ceil_div(R, rows);
+    const bool implicit_shape = p.SH == 1 && p.SW == 1 && (p.OW >= 16 || p.W + 2 * p.PW == p.OW);
+    const bool panels_shape = chunks == 1 && !rows_done && Og > kNR && positions_on_m(rows * p.OW, Og);
+    if (implicit_shape || panels_shape) {
+      if (!rows_done && T > 1 && chunks > 1) chunks = std::min(R, round_up(chunks, T));
+      rows = ceil_div(R, chunks);
+    } else {
+      rows = gather_rows(p, K, rows, rows_done ? 1 : T);
+    }
+    chunks = ceil_div(R, rows);
+  }
   const bool trans = positions_on_m(rows * p.OW, Og);
   if (trans && chunks == 1 && !rows_done && Og > kNR) {
     kPanels.hit();
@@ -461,9 +642,17 @@ void forward_impl(const float* x, const Strides4& xs, const float* w, bool w_t, 
     ob = round_up(ceil_div(Og, oblocks), mr);
     const int64_t got = p.G * chunks * ceil_div(Og, ob);
     if (got < T) {
-      chunks = std::min(R, ceil_div(T, p.G * ceil_div(Og, ob)));
-      rows = ceil_div(R, chunks);
-      chunks = ceil_div(R, rows);
+      const int64_t want = ceil_div(T, p.G * ceil_div(Og, ob));
+      if (by_sample) {
+        bands = std::min(p.OH, std::max(bands, ceil_div(want, p.N)));
+        rows = ceil_div(p.OH, bands);
+        bands = ceil_div(p.OH, rows);
+        chunks = p.N * bands;
+      } else {
+        chunks = std::min(R, want);
+        rows = ceil_div(R, chunks);
+        chunks = ceil_div(R, rows);
+      }
     }
   }
   const int64_t oblocks = ceil_div(Og, ob);
@@ -502,20 +691,29 @@ void forward_impl(const float* x, const Strides4& xs, const float* w, bool w_t, 
   }
 
   (trans ? kGatherT : kGather).hit();
-  const float* xp = pad_input(x, xs, p);
-  const std::vector<int64_t> off = tap_offsets(p);
-  const int64_t gstride = Cg * (p.H + 2 * p.PH) * (p.W + 2 * p.PW);
+  const GatherSrc xsrc = gather_source(x, xs, p);
+  const std::vector<int64_t> off = tap_offsets(xsrc.s, p);
+  const int64_t gstride = Cg * xsrc.s.c;
   const int64_t col_size = round_up(Lmax, trans ? kMR : kNR) * K;
   const bool planes = ys.w == 1 && (p.OH == 1 || ys.h == p.OW);
   run_items(p.G * chunks * oblocks, [&](int64_t item) {
     const int64_t g = item / (chunks * oblocks), chunk = (item / oblocks) % chunks;
     const int64_t o0 = (item % oblocks) * ob, M = std::min(ob, Og - o0);
-    const int64_t r0 = chunk * rows, r1 = std::min(R, r0 + rows), L = (r1 - r0) * p.OW;
+    int64_t r0, r1;
+    if (by_sample) {
+      const int64_t n = chunk / bands;
+      r0 = n * p.OH + (chunk % bands) * rows;
+      r1 = std::min((n + 1) * p.OH, r0 + rows);
+    } else {
+      r0 = chunk * rows;
+      r1 = std::min(R, r0 + rows);
+    }
+    const int64_t L = (r1 - r0) * p.OW;
     float* col = scratch(0, round_up(col_size + ob * Lmax, 16) + Lmax * 2);
     float* cbuf = col + col_size;
     int64_t* idx = reinterpret_cast<int64_t*>(col + round_up(col_size + ob * Lmax, 16));
-    position_offsets(p, r0, r1, idx);
-    gather_panels(xp + g * gstride, off.data(), K, idx, L, trans ? kMR : kNR, col);
+    position_offsets(xsrc.s, p, r0, r1, idx);
+    gather_panels(xsrc.x + g * gstride, off.data(), K, idx, L, trans ? kMR : kNR, p.SW * xsrc.s.w, col);
     const float* b = bias ? bias + g * Og + o0 : nullptr;
     float* yg = y + (g * Og + o0) * ys.c;
     if (!trans) {

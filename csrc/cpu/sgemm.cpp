@@ -55,8 +55,26 @@ void pack_panels(const float* src, int64_t s_i, int64_t s_k, int64_t extent, int
 // Returns false where the CPU or the build has no AVX-512.
 bool transpose16(const float* src, int64_t cs, float* dst, int64_t ld);
 
+// out[k * 8 + i] = src[i * rs + k] for i in [0, 8), k in [0, 16): one 8 x 16 block of a
+// row-major A into its packed panel (AVX-512). Returns false where the CPU or the build
+// has no AVX-512.
+bool transpose8x16(const float* src, int64_t rs, float* out);
+
 void pack_a(const float* a, int64_t rs, int64_t cs, int64_t M, int64_t K, float* out) {
-  pack_panels(a, rs, cs, M, K, kMR, out);
+  // Rows contiguous (a weight read in place): whole panels of 8 rows in blocks of 16 k, by
+  // vector transposes; the rest (a partial panel, the last K % 16) element by element.
+  const int64_t full = cs == 1 ? M / kMR * kMR : 0, kb = K / 16 * 16;
+  int64_t i0 = 0;
+  for (; i0 < full; i0 += kMR) {
+    const float* src = a + i0 * rs;
+    float* panel = out + i0 * K;
+    int64_t k0 = 0;
+    for (; k0 < kb; k0 += 16)
+      if (!transpose8x16(src + k0, rs, panel + k0 * kMR)) break;
+    for (int64_t k = k0; k < K; ++k)
+      for (int64_t i = 0; i < kMR; ++i) panel[k * kMR + i] = src[i * rs + k];
+  }
+  if (i0 < M) pack_panels(a + i0 * rs, rs, cs, M - i0, K, kMR, out + i0 * K);
 }
 
 void pack_b(const float* b, int64_t rs, int64_t cs, int64_t K, int64_t N, float* out) {
@@ -197,6 +215,54 @@ bool transpose16(const float* src, int64_t cs, float* dst, int64_t ld) {
   return true;
 }
 
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+CNNEXT_TARGET("avx512f") void transpose8x16_avx512(const float* src, int64_t rs, float* out) {
+  __m512 r[8];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) r[i] = _mm512_loadu_ps(src + i * rs);
+  // t: 128-bit lane L of unpack{lo,hi}(r[2p], r[2p + 1]) = rows 2p, 2p + 1 interleaved at
+  // k = 4L + {0, 1} (lo) or 4L + {2, 3} (hi).
+  __m512 t[8];
+#pragma GCC unroll 4
+  for (int p = 0; p < 4; ++p) {
+    t[2 * p] = _mm512_unpacklo_ps(r[2 * p], r[2 * p + 1]);
+    t[2 * p + 1] = _mm512_unpackhi_ps(r[2 * p], r[2 * p + 1]);
+  }
+  // u[m] (rows 0-3) and v[m] (rows 4-7): lane L = those rows at k = 4L + m.
+  __m512 u[4], v[4];
+#pragma GCC unroll 2
+  for (int h = 0; h < 2; ++h) {
+    const __m512d a = _mm512_castps_pd(t[h]), b = _mm512_castps_pd(t[2 + h]);
+    const __m512d c = _mm512_castps_pd(t[4 + h]), d = _mm512_castps_pd(t[6 + h]);
+    u[2 * h] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+    u[2 * h + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+    v[2 * h] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, d));
+    v[2 * h + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, d));
+  }
+  // Output vector q = 2L + h holds k = 2q (rows 0-7) then k = 2q + 1: the 128-bit lanes
+  // u[2h].L, v[2h].L, u[2h + 1].L, v[2h + 1].L.
+#pragma GCC unroll 2
+  for (int h = 0; h < 2; ++h) {
+    const __m512 ab_lo = _mm512_shuffle_f32x4(u[2 * h], v[2 * h], 0x44);
+    const __m512 ab_hi = _mm512_shuffle_f32x4(u[2 * h], v[2 * h], 0xEE);
+    const __m512 cd_lo = _mm512_shuffle_f32x4(u[2 * h + 1], v[2 * h + 1], 0x44);
+    const __m512 cd_hi = _mm512_shuffle_f32x4(u[2 * h + 1], v[2 * h + 1], 0xEE);
+    _mm512_storeu_ps(out + (0 + h) * 16, _mm512_shuffle_f32x4(ab_lo, cd_lo, 0x88));
+    _mm512_storeu_ps(out + (2 + h) * 16, _mm512_shuffle_f32x4(ab_lo, cd_lo, 0xDD));
+    _mm512_storeu_ps(out + (4 + h) * 16, _mm512_shuffle_f32x4(ab_hi, cd_hi, 0x88));
+    _mm512_storeu_ps(out + (6 + h) * 16, _mm512_shuffle_f32x4(ab_hi, cd_hi, 0xDD));
+  }
+}
+#pragma GCC diagnostic pop
+
+bool transpose8x16(const float* src, int64_t rs, float* out) {
+  if (!available()) return false;
+  transpose8x16_avx512(src, rs, out);
+  return true;
+}
+
 bool available() {
   return cpu_features().avx512f_fma();
 }
@@ -261,6 +327,8 @@ void gemm_arows(const float* a, const int64_t* a_off, const float* b_packed, int
 bool available() { return false; }
 
 bool transpose16(const float*, int64_t, float*, int64_t) { return false; }
+
+bool transpose8x16(const float*, int64_t, float*) { return false; }
 
 void gemm(const float* a_packed, const float* b_packed, int64_t M, int64_t N, int64_t K,
           float* c, int64_t ldc, bool accumulate, const float* bias, bool relu) {

@@ -12,6 +12,7 @@ using namespace cnnext::cpu::sgemm;
 
 int main() {
   const int sizes[][3] = {{1, 1, 1}, {12, 32, 1}, {13, 37, 29}, {11, 31, 300}, {64, 448, 576}, {25, 17, 513}};
+  // (pack_a's row-major blocks: 8 rows x 16 k, with partial panels and K tails above.)
   std::printf("avx512=%d\n", int(available()));
   for (const auto& s : sizes) {
     const int M = s[0], N = s[1], K = s[2];
@@ -28,6 +29,11 @@ int main() {
           for (int k = 0; k < K; ++k) at[k * M + i] = a[i * K + k];
         std::vector<float> ap(packed_a_size(M, K)), bp(packed_b_size(K, N));
         pack_a(at.data(), 1, M, M, K, ap.data());
+        // The same A read row-major (rows contiguous: pack_a's vector transposes) must pack
+        // to the same panels.
+        std::vector<float> ap_rows(packed_a_size(M, K));
+        pack_a(a.data(), K, 1, M, K, ap_rows.data());
+        const bool same_pack = ap_rows == ap;
         pack_b(b.data(), N, 1, K, N, bp.data());
         gemm(ap.data(), bp.data(), M, N, K, c.data(), N, accumulate, with_bias ? bias.data() : nullptr);
         double err = 0;
@@ -37,6 +43,7 @@ int main() {
             for (int k = 0; k < K; ++k) want += double(a[i * K + k]) * b[k * N + j];
             err = std::fmax(err, std::fabs(want - c[i * N + j]));
           }
+        if (!same_pack) err = 1e30;
         std::printf("%d %d %d %d %d %g\n", M, N, K, accumulate, with_bias, err);
       }
     }
