@@ -3,7 +3,11 @@ CPU, for a shared, noisy machine: each round times every implementation once, in
 that a burst of load hits all of them alike; the median over rounds is reported with the
 ratios cnnext / stock-bf16 and cnnext / stock-fp32 and their geometric means.
 
-    python benchmarks/bf16_interleaved.py [--rounds 15] [--what forward|train|pool|all]
+    python benchmarks/bf16_interleaved.py [--rounds 15] [--what forward|train|pool|resnet|all]
+
+--what resnet times one SGD step of ResNet-18 (224x224, batch 8) under
+torch.autocast('cpu', torch.bfloat16), cnnext against stock, interleaved the same way
+(issue 16's target: <= 1.0 of stock's autocast step).
 """
 import argparse
 import math
@@ -50,6 +54,26 @@ def pool_case(shape):
     return impls
 
 
+def resnet_case():
+    impls = {}
+    x = torch.randn(8, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, 10, (8,), generator=torch.Generator().manual_seed(1))
+    for backend in ("cnnext", "torch"):
+        torch.manual_seed(0)
+        model = cnnext.models.resnet18(in_channels=3, num_classes=10, backend=backend)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+
+        def step(model=model, opt=opt):
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+
+        impls[backend] = step
+    return impls
+
+
 def measure(impls, rounds):
     for f in impls.values():  # warm-up
         f()
@@ -65,13 +89,17 @@ def measure(impls, rounds):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=15)
-    ap.add_argument("--what", default="all", choices=["forward", "train", "pool", "all"])
+    ap.add_argument("--what", default="all", choices=["forward", "train", "pool", "resnet", "all"])
     a = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, cnnext ISA {cnnext._C._cpu_isa()}")
-    kinds = ["forward", "train", "pool"] if a.what == "all" else [a.what]
-    with torch.no_grad():
-        pass
+    kinds = ["forward", "train", "pool", "resnet"] if a.what == "all" else [a.what]
     for kind in kinds:
+        if kind == "resnet":
+            med = measure(resnet_case(), a.rounds)
+            c, t = med["cnnext"], med["torch"]
+            print(f"resnet18 autocast bf16 step (224, batch 8) cnnext {c * 1e3:8.1f} ms  torch {t * 1e3:8.1f} ms  "
+                  f"ratio {c / t:5.2f}")
+            continue
         r16, r32 = [], []
         cases = POOL_SHAPES if kind == "pool" else CONV3X3
         for name, shape in cases.items():
