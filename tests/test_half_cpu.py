@@ -355,8 +355,8 @@ def test_bf16_gemm_path(cfg, relu_bias):
 
 def test_bf16_without_avx512_bf16():
     """CNNEXT_CPU_ISA=avx2 (no AVX512_BF16): the bfloat16 convolution and its gradients
-    (stride 1 and 2) run the float fallback, within rounding of float64, and none of the
-    vdpbf16ps paths runs."""
+    (stride 1 and 2) and the fused op's batch-norm sweeps run the generic code, within
+    rounding of float64, and none of the AVX512_BF16 paths runs."""
     import os
     import subprocess
     import sys
@@ -387,6 +387,15 @@ for stride in (1, 2):
     for a, r in zip(grads, refs):
         err = (a.double() - r).abs().max().item() / r.abs().max().item()
         assert a.dtype == torch.bfloat16 and err <= 5e-3, (stride, err)
+sweeps = ["conv_bn_relu2d.train.bf16_sweeps", "conv_bn_relu2d.backward.bf16_sweeps"]
+before = {k: _C._path_counts()[k] for k in sweeps}
+xs = x.clone().requires_grad_()
+out = cnnext.functional.conv_bn_relu2d(xs, w, None, None, None, None, None, True, 0.1, 1e-5, 1, 1)
+gx, = torch.autograd.grad(out, (xs,), torch.randn(out.shape, generator=g).bfloat16())
+assert {k: _C._path_counts()[k] for k in sweeps} == before
+want = F.relu(F.batch_norm(F.conv2d(x.double(), w.double(), None, 1, 1), None, None, None, None, True))
+err = (out.double() - want).abs().max().item() / want.abs().max().item()
+assert out.dtype == torch.bfloat16 and err <= 8e-2, err
 print("ok")
 """
     root = os.path.dirname(os.path.dirname(os.path.abspath(cnnext.__file__)))
@@ -453,10 +462,14 @@ def test_bf16_backward_paths(cfg, layout):
 @pytest.mark.parametrize("stride", [1, 2])
 def test_bf16_backward_empty_batch(stride):
     """N = 0: an empty input gradient and a zero weight gradient, as stock's."""
+    from cnnext._paths import expect_path
+
     x = torch.randn(0, 16, 8, 8).bfloat16().requires_grad_()
     w = torch.randn(16, 16, 3, 3).bfloat16().requires_grad_()
     out = cf.conv2d(x, w, None, stride, 1)
-    gx, gw = torch.autograd.grad(out, (x, w), torch.zeros_like(out))
+    with expect_path("conv2d.input_grad.bf16_flip" if stride == 1 else "conv2d.input_grad.bf16_gemm",
+                     "conv2d.weight_grad.bf16_gemm"):
+        gx, gw = torch.autograd.grad(out, (x, w), torch.zeros_like(out))
     assert gx.shape == x.shape and gx.dtype == torch.bfloat16
     assert gw.dtype == torch.bfloat16 and torch.equal(gw, torch.zeros_like(gw))
 
@@ -485,3 +498,52 @@ def test_bf16_backward_training_step_matches_stock():
     for a, s, r in zip(g_ours, g_stock, g_wide):
         assert_close_to_reference(a, r, 5e-2, "bf16 net gradient vs float64")
         assert_close_to_reference(a, s.double(), 5e-2, "bf16 net gradient vs stock bf16")
+
+
+@pytest.mark.skipif(not _has_avx512_bf16(), reason="needs a CPU with AVX512_BF16")
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("shape", [(2, 8, 17, 19), (3, 16, 4, 5)], ids=["323px", "20px"])
+def test_bf16_bn_sweeps_path(shape, relu):
+    """conv_bn_relu2d in training mode on bfloat16 planes runs the AVX-512 batch-norm sweeps
+    (path counters, forward and backward; planes of 323 pixels: two float chunks of 256 and
+    a 16-lane tail, and of 20) and matches the stock triple in bfloat16 and float64 within
+    half_cpu_bn (the rounded convolution output magnified by the normalisation)."""
+    from cnnext._paths import expect_path
+
+    n, c, h, w = shape
+    gen = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(shape, generator=gen).bfloat16()
+    wt = torch.randn(2 * c, c, 3, 3, generator=gen).bfloat16()
+    gamma, beta = torch.rand(2 * c, generator=gen) + 0.5, torch.randn(2 * c, generator=gen)
+    runs = []
+    for dt in (torch.bfloat16, torch.float64):
+        xi, wi = x.to(dt).requires_grad_(), wt.to(dt).requires_grad_()
+        gi, bi = gamma.to(dt if dt == torch.float64 else torch.float32).requires_grad_(), \
+            beta.to(dt if dt == torch.float64 else torch.float32).requires_grad_()
+        rm, rv = torch.zeros(2 * c, dtype=gi.dtype), torch.ones(2 * c, dtype=gi.dtype)
+        if dt == torch.bfloat16:
+            with expect_path("conv_bn_relu2d.train.bf16_sweeps"):
+                out = cf.conv_bn_relu2d(xi, wi, None, gi, bi, rm, rv, True, 0.1, 1e-5, 1, 1, relu=relu)
+        else:
+            out = F.batch_norm(F.conv2d(xi, wi, None, 1, 1), rm, rv, gi, bi, True, 0.1, 1e-5)
+            out = out.relu() if relu else out
+        gy = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(out.dtype)
+        if dt == torch.bfloat16:
+            with expect_path("conv_bn_relu2d.backward.bf16_sweeps"):
+                grads = torch.autograd.grad(out, (xi, wi, gi, bi), gy)
+        else:
+            grads = torch.autograd.grad(out, (xi, wi, gi, bi), gy)
+        runs.append([out.detach(), *grads, rm, rv])
+    stock_in = [x.clone().requires_grad_(), wt.clone().requires_grad_(), gamma.clone().requires_grad_(),
+                beta.clone().requires_grad_()]
+    rm, rv = torch.zeros(2 * c), torch.ones(2 * c)
+    out = F.batch_norm(F.conv2d(stock_in[0], stock_in[1], None, 1, 1), rm, rv, stock_in[2], stock_in[3], True, 0.1,
+                       1e-5)
+    out = out.relu() if relu else out
+    gy = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(out.dtype)
+    stock = [out.detach(), *torch.autograd.grad(out, stock_in, gy), rm, rv]
+    for name, a, r, s in zip(["output", "grad_input", "grad_weight", "grad_gamma", "grad_beta", "running_mean",
+                              "running_var"], *runs, stock):
+        assert a.dtype == s.dtype, name
+        assert_close_to_reference(a, r, RTOL_BN[torch.bfloat16], f"{name} vs float64")
+        assert_close_to_reference(a, s.double(), RTOL_BN[torch.bfloat16], f"{name} vs stock bf16")

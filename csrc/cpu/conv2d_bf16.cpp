@@ -512,7 +512,8 @@ at::Tensor conv2d_weight_backward(const at::Tensor& grad_output, const at::Tenso
   // Each thread owns a run of (group, tap panel) tiles and accumulates them in float
   // over every sample and pixel, a chunk of pixels at a time (the chunk's B panels are
   // reused by every tap panel): the sums do not depend on the thread count.
-  constexpr int64_t kChunk = 256;  // pixels per chunk: a multiple of kNR, even
+  // Pixels per chunk: a multiple of kNR (so even), no more than the panels P spans.
+  const int64_t kChunk = std::min<int64_t>(256, (P + kNR - 1) / kNR * kNR);
   const uint16_t* x = reinterpret_cast<const uint16_t*>(input.const_data_ptr<at::BFloat16>());
   const Strides4 xs = strides_of(input);
   at::Tensor gwf = at::empty({p.O, K}, grad_output.options().dtype(at::kFloat));
