@@ -318,9 +318,15 @@ bool available() {
 #endif
 }
 
-bool conv2d_forward(const at::Tensor& input, const at::Tensor& weight,
-                    const c10::optional<at::Tensor>& bias, const Conv2dParams& p, at::Tensor& out,
-                    bool relu) {
+namespace {
+
+// The forward GEMM. flipped: weight is not this convolution's but the one whose input
+// gradient it computes (O' x C'/G x KH x KW, O' = p.C, C' = p.O): row o, tap (c, kh, kw)
+// of this convolution's weight is weight[g * Cg + c, o, KH - 1 - kh, KW - 1 - kw], read
+// while packing A (no flipped copy).
+bool forward_gemm(const at::Tensor& input, const at::Tensor& weight,
+                  const c10::optional<at::Tensor>& bias, const Conv2dParams& p, at::Tensor& out,
+                  bool relu, bool flipped) {
 #ifdef CNNEXT_BF16_GEMM
   if (input.scalar_type() != at::kBFloat16 || !available() || !out.is_contiguous()) return false;
   kFwdBf16Gemm.hit();
@@ -338,6 +344,17 @@ bool conv2d_forward(const at::Tensor& input, const at::Tensor& weight,
       for (int64_t i = 0; i < kMR; ++i) {
         const int64_t o = panel * kMR + i;
         if (o >= Og) break;
+        if (flipped) {
+          // weight[(g * Cg + c) * Og + o, tap']: tap' = KHW - 1 - tap of k = c * KHW + tap.
+          const int64_t KHW = p.KH * p.KW;
+          auto at_k = [&](int64_t k) -> uint32_t {
+            if (k >= K) return 0;
+            const int64_t c = k / KHW, tap = k % KHW;
+            return w[((g * Cg + c) * Og + o) * KHW + (KHW - 1 - tap)];
+          };
+          for (int64_t kp = 0; kp < Kp; ++kp) dst[kp * kMR + i] = at_k(2 * kp) | (at_k(2 * kp + 1) << 16);
+          continue;
+        }
         const uint16_t* wr = w + (g * Og + o) * K;
         for (int64_t kp = 0; kp < Kp; ++kp) {
           const uint32_t lo = wr[2 * kp], hi = 2 * kp + 1 < K ? wr[2 * kp + 1] : 0;
@@ -371,9 +388,17 @@ bool conv2d_forward(const at::Tensor& input, const at::Tensor& weight,
   });
   return true;
 #else
-  (void)input; (void)weight; (void)bias; (void)p; (void)out; (void)relu;
+  (void)input; (void)weight; (void)bias; (void)p; (void)out; (void)relu; (void)flipped;
   return false;
 #endif
+}
+
+}  // namespace
+
+bool conv2d_forward(const at::Tensor& input, const at::Tensor& weight,
+                    const c10::optional<at::Tensor>& bias, const Conv2dParams& p, at::Tensor& out,
+                    bool relu) {
+  return forward_gemm(input, weight, bias, p, out, relu, false);
 }
 
 
@@ -398,11 +423,6 @@ at::Tensor conv2d_input_backward(const at::Tensor& grad_output, const at::Tensor
     // weight flipped in space and transposed per group (C x Og x KH x KW), padding
     // D * (K - 1) - P (negative: a crop, which the forward's bounds checks take).
     kInBf16Flip.hit();
-    const at::Tensor wt = weight.reshape({p.G, Og, Cg, p.KH, p.KW})
-                              .transpose(1, 2)
-                              .flip({3, 4})
-                              .reshape({p.C, Og, p.KH, p.KW})
-                              .contiguous();
     Conv2dParams q = p;
     q.C = p.O; q.H = p.OH; q.W = p.OW;
     q.O = p.C; q.OH = p.H; q.OW = p.W;
@@ -410,7 +430,7 @@ at::Tensor conv2d_input_backward(const at::Tensor& grad_output, const at::Tensor
     q.PW = p.DW * (p.KW - 1) - p.PW;
     at::Tensor gx = at::empty({p.N, p.C, p.H, p.W}, grad_output.options());
     if (gx.numel() != 0) {
-      const bool ran = conv2d_forward(grad_output, wt, c10::nullopt, q, gx, false);
+      const bool ran = forward_gemm(grad_output, weight, c10::nullopt, q, gx, false, true);
       TORCH_INTERNAL_ASSERT(ran);
     }
     return out_format == at::MemoryFormat::Contiguous ? gx : gx.contiguous(out_format);
