@@ -322,6 +322,9 @@ GEMM = [
     ((2, 8, 7, 7), (16, 4, 3, 3), 1, (2, 0), (2, 1), 2),
     ((1, 32, 9, 40), (8, 32, 1, 1), 1, 0, 1, 1),      # 1x1, rows longer than a panel
     ((3, 5, 4, 3), (7, 5, 2, 2), 1, 0, 1, 1),         # panels spanning many short rows
+    ((1, 64, 9, 9), (16, 64, 3, 3), 1, 1, 1, 1),      # K = 576: two K blocks of <= 256 pairs
+    ((2, 130, 6, 7), (20, 130, 2, 2), 1, 0, 1, 1),    # K = 520: a 4-pair last block
+    ((1, 130, 5, 5), (8, 130, 3, 3), 1, 1, 1, 1),     # K = 1170: three blocks, the last odd
 ]
 
 
@@ -420,6 +423,7 @@ BWD = [
     ((2, 16, 20, 20), (16, 16, 3, 3), 1, 1, 1, 1),      # 400 pixels: several reduction chunks
     ((2, 32, 8, 8), (32, 8, 3, 3), 2, 1, 1, 4),         # groups with stride 2
     ((1, 16, 10, 11), (24, 16, 3, 2), 3, (0, 1), (1, 2), 1),  # stride 3, uneven kernel
+    ((1, 16, 8, 8), (72, 16, 3, 3), 1, 1, 1, 1),        # flipped K = 648: the forward's K blocks
 ]
 
 
