@@ -4,6 +4,12 @@ that a burst of load hits all of them alike; the median over rounds is reported 
 ratios cnnext / stock-bf16 and cnnext / stock-fp32 and their geometric means.
 
     python benchmarks/bf16_interleaved.py [--rounds 15] [--what forward|train|pool|resnet|all]
+                                          [--threads N] [--clock wall|cpu]
+
+--clock cpu times each call by the process's CPU time (time.process_time) instead of the
+wall clock: with --threads 1, a call that loses its core to another process is not
+charged for the wait, which keeps the ratios steadier on a loaded machine (at 2 threads
+a waiting OpenMP thread may spin and be charged).
 
 --what resnet times one SGD step of ResNet-18 (224x224, batch 8) under
 torch.autocast('cpu', torch.bfloat16), cnnext against stock, interleaved the same way
@@ -74,15 +80,18 @@ def resnet_case():
     return impls
 
 
+CLOCK = time.perf_counter
+
+
 def measure(impls, rounds):
     for f in impls.values():  # warm-up
         f()
     times = {k: [] for k in impls}
     for _ in range(rounds):
         for k, f in impls.items():
-            t = time.perf_counter()
+            t = CLOCK()
             f()
-            times[k].append(time.perf_counter() - t)
+            times[k].append(CLOCK() - t)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -90,8 +99,15 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--what", default="all", choices=["forward", "train", "pool", "resnet", "all"])
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
+    ap.add_argument("--clock", default="wall", choices=["wall", "cpu"])
     a = ap.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, cnnext ISA {cnnext._C._cpu_isa()}")
+    global CLOCK
+    CLOCK = time.process_time if a.clock == "cpu" else time.perf_counter
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, cnnext ISA {cnnext._C._cpu_isa()}, "
+          f"{a.clock} clock")
     kinds = ["forward", "train", "pool", "resnet"] if a.what == "all" else [a.what]
     for kind in kinds:
         if kind == "resnet":
