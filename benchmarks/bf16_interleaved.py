@@ -3,7 +3,17 @@ CPU, for a shared, noisy machine: each round times every implementation once, in
 that a burst of load hits all of them alike; the median over rounds is reported with the
 ratios cnnext / stock-bf16 and cnnext / stock-fp32 and their geometric means.
 
-    python benchmarks/bf16_interleaved.py [--rounds 15] [--what forward|train|pool|all]
+    python benchmarks/bf16_interleaved.py [--rounds 15] [--what forward|train|pool|resnet|all]
+                                          [--threads N] [--clock wall|cpu]
+
+--clock cpu times each call by the process's CPU time (time.process_time) instead of the
+wall clock: with --threads 1, a call that loses its core to another process is not
+charged for the wait, which keeps the ratios steadier on a loaded machine (at 2 threads
+a waiting OpenMP thread may spin and be charged).
+
+--what resnet times one SGD step of ResNet-18 (224x224, batch 8) under
+torch.autocast('cpu', torch.bfloat16), cnnext against stock, interleaved the same way
+(issue 16's target: <= 1.0 of stock's autocast step).
 """
 import argparse
 import math
@@ -50,28 +60,62 @@ def pool_case(shape):
     return impls
 
 
+def resnet_case():
+    impls = {}
+    x = torch.randn(8, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, 10, (8,), generator=torch.Generator().manual_seed(1))
+    for backend in ("cnnext", "torch"):
+        torch.manual_seed(0)
+        model = cnnext.models.resnet18(in_channels=3, num_classes=10, backend=backend)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+
+        def step(model=model, opt=opt):
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+
+        impls[backend] = step
+    return impls
+
+
+CLOCK = time.perf_counter
+
+
 def measure(impls, rounds):
     for f in impls.values():  # warm-up
         f()
     times = {k: [] for k in impls}
     for _ in range(rounds):
         for k, f in impls.items():
-            t = time.perf_counter()
+            t = CLOCK()
             f()
-            times[k].append(time.perf_counter() - t)
+            times[k].append(CLOCK() - t)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=15)
-    ap.add_argument("--what", default="all", choices=["forward", "train", "pool", "all"])
+    ap.add_argument("--what", default="all", choices=["forward", "train", "pool", "resnet", "all"])
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
+    ap.add_argument("--clock", default="wall", choices=["wall", "cpu"])
     a = ap.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, cnnext ISA {cnnext._C._cpu_isa()}")
-    kinds = ["forward", "train", "pool"] if a.what == "all" else [a.what]
-    with torch.no_grad():
-        pass
+    global CLOCK
+    CLOCK = time.process_time if a.clock == "cpu" else time.perf_counter
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, cnnext ISA {cnnext._C._cpu_isa()}, "
+          f"{a.clock} clock")
+    kinds = ["forward", "train", "pool", "resnet"] if a.what == "all" else [a.what]
     for kind in kinds:
+        if kind == "resnet":
+            med = measure(resnet_case(), a.rounds)
+            c, t = med["cnnext"], med["torch"]
+            print(f"resnet18 autocast bf16 step (224, batch 8) cnnext {c * 1e3:8.1f} ms  torch {t * 1e3:8.1f} ms  "
+                  f"ratio {c / t:5.2f}")
+            continue
         r16, r32 = [], []
         cases = POOL_SHAPES if kind == "pool" else CONV3X3
         for name, shape in cases.items():

@@ -322,6 +322,9 @@ GEMM = [
     ((2, 8, 7, 7), (16, 4, 3, 3), 1, (2, 0), (2, 1), 2),
     ((1, 32, 9, 40), (8, 32, 1, 1), 1, 0, 1, 1),      # 1x1, rows longer than a panel
     ((3, 5, 4, 3), (7, 5, 2, 2), 1, 0, 1, 1),         # panels spanning many short rows
+    ((1, 64, 9, 9), (16, 64, 3, 3), 1, 1, 1, 1),      # K = 576: two K blocks of <= 256 pairs
+    ((2, 130, 6, 7), (20, 130, 2, 2), 1, 0, 1, 1),    # K = 520: a 4-pair last block
+    ((1, 130, 5, 5), (8, 130, 3, 3), 1, 1, 1, 1),     # K = 1170: three blocks, the last odd
 ]
 
 
@@ -354,8 +357,9 @@ def test_bf16_gemm_path(cfg, relu_bias):
 
 
 def test_bf16_without_avx512_bf16():
-    """CNNEXT_CPU_ISA=avx2 (no AVX512_BF16): the bfloat16 convolution runs the float
-    fallback, within rounding of float64, and the GEMM path does not run."""
+    """CNNEXT_CPU_ISA=avx2 (no AVX512_BF16): the bfloat16 convolution and its gradients
+    (stride 1 and 2) and the fused op's batch-norm sweeps run the generic code, within
+    rounding of float64, and none of the AVX512_BF16 paths runs."""
     import os
     import subprocess
     import sys
@@ -372,6 +376,29 @@ assert _C._path_counts()["conv2d.fwd.bf16_gemm"] == before
 want = F.conv2d(x.double(), w.double(), None, 1, 1)
 err = (y.double() - want).abs().max().item() / want.abs().max().item()
 assert y.dtype == torch.bfloat16 and err <= 5e-3, err
+bf16_paths = ["conv2d.fwd.bf16_gemm", "conv2d.input_grad.bf16_flip", "conv2d.input_grad.bf16_gemm",
+              "conv2d.weight_grad.bf16_gemm"]
+for stride in (1, 2):
+    before = {k: _C._path_counts()[k] for k in bf16_paths}
+    xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+    out = cnnext.functional.conv2d(xs, ws, None, stride, 1)
+    gy = torch.randn(out.shape, generator=g).bfloat16()
+    grads = torch.autograd.grad(out, (xs, ws), gy)
+    assert {k: _C._path_counts()[k] for k in bf16_paths} == before
+    wide = [x.double().requires_grad_(), w.double().requires_grad_()]
+    refs = torch.autograd.grad(F.conv2d(*wide, None, stride, 1), wide, gy.double())
+    for a, r in zip(grads, refs):
+        err = (a.double() - r).abs().max().item() / r.abs().max().item()
+        assert a.dtype == torch.bfloat16 and err <= 5e-3, (stride, err)
+sweeps = ["conv_bn_relu2d.train.bf16_sweeps", "conv_bn_relu2d.backward.bf16_sweeps"]
+before = {k: _C._path_counts()[k] for k in sweeps}
+xs = x.clone().requires_grad_()
+out = cnnext.functional.conv_bn_relu2d(xs, w, None, None, None, None, None, True, 0.1, 1e-5, 1, 1)
+gx, = torch.autograd.grad(out, (xs,), torch.randn(out.shape, generator=g).bfloat16())
+assert {k: _C._path_counts()[k] for k in sweeps} == before
+want = F.relu(F.batch_norm(F.conv2d(x.double(), w.double(), None, 1, 1), None, None, None, None, True))
+err = (out.double() - want).abs().max().item() / want.abs().max().item()
+assert out.dtype == torch.bfloat16 and err <= 8e-2, err
 print("ok")
 """
     root = os.path.dirname(os.path.dirname(os.path.abspath(cnnext.__file__)))
@@ -379,3 +406,148 @@ print("ok")
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split()[-1] == "ok"
+
+
+BWD = [
+    # input, weight, stride, padding, dilation, groups: the shapes the bfloat16 backward
+    # kernels take (>= 8 output channels per group), with panel tails (output channels not
+    # a multiple of 8 or 32, pixels not of 32, odd pixel counts: a pixel pair padded with 0)
+    ((2, 16, 14, 14), (24, 16, 3, 3), 1, 1, 1, 1),
+    ((1, 3, 33, 33), (8, 3, 7, 7), 2, 3, 1, 1),         # a stem: stride 2, odd K, 17x17 pixels
+    ((2, 8, 9, 7), (32, 4, 3, 3), 1, (2, 0), (2, 1), 2),  # groups, dilation, 45 pixels
+    ((1, 32, 9, 40), (8, 32, 1, 1), 1, 0, 1, 1),        # 1x1
+    ((3, 5, 4, 3), (9, 5, 2, 2), 1, 0, 1, 1),           # 9 output channels: a one-row tail
+    ((2, 12, 11, 13), (40, 12, 3, 3), (2, 3), 1, 1, 1),  # two strides, two output-channel panels
+    ((1, 8, 6, 6), (16, 8, 3, 3), 1, 3, 1, 1),          # padding beyond the kernel: a cropped flip
+    ((2, 16, 9, 9), (32, 16, 1, 1), 2, 0, 1, 1),        # ResNet's 1x1 stride-2 shortcut
+    ((2, 16, 20, 20), (16, 16, 3, 3), 1, 1, 1, 1),      # 400 pixels: several reduction chunks
+    ((2, 32, 8, 8), (32, 8, 3, 3), 2, 1, 1, 4),         # groups with stride 2
+    ((1, 16, 10, 11), (24, 16, 3, 2), 3, (0, 1), (1, 2), 1),  # stride 3, uneven kernel
+    ((1, 16, 8, 8), (72, 16, 3, 3), 1, 1, 1, 1),        # flipped K = 648: the forward's K blocks
+]
+
+
+@pytest.mark.skipif(not _has_avx512_bf16(), reason="needs a CPU with AVX512_BF16")
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("cfg", range(len(BWD)))
+def test_bf16_backward_paths(cfg, layout):
+    """The vdpbf16ps backward kernels run (path counters: the flipped forward for stride 1,
+    the GEMM + col2im otherwise; the weight gradient's GEMM) and each gradient is within one
+    bfloat16 rounding of float64 from the same rounded values (float accumulation: ~1e-6
+    before the final rounding, u = 2^-8 = 3.9e-3 of max |ref|: bound 5e-3) and within
+    two roundings of stock bfloat16 (1e-2, plus stock's own error against float64)."""
+    from cnnext._paths import expect_path
+
+    xs, ws, s, p, d, g = BWD[cfg]
+    gen = torch.Generator().manual_seed(100 + cfg)
+    x, w, b = (torch.randn(sh, generator=gen).bfloat16() for sh in (xs, ws, (ws[0],)))
+    x = to_layout(x, layout)
+    stride1 = torch.nn.modules.utils._pair(s) == (1, 1)
+    paths = ("conv2d.input_grad.bf16_flip" if stride1 else "conv2d.input_grad.bf16_gemm",
+             "conv2d.weight_grad.bf16_gemm")
+    ours_in = [t.detach().requires_grad_() for t in (x, w, b)]
+    out = cf.conv2d(*ours_in, s, p, d, g)
+    gy = torch.randn(out.shape, generator=gen).bfloat16()
+    with expect_path(*paths):
+        ours = torch.autograd.grad(out, ours_in[:2], gy)
+    wide_in = [t.detach().double().requires_grad_() for t in (x, w)]
+    ref = torch.autograd.grad(F.conv2d(*wide_in, None, s, p, d, g), wide_in, gy.double())
+    stock_in = [t.detach().requires_grad_() for t in (x, w)]
+    stock = torch.autograd.grad(F.conv2d(*stock_in, None, s, p, d, g), stock_in, gy)
+    for name, a, r, st in zip(("grad_input", "grad_weight"), ours, ref, stock):
+        assert a.dtype == torch.bfloat16 and a.shape == r.shape, name
+        assert_close_to_reference(a, r, 5e-3, f"bf16 backward {name} vs float64")
+        assert_close_to_reference(a, st.double(), 1e-2 + _stock_error(st, r), f"bf16 backward {name} vs stock bf16")
+    if layout == "channels_last":  # the input gradient keeps the input's layout, as stock's
+        assert ours[0].is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.skipif(not _has_avx512_bf16(), reason="needs a CPU with AVX512_BF16")
+@pytest.mark.parametrize("stride", [1, 2])
+def test_bf16_backward_empty_batch(stride):
+    """N = 0: an empty input gradient and a zero weight gradient, as stock's."""
+    from cnnext._paths import expect_path
+
+    x = torch.randn(0, 16, 8, 8).bfloat16().requires_grad_()
+    w = torch.randn(16, 16, 3, 3).bfloat16().requires_grad_()
+    out = cf.conv2d(x, w, None, stride, 1)
+    with expect_path("conv2d.input_grad.bf16_flip" if stride == 1 else "conv2d.input_grad.bf16_gemm",
+                     "conv2d.weight_grad.bf16_gemm"):
+        gx, gw = torch.autograd.grad(out, (x, w), torch.zeros_like(out))
+    assert gx.shape == x.shape and gx.dtype == torch.bfloat16
+    assert gw.dtype == torch.bfloat16 and torch.equal(gw, torch.zeros_like(gw))
+
+
+@pytest.mark.skipif(not _has_avx512_bf16(), reason="needs a CPU with AVX512_BF16")
+def test_bf16_backward_training_step_matches_stock():
+    """A conv net's bfloat16 gradients through several layers (stride 1 and 2, groups)
+    track stock's bfloat16 ones: relative to max |stock|, within the few roundings each
+    layer adds (5e-2; float64 reference within the same)."""
+    def net(conv, ws, x):
+        h = conv(x, ws[0], None, 1, 1).relu()
+        h = conv(h, ws[1], None, 2, 1).relu()
+        h = conv(h, ws[2], None, 1, 1, 1, 2)
+        return h.float().square().mean()
+
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(4, 8, 16, 16, generator=gen).bfloat16()
+    shapes = [(16, 8, 3, 3), (32, 16, 3, 3), (32, 16, 3, 3)]
+    ws = [(torch.randn(sh, generator=gen) * 0.2).bfloat16() for sh in shapes]
+    ours = [t.clone().requires_grad_() for t in ws]
+    stock = [t.clone().requires_grad_() for t in ws]
+    wide = [t.double().requires_grad_() for t in ws]
+    g_ours = torch.autograd.grad(net(cf.conv2d, ours, x), ours)
+    g_stock = torch.autograd.grad(net(F.conv2d, stock, x), stock)
+    g_wide = torch.autograd.grad(net(F.conv2d, wide, x.double()), wide)
+    for a, s, r in zip(g_ours, g_stock, g_wide):
+        assert_close_to_reference(a, r, 5e-2, "bf16 net gradient vs float64")
+        assert_close_to_reference(a, s.double(), 5e-2, "bf16 net gradient vs stock bf16")
+
+
+@pytest.mark.skipif(not _has_avx512_bf16(), reason="needs a CPU with AVX512_BF16")
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("shape", [(2, 8, 17, 19), (3, 16, 4, 5)], ids=["323px", "20px"])
+def test_bf16_bn_sweeps_path(shape, relu):
+    """conv_bn_relu2d in training mode on bfloat16 planes runs the AVX-512 batch-norm sweeps
+    (path counters, forward and backward; planes of 323 pixels: two float chunks of 256 and
+    a 16-lane tail, and of 20) and matches the stock triple in bfloat16 and float64 within
+    half_cpu_bn (the rounded convolution output magnified by the normalisation)."""
+    from cnnext._paths import expect_path
+
+    n, c, h, w = shape
+    gen = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(shape, generator=gen).bfloat16()
+    wt = torch.randn(2 * c, c, 3, 3, generator=gen).bfloat16()
+    gamma, beta = torch.rand(2 * c, generator=gen) + 0.5, torch.randn(2 * c, generator=gen)
+    runs = []
+    for dt in (torch.bfloat16, torch.float64):
+        xi, wi = x.to(dt).requires_grad_(), wt.to(dt).requires_grad_()
+        gi, bi = gamma.to(dt if dt == torch.float64 else torch.float32).requires_grad_(), \
+            beta.to(dt if dt == torch.float64 else torch.float32).requires_grad_()
+        rm, rv = torch.zeros(2 * c, dtype=gi.dtype), torch.ones(2 * c, dtype=gi.dtype)
+        if dt == torch.bfloat16:
+            with expect_path("conv_bn_relu2d.train.bf16_sweeps"):
+                out = cf.conv_bn_relu2d(xi, wi, None, gi, bi, rm, rv, True, 0.1, 1e-5, 1, 1, relu=relu)
+        else:
+            out = F.batch_norm(F.conv2d(xi, wi, None, 1, 1), rm, rv, gi, bi, True, 0.1, 1e-5)
+            out = out.relu() if relu else out
+        gy = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(out.dtype)
+        if dt == torch.bfloat16:
+            with expect_path("conv_bn_relu2d.backward.bf16_sweeps"):
+                grads = torch.autograd.grad(out, (xi, wi, gi, bi), gy)
+        else:
+            grads = torch.autograd.grad(out, (xi, wi, gi, bi), gy)
+        runs.append([out.detach(), *grads, rm, rv])
+    stock_in = [x.clone().requires_grad_(), wt.clone().requires_grad_(), gamma.clone().requires_grad_(),
+                beta.clone().requires_grad_()]
+    rm, rv = torch.zeros(2 * c), torch.ones(2 * c)
+    out = F.batch_norm(F.conv2d(stock_in[0], stock_in[1], None, 1, 1), rm, rv, stock_in[2], stock_in[3], True, 0.1,
+                       1e-5)
+    out = out.relu() if relu else out
+    gy = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(out.dtype)
+    stock = [out.detach(), *torch.autograd.grad(out, stock_in, gy), rm, rv]
+    for name, a, r, s in zip(["output", "grad_input", "grad_weight", "grad_gamma", "grad_beta", "running_mean",
+                              "running_var"], *runs, stock):
+        assert a.dtype == s.dtype, name
+        assert_close_to_reference(a, r, RTOL_BN[torch.bfloat16], f"{name} vs float64")
+        assert_close_to_reference(a, s.double(), RTOL_BN[torch.bfloat16], f"{name} vs stock bf16")

@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "cpu/cpu_features.h"
+#include "cpu/vec.h"
 #include "paths.h"
 #include "tensors.h"
 
@@ -201,6 +202,109 @@ CNNEXT_BF16 void pack_b(const uint16_t* x, const Strides4& xs, const Conv2dParam
     _mm512_storeu_si512(out + 32, _mm512_permutex2var_epi16(r0, ihi, r1));
   }
 }
+
+// One kMR x kNR float tile over Kp pairs of the reduction, accumulated in float and left
+// in float (c: kMR rows of kNR floats; load: start from c's values instead of zero).
+// A's pair kp of row i is a[i * ars + kp * acs]; B as micro_kernel's.
+CNNEXT_BF16 void tile_f32(const uint32_t* __restrict__ a, int64_t ars, int64_t acs,
+                          const uint16_t* __restrict__ b, int64_t Kp, float* __restrict__ c, bool load) {
+  __m512 acc[kMR][2];
+  for (int i = 0; i < kMR; ++i) {
+    acc[i][0] = load ? _mm512_loadu_ps(c + i * kNR) : _mm512_setzero_ps();
+    acc[i][1] = load ? _mm512_loadu_ps(c + i * kNR + 16) : _mm512_setzero_ps();
+  }
+  for (int64_t kp = 0; kp < Kp; ++kp) {
+    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b + kp * 64);
+    const __m512bh b1 = (__m512bh)_mm512_loadu_si512(b + kp * 64 + 32);
+    const uint32_t* ak = a + kp * acs;
+#pragma GCC unroll 8
+    for (int i = 0; i < kMR; ++i) {
+      const __m512bh ai = (__m512bh)_mm512_set1_epi32(static_cast<int>(ak[i * ars]));
+      acc[i][0] = _mm512_dpbf16_ps(acc[i][0], ai, b0);
+      acc[i][1] = _mm512_dpbf16_ps(acc[i][1], ai, b1);
+    }
+  }
+  for (int i = 0; i < kMR; ++i) {
+    _mm512_storeu_ps(c + i * kNR, acc[i][0]);
+    _mm512_storeu_ps(c + i * kNR + 16, acc[i][1]);
+  }
+}
+
+// The input gradient's B panel: pixels [q0, q0 + cols) of rows [0, rows) of gy (one
+// sample's group, rows P apart, contiguous along pixels), in pairs of rows:
+// b[op * 64 + 2j + h] = gy[2op + h, q0 + j], zero beyond rows and cols.
+CNNEXT_BF16 void pack_gy_pixels(const uint16_t* gy, int64_t P, int64_t rows, int64_t q0, int64_t cols,
+                                uint16_t* b) {
+  alignas(64) static const uint16_t lo_idx[32] = {0,  32, 1,  33, 2,  34, 3,  35, 4,  36, 5,
+                                                  37, 6,  38, 7,  39, 8,  40, 9,  41, 10, 42,
+                                                  11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  alignas(64) static const uint16_t hi_idx[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21,
+                                                  53, 22, 54, 23, 55, 24, 56, 25, 57, 26, 58,
+                                                  27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+  const __m512i ilo = _mm512_load_si512(lo_idx), ihi = _mm512_load_si512(hi_idx);
+  const __mmask32 m = cols >= 32 ? ~__mmask32(0) : static_cast<__mmask32>((1u << cols) - 1);
+  for (int64_t o = 0; o < rows; o += 2) {
+    const __m512i r0 = _mm512_maskz_loadu_epi16(m, gy + o * P + q0);
+    const __m512i r1 = o + 1 < rows ? _mm512_maskz_loadu_epi16(m, gy + (o + 1) * P + q0) : _mm512_setzero_si512();
+    uint16_t* out = b + (o / 2) * 64;
+    _mm512_storeu_si512(out, _mm512_permutex2var_epi16(r0, ilo, r1));
+    _mm512_storeu_si512(out + 32, _mm512_permutex2var_epi16(r0, ihi, r1));
+  }
+}
+
+// The weight gradient's B panels of one sample's group: for each panel of 32 rows
+// (output channels) and each pair qp of pixels, b[(panel * QP + qp) * 64 + 2j + h] =
+// gy[panel * 32 + j, 2qp + h] (rows P apart), zero beyond rows and P: one dword gather
+// per 16 rows, the pixel pair being adjacent in memory.
+CNNEXT_BF16 void pack_gy_pairs(const uint16_t* gy, int64_t P, int64_t rows, uint16_t* b) {
+  const int64_t QP = (P + 1) / 2, panels = (rows + kNR - 1) / kNR;
+  const int64_t full = P / 2;  // pairs with both pixels inside the row
+  for (int64_t panel = 0; panel < panels; ++panel) {
+    const int64_t r0 = panel * kNR, n = std::min(kNR, rows - r0);
+    const __mmask16 m0 = n >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
+    const __mmask16 m1 = n >= 32 ? __mmask16(0xFFFF) : n <= 16 ? __mmask16(0) : static_cast<__mmask16>((1u << (n - 16)) - 1);
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i stride = _mm512_set1_epi32(static_cast<int>(P));
+    const __m512i idx0 = _mm512_mullo_epi32(lane, stride);
+    const __m512i idx1 = _mm512_add_epi32(idx0, _mm512_set1_epi32(static_cast<int>(16 * P)));
+    const uint16_t* rows0 = gy + r0 * P;
+    uint16_t* out = b + panel * QP * 64;
+    for (int64_t qp = 0; qp < full; ++qp) {
+      const uint16_t* base = rows0 + 2 * qp;
+      const __m512i v0 = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m0, idx0, base, 2);
+      const __m512i v1 = m1 ? _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m1, idx1, base, 2)
+                            : _mm512_setzero_si512();
+      _mm512_storeu_si512(out + qp * 64, v0);
+      _mm512_storeu_si512(out + qp * 64 + 32, v1);
+    }
+    if (full < QP) {  // odd P: the last pixel, paired with zero
+      uint16_t* last = out + full * 64;
+      std::memset(last, 0, 64 * sizeof(uint16_t));
+      for (int64_t j = 0; j < n; ++j) last[2 * j] = rows0[j * P + P - 1];
+    }
+  }
+}
+
+// The weight gradient's A block: rows [k0, k0 + kMR) of the im2col of one sample (taps
+// k = (c, kh, kw) from channel c0) over pixels [q0, q0 + npix) (npix a multiple of kNR),
+// a[i * npix + t] = X[k0 + i, q0 + t]: zero beyond K and P. Read as dwords, each
+// holds a pair of adjacent pixels (q0 even).
+CNNEXT_BF16 void pack_taps(const uint16_t* x, const Strides4& xs, const Conv2dParams& p, int64_t c0,
+                           int64_t K, int64_t k0, int64_t q0, int64_t npix, int64_t P, uint16_t* a) {
+  alignas(64) uint16_t scratch[kNR];
+  const int64_t KHW = p.KH * p.KW;
+  for (int64_t i = 0; i < kMR; ++i) {
+    const int64_t k = k0 + i;
+    uint16_t* row = a + i * npix;
+    if (k >= K) {
+      std::memset(row, 0, npix * sizeof(uint16_t));
+      continue;
+    }
+    const int64_t c = c0 + k / KHW, kh = (k % KHW) / p.KW, kw = k % p.KW;
+    for (int64_t t = 0; t < npix; t += kNR)
+      _mm512_storeu_si512(row + t, im2col_row(x, xs, p, c, kh, kw, q0 + t, P, scratch));
+  }
+}
 #endif  // CNNEXT_BF16_GEMM
 
 }  // namespace
@@ -214,9 +318,15 @@ bool available() {
 #endif
 }
 
-bool conv2d_forward(const at::Tensor& input, const at::Tensor& weight,
-                    const c10::optional<at::Tensor>& bias, const Conv2dParams& p, at::Tensor& out,
-                    bool relu) {
+namespace {
+
+// The forward GEMM. flipped: weight is not this convolution's but the one whose input
+// gradient it computes (O' x C'/G x KH x KW, O' = p.C, C' = p.O): row o, tap (c, kh, kw)
+// of this convolution's weight is weight[g * Cg + c, o, KH - 1 - kh, KW - 1 - kw], read
+// while packing A (no flipped copy).
+bool forward_gemm(const at::Tensor& input, const at::Tensor& weight,
+                  const c10::optional<at::Tensor>& bias, const Conv2dParams& p, at::Tensor& out,
+                  bool relu, bool flipped) {
 #ifdef CNNEXT_BF16_GEMM
   if (input.scalar_type() != at::kBFloat16 || !available() || !out.is_contiguous()) return false;
   kFwdBf16Gemm.hit();
@@ -234,6 +344,17 @@ bool conv2d_forward(const at::Tensor& input, const at::Tensor& weight,
       for (int64_t i = 0; i < kMR; ++i) {
         const int64_t o = panel * kMR + i;
         if (o >= Og) break;
+        if (flipped) {
+          // weight[(g * Cg + c) * Og + o, tap']: tap' = KHW - 1 - tap of k = c * KHW + tap.
+          const int64_t KHW = p.KH * p.KW;
+          auto at_k = [&](int64_t k) -> uint32_t {
+            if (k >= K) return 0;
+            const int64_t c = k / KHW, tap = k % KHW;
+            return w[((g * Cg + c) * Og + o) * KHW + (KHW - 1 - tap)];
+          };
+          for (int64_t kp = 0; kp < Kp; ++kp) dst[kp * kMR + i] = at_k(2 * kp) | (at_k(2 * kp + 1) << 16);
+          continue;
+        }
         const uint16_t* wr = w + (g * Og + o) * K;
         for (int64_t kp = 0; kp < Kp; ++kp) {
           const uint32_t lo = wr[2 * kp], hi = 2 * kp + 1 < K ? wr[2 * kp + 1] : 0;
@@ -267,8 +388,194 @@ bool conv2d_forward(const at::Tensor& input, const at::Tensor& weight,
   });
   return true;
 #else
-  (void)input; (void)weight; (void)bias; (void)p; (void)out; (void)relu;
+  (void)input; (void)weight; (void)bias; (void)p; (void)out; (void)relu; (void)flipped;
   return false;
+#endif
+}
+
+}  // namespace
+
+bool conv2d_forward(const at::Tensor& input, const at::Tensor& weight,
+                    const c10::optional<at::Tensor>& bias, const Conv2dParams& p, at::Tensor& out,
+                    bool relu) {
+  return forward_gemm(input, weight, bias, p, out, relu, false);
+}
+
+
+namespace {
+CNNEXT_PATH(kInBf16Flip, "conv2d.input_grad.bf16_flip");
+CNNEXT_PATH(kInBf16Gemm, "conv2d.input_grad.bf16_gemm");
+CNNEXT_PATH(kWBf16Gemm, "conv2d.weight_grad.bf16_gemm");
+}  // namespace
+
+static bool backward_applies(const at::Tensor& grad_output, const Conv2dParams& p) {
+  // Thin groups (depthwise) would fill one lane in 32 of the output-channel panels.
+  return grad_output.scalar_type() == at::kBFloat16 && available() && p.out_per_group() >= 8;
+}
+
+at::Tensor conv2d_input_backward(const at::Tensor& grad_output, const at::Tensor& weight,
+                                 const Conv2dParams& p, at::MemoryFormat out_format) {
+#ifdef CNNEXT_BF16_GEMM
+  if (!backward_applies(grad_output, p)) return at::Tensor();
+  const int64_t Cg = p.in_per_group(), Og = p.out_per_group(), K = Cg * p.KH * p.KW;
+  if (p.SH == 1 && p.SW == 1) {
+    // Stride 1: the input gradient is the forward convolution of grad_output with the
+    // weight flipped in space and transposed per group (C x Og x KH x KW), padding
+    // D * (K - 1) - P (negative: a crop, which the forward's bounds checks take).
+    kInBf16Flip.hit();
+    Conv2dParams q = p;
+    q.C = p.O; q.H = p.OH; q.W = p.OW;
+    q.O = p.C; q.OH = p.H; q.OW = p.W;
+    q.PH = p.DH * (p.KH - 1) - p.PH;
+    q.PW = p.DW * (p.KW - 1) - p.PW;
+    at::Tensor gx = at::empty({p.N, p.C, p.H, p.W}, grad_output.options());
+    if (gx.numel() != 0) {
+      const bool ran = forward_gemm(grad_output, weight, c10::nullopt, q, gx, false, true);
+      TORCH_INTERNAL_ASSERT(ran);
+    }
+    return out_format == at::MemoryFormat::Contiguous ? gx : gx.contiguous(out_format);
+  }
+  // Other strides: per (sample, group) and panel of 32 output pixels, the float tile
+  // col = W^T gy (taps x pixels, the reduction over output channels in pairs) is added
+  // into a float copy of the sample's input gradient (col2im); rounded once at the end.
+  kInBf16Gemm.hit();
+  const int64_t Op = (Og + 1) / 2, P = p.OH * p.OW, HW = p.H * p.W;
+  const int64_t k_panels = (K + kMR - 1) / kMR, q_panels = (P + kNR - 1) / kNR;
+  const at::Tensor wc = weight.contiguous();
+  const uint16_t* w = reinterpret_cast<const uint16_t*>(wc.const_data_ptr<at::BFloat16>());
+  // a[((g * k_panels + kpanel) * Op + op) * kMR + i] = (W[g, 2op, k], W[g, 2op + 1, k]).
+  std::vector<uint32_t> a(static_cast<size_t>(p.G * k_panels * Op * kMR), 0u);
+  at::parallel_for(0, p.G * k_panels, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t gk = b0; gk < b1; ++gk) {
+      const int64_t g = gk / k_panels, kpanel = gk % k_panels;
+      uint32_t* dst = a.data() + gk * Op * kMR;
+      for (int64_t i = 0; i < kMR; ++i) {
+        const int64_t k = kpanel * kMR + i;
+        if (k >= K) break;
+        for (int64_t op = 0; op < Op; ++op) {
+          const int64_t o = g * Og + 2 * op;
+          const uint32_t lo = w[o * K + k], hi = 2 * op + 1 < Og ? w[(o + 1) * K + k] : 0;
+          dst[op * kMR + i] = lo | (hi << 16);
+        }
+      }
+    }
+  });
+  const at::Tensor gyc = grad_output.contiguous();
+  const uint16_t* gy = reinterpret_cast<const uint16_t*>(gyc.const_data_ptr<at::BFloat16>());
+  at::Tensor gx = at::empty({p.N, p.C, p.H, p.W}, grad_output.options());
+  uint16_t* gxp = reinterpret_cast<uint16_t*>(gx.mutable_data_ptr<at::BFloat16>());
+  at::parallel_for(0, p.N * p.G, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<uint16_t> bpanel(static_cast<size_t>(Op * 64));
+    std::vector<float> acc(static_cast<size_t>(Cg * HW));
+    alignas(64) float tile[kMR * kNR];
+    std::vector<int64_t> ih0(kNR), iw0(kNR);
+    for (int64_t item = i0; item < i1; ++item) {
+      const int64_t n = item / p.G, g = item % p.G;
+      std::fill(acc.begin(), acc.end(), 0.f);
+      const uint16_t* gyg = gy + (n * p.O + g * Og) * P;
+      for (int64_t jb = 0; jb < q_panels; ++jb) {
+        const int64_t q0 = jb * kNR, cols = std::min(kNR, P - q0);
+        pack_gy_pixels(gyg, P, Og, q0, cols, bpanel.data());
+        for (int64_t j = 0; j < cols; ++j) {
+          const int64_t q = q0 + j;
+          ih0[j] = (q / p.OW) * p.SH - p.PH;
+          iw0[j] = (q % p.OW) * p.SW - p.PW;
+        }
+        for (int64_t kpanel = 0; kpanel < k_panels; ++kpanel) {
+          tile_f32(a.data() + (g * k_panels + kpanel) * Op * kMR, 1, kMR, bpanel.data(), Op, tile, false);
+          for (int64_t i = 0; i < kMR; ++i) {
+            const int64_t k = kpanel * kMR + i;
+            if (k >= K) break;
+            const int64_t c = k / (p.KH * p.KW), kh = (k / p.KW) % p.KH, kw = k % p.KW;
+            float* plane = acc.data() + c * HW;
+            const float* t = tile + i * kNR;
+            const int64_t dh = kh * p.DH, dw = kw * p.DW;
+            for (int64_t j = 0; j < cols; ++j) {
+              const int64_t ih = ih0[j] + dh, iw = iw0[j] + dw;
+              if (ih >= 0 && ih < p.H && iw >= 0 && iw < p.W) plane[ih * p.W + iw] += t[j];
+            }
+          }
+        }
+      }
+      vec::float_to_bf16(acc.data(), gxp + (n * p.C + g * Cg) * HW, Cg * HW);
+    }
+  });
+  return out_format == at::MemoryFormat::Contiguous ? gx : gx.contiguous(out_format);
+#else
+  (void)grad_output; (void)weight; (void)p; (void)out_format;
+  return at::Tensor();
+#endif
+}
+
+at::Tensor conv2d_weight_backward(const at::Tensor& grad_output, const at::Tensor& input,
+                                  const Conv2dParams& p) {
+#ifdef CNNEXT_BF16_GEMM
+  if (!backward_applies(grad_output, p) || input.scalar_type() != at::kBFloat16) return at::Tensor();
+  kWBf16Gemm.hit();
+  const int64_t Cg = p.in_per_group(), Og = p.out_per_group(), K = Cg * p.KH * p.KW;
+  const int64_t P = p.OH * p.OW, QP = (P + 1) / 2;
+  const int64_t k_panels = (K + kMR - 1) / kMR, o_panels = (Og + kNR - 1) / kNR;
+  at::Tensor gw = at::empty({p.O, Cg, p.KH, p.KW}, grad_output.options());
+  if (gw.numel() == 0) return gw;
+  if (p.N * P == 0) return gw.zero_();
+  // B: grad_output in pairs of pixels, 32 output channels to a row, per (sample, group).
+  const at::Tensor gyc = grad_output.contiguous();
+  const uint16_t* gy = reinterpret_cast<const uint16_t*>(gyc.const_data_ptr<at::BFloat16>());
+  const int64_t b_size = o_panels * QP * 64;  // per (sample, group)
+  std::vector<uint16_t> b(static_cast<size_t>(p.N * p.G * b_size));
+  at::parallel_for(0, p.N * p.G, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t item = i0; item < i1; ++item) {
+      const int64_t n = item / p.G, g = item % p.G;
+      pack_gy_pairs(gy + (n * p.O + g * Og) * P, P, Og, b.data() + item * b_size);
+    }
+  });
+  // Each thread owns a run of (group, tap panel) tiles and accumulates them in float
+  // over every sample and pixel, a chunk of pixels at a time (the chunk's B panels are
+  // reused by every tap panel): the sums do not depend on the thread count.
+  // Pixels per chunk: a multiple of kNR (so even), no more than the panels P spans.
+  const int64_t kChunk = std::min<int64_t>(256, (P + kNR - 1) / kNR * kNR);
+  const uint16_t* x = reinterpret_cast<const uint16_t*>(input.const_data_ptr<at::BFloat16>());
+  const Strides4 xs = strides_of(input);
+  at::Tensor gwf = at::empty({p.O, K}, grad_output.options().dtype(at::kFloat));
+  float* gwp = gwf.mutable_data_ptr<float>();
+  at::parallel_for(0, p.G * k_panels, 1, [&](int64_t t0, int64_t t1) {
+    const int64_t tiles = (t1 - t0) * o_panels;
+    std::vector<float> acc(static_cast<size_t>(tiles * kMR * kNR), 0.f);
+    std::vector<uint16_t> abuf(static_cast<size_t>(kMR * kChunk));
+    for (int64_t g = t0 / k_panels; g <= (t1 - 1) / k_panels; ++g) {
+      const int64_t kp0 = std::max(t0, g * k_panels) - g * k_panels;
+      const int64_t kp1 = std::min(t1, (g + 1) * k_panels) - g * k_panels;
+      for (int64_t n = 0; n < p.N; ++n) {
+        const uint16_t* bg = b.data() + (n * p.G + g) * b_size;
+        for (int64_t q0 = 0; q0 < P; q0 += kChunk) {
+          const int64_t pairs = std::min(kChunk, 2 * QP - q0) / 2;
+          for (int64_t kpanel = kp0; kpanel < kp1; ++kpanel) {
+            pack_taps(x + n * xs.n, xs, p, g * Cg, K, kpanel * kMR, q0, kChunk, P, abuf.data());
+            float* tacc = acc.data() + ((g * k_panels + kpanel - t0) * o_panels) * kMR * kNR;
+            for (int64_t op = 0; op < o_panels; ++op)
+              tile_f32(reinterpret_cast<const uint32_t*>(abuf.data()), kChunk / 2, 1,
+                       bg + (op * QP + q0 / 2) * 64, pairs, tacc + op * kMR * kNR, true);
+          }
+        }
+      }
+    }
+    // gw[g * Og + o, k] = the tile's (k, o) entry.
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t g = t / k_panels, kpanel = t % k_panels;
+      for (int64_t op = 0; op < o_panels; ++op) {
+        const float* tile = acc.data() + ((t - t0) * o_panels + op) * kMR * kNR;
+        for (int64_t i = 0; i < kMR && kpanel * kMR + i < K; ++i)
+          for (int64_t j = 0; j < kNR && op * kNR + j < Og; ++j)
+            gwp[(g * Og + op * kNR + j) * K + kpanel * kMR + i] = tile[i * kNR + j];
+      }
+    }
+  });
+  uint16_t* out = reinterpret_cast<uint16_t*>(gw.mutable_data_ptr<at::BFloat16>());
+  vec::float_to_bf16(gwp, out, p.O * K);
+  return gw;
+#else
+  (void)grad_output; (void)input; (void)p;
+  return at::Tensor();
 #endif
 }
 

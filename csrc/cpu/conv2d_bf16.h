@@ -21,6 +21,20 @@ bool conv2d_forward(const at::Tensor& input, const at::Tensor& weight,
                     const c10::optional<at::Tensor>& bias, const Conv2dParams& p, at::Tensor& out,
                     bool relu);
 
+// The gradients of conv2d for bfloat16 tensors on the vdpbf16ps GEMM, float
+// accumulation, each output rounded once. Each returns an undefined tensor, having done
+// nothing, where it does not apply (another dtype, no AVX512_BF16, fewer than 8 output
+// channels per group); the caller then runs the float kernels.
+//   input gradient (N x C x H x W in out_format): stride 1 as the forward convolution of
+//     grad_output with the flipped, transposed weight; other strides as a GEMM over output
+//     channels whose float tiles are added into a float input gradient (col2im).
+//   weight gradient (O x C/G x KH x KW): a GEMM reducing over samples and output pixels
+//     in pairs of pixels.
+at::Tensor conv2d_input_backward(const at::Tensor& grad_output, const at::Tensor& weight,
+                                 const Conv2dParams& p, at::MemoryFormat out_format);
+at::Tensor conv2d_weight_backward(const at::Tensor& grad_output, const at::Tensor& input,
+                                  const Conv2dParams& p);
+
 }  // namespace bf16
 }  // namespace cpu
 }  // namespace cnnext

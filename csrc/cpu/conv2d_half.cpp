@@ -2,7 +2,8 @@
 // entry points. bfloat16 forward convolutions take the AVX512_BF16 GEMM
 // (csrc/cpu/conv2d_bf16.cpp) where the CPU has it and the shape suits it; every other
 // half convolution runs the float kernels on float copies and rounds the result once
-// (float accumulation, one rounding per output: torch's own accumulate type).
+// (float accumulation, one rounding per output: torch's own accumulate type). bfloat16
+// gradients take the same GEMM's backward kernels where they apply.
 #include "cpu/conv2d_half.h"
 
 #include <ATen/Parallel.h>
@@ -31,12 +32,16 @@ void conv2d_forward_rows(const at::Tensor& input, const at::Tensor& weight,
 
 at::Tensor conv2d_input_backward(const at::Tensor& grad_output, const at::Tensor& weight,
                                  const Conv2dParams& p, at::MemoryFormat out_format) {
+  at::Tensor gx = bf16::conv2d_input_backward(grad_output, weight, p, out_format);
+  if (gx.defined()) return gx;
   return cpu::conv2d_input_backward(to_float(grad_output), to_float(weight), p, out_format)
       .to(grad_output.scalar_type());
 }
 
 at::Tensor conv2d_weight_backward(const at::Tensor& grad_output, const at::Tensor& input,
                                   const Conv2dParams& p) {
+  at::Tensor gw = bf16::conv2d_weight_backward(grad_output, input, p);
+  if (gw.defined()) return gw;
   return cpu::conv2d_weight_backward(to_float(grad_output), to_float(input), p)
       .to(grad_output.scalar_type());
 }

@@ -13,7 +13,9 @@
 // elementwise sweep writing grad_conv_out and its channel sums (the conv bias gradient).
 //
 // Every tensor with the output's shape is dense, contiguous or channels_last (see
-// csrc/cpu/conv_bn_relu2d.h); statistics are accumulated in double.
+// csrc/cpu/conv_bn_relu2d.h); statistics are accumulated in double. bfloat16 planes
+// (contiguous) take the AVX-512 sweeps of csrc/cpu/bn_bf16.cpp where the CPU has
+// AVX512_BF16: float partial sums of 256 values added in double, as the loops here.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -21,15 +23,32 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
+#include "cpu/bn_bf16.h"
 #include "cpu/conv2d.h"
 #include "cpu/conv_bn_relu2d.h"
+#include "paths.h"
 #include "tensors.h"
 
 namespace cnnext {
 namespace cpu {
 namespace {
+
+CNNEXT_PATH(kTrainBf16Sweeps, "conv_bn_relu2d.train.bf16_sweeps");
+CNNEXT_PATH(kBackwardBf16Sweeps, "conv_bn_relu2d.backward.bf16_sweeps");
+
+// bfloat16 planes take the AVX-512 sweeps of csrc/cpu/bn_bf16.cpp where the CPU has them.
+template <typename T>
+bool bf16_sweeps() {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) return bn_bf16::available();
+  return false;
+}
+template <typename T>
+const uint16_t* bits(const T* p) { return reinterpret_cast<const uint16_t*>(p); }
+template <typename T>
+uint16_t* bits(T* p) { return reinterpret_cast<uint16_t*>(p); }
 
 // Moments of `count` values: their mean and the sum of squared deviations from it.
 struct Moments {
@@ -77,8 +96,15 @@ void band_moments(const T* y, const Dense& d, int64_t n, int64_t oh0, int64_t oh
   const int64_t L = (oh1 - oh0) * d.W;
   if (L == 0) return;
   if (!d.cl) {
+    const bool fast = bf16_sweeps<T>();
     for (int64_t c = 0; c < d.C; ++c) {
       const T* v = y + (n * d.C + c) * d.plane() + oh0 * d.W;
+      if (fast) {
+        double mean, m2;
+        bn_bf16::moments(bits(v), L, &mean, &m2);
+        m[c] = {double(L), mean, m2};
+        continue;
+      }
       double s = 0;
       _Pragma("omp simd reduction(+ : s)")
       for (int64_t i = 0; i < L; ++i) s += static_cast<double>(v[i]);
@@ -125,7 +151,10 @@ void normalize(const T* y, T* out, const Dense& d, const A* mean, const A* a, co
         const A m = mean[c], s = a[c], t = beta[c];
         const T* v = y + item * P;
         T* o = out + item * P;
-        if (relu) {
+        if (bf16_sweeps<T>()) {
+          bn_bf16::normalize(bits(v), bits(o), P, static_cast<float>(m), static_cast<float>(s),
+                             static_cast<float>(t), relu);
+        } else if (relu) {
           _Pragma("omp simd")
           for (int64_t i = 0; i < P; ++i) {
             const A r = (static_cast<A>(v[i]) - m) * s + t;
@@ -178,6 +207,7 @@ constexpr int64_t kChunk = 256;
 template <typename T, typename A, bool kMask>
 void run_sums(const T* __restrict__ g, const T* __restrict__ o, const T* __restrict__ y,
               int64_t n, A m, double* s0, double* s1) {
+  if (bf16_sweeps<T>()) return bn_bf16::sums(bits(g), kMask ? bits(o) : nullptr, bits(y), n, static_cast<float>(m), s0, s1);
   double a0 = 0, a1 = 0;
   for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
     const int64_t i1 = std::min(n, i0 + kChunk);
@@ -199,6 +229,9 @@ void run_sums(const T* __restrict__ g, const T* __restrict__ o, const T* __restr
 template <typename T, typename A, bool kMask>
 double run_apply(const T* __restrict__ g, const T* __restrict__ o, const T* __restrict__ y,
                  int64_t n, A m, A k, A shift, A coef, T* __restrict__ dy) {
+  if (bf16_sweeps<T>())
+    return bn_bf16::apply(bits(g), kMask ? bits(o) : nullptr, bits(y), n, static_cast<float>(m),
+                          static_cast<float>(k), static_cast<float>(shift), static_cast<float>(coef), bits(dy));
   double a0 = 0;
   for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
     const int64_t i1 = std::min(n, i0 + kChunk);
@@ -278,6 +311,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu2d_train(
   std::vector<Moments> slots(size_t(p.N * p.OH * p.O));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "cnnext_conv_bn_relu2d_train", [&] {
     using A = at::opmath_type<scalar_t>;  // == stats_dtype
+    if (bf16_sweeps<scalar_t>() && !d.cl) kTrainBf16Sweeps.hit();
     const scalar_t* y = conv_out.const_data_ptr<scalar_t>();
     conv2d_forward_rows(input, weight, bias, p, conv_out, false,
                         [&](int64_t n, int64_t oh0, int64_t oh1) {
@@ -333,6 +367,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu2d_train_
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, conv_out.scalar_type(), "cnnext_conv_bn_relu2d_backward", [&] {
     using T = scalar_t;
     using A = at::opmath_type<T>;  // == stats_dtype
+    if (bf16_sweeps<T>() && !d.cl) kBackwardBf16Sweeps.hit();
     const auto adt = c10::CppTypeToScalarType<A>::value;
     const T* g = grad.const_data_ptr<T>();
     const T* o = use_out ? out->const_data_ptr<T>() : nullptr;
