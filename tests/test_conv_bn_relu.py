@@ -75,7 +75,11 @@ def check_parity(c, dtype, steps=3, rtol=None):
             x = to_layout(x0, c.layout).requires_grad_()
             opt.zero_grad()
             y = m(x)
-            gy = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(step)).to(dtype)
+            # A seed no c.seed (< 2**31) can equal, the generator taking seeds mod 2**32:
+            # with seed == step, gy was x0's own draw at c.seed == step, an affine function
+            # of the input, which batch norm's backward projects out to rounding noise.
+            gy = torch.randn(y.shape, dtype=torch.float64,
+                             generator=torch.Generator().manual_seed(2**31 + step)).to(dtype)
             y.backward(to_layout(gy, c.layout))
             results.append((y.detach(), x.grad, {k: p.grad for k, p in m.named_parameters()}))
             if train:
@@ -140,6 +144,15 @@ def test_module_parity(case, dtype):
     check_parity(GRID[case], dtype)
 
 
+def taps_in_range(spatial, k, stride, padding, dilation):
+    """How many of the kernel's taps read the input at some output position."""
+    count = 1
+    for size, kk, s, p, d in zip(spatial, k, stride, padding, dilation):
+        out = (size + 2 * p - d * (kk - 1) - 1) // s + 1
+        count *= sum(any(0 <= o * s - p + t * d < size for o in range(out)) for t in range(kk))
+    return count
+
+
 @st.composite
 def confs(draw):
     groups = draw(st.sampled_from([1, 1, 2, 3]))
@@ -156,6 +169,9 @@ def confs(draw):
     # to the rounding level of float32.
     spatial = [max(1, d * (kk - 1) + 1 - 2 * p) + s + draw(st.integers(0, 5))
                for kk, d, p, s in zip(k, dilation, padding, stride)]
+    if cin // groups * taps_in_range(spatial, k, stride, padding, dilation) == 1:
+        # Padding so wide that one tap alone ever reads the input: the same fan-in of one.
+        padding = (0, 0)
     n = draw(st.integers(2, 4))
     momentum = draw(st.sampled_from([0.1, 0.5, None]))
     return Conf((n, cin, *spatial), cout, k,
