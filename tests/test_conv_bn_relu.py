@@ -65,6 +65,7 @@ def check_parity(c, dtype, steps=3, rtol=None):
     ref, ours = make_pair(c, dtype)
     opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (ref, ours)]
     gen = torch.Generator().manual_seed(c.seed)
+    drift = {}  # how far the gradients' errors may have moved each parameter apart
     for step in range(steps + 1):
         train = step < steps
         for m in (ref, ours):
@@ -99,8 +100,21 @@ def check_parity(c, dtype, steps=3, rtol=None):
                 # mean), so compare on the scale of the output gradient's channel sums.
                 scale = gy.abs().sum((0, 2, 3)).max().item() * 1e3 * torch.finfo(dtype).eps
                 assert (g_o[k] - g_r[k]).abs().max().item() <= scale, f"grad {k} {what}"
+                if train:
+                    # SGD (lr 0.1, momentum 0.9: at most 10 x the gradient per step) moves
+                    # the two biases apart by up to this noise.
+                    drift[k] = drift.get(k, 0.0) + 10 * 0.1 * scale
             else:
-                assert_close_scaled(g_o[k], g_r[k], rtol, f"grad {k} {what}")
+                # Parameter gradients are sums over the batch whose terms can cancel (BN's
+                # gamma, a weight of few taps): besides rtol of the result, the rounding of
+                # their terms, on the scale of the output gradient's channel sums.
+                assert g_o[k].shape == g_r[k].shape and g_o[k].dtype == g_r[k].dtype, k
+                floor = gy.abs().sum((0, 2, 3)).max().item() * 1e2 * torch.finfo(dtype).eps
+                err = (g_o[k] - g_r[k]).abs().max().item()
+                assert err <= rtol * g_r[k].abs().max().item() + floor, \
+                    f"grad {k} {what}: max abs error {err:.3e}"
+                if train:
+                    drift[k] = drift.get(k, 0.0) + 10 * 0.1 * (rtol * g_r[k].abs().max().item() + floor)
         for (k, b_r), (k2, b_o) in zip(ref.named_buffers(), ours.named_buffers()):
             assert k == k2
             if b_r.dtype == torch.long:
@@ -108,7 +122,10 @@ def check_parity(c, dtype, steps=3, rtol=None):
             else:
                 assert_close_scaled(b_o, b_r, rtol, f"{k} {what}")
         for (k, p_r), (_, p_o) in zip(ref.named_parameters(), ours.named_parameters()):
-            assert_close_scaled(p_o.detach(), p_r.detach(), rtol, f"parameter {k} after {what}")
+            # Each step's gradient error, carried into the parameters by SGD.
+            err = (p_o - p_r).abs().max().item()
+            assert err <= rtol * p_r.abs().max().item() + drift.get(k, 0.0), \
+                f"parameter {k} after {what}: max abs error {err:.3e}"
 
 
 GRID = {
@@ -169,9 +186,15 @@ def confs(draw):
     # to the rounding level of float32.
     spatial = [max(1, d * (kk - 1) + 1 - 2 * p) + s + draw(st.integers(0, 5))
                for kk, d, p, s in zip(k, dilation, padding, stride)]
-    if cin // groups * taps_in_range(spatial, k, stride, padding, dilation) == 1:
-        # Padding so wide that one tap alone ever reads the input: the same fan-in of one.
+    if cin // groups * taps_in_range(spatial, k, stride, padding, dilation) < 3:
+        # Padding so wide that one tap alone ever reads the input is the same fan-in of one;
+        # with two, batch norm's invariance to the weight's scale leaves the weight gradient
+        # one free direction, and in float32 it cancels to ~1e-4 of its terms in some
+        # draws (both implementations; seen once in 1,600 examples). A 2x2 kernel or larger,
+        # unpadded on an input it fits twice (2 x 2 outputs, as above), reads with every tap.
+        k = (max(2, k[0]), max(2, k[1]))
         padding = (0, 0)
+        spatial = [max(size, d * (kk - 1) + 1 + s) for size, kk, d, s in zip(spatial, k, dilation, stride)]
     n = draw(st.integers(2, 4))
     momentum = draw(st.sampled_from([0.1, 0.5, None]))
     return Conf((n, cin, *spatial), cout, k,
