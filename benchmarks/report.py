@@ -27,7 +27,14 @@ def summarize(raw):
     """The summary (a dict) of pytest-benchmark's raw JSON (a dict)."""
     groups = defaultdict(dict)
     for b in raw["benchmarks"]:
-        groups[b["group"]][b["params"]["impl"]] = b["stats"]["median"]
+        params = b.get("params") or {}
+        impl = params.get("impl", params.get("backend"))  # the bf16 autocast step names it backend
+        if impl is None:
+            continue
+        # The bf16 benchmarks compare like with like ("cnnext-bf16" against "torch-bf16");
+        # their "torch-fp32" and Winograd's "cnnext_gemm" are kept beside the pair.
+        impl = {"cnnext-bf16": "cnnext", "torch-bf16": "torch"}.get(impl, impl).replace("-", "_")
+        groups[b["group"]][impl] = b["stats"]["median"]
     machine = raw.get("machine_info", {})
     cpu = machine.get("cpu", {})
     torch_version = machine.get("torch")
@@ -36,7 +43,7 @@ def summarize(raw):
     benchmarks = {}
     for name in sorted(groups):
         g = groups[name]
-        entry = {impl + "_ms": g[impl] * 1e3 for impl in ("cnnext", "torch") if impl in g}
+        entry = {impl + "_ms": g[impl] * 1e3 for impl in sorted(g)}
         if "cnnext" in g and "torch" in g:
             entry["ratio"] = g["cnnext"] / g["torch"]
         benchmarks[name] = entry
