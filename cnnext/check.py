@@ -107,15 +107,21 @@ def conv_bn_relu2d_case(shape, weight_shape, training, relu=True, layout="contig
             x = x.contiguous(memory_format=torch.channels_last)
         leaves = [t.requires_grad_() for t in (x, w, b, gamma, beta)]
 
-        mask = []  # half types: the ReLU decisions of cnnext's output, for the reference
+        mask = []  # below float64: the ReLU decisions of cnnext's output, for the reference
 
         def ref(x, w, b, gamma, beta, rm, rv):
             y = F.batch_norm(F.conv2d(x, w, b, **kw), rm, rv, gamma, beta, training, 0.1, 1e-5)
             if relu and mask and x.dtype == torch.float64:
-                # An output within a rounding of zero may fall on either side of the ReLU in a
-                # half type, which moves a whole gradient entry: the float64 reference takes
-                # cnnext's decisions (its values differ from relu(y) by less than that rounding).
-                return torch.where(mask[0], y, torch.zeros_like(y))
+                # An output within a rounding of zero may fall on either side of the ReLU
+                # (in a half type; in float32 under Winograd's larger rounding, which on the
+                # ResNet case below flips about one of 400,000), and a flip moves a whole
+                # gradient entry: the float64 reference takes cnnext's decision where its own
+                # value is such a tie (within 10 x the row's tolerance of the largest |y|),
+                # and its own decision elsewhere, so a wrong decision still fails the row.
+                flipped = mask[0] != (y > 0)
+                tie = y.abs() <= 10 * TOL[dtype] * y.abs().max()
+                keep = torch.where(flipped & tie, mask[0], y > 0)
+                return torch.where(keep, y, torch.zeros_like(y))
             return F.relu(y) if relu else y
 
         def ours(x, w, b, gamma, beta, rm, rv):
@@ -129,7 +135,7 @@ def conv_bn_relu2d_case(shape, weight_shape, training, relu=True, layout="contig
         for fn, args in ((ours, leaves), (ref, ref_leaves)):
             stats = [t.to(args[0].dtype, copy=True) for t in (rm, rv)]
             out = fn(*args, *stats)
-            if fn is ours and dtype in (torch.float16, torch.bfloat16):
+            if fn is ours and dtype != torch.float64:
                 mask.append((out > 0).detach())
             gy = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(device, dtype)
             results.append([out, *torch.autograd.grad(out, args, gy.to(out.dtype)), *stats])
