@@ -32,8 +32,8 @@ constexpr int64_t kBufBytes = 2 * 1024 * 1024;
 constexpr int64_t kUnfoldBelow = 96;
 
 // Input rows / columns the windows of `rows` output rows / all output columns read.
-int64_t rows_read(const Conv2dParams& p, int64_t rows) { return (rows - 1) * p.SH + (p.KH - 1) * p.DH + 1; }
-int64_t cols_read(const Conv2dParams& p) { return (p.OW - 1) * p.SW + (p.KW - 1) * p.DW + 1; }
+int64_t rows_read(const Conv2dParams& p, int64_t rows) { return (rows - 1) * p.SH + conv_dilated_kernel(p.KH, p.DH); }
+int64_t cols_read(const Conv2dParams& p) { return (p.OW - 1) * p.SW + conv_dilated_kernel(p.KW, p.DW); }
 
 // The work items: `samples` whole samples each (maps with fewer positions than
 // kTargetPositions), or bands of `rows` output rows of one sample.
