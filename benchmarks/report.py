@@ -85,12 +85,14 @@ def table(summary):
         f"Measured {summary['datetime'][:10]} on {machine['cpu']}, {machine['cores'] or '?'} cores, "
         f"torch {summary['torch']}; median times, ratio = cnnext / torch (below 1.00: cnnext faster).",
         "",
-        "| benchmark | cnnext (ms) | torch (ms) | ratio |",
-        "|---|---:|---:|---:|",
+        "| benchmark | cnnext (ms) | torch (ms) | ratio | others: time / torch's |",
+        "|---|---:|---:|---:|---|",
     ]
     for name, b in sorted(summary["benchmarks"].items()):
         if "ratio" in b:
-            lines.append(f"| {name} | {b['cnnext_ms']:.2f} | {b['torch_ms']:.2f} | {b['ratio']:.2f} |")
+            others = ", ".join(f"{k[:-3]} {b[k] / b['torch_ms']:.2f}" for k in sorted(b)
+                               if k.endswith("_ms") and k not in ("cnnext_ms", "torch_ms"))
+            lines.append(f"| {name} | {b['cnnext_ms']:.2f} | {b['torch_ms']:.2f} | {b['ratio']:.2f} | {others} |")
     return "\n".join(lines)
 
 

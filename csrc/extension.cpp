@@ -7,6 +7,7 @@
 #include <torch/version.h>
 
 #include "cpu/conv2d_winograd.h"
+#include "cpu/derived_cache.h"
 #include "eager.h"
 #include "test_hooks.h"
 
@@ -45,14 +46,16 @@ pybind11::dict build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "cnnext kernels; the ops live in torch.ops.cnnext";
   m.def("build_info", &build_info, "How this extension was built.");
-  // The CPU Winograd switch and its weight cache (cnnext.backends.cpu).
+  // The CPU Winograd switch and the weight cache (cnnext.backends.cpu).
   namespace wino = cnnext::cpu::winograd;
   m.def("_set_winograd", &wino::set_enabled);
   m.def("_get_winograd", &wino::enabled);
   m.def("_set_winograd_tile", &wino::set_forced_tile);
   m.def("_get_winograd_tile", &wino::forced_tile);
-  m.def("_winograd_cache_info", [] { return std::make_pair(wino::cache_entries(), wino::cache_bytes()); });
-  m.def("_clear_winograd_cache", &wino::clear_cache);
+  m.def("_weight_cache_info", [] {
+    return std::make_pair(cnnext::cpu::weight_cache().entries(), cnnext::cpu::weight_cache().bytes());
+  });
+  m.def("_clear_weight_cache", [] { cnnext::cpu::weight_cache().clear(); });
   m.def("_winograd_available", &wino::available);
   m.def("_winograd_allowed_tiles", &wino::allowed_tiles);
   cnnext::bind_eager(m);

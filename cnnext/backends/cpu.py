@@ -16,10 +16,15 @@ Set it to False for the GEMM path::
         y = cnnext.functional.conv2d(x, w, padding=1)
 
 Either way the results are bitwise reproducible run to run and do not depend on the
-thread count. The Winograd weight transform is cached per weight tensor and version
-(``weight._version``, bumped by every in-place update: optimizer steps, ``copy_`` under
-``no_grad``); in-place writes through ``weight.data`` bypass the version counter (as they
-do autograd's checks), so call ``clear_winograd_cache()`` after such a write.
+thread count.
+
+The weight cache: tensors derived from parameters (the Winograd weight transform, the
+batch norm folded into the fused op's inference weight) are kept between calls and reused
+only while their sources are provably unchanged: the same tensors, the same version
+counter (``weight._version``, bumped by optimizer steps and ``copy_`` under ``no_grad``)
+and the same bytes as a snapshot taken when the entry was made (writes through
+``weight.data`` do not bump the version; the comparison sees them). Entries go when their
+weight is freed, least recently used first past 512 MiB, or with ``clear_weight_cache()``.
 """
 import contextlib
 import sys
@@ -27,17 +32,23 @@ import types
 
 from cnnext import _C
 
-__all__ = ["winograd", "flags", "clear_winograd_cache", "winograd_cache_info"]
+__all__ = ["winograd", "flags", "clear_weight_cache", "weight_cache_info",
+           "clear_winograd_cache", "winograd_cache_info"]
 
 
-def clear_winograd_cache():
-    """Drops every cached Winograd weight transform."""
-    _C._clear_winograd_cache()
+def clear_weight_cache():
+    """Drops every cached derived weight (Winograd transforms, folded batch norms)."""
+    _C._clear_weight_cache()
 
 
-def winograd_cache_info():
-    """(entries, bytes) held by the Winograd weight cache."""
-    return tuple(_C._winograd_cache_info())
+def weight_cache_info():
+    """(entries, bytes) held by the weight cache, snapshots of the sources included."""
+    return tuple(_C._weight_cache_info())
+
+
+# The names of the cache when it held Winograd transforms only.
+clear_winograd_cache = clear_weight_cache
+winograd_cache_info = weight_cache_info
 
 
 @contextlib.contextmanager

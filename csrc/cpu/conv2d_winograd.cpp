@@ -5,6 +5,7 @@
 // The transforms run 16 tiles (input, output) or 16 (channel, output-channel) pairs
 // (weight) per AVX-512 vector: gathers from the padded input, scatters into the output.
 #include "cpu/conv2d_winograd.h"
+#include "cpu/derived_cache.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/intrusive_ptr.h>
@@ -503,103 +504,22 @@ bool forward(const float* x, const Strides4& xs, const float* w, int64_t wso, in
 // ---- the transformed-weight cache ----
 namespace {
 
-struct Entry {
-  c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> impl;
-  const c10::TensorImpl* key;
-  uint32_t version;
-  const void* data;
-  int64_t O, C;
-  int m;
-  at::Tensor u;
-};
-
-constexpr int64_t kCacheBudget = int64_t(256) << 20;  // bytes
-
-struct Cache {
-  std::mutex mu;
-  std::list<Entry> entries;  // most recently used first
-  int64_t bytes = 0;
-};
-
-Cache& cache() {
-  static Cache* c = new Cache();  // never destroyed: no order problems at exit
-  return *c;
-}
-
-int64_t entry_bytes(const Entry& e) { return e.u.defined() ? e.u.numel() * int64_t(sizeof(float)) : 0; }
-
-}  // namespace
-
-int64_t cache_entries() {
-  std::lock_guard<std::mutex> lock(cache().mu);
-  return int64_t(cache().entries.size());
-}
-
-int64_t cache_bytes() {
-  std::lock_guard<std::mutex> lock(cache().mu);
-  return cache().bytes;
-}
-
-void clear_cache() {
-  std::lock_guard<std::mutex> lock(cache().mu);
-  cache().entries.clear();
-  cache().bytes = 0;
-}
-
-namespace {
-
-// The transformed weight of `weight` (O, C, 3, 3 float32) for tile m, from the cache or
-// computed (and cached). Inference tensors (no version counter) are not cached.
+// The transformed weight of `weight` (O, C, 3, 3 float32) for tile m, from the weight
+// cache (csrc/cpu/derived_cache.h: reused only while the weight is provably unchanged) or
+// computed.
 at::Tensor cached_weight(const at::Tensor& weight, const Conv2dParams& p, int m) {
-  const int64_t size = transformed_weight_size(p.O, p.C, m);
-  const at::Tensor wc = weight.contiguous();
-  auto compute = [&](at::Tensor u) {
-    if (!u.defined()) u = at::empty({size}, weight.options());
-    transform_weight(wc.const_data_ptr<float>(), p.C * 9, 9, 1, p.O, p.C, m, u.mutable_data_ptr<float>());
-    return u;
-  };
-  if (weight.is_inference()) return compute(at::Tensor());
-  const c10::TensorImpl* key = weight.unsafeGetTensorImpl();
-  const uint32_t version = weight.unsafeGetTensorImpl()->version_counter().current_version();
-  const void* data = weight.const_data_ptr();
-  Cache& c = cache();
-  at::Tensor reuse;
-  {
-    std::lock_guard<std::mutex> lock(c.mu);
-    for (auto it = c.entries.begin(); it != c.entries.end();) {
-      if (it->impl.expired()) {  // a weight gone: drop its entry
-        c.bytes -= entry_bytes(*it);
-        it = c.entries.erase(it);
-        continue;
-      }
-      if (it->key == key && it->O == p.O && it->C == p.C && it->m == m) {
-        if (it->version == version && it->data == data) {
-          kCacheHit.hit();
-          c.entries.splice(c.entries.begin(), c.entries, it);
-          return it->u;
-        }
-        // Stale (the weight changed): recompute, into its buffer when no call holds it.
-        if (it->u.use_count() == 1) reuse = it->u;
-        c.bytes -= entry_bytes(*it);
-        c.entries.erase(it);
-        break;
-      }
-      ++it;
-    }
-  }
-  kCacheMiss.hit();
-  at::Tensor u = compute(reuse);
-  const int64_t bytes = size * int64_t(sizeof(float));
-  if (bytes > kCacheBudget / 2) return u;
-  std::lock_guard<std::mutex> lock(c.mu);
-  Entry e{c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(weight.getIntrusivePtr()),
-          key, version, data, p.O, p.C, m, u};
-  c.entries.push_front(std::move(e));
-  c.bytes += bytes;
-  while (c.bytes > kCacheBudget && !c.entries.empty()) {
-    c.bytes -= entry_bytes(c.entries.back());
-    c.entries.pop_back();
-  }
+  bool hit = false;
+  const at::Tensor u = weight_cache().get(
+      {weight}, {kTransformedWeightTag, p.O, p.C, m},
+      [&](const std::vector<at::Tensor>& reuse) {
+        const at::Tensor wc = weight.contiguous();
+        at::Tensor out = reuse.empty() ? DerivedCache::empty({transformed_weight_size(p.O, p.C, m)}, weight.options())
+                                       : reuse[0];
+        transform_weight(wc.const_data_ptr<float>(), p.C * 9, 9, 1, p.O, p.C, m, out.mutable_data_ptr<float>());
+        return std::vector<at::Tensor>{out};
+      },
+      &hit)[0];
+  (hit ? kCacheHit : kCacheMiss).hit();
   return u;
 }
 

@@ -63,19 +63,14 @@ void transform_weight(const float* w, int64_t wso, int64_t wsc, int64_t wst, int
                       int m, float* u);
 
 // The forward of conv2d.cpp's float32 path when choose_tile(p) says so: the transformed
-// weight comes from a cache keyed by the weight tensor (its identity, version counter and
-// data pointer), so in evaluation it is computed once per weight version; an in-place
-// update (an optimizer step) bumps the version and the next call recomputes it. rows_done
+// weight comes from the weight cache (csrc/cpu/derived_cache.h), so in evaluation it is
+// computed once per weight value; any change of the weight (an optimizer step, a write
+// through .data) makes the next call recompute it. rows_done
 // (may be empty) is called per sample once its rows are final. Returns false when the
 // caller must run its own path.
 bool forward_tensor(const at::Tensor& input, const at::Tensor& weight, const float* bias,
                     at::Tensor& out, const Conv2dParams& p, bool relu,
                     const std::function<void(int64_t, int64_t, int64_t)>& rows_done);
-
-// The weight cache: entries and bytes held; clear drops them all.
-int64_t cache_entries();
-int64_t cache_bytes();
-void clear_cache();
 
 }  // namespace winograd
 }  // namespace cpu

@@ -23,12 +23,14 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
 #include "cpu/bn_bf16.h"
 #include "cpu/conv2d.h"
 #include "cpu/conv_bn_relu2d.h"
+#include "cpu/derived_cache.h"
 #include "paths.h"
 #include "tensors.h"
 
@@ -38,6 +40,8 @@ namespace {
 
 CNNEXT_PATH(kTrainBf16Sweeps, "conv_bn_relu2d.train.bf16_sweeps");
 CNNEXT_PATH(kBackwardBf16Sweeps, "conv_bn_relu2d.backward.bf16_sweeps");
+CNNEXT_PATH(kFoldCacheHit, "conv_bn_relu2d.fold_cache_hit");
+CNNEXT_PATH(kFoldCacheMiss, "conv_bn_relu2d.fold_cache_miss");
 
 // bfloat16 planes take the AVX-512 sweeps of csrc/cpu/bn_bf16.cpp where the CPU has them.
 template <typename T>
@@ -465,20 +469,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu2d_train_
   return {grad_conv, g_gamma, g_beta, g_bias};
 }
 
-std::pair<at::Tensor, at::Tensor> bn_fold(const at::Tensor& weight,
-                                          const c10::optional<at::Tensor>& bias,
-                                          const c10::optional<at::Tensor>& bn_weight,
-                                          const c10::optional<at::Tensor>& bn_bias,
-                                          const at::Tensor& running_mean,
-                                          const at::Tensor& running_var, double eps,
-                                          const Conv2dParams& p) {
+namespace {
+
+// The fold into w (O, C / groups, KH, KW contiguous) and shift (O), of the weight's dtype.
+void fold_into(at::Tensor& w, at::Tensor& shift, const at::Tensor& weight,
+               const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& bn_weight,
+               const c10::optional<at::Tensor>& bn_bias, const at::Tensor& running_mean,
+               const at::Tensor& running_var, double eps, const Conv2dParams& p) {
   // One loop over the weight (the at:: formulation is ~10 small ops, ~10 us per call);
   // the same arithmetic in the same order, in the input's dtype.
   auto opt = [](const c10::optional<at::Tensor>& t) -> const at::Tensor* {
     return t.has_value() && t->defined() ? &*t : nullptr;
   };
-  at::Tensor w = at::empty({p.O, weight.size(1), p.KH, p.KW}, weight.options());
-  at::Tensor shift = at::empty({p.O}, weight.options());
   const at::Tensor wc = weight.contiguous();
   const at::Tensor* b = opt(bias);
   const at::Tensor* g = opt(bn_weight);
@@ -513,7 +515,34 @@ std::pair<at::Tensor, at::Tensor> bn_fold(const at::Tensor& weight,
       }
     });
   });
-  return {w, shift};
+}
+
+}  // namespace
+
+std::pair<at::Tensor, at::Tensor> bn_fold(const at::Tensor& weight,
+                                          const c10::optional<at::Tensor>& bias,
+                                          const c10::optional<at::Tensor>& bn_weight,
+                                          const c10::optional<at::Tensor>& bn_bias,
+                                          const at::Tensor& running_mean,
+                                          const at::Tensor& running_var, double eps,
+                                          const Conv2dParams& p) {
+  auto opt = [](const c10::optional<at::Tensor>& t) { return t.has_value() ? *t : at::Tensor(); };
+  int64_t eps_bits;
+  static_assert(sizeof(eps_bits) == sizeof(eps), "double is 64-bit");
+  std::memcpy(&eps_bits, &eps, sizeof(eps));
+  bool hit = false;
+  const std::vector<at::Tensor> folded = weight_cache().get(
+      {weight, opt(bias), opt(bn_weight), opt(bn_bias), running_mean, running_var}, {kBnFoldTag, eps_bits},
+      [&](const std::vector<at::Tensor>& reuse) {
+        at::Tensor w = reuse.empty() ? DerivedCache::empty({p.O, weight.size(1), p.KH, p.KW}, weight.options())
+                                     : reuse[0];
+        at::Tensor shift = reuse.empty() ? DerivedCache::empty({p.O}, weight.options()) : reuse[1];
+        fold_into(w, shift, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, p);
+        return std::vector<at::Tensor>{w, shift};
+      },
+      &hit);
+  (hit ? kFoldCacheHit : kFoldCacheMiss).hit();
+  return {folded[0], folded[1]};
 }
 
 void batch_norm_update_stats_(at::Tensor& running_mean, at::Tensor& running_var,

@@ -17,7 +17,10 @@ backend_api::conv_bn_relu2d_train_backward conv_bn_relu2d_train_backward;
 
 // Inference: the batch norm folded into the convolution, per output channel in the
 // weight's dtype: scale = bn_weight / sqrt(running_var + eps), returns (weight * scale
-// (contiguous, (O, C / groups, KH, KW)), (bias - running_mean) * scale + bn_bias).
+// (contiguous, (O, C / groups, KH, KW)), (bias - running_mean) * scale + bn_bias). The
+// pair comes from the weight cache (csrc/cpu/derived_cache.h) while all six tensors are
+// unchanged, so in evaluation the fold (and the Winograd transform of the folded weight)
+// runs once per parameter value; treat it as read-only.
 std::pair<at::Tensor, at::Tensor> bn_fold(const at::Tensor& weight,
                                           const c10::optional<at::Tensor>& bias,
                                           const c10::optional<at::Tensor>& bn_weight,
