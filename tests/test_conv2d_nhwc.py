@@ -16,6 +16,16 @@ from conftest import assert_close_scaled
 
 pytestmark = pytest.mark.skipif(not _C._winograd_available(), reason="the float32 GEMM runs on AVX-512 CPUs only")
 
+
+
+@pytest.fixture(autouse=True)
+def _gemm_only():
+    """Winograd off: it takes the 3x3 stride-1 cases in channels_last too
+    (tests/test_conv2d_winograd.py covers that); this file tests the GEMM."""
+    with cnnext.backends.cpu.flags(winograd=False):
+        yield
+
+
 NHWC = "conv2d.fwd.sgemm_nhwc"
 SAMPLES = "conv2d.fwd.sgemm_nhwc.sample_blocks"
 

@@ -103,7 +103,7 @@ def test_n_zero_and_switch(tile):
         cpu_backend.winograd = 0
 
 
-@pytest.mark.parametrize("case", ["groups", "stride2", "dilation2", "kernel5", "float64", "channels_last_out"])
+@pytest.mark.parametrize("case", ["groups", "stride2", "dilation2", "kernel5", "float64"])
 def test_fallbacks(case, tile):
     tile(4)
     x = torch.randn(2, 16, 10, 10)
@@ -122,8 +122,6 @@ def test_fallbacks(case, tile):
         kw["padding"] = 2
     elif case == "float64":
         x, w = x.double(), w.double()
-    elif case == "channels_last_out":
-        x = x.contiguous(memory_format=torch.channels_last)
     y, paths = ran(lambda: conv2d(x, w, None, **kw))
     assert not paths & set(WINO), paths
     ref = F.conv2d(x.double(), w.double(), None, **kw)
@@ -140,6 +138,57 @@ def test_channels_last_input_contiguous_output(tile):
     assert y.is_contiguous()
     assert TILES[4] in paths
     assert rel_err(y, F.conv2d(x.double(), w.double(), None, 1, 1)) <= 2e-5
+
+
+CL = torch.channels_last
+
+
+@pytest.mark.parametrize("m", [2, 4, 6])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_channels_last(m, shape, tile):
+    """channels_last input and weight: Winograd reads the input and writes the
+    channels_last output through their strides, to the same bound."""
+    tile(m)
+    n, c, h, w_, o, pad = shape
+    x = torch.randn(n, c, h, w_).contiguous(memory_format=CL)
+    w = kaiming(o, c).contiguous(memory_format=CL)
+    b = torch.randn(o)
+    y, paths = ran(lambda: conv2d(x, w, b, 1, pad))
+    assert TILES[m] in paths and "conv2d.fwd.sgemm_nhwc" not in paths
+    assert y.is_contiguous(memory_format=CL)
+    ref = F.conv2d(x.double(), w.double(), b.double(), 1, pad)
+    assert rel_err(y, ref) <= 2e-5
+    # The same tiles and sums as the NCHW call: bitwise the same values.
+    assert torch.equal(y, conv2d(x.contiguous(), w.contiguous(), b, 1, pad))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_channels_last_fused(training, tile):
+    """The fused op in channels_last on Winograd: batch statistics from the Winograd output
+    (training) or the folded weight (inference), against float64."""
+    tile(4)
+    x = torch.randn(4, 32, 13, 11).contiguous(memory_format=CL)
+    w = kaiming(40, 32).contiguous(memory_format=CL)
+    b, g, be = torch.randn(40) * 0.1, torch.rand(40) + 0.5, torch.randn(40) * 0.1
+    rm, rv = torch.randn(40) * 0.1, torch.rand(40) + 0.5
+    y, paths = ran(lambda: conv_bn_relu2d(x, w, b, g, be, rm.clone(), rv.clone(), training, padding=1))
+    assert TILES[4] in paths
+    assert y.is_contiguous(memory_format=CL)
+    z = F.conv2d(x.double(), w.double(), b.double(), 1, 1)
+    ref = F.batch_norm(z, rm.double(), rv.double(), g.double(), be.double(), training, 0.0, 1e-5).relu()
+    assert rel_err(y, ref) <= 2e-4 if training else rel_err(y, ref) <= 2e-5
+
+
+def test_channels_last_nonfinite_falls_back(tile):
+    tile(4)
+    x = torch.randn(2, 16, 12, 12)
+    x[0, 3, 5, 7] = float("inf")
+    x = x.contiguous(memory_format=CL)
+    w = kaiming(16, 16).contiguous(memory_format=CL)
+    y, paths = ran(lambda: conv2d(x, w, None, 1, 1))
+    assert "conv2d.winograd.nonfinite_fallback" in paths and "conv2d.fwd.sgemm_nhwc" in paths
+    ref = F.conv2d(x.double(), w.double(), None, 1, 1)
+    assert torch.equal(y.isinf(), ref.isinf()) and torch.equal(y.isnan(), ref.isnan())
 
 
 def test_nonfinite_falls_back(tile):

@@ -315,18 +315,20 @@ void conv2d_forward_rows(const at::Tensor& input, const at::Tensor& weight,
   const bool pointwise = is_pointwise(p) && planes_flatten(input);
   const Bands bands = pointwise ? Bands{p.OH, 1} : bands_for(p);
   const Strides4 xs = strides_of(input);
-  if (use_sgemm(input) && !use_direct_sgemm(p) && out_format == at::MemoryFormat::Contiguous) {
-    if (winograd::forward_tensor(input, weight, has_bias ? b.const_data_ptr<float>() : nullptr, out, p,
-                                 relu, rows_done))
-      return;
+  const bool gemm = use_sgemm(input) && !use_direct_sgemm(p);
+  // Winograd where the shape pays, whatever the layouts (it gathers the input and scatters
+  // the output through their strides).
+  if (gemm && winograd::forward_tensor(input, weight, has_bias ? b.const_data_ptr<float>() : nullptr, out, p,
+                                       relu, rows_done))
+    return;
+  if (gemm && out_format == at::MemoryFormat::Contiguous) {
     kFwdSgemm.hit();
     conv_sgemm::forward(input.const_data_ptr<float>(), xs, w.const_data_ptr<float>(),
                         has_bias ? b.const_data_ptr<float>() : nullptr,
                         out.mutable_data_ptr<float>(), strides_of(out), p, relu, rows_done);
     return;
   }
-  if (use_sgemm(input) && !use_direct_sgemm(p) && out_format == at::MemoryFormat::ChannelsLast &&
-      conv_nhwc::applies(p, xs, strides_of(out))) {
+  if (gemm && out_format == at::MemoryFormat::ChannelsLast && conv_nhwc::applies(p, xs, strides_of(out))) {
     kFwdSgemm.hit();
     conv_nhwc::forward(input.const_data_ptr<float>(), xs, weight.const_data_ptr<float>(), strides_of(weight),
                        has_bias ? b.const_data_ptr<float>() : nullptr, out.mutable_data_ptr<float>(), p, relu,

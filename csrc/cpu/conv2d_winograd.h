@@ -1,7 +1,8 @@
 // Winograd convolution F(m x m, 3 x 3) for float32 on AVX-512 CPUs (csrc/cpu/conv2d_winograd.cpp):
-// 3 x 3 kernels, stride 1, dilation 1, one group, NCHW output (the input through any
-// strides). m = 2, 4 or 6 (tile of m x m outputs, (m + 2)^2 products per tile and channel
-// pair instead of 9 m^2).
+// 3 x 3 kernels, stride 1, dilation 1, one group; input and output through any strides
+// (NCHW or channels_last: the input is copied into zero-padded planes, the output
+// scattered). m = 2, 4 or 6 (tile of m x m outputs, (m + 2)^2 products per tile and
+// channel pair instead of 9 m^2).
 //
 // Steps per chunk of tiles (each a work item, with a block of output channels):
 //   V[xi] (C x tiles)  = B^T d B of each input tile, gathered from a zero-padded copy of
@@ -34,7 +35,7 @@ void set_enabled(bool on);
 
 // A tile override for tests and measurements: 0 = chosen by shape (the default), 2 / 4 / 6
 // forces that tile wherever Winograd applies at all (3 x 3, stride 1, dilation 1, one
-// group, float32, NCHW output), whatever the shape's choice says.
+// group, float32), whatever the shape's choice says.
 void set_forced_tile(int m);
 int forced_tile();
 
