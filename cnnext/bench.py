@@ -1,7 +1,8 @@
 """``python -m cnnext bench``: cnnext against stock torch on this machine, in one command.
 
 Quick mode (the default, about a minute on a 2-core CPU): the 3x3 stride-1 convolutions
-of the classic networks (forward, batch 8) and ResNet-18 / VGG-11 forwards in evaluation,
+of the classic networks (forward, batch 8) and ResNet-18 (NCHW, and channels_last on both
+sides) / VGG-11 forwards in evaluation,
 each timed as interleaved pairs (one cnnext call, one stock call, repeated) so that a
 machine's drift hits both alike; the medians are reported. Full mode (``--full``) runs
 the pytest-benchmark suite of ``benchmarks/`` (a checkout is needed) and reports its
@@ -28,9 +29,10 @@ QUICK_LAYERS = {
     "conv3x3 512x7²": (8, 512, 7, 7, 512, 3, 1, 1),
     "conv3x3 256x56²": (8, 256, 56, 56, 256, 3, 1, 1),
 }
-# name: (builder name, batch, input size)
+# name: (builder name, batch, input size[, memory format of model and input, both sides])
 QUICK_NETWORKS = {
     "resnet18 eval 224² b8": ("resnet18", 8, 224),
+    "resnet18 eval 224² b8 channels_last": ("resnet18", 8, 224, torch.channels_last),
     "vgg11 eval 96² b4": ("vgg11", 4, 96),
 }
 # The same cases at toy sizes, for tests (--tiny).
@@ -38,7 +40,8 @@ TINY_LAYERS = {
     "conv3x3 16x12²": (2, 16, 12, 12, 16, 3, 1, 1),
     "conv3x3 32x6²": (2, 32, 6, 6, 32, 3, 1, 1),
 }
-TINY_NETWORKS = {"lenet eval 32² b2": ("lenet", 2, 32)}
+TINY_NETWORKS = {"lenet eval 32² b2": ("lenet", 2, 32),
+                 "lenet eval 32² b2 channels_last": ("lenet", 2, 32, torch.channels_last)}
 
 
 def _layer_fns(shape):
@@ -55,13 +58,15 @@ def _layer_fns(shape):
 def _network_fns(spec):
     from cnnext import models
 
-    name, batch, size = spec
+    name, batch, size = spec[:3]
+    fmt = spec[3] if len(spec) > 3 else torch.contiguous_format
     build = getattr(models, name)
     torch.manual_seed(0)
     ref = build(in_channels=3, backend="torch").eval()
     net = build(in_channels=3, backend="cnnext").eval()
     net.load_state_dict(ref.state_dict())
-    x = torch.randn(batch, 3, size, size)
+    ref, net = ref.to(memory_format=fmt), net.to(memory_format=fmt)
+    x = torch.randn(batch, 3, size, size).contiguous(memory_format=fmt)
     return (lambda: net(x)), (lambda: ref(x))
 
 
