@@ -8,13 +8,15 @@
 // A (the weight, Og x K per group) is packed once per call in panels of kMR rows, K in
 // pairs: a[((g * panels + i / kMR) * Kp + kp) * kMR + i % kMR] = the 32-bit pair
 // (W[o, 2kp], W[o, 2kp + 1]), zero beyond Og and K. B (the im2col of one sample) is packed
-// per work item, one panel of kNR = 32 output pixels: b[kp * 64 + 2j + h] = X[2kp + h, q0 + j],
+// per work item, one panel of kNR = 32 output pixels (numbered across samples, so that a
+// panel may span the end of one sample's map and the start of the next):
+// b[kp * 64 + 2j + h] = X[2kp + h, q0 + j],
 // built row by row of the im2col (a masked 512-bit load per output row touched where the
 // stride is 1; two and the even lanes where it is 2; a scalar gather otherwise) and
 // interleaved in pairs (vpermt2w). The kernel keeps a kMR x 32 tile of float accumulators
 // in 16 registers over all of K.
 //
-// Work items are (sample, group, pixel panel): each thread packs its B panel once and runs
+// Work items are (group, pixel panel): each thread packs its B panel once and runs
 // every A panel over it. The result does not depend on the thread count.
 //
 // Used where the CPU has AVX512_BF16 (cpu_features(), so CNNEXT_CPU_ISA=avx2 turns it off)
@@ -51,11 +53,46 @@ constexpr int64_t kNR = 32;  // columns (output pixels) per B panel: two zmm of 
 #ifdef CNNEXT_BF16_GEMM
 #define CNNEXT_BF16 CNNEXT_TARGET("avx512f,avx512bw,avx512vl,avx512bf16,fma,bmi2")
 
+// The output rows a panel of pixels [q0, q1) (q1 - q0 <= 32) touches, pixels numbered
+// across samples (q = n * P + oh * OW + ow, q1 <= total), worked out once per panel (its
+// integer divisions) and shared by every tap's im2col row: run r covers panel positions
+// [lo[r], hi[r]), all of output row oh of sample n; xoff = n * xn (the sample's input);
+// ih0 = oh * SH - PH; shift0 = the input column of position 0 for tap column 0:
+// SW * (q0 - (n * P + oh * OW)) - PW. Segment s (one per sample touched) covers positions
+// [slo[s], shi[s]) of sample sn[s], whose output pixel of position t is t - slo[s] + sq[s].
+struct PanelRuns {
+  int64_t q0 = 0, q1 = 0, n = 0, nseg = 0;
+  int64_t lo[kNR], hi[kNR], ih0[kNR], shift0[kNR], xoff[kNR];
+  int64_t slo[kNR], shi[kNR], sn[kNR], sq[kNR];
+  PanelRuns(const Conv2dParams& p, int64_t q0_, int64_t total, int64_t xn)
+      : q0(q0_), q1(std::min(q0_ + kNR, total)) {
+    const int64_t P = p.OH * p.OW;
+    for (int64_t q = q0; q < q1; ++n) {
+      const int64_t smp = q / P, qq = q % P, oh = qq / p.OW, ow = qq % p.OW;
+      const int64_t e = std::min(q1, q + (p.OW - ow));
+      if (nseg == 0 || sn[nseg - 1] != smp) {
+        slo[nseg] = q - q0;
+        sn[nseg] = smp;
+        sq[nseg] = qq;
+        ++nseg;
+      }
+      shi[nseg - 1] = e - q0;
+      lo[n] = q - q0;
+      hi[n] = e - q0;
+      xoff[n] = smp * xn;
+      ih0[n] = oh * p.SH - p.PH;
+      shift0[n] = p.SW * (q0 - (smp * P + oh * p.OW)) - p.PW;
+      q = e;
+    }
+  }
+};
+
 // One kMR x kNR tile: acc = sum over kp of a-pairs x b-pairs; then + bias, [relu],
-// rounded to bfloat16, stored to rows [0, rows) and columns [0, cols) of c (row stride ldc).
+// rounded to bfloat16, stored to rows [0, rows) of c (row stride ldc), the columns of
+// each of the panel's segments (runs.nseg) at their seg_off.
 CNNEXT_BF16 void micro_kernel(const uint32_t* __restrict__ a, const uint16_t* __restrict__ b,
                               int64_t Kp, const float* bias, bool relu, uint16_t* c, int64_t ldc,
-                              int64_t rows, int64_t cols) {
+                              int64_t rows, const PanelRuns& runs, const int64_t* seg_off) {
   __m512 acc[kMR][2];
   for (int i = 0; i < kMR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
   for (int64_t kp = 0; kp < Kp; ++kp) {
@@ -69,8 +106,6 @@ CNNEXT_BF16 void micro_kernel(const uint32_t* __restrict__ a, const uint16_t* __
       acc[i][1] = _mm512_dpbf16_ps(acc[i][1], ai, b1);
     }
   }
-  const __mmask16 m0 = cols >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << cols) - 1);
-  const __mmask16 m1 = cols >= 32 ? __mmask16(0xFFFF) : cols <= 16 ? __mmask16(0) : __mmask16((1u << (cols - 16)) - 1);
   const __m512 zero = _mm512_setzero_ps();
   for (int i = 0; i < kMR; ++i) {
     if (i >= rows) break;
@@ -84,40 +119,43 @@ CNNEXT_BF16 void micro_kernel(const uint32_t* __restrict__ a, const uint16_t* __
       v0 = _mm512_mask_max_ps(v0, __mmask16(0xFFFF), zero, v0);
       v1 = _mm512_mask_max_ps(v1, __mmask16(0xFFFF), zero, v1);
     }
-    uint16_t* row = c + i * ldc;
-    _mm256_mask_storeu_epi16(row, m0, (__m256i)_mm512_cvtneps_pbh(v0));
-    if (m1) _mm256_mask_storeu_epi16(row + 16, m1, (__m256i)_mm512_cvtneps_pbh(v1));
+    const __m256i h0 = (__m256i)_mm512_cvtneps_pbh(v0), h1 = (__m256i)_mm512_cvtneps_pbh(v1);
+    // One masked store pair per sample the panel touches: position t of segment s goes
+    // to c + i * ldc + seg_off[s] + t (masked-off lanes are not written: the base may
+    // lie outside the tensor).
+    for (int64_t sg = 0; sg < runs.nseg; ++sg) {
+      const int64_t lo = runs.slo[sg], hi = runs.shi[sg];
+      const uint32_t m = static_cast<uint32_t>(
+          (hi >= 32 ? ~uint64_t(0) : ((uint64_t(1) << hi) - 1)) & ~((uint64_t(1) << lo) - 1));
+      uint16_t* row = c + i * ldc + seg_off[sg];
+      if (m & 0xFFFFu) _mm256_mask_storeu_epi16(row, static_cast<__mmask16>(m), h0);
+      if (m >> 16) _mm256_mask_storeu_epi16(row + 16, static_cast<__mmask16>(m >> 16), h1);
+    }
   }
 }
 
-// The im2col row of tap (c, kh, kw) over output pixels [q0, q0 + 32) of one sample, into
-// seg (32 values, zero outside the input and beyond P).
+// The im2col row of tap (c, kh, kw) over the panel's output pixels (runs) of one sample,
+// into seg (32 values, zero outside the input and beyond the panel).
 CNNEXT_BF16 inline __m512i im2col_row(const uint16_t* x, const Strides4& xs, const Conv2dParams& p,
-                                      int64_t c, int64_t kh, int64_t kw, int64_t q0, int64_t P,
+                                      int64_t c, int64_t kh, int64_t kw, const PanelRuns& runs,
                                       uint16_t* scratch) {
-  const int64_t q1 = std::min(q0 + kNR, P);
   const uint16_t* plane = x + c * xs.c;
+  const int64_t dh = kh * p.DH, dw = kw * p.DW;
+  const int64_t P = p.OH * p.OW;
   if (p.SW == 1 && xs.w == 1) {
     __m512i seg = _mm512_setzero_si512();
-    // One run per output row touched: positions [s, e) of the panel, all of row oh.
-    for (int64_t q = q0; q < q1;) {
-      const int64_t oh = q / p.OW, ow = q % p.OW;
-      const int64_t e = std::min(q1, q + (p.OW - ow));
-      const int64_t ih = oh * p.SH - p.PH + kh * p.DH;
-      if (ih >= 0 && ih < p.H) {
-        // Position t of the panel (q = q0 + t) reads iw = (q - oh * OW) - PW + kw * DW.
-        const int64_t shift = q0 - oh * p.OW - p.PW + kw * p.DW;  // iw of position 0
-        // Valid positions: t in [q - q0, e - q0) and 0 <= shift + t < W.
-        const int64_t lo = std::max(q - q0, -shift), hi = std::min(e - q0, p.W - shift);
-        if (lo < hi) {
-          const __mmask32 m = static_cast<__mmask32>(
-              ((hi >= 32 ? ~uint64_t(0) : ((uint64_t(1) << hi) - 1)) & ~((uint64_t(1) << lo) - 1)));
-          // Masked-off lanes are not read, so the base may lie outside the row.
-          const uint16_t* base = plane + ih * xs.h + shift;
-          seg = _mm512_mask_loadu_epi16(seg, m, base);
-        }
+    for (int64_t r = 0; r < runs.n; ++r) {
+      const int64_t ih = runs.ih0[r] + dh;
+      if (ih < 0 || ih >= p.H) continue;
+      // Position t reads iw = shift + t; valid: t in [lo, hi) and 0 <= shift + t < W.
+      const int64_t shift = runs.shift0[r] + dw;
+      const int64_t lo = std::max(runs.lo[r], -shift), hi = std::min(runs.hi[r], p.W - shift);
+      if (lo < hi) {
+        const __mmask32 m = static_cast<__mmask32>(
+            ((hi >= 32 ? ~uint64_t(0) : ((uint64_t(1) << hi) - 1)) & ~((uint64_t(1) << lo) - 1)));
+        // Masked-off lanes are not read, so the base may lie outside the row.
+        seg = _mm512_mask_loadu_epi16(seg, m, plane + runs.xoff[r] + ih * xs.h + shift);
       }
-      q = e;
     }
     return seg;
   }
@@ -129,46 +167,41 @@ CNNEXT_BF16 inline __m512i im2col_row(const uint16_t* x, const Strides4& xs, con
                                                       44, 46, 48, 50, 52, 54, 56, 58, 60, 62};
     const __m512i ie = _mm512_load_si512(even_idx);
     __m512i seg = _mm512_setzero_si512();
-    for (int64_t q = q0; q < q1;) {
-      const int64_t oh = q / p.OW, ow = q % p.OW;
-      const int64_t e = std::min(q1, q + (p.OW - ow));
-      const int64_t ih = oh * p.SH - p.PH + kh * p.DH;
-      if (ih >= 0 && ih < p.H) {
-        // Position t of the panel reads iw = 2 * (q0 + t - oh * OW) - PW + kw * DW.
-        const int64_t shift = 2 * (q0 - oh * p.OW) - p.PW + kw * p.DW;
-        // Valid positions: t in [q - q0, e - q0) and 0 <= shift + 2t < W.
-        const int64_t lo = std::max(q - q0, (-shift + 1) / 2 > 0 ? (-shift + 1) / 2 : int64_t(0));
-        const int64_t hi = std::min(e - q0, (p.W - shift + 1) / 2);
-        if (lo < hi) {
-          const uint32_t m = static_cast<uint32_t>(
-              (hi >= 32 ? ~uint64_t(0) : ((uint64_t(1) << hi) - 1)) & ~((uint64_t(1) << lo) - 1));
-          const uint64_t m64 = _pdep_u64(m, 0x5555555555555555ull);
-          const uint16_t* base = plane + ih * xs.h + shift;
-          const __m512i v0 = _mm512_maskz_loadu_epi16(static_cast<__mmask32>(m64), base);
-          const __m512i v1 = _mm512_maskz_loadu_epi16(static_cast<__mmask32>(m64 >> 32), base + 32);
-          seg = _mm512_or_si512(seg, _mm512_permutex2var_epi16(v0, ie, v1));
-        }
+    for (int64_t r = 0; r < runs.n; ++r) {
+      const int64_t ih = runs.ih0[r] + dh;
+      if (ih < 0 || ih >= p.H) continue;
+      // Position t reads iw = shift + 2t; valid: t in [lo, hi) and 0 <= shift + 2t < W.
+      const int64_t shift = runs.shift0[r] + dw;
+      const int64_t lo = std::max(runs.lo[r], (-shift + 1) / 2 > 0 ? (-shift + 1) / 2 : int64_t(0));
+      const int64_t hi = std::min(runs.hi[r], (p.W - shift + 1) / 2);
+      if (lo < hi) {
+        const uint32_t m = static_cast<uint32_t>(
+            (hi >= 32 ? ~uint64_t(0) : ((uint64_t(1) << hi) - 1)) & ~((uint64_t(1) << lo) - 1));
+        const uint64_t m64 = _pdep_u64(m, 0x5555555555555555ull);
+        const uint16_t* base = plane + runs.xoff[r] + ih * xs.h + shift;
+        const __m512i v0 = _mm512_maskz_loadu_epi16(static_cast<__mmask32>(m64), base);
+        const __m512i v1 = _mm512_maskz_loadu_epi16(static_cast<__mmask32>(m64 >> 32), base + 32);
+        seg = _mm512_or_si512(seg, _mm512_permutex2var_epi16(v0, ie, v1));
       }
-      q = e;
     }
     return seg;
   }
   for (int64_t t = 0; t < kNR; ++t) {
-    const int64_t q = q0 + t;
+    const int64_t q = runs.q0 + t;
     uint16_t v = 0;
-    if (q < q1) {
-      const int64_t oh = q / p.OW, ow = q % p.OW;
-      const int64_t ih = oh * p.SH - p.PH + kh * p.DH, iw = ow * p.SW - p.PW + kw * p.DW;
-      if (ih >= 0 && ih < p.H && iw >= 0 && iw < p.W) v = plane[ih * xs.h + iw * xs.w];
+    if (q < runs.q1) {
+      const int64_t smp = q / P, qq = q % P, oh = qq / p.OW, ow = qq % p.OW;
+      const int64_t ih = oh * p.SH - p.PH + dh, iw = ow * p.SW - p.PW + dw;
+      if (ih >= 0 && ih < p.H && iw >= 0 && iw < p.W) v = plane[smp * xs.n + ih * xs.h + iw * xs.w];
     }
     scratch[t] = v;
   }
   return _mm512_loadu_si512(scratch);
 }
 
-// B panel of pixels [q0, q0 + 32) of sample x (group's channels from c0): Kp pairs of rows.
+// B panel of the pixels of runs (group's channels from c0; x the batch's input): Kp pairs of rows.
 CNNEXT_BF16 void pack_b(const uint16_t* x, const Strides4& xs, const Conv2dParams& p, int64_t c0,
-                        int64_t K, int64_t q0, int64_t P, uint16_t* b) {
+                        int64_t K, const PanelRuns& runs, uint16_t* b) {
   alignas(64) uint16_t scratch[kNR];
   alignas(64) static const uint16_t lo_idx[32] = {0,  32, 1,  33, 2,  34, 3,  35, 4,  36, 5,
                                                   37, 6,  38, 7,  39, 8,  40, 9,  41, 10, 42,
@@ -190,11 +223,11 @@ CNNEXT_BF16 void pack_b(const uint16_t* x, const Strides4& xs, const Conv2dParam
   };
   (void)KHW;
   for (int64_t k = 0; k < K; k += 2) {
-    const __m512i r0 = im2col_row(x, xs, p, c, kh, kw, q0, P, scratch);
+    const __m512i r0 = im2col_row(x, xs, p, c, kh, kw, runs, scratch);
     next();
     __m512i r1 = _mm512_setzero_si512();
     if (k + 1 < K) {
-      r1 = im2col_row(x, xs, p, c, kh, kw, q0, P, scratch);
+      r1 = im2col_row(x, xs, p, c, kh, kw, runs, scratch);
       next();
     }
     uint16_t* out = b + (k / 2) * 64;
@@ -293,16 +326,18 @@ CNNEXT_BF16 void pack_taps(const uint16_t* x, const Strides4& xs, const Conv2dPa
                            int64_t K, int64_t k0, int64_t q0, int64_t npix, int64_t P, uint16_t* a) {
   alignas(64) uint16_t scratch[kNR];
   const int64_t KHW = p.KH * p.KW;
-  for (int64_t i = 0; i < kMR; ++i) {
-    const int64_t k = k0 + i;
-    uint16_t* row = a + i * npix;
-    if (k >= K) {
-      std::memset(row, 0, npix * sizeof(uint16_t));
-      continue;
+  for (int64_t t = 0; t < npix; t += kNR) {
+    const PanelRuns runs(p, q0 + t, P, 0);  // one sample: x is its input
+    for (int64_t i = 0; i < kMR; ++i) {
+      const int64_t k = k0 + i;
+      uint16_t* row = a + i * npix + t;
+      if (k >= K) {
+        std::memset(row, 0, kNR * sizeof(uint16_t));
+        continue;
+      }
+      const int64_t c = c0 + k / KHW, kh = (k % KHW) / p.KW, kw = k % p.KW;
+      _mm512_storeu_si512(row, im2col_row(x, xs, p, c, kh, kw, runs, scratch));
     }
-    const int64_t c = c0 + k / KHW, kh = (k % KHW) / p.KW, kw = k % p.KW;
-    for (int64_t t = 0; t < npix; t += kNR)
-      _mm512_storeu_si512(row + t, im2col_row(x, xs, p, c, kh, kw, q0 + t, P, scratch));
   }
 }
 #endif  // CNNEXT_BF16_GEMM
@@ -332,7 +367,7 @@ bool forward_gemm(const at::Tensor& input, const at::Tensor& weight,
   kFwdBf16Gemm.hit();
   const int64_t Cg = p.in_per_group(), Og = p.out_per_group(), K = Cg * p.KH * p.KW;
   const int64_t Kp = (K + 1) / 2, P = p.OH * p.OW;
-  const int64_t a_panels = (Og + kMR - 1) / kMR, b_panels = (P + kNR - 1) / kNR;
+  const int64_t a_panels = (Og + kMR - 1) / kMR, b_panels = (p.N * P + kNR - 1) / kNR;
   // A: every group's weight in pairs.
   const at::Tensor wc = weight.contiguous();
   const uint16_t* w = reinterpret_cast<const uint16_t*>(wc.const_data_ptr<at::BFloat16>());
@@ -371,18 +406,23 @@ bool forward_gemm(const at::Tensor& input, const at::Tensor& weight,
   const uint16_t* x = reinterpret_cast<const uint16_t*>(input.const_data_ptr<at::BFloat16>());
   const Strides4 xs = strides_of(input);
   uint16_t* y = reinterpret_cast<uint16_t*>(out.mutable_data_ptr<at::BFloat16>());
-  const int64_t items = p.N * p.G * b_panels;
+  // Pixel panels run across samples (q = n * P + pixel): small maps (7 x 7 = 49 pixels)
+  // fill the panels they share instead of leaving a part-empty one per sample.
+  const int64_t items = p.G * b_panels;
   at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
     std::vector<uint16_t> bpanel(static_cast<size_t>(Kp * 64));
+    int64_t seg_off[kNR];
     for (int64_t item = i0; item < i1; ++item) {
-      const int64_t jb = item % b_panels, ng = item / b_panels, g = ng % p.G, n = ng / p.G;
-      const int64_t q0 = jb * kNR, cols = std::min(kNR, P - q0);
-      pack_b(x + n * xs.n, xs, p, g * Cg, K, q0, P, bpanel.data());
+      const int64_t jb = item % b_panels, g = item / b_panels;
+      const PanelRuns runs(p, jb * kNR, p.N * P, xs.n);
+      // Segment s's position t is pixel t - slo + sq of sample sn: at y + sn * O * P + ...
+      for (int64_t sg = 0; sg < runs.nseg; ++sg) seg_off[sg] = runs.sn[sg] * p.O * P + runs.sq[sg] - runs.slo[sg];
+      pack_b(x, xs, p, g * Cg, K, runs, bpanel.data());
       for (int64_t ip = 0; ip < a_panels; ++ip) {
         const int64_t o0 = g * Og + ip * kMR;
         micro_kernel(a.data() + (g * a_panels + ip) * Kp * kMR, bpanel.data(), Kp,
-                     bias_f.empty() ? nullptr : bias_f.data() + o0, relu,
-                     y + (n * p.O + o0) * P + q0, P, std::min(kMR, Og - ip * kMR), cols);
+                     bias_f.empty() ? nullptr : bias_f.data() + o0, relu, y + o0 * P, P,
+                     std::min(kMR, Og - ip * kMR), runs, seg_off);
       }
     }
   });
