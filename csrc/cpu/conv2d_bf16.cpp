@@ -380,14 +380,20 @@ bool forward_gemm(const at::Tensor& input, const at::Tensor& weight,
         const int64_t o = panel * kMR + i;
         if (o >= Og) break;
         if (flipped) {
-          // weight[(g * Cg + c) * Og + o, tap']: tap' = KHW - 1 - tap of k = c * KHW + tap.
+          // weight[(g * Cg + c) * Og + o, tap']: tap' = KHW - 1 - tap of k = c * KHW + tap,
+          // walked in k order (no division per element).
           const int64_t KHW = p.KH * p.KW;
-          auto at_k = [&](int64_t k) -> uint32_t {
-            if (k >= K) return 0;
-            const int64_t c = k / KHW, tap = k % KHW;
-            return w[((g * Cg + c) * Og + o) * KHW + (KHW - 1 - tap)];
-          };
-          for (int64_t kp = 0; kp < Kp; ++kp) dst[kp * kMR + i] = at_k(2 * kp) | (at_k(2 * kp + 1) << 16);
+          int64_t k = 0;
+          uint32_t lo = 0;
+          for (int64_t c = 0; c < Cg; ++c) {
+            const uint16_t* wr = w + ((g * Cg + c) * Og + o) * KHW + (KHW - 1);
+            for (int64_t tap = 0; tap < KHW; ++tap, ++k) {
+              const uint32_t v = wr[-tap];
+              if (k & 1) dst[(k >> 1) * kMR + i] = lo | (v << 16);
+              else lo = v;
+            }
+          }
+          if (K & 1) dst[(K >> 1) * kMR + i] = lo;  // the last pair's second half: zero
           continue;
         }
         const uint16_t* wr = w + (g * Og + o) * K;
