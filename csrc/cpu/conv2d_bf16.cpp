@@ -588,32 +588,44 @@ at::Tensor conv2d_weight_backward(const at::Tensor& grad_output, const at::Tenso
     const int64_t tiles = (t1 - t0) * o_panels;
     std::vector<float> acc(static_cast<size_t>(tiles * kMR * kNR), 0.f);
     std::vector<uint16_t> abuf(static_cast<size_t>(kMR * kChunk));
-    for (int64_t g = t0 / k_panels; g <= (t1 - 1) / k_panels; ++g) {
-      const int64_t kp0 = std::max(t0, g * k_panels) - g * k_panels;
-      const int64_t kp1 = std::min(t1, (g + 1) * k_panels) - g * k_panels;
-      for (int64_t n = 0; n < p.N; ++n) {
-        const uint16_t* bg = b.data() + (n * p.G + g) * b_size;
-        for (int64_t q0 = 0; q0 < P; q0 += kChunk) {
-          const int64_t pairs = std::min(kChunk, 2 * QP - q0) / 2;
-          for (int64_t kpanel = kp0; kpanel < kp1; ++kpanel) {
-            pack_taps(x + n * xs.n, xs, p, g * Cg, K, kpanel * kMR, q0, kChunk, P, abuf.data());
-            float* tacc = acc.data() + ((g * k_panels + kpanel - t0) * o_panels) * kMR * kNR;
-            for (int64_t op = 0; op < o_panels; ++op)
-              tile_f32(reinterpret_cast<const uint32_t*>(abuf.data()), kChunk / 2, 1,
-                       bg + (op * QP + q0 / 2) * 64, pairs, tacc + op * kMR * kNR, true);
+    // Blocks of tiles whose float accumulators stay in L2 (256 KiB) while every sample
+    // and chunk passes over them (wide layers, e.g. 512 x 4608, have megabytes of them);
+    // each tile still sums samples and chunks in the same order.
+    const int64_t block = std::max<int64_t>(1, (int64_t(256) << 10) / (o_panels * kMR * kNR * 4));
+    for (int64_t tb0 = t0; tb0 < t1; tb0 += block) {
+      const int64_t tb1 = std::min(t1, tb0 + block);
+      for (int64_t g = tb0 / k_panels; g <= (tb1 - 1) / k_panels; ++g) {
+        const int64_t kp0 = std::max(tb0, g * k_panels) - g * k_panels;
+        const int64_t kp1 = std::min(tb1, (g + 1) * k_panels) - g * k_panels;
+        for (int64_t n = 0; n < p.N; ++n) {
+          const uint16_t* bg = b.data() + (n * p.G + g) * b_size;
+          for (int64_t q0 = 0; q0 < P; q0 += kChunk) {
+            const int64_t pairs = std::min(kChunk, 2 * QP - q0) / 2;
+            for (int64_t kpanel = kp0; kpanel < kp1; ++kpanel) {
+              pack_taps(x + n * xs.n, xs, p, g * Cg, K, kpanel * kMR, q0, kChunk, P, abuf.data());
+              float* tacc = acc.data() + ((g * k_panels + kpanel - t0) * o_panels) * kMR * kNR;
+              for (int64_t op = 0; op < o_panels; ++op)
+                tile_f32(reinterpret_cast<const uint32_t*>(abuf.data()), kChunk / 2, 1,
+                         bg + (op * QP + q0 / 2) * 64, pairs, tacc + op * kMR * kNR, true);
+            }
           }
         }
       }
     }
-    // gw[g * Og + o, k] = the tile's (k, o) entry.
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t g = t / k_panels, kpanel = t % k_panels;
-      for (int64_t op = 0; op < o_panels; ++op) {
-        const float* tile = acc.data() + ((t - t0) * o_panels + op) * kMR * kNR;
-        for (int64_t i = 0; i < kMR && kpanel * kMR + i < K; ++i)
-          for (int64_t j = 0; j < kNR && op * kNR + j < Og; ++j)
-            gwp[(g * Og + op * kNR + j) * K + kpanel * kMR + i] = tile[i * kNR + j];
-      }
+    // gw[g * Og + o, k] = the tile's (k, o) entry: transposed in blocks of 8 tap panels
+    // (their tiles stay in L1) so that each output row gets runs of 64 contiguous taps
+    // (one float per row K apart, as before, missed the cache on every store).
+    for (int64_t tb = t0; tb < t1; tb += 8) {
+      const int64_t te = std::min(t1, tb + 8);
+      for (int64_t op = 0; op < o_panels; ++op)
+        for (int64_t j = 0; j < kNR && op * kNR + j < Og; ++j)
+          for (int64_t t = tb; t < te; ++t) {
+            const int64_t g = t / k_panels, kpanel = t % k_panels;
+            const float* tile = acc.data() + ((t - t0) * o_panels + op) * kMR * kNR + j;
+            float* dst = gwp + (g * Og + op * kNR + j) * K + kpanel * kMR;
+            const int64_t rows = std::min(kMR, K - kpanel * kMR);
+            for (int64_t i = 0; i < rows; ++i) dst[i] = tile[i * kNR];
+          }
     }
   });
   uint16_t* out = reinterpret_cast<uint16_t*>(gw.mutable_data_ptr<at::BFloat16>());
