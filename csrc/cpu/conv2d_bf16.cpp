@@ -60,10 +60,17 @@ constexpr int64_t kNR = 32;  // columns (output pixels) per B panel: two zmm of 
 // ih0 = oh * SH - PH; shift0 = the input column of position 0 for tap column 0:
 // SW * (q0 - (n * P + oh * OW)) - PW. Segment s (one per sample touched) covers positions
 // [slo[s], shi[s]) of sample sn[s], whose output pixel of position t is t - slo[s] + sq[s].
+// With at most kMaxKW tap columns and column stride 1 or 2, mask[r][kw] is run r's load
+// mask for tap column kw (stride 1: lanes; stride 2: the pairs of lanes of the two
+// 32-element loads), and im2col_row only adds offsets.
+constexpr int64_t kMaxKW = 8;
 struct PanelRuns {
   int64_t q0 = 0, q1 = 0, n = 0, nseg = 0;
+  bool masked = false;
   int64_t lo[kNR], hi[kNR], ih0[kNR], shift0[kNR], xoff[kNR];
   int64_t slo[kNR], shi[kNR], sn[kNR], sq[kNR];
+  uint64_t mask[kNR][kMaxKW];
+  PanelRuns() = default;
   PanelRuns(const Conv2dParams& p, int64_t q0_, int64_t total, int64_t xn)
       : q0(q0_), q1(std::min(q0_ + kNR, total)) {
     const int64_t P = p.OH * p.OW;
@@ -84,6 +91,29 @@ struct PanelRuns {
       shift0[n] = p.SW * (q0 - (smp * P + oh * p.OW)) - p.PW;
       q = e;
     }
+    masked = p.KW <= kMaxKW && (p.SW == 1 || p.SW == 2);
+    if (masked)
+      for (int64_t r = 0; r < n; ++r)
+        for (int64_t kw = 0; kw < p.KW; ++kw) mask[r][kw] = lane_mask(p, r, shift0[r] + kw * p.DW);
+  }
+  // Run r's lanes whose input column (shift + SW * t) lies in [0, W): stride 1, bit t;
+  // stride 2, bit 2t (the even elements of 64 loaded).
+  uint64_t lane_mask(const Conv2dParams& p, int64_t r, int64_t shift) const {
+    int64_t l, h;
+    if (p.SW == 1) {
+      l = std::max(lo[r], -shift);
+      h = std::min(hi[r], p.W - shift);
+    } else {
+      l = std::max(lo[r], (-shift + 1) / 2 > 0 ? (-shift + 1) / 2 : int64_t(0));
+      h = std::min(hi[r], (p.W - shift + 1) / 2);
+    }
+    if (l >= h) return 0;
+    const uint32_t m = static_cast<uint32_t>(
+        (h >= 32 ? ~uint64_t(0) : ((uint64_t(1) << h) - 1)) & ~((uint64_t(1) << l) - 1));
+    if (p.SW == 1) return m;
+    uint64_t spread = 0;  // bit t -> bit 2t
+    for (uint32_t b = m; b; b &= b - 1) spread |= uint64_t(1) << (2 * __builtin_ctz(b));
+    return spread;
   }
 };
 
@@ -149,13 +179,9 @@ CNNEXT_BF16 inline __m512i im2col_row(const uint16_t* x, const Strides4& xs, con
       if (ih < 0 || ih >= p.H) continue;
       // Position t reads iw = shift + t; valid: t in [lo, hi) and 0 <= shift + t < W.
       const int64_t shift = runs.shift0[r] + dw;
-      const int64_t lo = std::max(runs.lo[r], -shift), hi = std::min(runs.hi[r], p.W - shift);
-      if (lo < hi) {
-        const __mmask32 m = static_cast<__mmask32>(
-            ((hi >= 32 ? ~uint64_t(0) : ((uint64_t(1) << hi) - 1)) & ~((uint64_t(1) << lo) - 1)));
-        // Masked-off lanes are not read, so the base may lie outside the row.
-        seg = _mm512_mask_loadu_epi16(seg, m, plane + runs.xoff[r] + ih * xs.h + shift);
-      }
+      const __mmask32 m = static_cast<__mmask32>(runs.masked ? runs.mask[r][kw] : runs.lane_mask(p, r, shift));
+      // Masked-off lanes are not read, so the base may lie outside the row.
+      if (m) seg = _mm512_mask_loadu_epi16(seg, m, plane + runs.xoff[r] + ih * xs.h + shift);
     }
     return seg;
   }
@@ -172,12 +198,8 @@ CNNEXT_BF16 inline __m512i im2col_row(const uint16_t* x, const Strides4& xs, con
       if (ih < 0 || ih >= p.H) continue;
       // Position t reads iw = shift + 2t; valid: t in [lo, hi) and 0 <= shift + 2t < W.
       const int64_t shift = runs.shift0[r] + dw;
-      const int64_t lo = std::max(runs.lo[r], (-shift + 1) / 2 > 0 ? (-shift + 1) / 2 : int64_t(0));
-      const int64_t hi = std::min(runs.hi[r], (p.W - shift + 1) / 2);
-      if (lo < hi) {
-        const uint32_t m = static_cast<uint32_t>(
-            (hi >= 32 ? ~uint64_t(0) : ((uint64_t(1) << hi) - 1)) & ~((uint64_t(1) << lo) - 1));
-        const uint64_t m64 = _pdep_u64(m, 0x5555555555555555ull);
+      const uint64_t m64 = runs.masked ? runs.mask[r][kw] : runs.lane_mask(p, r, shift);
+      if (m64) {
         const uint16_t* base = plane + runs.xoff[r] + ih * xs.h + shift;
         const __m512i v0 = _mm512_maskz_loadu_epi16(static_cast<__mmask32>(m64), base);
         const __m512i v1 = _mm512_maskz_loadu_epi16(static_cast<__mmask32>(m64 >> 32), base + 32);
@@ -323,21 +345,19 @@ CNNEXT_BF16 void pack_gy_pairs(const uint16_t* gy, int64_t P, int64_t rows, uint
 // a[i * npix + t] = X[k0 + i, q0 + t]: zero beyond K and P. Read as dwords, each
 // holds a pair of adjacent pixels (q0 even).
 CNNEXT_BF16 void pack_taps(const uint16_t* x, const Strides4& xs, const Conv2dParams& p, int64_t c0,
-                           int64_t K, int64_t k0, int64_t q0, int64_t npix, int64_t P, uint16_t* a) {
+                           int64_t K, int64_t k0, const PanelRuns* segs, int64_t npix, uint16_t* a) {
   alignas(64) uint16_t scratch[kNR];
   const int64_t KHW = p.KH * p.KW;
-  for (int64_t t = 0; t < npix; t += kNR) {
-    const PanelRuns runs(p, q0 + t, P, 0);  // one sample: x is its input
-    for (int64_t i = 0; i < kMR; ++i) {
-      const int64_t k = k0 + i;
-      uint16_t* row = a + i * npix + t;
-      if (k >= K) {
-        std::memset(row, 0, kNR * sizeof(uint16_t));
-        continue;
-      }
-      const int64_t c = c0 + k / KHW, kh = (k % KHW) / p.KW, kw = k % p.KW;
-      _mm512_storeu_si512(row, im2col_row(x, xs, p, c, kh, kw, runs, scratch));
+  for (int64_t i = 0; i < kMR; ++i) {
+    const int64_t k = k0 + i;
+    uint16_t* row = a + i * npix;
+    if (k >= K) {
+      std::memset(row, 0, npix * sizeof(uint16_t));
+      continue;
     }
+    const int64_t c = c0 + k / KHW, kh = (k % KHW) / p.KW, kw = k % p.KW;
+    for (int64_t t = 0; t < npix; t += kNR)
+      _mm512_storeu_si512(row + t, im2col_row(x, xs, p, c, kh, kw, segs[t / kNR], scratch));
   }
 }
 #endif  // CNNEXT_BF16_GEMM
@@ -588,6 +608,7 @@ at::Tensor conv2d_weight_backward(const at::Tensor& grad_output, const at::Tenso
     const int64_t tiles = (t1 - t0) * o_panels;
     std::vector<float> acc(static_cast<size_t>(tiles * kMR * kNR), 0.f);
     std::vector<uint16_t> abuf(static_cast<size_t>(kMR * kChunk));
+    std::vector<PanelRuns> segs(static_cast<size_t>(kChunk / kNR));
     // Blocks of tiles whose float accumulators stay in L2 (256 KiB) while every sample
     // and chunk passes over them (wide layers, e.g. 512 x 4608, have megabytes of them);
     // each tile still sums samples and chunks in the same order.
@@ -601,8 +622,10 @@ at::Tensor conv2d_weight_backward(const at::Tensor& grad_output, const at::Tenso
           const uint16_t* bg = b.data() + (n * p.G + g) * b_size;
           for (int64_t q0 = 0; q0 < P; q0 += kChunk) {
             const int64_t pairs = std::min(kChunk, 2 * QP - q0) / 2;
+            // The chunk's panels of 32 pixels of sample n (x below is its input).
+            for (int64_t t = 0; t < kChunk / kNR; ++t) new (&segs[t]) PanelRuns(p, q0 + t * kNR, P, 0);
             for (int64_t kpanel = kp0; kpanel < kp1; ++kpanel) {
-              pack_taps(x + n * xs.n, xs, p, g * Cg, K, kpanel * kMR, q0, kChunk, P, abuf.data());
+              pack_taps(x + n * xs.n, xs, p, g * Cg, K, kpanel * kMR, segs.data(), kChunk, abuf.data());
               float* tacc = acc.data() + ((g * k_panels + kpanel - t0) * o_panels) * kMR * kNR;
               for (int64_t op = 0; op < o_panels; ++op)
                 tile_f32(reinterpret_cast<const uint32_t*>(abuf.data()), kChunk / 2, 1,
