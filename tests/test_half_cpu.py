@@ -384,7 +384,7 @@ want = F.conv2d(x.double(), w.double(), None, 1, 1)
 err = (y.double() - want).abs().max().item() / want.abs().max().item()
 assert y.dtype == torch.bfloat16 and err <= 5e-3, err
 bf16_paths = ["conv2d.fwd.bf16_gemm", "conv2d.input_grad.bf16_flip", "conv2d.input_grad.bf16_gemm",
-              "conv2d.weight_grad.bf16_gemm"]
+              "conv2d.input_grad.bf16_phases", "conv2d.weight_grad.bf16_gemm"]
 for stride in (1, 2):
     before = {k: _C._path_counts()[k] for k in bf16_paths}
     xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
@@ -440,6 +440,13 @@ BWD = [
     ((1, 16, 10, 11), (24, 16, 3, 2), 3, (0, 1), (1, 2), 1),  # stride 3, uneven kernel
     ((1, 16, 8, 8), (72, 16, 3, 3), 1, 1, 1, 1),        # flipped K = 648: the forward's K blocks
     ((3, 16, 7, 7), (16, 16, 3, 3), 1, 1, 1, 1),        # 7x7 maps: flipped panels spanning samples
+    # strides without dilation: the phase decomposition (stride 3 with a 2-tap kernel leaves
+    # phases no tap reaches; odd sizes give phases of unequal size; padding beyond the kernel),
+    # at >= 1024 output pixels a batch (fewer take the GEMM + col2im, as the shapes above)
+    ((3, 8, 70, 63), (16, 8, 2, 2), 3, 0, 1, 1),
+    ((2, 16, 65, 63), (24, 16, 3, 3), 2, 1, 1, 1),
+    ((1, 8, 70, 90), (16, 8, 5, 3), (2, 3), (3, 2), 1, 1),
+    ((2, 12, 64, 64), (24, 6, 3, 3), 2, 0, 1, 2),       # groups
 ]
 
 
@@ -448,7 +455,8 @@ BWD = [
 @pytest.mark.parametrize("cfg", range(len(BWD)))
 def test_bf16_backward_paths(cfg, layout):
     """The vdpbf16ps backward kernels run (path counters: the flipped forward for stride 1,
-    the GEMM + col2im otherwise; the weight gradient's GEMM) and each gradient is within one
+    the flipped forwards of the stride's phases for other strides without dilation, the
+    GEMM + col2im with dilation; the weight gradient's GEMM) and each gradient is within one
     bfloat16 rounding of float64 from the same rounded values (float accumulation: ~1e-6
     before the final rounding, u = 2^-8 = 3.9e-3 of max |ref|: bound 5e-3) and within
     two roundings of stock bfloat16 (1e-2, plus stock's own error against float64)."""
@@ -459,10 +467,13 @@ def test_bf16_backward_paths(cfg, layout):
     x, w, b = (torch.randn(sh, generator=gen).bfloat16() for sh in (xs, ws, (ws[0],)))
     x = to_layout(x, layout)
     stride1 = torch.nn.modules.utils._pair(s) == (1, 1)
-    paths = ("conv2d.input_grad.bf16_flip" if stride1 else "conv2d.input_grad.bf16_gemm",
-             "conv2d.weight_grad.bf16_gemm")
+    undilated = torch.nn.modules.utils._pair(d) == (1, 1)
     ours_in = [t.detach().requires_grad_() for t in (x, w, b)]
     out = cf.conv2d(*ours_in, s, p, d, g)
+    phases = undilated and out.shape[0] * out.shape[2] * out.shape[3] >= 1024
+    paths = ("conv2d.input_grad.bf16_flip" if stride1 else
+             "conv2d.input_grad.bf16_phases" if phases else "conv2d.input_grad.bf16_gemm",
+             "conv2d.weight_grad.bf16_gemm")
     gy = torch.randn(out.shape, generator=gen).bfloat16()
     with expect_path(*paths):
         ours = torch.autograd.grad(out, ours_in[:2], gy)
