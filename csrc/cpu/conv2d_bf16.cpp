@@ -71,11 +71,21 @@ struct PanelRuns {
   int64_t slo[kNR], shi[kNR], sn[kNR], sq[kNR];
   uint64_t mask[kNR][kMaxKW];
   PanelRuns() = default;
-  PanelRuns(const Conv2dParams& p, int64_t q0_, int64_t total, int64_t xn)
+  // period (>= P, 0: P): the positions a sample spans; those past its P pixels (the
+  // weight gradient's zero pixel after an odd P) read as zero.
+  int64_t period = 0;
+  PanelRuns(const Conv2dParams& p, int64_t q0_, int64_t total, int64_t xn, int64_t period_ = 0)
       : q0(q0_), q1(std::min(q0_ + kNR, total)) {
     const int64_t P = p.OH * p.OW;
+    period = period_ ? period_ : P;
     for (int64_t q = q0; q < q1; ++n) {
-      const int64_t smp = q / P, qq = q % P, oh = qq / p.OW, ow = qq % p.OW;
+      const int64_t smp = q / period, qq = q % period;
+      if (qq >= P) {  // padding positions: no run
+        q = std::min(q1, (smp + 1) * period);
+        --n;
+        continue;
+      }
+      const int64_t oh = qq / p.OW, ow = qq % p.OW;
       const int64_t e = std::min(q1, q + (p.OW - ow));
       if (nseg == 0 || sn[nseg - 1] != smp) {
         slo[nseg] = q - q0;
@@ -88,7 +98,7 @@ struct PanelRuns {
       hi[n] = e - q0;
       xoff[n] = smp * xn;
       ih0[n] = oh * p.SH - p.PH;
-      shift0[n] = p.SW * (q0 - (smp * P + oh * p.OW)) - p.PW;
+      shift0[n] = p.SW * (q0 - (smp * period + oh * p.OW)) - p.PW;
       q = e;
     }
     masked = p.KW <= kMaxKW && (p.SW == 1 || p.SW == 2);
@@ -212,9 +222,9 @@ CNNEXT_BF16 inline __m512i im2col_row(const uint16_t* x, const Strides4& xs, con
     const int64_t q = runs.q0 + t;
     uint16_t v = 0;
     if (q < runs.q1) {
-      const int64_t smp = q / P, qq = q % P, oh = qq / p.OW, ow = qq % p.OW;
+      const int64_t smp = q / runs.period, qq = q % runs.period, oh = qq / p.OW, ow = qq % p.OW;
       const int64_t ih = oh * p.SH - p.PH + dh, iw = ow * p.SW - p.PW + dw;
-      if (ih >= 0 && ih < p.H && iw >= 0 && iw < p.W) v = plane[smp * xs.n + ih * xs.h + iw * xs.w];
+      if (qq < P && ih >= 0 && ih < p.H && iw >= 0 && iw < p.W) v = plane[smp * xs.n + ih * xs.h + iw * xs.w];
     }
     scratch[t] = v;
   }
@@ -308,10 +318,11 @@ CNNEXT_BF16 void pack_gy_pixels(const uint16_t* gy, int64_t P, int64_t rows, int
 }
 
 // The weight gradient's B panels of one sample's group: for each panel of 32 rows
-// (output channels) and each pair qp of pixels, b[(panel * QP + qp) * 64 + 2j + h] =
+// (output channels) and each pair qp of pixels, b[panel * panel_stride + qp * 64 + 2j + h] =
 // gy[panel * 32 + j, 2qp + h] (rows P apart), zero beyond rows and P: one dword gather
 // per 16 rows, the pixel pair being adjacent in memory.
-CNNEXT_BF16 void pack_gy_pairs(const uint16_t* gy, int64_t P, int64_t rows, uint16_t* b) {
+CNNEXT_BF16 void pack_gy_pairs(const uint16_t* gy, int64_t P, int64_t rows, uint16_t* b,
+                               int64_t panel_stride) {
   const int64_t QP = (P + 1) / 2, panels = (rows + kNR - 1) / kNR;
   const int64_t full = P / 2;  // pairs with both pixels inside the row
   for (int64_t panel = 0; panel < panels; ++panel) {
@@ -323,7 +334,7 @@ CNNEXT_BF16 void pack_gy_pairs(const uint16_t* gy, int64_t P, int64_t rows, uint
     const __m512i idx0 = _mm512_mullo_epi32(lane, stride);
     const __m512i idx1 = _mm512_add_epi32(idx0, _mm512_set1_epi32(static_cast<int>(16 * P)));
     const uint16_t* rows0 = gy + r0 * P;
-    uint16_t* out = b + panel * QP * 64;
+    uint16_t* out = b + panel * panel_stride;
     for (int64_t qp = 0; qp < full; ++qp) {
       const uint16_t* base = rows0 + 2 * qp;
       const __m512i v0 = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m0, idx0, base, 2);
@@ -340,10 +351,10 @@ CNNEXT_BF16 void pack_gy_pairs(const uint16_t* gy, int64_t P, int64_t rows, uint
   }
 }
 
-// The weight gradient's A block: rows [k0, k0 + kMR) of the im2col of one sample (taps
-// k = (c, kh, kw) from channel c0) over pixels [q0, q0 + npix) (npix a multiple of kNR),
-// a[i * npix + t] = X[k0 + i, q0 + t]: zero beyond K and P. Read as dwords, each
-// holds a pair of adjacent pixels (q0 even).
+// The weight gradient's A block: rows [k0, k0 + kMR) of the im2col of the batch (taps
+// k = (c, kh, kw) from channel c0) over the slots of segs (npix / kNR panels of 32),
+// a[i * npix + t] = X[k0 + i, slot t]: zero beyond K and at padding slots. Read as
+// dwords, each holds a pair of adjacent slots (a chunk starts at an even slot).
 CNNEXT_BF16 void pack_taps(const uint16_t* x, const Strides4& xs, const Conv2dParams& p, int64_t c0,
                            int64_t K, int64_t k0, const PanelRuns* segs, int64_t npix, uint16_t* a) {
   alignas(64) uint16_t scratch[kNR];
@@ -642,68 +653,71 @@ at::Tensor conv2d_weight_backward(const at::Tensor& grad_output, const at::Tenso
   // B: grad_output in pairs of pixels, 32 output channels to a row, per (sample, group).
   const at::Tensor gyc = grad_output.contiguous();
   const uint16_t* gy = reinterpret_cast<const uint16_t*>(gyc.const_data_ptr<at::BFloat16>());
-  const int64_t b_size = o_panels * QP * 64;  // per (sample, group)
-  std::vector<uint16_t> b(static_cast<size_t>(p.N * p.G * b_size));
+  // Pixel slots run across samples: sample n's pixel q is slot u = n * 2QP + q (an odd P
+  // leaves one zero slot after each sample), so that small maps (7 x 7: 25 pairs) make
+  // long reductions per tile instead of one short one per sample. Per (group, output
+  // channel panel), the pairs of every sample in a row: b[((g * o_panels + op) * N + n)
+  // * QP + qp] holds 64 values.
+  const int64_t U = p.N * 2 * QP;
+  std::vector<uint16_t> b(static_cast<size_t>(p.G * o_panels * p.N * QP * 64));
   at::parallel_for(0, p.N * p.G, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t item = i0; item < i1; ++item) {
       const int64_t n = item / p.G, g = item % p.G;
-      pack_gy_pairs(gy + (n * p.O + g * Og) * P, P, Og, b.data() + item * b_size);
+      pack_gy_pairs(gy + (n * p.O + g * Og) * P, P, Og, b.data() + (g * o_panels * p.N + n) * QP * 64,
+                    p.N * QP * 64);
     }
   });
   // Each thread owns a run of (group, tap panel) tiles and accumulates them in float
-  // over every sample and pixel, a chunk of pixels at a time (the chunk's B panels are
-  // reused by every tap panel): the sums do not depend on the thread count.
-  // Pixels per chunk: a multiple of kNR (so even), no more than the panels P spans.
-  const int64_t kChunk = std::min<int64_t>(256, (P + kNR - 1) / kNR * kNR);
+  // over every slot, a chunk of slots at a time (the chunk's B panels are reused by
+  // every tap panel): the sums do not depend on the thread count.
+  // Slots per chunk: a multiple of kNR (so even), no more than the panels U spans.
+  const int64_t kChunk = std::min<int64_t>(256, (U + kNR - 1) / kNR * kNR);
   const uint16_t* x = reinterpret_cast<const uint16_t*>(input.const_data_ptr<at::BFloat16>());
   const Strides4 xs = strides_of(input);
   at::Tensor gwf = at::empty({p.O, K}, grad_output.options().dtype(at::kFloat));
   float* gwp = gwf.mutable_data_ptr<float>();
   at::parallel_for(0, p.G * k_panels, 1, [&](int64_t t0, int64_t t1) {
-    const int64_t tiles = (t1 - t0) * o_panels;
-    std::vector<float> acc(static_cast<size_t>(tiles * kMR * kNR), 0.f);
+    // Blocks of tiles whose float accumulators stay in L2 (256 KiB) while every chunk of
+    // slots passes over them, then go to gw at once, from L2 (wide layers, e.g. 512 x
+    // 4608, have megabytes of them); each tile sums the chunks in the same order.
+    const int64_t block = std::max<int64_t>(1, (int64_t(256) << 10) / (o_panels * kMR * kNR * 4));
+    std::vector<float> acc(static_cast<size_t>(std::min(block, t1 - t0) * o_panels * kMR * kNR));
     std::vector<uint16_t> abuf(static_cast<size_t>(kMR * kChunk));
     std::vector<PanelRuns> segs(static_cast<size_t>(kChunk / kNR));
-    // Blocks of tiles whose float accumulators stay in L2 (256 KiB) while every sample
-    // and chunk passes over them (wide layers, e.g. 512 x 4608, have megabytes of them);
-    // each tile still sums samples and chunks in the same order.
-    const int64_t block = std::max<int64_t>(1, (int64_t(256) << 10) / (o_panels * kMR * kNR * 4));
     for (int64_t tb0 = t0; tb0 < t1; tb0 += block) {
       const int64_t tb1 = std::min(t1, tb0 + block);
+      std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t g = tb0 / k_panels; g <= (tb1 - 1) / k_panels; ++g) {
         const int64_t kp0 = std::max(tb0, g * k_panels) - g * k_panels;
         const int64_t kp1 = std::min(tb1, (g + 1) * k_panels) - g * k_panels;
-        for (int64_t n = 0; n < p.N; ++n) {
-          const uint16_t* bg = b.data() + (n * p.G + g) * b_size;
-          for (int64_t q0 = 0; q0 < P; q0 += kChunk) {
-            const int64_t pairs = std::min(kChunk, 2 * QP - q0) / 2;
-            // The chunk's panels of 32 pixels of sample n (x below is its input).
-            for (int64_t t = 0; t < kChunk / kNR; ++t) new (&segs[t]) PanelRuns(p, q0 + t * kNR, P, 0);
-            for (int64_t kpanel = kp0; kpanel < kp1; ++kpanel) {
-              pack_taps(x + n * xs.n, xs, p, g * Cg, K, kpanel * kMR, segs.data(), kChunk, abuf.data());
-              float* tacc = acc.data() + ((g * k_panels + kpanel - t0) * o_panels) * kMR * kNR;
-              for (int64_t op = 0; op < o_panels; ++op)
-                tile_f32(reinterpret_cast<const uint32_t*>(abuf.data()), kChunk / 2, 1,
-                         bg + (op * QP + q0 / 2) * 64, pairs, tacc + op * kMR * kNR, true);
-            }
+        const uint16_t* bg = b.data() + g * o_panels * p.N * QP * 64;
+        for (int64_t u0 = 0; u0 < U; u0 += kChunk) {
+          const int64_t pairs = std::min(kChunk, U - u0) / 2;
+          // The chunk's panels of 32 slots.
+          for (int64_t t = 0; t < kChunk / kNR; ++t) new (&segs[t]) PanelRuns(p, u0 + t * kNR, U, xs.n, 2 * QP);
+          for (int64_t kpanel = kp0; kpanel < kp1; ++kpanel) {
+            pack_taps(x, xs, p, g * Cg, K, kpanel * kMR, segs.data(), kChunk, abuf.data());
+            float* tacc = acc.data() + ((g * k_panels + kpanel - tb0) * o_panels) * kMR * kNR;
+            for (int64_t op = 0; op < o_panels; ++op)
+              tile_f32(reinterpret_cast<const uint32_t*>(abuf.data()), kChunk / 2, 1,
+                       bg + (op * p.N * QP + u0 / 2) * 64, pairs, tacc + op * kMR * kNR, true);
           }
         }
       }
-    }
-    // gw[g * Og + o, k] = the tile's (k, o) entry: transposed in blocks of 8 tap panels
-    // (their tiles stay in L1) so that each output row gets runs of 64 contiguous taps
-    // (one float per row K apart, as before, missed the cache on every store).
-    for (int64_t tb = t0; tb < t1; tb += 8) {
-      const int64_t te = std::min(t1, tb + 8);
-      for (int64_t op = 0; op < o_panels; ++op)
-        for (int64_t j = 0; j < kNR && op * kNR + j < Og; ++j)
-          for (int64_t t = tb; t < te; ++t) {
-            const int64_t g = t / k_panels, kpanel = t % k_panels;
-            const float* tile = acc.data() + ((t - t0) * o_panels + op) * kMR * kNR + j;
-            float* dst = gwp + (g * Og + op * kNR + j) * K + kpanel * kMR;
-            const int64_t rows = std::min(kMR, K - kpanel * kMR);
-            for (int64_t i = 0; i < rows; ++i) dst[i] = tile[i * kNR];
-          }
+      // gw[g * Og + o, k] = the tile's (k, o) entry: per output row, runs of up to 8 tap
+      // panels' contiguous taps (one float per row K apart missed the cache on every store).
+      for (int64_t tb = tb0; tb < tb1; tb += 8) {
+        const int64_t te = std::min(tb1, tb + 8);
+        for (int64_t op = 0; op < o_panels; ++op)
+          for (int64_t j = 0; j < kNR && op * kNR + j < Og; ++j)
+            for (int64_t t = tb; t < te; ++t) {
+              const int64_t g = t / k_panels, kpanel = t % k_panels;
+              const float* tile = acc.data() + ((t - tb0) * o_panels + op) * kMR * kNR + j;
+              float* dst = gwp + (g * Og + op * kNR + j) * K + kpanel * kMR;
+              const int64_t rows = std::min(kMR, K - kpanel * kMR);
+              for (int64_t i = 0; i < rows; ++i) dst[i] = tile[i * kNR];
+            }
+      }
     }
   });
   uint16_t* out = reinterpret_cast<uint16_t*>(gw.mutable_data_ptr<at::BFloat16>());
