@@ -317,36 +317,57 @@ CNNEXT_BF16 void pack_gy_pixels(const uint16_t* gy, int64_t P, int64_t rows, int
   }
 }
 
+// out[c] (16 dwords) = column c of the 16 x 16 dword matrix whose rows are r[0..15]:
+// 32-bit then 64-bit interleaves within 128-bit lanes, then two rounds of lane shuffles.
+CNNEXT_BF16 inline void transpose16(const __m512i* r, __m512i* out) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  // u[4i + m], lane L: column 4L + m, rows 4i .. 4i + 3.
+  for (int i = 0; i < 4; ++i) {
+    u[4 * i + 0] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int m = 0; m < 4; ++m) {
+    const __m512i s1 = _mm512_shuffle_i32x4(u[m], u[4 + m], 0x44);
+    const __m512i s2 = _mm512_shuffle_i32x4(u[m], u[4 + m], 0xEE);
+    const __m512i s3 = _mm512_shuffle_i32x4(u[8 + m], u[12 + m], 0x44);
+    const __m512i s4 = _mm512_shuffle_i32x4(u[8 + m], u[12 + m], 0xEE);
+    out[0 + m] = _mm512_shuffle_i32x4(s1, s3, 0x88);
+    out[4 + m] = _mm512_shuffle_i32x4(s1, s3, 0xDD);
+    out[8 + m] = _mm512_shuffle_i32x4(s2, s4, 0x88);
+    out[12 + m] = _mm512_shuffle_i32x4(s2, s4, 0xDD);
+  }
+}
+
 // The weight gradient's B panels of one sample's group: for each panel of 32 rows
-// (output channels) and each pair qp of pixels, b[panel * panel_stride + qp * 64 + 2j + h] =
-// gy[panel * 32 + j, 2qp + h] (rows P apart), zero beyond rows and P: one dword gather
-// per 16 rows, the pixel pair being adjacent in memory.
+// (output channels) and each pair qp of pixels, b[panel * panel_stride + qp * 64 + 2j + h]
+// = gy[panel * 32 + j, 2qp + h] (rows P apart), zero beyond rows and P. A pixel pair is
+// one dword, so 16 pairs of 32 rows are two 16 x 16 dword transposes of rows loaded as
+// they lie (masked past P: an odd P's last pixel pairs with zero).
 CNNEXT_BF16 void pack_gy_pairs(const uint16_t* gy, int64_t P, int64_t rows, uint16_t* b,
                                int64_t panel_stride) {
   const int64_t QP = (P + 1) / 2, panels = (rows + kNR - 1) / kNR;
-  const int64_t full = P / 2;  // pairs with both pixels inside the row
   for (int64_t panel = 0; panel < panels; ++panel) {
     const int64_t r0 = panel * kNR, n = std::min(kNR, rows - r0);
-    const __mmask16 m0 = n >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
-    const __mmask16 m1 = n >= 32 ? __mmask16(0xFFFF) : n <= 16 ? __mmask16(0) : static_cast<__mmask16>((1u << (n - 16)) - 1);
-    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    const __m512i stride = _mm512_set1_epi32(static_cast<int>(P));
-    const __m512i idx0 = _mm512_mullo_epi32(lane, stride);
-    const __m512i idx1 = _mm512_add_epi32(idx0, _mm512_set1_epi32(static_cast<int>(16 * P)));
-    const uint16_t* rows0 = gy + r0 * P;
     uint16_t* out = b + panel * panel_stride;
-    for (int64_t qp = 0; qp < full; ++qp) {
-      const uint16_t* base = rows0 + 2 * qp;
-      const __m512i v0 = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m0, idx0, base, 2);
-      const __m512i v1 = m1 ? _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m1, idx1, base, 2)
-                            : _mm512_setzero_si512();
-      _mm512_storeu_si512(out + qp * 64, v0);
-      _mm512_storeu_si512(out + qp * 64 + 32, v1);
-    }
-    if (full < QP) {  // odd P: the last pixel, paired with zero
-      uint16_t* last = out + full * 64;
-      std::memset(last, 0, 64 * sizeof(uint16_t));
-      for (int64_t j = 0; j < n; ++j) last[2 * j] = rows0[j * P + P - 1];
+    for (int64_t qp0 = 0; qp0 < QP; qp0 += 16) {
+      const int64_t px0 = 2 * qp0, npx = std::min<int64_t>(32, P - px0);
+      const __mmask32 pm = npx >= 32 ? ~__mmask32(0) : static_cast<__mmask32>((1u << npx) - 1);
+      __m512i r[32], lo[16], hi[16];
+      for (int64_t j = 0; j < kNR; ++j)
+        r[j] = j < n ? _mm512_maskz_loadu_epi16(pm, gy + (r0 + j) * P + px0) : _mm512_setzero_si512();
+      transpose16(r, lo);
+      transpose16(r + 16, hi);
+      const int64_t nq = std::min<int64_t>(16, QP - qp0);
+      for (int64_t q = 0; q < nq; ++q) {
+        _mm512_storeu_si512(out + (qp0 + q) * 64, lo[q]);
+        _mm512_storeu_si512(out + (qp0 + q) * 64 + 32, hi[q]);
+      }
     }
   }
 }
