@@ -325,6 +325,12 @@ GEMM = [
     ((1, 64, 9, 9), (16, 64, 3, 3), 1, 1, 1, 1),      # K = 576: two K blocks of <= 256 pairs
     ((2, 130, 6, 7), (20, 130, 2, 2), 1, 0, 1, 1),    # K = 520: a 4-pair last block
     ((1, 130, 5, 5), (8, 130, 3, 3), 1, 1, 1, 1),     # K = 1170: three blocks, the last odd
+    # pixel panels spanning samples (pixels numbered across the batch): a 7x7 map (ResNet's
+    # layer4: 3 x 49 pixels, sample ends inside panels and rows), stride 2 with 9 pixels a
+    # sample (four samples to a panel), stride 3 (the gathered panels) with 4
+    ((3, 16, 7, 7), (24, 16, 3, 3), 1, 1, 1, 1),
+    ((5, 8, 5, 6), (16, 8, 3, 3), 2, 1, 1, 1),
+    ((9, 4, 8, 8), (8, 4, 3, 3), 3, 0, 1, 1),
 ]
 
 
@@ -359,7 +365,8 @@ def test_bf16_gemm_path(cfg, relu_bias):
 def test_bf16_without_avx512_bf16():
     """CNNEXT_CPU_ISA=avx2 (no AVX512_BF16): the bfloat16 convolution and its gradients
     (stride 1 and 2) and the fused op's batch-norm sweeps run the generic code, within
-    rounding of float64, and none of the AVX512_BF16 paths runs."""
+    rounding of float64, and none of the AVX512_BF16 paths runs; bfloat16 max pooling
+    runs the generic rows, not the AVX-512 kernel, bit-exact against stock."""
     import os
     import subprocess
     import sys
@@ -377,7 +384,7 @@ want = F.conv2d(x.double(), w.double(), None, 1, 1)
 err = (y.double() - want).abs().max().item() / want.abs().max().item()
 assert y.dtype == torch.bfloat16 and err <= 5e-3, err
 bf16_paths = ["conv2d.fwd.bf16_gemm", "conv2d.input_grad.bf16_flip", "conv2d.input_grad.bf16_gemm",
-              "conv2d.weight_grad.bf16_gemm"]
+              "conv2d.input_grad.bf16_phases", "conv2d.weight_grad.bf16_gemm"]
 for stride in (1, 2):
     before = {k: _C._path_counts()[k] for k in bf16_paths}
     xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
@@ -399,6 +406,14 @@ assert {k: _C._path_counts()[k] for k in sweeps} == before
 want = F.relu(F.batch_norm(F.conv2d(x.double(), w.double(), None, 1, 1), None, None, None, None, True))
 err = (out.double() - want).abs().max().item() / want.abs().max().item()
 assert out.dtype == torch.bfloat16 and err <= 8e-2, err
+# max pooling: not the AVX-512 bfloat16 rows kernel, still bit-exact against stock
+xp = (2 * torch.randn(2, 3, 21, 37, generator=g)).round().bfloat16()
+before = _C._path_counts()["max_pool2d.fwd.avx512_rows_bf16"]
+for kw in (dict(kernel_size=3, stride=2, padding=1), dict(kernel_size=2)):
+    out, idx = cnnext.functional.max_pool2d(xp, return_indices=True, **kw)
+    ref, ref_idx = F.max_pool2d(xp, return_indices=True, **kw)
+    assert torch.equal(out.view(torch.int16), ref.view(torch.int16)) and torch.equal(idx, ref_idx)
+assert _C._path_counts()["max_pool2d.fwd.avx512_rows_bf16"] == before
 print("ok")
 """
     root = os.path.dirname(os.path.dirname(os.path.abspath(cnnext.__file__)))
@@ -424,6 +439,14 @@ BWD = [
     ((2, 32, 8, 8), (32, 8, 3, 3), 2, 1, 1, 4),         # groups with stride 2
     ((1, 16, 10, 11), (24, 16, 3, 2), 3, (0, 1), (1, 2), 1),  # stride 3, uneven kernel
     ((1, 16, 8, 8), (72, 16, 3, 3), 1, 1, 1, 1),        # flipped K = 648: the forward's K blocks
+    ((3, 16, 7, 7), (16, 16, 3, 3), 1, 1, 1, 1),        # 7x7 maps: flipped panels spanning samples
+    # strides without dilation: the phase decomposition (stride 3 with a 2-tap kernel leaves
+    # phases no tap reaches; odd sizes give phases of unequal size; padding beyond the kernel),
+    # at >= 1024 output pixels a batch (fewer take the GEMM + col2im, as the shapes above)
+    ((3, 8, 70, 63), (16, 8, 2, 2), 3, 0, 1, 1),
+    ((2, 16, 65, 63), (24, 16, 3, 3), 2, 1, 1, 1),
+    ((1, 8, 70, 90), (16, 8, 5, 3), (2, 3), (3, 2), 1, 1),
+    ((2, 12, 64, 64), (24, 6, 3, 3), 2, 0, 1, 2),       # groups
 ]
 
 
@@ -432,7 +455,8 @@ BWD = [
 @pytest.mark.parametrize("cfg", range(len(BWD)))
 def test_bf16_backward_paths(cfg, layout):
     """The vdpbf16ps backward kernels run (path counters: the flipped forward for stride 1,
-    the GEMM + col2im otherwise; the weight gradient's GEMM) and each gradient is within one
+    the flipped forwards of the stride's phases for other strides without dilation, the
+    GEMM + col2im with dilation; the weight gradient's GEMM) and each gradient is within one
     bfloat16 rounding of float64 from the same rounded values (float accumulation: ~1e-6
     before the final rounding, u = 2^-8 = 3.9e-3 of max |ref|: bound 5e-3) and within
     two roundings of stock bfloat16 (1e-2, plus stock's own error against float64)."""
@@ -443,10 +467,13 @@ def test_bf16_backward_paths(cfg, layout):
     x, w, b = (torch.randn(sh, generator=gen).bfloat16() for sh in (xs, ws, (ws[0],)))
     x = to_layout(x, layout)
     stride1 = torch.nn.modules.utils._pair(s) == (1, 1)
-    paths = ("conv2d.input_grad.bf16_flip" if stride1 else "conv2d.input_grad.bf16_gemm",
-             "conv2d.weight_grad.bf16_gemm")
+    undilated = torch.nn.modules.utils._pair(d) == (1, 1)
     ours_in = [t.detach().requires_grad_() for t in (x, w, b)]
     out = cf.conv2d(*ours_in, s, p, d, g)
+    phases = undilated and out.shape[0] * out.shape[2] * out.shape[3] >= 1024
+    paths = ("conv2d.input_grad.bf16_flip" if stride1 else
+             "conv2d.input_grad.bf16_phases" if phases else "conv2d.input_grad.bf16_gemm",
+             "conv2d.weight_grad.bf16_gemm")
     gy = torch.randn(out.shape, generator=gen).bfloat16()
     with expect_path(*paths):
         ours = torch.autograd.grad(out, ours_in[:2], gy)
@@ -551,3 +578,55 @@ def test_bf16_bn_sweeps_path(shape, relu):
         assert a.dtype == s.dtype, name
         assert_close_to_reference(a, r, RTOL_BN[torch.bfloat16], f"{name} vs float64")
         assert_close_to_reference(a, s.double(), RTOL_BN[torch.bfloat16], f"{name} vs stock bf16")
+
+
+def _has_avx512():
+    return cnnext._C._cpu_isa() == "avx512"
+
+
+POOL_ROWS = [
+    # shape, kwargs: the AVX-512 bfloat16 rows kernel (column stride 1 or 2), with rows of
+    # several 16-lane vectors, masked tails, padding, dilation and ceil_mode
+    ((2, 3, 37, 41), dict(kernel_size=3, stride=2, padding=1)),     # ResNet's stem pool, odd sizes
+    ((1, 4, 18, 70), dict(kernel_size=2, stride=2)),                 # VGG's 2x2/2, 35 outputs a row
+    ((2, 2, 23, 40), dict(kernel_size=(2, 3), stride=(3, 1), padding=(1, 1))),  # stride 1 columns
+    ((1, 3, 30, 45), dict(kernel_size=3, stride=2, dilation=2, ceil_mode=True)),
+    ((1, 2, 9, 33), dict(kernel_size=(1, 4), stride=(1, 2), padding=(0, 2), ceil_mode=True)),
+]
+
+
+@pytest.mark.skipif(not _has_avx512(), reason="needs AVX-512")
+@pytest.mark.parametrize("sliced", [False, True])
+@pytest.mark.parametrize("cfg", range(len(POOL_ROWS)))
+def test_bf16_max_pool2d_avx512_rows(cfg, sliced):
+    """bfloat16 max pooling on the AVX-512 rows kernel (path counter): outputs bit-exact
+    and indices equal to stock bfloat16's, with ties, NaNs, infinities and -inf windows;
+    the gradient bit-exact where windows do not overlap."""
+    from cnnext._paths import expect_path
+
+    shape, kw = POOL_ROWS[cfg]
+    gen = torch.Generator().manual_seed(100 + cfg)
+    x = ((2 * torch.randn(shape, generator=gen)).round() / 2).bfloat16()  # many ties
+    x[0, 0, 1, 1] = float("nan")
+    x[0, -1, 2, 5:9] = float("-inf")
+    x[-1, 0, 3, 2] = float("inf")
+    x[-1, -1, 4:6, 7] = float("nan")
+    if sliced:  # rows with a stride of their own
+        x = torch.cat([x, x.flip(-1)], -1)[..., : shape[-1]]
+        assert not x.is_contiguous() and x.stride(-1) == 1
+    with expect_path("max_pool2d.fwd.avx512_rows_bf16"):
+        out, idx = cf.max_pool2d(x, return_indices=True, **kw)
+    ref, ref_idx = F.max_pool2d(x, return_indices=True, **kw)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out.view(torch.int16), ref.view(torch.int16))
+    assert torch.equal(idx, ref_idx)
+    xr = x.nan_to_num(0.0, 0.0, 0.0).requires_grad_()
+    xs = xr.detach().clone().requires_grad_()
+    gy = torch.randn(ref.shape, generator=gen).bfloat16()
+    ours, = torch.autograd.grad(cf.max_pool2d(xr, **kw), (xr,), gy)
+    stock, = torch.autograd.grad(F.max_pool2d(xs, **kw), (xs,), gy)
+    stride = kw.get("stride", kw["kernel_size"])
+    if stride == kw["kernel_size"] and kw.get("dilation", 1) == 1:
+        assert torch.equal(ours, stock)
+    else:
+        assert_close_to_reference(ours, stock.double(), RTOL[torch.bfloat16], "bf16 max_pool2d grad vs stock")

@@ -8,13 +8,15 @@
 // A (the weight, Og x K per group) is packed once per call in panels of kMR rows, K in
 // pairs: a[((g * panels + i / kMR) * Kp + kp) * kMR + i % kMR] = the 32-bit pair
 // (W[o, 2kp], W[o, 2kp + 1]), zero beyond Og and K. B (the im2col of one sample) is packed
-// per work item, one panel of kNR = 32 output pixels: b[kp * 64 + 2j + h] = X[2kp + h, q0 + j],
+// per work item, one panel of kNR = 32 output pixels (numbered across samples, so that a
+// panel may span the end of one sample's map and the start of the next):
+// b[kp * 64 + 2j + h] = X[2kp + h, q0 + j],
 // built row by row of the im2col (a masked 512-bit load per output row touched where the
 // stride is 1; two and the even lanes where it is 2; a scalar gather otherwise) and
 // interleaved in pairs (vpermt2w). The kernel keeps a kMR x 32 tile of float accumulators
 // in 16 registers over all of K.
 //
-// Work items are (sample, group, pixel panel): each thread packs its B panel once and runs
+// Work items are (group, pixel panel): each thread packs its B panel once and runs
 // every A panel over it. The result does not depend on the thread count.
 //
 // Used where the CPU has AVX512_BF16 (cpu_features(), so CNNEXT_CPU_ISA=avx2 turns it off)
@@ -51,11 +53,86 @@ constexpr int64_t kNR = 32;  // columns (output pixels) per B panel: two zmm of 
 #ifdef CNNEXT_BF16_GEMM
 #define CNNEXT_BF16 CNNEXT_TARGET("avx512f,avx512bw,avx512vl,avx512bf16,fma,bmi2")
 
+// The output rows a panel of pixels [q0, q1) (q1 - q0 <= 32) touches, pixels numbered
+// across samples (q = n * P + oh * OW + ow, q1 <= total), worked out once per panel (its
+// integer divisions) and shared by every tap's im2col row: run r covers panel positions
+// [lo[r], hi[r]), all of output row oh of sample n; xoff = n * xn (the sample's input);
+// ih0 = oh * SH - PH; shift0 = the input column of position 0 for tap column 0:
+// SW * (q0 - (n * P + oh * OW)) - PW. Segment s (one per sample touched) covers positions
+// [slo[s], shi[s]) of sample sn[s], whose output pixel of position t is t - slo[s] + sq[s].
+// With at most kMaxKW tap columns and column stride 1 or 2, mask[r][kw] is run r's load
+// mask for tap column kw (stride 1: lanes; stride 2: the pairs of lanes of the two
+// 32-element loads), and im2col_row only adds offsets.
+constexpr int64_t kMaxKW = 8;
+struct PanelRuns {
+  int64_t q0 = 0, q1 = 0, n = 0, nseg = 0;
+  bool masked = false;
+  int64_t lo[kNR], hi[kNR], ih0[kNR], shift0[kNR], xoff[kNR];
+  int64_t slo[kNR], shi[kNR], sn[kNR], sq[kNR];
+  uint64_t mask[kNR][kMaxKW];
+  PanelRuns() = default;
+  // period (>= P, 0: P): the positions a sample spans; those past its P pixels (the
+  // weight gradient's zero pixel after an odd P) read as zero.
+  int64_t period = 0;
+  PanelRuns(const Conv2dParams& p, int64_t q0_, int64_t total, int64_t xn, int64_t period_ = 0)
+      : q0(q0_), q1(std::min(q0_ + kNR, total)) {
+    const int64_t P = p.OH * p.OW;
+    period = period_ ? period_ : P;
+    for (int64_t q = q0; q < q1; ++n) {
+      const int64_t smp = q / period, qq = q % period;
+      if (qq >= P) {  // padding positions: no run
+        q = std::min(q1, (smp + 1) * period);
+        --n;
+        continue;
+      }
+      const int64_t oh = qq / p.OW, ow = qq % p.OW;
+      const int64_t e = std::min(q1, q + (p.OW - ow));
+      if (nseg == 0 || sn[nseg - 1] != smp) {
+        slo[nseg] = q - q0;
+        sn[nseg] = smp;
+        sq[nseg] = qq;
+        ++nseg;
+      }
+      shi[nseg - 1] = e - q0;
+      lo[n] = q - q0;
+      hi[n] = e - q0;
+      xoff[n] = smp * xn;
+      ih0[n] = oh * p.SH - p.PH;
+      shift0[n] = p.SW * (q0 - (smp * period + oh * p.OW)) - p.PW;
+      q = e;
+    }
+    masked = p.KW <= kMaxKW && (p.SW == 1 || p.SW == 2);
+    if (masked)
+      for (int64_t r = 0; r < n; ++r)
+        for (int64_t kw = 0; kw < p.KW; ++kw) mask[r][kw] = lane_mask(p, r, shift0[r] + kw * p.DW);
+  }
+  // Run r's lanes whose input column (shift + SW * t) lies in [0, W): stride 1, bit t;
+  // stride 2, bit 2t (the even elements of 64 loaded).
+  uint64_t lane_mask(const Conv2dParams& p, int64_t r, int64_t shift) const {
+    int64_t l, h;
+    if (p.SW == 1) {
+      l = std::max(lo[r], -shift);
+      h = std::min(hi[r], p.W - shift);
+    } else {
+      l = std::max(lo[r], (-shift + 1) / 2 > 0 ? (-shift + 1) / 2 : int64_t(0));
+      h = std::min(hi[r], (p.W - shift + 1) / 2);
+    }
+    if (l >= h) return 0;
+    const uint32_t m = static_cast<uint32_t>(
+        (h >= 32 ? ~uint64_t(0) : ((uint64_t(1) << h) - 1)) & ~((uint64_t(1) << l) - 1));
+    if (p.SW == 1) return m;
+    uint64_t spread = 0;  // bit t -> bit 2t
+    for (uint32_t b = m; b; b &= b - 1) spread |= uint64_t(1) << (2 * __builtin_ctz(b));
+    return spread;
+  }
+};
+
 // One kMR x kNR tile: acc = sum over kp of a-pairs x b-pairs; then + bias, [relu],
-// rounded to bfloat16, stored to rows [0, rows) and columns [0, cols) of c (row stride ldc).
+// rounded to bfloat16, stored to rows [0, rows) of c (row stride ldc), the columns of
+// each of the panel's segments (runs.nseg) at their seg_off.
 CNNEXT_BF16 void micro_kernel(const uint32_t* __restrict__ a, const uint16_t* __restrict__ b,
                               int64_t Kp, const float* bias, bool relu, uint16_t* c, int64_t ldc,
-                              int64_t rows, int64_t cols) {
+                              int64_t rows, const PanelRuns& runs, const int64_t* seg_off) {
   __m512 acc[kMR][2];
   for (int i = 0; i < kMR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
   for (int64_t kp = 0; kp < Kp; ++kp) {
@@ -69,8 +146,6 @@ CNNEXT_BF16 void micro_kernel(const uint32_t* __restrict__ a, const uint16_t* __
       acc[i][1] = _mm512_dpbf16_ps(acc[i][1], ai, b1);
     }
   }
-  const __mmask16 m0 = cols >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << cols) - 1);
-  const __mmask16 m1 = cols >= 32 ? __mmask16(0xFFFF) : cols <= 16 ? __mmask16(0) : __mmask16((1u << (cols - 16)) - 1);
   const __m512 zero = _mm512_setzero_ps();
   for (int i = 0; i < kMR; ++i) {
     if (i >= rows) break;
@@ -84,40 +159,39 @@ CNNEXT_BF16 void micro_kernel(const uint32_t* __restrict__ a, const uint16_t* __
       v0 = _mm512_mask_max_ps(v0, __mmask16(0xFFFF), zero, v0);
       v1 = _mm512_mask_max_ps(v1, __mmask16(0xFFFF), zero, v1);
     }
-    uint16_t* row = c + i * ldc;
-    _mm256_mask_storeu_epi16(row, m0, (__m256i)_mm512_cvtneps_pbh(v0));
-    if (m1) _mm256_mask_storeu_epi16(row + 16, m1, (__m256i)_mm512_cvtneps_pbh(v1));
+    const __m256i h0 = (__m256i)_mm512_cvtneps_pbh(v0), h1 = (__m256i)_mm512_cvtneps_pbh(v1);
+    // One masked store pair per sample the panel touches: position t of segment s goes
+    // to c + i * ldc + seg_off[s] + t (masked-off lanes are not written: the base may
+    // lie outside the tensor).
+    for (int64_t sg = 0; sg < runs.nseg; ++sg) {
+      const int64_t lo = runs.slo[sg], hi = runs.shi[sg];
+      const uint32_t m = static_cast<uint32_t>(
+          (hi >= 32 ? ~uint64_t(0) : ((uint64_t(1) << hi) - 1)) & ~((uint64_t(1) << lo) - 1));
+      uint16_t* row = c + i * ldc + seg_off[sg];
+      if (m & 0xFFFFu) _mm256_mask_storeu_epi16(row, static_cast<__mmask16>(m), h0);
+      if (m >> 16) _mm256_mask_storeu_epi16(row + 16, static_cast<__mmask16>(m >> 16), h1);
+    }
   }
 }
 
-// The im2col row of tap (c, kh, kw) over output pixels [q0, q0 + 32) of one sample, into
-// seg (32 values, zero outside the input and beyond P).
+// The im2col row of tap (c, kh, kw) over the panel's output pixels (runs) of one sample,
+// into seg (32 values, zero outside the input and beyond the panel).
 CNNEXT_BF16 inline __m512i im2col_row(const uint16_t* x, const Strides4& xs, const Conv2dParams& p,
-                                      int64_t c, int64_t kh, int64_t kw, int64_t q0, int64_t P,
+                                      int64_t c, int64_t kh, int64_t kw, const PanelRuns& runs,
                                       uint16_t* scratch) {
-  const int64_t q1 = std::min(q0 + kNR, P);
   const uint16_t* plane = x + c * xs.c;
+  const int64_t dh = kh * p.DH, dw = kw * p.DW;
+  const int64_t P = p.OH * p.OW;
   if (p.SW == 1 && xs.w == 1) {
     __m512i seg = _mm512_setzero_si512();
-    // One run per output row touched: positions [s, e) of the panel, all of row oh.
-    for (int64_t q = q0; q < q1;) {
-      const int64_t oh = q / p.OW, ow = q % p.OW;
-      const int64_t e = std::min(q1, q + (p.OW - ow));
-      const int64_t ih = oh * p.SH - p.PH + kh * p.DH;
-      if (ih >= 0 && ih < p.H) {
-        // Position t of the panel (q = q0 + t) reads iw = (q - oh * OW) - PW + kw * DW.
-        const int64_t shift = q0 - oh * p.OW - p.PW + kw * p.DW;  // iw of position 0
-        // Valid positions: t in [q - q0, e - q0) and 0 <= shift + t < W.
-        const int64_t lo = std::max(q - q0, -shift), hi = std::min(e - q0, p.W - shift);
-        if (lo < hi) {
-          const __mmask32 m = static_cast<__mmask32>(
-              ((hi >= 32 ? ~uint64_t(0) : ((uint64_t(1) << hi) - 1)) & ~((uint64_t(1) << lo) - 1)));
-          // Masked-off lanes are not read, so the base may lie outside the row.
-          const uint16_t* base = plane + ih * xs.h + shift;
-          seg = _mm512_mask_loadu_epi16(seg, m, base);
-        }
-      }
-      q = e;
+    for (int64_t r = 0; r < runs.n; ++r) {
+      const int64_t ih = runs.ih0[r] + dh;
+      if (ih < 0 || ih >= p.H) continue;
+      // Position t reads iw = shift + t; valid: t in [lo, hi) and 0 <= shift + t < W.
+      const int64_t shift = runs.shift0[r] + dw;
+      const __mmask32 m = static_cast<__mmask32>(runs.masked ? runs.mask[r][kw] : runs.lane_mask(p, r, shift));
+      // Masked-off lanes are not read, so the base may lie outside the row.
+      if (m) seg = _mm512_mask_loadu_epi16(seg, m, plane + runs.xoff[r] + ih * xs.h + shift);
     }
     return seg;
   }
@@ -129,46 +203,37 @@ CNNEXT_BF16 inline __m512i im2col_row(const uint16_t* x, const Strides4& xs, con
                                                       44, 46, 48, 50, 52, 54, 56, 58, 60, 62};
     const __m512i ie = _mm512_load_si512(even_idx);
     __m512i seg = _mm512_setzero_si512();
-    for (int64_t q = q0; q < q1;) {
-      const int64_t oh = q / p.OW, ow = q % p.OW;
-      const int64_t e = std::min(q1, q + (p.OW - ow));
-      const int64_t ih = oh * p.SH - p.PH + kh * p.DH;
-      if (ih >= 0 && ih < p.H) {
-        // Position t of the panel reads iw = 2 * (q0 + t - oh * OW) - PW + kw * DW.
-        const int64_t shift = 2 * (q0 - oh * p.OW) - p.PW + kw * p.DW;
-        // Valid positions: t in [q - q0, e - q0) and 0 <= shift + 2t < W.
-        const int64_t lo = std::max(q - q0, (-shift + 1) / 2 > 0 ? (-shift + 1) / 2 : int64_t(0));
-        const int64_t hi = std::min(e - q0, (p.W - shift + 1) / 2);
-        if (lo < hi) {
-          const uint32_t m = static_cast<uint32_t>(
-              (hi >= 32 ? ~uint64_t(0) : ((uint64_t(1) << hi) - 1)) & ~((uint64_t(1) << lo) - 1));
-          const uint64_t m64 = _pdep_u64(m, 0x5555555555555555ull);
-          const uint16_t* base = plane + ih * xs.h + shift;
-          const __m512i v0 = _mm512_maskz_loadu_epi16(static_cast<__mmask32>(m64), base);
-          const __m512i v1 = _mm512_maskz_loadu_epi16(static_cast<__mmask32>(m64 >> 32), base + 32);
-          seg = _mm512_or_si512(seg, _mm512_permutex2var_epi16(v0, ie, v1));
-        }
+    for (int64_t r = 0; r < runs.n; ++r) {
+      const int64_t ih = runs.ih0[r] + dh;
+      if (ih < 0 || ih >= p.H) continue;
+      // Position t reads iw = shift + 2t; valid: t in [lo, hi) and 0 <= shift + 2t < W.
+      const int64_t shift = runs.shift0[r] + dw;
+      const uint64_t m64 = runs.masked ? runs.mask[r][kw] : runs.lane_mask(p, r, shift);
+      if (m64) {
+        const uint16_t* base = plane + runs.xoff[r] + ih * xs.h + shift;
+        const __m512i v0 = _mm512_maskz_loadu_epi16(static_cast<__mmask32>(m64), base);
+        const __m512i v1 = _mm512_maskz_loadu_epi16(static_cast<__mmask32>(m64 >> 32), base + 32);
+        seg = _mm512_or_si512(seg, _mm512_permutex2var_epi16(v0, ie, v1));
       }
-      q = e;
     }
     return seg;
   }
   for (int64_t t = 0; t < kNR; ++t) {
-    const int64_t q = q0 + t;
+    const int64_t q = runs.q0 + t;
     uint16_t v = 0;
-    if (q < q1) {
-      const int64_t oh = q / p.OW, ow = q % p.OW;
-      const int64_t ih = oh * p.SH - p.PH + kh * p.DH, iw = ow * p.SW - p.PW + kw * p.DW;
-      if (ih >= 0 && ih < p.H && iw >= 0 && iw < p.W) v = plane[ih * xs.h + iw * xs.w];
+    if (q < runs.q1) {
+      const int64_t smp = q / runs.period, qq = q % runs.period, oh = qq / p.OW, ow = qq % p.OW;
+      const int64_t ih = oh * p.SH - p.PH + dh, iw = ow * p.SW - p.PW + dw;
+      if (qq < P && ih >= 0 && ih < p.H && iw >= 0 && iw < p.W) v = plane[smp * xs.n + ih * xs.h + iw * xs.w];
     }
     scratch[t] = v;
   }
   return _mm512_loadu_si512(scratch);
 }
 
-// B panel of pixels [q0, q0 + 32) of sample x (group's channels from c0): Kp pairs of rows.
+// B panel of the pixels of runs (group's channels from c0; x the batch's input): Kp pairs of rows.
 CNNEXT_BF16 void pack_b(const uint16_t* x, const Strides4& xs, const Conv2dParams& p, int64_t c0,
-                        int64_t K, int64_t q0, int64_t P, uint16_t* b) {
+                        int64_t K, const PanelRuns& runs, uint16_t* b) {
   alignas(64) uint16_t scratch[kNR];
   alignas(64) static const uint16_t lo_idx[32] = {0,  32, 1,  33, 2,  34, 3,  35, 4,  36, 5,
                                                   37, 6,  38, 7,  39, 8,  40, 9,  41, 10, 42,
@@ -190,11 +255,11 @@ CNNEXT_BF16 void pack_b(const uint16_t* x, const Strides4& xs, const Conv2dParam
   };
   (void)KHW;
   for (int64_t k = 0; k < K; k += 2) {
-    const __m512i r0 = im2col_row(x, xs, p, c, kh, kw, q0, P, scratch);
+    const __m512i r0 = im2col_row(x, xs, p, c, kh, kw, runs, scratch);
     next();
     __m512i r1 = _mm512_setzero_si512();
     if (k + 1 < K) {
-      r1 = im2col_row(x, xs, p, c, kh, kw, q0, P, scratch);
+      r1 = im2col_row(x, xs, p, c, kh, kw, runs, scratch);
       next();
     }
     uint16_t* out = b + (k / 2) * 64;
@@ -252,45 +317,67 @@ CNNEXT_BF16 void pack_gy_pixels(const uint16_t* gy, int64_t P, int64_t rows, int
   }
 }
 
+// out[c] (16 dwords) = column c of the 16 x 16 dword matrix whose rows are r[0..15]:
+// 32-bit then 64-bit interleaves within 128-bit lanes, then two rounds of lane shuffles.
+CNNEXT_BF16 inline void transpose16(const __m512i* r, __m512i* out) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  // u[4i + m], lane L: column 4L + m, rows 4i .. 4i + 3.
+  for (int i = 0; i < 4; ++i) {
+    u[4 * i + 0] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int m = 0; m < 4; ++m) {
+    const __m512i s1 = _mm512_shuffle_i32x4(u[m], u[4 + m], 0x44);
+    const __m512i s2 = _mm512_shuffle_i32x4(u[m], u[4 + m], 0xEE);
+    const __m512i s3 = _mm512_shuffle_i32x4(u[8 + m], u[12 + m], 0x44);
+    const __m512i s4 = _mm512_shuffle_i32x4(u[8 + m], u[12 + m], 0xEE);
+    out[0 + m] = _mm512_shuffle_i32x4(s1, s3, 0x88);
+    out[4 + m] = _mm512_shuffle_i32x4(s1, s3, 0xDD);
+    out[8 + m] = _mm512_shuffle_i32x4(s2, s4, 0x88);
+    out[12 + m] = _mm512_shuffle_i32x4(s2, s4, 0xDD);
+  }
+}
+
 // The weight gradient's B panels of one sample's group: for each panel of 32 rows
-// (output channels) and each pair qp of pixels, b[(panel * QP + qp) * 64 + 2j + h] =
-// gy[panel * 32 + j, 2qp + h] (rows P apart), zero beyond rows and P: one dword gather
-// per 16 rows, the pixel pair being adjacent in memory.
-CNNEXT_BF16 void pack_gy_pairs(const uint16_t* gy, int64_t P, int64_t rows, uint16_t* b) {
+// (output channels) and each pair qp of pixels, b[panel * panel_stride + qp * 64 + 2j + h]
+// = gy[panel * 32 + j, 2qp + h] (rows P apart), zero beyond rows and P. A pixel pair is
+// one dword, so 16 pairs of 32 rows are two 16 x 16 dword transposes of rows loaded as
+// they lie (masked past P: an odd P's last pixel pairs with zero).
+CNNEXT_BF16 void pack_gy_pairs(const uint16_t* gy, int64_t P, int64_t rows, uint16_t* b,
+                               int64_t panel_stride) {
   const int64_t QP = (P + 1) / 2, panels = (rows + kNR - 1) / kNR;
-  const int64_t full = P / 2;  // pairs with both pixels inside the row
   for (int64_t panel = 0; panel < panels; ++panel) {
     const int64_t r0 = panel * kNR, n = std::min(kNR, rows - r0);
-    const __mmask16 m0 = n >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
-    const __mmask16 m1 = n >= 32 ? __mmask16(0xFFFF) : n <= 16 ? __mmask16(0) : static_cast<__mmask16>((1u << (n - 16)) - 1);
-    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    const __m512i stride = _mm512_set1_epi32(static_cast<int>(P));
-    const __m512i idx0 = _mm512_mullo_epi32(lane, stride);
-    const __m512i idx1 = _mm512_add_epi32(idx0, _mm512_set1_epi32(static_cast<int>(16 * P)));
-    const uint16_t* rows0 = gy + r0 * P;
-    uint16_t* out = b + panel * QP * 64;
-    for (int64_t qp = 0; qp < full; ++qp) {
-      const uint16_t* base = rows0 + 2 * qp;
-      const __m512i v0 = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m0, idx0, base, 2);
-      const __m512i v1 = m1 ? _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m1, idx1, base, 2)
-                            : _mm512_setzero_si512();
-      _mm512_storeu_si512(out + qp * 64, v0);
-      _mm512_storeu_si512(out + qp * 64 + 32, v1);
-    }
-    if (full < QP) {  // odd P: the last pixel, paired with zero
-      uint16_t* last = out + full * 64;
-      std::memset(last, 0, 64 * sizeof(uint16_t));
-      for (int64_t j = 0; j < n; ++j) last[2 * j] = rows0[j * P + P - 1];
+    uint16_t* out = b + panel * panel_stride;
+    for (int64_t qp0 = 0; qp0 < QP; qp0 += 16) {
+      const int64_t px0 = 2 * qp0, npx = std::min<int64_t>(32, P - px0);
+      const __mmask32 pm = npx >= 32 ? ~__mmask32(0) : static_cast<__mmask32>((1u << npx) - 1);
+      __m512i r[32], lo[16], hi[16];
+      for (int64_t j = 0; j < kNR; ++j)
+        r[j] = j < n ? _mm512_maskz_loadu_epi16(pm, gy + (r0 + j) * P + px0) : _mm512_setzero_si512();
+      transpose16(r, lo);
+      transpose16(r + 16, hi);
+      const int64_t nq = std::min<int64_t>(16, QP - qp0);
+      for (int64_t q = 0; q < nq; ++q) {
+        _mm512_storeu_si512(out + (qp0 + q) * 64, lo[q]);
+        _mm512_storeu_si512(out + (qp0 + q) * 64 + 32, hi[q]);
+      }
     }
   }
 }
 
-// The weight gradient's A block: rows [k0, k0 + kMR) of the im2col of one sample (taps
-// k = (c, kh, kw) from channel c0) over pixels [q0, q0 + npix) (npix a multiple of kNR),
-// a[i * npix + t] = X[k0 + i, q0 + t]: zero beyond K and P. Read as dwords, each
-// holds a pair of adjacent pixels (q0 even).
+// The weight gradient's A block: rows [k0, k0 + kMR) of the im2col of the batch (taps
+// k = (c, kh, kw) from channel c0) over the slots of segs (npix / kNR panels of 32),
+// a[i * npix + t] = X[k0 + i, slot t]: zero beyond K and at padding slots. Read as
+// dwords, each holds a pair of adjacent slots (a chunk starts at an even slot).
 CNNEXT_BF16 void pack_taps(const uint16_t* x, const Strides4& xs, const Conv2dParams& p, int64_t c0,
-                           int64_t K, int64_t k0, int64_t q0, int64_t npix, int64_t P, uint16_t* a) {
+                           int64_t K, int64_t k0, const PanelRuns* segs, int64_t npix, uint16_t* a) {
   alignas(64) uint16_t scratch[kNR];
   const int64_t KHW = p.KH * p.KW;
   for (int64_t i = 0; i < kMR; ++i) {
@@ -302,7 +389,7 @@ CNNEXT_BF16 void pack_taps(const uint16_t* x, const Strides4& xs, const Conv2dPa
     }
     const int64_t c = c0 + k / KHW, kh = (k % KHW) / p.KW, kw = k % p.KW;
     for (int64_t t = 0; t < npix; t += kNR)
-      _mm512_storeu_si512(row + t, im2col_row(x, xs, p, c, kh, kw, q0 + t, P, scratch));
+      _mm512_storeu_si512(row + t, im2col_row(x, xs, p, c, kh, kw, segs[t / kNR], scratch));
   }
 }
 #endif  // CNNEXT_BF16_GEMM
@@ -332,7 +419,7 @@ bool forward_gemm(const at::Tensor& input, const at::Tensor& weight,
   kFwdBf16Gemm.hit();
   const int64_t Cg = p.in_per_group(), Og = p.out_per_group(), K = Cg * p.KH * p.KW;
   const int64_t Kp = (K + 1) / 2, P = p.OH * p.OW;
-  const int64_t a_panels = (Og + kMR - 1) / kMR, b_panels = (P + kNR - 1) / kNR;
+  const int64_t a_panels = (Og + kMR - 1) / kMR, b_panels = (p.N * P + kNR - 1) / kNR;
   // A: every group's weight in pairs.
   const at::Tensor wc = weight.contiguous();
   const uint16_t* w = reinterpret_cast<const uint16_t*>(wc.const_data_ptr<at::BFloat16>());
@@ -345,14 +432,20 @@ bool forward_gemm(const at::Tensor& input, const at::Tensor& weight,
         const int64_t o = panel * kMR + i;
         if (o >= Og) break;
         if (flipped) {
-          // weight[(g * Cg + c) * Og + o, tap']: tap' = KHW - 1 - tap of k = c * KHW + tap.
+          // weight[(g * Cg + c) * Og + o, tap']: tap' = KHW - 1 - tap of k = c * KHW + tap,
+          // walked in k order (no division per element).
           const int64_t KHW = p.KH * p.KW;
-          auto at_k = [&](int64_t k) -> uint32_t {
-            if (k >= K) return 0;
-            const int64_t c = k / KHW, tap = k % KHW;
-            return w[((g * Cg + c) * Og + o) * KHW + (KHW - 1 - tap)];
-          };
-          for (int64_t kp = 0; kp < Kp; ++kp) dst[kp * kMR + i] = at_k(2 * kp) | (at_k(2 * kp + 1) << 16);
+          int64_t k = 0;
+          uint32_t lo = 0;
+          for (int64_t c = 0; c < Cg; ++c) {
+            const uint16_t* wr = w + ((g * Cg + c) * Og + o) * KHW + (KHW - 1);
+            for (int64_t tap = 0; tap < KHW; ++tap, ++k) {
+              const uint32_t v = wr[-tap];
+              if (k & 1) dst[(k >> 1) * kMR + i] = lo | (v << 16);
+              else lo = v;
+            }
+          }
+          if (K & 1) dst[(K >> 1) * kMR + i] = lo;  // the last pair's second half: zero
           continue;
         }
         const uint16_t* wr = w + (g * Og + o) * K;
@@ -371,18 +464,23 @@ bool forward_gemm(const at::Tensor& input, const at::Tensor& weight,
   const uint16_t* x = reinterpret_cast<const uint16_t*>(input.const_data_ptr<at::BFloat16>());
   const Strides4 xs = strides_of(input);
   uint16_t* y = reinterpret_cast<uint16_t*>(out.mutable_data_ptr<at::BFloat16>());
-  const int64_t items = p.N * p.G * b_panels;
+  // Pixel panels run across samples (q = n * P + pixel): small maps (7 x 7 = 49 pixels)
+  // fill the panels they share instead of leaving a part-empty one per sample.
+  const int64_t items = p.G * b_panels;
   at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
     std::vector<uint16_t> bpanel(static_cast<size_t>(Kp * 64));
+    int64_t seg_off[kNR];
     for (int64_t item = i0; item < i1; ++item) {
-      const int64_t jb = item % b_panels, ng = item / b_panels, g = ng % p.G, n = ng / p.G;
-      const int64_t q0 = jb * kNR, cols = std::min(kNR, P - q0);
-      pack_b(x + n * xs.n, xs, p, g * Cg, K, q0, P, bpanel.data());
+      const int64_t jb = item % b_panels, g = item / b_panels;
+      const PanelRuns runs(p, jb * kNR, p.N * P, xs.n);
+      // Segment s's position t is pixel t - slo + sq of sample sn: at y + sn * O * P + ...
+      for (int64_t sg = 0; sg < runs.nseg; ++sg) seg_off[sg] = runs.sn[sg] * p.O * P + runs.sq[sg] - runs.slo[sg];
+      pack_b(x, xs, p, g * Cg, K, runs, bpanel.data());
       for (int64_t ip = 0; ip < a_panels; ++ip) {
         const int64_t o0 = g * Og + ip * kMR;
         micro_kernel(a.data() + (g * a_panels + ip) * Kp * kMR, bpanel.data(), Kp,
-                     bias_f.empty() ? nullptr : bias_f.data() + o0, relu,
-                     y + (n * p.O + o0) * P + q0, P, std::min(kMR, Og - ip * kMR), cols);
+                     bias_f.empty() ? nullptr : bias_f.data() + o0, relu, y + o0 * P, P,
+                     std::min(kMR, Og - ip * kMR), runs, seg_off);
       }
     }
   });
@@ -405,6 +503,7 @@ bool conv2d_forward(const at::Tensor& input, const at::Tensor& weight,
 namespace {
 CNNEXT_PATH(kInBf16Flip, "conv2d.input_grad.bf16_flip");
 CNNEXT_PATH(kInBf16Gemm, "conv2d.input_grad.bf16_gemm");
+CNNEXT_PATH(kInBf16Phases, "conv2d.input_grad.bf16_phases");
 CNNEXT_PATH(kWBf16Gemm, "conv2d.weight_grad.bf16_gemm");
 }  // namespace
 
@@ -435,7 +534,61 @@ at::Tensor conv2d_input_backward(const at::Tensor& grad_output, const at::Tensor
     }
     return out_format == at::MemoryFormat::Contiguous ? gx : gx.contiguous(out_format);
   }
-  // Other strides: per (sample, group) and panel of 32 output pixels, the float tile
+  // (Under about a thousand output pixels in the batch, e.g. ResNet's 14 -> 7 layer, the
+  // phases' small GEMMs lose to the col2im below: 1 thread, 8.0 -> 9.5 ms there, against
+  // 11 -> 9 ms at 56 -> 28.)
+  if (p.DH == 1 && p.DW == 1 && p.N * p.OH * p.OW >= 1024) {
+    // Other strides, no dilation: the input rows ih = a + SH * i (phase a < SH) receive
+    // taps kh = a + PH (mod SH) only, from output rows oh = i + (a + PH - kh) / SH, which
+    // step by 1 as kh steps down by SH. So each phase (a, b) of the input gradient is a
+    // stride-1 forward convolution of grad_output with the sub-kernel of those taps,
+    // flipped and transposed (C x Og x KHa x KWa, kh descending), padding -(a + PH -
+    // kh_max) / SH (negative: a crop), into the phase's (N, C, Ha, Wb) positions: every
+    // input position is in one phase and is one float sum rounded once, and the GEMM
+    // runs without the float col2im.
+    kInBf16Phases.hit();
+    at::Tensor gx = at::empty({p.N, p.C, p.H, p.W}, grad_output.options());
+    if (gx.numel() == 0) return out_format == at::MemoryFormat::Contiguous ? gx : gx.contiguous(out_format);
+    const at::Tensor gyc = grad_output.contiguous();
+    // wt[g * Cg + c, o, kh, kw] = weight[g * Og + o, c, kh, kw].
+    const at::Tensor wt = weight.reshape({p.G, Og, Cg, p.KH, p.KW}).transpose(1, 2).reshape({p.C, Og, p.KH, p.KW});
+    auto taps = [](int64_t a, int64_t pad, int64_t S, int64_t Kn) {
+      std::vector<int64_t> t;  // valid taps, descending
+      for (int64_t k = Kn - 1; k >= 0; --k)
+        if (((a + pad - k) % S + S) % S == 0) t.push_back(k);
+      return t;
+    };
+    auto floor_div = [](int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); };
+    for (int64_t a = 0; a < std::min(p.SH, p.H); ++a) {
+      const std::vector<int64_t> th = taps(a, p.PH, p.SH, p.KH);
+      const int64_t Ha = (p.H - a + p.SH - 1) / p.SH;
+      for (int64_t b = 0; b < std::min(p.SW, p.W); ++b) {
+        const std::vector<int64_t> tw = taps(b, p.PW, p.SW, p.KW);
+        const int64_t Wb = (p.W - b + p.SW - 1) / p.SW;
+        at::Tensor dst = gx.slice(2, a, p.H, p.SH).slice(3, b, p.W, p.SW);
+        if (th.empty() || tw.empty()) {  // no tap reaches these positions
+          dst.zero_();
+          continue;
+        }
+        const auto opt = at::TensorOptions().dtype(at::kLong);
+        const at::Tensor ih = at::tensor(th, opt), iw = at::tensor(tw, opt);
+        const at::Tensor sub = wt.index_select(2, ih).index_select(3, iw).contiguous();
+        Conv2dParams q = p;
+        q.C = p.O; q.H = p.OH; q.W = p.OW;
+        q.O = p.C; q.OH = Ha; q.OW = Wb;
+        q.KH = static_cast<int64_t>(th.size()); q.KW = static_cast<int64_t>(tw.size());
+        q.SH = q.SW = 1;
+        q.PH = -floor_div(a + p.PH - th[0], p.SH);
+        q.PW = -floor_div(b + p.PW - tw[0], p.SW);
+        at::Tensor part = at::empty({p.N, p.C, Ha, Wb}, grad_output.options());
+        const bool ran = forward_gemm(gyc, sub, c10::nullopt, q, part, false, false);
+        TORCH_INTERNAL_ASSERT(ran);
+        dst.copy_(part);
+      }
+    }
+    return out_format == at::MemoryFormat::Contiguous ? gx : gx.contiguous(out_format);
+  }
+  // Other strides (with dilation): per (sample, group) and panel of 32 output pixels, the float tile
   // col = W^T gy (taps x pixels, the reduction over output channels in pairs) is added
   // into a float copy of the sample's input gradient (col2im); rounded once at the end.
   kInBf16Gemm.hit();
@@ -521,52 +674,70 @@ at::Tensor conv2d_weight_backward(const at::Tensor& grad_output, const at::Tenso
   // B: grad_output in pairs of pixels, 32 output channels to a row, per (sample, group).
   const at::Tensor gyc = grad_output.contiguous();
   const uint16_t* gy = reinterpret_cast<const uint16_t*>(gyc.const_data_ptr<at::BFloat16>());
-  const int64_t b_size = o_panels * QP * 64;  // per (sample, group)
-  std::vector<uint16_t> b(static_cast<size_t>(p.N * p.G * b_size));
+  // Pixel slots run across samples: sample n's pixel q is slot u = n * 2QP + q (an odd P
+  // leaves one zero slot after each sample), so that small maps (7 x 7: 25 pairs) make
+  // long reductions per tile instead of one short one per sample. Per (group, output
+  // channel panel), the pairs of every sample in a row: b[((g * o_panels + op) * N + n)
+  // * QP + qp] holds 64 values.
+  const int64_t U = p.N * 2 * QP;
+  std::vector<uint16_t> b(static_cast<size_t>(p.G * o_panels * p.N * QP * 64));
   at::parallel_for(0, p.N * p.G, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t item = i0; item < i1; ++item) {
       const int64_t n = item / p.G, g = item % p.G;
-      pack_gy_pairs(gy + (n * p.O + g * Og) * P, P, Og, b.data() + item * b_size);
+      pack_gy_pairs(gy + (n * p.O + g * Og) * P, P, Og, b.data() + (g * o_panels * p.N + n) * QP * 64,
+                    p.N * QP * 64);
     }
   });
   // Each thread owns a run of (group, tap panel) tiles and accumulates them in float
-  // over every sample and pixel, a chunk of pixels at a time (the chunk's B panels are
-  // reused by every tap panel): the sums do not depend on the thread count.
-  // Pixels per chunk: a multiple of kNR (so even), no more than the panels P spans.
-  const int64_t kChunk = std::min<int64_t>(256, (P + kNR - 1) / kNR * kNR);
+  // over every slot, a chunk of slots at a time (the chunk's B panels are reused by
+  // every tap panel): the sums do not depend on the thread count.
+  // Slots per chunk: a multiple of kNR (so even), no more than the panels U spans.
+  const int64_t kChunk = std::min<int64_t>(256, (U + kNR - 1) / kNR * kNR);
   const uint16_t* x = reinterpret_cast<const uint16_t*>(input.const_data_ptr<at::BFloat16>());
   const Strides4 xs = strides_of(input);
   at::Tensor gwf = at::empty({p.O, K}, grad_output.options().dtype(at::kFloat));
   float* gwp = gwf.mutable_data_ptr<float>();
   at::parallel_for(0, p.G * k_panels, 1, [&](int64_t t0, int64_t t1) {
-    const int64_t tiles = (t1 - t0) * o_panels;
-    std::vector<float> acc(static_cast<size_t>(tiles * kMR * kNR), 0.f);
+    // Blocks of tiles whose float accumulators stay in L2 (256 KiB) while every chunk of
+    // slots passes over them, then go to gw at once, from L2 (wide layers, e.g. 512 x
+    // 4608, have megabytes of them); each tile sums the chunks in the same order.
+    const int64_t block = std::max<int64_t>(1, (int64_t(256) << 10) / (o_panels * kMR * kNR * 4));
+    std::vector<float> acc(static_cast<size_t>(std::min(block, t1 - t0) * o_panels * kMR * kNR));
     std::vector<uint16_t> abuf(static_cast<size_t>(kMR * kChunk));
-    for (int64_t g = t0 / k_panels; g <= (t1 - 1) / k_panels; ++g) {
-      const int64_t kp0 = std::max(t0, g * k_panels) - g * k_panels;
-      const int64_t kp1 = std::min(t1, (g + 1) * k_panels) - g * k_panels;
-      for (int64_t n = 0; n < p.N; ++n) {
-        const uint16_t* bg = b.data() + (n * p.G + g) * b_size;
-        for (int64_t q0 = 0; q0 < P; q0 += kChunk) {
-          const int64_t pairs = std::min(kChunk, 2 * QP - q0) / 2;
+    std::vector<PanelRuns> segs(static_cast<size_t>(kChunk / kNR));
+    for (int64_t tb0 = t0; tb0 < t1; tb0 += block) {
+      const int64_t tb1 = std::min(t1, tb0 + block);
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t g = tb0 / k_panels; g <= (tb1 - 1) / k_panels; ++g) {
+        const int64_t kp0 = std::max(tb0, g * k_panels) - g * k_panels;
+        const int64_t kp1 = std::min(tb1, (g + 1) * k_panels) - g * k_panels;
+        const uint16_t* bg = b.data() + g * o_panels * p.N * QP * 64;
+        for (int64_t u0 = 0; u0 < U; u0 += kChunk) {
+          const int64_t pairs = std::min(kChunk, U - u0) / 2;
+          // The chunk's panels of 32 slots.
+          for (int64_t t = 0; t < kChunk / kNR; ++t) new (&segs[t]) PanelRuns(p, u0 + t * kNR, U, xs.n, 2 * QP);
           for (int64_t kpanel = kp0; kpanel < kp1; ++kpanel) {
-            pack_taps(x + n * xs.n, xs, p, g * Cg, K, kpanel * kMR, q0, kChunk, P, abuf.data());
-            float* tacc = acc.data() + ((g * k_panels + kpanel - t0) * o_panels) * kMR * kNR;
+            pack_taps(x, xs, p, g * Cg, K, kpanel * kMR, segs.data(), kChunk, abuf.data());
+            float* tacc = acc.data() + ((g * k_panels + kpanel - tb0) * o_panels) * kMR * kNR;
             for (int64_t op = 0; op < o_panels; ++op)
               tile_f32(reinterpret_cast<const uint32_t*>(abuf.data()), kChunk / 2, 1,
-                       bg + (op * QP + q0 / 2) * 64, pairs, tacc + op * kMR * kNR, true);
+                       bg + (op * p.N * QP + u0 / 2) * 64, pairs, tacc + op * kMR * kNR, true);
           }
         }
       }
-    }
-    // gw[g * Og + o, k] = the tile's (k, o) entry.
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t g = t / k_panels, kpanel = t % k_panels;
-      for (int64_t op = 0; op < o_panels; ++op) {
-        const float* tile = acc.data() + ((t - t0) * o_panels + op) * kMR * kNR;
-        for (int64_t i = 0; i < kMR && kpanel * kMR + i < K; ++i)
+      // gw[g * Og + o, k] = the tile's (k, o) entry: per output row, runs of up to 8 tap
+      // panels' contiguous taps (one float per row K apart missed the cache on every store).
+      for (int64_t tb = tb0; tb < tb1; tb += 8) {
+        const int64_t te = std::min(tb1, tb + 8);
+        for (int64_t op = 0; op < o_panels; ++op)
           for (int64_t j = 0; j < kNR && op * kNR + j < Og; ++j)
-            gwp[(g * Og + op * kNR + j) * K + kpanel * kMR + i] = tile[i * kNR + j];
+            for (int64_t t = tb; t < te; ++t) {
+              const int64_t g = t / k_panels, kpanel = t % k_panels;
+              const float* tile = acc.data() + ((t - tb0) * o_panels + op) * kMR * kNR + j;
+              float* dst = gwp + (g * Og + op * kNR + j) * K + kpanel * kMR;
+              const int64_t rows = std::min(kMR, K - kpanel * kMR);
+              for (int64_t i = 0; i < rows; ++i) dst[i] = tile[i * kNR];
+            }
       }
     }
   });

@@ -1,5 +1,5 @@
 // max_pool2d forward with indices on AVX-512 (csrc/cpu/vec.h's Vec<T, Isa::kAvx512>,
-// one template for float and double): NCHW rows with column strides 1 and 2 (any
+// one template for float and double; bfloat16 widened to float): NCHW rows with column strides 1 and 2 (any
 // kernel, padding, dilation, ceil_mode), and channels_last pixels.
 //
 // One output row is cut into vectors of L outputs (16 float / 8 double lanes, the last
@@ -133,6 +133,86 @@ void run(const T* x, int64_t xn, int64_t xc, int64_t xh, const Pool2dParams& p, 
   });
 }
 
+// bfloat16 planes: plane()'s scan on 16 float lanes, each tap's bfloat16 values widened
+// to float exactly (the 16 bits moved to the top of a dword), the maximum stored back by
+// the inverse move (bit-exact: it is one of the inputs). Stride 1: one masked load of 16
+// values, widened; stride 2: one masked load of 32 values whose even elements sit in the
+// low halves of the dwords, so the shift alone widens them. Lanes whose tap column lies
+// outside the input (evens[b * KW + kw] for stride 2) are -inf, which never takes.
+template <int S>
+CNNEXT_AVX512 void plane_bf16(const uint16_t* xp, int64_t xh, const Pool2dParams& p,
+                              const RowPlan<int32_t>& plan, const uint16_t* evens, uint16_t* y,
+                              int64_t* yi) {
+  using V = vec::Vec<float, Isa::kAvx512>;
+  using VI = vec::Vec<int32_t, Isa::kAvx512>;
+  using M = V::Mask;
+  constexpr int L = 16;
+  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  int32_t steps[L];
+  for (int j = 0; j < L; ++j) steps[j] = j * S;
+  const VI iota = VI::load(steps);
+  const int64_t W = p.W, OW = p.OW, KW = p.KW;
+  for (int64_t oh = 0; oh < p.OH; ++oh) {
+    int64_t hlo, hhi;
+    max_window(oh, p.H, p.KH, p.SH, p.PH, p.DH, &hlo, &hhi);
+    uint16_t* yr = y + oh * OW;
+    int64_t* ir = yi + oh * OW;
+    for (int64_t b = 0; b < plan.nb; ++b) {
+      const int64_t ow0 = b * L;
+      const M om = static_cast<M>(lane_range(0, std::min<int64_t>(L, OW - ow0)));
+      V acc{ninf};
+      VI idx = VI::load(plan.col_lo.data() + ow0) + VI::set1(static_cast<int32_t>(hlo * W));
+      const uint32_t* mk = plan.masks.data() + b * KW * 2;
+      const uint16_t* ev = evens + b * KW;
+      for (int64_t ih = hlo; ih < hhi; ih += p.DH) {
+        const uint16_t* row = xp + ih * xh;
+        for (int64_t kw = 0; kw < KW; ++kw) {
+          const int64_t c0 = ow0 * S - p.PW + kw * p.DW;
+          __m512 w;
+          M valid;
+          if constexpr (S == 1) {
+            valid = static_cast<M>(mk[2 * kw]);
+            const __m512i raw = _mm512_maskz_loadu_epi16(static_cast<__mmask32>(valid), row + c0);
+            w = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(raw)), 16));
+          } else {
+            valid = static_cast<M>(ev[kw]);
+            const __mmask32 lm = static_cast<__mmask32>(mk[2 * kw] | (mk[2 * kw + 1] << 16));
+            w = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_maskz_loadu_epi16(lm, row + c0), 16));
+          }
+          const V v{_mm512_mask_blend_ps(valid, ninf, w)};
+          const M take = V::takes(v, acc);
+          acc = V::select(take, v, acc);
+          idx = VI::select(take, iota + VI::set1(static_cast<int32_t>(ih * W + c0)), idx);
+        }
+      }
+      _mm512_mask_cvtepi32_storeu_epi16(yr + ow0, om, _mm512_srli_epi32(_mm512_castps_si512(acc.v), 16));
+      idx.mask_store_i64(ir + ow0, om);
+    }
+  }
+}
+
+template <int S>
+void run_bf16(const uint16_t* x, int64_t xn, int64_t xc, int64_t xh, const Pool2dParams& p,
+              uint16_t* y, int64_t* yi) {
+  const RowPlan<int32_t> plan(p, 16);
+  // Stride 2: lane j of (b, kw) reads column c0 + 2j, bit 2j of the 32-lane load mask.
+  std::vector<uint16_t> evens(plan.nb * p.KW, 0);
+  if (S == 2)
+    for (int64_t i = 0; i < plan.nb * p.KW; ++i) {
+      const uint32_t m = plan.masks[2 * i] | (plan.masks[2 * i + 1] << 16);
+      uint16_t e = 0;
+      for (int j = 0; j < 16; ++j) e |= static_cast<uint16_t>(((m >> (2 * j)) & 1u) << j);
+      evens[i] = e;
+    }
+  const int64_t OHW = p.OH * p.OW;
+  at::parallel_for(0, p.N * p.C, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t n = item / p.C, c = item % p.C;
+      plane_bf16<S>(x + n * xn + c * xc, xh, p, plan, evens.data(), y + item * OHW, yi + item * OHW);
+    }
+  });
+}
+
 // channels_last, one output pixel: channels [0, C) of the taps at xp + off[t], t < nt
 // (1 <= nt <= 32), in scan order; the winning tap number per lane (int32) becomes the
 // flat index through a 32-entry table. Blocks of NV vectors, then single vectors, the
@@ -203,6 +283,11 @@ void max_pool2d_nchw_avx512(const double* x, int64_t xn, int64_t xc, int64_t xh,
   (p.SW == 1 ? run<double, 1> : run<double, 2>)(x, xn, xc, xh, p, y, yi);
 }
 
+void max_pool2d_nchw_avx512_bf16(const uint16_t* x, int64_t xn, int64_t xc, int64_t xh,
+                                 const Pool2dParams& p, uint16_t* y, int64_t* yi) {
+  (p.SW == 1 ? run_bf16<1> : run_bf16<2>)(x, xn, xc, xh, p, y, yi);
+}
+
 bool max_pool2d_cl_avx512_ok(const Pool2dParams& p) {
   return has_avx512() && p.KH * p.KW <= 32 && p.H * p.W < (int64_t(1) << 31);
 }
@@ -224,6 +309,8 @@ void max_pool2d_nchw_avx512(const float*, int64_t, int64_t, int64_t, const Pool2
                             int64_t*) {}
 void max_pool2d_nchw_avx512(const double*, int64_t, int64_t, int64_t, const Pool2dParams&,
                             double*, int64_t*) {}
+void max_pool2d_nchw_avx512_bf16(const uint16_t*, int64_t, int64_t, int64_t, const Pool2dParams&,
+                                 uint16_t*, int64_t*) {}
 bool max_pool2d_cl_avx512_ok(const Pool2dParams&) { return false; }
 void max_pool2d_cl_pixel_avx512(const float*, int64_t, const int64_t*, const int32_t*, int64_t,
                                 float*, int64_t*) {}

@@ -19,6 +19,9 @@ void max_pool2d_nchw_avx512(const float* x, int64_t xn, int64_t xc, int64_t xh,
                             const Pool2dParams& p, float* y, int64_t* yi);
 void max_pool2d_nchw_avx512(const double* x, int64_t xn, int64_t xc, int64_t xh,
                             const Pool2dParams& p, double* y, int64_t* yi);
+// bfloat16 (the raw 16-bit values), under max_pool2d_nchw_avx512_ok(p, true): bit-exact.
+void max_pool2d_nchw_avx512_bf16(const uint16_t* x, int64_t xn, int64_t xc, int64_t xh,
+                                 const Pool2dParams& p, uint16_t* y, int64_t* yi);
 
 // channels_last forward, one output pixel (AVX-512, windows of at most 32 taps, planes
 // below 2^31 elements): y[c], yi[c] for c < C = the maximum (torch's scan order) over the

@@ -3,7 +3,8 @@
 // max_unpool2d_backward through max_pool2d_gather).
 //
 // Backward scatters grad_output into grad_input plane by plane, each plane by one
-// thread, in output order (dense planes: one flat loop): deterministic (channels_last:
+// thread, in output order (dense planes: one flat loop; float16 / bfloat16 dense planes
+// sum in float and round once): deterministic (channels_last:
 // one sample per thread, pixels in output order, channels inside). The gathers are one
 // loop through the strides. Every index read from a tensor is checked against its plane
 // before it is used.
@@ -11,10 +12,13 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/max_pool2d.h"
 #include "cpu/max_pool2d_common.h"
+#include "cpu/vec.h"
 #include "paths.h"
 #include "tensors.h"
 
@@ -91,12 +95,35 @@ at::Tensor max_pool2d_backward(const at::Tensor& grad_output, const at::Tensor& 
     const bool flat = !any_empty && xs.w == 1 && gs.w == 1 && gs.h == p.OW && is.w == 1 &&
                       is.h == p.OW;
     (flat ? kBwdFlat : kBwdStrided).hit();
+    constexpr bool kHalf = std::is_same_v<scalar_t, at::BFloat16> || std::is_same_v<scalar_t, at::Half>;
     at::parallel_for(0, p.N * p.C, 1, [&](int64_t begin, int64_t end) {
+      // float16 / bfloat16 dense planes: the sums in a float plane, rounded once (the
+      // half type's read-add-round per tap was most of the time; where windows do not
+      // overlap the result is the same, one value per input).
+      std::vector<float> acc(kHalf && flat ? HW : 0);
       for (int64_t plane = begin; plane < end; ++plane) {
         const int64_t n = plane / p.C, c = plane % p.C;
         const scalar_t* gp = g + n * gs.n + c * gs.c;
         const int64_t* ipp = ip + n * is.n + c * is.c;
         scalar_t* xp = dx + n * xs.n + c * xs.c;
+        if (kHalf && flat) {
+          std::fill(acc.begin(), acc.end(), 0.f);
+          float* ap = acc.data();
+          const int64_t OHW = p.OH * p.OW;
+          for (int64_t k = 0; k < OHW; ++k) {
+            const int64_t i = ipp[k];
+            if (static_cast<uint64_t>(i) >= static_cast<uint64_t>(HW)) {
+              bad.record(i);
+              continue;
+            }
+            ap[i] += static_cast<float>(gp[k]);
+          }
+          if constexpr (std::is_same_v<scalar_t, at::BFloat16>)
+            vec::float_to_bf16(ap, reinterpret_cast<uint16_t*>(xp), HW);
+          else
+            for (int64_t i = 0; i < HW; ++i) xp[i] = static_cast<scalar_t>(ap[i]);
+          continue;
+        }
         if (flat) {  // dense planes, every window with a tap: one flat loop
           const int64_t OHW = p.OH * p.OW;
           for (int64_t k = 0; k < OHW; ++k) {

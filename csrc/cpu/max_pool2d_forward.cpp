@@ -1,6 +1,6 @@
 // max_pool2d forward (with indices) on the CPU.
 //
-// Forward: where the CPU has AVX-512, NCHW rows with column stride 1 or 2 and
+// Forward: where the CPU has AVX-512, NCHW rows (float, double, bfloat16) with column stride 1 or 2 and
 // channels_last windows of at most 32 taps take the kernels of max_pool2d_avx512.cpp.
 // Otherwise three loops, each parallel (at::parallel_for) over independent outputs:
 //   - NCHW planes (input rows contiguous, output contiguous): one plane at a time,
@@ -46,6 +46,7 @@ namespace cpu {
 namespace {
 
 CNNEXT_PATH(kAvx512Rows, "max_pool2d.fwd.avx512_rows");
+CNNEXT_PATH(kAvx512RowsBf16, "max_pool2d.fwd.avx512_rows_bf16");
 CNNEXT_PATH(kNchwRows, "max_pool2d.fwd.nchw_rows");
 CNNEXT_PATH(kClAvx512, "max_pool2d.fwd.channels_last_avx512");
 CNNEXT_PATH(kClAvx2, "max_pool2d.fwd.channels_last_avx2");
@@ -417,9 +418,19 @@ void forward_generic(const at::Tensor& input, const Pool2dParams& p, at::Tensor&
   });
 }
 
-// The AVX-512 rows kernel (float and double only): whether it ran.
+// The AVX-512 rows kernel (float, double, bfloat16): whether it ran.
 template <typename T>
 bool avx512_rows(const at::Tensor& input, const Pool2dParams& p, at::Tensor& out, at::Tensor& idx) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (input.stride(3) == 1 && out.is_contiguous() && max_pool2d_nchw_avx512_ok(p, true)) {
+      kAvx512RowsBf16.hit();
+      max_pool2d_nchw_avx512_bf16(reinterpret_cast<const uint16_t*>(input.const_data_ptr<T>()),
+                                  input.stride(0), input.stride(1), input.stride(2), p,
+                                  reinterpret_cast<uint16_t*>(out.mutable_data_ptr<T>()),
+                                  idx.mutable_data_ptr<int64_t>());
+      return true;
+    }
+  }
   if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
     if (input.stride(3) == 1 && out.is_contiguous() &&
         max_pool2d_nchw_avx512_ok(p, std::is_same_v<T, float>)) {
