@@ -387,6 +387,8 @@ at::Tensor conv2d_input_backward(const at::Tensor& grad_out, const at::Tensor& w
   const bool pointwise = is_pointwise(p) && !use_direct(p) && !sgemm;
   at::Tensor gx = at::empty({p.N, p.C, p.H, p.W}, grad_output.options().memory_format(out_format));
   if (gx.numel() == 0) return gx;
+  // 3 x 3 stride 1: Winograd on the flipped, transposed weight (overwrites gx).
+  if (sgemm && winograd::input_backward_tensor(grad_output, weight, gx, p)) return gx;
   if (!pointwise && !(sgemm && conv_sgemm::input_backward_overwrites(p))) gx.zero_();
   if (sgemm) {
     kInSgemm.hit();

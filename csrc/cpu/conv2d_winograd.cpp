@@ -37,6 +37,7 @@ CNNEXT_PATH(kF6, "conv2d.winograd.f6x6");
 CNNEXT_PATH(kNonFinite, "conv2d.winograd.nonfinite_fallback");
 CNNEXT_PATH(kCacheHit, "conv2d.winograd.weight_cache_hit");
 CNNEXT_PATH(kCacheMiss, "conv2d.winograd.weight_cache_miss");
+CNNEXT_PATH(kInputGrad, "conv2d.input_grad.winograd");
 
 std::atomic<bool> g_enabled{true};
 std::atomic<int> g_forced{0};
@@ -510,6 +511,7 @@ struct Entry {
   const void* data;
   int64_t O, C;
   int m;
+  bool flipped;  // the input gradient's transform (of the flipped, transposed weight)
   at::Tensor u;
 };
 
@@ -548,14 +550,25 @@ void clear_cache() {
 
 namespace {
 
-// The transformed weight of `weight` (O, C, 3, 3 float32) for tile m, from the cache or
-// computed (and cached). Inference tensors (no version counter) are not cached.
-at::Tensor cached_weight(const at::Tensor& weight, const Conv2dParams& p, int m) {
-  const int64_t size = transformed_weight_size(p.O, p.C, m);
+// The transformed weight of `weight` (O x C x 3 x 3 float32 for the forward) for tile m,
+// from the cache or computed (and cached). flipped: the input gradient's weight instead,
+// w'[c][o][kh][kw] = w[o][c][2 - kh][2 - kw] (a C -> O forward's transposed by
+// flipped), its own cache entry. O and C are the dims of the transformed problem: (out,
+// in) of the weight for the forward, (in, out) when flipped. Inference tensors (no
+// version counter) are not cached.
+at::Tensor cached_weight(const at::Tensor& weight, int64_t O, int64_t C, int m, bool flipped) {
+  const int64_t size = transformed_weight_size(O, C, m);
   const at::Tensor wc = weight.contiguous();
   auto compute = [&](at::Tensor u) {
     if (!u.defined()) u = at::empty({size}, weight.options());
-    transform_weight(wc.const_data_ptr<float>(), p.C * 9, 9, 1, p.O, p.C, m, u.mutable_data_ptr<float>());
+    const float* w = wc.const_data_ptr<float>();
+    if (flipped) {
+      // Element (o', c', t) of the flipped weight (o' an input channel of the weight, c'
+      // an output channel) is w[c'][o'][8 - t].
+      transform_weight(w + 8, 9, O * 9, -1, O, C, m, u.mutable_data_ptr<float>());
+    } else {
+      transform_weight(w, C * 9, 9, 1, O, C, m, u.mutable_data_ptr<float>());
+    }
     return u;
   };
   if (weight.is_inference()) return compute(at::Tensor());
@@ -572,7 +585,7 @@ at::Tensor cached_weight(const at::Tensor& weight, const Conv2dParams& p, int m)
         it = c.entries.erase(it);
         continue;
       }
-      if (it->key == key && it->O == p.O && it->C == p.C && it->m == m) {
+      if (it->key == key && it->O == O && it->C == C && it->m == m && it->flipped == flipped) {
         if (it->version == version && it->data == data) {
           kCacheHit.hit();
           c.entries.splice(c.entries.begin(), c.entries, it);
@@ -593,7 +606,7 @@ at::Tensor cached_weight(const at::Tensor& weight, const Conv2dParams& p, int m)
   if (bytes > kCacheBudget / 2) return u;
   std::lock_guard<std::mutex> lock(c.mu);
   Entry e{c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(weight.getIntrusivePtr()),
-          key, version, data, p.O, p.C, m, u};
+          key, version, data, O, C, m, flipped, u};
   c.entries.push_front(std::move(e));
   c.bytes += bytes;
   while (c.bytes > kCacheBudget && !c.entries.empty()) {
@@ -610,7 +623,7 @@ bool forward_tensor(const at::Tensor& input, const at::Tensor& weight, const flo
                     const std::function<void(int64_t, int64_t, int64_t)>& rows_done) {
   const int m = choose_tile(p);
   if (m == 0 || input.scalar_type() != at::kFloat || weight.scalar_type() != at::kFloat) return false;
-  const at::Tensor u = cached_weight(weight, p, m);
+  const at::Tensor u = cached_weight(weight, p.O, p.C, m, false);
   if (!forward(input.const_data_ptr<float>(), strides_of(input), nullptr, 0, 0, 0,
                u.const_data_ptr<float>(), bias, out.mutable_data_ptr<float>(), strides_of(out), p,
                relu, m))
@@ -618,6 +631,38 @@ bool forward_tensor(const at::Tensor& input, const at::Tensor& weight, const flo
   if (rows_done) {
     run_items(p.N, [&](int64_t n) { rows_done(n, 0, p.OH); });
   }
+  return true;
+}
+
+Conv2dParams input_grad_params(const Conv2dParams& p) {
+  Conv2dParams q = p;
+  q.C = p.O;
+  q.H = p.OH;
+  q.W = p.OW;
+  q.O = p.C;
+  q.OH = p.H;
+  q.OW = p.W;
+  q.PH = p.DH * (p.KH - 1) - p.PH;
+  q.PW = p.DW * (p.KW - 1) - p.PW;
+  return q;
+}
+
+bool input_backward_tensor(const at::Tensor& grad_output, const at::Tensor& weight, at::Tensor& gx,
+                           const Conv2dParams& p) {
+  if (grad_output.scalar_type() != at::kFloat || weight.scalar_type() != at::kFloat ||
+      gx.scalar_type() != at::kFloat || !gx.is_contiguous())  // NCHW output, as the forward
+    return false;
+  // The forward's padding is 2 - p per side: a padding past 2 would crop gy instead.
+  if (p.PH < 0 || p.PW < 0 || p.PH > 2 || p.PW > 2) return false;
+  const Conv2dParams q = input_grad_params(p);
+  const int m = choose_tile(q);  // 3 x 3, stride 1, dilation 1, one group, switch on
+  if (m == 0) return false;
+  const at::Tensor u = cached_weight(weight, q.O, q.C, m, true);
+  if (!forward(grad_output.const_data_ptr<float>(), strides_of(grad_output), nullptr, 0, 0, 0,
+               u.const_data_ptr<float>(), nullptr, gx.mutable_data_ptr<float>(), strides_of(gx), q,
+               false, m))
+    return false;
+  kInputGrad.hit();
   return true;
 }
 

@@ -72,6 +72,22 @@ bool forward_tensor(const at::Tensor& input, const at::Tensor& weight, const flo
                     at::Tensor& out, const Conv2dParams& p, bool relu,
                     const std::function<void(int64_t, int64_t, int64_t)>& rows_done);
 
+// The stride-1 input gradient as a forward (sizes of the forward that computes it): gy
+// convolved, padded by d (k - 1) - p, with the weight flipped in space and transposed in
+// channels; its input is gy (O channels, OH x OW), its output gx (C channels, H x W).
+Conv2dParams input_grad_params(const Conv2dParams& p);
+
+// gx = the input gradient of the convolution p (weight O x C x 3 x 3 float32) for gy, by
+// Winograd when choose_tile(input_grad_params(p)) says so (the same switch and shape rules
+// as the forward) and the padding is at most 2 per side (the forward's then is 2 - p). gx
+// must be NCHW-contiguous (as the forward's output; gy may have any strides); it is
+// overwritten. The flipped weight's transform is cached like the
+// forward's, per weight version, under its own key. Returns false (gx then holds garbage
+// or nothing) when the caller must compute gx itself: not applicable, or a non-finite
+// value (counted by conv2d.winograd.nonfinite_fallback).
+bool input_backward_tensor(const at::Tensor& grad_output, const at::Tensor& weight, at::Tensor& gx,
+                           const Conv2dParams& p);
+
 // The weight cache: entries and bytes held; clear drops them all.
 int64_t cache_entries();
 int64_t cache_bytes();
