@@ -180,6 +180,7 @@ def test_relu_and_bn_epilogue(tile):
 
 
 IN_GRAD = "conv2d.input_grad.winograd"
+W_GRAD = "conv2d.weight_grad.winograd"
 
 
 def input_grad(x, w, gy, **kw):
@@ -202,12 +203,13 @@ def test_input_gradient(m, tile):
     gy = torch.randn(2, 32, 11, 13)
     y = conv2d(x, w, None, 1, 1)
     (gx, gw), paths = ran(lambda: torch.autograd.grad(y, (x, w), gy))
-    assert {IN_GRAD, TILES[m], "conv2d.weight_grad.sgemm"} <= paths, paths
+    assert {IN_GRAD, TILES[m], W_GRAD} <= paths, paths
     assert "conv2d.input_grad.sgemm" not in paths and "conv2d.input_grad.sgemm_as_forward" not in paths
+    assert "conv2d.weight_grad.sgemm" not in paths
     xd, wd = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
     gx_ref, gw_ref = torch.autograd.grad(F.conv2d(xd, wd, None, 1, 1), (xd, wd), gy.double())
     assert rel_err(gx, gx_ref) <= 2e-5
-    assert rel_err(gw, gw_ref) <= 1e-5
+    assert rel_err(gw, gw_ref) <= 2e-5
 
 
 # (N, C, H, W, O, padding): odd sizes, partial tiles of gx in both directions (gx is
@@ -311,6 +313,20 @@ def test_input_gradient_fallbacks(case, tile):
         (gx,), paths = ran(lambda: torch.autograd.grad(y, x, gy))
     assert IN_GRAD not in paths and not paths & set(WINO), paths
     assert expected in paths, paths
+    # The weight gradient falls back alike, except where it applies: any padding, and
+    # channels_last x and gy (read through their strides; gw is O x C x 3 x 3 either way).
+    w.requires_grad_()
+    with cpu_backend.flags(winograd=case != "switch_off"):
+        y = conv2d(x, w, None, **kw)
+        (gw,), paths = ran(lambda: torch.autograd.grad(y, w, gy))
+    if case in ("padding3", "channels_last"):
+        assert {W_GRAD, TILES[4]} <= paths, paths
+    else:
+        assert W_GRAD not in paths and not paths & set(WINO), paths
+        assert expected.replace("input_grad", "weight_grad") in paths, paths
+    wd = w.detach().double().requires_grad_()
+    (gw_ref,) = torch.autograd.grad(F.conv2d(x.detach().double(), wd, None, **kw), wd, gy.double())
+    assert rel_err(gw, gw_ref) <= (2e-5 if W_GRAD in paths else 1e-5)
     if case == "padding3":
         assert TILES[4] in ran(lambda: conv2d(x.detach(), w, None, **kw))[1]
     xd = x.detach().double().requires_grad_()
@@ -368,6 +384,123 @@ def test_input_gradient_deterministic(threads, tile):
         torch.use_deterministic_algorithms(det)
     for gx in outs:
         assert torch.equal(gx, ref)
+
+
+# ---- the weight gradient ----
+
+def weight_grad(x, w, gy, **kw):
+    """(grad_weight of cnnext's conv2d, the paths its backward ran, the float64 reference)."""
+    w = w.detach().requires_grad_()
+    y = conv2d(x, w, None, **kw)
+    (gw,), paths = ran(lambda: torch.autograd.grad(y, w, gy))
+    wd = w.detach().double().requires_grad_()
+    (ref,) = torch.autograd.grad(F.conv2d(x.detach().double(), wd, None, **kw), wd, gy.double())
+    return gw, paths, ref
+
+
+@pytest.mark.parametrize("m", [2, 4, 6])
+@pytest.mark.parametrize("shape", IN_GRAD_SHAPES + [(2, 16, 5, 6, 20, 3)], ids=lambda s: "x".join(map(str, s)))
+def test_weight_gradient_every_tile(m, shape, tile):
+    """Odd sizes, partial tiles (gy past the output reads as zero), padding 0 to 3."""
+    n, c, h, w, o, pad = shape
+    x = torch.randn(n, c, h, w)
+    wt = kaiming(o, c)
+    gy = torch.randn(n, o, h + 2 * pad - 2, w + 2 * pad - 2)
+    tile(m)
+    gw, paths, ref = weight_grad(x, wt, gy, padding=pad)
+    assert {W_GRAD, TILES[m]} <= paths, paths
+    assert "conv2d.weight_grad.sgemm" not in paths
+    assert gw.shape == ref.shape and gw.is_contiguous()
+    assert rel_err(gw, ref) <= 2e-5
+
+
+@pytest.mark.parametrize("m,shape", [(2, (2, 256, 40, 37)), (4, (3, 256, 44, 44))])
+def test_weight_gradient_many_chunks(m, shape, tile):
+    """More tiles than one chunk holds (at least 256 tiles, Z and V near 16 MiB: 512 tiles of
+    F(2x2) and 256 of F(4x4) at 256 channels in and out): the sums over chunks accumulate
+    and the last chunk is shorter. With a bias."""
+    tile(m)
+    x = torch.randn(*shape, requires_grad=True)
+    w = kaiming(256, 256).requires_grad_()
+    b = torch.randn(256, requires_grad=True)
+    y = conv2d(x, w, b, 1, 1)
+    gy = torch.randn_like(y)
+    with expect_path(W_GRAD, TILES[m]):
+        gx, gw, gb = torch.autograd.grad(y, (x, w, b), gy)
+    xd, wd, bd = (t.detach().double().requires_grad_() for t in (x, w, b))
+    gx_ref, gw_ref, gb_ref = torch.autograd.grad(F.conv2d(xd, wd, bd, 1, 1), (xd, wd, bd), gy.double())
+    assert rel_err(gw, gw_ref) <= 2e-5 and rel_err(gx, gx_ref) <= 2e-5 and rel_err(gb, gb_ref) <= 1e-6
+
+
+def test_weight_gradient_strided(tile):
+    """x and gy read through their strides (transposed views)."""
+    tile(4)
+    x = torch.randn(2, 24, 12, 12).transpose(2, 3)
+    gy = torch.randn(2, 32, 12, 12).transpose(2, 3)
+    assert not x.is_contiguous() and not gy.is_contiguous()
+    gw, paths, ref = weight_grad(x, kaiming(32, 24), gy, padding=1)
+    assert W_GRAD in paths
+    assert rel_err(gw, ref) <= 2e-5
+
+
+@pytest.mark.parametrize("m", [2, 4])
+@pytest.mark.parametrize("name", IN_GRAD_CLASSIC)
+def test_weight_gradient_accuracy_bound(name, m, tile):
+    """max |error| <= 2e-5 * max |gw| against float64 (unit-normal x and gy)."""
+    n, c, h, w, o = CLASSIC_3X3[name]
+    tile(m)
+    gw, paths, ref = weight_grad(torch.randn(n, c, h, w), kaiming(o, c), torch.randn(n, o, h, w), padding=1)
+    assert {W_GRAD, TILES[m]} <= paths
+    err = rel_err(gw, ref)
+    assert err <= 2e-5, f"F({m}x{m}) weight gradient on {name}: {err:.2e}"
+
+
+def test_weight_gradient_n_zero(tile):
+    tile(4)
+    x = torch.randn(0, 16, 8, 8)
+    gw, paths, ref = weight_grad(x, kaiming(24, 16), torch.randn(0, 24, 8, 8), padding=1)
+    assert W_GRAD not in paths and not paths & set(WINO)
+    assert torch.equal(gw, torch.zeros(24, 16, 3, 3))
+
+
+def test_weight_gradient_nonfinite_falls_back(tile):
+    tile(4)
+    x = torch.randn(2, 16, 12, 12)
+    x[0, 3, 5, 7] = float("inf")
+    x[1, 2, 0, 0] = float("nan")
+    w = kaiming(24, 16).requires_grad_()
+    y = conv2d(x, w, None, 1, 1)
+    gy = torch.randn(2, 24, 12, 12)
+    (gw,), paths = ran(lambda: torch.autograd.grad(y, w, gy))
+    assert "conv2d.winograd.nonfinite_fallback" in paths and "conv2d.weight_grad.sgemm" in paths
+    assert W_GRAD not in paths
+    with cpu_backend.flags(winograd=False):
+        (gw_ref,) = torch.autograd.grad(conv2d(x, w, None, 1, 1), w, gy)
+    assert torch.equal(gw.isnan(), gw_ref.isnan()) and torch.equal(gw.isinf(), gw_ref.isinf())
+    assert gw.isnan().any()
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_weight_gradient_deterministic(threads, tile):
+    tile(0)
+    x = torch.randn(4, 64, 20, 20)
+    w = kaiming(64, 64).requires_grad_()
+    gy = torch.randn(4, 64, 20, 20)
+    saved = torch.get_num_threads()
+    det = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        torch.set_num_threads(1)
+        y = conv2d(x, w, None, 1, 1)
+        (ref,) = torch.autograd.grad(y, w, gy, retain_graph=True)
+        torch.set_num_threads(threads)
+        with expect_path(W_GRAD, TILES[4]):
+            outs = [torch.autograd.grad(y, w, gy, retain_graph=True)[0] for _ in range(3)]
+    finally:
+        torch.set_num_threads(saved)
+        torch.use_deterministic_algorithms(det)
+    for gw in outs:
+        assert torch.equal(gw, ref)
 
 
 def cache_counts(fn):

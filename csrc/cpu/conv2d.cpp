@@ -451,8 +451,9 @@ at::Tensor conv2d_weight_backward(const at::Tensor& grad_out, const at::Tensor& 
     return gw;
   }
   if (use_sgemm(grad_output)) {
-    kWSgemm.hit();
     at::Tensor gw = at::empty({p.O, Cg, p.KH, p.KW}, grad_output.options());
+    if (winograd::weight_backward_tensor(grad_output, input, gw, p)) return gw;
+    kWSgemm.hit();
     conv_sgemm::weight_backward(grad_output.const_data_ptr<float>(), strides_of(grad_output),
                                 input.const_data_ptr<float>(), strides_of(input),
                                 gw.mutable_data_ptr<float>(), p);

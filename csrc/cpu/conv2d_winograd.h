@@ -88,6 +88,14 @@ Conv2dParams input_grad_params(const Conv2dParams& p);
 bool input_backward_tensor(const at::Tensor& grad_output, const at::Tensor& weight, at::Tensor& gx,
                            const Conv2dParams& p);
 
+// gw (O x C x 3 x 3, contiguous) = the weight gradient of the convolution p for gy and the
+// input x, by Winograd with the forward's tile (choose_tile(p): its switch and shape rules):
+// sum over tiles of G^T (A gy A^T (.) B^T d B) G, the sums over tiles run as (m + 2)^2
+// GEMMs. Returns false (gw then holds garbage) when the caller must compute gw itself: not
+// applicable, or a value not finite (counted by conv2d.winograd.nonfinite_fallback).
+bool weight_backward_tensor(const at::Tensor& grad_output, const at::Tensor& input, at::Tensor& gw,
+                            const Conv2dParams& p);
+
 // The weight cache: entries and bytes held; clear drops them all.
 int64_t cache_entries();
 int64_t cache_bytes();
