@@ -869,7 +869,7 @@ Conv2dParams input_grad_params(const Conv2dParams& p) {
 bool input_backward_tensor(const at::Tensor& grad_output, const at::Tensor& weight, at::Tensor& gx,
                            const Conv2dParams& p) {
   if (grad_output.scalar_type() != at::kFloat || weight.scalar_type() != at::kFloat ||
-      gx.scalar_type() != at::kFloat || !gx.is_contiguous())  // NCHW output, as the forward
+      gx.scalar_type() != at::kFloat)
     return false;
   // The forward's padding is 2 - p per side: a padding past 2 would crop gy instead.
   if (p.PH < 0 || p.PW < 0 || p.PH > 2 || p.PW > 2) return false;

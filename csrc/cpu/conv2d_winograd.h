@@ -80,8 +80,9 @@ Conv2dParams input_grad_params(const Conv2dParams& p);
 // gx = the input gradient of the convolution p (weight O x C x 3 x 3 float32) for gy, by
 // Winograd when choose_tile(input_grad_params(p)) says so (the same switch and shape rules
 // as the forward) and the padding is at most 2 per side (the forward's then is 2 - p). gx
-// must be NCHW-contiguous (as the forward's output; gy may have any strides); it is
-// overwritten. The flipped weight's transform is cached like the
+// and gy may have any strides: unlike the forward's, a channels_last gx is written here
+// too (the scatter is 1.5-3x faster than the GEMM path's channels_last input gradient);
+// gx is overwritten. The flipped weight's transform is cached like the
 // forward's, per weight version, under its own key. Returns false (gx then holds garbage
 // or nothing) when the caller must compute gx itself: not applicable, or a non-finite
 // value (counted by conv2d.winograd.nonfinite_fallback).
