@@ -44,20 +44,31 @@ def impls(shape, train):
                 _C._set_winograd_tile(old)
         return f
 
-    fns = {"torch": lambda: F.conv2d(x, w, b, 1, 1), "gemm": conv(False, 0), "auto": conv(True, 0)}
-    fns.update({f"F{m}": conv(True, m) for m in (2, 4, 6)})
+    settings = {"torch": None, "gemm": (False, 0), "auto": (True, 0)}
+    settings.update({f"F{m}": (True, m) for m in (2, 4, 6)})
+    fns = {k: (lambda: F.conv2d(x, w, b, 1, 1)) if v is None else conv(*v) for k, v in settings.items()}
     if not train:
         return fns
     gy = torch.randn_like(F.conv2d(x, w, b, 1, 1).detach())
 
-    def step(fn):
+    def step(fn, setting):
+        # The backward under the same switch and tile as the forward (conv(...) sets them
+        # around the forward only).
         def g():
             with torch.no_grad():
                 w.add_(0.0)  # a new weight version, as after an optimizer step
-            return torch.autograd.grad(fn(), (x, w, b), gy)
+            if setting is None:
+                return torch.autograd.grad(fn(), (x, w, b), gy)
+            old = _C._get_winograd_tile()
+            _C._set_winograd_tile(setting[1])
+            try:
+                with cpu_backend.flags(winograd=setting[0]):
+                    return torch.autograd.grad(fn(), (x, w, b), gy)
+            finally:
+                _C._set_winograd_tile(old)
         return g
 
-    return {k: step(f) for k, f in fns.items()}
+    return {k: step(f, settings[k]) for k, f in fns.items()}
 
 
 def measure(fns, rounds):

@@ -228,20 +228,410 @@ def test_relu_and_bn_epilogue(tile):
     assert rel_err(y, ref) <= 5e-5
 
 
+IN_GRAD = "conv2d.input_grad.winograd"
+W_GRAD = "conv2d.weight_grad.winograd"
+
+
+def input_grad(x, w, gy, **kw):
+    """(grad_input of cnnext's conv2d, the paths its backward ran, the float64 reference)."""
+    x = x.detach().requires_grad_()
+    y = conv2d(x, w, None, **kw)
+    (gx,), paths = ran(lambda: torch.autograd.grad(y, x, gy))
+    xd = x.detach().double().requires_grad_()
+    (ref,) = torch.autograd.grad(F.conv2d(xd, w.detach().double(), None, **kw), xd, gy.double())
+    return gx, paths, ref
+
+
 @pytest.mark.parametrize("m", [2, 4, 6])
 def test_input_gradient(m, tile):
-    """The stride-1 input gradient runs as a forward with the flipped, transposed weight."""
+    """The stride-1 input gradient runs as a Winograd forward with the flipped, transposed
+    weight (its own path); the weight gradient stays the GEMM."""
     tile(m)
     x = torch.randn(2, 24, 11, 13, requires_grad=True)
     w = kaiming(32, 24).requires_grad_()
     gy = torch.randn(2, 32, 11, 13)
     y = conv2d(x, w, None, 1, 1)
-    with expect_path("conv2d.input_grad.sgemm_as_forward", TILES[m]):
-        gx, gw = torch.autograd.grad(y, (x, w), gy)
+    (gx, gw), paths = ran(lambda: torch.autograd.grad(y, (x, w), gy))
+    assert {IN_GRAD, TILES[m], W_GRAD} <= paths, paths
+    assert "conv2d.input_grad.sgemm" not in paths and "conv2d.input_grad.sgemm_as_forward" not in paths
+    assert "conv2d.weight_grad.sgemm" not in paths
     xd, wd = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
     gx_ref, gw_ref = torch.autograd.grad(F.conv2d(xd, wd, None, 1, 1), (xd, wd), gy.double())
     assert rel_err(gx, gx_ref) <= 2e-5
-    assert rel_err(gw, gw_ref) <= 1e-5
+    assert rel_err(gw, gw_ref) <= 2e-5
+
+
+# (N, C, H, W, O, padding): odd sizes, partial tiles of gx in both directions (gx is
+# H x W), padding 0 (gx larger than gy: the forward pads gy by 2), 1 and 2 (gx smaller
+# than gy: padded by 0), one-row maps, more input than output channels and fewer.
+IN_GRAD_SHAPES = [
+    (2, 24, 9, 11, 16, 1),
+    (1, 19, 5, 7, 17, 0),
+    (3, 40, 13, 6, 33, 2),
+    (2, 18, 3, 9, 20, 1),
+    (2, 17, 4, 4, 16, 2),      # 6x6 gy to a 4x4 gx: one partial tile for F(6x6)
+    (5, 70, 7, 7, 24, 1),
+    (1, 8, 30, 31, 40, 1),     # 8 input channels: the flipped forward has 8 outputs, one panel
+]
+
+
+@pytest.mark.parametrize("m", [2, 4, 6])
+@pytest.mark.parametrize("shape", IN_GRAD_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_input_gradient_every_tile(m, shape, tile):
+    n, c, h, w, o, pad = shape
+    x = torch.randn(n, c, h, w)
+    wt = kaiming(o, c)
+    oh, ow = h + 2 * pad - 2, w + 2 * pad - 2
+    gy = torch.randn(n, o, oh, ow)
+    tile(m)
+    gx, paths, ref = input_grad(x, wt, gy, padding=pad)
+    assert {IN_GRAD, TILES[m]} <= paths, paths
+    assert "conv2d.input_grad.sgemm" not in paths
+    assert gx.shape == ref.shape and gx.is_contiguous()
+    assert rel_err(gx, ref) <= 2e-5
+
+
+def test_input_gradient_strided_grad_output(tile):
+    """gy read through its strides (a transposed view); the weight non-contiguous too."""
+    tile(4)
+    x = torch.randn(2, 24, 12, 12)
+    w = kaiming(32, 24, 3).transpose(2, 3).contiguous().transpose(2, 3)
+    assert not w.is_contiguous()
+    y = conv2d(x.requires_grad_(), w, None, 1, 1)
+    gy = torch.randn(2, 32, 12, 12).transpose(2, 3).contiguous().transpose(2, 3)
+    (gx,), paths = ran(lambda: torch.autograd.grad(y, x, gy))
+    assert IN_GRAD in paths
+    xd = x.detach().double().requires_grad_()
+    (ref,) = torch.autograd.grad(F.conv2d(xd, w.double(), None, 1, 1), xd, gy.double())
+    assert rel_err(gx, ref) <= 2e-5
+
+
+# The input gradients of the classic networks' 3x3 layers (a subset of CLASSIC_3X3: the
+# deep, the wide and the thin-output ones), every tile the choice may take.
+IN_GRAD_CLASSIC = ["vgg11_28_512", "resnet18_56_64", "resnet18_28_128", "resnet18_14_256",
+                   "resnet18_7_512", "googlenet_b3", "densenet_l"]
+
+
+@pytest.mark.parametrize("m", [2, 4])
+@pytest.mark.parametrize("name", IN_GRAD_CLASSIC)
+def test_input_gradient_accuracy_bound(name, m, tile):
+    """The forward's promise for the input gradient: max |error| <= 2e-5 * max |gx| against
+    float64 (unit-normal gy, Kaiming weights)."""
+    assert m in _C._winograd_allowed_tiles()
+    n, c, h, w, o = CLASSIC_3X3[name]
+    tile(m)
+    gx, paths, ref = input_grad(torch.randn(n, c, h, w), kaiming(o, c), torch.randn(n, o, h, w), padding=1)
+    assert {IN_GRAD, TILES[m]} <= paths
+    err = rel_err(gx, ref)
+    assert err <= 2e-5, f"F({m}x{m}) input gradient on {name}: {err:.2e}"
+
+
+@pytest.mark.parametrize("case", ["stride2", "dilation2", "groups", "padding3", "float64", "switch_off",
+                                  "channels_last", "thin"])
+def test_input_gradient_fallbacks(case, tile):
+    """Where the input gradient's Winograd does not apply, the GEMM paths compute it (and the
+    forward may still take Winograd: a padding of 3 is a forward Winograd accepts but its
+    input gradient would crop gy). A channels_last layer is the other way round: its forward
+    keeps the GEMM (conv2d_nhwc), its gradients take Winograd."""
+    tile(0 if case == "thin" else 4)
+    x = torch.randn(2, 16, 10, 10)
+    w = kaiming(16, 16)
+    kw = dict(stride=1, padding=1)
+    expected = "conv2d.input_grad.sgemm"
+    if case == "stride2":
+        kw["stride"] = 2
+    elif case == "dilation2":
+        kw.update(dilation=2, padding=2)
+    elif case == "groups":
+        w = kaiming(16, 8)
+        kw["groups"] = 2
+    elif case == "padding3":
+        kw["padding"] = 3
+    elif case == "float64":
+        x, w = x.double(), w.double()
+        expected = "conv2d.input_grad.mm"
+    elif case == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif case == "thin":  # 8 output channels: the choice by shape keeps the GEMM
+        w = kaiming(8, 16)
+    x.requires_grad_()
+    with cpu_backend.flags(winograd=case != "switch_off"):
+        y = conv2d(x, w, None, **kw)
+        gy = torch.randn_like(y)
+        if case == "channels_last":
+            assert y.is_contiguous(memory_format=torch.channels_last)
+        (gx,), paths = ran(lambda: torch.autograd.grad(y, x, gy))
+    gx_winograd = IN_GRAD in paths
+    if case == "channels_last":  # the forward keeps the GEMM (channels_last output), not its gradients
+        assert {IN_GRAD, TILES[4]} <= paths and gx.is_contiguous(memory_format=torch.channels_last), paths
+    else:
+        assert IN_GRAD not in paths and not paths & set(WINO), paths
+        assert expected in paths, paths
+    # The weight gradient falls back alike, except where it applies: any padding, and
+    # channels_last x and gy (read through their strides; gw is O x C x 3 x 3 either way).
+    w.requires_grad_()
+    with cpu_backend.flags(winograd=case != "switch_off"):
+        y = conv2d(x, w, None, **kw)
+        (gw,), paths = ran(lambda: torch.autograd.grad(y, w, gy))
+    if case in ("padding3", "channels_last"):
+        assert {W_GRAD, TILES[4]} <= paths, paths
+    else:
+        assert W_GRAD not in paths and not paths & set(WINO), paths
+        assert expected.replace("input_grad", "weight_grad") in paths, paths
+    wd = w.detach().double().requires_grad_()
+    (gw_ref,) = torch.autograd.grad(F.conv2d(x.detach().double(), wd, None, **kw), wd, gy.double())
+    assert rel_err(gw, gw_ref) <= (2e-5 if W_GRAD in paths else 1e-5)
+    if case == "padding3":
+        assert TILES[4] in ran(lambda: conv2d(x.detach(), w, None, **kw))[1]
+    xd = x.detach().double().requires_grad_()
+    (ref,) = torch.autograd.grad(F.conv2d(xd, w.detach().double(), None, **kw), xd, gy.double())
+    assert rel_err(gx, ref) <= (2e-5 if gx_winograd else 1e-5)
+
+
+def test_input_gradient_n_zero(tile):
+    tile(4)
+    x = torch.randn(0, 16, 8, 8, requires_grad=True)
+    w = kaiming(24, 16)
+    y = conv2d(x, w, None, 1, 1)
+    (gx,), paths = ran(lambda: torch.autograd.grad(y, x, torch.randn(0, 24, 8, 8)))
+    assert gx.shape == (0, 16, 8, 8)
+    assert IN_GRAD not in paths and not paths & set(WINO)
+
+
+def test_input_gradient_nonfinite_falls_back(tile):
+    tile(4)
+    x = torch.randn(2, 16, 12, 12, requires_grad=True)
+    w = kaiming(24, 16)
+    y = conv2d(x, w, None, 1, 1)
+    gy = torch.randn(2, 24, 12, 12)
+    gy[0, 3, 5, 7] = float("inf")
+    gy[1, 2, 0, 0] = float("nan")
+    (gx,), paths = ran(lambda: torch.autograd.grad(y, x, gy, retain_graph=True))
+    assert "conv2d.winograd.nonfinite_fallback" in paths and "conv2d.input_grad.sgemm" in paths
+    assert IN_GRAD not in paths
+    with cpu_backend.flags(winograd=False):
+        (gx_ref,) = torch.autograd.grad(y, x, gy)
+    assert torch.equal(gx.isnan(), gx_ref.isnan())
+    assert torch.equal(gx.isinf(), gx_ref.isinf())
+    fin = gx_ref.isfinite()
+    torch.testing.assert_close(gx[fin], gx_ref[fin], rtol=0, atol=1e-5 * gx_ref[fin].abs().max().item())
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_input_gradient_deterministic(threads, tile):
+    tile(0)
+    x = torch.randn(4, 64, 20, 20, requires_grad=True)
+    w = kaiming(64, 64)
+    gy = torch.randn(4, 64, 20, 20)
+    saved = torch.get_num_threads()
+    det = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        torch.set_num_threads(1)
+        y = conv2d(x, w, None, 1, 1)
+        (ref,) = torch.autograd.grad(y, x, gy, retain_graph=True)
+        torch.set_num_threads(threads)
+        with expect_path(IN_GRAD, TILES[4]):
+            outs = [torch.autograd.grad(y, x, gy, retain_graph=True)[0] for _ in range(3)]
+    finally:
+        torch.set_num_threads(saved)
+        torch.use_deterministic_algorithms(det)
+    for gx in outs:
+        assert torch.equal(gx, ref)
+
+
+# ---- the weight gradient ----
+
+def weight_grad(x, w, gy, **kw):
+    """(grad_weight of cnnext's conv2d, the paths its backward ran, the float64 reference)."""
+    w = w.detach().requires_grad_()
+    y = conv2d(x, w, None, **kw)
+    (gw,), paths = ran(lambda: torch.autograd.grad(y, w, gy))
+    wd = w.detach().double().requires_grad_()
+    (ref,) = torch.autograd.grad(F.conv2d(x.detach().double(), wd, None, **kw), wd, gy.double())
+    return gw, paths, ref
+
+
+@pytest.mark.parametrize("m", [2, 4, 6])
+@pytest.mark.parametrize("shape", IN_GRAD_SHAPES + [(2, 16, 5, 6, 20, 3)], ids=lambda s: "x".join(map(str, s)))
+def test_weight_gradient_every_tile(m, shape, tile):
+    """Odd sizes, partial tiles (gy past the output reads as zero), padding 0 to 3."""
+    n, c, h, w, o, pad = shape
+    x = torch.randn(n, c, h, w)
+    wt = kaiming(o, c)
+    gy = torch.randn(n, o, h + 2 * pad - 2, w + 2 * pad - 2)
+    tile(m)
+    gw, paths, ref = weight_grad(x, wt, gy, padding=pad)
+    assert {W_GRAD, TILES[m]} <= paths, paths
+    assert "conv2d.weight_grad.sgemm" not in paths
+    assert gw.shape == ref.shape and gw.is_contiguous()
+    assert rel_err(gw, ref) <= 2e-5
+
+
+@pytest.mark.parametrize("m,shape", [(2, (2, 256, 40, 37)), (4, (3, 256, 44, 44))])
+def test_weight_gradient_many_chunks(m, shape, tile):
+    """More tiles than one chunk holds (at least 256 tiles, Z and V near 16 MiB: 512 tiles of
+    F(2x2) and 256 of F(4x4) at 256 channels in and out): the sums over chunks accumulate
+    and the last chunk is shorter. With a bias."""
+    tile(m)
+    x = torch.randn(*shape, requires_grad=True)
+    w = kaiming(256, 256).requires_grad_()
+    b = torch.randn(256, requires_grad=True)
+    y = conv2d(x, w, b, 1, 1)
+    gy = torch.randn_like(y)
+    with expect_path(W_GRAD, TILES[m]):
+        gx, gw, gb = torch.autograd.grad(y, (x, w, b), gy)
+    xd, wd, bd = (t.detach().double().requires_grad_() for t in (x, w, b))
+    gx_ref, gw_ref, gb_ref = torch.autograd.grad(F.conv2d(xd, wd, bd, 1, 1), (xd, wd, bd), gy.double())
+    assert rel_err(gw, gw_ref) <= 2e-5 and rel_err(gx, gx_ref) <= 2e-5 and rel_err(gb, gb_ref) <= 1e-6
+
+
+def test_weight_gradient_strided(tile):
+    """x and gy read through their strides (transposed views)."""
+    tile(4)
+    x = torch.randn(2, 24, 12, 12).transpose(2, 3)
+    gy = torch.randn(2, 32, 12, 12).transpose(2, 3)
+    assert not x.is_contiguous() and not gy.is_contiguous()
+    gw, paths, ref = weight_grad(x, kaiming(32, 24), gy, padding=1)
+    assert W_GRAD in paths
+    assert rel_err(gw, ref) <= 2e-5
+
+
+@pytest.mark.parametrize("m", [2, 4])
+@pytest.mark.parametrize("name", IN_GRAD_CLASSIC)
+def test_weight_gradient_accuracy_bound(name, m, tile):
+    """max |error| <= 2e-5 * max |gw| against float64 (unit-normal x and gy)."""
+    n, c, h, w, o = CLASSIC_3X3[name]
+    tile(m)
+    gw, paths, ref = weight_grad(torch.randn(n, c, h, w), kaiming(o, c), torch.randn(n, o, h, w), padding=1)
+    assert {W_GRAD, TILES[m]} <= paths
+    err = rel_err(gw, ref)
+    assert err <= 2e-5, f"F({m}x{m}) weight gradient on {name}: {err:.2e}"
+
+
+def test_weight_gradient_n_zero(tile):
+    tile(4)
+    x = torch.randn(0, 16, 8, 8)
+    gw, paths, ref = weight_grad(x, kaiming(24, 16), torch.randn(0, 24, 8, 8), padding=1)
+    assert W_GRAD not in paths and not paths & set(WINO)
+    assert torch.equal(gw, torch.zeros(24, 16, 3, 3))
+
+
+def test_weight_gradient_nonfinite_falls_back(tile):
+    tile(4)
+    x = torch.randn(2, 16, 12, 12)
+    x[0, 3, 5, 7] = float("inf")
+    x[1, 2, 0, 0] = float("nan")
+    w = kaiming(24, 16).requires_grad_()
+    y = conv2d(x, w, None, 1, 1)
+    gy = torch.randn(2, 24, 12, 12)
+    (gw,), paths = ran(lambda: torch.autograd.grad(y, w, gy))
+    assert "conv2d.winograd.nonfinite_fallback" in paths and "conv2d.weight_grad.sgemm" in paths
+    assert W_GRAD not in paths
+    with cpu_backend.flags(winograd=False):
+        (gw_ref,) = torch.autograd.grad(conv2d(x, w, None, 1, 1), w, gy)
+    assert torch.equal(gw.isnan(), gw_ref.isnan()) and torch.equal(gw.isinf(), gw_ref.isinf())
+    assert gw.isnan().any()
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_weight_gradient_deterministic(threads, tile):
+    tile(0)
+    x = torch.randn(4, 64, 20, 20)
+    w = kaiming(64, 64).requires_grad_()
+    gy = torch.randn(4, 64, 20, 20)
+    saved = torch.get_num_threads()
+    det = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        torch.set_num_threads(1)
+        y = conv2d(x, w, None, 1, 1)
+        (ref,) = torch.autograd.grad(y, w, gy, retain_graph=True)
+        torch.set_num_threads(threads)
+        with expect_path(W_GRAD, TILES[4]):
+            outs = [torch.autograd.grad(y, w, gy, retain_graph=True)[0] for _ in range(3)]
+    finally:
+        torch.set_num_threads(saved)
+        torch.use_deterministic_algorithms(det)
+    for gw in outs:
+        assert torch.equal(gw, ref)
+
+
+def cache_counts(fn):
+    before = counts()
+    out = fn()
+    after = counts()
+    return out, tuple(after[k] - before.get(k, 0) for k in ("conv2d.winograd.weight_cache_hit",
+                                                            "conv2d.winograd.weight_cache_miss"))
+
+
+def test_input_gradient_weight_cache(tile):
+    """The flipped weight's transform is cached per weight version under its own key (a
+    square weight's forward transform is never taken for it), and an in-place change (an
+    optimizer step, copy_ under no_grad) is seen by the next backward."""
+    tile(4)
+    cpu_backend.clear_winograd_cache()
+    x = torch.randn(2, 32, 12, 12, requires_grad=True)
+    w = kaiming(32, 32).requires_grad_()
+    gy = torch.randn(2, 32, 12, 12)
+
+    def check(gx):
+        xd = x.detach().double().requires_grad_()
+        (ref,) = torch.autograd.grad(F.conv2d(xd, w.detach().double(), None, 1, 1), xd, gy.double())
+        assert rel_err(gx, ref) <= 2e-5
+
+    y, (hit, miss) = cache_counts(lambda: conv2d(x, w, None, 1, 1))
+    assert (hit, miss) == (0, 1)  # the forward's transform
+    (gx1,), (hit, miss) = cache_counts(lambda: torch.autograd.grad(y, x, gy, retain_graph=True))
+    assert (hit, miss) == (0, 1)  # the flipped one: a second entry
+    assert cpu_backend.winograd_cache_info()[0] == 2
+    check(gx1)
+    (gx2,), (hit, miss) = cache_counts(lambda: torch.autograd.grad(y, x, gy, retain_graph=True))
+    assert (hit, miss) == (1, 0)
+    assert torch.equal(gx1, gx2)
+    # An optimizer step changes w in place: the next forward and backward recompute both.
+    opt = torch.optim.SGD([w], lr=0.5)
+    w.grad = torch.randn_like(w) * w.detach().abs().max()
+    opt.step()
+    y, (hit, miss) = cache_counts(lambda: conv2d(x, w, None, 1, 1))
+    (gx3,), (hit2, miss2) = cache_counts(lambda: torch.autograd.grad(y, x, gy))
+    assert (hit, miss, hit2, miss2) == (0, 1, 0, 1)
+    check(gx3)
+    assert not torch.equal(gx3, gx1)
+    # copy_ under no_grad (load_state_dict) between the forward and a second backward of
+    # the same graph is autograd's error; before the forward it is seen.
+    with torch.no_grad():
+        w.copy_(kaiming(32, 32))
+    y = conv2d(x, w, None, 1, 1)
+    (gx4,), (hit, miss) = cache_counts(lambda: torch.autograd.grad(y, x, gy))
+    assert (hit, miss) == (0, 1)
+    check(gx4)
+    cpu_backend.clear_winograd_cache()
+
+
+def test_input_gradient_cache_under_training(tile):
+    """cnnext.nn.Conv2d over optimizer steps: each step's input gradient matches float64 on
+    the weight of that step (never a stale flipped transform), in train mode with a second
+    backward through the same graph hitting the cache."""
+    tile(4)
+    torch.manual_seed(0)
+    mod = cnnext.nn.Conv2d(24, 24, 3, padding=1, bias=False)
+    opt = torch.optim.SGD(mod.parameters(), lr=0.3, momentum=0.9)
+    for step in range(4):
+        x = torch.randn(2, 24, 9, 10, requires_grad=True)
+        y = mod(x)
+        gy = torch.randn_like(y)
+        with expect_path(IN_GRAD):
+            (gx,) = torch.autograd.grad(y, x, gy, retain_graph=True)
+        with expect_path(IN_GRAD, "conv2d.winograd.weight_cache_hit"):
+            (gx_again,) = torch.autograd.grad(y, x, gy, retain_graph=True)
+        assert torch.equal(gx, gx_again)
+        xd = x.detach().double().requires_grad_()
+        (ref,) = torch.autograd.grad(F.conv2d(xd, mod.weight.detach().double(), None, 1, 1), xd, gy.double())
+        assert rel_err(gx, ref) <= 2e-5, step
+        y.backward(gy)
+        opt.step()
+        opt.zero_grad()
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["conv", "conv_bn_relu"])

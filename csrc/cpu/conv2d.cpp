@@ -389,6 +389,8 @@ at::Tensor conv2d_input_backward(const at::Tensor& grad_out, const at::Tensor& w
   const bool pointwise = is_pointwise(p) && !use_direct(p) && !sgemm;
   at::Tensor gx = at::empty({p.N, p.C, p.H, p.W}, grad_output.options().memory_format(out_format));
   if (gx.numel() == 0) return gx;
+  // 3 x 3 stride 1: Winograd on the flipped, transposed weight (overwrites gx).
+  if (sgemm && winograd::input_backward_tensor(grad_output, weight, gx, p)) return gx;
   if (!pointwise && !(sgemm && conv_sgemm::input_backward_overwrites(p))) gx.zero_();
   if (sgemm) {
     kInSgemm.hit();
@@ -451,8 +453,9 @@ at::Tensor conv2d_weight_backward(const at::Tensor& grad_out, const at::Tensor& 
     return gw;
   }
   if (use_sgemm(grad_output)) {
-    kWSgemm.hit();
     at::Tensor gw = at::empty({p.O, Cg, p.KH, p.KW}, grad_output.options());
+    if (winograd::weight_backward_tensor(grad_output, input, gw, p)) return gw;
+    kWSgemm.hit();
     conv_sgemm::weight_backward(grad_output.const_data_ptr<float>(), strides_of(grad_output),
                                 input.const_data_ptr<float>(), strides_of(input),
                                 gw.mutable_data_ptr<float>(), p);

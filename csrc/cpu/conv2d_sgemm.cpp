@@ -16,7 +16,6 @@
 #include <cstring>
 #include <vector>
 
-#include "cpu/conv2d_winograd.h"
 #include "cpu/cpu_features.h"
 #include "cpu/sgemm.h"
 #include "paths.h"
@@ -763,9 +762,8 @@ Conv2dParams as_forward(const Conv2dParams& p) {
 bool input_backward_overwrites(const Conv2dParams& p) {
   if (!(p.SH == 1 && p.SW == 1 && p.PH <= p.DH * (p.KH - 1) && p.PW <= p.DW * (p.KW - 1))) return false;
   // Its columns (O x KH x KW by H x W) must not outnumber col2im's (C x KH x KW by OH x OW)
-  // by much: LeNet's 6 -> 16 channels, 14x14 -> 10x10 stays with col2im. Winograd has no
-  // columns: it takes every shape it applies to.
-  return 4 * p.O * p.H * p.W <= 5 * p.C * p.OH * p.OW || winograd::choose_tile(as_forward(p)) != 0;
+  // by much: LeNet's 6 -> 16 channels, 14x14 -> 10x10 stays with col2im.
+  return 4 * p.O * p.H * p.W <= 5 * p.C * p.OH * p.OW;
 }
 
 void input_backward(const float* gy, const Strides4& gs, const float* w, float* gx,
@@ -778,11 +776,8 @@ void input_backward(const float* gy, const Strides4& gs, const float* w, float* 
     // flipped in space and transposed in channels (w'[g Cg + c][o][kh][kw] =
     // w[g Og + o][c][KH - 1 - kh][KW - 1 - kw]): a forward, which overwrites gx, no col2im.
     const Conv2dParams q = as_forward(p);
-    // Winograd reads the weight flipped and transposed in place: element (c, o, t) of the
-    // flipped weight is w[o][c][8 - t].
-    if (const int m = winograd::choose_tile(q)) {
-      if (winograd::forward(gy, gs, w + 8, 9, Cg * 9, -1, nullptr, nullptr, gx, xs, q, false, m)) return;
-    }
+    // (Winograd's version of this, winograd::input_backward_tensor in conv2d.cpp, runs
+    // first where it applies; it comes here when a value is not finite.)
     // w' transposed per group: wf[g][(o, t)][c] = w[g Og + o][c][taps - 1 - t], read in order.
     float* wf = scratch(2, p.C * Og * taps);
     run_items(p.O, [&](int64_t go) {

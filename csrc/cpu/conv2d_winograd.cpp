@@ -8,13 +8,10 @@
 #include "cpu/derived_cache.h"
 
 #include <ATen/Parallel.h>
-#include <c10/util/intrusive_ptr.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
-#include <list>
-#include <mutex>
 #include <vector>
 
 #include "cpu/cpu_features.h"
@@ -38,6 +35,8 @@ CNNEXT_PATH(kF6, "conv2d.winograd.f6x6");
 CNNEXT_PATH(kNonFinite, "conv2d.winograd.nonfinite_fallback");
 CNNEXT_PATH(kCacheHit, "conv2d.winograd.weight_cache_hit");
 CNNEXT_PATH(kCacheMiss, "conv2d.winograd.weight_cache_miss");
+CNNEXT_PATH(kInputGrad, "conv2d.input_grad.winograd");
+CNNEXT_PATH(kWeightGrad, "conv2d.weight_grad.winograd");
 
 std::atomic<bool> g_enabled{true};
 std::atomic<int> g_forced{0};
@@ -99,9 +98,10 @@ struct Mat<6> {
 };
 
 // Scratch of the calling thread, kept between calls: slot 0 the per-item V and M
-// buffers, slot 1 the padded input, slot 2 the transformed weight of an uncached call.
+// buffers, slot 1 the padded input, slot 2 the transformed weight of an uncached call;
+// for the weight gradient, slot 3 its transformed input and gradient, slot 4 its sums.
 float* scratch(int slot, int64_t elems) {
-  thread_local std::vector<char> mem[3];
+  thread_local std::vector<char> mem[5];
   std::vector<char>& m = mem[slot];
   const size_t bytes = size_t(std::max<int64_t>(elems, 1)) * sizeof(float) + 64;
   if (m.size() < bytes) m.resize(bytes);
@@ -401,6 +401,223 @@ bool forward_m(const float* x, const Strides4& xs, const float* w, int64_t wso, 
   return ok.load();
 }
 
+
+// ---- weight gradient ----
+// gw = sum over tiles of G^T (Z (.) V) G, the adjoint of the forward's y = A^T (U (.) V) A
+// in U = G g G^T: Z = A gy A^T of each m x m tile of gy ((m + 2)^2 values, zero past the
+// output), V = B^T d B of its input tile as in the forward. Per element xi of the
+// transformed tile, Ug[xi] (O x C) = Z[xi] (O x tiles) * V[xi]^T (tiles x C): (m + 2)^2
+// GEMMs over all tiles (K = tiles, in chunks of a size fixed by the shape), then
+// gw = G^T Ug G per (o, c).
+
+// sum_k c[k][col] * v[k * stride] (as lin, over a column of c).
+template <int N, int W>
+WINO_TARGET inline __m512 lin_col(const float (&c)[N][W], int col, const __m512* v, int stride) {
+  __m512 acc = _mm512_setzero_ps();
+  bool first = true;
+#pragma GCC unroll 8
+  for (int k = 0; k < N; ++k) {
+    const float ck = c[k][col];
+    if (ck == 0.f) continue;
+    const __m512 x = v[k * stride];
+    if (first) {
+      acc = ck == 1.f ? x : ck == -1.f ? _mm512_sub_ps(_mm512_setzero_ps(), x) : _mm512_mul_ps(_mm512_set1_ps(ck), x);
+      first = false;
+    } else if (ck == 1.f) {
+      acc = _mm512_add_ps(acc, x);
+    } else if (ck == -1.f) {
+      acc = _mm512_sub_ps(acc, x);
+    } else {
+      acc = _mm512_fmadd_ps(_mm512_set1_ps(ck), x, acc);
+    }
+  }
+  return acc;
+}
+
+// V[xi] of the chunk's tiles [ta, tb) (chunk-relative; the chunk starts at tile t0 and
+// holds tc) in packed-B panels of kNR input channels over K = tiles:
+// v + xi * v_size + (c / kNR) * tc * kNR + t * kNR + c % kNR; channels past C are zero.
+template <int M>
+WINO_TARGET void wg_input_transform(const float* xp, const Conv2dParams& p, const Layout& L, int64_t t0,
+                                    int64_t tc, int64_t ta, int64_t tb, float* v, int64_t v_size) {
+  using T = Mat<M>;
+  constexpr int A = T::A;
+  const int64_t plane = L.Hq * L.Wq, TS = L.tH * L.tW;
+  alignas(64) int32_t lane_off[16];
+  for (int64_t cg = 0; cg < round_up(p.C, kNR); cg += 16) {
+    __mmask16 valid = 0;
+    for (int l = 0; l < 16; ++l) {
+      const bool ok = cg + l < p.C;
+      lane_off[l] = ok ? int32_t((cg + l) * plane) : 0;
+      if (ok) valid |= __mmask16(1u << l);
+    }
+    const __m512i idx = _mm512_load_si512(lane_off);
+    float* vb = v + (cg / kNR) * tc * kNR + cg % kNR;
+    for (int64_t t = ta; t < tb; ++t) {
+      const int64_t tt = t0 + t, n = tt / TS, th = (tt % TS) / L.tW, tw = tt % L.tW;
+      const float* src = xp + (n * p.C * plane + th * M * L.Wq + tw * M);
+      __m512 tmp[A * A];
+#pragma GCC unroll 8
+      for (int r = 0; r < A; ++r) {
+        __m512 d[A];
+#pragma GCC unroll 8
+        for (int s = 0; s < A; ++s)
+          d[s] = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), valid, idx, src + r * L.Wq + s, 4);
+#pragma GCC unroll 8
+        for (int j = 0; j < A; ++j) tmp[r * A + j] = lin<A>(T::BT[j], d, 1);
+      }
+      float* dst = vb + t * kNR;
+#pragma GCC unroll 8
+      for (int i = 0; i < A; ++i)
+#pragma GCC unroll 8
+        for (int j = 0; j < A; ++j) _mm512_storeu_ps(dst + (i * A + j) * v_size, lin<A>(T::BT[i], tmp + j, A));
+    }
+  }
+}
+
+// Z[xi] of the chunk's tiles [ta, tb) (ta even; tb even unless it ends the chunk) in
+// packed-A panels of kMR (8) output channels over K = tiles:
+// z + xi * z_size + (o / kMR) * tc * kMR + t * kMR + o % kMR; 16 lanes = 8 channels x 2
+// tiles. Rows past O and outputs past OH x OW read as zero.
+template <int M>
+WINO_TARGET void wg_grad_transform(const float* gy, const Strides4& gs, const Conv2dParams& p,
+                                   const Layout& L, int64_t t0, int64_t tc, int64_t ta, int64_t tb,
+                                   float* z, int64_t z_size) {
+  static_assert(kMR == 8, "two tiles of kMR channels per vector");
+  using T = Mat<M>;
+  constexpr int A = T::A;
+  const int64_t TS = L.tH * L.tW;
+  alignas(64) int32_t off[16], ohs[16], ows[16];
+  for (int64_t og = 0; og < round_up(p.O, kMR); og += kMR) {
+    for (int64_t t = ta; t < tb; t += 2) {
+      __mmask16 valid = 0;
+      for (int l = 0; l < 16; ++l) {
+        const int64_t o = og + l % 8, tl = t + l / 8, tt = t0 + tl;
+        const bool ok = o < p.O && tl < tb;
+        const int64_t n = tt / TS, th = (tt % TS) / L.tW, tw = tt % L.tW;
+        off[l] = ok ? int32_t(n * gs.n + o * gs.c + th * M * gs.h + tw * M * gs.w) : 0;
+        ohs[l] = ok ? int32_t(th * M) : int32_t(1) << 30;
+        ows[l] = ok ? int32_t(tw * M) : int32_t(1) << 30;
+        if (ok) valid |= __mmask16(1u << l);
+      }
+      const __m512i idx = _mm512_load_si512(off);
+      const __m512i ohv = _mm512_load_si512(ohs), owv = _mm512_load_si512(ows);
+      __mmask16 rowok[M], colok[M];
+#pragma GCC unroll 8
+      for (int i = 0; i < M; ++i) {
+        rowok[i] = _mm512_cmplt_epi32_mask(_mm512_add_epi32(ohv, _mm512_set1_epi32(i)), _mm512_set1_epi32(int32_t(p.OH)));
+        colok[i] = _mm512_cmplt_epi32_mask(_mm512_add_epi32(owv, _mm512_set1_epi32(i)), _mm512_set1_epi32(int32_t(p.OW)));
+      }
+      __m512 g[M * M];
+#pragma GCC unroll 8
+      for (int i = 0; i < M; ++i)
+#pragma GCC unroll 8
+        for (int j = 0; j < M; ++j)
+          g[i * M + j] = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), valid & rowok[i] & colok[j], idx,
+                                                  gy + i * gs.h + j * gs.w, 4);
+      // tmp[i][b] = sum_j g[i][j] AT[j][b], then Z[a][b] = sum_i AT[i][a] tmp[i][b].
+      __m512 tmp[M * A];
+#pragma GCC unroll 8
+      for (int i = 0; i < M; ++i)
+#pragma GCC unroll 8
+        for (int b = 0; b < A; ++b) tmp[i * A + b] = lin_col<M, A>(T::AT, b, g + i * M, 1);
+      const __mmask16 st = t + 1 < tb ? __mmask16(0xFFFF) : __mmask16(0x00FF);
+      float* dst = z + (og / kMR) * tc * kMR + t * kMR;
+#pragma GCC unroll 8
+      for (int a = 0; a < A; ++a)
+#pragma GCC unroll 8
+        for (int b = 0; b < A; ++b)
+          _mm512_mask_storeu_ps(dst + (a * A + b) * z_size, st, lin_col<M, A>(T::AT, a, tmp + b, A));
+    }
+  }
+}
+
+// gw[e * 9 + k * 3 + l] = sum_ab G[a][k] Ug[ab][e] G[b][l] for e in [e0, e1) (e = o * C + c).
+// Returns false when a value is not finite.
+template <int M>
+WINO_TARGET bool wg_weight_transform(const float* ug, int64_t ug_size, int64_t e0, int64_t e1, float* gw) {
+  using T = Mat<M>;
+  constexpr int A = T::A;
+  __mmask16 bad = 0;
+  alignas(64) int32_t lane9[16];
+  for (int l = 0; l < 16; ++l) lane9[l] = 9 * l;
+  const __m512i idx = _mm512_load_si512(lane9);
+  for (int64_t e = e0; e < e1; e += 16) {
+    const __mmask16 valid = e + 16 <= e1 ? __mmask16(0xFFFF) : __mmask16((1u << (e1 - e)) - 1);
+    __m512 u[A * A];
+#pragma GCC unroll 64
+    for (int x = 0; x < A * A; ++x) u[x] = _mm512_maskz_loadu_ps(valid, ug + x * ug_size + e);
+    __m512 tmp[3 * A];  // tmp[k][b] = sum_a G[a][k] Ug[a][b]
+#pragma GCC unroll 3
+    for (int k = 0; k < 3; ++k)
+#pragma GCC unroll 8
+      for (int b = 0; b < A; ++b) tmp[k * A + b] = lin_col<A, 3>(T::G, k, u + b, A);
+#pragma GCC unroll 3
+    for (int k = 0; k < 3; ++k)
+#pragma GCC unroll 3
+      for (int l = 0; l < 3; ++l) {
+        const __m512 val = lin_col<A, 3>(T::G, l, tmp + k * A, 1);
+        const __m512 dz = _mm512_sub_ps(val, val);
+        bad |= _mm512_mask_cmp_ps_mask(valid, dz, dz, _CMP_UNORD_Q);
+        _mm512_mask_i32scatter_ps(gw + e * 9 + k * 3 + l, valid, idx, val, 4);
+      }
+  }
+  return bad == 0;
+}
+
+template <int M>
+bool weight_grad_m(const float* gy, const Strides4& gs, const float* x, const Strides4& xs, float* gw,
+                   const Conv2dParams& p) {
+  constexpr int A = Mat<M>::A;
+  Layout L;
+  L.tH = ceil_div(p.OH, M);
+  L.tW = ceil_div(p.OW, M);
+  L.T = p.N * L.tH * L.tW;
+  L.Hq = L.tH * M + 2;
+  L.Wq = L.tW * M + 2;
+  const int64_t plane = L.Hq * L.Wq;
+  const int64_t lim = int64_t(1) << 31;
+  if (p.N * p.C * plane + 2 * L.Wq + 2 >= lim || p.C * plane >= lim) return false;
+  const int64_t g_extent = (p.N - 1) * gs.n + (p.O - 1) * gs.c + (p.OH - 1) * gs.h + (p.OW - 1) * gs.w;
+  if (g_extent >= lim || p.O * p.C * 9 >= lim) return false;
+  float* xp = scratch(1, p.N * p.C * plane);
+  pad_planes(x, xs, p, L, xp);
+
+  // Chunks of tiles (a size fixed by the shape: the sums do not depend on the threads)
+  // with Z and V of a chunk near 16 MiB, and at least 256 tiles (the GEMMs' K).
+  const int64_t Op = round_up(p.O, kMR), Cp = round_up(p.C, kNR);
+  const int64_t budget = int64_t(1) << 22;  // floats
+  const int64_t tc = std::min(L.T, round_up(std::max<int64_t>(256, budget / (int64_t(A) * A * (Op + Cp))), 2));
+  const int64_t z_size = Op * tc, v_size = Cp * tc, ug_size = p.O * p.C;
+  float* z = scratch(3, int64_t(A) * A * (z_size + v_size));
+  float* v = z + int64_t(A) * A * z_size;
+  float* ug = scratch(4, int64_t(A) * A * ug_size);
+  const int64_t T_threads = at::get_num_threads();
+  for (int64_t t0 = 0; t0 < L.T; t0 += tc) {
+    const int64_t n_t = std::min(tc, L.T - t0);
+    // The transforms: items of an even number of tiles, each all channels.
+    const int64_t per = round_up(std::max<int64_t>(2, ceil_div(n_t, 4 * T_threads)), 2);
+    run_items(ceil_div(n_t, per), [&](int64_t item) {
+      const int64_t ta = item * per, tb = std::min(n_t, ta + per);
+      // Panels of n_t tiles (the GEMMs' K), the last chunk's shorter.
+      wg_input_transform<M>(xp, p, L, t0, n_t, ta, tb, v, v_size);
+      wg_grad_transform<M>(gy, gs, p, L, t0, n_t, ta, tb, z, z_size);
+    });
+    // (m + 2)^2 GEMMs, each one item: Ug[xi] (+)= Z[xi] V[xi]^T.
+    run_items(A * A, [&](int64_t xi) {
+      sgemm::gemm(z + xi * z_size, v + xi * v_size, p.O, p.C, n_t, ug + xi * ug_size, p.C, t0 > 0, nullptr);
+    });
+  }
+  const int64_t OC = p.O * p.C;
+  const int64_t per = round_up(std::max<int64_t>(16, ceil_div(OC, 4 * T_threads)), 16);
+  std::atomic<bool> ok{true};
+  run_items(ceil_div(OC, per), [&](int64_t item) {
+    if (!wg_weight_transform<M>(ug, ug_size, item * per, std::min(OC, (item + 1) * per), gw))
+      ok.store(false, std::memory_order_relaxed);
+  });
+  return ok.load();
+}
+
 #endif  // CNNEXT_WINO_AVX512
 
 // The choice by shape. The machine these were written on was too busy (6 users on 2
@@ -504,18 +721,28 @@ bool forward(const float* x, const Strides4& xs, const float* w, int64_t wso, in
 // ---- the transformed-weight cache ----
 namespace {
 
-// The transformed weight of `weight` (O, C, 3, 3 float32) for tile m, from the weight
-// cache (csrc/cpu/derived_cache.h: reused only while the weight is provably unchanged) or
-// computed.
-at::Tensor cached_weight(const at::Tensor& weight, const Conv2dParams& p, int m) {
+// The transformed weight of `weight` (O x C x 3 x 3 float32 for the forward) for tile m,
+// from the weight cache (csrc/cpu/derived_cache.h: reused only while the weight is provably
+// unchanged) or computed. flipped: the input gradient's weight instead, w'[c][o][kh][kw] =
+// w[o][c][2 - kh][2 - kw] (a C -> O forward's transposed by flipped), under its own tag. O
+// and C are the dims of the transformed problem: (out, in) of the weight for the forward,
+// (in, out) when flipped.
+at::Tensor cached_weight(const at::Tensor& weight, int64_t O, int64_t C, int m, bool flipped) {
   bool hit = false;
   const at::Tensor u = weight_cache().get(
-      {weight}, {kTransformedWeightTag, p.O, p.C, m},
+      {weight}, {flipped ? kFlippedTransformedWeightTag : kTransformedWeightTag, O, C, m},
       [&](const std::vector<at::Tensor>& reuse) {
         const at::Tensor wc = weight.contiguous();
-        at::Tensor out = reuse.empty() ? DerivedCache::empty({transformed_weight_size(p.O, p.C, m)}, weight.options())
+        at::Tensor out = reuse.empty() ? DerivedCache::empty({transformed_weight_size(O, C, m)}, weight.options())
                                        : reuse[0];
-        transform_weight(wc.const_data_ptr<float>(), p.C * 9, 9, 1, p.O, p.C, m, out.mutable_data_ptr<float>());
+        const float* w = wc.const_data_ptr<float>();
+        if (flipped) {
+          // Element (o', c', t) of the flipped weight (o' an input channel of the weight, c'
+          // an output channel) is w[c'][o'][8 - t].
+          transform_weight(w + 8, 9, O * 9, -1, O, C, m, out.mutable_data_ptr<float>());
+        } else {
+          transform_weight(w, C * 9, 9, 1, O, C, m, out.mutable_data_ptr<float>());
+        }
         return std::vector<at::Tensor>{out};
       },
       &hit)[0];
@@ -530,7 +757,7 @@ bool forward_tensor(const at::Tensor& input, const at::Tensor& weight, const flo
                     const std::function<void(int64_t, int64_t, int64_t)>& rows_done) {
   const int m = choose_tile(p);
   if (m == 0 || input.scalar_type() != at::kFloat || weight.scalar_type() != at::kFloat) return false;
-  const at::Tensor u = cached_weight(weight, p, m);
+  const at::Tensor u = cached_weight(weight, p.O, p.C, m, false);
   if (!forward(input.const_data_ptr<float>(), strides_of(input), nullptr, 0, 0, 0,
                u.const_data_ptr<float>(), bias, out.mutable_data_ptr<float>(), strides_of(out), p,
                relu, m))
@@ -539,6 +766,73 @@ bool forward_tensor(const at::Tensor& input, const at::Tensor& weight, const flo
     run_items(p.N, [&](int64_t n) { rows_done(n, 0, p.OH); });
   }
   return true;
+}
+
+Conv2dParams input_grad_params(const Conv2dParams& p) {
+  Conv2dParams q = p;
+  q.C = p.O;
+  q.H = p.OH;
+  q.W = p.OW;
+  q.O = p.C;
+  q.OH = p.H;
+  q.OW = p.W;
+  q.PH = p.DH * (p.KH - 1) - p.PH;
+  q.PW = p.DW * (p.KW - 1) - p.PW;
+  return q;
+}
+
+bool input_backward_tensor(const at::Tensor& grad_output, const at::Tensor& weight, at::Tensor& gx,
+                           const Conv2dParams& p) {
+  if (grad_output.scalar_type() != at::kFloat || weight.scalar_type() != at::kFloat ||
+      gx.scalar_type() != at::kFloat)
+    return false;
+  // The forward's padding is 2 - p per side: a padding past 2 would crop gy instead.
+  if (p.PH < 0 || p.PW < 0 || p.PH > 2 || p.PW > 2) return false;
+  const Conv2dParams q = input_grad_params(p);
+  const int m = choose_tile(q);  // 3 x 3, stride 1, dilation 1, one group, switch on
+  if (m == 0) return false;
+  const at::Tensor u = cached_weight(weight, q.O, q.C, m, true);
+  if (!forward(grad_output.const_data_ptr<float>(), strides_of(grad_output), nullptr, 0, 0, 0,
+               u.const_data_ptr<float>(), nullptr, gx.mutable_data_ptr<float>(), strides_of(gx), q,
+               false, m))
+    return false;
+  kInputGrad.hit();
+  return true;
+}
+
+bool weight_backward_tensor(const at::Tensor& grad_output, const at::Tensor& input, at::Tensor& gw,
+                            const Conv2dParams& p) {
+#ifdef CNNEXT_WINO_AVX512
+  if (grad_output.scalar_type() != at::kFloat || input.scalar_type() != at::kFloat ||
+      gw.scalar_type() != at::kFloat || !gw.is_contiguous())
+    return false;
+  const int m = choose_tile(p);
+  if (m == 0) return false;
+  const float* gy = grad_output.const_data_ptr<float>();
+  const float* x = input.const_data_ptr<float>();
+  float* g = gw.mutable_data_ptr<float>();
+  const Strides4 gs = strides_of(grad_output), xs = strides_of(input);
+  bool ok = false;
+  if (m == 2) {
+    kF2.hit();
+    ok = weight_grad_m<2>(gy, gs, x, xs, g, p);
+  } else if (m == 4) {
+    kF4.hit();
+    ok = weight_grad_m<4>(gy, gs, x, xs, g, p);
+  } else if (m == 6) {
+    kF6.hit();
+    ok = weight_grad_m<6>(gy, gs, x, xs, g, p);
+  }
+  if (!ok) {
+    kNonFinite.hit();
+    return false;
+  }
+  kWeightGrad.hit();
+  return true;
+#else
+  (void)grad_output, (void)input, (void)gw, (void)p;
+  return false;
+#endif
 }
 
 }  // namespace winograd

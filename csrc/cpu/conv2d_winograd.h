@@ -73,6 +73,31 @@ bool forward_tensor(const at::Tensor& input, const at::Tensor& weight, const flo
                     at::Tensor& out, const Conv2dParams& p, bool relu,
                     const std::function<void(int64_t, int64_t, int64_t)>& rows_done);
 
+// The stride-1 input gradient as a forward (sizes of the forward that computes it): gy
+// convolved, padded by d (k - 1) - p, with the weight flipped in space and transposed in
+// channels; its input is gy (O channels, OH x OW), its output gx (C channels, H x W).
+Conv2dParams input_grad_params(const Conv2dParams& p);
+
+// gx = the input gradient of the convolution p (weight O x C x 3 x 3 float32) for gy, by
+// Winograd when choose_tile(input_grad_params(p)) says so (the same switch and shape rules
+// as the forward) and the padding is at most 2 per side (the forward's then is 2 - p). gx
+// and gy may have any strides: unlike the forward's, a channels_last gx is written here
+// too (the scatter is 1.5-3x faster than the GEMM path's channels_last input gradient);
+// gx is overwritten. The flipped weight's transform is in the weight cache like the
+// forward's, under its own tag. Returns false (gx then holds garbage
+// or nothing) when the caller must compute gx itself: not applicable, or a non-finite
+// value (counted by conv2d.winograd.nonfinite_fallback).
+bool input_backward_tensor(const at::Tensor& grad_output, const at::Tensor& weight, at::Tensor& gx,
+                           const Conv2dParams& p);
+
+// gw (O x C x 3 x 3, contiguous) = the weight gradient of the convolution p for gy and the
+// input x, by Winograd with the forward's tile (choose_tile(p): its switch and shape rules):
+// sum over tiles of G^T (A gy A^T (.) B^T d B) G, the sums over tiles run as (m + 2)^2
+// GEMMs. Returns false (gw then holds garbage) when the caller must compute gw itself: not
+// applicable, or a value not finite (counted by conv2d.winograd.nonfinite_fallback).
+bool weight_backward_tensor(const at::Tensor& grad_output, const at::Tensor& input, at::Tensor& gw,
+                            const Conv2dParams& p);
+
 }  // namespace winograd
 }  // namespace cpu
 }  // namespace cnnext

@@ -84,6 +84,7 @@ class DerivedCache {
 enum WeightCacheTag : int64_t {
   kBnFoldTag = 1,             // (weight * scale, shift) of the fused op's inference
   kTransformedWeightTag = 2,  // Winograd's G g G^T in packed panels
+  kFlippedTransformedWeightTag = 3,  // the same of the flipped, transposed weight (input gradient)
 };
 DerivedCache& weight_cache();
 
