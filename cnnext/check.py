@@ -10,10 +10,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import _paths
 from . import functional as cf
 from .testing import DTYPES, TOLERANCES, devices, outputs_and_grads as _grads, rel_err, to_layout
 
 TOL = TOLERANCES["check"]
+# float32 rows that ran a Winograd path (3x3 stride-1 convolutions and their gradients on
+# AVX-512 CPUs) are held to Winograd's documented bound (cnnext.backends.cpu: 2e-5 of the
+# result's largest magnitude) instead: its F(4x4) transforms round more than the GEMM.
+WINOGRAD_TOL = 2e-5
 # The input layouts of the cases: their names in the table, cnnext.testing's names.
 _LAYOUTS = {"contiguous": "contiguous", "channels_last": "channels_last", "non-contiguous": "permuted"}
 
@@ -301,16 +306,24 @@ def run_checks(out=sys.stdout):
     for device in devices():
         for case in CASES:
             for dtype in [d for d in DTYPES[device] if case.dtypes is None or d in case.dtypes]:
+                tol = TOL[dtype]
                 try:
+                    before = _paths.counts()
                     results = [(what, rel_err(a.detach(), b.detach())) for what, a, b in case.run(dtype, device)]
+                    after = _paths.counts()
                     err = max(e for _, e in results)
                     worst = max(results, key=lambda r: r[1])[0]
-                    ok = err <= TOL[dtype]
-                    note = f"worst: {worst}"
+                    winograd = any("winograd" in k and "cache" not in k and "nonfinite" not in k
+                                   and v != before.get(k, 0) for k, v in after.items())
+                    winograd = winograd and dtype == torch.float32  # (half types: their own bounds)
+                    if winograd:
+                        tol = max(tol, WINOGRAD_TOL)
+                    ok = err <= tol
+                    note = f"worst: {worst}" + (" (Winograd)" if winograd else "")
                 except Exception as e:  # a crash is a failure, reported in the table
                     err, ok, note = float("inf"), False, f"{type(e).__name__}: {e}"[:60]
                 failed += not ok
-                rows.append((case.op, case.config, device, str(dtype).replace("torch.", ""), f"{err:.1e}", f"{TOL[dtype]:.0e}", "PASS" if ok else "FAIL", note))
+                rows.append((case.op, case.config, device, str(dtype).replace("torch.", ""), f"{err:.1e}", f"{tol:.0e}", "PASS" if ok else "FAIL", note))
     _table(("op", "configuration", "device", "dtype", "max rel err", "tol", "result", ""), rows, failed, out)
     return failed
 
