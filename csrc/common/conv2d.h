@@ -48,6 +48,22 @@ CNNEXT_HD bool conv_kernel_fits(int64_t in, int64_t k, int64_t p, int64_t d) {
   return in + 2 * p >= conv_dilated_kernel(k, d);
 }
 
+// The stride-1 input gradient of p as a forward convolution of grad_output (with the weight
+// flipped in space and transposed in channels): input and output channels and sizes
+// swapped, padding d (k - 1) - p per side (negative: a crop).
+CNNEXT_HD Conv2dParams conv_input_grad_as_forward(const Conv2dParams& p) {
+  Conv2dParams q = p;
+  q.C = p.O;
+  q.H = p.OH;
+  q.W = p.OW;
+  q.O = p.C;
+  q.OH = p.H;
+  q.OW = p.W;
+  q.PH = conv_dilated_kernel(p.KH, p.DH) - 1 - p.PH;
+  q.PW = conv_dilated_kernel(p.KW, p.DW) - 1 - p.PW;
+  return q;
+}
+
 // Input coordinate read by output position o through kernel tap t (may lie in the padding).
 CNNEXT_HD int64_t conv_in_coord(int64_t o, int64_t t, int64_t s, int64_t p, int64_t d) {
   return o * s - p + t * d;

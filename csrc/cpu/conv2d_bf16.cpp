@@ -522,11 +522,7 @@ at::Tensor conv2d_input_backward(const at::Tensor& grad_output, const at::Tensor
     // weight flipped in space and transposed per group (C x Og x KH x KW), padding
     // D * (K - 1) - P (negative: a crop, which the forward's bounds checks take).
     kInBf16Flip.hit();
-    Conv2dParams q = p;
-    q.C = p.O; q.H = p.OH; q.W = p.OW;
-    q.O = p.C; q.OH = p.H; q.OW = p.W;
-    q.PH = p.DH * (p.KH - 1) - p.PH;
-    q.PW = p.DW * (p.KW - 1) - p.PW;
+    const Conv2dParams q = conv_input_grad_as_forward(p);
     at::Tensor gx = at::empty({p.N, p.C, p.H, p.W}, grad_output.options());
     if (gx.numel() != 0) {
       const bool ran = forward_gemm(grad_output, weight, c10::nullopt, q, gx, false, true);
@@ -573,9 +569,8 @@ at::Tensor conv2d_input_backward(const at::Tensor& grad_output, const at::Tensor
         const auto opt = at::TensorOptions().dtype(at::kLong);
         const at::Tensor ih = at::tensor(th, opt), iw = at::tensor(tw, opt);
         const at::Tensor sub = wt.index_select(2, ih).index_select(3, iw).contiguous();
-        Conv2dParams q = p;
-        q.C = p.O; q.H = p.OH; q.W = p.OW;
-        q.O = p.C; q.OH = Ha; q.OW = Wb;
+        Conv2dParams q = conv_input_grad_as_forward(p);  // then this phase's sizes and sub-kernel
+        q.OH = Ha; q.OW = Wb;
         q.KH = static_cast<int64_t>(th.size()); q.KW = static_cast<int64_t>(tw.size());
         q.SH = q.SW = 1;
         q.PH = -floor_div(a + p.PH - th[0], p.SH);

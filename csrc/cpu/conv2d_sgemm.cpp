@@ -745,20 +745,6 @@ void forward_impl(const float* x, const Strides4& xs, const float* w, bool w_t, 
   });
 }
 
-// The stride-1 input gradient as a forward convolution of gy (see input_backward).
-Conv2dParams as_forward(const Conv2dParams& p) {
-  Conv2dParams q = p;
-  q.C = p.O;
-  q.H = p.OH;
-  q.W = p.OW;
-  q.O = p.C;
-  q.OH = p.H;
-  q.OW = p.W;
-  q.PH = p.DH * (p.KH - 1) - p.PH;
-  q.PW = p.DW * (p.KW - 1) - p.PW;
-  return q;
-}
-
 bool input_backward_overwrites(const Conv2dParams& p) {
   if (!(p.SH == 1 && p.SW == 1 && p.PH <= p.DH * (p.KH - 1) && p.PW <= p.DW * (p.KW - 1))) return false;
   // Its columns (O x KH x KW by H x W) must not outnumber col2im's (C x KH x KW by OH x OW)
@@ -775,7 +761,7 @@ void input_backward(const float* gy, const Strides4& gs, const float* w, float* 
     // Stride 1: gx is the convolution of gy, padded by d (k - 1) - p, with the weight
     // flipped in space and transposed in channels (w'[g Cg + c][o][kh][kw] =
     // w[g Og + o][c][KH - 1 - kh][KW - 1 - kw]): a forward, which overwrites gx, no col2im.
-    const Conv2dParams q = as_forward(p);
+    const Conv2dParams q = conv_input_grad_as_forward(p);
     // (Winograd's version of this, winograd::input_backward_tensor in conv2d.cpp, runs
     // first where it applies; it comes here when a value is not finite.)
     // w' transposed per group: wf[g][(o, t)][c] = w[g Og + o][c][taps - 1 - t], read in order.

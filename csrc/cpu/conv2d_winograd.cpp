@@ -768,19 +768,6 @@ bool forward_tensor(const at::Tensor& input, const at::Tensor& weight, const flo
   return true;
 }
 
-Conv2dParams input_grad_params(const Conv2dParams& p) {
-  Conv2dParams q = p;
-  q.C = p.O;
-  q.H = p.OH;
-  q.W = p.OW;
-  q.O = p.C;
-  q.OH = p.H;
-  q.OW = p.W;
-  q.PH = p.DH * (p.KH - 1) - p.PH;
-  q.PW = p.DW * (p.KW - 1) - p.PW;
-  return q;
-}
-
 bool input_backward_tensor(const at::Tensor& grad_output, const at::Tensor& weight, at::Tensor& gx,
                            const Conv2dParams& p) {
   if (grad_output.scalar_type() != at::kFloat || weight.scalar_type() != at::kFloat ||
@@ -788,7 +775,7 @@ bool input_backward_tensor(const at::Tensor& grad_output, const at::Tensor& weig
     return false;
   // The forward's padding is 2 - p per side: a padding past 2 would crop gy instead.
   if (p.PH < 0 || p.PW < 0 || p.PH > 2 || p.PW > 2) return false;
-  const Conv2dParams q = input_grad_params(p);
+  const Conv2dParams q = conv_input_grad_as_forward(p);
   const int m = choose_tile(q);  // 3 x 3, stride 1, dilation 1, one group, switch on
   if (m == 0) return false;
   const at::Tensor u = cached_weight(weight, q.O, q.C, m, true);

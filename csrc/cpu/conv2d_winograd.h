@@ -73,13 +73,8 @@ bool forward_tensor(const at::Tensor& input, const at::Tensor& weight, const flo
                     at::Tensor& out, const Conv2dParams& p, bool relu,
                     const std::function<void(int64_t, int64_t, int64_t)>& rows_done);
 
-// The stride-1 input gradient as a forward (sizes of the forward that computes it): gy
-// convolved, padded by d (k - 1) - p, with the weight flipped in space and transposed in
-// channels; its input is gy (O channels, OH x OW), its output gx (C channels, H x W).
-Conv2dParams input_grad_params(const Conv2dParams& p);
-
 // gx = the input gradient of the convolution p (weight O x C x 3 x 3 float32) for gy, by
-// Winograd when choose_tile(input_grad_params(p)) says so (the same switch and shape rules
+// Winograd when choose_tile(conv_input_grad_as_forward(p)) says so (the same switch and shape rules
 // as the forward) and the padding is at most 2 per side (the forward's then is 2 - p). gx
 // and gy may have any strides: unlike the forward's, a channels_last gx is written here
 // too (the scatter is 1.5-3x faster than the GEMM path's channels_last input gradient);
