@@ -126,15 +126,16 @@ void run_items(int64_t count, const Fn& fn) {
 
 #define WINO_TARGET __attribute__((target("avx512f,fma")))
 
-// sum_k c[k] * v[k * stride] with the constants folded at compile time (zero terms
+// sum_k c(k) * v[k * stride] with the constants folded at compile time (zero terms
 // skipped, +-1 as an add / subtract); every loop here has constant bounds and unrolls.
-template <int N>
-WINO_TARGET inline __m512 lin(const float (&c)[N], const __m512* v, int stride) {
+// c(k) reads a row of a constant matrix (lin) or a column (lin_col).
+template <int N, typename Coef>
+WINO_TARGET inline __m512 lin_terms(const Coef& c, const __m512* v, int stride) {
   __m512 acc = _mm512_setzero_ps();
   bool first = true;
 #pragma GCC unroll 8
   for (int k = 0; k < N; ++k) {
-    const float ck = c[k];
+    const float ck = c(k);
     if (ck == 0.f) continue;
     const __m512 x = v[k * stride];
     if (first) {
@@ -149,6 +150,31 @@ WINO_TARGET inline __m512 lin(const float (&c)[N], const __m512* v, int stride) 
     }
   }
   return acc;
+}
+
+template <int N>
+struct Row {
+  const float (&c)[N];
+  float operator()(int k) const { return c[k]; }
+};
+
+template <int N, int W>
+struct Col {
+  const float (&c)[N][W];
+  int col;
+  float operator()(int k) const { return c[k][col]; }
+};
+
+// sum_k c[k] * v[k * stride].
+template <int N>
+WINO_TARGET inline __m512 lin(const float (&c)[N], const __m512* v, int stride) {
+  return lin_terms<N>(Row<N>{c}, v, stride);
+}
+
+// sum_k c[k][col] * v[k * stride] (over a column of c).
+template <int N, int W>
+WINO_TARGET inline __m512 lin_col(const float (&c)[N][W], int col, const __m512* v, int stride) {
+  return lin_terms<N>(Col<N, W>{c, col}, v, stride);
 }
 
 // U[xi] (packed A: panels of kMR output channels over K = C) for output-channel panels
@@ -409,30 +435,6 @@ bool forward_m(const float* x, const Strides4& xs, const float* w, int64_t wso, 
 // transformed tile, Ug[xi] (O x C) = Z[xi] (O x tiles) * V[xi]^T (tiles x C): (m + 2)^2
 // GEMMs over all tiles (K = tiles, in chunks of a size fixed by the shape), then
 // gw = G^T Ug G per (o, c).
-
-// sum_k c[k][col] * v[k * stride] (as lin, over a column of c).
-template <int N, int W>
-WINO_TARGET inline __m512 lin_col(const float (&c)[N][W], int col, const __m512* v, int stride) {
-  __m512 acc = _mm512_setzero_ps();
-  bool first = true;
-#pragma GCC unroll 8
-  for (int k = 0; k < N; ++k) {
-    const float ck = c[k][col];
-    if (ck == 0.f) continue;
-    const __m512 x = v[k * stride];
-    if (first) {
-      acc = ck == 1.f ? x : ck == -1.f ? _mm512_sub_ps(_mm512_setzero_ps(), x) : _mm512_mul_ps(_mm512_set1_ps(ck), x);
-      first = false;
-    } else if (ck == 1.f) {
-      acc = _mm512_add_ps(acc, x);
-    } else if (ck == -1.f) {
-      acc = _mm512_sub_ps(acc, x);
-    } else {
-      acc = _mm512_fmadd_ps(_mm512_set1_ps(ck), x, acc);
-    }
-  }
-  return acc;
-}
 
 // V[xi] of the chunk's tiles [ta, tb) (chunk-relative; the chunk starts at tile t0 and
 // holds tc) in packed-B panels of kNR input channels over K = tiles:
