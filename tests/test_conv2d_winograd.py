@@ -45,6 +45,24 @@ def kaiming(o, c, k=3, dtype=torch.float32):
     return torch.randn(o, c, k, k, dtype=dtype) * math.sqrt(2.0 / (c * k * k))
 
 
+def single_thread_then(threads, fn, *paths):
+    """Under torch.use_deterministic_algorithms: fn() on one thread (the reference), then
+    three calls on `threads` threads inside expect_path(*paths); both restored after."""
+    saved = torch.get_num_threads()
+    det = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        torch.set_num_threads(1)
+        ref = fn()
+        torch.set_num_threads(threads)
+        with expect_path(*paths):
+            outs = [fn() for _ in range(3)]
+    finally:
+        torch.set_num_threads(saved)
+        torch.use_deterministic_algorithms(det)
+    return ref, outs
+
+
 def rel_err(y, ref):
     return ((y.double() - ref).abs().max() / ref.abs().max()).item()
 
@@ -423,19 +441,9 @@ def test_input_gradient_deterministic(threads, tile):
     x = torch.randn(4, 64, 20, 20, requires_grad=True)
     w = kaiming(64, 64)
     gy = torch.randn(4, 64, 20, 20)
-    saved = torch.get_num_threads()
-    det = torch.are_deterministic_algorithms_enabled()
-    try:
-        torch.use_deterministic_algorithms(True)
-        torch.set_num_threads(1)
-        y = conv2d(x, w, None, 1, 1)
-        (ref,) = torch.autograd.grad(y, x, gy, retain_graph=True)
-        torch.set_num_threads(threads)
-        with expect_path(IN_GRAD, TILES[4]):
-            outs = [torch.autograd.grad(y, x, gy, retain_graph=True)[0] for _ in range(3)]
-    finally:
-        torch.set_num_threads(saved)
-        torch.use_deterministic_algorithms(det)
+    y = conv2d(x, w, None, 1, 1)
+    ref, outs = single_thread_then(threads, lambda: torch.autograd.grad(y, x, gy, retain_graph=True)[0],
+                                   IN_GRAD, TILES[4])
     for gx in outs:
         assert torch.equal(gx, ref)
 
@@ -540,19 +548,9 @@ def test_weight_gradient_deterministic(threads, tile):
     x = torch.randn(4, 64, 20, 20)
     w = kaiming(64, 64).requires_grad_()
     gy = torch.randn(4, 64, 20, 20)
-    saved = torch.get_num_threads()
-    det = torch.are_deterministic_algorithms_enabled()
-    try:
-        torch.use_deterministic_algorithms(True)
-        torch.set_num_threads(1)
-        y = conv2d(x, w, None, 1, 1)
-        (ref,) = torch.autograd.grad(y, w, gy, retain_graph=True)
-        torch.set_num_threads(threads)
-        with expect_path(W_GRAD, TILES[4]):
-            outs = [torch.autograd.grad(y, w, gy, retain_graph=True)[0] for _ in range(3)]
-    finally:
-        torch.set_num_threads(saved)
-        torch.use_deterministic_algorithms(det)
+    y = conv2d(x, w, None, 1, 1)
+    ref, outs = single_thread_then(threads, lambda: torch.autograd.grad(y, w, gy, retain_graph=True)[0],
+                                   W_GRAD, TILES[4])
     for gw in outs:
         assert torch.equal(gw, ref)
 
@@ -730,18 +728,7 @@ def test_deterministic_and_thread_independent(threads, tile):
     x = torch.randn(4, 64, 20, 20)
     w = kaiming(64, 64)
     b = torch.randn(64)
-    saved = torch.get_num_threads()
-    det = torch.are_deterministic_algorithms_enabled()
-    try:
-        torch.use_deterministic_algorithms(True)
-        torch.set_num_threads(1)
-        ref = conv2d(x, w, b, 1, 1)
-        torch.set_num_threads(threads)
-        with expect_path(TILES[4]):
-            outs = [conv2d(x, w, b, 1, 1) for _ in range(3)]
-    finally:
-        torch.set_num_threads(saved)
-        torch.use_deterministic_algorithms(det)
+    ref, outs = single_thread_then(threads, lambda: conv2d(x, w, b, 1, 1), TILES[4])
     for y in outs:
         assert torch.equal(y, ref)
 
