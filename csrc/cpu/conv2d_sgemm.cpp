@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "cpu/cpu_features.h"
+#include "common/conv2d_phases.h"
 #include "cpu/sgemm.h"
 #include "paths.h"
 
@@ -27,6 +28,7 @@ namespace {
 
 CNNEXT_PATH(kPanels, "conv2d.sgemm.panels");
 CNNEXT_PATH(kImplicit, "conv2d.sgemm.implicit");
+CNNEXT_PATH(kImplicitPhases, "conv2d.sgemm.implicit_phases");
 CNNEXT_PATH(kGather, "conv2d.sgemm.gather");
 CNNEXT_PATH(kGatherT, "conv2d.sgemm.gather_transposed");
 // How the forward's columns are gathered (once per gather call that used it): vector copies
@@ -42,7 +44,9 @@ CNNEXT_PATH(kUnpaddedSource, "conv2d.sgemm.gather.unpadded_source");
 CNNEXT_PATH(kInForward, "conv2d.input_grad.sgemm_as_forward");
 CNNEXT_PATH(kInCol2im, "conv2d.input_grad.sgemm_col2im");
 CNNEXT_PATH(kInCol2imT, "conv2d.input_grad.sgemm_col2im_transposed");
+CNNEXT_PATH(kInPhases, "conv2d.input_grad.sgemm_phases");
 CNNEXT_PATH(kWImplicit, "conv2d.weight_grad.sgemm_implicit");
+CNNEXT_PATH(kWImplicitPhases, "conv2d.weight_grad.sgemm_implicit_phases");
 CNNEXT_PATH(kWGather, "conv2d.weight_grad.sgemm_gather");
 
 using sgemm::kMR;
@@ -237,27 +241,38 @@ void run_items(int64_t count, const Fn& fn, int64_t elems = -1) {
   });
 }
 
+// (N, C) planes of x (H x W, strides xs) with zero borders of top, bottom, left, right
+// (>= 0) into scratch slot 3, plus `slack` zero floats at the end.
+float* pad_planes(const float* x, const Strides4& xs, int64_t N, int64_t C, int64_t H, int64_t W,
+                  int64_t top, int64_t bottom, int64_t left, int64_t right, int64_t slack) {
+  const int64_t Hp = H + top + bottom, Wp = W + left + right, plane = Hp * Wp;
+  float* xp = scratch(3, N * C * plane + slack);
+  run_items(N * C, [&](int64_t nc) {
+    const int64_t n = nc / C, c = nc % C;
+    float* dst = xp + nc * plane;
+    const float* src = x + n * xs.n + c * xs.c;
+    std::fill(dst, dst + top * Wp, 0.f);
+    for (int64_t h = 0; h < H; ++h) {
+      float* d = dst + (top + h) * Wp;
+      const float* sr = src + h * xs.h;
+      std::fill(d, d + left, 0.f);
+      if (xs.w == 1) {
+        std::memcpy(d + left, sr, size_t(W) * sizeof(float));
+      } else {
+        for (int64_t w = 0; w < W; ++w) d[left + w] = sr[w * xs.w];
+      }
+      std::fill(d + left + W, d + Wp, 0.f);
+    }
+    std::fill(dst + (top + H) * Wp, dst + plane, 0.f);
+  }, N * C * plane);
+  std::fill(xp + N * C * plane, xp + N * C * plane + slack, 0.f);
+  return xp;
+}
+
 // The input with its zero padding: (N, C) planes of Hp x Wp (Hp = H + 2 PH, Wp = W + 2 PW)
 // in scratch slot 3, plus kNR zero floats of slack at the end.
 float* pad_input(const float* x, const Strides4& xs, const Conv2dParams& p) {
-  const int64_t Hp = p.H + 2 * p.PH, Wp = p.W + 2 * p.PW, plane = Hp * Wp;
-  float* xp = scratch(3, p.N * p.C * plane + kNR);
-  run_items(p.N * p.C, [&](int64_t nc) {
-    const int64_t n = nc / p.C, c = nc % p.C;
-    float* dst = xp + nc * plane;
-    const float* src = x + n * xs.n + c * xs.c;
-    std::fill(dst, dst + p.PH * Wp, 0.f);
-    for (int64_t h = 0; h < p.H; ++h) {
-      float* d = dst + (p.PH + h) * Wp;
-      const float* sr = src + h * xs.h;
-      std::fill(d, d + p.PW, 0.f);
-      for (int64_t w = 0; w < p.W; ++w) d[p.PW + w] = sr[w * xs.w];
-      std::fill(d + p.PW + p.W, d + Wp, 0.f);
-    }
-    std::fill(dst + (p.PH + p.H) * Wp, dst + plane, 0.f);
-  }, p.N * p.C * plane);
-  std::fill(xp + p.N * p.C * plane, xp + p.N * p.C * plane + kNR, 0.f);
-  return xp;
+  return pad_planes(x, xs, p.N, p.C, p.H, p.W, p.PH, p.PH, p.PW, p.PW, kNR);
 }
 
 // Element strides of pad_input's copy.
@@ -456,16 +471,76 @@ void pack_gy_padded(const float* g, const Strides4& gs, const Conv2dParams& p, i
   }
 }
 
-// Stride 1 without im2col: the input is copied once with its zero padding, and the GEMM
-// reads B(k, l) = xpad[off[k] + l] in place, in padded-width coordinates l = oh * Wp + ow
-// (the Wp - OW columns past each output row are computed and dropped).
+// The source an implicit forward's GEMM reads B from in place: per (sample, channel) a
+// block of `csize` floats at x, in which tap k of position (oh, ow) of the group's first
+// channel is x[off[k] + oh * Wq + ow] (padded-width coordinates: the Wq - OW columns past
+// each output row are computed and dropped); kNR + Wq zero floats of slack at the end.
+struct ImplicitSrc {
+  const float* x;
+  int64_t csize, Wq;
+  std::vector<int64_t> off;
+};
+
+// Stride 1: the input copied once with its zero padding, read at the taps' offsets.
+ImplicitSrc implicit_source(const float* x, const Strides4& xs, const Conv2dParams& p) {
+  const int64_t Wp = p.W + 2 * p.PW;
+  return {pad_planes(x, xs, p.N, p.C, p.H, p.W, p.PH, p.PH, p.PW, p.PW, kNR + Wp),
+          (p.H + 2 * p.PH) * Wp, Wp, tap_offsets(p)};
+}
+
+// Other strides, dilation 1: the padded input split into its SH x SW stride phases
+// (space to depth), phase (a, b) = the padded positions (a + SH i, b + SW j), a plane of
+// Hq x Wq (Hq = ceil(Hp / SH), Wq = ceil(Wp / SW); zero past the padded map). Output (oh,
+// ow) reads tap (kh, kw) at phase (kh % SH, kw % SW), position (oh + kh / SH, ow + kw /
+// SW): a stride-1 read of the phase, so the GEMM reads it in place as at stride 1, with
+// no im2col. Only the phases some tap reads are stored.
+ImplicitSrc phase_source(const float* x, const Strides4& xs, const Conv2dParams& p) {
+  const int64_t Hp = p.H + 2 * p.PH, Wp = p.W + 2 * p.PW;
+  const int64_t PA = std::min(p.SH, p.KH), PB = std::min(p.SW, p.KW);
+  const int64_t Hq = ceil_div(Hp, p.SH), Wq = ceil_div(Wp, p.SW), qplane = Hq * Wq;
+  const int64_t csize = PA * PB * qplane, slack = kNR + Wq;
+  float* xq = scratch(3, p.N * p.C * csize + slack);
+  run_items(p.N * p.C, [&](int64_t nc) {
+    const int64_t n = nc / p.C, c = nc % p.C;
+    float* dst = xq + nc * csize;
+    std::fill(dst, dst + csize, 0.f);
+    const float* src = x + n * xs.n + c * xs.c;
+    for (int64_t h = 0; h < p.H; ++h) {
+      const int64_t hp = h + p.PH, a = hp % p.SH;
+      if (a >= PA) continue;
+      float* drow = dst + a * PB * qplane + (hp / p.SH) * Wq;
+      const float* srow = src + h * xs.h;
+      for (int64_t w = 0; w < p.W; ++w) {
+        const int64_t wp = w + p.PW, b = wp % p.SW;
+        if (b < PB) drow[b * qplane + wp / p.SW] = srow[w * xs.w];
+      }
+    }
+  }, p.N * p.C * csize);
+  std::fill(xq + p.N * p.C * csize, xq + p.N * p.C * csize + slack, 0.f);
+  const int64_t taps = p.KH * p.KW, K = p.in_per_group() * taps;
+  std::vector<int64_t> off(K);
+  for (int64_t k = 0; k < K; ++k) {
+    const int64_t c = k / taps, kh = (k / p.KW) % p.KH, kw = k % p.KW;
+    off[k] = c * csize + ((kh % p.SH) * PB + kw % p.SW) * qplane + (kh / p.SH) * Wq + kw / p.SW;
+  }
+  return {xq, csize, Wq, std::move(off)};
+}
+
+// Whether the forward of p reads its input in place, through implicit_source (stride 1)
+// or phase_source (other strides, dilation 1, a kernel past 1x1, >= 16 columns).
+bool implicit_applies(const Conv2dParams& p) {
+  if (p.SH == 1 && p.SW == 1) return p.OW >= 16 || p.W + 2 * p.PW == p.OW;
+  return p.DH == 1 && p.DW == 1 && (p.KH > 1 || p.KW > 1) && p.OW >= 16;
+}
+
+// The forward without im2col: the GEMM reads B(k, l) = src.x[off[k] + l] in place.
 void forward_implicit(const float* x, const Strides4& xs, const float* wp, int64_t w_size,
                       const float* bias, float* y, const Strides4& ys, const Conv2dParams& p,
                       bool relu, const RowsDoneFn& rows_done) {
   const int64_t Cg = p.in_per_group(), Og = p.out_per_group(), taps = p.KH * p.KW, K = Cg * taps;
-  const int64_t Wp = p.W + 2 * p.PW, plane = (p.H + 2 * p.PH) * Wp, T = at::get_num_threads();
-  const float* xp = pad_input(x, xs, p);  // kNR floats of slack for the last panel
-  const std::vector<int64_t> off = tap_offsets(p);
+  const int64_t T = at::get_num_threads();
+  const ImplicitSrc src = p.SH == 1 && p.SW == 1 ? implicit_source(x, xs, p) : phase_source(x, xs, p);
+  const int64_t Wp = src.Wq;
   // Bands of about 384 positions; output-channel blocks when there are few bands.
   const int64_t rows = std::clamp<int64_t>(ceil_div(384, Wp), 1, p.OH);
   const int64_t bands = ceil_div(p.OH, rows);
@@ -480,13 +555,17 @@ void forward_implicit(const float* x, const Strides4& xs, const float* wp, int64
     const int64_t oh0 = band * rows, oh1 = std::min(p.OH, oh0 + rows);
     const int64_t Lp = (oh1 - oh0) * Wp - (Wp - p.OW);
     float* cbuf = scratch(0, ob * rows * Wp);
-    sgemm::gemm_rows(wp + g * w_size + o0 * K, xp + (n * p.C + g * Cg) * plane + oh0 * Wp,
-                     off.data(), M, Lp, K, cbuf, Lp, bias ? bias + g * Og + o0 : nullptr, relu);
+    sgemm::gemm_rows(wp + g * w_size + o0 * K, src.x + (n * p.C + g * Cg) * src.csize + oh0 * Wp,
+                     src.off.data(), M, Lp, K, cbuf, Lp, bias ? bias + g * Og + o0 : nullptr, relu);
     for (int64_t o = 0; o < M; ++o) {
       for (int64_t oh = oh0; oh < oh1; ++oh) {
-        const float* src = cbuf + o * Lp + (oh - oh0) * Wp;
+        const float* s = cbuf + o * Lp + (oh - oh0) * Wp;
         float* dst = y + n * ys.n + (g * Og + o0 + o) * ys.c + oh * ys.h;
-        for (int64_t ow = 0; ow < p.OW; ++ow) dst[ow * ys.w] = src[ow];
+        if (ys.w == 1) {
+          std::memcpy(dst, s, size_t(p.OW) * sizeof(float));
+        } else {
+          for (int64_t ow = 0; ow < p.OW; ++ow) dst[ow * ys.w] = s[ow];
+        }
       }
     }
     if (rows_done) rows_done(n, oh0, oh1);
@@ -617,7 +696,7 @@ void forward_impl(const float* x, const Strides4& xs, const float* w, bool w_t, 
     chunks = p.N * bands;
   } else {
     chunks = ceil_div(R, rows);
-    const bool implicit_shape = p.SH == 1 && p.SW == 1 && (p.OW >= 16 || p.W + 2 * p.PW == p.OW);
+    const bool implicit_shape = implicit_applies(p);
     const bool panels_shape = chunks == 1 && !rows_done && Og > kNR && positions_on_m(rows * p.OW, Og);
     if (implicit_shape || panels_shape) {
       if (!rows_done && T > 1 && chunks > 1) chunks = std::min(R, round_up(chunks, T));
@@ -682,9 +761,10 @@ void forward_impl(const float* x, const Strides4& xs, const float* w, bool w_t, 
     }
   }, p.O * K);
 
-  // Stride 1 and >= 16 output columns, or no extra columns at all (1 x 1 unpadded).
-  if (!trans && p.SH == 1 && p.SW == 1 && (p.OW >= 16 || p.W + 2 * p.PW == p.OW)) {
-    kImplicit.hit();
+  // Stride 1 and >= 16 output columns, or no extra columns at all (1 x 1 unpadded); or
+  // strided by stride phases.
+  if (!trans && implicit_applies(p)) {
+    (p.SH == 1 && p.SW == 1 ? kImplicit : kImplicitPhases).hit();
     forward_implicit(x, xs, wp, w_size, bias, y, ys, p, relu, rows_done);
     return;
   }
@@ -745,10 +825,124 @@ void forward_impl(const float* x, const Strides4& xs, const float* w, bool w_t, 
   });
 }
 
+// Strided input gradient (and so conv_transpose2d's forward) without col2im, dilation 1:
+// the input positions split into SH x SW stride phases (conv_input_grad_phase), each a
+// stride-1 correlation of grad_output with the phase's taps of the weight, flipped and
+// transposed. Each phase runs as forward_implicit does: grad_output is copied once with
+// zero borders wide enough for every phase, and the GEMM (M = input channels of the group,
+// K = output channels x the phase's taps) reads it in place, in padded-width coordinates
+// (the Wp - Wb extra columns computed and dropped); the result is stored at stride (SH, SW)
+// into gx. Every element of gx is written once (zero where no tap reaches it).
+bool input_backward_phases_apply(const Conv2dParams& p) {
+  // Thin groups would fill a few rows of each 8-row panel (AlexNet's 1-channel first layer
+  // stays with col2im); small batches of small maps are the small-map paths' business.
+  return (p.SH > 1 || p.SW > 1) && p.DH == 1 && p.DW == 1 && p.in_per_group() >= 16 &&
+         p.N * p.OH * p.OW >= 1024 && p.OW >= 8;
+}
+
+void input_backward_phases(const float* gy, const Strides4& gs, const float* w, float* gx,
+                           const Strides4& xs, const Conv2dParams& p) {
+  const int64_t Cg = p.in_per_group(), Og = p.out_per_group(), taps = p.KH * p.KW;
+  const int64_t nph = std::min(p.SH, p.H), npw = std::min(p.SW, p.W);
+  std::vector<ConvGradPhase> ph(nph), pw(npw);
+  // Zero borders of grad_output that cover every phase's reads: rows j - pad + u for j <
+  // count, u < taps.
+  int64_t top = 0, bottom = 0, left = 0, right = 0;
+  for (int64_t a = 0; a < nph; ++a) {
+    ph[a] = conv_input_grad_phase(p.H, p.KH, p.SH, p.PH, a);
+    if (ph[a].taps == 0 || ph[a].count == 0) continue;
+    top = std::max(top, ph[a].pad);
+    bottom = std::max(bottom, ph[a].count - 1 + ph[a].taps - 1 - ph[a].pad - (p.OH - 1));
+  }
+  for (int64_t b = 0; b < npw; ++b) {
+    pw[b] = conv_input_grad_phase(p.W, p.KW, p.SW, p.PW, b);
+    if (pw[b].taps == 0 || pw[b].count == 0) continue;
+    left = std::max(left, pw[b].pad);
+    right = std::max(right, pw[b].count - 1 + pw[b].taps - 1 - pw[b].pad - (p.OW - 1));
+  }
+  const int64_t Hp = p.OH + top + bottom, Wp = p.OW + left + right, plane = Hp * Wp;
+  // Slack past the last plane: a panel's extra columns read up to a row and a panel on.
+  const float* gyp = pad_planes(gy, gs, p.N, p.O, p.OH, p.OW, top, bottom, left, right, Wp + 2 * kNR);
+  // Packed weight of each (group, phase): A (Cg x Og * taps_h * taps_w), element (c, (o, u,
+  // v)) = w[g Og + o][c][first_h - SH u][first_w - SW v]; and the B offsets of its rows.
+  std::vector<int64_t> a_at(p.G * nph * npw + 1, 0), off_at(nph * npw + 1, 0);
+  for (int64_t i = 0; i < p.G * nph * npw; ++i) {
+    const int64_t f = i % (nph * npw), kq = Og * ph[f / npw].taps * pw[f % npw].taps;
+    a_at[i + 1] = a_at[i] + sgemm::packed_a_size(Cg, kq);
+    if (i < nph * npw) off_at[i + 1] = off_at[i] + kq;
+  }
+  std::vector<int64_t> off(off_at.back());
+  for (int64_t f = 0; f < nph * npw; ++f) {
+    const int64_t th = ph[f / npw].taps, tw = pw[f % npw].taps;
+    int64_t* o_f = off.data() + off_at[f];
+    for (int64_t o = 0; o < Og; ++o)
+      for (int64_t u = 0; u < th; ++u)
+        for (int64_t v = 0; v < tw; ++v) o_f[(o * th + u) * tw + v] = o * plane + u * Wp + v;
+  }
+  float* wp = scratch(2, a_at.back());
+  run_items(p.G * nph * npw, [&](int64_t i) {
+    const int64_t g = i / (nph * npw), f = i % (nph * npw);
+    const ConvGradPhase& a = ph[f / npw];
+    const ConvGradPhase& b = pw[f % npw];
+    const int64_t kq = Og * a.taps * b.taps;
+    if (kq == 0) return;
+    float* rows = scratch(0, Cg * kq);  // (Cg x kq) row-major, then packed
+    for (int64_t c = 0; c < Cg; ++c)
+      for (int64_t o = 0; o < Og; ++o) {
+        const float* src = w + ((g * Og + o) * Cg + c) * taps;
+        float* d = rows + c * kq + o * a.taps * b.taps;
+        for (int64_t u = 0; u < a.taps; ++u)
+          for (int64_t v = 0; v < b.taps; ++v)
+            d[u * b.taps + v] = src[(a.first - p.SH * u) * p.KW + b.first - p.SW * v];
+      }
+    sgemm::pack_a(rows, kq, 1, Cg, kq, wp + a_at[i]);
+  }, p.C * Og * taps);
+  // Items: (sample, group, phase, band of about 384 positions of the phase).
+  int64_t rows_max = 1;
+  for (int64_t a = 0; a < nph; ++a) rows_max = std::max(rows_max, ph[a].count);
+  const int64_t rows = std::clamp<int64_t>(ceil_div(384, Wp), 1, rows_max);
+  const int64_t bands = ceil_div(rows_max, rows);
+  run_items(p.N * p.G * nph * npw * bands, [&](int64_t item) {
+    const int64_t band = item % bands, f = (item / bands) % (nph * npw);
+    const int64_t g = (item / (bands * nph * npw)) % p.G, n = item / (bands * nph * npw * p.G);
+    const int64_t fa = f / npw, fb = f % npw;
+    const ConvGradPhase& a = ph[fa];
+    const ConvGradPhase& b = pw[fb];
+    const int64_t j0 = band * rows, j1 = std::min(a.count, j0 + rows);
+    if (j0 >= j1 || b.count == 0) return;
+    float* xg = gx + n * xs.n + g * Cg * xs.c;
+    if (a.taps == 0 || b.taps == 0) {
+      for (int64_t c = 0; c < Cg; ++c)
+        for (int64_t j = j0; j < j1; ++j)
+          for (int64_t i = 0; i < b.count; ++i)
+            xg[c * xs.c + (fa + p.SH * j) * xs.h + (fb + p.SW * i) * xs.w] = 0.f;
+      return;
+    }
+    const int64_t kq = Og * a.taps * b.taps, Lp = (j1 - j0 - 1) * Wp + b.count;
+    const float* src = gyp + (n * p.O + g * Og) * plane + (top - a.pad + j0) * Wp + (left - b.pad);
+    float* cbuf = scratch(0, Cg * rows * Wp);
+    sgemm::gemm_rows(wp + a_at[g * nph * npw + f], src, off.data() + off_at[f], Cg, Lp, kq, cbuf,
+                     Lp, nullptr, false);
+    for (int64_t c = 0; c < Cg; ++c) {
+      for (int64_t j = j0; j < j1; ++j) {
+        const float* s = cbuf + c * Lp + (j - j0) * Wp;
+        float* d = xg + c * xs.c + (fa + p.SH * j) * xs.h + fb * xs.w;
+        const int64_t step = p.SW * xs.w;
+        for (int64_t i = 0; i < b.count; ++i) d[i * step] = s[i];
+      }
+    }
+  });
+}
+
 bool input_backward_overwrites(const Conv2dParams& p) {
+  if (input_backward_phases_apply(p)) return true;
   if (!(p.SH == 1 && p.SW == 1 && p.PH <= p.DH * (p.KH - 1) && p.PW <= p.DW * (p.KW - 1))) return false;
-  // Its columns (O x KH x KW by H x W) must not outnumber col2im's (C x KH x KW by OH x OW)
-  // by much: LeNet's 6 -> 16 channels, 14x14 -> 10x10 stays with col2im.
+  // A forward that reads grad_output in place (forward_implicit: >= 16 columns, and enough
+  // channels that its GEMM keeps positions on N) has no columns to count: AlexNet's 96 ->
+  // 256 channels 5x5 takes it, with no col2im.
+  if (p.W >= 16 && p.in_per_group() >= 16) return true;
+  // Else its columns (O x KH x KW by H x W) must not outnumber col2im's (C x KH x KW by OH x
+  // OW) by much: LeNet's 6 -> 16 channels, 14x14 -> 10x10 stays with col2im.
   return 4 * p.O * p.H * p.W <= 5 * p.C * p.OH * p.OW;
 }
 
@@ -756,6 +950,11 @@ void input_backward(const float* gy, const Strides4& gs, const float* w, float* 
                     const Strides4& xs, const Conv2dParams& p) {
   const int64_t Cg = p.in_per_group(), Og = p.out_per_group(), K = Cg * p.KH * p.KW;
   const int64_t taps = p.KH * p.KW, T = at::get_num_threads();
+  if (input_backward_phases_apply(p)) {
+    kInPhases.hit();
+    input_backward_phases(gy, gs, w, gx, xs, p);
+    return;
+  }
   if (input_backward_overwrites(p)) {
     kInForward.hit();
     // Stride 1: gx is the convolution of gy, padded by d (k - 1) - p, with the weight
@@ -826,15 +1025,18 @@ void weight_backward(const float* gy, const Strides4& gs, const float* x, const 
     std::fill(gw, gw + p.O * K, 0.f);
     return;
   }
-  if (p.SH == 1 && p.SW == 1 && p.OW >= 12) {
-    kWImplicit.hit();
-    // gw_g^T (K x Og) = A (K x L) * gy_g^T with A read in place from the padded input,
-    // A(k, l) = xpad[off[k] + l] in padded-width coordinates l = oh * Wp + ow; gy^T is
-    // packed in the same coordinates, zero in the Wp - OW extra columns, which so add
-    // nothing. Items: (group, block of rows of gw^T), each reducing every position itself.
-    const int64_t Wp = p.W + 2 * p.PW, plane = (p.H + 2 * p.PH) * Wp;
-    const float* xp = pad_input(x, xs, p);
-    const std::vector<int64_t> off = tap_offsets(p);
+  const bool unit = p.SH == 1 && p.SW == 1;
+  if (p.OW >= 12 && (unit || implicit_applies(p))) {
+    (unit ? kWImplicit : kWImplicitPhases).hit();
+    // gw_g^T (K x Og) = A (K x L) * gy_g^T with A read in place from the padded input (or,
+    // strided, its stride phases: phase_source), A(k, l) = xpad[off[k] + l] in padded-width
+    // coordinates l = oh * Wp + ow; gy^T is packed in the same coordinates, zero in the Wp -
+    // OW extra columns, which so add nothing. Items: (group, block of rows of gw^T), each
+    // reducing every position itself.
+    const ImplicitSrc src = unit ? implicit_source(x, xs, p) : phase_source(x, xs, p);
+    const int64_t Wp = src.Wq, plane = src.csize;
+    const float* xp = src.x;
+    const std::vector<int64_t>& off = src.off;
     const int64_t rows = std::clamp<int64_t>(ceil_div(1536, Wp), 1, p.OH);
     const int64_t bands = ceil_div(p.OH, rows);
     const int64_t kpb = round_up(ceil_div(K, std::min(ceil_div(K, kMR), ceil_div(T, p.G))), kMR);
