@@ -31,6 +31,8 @@ FORWARD = {
     "k2s3": (2, 8, 60, 62, 16, 2, 3, 0, 1),
     "k4s2_unpadded": (3, 8, 40, 41, 16, 4, 2, 0, 1),
     "groups": (2, 16, 36, 40, 24, 3, 2, 1, 2),
+    "k5s3_groups": (2, 16, 62, 61, 24, 5, 3, 2, 2),
+    "k3s3_rect_pad": (2, 8, 52, 70, 16, 3, (2, 3), (0, 1), 1),
 }
 
 # conv2d input gradients: (N, C, H, W, O, kernel, stride, padding, groups)
@@ -76,20 +78,23 @@ def forward(fn, case, dtype, layout):
 
 @pytest.mark.parametrize("case", list(FORWARD))
 def test_forward_float32(case, threads):
-    with expect_path(FWD_PHASES):
-        y = forward(conv2d, case, torch.float32, "contiguous")
+    # The forward reads stride phases at a stride of 3 or more across (stride 2 gathers).
+    sw = FORWARD[case][6] if isinstance(FORWARD[case][6], int) else FORWARD[case][6][1]
+    before = counts()[FWD_PHASES]
+    y = forward(conv2d, case, torch.float32, "contiguous")
+    assert (counts()[FWD_PHASES] > before) == (sw > 2)
     ref = forward(F.conv2d, case, torch.float64, "contiguous")
     assert_close_scaled(y.double(), ref, 1e-5, "output")
 
 
 def test_forward_strided_input():
     # A sliced input is read through its strides by the phase copy.
-    big = torch.randn(2, 16, 44, 46)
+    big = torch.randn(2, 16, 74, 76)
     x = big[:, :, 2:-1, 3:-2]
     w = torch.randn(24, 16, 3, 3)
     with expect_path(FWD_PHASES):
-        y = conv2d(x, w, None, 2, 1)
-    assert_close_scaled(y.double(), F.conv2d(x.double(), w.double(), None, 2, 1), 1e-5, "output")
+        y = conv2d(x, w, None, 3, 1)
+    assert_close_scaled(y.double(), F.conv2d(x.double(), w.double(), None, 3, 1), 1e-5, "output")
 
 
 @pytest.mark.parametrize("case", list(FORWARD))
@@ -99,14 +104,14 @@ def test_forward_float64(case):
 
 
 def test_forward_nonfinite_as_stock():
-    x = torch.randn(2, 16, 40, 38)
+    x = torch.randn(2, 16, 58, 56)
     w = torch.randn(24, 16, 3, 3)
     x[0, 3, 0, 7] = float("inf")
-    x[1, 2, 39, 37] = float("nan")
+    x[1, 2, 57, 55] = float("nan")
     x[1, 5, 20, 0] = float("-inf")
     with expect_path(FWD_PHASES):
-        y = conv2d(x, w, None, 2, 1)
-    ref = F.conv2d(x, w, None, 2, 1)
+        y = conv2d(x, w, None, 3, 1)
+    ref = F.conv2d(x, w, None, 3, 1)
     assert y.isnan().any()
     assert torch.equal(y.isnan(), ref.isnan())
     assert torch.equal(y.isinf(), ref.isinf())

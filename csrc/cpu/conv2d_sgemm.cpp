@@ -494,6 +494,43 @@ ImplicitSrc implicit_source(const float* x, const Strides4& xs, const Conv2dPara
 // ow) reads tap (kh, kw) at phase (kh % SH, kw % SW), position (oh + kh / SH, ow + kw /
 // SW): a stride-1 read of the phase, so the GEMM reads it in place as at stride 1, with
 // no im2col. Only the phases some tap reads are stored.
+// One (sample, channel) plane of phase_source: phase (a, b) < (PA, PB), row i, column j
+// = the input at (a + SH i - PH, b + SW j - PW), zero outside the input.
+CNNEXT_CONV_AVX512 void phase_copy_plane(const float* src, int64_t sh, int64_t sw,
+                                         const Conv2dParams& p, int64_t PA, int64_t PB,
+                                         int64_t Hq, int64_t Wq, float* dst) {
+  const int64_t qplane = Hq * Wq;
+  for (int64_t b = 0; b < PB; ++b) {
+    // Columns j whose input column b + SW j - PW lies in [0, W).
+    const int64_t lo_num = p.PW - b, hi_num = p.W - 1 + p.PW - b;
+    const int64_t jhi = hi_num < 0 ? 0 : std::min(Wq, hi_num / p.SW + 1);
+    const int64_t jlo = std::min(jhi, lo_num <= 0 ? int64_t(0) : ceil_div(lo_num, p.SW));
+    for (int64_t a = 0; a < PA; ++a) {
+      for (int64_t i = 0; i < Hq; ++i) {
+        float* d = dst + (a * PB + b) * qplane + i * Wq;
+        const int64_t h = a + p.SH * i - p.PH;
+        if (h < 0 || h >= p.H) {
+          std::fill(d, d + Wq, 0.f);
+          continue;
+        }
+        std::fill(d, d + jlo, 0.f);
+        const float* s = src + h * sh + (b + p.SW * jlo - p.PW) * sw;
+        float* dj = d + jlo;
+        const int64_t n = jhi - jlo;
+        if (sw == 1 && p.SW == 2) {
+          for (int64_t j = 0; j < n; ++j) dj[j] = s[2 * j];
+        } else if (sw == 1 && p.SW == 4) {
+          for (int64_t j = 0; j < n; ++j) dj[j] = s[4 * j];
+        } else {
+          const int64_t step = p.SW * sw;
+          for (int64_t j = 0; j < n; ++j) dj[j] = s[j * step];
+        }
+        std::fill(d + jhi, d + Wq, 0.f);
+      }
+    }
+  }
+}
+
 ImplicitSrc phase_source(const float* x, const Strides4& xs, const Conv2dParams& p) {
   const int64_t Hp = p.H + 2 * p.PH, Wp = p.W + 2 * p.PW;
   const int64_t PA = std::min(p.SH, p.KH), PB = std::min(p.SW, p.KW);
@@ -501,20 +538,8 @@ ImplicitSrc phase_source(const float* x, const Strides4& xs, const Conv2dParams&
   const int64_t csize = PA * PB * qplane, slack = kNR + Wq;
   float* xq = scratch(3, p.N * p.C * csize + slack);
   run_items(p.N * p.C, [&](int64_t nc) {
-    const int64_t n = nc / p.C, c = nc % p.C;
-    float* dst = xq + nc * csize;
-    std::fill(dst, dst + csize, 0.f);
-    const float* src = x + n * xs.n + c * xs.c;
-    for (int64_t h = 0; h < p.H; ++h) {
-      const int64_t hp = h + p.PH, a = hp % p.SH;
-      if (a >= PA) continue;
-      float* drow = dst + a * PB * qplane + (hp / p.SH) * Wq;
-      const float* srow = src + h * xs.h;
-      for (int64_t w = 0; w < p.W; ++w) {
-        const int64_t wp = w + p.PW, b = wp % p.SW;
-        if (b < PB) drow[b * qplane + wp / p.SW] = srow[w * xs.w];
-      }
-    }
+    phase_copy_plane(x + (nc / p.C) * xs.n + (nc % p.C) * xs.c, xs.h, xs.w, p, PA, PB, Hq, Wq,
+                     xq + nc * csize);
   }, p.N * p.C * csize);
   std::fill(xq + p.N * p.C * csize, xq + p.N * p.C * csize + slack, 0.f);
   const int64_t taps = p.KH * p.KW, K = p.in_per_group() * taps;
@@ -526,11 +551,22 @@ ImplicitSrc phase_source(const float* x, const Strides4& xs, const Conv2dParams&
   return {xq, csize, Wq, std::move(off)};
 }
 
+// Whether phase_source serves p: other strides, dilation 1, a kernel past 1x1, and
+// `columns` output columns or more (few columns waste the extra ones).
+bool phases_apply(const Conv2dParams& p, int64_t columns) {
+  return (p.SH > 1 || p.SW > 1) && p.DH == 1 && p.DW == 1 && (p.KH > 1 || p.KW > 1) &&
+         p.OW >= columns;
+}
+
 // Whether the forward of p reads its input in place, through implicit_source (stride 1)
-// or phase_source (other strides, dilation 1, a kernel past 1x1, >= 16 columns).
+// or phase_source (>= 16 columns at a stride of 3 or more across). At a stride of 2 across
+// the gather (two loads and a permute per run) stays cheaper than what the GEMM loses
+// reading its B rows from the SH x SW phase planes instead of one packed panel (ResNet's
+// 56 -> 28 layer, 1 thread: 10.4 -> 11.0 ms by phases), so stride 2 keeps im2col; stride 4
+// (AlexNet's 11x11 first layer: hardware gathers) gains 7.6 -> 6.8 ms.
 bool implicit_applies(const Conv2dParams& p) {
   if (p.SH == 1 && p.SW == 1) return p.OW >= 16 || p.W + 2 * p.PW == p.OW;
-  return p.DH == 1 && p.DW == 1 && (p.KH > 1 || p.KW > 1) && p.OW >= 16;
+  return p.SW > 2 && phases_apply(p, 16);
 }
 
 // The forward without im2col: the GEMM reads B(k, l) = src.x[off[k] + l] in place.
@@ -1026,7 +1062,7 @@ void weight_backward(const float* gy, const Strides4& gs, const float* x, const 
     return;
   }
   const bool unit = p.SH == 1 && p.SW == 1;
-  if (p.OW >= 12 && (unit || implicit_applies(p))) {
+  if (unit ? p.OW >= 12 : phases_apply(p, 12)) {
     (unit ? kWImplicit : kWImplicitPhases).hit();
     // gw_g^T (K x Og) = A (K x L) * gy_g^T with A read in place from the padded input (or,
     // strided, its stride phases: phase_source), A(k, l) = xpad[off[k] + l] in padded-width
