@@ -975,8 +975,8 @@ bool input_backward_overwrites(const Conv2dParams& p) {
   if (!(p.SH == 1 && p.SW == 1 && p.PH <= p.DH * (p.KH - 1) && p.PW <= p.DW * (p.KW - 1))) return false;
   // A forward that reads grad_output in place (forward_implicit: >= 16 columns, and enough
   // channels that its GEMM keeps positions on N) has no columns to count: AlexNet's 96 ->
-  // 256 channels 5x5 takes it, with no col2im.
-  if (p.W >= 16 && p.in_per_group() >= 16) return true;
+  // 256 channels 5x5 takes it, with no col2im (a 1x1's col2im is a plain add: it stays).
+  if (p.W >= 16 && p.in_per_group() >= 16 && p.KH * p.KW > 1) return true;
   // Else its columns (O x KH x KW by H x W) must not outnumber col2im's (C x KH x KW by OH x
   // OW) by much: LeNet's 6 -> 16 channels, 14x14 -> 10x10 stays with col2im.
   return 4 * p.O * p.H * p.W <= 5 * p.C * p.OH * p.OW;

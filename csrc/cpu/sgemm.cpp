@@ -114,10 +114,12 @@ constexpr int64_t kKC = 384;
 
 // One kMR x kNR tile: acc = A_panel(kc) * B_panel(kc), then stored into C rows
 // [0, rows) and columns [0, cols) (masked), added to C when `add`, clamped at 0 when `relu`.
-constexpr int kNV = int(kNR / 16);  // 16-float vectors per tile row
+static_assert(kNR == 32, "the micro-kernel holds a tile row in two 16-float vectors");
 
 // kOff: row k of B is b + off[k] (B read in place, rows anywhere), else the packed panel.
-template <bool kOff, bool kARows = false>
+// kNV: 16-float vectors of B per k (2: the whole kNR panel; 1: its first 16 columns, for a
+// last panel of at most 16 columns, which so costs about half a panel instead of one).
+template <bool kOff, bool kARows = false, int kNV = 2>
 CNNEXT_TARGET("avx512f,fma") void micro_kernel(int64_t kc, const float* a,
                                                           const float* const* arows,
                                                           const float* b, const int64_t* off,
@@ -278,8 +280,9 @@ void gemm(const float* a_packed, const float* b_packed, int64_t M, int64_t N, in
       const float* bp = b_packed + j0 * K + k0 * kNR;
       const int64_t cols = std::min(kNR, N - j0);
       for (int64_t i0 = 0; i0 < M; i0 += kMR) {
-        micro_kernel<false>(kc, a_packed + i0 * K + k0 * kMR, nullptr, bp, nullptr, c + i0 * ldc + j0, ldc,
-                     std::min(kMR, M - i0), cols, add, bias ? bias + i0 : nullptr, relu && last);
+        (cols <= 16 ? micro_kernel<false, false, 1> : micro_kernel<false, false, 2>)(
+            kc, a_packed + i0 * K + k0 * kMR, nullptr, bp, nullptr, c + i0 * ldc + j0, ldc,
+            std::min(kMR, M - i0), cols, add, bias ? bias + i0 : nullptr, relu && last);
       }
     }
   }
@@ -294,9 +297,9 @@ void gemm_rows(const float* a_packed, const float* b, const int64_t* off, int64_
     for (int64_t j0 = 0; j0 < N; j0 += kNR) {
       const int64_t cols = std::min(kNR, N - j0);
       for (int64_t i0 = 0; i0 < M; i0 += kMR) {
-        micro_kernel<true>(kc, a_packed + i0 * K + k0 * kMR, nullptr, b + j0, off + k0, c + i0 * ldc + j0,
-                           ldc, std::min(kMR, M - i0), cols, k0 > 0, bias ? bias + i0 : nullptr,
-                           relu && last);
+        (cols <= 16 ? micro_kernel<true, false, 1> : micro_kernel<true, false, 2>)(
+            kc, a_packed + i0 * K + k0 * kMR, nullptr, b + j0, off + k0, c + i0 * ldc + j0, ldc,
+            std::min(kMR, M - i0), cols, k0 > 0, bias ? bias + i0 : nullptr, relu && last);
       }
     }
   }
@@ -313,9 +316,9 @@ void gemm_arows(const float* a, const int64_t* a_off, const float* b_packed, int
       for (int64_t i0 = 0; i0 < M; i0 += kMR) {
         const float* rows[kMR];
         for (int64_t r = 0; r < kMR; ++r) rows[r] = a + a_off[std::min(i0 + r, M - 1)] + k0;
-        micro_kernel<false, true>(kc, nullptr, rows, bp, nullptr, c + i0 * ldc + j0, ldc,
-                                  std::min(kMR, M - i0), cols, accumulate || k0 > 0, nullptr,
-                                  false);
+        (cols <= 16 ? micro_kernel<false, true, 1> : micro_kernel<false, true, 2>)(
+            kc, nullptr, rows, bp, nullptr, c + i0 * ldc + j0, ldc, std::min(kMR, M - i0), cols,
+            accumulate || k0 > 0, nullptr, false);
       }
     }
   }
