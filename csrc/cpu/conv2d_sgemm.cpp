@@ -973,12 +973,10 @@ void input_backward_phases(const float* gy, const Strides4& gs, const float* w, 
 bool input_backward_overwrites(const Conv2dParams& p) {
   if (input_backward_phases_apply(p)) return true;
   if (!(p.SH == 1 && p.SW == 1 && p.PH <= p.DH * (p.KH - 1) && p.PW <= p.DW * (p.KW - 1))) return false;
-  // A forward that reads grad_output in place (forward_implicit: >= 16 columns, and enough
-  // channels that its GEMM keeps positions on N) has no columns to count: AlexNet's 96 ->
-  // 256 channels 5x5 takes it, with no col2im (a 1x1's col2im is a plain add: it stays).
-  if (p.W >= 16 && p.in_per_group() >= 16 && p.KH * p.KW > 1) return true;
-  // Else its columns (O x KH x KW by H x W) must not outnumber col2im's (C x KH x KW by OH x
-  // OW) by much: LeNet's 6 -> 16 channels, 14x14 -> 10x10 stays with col2im.
+  // Its columns (O x KH x KW by H x W) must not outnumber col2im's (C x KH x KW by OH x OW)
+  // by much: LeNet's 6 -> 16 channels, 14x14 -> 10x10 stays with col2im. (AlexNet's 96 ->
+  // 256 channels 5x5 by the implicit forward, which has no columns, measured no faster
+  // than its col2im: 207 -> 213 ms forward + backward, 1 thread.)
   return 4 * p.O * p.H * p.W <= 5 * p.C * p.OH * p.OW;
 }
 
@@ -1062,7 +1060,10 @@ void weight_backward(const float* gy, const Strides4& gs, const float* x, const 
     return;
   }
   const bool unit = p.SH == 1 && p.SW == 1;
-  if (unit ? p.OW >= 12 : phases_apply(p, 12)) {
+  // Strided: phases where the input has a few channels per group at least (AlexNet's
+  // one-channel 11x11 stride 4 layer keeps the gather: 25.0 -> 26.6 ms forward + backward
+  // by phases, 1 thread).
+  if (unit ? p.OW >= 12 : phases_apply(p, 12) && Cg >= 4) {
     (unit ? kWImplicit : kWImplicitPhases).hit();
     // gw_g^T (K x Og) = A (K x L) * gy_g^T with A read in place from the padded input (or,
     // strided, its stride phases: phase_source), A(k, l) = xpad[off[k] + l] in padded-width
