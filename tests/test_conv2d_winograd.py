@@ -584,6 +584,10 @@ def test_input_gradient_weight_cache(tile):
     assert (hit, miss) == (0, 1)  # the flipped one: a second entry
     assert cpu_backend.winograd_cache_info()[0] == 2
     check(gx1)
+    # The second backward at this weight version snapshots the weight (a miss), the third hits.
+    (gx2,), (hit, miss) = cache_counts(lambda: torch.autograd.grad(y, x, gy, retain_graph=True))
+    assert (hit, miss) == (0, 1)
+    assert torch.equal(gx1, gx2)
     (gx2,), (hit, miss) = cache_counts(lambda: torch.autograd.grad(y, x, gy, retain_graph=True))
     assert (hit, miss) == (1, 0)
     assert torch.equal(gx1, gx2)
@@ -609,8 +613,8 @@ def test_input_gradient_weight_cache(tile):
 
 def test_input_gradient_cache_under_training(tile):
     """cnnext.nn.Conv2d over optimizer steps: each step's input gradient matches float64 on
-    the weight of that step (never a stale flipped transform), in train mode with a second
-    backward through the same graph hitting the cache."""
+    the weight of that step (never a stale flipped transform), in train mode with a third
+    backward through the same graph hitting the cache (the second snapshots the weight)."""
     tile(4)
     torch.manual_seed(0)
     mod = cnnext.nn.Conv2d(24, 24, 3, padding=1, bias=False)
@@ -621,6 +625,9 @@ def test_input_gradient_cache_under_training(tile):
         gy = torch.randn_like(y)
         with expect_path(IN_GRAD):
             (gx,) = torch.autograd.grad(y, x, gy, retain_graph=True)
+        with expect_path(IN_GRAD, "conv2d.winograd.weight_cache_miss"):
+            (gx_again,) = torch.autograd.grad(y, x, gy, retain_graph=True)
+        assert torch.equal(gx, gx_again)
         with expect_path(IN_GRAD, "conv2d.winograd.weight_cache_hit"):
             (gx_again,) = torch.autograd.grad(y, x, gy, retain_graph=True)
         assert torch.equal(gx, gx_again)
@@ -741,6 +748,8 @@ def test_weight_cache_follows_the_version(tile):
     with torch.no_grad():
         with expect_path("conv2d.winograd.weight_cache_miss"):
             y1 = conv(x)
+        with expect_path("conv2d.winograd.weight_cache_miss"):  # the second sighting: snapshot
+            conv(x)
         with expect_path("conv2d.winograd.weight_cache_hit"):
             y2 = conv(x)
     assert torch.equal(y1, y2)

@@ -3,7 +3,8 @@ Winograd's transformed weight are reused only while every source is provably unc
 
 Every case checks the result against the same call with the cache emptied first (bitwise:
 a hit must give exactly what a recomputation gives) and asserts through the path counters
-whether the cache hit or missed."""
+whether the cache hit or missed. The sources are snapshotted on the second call that sees
+them at the same versions, so the first hit is the third call of an evaluation."""
 import math
 import threading
 
@@ -76,6 +77,8 @@ def test_fold_hits_and_equals_a_recomputation():
     with torch.no_grad():
         with expect_path(FOLD_MISS):
             y1 = layer()
+        with expect_path(FOLD_MISS):  # the second sighting: recomputed, sources snapshotted
+            layer()
         with expect_path(FOLD_HIT):
             y2 = layer()
     assert torch.equal(y1, y2)
@@ -89,9 +92,11 @@ def test_fold_hits_and_equals_a_recomputation():
 @pytest.mark.skipif(not WINOGRAD, reason="Winograd runs on AVX-512 CPUs only")
 def test_folded_weight_reaches_the_winograd_cache():
     """The folded weight is the cache's own tensor, so Winograd's transform of it is cached
-    too: the second call runs neither the fold nor the transform."""
+    too: the third call (the fold's first hit) runs neither the fold nor the transform."""
     layer = Layer(c=64, o=64, hw=28)
     with torch.no_grad(), cpu_backend.flags(winograd=True):
+        _, paths = ran(layer)
+        assert {FOLD_MISS, WINO_MISS} <= paths
         _, paths = ran(layer)
         assert {FOLD_MISS, WINO_MISS} <= paths
         _, paths = ran(layer)
@@ -132,6 +137,8 @@ def test_winograd_cache_sees_writes_through_data(how):
     with torch.no_grad(), cpu_backend.flags(winograd=True):
         with expect_path(WINO_MISS):
             y0 = conv(x)
+        with expect_path(WINO_MISS):
+            assert torch.equal(conv(x), y0)
         with expect_path(WINO_HIT):
             assert torch.equal(conv(x), y0)
         if how == "inplace":
@@ -165,6 +172,7 @@ def test_inference_mode_caches_ordinary_parameters():
     layer = Layer(c=64, o=64, hw=28)
     with torch.inference_mode():
         y1 = layer()
+        layer()
         with expect_path(FOLD_HIT):
             y2 = layer()
         if WINOGRAD:
@@ -254,3 +262,48 @@ def test_threads_share_entries_safely():
     for t in threads:
         t.join()
     assert not errors
+
+
+@pytest.mark.skipif(not WINOGRAD, reason="Winograd runs on AVX-512 CPUs only")
+def test_snapshot_only_on_the_second_sighting():
+    """A weight whose version moves on between calls (training) is never copied; two calls at
+    one version (evaluation) snapshot it once, and the third hits."""
+    x = torch.randn(2, 32, 14, 14)
+    w = torch.randn(32, 32, 3, 3) * 0.1
+    call = lambda: conv2d(x, w, None, 1, 1)
+    with torch.no_grad(), cpu_backend.flags(winograd=True):
+        with expect_path(WINO_MISS):
+            call()
+        _, pending = cpu_backend.weight_cache_info()
+        for _ in range(3):  # optimizer-like steps: a new version every call
+            w.add_(0.01)
+            with expect_path(WINO_MISS):
+                call()
+            assert cpu_backend.weight_cache_info()[1] == pending  # the value's buffer, no copy
+        with expect_path(WINO_MISS):
+            call()  # the second sighting of this version
+        assert cpu_backend.weight_cache_info()[1] == pending + w.numel() * w.element_size()
+        with expect_path(WINO_HIT):
+            y = call()
+    assert torch.equal(y, fresh(call))
+
+
+@pytest.mark.skipif(not WINOGRAD, reason="Winograd runs on AVX-512 CPUs only")
+def test_write_through_data_between_sightings():
+    """A write the version counter cannot see, between the first and second call, is in the
+    second call's value and in its snapshot: the third call hits on the new weight."""
+    x = torch.randn(2, 32, 14, 14)
+    w = torch.randn(32, 32, 3, 3) * 0.1
+    call = lambda: conv2d(x, w, None, 1, 1)
+    with torch.no_grad(), cpu_backend.flags(winograd=True):
+        y0 = call()
+        w.data.mul_(-1)
+        with expect_path(WINO_MISS):
+            y1 = call()
+        with expect_path(WINO_HIT):
+            y2 = call()
+        w.data[3, 4, 1, 1] += 1.0
+        with expect_path(WINO_MISS):
+            y3 = call()
+    assert torch.equal(y0, -y1) and torch.equal(y1, y2)
+    assert torch.equal(y3, fresh(call))

@@ -22,8 +22,9 @@ The weight cache: tensors derived from parameters (the Winograd weight transform
 batch norm folded into the fused op's inference weight) are kept between calls and reused
 only while their sources are provably unchanged: the same tensors, the same version
 counter (``weight._version``, bumped by optimizer steps and ``copy_`` under ``no_grad``)
-and the same bytes as a snapshot taken when the entry was made (writes through
-``weight.data`` do not bump the version; the comparison sees them). Entries go when their
+and the same bytes as a snapshot (writes through ``weight.data`` do not bump the
+version; the comparison sees them). The snapshot is taken on the second call at the same
+versions, so training never copies a weight and evaluation hits from its third call. Entries go when their
 weight is freed, least recently used first past 512 MiB, or with ``clear_weight_cache()``.
 """
 import contextlib

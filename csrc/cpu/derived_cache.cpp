@@ -127,17 +127,24 @@ std::vector<at::Tensor> DerivedCache::get(const std::vector<at::Tensor>& sources
     }
     return true;
   };
+  auto same_versions = [&](const Entry& e) {
+    for (size_t i = 0; i < sources.size(); ++i)
+      if (sources[i].defined() && e.sources[i].version != version_of(sources[i])) return false;
+    return true;
+  };
   // Under the entry's own lock: a concurrent call that finds the entry stale takes its
   // buffers to overwrite (below) only under the same lock, after marking it dead.
   std::vector<at::Tensor> reuse, old_snapshots;
+  bool seen_this_version = false;  // a pending entry of these very versions: a second sighting
   if (found) {
     std::lock_guard<std::mutex> entry_lock(found->mu);
-    if (!found->dead && unchanged(*found)) {
+    if (!found->dead && !found->pending && unchanged(*found)) {
       if (hit) *hit = true;
       return found->values;
     }
     if (!found->dead) {
       found->dead = true;
+      seen_this_version = found->pending && same_versions(*found);
       reuse = std::move(found->values);
       for (Source& r : found->sources) old_snapshots.push_back(std::move(r.snapshot));
     }
@@ -154,8 +161,16 @@ std::vector<at::Tensor> DerivedCache::get(const std::vector<at::Tensor>& sources
   if (!std::all_of(reuse.begin(), reuse.end(), [](const at::Tensor& t) { return t.use_count() == 1; }))
     reuse.clear();
 
+  // Snapshots are taken only on the second sighting of the same source versions. A source
+  // whose version moves on between calls (a weight in training: every optimizer step bumps
+  // it) then never costs a copy; the entry stays pending (its buffers kept for reuse, never
+  // returned as a hit) until two calls in a row see the same versions (evaluation), and the
+  // second of them recomputes the value and snapshots the sources it was computed from.
+  const bool needs_snapshot = std::any_of(sources.begin(), sources.end(),
+                                          [](const at::Tensor& s) { return s.defined() && !is_derived(s); });
   auto e = std::make_shared<Entry>();
   e->tag = tag;
+  e->pending = needs_snapshot && !seen_this_version;
   for (size_t i = 0; i < sources.size(); ++i) {
     const at::Tensor& s = sources[i];
     Source r;
@@ -163,7 +178,7 @@ std::vector<at::Tensor> DerivedCache::get(const std::vector<at::Tensor>& sources
       r.impl = WeakImpl(s.getIntrusivePtr());
       r.key = s.unsafeGetTensorImpl();
       r.version = version_of(s);
-      if (!is_derived(s)) {
+      if (!e->pending && !is_derived(s)) {
         const at::Tensor old = i < old_snapshots.size() ? old_snapshots[i] : at::Tensor();
         const bool fits = old.defined() && old.use_count() == 2  /* old_snapshots and old */ && old.scalar_type() == s.scalar_type() &&
                           old.sizes() == s.sizes() && old.strides() == s.strides();

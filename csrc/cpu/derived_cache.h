@@ -8,6 +8,10 @@
 //   - the same bytes as a snapshot taken when the entry was made. Version counters miss
 //     writes made through `.data` (`w.data.copy_(...)`, old-style EMA updates), so the
 //     version alone proves nothing; the byte comparison is exact (NaN payloads included).
+// The snapshot is taken on the second call that sees the same source versions: the first
+// call's entry is pending (its value kept only as a buffer to overwrite, never returned as a
+// hit). A weight in training, whose version every optimizer step moves on, so never costs a
+// copy; a weight in evaluation is recomputed once more on the second call, then hits.
 // A source that is itself a cached derived tensor (an output of some entry, which no user
 // code can reach) is checked by identity and version only: it cannot change behind the
 // cache's back.
@@ -71,6 +75,7 @@ class DerivedCache {
     int64_t bytes = 0;
     std::mutex mu;      // guards the checks against sources and `dead`
     bool dead = false;  // found stale: its buffers taken for reuse
+    bool pending = false;  // sources seen once at these versions: no snapshot, never a hit
   };
 
   std::mutex mu_;
