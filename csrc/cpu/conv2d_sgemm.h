@@ -39,6 +39,10 @@ void weight_backward(const float* gy, const Strides4& gs, const float* x, const 
 // true = positions on the M side (transposed). Exposed for the tests' shape choice.
 bool positions_on_m(int64_t positions, int64_t channels);
 
+// Whether the forward takes its small-map path (every output position of the batch in one
+// GEMM column panel set, the weight read in place: "conv2d.sgemm.small_n").
+bool small_n_applies(const Conv2dParams& p);
+
 }  // namespace conv_sgemm
 }  // namespace cpu
 }  // namespace cnnext
