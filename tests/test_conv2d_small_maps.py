@@ -29,12 +29,14 @@ def _gemm_paths():
 
 G = "conv2d.sgemm.gather."
 S = "conv2d.sgemm.small_n"
+L = "conv2d.sgemm.channel_lanes"
 # name: ((N, C, H, W, O, kernel, stride, padding, dilation, groups), gather paths that must run)
 CASES = {
     # ResNet-18 at 96^2, layer 2 (12x12, padded): runs of 12 positions, unit stride.
     "runs_unit_12x12": ((3, 24, 12, 12, 40, 3, 1, 1, 1, 1), [G + "runs_unit"]),
     # LeNet's second layer, unpadded: read in place from the input, runs of 10.
-    "runs_unit_unpadded": ((5, 6, 14, 14, 16, 5, 1, 0, 1, 1), [G + "runs_unit", G + "unpadded_source"]),
+    # (24 output channels: past the few-channels path's 16.)
+    "runs_unit_unpadded": ((5, 6, 14, 14, 24, 5, 1, 0, 1, 1), [G + "runs_unit", G + "unpadded_source"]),
     # Strided 1x1 shortcut on an odd map: stride-2 runs read in place.
     "shortcut_odd": ((3, 16, 13, 13, 24, 1, 2, 0, 1, 1), [G + "runs_stride2", G + "unpadded_source"]),
     # Stride 2 with padding (ResNet's downsampling 3x3) on an odd map (192 positions: past
@@ -72,6 +74,16 @@ CASES = {
     "small_n_groups": ((3, 48, 5, 5, 36, 3, 1, 1, 1, 3), [S]),
     # Asymmetric kernel, stride and dilation, one sample.
     "small_n_dilated": ((1, 16, 9, 8, 24, (3, 2), (1, 2), (2, 1), (2, 3), 1), [S]),
+    # Few output channels (12 to 16 per group) on maps narrower than 16 columns: the
+    # channels in the lanes of one vector, an accumulator per position of a row
+    # (forward_lanes). LeNet's second layer (fewer samples), read in place from the input.
+    "lanes_lenet": ((5, 6, 14, 14, 16, 5, 1, 0, 1, 1), [L, G + "unpadded_source"]),
+    # 13 channels (3 lanes unused), padded, 13 columns (one tile of 13).
+    "lanes_padded_odd": ((3, 7, 9, 11, 13, 3, 1, 2, 1, 1), [L]),
+    # Groups of 14 channels; stride 2 down the rows (1 along them), dilation.
+    "lanes_groups": ((2, 12, 6, 7, 28, 3, 1, 1, 1, 2), [L]),
+    "lanes_row_stride": ((4, 8, 11, 9, 16, 3, (2, 1), 1, 1, 1), [L]),
+    "lanes_dilated": ((2, 8, 10, 12, 15, 3, 1, 2, 2, 1), [L]),
 }
 
 
@@ -135,13 +147,13 @@ def test_unpadded_source_strided_input(layout):
 
 
 @pytest.mark.parametrize("n", [0, 1])
-@pytest.mark.parametrize("case", ["shortcut_odd", "hw16_3x3", "runs_unit_12x12", "small_n_3x3"])
+@pytest.mark.parametrize("case", ["shortcut_odd", "hw16_3x3", "runs_unit_12x12", "small_n_3x3", "lanes_lenet"])
 def test_small_batches(case, n):
     shape = (n,) + CASES[case][0][1:]
     check(run(shape, "contiguous"))
 
 
-@pytest.mark.parametrize("case", ["shortcut_odd", "hw16_panels", "down_padded", "small_n_odd"])
+@pytest.mark.parametrize("case", ["shortcut_odd", "hw16_panels", "down_padded", "small_n_odd", "lanes_padded_odd"])
 def test_no_bias_relu_epilogue(case):
     """No bias, and the fused ReLU of conv_bn_relu2d's eval path through the same gathers."""
     check(run(CASES[case][0], "contiguous", bias=False))
@@ -156,7 +168,7 @@ def test_no_bias_relu_epilogue(case):
     assert_close_scaled(ours, ref, 1e-5, "conv_bn_relu2d")
 
 
-@pytest.mark.parametrize("case", ["runs_unit_12x12", "small_n_kblocks"])
+@pytest.mark.parametrize("case", ["runs_unit_12x12", "small_n_kblocks", "lanes_lenet"])
 def test_deterministic(case):
     """Bitwise the same result on every call and thread count (the chunks depend on the
     thread count, but each output element is one GEMM dot product over the same K order)."""
@@ -198,7 +210,7 @@ def test_small_n_input_gradient(case, threads):
     assert_close_scaled(gx.double(), ref, 1e-5, "grad_input vs float64")
 
 
-@pytest.mark.parametrize("case", ["small_n_3x3", "small_n_shortcut"])
+@pytest.mark.parametrize("case", ["small_n_3x3", "small_n_shortcut", "lanes_lenet", "lanes_padded_odd"])
 def test_small_n_non_finite(case):
     """NaN and Inf in the input (and, unpadded, the weight) reach exactly the outputs stock
     torch gives them: no padding column or dropped tile lane lets one through elsewhere.
@@ -210,10 +222,10 @@ def test_small_n_non_finite(case):
     wt = torch.randn(o, c // g, k, k)
     x[1, 3, 2, 2] = float("nan")
     x[2, 5, 0, 1] = float("inf")
-    x[3, 6, 1, 1] = float("-inf")
+    x[-1, 6 % c, 1, 1] = float("-inf")
     if p == 0:
         wt[7, 2, 0, 0] = float("-inf")
-    with expect_path(S):
+    with expect_path(*CASES[case][1]):
         ours = conv2d(x, wt, None, s, p, d, g)
     ref = F.conv2d(x, wt, None, s, p, d, g)
     assert torch.equal(torch.isnan(ours), torch.isnan(ref))
@@ -222,17 +234,18 @@ def test_small_n_non_finite(case):
     assert_close_scaled(torch.where(fin, ours, 0), torch.where(fin, ref, 0), 1e-5, "finite outputs")
 
 
+@pytest.mark.parametrize("case", ["small_n_odd", "lanes_padded_odd"])
 @pytest.mark.parametrize("training", [False, True])
-def test_small_n_conv_bn_relu(training):
+def test_small_n_conv_bn_relu(training, case):
     """conv_bn_relu2d's forward through the small-map path: the bias and ReLU epilogue of
     the GEMM (eval) and the per-sample rows_done calls its batch statistics read (training)."""
-    shape, _ = CASES["small_n_odd"]
+    shape, paths = CASES[case]
     n, c, h, w, o, k, s, p, d, g = shape
     x, wt = torch.randn(n, c, h, w), torch.randn(o, c, k, k)
     gamma, beta = torch.rand(o) + 0.5, torch.randn(o)
     mean, var = torch.randn(o), torch.rand(o) + 0.5
     m1, v1 = mean.clone(), var.clone()
-    with expect_path(S):
+    with expect_path(*paths):
         ours = cnnext.functional.conv_bn_relu2d(x, wt, None, gamma, beta, mean, var, training, stride=s,
                                                 padding=p, relu=True)
     ref = F.relu(F.batch_norm(F.conv2d(x, wt, None, s, p), m1, v1, gamma, beta, training))

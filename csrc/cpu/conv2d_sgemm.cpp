@@ -30,6 +30,7 @@ CNNEXT_PATH(kImplicit, "conv2d.sgemm.implicit");
 CNNEXT_PATH(kGather, "conv2d.sgemm.gather");
 CNNEXT_PATH(kGatherT, "conv2d.sgemm.gather_transposed");
 CNNEXT_PATH(kSmallN, "conv2d.sgemm.small_n");
+CNNEXT_PATH(kLanes, "conv2d.sgemm.channel_lanes");
 // How the forward's columns are gathered (once per gather call that used it): vector copies
 // of runs of positions at a stride of 1, of 2, or another; a hardware gather of 16 positions
 // where runs are short; the scalar loop (no AVX-512, or a stride past int32). And whether
@@ -640,6 +641,84 @@ void forward_small_n(const float* x, const Strides4& xs, const float* w, const f
   if (rows_done) run_items(p.N, [&](int64_t n) { rows_done(n, 0, p.OH); });
 }
 
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(CNNEXT_NO_AVX512)
+// P neighbouring positions of one output row (unit step in the source, the first at src),
+// all output channels of a group in the 16 lanes: acc[p] = sum_k wt[k][:] * src[off[k] + p].
+template <int P>
+CNNEXT_TARGET("avx512f,fma") void lanes_tile(int64_t K, const float* src, const int64_t* off,
+                                             const float* wt, float* out) {
+  __m512 acc[P];
+#pragma GCC unroll 16
+  for (int q = 0; q < P; ++q) acc[q] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    const __m512 wv = _mm512_loadu_ps(wt + k * 16);
+    const float* s = src + off[k];
+#pragma GCC unroll 16
+    for (int q = 0; q < P; ++q) acc[q] = _mm512_fmadd_ps(_mm512_set1_ps(s[q]), wv, acc[q]);
+  }
+#pragma GCC unroll 16
+  for (int q = 0; q < P; ++q) _mm512_storeu_ps(out + q * 16, acc[q]);
+}
+
+using LanesTileFn = void (*)(int64_t, const float*, const int64_t*, const float*, float*);
+constexpr int kLanesMaxTile = 14;
+constexpr LanesTileFn kLanesTiles[kLanesMaxTile + 1] = {
+    nullptr,         lanes_tile<1>,  lanes_tile<2>,  lanes_tile<3>,  lanes_tile<4>,
+    lanes_tile<5>,   lanes_tile<6>,  lanes_tile<7>,  lanes_tile<8>,  lanes_tile<9>,
+    lanes_tile<10>,  lanes_tile<11>, lanes_tile<12>, lanes_tile<13>, lanes_tile<14>};
+#endif
+
+// Few output channels (12 to 16 per group) on narrow maps (LeNet's second layer: 6 -> 16
+// channels, 10x10 output; NiN's late layers): the output channels of a group fill the 16
+// lanes of one vector and each position of an output row has its own accumulator, so no
+// lane of the GEMM tile is padding and nothing is gathered: a tap's input value is
+// broadcast straight from the (padded) input, read at unit stride along the row. The
+// weight is transposed once per call (K x 16 per group, zero past Og). Items: (sample,
+// group), each writing its own part of y; every output is one sum over k in order.
+void forward_lanes(const float* x, const Strides4& xs, const float* w, const float* bias, float* y,
+                   const Strides4& ys, const Conv2dParams& p, bool relu, const RowsDoneFn& rows_done) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(CNNEXT_NO_AVX512)
+  const int64_t Cg = p.in_per_group(), Og = p.out_per_group(), K = Cg * p.KH * p.KW;
+  const GatherSrc src = gather_source(x, xs, p);
+  const std::vector<int64_t> off = tap_offsets(src.s, p);
+  float* wt = scratch(1, p.G * K * 16);
+  for (int64_t g = 0; g < p.G; ++g) {
+    float* d = wt + g * K * 16;
+    for (int64_t k = 0; k < K; ++k) {
+      for (int64_t o = 0; o < 16; ++o) d[k * 16 + o] = o < Og ? w[(g * Og + o) * K + k] : 0.f;
+    }
+  }
+  run_items(p.N * p.G, [&](int64_t item) {
+    const int64_t n = item / p.G, g = item % p.G;
+    alignas(64) float tile[kLanesMaxTile * 16];
+    const float* wg = wt + g * K * 16;
+    const float* xg = src.x + n * src.s.n + g * Cg * src.s.c;
+    float bo[16];
+    for (int64_t o = 0; o < Og; ++o) bo[o] = bias ? bias[g * Og + o] : 0.f;
+    for (int64_t oh = 0; oh < p.OH; ++oh) {
+      const float* row = xg + oh * p.SH * src.s.h;
+      float* yr = y + n * ys.n + g * Og * ys.c + oh * ys.h;
+      for (int64_t ow0 = 0; ow0 < p.OW; ow0 += kLanesMaxTile) {
+        const int64_t P = std::min<int64_t>(kLanesMaxTile, p.OW - ow0);
+        kLanesTiles[P](K, row + ow0, off.data(), wg, tile);
+        for (int64_t o = 0; o < Og; ++o) {
+          float* d = yr + o * ys.c + ow0 * ys.w;
+          for (int64_t q = 0; q < P; ++q) {
+            float v = tile[q * 16 + o] + bo[o];
+            if (relu && v < 0.f) v = 0.f;  // NaN stays NaN
+            d[q * ys.w] = v;
+          }
+        }
+      }
+    }
+  }, p.N * p.OH * p.OW * K * 16);
+  if (rows_done) run_items(p.N, [&](int64_t n) { rows_done(n, 0, p.OH); });
+#else
+  (void)x; (void)xs; (void)w; (void)bias; (void)y; (void)ys; (void)p; (void)relu; (void)rows_done;
+#endif
+}
+
 }  // namespace
 
 void forward_impl(const float* x, const Strides4& xs, const float* w, bool w_t, const float* bias,
@@ -650,6 +729,17 @@ bool small_n_applies(const Conv2dParams& p) {
   const int64_t L = p.N * p.OH * p.OW;
   return L > 0 && L <= kSmallMaxPositions && p.out_per_group() >= kMR &&
          p.in_per_group() * p.KH * p.KW >= 64;
+}
+
+bool channel_lanes_applies(const Conv2dParams& p, const Strides4& xs) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(CNNEXT_NO_AVX512)
+  const bool unit = p.SW == 1 && (p.PH != 0 || p.PW != 0 || xs.w == 1);  // the source's row step
+  return sgemm::available() && unit && p.out_per_group() >= 12 && p.out_per_group() <= 16 &&
+         p.in_per_group() * p.KH * p.KW >= 16 && p.OW < 16 && p.N * p.OH * p.OW > 0;
+#else
+  (void)p; (void)xs;
+  return false;
+#endif
 }
 
 bool positions_on_m(int64_t positions, int64_t channels) {
@@ -701,6 +791,11 @@ void forward_impl(const float* x, const Strides4& xs, const float* w, bool w_t, 
   if (!w_t && small_n_applies(p)) {
     kSmallN.hit();
     forward_small_n(x, xs, w, bias, y, ys, p, relu, rows_done);
+    return;
+  }
+  if (!w_t && channel_lanes_applies(p, xs)) {
+    kLanes.hit();
+    forward_lanes(x, xs, w, bias, y, ys, p, relu, rows_done);
     return;
   }
   // Chunks of global output rows, each within the column budget. A large map (>= 512
