@@ -42,11 +42,13 @@ CASES = {
     "dilated_padded": (3, 12, 11, 9, 20, (3, 2), (2, 1), (2, 1), (2, 3), 1),
     "groups": (3, 24, 9, 9, 36, 3, 1, 1, 1, 3),
     "groups_transposed": (4, 64, 3, 3, 64, 3, 1, 1, 1, 2),
-    # Every position in one column buffer and more than 32 output channels: one item per
-    # panel of 32 channels packs its own weight rows (forward_panels), with groups and a
-    # partial last panel; its input gradient runs the same way on the transposed weight.
+    # Every position in one column buffer and more than 32 output channels: the small-map
+    # forward (the weight read in place), with groups and partial tiles; its input gradient
+    # runs the same way on the flipped weight. With fewer than 64 taps, one item per panel of
+    # 32 channels packs its own weight rows instead (forward_panels).
     "panels_groups": (4, 48, 3, 3, 140, 3, 1, 1, 1, 2),
     "panels_deep": (2, 256, 3, 3, 96, 3, 1, 1, 1, 1),
+    "panels_few_taps": (4, 6, 3, 3, 80, 3, 1, 1, 1, 1),
     # LeNet's first layer (1 -> 6 channels): enough taps for the GEMM in every direction
     # (input gradient split over samples) although its groups are thin.
     "lenet_conv1": (6, 1, 12, 12, 6, 5, 1, 2, 1, 1),
@@ -69,20 +71,23 @@ CASES = {
 PATHS = {
     "rows_chunks": ("implicit", "sgemm_as_forward", "sgemm_implicit"),
     "across_samples": ("gather", "sgemm_as_forward", "sgemm_gather"),
-    "transposed": ("panels", "sgemm_col2im_transposed", "sgemm_gather"),
-    "transposed_odd": ("panels", "sgemm_col2im_transposed", "sgemm_gather"),
-    "stride2_small": ("panels", "sgemm_col2im_transposed", "sgemm_gather"),
+    # <= 144 positions over the batch, >= 64 taps: the small-map forward (weight in place).
+    "transposed": ("small_n", "sgemm_col2im_transposed", "sgemm_gather"),
+    "transposed_odd": ("small_n", "sgemm_col2im_transposed", "sgemm_gather"),
+    "stride2_small": ("small_n", "sgemm_col2im_transposed", "sgemm_gather"),
     # Gathered in either orientation: the chunks (and so the orientation) are chosen per
     # thread count (conv2d_sgemm.cpp gather_rows); test_pointwise_stride2_forms asserts both.
     "pointwise_stride2": (None, None, "sgemm_gather"),
-    "dilated_padded": ("gather", "sgemm_col2im", "sgemm_gather"),
-    "groups": ("gather", "sgemm_col2im", "sgemm_gather"),
-    "groups_transposed": ("gather_transposed", "sgemm_as_forward", "sgemm_gather"),
-    "panels_groups": ("panels", "sgemm_col2im_transposed", "sgemm_gather"),
-    "panels_deep": ("panels", "sgemm_as_forward", "sgemm_gather"),
+    "dilated_padded": ("small_n", "sgemm_col2im", "sgemm_gather"),
+    # 12 output channels per group on a 9-column map: channels in the lanes of a vector.
+    "groups": ("channel_lanes", "sgemm_col2im", "sgemm_gather"),
+    "groups_transposed": ("small_n", "sgemm_as_forward", "sgemm_gather"),
+    "panels_groups": ("small_n", "sgemm_col2im_transposed", "sgemm_gather"),
+    "panels_deep": ("small_n", "sgemm_as_forward", "sgemm_gather"),
+    "panels_few_taps": ("panels", "sgemm_col2im_transposed", "sgemm_gather"),
     "lenet_conv1": ("gather", "sgemm_col2im", "sgemm_implicit"),
-    "lenet_conv2": ("gather", "sgemm_col2im", "sgemm_gather"),
-    "one_sample_3x3": ("panels", "sgemm_as_forward", "sgemm_gather"),
+    "lenet_conv2": ("channel_lanes", "sgemm_col2im", "sgemm_gather"),
+    "one_sample_3x3": ("small_n", "sgemm_as_forward", "sgemm_gather"),
     "implicit_dilated": ("implicit", "sgemm_col2im", "sgemm_implicit"),
     "implicit_groups": ("implicit", "sgemm_col2im", "sgemm_implicit"),
     "implicit_1x1": ("implicit", "sgemm_col2im", "sgemm_implicit"),

@@ -31,6 +31,8 @@ CNNEXT_PATH(kImplicit, "conv2d.sgemm.implicit");
 CNNEXT_PATH(kImplicitPhases, "conv2d.sgemm.implicit_phases");
 CNNEXT_PATH(kGather, "conv2d.sgemm.gather");
 CNNEXT_PATH(kGatherT, "conv2d.sgemm.gather_transposed");
+CNNEXT_PATH(kSmallN, "conv2d.sgemm.small_n");
+CNNEXT_PATH(kLanes, "conv2d.sgemm.channel_lanes");
 // How the forward's columns are gathered (once per gather call that used it): vector copies
 // of runs of positions at a stride of 1, of 2, or another; a hardware gather of 16 positions
 // where runs are short; the scalar loop (no AVX-512, or a stride past int32). And whether
@@ -51,6 +53,10 @@ CNNEXT_PATH(kWGather, "conv2d.weight_grad.sgemm_gather");
 
 using sgemm::kMR;
 using sgemm::kNR;
+
+// Output positions (over the whole batch) up to which the forward multiplies the weight in
+// place (forward_small_n): three GEMM column tiles.
+constexpr int64_t kSmallMaxPositions = 3 * sgemm::kSmallNR;
 
 // Column-buffer floats a chunk aims for (1 MiB).
 constexpr int64_t kColBudget = int64_t(1) << 18;
@@ -664,11 +670,192 @@ void forward_panels(const float* x, const Strides4& xs, const float* w, bool w_t
   }, p.O * K);
 }
 
+
+// Columns of taps [k0, k1) as plain rows: out[k * ldb + l] = xp[off[k] + idx[l]] for l < L,
+// zero for l in [L, ldb) (ldb a multiple of 16). One hardware gather per 16 positions where
+// the offsets fit int32, else element by element.
+CNNEXT_CONV_AVX512 void gather_rows_plain(const float* xp, const int64_t* off, int64_t k0, int64_t k1,
+                                          const int64_t* idx, int64_t L, int64_t ldb, float* out) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(CNNEXT_NO_AVX512)
+  bool fits = true;
+  for (int64_t l = 0; l < L; ++l) fits = fits && idx[l] >= 0 && idx[l] < (int64_t(1) << 31);
+  if (fits && sgemm::available()) {
+    std::vector<int32_t> vidx(ldb, 0);
+    for (int64_t l = 0; l < L; ++l) vidx[l] = int32_t(idx[l]);
+    const __m512 zero = _mm512_setzero_ps();
+    for (int64_t k = k0; k < k1; ++k) {
+      const float* src = xp + off[k];
+      float* d = out + k * ldb;
+      for (int64_t l = 0; l < ldb; l += 16) {
+        const int64_t n = std::clamp<int64_t>(L - l, 0, 16);
+        const __mmask16 m = __mmask16((uint32_t(1) << n) - 1);
+        const __m512i vi = _mm512_loadu_si512(vidx.data() + l);
+        _mm512_storeu_ps(d + l, _mm512_mask_i32gather_ps(zero, m, vi, src, 4));
+      }
+    }
+    return;
+  }
+#endif
+  for (int64_t k = k0; k < k1; ++k) {
+    const float* src = xp + off[k];
+    float* d = out + k * ldb;
+    for (int64_t l = 0; l < L; ++l) d[l] = src[idx[l]];
+    for (int64_t l = L; l < ldb; ++l) d[l] = 0.f;
+  }
+}
+
+// Every output position of the batch in one GEMM per group, the weight read in place:
+// y_g (Og x L) = W_g (Og x K, row-major as given) * col (K x L), L = N OH OW of at most
+// kSmallMaxPositions. Deep layers on small maps (ResNet-18's 3x3 and 6x6 maps: 36 or 144
+// positions against a weight of up to 9 MiB): packing the weight into GEMM panels costs
+// about as much as multiplying it once, so it is not packed; the few positions fill the
+// GEMM's columns (panels of 48). Items: the gather over blocks of taps, then the GEMM over
+// blocks of output channels, each owning its rows of y (no sums shared between threads).
+void forward_small_n(const float* x, const Strides4& xs, const float* w, const float* bias,
+                     float* y, const Strides4& ys, const Conv2dParams& p, bool relu,
+                     const RowsDoneFn& rows_done) {
+  const int64_t Cg = p.in_per_group(), Og = p.out_per_group(), K = Cg * p.KH * p.KW;
+  const int64_t R = p.N * p.OH, L = R * p.OW, ldb = round_up(L, 16), T = at::get_num_threads();
+  const GatherSrc src = gather_source(x, xs, p);
+  const std::vector<int64_t> off = tap_offsets(src.s, p);
+  const int64_t gstride = Cg * src.s.c;
+  const int64_t col_size = K * ldb, cols = round_up(p.G * col_size, 16);
+  float* col = scratch(1, cols + 2 * L + p.O * ldb);
+  int64_t* idx = reinterpret_cast<int64_t*>(col + cols);
+  float* cbuf = col + cols + 2 * L;
+  position_offsets(src.s, p, 0, R, idx);
+  const int64_t kparts = std::min(ceil_div(K, 64), std::max<int64_t>(1, ceil_div(T, p.G)));
+  const int64_t kpb = ceil_div(K, kparts);
+  run_items(p.G * kparts, [&](int64_t item) {
+    const int64_t g = item / kparts, k0 = (item % kparts) * kpb, k1 = std::min(K, k0 + kpb);
+    if (k0 < k1) gather_rows_plain(src.x + g * gstride, off.data(), k0, k1, idx, L, ldb, col + g * col_size);
+  }, p.G * col_size);
+  const int64_t oparts = std::min(ceil_div(Og, kMR), std::max<int64_t>(1, ceil_div(T, p.G)));
+  const int64_t ob = round_up(ceil_div(Og, oparts), kMR), oblocks = ceil_div(Og, ob);
+  const bool planes = ys.w == 1 && ys.h == p.OW;
+  run_items(p.G * oblocks, [&](int64_t item) {
+    const int64_t g = item / oblocks, o0 = (item % oblocks) * ob, M = std::min(ob, Og - o0);
+    const int64_t go = g * Og + o0;
+    float* c = cbuf + go * ldb;
+    sgemm::gemm_small_n(w + go * K, K, col + g * col_size, ldb, M, L, K, c, ldb,
+                        bias ? bias + go : nullptr, relu);
+    const int64_t hw = p.OH * p.OW;
+    for (int64_t o = 0; o < M; ++o) {
+      for (int64_t n = 0; n < p.N; ++n) {
+        const float* s = c + o * ldb + n * hw;
+        float* d = y + n * ys.n + (go + o) * ys.c;
+        if (planes) {
+          std::memcpy(d, s, sizeof(float) * hw);
+        } else {
+          for (int64_t oh = 0; oh < p.OH; ++oh)
+            for (int64_t ow = 0; ow < p.OW; ++ow) d[oh * ys.h + ow * ys.w] = s[oh * p.OW + ow];
+        }
+      }
+    }
+  }, p.O * K * L);
+  if (rows_done) run_items(p.N, [&](int64_t n) { rows_done(n, 0, p.OH); });
+}
+
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(CNNEXT_NO_AVX512)
+// P neighbouring positions of one output row (unit step in the source, the first at src),
+// all output channels of a group in the 16 lanes: acc[p] = sum_k wt[k][:] * src[off[k] + p].
+template <int P>
+CNNEXT_TARGET("avx512f,fma") void lanes_tile(int64_t K, const float* src, const int64_t* off,
+                                             const float* wt, float* out) {
+  __m512 acc[P];
+#pragma GCC unroll 16
+  for (int q = 0; q < P; ++q) acc[q] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    const __m512 wv = _mm512_loadu_ps(wt + k * 16);
+    const float* s = src + off[k];
+#pragma GCC unroll 16
+    for (int q = 0; q < P; ++q) acc[q] = _mm512_fmadd_ps(_mm512_set1_ps(s[q]), wv, acc[q]);
+  }
+#pragma GCC unroll 16
+  for (int q = 0; q < P; ++q) _mm512_storeu_ps(out + q * 16, acc[q]);
+}
+
+using LanesTileFn = void (*)(int64_t, const float*, const int64_t*, const float*, float*);
+constexpr int kLanesMaxTile = 14;
+constexpr LanesTileFn kLanesTiles[kLanesMaxTile + 1] = {
+    nullptr,         lanes_tile<1>,  lanes_tile<2>,  lanes_tile<3>,  lanes_tile<4>,
+    lanes_tile<5>,   lanes_tile<6>,  lanes_tile<7>,  lanes_tile<8>,  lanes_tile<9>,
+    lanes_tile<10>,  lanes_tile<11>, lanes_tile<12>, lanes_tile<13>, lanes_tile<14>};
+#endif
+
+// Few output channels (12 to 16 per group) on narrow maps (LeNet's second layer: 6 -> 16
+// channels, 10x10 output; NiN's late layers): the output channels of a group fill the 16
+// lanes of one vector and each position of an output row has its own accumulator, so no
+// lane of the GEMM tile is padding and nothing is gathered: a tap's input value is
+// broadcast straight from the (padded) input, read at unit stride along the row. The
+// weight is transposed once per call (K x 16 per group, zero past Og). Items: (sample,
+// group), each writing its own part of y; every output is one sum over k in order.
+void forward_lanes(const float* x, const Strides4& xs, const float* w, const float* bias, float* y,
+                   const Strides4& ys, const Conv2dParams& p, bool relu, const RowsDoneFn& rows_done) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(CNNEXT_NO_AVX512)
+  const int64_t Cg = p.in_per_group(), Og = p.out_per_group(), K = Cg * p.KH * p.KW;
+  const GatherSrc src = gather_source(x, xs, p);
+  const std::vector<int64_t> off = tap_offsets(src.s, p);
+  float* wt = scratch(1, p.G * K * 16);
+  for (int64_t g = 0; g < p.G; ++g) {
+    float* d = wt + g * K * 16;
+    for (int64_t k = 0; k < K; ++k) {
+      for (int64_t o = 0; o < 16; ++o) d[k * 16 + o] = o < Og ? w[(g * Og + o) * K + k] : 0.f;
+    }
+  }
+  run_items(p.N * p.G, [&](int64_t item) {
+    const int64_t n = item / p.G, g = item % p.G;
+    alignas(64) float tile[kLanesMaxTile * 16];
+    const float* wg = wt + g * K * 16;
+    const float* xg = src.x + n * src.s.n + g * Cg * src.s.c;
+    float bo[16];
+    for (int64_t o = 0; o < Og; ++o) bo[o] = bias ? bias[g * Og + o] : 0.f;
+    for (int64_t oh = 0; oh < p.OH; ++oh) {
+      const float* row = xg + oh * p.SH * src.s.h;
+      float* yr = y + n * ys.n + g * Og * ys.c + oh * ys.h;
+      for (int64_t ow0 = 0; ow0 < p.OW; ow0 += kLanesMaxTile) {
+        const int64_t P = std::min<int64_t>(kLanesMaxTile, p.OW - ow0);
+        kLanesTiles[P](K, row + ow0, off.data(), wg, tile);
+        for (int64_t o = 0; o < Og; ++o) {
+          float* d = yr + o * ys.c + ow0 * ys.w;
+          for (int64_t q = 0; q < P; ++q) {
+            float v = tile[q * 16 + o] + bo[o];
+            if (relu && v < 0.f) v = 0.f;  // NaN stays NaN
+            d[q * ys.w] = v;
+          }
+        }
+      }
+    }
+  }, p.N * p.OH * p.OW * K * 16);
+  if (rows_done) run_items(p.N, [&](int64_t n) { rows_done(n, 0, p.OH); });
+#else
+  (void)x; (void)xs; (void)w; (void)bias; (void)y; (void)ys; (void)p; (void)relu; (void)rows_done;
+#endif
+}
+
 }  // namespace
 
 void forward_impl(const float* x, const Strides4& xs, const float* w, bool w_t, const float* bias,
                   float* y, const Strides4& ys, const Conv2dParams& p, bool relu,
                   const RowsDoneFn& rows_done);
+
+bool small_n_applies(const Conv2dParams& p) {
+  const int64_t L = p.N * p.OH * p.OW;
+  return L > 0 && L <= kSmallMaxPositions && p.out_per_group() >= kMR &&
+         p.in_per_group() * p.KH * p.KW >= 64;
+}
+
+bool channel_lanes_applies(const Conv2dParams& p, const Strides4& xs) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(CNNEXT_NO_AVX512)
+  const bool unit = p.SW == 1 && (p.PH != 0 || p.PW != 0 || xs.w == 1);  // the source's row step
+  return sgemm::available() && unit && p.out_per_group() >= 12 && p.out_per_group() <= 16 &&
+         p.in_per_group() * p.KH * p.KW >= 16 && p.OW < 16 && p.N * p.OH * p.OW > 0;
+#else
+  (void)p; (void)xs;
+  return false;
+#endif
+}
 
 bool positions_on_m(int64_t positions, int64_t channels) {
   // The transposed form costs a transposing copy of its result: ask it to win clearly.
@@ -716,6 +903,16 @@ void forward_impl(const float* x, const Strides4& xs, const float* w, bool w_t, 
                   const RowsDoneFn& rows_done) {
   const int64_t Cg = p.in_per_group(), Og = p.out_per_group(), K = Cg * p.KH * p.KW;
   const int64_t R = p.N * p.OH, T = at::get_num_threads();
+  if (!w_t && small_n_applies(p)) {
+    kSmallN.hit();
+    forward_small_n(x, xs, w, bias, y, ys, p, relu, rows_done);
+    return;
+  }
+  if (!w_t && channel_lanes_applies(p, xs)) {
+    kLanes.hit();
+    forward_lanes(x, xs, w, bias, y, ys, p, relu, rows_done);
+    return;
+  }
   // Chunks of global output rows, each within the column budget. A large map (>= 512
   // positions) is cut into equal bands of one sample each, so the GEMM writes straight into
   // y; small maps into equal runs of rows across samples, as many as a multiple of the
@@ -997,6 +1194,21 @@ void input_backward(const float* gy, const Strides4& gs, const float* w, float* 
     const Conv2dParams q = conv_input_grad_as_forward(p);
     // (Winograd's version of this, winograd::input_backward_tensor in conv2d.cpp, runs
     // first where it applies; it comes here when a value is not finite.)
+    if (small_n_applies(q)) {
+      // The small-map forward reads its weight in place, row-major: w' as it is,
+      // wf[g Cg + c][(o, t)] = w[g Og + o][c][taps - 1 - t].
+      float* wf = scratch(2, p.C * Og * taps);
+      run_items(p.C, [&](int64_t gc) {
+        const int64_t g = gc / Cg, c = gc % Cg;
+        float* dst = wf + gc * Og * taps;
+        for (int64_t o = 0; o < Og; ++o) {
+          const float* src = w + ((g * Og + o) * Cg + c) * taps;
+          for (int64_t t = 0; t < taps; ++t) dst[o * taps + t] = src[taps - 1 - t];
+        }
+      }, p.O * Cg * taps);
+      forward_impl(gy, gs, wf, false, nullptr, gx, xs, q, false, RowsDoneFn());
+      return;
+    }
     // w' transposed per group: wf[g][(o, t)][c] = w[g Og + o][c][taps - 1 - t], read in order.
     float* wf = scratch(2, p.C * Og * taps);
     run_items(p.O, [&](int64_t go) {

@@ -39,6 +39,15 @@ void weight_backward(const float* gy, const Strides4& gs, const float* x, const 
 // true = positions on the M side (transposed). Exposed for the tests' shape choice.
 bool positions_on_m(int64_t positions, int64_t channels);
 
+// Whether the forward takes its small-map path (every output position of the batch in one
+// GEMM column panel set, the weight read in place: "conv2d.sgemm.small_n").
+bool small_n_applies(const Conv2dParams& p);
+
+// Whether the forward takes its few-channels path (12 to 16 output channels per group in
+// the lanes of one vector, maps narrower than 16 columns, unit step along the source's
+// rows: "conv2d.sgemm.channel_lanes"). xs: the input's strides.
+bool channel_lanes_applies(const Conv2dParams& p, const Strides4& xs);
+
 }  // namespace conv_sgemm
 }  // namespace cpu
 }  // namespace cnnext

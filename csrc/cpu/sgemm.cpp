@@ -25,6 +25,7 @@ namespace sgemm {
 CNNEXT_PATH(kGemm, "sgemm.gemm");
 CNNEXT_PATH(kGemmRows, "sgemm.gemm_rows");
 CNNEXT_PATH(kGemmArows, "sgemm.gemm_arows");
+CNNEXT_PATH(kGemmSmallN, "sgemm.gemm_small_n");
 
 namespace {
 
@@ -163,6 +164,68 @@ CNNEXT_TARGET("avx512f,fma") void micro_kernel(int64_t kc, const float* a,
           val = _mm512_add_ps(val, _mm512_set1_ps(bias[r]));
         }
         if (relu) {  // negative -> 0; NaN stays NaN (the ordered compare is false for it)
+          const __m512 zero = _mm512_setzero_ps();
+          val = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(val, zero, _CMP_LT_OQ), val, zero);
+        }
+        _mm512_mask_storeu_ps(cr + 16 * v, mask[v], val);
+      }
+    }
+  }
+}
+
+
+// One tile of gemm_small_n: kMR rows of A read in place (arows[r][k]) by 16 * NV columns of
+// the row-major B (b + k * ldb), into C rows [0, rows) and columns [0, cols), K blocks
+// after the first added to C (`add`), the bias on the first, the ReLU on the last.
+template <int NV>
+CNNEXT_TARGET("avx512f,fma") void small_n_kernel(int64_t kc, const float* const* arows,
+                                                 const float* b, int64_t ldb, float* c,
+                                                 int64_t ldc, int64_t rows, int64_t cols, bool add,
+                                                 const float* bias, bool relu) {
+  __m512 acc[kMR][NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < kMR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+  const float* a0 = arows[0];
+  const float* a1 = arows[1];
+  const float* a2 = arows[2];
+  const float* a3 = arows[3];
+  const float* a4 = arows[4];
+  const float* a5 = arows[5];
+  const float* a6 = arows[6];
+  const float* a7 = arows[7];
+  for (int64_t k = 0; k < kc; ++k) {
+    __m512 bv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(b + k * ldb + 16 * v);
+    const float av[kMR] = {a0[k], a1[k], a2[k], a3[k], a4[k], a5[k], a6[k], a7[k]};
+#pragma GCC unroll 16
+    for (int r = 0; r < kMR; ++r) {
+      const __m512 ab = _mm512_set1_ps(av[r]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(ab, bv[v], acc[r][v]);
+    }
+  }
+  __mmask16 mask[NV];
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) {
+    const int64_t left = cols - 16 * v;
+    mask[v] = left >= 16 ? __mmask16(0xFFFF) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1);
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < kMR; ++r) {
+    if (r < rows) {
+      float* cr = c + r * ldc;
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) {
+        __m512 val = acc[r][v];
+        if (add) {
+          val = _mm512_add_ps(val, _mm512_maskz_loadu_ps(mask[v], cr + 16 * v));
+        } else if (bias) {
+          val = _mm512_add_ps(val, _mm512_set1_ps(bias[r]));
+        }
+        if (relu) {  // negative -> 0; NaN stays NaN
           const __m512 zero = _mm512_setzero_ps();
           val = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(val, zero, _CMP_LT_OQ), val, zero);
         }
@@ -324,6 +387,35 @@ void gemm_arows(const float* a, const int64_t* a_off, const float* b_packed, int
   }
 }
 
+void gemm_small_n(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t M, int64_t N,
+                  int64_t K, float* c, int64_t ldc, const float* bias, bool relu) {
+  kGemmSmallN.hit();
+  // K blocks of kKC: the B block (kKC x N) stays in L2 while every row block of A streams
+  // past it once; each A block (kMR x kKC) is then reused from L1 by every column tile.
+  for (int64_t k0 = 0; k0 < K; k0 += kKC) {
+    const int64_t kc = std::min(kKC, K - k0);
+    const bool last = k0 + kc >= K;
+    for (int64_t i0 = 0; i0 < M; i0 += kMR) {
+      const float* rows[kMR];
+      for (int64_t r = 0; r < kMR; ++r) rows[r] = a + std::min(i0 + r, M - 1) * lda + k0;
+      const int64_t nr = std::min(kMR, M - i0);
+      for (int64_t j0 = 0; j0 < N; j0 += kSmallNR) {
+        const int64_t cols = std::min(kSmallNR, N - j0);
+        const float* bk = b + k0 * ldb + j0;
+        float* cc = c + i0 * ldc + j0;
+        const float* bi = bias ? bias + i0 : nullptr;
+        if (cols > 32) {
+          small_n_kernel<3>(kc, rows, bk, ldb, cc, ldc, nr, cols, k0 > 0, bi, relu && last);
+        } else if (cols > 16) {
+          small_n_kernel<2>(kc, rows, bk, ldb, cc, ldc, nr, cols, k0 > 0, bi, relu && last);
+        } else {
+          small_n_kernel<1>(kc, rows, bk, ldb, cc, ldc, nr, cols, k0 > 0, bi, relu && last);
+        }
+      }
+    }
+  }
+}
+
 #else  // not x86-64 (or CNNEXT_NO_AVX512): available() is false and the convolution uses at::mm; this
        // plain version keeps gemm() correct for any other caller.
 
@@ -374,6 +466,20 @@ void gemm_arows(const float* a, const int64_t* a_off, const float* b_packed, int
       for (int64_t k = 0; k < K; ++k) acc += a[a_off[i] + k] * bp[k * kNR];
       float& out = c[i * ldc + j];
       out = accumulate ? out + acc : acc;
+    }
+  }
+}
+
+void gemm_small_n(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t M, int64_t N,
+                  int64_t K, float* c, int64_t ldc, const float* bias, bool relu) {
+  kGemmSmallN.hit();
+  for (int64_t i = 0; i < M; ++i) {
+    for (int64_t j = 0; j < N; ++j) {
+      float acc = 0.f;
+      for (int64_t k = 0; k < K; ++k) acc += a[i * lda + k] * b[k * ldb + j];
+      float& out = c[i * ldc + j];
+      out = acc + (bias ? bias[i] : 0.f);
+      if (relu && out < 0.f) out = 0.f;
     }
   }
 }

@@ -44,6 +44,16 @@ void gemm_rows(const float* a_packed, const float* b, const int64_t* off, int64_
 void gemm_arows(const float* a, const int64_t* a_off, const float* b_packed, int64_t M,
                 int64_t N, int64_t K, float* c, int64_t ldc, bool accumulate);
 
+// Few columns, nothing packed: C (M x N, element (i, j) at c[i * ldc + j]) = A * B (+ bias[i]
+// on row i, then max(., 0) when `relu`), A read in place (element (i, k) at a[i * lda + k],
+// a weight's rows), B row-major (element (k, j) at b[k * ldb + j]). Tiles of kMR rows by up
+// to kSmallNR columns; ldb a multiple of 16 and at least N rounded up to 16, the columns past
+// N readable (computed and not stored). For a GEMM whose N (output positions) is a few
+// dozen: packing A would cost about as much as multiplying it once.
+constexpr int64_t kSmallNR = 48;
+void gemm_small_n(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t M, int64_t N,
+                  int64_t K, float* c, int64_t ldc, const float* bias, bool relu = false);
+
 }  // namespace sgemm
 }  // namespace cpu
 }  // namespace cnnext
