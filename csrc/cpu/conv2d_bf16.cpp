@@ -14,10 +14,16 @@
 // built row by row of the im2col (a masked 512-bit load per output row touched where the
 // stride is 1; two and the even lanes where it is 2; a scalar gather otherwise) and
 // interleaved in pairs (vpermt2w). The kernel keeps a kMR x 32 tile of float accumulators
-// in 16 registers over all of K.
+// in 16 registers over a block of kKc pairs of K.
 //
-// Work items are (group, pixel panel): each thread packs its B panel once and runs
-// every A panel over it. The result does not depend on the thread count.
+// Work items are (group, pixel panel). Each thread takes its items in groups of up to 16
+// panels and walks K in blocks of kKc = 128 pairs: per block, it packs each panel's B
+// block (16 KiB, in L1) and runs every A panel over it, while the A block (Og x kKc
+// pairs) and the group's float tiles stay in L2; the last block's kernel adds the bias,
+// applies the ReLU and rounds. (Whole-K panels, 37 KiB at K = 576 and 147 KiB at
+// AlexNet's 2304, ran from L2, and AlexNet's 1.8 MB weight from L3, for every panel.)
+// Every output sums its blocks in the same order: the result does not depend on the
+// thread count.
 //
 // Used where the CPU has AVX512_BF16 (cpu_features(), so CNNEXT_CPU_ISA=avx2 turns it off)
 // and the output is contiguous (NCHW); elsewhere conv2d_half.cpp runs the float kernels.
@@ -49,6 +55,7 @@ CNNEXT_PATH(kFwdBf16Gemm, "conv2d.fwd.bf16_gemm");
 
 constexpr int64_t kMR = 8;   // rows (output channels) per A panel
 constexpr int64_t kNR = 32;  // columns (output pixels) per B panel: two zmm of 16 floats
+constexpr int64_t kKc = 128;  // pairs of K per block of the forward GEMM
 
 #ifdef CNNEXT_BF16_GEMM
 #define CNNEXT_BF16 CNNEXT_TARGET("avx512f,avx512bw,avx512vl,avx512bf16,fma,bmi2")
@@ -132,9 +139,13 @@ struct PanelRuns {
 // each of the panel's segments (runs.nseg) at their seg_off.
 CNNEXT_BF16 void micro_kernel(const uint32_t* __restrict__ a, const uint16_t* __restrict__ b,
                               int64_t Kp, const float* bias, bool relu, uint16_t* c, int64_t ldc,
-                              int64_t rows, const PanelRuns& runs, const int64_t* seg_off) {
+                              int64_t rows, const PanelRuns& runs, const int64_t* seg_off,
+                              const float* init) {
   __m512 acc[kMR][2];
-  for (int i = 0; i < kMR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+  for (int i = 0; i < kMR; ++i) {
+    acc[i][0] = init ? _mm512_loadu_ps(init + i * kNR) : _mm512_setzero_ps();
+    acc[i][1] = init ? _mm512_loadu_ps(init + i * kNR + 16) : _mm512_setzero_ps();
+  }
   for (int64_t kp = 0; kp < Kp; ++kp) {
     const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b + kp * 64);
     const __m512bh b1 = (__m512bh)_mm512_loadu_si512(b + kp * 64 + 32);
@@ -233,7 +244,7 @@ CNNEXT_BF16 inline __m512i im2col_row(const uint16_t* x, const Strides4& xs, con
 
 // B panel of the pixels of runs (group's channels from c0; x the batch's input): Kp pairs of rows.
 CNNEXT_BF16 void pack_b(const uint16_t* x, const Strides4& xs, const Conv2dParams& p, int64_t c0,
-                        int64_t K, const PanelRuns& runs, uint16_t* b) {
+                        int64_t kb, int64_t K, const PanelRuns& runs, uint16_t* b) {
   alignas(64) uint16_t scratch[kNR];
   alignas(64) static const uint16_t lo_idx[32] = {0,  32, 1,  33, 2,  34, 3,  35, 4,  36, 5,
                                                   37, 6,  38, 7,  39, 8,  40, 9,  41, 10, 42,
@@ -243,7 +254,7 @@ CNNEXT_BF16 void pack_b(const uint16_t* x, const Strides4& xs, const Conv2dParam
                                                   27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
   const __m512i ilo = _mm512_load_si512(lo_idx), ihi = _mm512_load_si512(hi_idx);
   const int64_t KHW = p.KH * p.KW;
-  int64_t c = c0, kh = 0, kw = 0;  // tap of k, stepped along
+  int64_t c = c0 + kb / KHW, kh = (kb % KHW) / p.KW, kw = kb % p.KW;  // tap of k, stepped along
   auto next = [&]() {
     if (++kw == p.KW) {
       kw = 0;
@@ -253,8 +264,7 @@ CNNEXT_BF16 void pack_b(const uint16_t* x, const Strides4& xs, const Conv2dParam
       }
     }
   };
-  (void)KHW;
-  for (int64_t k = 0; k < K; k += 2) {
+  for (int64_t k = kb; k < K; k += 2) {
     const __m512i r0 = im2col_row(x, xs, p, c, kh, kw, runs, scratch);
     next();
     __m512i r1 = _mm512_setzero_si512();
@@ -262,7 +272,7 @@ CNNEXT_BF16 void pack_b(const uint16_t* x, const Strides4& xs, const Conv2dParam
       r1 = im2col_row(x, xs, p, c, kh, kw, runs, scratch);
       next();
     }
-    uint16_t* out = b + (k / 2) * 64;
+    uint16_t* out = b + ((k - kb) / 2) * 64;
     _mm512_storeu_si512(out, _mm512_permutex2var_epi16(r0, ilo, r1));
     _mm512_storeu_si512(out + 32, _mm512_permutex2var_epi16(r0, ihi, r1));
   }
@@ -467,20 +477,48 @@ bool forward_gemm(const at::Tensor& input, const at::Tensor& weight,
   // Pixel panels run across samples (q = n * P + pixel): small maps (7 x 7 = 49 pixels)
   // fill the panels they share instead of leaving a part-empty one per sample.
   const int64_t items = p.G * b_panels;
+  // K blocks of kc pairs (a B block of 16 KiB, in L1); groups of pg pixel panels, whose
+  // float tiles (Og x 32 each) take about 256 KiB, with the A block (Og x kc pairs), in L2.
+  const int64_t kc = kKc;
+  const int64_t pg = std::min<int64_t>(16, std::max<int64_t>(1, (int64_t(256) << 10) / (a_panels * kMR * kNR * 4)));
   at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<uint16_t> bpanel(static_cast<size_t>(Kp * 64));
-    int64_t seg_off[kNR];
-    for (int64_t item = i0; item < i1; ++item) {
-      const int64_t jb = item % b_panels, g = item / b_panels;
-      const PanelRuns runs(p, jb * kNR, p.N * P, xs.n);
-      // Segment s's position t is pixel t - slo + sq of sample sn: at y + sn * O * P + ...
-      for (int64_t sg = 0; sg < runs.nseg; ++sg) seg_off[sg] = runs.sn[sg] * p.O * P + runs.sq[sg] - runs.slo[sg];
-      pack_b(x, xs, p, g * Cg, K, runs, bpanel.data());
-      for (int64_t ip = 0; ip < a_panels; ++ip) {
-        const int64_t o0 = g * Og + ip * kMR;
-        micro_kernel(a.data() + (g * a_panels + ip) * Kp * kMR, bpanel.data(), Kp,
-                     bias_f.empty() ? nullptr : bias_f.data() + o0, relu, y + o0 * P, P,
-                     std::min(kMR, Og - ip * kMR), runs, seg_off);
+    const int64_t gmax = std::min(pg, i1 - i0);
+    std::vector<uint16_t> bpanel(static_cast<size_t>(std::min(kc, Kp) * 64));
+    std::vector<float> cbuf(Kp > kc ? static_cast<size_t>(gmax * a_panels * kMR * kNR) : 0);
+    std::vector<PanelRuns> runs(static_cast<size_t>(gmax));
+    std::vector<int64_t> seg_off(static_cast<size_t>(gmax * kNR));
+    for (int64_t gi0 = i0; gi0 < i1; gi0 += pg) {
+      const int64_t gi1 = std::min(i1, gi0 + pg);
+      for (int64_t item = gi0; item < gi1; ++item) {
+        const int64_t jb = item % b_panels;
+        PanelRuns& r = runs[item - gi0];
+        new (&r) PanelRuns(p, jb * kNR, p.N * P, xs.n);
+        // Segment s's position t is pixel t - slo + sq of sample sn: at y + sn * O * P + ...
+        for (int64_t sg = 0; sg < r.nseg; ++sg)
+          seg_off[(item - gi0) * kNR + sg] = r.sn[sg] * p.O * P + r.sq[sg] - r.slo[sg];
+      }
+      // K in blocks of kc pairs, each over the group's pixel panels: the A block (every
+      // output channel's kc pairs) stays in L2 and each panel's B block in L1 while every
+      // A panel runs over it; the float tiles carry over between blocks (cbuf), and the
+      // last block's kernel rounds and stores them.
+      for (int64_t k0 = 0; k0 < Kp; k0 += kc) {
+        const int64_t kn = std::min(kc, Kp - k0);
+        const bool last = k0 + kn == Kp;
+        for (int64_t item = gi0; item < gi1; ++item) {
+          const int64_t g = item / b_panels;
+          const PanelRuns& r = runs[item - gi0];
+          pack_b(x, xs, p, g * Cg, 2 * k0, std::min(K, 2 * (k0 + kn)), r, bpanel.data());
+          for (int64_t ip = 0; ip < a_panels; ++ip) {
+            const int64_t o0 = g * Og + ip * kMR;
+            const uint32_t* ap = a.data() + ((g * a_panels + ip) * Kp + k0) * kMR;
+            float* ct = last && k0 == 0 ? nullptr : cbuf.data() + ((item - gi0) * a_panels + ip) * kMR * kNR;
+            if (!last)
+              tile_f32(ap, 1, kMR, bpanel.data(), kn, ct, k0 > 0);
+            else
+              micro_kernel(ap, bpanel.data(), kn, bias_f.empty() ? nullptr : bias_f.data() + o0, relu,
+                           y + o0 * P, P, std::min(kMR, Og - ip * kMR), r, seg_off.data() + (item - gi0) * kNR, ct);
+          }
+        }
       }
     }
   });
