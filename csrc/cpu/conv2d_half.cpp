@@ -35,7 +35,10 @@ void conv2d_forward_rows(const at::Tensor& input, const at::Tensor& weight,
 
 at::Tensor conv2d_input_backward(const at::Tensor& grad_output, const at::Tensor& weight,
                                  const Conv2dParams& p, at::MemoryFormat out_format) {
-  at::Tensor gx = bf16::conv2d_input_backward(grad_output, weight, p, out_format);
+  // bfloat16, 3 x 3 stride 1 on wide layers: the float Winograd, where it beats the GEMM.
+  at::Tensor gx = winograd::input_backward_bf16_tensor(grad_output, weight, p, out_format);
+  if (gx.defined()) return gx;
+  gx = bf16::conv2d_input_backward(grad_output, weight, p, out_format);
   if (gx.defined()) return gx;
   return cpu::conv2d_input_backward(to_float(grad_output), to_float(weight), p, out_format)
       .to(grad_output.scalar_type());

@@ -40,6 +40,7 @@ CNNEXT_PATH(kCacheMiss, "conv2d.winograd.weight_cache_miss");
 CNNEXT_PATH(kInputGrad, "conv2d.input_grad.winograd");
 CNNEXT_PATH(kWeightGrad, "conv2d.weight_grad.winograd");
 CNNEXT_PATH(kBf16Fwd, "conv2d.fwd.winograd_bf16");
+CNNEXT_PATH(kBf16InputGrad, "conv2d.input_grad.winograd_bf16");
 
 std::atomic<bool> g_enabled{true};
 std::atomic<int> g_forced{0};
@@ -841,6 +842,44 @@ bool forward_bf16_tensor(const at::Tensor& input, const at::Tensor& weight, cons
 #else
   (void)input, (void)weight, (void)bias, (void)out, (void)p, (void)relu;
   return false;
+#endif
+}
+
+at::Tensor input_backward_bf16_tensor(const at::Tensor& grad_output, const at::Tensor& weight,
+                                      const Conv2dParams& p, at::MemoryFormat out_format) {
+#ifdef CNNEXT_WINO_AVX512
+  if (grad_output.scalar_type() != at::kBFloat16 || weight.scalar_type() != at::kBFloat16) return at::Tensor();
+  if (p.PH < 0 || p.PW < 0 || p.PH > 2 || p.PW > 2) return at::Tensor();
+  const Conv2dParams q = conv_input_grad_as_forward(p);
+  const int m = choose_tile(q);
+  if (m == 0 || !bf16_pays(q)) return at::Tensor();
+  at::Tensor gx = at::empty({p.N, p.C, p.H, p.W}, grad_output.options().memory_format(out_format));
+  // The flipped weight's element (o', c', t) is w[c'][o'][8 - t], read from a float copy.
+  const at::Tensor wf = weight.to(at::kFloat).contiguous();
+  const float* w = wf.const_data_ptr<float>() + 8;
+  const uint16_t* gy = reinterpret_cast<const uint16_t*>(grad_output.const_data_ptr<at::BFloat16>());
+  uint16_t* out = reinterpret_cast<uint16_t*>(gx.mutable_data_ptr<at::BFloat16>());
+  const Strides4 gs = strides_of(grad_output), xs = strides_of(gx);
+  bool ok = false;
+  if (m == 2) {
+    kF2.hit();
+    ok = forward_m<2, uint16_t, uint16_t>(gy, gs, w, 9, q.O * 9, -1, nullptr, nullptr, out, xs, q, false);
+  } else if (m == 4) {
+    kF4.hit();
+    ok = forward_m<4, uint16_t, uint16_t>(gy, gs, w, 9, q.O * 9, -1, nullptr, nullptr, out, xs, q, false);
+  } else if (m == 6) {
+    kF6.hit();
+    ok = forward_m<6, uint16_t, uint16_t>(gy, gs, w, 9, q.O * 9, -1, nullptr, nullptr, out, xs, q, false);
+  }
+  if (!ok) {
+    kNonFinite.hit();
+    return at::Tensor();
+  }
+  kBf16InputGrad.hit();
+  return gx;
+#else
+  (void)grad_output, (void)weight, (void)p, (void)out_format;
+  return at::Tensor();
 #endif
 }
 

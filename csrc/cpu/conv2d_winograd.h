@@ -75,6 +75,11 @@ void transform_weight(const float* w, int64_t wso, int64_t wsc, int64_t wst, int
 bool bf16_pays(const Conv2dParams& p);
 bool forward_bf16_tensor(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                          at::Tensor& out, const Conv2dParams& p, bool relu);
+// The bfloat16 input gradient the same way (N x C x H x W in out_format): the flipped
+// forward of input_backward_tensor, where choose_tile and bf16_pays say so for that
+// forward; an undefined tensor where it does not run (or meets a non-finite value).
+at::Tensor input_backward_bf16_tensor(const at::Tensor& grad_output, const at::Tensor& weight,
+                                      const Conv2dParams& p, at::MemoryFormat out_format);
 
 // The forward of conv2d.cpp's float32 path when choose_tile(p) says so: the transformed
 // weight comes from the weight cache (csrc/cpu/derived_cache.h), so in evaluation it is
