@@ -331,9 +331,8 @@ GEMM = [
     ((3, 16, 7, 7), (24, 16, 3, 3), 1, 1, 1, 1),
     ((5, 8, 5, 6), (16, 8, 3, 3), 2, 1, 1, 1),
     ((9, 4, 8, 8), (8, 4, 3, 3), 3, 0, 1, 1),
-    # K blocks (128 pairs) over groups of pixel panels that span the convolution's groups:
-    # K = 288 in three groups, 25 panels a group (one or two threads: panel groups of 16
-    # cross the convolution's groups)
+    # the channel-pair GEMM with groups: each group's pairs from its own channels (K = 288
+    # in three groups, 25 pixel panels a group)
     ((2, 96, 20, 20), (48, 32, 3, 3), 1, 1, 1, 3),
 ]
 

@@ -14,16 +14,12 @@
 // built row by row of the im2col (a masked 512-bit load per output row touched where the
 // stride is 1; two and the even lanes where it is 2; a scalar gather otherwise) and
 // interleaved in pairs (vpermt2w). The kernel keeps a kMR x 32 tile of float accumulators
-// in 16 registers over a block of kKc pairs of K.
+// in 16 registers over all of K. For stride-1 kernels with an even number of channels a
+// group, K is ordered (tap, channel pair) instead and B read as dwords from a channel-pair
+// copy of the input (pack_b_pairs).
 //
-// Work items are (group, pixel panel). Each thread takes its items in groups of up to 16
-// panels and walks K in blocks of kKc = 128 pairs: per block, it packs each panel's B
-// block (16 KiB, in L1) and runs every A panel over it, while the A block (Og x kKc
-// pairs) and the group's float tiles stay in L2; the last block's kernel adds the bias,
-// applies the ReLU and rounds. (Whole-K panels, 37 KiB at K = 576 and 147 KiB at
-// AlexNet's 2304, ran from L2, and AlexNet's 1.8 MB weight from L3, for every panel.)
-// Every output sums its blocks in the same order: the result does not depend on the
-// thread count.
+// Work items are (group, pixel panel): each thread packs its B panel once and runs
+// every A panel over it. The result does not depend on the thread count.
 //
 // Used where the CPU has AVX512_BF16 (cpu_features(), so CNNEXT_CPU_ISA=avx2 turns it off)
 // and the output is contiguous (NCHW); elsewhere conv2d_half.cpp runs the float kernels.
@@ -56,7 +52,6 @@ CNNEXT_PATH(kFwdBf16Pairs, "conv2d.fwd.bf16_gemm_pairs");
 
 constexpr int64_t kMR = 8;   // rows (output channels) per A panel
 constexpr int64_t kNR = 32;  // columns (output pixels) per B panel: two zmm of 16 floats
-constexpr int64_t kKc = 128;  // pairs of K per block of the forward GEMM
 
 #ifdef CNNEXT_BF16_GEMM
 #define CNNEXT_BF16 CNNEXT_TARGET("avx512f,avx512bw,avx512vl,avx512bf16,fma,bmi2")
@@ -581,51 +576,26 @@ bool forward_gemm(const at::Tensor& input, const at::Tensor& weight,
   // Pixel panels run across samples (q = n * P + pixel): small maps (7 x 7 = 49 pixels)
   // fill the panels they share instead of leaving a part-empty one per sample.
   const int64_t items = p.G * b_panels;
-  // K blocks of kc pairs (a B block of 16 KiB, in L1); groups of pg pixel panels, whose
-  // float tiles (Og x 32 each) take about 256 KiB, with the A block (Og x kc pairs), in L2.
-  const int64_t kc = kKc;
-  const int64_t pg = std::min<int64_t>(16, std::max<int64_t>(1, (int64_t(256) << 10) / (a_panels * kMR * kNR * 4)));
+  // (K in blocks of 128 pairs over groups of 16 panels, the B block in L1 and the A block
+  // in L2, measured 2-3% slower than whole-K panels: ResNet's 64 -> 128 3x3/2, AlexNet's
+  // 256 -> 384 at 12x12, 1 thread.)
   at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
-    const int64_t gmax = std::min(pg, i1 - i0);
-    std::vector<uint16_t> bpanel(static_cast<size_t>(std::min(kc, Kp) * 64));
-    std::vector<float> cbuf(Kp > kc ? static_cast<size_t>(gmax * a_panels * kMR * kNR) : 0);
-    std::vector<PanelRuns> runs(static_cast<size_t>(gmax));
-    std::vector<int64_t> seg_off(static_cast<size_t>(gmax * kNR));
-    for (int64_t gi0 = i0; gi0 < i1; gi0 += pg) {
-      const int64_t gi1 = std::min(i1, gi0 + pg);
-      for (int64_t item = gi0; item < gi1; ++item) {
-        const int64_t jb = item % b_panels;
-        PanelRuns& r = runs[item - gi0];
-        new (&r) PanelRuns(p, jb * kNR, p.N * P, run_xn);
-        // Segment s's position t is pixel t - slo + sq of sample sn: at y + sn * O * P + ...
-        for (int64_t sg = 0; sg < r.nseg; ++sg)
-          seg_off[(item - gi0) * kNR + sg] = r.sn[sg] * p.O * P + r.sq[sg] - r.slo[sg];
-      }
-      // K in blocks of kc pairs, each over the group's pixel panels: the A block (every
-      // output channel's kc pairs) stays in L2 and each panel's B block in L1 while every
-      // A panel runs over it; the float tiles carry over between blocks (cbuf), and the
-      // last block's kernel rounds and stores them.
-      for (int64_t k0 = 0; k0 < Kp; k0 += kc) {
-        const int64_t kn = std::min(kc, Kp - k0);
-        const bool last = k0 + kn == Kp;
-        for (int64_t item = gi0; item < gi1; ++item) {
-          const int64_t g = item / b_panels;
-          const PanelRuns& r = runs[item - gi0];
-          if (pairs)
-            pack_b_pairs(xi + g * Cpg * HW, p, Cpg, k0, k0 + kn, r, bpanel.data());
-          else
-            pack_b(x, xs, p, g * Cg, 2 * k0, std::min(K, 2 * (k0 + kn)), r, bpanel.data());
-          for (int64_t ip = 0; ip < a_panels; ++ip) {
-            const int64_t o0 = g * Og + ip * kMR;
-            const uint32_t* ap = a.data() + ((g * a_panels + ip) * Kp + k0) * kMR;
-            float* ct = last && k0 == 0 ? nullptr : cbuf.data() + ((item - gi0) * a_panels + ip) * kMR * kNR;
-            if (!last)
-              tile_f32(ap, 1, kMR, bpanel.data(), kn, ct, k0 > 0);
-            else
-              micro_kernel(ap, bpanel.data(), kn, bias_f.empty() ? nullptr : bias_f.data() + o0, relu,
-                           y + o0 * P, P, std::min(kMR, Og - ip * kMR), r, seg_off.data() + (item - gi0) * kNR, ct);
-          }
-        }
+    std::vector<uint16_t> bpanel(static_cast<size_t>(Kp * 64));
+    int64_t seg_off[kNR];
+    for (int64_t item = i0; item < i1; ++item) {
+      const int64_t jb = item % b_panels, g = item / b_panels;
+      const PanelRuns runs(p, jb * kNR, p.N * P, run_xn);
+      // Segment s's position t is pixel t - slo + sq of sample sn: at y + sn * O * P + ...
+      for (int64_t sg = 0; sg < runs.nseg; ++sg) seg_off[sg] = runs.sn[sg] * p.O * P + runs.sq[sg] - runs.slo[sg];
+      if (pairs)
+        pack_b_pairs(xi + g * Cpg * HW, p, Cpg, 0, Kp, runs, bpanel.data());
+      else
+        pack_b(x, xs, p, g * Cg, 0, K, runs, bpanel.data());
+      for (int64_t ip = 0; ip < a_panels; ++ip) {
+        const int64_t o0 = g * Og + ip * kMR;
+        micro_kernel(a.data() + (g * a_panels + ip) * Kp * kMR, bpanel.data(), Kp,
+                     bias_f.empty() ? nullptr : bias_f.data() + o0, relu, y + o0 * P, P,
+                     std::min(kMR, Og - ip * kMR), runs, seg_off, nullptr);
       }
     }
   });
