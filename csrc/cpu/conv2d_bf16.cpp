@@ -135,13 +135,9 @@ struct PanelRuns {
 // each of the panel's segments (runs.nseg) at their seg_off.
 CNNEXT_BF16 void micro_kernel(const uint32_t* __restrict__ a, const uint16_t* __restrict__ b,
                               int64_t Kp, const float* bias, bool relu, uint16_t* c, int64_t ldc,
-                              int64_t rows, const PanelRuns& runs, const int64_t* seg_off,
-                              const float* init) {
+                              int64_t rows, const PanelRuns& runs, const int64_t* seg_off) {
   __m512 acc[kMR][2];
-  for (int i = 0; i < kMR; ++i) {
-    acc[i][0] = init ? _mm512_loadu_ps(init + i * kNR) : _mm512_setzero_ps();
-    acc[i][1] = init ? _mm512_loadu_ps(init + i * kNR + 16) : _mm512_setzero_ps();
-  }
+  for (int i = 0; i < kMR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
   for (int64_t kp = 0; kp < Kp; ++kp) {
     const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b + kp * 64);
     const __m512bh b1 = (__m512bh)_mm512_loadu_si512(b + kp * 64 + 32);
@@ -240,7 +236,7 @@ CNNEXT_BF16 inline __m512i im2col_row(const uint16_t* x, const Strides4& xs, con
 
 // B panel of the pixels of runs (group's channels from c0; x the batch's input): Kp pairs of rows.
 CNNEXT_BF16 void pack_b(const uint16_t* x, const Strides4& xs, const Conv2dParams& p, int64_t c0,
-                        int64_t kb, int64_t K, const PanelRuns& runs, uint16_t* b) {
+                        int64_t K, const PanelRuns& runs, uint16_t* b) {
   alignas(64) uint16_t scratch[kNR];
   alignas(64) static const uint16_t lo_idx[32] = {0,  32, 1,  33, 2,  34, 3,  35, 4,  36, 5,
                                                   37, 6,  38, 7,  39, 8,  40, 9,  41, 10, 42,
@@ -250,7 +246,7 @@ CNNEXT_BF16 void pack_b(const uint16_t* x, const Strides4& xs, const Conv2dParam
                                                   27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
   const __m512i ilo = _mm512_load_si512(lo_idx), ihi = _mm512_load_si512(hi_idx);
   const int64_t KHW = p.KH * p.KW;
-  int64_t c = c0 + kb / KHW, kh = (kb % KHW) / p.KW, kw = kb % p.KW;  // tap of k, stepped along
+  int64_t c = c0, kh = 0, kw = 0;  // tap of k, stepped along
   auto next = [&]() {
     if (++kw == p.KW) {
       kw = 0;
@@ -260,7 +256,8 @@ CNNEXT_BF16 void pack_b(const uint16_t* x, const Strides4& xs, const Conv2dParam
       }
     }
   };
-  for (int64_t k = kb; k < K; k += 2) {
+  (void)KHW;
+  for (int64_t k = 0; k < K; k += 2) {
     const __m512i r0 = im2col_row(x, xs, p, c, kh, kw, runs, scratch);
     next();
     __m512i r1 = _mm512_setzero_si512();
@@ -268,7 +265,7 @@ CNNEXT_BF16 void pack_b(const uint16_t* x, const Strides4& xs, const Conv2dParam
       r1 = im2col_row(x, xs, p, c, kh, kw, runs, scratch);
       next();
     }
-    uint16_t* out = b + ((k - kb) / 2) * 64;
+    uint16_t* out = b + (k / 2) * 64;
     _mm512_storeu_si512(out, _mm512_permutex2var_epi16(r0, ilo, r1));
     _mm512_storeu_si512(out + 32, _mm512_permutex2var_epi16(r0, ihi, r1));
   }
@@ -590,12 +587,12 @@ bool forward_gemm(const at::Tensor& input, const at::Tensor& weight,
       if (pairs)
         pack_b_pairs(xi + g * Cpg * HW, p, Cpg, 0, Kp, runs, bpanel.data());
       else
-        pack_b(x, xs, p, g * Cg, 0, K, runs, bpanel.data());
+        pack_b(x, xs, p, g * Cg, K, runs, bpanel.data());
       for (int64_t ip = 0; ip < a_panels; ++ip) {
         const int64_t o0 = g * Og + ip * kMR;
         micro_kernel(a.data() + (g * a_panels + ip) * Kp * kMR, bpanel.data(), Kp,
                      bias_f.empty() ? nullptr : bias_f.data() + o0, relu, y + o0 * P, P,
-                     std::min(kMR, Og - ip * kMR), runs, seg_off, nullptr);
+                     std::min(kMR, Og - ip * kMR), runs, seg_off);
       }
     }
   });
