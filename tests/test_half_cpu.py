@@ -331,6 +331,9 @@ GEMM = [
     ((3, 16, 7, 7), (24, 16, 3, 3), 1, 1, 1, 1),
     ((5, 8, 5, 6), (16, 8, 3, 3), 2, 1, 1, 1),
     ((9, 4, 8, 8), (8, 4, 3, 3), 3, 0, 1, 1),
+    # the channel-pair GEMM with groups: each group's pairs from its own channels (K = 288
+    # in three groups, 25 pixel panels a group)
+    ((2, 96, 20, 20), (48, 32, 3, 3), 1, 1, 1, 3),
 ]
 
 
@@ -345,6 +348,9 @@ def test_bf16_gemm_path(cfg, relu_bias):
     xs, ws, s, p, d, g = GEMM[cfg]
     gen = torch.Generator().manual_seed(cfg)
     x, w, b = (torch.randn(sh, generator=gen).bfloat16() for sh in (xs, ws, (ws[0],)))
+    # The channel-pair GEMM: even channels a group, more than one tap, column stride 1.
+    pairs = ws[1] % 2 == 0 and ws[2] * ws[3] > 1 and torch.nn.modules.utils._pair(s)[1] == 1
+    before = cnnext._C._path_counts()["conv2d.fwd.bf16_gemm_pairs"]
     with expect_path("conv2d.fwd.bf16_gemm"):
         if relu_bias:  # the fused op's eval path: bias and ReLU in the GEMM's epilogue
             out = torch.ops.cnnext.conv_bn_relu2d_eval(x, w, b, None, None, torch.zeros(ws[0]),
@@ -353,6 +359,7 @@ def test_bf16_gemm_path(cfg, relu_bias):
                                                         list(torch.nn.modules.utils._pair(d)), g, True)
         else:
             out = cf.conv2d(x, w, None, s, p, d, g)
+    assert (cnnext._C._path_counts()["conv2d.fwd.bf16_gemm_pairs"] > before) == pairs
     want = F.conv2d(x.double(), w.double(), b.double() if relu_bias else None, s, p, d, g)
     if relu_bias:
         want = want.relu()
@@ -397,6 +404,14 @@ for stride in (1, 2):
     for a, r in zip(grads, refs):
         err = (a.double() - r).abs().max().item() / r.abs().max().item()
         assert a.dtype == torch.bfloat16 and err <= 5e-3, (stride, err)
+# the bfloat16 Winograd (AVX-512F) does not run either, even with a tile forced
+_C._set_winograd_tile(4)
+before = _C._path_counts()["conv2d.fwd.winograd_bf16"]
+y = cnnext.functional.conv2d(x, w, None, 1, 1)
+assert _C._path_counts()["conv2d.fwd.winograd_bf16"] == before
+_C._set_winograd_tile(0)
+err = (y.double() - want).abs().max().item() / want.abs().max().item()
+assert y.dtype == torch.bfloat16 and err <= 5e-3, err
 sweeps = ["conv_bn_relu2d.train.bf16_sweeps", "conv_bn_relu2d.backward.bf16_sweeps"]
 before = {k: _C._path_counts()[k] for k in sweeps}
 xs = x.clone().requires_grad_()
@@ -421,6 +436,130 @@ print("ok")
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split()[-1] == "ok"
+
+
+def _has_winograd():
+    return cnnext._C._cpu_isa() == "avx512"
+
+
+WINO_BF16 = [
+    # input, weight, padding, forced tile (0: the shape's own choice), bias + ReLU, layout
+    ((1, 128, 48, 48), (128, 128, 3, 3), 1, 0, False, "contiguous"),  # wide layer, wide map: chosen
+    ((2, 16, 13, 11), (24, 16, 3, 3), 1, 4, True, "contiguous"),      # tile forced; partial tiles
+    ((2, 16, 13, 11), (24, 16, 3, 3), 0, 2, False, "channels_last"),  # F(2x2), no padding, strided input
+    ((1, 32, 9, 10), (40, 32, 3, 3), 2, 4, True, "channels_last"),    # padding 2, channels_last output
+]
+
+
+@pytest.mark.skipif(not _has_winograd(), reason="needs AVX-512F")
+@pytest.mark.parametrize("cfg", range(len(WINO_BF16)))
+def test_bf16_winograd_forward(cfg):
+    """bfloat16 3x3 stride-1 forward by the float32 Winograd (path counter): bfloat16 values
+    are exact in float and the float Winograd's error (<= 2e-5 of max |y|) is far inside the
+    one final rounding, so the bounds are the GEMM's: one bfloat16 rounding of float64 (5e-3
+    of max |ref|) and two of stock bfloat16 (1e-2). The switch (cnnext.backends.cpu.winograd)
+    turns it off: the vdpbf16ps GEMM or the float path runs instead, as accurate."""
+    from cnnext._paths import expect_path
+
+    xs, ws, p, tile, relu_bias, layout = WINO_BF16[cfg]
+    gen = torch.Generator().manual_seed(300 + cfg)
+    x, w, b = (torch.randn(sh, generator=gen).bfloat16() for sh in (xs, ws, (ws[0],)))
+    x = to_layout(x, layout)
+    want = F.conv2d(x.double(), w.double(), b.double() if relu_bias else None, 1, p)
+    stock = F.conv2d(x, w, b if relu_bias else None, 1, p).double()
+    if relu_bias:
+        want, stock = want.relu(), stock.relu()
+
+    def run():
+        if relu_bias:  # the fused op's eval path: bias and ReLU in the output transform
+            return torch.ops.cnnext.conv_bn_relu2d_eval(x, w, b, None, None, torch.zeros(ws[0]),
+                                                         torch.ones(ws[0]) - 1e-5, 1e-5, [1, 1], [p, p], [1, 1], 1,
+                                                         True)
+        return cf.conv2d(x, w, None, 1, p)
+
+    old = cnnext._C._get_winograd_tile()
+    cnnext._C._set_winograd_tile(tile)
+    try:
+        m = tile or 4  # F(4x4): the shape's choice for the wide layer
+        with cnnext.backends.cpu.flags(winograd=True), expect_path("conv2d.fwd.winograd_bf16", f"conv2d.winograd.f{m}x{m}"):
+            out = run()
+        assert out.dtype == torch.bfloat16 and out.shape == want.shape
+        assert_close_to_reference(out, want, 5e-3, "bf16 Winograd vs float64")
+        assert_close_to_reference(out, stock, 1e-2, "bf16 Winograd vs stock bf16")
+        if layout == "channels_last":  # the output keeps the input's layout, as stock's
+            assert out.is_contiguous(memory_format=torch.channels_last)
+        before = cnnext._C._path_counts()["conv2d.fwd.winograd_bf16"]
+        with cnnext.backends.cpu.flags(winograd=False):
+            off = run()
+        assert cnnext._C._path_counts()["conv2d.fwd.winograd_bf16"] == before
+        assert_close_to_reference(off, want, 5e-3, "bf16 with Winograd off vs float64")
+    finally:
+        cnnext._C._set_winograd_tile(old)
+
+
+@pytest.mark.skipif(not _has_winograd(), reason="needs AVX-512F")
+@pytest.mark.parametrize("cfg", range(len(WINO_BF16)))
+def test_bf16_winograd_input_grad(cfg):
+    """The bfloat16 input gradient of a 3x3 stride-1 convolution by the float Winograd (the
+    flipped forward; path counter), in the input's layout, within the bounds of the GEMM
+    backward: 5e-3 of float64, 1e-2 plus stock's own error of stock bfloat16; with the switch
+    off it does not run."""
+    from cnnext._paths import expect_path
+
+    xs, ws, p, tile, _, layout = WINO_BF16[cfg]
+    gen = torch.Generator().manual_seed(400 + cfg)
+    x, w = torch.randn(xs, generator=gen).bfloat16(), torch.randn(ws, generator=gen).bfloat16()
+    x = to_layout(x, layout)
+    gy = torch.randn(F.conv2d(x, w, None, 1, p).shape, generator=gen).bfloat16()
+    wide = [x.double().requires_grad_(), w.double()]
+    ref, = torch.autograd.grad(F.conv2d(*wide, None, 1, p), wide[:1], gy.double())
+    xst = x.clone().requires_grad_()
+    stock, = torch.autograd.grad(F.conv2d(xst, w, None, 1, p), (xst,), gy)
+
+    def grad():
+        xo = x.clone().requires_grad_()
+        return torch.autograd.grad(cf.conv2d(xo, w, None, 1, p), (xo,), gy)[0]
+
+    old = cnnext._C._get_winograd_tile()
+    cnnext._C._set_winograd_tile(tile)
+    try:
+        with cnnext.backends.cpu.flags(winograd=True), expect_path("conv2d.input_grad.winograd_bf16"):
+            gx = grad()
+        assert gx.dtype == torch.bfloat16 and gx.shape == ref.shape
+        assert_close_to_reference(gx, ref, 5e-3, "bf16 Winograd input gradient vs float64")
+        assert_close_to_reference(gx, stock.double(), 1e-2 + _stock_error(stock, ref),
+                                  "bf16 Winograd input gradient vs stock bf16")
+        if layout == "channels_last":
+            assert gx.is_contiguous(memory_format=torch.channels_last)
+        before = cnnext._C._path_counts()["conv2d.input_grad.winograd_bf16"]
+        with cnnext.backends.cpu.flags(winograd=False):
+            off = grad()
+        assert cnnext._C._path_counts()["conv2d.input_grad.winograd_bf16"] == before
+        assert_close_to_reference(off, ref, 5e-3, "bf16 input gradient with Winograd off vs float64")
+    finally:
+        cnnext._C._set_winograd_tile(old)
+
+
+@pytest.mark.skipif(not _has_winograd(), reason="needs AVX-512F")
+def test_bf16_winograd_nonfinite_falls_back():
+    """An Inf in the input makes the bfloat16 Winograd give up (its transforms would spread
+    NaN over the tile): the direct path runs and gives stock's Inf / NaN pattern."""
+    gen = torch.Generator().manual_seed(7)
+    x, w = torch.randn(1, 16, 9, 9, generator=gen).bfloat16(), torch.randn(16, 16, 3, 3, generator=gen).bfloat16()
+    x[0, 3, 4, 4] = float("inf")
+    old = cnnext._C._get_winograd_tile()
+    cnnext._C._set_winograd_tile(4)
+    try:
+        before = cnnext._C._path_counts()["conv2d.winograd.nonfinite_fallback"]
+        with cnnext.backends.cpu.flags(winograd=True):
+            out = cf.conv2d(x, w, None, 1, 1)
+        assert cnnext._C._path_counts()["conv2d.winograd.nonfinite_fallback"] > before
+    finally:
+        cnnext._C._set_winograd_tile(old)
+    ref = F.conv2d(x, w, None, 1, 1)
+    assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf())
+    fin = ref.isfinite()
+    assert_close_to_reference(out[fin], ref[fin].double(), 1e-2, "finite outputs vs stock bf16")
 
 
 BWD = [

@@ -14,7 +14,9 @@
 // built row by row of the im2col (a masked 512-bit load per output row touched where the
 // stride is 1; two and the even lanes where it is 2; a scalar gather otherwise) and
 // interleaved in pairs (vpermt2w). The kernel keeps a kMR x 32 tile of float accumulators
-// in 16 registers over all of K.
+// in 16 registers over all of K. For stride-1 kernels with an even number of channels a
+// group, K is ordered (tap, channel pair) instead and B read as dwords from a channel-pair
+// copy of the input (pack_b_pairs).
 //
 // Work items are (group, pixel panel): each thread packs its B panel once and runs
 // every A panel over it. The result does not depend on the thread count.
@@ -46,6 +48,7 @@ namespace bf16 {
 namespace {
 
 CNNEXT_PATH(kFwdBf16Gemm, "conv2d.fwd.bf16_gemm");
+CNNEXT_PATH(kFwdBf16Pairs, "conv2d.fwd.bf16_gemm_pairs");
 
 constexpr int64_t kMR = 8;   // rows (output channels) per A panel
 constexpr int64_t kNR = 32;  // columns (output pixels) per B panel: two zmm of 16 floats
@@ -268,6 +271,82 @@ CNNEXT_BF16 void pack_b(const uint16_t* x, const Strides4& xs, const Conv2dParam
   }
 }
 
+// The channel-pair layout of the pair GEMM: xi[((n * G + g) * Cpg + cp) * HW + ih * W + iw]
+// = the dword (x[n, g * Cg + 2cp, ih, iw], x[n, g * Cg + 2cp + 1, ih, iw]) (Cg even), one
+// pass over the input (vpermt2w of two rows where its columns are contiguous).
+// Items [b0, b1) of (sample, channel pair).
+CNNEXT_BF16 void interleave_pairs(const uint16_t* x, const Strides4& xs, const Conv2dParams& p, uint32_t* xi,
+                                  int64_t b0, int64_t b1) {
+  alignas(64) static const uint16_t lo_idx[32] = {0,  32, 1,  33, 2,  34, 3,  35, 4,  36, 5,
+                                                  37, 6,  38, 7,  39, 8,  40, 9,  41, 10, 42,
+                                                  11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  alignas(64) static const uint16_t hi_idx[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21,
+                                                  53, 22, 54, 23, 55, 24, 56, 25, 57, 26, 58,
+                                                  27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+  const int64_t pairs = p.C / 2, HW = p.H * p.W;  // pairs of the whole batch's channels
+  {
+    const __m512i ilo = _mm512_load_si512(lo_idx), ihi = _mm512_load_si512(hi_idx);
+    for (int64_t item = b0; item < b1; ++item) {
+      const int64_t n = item / pairs, cp = item % pairs;
+      const uint16_t* xa = x + n * xs.n + 2 * cp * xs.c;
+      const uint16_t* xb = xa + xs.c;
+      uint32_t* dst = xi + item * HW;
+      for (int64_t ih = 0; ih < p.H; ++ih) {
+        const uint16_t* ra = xa + ih * xs.h;
+        const uint16_t* rb = xb + ih * xs.h;
+        uint32_t* row = dst + ih * p.W;
+        if (xs.w != 1) {
+          for (int64_t iw = 0; iw < p.W; ++iw)
+            row[iw] = uint32_t(ra[iw * xs.w]) | (uint32_t(rb[iw * xs.w]) << 16);
+          continue;
+        }
+        for (int64_t iw = 0; iw < p.W; iw += 32) {
+          const int64_t cnt = std::min<int64_t>(32, p.W - iw);
+          const __mmask32 m = cnt >= 32 ? ~__mmask32(0) : static_cast<__mmask32>((1u << cnt) - 1);
+          const __m512i va = _mm512_maskz_loadu_epi16(m, ra + iw), vb = _mm512_maskz_loadu_epi16(m, rb + iw);
+          _mm512_mask_storeu_epi32(row + iw, static_cast<__mmask16>(m), _mm512_permutex2var_epi16(va, ilo, vb));
+          if (cnt > 16)
+            _mm512_mask_storeu_epi32(row + iw + 16, static_cast<__mmask16>(m >> 16), _mm512_permutex2var_epi16(va, ihi, vb));
+        }
+      }
+    }
+  }
+}
+
+// The pair GEMM's B block of the pixels of runs: pairs kp in [kb, ke), kp = tap * Cpg + cp
+// (the channel pair cp of group plane base xg, from xi, at tap (kh, kw)):
+// b[(kp - kb) * 64 + 2j + h] = x[2cp + h, tap, pixel q0 + j]. Column stride 1: a row of
+// pairs is a dword row of xi, one or two masked dword loads per output row touched; no
+// interleaving.
+CNNEXT_BF16 void pack_b_pairs(const uint32_t* xg, const Conv2dParams& p, int64_t Cpg, int64_t kb, int64_t ke,
+                              const PanelRuns& runs, uint16_t* b) {
+  const int64_t HW = p.H * p.W;
+  int64_t tap = kb / Cpg, cp = kb % Cpg;
+  for (int64_t kp = kb; kp < ke; ++kp) {
+    const int64_t kh = tap / p.KW, kw = tap % p.KW;
+    const uint32_t* plane = xg + cp * HW;
+    const int64_t dh = kh * p.DH, dw = kw * p.DW;
+    __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
+    for (int64_t r = 0; r < runs.n; ++r) {
+      const int64_t ih = runs.ih0[r] + dh;
+      if (ih < 0 || ih >= p.H) continue;
+      const int64_t shift = runs.shift0[r] + dw;
+      const uint32_t m = static_cast<uint32_t>(runs.masked ? runs.mask[r][kw] : runs.lane_mask(p, r, shift));
+      // Masked-off lanes are not read, so the base may lie outside the row.
+      const uint32_t* base = plane + runs.xoff[r] + ih * p.W + shift;
+      if (m & 0xFFFFu) s0 = _mm512_mask_loadu_epi32(s0, static_cast<__mmask16>(m), base);
+      if (m >> 16) s1 = _mm512_mask_loadu_epi32(s1, static_cast<__mmask16>(m >> 16), base + 16);
+    }
+    uint16_t* out = b + (kp - kb) * 64;
+    _mm512_storeu_si512(out, s0);
+    _mm512_storeu_si512(out + 32, s1);
+    if (++cp == Cpg) {
+      cp = 0;
+      ++tap;
+    }
+  }
+}
+
 // One kMR x kNR float tile over Kp pairs of the reduction, accumulated in float and left
 // in float (c: kMR rows of kNR floats; load: start from c's values instead of zero).
 // A's pair kp of row i is a[i * ars + kp * acs]; B as micro_kernel's.
@@ -419,6 +498,13 @@ bool forward_gemm(const at::Tensor& input, const at::Tensor& weight,
   kFwdBf16Gemm.hit();
   const int64_t Cg = p.in_per_group(), Og = p.out_per_group(), K = Cg * p.KH * p.KW;
   const int64_t Kp = (K + 1) / 2, P = p.OH * p.OW;
+  // The pair GEMM: K ordered (tap, channel pair), its B rows read as dwords from a
+  // channel-pair copy of the input (even channels a group, more than one tap: a 1x1
+  // kernel reads each input value once in any case; column stride 1: at stride 2,
+  // ResNet's 64 -> 128 at 56 x 56 measured 3% slower with it, 1 thread).
+  const bool pairs = Cg % 2 == 0 && p.KH * p.KW > 1 && p.SW == 1;
+  const int64_t Cpg = Cg / 2, HW = p.H * p.W;
+  if (pairs) kFwdBf16Pairs.hit();
   const int64_t a_panels = (Og + kMR - 1) / kMR, b_panels = (p.N * P + kNR - 1) / kNR;
   // A: every group's weight in pairs.
   const at::Tensor wc = weight.contiguous();
@@ -431,6 +517,17 @@ bool forward_gemm(const at::Tensor& input, const at::Tensor& weight,
       for (int64_t i = 0; i < kMR; ++i) {
         const int64_t o = panel * kMR + i;
         if (o >= Og) break;
+        if (pairs) {
+          // Pair kp = tap * Cpg + cp: (W[o, 2cp, tap], W[o, 2cp + 1, tap]).
+          const int64_t KHW = p.KH * p.KW;
+          auto wv = [&](int64_t c, int64_t tap) -> uint32_t {
+            return flipped ? w[((g * Cg + c) * Og + o) * KHW + (KHW - 1 - tap)] : w[((g * Og + o) * Cg + c) * KHW + tap];
+          };
+          for (int64_t tap = 0; tap < KHW; ++tap)
+            for (int64_t cp = 0; cp < Cpg; ++cp)
+              dst[(tap * Cpg + cp) * kMR + i] = wv(2 * cp, tap) | (wv(2 * cp + 1, tap) << 16);
+          continue;
+        }
         if (flipped) {
           // weight[(g * Cg + c) * Og + o, tap']: tap' = KHW - 1 - tap of k = c * KHW + tap,
           // walked in k order (no division per element).
@@ -464,18 +561,33 @@ bool forward_gemm(const at::Tensor& input, const at::Tensor& weight,
   const uint16_t* x = reinterpret_cast<const uint16_t*>(input.const_data_ptr<at::BFloat16>());
   const Strides4 xs = strides_of(input);
   uint16_t* y = reinterpret_cast<uint16_t*>(out.mutable_data_ptr<at::BFloat16>());
+  at::Tensor xi_t;
+  const uint32_t* xi = nullptr;
+  if (pairs) {
+    xi_t = at::empty({p.N * p.C / 2 * HW}, input.options().dtype(at::kInt));
+    uint32_t* xw = reinterpret_cast<uint32_t*>(xi_t.mutable_data_ptr<int32_t>());
+    at::parallel_for(0, p.N * p.C / 2, 1, [&](int64_t b0, int64_t b1) { interleave_pairs(x, xs, p, xw, b0, b1); });
+    xi = reinterpret_cast<const uint32_t*>(xi_t.const_data_ptr<int32_t>());
+  }
+  const int64_t run_xn = pairs ? p.C / 2 * HW : xs.n;  // a sample's stride in what B reads
   // Pixel panels run across samples (q = n * P + pixel): small maps (7 x 7 = 49 pixels)
   // fill the panels they share instead of leaving a part-empty one per sample.
   const int64_t items = p.G * b_panels;
+  // (K in blocks of 128 pairs over groups of 16 panels, the B block in L1 and the A block
+  // in L2, measured 2-3% slower than whole-K panels: ResNet's 64 -> 128 3x3/2, AlexNet's
+  // 256 -> 384 at 12x12, 1 thread.)
   at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
     std::vector<uint16_t> bpanel(static_cast<size_t>(Kp * 64));
     int64_t seg_off[kNR];
     for (int64_t item = i0; item < i1; ++item) {
       const int64_t jb = item % b_panels, g = item / b_panels;
-      const PanelRuns runs(p, jb * kNR, p.N * P, xs.n);
+      const PanelRuns runs(p, jb * kNR, p.N * P, run_xn);
       // Segment s's position t is pixel t - slo + sq of sample sn: at y + sn * O * P + ...
       for (int64_t sg = 0; sg < runs.nseg; ++sg) seg_off[sg] = runs.sn[sg] * p.O * P + runs.sq[sg] - runs.slo[sg];
-      pack_b(x, xs, p, g * Cg, K, runs, bpanel.data());
+      if (pairs)
+        pack_b_pairs(xi + g * Cpg * HW, p, Cpg, 0, Kp, runs, bpanel.data());
+      else
+        pack_b(x, xs, p, g * Cg, K, runs, bpanel.data());
       for (int64_t ip = 0; ip < a_panels; ++ip) {
         const int64_t o0 = g * Og + ip * kMR;
         micro_kernel(a.data() + (g * a_panels + ip) * Kp * kMR, bpanel.data(), Kp,

@@ -9,6 +9,7 @@
 #include <ATen/Parallel.h>
 
 #include "cpu/conv2d_bf16.h"
+#include "cpu/conv2d_winograd.h"
 #include "cpu/half.h"
 
 namespace cnnext {
@@ -19,7 +20,9 @@ void conv2d_forward_rows(const at::Tensor& input, const at::Tensor& weight,
                          const c10::optional<at::Tensor>& bias, const Conv2dParams& p,
                          at::Tensor& out, bool relu, const RowsDone& rows_done) {
   if (out.numel() == 0) return;
-  if (!bf16::conv2d_forward(input, weight, bias, p, out, relu)) {
+  // bfloat16 3 x 3 stride 1 on wide layers: the float Winograd, where it beats the GEMM.
+  if (winograd::forward_bf16_tensor(input, weight, bias, out, p, relu)) {
+  } else if (!bf16::conv2d_forward(input, weight, bias, p, out, relu)) {
     const at::MemoryFormat fmt =
         out.is_contiguous() ? at::MemoryFormat::Contiguous : at::MemoryFormat::ChannelsLast;
     out.copy_(cpu::conv2d_forward(to_float(input), to_float(weight), to_float(bias), p, fmt, relu));
@@ -32,7 +35,10 @@ void conv2d_forward_rows(const at::Tensor& input, const at::Tensor& weight,
 
 at::Tensor conv2d_input_backward(const at::Tensor& grad_output, const at::Tensor& weight,
                                  const Conv2dParams& p, at::MemoryFormat out_format) {
-  at::Tensor gx = bf16::conv2d_input_backward(grad_output, weight, p, out_format);
+  // bfloat16, 3 x 3 stride 1 on wide layers: the float Winograd, where it beats the GEMM.
+  at::Tensor gx = winograd::input_backward_bf16_tensor(grad_output, weight, p, out_format);
+  if (gx.defined()) return gx;
+  gx = bf16::conv2d_input_backward(grad_output, weight, p, out_format);
   if (gx.defined()) return gx;
   return cpu::conv2d_input_backward(to_float(grad_output), to_float(weight), p, out_format)
       .to(grad_output.scalar_type());

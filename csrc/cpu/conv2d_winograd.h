@@ -63,6 +63,24 @@ int64_t transformed_weight_size(int64_t O, int64_t C, int m);
 void transform_weight(const float* w, int64_t wso, int64_t wsc, int64_t wst, int64_t O, int64_t C,
                       int m, float* u);
 
+// bfloat16 3 x 3 forward by the float32 Winograd (input, weight, bias and out bfloat16, any
+// strides): bfloat16 values are exact in float, so the float Winograd's error (<= 2e-5 of
+// the largest output) stays far inside the one rounding to bfloat16 of each output. The
+// input is converted while it is gathered into the padded float planes and each output
+// is rounded as the output transform writes it (no whole-tensor conversion passes). Runs
+// where choose_tile(p) picks a tile (the switch, the shape rules) and bf16_pays(p) (wide
+// layers on wide maps, where it beats the vdpbf16ps GEMM; any shape when a tile is
+// forced); returns false otherwise or when an output is not finite (out then holds
+// garbage: the caller runs its own path).
+bool bf16_pays(const Conv2dParams& p);
+bool forward_bf16_tensor(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                         at::Tensor& out, const Conv2dParams& p, bool relu);
+// The bfloat16 input gradient the same way (N x C x H x W in out_format): the flipped
+// forward of input_backward_tensor, where choose_tile and bf16_pays say so for that
+// forward; an undefined tensor where it does not run (or meets a non-finite value).
+at::Tensor input_backward_bf16_tensor(const at::Tensor& grad_output, const at::Tensor& weight,
+                                      const Conv2dParams& p, at::MemoryFormat out_format);
+
 // The forward of conv2d.cpp's float32 path when choose_tile(p) says so: the transformed
 // weight comes from the weight cache (csrc/cpu/derived_cache.h), so in evaluation it is
 // computed once per weight value; any change of the weight (an optimizer step, a write
