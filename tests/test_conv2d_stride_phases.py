@@ -41,9 +41,6 @@ CONV = {
     "k4s2_pad2": (3, 20, 41, 45, 20, 4, 2, 2, 1),
     "k5s3": (4, 16, 60, 47, 8, 5, 3, 1, 1),
     "rect": (2, 16, 40, 33, 16, (3, 2), (2, 1), (1, 0), 1),
-    # Phase 1 of a 1x1 stride 2 (and phase 2 of a 2x2 stride 3) receives no tap: zero there.
-    "pointwise_s2": (2, 32, 48, 48, 16, 1, 2, 0, 1),
-    "k2s3": (4, 16, 50, 50, 16, 2, 3, 0, 1),
     # Padding 2 of a 3x3 stride 2: one phase reads grad_output cropped by a row.
     "k3s2_pad2": (4, 16, 30, 30, 16, 3, 2, 2, 1),
     "groups": (4, 32, 36, 36, 48, 3, 2, 1, 2),
@@ -262,7 +259,10 @@ def test_nonfinite_grad_output_as_stock():
     (2, 16, 40, 40, 24, 3, 2, 1, 2),   # dilated
     (2, 4, 64, 64, 8, 3, 2, 1, 1),     # 4 input channels: thin panels, col2im
     (1, 16, 24, 24, 16, 3, 2, 1, 1),   # 144 output positions: a small map
-], ids=["dilated", "thin", "small"])
+    # Kernels smaller than their stride leave phases no tap reaches: col2im's path.
+    (2, 32, 48, 48, 16, 1, 2, 0, 1),   # 1x1 stride 2
+    (4, 16, 50, 50, 16, 2, 3, 0, 1),   # 2x2 stride 3
+], ids=["dilated", "thin", "small", "pointwise_s2", "k2s3"])
 def test_other_shapes_keep_col2im(shape):
     n, c, h, w, o, k, s, p, d = shape
     x = torch.randn(n, c, h, w, requires_grad=True)
