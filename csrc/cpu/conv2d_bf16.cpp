@@ -234,18 +234,20 @@ CNNEXT_BF16 inline __m512i im2col_row(const uint16_t* x, const Strides4& xs, con
   return _mm512_loadu_si512(scratch);
 }
 
+// vpermt2w indices interleaving two rows (a, b) of 32 bf16 into channel pairs: their low 16
+// columns (kPairLo) and high 16 (kPairHi) as a0, b0, a1, b1, ...
+alignas(64) constexpr uint16_t kPairLo[32] = {0,  32, 1,  33, 2,  34, 3,  35, 4,  36, 5,
+                                              37, 6,  38, 7,  39, 8,  40, 9,  41, 10, 42,
+                                              11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+alignas(64) constexpr uint16_t kPairHi[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21,
+                                              53, 22, 54, 23, 55, 24, 56, 25, 57, 26, 58,
+                                              27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+
 // B panel of the pixels of runs (group's channels from c0; x the batch's input): Kp pairs of rows.
 CNNEXT_BF16 void pack_b(const uint16_t* x, const Strides4& xs, const Conv2dParams& p, int64_t c0,
                         int64_t K, const PanelRuns& runs, uint16_t* b) {
   alignas(64) uint16_t scratch[kNR];
-  alignas(64) static const uint16_t lo_idx[32] = {0,  32, 1,  33, 2,  34, 3,  35, 4,  36, 5,
-                                                  37, 6,  38, 7,  39, 8,  40, 9,  41, 10, 42,
-                                                  11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
-  alignas(64) static const uint16_t hi_idx[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21,
-                                                  53, 22, 54, 23, 55, 24, 56, 25, 57, 26, 58,
-                                                  27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
-  const __m512i ilo = _mm512_load_si512(lo_idx), ihi = _mm512_load_si512(hi_idx);
-  const int64_t KHW = p.KH * p.KW;
+  const __m512i ilo = _mm512_load_si512(kPairLo), ihi = _mm512_load_si512(kPairHi);
   int64_t c = c0, kh = 0, kw = 0;  // tap of k, stepped along
   auto next = [&]() {
     if (++kw == p.KW) {
@@ -256,7 +258,6 @@ CNNEXT_BF16 void pack_b(const uint16_t* x, const Strides4& xs, const Conv2dParam
       }
     }
   };
-  (void)KHW;
   for (int64_t k = 0; k < K; k += 2) {
     const __m512i r0 = im2col_row(x, xs, p, c, kh, kw, runs, scratch);
     next();
@@ -277,15 +278,9 @@ CNNEXT_BF16 void pack_b(const uint16_t* x, const Strides4& xs, const Conv2dParam
 // Items [b0, b1) of (sample, channel pair).
 CNNEXT_BF16 void interleave_pairs(const uint16_t* x, const Strides4& xs, const Conv2dParams& p, uint32_t* xi,
                                   int64_t b0, int64_t b1) {
-  alignas(64) static const uint16_t lo_idx[32] = {0,  32, 1,  33, 2,  34, 3,  35, 4,  36, 5,
-                                                  37, 6,  38, 7,  39, 8,  40, 9,  41, 10, 42,
-                                                  11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
-  alignas(64) static const uint16_t hi_idx[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21,
-                                                  53, 22, 54, 23, 55, 24, 56, 25, 57, 26, 58,
-                                                  27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
   const int64_t pairs = p.C / 2, HW = p.H * p.W;  // pairs of the whole batch's channels
   {
-    const __m512i ilo = _mm512_load_si512(lo_idx), ihi = _mm512_load_si512(hi_idx);
+    const __m512i ilo = _mm512_load_si512(kPairLo), ihi = _mm512_load_si512(kPairHi);
     for (int64_t item = b0; item < b1; ++item) {
       const int64_t n = item / pairs, cp = item % pairs;
       const uint16_t* xa = x + n * xs.n + 2 * cp * xs.c;
@@ -379,13 +374,7 @@ CNNEXT_BF16 void tile_f32(const uint32_t* __restrict__ a, int64_t ars, int64_t a
 // b[op * 64 + 2j + h] = gy[2op + h, q0 + j], zero beyond rows and cols.
 CNNEXT_BF16 void pack_gy_pixels(const uint16_t* gy, int64_t P, int64_t rows, int64_t q0, int64_t cols,
                                 uint16_t* b) {
-  alignas(64) static const uint16_t lo_idx[32] = {0,  32, 1,  33, 2,  34, 3,  35, 4,  36, 5,
-                                                  37, 6,  38, 7,  39, 8,  40, 9,  41, 10, 42,
-                                                  11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
-  alignas(64) static const uint16_t hi_idx[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21,
-                                                  53, 22, 54, 23, 55, 24, 56, 25, 57, 26, 58,
-                                                  27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
-  const __m512i ilo = _mm512_load_si512(lo_idx), ihi = _mm512_load_si512(hi_idx);
+  const __m512i ilo = _mm512_load_si512(kPairLo), ihi = _mm512_load_si512(kPairHi);
   const __mmask32 m = cols >= 32 ? ~__mmask32(0) : static_cast<__mmask32>((1u << cols) - 1);
   for (int64_t o = 0; o < rows; o += 2) {
     const __m512i r0 = _mm512_maskz_loadu_epi16(m, gy + o * P + q0);

@@ -117,6 +117,42 @@ constexpr int64_t kKC = 384;
 // [0, rows) and columns [0, cols) (masked), added to C when `add`, clamped at 0 when `relu`.
 static_assert(kNR == 32, "the micro-kernel holds a tile row in two 16-float vectors");
 
+// Stores a kMR x 16 NV tile of accumulators into C rows [0, rows) and columns [0, cols)
+// (masked): added to C when `add`, else plus bias[r] when given; then max(., 0) when `relu`
+// (NaN stays NaN: the ordered compare is false for it). Inlined into each micro-kernel, with
+// constant trip counts throughout, so acc stays in registers.
+template <int NV>
+CNNEXT_TARGET("avx512f,fma") __attribute__((always_inline)) inline void store_tile(
+    __m512 (&acc)[kMR][NV], float* c, int64_t ldc, int64_t rows, int64_t cols, bool add,
+    const float* bias, bool relu) {
+  __mmask16 mask[NV];
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) {
+    const int64_t left = cols - 16 * v;
+    mask[v] = left >= 16 ? __mmask16(0xFFFF) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1);
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < kMR; ++r) {
+    if (r < rows) {
+      float* cr = c + r * ldc;
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) {
+        __m512 val = acc[r][v];
+        if (add) {
+          val = _mm512_add_ps(val, _mm512_maskz_loadu_ps(mask[v], cr + 16 * v));
+        } else if (bias) {
+          val = _mm512_add_ps(val, _mm512_set1_ps(bias[r]));
+        }
+        if (relu) {
+          const __m512 zero = _mm512_setzero_ps();
+          val = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(val, zero, _CMP_LT_OQ), val, zero);
+        }
+        _mm512_mask_storeu_ps(cr + 16 * v, mask[v], val);
+      }
+    }
+  }
+}
+
 // kOff: row k of B is b + off[k] (B read in place, rows anywhere), else the packed panel.
 // kNV: 16-float vectors of B per k (2: the whole kNR panel; 1: its first 16 columns, for a
 // last panel of at most 16 columns, which so costs about half a panel instead of one).
@@ -144,33 +180,7 @@ CNNEXT_TARGET("avx512f,fma") void micro_kernel(int64_t kc, const float* a,
       for (int v = 0; v < kNV; ++v) acc[r][v] = _mm512_fmadd_ps(av, bv[v], acc[r][v]);
     }
   }
-  __mmask16 mask[kNV];
-#pragma GCC unroll 4
-  for (int v = 0; v < kNV; ++v) {
-    const int64_t left = cols - 16 * v;
-    mask[v] = left >= 16 ? __mmask16(0xFFFF) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1);
-  }
-  // Constant trip counts throughout, so acc stays in registers.
-#pragma GCC unroll 16
-  for (int r = 0; r < kMR; ++r) {
-    if (r < rows) {
-      float* cr = c + r * ldc;
-#pragma GCC unroll 4
-      for (int v = 0; v < kNV; ++v) {
-        __m512 val = acc[r][v];
-        if (add) {
-          val = _mm512_add_ps(val, _mm512_maskz_loadu_ps(mask[v], cr + 16 * v));
-        } else if (bias) {
-          val = _mm512_add_ps(val, _mm512_set1_ps(bias[r]));
-        }
-        if (relu) {  // negative -> 0; NaN stays NaN (the ordered compare is false for it)
-          const __m512 zero = _mm512_setzero_ps();
-          val = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(val, zero, _CMP_LT_OQ), val, zero);
-        }
-        _mm512_mask_storeu_ps(cr + 16 * v, mask[v], val);
-      }
-    }
-  }
+  store_tile<kNV>(acc, c, ldc, rows, cols, add, bias, relu);
 }
 
 
@@ -207,32 +217,7 @@ CNNEXT_TARGET("avx512f,fma") void small_n_kernel(int64_t kc, const float* const*
       for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(ab, bv[v], acc[r][v]);
     }
   }
-  __mmask16 mask[NV];
-#pragma GCC unroll 4
-  for (int v = 0; v < NV; ++v) {
-    const int64_t left = cols - 16 * v;
-    mask[v] = left >= 16 ? __mmask16(0xFFFF) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1);
-  }
-#pragma GCC unroll 16
-  for (int r = 0; r < kMR; ++r) {
-    if (r < rows) {
-      float* cr = c + r * ldc;
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) {
-        __m512 val = acc[r][v];
-        if (add) {
-          val = _mm512_add_ps(val, _mm512_maskz_loadu_ps(mask[v], cr + 16 * v));
-        } else if (bias) {
-          val = _mm512_add_ps(val, _mm512_set1_ps(bias[r]));
-        }
-        if (relu) {  // negative -> 0; NaN stays NaN
-          const __m512 zero = _mm512_setzero_ps();
-          val = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(val, zero, _CMP_LT_OQ), val, zero);
-        }
-        _mm512_mask_storeu_ps(cr + 16 * v, mask[v], val);
-      }
-    }
-  }
+  store_tile<NV>(acc, c, ldc, rows, cols, add, bias, relu);
 }
 
 }  // namespace
