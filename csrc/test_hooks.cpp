@@ -1,10 +1,12 @@
 // Test-only entries of cnnext._C (underscore names, no stability promise): the kernel-path
 // counters (csrc/paths.h), the CPU instruction-set level (csrc/cpu/cpu_features.h) and the
 // bfloat16 / float16 conversions and dot product of the vector layer (csrc/cpu/vec.h),
-// which tests compare with torch bit for bit, and the op table (csrc/ops/op_table.h).
+// which tests compare with torch bit for bit, the op table (csrc/ops/op_table.h) and the
+// calling thread's kernel scratch (csrc/cpu/scratch.h).
 #include "test_hooks.h"
 
 #include "cpu/cpu_features.h"
+#include "cpu/scratch.h"
 #include "cpu/vec.h"
 #include "ops/handles.h"
 #include "paths.h"
@@ -81,6 +83,9 @@ void bind_test_hooks(pybind11::module_& m) {
   m.def("_vec_narrow", &vec_narrow, "float32 1-D -> bfloat16 / float16 via csrc/cpu/vec.h (tests).");
   m.def("_vec_widen", &vec_widen, "bfloat16 / float16 1-D -> float32 via csrc/cpu/vec.h (tests).");
   m.def("_vec_dot_bf16", &vec_dot_bf16, "dot product of two bfloat16 1-D tensors via csrc/cpu/vec.h (tests).");
+  m.def("_scratch_held", [] { return pybind11::make_tuple(cpu::thread_scratch_held(), cpu::thread_scratch_huge_held()); },
+        "(bytes, bytes in huge-page-advised mappings) of kernel scratch the calling thread "
+        "holds (csrc/cpu/scratch.h; tests).");
   m.def("_op_table", &op_table,
         "The op table (csrc/ops/op_table.h): (name, schema, entry) per op, entry 'eager' or "
         "'internal'; every typed handle is looked up (and its signature checked) first.");

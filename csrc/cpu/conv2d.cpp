@@ -21,6 +21,7 @@
 #include "cpu/conv2d_nhwc.h"
 #include "cpu/conv2d_sgemm.h"
 #include "cpu/conv2d_winograd.h"
+#include "cpu/scratch.h"
 #include "cpu/sgemm.h"
 #include "paths.h"
 
@@ -142,17 +143,12 @@ void col2im_add(const T* col, const Conv2dParams& p, int64_t Cg, int64_t oh0, in
 // Scratch memory of the calling thread, kept between calls and grown as needed:
 // buffers of megabytes allocated afresh on every call cost page faults comparable to
 // the arithmetic of a small layer. Slot 0 holds per-item buffers, slot 1 packed weights.
-float* thread_scratch(int slot, int64_t elems, int64_t elem_size = sizeof(float)) {
-  thread_local std::vector<char> mem[2];
-  std::vector<char>& m = mem[slot];
-  const size_t bytes = size_t(elems) * size_t(elem_size) + 64;
-  if (m.size() < bytes) m.resize(bytes);
-  const uintptr_t p = reinterpret_cast<uintptr_t>(m.data());
-  return reinterpret_cast<float*>((p + 63) & ~uintptr_t(63));
+void* conv_scratch(int slot, int64_t elems, int64_t elem_size) {
+  return thread_scratch_bytes(ScratchPool::Conv2d, slot, size_t(std::max<int64_t>(elems, 1)) * size_t(elem_size));
 }
 
 at::Tensor scratch_tensor(int slot, int64_t elems, const at::Tensor& like) {
-  return at::from_blob(thread_scratch(slot, elems, like.element_size()), {elems}, like.options());
+  return at::from_blob(conv_scratch(slot, elems, like.element_size()), {elems}, like.options());
 }
 
 // Runs fn(item, buffer) over items; in parallel with a buffer per thread when there

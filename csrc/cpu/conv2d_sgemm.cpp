@@ -18,6 +18,7 @@
 
 #include "cpu/cpu_features.h"
 #include "common/conv2d_phases.h"
+#include "cpu/scratch.h"
 #include "cpu/sgemm.h"
 #include "paths.h"
 
@@ -67,14 +68,7 @@ int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 // Scratch memory of the calling thread, kept between calls: slot 0 per-item buffers,
 // slot 1 the packed weights the caller shares with its workers, slot 2 the flipped weight
 // of the input gradient, slot 3 the zero-padded input of the implicit forward.
-float* scratch(int slot, int64_t elems) {
-  thread_local std::vector<char> mem[4];
-  std::vector<char>& m = mem[slot];
-  const size_t bytes = size_t(std::max<int64_t>(elems, 1)) * sizeof(float) + 64;
-  if (m.size() < bytes) m.resize(bytes);
-  const uintptr_t ptr = reinterpret_cast<uintptr_t>(m.data());
-  return reinterpret_cast<float*>((ptr + 63) & ~uintptr_t(63));
-}
+float* scratch(int slot, int64_t elems) { return thread_scratch(ScratchPool::Sgemm, slot, elems); }
 
 // Fraction of a GEMM tile grid that holds real elements.
 double fill(int64_t m, int64_t n, int64_t mr, int64_t nr) {

@@ -6,6 +6,7 @@
 // (weight) per AVX-512 vector: gathers from the padded input, scatters into the output.
 #include "cpu/conv2d_winograd.h"
 #include "cpu/derived_cache.h"
+#include "cpu/scratch.h"
 
 #include <ATen/Parallel.h>
 
@@ -104,14 +105,7 @@ struct Mat<6> {
 // Scratch of the calling thread, kept between calls: slot 0 the per-item V and M
 // buffers, slot 1 the padded input, slot 2 the transformed weight of an uncached call;
 // for the weight gradient, slot 3 its transformed input and gradient, slot 4 its sums.
-float* scratch(int slot, int64_t elems) {
-  thread_local std::vector<char> mem[5];
-  std::vector<char>& m = mem[slot];
-  const size_t bytes = size_t(std::max<int64_t>(elems, 1)) * sizeof(float) + 64;
-  if (m.size() < bytes) m.resize(bytes);
-  const uintptr_t ptr = reinterpret_cast<uintptr_t>(m.data());
-  return reinterpret_cast<float*>((ptr + 63) & ~uintptr_t(63));
-}
+float* scratch(int slot, int64_t elems) { return thread_scratch(ScratchPool::Winograd, slot, elems); }
 
 // fn(i) for i in [0, count), over the threads when there are several items.
 template <typename Fn>
