@@ -74,6 +74,15 @@ CASES = {
     "small_n_groups": ((3, 48, 5, 5, 36, 3, 1, 1, 1, 3), [S]),
     # Asymmetric kernel, stride and dilation, one sample.
     "small_n_dilated": ((1, 16, 9, 8, 24, (3, 2), (1, 2), (2, 1), (2, 3), 1), [S]),
+    # Column tiles past a multiple of 16 by at most 4 or 8 take a 128- or 256-bit tail:
+    # 4, 8, 20, 24 (two K blocks), 36 (two K blocks, 9 channels), 40 and 100 (48, 48, 4) positions.
+    "small_n_tail4": ((1, 16, 2, 2, 24, 3, 1, 1, 1, 1), [S]),
+    "small_n_tail8": ((2, 16, 2, 2, 24, 3, 1, 1, 1, 1), [S]),
+    "small_n_tail20": ((5, 16, 2, 2, 20, 3, 1, 1, 1, 1), [S]),
+    "small_n_tail24_kblocks": ((6, 50, 2, 2, 19, 3, 1, 1, 1, 1), [S]),
+    "small_n_tail36_kblocks": ((4, 50, 3, 3, 9, 3, 1, 1, 1, 1), [S]),
+    "small_n_tail40": ((10, 16, 2, 2, 24, 3, 1, 1, 1, 1), [S]),
+    "small_n_tail100": ((4, 16, 5, 5, 16, 3, 1, 1, 1, 1), [S]),
     # Few output channels (12 to 16 per group) on maps narrower than 16 columns: the
     # channels in the lanes of one vector, an accumulator per position of a row
     # (forward_lanes). LeNet's second layer (fewer samples), read in place from the input.
@@ -153,7 +162,8 @@ def test_small_batches(case, n):
     check(run(shape, "contiguous"))
 
 
-@pytest.mark.parametrize("case", ["shortcut_odd", "hw16_panels", "down_padded", "small_n_odd", "lanes_padded_odd"])
+@pytest.mark.parametrize("case", ["shortcut_odd", "hw16_panels", "down_padded", "small_n_odd", "lanes_padded_odd",
+                                  "small_n_tail4", "small_n_tail24_kblocks", "small_n_tail36_kblocks", "small_n_tail100"])
 def test_no_bias_relu_epilogue(case):
     """No bias, and the fused ReLU of conv_bn_relu2d's eval path through the same gathers."""
     check(run(CASES[case][0], "contiguous", bias=False))
@@ -168,7 +178,7 @@ def test_no_bias_relu_epilogue(case):
     assert_close_scaled(ours, ref, 1e-5, "conv_bn_relu2d")
 
 
-@pytest.mark.parametrize("case", ["runs_unit_12x12", "small_n_kblocks", "lanes_lenet"])
+@pytest.mark.parametrize("case", ["runs_unit_12x12", "small_n_kblocks", "lanes_lenet", "small_n_tail36_kblocks", "small_n_tail100"])
 def test_deterministic(case):
     """Bitwise the same result on every call and thread count (the chunks depend on the
     thread count, but each output element is one GEMM dot product over the same K order)."""
@@ -210,7 +220,8 @@ def test_small_n_input_gradient(case, threads):
     assert_close_scaled(gx.double(), ref, 1e-5, "grad_input vs float64")
 
 
-@pytest.mark.parametrize("case", ["small_n_3x3", "small_n_shortcut", "lanes_lenet", "lanes_padded_odd"])
+@pytest.mark.parametrize("case", ["small_n_3x3", "small_n_shortcut", "lanes_lenet", "lanes_padded_odd", "small_n_tail36_kblocks",
+                                  "small_n_tail100"])
 def test_small_n_non_finite(case):
     """NaN and Inf in the input (and, unpadded, the weight) reach exactly the outputs stock
     torch gives them: no padding column or dropped tile lane lets one through elsewhere.
@@ -234,7 +245,7 @@ def test_small_n_non_finite(case):
     assert_close_scaled(torch.where(fin, ours, 0), torch.where(fin, ref, 0), 1e-5, "finite outputs")
 
 
-@pytest.mark.parametrize("case", ["small_n_odd", "lanes_padded_odd"])
+@pytest.mark.parametrize("case", ["small_n_odd", "lanes_padded_odd", "small_n_tail24_kblocks", "small_n_tail100"])
 @pytest.mark.parametrize("training", [False, True])
 def test_small_n_conv_bn_relu(training, case):
     """conv_bn_relu2d's forward through the small-map path: the bias and ReLU epilogue of

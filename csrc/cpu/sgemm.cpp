@@ -7,6 +7,7 @@
 #include "cpu/sgemm.h"
 
 #include <algorithm>
+#include <type_traits>
 
 #include "cpu/cpu_features.h"
 #include "paths.h"
@@ -185,18 +186,29 @@ CNNEXT_TARGET("avx512f,fma") void micro_kernel(int64_t kc, const float* a,
 
 
 // One tile of gemm_small_n: kMR rows of A read in place (arows[r][k]) by 16 * NV columns of
-// the row-major B (b + k * ldb), into C rows [0, rows) and columns [0, cols), K blocks
-// after the first added to C (`add`), the bias on the first, the ReLU on the last.
-template <int NV>
+// the row-major B (b + k * ldb), plus TW (0, 4 or 8) columns after them in a 128- or 256-bit
+// register, into C rows [0, rows) and columns [0, cols), K blocks after the first added to C
+// (`add`), the bias on the first, the ReLU on the last. The narrow tail: 36 positions (a
+// ResNet's 3x3 maps over a batch of 4) are two 512-bit vectors and a 128-bit one, which on
+// a CPU that runs 512-bit FMAs as two 256-bit halves costs 5 halves per row and k instead
+// of the 6 of three 512-bit vectors. Every column's sum takes the same FMAs in the same
+// order whichever register holds it: the tail changes no bit.
+template <int NV, int TW>
 CNNEXT_TARGET("avx512f,fma") void small_n_kernel(int64_t kc, const float* const* arows,
                                                  const float* b, int64_t ldb, float* c,
                                                  int64_t ldc, int64_t rows, int64_t cols, bool add,
                                                  const float* bias, bool relu) {
-  __m512 acc[kMR][NV];
+  static_assert(TW == 0 || TW == 4 || TW == 8, "tail of 0, 4 or 8 columns");
+  using Tail = std::conditional_t<TW == 8, __m256, __m128>;
+  __m512 acc[kMR][NV > 0 ? NV : 1];
+  Tail tacc[kMR];
 #pragma GCC unroll 16
-  for (int r = 0; r < kMR; ++r)
+  for (int r = 0; r < kMR; ++r) {
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+    if constexpr (TW == 8) tacc[r] = _mm256_setzero_ps();
+    else if constexpr (TW == 4) tacc[r] = _mm_setzero_ps();
+  }
   const float* a0 = arows[0];
   const float* a1 = arows[1];
   const float* a2 = arows[2];
@@ -206,18 +218,43 @@ CNNEXT_TARGET("avx512f,fma") void small_n_kernel(int64_t kc, const float* const*
   const float* a6 = arows[6];
   const float* a7 = arows[7];
   for (int64_t k = 0; k < kc; ++k) {
-    __m512 bv[NV];
+    const float* bk = b + k * ldb;
+    __m512 bv[NV > 0 ? NV : 1];
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(b + k * ldb + 16 * v);
+    for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(bk + 16 * v);
+    Tail bt;
+    if constexpr (TW == 8) bt = _mm256_loadu_ps(bk + 16 * NV);
+    else if constexpr (TW == 4) bt = _mm_loadu_ps(bk + 16 * NV);
     const float av[kMR] = {a0[k], a1[k], a2[k], a3[k], a4[k], a5[k], a6[k], a7[k]};
 #pragma GCC unroll 16
     for (int r = 0; r < kMR; ++r) {
       const __m512 ab = _mm512_set1_ps(av[r]);
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(ab, bv[v], acc[r][v]);
+      if constexpr (TW == 8) tacc[r] = _mm256_fmadd_ps(_mm512_castps512_ps256(ab), bt, tacc[r]);
+      else if constexpr (TW == 4) tacc[r] = _mm_fmadd_ps(_mm512_castps512_ps128(ab), bt, tacc[r]);
     }
   }
-  store_tile<NV>(acc, c, ldc, rows, cols, add, bias, relu);
+  if constexpr (NV > 0) store_tile<NV>(acc, c, ldc, rows, std::min<int64_t>(cols, 16 * NV), add, bias, relu);
+  if constexpr (TW > 0) {
+    // The tail's few columns element by element, as store_tile does each lane: C added
+    // (later K blocks) or the bias (the first), then the ReLU (x < 0 -> 0, NaN kept).
+    const int64_t tcols = std::min<int64_t>(cols - 16 * NV, TW);
+    for (int r = 0; r < kMR; ++r) {
+      if (r >= rows) break;
+      alignas(32) float t[8];
+      if constexpr (TW == 8) _mm256_store_ps(t, tacc[r]);
+      else _mm_store_ps(t, tacc[r]);
+      float* cr = c + r * ldc + 16 * NV;
+      for (int64_t j = 0; j < tcols; ++j) {
+        float val = t[j];
+        if (add) val += cr[j];
+        else if (bias) val += bias[r];
+        if (relu && val < 0.f) val = 0.f;
+        cr[j] = val;
+      }
+    }
+  }
 }
 
 }  // namespace
@@ -389,13 +426,20 @@ void gemm_small_n(const float* a, int64_t lda, const float* b, int64_t ldb, int6
         const float* bk = b + k0 * ldb + j0;
         float* cc = c + i0 * ldc + j0;
         const float* bi = bias ? bias + i0 : nullptr;
-        if (cols > 32) {
-          small_n_kernel<3>(kc, rows, bk, ldb, cc, ldc, nr, cols, k0 > 0, bi, relu && last);
-        } else if (cols > 16) {
-          small_n_kernel<2>(kc, rows, bk, ldb, cc, ldc, nr, cols, k0 > 0, bi, relu && last);
-        } else {
-          small_n_kernel<1>(kc, rows, bk, ldb, cc, ldc, nr, cols, k0 > 0, bi, relu && last);
-        }
+        // The fewest 512-bit vectors, and a 128- or 256-bit tail where the last few
+        // columns past a multiple of 16 number at most 4 or 8.
+        const bool add = k0 > 0, rl = relu && last;
+#define CNNEXT_SMALL_N(NV, TW) small_n_kernel<NV, TW>(kc, rows, bk, ldb, cc, ldc, nr, cols, add, bi, rl)
+        if (cols > 40) CNNEXT_SMALL_N(3, 0);
+        else if (cols > 36) CNNEXT_SMALL_N(2, 8);
+        else if (cols > 32) CNNEXT_SMALL_N(2, 4);
+        else if (cols > 24) CNNEXT_SMALL_N(2, 0);
+        else if (cols > 20) CNNEXT_SMALL_N(1, 8);
+        else if (cols > 16) CNNEXT_SMALL_N(1, 4);
+        else if (cols > 8) CNNEXT_SMALL_N(1, 0);
+        else if (cols > 4) CNNEXT_SMALL_N(0, 8);
+        else CNNEXT_SMALL_N(0, 4);
+#undef CNNEXT_SMALL_N
       }
     }
   }
