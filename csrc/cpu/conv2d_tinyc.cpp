@@ -97,8 +97,45 @@ TileFn pick(int64_t SW, int nv) {
   }
 }
 
-// Stores `n` positions x `m` channels of a tile (t[r][lane], rows of 16 nv floats) plus
-// bias, then ReLU: y0 points at (sample, channel o0, row, first column).
+// GCC 12 warns about the undefined source operand inside its unpack intrinsics.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// out[j] lane i = src[i * cs + j] for i, j in [0, 16): a 16 x 16 transpose.
+CNNEXT_TARGET("avx512f") inline void transpose16(const float* src, int64_t cs, __m512* out) {
+  __m512 r[16];
+  __m512 u[16];
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_load_ps(src + i * cs);
+  // Within 128-bit lanes: u[4b + m] lane L = column 4L + m of rows 4b .. 4b + 3.
+#pragma GCC unroll 4
+  for (int b = 0; b < 4; ++b) {
+    const __m512d ta = _mm512_castps_pd(_mm512_unpacklo_ps(r[4 * b], r[4 * b + 1]));
+    const __m512d tb = _mm512_castps_pd(_mm512_unpackhi_ps(r[4 * b], r[4 * b + 1]));
+    const __m512d tc = _mm512_castps_pd(_mm512_unpacklo_ps(r[4 * b + 2], r[4 * b + 3]));
+    const __m512d td = _mm512_castps_pd(_mm512_unpackhi_ps(r[4 * b + 2], r[4 * b + 3]));
+    u[4 * b + 0] = _mm512_castpd_ps(_mm512_unpacklo_pd(ta, tc));
+    u[4 * b + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(ta, tc));
+    u[4 * b + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(tb, td));
+    u[4 * b + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(tb, td));
+  }
+  // Then across lanes: column 4L + m = lane L of u[m], u[4 + m], u[8 + m], u[12 + m].
+#pragma GCC unroll 4
+  for (int m = 0; m < 4; ++m) {
+    const __m512 v = _mm512_shuffle_f32x4(u[m], u[4 + m], 0x88);
+    const __m512 w = _mm512_shuffle_f32x4(u[m], u[4 + m], 0xdd);
+    const __m512 v2 = _mm512_shuffle_f32x4(u[8 + m], u[12 + m], 0x88);
+    const __m512 w2 = _mm512_shuffle_f32x4(u[8 + m], u[12 + m], 0xdd);
+    out[m] = _mm512_shuffle_f32x4(v, v2, 0x88);
+    out[8 + m] = _mm512_shuffle_f32x4(v, v2, 0xdd);
+    out[4 + m] = _mm512_shuffle_f32x4(w, w2, 0x88);
+    out[12 + m] = _mm512_shuffle_f32x4(w, w2, 0xdd);
+  }
+}
+#pragma GCC diagnostic pop
+
+// Stores `n` positions x `m` channels of a tile (t[r][lane], rows of 16 nv floats, 16 rows
+// readable) plus bias, then ReLU: y0 points at (sample, channel o0, row, first column).
 CNNEXT_TARGET("avx512f")
 void store(const float* t, int nv, int n, int64_t m, const float* bias, bool relu, float* y0,
            const Strides4& ys) {
@@ -113,6 +150,22 @@ void store(const float* t, int nv, int n, int64_t m, const float* bias, bool rel
         __m512 val = _mm512_add_ps(_mm512_load_ps(t + r * ld + 16 * v), b);
         if (relu) val = _mm512_max_ps(val, _mm512_setzero_ps());
         _mm512_mask_storeu_ps(y0 + r * ys.w + 16 * v, mk, val);
+      }
+    }
+    return;
+  }
+  if (ys.w == 1) {  // NCHW: per channel a run of n positions, transposed in registers
+    const __mmask16 mk = __mmask16((1u << n) - 1);
+    for (int v = 0; v < nv; ++v) {
+      const int64_t cnt = std::clamp<int64_t>(m - 16 * v, 0, 16);
+      if (cnt == 0) break;
+      __m512 col[16];
+      transpose16(t + 16 * v, ld, col);
+      for (int64_t j = 0; j < cnt; ++j) {
+        __m512 val = col[j];
+        if (bias) val = _mm512_maskz_add_ps(mk, val, _mm512_set1_ps(bias[16 * v + j]));
+        if (relu) val = _mm512_max_ps(val, _mm512_setzero_ps());
+        _mm512_mask_storeu_ps(y0 + (16 * v + j) * ys.c, mk, val);
       }
     }
     return;
@@ -170,7 +223,7 @@ void forward(const float* x, const Strides4& xs, const float* w, const float* bi
     const int64_t n = it / per, oh0 = (it % per) * rows, oh1 = std::min(p.OH, oh0 + rows);
     const int64_t in_rows = (oh1 - oh0 - 1) * p.SH + (p.KH - 1) * p.DH + 1;
     const int64_t ih0 = oh0 * p.SH - p.PH, iw0 = -p.PW;
-    float* buf = scratch(1, p.C * in_rows_max * cols + kR * kOB + 16);  // + tbuf alignment
+    float* buf = scratch(1, p.C * in_rows_max * cols + 16 * kOB + 16);  // tbuf: 16 rows, aligned
     float* tbuf = buf + p.C * in_rows_max * cols;
     tbuf = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(tbuf) + 63) & ~uintptr_t(63));
     const Geo g{p.C, p.KH, p.KW, in_rows * cols, cols, p.DH, p.DW};
