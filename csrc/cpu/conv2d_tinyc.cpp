@@ -138,7 +138,7 @@ CNNEXT_TARGET("avx512f") inline void transpose16(const float* src, int64_t cs, _
 // readable) plus bias, then ReLU: y0 points at (sample, channel o0, row, first column).
 CNNEXT_TARGET("avx512f")
 void store(const float* t, int nv, int n, int64_t m, const float* bias, bool relu, float* y0,
-           const Strides4& ys) {
+           const Strides4& ys, bool full_run) {
   const int64_t ld = 16 * nv;
   if (ys.c == 1) {
     for (int v = 0; v < nv; ++v) {
@@ -155,7 +155,8 @@ void store(const float* t, int nv, int n, int64_t m, const float* bias, bool rel
     return;
   }
   if (ys.w == 1) {  // NCHW: per channel a run of n positions, transposed in registers
-    const __mmask16 mk = __mmask16((1u << n) - 1);
+    // 16 lanes where the run has room (the extra lanes are rewritten by the next tile).
+    const __mmask16 mk = full_run ? __mmask16(0xffff) : __mmask16((1u << n) - 1);
     for (int v = 0; v < nv; ++v) {
       const int64_t cnt = std::clamp<int64_t>(m - 16 * v, 0, 16);
       if (cnt == 0) break;
@@ -257,7 +258,7 @@ void forward(const float* x, const Strides4& xs, const float* w, const float* bi
         for (int64_t ow = 0; ow < p.OW; ow += kR) {
           const int cnt = int(std::min<int64_t>(kR, p.OW - ow));
           fn(cnt, xr + ow * p.SW, g, wk, tbuf);
-          store(tbuf, nv, cnt, m, bias ? bias + o0 : nullptr, relu, yb + ow * ys.w, ys);
+          store(tbuf, nv, cnt, m, bias ? bias + o0 : nullptr, relu, yb + ow * ys.w, ys, ow + 16 <= p.OW);
         }
       }
     }
