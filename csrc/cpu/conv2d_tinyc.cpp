@@ -26,9 +26,11 @@ CNNEXT_PATH(kTinyCLast, "conv2d.fwd.tiny_c_lanes.channels_last_store");
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Positions per register tile (two weight vectors: 24 accumulators).
-constexpr int kR = 12;
-constexpr int64_t kOB = 32;  // output channels per block (a last block may hold 16)
+// Output channels per block (a last block holds fewer: whole vectors of 16), and positions
+// per register tile by the block's vectors (4 x 6, 3 x 8, 2 x 12 accumulators; one vector:
+// 16 positions).
+constexpr int64_t kOB = 64;
+constexpr int rmax(int nv) { return nv == 4 ? 6 : nv == 3 ? 8 : nv == 2 ? 12 : 16; }
 
 // Thread-local buffers kept between calls: slot 0 the packed weight, slot 1 the padded rows.
 float* scratch(int slot, int64_t elems) {
@@ -72,7 +74,7 @@ inline void tile(const float* xb, const Geo& g, const float* wk, float* out) {
     for (int v = 0; v < NV; ++v) _mm512_store_ps(out + (r * NV + v) * 16, acc[r][v]);
 }
 
-template <int NV, int S, int R = kR>
+template <int NV, int S, int R = rmax(NV)>
 CNNEXT_TARGET("avx512f")
 void tile_n(int n, const float* xb, const Geo& g, const float* wk, float* out) {
   if constexpr (R > 1) {
@@ -85,7 +87,12 @@ using TileFn = void (*)(int, const float*, const Geo&, const float*, float*);
 
 template <int S>
 TileFn tile_fn(int nv) {
-  return nv == 2 ? &tile_n<2, S> : &tile_n<1, S>;
+  switch (nv) {
+    case 4: return &tile_n<4, S>;
+    case 3: return &tile_n<3, S>;
+    case 2: return &tile_n<2, S>;
+    default: return &tile_n<1, S>;
+  }
 }
 
 TileFn pick(int64_t SW, int nv) {
@@ -207,7 +214,7 @@ void forward(const float* x, const Strides4& xs, const float* w, const float* bi
   const int64_t wsize = blocks * K * kOB;
   float* wp = scratch(0, wsize);
   for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t o0 = b * kOB, m = std::min(kOB, p.O - o0), width = m > 16 ? 32 : 16;
+    const int64_t o0 = b * kOB, m = std::min(kOB, p.O - o0), width = ceil_div(m, 16) * 16;
     float* dst = wp + b * K * kOB;
     for (int64_t k = 0; k < K; ++k)
       for (int64_t j = 0; j < width; ++j) dst[k * width + j] = j < m ? w[(o0 + j) * K + k] : 0.f;
@@ -217,9 +224,9 @@ void forward(const float* x, const Strides4& xs, const float* w, const float* bi
   const int64_t T = at::get_num_threads();
   const int64_t bands = std::min(p.OH, std::max<int64_t>(1, ceil_div(8 * T, p.N)));
   const int64_t rows = ceil_div(p.OH, bands), per = ceil_div(p.OH, rows);
-  const int64_t cols = (p.OW - 1) * p.SW + (p.KW - 1) * p.DW + 1 + kR * p.SW;  // + tile slack
+  const int64_t cols = (p.OW - 1) * p.SW + (p.KW - 1) * p.DW + 1 + 16 * p.SW;  // + tile slack
   const int64_t in_rows_max = (rows - 1) * p.SH + (p.KH - 1) * p.DH + 1;
-  const TileFn fn2 = pick(p.SW, 2), fn1 = pick(p.SW, 1);
+  const TileFn fns[4] = {pick(p.SW, 1), pick(p.SW, 2), pick(p.SW, 3), pick(p.SW, 4)};
   auto item = [&](int64_t it) {
     const int64_t n = it / per, oh0 = (it % per) * rows, oh1 = std::min(p.OH, oh0 + rows);
     const int64_t in_rows = (oh1 - oh0 - 1) * p.SH + (p.KH - 1) * p.DH + 1;
@@ -247,16 +254,18 @@ void forward(const float* x, const Strides4& xs, const float* w, const float* bi
         std::fill(d + e, d + cols, 0.f);
       }
     }
-    for (int64_t oh = oh0; oh < oh1; ++oh) {
-      const float* xr = buf + (oh - oh0) * p.SH * cols;
-      for (int64_t b = 0; b < blocks; ++b) {
-        const int64_t o0 = b * kOB, m = std::min(kOB, p.O - o0);
-        const int nv = m > 16 ? 2 : 1;
-        const TileFn fn = nv == 2 ? fn2 : fn1;
-        const float* wk = wp + b * K * kOB;
+    // Channel blocks outermost: the block's weight stays in L1 and each channel plane of y
+    // is written row after row.
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t o0 = b * kOB, m = std::min(kOB, p.O - o0);
+      const int nv = int(ceil_div(m, 16)), R = rmax(nv);
+      const TileFn fn = fns[nv - 1];
+      const float* wk = wp + b * K * kOB;
+      for (int64_t oh = oh0; oh < oh1; ++oh) {
+        const float* xr = buf + (oh - oh0) * p.SH * cols;
         float* yb = y + n * ys.n + o0 * ys.c + oh * ys.h;
-        for (int64_t ow = 0; ow < p.OW; ow += kR) {
-          const int cnt = int(std::min<int64_t>(kR, p.OW - ow));
+        for (int64_t ow = 0; ow < p.OW; ow += R) {
+          const int cnt = int(std::min<int64_t>(R, p.OW - ow));
           fn(cnt, xr + ow * p.SW, g, wk, tbuf);
           store(tbuf, nv, cnt, m, bias ? bias + o0 : nullptr, relu, yb + ow * ys.w, ys, ow + 16 <= p.OW);
         }
