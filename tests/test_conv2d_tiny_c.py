@@ -15,6 +15,7 @@ from conftest import assert_close_scaled, to_layout
 
 P = "conv2d.fwd.tiny_c_lanes"
 PCL = P + ".channels_last_store"
+PIX = P + ".pixel_rows"
 
 # name: (N, C, H, W, O, kernel, stride, padding, dilation)
 CASES = {
@@ -88,8 +89,15 @@ def test_channels_last(case):
     input channel: a channels_last input is also contiguous, and the output is NCHW, as
     stock's)."""
     xs, ws, args = shape_args(case)
-    with expect_path(*([P, PCL] if xs[1] > 1 else [P])):
+    c, s = xs[1], args["stride"] if isinstance(args["stride"], int) else args["stride"][1]
+    # Pixels read whole from x where the step between positions (stride x channels) has
+    # a tile instance (1, 2, 3, 4, 6, 8 floats); planar copies otherwise (last_block_8: 12,
+    # odd_channels: 9).
+    paths = [P] if c == 1 else [P, PCL] + ([PIX] if s * c in (2, 3, 4, 6, 8) else [])
+    before = counts()[PIX]
+    with expect_path(*paths):
         res = run(xs, ws, args, "channels_last")
+    assert (counts()[PIX] > before) == (PIX in paths)
     cl = torch.channels_last
     assert res["ours"][0].is_contiguous(memory_format=cl) == res["stock"][0].is_contiguous(memory_format=cl)
     assert res["ours"][0].is_contiguous(memory_format=cl) or xs[1] == 1

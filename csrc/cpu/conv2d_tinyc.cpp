@@ -23,6 +23,8 @@ namespace {
 
 CNNEXT_PATH(kTinyC, "conv2d.fwd.tiny_c_lanes");
 CNNEXT_PATH(kTinyCLast, "conv2d.fwd.tiny_c_lanes.channels_last_store");
+// x's pixels dense (channels_last): rows copied whole into a [rows][cols][C] buffer.
+CNNEXT_PATH(kTinyCPixels, "conv2d.fwd.tiny_c_lanes.pixel_rows");
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -44,7 +46,7 @@ float* scratch(int slot, int64_t elems) {
 
 #ifdef CNNEXT_TINYC
 struct Geo {
-  int64_t C, KH, KW, cs, hs, DH, DW;  // buffer: channel stride cs, row stride hs, column 1
+  int64_t C, KH, KW, cs, hs, DH, tw;  // buffer strides of a channel, a row; tw: of a kw step
 };
 
 // acc[r][v] (r < R positions, v < NV vectors of 16 channels) = sum over the taps of
@@ -59,7 +61,7 @@ inline void tile(const float* xb, const Geo& g, const float* wk, float* out) {
     for (int64_t kh = 0; kh < g.KH; ++kh) {
       const float* row = xb + c * g.cs + kh * g.DH * g.hs;
       for (int64_t kw = 0; kw < g.KW; ++kw) {
-        const float* px = row + kw * g.DW;
+        const float* px = row + kw * g.tw;
         __m512 wv[NV];
         for (int v = 0; v < NV; ++v) wv[v] = _mm512_load_ps(wk + 16 * v);
         wk += 16 * NV;
@@ -95,12 +97,17 @@ TileFn tile_fn(int nv) {
   }
 }
 
-TileFn pick(int64_t SW, int nv) {
-  switch (SW) {
+// The buffer floats between adjacent output positions: steps with a tile instance.
+bool step_ok(int64_t step) { return (step >= 1 && step <= 4) || step == 6 || step == 8; }
+
+TileFn pick(int64_t step, int nv) {
+  switch (step) {
     case 1: return tile_fn<1>(nv);
     case 2: return tile_fn<2>(nv);
     case 3: return tile_fn<3>(nv);
-    default: return tile_fn<4>(nv);
+    case 4: return tile_fn<4>(nv);
+    case 6: return tile_fn<6>(nv);
+    default: return tile_fn<8>(nv);
   }
 }
 
@@ -226,7 +233,12 @@ void forward(const float* x, const Strides4& xs, const float* w, const float* bi
   const int64_t rows = ceil_div(p.OH, bands), per = ceil_div(p.OH, rows);
   const int64_t cols = (p.OW - 1) * p.SW + (p.KW - 1) * p.DW + 1 + 16 * p.SW;  // + tile slack
   const int64_t in_rows_max = (rows - 1) * p.SH + (p.KH - 1) * p.DH + 1;
-  const TileFn fns[4] = {pick(p.SW, 1), pick(p.SW, 2), pick(p.SW, 3), pick(p.SW, 4)};
+  // x's pixels dense with 2 to 4 channels: the buffer keeps them ([rows][cols][C], whole
+  // rows copied), else planar ([C][rows][cols]).
+  const bool pixels = p.C > 1 && xs.c == 1 && xs.w == p.C && step_ok(p.SW * p.C);
+  if (pixels) kTinyCPixels.hit();
+  const int64_t ws = pixels ? p.C : 1, step = p.SW * ws;
+  const TileFn fns[4] = {pick(step, 1), pick(step, 2), pick(step, 3), pick(step, 4)};
   auto item = [&](int64_t it) {
     const int64_t n = it / per, oh0 = (it % per) * rows, oh1 = std::min(p.OH, oh0 + rows);
     const int64_t in_rows = (oh1 - oh0 - 1) * p.SH + (p.KH - 1) * p.DH + 1;
@@ -234,8 +246,20 @@ void forward(const float* x, const Strides4& xs, const float* w, const float* bi
     float* buf = scratch(1, p.C * in_rows_max * cols + 16 * kOB + 16);  // tbuf: 16 rows, aligned
     float* tbuf = buf + p.C * in_rows_max * cols;
     tbuf = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(tbuf) + 63) & ~uintptr_t(63));
-    const Geo g{p.C, p.KH, p.KW, in_rows * cols, cols, p.DH, p.DW};
-    for (int64_t c = 0; c < p.C; ++c) {
+    const Geo g{p.C, p.KH, p.KW, pixels ? 1 : in_rows * cols, pixels ? cols * p.C : cols, p.DH, p.DW * ws};
+    const int64_t a = std::clamp<int64_t>(-iw0, 0, cols), e = std::clamp<int64_t>(p.W - iw0, a, cols);
+    for (int64_t r = 0; pixels && r < in_rows; ++r) {
+      float* d = buf + r * g.hs;
+      const int64_t ih = ih0 + r;
+      if (ih < 0 || ih >= p.H) {
+        std::fill(d, d + g.hs, 0.f);
+        continue;
+      }
+      std::fill(d, d + a * p.C, 0.f);
+      std::memcpy(d + a * p.C, x + n * xs.n + ih * xs.h + (a + iw0) * xs.w, size_t((e - a) * p.C) * sizeof(float));
+      std::fill(d + e * p.C, d + g.hs, 0.f);
+    }
+    for (int64_t c = 0; !pixels && c < p.C; ++c) {
       for (int64_t r = 0; r < in_rows; ++r) {
         float* d = buf + c * g.cs + r * cols;
         const int64_t ih = ih0 + r;
@@ -244,7 +268,6 @@ void forward(const float* x, const Strides4& xs, const float* w, const float* bi
           continue;
         }
         const float* s = x + n * xs.n + c * xs.c + ih * xs.h;
-        const int64_t a = std::clamp<int64_t>(-iw0, 0, cols), e = std::clamp<int64_t>(p.W - iw0, a, cols);
         std::fill(d, d + a, 0.f);
         if (xs.w == 1) {
           std::memcpy(d + a, s + (a + iw0), size_t(e - a) * sizeof(float));
@@ -262,11 +285,11 @@ void forward(const float* x, const Strides4& xs, const float* w, const float* bi
       const TileFn fn = fns[nv - 1];
       const float* wk = wp + b * K * kOB;
       for (int64_t oh = oh0; oh < oh1; ++oh) {
-        const float* xr = buf + (oh - oh0) * p.SH * cols;
+        const float* xr = buf + (oh - oh0) * p.SH * g.hs;
         float* yb = y + n * ys.n + o0 * ys.c + oh * ys.h;
         for (int64_t ow = 0; ow < p.OW; ow += R) {
           const int cnt = int(std::min<int64_t>(R, p.OW - ow));
-          fn(cnt, xr + ow * p.SW, g, wk, tbuf);
+          fn(cnt, xr + ow * step, g, wk, tbuf);
           store(tbuf, nv, cnt, m, bias ? bias + o0 : nullptr, relu, yb + ow * ys.w, ys, ow + 16 <= p.OW);
         }
       }
