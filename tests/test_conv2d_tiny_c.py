@@ -30,6 +30,10 @@ CASES = {
     # tile), asymmetric kernel, stride and padding, dilation.
     "odd_channels": (2, 3, 15, 21, 17, (5, 7), (2, 3), (2, 1), 1),
     "dilated": (2, 1, 30, 33, 32, 5, (1, 2), (4, 3), (2, 3)),
+    # Rows past one segment of 48 positions: 110 columns (48 + 48 + 14), and 60 (48 + 12)
+    # with 3 channels, 64 output channels.
+    "wide_row": (1, 1, 9, 110, 32, 5, 1, 2, 1),
+    "wide_row_rgb": (2, 3, 8, 120, 64, 5, 2, 2, 1),
     # One output column; padding larger than the kernel reach on one side.
     "one_column": (2, 2, 12, 5, 16, 5, 2, 2, 1),
 }

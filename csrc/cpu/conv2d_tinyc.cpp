@@ -33,6 +33,8 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // 16 positions).
 constexpr int64_t kOB = 64;
 constexpr int rmax(int nv) { return nv == 4 ? 6 : nv == 3 ? 8 : nv == 2 ? 12 : 16; }
+// Positions per segment of a row: whole tiles of each size, whole 16 x 16 transposes.
+constexpr int64_t kSeg = 48;
 
 // Thread-local buffers kept between calls: slot 0 the packed weight, slot 1 the padded rows.
 float* scratch(int slot, int64_t elems) {
@@ -148,11 +150,13 @@ CNNEXT_TARGET("avx512f") inline void transpose16(const float* src, int64_t cs, _
 }
 #pragma GCC diagnostic pop
 
-// Stores `n` positions x `m` channels of a tile (t[r][lane], rows of 16 nv floats, 16 rows
-// readable) plus bias, then ReLU: y0 points at (sample, channel o0, row, first column).
+// Stores `n` positions x `m` channels of a segment (t[r][lane], rows of 16 nv floats, rows
+// readable up to n rounded up to 16) plus bias, then ReLU: y0 points at (sample, channel
+// o0, row, first column); `room` positions from y0 on may be written (those past n are
+// rewritten by the next segment).
 CNNEXT_TARGET("avx512f")
 void store(const float* t, int nv, int n, int64_t m, const float* bias, bool relu, float* y0,
-           const Strides4& ys, bool full_run) {
+           const Strides4& ys, int64_t room) {
   const int64_t ld = 16 * nv;
   if (ys.c == 1) {
     for (int v = 0; v < nv; ++v) {
@@ -168,19 +172,21 @@ void store(const float* t, int nv, int n, int64_t m, const float* bias, bool rel
     }
     return;
   }
-  if (ys.w == 1) {  // NCHW: per channel a run of n positions, transposed in registers
-    // 16 lanes where the run has room (the extra lanes are rewritten by the next tile).
-    const __mmask16 mk = full_run ? __mmask16(0xffff) : __mmask16((1u << n) - 1);
-    for (int v = 0; v < nv; ++v) {
-      const int64_t cnt = std::clamp<int64_t>(m - 16 * v, 0, 16);
-      if (cnt == 0) break;
-      __m512 col[16];
-      transpose16(t + 16 * v, ld, col);
-      for (int64_t j = 0; j < cnt; ++j) {
-        __m512 val = col[j];
-        if (bias) val = _mm512_maskz_add_ps(mk, val, _mm512_set1_ps(bias[16 * v + j]));
-        if (relu) val = _mm512_max_ps(val, _mm512_setzero_ps());
-        _mm512_mask_storeu_ps(y0 + (16 * v + j) * ys.c, mk, val);
+  if (ys.w == 1) {  // NCHW: per channel runs of 16 positions, transposed in registers
+    for (int pb = 0; pb < n; pb += 16) {
+      const int lanes = int(std::min<int64_t>(16, room - pb));
+      const __mmask16 mk = __mmask16((1u << lanes) - 1);
+      for (int v = 0; v < nv; ++v) {
+        const int64_t cnt = std::clamp<int64_t>(m - 16 * v, 0, 16);
+        if (cnt == 0) break;
+        __m512 col[16];
+        transpose16(t + pb * ld + 16 * v, ld, col);
+        for (int64_t j = 0; j < cnt; ++j) {
+          __m512 val = col[j];
+          if (bias) val = _mm512_maskz_add_ps(mk, val, _mm512_set1_ps(bias[16 * v + j]));
+          if (relu) val = _mm512_max_ps(val, _mm512_setzero_ps());
+          _mm512_mask_storeu_ps(y0 + (16 * v + j) * ys.c + pb, mk, val);
+        }
       }
     }
     return;
@@ -243,7 +249,7 @@ void forward(const float* x, const Strides4& xs, const float* w, const float* bi
     const int64_t n = it / per, oh0 = (it % per) * rows, oh1 = std::min(p.OH, oh0 + rows);
     const int64_t in_rows = (oh1 - oh0 - 1) * p.SH + (p.KH - 1) * p.DH + 1;
     const int64_t ih0 = oh0 * p.SH - p.PH, iw0 = -p.PW;
-    float* buf = scratch(1, p.C * in_rows_max * cols + 16 * kOB + 16);  // tbuf: 16 rows, aligned
+    float* buf = scratch(1, p.C * in_rows_max * cols + kSeg * kOB + 16);  // tbuf: a segment, aligned
     float* tbuf = buf + p.C * in_rows_max * cols;
     tbuf = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(tbuf) + 63) & ~uintptr_t(63));
     const Geo g{p.C, p.KH, p.KW, pixels ? 1 : in_rows * cols, pixels ? cols * p.C : cols, p.DH, p.DW * ws};
@@ -287,10 +293,11 @@ void forward(const float* x, const Strides4& xs, const float* w, const float* bi
       for (int64_t oh = oh0; oh < oh1; ++oh) {
         const float* xr = buf + (oh - oh0) * p.SH * g.hs;
         float* yb = y + n * ys.n + o0 * ys.c + oh * ys.h;
-        for (int64_t ow = 0; ow < p.OW; ow += R) {
-          const int cnt = int(std::min<int64_t>(R, p.OW - ow));
-          fn(cnt, xr + ow * step, g, wk, tbuf);
-          store(tbuf, nv, cnt, m, bias ? bias + o0 : nullptr, relu, yb + ow * ys.w, ys, ow + 16 <= p.OW);
+        for (int64_t s0 = 0; s0 < p.OW; s0 += kSeg) {
+          const int sn = int(std::min<int64_t>(kSeg, p.OW - s0));
+          for (int ow = 0; ow < sn; ow += R)
+            fn(std::min(R, sn - ow), xr + (s0 + ow) * step, g, wk, tbuf + ow * 16 * nv);
+          store(tbuf, nv, sn, m, bias ? bias + o0 : nullptr, relu, yb + s0 * ys.w, ys, p.OW - s0);
         }
       }
     }
