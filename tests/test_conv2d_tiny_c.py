@@ -187,3 +187,20 @@ def test_float64_exact_path_untouched():
     y = conv2d(x, wt, None, **args)
     assert counts()[P] == before
     torch.testing.assert_close(y, F.conv2d(x, wt, None, **args))
+
+
+def test_nonfinite_as_stock():
+    """Each output sums only its own window's taps: inf and NaN reach exactly the outputs
+    whose windows hold them, as in stock."""
+    xs, ws, args = shape_args("stem_like")
+    x, wt = torch.randn(*xs), torch.randn(*ws)
+    x[0, 1, 0, 5] = float("inf")
+    x[1, 2, 20, 40] = float("nan")
+    x[1, 0, 9, 0] = float("-inf")
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        with expect_path(P):
+            y = conv2d(x.contiguous(memory_format=fmt), wt, None, **args)
+        ref = F.conv2d(x, wt, None, **args)
+        assert torch.equal(y.isnan(), ref.isnan()) and torch.equal(y.isinf(), ref.isinf())
+        finite = ref.isfinite()
+        assert_close_scaled(y[finite], ref[finite], 1e-5, "finite outputs")
