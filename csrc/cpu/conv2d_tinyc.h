@@ -4,14 +4,16 @@
 // Such a layer has few taps per output (C x KH x KW: 121, 147) against many output
 // channels, so as a GEMM its B side is the input unfolded (or read by stride phases, whose
 // rows carry a few extra columns). Here instead the output channels fill the vector lanes
-// (blocks of 32, two vectors; a last block of 16) and each of up to 12 output positions
-// of a row has its own accumulators: per tap, one load of each weight vector (the weight
-// prepacked per call as [block][c][kh][kw][32]) and one broadcast of the input value under
-// the tap per position, read from a zero-padded copy of the item's input rows (planar
-// [C][rows][cols] whatever x's layout). No column matrix, no wasted columns. Results are
-// stored channels-contiguous when y is channels_last, else through y's strides (NCHW:
-// per channel, a run of positions). The sum over the taps is in the order (c, kh, kw),
-// float32, a function of the shape only; bias is added after it, then ReLU.
+// (blocks of 64; a last block of whole vectors) and each position of a register tile (4
+// vectors x 6 positions, 3 x 8, 2 x 12, 1 x 16) has its own accumulators: per tap, one load
+// of each weight vector (the weight packed per call as [block][c][kh][kw][64]) and one
+// broadcast of the input value under the tap per position, read from a zero-padded copy of
+// the item's input rows (planar [C][rows][cols], or a channels_last input's pixel rows
+// whole). No column matrix, no wasted columns. Tiles fill segments of 48 positions of a
+// row, stored channels-contiguous when y is channels_last, else by 16 x 16 register
+// transposes as runs of 16 positions per channel (NCHW). The sum over the taps is in the
+// order (c, kh, kw), float32, a function of the shape only; bias is added after it, then
+// ReLU. See docs/DESIGN.md, "Few input channels, large kernels".
 #pragma once
 
 #include <cstdint>
