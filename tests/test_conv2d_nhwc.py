@@ -41,7 +41,8 @@ CASES = {
     "dilated_rows": ((2, 40, 15, 16, 20, 3, 1, 2, (2, 1)), "rows", "kernel_rows"),
     "small_maps": ((5, 96, 3, 3, 70, 3, 1, 1, 1), "samples", "kernel_rows"),
     "pointwise_strided": ((4, 24, 14, 14, 40, 1, 2, 0, 1), "samples", "kernel_rows"),
-    "stem_like": ((3, 3, 30, 30, 16, 7, 2, 3, 1), "rows", "unfolded"),
+    # (5 channels: RGB stems of 1 to 4 channels take conv2d_tinyc.cpp, tests/test_conv2d_tiny_c.py)
+    "stem_like": ((3, 5, 30, 30, 16, 7, 2, 3, 1), "rows", "unfolded"),
     "one_sample": ((1, 32, 7, 7, 48, 3, 1, 1, 1), "rows", "kernel_rows"),
     "wide_rows": ((2, 16, 6, 300, 24, 3, 1, 1, 1), "rows", "unfolded"),
     "padding_beyond_kernel": ((2, 8, 5, 5, 8, 3, 1, 3, 1), "samples", "unfolded"),

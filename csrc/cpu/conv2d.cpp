@@ -20,6 +20,7 @@
 #include "tensors.h"
 #include "cpu/conv2d_nhwc.h"
 #include "cpu/conv2d_sgemm.h"
+#include "cpu/conv2d_tinyc.h"
 #include "cpu/conv2d_winograd.h"
 #include "cpu/scratch.h"
 #include "cpu/sgemm.h"
@@ -312,6 +313,14 @@ void conv2d_forward_rows(const at::Tensor& input, const at::Tensor& weight,
   const Bands bands = pointwise ? Bands{p.OH, 1} : bands_for(p);
   const Strides4 xs = strides_of(input);
   const bool gemm = use_sgemm(input) && !use_direct_sgemm(p);
+  // One to four input channels under a large kernel (stems): output channels in the vector
+  // lanes, no unfolding, either output layout.
+  if (use_sgemm(input) && conv_tinyc::applies(p)) {
+    conv_tinyc::forward(input.const_data_ptr<float>(), xs, w.const_data_ptr<float>(),
+                        has_bias ? b.const_data_ptr<float>() : nullptr, out.mutable_data_ptr<float>(),
+                        strides_of(out), p, relu, rows_done);
+    return;
+  }
   // Winograd where the shape pays, whatever the layouts (it gathers the input and scatters
   // the output through their strides).
   if (gemm && winograd::forward_tensor(input, weight, has_bias ? b.const_data_ptr<float>() : nullptr, out, p,

@@ -1,0 +1,321 @@
+// See conv2d_tinyc.h.
+#include "cpu/conv2d_tinyc.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "cpu/cpu_features.h"
+#include "cpu/sgemm.h"
+#include "paths.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(CNNEXT_NO_AVX512)
+#include <immintrin.h>
+#define CNNEXT_TINYC 1
+#endif
+
+namespace cnnext {
+namespace cpu {
+namespace conv_tinyc {
+namespace {
+
+CNNEXT_PATH(kTinyC, "conv2d.fwd.tiny_c_lanes");
+CNNEXT_PATH(kTinyCLast, "conv2d.fwd.tiny_c_lanes.channels_last_store");
+// x's pixels dense (channels_last): rows copied whole into a [rows][cols][C] buffer.
+CNNEXT_PATH(kTinyCPixels, "conv2d.fwd.tiny_c_lanes.pixel_rows");
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Output channels per block (a last block holds fewer: whole vectors of 16), and positions
+// per register tile by the block's vectors (4 x 6, 3 x 8, 2 x 12 accumulators; one vector:
+// 16 positions).
+constexpr int64_t kOB = 64;
+constexpr int rmax(int nv) { return nv == 4 ? 6 : nv == 3 ? 8 : nv == 2 ? 12 : 16; }
+// Positions per segment of a row: whole tiles of each size, whole 16 x 16 transposes.
+constexpr int64_t kSeg = 48;
+
+// Thread-local buffers kept between calls: slot 0 the packed weight, slot 1 the padded rows.
+float* scratch(int slot, int64_t elems) {
+  thread_local std::vector<char> mem[2];
+  std::vector<char>& m = mem[slot];
+  const size_t bytes = size_t(std::max<int64_t>(elems, 1)) * sizeof(float) + 64;
+  if (m.size() < bytes) m.resize(bytes);
+  const uintptr_t ptr = reinterpret_cast<uintptr_t>(m.data());
+  return reinterpret_cast<float*>((ptr + 63) & ~uintptr_t(63));
+}
+
+#ifdef CNNEXT_TINYC
+struct Geo {
+  int64_t C, KH, KW, cs, hs, DH, tw;  // buffer strides of a channel, a row; tw: of a kw step
+};
+
+// acc[r][v] (r < R positions, v < NV vectors of 16 channels) = sum over the taps of
+// w[tap][16 v + lane] * xb[tap offset + r * S] (S: the stride across).
+template <int NV, int R, int S>
+CNNEXT_TARGET("avx512f")
+inline void tile(const float* xb, const Geo& g, const float* wk, float* out) {
+  __m512 acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < g.C; ++c) {
+    for (int64_t kh = 0; kh < g.KH; ++kh) {
+      const float* row = xb + c * g.cs + kh * g.DH * g.hs;
+      for (int64_t kw = 0; kw < g.KW; ++kw) {
+        const float* px = row + kw * g.tw;
+        __m512 wv[NV];
+        for (int v = 0; v < NV; ++v) wv[v] = _mm512_load_ps(wk + 16 * v);
+        wk += 16 * NV;
+        for (int r = 0; r < R; ++r) {
+          const __m512 xv = _mm512_set1_ps(px[r * S]);
+          for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(wv[v], xv, acc[r][v]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) _mm512_store_ps(out + (r * NV + v) * 16, acc[r][v]);
+}
+
+template <int NV, int S, int R = rmax(NV)>
+CNNEXT_TARGET("avx512f")
+void tile_n(int n, const float* xb, const Geo& g, const float* wk, float* out) {
+  if constexpr (R > 1) {
+    if (n < R) return tile_n<NV, S, R - 1>(n, xb, g, wk, out);
+  }
+  tile<NV, R, S>(xb, g, wk, out);
+}
+
+using TileFn = void (*)(int, const float*, const Geo&, const float*, float*);
+
+template <int S>
+TileFn tile_fn(int nv) {
+  switch (nv) {
+    case 4: return &tile_n<4, S>;
+    case 3: return &tile_n<3, S>;
+    case 2: return &tile_n<2, S>;
+    default: return &tile_n<1, S>;
+  }
+}
+
+// The buffer floats between adjacent output positions: steps with a tile instance.
+bool step_ok(int64_t step) { return (step >= 1 && step <= 4) || step == 6 || step == 8; }
+
+TileFn pick(int64_t step, int nv) {
+  switch (step) {
+    case 1: return tile_fn<1>(nv);
+    case 2: return tile_fn<2>(nv);
+    case 3: return tile_fn<3>(nv);
+    case 4: return tile_fn<4>(nv);
+    case 6: return tile_fn<6>(nv);
+    default: return tile_fn<8>(nv);
+  }
+}
+
+// GCC 12 warns about the undefined source operand inside its unpack intrinsics.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// out[j] lane i = src[i * cs + j] for i, j in [0, 16): a 16 x 16 transpose.
+CNNEXT_TARGET("avx512f") inline void transpose16(const float* src, int64_t cs, __m512* out) {
+  __m512 r[16];
+  __m512 u[16];
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_load_ps(src + i * cs);
+  // Within 128-bit lanes: u[4b + m] lane L = column 4L + m of rows 4b .. 4b + 3.
+#pragma GCC unroll 4
+  for (int b = 0; b < 4; ++b) {
+    const __m512d ta = _mm512_castps_pd(_mm512_unpacklo_ps(r[4 * b], r[4 * b + 1]));
+    const __m512d tb = _mm512_castps_pd(_mm512_unpackhi_ps(r[4 * b], r[4 * b + 1]));
+    const __m512d tc = _mm512_castps_pd(_mm512_unpacklo_ps(r[4 * b + 2], r[4 * b + 3]));
+    const __m512d td = _mm512_castps_pd(_mm512_unpackhi_ps(r[4 * b + 2], r[4 * b + 3]));
+    u[4 * b + 0] = _mm512_castpd_ps(_mm512_unpacklo_pd(ta, tc));
+    u[4 * b + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(ta, tc));
+    u[4 * b + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(tb, td));
+    u[4 * b + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(tb, td));
+  }
+  // Then across lanes: column 4L + m = lane L of u[m], u[4 + m], u[8 + m], u[12 + m].
+#pragma GCC unroll 4
+  for (int m = 0; m < 4; ++m) {
+    const __m512 v = _mm512_shuffle_f32x4(u[m], u[4 + m], 0x88);
+    const __m512 w = _mm512_shuffle_f32x4(u[m], u[4 + m], 0xdd);
+    const __m512 v2 = _mm512_shuffle_f32x4(u[8 + m], u[12 + m], 0x88);
+    const __m512 w2 = _mm512_shuffle_f32x4(u[8 + m], u[12 + m], 0xdd);
+    out[m] = _mm512_shuffle_f32x4(v, v2, 0x88);
+    out[8 + m] = _mm512_shuffle_f32x4(v, v2, 0xdd);
+    out[4 + m] = _mm512_shuffle_f32x4(w, w2, 0x88);
+    out[12 + m] = _mm512_shuffle_f32x4(w, w2, 0xdd);
+  }
+}
+#pragma GCC diagnostic pop
+
+// Stores `n` positions x `m` channels of a segment (t[r][lane], rows of 16 nv floats, rows
+// readable up to n rounded up to 16) plus bias, then ReLU: y0 points at (sample, channel
+// o0, row, first column); `room` positions from y0 on may be written (those past n are
+// rewritten by the next segment).
+CNNEXT_TARGET("avx512f")
+void store(const float* t, int nv, int n, int64_t m, const float* bias, bool relu, float* y0,
+           const Strides4& ys, int64_t room) {
+  const int64_t ld = 16 * nv;
+  if (ys.c == 1) {
+    for (int v = 0; v < nv; ++v) {
+      const int64_t cnt = std::clamp<int64_t>(m - 16 * v, 0, 16);
+      if (cnt == 0) break;
+      const __mmask16 mk = __mmask16((1u << cnt) - 1);
+      const __m512 b = bias ? _mm512_maskz_loadu_ps(mk, bias + 16 * v) : _mm512_setzero_ps();
+      for (int r = 0; r < n; ++r) {
+        __m512 val = _mm512_add_ps(_mm512_load_ps(t + r * ld + 16 * v), b);
+        if (relu) val = _mm512_max_ps(val, _mm512_setzero_ps());
+        _mm512_mask_storeu_ps(y0 + r * ys.w + 16 * v, mk, val);
+      }
+    }
+    return;
+  }
+  if (ys.w == 1) {  // NCHW: per channel runs of 16 positions, transposed in registers
+    for (int pb = 0; pb < n; pb += 16) {
+      const int lanes = int(std::min<int64_t>(16, room - pb));
+      const __mmask16 mk = __mmask16((1u << lanes) - 1);
+      for (int v = 0; v < nv; ++v) {
+        const int64_t cnt = std::clamp<int64_t>(m - 16 * v, 0, 16);
+        if (cnt == 0) break;
+        __m512 col[16];
+        transpose16(t + pb * ld + 16 * v, ld, col);
+        for (int64_t j = 0; j < cnt; ++j) {
+          __m512 val = col[j];
+          if (bias) val = _mm512_maskz_add_ps(mk, val, _mm512_set1_ps(bias[16 * v + j]));
+          if (relu) val = _mm512_max_ps(val, _mm512_setzero_ps());
+          _mm512_mask_storeu_ps(y0 + (16 * v + j) * ys.c + pb, mk, val);
+        }
+      }
+    }
+    return;
+  }
+  for (int64_t o = 0; o < m; ++o) {
+    const float b = bias ? bias[o] : 0.f;
+    float* yo = y0 + o * ys.c;
+    for (int r = 0; r < n; ++r) {
+      float val = t[r * ld + o] + b;
+      if (relu) val = std::max(val, 0.f);
+      yo[r * ys.w] = val;
+    }
+  }
+}
+#endif
+
+}  // namespace
+
+bool applies(const Conv2dParams& p) {
+#ifdef CNNEXT_TINYC
+  return sgemm::available() && p.G == 1 && p.C >= 1 && p.C <= 4 && p.KH * p.KW >= 25 && p.SW >= 1 &&
+         p.SW <= 4 && p.O >= 16 && p.N * p.OH * p.OW > 0;
+#else
+  (void)p;
+  return false;
+#endif
+}
+
+void forward(const float* x, const Strides4& xs, const float* w, const float* bias, float* y,
+             const Strides4& ys, const Conv2dParams& p, bool relu, const RowsDoneFn& rows_done) {
+#ifdef CNNEXT_TINYC
+  kTinyC.hit();
+  if (ys.c == 1) kTinyCLast.hit();
+  const int64_t K = p.C * p.KH * p.KW;
+  const int64_t blocks = ceil_div(p.O, kOB);
+  // Packed weight: block b holds channels [32 b, 32 b + 32) as [k][32] (a last block of
+  // at most 16 channels as [k][16]), zeros past O.
+  const int64_t wsize = blocks * K * kOB;
+  float* wp = scratch(0, wsize);
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t o0 = b * kOB, m = std::min(kOB, p.O - o0), width = ceil_div(m, 16) * 16;
+    float* dst = wp + b * K * kOB;
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t j = 0; j < width; ++j) dst[k * width + j] = j < m ? w[(o0 + j) * K + k] : 0.f;
+  }
+
+  // Items: bands of output rows of one sample, enough of them to keep the threads busy.
+  const int64_t T = at::get_num_threads();
+  const int64_t bands = std::min(p.OH, std::max<int64_t>(1, ceil_div(8 * T, p.N)));
+  const int64_t rows = ceil_div(p.OH, bands), per = ceil_div(p.OH, rows);
+  const int64_t cols = (p.OW - 1) * p.SW + (p.KW - 1) * p.DW + 1 + 16 * p.SW;  // + tile slack
+  const int64_t in_rows_max = (rows - 1) * p.SH + (p.KH - 1) * p.DH + 1;
+  // x's pixels dense with 2 to 4 channels: the buffer keeps them ([rows][cols][C], whole
+  // rows copied), else planar ([C][rows][cols]).
+  const bool pixels = p.C > 1 && xs.c == 1 && xs.w == p.C && step_ok(p.SW * p.C);
+  if (pixels) kTinyCPixels.hit();
+  const int64_t ws = pixels ? p.C : 1, step = p.SW * ws;
+  const TileFn fns[4] = {pick(step, 1), pick(step, 2), pick(step, 3), pick(step, 4)};
+  auto item = [&](int64_t it) {
+    const int64_t n = it / per, oh0 = (it % per) * rows, oh1 = std::min(p.OH, oh0 + rows);
+    const int64_t in_rows = (oh1 - oh0 - 1) * p.SH + (p.KH - 1) * p.DH + 1;
+    const int64_t ih0 = oh0 * p.SH - p.PH, iw0 = -p.PW;
+    float* buf = scratch(1, p.C * in_rows_max * cols + kSeg * kOB + 16);  // tbuf: a segment, aligned
+    float* tbuf = buf + p.C * in_rows_max * cols;
+    tbuf = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(tbuf) + 63) & ~uintptr_t(63));
+    const Geo g{p.C, p.KH, p.KW, pixels ? 1 : in_rows * cols, pixels ? cols * p.C : cols, p.DH, p.DW * ws};
+    const int64_t a = std::clamp<int64_t>(-iw0, 0, cols), e = std::clamp<int64_t>(p.W - iw0, a, cols);
+    for (int64_t r = 0; pixels && r < in_rows; ++r) {
+      float* d = buf + r * g.hs;
+      const int64_t ih = ih0 + r;
+      if (ih < 0 || ih >= p.H) {
+        std::fill(d, d + g.hs, 0.f);
+        continue;
+      }
+      std::fill(d, d + a * p.C, 0.f);
+      std::memcpy(d + a * p.C, x + n * xs.n + ih * xs.h + (a + iw0) * xs.w, size_t((e - a) * p.C) * sizeof(float));
+      std::fill(d + e * p.C, d + g.hs, 0.f);
+    }
+    for (int64_t c = 0; !pixels && c < p.C; ++c) {
+      for (int64_t r = 0; r < in_rows; ++r) {
+        float* d = buf + c * g.cs + r * cols;
+        const int64_t ih = ih0 + r;
+        if (ih < 0 || ih >= p.H) {
+          std::fill(d, d + cols, 0.f);
+          continue;
+        }
+        const float* s = x + n * xs.n + c * xs.c + ih * xs.h;
+        std::fill(d, d + a, 0.f);
+        if (xs.w == 1) {
+          std::memcpy(d + a, s + (a + iw0), size_t(e - a) * sizeof(float));
+        } else {
+          for (int64_t q = a; q < e; ++q) d[q] = s[(q + iw0) * xs.w];
+        }
+        std::fill(d + e, d + cols, 0.f);
+      }
+    }
+    // Channel blocks outermost: the block's weight stays in L1 and each channel plane of y
+    // is written row after row.
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t o0 = b * kOB, m = std::min(kOB, p.O - o0);
+      const int nv = int(ceil_div(m, 16)), R = rmax(nv);
+      const TileFn fn = fns[nv - 1];
+      const float* wk = wp + b * K * kOB;
+      for (int64_t oh = oh0; oh < oh1; ++oh) {
+        const float* xr = buf + (oh - oh0) * p.SH * g.hs;
+        float* yb = y + n * ys.n + o0 * ys.c + oh * ys.h;
+        for (int64_t s0 = 0; s0 < p.OW; s0 += kSeg) {
+          const int sn = int(std::min<int64_t>(kSeg, p.OW - s0));
+          for (int ow = 0; ow < sn; ow += R)
+            fn(std::min(R, sn - ow), xr + (s0 + ow) * step, g, wk, tbuf + ow * 16 * nv);
+          store(tbuf, nv, sn, m, bias ? bias + o0 : nullptr, relu, yb + s0 * ys.w, ys, p.OW - s0);
+        }
+      }
+    }
+    if (rows_done) rows_done(n, oh0, oh1);
+  };
+  const int64_t count = p.N * per;
+  if (T == 1 || count == 1) {
+    for (int64_t i = 0; i < count; ++i) item(i);
+  } else {
+    at::parallel_for(0, count, 1, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) item(i);
+    });
+  }
+#else
+  (void)x; (void)xs; (void)w; (void)bias; (void)y; (void)ys; (void)p; (void)relu; (void)rows_done;
+#endif
+}
+
+}  // namespace conv_tinyc
+}  // namespace cpu
+}  // namespace cnnext
