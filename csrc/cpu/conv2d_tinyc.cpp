@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "cpu/cpu_features.h"
+#include "cpu/scratch.h"
 #include "cpu/sgemm.h"
 #include "paths.h"
 
@@ -37,14 +38,7 @@ constexpr int rmax(int nv) { return nv == 4 ? 6 : nv == 3 ? 8 : nv == 2 ? 12 : 1
 constexpr int64_t kSeg = 48;
 
 // Thread-local buffers kept between calls: slot 0 the packed weight, slot 1 the padded rows.
-float* scratch(int slot, int64_t elems) {
-  thread_local std::vector<char> mem[2];
-  std::vector<char>& m = mem[slot];
-  const size_t bytes = size_t(std::max<int64_t>(elems, 1)) * sizeof(float) + 64;
-  if (m.size() < bytes) m.resize(bytes);
-  const uintptr_t ptr = reinterpret_cast<uintptr_t>(m.data());
-  return reinterpret_cast<float*>((ptr + 63) & ~uintptr_t(63));
-}
+float* scratch(int slot, int64_t elems) { return thread_scratch(ScratchPool::TinyC, slot, elems); }
 
 #ifdef CNNEXT_TINYC
 struct Geo {
