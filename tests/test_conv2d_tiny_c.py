@@ -204,3 +204,26 @@ def test_nonfinite_as_stock():
         assert torch.equal(y.isnan(), ref.isnan()) and torch.equal(y.isinf(), ref.isinf())
         finite = ref.isfinite()
         assert_close_scaled(y[finite], ref[finite], 1e-5, "finite outputs")
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_relu_keeps_nan(layout):
+    """The fused ReLU maps x < 0 to 0 and keeps NaN as NaN, as stock's ReLU does (a
+    max(x, 0) with x first in the vector instruction would turn NaN into 0), and +-inf as
+    stock gives them."""
+    xs, ws, args = shape_args("stem_like")
+    x, wt = torch.randn(*xs), torch.randn(*ws)
+    x[0, 1, 0, 5] = float("inf")
+    x[1, 2, 20, 40] = float("nan")
+    x[1, 0, 9, 0] = float("-inf")
+    o = ws[0]
+    gamma, beta = torch.rand(o) + 0.5, torch.randn(o)
+    mean, var = torch.randn(o), torch.rand(o) + 0.5
+    with expect_path(P):
+        ours = cnnext.functional.conv_bn_relu2d(x.contiguous(memory_format=layout), wt, None, gamma, beta, mean,
+                                                var, False, relu=True, **args)
+    ref = F.relu(F.batch_norm(F.conv2d(x, wt, None, **args), mean, var, gamma, beta, False))
+    assert ref.isnan().any()
+    assert torch.equal(ours.isnan(), ref.isnan()) and torch.equal(ours.isinf(), ref.isinf())
+    finite = ref.isfinite()
+    assert_close_scaled(ours[finite], ref[finite], 1e-5, "finite outputs")

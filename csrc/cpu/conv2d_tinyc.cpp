@@ -160,7 +160,7 @@ void store(const float* t, int nv, int n, int64_t m, const float* bias, bool rel
       const __m512 b = bias ? _mm512_maskz_loadu_ps(mk, bias + 16 * v) : _mm512_setzero_ps();
       for (int r = 0; r < n; ++r) {
         __m512 val = _mm512_add_ps(_mm512_load_ps(t + r * ld + 16 * v), b);
-        if (relu) val = _mm512_max_ps(val, _mm512_setzero_ps());
+        if (relu) val = _mm512_max_ps(_mm512_setzero_ps(), val);  // NaN kept: MAXPS returns its second operand on NaN
         _mm512_mask_storeu_ps(y0 + r * ys.w + 16 * v, mk, val);
       }
     }
@@ -178,7 +178,7 @@ void store(const float* t, int nv, int n, int64_t m, const float* bias, bool rel
         for (int64_t j = 0; j < cnt; ++j) {
           __m512 val = col[j];
           if (bias) val = _mm512_maskz_add_ps(mk, val, _mm512_set1_ps(bias[16 * v + j]));
-          if (relu) val = _mm512_max_ps(val, _mm512_setzero_ps());
+          if (relu) val = _mm512_max_ps(_mm512_setzero_ps(), val);  // NaN kept: MAXPS returns its second operand on NaN
           _mm512_mask_storeu_ps(y0 + (16 * v + j) * ys.c + pb, mk, val);
         }
       }
