@@ -3,6 +3,8 @@
 Run: python -m pytest benchmarks --benchmark-json=benchmarks/results/raw/cpu.json
 then python benchmarks/report.py benchmarks/results/raw/cpu.json to print the ratios.
 """
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,7 +15,15 @@ from shapes import CONV2D, CONV2D_NETWORKS
 IMPLS = {"cnnext": cnnext.functional.conv2d, "torch": F.conv2d}
 
 
+@functools.lru_cache(maxsize=None)
 def make(shape, requires_grad):
+    """The input, weight and bias of one shape, made once and shared by the cnnext and the
+    torch benchmark, so that both read the same memory, as the pooling benchmarks do: on
+    this VM a separately allocated copy of the same tensor can run slower or faster than
+    another, depending on where its pages land (test_avg_pool2d_bench.py), which would
+    otherwise show up in the ratio of the memory-bound layers (a ResNet's deep layers on
+    small maps stream a weight of up to 9 MiB per call). Nothing writes to them: forwards
+    run under no_grad and the backward benchmarks take gradients with torch.autograd.grad."""
     n, c, h, w, o, k, s, p = shape
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, c, h, w, generator=g, requires_grad=requires_grad)
