@@ -391,7 +391,7 @@ at::Tensor conv2d_input_backward(const at::Tensor& grad_out, const at::Tensor& w
   if (gx.numel() == 0) return gx;
   // 3 x 3 stride 1: Winograd on the flipped, transposed weight (overwrites gx).
   if (sgemm && winograd::input_backward_tensor(grad_output, weight, gx, p)) return gx;
-  if (!pointwise && !(sgemm && conv_sgemm::input_backward_overwrites(p))) gx.zero_();
+  if (!pointwise && !(sgemm && conv_sgemm::input_backward_overwrites(p, strides_of(gx)))) gx.zero_();
   if (sgemm) {
     kInSgemm.hit();
     const at::Tensor w = weight.contiguous();

@@ -12,8 +12,10 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #include "cpu/cpu_features.h"
@@ -47,9 +49,11 @@ CNNEXT_PATH(kInForward, "conv2d.input_grad.sgemm_as_forward");
 CNNEXT_PATH(kInCol2im, "conv2d.input_grad.sgemm_col2im");
 CNNEXT_PATH(kInCol2imT, "conv2d.input_grad.sgemm_col2im_transposed");
 CNNEXT_PATH(kInPhases, "conv2d.input_grad.sgemm_phases");
+CNNEXT_PATH(kInRows, "conv2d.input_grad.sgemm_rows");
 CNNEXT_PATH(kWImplicit, "conv2d.weight_grad.sgemm_implicit");
 CNNEXT_PATH(kWImplicitPhases, "conv2d.weight_grad.sgemm_implicit_phases");
 CNNEXT_PATH(kWGather, "conv2d.weight_grad.sgemm_gather");
+CNNEXT_PATH(kWLanes, "conv2d.weight_grad.sgemm_lanes");
 
 using sgemm::kMR;
 using sgemm::kNR;
@@ -834,6 +838,176 @@ void forward_lanes(const float* x, const Strides4& xs, const float* w, const flo
 #endif
 }
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(CNNEXT_NO_AVX512)
+// KB taps of one group, the output channels in the lanes: acc[j] += x[off[j] + position] *
+// gyt[position] over the positions of N samples (x at sample stride xn, rows at xh, a step
+// of xw along a row; gyt: 16 floats a position, samples gn apart), acc read from and
+// written back to io (KB x 16).
+template <int KB>
+CNNEXT_TARGET("avx512f,fma") void lanes_wgrad_tile(const float* x, int64_t xn, int64_t xh, int64_t xw,
+                                                   int64_t N, int64_t OH, int64_t OW, const int64_t* off,
+                                                   const float* gyt, int64_t gn, float* io) {
+  __m512 acc[KB];
+#pragma GCC unroll 32
+  for (int j = 0; j < KB; ++j) acc[j] = _mm512_loadu_ps(io + j * 16);
+  for (int64_t n = 0; n < N; ++n) {
+    const float* g = gyt + n * gn;
+    for (int64_t oh = 0; oh < OH; ++oh) {
+      const float* row = x + n * xn + oh * xh;
+      for (int64_t ow = 0; ow < OW; ++ow, g += 16) {
+        const __m512 gv = _mm512_loadu_ps(g);
+        const float* s = row + ow * xw;
+#pragma GCC unroll 32
+        for (int j = 0; j < KB; ++j) acc[j] = _mm512_fmadd_ps(_mm512_set1_ps(s[off[j]]), gv, acc[j]);
+      }
+    }
+  }
+#pragma GCC unroll 32
+  for (int j = 0; j < KB; ++j) _mm512_storeu_ps(io + j * 16, acc[j]);
+}
+
+using LanesWgradFn = void (*)(const float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+                              const int64_t*, const float*, int64_t, float*);
+constexpr int kLanesWgradTaps = 24;  // accumulators: 24 + gy's vector + a broadcast of 32 registers
+template <int... I>
+constexpr std::array<LanesWgradFn, sizeof...(I)> lanes_wgrad_table(std::integer_sequence<int, I...>) {
+  return {lanes_wgrad_tile<I + 1>...};
+}
+constexpr std::array<LanesWgradFn, kLanesWgradTaps> kLanesWgrad =
+    lanes_wgrad_table(std::make_integer_sequence<int, kLanesWgradTaps>());
+#endif
+
+// The weight gradient where the forward takes channel_lanes (12 to 16 output channels per
+// group, narrow maps: LeNet's second layer): gy transposed once into position-major
+// vectors of 16 channels (zero past Og), then each item (group, block of up to 24 taps)
+// keeps a vector of 16 output channels per tap and adds, over every position of the batch
+// in order, x at the tap (broadcast straight from the (padded) input) times gy's vector.
+// No column matrix, no GEMM tile lanes of padding beyond Og; each weight element is one
+// sum in a fixed order.
+void weight_backward_lanes(const float* gy, const Strides4& gs, const float* x, const Strides4& xs,
+                           float* gw, const Conv2dParams& p) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(CNNEXT_NO_AVX512)
+  const int64_t Cg = p.in_per_group(), Og = p.out_per_group(), K = Cg * p.KH * p.KW;
+  const int64_t L = p.OH * p.OW;  // positions of one sample
+  const GatherSrc src = gather_source(x, xs, p);
+  const std::vector<int64_t> off = tap_offsets(src.s, p);
+  float* gyt = scratch(1, p.G * p.N * L * 16);
+  run_items(p.G * p.N, [&](int64_t item) {
+    const int64_t g = item / p.N, n = item % p.N;
+    float* d = gyt + item * L * 16;
+    for (int64_t o = 0; o < 16; ++o) {
+      if (o >= Og) {
+        for (int64_t l = 0; l < L; ++l) d[l * 16 + o] = 0.f;
+        continue;
+      }
+      const float* plane = gy + n * gs.n + (g * Og + o) * gs.c;
+      for (int64_t oh = 0; oh < p.OH; ++oh)
+        for (int64_t ow = 0; ow < p.OW; ++ow) d[(oh * p.OW + ow) * 16 + o] = plane[oh * gs.h + ow * gs.w];
+    }
+  }, p.G * p.N * L * 16);
+  const int64_t kblocks = ceil_div(K, kLanesWgradTaps);
+  run_items(p.G * kblocks, [&](int64_t item) {
+    const int64_t g = item / kblocks, k0 = (item % kblocks) * kLanesWgradTaps;
+    const int64_t kb = std::min<int64_t>(kLanesWgradTaps, K - k0);
+    alignas(64) float acc[kLanesWgradTaps * 16] = {};
+    kLanesWgrad[kb - 1](src.x + g * Cg * src.s.c, src.s.n, p.SH * src.s.h, p.SW * src.s.w, p.N, p.OH,
+                        p.OW, off.data() + k0, gyt + g * p.N * L * 16, L * 16, acc);
+    for (int64_t o = 0; o < Og; ++o)
+      for (int64_t j = 0; j < kb; ++j) gw[(g * Og + o) * K + k0 + j] = acc[j * 16 + o];
+  }, p.N * L * K * 16);
+#else
+  (void)gy; (void)gs; (void)x; (void)xs; (void)gw; (void)p;
+#endif
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(CNNEXT_NO_AVX512)
+// Two rows (ih, ih + 1) of CG input channels of gx, the positions of a row (W <= 16) in the
+// lanes: acc[r][c] = sum over (o, kh, kw) of wr[o][kh][kw][c] * gyp[o][ih + r + KH - 1 - kh]
+// [KW - 1 - kw + lane], gyp being gy with KH - 1 - PH / KW - 1 - PW zero borders (rows of
+// Wq floats, planes of `plane`); written to gx (channel c at gxc + c * cs, rows ch apart,
+// unit step) in the first W lanes, the second row only when `two`.
+template <int CG>
+CNNEXT_TARGET("avx512f,fma") void input_rows_tile(const float* gyp, int64_t plane, int64_t Wq, int64_t Og,
+                                                  int64_t KH, int64_t KW, const float* wr, float* gxc,
+                                                  int64_t cs, int64_t ch, __mmask16 mask, bool two) {
+  __m512 acc[2][CG];
+#pragma GCC unroll 8
+  for (int c = 0; c < CG; ++c) acc[0][c] = acc[1][c] = _mm512_setzero_ps();
+  for (int64_t o = 0; o < Og; ++o) {
+    for (int64_t kh = 0; kh < KH; ++kh) {
+      const float* r0 = gyp + o * plane + (KH - 1 - kh) * Wq + KW - 1;
+      for (int64_t kw = 0; kw < KW; ++kw, wr += CG) {
+        const __m512 g0 = _mm512_loadu_ps(r0 - kw);
+        const __m512 g1 = _mm512_loadu_ps(r0 + Wq - kw);
+#pragma GCC unroll 8
+        for (int c = 0; c < CG; ++c) {
+          const __m512 wv = _mm512_set1_ps(wr[c]);
+          acc[0][c] = _mm512_fmadd_ps(wv, g0, acc[0][c]);
+          acc[1][c] = _mm512_fmadd_ps(wv, g1, acc[1][c]);
+        }
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int c = 0; c < CG; ++c) {
+    _mm512_mask_storeu_ps(gxc + c * cs, mask, acc[0][c]);
+    if (two) _mm512_mask_storeu_ps(gxc + c * cs + ch, mask, acc[1][c]);
+  }
+}
+
+using InputRowsFn = void (*)(const float*, int64_t, int64_t, int64_t, int64_t, int64_t, const float*,
+                             float*, int64_t, int64_t, __mmask16, bool);
+constexpr InputRowsFn kInputRows[9] = {nullptr,
+                                       input_rows_tile<1>, input_rows_tile<2>, input_rows_tile<3>,
+                                       input_rows_tile<4>, input_rows_tile<5>, input_rows_tile<6>,
+                                       input_rows_tile<7>, input_rows_tile<8>};
+#endif
+
+// The stride-1 input gradient of few input channels on narrow maps (LeNet's second layer:
+// 16 -> 6 channels, 10x10 -> 14x14): gx's rows in the lanes of a vector, a pair of rows of
+// every input channel of the group per tile, the (flipped) weight broadcast and gy's rows
+// read straight from a zero-bordered copy of gy. No column matrix, no col2im, no zeroing
+// of gx: each element written once, one sum over (o, kh, kw) in order. Items: (sample,
+// group).
+bool input_backward_rows_applies(const Conv2dParams& p, const Strides4& xs) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(CNNEXT_NO_AVX512)
+  return p.SH == 1 && p.SW == 1 && p.DH == 1 && p.DW == 1 && p.PH <= p.KH - 1 && p.PW <= p.KW - 1 &&
+         p.W >= 8 && p.W <= 16 && p.in_per_group() <= 8 && p.out_per_group() * p.KH * p.KW >= 16 && xs.w == 1 &&
+         p.N * p.C * p.H * p.W > 0;
+#else
+  (void)p; (void)xs;
+  return false;
+#endif
+}
+
+void input_backward_rows(const float* gy, const Strides4& gs, const float* w, float* gx,
+                         const Strides4& xs, const Conv2dParams& p) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(CNNEXT_NO_AVX512)
+  const int64_t Cg = p.in_per_group(), Og = p.out_per_group(), taps = p.KH * p.KW;
+  const int64_t bh = p.KH - 1 - p.PH, bw = p.KW - 1 - p.PW;
+  const int64_t Wq = p.OW + 2 * bw, plane = (p.OH + 2 * bh) * Wq;
+  // Slack: the tile's second row past the last plane, and 16 lanes from its last column.
+  const float* gyp = pad_planes(gy, gs, p.N, p.O, p.OH, p.OW, bh, bh, bw, bw, 2 * Wq + 32);
+  // wr[g][o][kh][kw][c] = w[g Og + o][c][kh][kw]: Cg contiguous broadcasts per tap.
+  float* wr = scratch(2, p.G * Og * taps * Cg);
+  for (int64_t go = 0; go < p.O; ++go)
+    for (int64_t c = 0; c < Cg; ++c)
+      for (int64_t t = 0; t < taps; ++t) wr[(go * taps + t) * Cg + c] = w[(go * Cg + c) * taps + t];
+  const __mmask16 mask = __mmask16((1u << p.W) - 1);
+  run_items(p.N * p.G, [&](int64_t item) {
+    const int64_t n = item / p.G, g = item % p.G;
+    const float* gyg = gyp + (n * p.O + g * Og) * plane;
+    const float* wg = wr + g * Og * taps * Cg;
+    float* gxg = gx + n * xs.n + g * Cg * xs.c;
+    for (int64_t ih = 0; ih < p.H; ih += 2)
+      kInputRows[Cg](gyg + ih * Wq, plane, Wq, Og, p.KH, p.KW, wg, gxg + ih * xs.h, xs.c, xs.h, mask,
+                     ih + 1 < p.H);
+  }, p.N * p.C * p.H * 16 * Og * taps);
+#else
+  (void)gy; (void)gs; (void)w; (void)gx; (void)xs; (void)p;
+#endif
+}
+
 }  // namespace
 
 void forward_impl(const float* x, const Strides4& xs, const float* w, bool w_t, const float* bias,
@@ -1163,8 +1337,8 @@ void input_backward_phases(const float* gy, const Strides4& gs, const float* w, 
   });
 }
 
-bool input_backward_overwrites(const Conv2dParams& p) {
-  if (input_backward_phases_apply(p)) return true;
+bool input_backward_overwrites(const Conv2dParams& p, const Strides4& xs) {
+  if (input_backward_phases_apply(p) || input_backward_rows_applies(p, xs)) return true;
   if (!(p.SH == 1 && p.SW == 1 && p.PH <= p.DH * (p.KH - 1) && p.PW <= p.DW * (p.KW - 1))) return false;
   // Its columns (O x KH x KW by H x W) must not outnumber col2im's (C x KH x KW by OH x OW)
   // by much: LeNet's 6 -> 16 channels, 14x14 -> 10x10 stays with col2im. (AlexNet's 96 ->
@@ -1177,12 +1351,17 @@ void input_backward(const float* gy, const Strides4& gs, const float* w, float* 
                     const Strides4& xs, const Conv2dParams& p) {
   const int64_t Cg = p.in_per_group(), Og = p.out_per_group(), K = Cg * p.KH * p.KW;
   const int64_t taps = p.KH * p.KW, T = at::get_num_threads();
+  if (input_backward_rows_applies(p, xs)) {
+    kInRows.hit();
+    input_backward_rows(gy, gs, w, gx, xs, p);
+    return;
+  }
   if (input_backward_phases_apply(p)) {
     kInPhases.hit();
     input_backward_phases(gy, gs, w, gx, xs, p);
     return;
   }
-  if (input_backward_overwrites(p)) {
+  if (input_backward_overwrites(p, xs)) {
     kInForward.hit();
     // Stride 1: gx is the convolution of gy, padded by d (k - 1) - p, with the weight
     // flipped in space and transposed in channels (w'[g Cg + c][o][kh][kw] =
@@ -1265,6 +1444,11 @@ void weight_backward(const float* gy, const Strides4& gs, const float* x, const 
   const int64_t R = p.N * p.OH, T = at::get_num_threads();
   if (R == 0 || p.OW == 0) {
     std::fill(gw, gw + p.O * K, 0.f);
+    return;
+  }
+  if (channel_lanes_applies(p, xs)) {
+    kWLanes.hit();
+    weight_backward_lanes(gy, gs, x, xs, gw, p);
     return;
   }
   const bool unit = p.SH == 1 && p.SW == 1;
