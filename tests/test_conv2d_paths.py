@@ -73,6 +73,10 @@ CASES = {
     # The weight gradient's channel lanes at a stride of 2 down and with dilation.
     "lanes_stride_h": (2, 6, 15, 13, 16, 3, (2, 1), 1, 1, 1),
     "lanes_dilated": (2, 4, 12, 12, 13, 3, 1, 2, 2, 1),
+    # The implicit weight gradient with >= 2 panels of output channels a thread: items over
+    # blocks of output channels (a partial last panel), gy packed by 16 x 16 transposes.
+    "implicit_w_columns": (2, 16, 14, 14, 136, 1, 1, 0, 1, 1),
+    "implicit_w_columns_phases": (2, 16, 26, 26, 130, 3, 2, 1, 1, 1),
 }
 
 # The float32 paths each case targets, on contiguous tensors and any thread count: the
@@ -107,6 +111,8 @@ PATHS = {
     "rows_groups_full": ("channel_lanes", "sgemm_rows", "sgemm_lanes"),
     "lanes_stride_h": ("channel_lanes", None, "sgemm_lanes"),
     "lanes_dilated": ("channel_lanes", None, "sgemm_lanes"),
+    "implicit_w_columns": (None, None, "sgemm_implicit"),
+    "implicit_w_columns_phases": (None, None, "sgemm_implicit_phases"),
 }
 
 

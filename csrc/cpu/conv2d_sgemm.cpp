@@ -463,6 +463,46 @@ CNNEXT_CONV_AVX512 void gather_t(const float* xp, const int64_t* off, int64_t k0
 // (panels of kNR channels); zero in the columns ow >= OW and the channels past Og.
 void pack_gy_padded(const float* g, const Strides4& gs, const Conv2dParams& p, int64_t Og,
                     int64_t oh0, int64_t oh1, int64_t Wp, int64_t Lp, float* out) {
+  if (gs.w == 1 && gs.h == p.OW && sgemm::available()) {
+    // Planes of gy flatten: blocks of 16 channels x 16 positions of the band (runs across
+    // its rows) by 16 x 16 vector transposes, each transposed row (a position's 16
+    // channels) stored at its padded-width place; the scalar loop below stores one float
+    // 128 bytes from the last, a cache line each.
+    alignas(64) float in[16 * 16], tr[16 * 16];
+    const int64_t P = (oh1 - oh0) * p.OW;
+    for (int64_t o0 = 0; o0 < Og; o0 += kNR) {
+      float* panel = out + o0 * Lp;
+      const int64_t nb = std::min(kNR, Og - o0);
+      for (int64_t oh = oh0; oh < oh1; ++oh) {
+        float* dst = panel + (oh - oh0) * Wp * kNR;
+        const int64_t ncol = std::min(Wp, Lp - (oh - oh0) * Wp);
+        if (ncol > p.OW) std::fill(dst + p.OW * kNR, dst + ncol * kNR, 0.f);
+      }
+      for (int64_t j0 = 0; j0 < kNR; j0 += 16) {
+        const int64_t nj = std::clamp<int64_t>(nb - j0, 0, 16);
+        for (int64_t q0 = 0; q0 < P; q0 += 16) {
+          const int64_t nq = std::min<int64_t>(16, P - q0);
+          if (nj == 0) {
+            std::fill(tr, tr + 16 * 16, 0.f);
+          } else {
+            const float* src = g + (o0 + j0) * gs.c + oh0 * gs.h + q0;
+            if (nj == 16 && nq == 16) {
+              sgemm::transpose16(src, gs.c, tr, 16);
+            } else {
+              std::fill(in, in + 16 * 16, 0.f);
+              for (int64_t j = 0; j < nj; ++j) std::memcpy(in + j * 16, src + j * gs.c, sizeof(float) * nq);
+              sgemm::transpose16(in, 16, tr, 16);
+            }
+          }
+          for (int64_t q = 0; q < nq; ++q) {
+            const int64_t oh = (q0 + q) / p.OW, ow = (q0 + q) % p.OW;
+            std::memcpy(panel + (oh * Wp + ow) * kNR + j0, tr + q * 16, sizeof(float) * 16);
+          }
+        }
+      }
+    }
+    return;
+  }
   for (int64_t o0 = 0; o0 < Og; o0 += kNR) {
     float* panel = out + o0 * Lp;
     const int64_t nb = std::min(kNR, Og - o0);
@@ -1468,20 +1508,29 @@ void weight_backward(const float* gy, const Strides4& gs, const float* x, const 
     const std::vector<int64_t>& off = src.off;
     const int64_t rows = std::clamp<int64_t>(ceil_div(1536, Wp), 1, p.OH);
     const int64_t bands = ceil_div(p.OH, rows);
-    const int64_t kpb = round_up(ceil_div(K, std::min(ceil_div(K, kMR), ceil_div(T, p.G))), kMR);
+    // Items: with more threads than groups and >= 2 panels of output channels for each,
+    // (group, block of whole panels of output channels): each packs only its own channels of
+    // gy and reads all of A (the threads read the same input, from the shared cache); else
+    // (group, block of rows of gw^T), every item packing all of its group's gy.
+    const int64_t jsplit = std::min(ceil_div(T, p.G), Og / (2 * kNR));
+    const int64_t jpb = jsplit >= 2 ? round_up(ceil_div(Og, jsplit), kNR) : Og;
+    const int64_t jblocks = ceil_div(Og, jpb);
+    const int64_t kpb = jblocks > 1 ? K : round_up(ceil_div(K, std::min(ceil_div(K, kMR), ceil_div(T, p.G))), kMR);
     const int64_t kblocks = ceil_div(K, kpb);
     float* gwt = scratch(1, p.G * K * Og);
-    const int64_t b_size = sgemm::packed_b_size(rows * Wp, Og);
-    run_items(p.G * kblocks, [&](int64_t item) {
-      const int64_t g = item / kblocks, k0 = (item % kblocks) * kpb, k1 = std::min(K, k0 + kpb);
+    const int64_t b_size = sgemm::packed_b_size(rows * Wp, jpb);
+    run_items(p.G * kblocks * jblocks, [&](int64_t item) {
+      const int64_t g = item / (kblocks * jblocks), kb = (item / jblocks) % kblocks, jb = item % jblocks;
+      const int64_t k0 = kb * kpb, k1 = std::min(K, k0 + kpb);
+      const int64_t j0 = jb * jpb, nj = std::min(Og, j0 + jpb) - j0;
       float* bpk = scratch(0, b_size);
       for (int64_t n = 0; n < p.N; ++n) {
         for (int64_t band = 0; band < bands; ++band) {
           const int64_t oh0 = band * rows, oh1 = std::min(p.OH, oh0 + rows);
           const int64_t Lp = (oh1 - oh0) * Wp - (Wp - p.OW);
-          pack_gy_padded(gy + n * gs.n + g * Og * gs.c, gs, p, Og, oh0, oh1, Wp, Lp, bpk);
+          pack_gy_padded(gy + n * gs.n + (g * Og + j0) * gs.c, gs, p, nj, oh0, oh1, Wp, Lp, bpk);
           sgemm::gemm_arows(xp + (n * p.C + g * Cg) * plane + oh0 * Wp, off.data() + k0, bpk,
-                            k1 - k0, Og, Lp, gwt + (g * K + k0) * Og, Og, n > 0 || band > 0);
+                            k1 - k0, nj, Lp, gwt + (g * K + k0) * Og + j0, Og, n > 0 || band > 0);
         }
       }
     });
