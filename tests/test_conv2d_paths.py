@@ -275,3 +275,27 @@ def test_pointwise_stride2_forms(threads, form):
     finally:
         torch.set_num_threads(old)
     compare(ours, ref, torch.float32)
+
+
+@pytest.mark.parametrize("case", ["lenet_conv2", "rows_odd", "implicit_w_columns"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_empty_batch_new_backward_paths(case, threads):
+    """N = 0 on the shapes of the lanes / rows / column-split backward paths: empty input
+    gradient, zero weight and bias gradients, as stock gives."""
+    n, c, h, w, o, k, s, p, d, g = CASES[case]
+    kh, kw = (k, k) if isinstance(k, int) else k
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        outs = []
+        for fn in (conv2d, F.conv2d):
+            x = torch.randn(0, c, h, w, requires_grad=True)
+            wt = torch.randn(o, c // g, kh, kw, generator=torch.Generator().manual_seed(2)).requires_grad_(True)
+            b = torch.randn(o, requires_grad=True)
+            y = fn(x, wt, b, stride=s, padding=p, dilation=d, groups=g)
+            outs.append((y.detach(),) + torch.autograd.grad(y, (x, wt, b), torch.ones_like(y)))
+    finally:
+        torch.set_num_threads(old)
+    for a, e in zip(*outs):
+        assert a.shape == e.shape
+        torch.testing.assert_close(a, e)
