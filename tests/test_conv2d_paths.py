@@ -63,6 +63,20 @@ CASES = {
     "implicit_w_only": (3, 16, 12, 13, 24, 3, 1, 1, 1, 1),
     # 1 x 1 unpadded on a small map: implicit too (no extra columns).
     "implicit_pointwise_small": (3, 40, 7, 9, 48, 1, 1, 0, 1, 1),
+    # Few input channels on rows of <= 16 (stride 1): the input gradient by rows in the lanes
+    # (conv2d.input_grad.sgemm_rows): an odd number of rows (the last tile's second row
+    # dropped), a 5x3 kernel with uneven padding, 14 output channels (the weight gradient's
+    # channel lanes, a tail block of 3 taps).
+    "rows_odd": (3, 5, 13, 11, 14, (5, 3), 1, (2, 1), 1, 1),
+    # 16 columns (every lane), two groups of 8 input and 16 output channels, unpadded.
+    "rows_groups_full": (2, 16, 16, 16, 32, 3, 1, 0, 1, 2),
+    # The weight gradient's channel lanes at a stride of 2 down and with dilation.
+    "lanes_stride_h": (2, 6, 15, 13, 16, 3, (2, 1), 1, 1, 1),
+    "lanes_dilated": (2, 4, 12, 12, 13, 3, 1, 2, 2, 1),
+    # The implicit weight gradient with >= 2 panels of output channels a thread: items over
+    # blocks of output channels (a partial last panel), gy packed by 16 x 16 transposes.
+    "implicit_w_columns": (2, 16, 14, 14, 136, 1, 1, 0, 1, 1),
+    "implicit_w_columns_phases": (2, 16, 26, 26, 130, 3, 2, 1, 1, 1),
 }
 
 # The float32 paths each case targets, on contiguous tensors and any thread count: the
@@ -80,19 +94,25 @@ PATHS = {
     "pointwise_stride2": (None, None, "sgemm_gather"),
     "dilated_padded": ("small_n", "sgemm_col2im", "sgemm_gather"),
     # 12 output channels per group on a 9-column map: channels in the lanes of a vector.
-    "groups": ("channel_lanes", "sgemm_col2im", "sgemm_gather"),
+    "groups": ("channel_lanes", "sgemm_rows", "sgemm_lanes"),
     "groups_transposed": ("small_n", "sgemm_as_forward", "sgemm_gather"),
     "panels_groups": ("small_n", "sgemm_col2im_transposed", "sgemm_gather"),
     "panels_deep": ("small_n", "sgemm_as_forward", "sgemm_gather"),
     "panels_few_taps": ("panels", "sgemm_col2im_transposed", "sgemm_gather"),
-    "lenet_conv1": ("gather", "sgemm_col2im", "sgemm_implicit"),
-    "lenet_conv2": ("channel_lanes", "sgemm_col2im", "sgemm_gather"),
+    "lenet_conv1": ("gather", "sgemm_rows", "sgemm_implicit"),
+    "lenet_conv2": ("channel_lanes", "sgemm_rows", "sgemm_lanes"),
     "one_sample_3x3": ("small_n", "sgemm_as_forward", "sgemm_gather"),
     "implicit_dilated": ("implicit", "sgemm_col2im", "sgemm_implicit"),
     "implicit_groups": ("implicit", "sgemm_col2im", "sgemm_implicit"),
     "implicit_1x1": ("implicit", "sgemm_col2im", "sgemm_implicit"),
     "implicit_w_only": ("gather", "sgemm_col2im", "sgemm_implicit"),
     "implicit_pointwise_small": ("implicit", "sgemm_as_forward", "sgemm_gather"),
+    "rows_odd": ("channel_lanes", "sgemm_rows", "sgemm_lanes"),
+    "rows_groups_full": ("channel_lanes", "sgemm_rows", "sgemm_lanes"),
+    "lanes_stride_h": ("channel_lanes", None, "sgemm_lanes"),
+    "lanes_dilated": ("channel_lanes", None, "sgemm_lanes"),
+    "implicit_w_columns": (None, None, "sgemm_implicit"),
+    "implicit_w_columns_phases": (None, None, "sgemm_implicit_phases"),
 }
 
 
@@ -255,3 +275,27 @@ def test_pointwise_stride2_forms(threads, form):
     finally:
         torch.set_num_threads(old)
     compare(ours, ref, torch.float32)
+
+
+@pytest.mark.parametrize("case", ["lenet_conv2", "rows_odd", "implicit_w_columns"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_empty_batch_new_backward_paths(case, threads):
+    """N = 0 on the shapes of the lanes / rows / column-split backward paths: empty input
+    gradient, zero weight and bias gradients, as stock gives."""
+    n, c, h, w, o, k, s, p, d, g = CASES[case]
+    kh, kw = (k, k) if isinstance(k, int) else k
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        outs = []
+        for fn in (conv2d, F.conv2d):
+            x = torch.randn(0, c, h, w, requires_grad=True)
+            wt = torch.randn(o, c // g, kh, kw, generator=torch.Generator().manual_seed(2)).requires_grad_(True)
+            b = torch.randn(o, requires_grad=True)
+            y = fn(x, wt, b, stride=s, padding=p, dilation=d, groups=g)
+            outs.append((y.detach(),) + torch.autograd.grad(y, (x, wt, b), torch.ones_like(y)))
+    finally:
+        torch.set_num_threads(old)
+    for a, e in zip(*outs):
+        assert a.shape == e.shape
+        torch.testing.assert_close(a, e)

@@ -12,8 +12,10 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #include "cpu/cpu_features.h"
@@ -48,9 +50,11 @@ CNNEXT_PATH(kInForward, "conv2d.input_grad.sgemm_as_forward");
 CNNEXT_PATH(kInCol2im, "conv2d.input_grad.sgemm_col2im");
 CNNEXT_PATH(kInCol2imT, "conv2d.input_grad.sgemm_col2im_transposed");
 CNNEXT_PATH(kInPhases, "conv2d.input_grad.sgemm_phases");
+CNNEXT_PATH(kInRows, "conv2d.input_grad.sgemm_rows");
 CNNEXT_PATH(kWImplicit, "conv2d.weight_grad.sgemm_implicit");
 CNNEXT_PATH(kWImplicitPhases, "conv2d.weight_grad.sgemm_implicit_phases");
 CNNEXT_PATH(kWGather, "conv2d.weight_grad.sgemm_gather");
+CNNEXT_PATH(kWLanes, "conv2d.weight_grad.sgemm_lanes");
 
 using sgemm::kMR;
 using sgemm::kNR;
@@ -453,6 +457,46 @@ CNNEXT_CONV_AVX512 void gather_t(const float* xp, const int64_t* off, int64_t k0
 // (panels of kNR channels); zero in the columns ow >= OW and the channels past Og.
 void pack_gy_padded(const float* g, const Strides4& gs, const Conv2dParams& p, int64_t Og,
                     int64_t oh0, int64_t oh1, int64_t Wp, int64_t Lp, float* out) {
+  if (gs.w == 1 && gs.h == p.OW && sgemm::available()) {
+    // Planes of gy flatten: blocks of 16 channels x 16 positions of the band (runs across
+    // its rows) by 16 x 16 vector transposes, each transposed row (a position's 16
+    // channels) stored at its padded-width place; the scalar loop below stores one float
+    // 128 bytes from the last, a cache line each.
+    alignas(64) float in[16 * 16], tr[16 * 16];
+    const int64_t P = (oh1 - oh0) * p.OW;
+    for (int64_t o0 = 0; o0 < Og; o0 += kNR) {
+      float* panel = out + o0 * Lp;
+      const int64_t nb = std::min(kNR, Og - o0);
+      for (int64_t oh = oh0; oh < oh1; ++oh) {
+        float* dst = panel + (oh - oh0) * Wp * kNR;
+        const int64_t ncol = std::min(Wp, Lp - (oh - oh0) * Wp);
+        if (ncol > p.OW) std::fill(dst + p.OW * kNR, dst + ncol * kNR, 0.f);
+      }
+      for (int64_t j0 = 0; j0 < kNR; j0 += 16) {
+        const int64_t nj = std::clamp<int64_t>(nb - j0, 0, 16);
+        for (int64_t q0 = 0; q0 < P; q0 += 16) {
+          const int64_t nq = std::min<int64_t>(16, P - q0);
+          if (nj == 0) {
+            std::fill(tr, tr + 16 * 16, 0.f);
+          } else {
+            const float* src = g + (o0 + j0) * gs.c + oh0 * gs.h + q0;
+            if (nj == 16 && nq == 16) {
+              sgemm::transpose16(src, gs.c, tr, 16);
+            } else {
+              std::fill(in, in + 16 * 16, 0.f);
+              for (int64_t j = 0; j < nj; ++j) std::memcpy(in + j * 16, src + j * gs.c, sizeof(float) * nq);
+              sgemm::transpose16(in, 16, tr, 16);
+            }
+          }
+          for (int64_t q = 0; q < nq; ++q) {
+            const int64_t oh = (q0 + q) / p.OW, ow = (q0 + q) % p.OW;
+            std::memcpy(panel + (oh * Wp + ow) * kNR + j0, tr + q * 16, sizeof(float) * 16);
+          }
+        }
+      }
+    }
+    return;
+  }
   for (int64_t o0 = 0; o0 < Og; o0 += kNR) {
     float* panel = out + o0 * Lp;
     const int64_t nb = std::min(kNR, Og - o0);
@@ -828,6 +872,176 @@ void forward_lanes(const float* x, const Strides4& xs, const float* w, const flo
 #endif
 }
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(CNNEXT_NO_AVX512)
+// KB taps of one group, the output channels in the lanes: acc[j] += x[off[j] + position] *
+// gyt[position] over the positions of N samples (x at sample stride xn, rows at xh, a step
+// of xw along a row; gyt: 16 floats a position, samples gn apart), acc read from and
+// written back to io (KB x 16).
+template <int KB>
+CNNEXT_TARGET("avx512f,fma") void lanes_wgrad_tile(const float* x, int64_t xn, int64_t xh, int64_t xw,
+                                                   int64_t N, int64_t OH, int64_t OW, const int64_t* off,
+                                                   const float* gyt, int64_t gn, float* io) {
+  __m512 acc[KB];
+#pragma GCC unroll 32
+  for (int j = 0; j < KB; ++j) acc[j] = _mm512_loadu_ps(io + j * 16);
+  for (int64_t n = 0; n < N; ++n) {
+    const float* g = gyt + n * gn;
+    for (int64_t oh = 0; oh < OH; ++oh) {
+      const float* row = x + n * xn + oh * xh;
+      for (int64_t ow = 0; ow < OW; ++ow, g += 16) {
+        const __m512 gv = _mm512_loadu_ps(g);
+        const float* s = row + ow * xw;
+#pragma GCC unroll 32
+        for (int j = 0; j < KB; ++j) acc[j] = _mm512_fmadd_ps(_mm512_set1_ps(s[off[j]]), gv, acc[j]);
+      }
+    }
+  }
+#pragma GCC unroll 32
+  for (int j = 0; j < KB; ++j) _mm512_storeu_ps(io + j * 16, acc[j]);
+}
+
+using LanesWgradFn = void (*)(const float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+                              const int64_t*, const float*, int64_t, float*);
+constexpr int kLanesWgradTaps = 24;  // accumulators: 24 + gy's vector + a broadcast of 32 registers
+template <int... I>
+constexpr std::array<LanesWgradFn, sizeof...(I)> lanes_wgrad_table(std::integer_sequence<int, I...>) {
+  return {lanes_wgrad_tile<I + 1>...};
+}
+constexpr std::array<LanesWgradFn, kLanesWgradTaps> kLanesWgrad =
+    lanes_wgrad_table(std::make_integer_sequence<int, kLanesWgradTaps>());
+#endif
+
+// The weight gradient where the forward takes channel_lanes (12 to 16 output channels per
+// group, narrow maps: LeNet's second layer): gy transposed once into position-major
+// vectors of 16 channels (zero past Og), then each item (group, block of up to 24 taps)
+// keeps a vector of 16 output channels per tap and adds, over every position of the batch
+// in order, x at the tap (broadcast straight from the (padded) input) times gy's vector.
+// No column matrix, no GEMM tile lanes of padding beyond Og; each weight element is one
+// sum in a fixed order.
+void weight_backward_lanes(const float* gy, const Strides4& gs, const float* x, const Strides4& xs,
+                           float* gw, const Conv2dParams& p) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(CNNEXT_NO_AVX512)
+  const int64_t Cg = p.in_per_group(), Og = p.out_per_group(), K = Cg * p.KH * p.KW;
+  const int64_t L = p.OH * p.OW;  // positions of one sample
+  const GatherSrc src = gather_source(x, xs, p);
+  const std::vector<int64_t> off = tap_offsets(src.s, p);
+  float* gyt = scratch(1, p.G * p.N * L * 16);
+  run_items(p.G * p.N, [&](int64_t item) {
+    const int64_t g = item / p.N, n = item % p.N;
+    float* d = gyt + item * L * 16;
+    for (int64_t o = 0; o < 16; ++o) {
+      if (o >= Og) {
+        for (int64_t l = 0; l < L; ++l) d[l * 16 + o] = 0.f;
+        continue;
+      }
+      const float* plane = gy + n * gs.n + (g * Og + o) * gs.c;
+      for (int64_t oh = 0; oh < p.OH; ++oh)
+        for (int64_t ow = 0; ow < p.OW; ++ow) d[(oh * p.OW + ow) * 16 + o] = plane[oh * gs.h + ow * gs.w];
+    }
+  }, p.G * p.N * L * 16);
+  const int64_t kblocks = ceil_div(K, kLanesWgradTaps);
+  run_items(p.G * kblocks, [&](int64_t item) {
+    const int64_t g = item / kblocks, k0 = (item % kblocks) * kLanesWgradTaps;
+    const int64_t kb = std::min<int64_t>(kLanesWgradTaps, K - k0);
+    alignas(64) float acc[kLanesWgradTaps * 16] = {};
+    kLanesWgrad[kb - 1](src.x + g * Cg * src.s.c, src.s.n, p.SH * src.s.h, p.SW * src.s.w, p.N, p.OH,
+                        p.OW, off.data() + k0, gyt + g * p.N * L * 16, L * 16, acc);
+    for (int64_t o = 0; o < Og; ++o)
+      for (int64_t j = 0; j < kb; ++j) gw[(g * Og + o) * K + k0 + j] = acc[j * 16 + o];
+  }, p.N * L * K * 16);
+#else
+  (void)gy; (void)gs; (void)x; (void)xs; (void)gw; (void)p;
+#endif
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(CNNEXT_NO_AVX512)
+// Two rows (ih, ih + 1) of CG input channels of gx, the positions of a row (W <= 16) in the
+// lanes: acc[r][c] = sum over (o, kh, kw) of wr[o][kh][kw][c] * gyp[o][ih + r + KH - 1 - kh]
+// [KW - 1 - kw + lane], gyp being gy with KH - 1 - PH / KW - 1 - PW zero borders (rows of
+// Wq floats, planes of `plane`); written to gx (channel c at gxc + c * cs, rows ch apart,
+// unit step) in the first W lanes, the second row only when `two`.
+template <int CG>
+CNNEXT_TARGET("avx512f,fma") void input_rows_tile(const float* gyp, int64_t plane, int64_t Wq, int64_t Og,
+                                                  int64_t KH, int64_t KW, const float* wr, float* gxc,
+                                                  int64_t cs, int64_t ch, __mmask16 mask, bool two) {
+  __m512 acc[2][CG];
+#pragma GCC unroll 8
+  for (int c = 0; c < CG; ++c) acc[0][c] = acc[1][c] = _mm512_setzero_ps();
+  for (int64_t o = 0; o < Og; ++o) {
+    for (int64_t kh = 0; kh < KH; ++kh) {
+      const float* r0 = gyp + o * plane + (KH - 1 - kh) * Wq + KW - 1;
+      for (int64_t kw = 0; kw < KW; ++kw, wr += CG) {
+        const __m512 g0 = _mm512_loadu_ps(r0 - kw);
+        const __m512 g1 = _mm512_loadu_ps(r0 + Wq - kw);
+#pragma GCC unroll 8
+        for (int c = 0; c < CG; ++c) {
+          const __m512 wv = _mm512_set1_ps(wr[c]);
+          acc[0][c] = _mm512_fmadd_ps(wv, g0, acc[0][c]);
+          acc[1][c] = _mm512_fmadd_ps(wv, g1, acc[1][c]);
+        }
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int c = 0; c < CG; ++c) {
+    _mm512_mask_storeu_ps(gxc + c * cs, mask, acc[0][c]);
+    if (two) _mm512_mask_storeu_ps(gxc + c * cs + ch, mask, acc[1][c]);
+  }
+}
+
+using InputRowsFn = void (*)(const float*, int64_t, int64_t, int64_t, int64_t, int64_t, const float*,
+                             float*, int64_t, int64_t, __mmask16, bool);
+constexpr InputRowsFn kInputRows[9] = {nullptr,
+                                       input_rows_tile<1>, input_rows_tile<2>, input_rows_tile<3>,
+                                       input_rows_tile<4>, input_rows_tile<5>, input_rows_tile<6>,
+                                       input_rows_tile<7>, input_rows_tile<8>};
+#endif
+
+// The stride-1 input gradient of few input channels on narrow maps (LeNet's second layer:
+// 16 -> 6 channels, 10x10 -> 14x14): gx's rows in the lanes of a vector, a pair of rows of
+// every input channel of the group per tile, the (flipped) weight broadcast and gy's rows
+// read straight from a zero-bordered copy of gy. No column matrix, no col2im, no zeroing
+// of gx: each element written once, one sum over (o, kh, kw) in order. Items: (sample,
+// group).
+bool input_backward_rows_applies(const Conv2dParams& p, const Strides4& xs) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(CNNEXT_NO_AVX512)
+  return p.SH == 1 && p.SW == 1 && p.DH == 1 && p.DW == 1 && p.PH <= p.KH - 1 && p.PW <= p.KW - 1 &&
+         p.W >= 8 && p.W <= 16 && p.in_per_group() <= 8 && p.out_per_group() * p.KH * p.KW >= 16 && xs.w == 1 &&
+         p.N * p.C * p.H * p.W > 0;
+#else
+  (void)p; (void)xs;
+  return false;
+#endif
+}
+
+void input_backward_rows(const float* gy, const Strides4& gs, const float* w, float* gx,
+                         const Strides4& xs, const Conv2dParams& p) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(CNNEXT_NO_AVX512)
+  const int64_t Cg = p.in_per_group(), Og = p.out_per_group(), taps = p.KH * p.KW;
+  const int64_t bh = p.KH - 1 - p.PH, bw = p.KW - 1 - p.PW;
+  const int64_t Wq = p.OW + 2 * bw, plane = (p.OH + 2 * bh) * Wq;
+  // Slack: the tile's second row past the last plane, and 16 lanes from its last column.
+  const float* gyp = pad_planes(gy, gs, p.N, p.O, p.OH, p.OW, bh, bh, bw, bw, 2 * Wq + 32);
+  // wr[g][o][kh][kw][c] = w[g Og + o][c][kh][kw]: Cg contiguous broadcasts per tap.
+  float* wr = scratch(2, p.G * Og * taps * Cg);
+  for (int64_t go = 0; go < p.O; ++go)
+    for (int64_t c = 0; c < Cg; ++c)
+      for (int64_t t = 0; t < taps; ++t) wr[(go * taps + t) * Cg + c] = w[(go * Cg + c) * taps + t];
+  const __mmask16 mask = __mmask16((1u << p.W) - 1);
+  run_items(p.N * p.G, [&](int64_t item) {
+    const int64_t n = item / p.G, g = item % p.G;
+    const float* gyg = gyp + (n * p.O + g * Og) * plane;
+    const float* wg = wr + g * Og * taps * Cg;
+    float* gxg = gx + n * xs.n + g * Cg * xs.c;
+    for (int64_t ih = 0; ih < p.H; ih += 2)
+      kInputRows[Cg](gyg + ih * Wq, plane, Wq, Og, p.KH, p.KW, wg, gxg + ih * xs.h, xs.c, xs.h, mask,
+                     ih + 1 < p.H);
+  }, p.N * p.C * p.H * 16 * Og * taps);
+#else
+  (void)gy; (void)gs; (void)w; (void)gx; (void)xs; (void)p;
+#endif
+}
+
 }  // namespace
 
 void forward_impl(const float* x, const Strides4& xs, const float* w, bool w_t, const float* bias,
@@ -1157,8 +1371,8 @@ void input_backward_phases(const float* gy, const Strides4& gs, const float* w, 
   });
 }
 
-bool input_backward_overwrites(const Conv2dParams& p) {
-  if (input_backward_phases_apply(p)) return true;
+bool input_backward_overwrites(const Conv2dParams& p, const Strides4& xs) {
+  if (input_backward_phases_apply(p) || input_backward_rows_applies(p, xs)) return true;
   if (!(p.SH == 1 && p.SW == 1 && p.PH <= p.DH * (p.KH - 1) && p.PW <= p.DW * (p.KW - 1))) return false;
   // Its columns (O x KH x KW by H x W) must not outnumber col2im's (C x KH x KW by OH x OW)
   // by much: LeNet's 6 -> 16 channels, 14x14 -> 10x10 stays with col2im. (AlexNet's 96 ->
@@ -1171,12 +1385,17 @@ void input_backward(const float* gy, const Strides4& gs, const float* w, float* 
                     const Strides4& xs, const Conv2dParams& p) {
   const int64_t Cg = p.in_per_group(), Og = p.out_per_group(), K = Cg * p.KH * p.KW;
   const int64_t taps = p.KH * p.KW, T = at::get_num_threads();
+  if (input_backward_rows_applies(p, xs)) {
+    kInRows.hit();
+    input_backward_rows(gy, gs, w, gx, xs, p);
+    return;
+  }
   if (input_backward_phases_apply(p)) {
     kInPhases.hit();
     input_backward_phases(gy, gs, w, gx, xs, p);
     return;
   }
-  if (input_backward_overwrites(p)) {
+  if (input_backward_overwrites(p, xs)) {
     kInForward.hit();
     // Stride 1: gx is the convolution of gy, padded by d (k - 1) - p, with the weight
     // flipped in space and transposed in channels (w'[g Cg + c][o][kh][kw] =
@@ -1261,6 +1480,11 @@ void weight_backward(const float* gy, const Strides4& gs, const float* x, const 
     std::fill(gw, gw + p.O * K, 0.f);
     return;
   }
+  if (channel_lanes_applies(p, xs)) {
+    kWLanes.hit();
+    weight_backward_lanes(gy, gs, x, xs, gw, p);
+    return;
+  }
   const bool unit = p.SH == 1 && p.SW == 1;
   // Strided: phases where the input has a few channels per group at least (AlexNet's
   // one-channel 11x11 stride 4 layer keeps the gather: 25.0 -> 26.6 ms forward + backward
@@ -1278,20 +1502,29 @@ void weight_backward(const float* gy, const Strides4& gs, const float* x, const 
     const std::vector<int64_t>& off = src.off;
     const int64_t rows = std::clamp<int64_t>(ceil_div(1536, Wp), 1, p.OH);
     const int64_t bands = ceil_div(p.OH, rows);
-    const int64_t kpb = round_up(ceil_div(K, std::min(ceil_div(K, kMR), ceil_div(T, p.G))), kMR);
+    // Items: with more threads than groups and >= 2 panels of output channels for each,
+    // (group, block of whole panels of output channels): each packs only its own channels of
+    // gy and reads all of A (the threads read the same input, from the shared cache); else
+    // (group, block of rows of gw^T), every item packing all of its group's gy.
+    const int64_t jsplit = std::min(ceil_div(T, p.G), Og / (2 * kNR));
+    const int64_t jpb = jsplit >= 2 ? round_up(ceil_div(Og, jsplit), kNR) : Og;
+    const int64_t jblocks = ceil_div(Og, jpb);
+    const int64_t kpb = jblocks > 1 ? K : round_up(ceil_div(K, std::min(ceil_div(K, kMR), ceil_div(T, p.G))), kMR);
     const int64_t kblocks = ceil_div(K, kpb);
     float* gwt = scratch(1, p.G * K * Og);
-    const int64_t b_size = sgemm::packed_b_size(rows * Wp, Og);
-    run_items(p.G * kblocks, [&](int64_t item) {
-      const int64_t g = item / kblocks, k0 = (item % kblocks) * kpb, k1 = std::min(K, k0 + kpb);
+    const int64_t b_size = sgemm::packed_b_size(rows * Wp, jpb);
+    run_items(p.G * kblocks * jblocks, [&](int64_t item) {
+      const int64_t g = item / (kblocks * jblocks), kb = (item / jblocks) % kblocks, jb = item % jblocks;
+      const int64_t k0 = kb * kpb, k1 = std::min(K, k0 + kpb);
+      const int64_t j0 = jb * jpb, nj = std::min(Og, j0 + jpb) - j0;
       float* bpk = scratch(0, b_size);
       for (int64_t n = 0; n < p.N; ++n) {
         for (int64_t band = 0; band < bands; ++band) {
           const int64_t oh0 = band * rows, oh1 = std::min(p.OH, oh0 + rows);
           const int64_t Lp = (oh1 - oh0) * Wp - (Wp - p.OW);
-          pack_gy_padded(gy + n * gs.n + g * Og * gs.c, gs, p, Og, oh0, oh1, Wp, Lp, bpk);
+          pack_gy_padded(gy + n * gs.n + (g * Og + j0) * gs.c, gs, p, nj, oh0, oh1, Wp, Lp, bpk);
           sgemm::gemm_arows(xp + (n * p.C + g * Cg) * plane + oh0 * Wp, off.data() + k0, bpk,
-                            k1 - k0, Og, Lp, gwt + (g * K + k0) * Og, Og, n > 0 || band > 0);
+                            k1 - k0, nj, Lp, gwt + (g * K + k0) * Og + j0, Og, n > 0 || band > 0);
         }
       }
     });

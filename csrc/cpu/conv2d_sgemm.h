@@ -26,8 +26,10 @@ void forward(const float* x, const Strides4& xs, const float* w, const float* bi
              const Strides4& ys, const Conv2dParams& p, bool relu, const RowsDoneFn& rows_done);
 
 // gx = conv2d input gradient of gy. gx must be zero on entry unless
-// input_backward_overwrites(p) (stride 1: computed as a forward convolution of gy).
-bool input_backward_overwrites(const Conv2dParams& p);
+// input_backward_overwrites(p, xs) (xs: gx's strides; stride 1: computed as a forward
+// convolution of gy, or by rows of few input channels; strided kernels at least their
+// stride: by stride phases).
+bool input_backward_overwrites(const Conv2dParams& p, const Strides4& xs);
 void input_backward(const float* gy, const Strides4& gs, const float* w, float* gx,
                     const Strides4& xs, const Conv2dParams& p);
 

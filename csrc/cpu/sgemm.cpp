@@ -393,17 +393,29 @@ void gemm_rows(const float* a_packed, const float* b, const int64_t* off, int64_
 void gemm_arows(const float* a, const int64_t* a_off, const float* b_packed, int64_t M,
                 int64_t N, int64_t K, float* c, int64_t ldc, bool accumulate) {
   kGemmArows.hit();
-  for (int64_t k0 = 0; k0 < K; k0 += kKC) {
-    const int64_t kc = std::min(kKC, K - k0);
-    for (int64_t j0 = 0; j0 < N; j0 += kNR) {
-      const float* bp = b_packed + j0 * K + k0 * kNR;
-      const int64_t cols = std::min(kNR, N - j0);
+  // K blocks of equal size (at most kKC): no short last block that loads and stores the
+  // whole of C for a few k. Within a block, column blocks of up to kArowsJB panels (their
+  // B, kc x 128 floats, stays in L2) with the row tiles outside the panels: the 8 rows of A
+  // a tile reads in place (kMR x kc floats) are used from L1 by every panel of the block,
+  // instead of streaming all of A past each panel once (the weight gradient's A is the
+  // input itself, megabytes, read N / kNR times over).
+  constexpr int64_t kArowsJB = 4;
+  const int64_t kblocks = (K + kKC - 1) / kKC;
+  const int64_t kcb = (K + kblocks - 1) / kblocks;
+  for (int64_t k0 = 0; k0 < K; k0 += kcb) {
+    const int64_t kc = std::min(kcb, K - k0);
+    for (int64_t jb = 0; jb < N; jb += kArowsJB * kNR) {
+      const int64_t jend = std::min(N, jb + kArowsJB * kNR);
       for (int64_t i0 = 0; i0 < M; i0 += kMR) {
         const float* rows[kMR];
         for (int64_t r = 0; r < kMR; ++r) rows[r] = a + a_off[std::min(i0 + r, M - 1)] + k0;
-        (cols <= 16 ? micro_kernel<false, true, 1> : micro_kernel<false, true, 2>)(
-            kc, nullptr, rows, bp, nullptr, c + i0 * ldc + j0, ldc, std::min(kMR, M - i0), cols,
-            accumulate || k0 > 0, nullptr, false);
+        for (int64_t j0 = jb; j0 < jend; j0 += kNR) {
+          const float* bp = b_packed + j0 * K + k0 * kNR;
+          const int64_t cols = std::min(kNR, N - j0);
+          (cols <= 16 ? micro_kernel<false, true, 1> : micro_kernel<false, true, 2>)(
+              kc, nullptr, rows, bp, nullptr, c + i0 * ldc + j0, ldc, std::min(kMR, M - i0), cols,
+              accumulate || k0 > 0, nullptr, false);
+        }
       }
     }
   }

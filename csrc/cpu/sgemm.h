@@ -22,6 +22,10 @@ inline int64_t packed_b_size(int64_t K, int64_t N) { return (N + kNR - 1) / kNR 
 // Whether this CPU runs the micro-kernel.
 bool available();
 
+// dst[k * ld + i] = src[i * cs + k] for i, k in [0, 16): one 16 x 16 transpose (AVX-512).
+// Returns false (and does nothing) where the CPU or the build has no AVX-512.
+bool transpose16(const float* src, int64_t cs, float* dst, int64_t ld);
+
 // Packs A (M x K), element (i, k) at a[i * rs + k * cs].
 void pack_a(const float* a, int64_t rs, int64_t cs, int64_t M, int64_t K, float* out);
 
