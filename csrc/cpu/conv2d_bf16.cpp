@@ -508,13 +508,16 @@ bool forward_gemm(const at::Tensor& input, const at::Tensor& weight,
         if (o >= Og) break;
         if (pairs) {
           // Pair kp = tap * Cpg + cp: (W[o, 2cp, tap], W[o, 2cp + 1, tap]).
+          // w0: row o's taps of channel 2cp, tap t at w0[t * ts] (flipped: the other
+          // convolution's weight, read from its last tap down); channel 2cp + 1's are cs
+          // further on. Pointer steps instead of an index product per value.
           const int64_t KHW = p.KH * p.KW;
-          auto wv = [&](int64_t c, int64_t tap) -> uint32_t {
-            return flipped ? w[((g * Cg + c) * Og + o) * KHW + (KHW - 1 - tap)] : w[((g * Og + o) * Cg + c) * KHW + tap];
-          };
-          for (int64_t tap = 0; tap < KHW; ++tap)
-            for (int64_t cp = 0; cp < Cpg; ++cp)
-              dst[(tap * Cpg + cp) * kMR + i] = wv(2 * cp, tap) | (wv(2 * cp + 1, tap) << 16);
+          const uint16_t* w0 = flipped ? w + ((g * Cg) * Og + o) * KHW + (KHW - 1) : w + (g * Og + o) * Cg * KHW;
+          const int64_t cs = flipped ? Og * KHW : KHW, ts = flipped ? -1 : 1;
+          uint32_t* d = dst + i;
+          for (int64_t cp = 0; cp < Cpg; ++cp, w0 += 2 * cs)
+            for (int64_t tap = 0; tap < KHW; ++tap)
+              d[(tap * Cpg + cp) * kMR] = uint32_t(w0[tap * ts]) | (uint32_t(w0[cs + tap * ts]) << 16);
           continue;
         }
         if (flipped) {
