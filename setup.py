@@ -144,7 +144,7 @@ setup(
     # Extras. torchvision (the model-level tests; mnist / fashion-mnist / cifar10 / folder:
     # data for `train`) is installed apart, with `pip install --no-deps torchvision==...`
     # (see README.md), so that pip never swaps torch.
-    extras_require={"test": ["pytest", "hypothesis", "pytest-benchmark", "pillow"],
+    extras_require={"test": ["pytest", "hypothesis", "pytest-benchmark", "pillow", "expecttest"],
                     "train": ["tqdm", "matplotlib", "scikit-learn"],
                     "bench": ["tqdm", "matplotlib", "pytest-benchmark"]},
     zip_safe=False,
