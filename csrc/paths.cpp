@@ -22,7 +22,7 @@ Registry& registry() {
 
 }  // namespace
 
-Counter::Counter(const char* name) : name_(name) {
+Counter::Counter(const char* name, Needs needs) : name_(name), needs_(needs) {
   Registry& r = registry();
   std::lock_guard<std::mutex> lock(r.mu);
   r.counters.push_back(this);
@@ -33,6 +33,14 @@ std::map<std::string, int64_t> counts() {
   std::lock_guard<std::mutex> lock(r.mu);
   std::map<std::string, int64_t> out;
   for (const Counter* c : r.counters) out[c->name()] += c->count();
+  return out;
+}
+
+std::map<std::string, Needs> needs() {
+  Registry& r = registry();
+  std::lock_guard<std::mutex> lock(r.mu);
+  std::map<std::string, Needs> out;
+  for (const Counter* c : r.counters) out[c->name()] = c->needs();
   return out;
 }
 

@@ -70,12 +70,38 @@ pybind11::list op_table() {
   return rows;
 }
 
+// Each kernel path's requirement (csrc/paths.h): name -> (what it needs, whether this CPU,
+// under the CNNEXT_CPU_ISA cap, offers it).
+pybind11::dict path_needs() {
+  const cpu::CpuFeatures& f = cpu::cpu_features();
+  pybind11::dict out;
+  for (const auto& [name, needs] : paths::needs()) {
+    const char* what = "nothing";
+    bool ok = true;
+    switch (needs) {
+      case paths::Needs::kNothing: break;
+      case paths::Needs::kAvx2: what = "avx2"; ok = f.has(cpu::Isa::kAvx2); break;
+      case paths::Needs::kAvx512F: what = "avx512f"; ok = f.avx512f_fma(); break;
+      case paths::Needs::kAvx512: what = "avx512"; ok = f.has(cpu::Isa::kAvx512); break;
+      case paths::Needs::kAvx512Bf16:
+        what = "avx512_bf16";
+        ok = f.avx512_bf16 && f.has(cpu::Isa::kAvx512);
+        break;
+    }
+    out[pybind11::str(name)] = pybind11::make_tuple(what, ok);
+  }
+  return out;
+}
+
 }  // namespace
 
 void bind_test_hooks(pybind11::module_& m) {
   m.def("_path_counts", &paths::counts,
         "Kernel-path counters (csrc/paths.h): name -> kernel calls that took the path since "
         "load or the last reset. For tests; see cnnext/_paths.py.");
+  m.def("_path_needs", &path_needs,
+        "Kernel paths' requirements (csrc/paths.h): name -> (instruction set the path needs, "
+        "or 'nothing'; whether this CPU under CNNEXT_CPU_ISA offers it). For tests.");
   m.def("_reset_path_counts", &paths::reset, "Sets every kernel-path counter to 0.");
   m.def("_cpu_isa", &cpu::cpu_isa_name,
         "The CPU instruction-set level the kernels use: avx512, avx2 or scalar "

@@ -82,7 +82,7 @@ constexpr Isa kIsa = Isa::kScalar;
 
 namespace {
 
-CNNEXT_PATH(kFwdAvx2, "avg_pool2d.fwd.avx2");
+CNNEXT_PATH_NEEDS(kFwdAvx2, "avg_pool2d.fwd.avx2", kAvx2);
 CNNEXT_PATH(kFwdBaseline, "avg_pool2d.fwd.baseline");
 CNNEXT_PATH(kFwdNchw, "avg_pool2d.fwd.nchw");
 CNNEXT_PATH(kFwdCl, "avg_pool2d.fwd.channels_last");

@@ -36,14 +36,14 @@ namespace cnnext {
 namespace cpu {
 namespace {
 
-CNNEXT_PATH(kFwdSgemm, "conv2d.fwd.sgemm");
+CNNEXT_PATH_NEEDS(kFwdSgemm, "conv2d.fwd.sgemm", kAvx512F);
 CNNEXT_PATH(kFwdDirect, "conv2d.fwd.direct");
 CNNEXT_PATH(kFwdMm, "conv2d.fwd.mm");
-CNNEXT_PATH(kInSgemm, "conv2d.input_grad.sgemm");
+CNNEXT_PATH_NEEDS(kInSgemm, "conv2d.input_grad.sgemm", kAvx512F);
 CNNEXT_PATH(kInDirect, "conv2d.input_grad.direct");
 CNNEXT_PATH(kInMm, "conv2d.input_grad.mm");
 CNNEXT_PATH(kWDirect, "conv2d.weight_grad.direct");
-CNNEXT_PATH(kWSgemm, "conv2d.weight_grad.sgemm");
+CNNEXT_PATH_NEEDS(kWSgemm, "conv2d.weight_grad.sgemm", kAvx512F);
 CNNEXT_PATH(kWMm, "conv2d.weight_grad.mm");
 
 // Column buffer elements a work item aims for: about 4 MiB of floats. Bands of one

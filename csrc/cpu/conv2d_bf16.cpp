@@ -47,8 +47,8 @@ namespace cpu {
 namespace bf16 {
 namespace {
 
-CNNEXT_PATH(kFwdBf16Gemm, "conv2d.fwd.bf16_gemm");
-CNNEXT_PATH(kFwdBf16Pairs, "conv2d.fwd.bf16_gemm_pairs");
+CNNEXT_PATH_NEEDS(kFwdBf16Gemm, "conv2d.fwd.bf16_gemm", kAvx512Bf16);
+CNNEXT_PATH_NEEDS(kFwdBf16Pairs, "conv2d.fwd.bf16_gemm_pairs", kAvx512Bf16);
 
 constexpr int64_t kMR = 8;   // rows (output channels) per A panel
 constexpr int64_t kNR = 32;  // columns (output pixels) per B panel: two zmm of 16 floats
@@ -605,10 +605,10 @@ bool conv2d_forward(const at::Tensor& input, const at::Tensor& weight,
 
 
 namespace {
-CNNEXT_PATH(kInBf16Flip, "conv2d.input_grad.bf16_flip");
-CNNEXT_PATH(kInBf16Gemm, "conv2d.input_grad.bf16_gemm");
-CNNEXT_PATH(kInBf16Phases, "conv2d.input_grad.bf16_phases");
-CNNEXT_PATH(kWBf16Gemm, "conv2d.weight_grad.bf16_gemm");
+CNNEXT_PATH_NEEDS(kInBf16Flip, "conv2d.input_grad.bf16_flip", kAvx512Bf16);
+CNNEXT_PATH_NEEDS(kInBf16Gemm, "conv2d.input_grad.bf16_gemm", kAvx512Bf16);
+CNNEXT_PATH_NEEDS(kInBf16Phases, "conv2d.input_grad.bf16_phases", kAvx512Bf16);
+CNNEXT_PATH_NEEDS(kWBf16Gemm, "conv2d.weight_grad.bf16_gemm", kAvx512Bf16);
 }  // namespace
 
 static bool backward_applies(const at::Tensor& grad_output, const Conv2dParams& p) {

@@ -15,12 +15,12 @@ namespace cpu {
 namespace conv_nhwc {
 namespace {
 
-CNNEXT_PATH(kNhwc, "conv2d.fwd.sgemm_nhwc");
-CNNEXT_PATH(kNhwcSamples, "conv2d.fwd.sgemm_nhwc.sample_blocks");
-CNNEXT_PATH(kUnfolded, "conv2d.fwd.sgemm_nhwc.unfolded");
-CNNEXT_PATH(kKernelRows, "conv2d.fwd.sgemm_nhwc.kernel_rows");
-CNNEXT_PATH(kTaps, "conv2d.fwd.sgemm_nhwc.taps");
-CNNEXT_PATH(kInPlace, "conv2d.fwd.sgemm_nhwc.in_place");
+CNNEXT_PATH_NEEDS(kNhwc, "conv2d.fwd.sgemm_nhwc", kAvx512F);
+CNNEXT_PATH_NEEDS(kNhwcSamples, "conv2d.fwd.sgemm_nhwc.sample_blocks", kAvx512F);
+CNNEXT_PATH_NEEDS(kUnfolded, "conv2d.fwd.sgemm_nhwc.unfolded", kAvx512F);
+CNNEXT_PATH_NEEDS(kKernelRows, "conv2d.fwd.sgemm_nhwc.kernel_rows", kAvx512F);
+CNNEXT_PATH_NEEDS(kTaps, "conv2d.fwd.sgemm_nhwc.taps", kAvx512F);
+CNNEXT_PATH_NEEDS(kInPlace, "conv2d.fwd.sgemm_nhwc.in_place", kAvx512F);
 
 // Output positions per work item: enough rows of A per GEMM to reuse each packed B panel
 // (the weight of one tap, C x 32 floats) over many micro-tiles.

@@ -29,32 +29,32 @@ namespace cpu {
 namespace conv_sgemm {
 namespace {
 
-CNNEXT_PATH(kPanels, "conv2d.sgemm.panels");
-CNNEXT_PATH(kImplicit, "conv2d.sgemm.implicit");
-CNNEXT_PATH(kImplicitPhases, "conv2d.sgemm.implicit_phases");
-CNNEXT_PATH(kGather, "conv2d.sgemm.gather");
-CNNEXT_PATH(kGatherT, "conv2d.sgemm.gather_transposed");
-CNNEXT_PATH(kSmallN, "conv2d.sgemm.small_n");
-CNNEXT_PATH(kLanes, "conv2d.sgemm.channel_lanes");
+CNNEXT_PATH_NEEDS(kPanels, "conv2d.sgemm.panels", kAvx512F);
+CNNEXT_PATH_NEEDS(kImplicit, "conv2d.sgemm.implicit", kAvx512F);
+CNNEXT_PATH_NEEDS(kImplicitPhases, "conv2d.sgemm.implicit_phases", kAvx512F);
+CNNEXT_PATH_NEEDS(kGather, "conv2d.sgemm.gather", kAvx512F);
+CNNEXT_PATH_NEEDS(kGatherT, "conv2d.sgemm.gather_transposed", kAvx512F);
+CNNEXT_PATH_NEEDS(kSmallN, "conv2d.sgemm.small_n", kAvx512F);
+CNNEXT_PATH_NEEDS(kLanes, "conv2d.sgemm.channel_lanes", kAvx512F);
 // How the forward's columns are gathered (once per gather call that used it): vector copies
 // of runs of positions at a stride of 1, of 2, or another; a hardware gather of 16 positions
 // where runs are short; the scalar loop (no AVX-512, or a stride past int32). And whether
 // the columns were read from the input itself (no padding) instead of a padded copy.
-CNNEXT_PATH(kRunsUnit, "conv2d.sgemm.gather.runs_unit");
-CNNEXT_PATH(kRunsStride2, "conv2d.sgemm.gather.runs_stride2");
-CNNEXT_PATH(kRunsStrided, "conv2d.sgemm.gather.runs_strided");
-CNNEXT_PATH(kGatherHw, "conv2d.sgemm.gather.hw16");
-CNNEXT_PATH(kGatherScalar, "conv2d.sgemm.gather.scalar");
-CNNEXT_PATH(kUnpaddedSource, "conv2d.sgemm.gather.unpadded_source");
-CNNEXT_PATH(kInForward, "conv2d.input_grad.sgemm_as_forward");
-CNNEXT_PATH(kInCol2im, "conv2d.input_grad.sgemm_col2im");
-CNNEXT_PATH(kInCol2imT, "conv2d.input_grad.sgemm_col2im_transposed");
-CNNEXT_PATH(kInPhases, "conv2d.input_grad.sgemm_phases");
-CNNEXT_PATH(kInRows, "conv2d.input_grad.sgemm_rows");
-CNNEXT_PATH(kWImplicit, "conv2d.weight_grad.sgemm_implicit");
-CNNEXT_PATH(kWImplicitPhases, "conv2d.weight_grad.sgemm_implicit_phases");
-CNNEXT_PATH(kWGather, "conv2d.weight_grad.sgemm_gather");
-CNNEXT_PATH(kWLanes, "conv2d.weight_grad.sgemm_lanes");
+CNNEXT_PATH_NEEDS(kRunsUnit, "conv2d.sgemm.gather.runs_unit", kAvx512F);
+CNNEXT_PATH_NEEDS(kRunsStride2, "conv2d.sgemm.gather.runs_stride2", kAvx512F);
+CNNEXT_PATH_NEEDS(kRunsStrided, "conv2d.sgemm.gather.runs_strided", kAvx512F);
+CNNEXT_PATH_NEEDS(kGatherHw, "conv2d.sgemm.gather.hw16", kAvx512F);
+CNNEXT_PATH_NEEDS(kGatherScalar, "conv2d.sgemm.gather.scalar", kAvx512F);
+CNNEXT_PATH_NEEDS(kUnpaddedSource, "conv2d.sgemm.gather.unpadded_source", kAvx512F);
+CNNEXT_PATH_NEEDS(kInForward, "conv2d.input_grad.sgemm_as_forward", kAvx512F);
+CNNEXT_PATH_NEEDS(kInCol2im, "conv2d.input_grad.sgemm_col2im", kAvx512F);
+CNNEXT_PATH_NEEDS(kInCol2imT, "conv2d.input_grad.sgemm_col2im_transposed", kAvx512F);
+CNNEXT_PATH_NEEDS(kInPhases, "conv2d.input_grad.sgemm_phases", kAvx512F);
+CNNEXT_PATH_NEEDS(kInRows, "conv2d.input_grad.sgemm_rows", kAvx512F);
+CNNEXT_PATH_NEEDS(kWImplicit, "conv2d.weight_grad.sgemm_implicit", kAvx512F);
+CNNEXT_PATH_NEEDS(kWImplicitPhases, "conv2d.weight_grad.sgemm_implicit_phases", kAvx512F);
+CNNEXT_PATH_NEEDS(kWGather, "conv2d.weight_grad.sgemm_gather", kAvx512F);
+CNNEXT_PATH_NEEDS(kWLanes, "conv2d.weight_grad.sgemm_lanes", kAvx512F);
 
 using sgemm::kMR;
 using sgemm::kNR;

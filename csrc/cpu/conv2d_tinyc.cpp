@@ -23,10 +23,10 @@ namespace cpu {
 namespace conv_tinyc {
 namespace {
 
-CNNEXT_PATH(kTinyC, "conv2d.fwd.tiny_c_lanes");
-CNNEXT_PATH(kTinyCLast, "conv2d.fwd.tiny_c_lanes.channels_last_store");
+CNNEXT_PATH_NEEDS(kTinyC, "conv2d.fwd.tiny_c_lanes", kAvx512F);
+CNNEXT_PATH_NEEDS(kTinyCLast, "conv2d.fwd.tiny_c_lanes.channels_last_store", kAvx512F);
 // x's pixels dense (channels_last): rows copied whole into a [rows][cols][C] buffer.
-CNNEXT_PATH(kTinyCPixels, "conv2d.fwd.tiny_c_lanes.pixel_rows");
+CNNEXT_PATH_NEEDS(kTinyCPixels, "conv2d.fwd.tiny_c_lanes.pixel_rows", kAvx512F);
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 

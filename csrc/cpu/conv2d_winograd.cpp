@@ -32,16 +32,16 @@ namespace cpu {
 namespace winograd {
 namespace {
 
-CNNEXT_PATH(kF2, "conv2d.winograd.f2x2");
-CNNEXT_PATH(kF4, "conv2d.winograd.f4x4");
-CNNEXT_PATH(kF6, "conv2d.winograd.f6x6");
-CNNEXT_PATH(kNonFinite, "conv2d.winograd.nonfinite_fallback");
-CNNEXT_PATH(kCacheHit, "conv2d.winograd.weight_cache_hit");
-CNNEXT_PATH(kCacheMiss, "conv2d.winograd.weight_cache_miss");
-CNNEXT_PATH(kInputGrad, "conv2d.input_grad.winograd");
-CNNEXT_PATH(kWeightGrad, "conv2d.weight_grad.winograd");
-CNNEXT_PATH(kBf16Fwd, "conv2d.fwd.winograd_bf16");
-CNNEXT_PATH(kBf16InputGrad, "conv2d.input_grad.winograd_bf16");
+CNNEXT_PATH_NEEDS(kF2, "conv2d.winograd.f2x2", kAvx512F);
+CNNEXT_PATH_NEEDS(kF4, "conv2d.winograd.f4x4", kAvx512F);
+CNNEXT_PATH_NEEDS(kF6, "conv2d.winograd.f6x6", kAvx512F);
+CNNEXT_PATH_NEEDS(kNonFinite, "conv2d.winograd.nonfinite_fallback", kAvx512F);
+CNNEXT_PATH_NEEDS(kCacheHit, "conv2d.winograd.weight_cache_hit", kAvx512F);
+CNNEXT_PATH_NEEDS(kCacheMiss, "conv2d.winograd.weight_cache_miss", kAvx512F);
+CNNEXT_PATH_NEEDS(kInputGrad, "conv2d.input_grad.winograd", kAvx512F);
+CNNEXT_PATH_NEEDS(kWeightGrad, "conv2d.weight_grad.winograd", kAvx512F);
+CNNEXT_PATH_NEEDS(kBf16Fwd, "conv2d.fwd.winograd_bf16", kAvx512F);
+CNNEXT_PATH_NEEDS(kBf16InputGrad, "conv2d.input_grad.winograd_bf16", kAvx512F);
 
 std::atomic<bool> g_enabled{true};
 std::atomic<int> g_forced{0};

@@ -38,8 +38,8 @@ namespace cnnext {
 namespace cpu {
 namespace {
 
-CNNEXT_PATH(kTrainBf16Sweeps, "conv_bn_relu2d.train.bf16_sweeps");
-CNNEXT_PATH(kBackwardBf16Sweeps, "conv_bn_relu2d.backward.bf16_sweeps");
+CNNEXT_PATH_NEEDS(kTrainBf16Sweeps, "conv_bn_relu2d.train.bf16_sweeps", kAvx512Bf16);
+CNNEXT_PATH_NEEDS(kBackwardBf16Sweeps, "conv_bn_relu2d.backward.bf16_sweeps", kAvx512Bf16);
 CNNEXT_PATH(kFoldCacheHit, "conv_bn_relu2d.fold_cache_hit");
 CNNEXT_PATH(kFoldCacheMiss, "conv_bn_relu2d.fold_cache_miss");
 

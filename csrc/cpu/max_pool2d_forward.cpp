@@ -45,11 +45,11 @@ namespace cnnext {
 namespace cpu {
 namespace {
 
-CNNEXT_PATH(kAvx512Rows, "max_pool2d.fwd.avx512_rows");
-CNNEXT_PATH(kAvx512RowsBf16, "max_pool2d.fwd.avx512_rows_bf16");
+CNNEXT_PATH_NEEDS(kAvx512Rows, "max_pool2d.fwd.avx512_rows", kAvx512);
+CNNEXT_PATH_NEEDS(kAvx512RowsBf16, "max_pool2d.fwd.avx512_rows_bf16", kAvx512);
 CNNEXT_PATH(kNchwRows, "max_pool2d.fwd.nchw_rows");
-CNNEXT_PATH(kClAvx512, "max_pool2d.fwd.channels_last_avx512");
-CNNEXT_PATH(kClAvx2, "max_pool2d.fwd.channels_last_avx2");
+CNNEXT_PATH_NEEDS(kClAvx512, "max_pool2d.fwd.channels_last_avx512", kAvx512);
+CNNEXT_PATH_NEEDS(kClAvx2, "max_pool2d.fwd.channels_last_avx2", kAvx2);
 CNNEXT_PATH(kClScalar, "max_pool2d.fwd.channels_last_scalar");
 CNNEXT_PATH(kGeneric, "max_pool2d.fwd.generic");
 

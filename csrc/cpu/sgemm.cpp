@@ -24,10 +24,10 @@ namespace sgemm {
 
 // One count per GEMM call, per micro-kernel variant (packed B, B read in place by rows,
 // A read in place by rows).
-CNNEXT_PATH(kGemm, "sgemm.gemm");
-CNNEXT_PATH(kGemmRows, "sgemm.gemm_rows");
-CNNEXT_PATH(kGemmArows, "sgemm.gemm_arows");
-CNNEXT_PATH(kGemmSmallN, "sgemm.gemm_small_n");
+CNNEXT_PATH_NEEDS(kGemm, "sgemm.gemm", kAvx512F);
+CNNEXT_PATH_NEEDS(kGemmRows, "sgemm.gemm_rows", kAvx512F);
+CNNEXT_PATH_NEEDS(kGemmArows, "sgemm.gemm_arows", kAvx512F);
+CNNEXT_PATH_NEEDS(kGemmSmallN, "sgemm.gemm_small_n", kAvx512F);
 
 namespace {
 
