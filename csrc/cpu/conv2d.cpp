@@ -45,6 +45,9 @@ CNNEXT_PATH(kInMm, "conv2d.input_grad.mm");
 CNNEXT_PATH(kWDirect, "conv2d.weight_grad.direct");
 CNNEXT_PATH_NEEDS(kWSgemm, "conv2d.weight_grad.sgemm", kAvx512F);
 CNNEXT_PATH(kWMm, "conv2d.weight_grad.mm");
+CNNEXT_PATH(kFwdMmBlocks, "conv2d.fwd.mm_sample_blocks");
+CNNEXT_PATH(kInMmBlocks, "conv2d.input_grad.mm_sample_blocks");
+CNNEXT_PATH(kWMmBlocks, "conv2d.weight_grad.mm_sample_blocks");
 
 // Column buffer elements a work item aims for: about 4 MiB of floats. Bands of one
 // sample are made equal, so no band is a sliver.
@@ -61,6 +64,35 @@ Bands bands_for(const Conv2dParams& p) {
   const int64_t count = std::clamp<int64_t>((per_row * OH + kColBudget - 1) / kColBudget, 1, OH);
   const int64_t rows = (OH + count - 1) / count;
   return {rows, (OH + rows - 1) / rows};
+}
+
+// Few output positions a sample (ResNet's 7x7 and smaller maps): one at::mm per sample of
+// a few dozen columns costs about a pass over the weight (up to 9 MiB) per sample. Such
+// samples are multiplied in blocks instead: the columns of `per` samples side by side,
+// one GEMM a block and group (ResNet-18 at 96x96, batch 4, layer 4's 3x3 forward: 10.9 ->
+// 2.4 ms on a 2-core Zen 3). From 144 positions a sample on (12x12 maps), blocks were slower
+// than one GEMM a sample there (AlexNet's 3x3: 1.2x the time), hence the limit.
+constexpr int64_t kFewPositions = 64;   // positions a sample below which samples are blocked
+constexpr int64_t kBlockColumns = 512;  // columns a block aims for
+
+struct SampleBlocks {
+  int64_t per;    // samples a block (1: no blocking)
+  int64_t count;  // blocks
+};
+
+SampleBlocks sample_blocks(const Conv2dParams& p) {
+  const int64_t L = p.OH * p.OW;
+  const int64_t K = p.in_per_group() * p.KH * p.KW;
+  if (p.N < 2 || L == 0 || L >= kFewPositions) return {1, p.N};
+  // The column matrix of a block stays within the budget of a band.
+  const int64_t by_budget = std::max<int64_t>(1, kColBudget / std::max<int64_t>(1, K * L));
+  // At least a block a thread: each block's GEMM runs on one thread (at::mm's own
+  // threading gains little at these sizes: 1.5-1.9 ms on two threads against 2.0 on one
+  // for 128 x 1152 x 576 on this 2-core Zen 3).
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t per = std::min({(p.N + threads - 1) / threads, (kBlockColumns + L - 1) / L, by_budget});
+  if (per < 2) return {1, p.N};
+  return {per, (p.N + per - 1) / per};
 }
 
 // A 1x1, stride-1, unpadded convolution reads its input as the column matrix itself.
@@ -84,11 +116,12 @@ bool planes_flatten(const at::Tensor& t) { return t.size(2) == 1 || t.stride(2) 
 at::Tensor flattenable(const at::Tensor& t) { return planes_flatten(t) ? t : t.contiguous(); }
 
 // Unfolds channels [0, Cg) (x points at the group's first channel of one sample) for
-// output rows [oh0, oh1) into col, laid out (Cg * KH * KW, (oh1 - oh0) * OW).
+// output rows [oh0, oh1) into col, laid out (Cg * KH * KW, (oh1 - oh0) * OW), rows ld
+// apart (0: (oh1 - oh0) * OW, the rows back to back).
 template <typename T>
 void im2col(const T* x, const Strides4& xs, const Conv2dParams& p, int64_t Cg, int64_t oh0,
-            int64_t oh1, T* col) {
-  const int64_t L = (oh1 - oh0) * p.OW;
+            int64_t oh1, T* col, int64_t ld = 0) {
+  const int64_t L = ld > 0 ? ld : (oh1 - oh0) * p.OW;
   for (int64_t c = 0; c < Cg; ++c) {
     for (int64_t kh = 0; kh < p.KH; ++kh) {
       for (int64_t kw = 0; kw < p.KW; ++kw) {
@@ -120,8 +153,8 @@ void im2col(const T* x, const Strides4& xs, const Conv2dParams& p, int64_t Cg, i
 // The adjoint of im2col: adds col back into the input positions it was read from.
 template <typename T>
 void col2im_add(const T* col, const Conv2dParams& p, int64_t Cg, int64_t oh0, int64_t oh1,
-                T* x, const Strides4& xs) {
-  const int64_t L = (oh1 - oh0) * p.OW;
+                T* x, const Strides4& xs, int64_t ld = 0) {
+  const int64_t L = ld > 0 ? ld : (oh1 - oh0) * p.OW;
   for (int64_t c = 0; c < Cg; ++c) {
     for (int64_t kh = 0; kh < p.KH; ++kh) {
       for (int64_t kw = 0; kw < p.KW; ++kw) {
@@ -396,6 +429,33 @@ void conv2d_forward_rows(const at::Tensor& input, const at::Tensor& weight,
       }
       return;
     }
+    const SampleBlocks blocks = sample_blocks(p);
+    if (blocks.per > 1 && bands.count == 1) {
+      kFwdMmBlocks.hit();
+      const int64_t L = p.OH * p.OW, cols = blocks.per * L;
+      for_each_item(blocks.count, input, (K + Og) * cols, [&](int64_t blk, at::Tensor& buf) {
+        const int64_t n0 = blk * blocks.per, n1 = std::min(p.N, n0 + blocks.per), c = (n1 - n0) * L;
+        at::Tensor col = buf.narrow(0, 0, K * c).view({K, c});
+        at::Tensor prod = buf.narrow(0, K * cols, Og * c).view({Og, c});
+        for (int64_t g = 0; g < p.G; ++g) {
+          for (int64_t n = n0; n < n1; ++n)
+            im2col(x + n * xs.n + g * Cg * xs.c, xs, p, Cg, 0, p.OH, col.data_ptr<scalar_t>() + (n - n0) * L, c);
+          if (has_bias) {
+            at::addmm_out(prod, b.narrow(0, g * Og, Og).unsqueeze(1).expand({Og, c}), w[g], col);
+          } else {
+            at::mm_out(prod, w[g], col);
+          }
+          for (int64_t n = n0; n < n1; ++n) {
+            at::Tensor dst = plane_matrix(out, n, g * Og, Og, 0, p.OH);
+            dst.copy_(prod.narrow(1, (n - n0) * L, L));
+            if (relu) dst.clamp_min_(0);
+          }
+        }
+        if (rows_done)
+          for (int64_t n = n0; n < n1; ++n) rows_done(n, 0, p.OH);
+      });
+      return;
+    }
     kFwdMm.hit();
     for_each_item(p.N * bands.count, input, pointwise ? 0 : K * bands.rows * p.OW,
                   [&](int64_t item, at::Tensor& buf) {
@@ -457,6 +517,32 @@ at::Tensor conv2d_input_backward(const at::Tensor& grad_out, const at::Tensor& w
                             weight.contiguous().const_data_ptr<scalar_t>(), gxp, xs, p);
       return;
     }
+    const SampleBlocks blocks = sample_blocks(p);
+    if (blocks.per > 1 && bands.count == 1) {
+      kInMmBlocks.hit();
+      // grad_output's planes of a block side by side, times the transposed weight: the
+      // columns of every sample, added back (col2im) or, pointwise, copied into gx.
+      const int64_t L = p.OH * p.OW, cols = blocks.per * L;
+      for_each_item(blocks.count, grad_output, (K + Og) * cols, [&](int64_t blk, at::Tensor& buf) {
+        const int64_t n0 = blk * blocks.per, n1 = std::min(p.N, n0 + blocks.per), c = (n1 - n0) * L;
+        at::Tensor col = buf.narrow(0, 0, K * c).view({K, c});
+        at::Tensor gyc = buf.narrow(0, K * cols, Og * c).view({Og, c});
+        for (int64_t g = 0; g < p.G; ++g) {
+          for (int64_t n = n0; n < n1; ++n)
+            gyc.narrow(1, (n - n0) * L, L).copy_(plane_matrix(grad_output, n, g * Og, Og, 0, p.OH));
+          at::mm_out(col, wt[g], gyc);
+          for (int64_t n = n0; n < n1; ++n) {
+            if (pointwise) {
+              plane_matrix(gx, n, g * Cg, Cg, 0, p.H).copy_(col.narrow(1, (n - n0) * L, L));
+            } else {
+              col2im_add(col.const_data_ptr<scalar_t>() + (n - n0) * L, p, Cg, 0, p.OH,
+                         gxp + n * xs.n + g * Cg * xs.c, xs, c);
+            }
+          }
+        }
+      });
+      return;
+    }
     kInMm.hit();
     // One item per sample: the bands of a sample overlap in the input they add to.
     for_each_item(p.N, grad_output, pointwise ? 0 : K * bands.rows * p.OW,
@@ -506,9 +592,10 @@ at::Tensor conv2d_weight_backward(const at::Tensor& grad_out, const at::Tensor& 
                                 gw.mutable_data_ptr<float>(), p);
     return gw;
   }
-  kWMm.hit();
   const Bands bands = pointwise ? Bands{p.OH, 1} : bands_for(p);
-  const int64_t items = p.N * bands.count;
+  const SampleBlocks blocks = bands.count == 1 ? sample_blocks(p) : SampleBlocks{1, p.N};
+  (blocks.per > 1 ? kWMmBlocks : kWMm).hit();
+  const int64_t items = blocks.per > 1 ? blocks.count : p.N * bands.count;
   const int64_t threads = items > 1 ? at::get_num_threads() : 1;
   // One partial sum per thread, added up at the end: no two threads write one place.
   at::Tensor partial = at::zeros({threads, p.G, Og, K}, grad_output.options());
@@ -516,6 +603,25 @@ at::Tensor conv2d_weight_backward(const at::Tensor& grad_out, const at::Tensor& 
 
   AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "cnnext_conv2d_weight_backward", [&] {
     const scalar_t* x = input.const_data_ptr<scalar_t>();
+    if (blocks.per > 1) {
+      // A block's unfolded inputs and grad_output's planes side by side: one GEMM a group.
+      const int64_t L = p.OH * p.OW, cols = blocks.per * L;
+      for_each_item(items, input, (K + Og) * cols, [&](int64_t blk, at::Tensor& buf) {
+        at::Tensor acc = partial[threads > 1 ? at::get_thread_num() : 0];
+        const int64_t n0 = blk * blocks.per, n1 = std::min(p.N, n0 + blocks.per), c = (n1 - n0) * L;
+        at::Tensor col = buf.narrow(0, 0, K * c).view({K, c});
+        at::Tensor gyc = buf.narrow(0, K * cols, Og * c).view({Og, c});
+        for (int64_t g = 0; g < p.G; ++g) {
+          for (int64_t n = n0; n < n1; ++n) {
+            im2col(x + n * xs.n + g * Cg * xs.c, xs, p, Cg, 0, p.OH, col.data_ptr<scalar_t>() + (n - n0) * L, c);
+            gyc.narrow(1, (n - n0) * L, L).copy_(plane_matrix(grad_output, n, g * Og, Og, 0, p.OH));
+          }
+          at::Tensor dst = acc[g];
+          at::addmm_out(dst, dst, gyc, col.t());
+        }
+      });
+      return;
+    }
     for_each_item(items, input, pointwise ? 0 : K * bands.rows * p.OW,
                   [&](int64_t item, at::Tensor& buf) {
       at::Tensor acc = partial[threads > 1 ? at::get_thread_num() : 0];

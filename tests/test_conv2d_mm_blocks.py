@@ -1,0 +1,158 @@
+"""The at::mm convolution on small maps multiplies samples in blocks (csrc/cpu/conv2d.cpp
+sample_blocks: fewer than 64 output positions a sample, the columns of several samples side
+by side, one GEMM a block and group) in the forward and both gradients.
+
+That code runs for float64 on every CPU and for float32 where the CPU has no AVX-512F (the
+float32 GEMM of csrc/cpu/sgemm.cpp needs it), so the float64 cases here reach it anywhere
+and the float32 ones where it is float32's path."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cnnext._paths import counts, expect_path, runnable
+from cnnext.functional import conv2d, conv_bn_relu2d
+from conftest import assert_close_scaled
+
+BLOCKS = ("conv2d.fwd.mm_sample_blocks", "conv2d.input_grad.mm_sample_blocks",
+          "conv2d.weight_grad.mm_sample_blocks")
+
+# (N, C, H, W, O, kernel, stride, padding, dilation, groups): small maps (< 64 output
+# positions), a partial last block (odd N), groups, strides, dilation, a 1x1 stride-1
+# unpadded ("pointwise": gx copied, not added), a rectangular map and kernel.
+CASES = {
+    "resnet_l4": (5, 32, 3, 3, 24, 3, 1, 1, 1, 1),
+    "down": (7, 16, 7, 7, 24, 3, 2, 1, 1, 1),
+    "groups": (6, 12, 5, 6, 18, 3, 1, 1, 1, 3),
+    "dilated": (7, 8, 8, 7, 8, (3, 2), 1, (2, 1), (2, 3), 1),
+    "pointwise": (9, 16, 5, 5, 8, 1, 1, 0, 1, 1),
+    "shortcut": (4, 16, 6, 6, 32, 1, 2, 0, 1, 1),
+    "one_position": (11, 8, 2, 2, 8, 2, 1, 0, 1, 1),
+}
+
+
+def make(case, dtype, layout="contiguous", bias=True):
+    n, c, h, w, o, k, s, p, d, g = CASES[case]
+    kh, kw = (k, k) if isinstance(k, int) else k
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(n, c, h, w, generator=gen, dtype=torch.float64)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    wt = torch.randn(o, c // g, kh, kw, generator=gen, dtype=torch.float64)
+    b = torch.randn(o, generator=gen, dtype=torch.float64) if bias else None
+    gy = torch.randn(F.conv2d(x, wt, b, s, p, d, g).shape, generator=gen, dtype=torch.float64)
+    cast = lambda t: None if t is None else t.to(dtype).requires_grad_(True)
+    return (cast(x), cast(wt), cast(b), s, p, d, g), gy.to(dtype)
+
+
+def grads(fn, args, gy):
+    x, wt, b = args[:3]
+    y = fn(*args)
+    inputs = [t for t in (x, wt, b) if t is not None]
+    return (y, *torch.autograd.grad(y, inputs, gy))
+
+
+def _float32_on_mm():
+    return not runnable("conv2d.fwd.sgemm")
+
+
+DTYPES = [torch.float64, torch.float32]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float64", "float32"])
+def test_forward_and_gradients(dtype, case, layout, threads):
+    if dtype == torch.float32 and not _float32_on_mm():
+        pytest.skip("float32 takes the AVX-512 GEMM on this CPU, not at::mm")
+    args, gy = make(case, dtype, layout)
+    with expect_path(*BLOCKS):
+        ours = grads(conv2d, args, gy)
+    ref_args, ref_gy = make(case, torch.float64, layout)
+    ref = grads(F.conv2d, ref_args, ref_gy)
+    names = ("output", "grad_input", "grad_weight", "grad_bias")
+    for a, r, name in zip(ours, ref, names):
+        if dtype == torch.float64:
+            torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12, msg=name)
+        else:
+            assert_close_scaled(a.double(), r, 1e-5, name)
+    # The output keeps the input's layout, as stock's.
+    cl = torch.channels_last
+    assert ours[0].is_contiguous(memory_format=cl) == ref[0].is_contiguous(memory_format=cl)
+
+
+@pytest.fixture(params=[1, 2, 3], ids=lambda t: f"threads{t}")
+def threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+def test_no_bias():
+    args, gy = make("resnet_l4", torch.float64, bias=False)
+    with expect_path(*BLOCKS):
+        ours = grads(conv2d, args, gy)
+    ref = grads(F.conv2d, args, gy)
+    for a, r in zip(ours, ref):
+        torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12)
+
+
+def test_one_sample_and_large_maps_keep_one_gemm_a_sample():
+    # A single sample, or 8x8 positions and more, take the per-sample GEMM.
+    for shape in [(1, 16, 3, 3), (4, 16, 8, 8)]:
+        x = torch.randn(*shape, dtype=torch.float64)
+        w = torch.randn(8, 16, 3, 3, dtype=torch.float64)
+        before = counts()
+        with expect_path("conv2d.fwd.mm"):
+            y = conv2d(x, w, None, 1, 1)
+        assert counts()[BLOCKS[0]] == before[BLOCKS[0]]
+        torch.testing.assert_close(y, F.conv2d(x, w, None, 1, 1), rtol=1e-12, atol=1e-12)
+
+
+def test_empty_batch():
+    x = torch.randn(0, 8, 3, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(8, 8, 3, 3, dtype=torch.float64, requires_grad=True)
+    y = conv2d(x, w, None, 1, 1)
+    assert y.shape == (0, 8, 3, 3)
+    gx, gw = torch.autograd.grad(y.sum(), (x, w))
+    assert gx.shape == x.shape and torch.equal(gw, torch.zeros_like(w))
+
+
+def test_non_finite_as_stock():
+    args, gy = make("down", torch.float64)
+    x = args[0].detach().clone()
+    x[0, 3, 1, 2] = float("nan")
+    x[2, 1, 6, 6] = float("inf")
+    x[4, 0, 0, 0] = float("-inf")
+    args = (x.requires_grad_(True), *args[1:])
+    with expect_path(*BLOCKS):
+        ours = grads(conv2d, args, gy)
+    ref = grads(F.conv2d, args, gy)
+    for a, r in zip(ours, ref):
+        assert torch.equal(a.isnan(), r.isnan())
+        assert torch.equal(a.isinf(), r.isinf())
+        fin = r.isfinite()
+        torch.testing.assert_close(a[fin], r[fin], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_conv_bn_relu(training):
+    # The fused op's inference forward takes the blocks with the ReLU (and its per-row
+    # callback); training runs the convolution, then the batch statistics.
+    args, _ = make("resnet_l4", torch.float64)
+    x, wt, b = (t.detach() for t in args[:3])
+    o = wt.shape[0]
+    gamma, beta = torch.rand(o, dtype=torch.float64) + 0.5, torch.randn(o, dtype=torch.float64)
+    rm, rv = torch.randn(o, dtype=torch.float64), torch.rand(o, dtype=torch.float64) + 0.5
+    with expect_path(BLOCKS[0]):
+        y = conv_bn_relu2d(x, wt, b, gamma, beta, rm.clone(), rv.clone(), training, padding=1)
+    ref = F.batch_norm(F.conv2d(x, wt, b, 1, 1), rm.clone(), rv.clone(), gamma, beta, training).relu()
+    torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_deterministic():
+    args, gy = make("groups", torch.float64)
+    first = grads(conv2d, args, gy)
+    for _ in range(3):
+        again = grads(conv2d, args, gy)
+        assert all(torch.equal(a, b) for a, b in zip(first, again))
