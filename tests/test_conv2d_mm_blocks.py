@@ -1,6 +1,7 @@
 """The at::mm convolution on small maps multiplies samples in blocks (csrc/cpu/conv2d.cpp
-sample_blocks: fewer than 64 output positions a sample, the columns of several samples side
-by side, one GEMM a block and group) in the forward and both gradients.
+sample_blocks: fewer than 64 output positions a sample, or a GEMM under 2^20 MACs a
+sample; the columns of several samples side by side, one GEMM a block and group) in the
+forward and both gradients.
 
 That code runs for float64 on every CPU and for float32 where the CPU has no AVX-512F (the
 float32 GEMM of csrc/cpu/sgemm.cpp needs it), so the float64 cases here reach it anywhere
@@ -27,6 +28,11 @@ CASES = {
     "pointwise": (9, 16, 5, 5, 8, 1, 1, 0, 1, 1),
     "shortcut": (4, 16, 6, 6, 32, 1, 2, 0, 1, 1),
     "one_position": (11, 8, 2, 2, 8, 2, 1, 0, 1, 1),
+    # 100 positions, but a GEMM of 16 x 150 x 100 MACs a sample (LeNet's second layer): tiny.
+    "tiny_gemm": (9, 6, 14, 14, 16, 5, 1, 0, 1, 1),
+    # One input channel, 6 output channels, 5x5 (LeNet's first layer): no longer the direct
+    # loops, a GEMM in blocks.
+    "lenet_first": (7, 1, 12, 12, 6, 5, 1, 2, 1, 1),
 }
 
 
@@ -98,10 +104,11 @@ def test_no_bias():
 
 
 def test_one_sample_and_large_maps_keep_one_gemm_a_sample():
-    # A single sample, or 8x8 positions and more, take the per-sample GEMM.
-    for shape in [(1, 16, 3, 3), (4, 16, 8, 8)]:
+    # A single sample, or 64 positions and more under a GEMM of over 2^20 MACs a sample,
+    # take the per-sample GEMM.
+    for shape in [(1, 64, 3, 3), (4, 64, 8, 8)]:
         x = torch.randn(*shape, dtype=torch.float64)
-        w = torch.randn(8, 16, 3, 3, dtype=torch.float64)
+        w = torch.randn(64, 64, 3, 3, dtype=torch.float64)
         before = counts()
         with expect_path("conv2d.fwd.mm"):
             y = conv2d(x, w, None, 1, 1)

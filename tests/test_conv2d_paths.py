@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import cnnext
 import cnnext.backends.cpu
-from cnnext._paths import expect_path
+from cnnext._paths import counts, expect_path
 from cnnext.functional import conv2d, conv_bn_relu2d
 from conftest import assert_close_scaled, to_layout
 
@@ -125,10 +125,15 @@ def float32_paths(case):
 
 
 def float64_paths(case):
-    """at::mm, or the direct loops where in_channels x out_channels per group <= 8."""
+    """Per stage (forward, input gradient, weight gradient), the paths float64 may take: the
+    direct loops where in_channels x out_channels per group <= 8, except a plain convolution
+    with >= 4 output channels and >= 9 taps x channels (LeNet's first layer); else at::mm,
+    one GEMM a sample or samples in blocks (which of the two: tests/test_conv2d_mm_blocks.py)."""
     n, c, h, w, o, k, s, p, d, g = CASES[case]
-    kind = "direct" if (c // g) * (o // g) <= 8 else "mm"
-    return [f"conv2d.fwd.{kind}", f"conv2d.input_grad.{kind}", f"conv2d.weight_grad.{kind}"]
+    kh, kw = (k, k) if isinstance(k, int) else k
+    direct = (c // g) * (o // g) <= 8 and not (g == 1 and o >= 4 and (c // g) * kh * kw >= 9)
+    kinds = ("direct",) if direct else ("mm", "mm_sample_blocks")
+    return [tuple(f"conv2d.{stage}.{kind}" for kind in kinds) for stage in ("fwd", "input_grad", "weight_grad")]
 
 
 def run(case, dtype, layout, bias=True):
@@ -181,8 +186,11 @@ def test_float32_layouts(case, layout):
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_float64(case, layout):
-    with expect_path(*float64_paths(case)):
-        ours, ref = run(case, torch.float64, layout)
+    before = counts()
+    ours, ref = run(case, torch.float64, layout)
+    after = counts()
+    for stage in float64_paths(case):
+        assert any(after[n] > before[n] for n in stage), (stage, sorted(k for k in after if after[k] != before[k]))
     compare(ours, ref, torch.float64)
 
 

@@ -74,6 +74,7 @@ Bands bands_for(const Conv2dParams& p) {
 // than one GEMM a sample there (AlexNet's 3x3: 1.2x the time), hence the limit.
 constexpr int64_t kFewPositions = 64;   // positions a sample below which samples are blocked
 constexpr int64_t kBlockColumns = 512;  // columns a block aims for
+constexpr int64_t kTinyGemm = int64_t(1) << 20;  // MACs below which a sample's GEMM is tiny
 
 struct SampleBlocks {
   int64_t per;    // samples a block (1: no blocking)
@@ -83,14 +84,21 @@ struct SampleBlocks {
 SampleBlocks sample_blocks(const Conv2dParams& p) {
   const int64_t L = p.OH * p.OW;
   const int64_t K = p.in_per_group() * p.KH * p.KW;
-  if (p.N < 2 || L == 0 || L >= kFewPositions) return {1, p.N};
+  // MACs of one sample's GEMM (a group's): below kTinyGemm at::mm's fixed cost per call
+  // is a good part of the call, so samples are blocked up to about kTinyGemm a GEMM
+  // (LeNet's second layer, 16 x 150 x 100 a sample, batch 64: 1.12 -> 0.67 ms forward).
+  const int64_t macs = p.out_per_group() * K * L;
+  const bool tiny = macs < kTinyGemm;
+  if (p.N < 2 || L == 0 || (L >= kFewPositions && !tiny)) return {1, p.N};
   // The column matrix of a block stays within the budget of a band.
   const int64_t by_budget = std::max<int64_t>(1, kColBudget / std::max<int64_t>(1, K * L));
   // At least a block a thread: each block's GEMM runs on one thread (at::mm's own
   // threading gains little at these sizes: 1.5-1.9 ms on two threads against 2.0 on one
   // for 128 x 1152 x 576 on this 2-core Zen 3).
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t per = std::min({(p.N + threads - 1) / threads, (kBlockColumns + L - 1) / L, by_budget});
+  int64_t target = (kBlockColumns + L - 1) / L;
+  if (tiny) target = std::max(target, (kTinyGemm + macs - 1) / std::max<int64_t>(1, macs));
+  const int64_t per = std::min({(p.N + threads - 1) / threads, target, by_budget});
   if (per < 2) return {1, p.N};
   return {per, (p.N + per - 1) / per};
 }
@@ -321,9 +329,10 @@ void direct_weight_backward(const T* gy, const Strides4& gs, const T* x, const S
 bool use_sgemm(const at::Tensor& t) { return t.scalar_type() == at::kFloat && sgemm::available(); }
 
 // Thin groups go to the direct loops, except a plain convolution with a few output
-// channels and enough taps (LeNet's first layer: 1 -> 6 channels, 5x5), which our float32
-// GEMM runs faster than the scalar loops.
-bool use_direct_sgemm(const Conv2dParams& p) {
+// channels and enough taps (LeNet's first layer: 1 -> 6 channels, 5x5), which a GEMM runs
+// faster than the scalar loops: our float32 GEMM, or at::mm in sample blocks (LeNet's first
+// layer forward, batch 64, on a 2-core Zen 3: 4.25 -> 0.90 ms).
+bool use_direct_loops(const Conv2dParams& p) {
   return use_direct(p) && !(p.G == 1 && p.out_per_group() >= 4 && p.in_per_group() * p.KH * p.KW >= 9);
 }
 
@@ -385,7 +394,7 @@ void conv2d_forward_rows(const at::Tensor& input, const at::Tensor& weight,
   const bool pointwise = is_pointwise(p) && planes_flatten(input);
   const Bands bands = pointwise ? Bands{p.OH, 1} : bands_for(p);
   const Strides4 xs = strides_of(input);
-  const bool gemm = use_sgemm(input) && !use_direct_sgemm(p);
+  const bool gemm = use_sgemm(input) && !use_direct_loops(p);
   // One to four input channels under a large kernel (stems): output channels in the vector
   // lanes, no unfolding, either output layout.
   if (use_sgemm(input) && conv_tinyc::applies(p)) {
@@ -416,7 +425,7 @@ void conv2d_forward_rows(const at::Tensor& input, const at::Tensor& weight,
 
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "cnnext_conv2d_forward", [&] {
     const scalar_t* x = input.const_data_ptr<scalar_t>();
-    if (use_direct(p)) {
+    if (use_direct_loops(p)) {
       kFwdDirect.hit();
       direct_forward(x, xs, w.const_data_ptr<scalar_t>(),
                      has_bias ? b.const_data_ptr<scalar_t>() : nullptr,
@@ -489,9 +498,9 @@ at::Tensor conv2d_input_backward(const at::Tensor& grad_out, const at::Tensor& w
   if (is_half(grad_out)) return half::conv2d_input_backward(grad_out, weight, p, out_format);
   const at::Tensor grad_output = flattenable(grad_out);
   const int64_t Cg = p.in_per_group(), Og = p.out_per_group(), K = Cg * p.KH * p.KW;
-  const bool sgemm = use_sgemm(grad_output) && !use_direct_sgemm(p);
+  const bool sgemm = use_sgemm(grad_output) && !use_direct_loops(p);
   // Only at::mm on a pointwise conv writes every element of gx; every other path adds.
-  const bool pointwise = is_pointwise(p) && !use_direct(p) && !sgemm;
+  const bool pointwise = is_pointwise(p) && !use_direct_loops(p) && !sgemm;
   at::Tensor gx = at::empty({p.N, p.C, p.H, p.W}, grad_output.options().memory_format(out_format));
   if (gx.numel() == 0) return gx;
   // 3 x 3 stride 1: Winograd on the flipped, transposed weight (overwrites gx).
@@ -511,7 +520,7 @@ at::Tensor conv2d_input_backward(const at::Tensor& grad_out, const at::Tensor& w
 
   AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "cnnext_conv2d_input_backward", [&] {
     scalar_t* gxp = gx.mutable_data_ptr<scalar_t>();
-    if (use_direct(p)) {
+    if (use_direct_loops(p)) {
       kInDirect.hit();
       direct_input_backward(grad_output.const_data_ptr<scalar_t>(), strides_of(grad_output),
                             weight.contiguous().const_data_ptr<scalar_t>(), gxp, xs, p);
@@ -574,7 +583,7 @@ at::Tensor conv2d_weight_backward(const at::Tensor& grad_out, const at::Tensor& 
   const at::Tensor grad_output = flattenable(grad_out);
   const int64_t Cg = p.in_per_group(), Og = p.out_per_group(), K = Cg * p.KH * p.KW;
   const bool pointwise = is_pointwise(p) && planes_flatten(input);
-  if (use_sgemm(grad_output) ? use_direct_sgemm(p) : use_direct(p)) {
+  if (use_direct_loops(p)) {
     kWDirect.hit();
     at::Tensor gw = at::empty({p.O, Cg, p.KH, p.KW}, grad_output.options());
     AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "cnnext_conv2d_weight_backward", [&] {
