@@ -28,3 +28,6 @@ def pytest_benchmark_update_machine_info(config, machine_info):
 
     machine_info["torch"] = torch.__version__
     machine_info["cnnext_build"] = cnnext.build_info()
+    # The instruction-set level cnnext's kernels ran at (avx512, avx2, scalar): the float32
+    # and bfloat16 GEMMs need AVX-512, so it decides which kernels a run measured.
+    machine_info["cnnext_cpu_isa"] = cnnext._C._cpu_isa()

@@ -64,6 +64,7 @@ def summarize(raw):
         },
         "torch": torch_version,
         "cnnext_build": machine.get("cnnext_build"),
+        "cnnext_cpu_isa": machine.get("cnnext_cpu_isa"),
         "benchmarks": benchmarks,
     }
 
@@ -82,8 +83,9 @@ def load(path):
 def table(summary):
     machine = summary["machine"]
     lines = [
-        f"Measured {summary['datetime'][:10]} on {machine['cpu']}, {machine['cores'] or '?'} cores, "
-        f"torch {summary['torch']}; median times, ratio = cnnext / torch (below 1.00: cnnext faster).",
+        f"Measured {summary['datetime'][:10]} on {machine['cpu']}, {machine['cores'] or '?'} cores"
+        + (f", cnnext's kernels at {summary['cnnext_cpu_isa']}" if summary.get("cnnext_cpu_isa") else "")
+        + f", torch {summary['torch']}; median times, ratio = cnnext / torch (below 1.00: cnnext faster).",
         "",
         "| benchmark | cnnext (ms) | torch (ms) | ratio | others: time / torch's |",
         "|---|---:|---:|---:|---|",
@@ -101,6 +103,9 @@ def main():
     ap.add_argument("json", help="a pytest-benchmark JSON file or a summary written by --summary")
     ap.add_argument("--summary", metavar="OUT", help="write the summary (medians, ratios, machine) to OUT")
     ap.add_argument("--readme", help="README whose bench section to replace")
+    ap.add_argument("--section", default="bench",
+                    help="the README section, between <!-- SECTION:start --> and <!-- SECTION:end --> "
+                         "(default bench; bench-avx2 holds a run on a CPU without AVX-512)")
     args = ap.parse_args()
     summary = load(args.json)
     if args.summary:
@@ -112,11 +117,13 @@ def main():
     if args.readme:
         with open(args.readme) as f:
             readme = f.read()
+        sec = re.escape(args.section)
         new, n = re.subn(
-            r"(<!-- bench:start -->\n).*?(\n<!-- bench:end -->)", lambda m: m.group(1) + text + m.group(2), readme, flags=re.S
+            rf"(<!-- {sec}:start -->\n).*?(\n<!-- {sec}:end -->)", lambda m: m.group(1) + text + m.group(2), readme,
+            flags=re.S,
         )
         if n != 1:
-            raise SystemExit("README has no <!-- bench:start --> ... <!-- bench:end --> section")
+            raise SystemExit(f"README has no <!-- {args.section}:start --> ... <!-- {args.section}:end --> section")
         with open(args.readme, "w") as f:
             f.write(new)
 
