@@ -1,7 +1,8 @@
 """The at::mm convolution on small maps multiplies samples in blocks (csrc/cpu/conv2d.cpp
 sample_blocks: fewer than 64 output positions a sample, or a GEMM under 2^20 MACs a
 sample; the columns of several samples side by side, one GEMM a block and group) in the
-forward and both gradients.
+forward and both gradients; and its channels_last forward (rows of taps per output position,
+one GEMM writing the output's rows).
 
 That code runs for float64 on every CPU and for float32 where the CPU has no AVX-512F (the
 float32 GEMM of csrc/cpu/sgemm.cpp needs it), so the float64 cases here reach it anywhere
@@ -71,7 +72,11 @@ def test_forward_and_gradients(dtype, case, layout, threads):
     if dtype == torch.float32 and not _float32_on_mm():
         pytest.skip("float32 takes the AVX-512 GEMM on this CPU, not at::mm")
     args, gy = make(case, dtype, layout)
-    with expect_path(*BLOCKS):
+    n, c, h, w, o, k, s, p, d, g = CASES[case]
+    pointwise = k == 1 and s == 1 and p == 0
+    # A channels_last forward of >= 8 channels a group takes the rows of taps (below).
+    rows = layout == "channels_last" and c // g >= 8 and not pointwise
+    with expect_path(CL_ROWS if rows else BLOCKS[0], *BLOCKS[1:]):
         ours = grads(conv2d, args, gy)
     ref_args, ref_gy = make(case, torch.float64, layout)
     ref = grads(F.conv2d, ref_args, ref_gy)
@@ -163,3 +168,64 @@ def test_deterministic():
     for _ in range(3):
         again = grads(conv2d, args, gy)
         assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+# channels_last in and out, >= 8 channels a group (conv2d.fwd.mm_rows_channels_last): a row
+# of taps per output position, (kh, kw, c) ordered, and one GEMM writing the output's rows;
+# per (sample, band) or, on small maps, per block of samples.
+CL_ROWS = "conv2d.fwd.mm_rows_channels_last"
+CL_CASES = {
+    "resnet": (3, 16, 12, 13, 24, 3, 1, 1, 1, 1),
+    "strided_groups": (3, 16, 9, 9, 24, 3, 2, 1, 1, 2),
+    "dilated_rect": (2, 8, 11, 12, 10, (3, 5), (1, 2), (2, 1), (1, 2), 1),
+    "small_map_blocks": (5, 32, 3, 3, 24, 3, 1, 1, 1, 1),
+    "one_sample": (1, 8, 7, 7, 8, 3, 1, 0, 1, 1),
+}
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("case", list(CL_CASES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float64", "float32"])
+def test_channels_last_rows(dtype, case, bias):
+    if dtype == torch.float32 and not _float32_on_mm():
+        pytest.skip("float32 takes the AVX-512 GEMM on this CPU, not at::mm")
+    n, c, h, w, o, k, s, p, d, g = CL_CASES[case]
+    kh, kw = (k, k) if isinstance(k, int) else k
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(n, c, h, w, generator=gen, dtype=torch.float64).to(memory_format=torch.channels_last)
+    wt = torch.randn(o, c // g, kh, kw, generator=gen, dtype=torch.float64)
+    b = torch.randn(o, generator=gen, dtype=torch.float64) if bias else None
+    with expect_path(CL_ROWS):
+        y = conv2d(x.to(dtype), wt.to(dtype), None if b is None else b.to(dtype), s, p, d, g)
+    ref = F.conv2d(x, wt, b, s, p, d, g)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    if dtype == torch.float64:
+        torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    else:
+        assert_close_scaled(y.double(), ref, 1e-5, "output")
+
+
+def test_channels_last_rows_relu_and_non_finite():
+    # The fused op's inference forward (ReLU on the GEMM's rows; NaN kept) on NaN / Inf.
+    x = torch.randn(2, 16, 6, 6, dtype=torch.float64).to(memory_format=torch.channels_last)
+    x[0, 3, 2, 2] = float("nan")
+    x[1, 5, 0, 0] = float("inf")
+    wt = torch.randn(8, 16, 3, 3, dtype=torch.float64)
+    b, gamma, beta = torch.randn(8, dtype=torch.float64), torch.rand(8, dtype=torch.float64) + 0.5, torch.randn(8, dtype=torch.float64)
+    rm, rv = torch.randn(8, dtype=torch.float64), torch.rand(8, dtype=torch.float64) + 0.5
+    with expect_path(CL_ROWS):
+        y = conv_bn_relu2d(x, wt, b, gamma, beta, rm, rv, False, padding=1)
+    ref = F.batch_norm(F.conv2d(x, wt, b, 1, 1), rm, rv, gamma, beta, False).relu()
+    assert torch.equal(y.isnan(), ref.isnan()) and torch.equal(y.isinf(), ref.isinf())
+    fin = ref.isfinite()
+    torch.testing.assert_close(y[fin], ref[fin], rtol=1e-10, atol=1e-10)
+
+
+def test_few_channels_keep_im2col():
+    # An RGB stem (3 channels a group) keeps the strided im2col.
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64).to(memory_format=torch.channels_last)
+    wt = torch.randn(8, 3, 7, 7, dtype=torch.float64)
+    before = counts()[CL_ROWS]
+    y = conv2d(x, wt, None, 2, 3)
+    assert counts()[CL_ROWS] == before
+    torch.testing.assert_close(y, F.conv2d(x, wt, None, 2, 3), rtol=1e-12, atol=1e-12)

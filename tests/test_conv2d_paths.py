@@ -128,12 +128,15 @@ def float64_paths(case):
     """Per stage (forward, input gradient, weight gradient), the paths float64 may take: the
     direct loops where in_channels x out_channels per group <= 8, except a plain convolution
     with >= 4 output channels and >= 9 taps x channels (LeNet's first layer); else at::mm,
-    one GEMM a sample or samples in blocks (which of the two: tests/test_conv2d_mm_blocks.py)."""
+    one GEMM a sample or samples in blocks, and for a channels_last forward rows of taps
+    (which of them: tests/test_conv2d_mm_blocks.py)."""
     n, c, h, w, o, k, s, p, d, g = CASES[case]
     kh, kw = (k, k) if isinstance(k, int) else k
     direct = (c // g) * (o // g) <= 8 and not (g == 1 and o >= 4 and (c // g) * kh * kw >= 9)
-    kinds = ("direct",) if direct else ("mm", "mm_sample_blocks")
-    return [tuple(f"conv2d.{stage}.{kind}" for kind in kinds) for stage in ("fwd", "input_grad", "weight_grad")]
+    if direct:
+        return [(f"conv2d.{stage}.direct",) for stage in ("fwd", "input_grad", "weight_grad")]
+    return [("conv2d.fwd.mm", "conv2d.fwd.mm_sample_blocks", "conv2d.fwd.mm_rows_channels_last")] + [
+        (f"conv2d.{stage}.mm", f"conv2d.{stage}.mm_sample_blocks") for stage in ("input_grad", "weight_grad")]
 
 
 def run(case, dtype, layout, bias=True):

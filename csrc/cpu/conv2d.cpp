@@ -46,6 +46,7 @@ CNNEXT_PATH(kWDirect, "conv2d.weight_grad.direct");
 CNNEXT_PATH_NEEDS(kWSgemm, "conv2d.weight_grad.sgemm", kAvx512F);
 CNNEXT_PATH(kWMm, "conv2d.weight_grad.mm");
 CNNEXT_PATH(kFwdMmBlocks, "conv2d.fwd.mm_sample_blocks");
+CNNEXT_PATH(kFwdMmRowsCl, "conv2d.fwd.mm_rows_channels_last");
 CNNEXT_PATH(kInMmBlocks, "conv2d.input_grad.mm_sample_blocks");
 CNNEXT_PATH(kWMmBlocks, "conv2d.weight_grad.mm_sample_blocks");
 
@@ -151,6 +152,33 @@ void im2col(const T* x, const Strides4& xs, const Conv2dParams& p, int64_t Cg, i
           } else {
             const int64_t step = p.SW * xs.w;
             for (int64_t ow = lo; ow < hi; ++ow) dst[ow] = src[(ow - lo) * step];
+          }
+        }
+      }
+    }
+  }
+}
+
+// im2col transposed, for channels_last: output positions of rows [oh0, oh1) of samples
+// [n0, n1), one row of K = KH * KW * Cg per position, ordered (kh, kw, c) (x points at the
+// group's first channel of sample 0; its channels at unit stride, so each tap is one copy
+// of Cg contiguous values, or zeros in the padding).
+template <typename T>
+void im2row_channels_last(const T* x, const Strides4& xs, const Conv2dParams& p, int64_t Cg,
+                          int64_t n0, int64_t n1, int64_t oh0, int64_t oh1, T* rows) {
+  T* r = rows;
+  for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t oh = oh0; oh < oh1; ++oh) {
+      for (int64_t ow = 0; ow < p.OW; ++ow) {
+        for (int64_t kh = 0; kh < p.KH; ++kh) {
+          const int64_t ih = conv_in_coord(oh, kh, p.SH, p.PH, p.DH);
+          for (int64_t kw = 0; kw < p.KW; ++kw, r += Cg) {
+            const int64_t iw = conv_in_coord(ow, kw, p.SW, p.PW, p.DW);
+            if (ih < 0 || ih >= p.H || iw < 0 || iw >= p.W) {
+              std::fill(r, r + Cg, T(0));
+            } else {
+              std::memcpy(r, x + n * xs.n + ih * xs.h + iw * xs.w, sizeof(T) * Cg);
+            }
           }
         }
       }
@@ -439,6 +467,46 @@ void conv2d_forward_rows(const at::Tensor& input, const at::Tensor& weight,
       return;
     }
     const SampleBlocks blocks = sample_blocks(p);
+    // channels_last in and out, >= 8 channels a group: a row of taps per output position
+    // and one GEMM (positions x K) x (K x Og) writing the output's own rows (channels
+    // contiguous), instead of an im2col reading the input at a stride of C values per
+    // element (ResNet-18's 64 -> 64 3x3 at 56x56, batch 8, Zen 3: 22.7 -> 14.5 ms; the
+    // 128 -> 128 at 28x28: 18.2 -> 11.4 ms). Fewer channels (an RGB stem) keep im2col.
+    if (!pointwise && xs.c == 1 && Cg >= 8 && out.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+      kFwdMmRowsCl.hit();
+      const bool blocked = blocks.per > 1 && bands.count == 1;
+      const int64_t items = blocked ? blocks.count : p.N * bands.count;
+      const int64_t max_rows = blocked ? blocks.per * p.OH * p.OW : bands.rows * p.OW;
+      scalar_t* y = out.mutable_data_ptr<scalar_t>();
+      // The weight's K in the rows' (kh, kw, c) order: a copy of O x K values per call.
+      const at::Tensor w_taps = weight.permute({0, 2, 3, 1}).contiguous().view({p.G, Og, K});
+      for_each_item(items, input, K * max_rows, [&](int64_t item, at::Tensor& buf) {
+        int64_t n0, n1, oh0, oh1;
+        if (blocked) {
+          n0 = item * blocks.per, n1 = std::min(p.N, n0 + blocks.per), oh0 = 0, oh1 = p.OH;
+        } else {
+          n0 = item / bands.count, n1 = n0 + 1;
+          oh0 = (item % bands.count) * bands.rows, oh1 = std::min(p.OH, oh0 + bands.rows);
+        }
+        // Consecutive samples' rows follow one another in a channels_last output.
+        const int64_t R = (n1 - n0) * (oh1 - oh0) * p.OW;
+        at::Tensor rows = buf.narrow(0, 0, R * K).view({R, K});
+        for (int64_t g = 0; g < p.G; ++g) {
+          im2row_channels_last(x + g * Cg, xs, p, Cg, n0, n1, oh0, oh1, rows.data_ptr<scalar_t>());
+          at::Tensor dst = at::from_blob(y + (n0 * p.OH + oh0) * p.OW * p.O + g * Og, {R, Og}, {p.O, 1},
+                                         out.options());
+          if (has_bias) {
+            at::addmm_out(dst, b.narrow(0, g * Og, Og).unsqueeze(0).expand({R, Og}), rows, w_taps[g].t());
+          } else {
+            at::mm_out(dst, rows, w_taps[g].t());
+          }
+          if (relu) dst.clamp_min_(0);
+        }
+        if (rows_done)
+          for (int64_t n = n0; n < n1; ++n) rows_done(n, oh0, oh1);
+      });
+      return;
+    }
     if (blocks.per > 1 && bands.count == 1) {
       kFwdMmBlocks.hit();
       const int64_t L = p.OH * p.OW, cols = blocks.per * L;
