@@ -69,6 +69,15 @@ def igemm(monkeypatch):
         yield lambda math: stack.enter_context(_cudnn_tf32_set(math == "tf32"))
 
 
+@pytest.fixture(params=[1, 2, 3], ids=lambda t: f"threads{t}")
+def threads(request):
+    """Runs a test at 1, 2 and 3 intra-op threads (work split, per-thread partial sums)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def single_thread():
     """Runs a test on one intra-op thread. For gradcheck: it calls the ops thousands of times

@@ -91,14 +91,6 @@ def test_forward_and_gradients(dtype, case, layout, threads):
     assert ours[0].is_contiguous(memory_format=cl) == ref[0].is_contiguous(memory_format=cl)
 
 
-@pytest.fixture(params=[1, 2, 3], ids=lambda t: f"threads{t}")
-def threads(request):
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
-
-
 def test_no_bias():
     args, gy = make("resnet_l4", torch.float64, bias=False)
     with expect_path(*BLOCKS):

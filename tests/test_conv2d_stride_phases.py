@@ -55,14 +55,6 @@ TRANSPOSED = {
 }
 
 
-@pytest.fixture(params=[1, 2, 3], ids=lambda t: f"threads{t}")
-def threads(request):
-    old = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(old)
-
-
 def forward(fn, case, dtype, layout):
     n, c, h, w, o, k, s, p, g = FORWARD[case]
     kh, kw = (k, k) if isinstance(k, int) else k

@@ -80,6 +80,9 @@ constexpr int64_t kTinyGemm = int64_t(1) << 20;  // MACs below which a sample's 
 struct SampleBlocks {
   int64_t per;    // samples a block (1: no blocking)
   int64_t count;  // blocks
+  // Block blk's samples [first, last) of N.
+  int64_t first(int64_t blk) const { return blk * per; }
+  int64_t last(int64_t blk, int64_t N) const { return std::min(N, (blk + 1) * per); }
 };
 
 SampleBlocks sample_blocks(const Conv2dParams& p) {
@@ -117,6 +120,13 @@ at::Tensor plane_matrix(const at::Tensor& t, int64_t n, int64_t c0, int64_t rows
   const int64_t W = t.size(3);
   return t.as_strided({rows, (r1 - r0) * W}, {s.c, s.w},
                       t.storage_offset() + n * s.n + c0 * s.c + r0 * s.h);
+}
+
+// dst (rows, (n1 - n0) * H * W) = channels [c0, c0 + rows) of samples [n0, n1) of t, each
+// sample's planes as plane_matrix views them, side by side.
+void gather_planes(at::Tensor& dst, const at::Tensor& t, int64_t n0, int64_t n1, int64_t c0, int64_t rows) {
+  const int64_t L = t.size(2) * t.size(3);
+  for (int64_t n = n0; n < n1; ++n) dst.narrow(1, (n - n0) * L, L).copy_(plane_matrix(t, n, c0, rows, 0, t.size(2)));
 }
 
 bool planes_flatten(const at::Tensor& t) { return t.size(2) == 1 || t.stride(2) == t.size(3) * t.stride(3); }
@@ -483,7 +493,7 @@ void conv2d_forward_rows(const at::Tensor& input, const at::Tensor& weight,
       for_each_item(items, input, K * max_rows, [&](int64_t item, at::Tensor& buf) {
         int64_t n0, n1, oh0, oh1;
         if (blocked) {
-          n0 = item * blocks.per, n1 = std::min(p.N, n0 + blocks.per), oh0 = 0, oh1 = p.OH;
+          n0 = blocks.first(item), n1 = blocks.last(item, p.N), oh0 = 0, oh1 = p.OH;
         } else {
           n0 = item / bands.count, n1 = n0 + 1;
           oh0 = (item % bands.count) * bands.rows, oh1 = std::min(p.OH, oh0 + bands.rows);
@@ -511,7 +521,7 @@ void conv2d_forward_rows(const at::Tensor& input, const at::Tensor& weight,
       kFwdMmBlocks.hit();
       const int64_t L = p.OH * p.OW, cols = blocks.per * L;
       for_each_item(blocks.count, input, (K + Og) * cols, [&](int64_t blk, at::Tensor& buf) {
-        const int64_t n0 = blk * blocks.per, n1 = std::min(p.N, n0 + blocks.per), c = (n1 - n0) * L;
+        const int64_t n0 = blocks.first(blk), n1 = blocks.last(blk, p.N), c = (n1 - n0) * L;
         at::Tensor col = buf.narrow(0, 0, K * c).view({K, c});
         at::Tensor prod = buf.narrow(0, K * cols, Og * c).view({Og, c});
         for (int64_t g = 0; g < p.G; ++g) {
@@ -601,12 +611,11 @@ at::Tensor conv2d_input_backward(const at::Tensor& grad_out, const at::Tensor& w
       // columns of every sample, added back (col2im) or, pointwise, copied into gx.
       const int64_t L = p.OH * p.OW, cols = blocks.per * L;
       for_each_item(blocks.count, grad_output, (K + Og) * cols, [&](int64_t blk, at::Tensor& buf) {
-        const int64_t n0 = blk * blocks.per, n1 = std::min(p.N, n0 + blocks.per), c = (n1 - n0) * L;
+        const int64_t n0 = blocks.first(blk), n1 = blocks.last(blk, p.N), c = (n1 - n0) * L;
         at::Tensor col = buf.narrow(0, 0, K * c).view({K, c});
         at::Tensor gyc = buf.narrow(0, K * cols, Og * c).view({Og, c});
         for (int64_t g = 0; g < p.G; ++g) {
-          for (int64_t n = n0; n < n1; ++n)
-            gyc.narrow(1, (n - n0) * L, L).copy_(plane_matrix(grad_output, n, g * Og, Og, 0, p.OH));
+          gather_planes(gyc, grad_output, n0, n1, g * Og, Og);
           at::mm_out(col, wt[g], gyc);
           for (int64_t n = n0; n < n1; ++n) {
             if (pointwise) {
@@ -685,14 +694,13 @@ at::Tensor conv2d_weight_backward(const at::Tensor& grad_out, const at::Tensor& 
       const int64_t L = p.OH * p.OW, cols = blocks.per * L;
       for_each_item(items, input, (K + Og) * cols, [&](int64_t blk, at::Tensor& buf) {
         at::Tensor acc = partial[threads > 1 ? at::get_thread_num() : 0];
-        const int64_t n0 = blk * blocks.per, n1 = std::min(p.N, n0 + blocks.per), c = (n1 - n0) * L;
+        const int64_t n0 = blocks.first(blk), n1 = blocks.last(blk, p.N), c = (n1 - n0) * L;
         at::Tensor col = buf.narrow(0, 0, K * c).view({K, c});
         at::Tensor gyc = buf.narrow(0, K * cols, Og * c).view({Og, c});
         for (int64_t g = 0; g < p.G; ++g) {
-          for (int64_t n = n0; n < n1; ++n) {
+          for (int64_t n = n0; n < n1; ++n)
             im2col(x + n * xs.n + g * Cg * xs.c, xs, p, Cg, 0, p.OH, col.data_ptr<scalar_t>() + (n - n0) * L, c);
-            gyc.narrow(1, (n - n0) * L, L).copy_(plane_matrix(grad_output, n, g * Og, Og, 0, p.OH));
-          }
+          gather_planes(gyc, grad_output, n0, n1, g * Og, Og);
           at::Tensor dst = acc[g];
           at::addmm_out(dst, dst, gyc, col.t());
         }
