@@ -26,7 +26,7 @@ def _case(name, use_winograd):
     return check.Case(name, "synthetic", run, dtypes=(torch.float32,))
 
 
-@pytest.mark.skipif(not _C._winograd_available(), reason="Winograd runs on AVX-512 CPUs only")
+@pytest.mark.skipif(not _C._winograd_available(), reason="Winograd runs on CPUs with AVX-512F or AVX2 + FMA only")
 def test_winograd_rows_take_winograd_bound(monkeypatch):
     monkeypatch.setattr(check, "CASES", [_case("with winograd", True), _case("gemm only", False)])
     monkeypatch.setattr(check, "devices", lambda: ["cpu"])

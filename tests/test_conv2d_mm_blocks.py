@@ -6,14 +6,25 @@ one GEMM writing the output's rows).
 
 That code runs for float64 on every CPU and for float32 where the CPU has no AVX-512F (the
 float32 GEMM of csrc/cpu/sgemm.cpp needs it), so the float64 cases here reach it anywhere
-and the float32 ones where it is float32's path."""
+and the float32 ones where it is float32's path. Winograd (which takes float32 3x3 stride-1
+layers on AVX2 CPUs too: tests/test_conv2d_winograd.py) is off here."""
 import pytest
 import torch
 import torch.nn.functional as F
 
+import cnnext.backends.cpu as cpu_backend
+
 from cnnext._paths import counts, expect_path, runnable
 from cnnext.functional import conv2d, conv_bn_relu2d
 from conftest import assert_close_scaled
+
+
+
+@pytest.fixture(autouse=True)
+def _no_winograd():
+    with cpu_backend.flags(winograd=False):
+        yield
+
 
 BLOCKS = ("conv2d.fwd.mm_sample_blocks", "conv2d.input_grad.mm_sample_blocks",
           "conv2d.weight_grad.mm_sample_blocks")

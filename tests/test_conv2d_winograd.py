@@ -10,13 +10,24 @@ import torch.nn.functional as F
 import cnnext
 import cnnext.backends.cpu as cpu_backend
 from cnnext import _C
-from cnnext._paths import counts, expect_path
+from cnnext._paths import counts, expect_path, require, runnable
 from cnnext.functional import conv2d, conv_bn_relu2d, conv_transpose2d
 
 TILES = {2: "conv2d.winograd.f2x2", 4: "conv2d.winograd.f4x4", 6: "conv2d.winograd.f6x6"}
 WINO = list(TILES.values())
+# Where the AVX-512 GEMM runs (AVX-512F), Winograd's fallbacks are its conv2d.*.sgemm paths;
+# on an AVX2 CPU they are the at::mm paths (conv2d.*.mm, .mm_sample_blocks, .mm_rows_*).
+SGEMM = _C._path_needs()["sgemm.gemm"][1]
+AVX2_KERNELS = "conv2d.winograd.avx2"
 
-pytestmark = pytest.mark.skipif(not _C._winograd_available(), reason="Winograd runs on AVX-512 CPUs only")
+
+def gemm_ran(paths, kind, nhwc=False):
+    """Whether the GEMM fallback of `kind` (fwd, input_grad, weight_grad) is among paths."""
+    if SGEMM:
+        return f"conv2d.{kind}.sgemm{'_nhwc' if nhwc else ''}" in paths
+    return any(p.startswith(f"conv2d.{kind}.mm") for p in paths)
+
+pytestmark = pytest.mark.skipif(not _C._winograd_available(), reason="Winograd runs on CPUs with AVX-512F or AVX2 + FMA only")
 
 
 @pytest.fixture(autouse=True)
@@ -107,7 +118,7 @@ def test_n_zero_and_switch(tile):
         assert cpu_backend.winograd is False
         y_off, paths = ran(lambda: conv2d(x, wt, None, 1, 1))
     assert cpu_backend.winograd is True  # restored to the fixture's setting
-    assert not paths & set(WINO) and "conv2d.fwd.sgemm" in paths
+    assert not paths & set(WINO) and gemm_ran(paths, "fwd")
     cpu_backend.winograd = False
     try:
         _, paths = ran(lambda: conv2d(x, wt, None, 1, 1))
@@ -204,7 +215,7 @@ def test_channels_last_nonfinite_falls_back(tile):
     x = x.contiguous(memory_format=CL)
     w = kaiming(16, 16).contiguous(memory_format=CL)
     y, paths = ran(lambda: conv2d(x, w, None, 1, 1))
-    assert "conv2d.winograd.nonfinite_fallback" in paths and "conv2d.fwd.sgemm_nhwc" in paths
+    assert "conv2d.winograd.nonfinite_fallback" in paths and gemm_ran(paths, "fwd", nhwc=True)
     ref = F.conv2d(x.double(), w.double(), None, 1, 1)
     assert torch.equal(y.isinf(), ref.isinf()) and torch.equal(y.isnan(), ref.isnan())
 
@@ -216,7 +227,7 @@ def test_nonfinite_falls_back(tile):
     x[1, 2, 0, 0] = float("nan")
     w = kaiming(16, 16)
     y, paths = ran(lambda: conv2d(x, w, None, 1, 1))
-    assert "conv2d.winograd.nonfinite_fallback" in paths and "conv2d.fwd.sgemm" in paths
+    assert "conv2d.winograd.nonfinite_fallback" in paths and gemm_ran(paths, "fwd")
     with cpu_backend.flags(winograd=False):
         y_ref = conv2d(x, w, None, 1, 1)
     assert torch.equal(y.isnan(), y_ref.isnan())
@@ -270,7 +281,10 @@ def test_input_gradient(m, tile):
     gy = torch.randn(2, 32, 11, 13)
     y = conv2d(x, w, None, 1, 1)
     (gx, gw), paths = ran(lambda: torch.autograd.grad(y, (x, w), gy))
-    assert {IN_GRAD, TILES[m], W_GRAD} <= paths, paths
+    assert {IN_GRAD, TILES[m]} <= paths, paths
+    # The weight gradient's Winograd is AVX-512 only: elsewhere the GEMM computes it.
+    assert W_GRAD in paths if runnable(W_GRAD) else gemm_ran(paths, "weight_grad"), paths
+    assert (AVX2_KERNELS in paths) == (not SGEMM), paths
     assert "conv2d.input_grad.sgemm" not in paths and "conv2d.input_grad.sgemm_as_forward" not in paths
     assert "conv2d.weight_grad.sgemm" not in paths
     xd, wd = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
@@ -384,18 +398,21 @@ def test_input_gradient_fallbacks(case, tile):
         assert {IN_GRAD, TILES[4]} <= paths and gx.is_contiguous(memory_format=torch.channels_last), paths
     else:
         assert IN_GRAD not in paths and not paths & set(WINO), paths
-        assert expected in paths, paths
+        assert expected in paths if SGEMM else gemm_ran(paths, "input_grad"), paths
     # The weight gradient falls back alike, except where it applies: any padding, and
     # channels_last x and gy (read through their strides; gw is O x C x 3 x 3 either way).
     w.requires_grad_()
     with cpu_backend.flags(winograd=case != "switch_off"):
         y = conv2d(x, w, None, **kw)
         (gw,), paths = ran(lambda: torch.autograd.grad(y, w, gy))
-    if case in ("padding3", "channels_last"):
+    if case in ("padding3", "channels_last") and runnable(W_GRAD):
         assert {W_GRAD, TILES[4]} <= paths, paths
-    else:
+    elif SGEMM:
         assert W_GRAD not in paths and not paths & set(WINO), paths
         assert expected.replace("input_grad", "weight_grad") in paths, paths
+    else:  # AVX2: the weight gradient's Winograd is AVX-512 only
+        assert W_GRAD not in paths and not paths & set(WINO), paths
+        assert gemm_ran(paths, "weight_grad"), paths
     wd = w.detach().double().requires_grad_()
     (gw_ref,) = torch.autograd.grad(F.conv2d(x.detach().double(), wd, None, **kw), wd, gy.double())
     assert rel_err(gw, gw_ref) <= (2e-5 if W_GRAD in paths else 1e-5)
@@ -425,7 +442,7 @@ def test_input_gradient_nonfinite_falls_back(tile):
     gy[0, 3, 5, 7] = float("inf")
     gy[1, 2, 0, 0] = float("nan")
     (gx,), paths = ran(lambda: torch.autograd.grad(y, x, gy, retain_graph=True))
-    assert "conv2d.winograd.nonfinite_fallback" in paths and "conv2d.input_grad.sgemm" in paths
+    assert "conv2d.winograd.nonfinite_fallback" in paths and gemm_ran(paths, "input_grad")
     assert IN_GRAD not in paths
     with cpu_backend.flags(winograd=False):
         (gx_ref,) = torch.autograd.grad(y, x, gy)
@@ -464,6 +481,7 @@ def weight_grad(x, w, gy, **kw):
 @pytest.mark.parametrize("shape", IN_GRAD_SHAPES + [(2, 16, 5, 6, 20, 3)], ids=lambda s: "x".join(map(str, s)))
 def test_weight_gradient_every_tile(m, shape, tile):
     """Odd sizes, partial tiles (gy past the output reads as zero), padding 0 to 3."""
+    require(W_GRAD)  # AVX-512F
     n, c, h, w, o, pad = shape
     x = torch.randn(n, c, h, w)
     wt = kaiming(o, c)
@@ -481,6 +499,7 @@ def test_weight_gradient_many_chunks(m, shape, tile):
     """More tiles than one chunk holds (at least 256 tiles, Z and V near 16 MiB: 512 tiles of
     F(2x2) and 256 of F(4x4) at 256 channels in and out): the sums over chunks accumulate
     and the last chunk is shorter. With a bias."""
+    require(W_GRAD)  # AVX-512F
     tile(m)
     x = torch.randn(*shape, requires_grad=True)
     w = kaiming(256, 256).requires_grad_()
@@ -496,6 +515,7 @@ def test_weight_gradient_many_chunks(m, shape, tile):
 
 def test_weight_gradient_strided(tile):
     """x and gy read through their strides (transposed views)."""
+    require(W_GRAD)  # AVX-512F
     tile(4)
     x = torch.randn(2, 24, 12, 12).transpose(2, 3)
     gy = torch.randn(2, 32, 12, 12).transpose(2, 3)
@@ -509,6 +529,7 @@ def test_weight_gradient_strided(tile):
 @pytest.mark.parametrize("name", IN_GRAD_CLASSIC)
 def test_weight_gradient_accuracy_bound(name, m, tile):
     """max |error| <= 2e-5 * max |gw| against float64 (unit-normal x and gy)."""
+    require(W_GRAD)  # AVX-512F
     n, c, h, w, o = CLASSIC_3X3[name]
     tile(m)
     gw, paths, ref = weight_grad(torch.randn(n, c, h, w), kaiming(o, c), torch.randn(n, o, h, w), padding=1)
@@ -526,6 +547,7 @@ def test_weight_gradient_n_zero(tile):
 
 
 def test_weight_gradient_nonfinite_falls_back(tile):
+    require(W_GRAD)  # AVX-512F
     tile(4)
     x = torch.randn(2, 16, 12, 12)
     x[0, 3, 5, 7] = float("inf")
@@ -534,7 +556,7 @@ def test_weight_gradient_nonfinite_falls_back(tile):
     y = conv2d(x, w, None, 1, 1)
     gy = torch.randn(2, 24, 12, 12)
     (gw,), paths = ran(lambda: torch.autograd.grad(y, w, gy))
-    assert "conv2d.winograd.nonfinite_fallback" in paths and "conv2d.weight_grad.sgemm" in paths
+    assert "conv2d.winograd.nonfinite_fallback" in paths and gemm_ran(paths, "weight_grad")
     assert W_GRAD not in paths
     with cpu_backend.flags(winograd=False):
         (gw_ref,) = torch.autograd.grad(conv2d(x, w, None, 1, 1), w, gy)
@@ -544,6 +566,7 @@ def test_weight_gradient_nonfinite_falls_back(tile):
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_weight_gradient_deterministic(threads, tile):
+    require(W_GRAD)  # AVX-512F
     tile(0)
     x = torch.randn(4, 64, 20, 20)
     w = kaiming(64, 64).requires_grad_()

@@ -78,12 +78,21 @@ def test_gated_paths_run_only_where_the_cpu_has_their_isa(cap):
             assert "conv2d.fwd.bf16_gemm" in ran or "conv2d.fwd.bf16_gemm_pairs" in ran
 
 
+# Winograd's forward and input gradient (and the packed GEMM they run on) have AVX2 kernels
+# too; its weight gradient and bfloat16 entry points are AVX-512 only.
+AVX2_WINOGRAD = {"sgemm.gemm_avx2", "conv2d.winograd.avx2", "conv2d.input_grad.winograd"} | {
+    f"conv2d.winograd.{p}" for p in ("f2x2", "f4x4", "f6x6", "nonfinite_fallback", "weight_cache_hit",
+                                     "weight_cache_miss")}
+
+
 def test_every_gated_family_is_marked():
     # The float32 GEMM's paths, the bfloat16 GEMM's, the vector max pooling's: each names
     # what it needs, so expect_path can skip it where it cannot run.
     table = _C._path_needs()
     for name, (what, _) in table.items():
-        if name.startswith("sgemm.") or ".sgemm" in name or "winograd" in name or "tiny_c" in name:
+        if name in AVX2_WINOGRAD:
+            assert what == "avx2", (name, what)
+        elif name.startswith("sgemm.") or ".sgemm" in name or "winograd" in name or "tiny_c" in name:
             assert what == "avx512f", (name, what)
         elif "bf16_gemm" in name or "bf16_sweeps" in name or name.endswith(("bf16_flip", "bf16_phases")):
             assert what == "avx512_bf16", (name, what)

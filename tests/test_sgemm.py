@@ -1,8 +1,8 @@
 """cnnext's packed float32 GEMM (csrc/cpu/sgemm.cpp), built on its own with the C++
-compiler, against a plain triple loop: the AVX-512 micro-kernel (where this CPU has
-it), the portable version built without AVX-512 code, and the native build with AVX-512
-turned off at run time (CNNEXT_CPU_ISA=avx2, csrc/cpu/cpu_features.h), which must report
-the micro-kernel unavailable and not call it."""
+compiler, against a plain triple loop: gemm() runs the AVX-512 micro-kernel where this CPU
+has AVX-512F, the AVX2 one where it has AVX2 + FMA only, and plain loops elsewhere. Each
+variant builds it natively or without AVX-512 code (CNNEXT_NO_AVX512) and runs it under a
+CNNEXT_CPU_ISA cap (csrc/cpu/cpu_features.h), and must report the kernel that cap allows."""
 import os
 import shutil
 import subprocess
@@ -14,10 +14,23 @@ CXX = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
 pytestmark = pytest.mark.skipif(CXX is None, reason="no C++ compiler found")
 
 
-@pytest.mark.parametrize("variant", ["native", "portable", "capped"])
+def _cpu_has(flag):
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(flag in line.split() for line in f if line.startswith("flags"))
+    except OSError:
+        return False
+
+
+# variant: (build flags, CNNEXT_CPU_ISA cap)
+VARIANTS = {"native": ([], "avx512"), "portable": (["-DCNNEXT_NO_AVX512"], "avx512"),
+            "capped_avx2": ([], "avx2"), "capped_scalar": ([], "scalar")}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
 def test_sgemm_matches_triple_loop(tmp_path, variant):
     exe = tmp_path / "sgemm_check"
-    flags = ["-DCNNEXT_NO_AVX512"] if variant == "portable" else []
+    flags, cap = VARIANTS[variant]
     subprocess.run(
         [CXX, "-std=c++17", "-O2", *flags, "-I", os.path.join(ROOT, "csrc"),
          *(os.path.join(ROOT, "csrc", f) for f in ("cpu/sgemm.cpp", "cpu/cpu_features.cpp", "paths.cpp")),
@@ -25,18 +38,14 @@ def test_sgemm_matches_triple_loop(tmp_path, variant):
          "-o", str(exe)],
         check=True,
     )
-    env = dict(os.environ, CNNEXT_CPU_ISA="avx2" if variant == "capped" else "avx512")
+    env = dict(os.environ, CNNEXT_CPU_ISA=cap)
     lines = subprocess.run([str(exe)], check=True, capture_output=True, text=True, env=env).stdout.splitlines()
-    avx512 = lines[0] == "avx512=1"
-    if variant != "native":
-        assert not avx512
-    if variant == "capped" or (variant == "native" and not avx512):
-        # The micro-kernel is not called where it may not run.
-        assert lines[1:] == []
-        if variant == "native":
-            pytest.skip("this CPU has no AVX-512F: the micro-kernel cannot run here")
-        return
+    avx2 = _cpu_has("avx2") and _cpu_has("fma")
+    avx512 = avx2 and _cpu_has("avx512f")
+    want = {"native": "avx512" if avx512 else "avx2" if avx2 else "plain", "portable": "plain",
+            "capped_avx2": "avx2" if avx2 else "plain", "capped_scalar": "plain"}[variant]
+    assert lines[0] == f"kernel={want}"
     cases = [line.split() for line in lines[1:]]
-    assert len(cases) == 6 * 4
-    bad = [c for c in cases if float(c[5]) != 0.0]
-    assert not bad, f"inexact results (M N K accumulate bias maxerr): {bad}"
+    assert len(cases) == 6 * 8
+    bad = [c for c in cases if float(c[6]) != 0.0]
+    assert not bad, f"inexact results (M N K accumulate bias relu maxerr): {bad}"

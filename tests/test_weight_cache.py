@@ -91,7 +91,7 @@ def test_fold_hits_and_equals_a_recomputation():
     assert ((y2.double() - ref).abs().max() / ref.abs().max()).item() <= 2e-5
 
 
-@pytest.mark.skipif(not WINOGRAD, reason="Winograd runs on AVX-512 CPUs only")
+@pytest.mark.skipif(not WINOGRAD, reason="Winograd runs on CPUs with AVX-512F or AVX2 + FMA only")
 def test_folded_weight_reaches_the_winograd_cache():
     """The folded weight is the cache's own tensor, so Winograd's transform of it is cached
     too: the third call (the fold's first hit) runs neither the fold nor the transform."""
@@ -131,7 +131,7 @@ def test_fold_sees_every_change_of_every_source(name, how):
     assert ((y.double() - ref).abs().max() / ref.abs().max()).item() <= 2e-5
 
 
-@pytest.mark.skipif(not WINOGRAD, reason="Winograd runs on AVX-512 CPUs only")
+@pytest.mark.skipif(not WINOGRAD, reason="Winograd runs on CPUs with AVX-512F or AVX2 + FMA only")
 @pytest.mark.parametrize("how", ["inplace", "data", "data_one_element", "set"])
 def test_winograd_cache_sees_writes_through_data(how):
     x = torch.randn(2, 32, 14, 14)
@@ -266,7 +266,7 @@ def test_threads_share_entries_safely():
     assert not errors
 
 
-@pytest.mark.skipif(not WINOGRAD, reason="Winograd runs on AVX-512 CPUs only")
+@pytest.mark.skipif(not WINOGRAD, reason="Winograd runs on CPUs with AVX-512F or AVX2 + FMA only")
 def test_snapshot_only_on_the_second_sighting():
     """A weight whose version moves on between calls (training) is never copied; two calls at
     one version (evaluation) snapshot it once, and the third hits."""
@@ -290,7 +290,7 @@ def test_snapshot_only_on_the_second_sighting():
     assert torch.equal(y, fresh(call))
 
 
-@pytest.mark.skipif(not WINOGRAD, reason="Winograd runs on AVX-512 CPUs only")
+@pytest.mark.skipif(not WINOGRAD, reason="Winograd runs on CPUs with AVX-512F or AVX2 + FMA only")
 def test_write_through_data_between_sightings():
     """A write the version counter cannot see, between the first and second call, is in the
     second call's value and in its snapshot: the third call hits on the new weight."""

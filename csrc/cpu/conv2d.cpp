@@ -443,7 +443,7 @@ void conv2d_forward_rows(const at::Tensor& input, const at::Tensor& weight,
   }
   // Winograd where the shape pays, whatever the layouts (it gathers the input and scatters
   // the output through their strides).
-  if (gemm && winograd::forward_tensor(input, weight, has_bias ? b.const_data_ptr<float>() : nullptr, out, p,
+  if (input.scalar_type() == at::kFloat && !use_direct_loops(p) && winograd::forward_tensor(input, weight, has_bias ? b.const_data_ptr<float>() : nullptr, out, p,
                                        relu, rows_done))
     return;
   if (gemm && out_format == at::MemoryFormat::Contiguous) {
@@ -582,7 +582,9 @@ at::Tensor conv2d_input_backward(const at::Tensor& grad_out, const at::Tensor& w
   at::Tensor gx = at::empty({p.N, p.C, p.H, p.W}, grad_output.options().memory_format(out_format));
   if (gx.numel() == 0) return gx;
   // 3 x 3 stride 1: Winograd on the flipped, transposed weight (overwrites gx).
-  if (sgemm && winograd::input_backward_tensor(grad_output, weight, gx, p)) return gx;
+  if (grad_output.scalar_type() == at::kFloat && !use_direct_loops(p) &&
+      winograd::input_backward_tensor(grad_output, weight, gx, p))
+    return gx;
   if (!pointwise && !(sgemm && conv_sgemm::input_backward_overwrites(p, strides_of(gx)))) gx.zero_();
   if (sgemm) {
     kInSgemm.hit();

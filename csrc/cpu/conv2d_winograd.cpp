@@ -32,13 +32,17 @@ namespace cpu {
 namespace winograd {
 namespace {
 
-CNNEXT_PATH_NEEDS(kF2, "conv2d.winograd.f2x2", kAvx512F);
-CNNEXT_PATH_NEEDS(kF4, "conv2d.winograd.f4x4", kAvx512F);
-CNNEXT_PATH_NEEDS(kF6, "conv2d.winograd.f6x6", kAvx512F);
-CNNEXT_PATH_NEEDS(kNonFinite, "conv2d.winograd.nonfinite_fallback", kAvx512F);
-CNNEXT_PATH_NEEDS(kCacheHit, "conv2d.winograd.weight_cache_hit", kAvx512F);
-CNNEXT_PATH_NEEDS(kCacheMiss, "conv2d.winograd.weight_cache_miss", kAvx512F);
-CNNEXT_PATH_NEEDS(kInputGrad, "conv2d.input_grad.winograd", kAvx512F);
+// The forward (and the input gradient, a forward) run on AVX-512F or AVX2 + FMA; the weight
+// gradient and the bfloat16 entry points on AVX-512F only.
+CNNEXT_PATH_NEEDS(kF2, "conv2d.winograd.f2x2", kAvx2);
+CNNEXT_PATH_NEEDS(kF4, "conv2d.winograd.f4x4", kAvx2);
+CNNEXT_PATH_NEEDS(kF6, "conv2d.winograd.f6x6", kAvx2);
+CNNEXT_PATH_NEEDS(kNonFinite, "conv2d.winograd.nonfinite_fallback", kAvx2);
+CNNEXT_PATH_NEEDS(kCacheHit, "conv2d.winograd.weight_cache_hit", kAvx2);
+CNNEXT_PATH_NEEDS(kCacheMiss, "conv2d.winograd.weight_cache_miss", kAvx2);
+CNNEXT_PATH_NEEDS(kInputGrad, "conv2d.input_grad.winograd", kAvx2);
+// One count per forward call that ran the AVX2 transforms (no AVX-512F).
+CNNEXT_PATH_NEEDS(kAvx2Kernels, "conv2d.winograd.avx2", kAvx2);
 CNNEXT_PATH_NEEDS(kWeightGrad, "conv2d.weight_grad.winograd", kAvx512F);
 CNNEXT_PATH_NEEDS(kBf16Fwd, "conv2d.fwd.winograd_bf16", kAvx512F);
 CNNEXT_PATH_NEEDS(kBf16InputGrad, "conv2d.input_grad.winograd_bf16", kAvx512F);
@@ -392,7 +396,189 @@ WINO_TARGET bool output_transform(const float* mbuf, int64_t m_size, const Conv2
   return bad == 0;  // lanes past the tiles hold the bias only
 }
 
-template <int M, typename X = float, typename Y = float>
+// ---- AVX2 (8 lanes): the forward's transforms on CPUs without AVX-512F ----
+// The same steps as above, 8 tiles a vector: gathers of 8 lanes (AVX2's vgatherdps,
+// masked: lanes past the tiles read nothing and hold 0), and the output stored lane by
+// lane (AVX2 has no scatter). The GEMMs between them run sgemm::gemm's AVX2 kernel on
+// the same packed panels, and the weight is transformed by plain loops into the same
+// packed-A layout, so the driver (forward_m) and the tile choice are shared.
+
+#define WINO_AVX2 __attribute__((target("avx2,fma")))
+
+// lin_terms of 8 lanes: sum_k c(k) * v[k * stride], constants folded, zero terms skipped.
+template <int N, typename Coef>
+WINO_AVX2 __attribute__((always_inline)) inline __m256 lin_terms8(const Coef& c, const __m256* v, int stride) {
+  __m256 acc = _mm256_setzero_ps();
+  bool first = true;
+#pragma GCC unroll 8
+  for (int k = 0; k < N; ++k) {
+    const float ck = c(k);
+    if (ck == 0.f) continue;
+    const __m256 x = v[k * stride];
+    if (first) {
+      acc = ck == 1.f ? x : ck == -1.f ? _mm256_sub_ps(_mm256_setzero_ps(), x) : _mm256_mul_ps(_mm256_set1_ps(ck), x);
+      first = false;
+    } else if (ck == 1.f) {
+      acc = _mm256_add_ps(acc, x);
+    } else if (ck == -1.f) {
+      acc = _mm256_sub_ps(acc, x);
+    } else {
+      acc = _mm256_fmadd_ps(_mm256_set1_ps(ck), x, acc);
+    }
+  }
+  return acc;
+}
+
+template <int N>
+WINO_AVX2 __attribute__((always_inline)) inline __m256 lin8(const float (&c)[N], const __m256* v, int stride) {
+  return lin_terms8<N>(Row<N>{c}, v, stride);
+}
+
+// All-ones in the lanes whose bit is set in the low 8 bits of `bits`.
+WINO_AVX2 __attribute__((always_inline)) inline __m256i lanes8(unsigned bits) {
+  const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  return _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(int32_t(bits)), bit), bit);
+}
+
+// input_transform with 8 tiles a vector (the padding tiles of the last panel stored 0).
+template <int M>
+WINO_AVX2 void input_transform_avx2(const float* xp, const Conv2dParams& p, const Layout& L,
+                                    const Strides4& ys, int64_t t0, int64_t tc, float* v,
+                                    int64_t v_size) {
+  using T = Mat<M>;
+  constexpr int A = T::A;
+  const int64_t plane = L.Hq * L.Wq, tcp = round_up(tc, kNR);
+  TileLanes tl;
+  for (int64_t tg = 0; tg < tcp; tg += 8) {
+    float* vbase = v + (tg / kNR) * p.C * kNR + tg % kNR;
+    if (tg >= tc) {
+      for (int64_t c = 0; c < p.C; ++c)
+        for (int x = 0; x < A * A; ++x) _mm256_storeu_ps(vbase + c * kNR + x * v_size, _mm256_setzero_ps());
+      continue;
+    }
+    tile_lanes(t0 + tg, t0 + tc, M, p, L, ys, &tl);
+    const __m256i idx = _mm256_load_si256(reinterpret_cast<const __m256i*>(tl.in));
+    const __m256 vm = _mm256_castsi256_ps(lanes8(tl.valid & 0xFFu));
+    for (int64_t c = 0; c < p.C; ++c) {
+      const float* src = xp + c * plane;
+      __m256 tmp[A * A];  // tmp[r][j] = sum_s BT[j][s] d[r][s]
+#pragma GCC unroll 8
+      for (int r = 0; r < A; ++r) {
+        __m256 d[A];
+#pragma GCC unroll 8
+        for (int s = 0; s < A; ++s)
+          d[s] = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), src + r * L.Wq + s, idx, vm, 4);
+#pragma GCC unroll 8
+        for (int j = 0; j < A; ++j) tmp[r * A + j] = lin8<A>(T::BT[j], d, 1);
+      }
+      float* dst = vbase + c * kNR;
+#pragma GCC unroll 8
+      for (int i = 0; i < A; ++i)
+#pragma GCC unroll 8
+        for (int j = 0; j < A; ++j) _mm256_storeu_ps(dst + (i * A + j) * v_size, lin8<A>(T::BT[i], tmp + j, A));
+    }
+  }
+}
+
+// output_transform with 8 tiles a vector, float output; returns false when a value is not
+// finite.
+template <int M>
+WINO_AVX2 bool output_transform_avx2(const float* mbuf, int64_t m_size, const Conv2dParams& p,
+                                     const Layout& L, const Strides4& ys, int64_t t0, int64_t tc,
+                                     int64_t o0, int64_t ob, const float* bias, bool relu, float* y) {
+  using T = Mat<M>;
+  constexpr int A = T::A;
+  TileLanes tl;
+  unsigned bad = 0;
+  const __m256 zero = _mm256_setzero_ps();
+  alignas(32) float lane[8];
+  for (int64_t tg = 0; tg < tc; tg += 8) {
+    tile_lanes(t0 + tg, t0 + tc, M, p, L, ys, &tl);
+    const unsigned valid = tl.valid & 0xFFu;
+    const __m256i vm = lanes8(valid);
+    unsigned rowok[M], colok[M];
+    for (int i = 0; i < M; ++i) {
+      rowok[i] = colok[i] = 0;
+      for (int l = 0; l < 8; ++l) {
+        if (tl.oh[l] + i < p.OH) rowok[i] |= 1u << l;
+        if (tl.ow[l] + i < p.OW) colok[i] |= 1u << l;
+      }
+    }
+    for (int64_t o = 0; o < ob; ++o) {
+      const float* src = mbuf + o * tc + tg;
+      __m256 mv[A * A];
+#pragma GCC unroll 64
+      for (int x = 0; x < A * A; ++x) mv[x] = _mm256_maskload_ps(src + x * m_size, vm);
+      __m256 tmp[M * A];  // tmp[i][b] = sum_a AT[i][a] M[a][b]
+#pragma GCC unroll 8
+      for (int i = 0; i < M; ++i)
+#pragma GCC unroll 8
+        for (int b = 0; b < A; ++b) tmp[i * A + b] = lin8<A>(T::AT[i], mv + b, A);
+      const __m256 bv = _mm256_set1_ps(bias ? bias[o0 + o] : 0.f);
+      float* yo = y + (o0 + o) * ys.c;
+#pragma GCC unroll 8
+      for (int i = 0; i < M; ++i) {
+#pragma GCC unroll 8
+        for (int j = 0; j < M; ++j) {
+          __m256 val = lin8<A>(T::AT[j], tmp + i * A, 1);
+          if (bias) val = _mm256_add_ps(val, bv);
+          const __m256 dz = _mm256_sub_ps(val, val);  // NaN exactly where val is not finite
+          bad |= unsigned(_mm256_movemask_ps(_mm256_cmp_ps(dz, dz, _CMP_UNORD_Q)));
+          if (relu) val = _mm256_blendv_ps(val, zero, _mm256_cmp_ps(val, zero, _CMP_LT_OQ));
+          _mm256_store_ps(lane, val);
+          float* base = yo + i * ys.h + j * ys.w;
+          for (unsigned st = valid & rowok[i] & colok[j]; st; st &= st - 1) {
+            const int l = __builtin_ctz(st);
+            base[tl.out[l]] = lane[l];
+          }
+        }
+      }
+    }
+  }
+  return (bad & 0xFFu) == 0;  // lanes past the tiles hold the bias only
+}
+
+// weight_panels with 8 lanes = the kMR output channels of a panel at one input channel
+// (one 8-float store per transformed element; rows past O gathered as 0).
+template <int M>
+WINO_AVX2 void weight_panels_avx2(const float* w, int64_t wso, int64_t wsc, int64_t wst, int64_t O,
+                                  int64_t C, int64_t p0, int64_t p1, float* u) {
+  static_assert(kMR == 8, "a panel's rows are one 8-lane vector");
+  using T = Mat<M>;
+  constexpr int A = T::A;
+  const int64_t u_size = round_up(O, kMR) * C;
+  alignas(32) int32_t lane_off[8];
+  for (int64_t pn = p0; pn < p1; ++pn) {
+    unsigned valid = 0;
+    for (int l = 0; l < 8; ++l) {
+      const int64_t o = pn * kMR + l;
+      lane_off[l] = o < O ? int32_t(o * wso) : 0;
+      if (o < O) valid |= 1u << l;
+    }
+    const __m256i idx = _mm256_load_si256(reinterpret_cast<const __m256i*>(lane_off));
+    const __m256 vm = _mm256_castsi256_ps(lanes8(valid));
+    for (int64_t c = 0; c < C; ++c) {
+      __m256 g[9];
+#pragma GCC unroll 9
+      for (int t = 0; t < 9; ++t)
+        g[t] = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), w + c * wsc + t * wst, idx, vm, 4);
+      __m256 tmp[A * 3];  // tmp[i][k] = sum_j G[i][j] g[j][k]; then U[i][l] = sum_k tmp[i][k] G[l][k]
+#pragma GCC unroll 8
+      for (int i = 0; i < A; ++i)
+#pragma GCC unroll 3
+        for (int k = 0; k < 3; ++k) tmp[i * 3 + k] = lin8<3>(T::G[i], g + k, 3);
+      float* dst = u + pn * kMR * C + c * kMR;
+#pragma GCC unroll 8
+      for (int i = 0; i < A; ++i)
+#pragma GCC unroll 8
+        for (int l = 0; l < A; ++l) _mm256_storeu_ps(dst + (i * A + l) * u_size, lin8<3>(T::G[l], tmp + i * 3, 1));
+    }
+  }
+}
+
+// kWide: the AVX-512 transforms (16 tiles a vector; any X, Y), else the AVX2 ones (8 tiles
+// a vector; float only).
+template <int M, bool kWide, typename X = float, typename Y = float>
 bool forward_m(const X* x, const Strides4& xs, const float* w, int64_t wso, int64_t wsc,
                int64_t wst, const float* u, const float* bias, Y* y, const Strides4& ys,
                const Conv2dParams& p, bool relu) {
@@ -442,12 +628,20 @@ bool forward_m(const X* x, const Strides4& xs, const float* w, int64_t wso, int6
     const int64_t t0 = chunk * tc, n_t = std::min(tc, L.T - t0), n_o = std::min(ob, p.O - o0);
     float* v = scratch(0, int64_t(A) * A * (v_size + m_size));
     float* mb = v + int64_t(A) * A * v_size;
-    input_transform<M>(xp, p, L, ys, t0, n_t, v, v_size);
+    if constexpr (kWide) {
+      input_transform<M>(xp, p, L, ys, t0, n_t, v, v_size);
+    } else {
+      static_assert(std::is_same<X, float>::value && std::is_same<Y, float>::value,
+                    "the AVX2 transforms are float32 only");
+      input_transform_avx2<M>(xp, p, L, ys, t0, n_t, v, v_size);
+    }
     for (int xi = 0; xi < A * A; ++xi)
       sgemm::gemm(u + xi * u_size + o0 * p.C, v + xi * v_size, n_o, n_t, p.C, mb + xi * m_size, n_t,
                   false, nullptr, false);
-    if (!output_transform<M, Y>(mb, m_size, p, L, ys, t0, n_t, o0, n_o, bias, relu, y))
-      ok.store(false, std::memory_order_relaxed);
+    bool done;
+    if constexpr (kWide) done = output_transform<M, Y>(mb, m_size, p, L, ys, t0, n_t, o0, n_o, bias, relu, y);
+    else done = output_transform_avx2<M>(mb, m_size, p, L, ys, t0, n_t, o0, n_o, bias, relu, y);
+    if (!done) ok.store(false, std::memory_order_relaxed);
   });
   return ok.load();
 }
@@ -678,7 +872,7 @@ int forced_tile() { return g_forced.load(std::memory_order_relaxed); }
 
 bool available() {
 #ifdef CNNEXT_WINO_AVX512
-  return sgemm::available();
+  return sgemm::available() || cpu_features().avx2_fma();
 #else
   return false;
 #endif
@@ -688,7 +882,7 @@ std::vector<int> allowed_tiles() { return {2, 4}; }
 
 int choose_tile(const Conv2dParams& p) {
 #ifdef CNNEXT_WINO_AVX512
-  if (!enabled() || !sgemm::available()) return 0;
+  if (!enabled() || !available()) return 0;
   if (p.KH != 3 || p.KW != 3 || p.SH != 1 || p.SW != 1 || p.DH != 1 || p.DW != 1 || p.G != 1)
     return 0;
   if (p.N == 0 || p.OH <= 0 || p.OW <= 0 || p.C == 0 || p.O == 0) return 0;
@@ -712,9 +906,15 @@ void transform_weight(const float* w, int64_t wso, int64_t wsc, int64_t wst, int
   const int64_t per = std::max<int64_t>(1, ceil_div(panels, 4 * at::get_num_threads()));
   run_items(ceil_div(panels, per), [&](int64_t b) {
     const int64_t p0 = b * per, p1 = std::min(panels, p0 + per);
-    if (m == 2) weight_panels<2>(w, wso, wsc, wst, O, C, p0, p1, u);
-    if (m == 4) weight_panels<4>(w, wso, wsc, wst, O, C, p0, p1, u);
-    if (m == 6) weight_panels<6>(w, wso, wsc, wst, O, C, p0, p1, u);
+    if (sgemm::available()) {
+      if (m == 2) weight_panels<2>(w, wso, wsc, wst, O, C, p0, p1, u);
+      if (m == 4) weight_panels<4>(w, wso, wsc, wst, O, C, p0, p1, u);
+      if (m == 6) weight_panels<6>(w, wso, wsc, wst, O, C, p0, p1, u);
+    } else {
+      if (m == 2) weight_panels_avx2<2>(w, wso, wsc, wst, O, C, p0, p1, u);
+      if (m == 4) weight_panels_avx2<4>(w, wso, wsc, wst, O, C, p0, p1, u);
+      if (m == 6) weight_panels_avx2<6>(w, wso, wsc, wst, O, C, p0, p1, u);
+    }
   });
 #else
   (void)w, (void)wso, (void)wsc, (void)wst, (void)O, (void)C, (void)m, (void)u;
@@ -725,17 +925,24 @@ bool forward(const float* x, const Strides4& xs, const float* w, int64_t wso, in
              int64_t wst, const float* u, const float* bias, float* y, const Strides4& ys,
              const Conv2dParams& p, bool relu, int m) {
 #ifdef CNNEXT_WINO_AVX512
+  if (!available()) return false;
+  const bool wide = sgemm::available();
+  if (!wide) kAvx2Kernels.hit();
   bool ok = false;
+#define CNNEXT_WINO_FWD(MM) \
+  (wide ? forward_m<MM, true>(x, xs, w, wso, wsc, wst, u, bias, y, ys, p, relu) \
+        : forward_m<MM, false>(x, xs, w, wso, wsc, wst, u, bias, y, ys, p, relu))
   if (m == 2) {
     kF2.hit();
-    ok = forward_m<2>(x, xs, w, wso, wsc, wst, u, bias, y, ys, p, relu);
+    ok = CNNEXT_WINO_FWD(2);
   } else if (m == 4) {
     kF4.hit();
-    ok = forward_m<4>(x, xs, w, wso, wsc, wst, u, bias, y, ys, p, relu);
+    ok = CNNEXT_WINO_FWD(4);
   } else if (m == 6) {
     kF6.hit();
-    ok = forward_m<6>(x, xs, w, wso, wsc, wst, u, bias, y, ys, p, relu);
+    ok = CNNEXT_WINO_FWD(6);
   }
+#undef CNNEXT_WINO_FWD
   if (!ok) kNonFinite.hit();
   return ok;
 #else
@@ -806,6 +1013,7 @@ bool bf16_pays(const Conv2dParams& p) {
 bool forward_bf16_tensor(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                          at::Tensor& out, const Conv2dParams& p, bool relu) {
 #ifdef CNNEXT_WINO_AVX512
+  if (!sgemm::available()) return false;  // the bfloat16 transforms are AVX-512 only
   const int m = choose_tile(p);
   if (m == 0 || !bf16_pays(p) || input.scalar_type() != at::kBFloat16 || weight.scalar_type() != at::kBFloat16 ||
       out.scalar_type() != at::kBFloat16)
@@ -822,13 +1030,13 @@ bool forward_bf16_tensor(const at::Tensor& input, const at::Tensor& weight, cons
   bool ok = false;
   if (m == 2) {
     kF2.hit();
-    ok = forward_m<2, uint16_t, uint16_t>(x, strides_of(input), w, p.C * 9, 9, 1, nullptr, b, y, strides_of(out), p, relu);
+    ok = forward_m<2, true, uint16_t, uint16_t>(x, strides_of(input), w, p.C * 9, 9, 1, nullptr, b, y, strides_of(out), p, relu);
   } else if (m == 4) {
     kF4.hit();
-    ok = forward_m<4, uint16_t, uint16_t>(x, strides_of(input), w, p.C * 9, 9, 1, nullptr, b, y, strides_of(out), p, relu);
+    ok = forward_m<4, true, uint16_t, uint16_t>(x, strides_of(input), w, p.C * 9, 9, 1, nullptr, b, y, strides_of(out), p, relu);
   } else if (m == 6) {
     kF6.hit();
-    ok = forward_m<6, uint16_t, uint16_t>(x, strides_of(input), w, p.C * 9, 9, 1, nullptr, b, y, strides_of(out), p, relu);
+    ok = forward_m<6, true, uint16_t, uint16_t>(x, strides_of(input), w, p.C * 9, 9, 1, nullptr, b, y, strides_of(out), p, relu);
   }
   if (!ok) kNonFinite.hit();
   else kBf16Fwd.hit();
@@ -842,6 +1050,7 @@ bool forward_bf16_tensor(const at::Tensor& input, const at::Tensor& weight, cons
 at::Tensor input_backward_bf16_tensor(const at::Tensor& grad_output, const at::Tensor& weight,
                                       const Conv2dParams& p, at::MemoryFormat out_format) {
 #ifdef CNNEXT_WINO_AVX512
+  if (!sgemm::available()) return at::Tensor();  // the bfloat16 transforms are AVX-512 only
   if (grad_output.scalar_type() != at::kBFloat16 || weight.scalar_type() != at::kBFloat16) return at::Tensor();
   if (p.PH < 0 || p.PW < 0 || p.PH > 2 || p.PW > 2) return at::Tensor();
   const Conv2dParams q = conv_input_grad_as_forward(p);
@@ -857,13 +1066,13 @@ at::Tensor input_backward_bf16_tensor(const at::Tensor& grad_output, const at::T
   bool ok = false;
   if (m == 2) {
     kF2.hit();
-    ok = forward_m<2, uint16_t, uint16_t>(gy, gs, w, 9, q.O * 9, -1, nullptr, nullptr, out, xs, q, false);
+    ok = forward_m<2, true, uint16_t, uint16_t>(gy, gs, w, 9, q.O * 9, -1, nullptr, nullptr, out, xs, q, false);
   } else if (m == 4) {
     kF4.hit();
-    ok = forward_m<4, uint16_t, uint16_t>(gy, gs, w, 9, q.O * 9, -1, nullptr, nullptr, out, xs, q, false);
+    ok = forward_m<4, true, uint16_t, uint16_t>(gy, gs, w, 9, q.O * 9, -1, nullptr, nullptr, out, xs, q, false);
   } else if (m == 6) {
     kF6.hit();
-    ok = forward_m<6, uint16_t, uint16_t>(gy, gs, w, 9, q.O * 9, -1, nullptr, nullptr, out, xs, q, false);
+    ok = forward_m<6, true, uint16_t, uint16_t>(gy, gs, w, 9, q.O * 9, -1, nullptr, nullptr, out, xs, q, false);
   }
   if (!ok) {
     kNonFinite.hit();
@@ -899,6 +1108,7 @@ bool input_backward_tensor(const at::Tensor& grad_output, const at::Tensor& weig
 bool weight_backward_tensor(const at::Tensor& grad_output, const at::Tensor& input, at::Tensor& gw,
                             const Conv2dParams& p) {
 #ifdef CNNEXT_WINO_AVX512
+  if (!sgemm::available()) return false;  // its transforms are AVX-512 only
   if (grad_output.scalar_type() != at::kFloat || input.scalar_type() != at::kFloat ||
       gw.scalar_type() != at::kFloat || !gw.is_contiguous())
     return false;

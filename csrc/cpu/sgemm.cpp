@@ -28,6 +28,8 @@ CNNEXT_PATH_NEEDS(kGemm, "sgemm.gemm", kAvx512F);
 CNNEXT_PATH_NEEDS(kGemmRows, "sgemm.gemm_rows", kAvx512F);
 CNNEXT_PATH_NEEDS(kGemmArows, "sgemm.gemm_arows", kAvx512F);
 CNNEXT_PATH_NEEDS(kGemmSmallN, "sgemm.gemm_small_n", kAvx512F);
+// gemm() on a CPU with AVX2 and FMA but no AVX-512F (the same packed panels).
+CNNEXT_PATH_NEEDS(kGemmAvx2, "sgemm.gemm_avx2", kAvx2);
 
 namespace {
 
@@ -105,6 +107,23 @@ void pack_b(const float* b, int64_t rs, int64_t cs, int64_t K, int64_t N, float*
       }
       for (int64_t k = 0; k < kb; ++k)
         for (int64_t j = n; j < kNR; ++j) panel[(k0 + k) * kNR + j] = 0.f;
+    }
+  }
+}
+
+// gemm() without vector instructions (a CPU with neither AVX-512F nor AVX2 + FMA, or a
+// build without them): the same sums, element by element.
+static void gemm_plain(const float* a_packed, const float* b_packed, int64_t M, int64_t N, int64_t K,
+          float* c, int64_t ldc, bool accumulate, const float* bias, bool relu) {
+  for (int64_t i = 0; i < M; ++i) {
+    const float* ap = a_packed + (i / kMR) * K * kMR + i % kMR;
+    for (int64_t j = 0; j < N; ++j) {
+      const float* bp = b_packed + (j / kNR) * K * kNR + j % kNR;
+      float acc = 0.f;
+      for (int64_t k = 0; k < K; ++k) acc += ap[k * kMR] * bp[k * kNR];
+      float& out = c[i * ldc + j];
+      out = accumulate ? out + acc : acc + (bias ? bias[i] : 0.f);
+      if (relu && out < 0.f) out = 0.f;
     }
   }
 }
@@ -325,9 +344,76 @@ bool available() {
   return cpu_features().avx512f_fma();
 }
 
+namespace {
+
+// The AVX2 micro-kernel on the same packed panels: 16 ymm registers hold at most a 4 x 16
+// tile of C (8 accumulators, 2 B vectors, the A broadcast), so the kMR x kNR tile runs as
+// up to four passes of 4 rows x 16 columns over the whole kc (the B half-panel of a pass,
+// kc x 16 floats, is read from L1 by the second row pass). 8 independent FMA chains cover
+// the FMA latency (4 cycles) of two FMA pipes. Each C element is one chain of FMAs over
+// k in order, as in the AVX-512 kernel (whose results it need not match bit for bit: the
+// products are the same, the FMA order too, so it does in practice).
+CNNEXT_TARGET("avx2,fma") __attribute__((always_inline)) inline __m256i lane_mask8(int64_t left) {
+  const int32_t n = int32_t(std::max<int64_t>(0, std::min<int64_t>(8, left)));
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+CNNEXT_TARGET("avx2,fma") void micro_kernel_avx2(int64_t kc, const float* a, const float* b, float* c,
+                                                 int64_t ldc, int64_t rows, int64_t cols, bool add,
+                                                 const float* bias, bool relu) {
+  for (int h = 0; h < 2 && 16 * h < cols; ++h) {
+    const __m256i m0 = lane_mask8(cols - 16 * h), m1 = lane_mask8(cols - 16 * h - 8);
+    const bool full = cols - 16 * h >= 16;
+    for (int64_t r0 = 0; r0 < rows; r0 += 4) {
+      __m256 acc[4][2];
+#pragma GCC unroll 4
+      for (int r = 0; r < 4; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+      const float* ap = a + r0;
+      const float* bp = b + 16 * h;
+      for (int64_t k = 0; k < kc; ++k) {
+        const __m256 b0 = _mm256_loadu_ps(bp + k * kNR), b1 = _mm256_loadu_ps(bp + k * kNR + 8);
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; ++r) {
+          const __m256 av = _mm256_broadcast_ss(ap + k * kMR + r);
+          acc[r][0] = _mm256_fmadd_ps(av, b0, acc[r][0]);
+          acc[r][1] = _mm256_fmadd_ps(av, b1, acc[r][1]);
+        }
+      }
+      // Stored as the AVX-512 kernel's store_tile: C added (`add`), else the bias; then
+      // max(., 0) (NaN kept: the ordered compare is false for it).
+      const __m256 zero = _mm256_setzero_ps();
+#pragma GCC unroll 4
+      for (int r = 0; r < 4; ++r) {
+        if (r0 + r >= rows) break;
+        float* cr = c + (r0 + r) * ldc + 16 * h;
+#pragma GCC unroll 2
+        for (int v = 0; v < 2; ++v) {
+          const __m256i m = v == 0 ? m0 : m1;
+          __m256 val = acc[r][v];
+          if (add) {
+            val = _mm256_add_ps(val, full ? _mm256_loadu_ps(cr + 8 * v) : _mm256_maskload_ps(cr + 8 * v, m));
+          } else if (bias) {
+            val = _mm256_add_ps(val, _mm256_set1_ps(bias[r0 + r]));
+          }
+          if (relu) val = _mm256_blendv_ps(val, zero, _mm256_cmp_ps(val, zero, _CMP_LT_OQ));
+          if (full) _mm256_storeu_ps(cr + 8 * v, val);
+          else _mm256_maskstore_ps(cr + 8 * v, m, val);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
 void gemm(const float* a_packed, const float* b_packed, int64_t M, int64_t N, int64_t K,
           float* c, int64_t ldc, bool accumulate, const float* bias, bool relu) {
-  kGemm.hit();
+  const bool wide = available();
+  if (!wide && !cpu_features().avx2_fma()) {
+    gemm_plain(a_packed, b_packed, M, N, K, c, ldc, accumulate, bias, relu);
+    return;
+  }
+  (wide ? kGemm : kGemmAvx2).hit();
   for (int64_t k0 = 0; k0 < K; k0 += kKC) {
     const int64_t kc = std::min(kKC, K - k0);
     const bool add = accumulate || k0 > 0;
@@ -336,6 +422,11 @@ void gemm(const float* a_packed, const float* b_packed, int64_t M, int64_t N, in
       const float* bp = b_packed + j0 * K + k0 * kNR;
       const int64_t cols = std::min(kNR, N - j0);
       for (int64_t i0 = 0; i0 < M; i0 += kMR) {
+        if (!wide) {
+          micro_kernel_avx2(kc, a_packed + i0 * K + k0 * kMR, bp, c + i0 * ldc + j0, ldc,
+                            std::min(kMR, M - i0), cols, add, bias ? bias + i0 : nullptr, relu && last);
+          continue;
+        }
         (cols <= 16 ? micro_kernel<false, false, 1> : micro_kernel<false, false, 2>)(
             kc, a_packed + i0 * K + k0 * kMR, nullptr, bp, nullptr, c + i0 * ldc + j0, ldc,
             std::min(kMR, M - i0), cols, add, bias ? bias + i0 : nullptr, relu && last);
@@ -439,18 +530,7 @@ bool transpose8x16(const float*, int64_t, float*) { return false; }
 
 void gemm(const float* a_packed, const float* b_packed, int64_t M, int64_t N, int64_t K,
           float* c, int64_t ldc, bool accumulate, const float* bias, bool relu) {
-  kGemm.hit();
-  for (int64_t i = 0; i < M; ++i) {
-    const float* ap = a_packed + (i / kMR) * K * kMR + i % kMR;
-    for (int64_t j = 0; j < N; ++j) {
-      const float* bp = b_packed + (j / kNR) * K * kNR + j % kNR;
-      float acc = 0.f;
-      for (int64_t k = 0; k < K; ++k) acc += ap[k * kMR] * bp[k * kNR];
-      float& out = c[i * ldc + j];
-      out = accumulate ? out + acc : acc + (bias ? bias[i] : 0.f);
-      if (relu && out < 0.f) out = 0.f;
-    }
-  }
+  gemm_plain(a_packed, b_packed, M, N, K, c, ldc, accumulate, bias, relu);
 }
 
 void gemm_rows(const float* a_packed, const float* b, const int64_t* off, int64_t M, int64_t N,

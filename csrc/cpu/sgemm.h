@@ -1,6 +1,7 @@
 // Our single-precision GEMM for the CPU convolution: packed panels and an AVX-512
 // micro-kernel, used where the CPU has AVX-512F (checked at run time); elsewhere
-// the convolution multiplies with at::mm.
+// the convolution multiplies with at::mm, but for Winograd's element-wise stage, which
+// runs gemm() on an AVX2 micro-kernel.
 //
 // Packed layouts (zero-padded to whole panels):
 //   A (M x K) in panels of kMR rows:    a[(i / kMR) * K * kMR + k * kMR + i % kMR]
@@ -19,7 +20,10 @@ constexpr int64_t kNR = 32;
 inline int64_t packed_a_size(int64_t M, int64_t K) { return (M + kMR - 1) / kMR * kMR * K; }
 inline int64_t packed_b_size(int64_t K, int64_t N) { return (N + kNR - 1) / kNR * kNR * K; }
 
-// Whether this CPU runs the micro-kernel.
+// Whether this CPU runs the AVX-512 micro-kernel (AVX-512F + FMA): every entry point below
+// but gemm() may be called only then. gemm() runs anywhere: the AVX-512 micro-kernel, an
+// AVX2 one (AVX2 + FMA: the same panels in 4 x 16 passes, path sgemm.gemm_avx2) or plain
+// loops.
 bool available();
 
 // dst[k * ld + i] = src[i * cs + k] for i, k in [0, 16): one 16 x 16 transpose (AVX-512).

@@ -1,13 +1,16 @@
 // Checks cnnext's packed sgemm (csrc/cpu/sgemm.cpp) against a plain triple loop on
 // integer-valued inputs, where every result is exact: prints one line per case,
-// "M N K accumulate bias maxerr". Built by tests/test_sgemm.py with and without
-// CNNEXT_NO_AVX512, so both the micro-kernel and the portable version are run. A build
-// with the micro-kernel, on a CPU (or under a CNNEXT_CPU_ISA cap) without AVX-512F, runs
-// no case: there the convolution never calls it (sgemm::available() is false).
+// "M N K accumulate bias relu maxerr", after a first line naming the kernel gemm() runs:
+// avx512 (sgemm::available()), avx2 (AVX2 + FMA, no AVX-512F) or plain (neither, or a
+// build with CNNEXT_NO_AVX512). Built by tests/test_sgemm.py with and without
+// CNNEXT_NO_AVX512 and run under CNNEXT_CPU_ISA caps, so each kernel this CPU has runs.
+// The other entry points (gemm_rows, gemm_arows, gemm_small_n) are AVX-512 only: their
+// callers check available(), and this check calls them nowhere.
 #include <cmath>
 #include <cstdio>
 #include <vector>
 
+#include "cpu/cpu_features.h"
 #include "cpu/sgemm.h"
 
 using namespace cnnext::cpu::sgemm;
@@ -15,14 +18,17 @@ using namespace cnnext::cpu::sgemm;
 int main() {
   const int sizes[][3] = {{1, 1, 1}, {12, 32, 1}, {13, 37, 29}, {11, 31, 300}, {64, 448, 576}, {25, 17, 513}};
   // (pack_a's row-major blocks: 8 rows x 16 k, with partial panels and K tails above.)
-  std::printf("avx512=%d\n", int(available()));
-#ifndef CNNEXT_NO_AVX512
-  if (!available()) return 0;
+#ifdef CNNEXT_NO_AVX512
+  const char* kernel = "plain";
+#else
+  const char* kernel = available() ? "avx512" : cnnext::cpu::cpu_features().avx2_fma() ? "avx2" : "plain";
 #endif
+  std::printf("kernel=%s\n", kernel);
   for (const auto& s : sizes) {
     const int M = s[0], N = s[1], K = s[2];
     for (int accumulate = 0; accumulate < 2; ++accumulate) {
       for (int with_bias = 0; with_bias < 2; ++with_bias) {
+       for (int relu = 0; relu < 2; ++relu) {
         std::vector<float> a(M * K), b(K * N), bias(M), c(M * N), before(M * N);
         for (int i = 0; i < M * K; ++i) a[i] = float(i * 7 % 11 - 5);
         for (int i = 0; i < K * N; ++i) b[i] = float(i * 5 % 13 - 6);
@@ -40,16 +46,18 @@ int main() {
         pack_a(a.data(), K, 1, M, K, ap_rows.data());
         const bool same_pack = ap_rows == ap;
         pack_b(b.data(), N, 1, K, N, bp.data());
-        gemm(ap.data(), bp.data(), M, N, K, c.data(), N, accumulate, with_bias ? bias.data() : nullptr);
+        gemm(ap.data(), bp.data(), M, N, K, c.data(), N, accumulate, with_bias ? bias.data() : nullptr, relu);
         double err = 0;
         for (int i = 0; i < M; ++i)
           for (int j = 0; j < N; ++j) {
             double want = accumulate ? before[i * N + j] : (with_bias ? bias[i] : 0.0);
             for (int k = 0; k < K; ++k) want += double(a[i * K + k]) * b[k * N + j];
+            if (relu && want < 0) want = 0;
             err = std::fmax(err, std::fabs(want - c[i * N + j]));
           }
         if (!same_pack) err = 1e30;
-        std::printf("%d %d %d %d %d %g\n", M, N, K, accumulate, with_bias, err);
+        std::printf("%d %d %d %d %d %d %g\n", M, N, K, accumulate, with_bias, relu, err);
+       }
       }
     }
   }
