@@ -79,6 +79,8 @@ def rel_err(y, ref):
 
 
 # (N, C, H, W, O, padding): odd sizes, partial tiles in both directions, one-row maps.
+CL = torch.channels_last
+
 SHAPES = [
     (2, 16, 9, 11, 24, 1),
     (1, 17, 5, 7, 19, 0),      # no padding, 3x5 output: one partial tile
@@ -157,6 +159,28 @@ def test_fallbacks(case, tile):
     assert rel_err(y, ref) <= 1e-5
 
 
+@pytest.mark.parametrize("m", [2, 4])
+def test_avx2_row_loads_and_stores(m, tile):
+    """On a CPU without AVX-512F the transforms take 8 tiles a vector: 8 whole tiles side by
+    side in a row of tiles are loaded and stored as rows (whole vectors and lane shuffles),
+    other groups (across a row's end, a partial last tile) gathered and stored lane by lane.
+    A 40-wide map mixes both in one call. The channels_last output (stored lane by lane from
+    the same padded input) must be bitwise the same, and both within the accuracy bound."""
+    require("conv2d.winograd.avx2_row_loads")
+    if SGEMM:
+        pytest.skip("this CPU runs the AVX-512 transforms")
+    tile(m)
+    x = torch.randn(2, 16, 20, 40)
+    w = kaiming(24, 16)
+    b = torch.randn(24)
+    with expect_path(AVX2_KERNELS, "conv2d.winograd.avx2_row_loads", "conv2d.winograd.avx2_row_stores"):
+        y = conv2d(x, w, b, 1, 1)
+    assert rel_err(y, F.conv2d(x.double(), w.double(), b.double(), 1, 1)) <= 2e-5
+    y_cl, paths = ran(lambda: conv2d(x.contiguous(memory_format=CL), w.contiguous(memory_format=CL), b, 1, 1))
+    assert y_cl.is_contiguous(memory_format=CL) and "conv2d.winograd.avx2_row_stores" not in paths, paths
+    assert torch.equal(y, y_cl)
+
+
 def test_channels_last_input_contiguous_output(tile):
     # An NHWC input with a contiguous weight: torch gives an NCHW output here? Then the
     # input is read through its strides.
@@ -167,9 +191,6 @@ def test_channels_last_input_contiguous_output(tile):
     assert y.is_contiguous()
     assert TILES[4] in paths
     assert rel_err(y, F.conv2d(x.double(), w.double(), None, 1, 1)) <= 2e-5
-
-
-CL = torch.channels_last
 
 
 @pytest.mark.parametrize("m", [2, 4, 6])

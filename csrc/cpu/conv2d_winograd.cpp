@@ -43,6 +43,10 @@ CNNEXT_PATH_NEEDS(kCacheMiss, "conv2d.winograd.weight_cache_miss", kAvx2);
 CNNEXT_PATH_NEEDS(kInputGrad, "conv2d.input_grad.winograd", kAvx2);
 // One count per forward call that ran the AVX2 transforms (no AVX-512F).
 CNNEXT_PATH_NEEDS(kAvx2Kernels, "conv2d.winograd.avx2", kAvx2);
+// Calls of the AVX2 input / output transform that loaded / stored some group of 8 tiles as
+// whole rows (load_row8, store_row8) instead of by gathers / lane stores.
+CNNEXT_PATH_NEEDS(kAvx2RowLoads, "conv2d.winograd.avx2_row_loads", kAvx2);
+CNNEXT_PATH_NEEDS(kAvx2RowStores, "conv2d.winograd.avx2_row_stores", kAvx2);
 CNNEXT_PATH_NEEDS(kWeightGrad, "conv2d.weight_grad.winograd", kAvx512F);
 CNNEXT_PATH_NEEDS(kBf16Fwd, "conv2d.fwd.winograd_bf16", kAvx512F);
 CNNEXT_PATH_NEEDS(kBf16InputGrad, "conv2d.input_grad.winograd_bf16", kAvx512F);
@@ -440,7 +444,49 @@ WINO_AVX2 __attribute__((always_inline)) inline __m256i lanes8(unsigned bits) {
   return _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(int32_t(bits)), bit), bit);
 }
 
-// input_transform with 8 tiles a vector (the padding tiles of the last panel stored 0).
+// d[s] (s < M + 2) of 8 tiles side by side in one row of the padded input: d[s][l] =
+// x[l * M + s], for M = 2 or 4: whole-vector loads de-interleaved by lane shuffles (the
+// inverse of store_row8), the last two columns from loads 2 or 4 floats further on. Reads
+// up to x[8 * M + M + 3]: past the tiles by at most 4 floats (the padded planes have that
+// slack at their end).
+template <int M>
+WINO_AVX2 __attribute__((always_inline)) inline void load_row8(const float* x, __m256* d) {
+  static_assert(M == 2 || M == 4, "tiles of 2 or 4 columns");
+  if constexpr (M == 2) {
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h) {  // h = 1: columns 2, 3 (the next tile's 0, 1)
+      const __m256 q0 = _mm256_loadu_ps(x + 2 * h), q1 = _mm256_loadu_ps(x + 2 * h + 8);
+      // shuffle: per 128-bit lane (q0's evens, q1's evens); permute4x64 puts the lanes' halves in order.
+      const __m256 ev = _mm256_shuffle_ps(q0, q1, 0x88), od = _mm256_shuffle_ps(q0, q1, 0xDD);
+      d[2 * h] = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(ev), 0xD8));
+      d[2 * h + 1] = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(od), 0xD8));
+    }
+  } else {
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h) {  // h = 1: columns 4, 5 (the next tile's 0, 1)
+      const float* b = x + 4 * h;
+      const __m256 q0 = _mm256_loadu_ps(b), q1 = _mm256_loadu_ps(b + 8);
+      const __m256 q2 = _mm256_loadu_ps(b + 16), q3 = _mm256_loadu_ps(b + 24);
+      // a_k: tiles k and k + 4 (a 128-bit lane each), then a 4 x 4 transpose per lane.
+      const __m256 a0 = _mm256_permute2f128_ps(q0, q2, 0x20), a1 = _mm256_permute2f128_ps(q0, q2, 0x31);
+      const __m256 a2 = _mm256_permute2f128_ps(q1, q3, 0x20), a3 = _mm256_permute2f128_ps(q1, q3, 0x31);
+      const __m256 t0 = _mm256_unpacklo_ps(a0, a1), t1 = _mm256_unpackhi_ps(a0, a1);
+      const __m256 t2 = _mm256_unpacklo_ps(a2, a3), t3 = _mm256_unpackhi_ps(a2, a3);
+      if (h == 0) {
+        d[0] = _mm256_shuffle_ps(t0, t2, 0x44);
+        d[1] = _mm256_shuffle_ps(t0, t2, 0xEE);
+        d[2] = _mm256_shuffle_ps(t1, t3, 0x44);
+        d[3] = _mm256_shuffle_ps(t1, t3, 0xEE);
+      } else {
+        d[4] = _mm256_shuffle_ps(t0, t2, 0x44);
+        d[5] = _mm256_shuffle_ps(t0, t2, 0xEE);
+      }
+    }
+  }
+}
+
+// input_transform with 8 tiles a vector (the padding tiles of the last panel stored 0):
+// 8 whole tiles side by side in a row of tiles are loaded (load_row8), others gathered.
 template <int M>
 WINO_AVX2 void input_transform_avx2(const float* xp, const Conv2dParams& p, const Layout& L,
                                     const Strides4& ys, int64_t t0, int64_t tc, float* v,
@@ -449,6 +495,7 @@ WINO_AVX2 void input_transform_avx2(const float* xp, const Conv2dParams& p, cons
   constexpr int A = T::A;
   const int64_t plane = L.Hq * L.Wq, tcp = round_up(tc, kNR);
   TileLanes tl;
+  bool any_rows = false;
   for (int64_t tg = 0; tg < tcp; tg += 8) {
     float* vbase = v + (tg / kNR) * p.C * kNR + tg % kNR;
     if (tg >= tc) {
@@ -459,15 +506,27 @@ WINO_AVX2 void input_transform_avx2(const float* xp, const Conv2dParams& p, cons
     tile_lanes(t0 + tg, t0 + tc, M, p, L, ys, &tl);
     const __m256i idx = _mm256_load_si256(reinterpret_cast<const __m256i*>(tl.in));
     const __m256 vm = _mm256_castsi256_ps(lanes8(tl.valid & 0xFFu));
+    bool row_run = (M == 2 || M == 4) && (tl.valid & 0xFFu) == 0xFFu;
+    for (int l = 1; row_run && l < 8; ++l) row_run = tl.in[l] == tl.in[0] + l * M && tl.oh[l] == tl.oh[0];
+    any_rows |= row_run;
     for (int64_t c = 0; c < p.C; ++c) {
       const float* src = xp + c * plane;
       __m256 tmp[A * A];  // tmp[r][j] = sum_s BT[j][s] d[r][s]
 #pragma GCC unroll 8
       for (int r = 0; r < A; ++r) {
         __m256 d[A];
+        bool loaded = false;
+        if constexpr (M == 2 || M == 4) {
+          if (row_run) {
+            load_row8<M>(src + tl.in[0] + r * L.Wq, d);
+            loaded = true;
+          }
+        }
+        if (!loaded) {
 #pragma GCC unroll 8
-        for (int s = 0; s < A; ++s)
-          d[s] = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), src + r * L.Wq + s, idx, vm, 4);
+          for (int s = 0; s < A; ++s)
+            d[s] = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), src + r * L.Wq + s, idx, vm, 4);
+        }
 #pragma GCC unroll 8
         for (int j = 0; j < A; ++j) tmp[r * A + j] = lin8<A>(T::BT[j], d, 1);
       }
@@ -478,10 +537,36 @@ WINO_AVX2 void input_transform_avx2(const float* xp, const Conv2dParams& p, cons
         for (int j = 0; j < A; ++j) _mm256_storeu_ps(dst + (i * A + j) * v_size, lin8<A>(T::BT[i], tmp + j, A));
     }
   }
+  if (any_rows) kAvx2RowLoads.hit();
+}
+
+// Stores row i of 8 tiles side by side in a row of y (unit column stride): y[l * M + j] =
+// v[j][l], for M = 2 or 4 (an interleave by unpacks and lane shuffles, then M whole-vector
+// stores).
+template <int M>
+WINO_AVX2 __attribute__((always_inline)) inline void store_row8(const __m256* v, float* y) {
+  static_assert(M == 2 || M == 4, "tiles of 2 or 4 columns");
+  if constexpr (M == 2) {
+    const __m256 lo = _mm256_unpacklo_ps(v[0], v[1]), hi = _mm256_unpackhi_ps(v[0], v[1]);
+    _mm256_storeu_ps(y, _mm256_permute2f128_ps(lo, hi, 0x20));
+    _mm256_storeu_ps(y + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
+  } else {
+    const __m256 t0 = _mm256_unpacklo_ps(v[0], v[1]), t1 = _mm256_unpackhi_ps(v[0], v[1]);
+    const __m256 t2 = _mm256_unpacklo_ps(v[2], v[3]), t3 = _mm256_unpackhi_ps(v[2], v[3]);
+    // s_k: tiles k and k + 4, their 4 columns each.
+    const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+    const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+    _mm256_storeu_ps(y, _mm256_permute2f128_ps(s0, s1, 0x20));
+    _mm256_storeu_ps(y + 8, _mm256_permute2f128_ps(s2, s3, 0x20));
+    _mm256_storeu_ps(y + 16, _mm256_permute2f128_ps(s0, s1, 0x31));
+    _mm256_storeu_ps(y + 24, _mm256_permute2f128_ps(s2, s3, 0x31));
+  }
 }
 
 // output_transform with 8 tiles a vector, float output; returns false when a value is not
-// finite.
+// finite. Where the 8 tiles are whole, side by side in one row of tiles, and y's rows are
+// contiguous (NCHW), each output row of them is stored as 8 * m contiguous floats; else
+// lane by lane.
 template <int M>
 WINO_AVX2 bool output_transform_avx2(const float* mbuf, int64_t m_size, const Conv2dParams& p,
                                      const Layout& L, const Strides4& ys, int64_t t0, int64_t tc,
@@ -492,6 +577,7 @@ WINO_AVX2 bool output_transform_avx2(const float* mbuf, int64_t m_size, const Co
   unsigned bad = 0;
   const __m256 zero = _mm256_setzero_ps();
   alignas(32) float lane[8];
+  bool any_rows = false;
   for (int64_t tg = 0; tg < tc; tg += 8) {
     tile_lanes(t0 + tg, t0 + tc, M, p, L, ys, &tl);
     const unsigned valid = tl.valid & 0xFFu;
@@ -504,6 +590,9 @@ WINO_AVX2 bool output_transform_avx2(const float* mbuf, int64_t m_size, const Co
         if (tl.ow[l] + i < p.OW) colok[i] |= 1u << l;
       }
     }
+    bool row_run = (M == 2 || M == 4) && ys.w == 1 && valid == 0xFFu && colok[M - 1] == 0xFFu;
+    for (int l = 1; row_run && l < 8; ++l) row_run = tl.out[l] == tl.out[0] + l * M && tl.oh[l] == tl.oh[0];
+    any_rows |= row_run;
     for (int64_t o = 0; o < ob; ++o) {
       const float* src = mbuf + o * tc + tg;
       __m256 mv[A * A];
@@ -518,6 +607,7 @@ WINO_AVX2 bool output_transform_avx2(const float* mbuf, int64_t m_size, const Co
       float* yo = y + (o0 + o) * ys.c;
 #pragma GCC unroll 8
       for (int i = 0; i < M; ++i) {
+        __m256 row[M];
 #pragma GCC unroll 8
         for (int j = 0; j < M; ++j) {
           __m256 val = lin8<A>(T::AT[j], tmp + i * A, 1);
@@ -525,7 +615,17 @@ WINO_AVX2 bool output_transform_avx2(const float* mbuf, int64_t m_size, const Co
           const __m256 dz = _mm256_sub_ps(val, val);  // NaN exactly where val is not finite
           bad |= unsigned(_mm256_movemask_ps(_mm256_cmp_ps(dz, dz, _CMP_UNORD_Q)));
           if (relu) val = _mm256_blendv_ps(val, zero, _mm256_cmp_ps(val, zero, _CMP_LT_OQ));
-          _mm256_store_ps(lane, val);
+          row[j] = val;
+        }
+        if constexpr (M == 2 || M == 4) {
+          if (row_run && (rowok[i] & 1u)) {
+            store_row8<M>(row, yo + tl.out[0] + i * ys.h);
+            continue;
+          }
+        }
+#pragma GCC unroll 8
+        for (int j = 0; j < M; ++j) {
+          _mm256_store_ps(lane, row[j]);
           float* base = yo + i * ys.h + j * ys.w;
           for (unsigned st = valid & rowok[i] & colok[j]; st; st &= st - 1) {
             const int l = __builtin_ctz(st);
@@ -535,6 +635,7 @@ WINO_AVX2 bool output_transform_avx2(const float* mbuf, int64_t m_size, const Co
       }
     }
   }
+  if (any_rows) kAvx2RowStores.hit();
   return (bad & 0xFFu) == 0;  // lanes past the tiles hold the bias only
 }
 
@@ -604,7 +705,8 @@ bool forward_m(const X* x, const Strides4& xs, const float* w, int64_t wso, int6
     transform_weight(w, wso, wsc, wst, p.O, p.C, M, ub);
     u = ub;
   }
-  float* xp = scratch(1, p.N * p.C * plane);
+  // (+ 8: slack for the AVX2 row loads, load_row8, which read up to 4 floats past a tile.)
+  float* xp = scratch(1, p.N * p.C * plane + 8);
   pad_planes(x, xs, p, L, xp);
 
   // Chunks of tiles (a multiple of kNR) sized so V and M of a chunk stay near 1 MiB; then
@@ -621,7 +723,14 @@ bool forward_m(const X* x, const Strides4& xs, const float* w, int64_t wso, int6
   }
   const int64_t oblocks = ceil_div(p.O, ob);
   const int64_t tcp = round_up(tc, kNR);
-  const int64_t v_size = tcp * p.C, m_size = ob * tc;
+  // The (m + 2)^2 planes of V and of M, one per transformed element, are read and written
+  // together by the transforms: 36 (F(4x4)) streams at a stride of v_size / m_size floats.
+  // A stride that is a multiple of 4 KiB (64 x 64 floats: ResNet's 64 -> 64) puts every
+  // stream in the same L1 set (8 ways): on the AVX2 path one cache line of padding between
+  // planes took ResNet's 64 -> 64 at 56x56 from 17.0 to 11.2 ms (Zen 3, 1 thread). The
+  // AVX-512 path keeps its layout (not measured there).
+  const int64_t plane_pad = kWide ? 0 : 16;
+  const int64_t v_size = tcp * p.C + plane_pad, m_size = ob * tc + plane_pad;
   std::atomic<bool> ok{true};
   run_items(chunks * oblocks, [&](int64_t item) {
     const int64_t chunk = item / oblocks, o0 = (item % oblocks) * ob;
@@ -801,7 +910,8 @@ bool weight_grad_m(const float* gy, const Strides4& gs, const float* x, const St
   if (p.N * p.C * plane + 2 * L.Wq + 2 >= lim || p.C * plane >= lim) return false;
   const int64_t g_extent = (p.N - 1) * gs.n + (p.O - 1) * gs.c + (p.OH - 1) * gs.h + (p.OW - 1) * gs.w;
   if (g_extent >= lim || p.O * p.C * 9 >= lim) return false;
-  float* xp = scratch(1, p.N * p.C * plane);
+  // (+ 8: slack for the AVX2 row loads, load_row8, which read up to 4 floats past a tile.)
+  float* xp = scratch(1, p.N * p.C * plane + 8);
   pad_planes(x, xs, p, L, xp);
 
   // Chunks of tiles (a size fixed by the shape: the sums do not depend on the threads)
