@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import cnnext
 import cnnext.backends.cpu as cpu_backend
 from cnnext import _C
-from cnnext._paths import counts, expect_path, require, runnable
+from cnnext._paths import counts, expect_path, require
 from cnnext.functional import conv2d, conv_bn_relu2d, conv_transpose2d
 
 TILES = {2: "conv2d.winograd.f2x2", 4: "conv2d.winograd.f4x4", 6: "conv2d.winograd.f6x6"}
@@ -303,8 +303,7 @@ def test_input_gradient(m, tile):
     y = conv2d(x, w, None, 1, 1)
     (gx, gw), paths = ran(lambda: torch.autograd.grad(y, (x, w), gy))
     assert {IN_GRAD, TILES[m]} <= paths, paths
-    # The weight gradient's Winograd is AVX-512 only: elsewhere the GEMM computes it.
-    assert W_GRAD in paths if runnable(W_GRAD) else gemm_ran(paths, "weight_grad"), paths
+    assert W_GRAD in paths, paths
     assert (AVX2_KERNELS in paths) == (not SGEMM), paths
     assert "conv2d.input_grad.sgemm" not in paths and "conv2d.input_grad.sgemm_as_forward" not in paths
     assert "conv2d.weight_grad.sgemm" not in paths
@@ -426,14 +425,11 @@ def test_input_gradient_fallbacks(case, tile):
     with cpu_backend.flags(winograd=case != "switch_off"):
         y = conv2d(x, w, None, **kw)
         (gw,), paths = ran(lambda: torch.autograd.grad(y, w, gy))
-    if case in ("padding3", "channels_last") and runnable(W_GRAD):
+    if case in ("padding3", "channels_last"):
         assert {W_GRAD, TILES[4]} <= paths, paths
-    elif SGEMM:
+    else:
         assert W_GRAD not in paths and not paths & set(WINO), paths
-        assert expected.replace("input_grad", "weight_grad") in paths, paths
-    else:  # AVX2: the weight gradient's Winograd is AVX-512 only
-        assert W_GRAD not in paths and not paths & set(WINO), paths
-        assert gemm_ran(paths, "weight_grad"), paths
+        assert expected.replace("input_grad", "weight_grad") in paths if SGEMM else gemm_ran(paths, "weight_grad"), paths
     wd = w.detach().double().requires_grad_()
     (gw_ref,) = torch.autograd.grad(F.conv2d(x.detach().double(), wd, None, **kw), wd, gy.double())
     assert rel_err(gw, gw_ref) <= (2e-5 if W_GRAD in paths else 1e-5)
@@ -502,7 +498,6 @@ def weight_grad(x, w, gy, **kw):
 @pytest.mark.parametrize("shape", IN_GRAD_SHAPES + [(2, 16, 5, 6, 20, 3)], ids=lambda s: "x".join(map(str, s)))
 def test_weight_gradient_every_tile(m, shape, tile):
     """Odd sizes, partial tiles (gy past the output reads as zero), padding 0 to 3."""
-    require(W_GRAD)  # AVX-512F
     n, c, h, w, o, pad = shape
     x = torch.randn(n, c, h, w)
     wt = kaiming(o, c)
@@ -520,7 +515,6 @@ def test_weight_gradient_many_chunks(m, shape, tile):
     """More tiles than one chunk holds (at least 256 tiles, Z and V near 16 MiB: 512 tiles of
     F(2x2) and 256 of F(4x4) at 256 channels in and out): the sums over chunks accumulate
     and the last chunk is shorter. With a bias."""
-    require(W_GRAD)  # AVX-512F
     tile(m)
     x = torch.randn(*shape, requires_grad=True)
     w = kaiming(256, 256).requires_grad_()
@@ -536,7 +530,6 @@ def test_weight_gradient_many_chunks(m, shape, tile):
 
 def test_weight_gradient_strided(tile):
     """x and gy read through their strides (transposed views)."""
-    require(W_GRAD)  # AVX-512F
     tile(4)
     x = torch.randn(2, 24, 12, 12).transpose(2, 3)
     gy = torch.randn(2, 32, 12, 12).transpose(2, 3)
@@ -550,7 +543,6 @@ def test_weight_gradient_strided(tile):
 @pytest.mark.parametrize("name", IN_GRAD_CLASSIC)
 def test_weight_gradient_accuracy_bound(name, m, tile):
     """max |error| <= 2e-5 * max |gw| against float64 (unit-normal x and gy)."""
-    require(W_GRAD)  # AVX-512F
     n, c, h, w, o = CLASSIC_3X3[name]
     tile(m)
     gw, paths, ref = weight_grad(torch.randn(n, c, h, w), kaiming(o, c), torch.randn(n, o, h, w), padding=1)
@@ -568,7 +560,6 @@ def test_weight_gradient_n_zero(tile):
 
 
 def test_weight_gradient_nonfinite_falls_back(tile):
-    require(W_GRAD)  # AVX-512F
     tile(4)
     x = torch.randn(2, 16, 12, 12)
     x[0, 3, 5, 7] = float("inf")
@@ -587,7 +578,6 @@ def test_weight_gradient_nonfinite_falls_back(tile):
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_weight_gradient_deterministic(threads, tile):
-    require(W_GRAD)  # AVX-512F
     tile(0)
     x = torch.randn(4, 64, 20, 20)
     w = kaiming(64, 64).requires_grad_()

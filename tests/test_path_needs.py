@@ -78,10 +78,10 @@ def test_gated_paths_run_only_where_the_cpu_has_their_isa(cap):
             assert "conv2d.fwd.bf16_gemm" in ran or "conv2d.fwd.bf16_gemm_pairs" in ran
 
 
-# Winograd's forward and input gradient (and the packed GEMM they run on) have AVX2 kernels
-# too; its weight gradient and bfloat16 entry points are AVX-512 only.
+# Winograd's float32 forward, input and weight gradients (and the packed GEMM they run on)
+# have AVX2 kernels too; its bfloat16 entry points are AVX-512 only.
 AVX2_WINOGRAD = {"sgemm.gemm_avx2", "conv2d.winograd.avx2", "conv2d.winograd.avx2_row_loads",
-                 "conv2d.winograd.avx2_row_stores", "conv2d.input_grad.winograd"} | {
+                 "conv2d.winograd.avx2_row_stores", "conv2d.input_grad.winograd", "conv2d.weight_grad.winograd"} | {
     f"conv2d.winograd.{p}" for p in ("f2x2", "f4x4", "f6x6", "nonfinite_fallback", "weight_cache_hit",
                                      "weight_cache_miss")}
 

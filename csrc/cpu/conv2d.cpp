@@ -671,14 +671,17 @@ at::Tensor conv2d_weight_backward(const at::Tensor& grad_out, const at::Tensor& 
     });
     return gw;
   }
-  if (use_sgemm(grad_output)) {
+  if (grad_output.scalar_type() == at::kFloat) {
+    // Winograd where it applies (AVX-512F or AVX2), then the AVX-512 GEMM.
     at::Tensor gw = at::empty({p.O, Cg, p.KH, p.KW}, grad_output.options());
     if (winograd::weight_backward_tensor(grad_output, input, gw, p)) return gw;
-    kWSgemm.hit();
-    conv_sgemm::weight_backward(grad_output.const_data_ptr<float>(), strides_of(grad_output),
-                                input.const_data_ptr<float>(), strides_of(input),
-                                gw.mutable_data_ptr<float>(), p);
-    return gw;
+    if (use_sgemm(grad_output)) {
+      kWSgemm.hit();
+      conv_sgemm::weight_backward(grad_output.const_data_ptr<float>(), strides_of(grad_output),
+                                  input.const_data_ptr<float>(), strides_of(input),
+                                  gw.mutable_data_ptr<float>(), p);
+      return gw;
+    }
   }
   const Bands bands = pointwise ? Bands{p.OH, 1} : bands_for(p);
   const SampleBlocks blocks = bands.count == 1 ? sample_blocks(p) : SampleBlocks{1, p.N};

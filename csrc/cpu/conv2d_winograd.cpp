@@ -32,8 +32,8 @@ namespace cpu {
 namespace winograd {
 namespace {
 
-// The forward (and the input gradient, a forward) run on AVX-512F or AVX2 + FMA; the weight
-// gradient and the bfloat16 entry points on AVX-512F only.
+// The float32 forward, input gradient and weight gradient run on AVX-512F or AVX2 + FMA;
+// the bfloat16 entry points on AVX-512F only.
 CNNEXT_PATH_NEEDS(kF2, "conv2d.winograd.f2x2", kAvx2);
 CNNEXT_PATH_NEEDS(kF4, "conv2d.winograd.f4x4", kAvx2);
 CNNEXT_PATH_NEEDS(kF6, "conv2d.winograd.f6x6", kAvx2);
@@ -41,13 +41,13 @@ CNNEXT_PATH_NEEDS(kNonFinite, "conv2d.winograd.nonfinite_fallback", kAvx2);
 CNNEXT_PATH_NEEDS(kCacheHit, "conv2d.winograd.weight_cache_hit", kAvx2);
 CNNEXT_PATH_NEEDS(kCacheMiss, "conv2d.winograd.weight_cache_miss", kAvx2);
 CNNEXT_PATH_NEEDS(kInputGrad, "conv2d.input_grad.winograd", kAvx2);
-// One count per forward call that ran the AVX2 transforms (no AVX-512F).
+// One count per forward or weight-gradient call that ran the AVX2 transforms (no AVX-512F).
 CNNEXT_PATH_NEEDS(kAvx2Kernels, "conv2d.winograd.avx2", kAvx2);
 // Calls of the AVX2 input / output transform that loaded / stored some group of 8 tiles as
 // whole rows (load_row8, store_row8) instead of by gathers / lane stores.
 CNNEXT_PATH_NEEDS(kAvx2RowLoads, "conv2d.winograd.avx2_row_loads", kAvx2);
 CNNEXT_PATH_NEEDS(kAvx2RowStores, "conv2d.winograd.avx2_row_stores", kAvx2);
-CNNEXT_PATH_NEEDS(kWeightGrad, "conv2d.weight_grad.winograd", kAvx512F);
+CNNEXT_PATH_NEEDS(kWeightGrad, "conv2d.weight_grad.winograd", kAvx2);
 CNNEXT_PATH_NEEDS(kBf16Fwd, "conv2d.fwd.winograd_bf16", kAvx512F);
 CNNEXT_PATH_NEEDS(kBf16InputGrad, "conv2d.input_grad.winograd_bf16", kAvx512F);
 
@@ -895,7 +895,140 @@ WINO_TARGET bool wg_weight_transform(const float* ug, int64_t ug_size, int64_t e
   return bad == 0;
 }
 
+// ---- AVX2 weight-gradient transforms (8 lanes) ----
+
+// wg_input_transform with 8 lanes = 8 input channels of one tile (gathers across planes).
 template <int M>
+WINO_AVX2 void wg_input_transform_avx2(const float* xp, const Conv2dParams& p, const Layout& L, int64_t t0,
+                                       int64_t tc, int64_t ta, int64_t tb, float* v, int64_t v_size) {
+  using T = Mat<M>;
+  constexpr int A = T::A;
+  const int64_t plane = L.Hq * L.Wq, TS = L.tH * L.tW;
+  alignas(32) int32_t lane_off[8];
+  for (int64_t cg = 0; cg < round_up(p.C, kNR); cg += 8) {
+    unsigned valid = 0;
+    for (int l = 0; l < 8; ++l) {
+      const bool ok = cg + l < p.C;
+      lane_off[l] = ok ? int32_t((cg + l) * plane) : 0;
+      if (ok) valid |= 1u << l;
+    }
+    float* vb = v + (cg / kNR) * tc * kNR + cg % kNR;
+    if (valid == 0) {  // a panel's padding channels
+      for (int64_t t = ta; t < tb; ++t)
+        for (int x = 0; x < A * A; ++x) _mm256_storeu_ps(vb + t * kNR + x * v_size, _mm256_setzero_ps());
+      continue;
+    }
+    const __m256i idx = _mm256_load_si256(reinterpret_cast<const __m256i*>(lane_off));
+    const __m256 vm = _mm256_castsi256_ps(lanes8(valid));
+    for (int64_t t = ta; t < tb; ++t) {
+      const int64_t tt = t0 + t, n = tt / TS, th = (tt % TS) / L.tW, tw = tt % L.tW;
+      const float* src = xp + (n * p.C * plane + th * M * L.Wq + tw * M);
+      __m256 tmp[A * A];
+#pragma GCC unroll 8
+      for (int r = 0; r < A; ++r) {
+        __m256 d[A];
+#pragma GCC unroll 8
+        for (int s = 0; s < A; ++s)
+          d[s] = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), src + r * L.Wq + s, idx, vm, 4);
+#pragma GCC unroll 8
+        for (int j = 0; j < A; ++j) tmp[r * A + j] = lin8<A>(T::BT[j], d, 1);
+      }
+      float* dst = vb + t * kNR;
+#pragma GCC unroll 8
+      for (int i = 0; i < A; ++i)
+#pragma GCC unroll 8
+        for (int j = 0; j < A; ++j) _mm256_storeu_ps(dst + (i * A + j) * v_size, lin8<A>(T::BT[i], tmp + j, A));
+    }
+  }
+}
+
+// sum_k c[k][col] * v[k * stride] (over a column of c), 8 lanes.
+template <int N, int W>
+WINO_AVX2 __attribute__((always_inline)) inline __m256 lin_col8(const float (&c)[N][W], int col, const __m256* v,
+                                                                int stride) {
+  return lin_terms8<N>(Col<N, W>{c, col}, v, stride);
+}
+
+// wg_grad_transform with 8 lanes = the kMR output channels of a panel, one tile at a time.
+template <int M>
+WINO_AVX2 void wg_grad_transform_avx2(const float* gy, const Strides4& gs, const Conv2dParams& p,
+                                      const Layout& L, int64_t t0, int64_t tc, int64_t ta, int64_t tb,
+                                      float* z, int64_t z_size) {
+  static_assert(kMR == 8, "a panel's channels are one 8-lane vector");
+  using T = Mat<M>;
+  constexpr int A = T::A;
+  const int64_t TS = L.tH * L.tW;
+  alignas(32) int32_t off[8];
+  for (int64_t og = 0; og < round_up(p.O, kMR); og += kMR) {
+    unsigned valid = 0;
+    for (int l = 0; l < 8; ++l) {
+      const bool ok = og + l < p.O;
+      off[l] = ok ? int32_t((og + l) * gs.c) : 0;
+      if (ok) valid |= 1u << l;
+    }
+    const __m256i idx = _mm256_load_si256(reinterpret_cast<const __m256i*>(off));
+    const __m256 vm = _mm256_castsi256_ps(lanes8(valid));
+    for (int64_t t = ta; t < tb; ++t) {
+      const int64_t tt = t0 + t, n = tt / TS, th = (tt % TS) / L.tW, tw = tt % L.tW;
+      const float* base = gy + n * gs.n + th * M * gs.h + tw * M * gs.w;
+      __m256 g[M * M];
+#pragma GCC unroll 8
+      for (int i = 0; i < M; ++i)
+#pragma GCC unroll 8
+        for (int j = 0; j < M; ++j)
+          g[i * M + j] = th * M + i < p.OH && tw * M + j < p.OW
+                             ? _mm256_mask_i32gather_ps(_mm256_setzero_ps(), base + i * gs.h + j * gs.w, idx, vm, 4)
+                             : _mm256_setzero_ps();
+      // tmp[i][b] = sum_j g[i][j] AT[j][b], then Z[a][b] = sum_i AT[i][a] tmp[i][b].
+      __m256 tmp[M * A];
+#pragma GCC unroll 8
+      for (int i = 0; i < M; ++i)
+#pragma GCC unroll 8
+        for (int b = 0; b < A; ++b) tmp[i * A + b] = lin_col8<M, A>(T::AT, b, g + i * M, 1);
+      float* dst = z + (og / kMR) * tc * kMR + t * kMR;
+#pragma GCC unroll 8
+      for (int a = 0; a < A; ++a)
+#pragma GCC unroll 8
+        for (int b = 0; b < A; ++b) _mm256_storeu_ps(dst + (a * A + b) * z_size, lin_col8<M, A>(T::AT, a, tmp + b, A));
+    }
+  }
+}
+
+// wg_weight_transform with 8 lanes = 8 consecutive (o, c) pairs, stored lane by lane.
+template <int M>
+WINO_AVX2 bool wg_weight_transform_avx2(const float* ug, int64_t ug_size, int64_t e0, int64_t e1, float* gw) {
+  using T = Mat<M>;
+  constexpr int A = T::A;
+  unsigned bad = 0;
+  alignas(32) float lane[8];
+  for (int64_t e = e0; e < e1; e += 8) {
+    const int64_t n = std::min<int64_t>(8, e1 - e);
+    const unsigned valid = (1u << n) - 1;
+    const __m256i vm = lanes8(valid);
+    __m256 u[A * A];
+#pragma GCC unroll 64
+    for (int x = 0; x < A * A; ++x) u[x] = _mm256_maskload_ps(ug + x * ug_size + e, vm);
+    __m256 tmp[3 * A];  // tmp[k][b] = sum_a G[a][k] Ug[a][b]
+#pragma GCC unroll 3
+    for (int k = 0; k < 3; ++k)
+#pragma GCC unroll 8
+      for (int b = 0; b < A; ++b) tmp[k * A + b] = lin_col8<A, 3>(T::G, k, u + b, A);
+#pragma GCC unroll 3
+    for (int k = 0; k < 3; ++k)
+#pragma GCC unroll 3
+      for (int l = 0; l < 3; ++l) {
+        const __m256 val = lin_col8<A, 3>(T::G, l, tmp + k * A, 1);
+        const __m256 dz = _mm256_sub_ps(val, val);
+        bad |= unsigned(_mm256_movemask_ps(_mm256_cmp_ps(dz, dz, _CMP_UNORD_Q))) & valid;
+        _mm256_store_ps(lane, val);
+        for (int64_t q = 0; q < n; ++q) gw[(e + q) * 9 + k * 3 + l] = lane[q];
+      }
+  }
+  return bad == 0;
+}
+
+// kWide: the AVX-512 transforms, else the AVX2 ones.
+template <int M, bool kWide>
 bool weight_grad_m(const float* gy, const Strides4& gs, const float* x, const Strides4& xs, float* gw,
                    const Conv2dParams& p) {
   constexpr int A = Mat<M>::A;
@@ -919,7 +1052,10 @@ bool weight_grad_m(const float* gy, const Strides4& gs, const float* x, const St
   const int64_t Op = round_up(p.O, kMR), Cp = round_up(p.C, kNR);
   const int64_t budget = int64_t(1) << 22;  // floats
   const int64_t tc = std::min(L.T, round_up(std::max<int64_t>(256, budget / (int64_t(A) * A * (Op + Cp))), 2));
-  const int64_t z_size = Op * tc, v_size = Cp * tc, ug_size = p.O * p.C;
+  // (AVX2: a cache line between planes, as in forward_m: their strides are often multiples
+  // of 4 KiB.)
+  const int64_t plane_pad = kWide ? 0 : 16;
+  const int64_t z_size = Op * tc + plane_pad, v_size = Cp * tc + plane_pad, ug_size = p.O * p.C + plane_pad;
   float* z = scratch(3, int64_t(A) * A * (z_size + v_size));
   float* v = z + int64_t(A) * A * z_size;
   float* ug = scratch(4, int64_t(A) * A * ug_size);
@@ -931,8 +1067,13 @@ bool weight_grad_m(const float* gy, const Strides4& gs, const float* x, const St
     run_items(ceil_div(n_t, per), [&](int64_t item) {
       const int64_t ta = item * per, tb = std::min(n_t, ta + per);
       // Panels of n_t tiles (the GEMMs' K), the last chunk's shorter.
-      wg_input_transform<M>(xp, p, L, t0, n_t, ta, tb, v, v_size);
-      wg_grad_transform<M>(gy, gs, p, L, t0, n_t, ta, tb, z, z_size);
+      if constexpr (kWide) {
+        wg_input_transform<M>(xp, p, L, t0, n_t, ta, tb, v, v_size);
+        wg_grad_transform<M>(gy, gs, p, L, t0, n_t, ta, tb, z, z_size);
+      } else {
+        wg_input_transform_avx2<M>(xp, p, L, t0, n_t, ta, tb, v, v_size);
+        wg_grad_transform_avx2<M>(gy, gs, p, L, t0, n_t, ta, tb, z, z_size);
+      }
     });
     // (m + 2)^2 GEMMs, each one item: Ug[xi] (+)= Z[xi] V[xi]^T.
     run_items(A * A, [&](int64_t xi) {
@@ -943,8 +1084,11 @@ bool weight_grad_m(const float* gy, const Strides4& gs, const float* x, const St
   const int64_t per = round_up(std::max<int64_t>(16, ceil_div(OC, 4 * T_threads)), 16);
   std::atomic<bool> ok{true};
   run_items(ceil_div(OC, per), [&](int64_t item) {
-    if (!wg_weight_transform<M>(ug, ug_size, item * per, std::min(OC, (item + 1) * per), gw))
-      ok.store(false, std::memory_order_relaxed);
+    const int64_t e0 = item * per, e1 = std::min(OC, (item + 1) * per);
+    bool done;
+    if constexpr (kWide) done = wg_weight_transform<M>(ug, ug_size, e0, e1, gw);
+    else done = wg_weight_transform_avx2<M>(ug, ug_size, e0, e1, gw);
+    if (!done) ok.store(false, std::memory_order_relaxed);
   });
   return ok.load();
 }
@@ -1218,7 +1362,7 @@ bool input_backward_tensor(const at::Tensor& grad_output, const at::Tensor& weig
 bool weight_backward_tensor(const at::Tensor& grad_output, const at::Tensor& input, at::Tensor& gw,
                             const Conv2dParams& p) {
 #ifdef CNNEXT_WINO_AVX512
-  if (!sgemm::available()) return false;  // its transforms are AVX-512 only
+  if (!available()) return false;
   if (grad_output.scalar_type() != at::kFloat || input.scalar_type() != at::kFloat ||
       gw.scalar_type() != at::kFloat || !gw.is_contiguous())
     return false;
@@ -1228,17 +1372,22 @@ bool weight_backward_tensor(const at::Tensor& grad_output, const at::Tensor& inp
   const float* x = input.const_data_ptr<float>();
   float* g = gw.mutable_data_ptr<float>();
   const Strides4 gs = strides_of(grad_output), xs = strides_of(input);
+  const bool wide = sgemm::available();
+  if (!wide) kAvx2Kernels.hit();
   bool ok = false;
+#define CNNEXT_WINO_WG(MM) \
+  (wide ? weight_grad_m<MM, true>(gy, gs, x, xs, g, p) : weight_grad_m<MM, false>(gy, gs, x, xs, g, p))
   if (m == 2) {
     kF2.hit();
-    ok = weight_grad_m<2>(gy, gs, x, xs, g, p);
+    ok = CNNEXT_WINO_WG(2);
   } else if (m == 4) {
     kF4.hit();
-    ok = weight_grad_m<4>(gy, gs, x, xs, g, p);
+    ok = CNNEXT_WINO_WG(4);
   } else if (m == 6) {
     kF6.hit();
-    ok = weight_grad_m<6>(gy, gs, x, xs, g, p);
+    ok = CNNEXT_WINO_WG(6);
   }
+#undef CNNEXT_WINO_WG
   if (!ok) {
     kNonFinite.hit();
     return false;
