@@ -3,7 +3,8 @@
 //   F(2x2, 3x3): points 0, 1, -1        F(4x4, 3x3): 0, 1, -1, 2, -2
 //   F(6x6, 3x3): 0, 1, -1, 2, -2, 1/2, -1/2
 // The transforms run 16 tiles (input, output) or 16 (channel, output-channel) pairs
-// (weight) per AVX-512 vector: gathers from the padded input, scatters into the output.
+// (weight) per AVX-512 vector: gathers from the padded input, scatters into the output;
+// on CPUs with AVX2 but no AVX-512F, 8 per AVX2 vector (the "AVX2" sections below).
 #include "cpu/conv2d_winograd.h"
 #include "cpu/derived_cache.h"
 #include "cpu/scratch.h"

@@ -1,4 +1,5 @@
-// Winograd convolution F(m x m, 3 x 3) for float32 on AVX-512 CPUs (csrc/cpu/conv2d_winograd.cpp):
+// Winograd convolution F(m x m, 3 x 3) for float32 on AVX-512F CPUs, and on AVX2 + FMA CPUs with
+// 8-lane transforms and sgemm's AVX2 kernel (csrc/cpu/conv2d_winograd.cpp; bfloat16: AVX-512F only):
 // 3 x 3 kernels, stride 1, dilation 1, one group; input and output through any strides
 // (NCHW or channels_last: the input is copied into zero-padded planes, the output
 // scattered). m = 2, 4 or 6 (tile of m x m outputs, (m + 2)^2 products per tile and
@@ -39,7 +40,7 @@ void set_enabled(bool on);
 void set_forced_tile(int m);
 int forced_tile();
 
-// Whether this CPU and build run Winograd at all (AVX-512F).
+// Whether this CPU and build run Winograd at all (AVX-512F, or AVX2 + FMA).
 bool available();
 
 // The tiles the choice by shape may pick (F(6x6) only if it keeps the accuracy bound).
