@@ -351,8 +351,7 @@ namespace {
 // up to four passes of 4 rows x 16 columns over the whole kc (the B half-panel of a pass,
 // kc x 16 floats, is read from L1 by the second row pass). 8 independent FMA chains cover
 // the FMA latency (4 cycles) of two FMA pipes. Each C element is one chain of FMAs over
-// k in order, as in the AVX-512 kernel (whose results it need not match bit for bit: the
-// products are the same, the FMA order too, so it does in practice).
+// k in order, as in the AVX-512 kernel.
 CNNEXT_TARGET("avx2,fma") __attribute__((always_inline)) inline __m256i lane_mask8(int64_t left) {
   const int32_t n = int32_t(std::max<int64_t>(0, std::min<int64_t>(8, left)));
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
