@@ -94,7 +94,7 @@ def main():
     ap.add_argument("--layers", default=",".join(WINOGRAD_LAYERS))
     a = ap.parse_args()
     if not _C._winograd_available():
-        sys.exit("Winograd needs an AVX-512 CPU")
+        sys.exit("Winograd needs a CPU with AVX-512F or AVX2 + FMA")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()}")
     gm = lambda v: math.exp(sum(map(math.log, v)) / len(v))  # noqa: E731
     for kind in (["forward", "train"] if a.what == "all" else [a.what]):

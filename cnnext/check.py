@@ -16,7 +16,7 @@ from .testing import DTYPES, TOLERANCES, devices, outputs_and_grads as _grads, r
 
 TOL = TOLERANCES["check"]
 # float32 rows that ran a Winograd path (3x3 stride-1 convolutions and their gradients on
-# AVX-512 CPUs) are held to Winograd's documented bound (cnnext.backends.cpu: 2e-5 of the
+# CPUs with AVX-512F or AVX2 + FMA) are held to Winograd's documented bound (cnnext.backends.cpu: 2e-5 of the
 # result's largest magnitude) instead: its F(4x4) transforms round more than the GEMM.
 WINOGRAD_TOL = 2e-5
 # The input layouts of the cases: their names in the table, cnnext.testing's names.
