@@ -9,12 +9,11 @@ import torch.nn.functional as F
 
 import cnnext
 import cnnext.backends.cpu
-from cnnext import _C
-from cnnext._paths import counts, expect_path
+from cnnext._paths import counts, expect_path, runnable
 from cnnext.functional import conv2d, conv_bn_relu2d
 from conftest import assert_close_scaled
 
-pytestmark = pytest.mark.skipif(not _C._path_needs()["sgemm.gemm"][1], reason="the float32 GEMM runs on AVX-512 CPUs only")
+pytestmark = pytest.mark.skipif(not runnable("sgemm.gemm"), reason="the float32 GEMM runs on AVX-512 CPUs only")
 
 
 

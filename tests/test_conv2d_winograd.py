@@ -10,14 +10,14 @@ import torch.nn.functional as F
 import cnnext
 import cnnext.backends.cpu as cpu_backend
 from cnnext import _C
-from cnnext._paths import counts, expect_path, require
+from cnnext._paths import counts, expect_path, require, runnable
 from cnnext.functional import conv2d, conv_bn_relu2d, conv_transpose2d
 
 TILES = {2: "conv2d.winograd.f2x2", 4: "conv2d.winograd.f4x4", 6: "conv2d.winograd.f6x6"}
 WINO = list(TILES.values())
 # Where the AVX-512 GEMM runs (AVX-512F), Winograd's fallbacks are its conv2d.*.sgemm paths;
 # on an AVX2 CPU they are the at::mm paths (conv2d.*.mm, .mm_sample_blocks, .mm_rows_*).
-SGEMM = _C._path_needs()["sgemm.gemm"][1]
+SGEMM = runnable("sgemm.gemm")
 AVX2_KERNELS = "conv2d.winograd.avx2"
 
 

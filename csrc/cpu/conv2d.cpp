@@ -83,6 +83,14 @@ struct SampleBlocks {
   // Block blk's samples [first, last) of N.
   int64_t first(int64_t blk) const { return blk * per; }
   int64_t last(int64_t blk, int64_t N) const { return std::min(N, (blk + 1) * per); }
+  // A block's scratch, for_each_item's buffer of scratch_size(K, rows, L) elements: the
+  // K x c column matrix of its c = samples * L columns, then a rows x c matrix (the
+  // output's or grad_output's planes side by side). One layout for every block loop.
+  int64_t scratch_size(int64_t K, int64_t rows, int64_t L) const { return (K + rows) * per * L; }
+  at::Tensor columns(at::Tensor& buf, int64_t K, int64_t c) const { return buf.narrow(0, 0, K * c).view({K, c}); }
+  at::Tensor planes(at::Tensor& buf, int64_t K, int64_t rows, int64_t L, int64_t c) const {
+    return buf.narrow(0, K * per * L, rows * c).view({rows, c});
+  }
 };
 
 SampleBlocks sample_blocks(const Conv2dParams& p) {
@@ -519,11 +527,11 @@ void conv2d_forward_rows(const at::Tensor& input, const at::Tensor& weight,
     }
     if (blocks.per > 1 && bands.count == 1) {
       kFwdMmBlocks.hit();
-      const int64_t L = p.OH * p.OW, cols = blocks.per * L;
-      for_each_item(blocks.count, input, (K + Og) * cols, [&](int64_t blk, at::Tensor& buf) {
+      const int64_t L = p.OH * p.OW;
+      for_each_item(blocks.count, input, blocks.scratch_size(K, Og, L), [&](int64_t blk, at::Tensor& buf) {
         const int64_t n0 = blocks.first(blk), n1 = blocks.last(blk, p.N), c = (n1 - n0) * L;
-        at::Tensor col = buf.narrow(0, 0, K * c).view({K, c});
-        at::Tensor prod = buf.narrow(0, K * cols, Og * c).view({Og, c});
+        at::Tensor col = blocks.columns(buf, K, c);
+        at::Tensor prod = blocks.planes(buf, K, Og, L, c);
         for (int64_t g = 0; g < p.G; ++g) {
           for (int64_t n = n0; n < n1; ++n)
             im2col(x + n * xs.n + g * Cg * xs.c, xs, p, Cg, 0, p.OH, col.data_ptr<scalar_t>() + (n - n0) * L, c);
@@ -611,11 +619,11 @@ at::Tensor conv2d_input_backward(const at::Tensor& grad_out, const at::Tensor& w
       kInMmBlocks.hit();
       // grad_output's planes of a block side by side, times the transposed weight: the
       // columns of every sample, added back (col2im) or, pointwise, copied into gx.
-      const int64_t L = p.OH * p.OW, cols = blocks.per * L;
-      for_each_item(blocks.count, grad_output, (K + Og) * cols, [&](int64_t blk, at::Tensor& buf) {
+      const int64_t L = p.OH * p.OW;
+      for_each_item(blocks.count, grad_output, blocks.scratch_size(K, Og, L), [&](int64_t blk, at::Tensor& buf) {
         const int64_t n0 = blocks.first(blk), n1 = blocks.last(blk, p.N), c = (n1 - n0) * L;
-        at::Tensor col = buf.narrow(0, 0, K * c).view({K, c});
-        at::Tensor gyc = buf.narrow(0, K * cols, Og * c).view({Og, c});
+        at::Tensor col = blocks.columns(buf, K, c);
+        at::Tensor gyc = blocks.planes(buf, K, Og, L, c);
         for (int64_t g = 0; g < p.G; ++g) {
           gather_planes(gyc, grad_output, n0, n1, g * Og, Og);
           at::mm_out(col, wt[g], gyc);
@@ -696,12 +704,12 @@ at::Tensor conv2d_weight_backward(const at::Tensor& grad_out, const at::Tensor& 
     const scalar_t* x = input.const_data_ptr<scalar_t>();
     if (blocks.per > 1) {
       // A block's unfolded inputs and grad_output's planes side by side: one GEMM a group.
-      const int64_t L = p.OH * p.OW, cols = blocks.per * L;
-      for_each_item(items, input, (K + Og) * cols, [&](int64_t blk, at::Tensor& buf) {
+      const int64_t L = p.OH * p.OW;
+      for_each_item(items, input, blocks.scratch_size(K, Og, L), [&](int64_t blk, at::Tensor& buf) {
         at::Tensor acc = partial[threads > 1 ? at::get_thread_num() : 0];
         const int64_t n0 = blocks.first(blk), n1 = blocks.last(blk, p.N), c = (n1 - n0) * L;
-        at::Tensor col = buf.narrow(0, 0, K * c).view({K, c});
-        at::Tensor gyc = buf.narrow(0, K * cols, Og * c).view({Og, c});
+        at::Tensor col = blocks.columns(buf, K, c);
+        at::Tensor gyc = blocks.planes(buf, K, Og, L, c);
         for (int64_t g = 0; g < p.G; ++g) {
           for (int64_t n = n0; n < n1; ++n)
             im2col(x + n * xs.n + g * Cg * xs.c, xs, p, Cg, 0, p.OH, col.data_ptr<scalar_t>() + (n - n0) * L, c);
