@@ -402,11 +402,13 @@ WINO_TARGET bool output_transform(const float* mbuf, int64_t m_size, const Conv2
 }
 
 // ---- AVX2 (8 lanes): the forward's transforms on CPUs without AVX-512F ----
-// The same steps as above, 8 tiles a vector: gathers of 8 lanes (AVX2's vgatherdps,
-// masked: lanes past the tiles read nothing and hold 0), and the output stored lane by
-// lane (AVX2 has no scatter). The GEMMs between them run sgemm::gemm's AVX2 kernel on
-// the same packed panels, and the weight is transformed by plain loops into the same
-// packed-A layout, so the driver (forward_m) and the tile choice are shared.
+// The same steps as above, 8 tiles a vector: 8 whole tiles side by side in a row of
+// tiles loaded and stored as rows (load_row8 / store_row8), other groups gathered (AVX2's
+// vgatherdps, masked: lanes past the tiles read nothing and hold 0) and stored lane by
+// lane (AVX2 has no scatter). The GEMMs between them run sgemm::gemm's AVX2 kernel on the
+// same packed panels, and the weight is transformed 8 output channels a vector into the
+// same packed-A layout, so the driver (forward_m) and the tile choice are shared. The
+// weight gradient's AVX2 transforms follow further below.
 
 #define WINO_AVX2 __attribute__((target("avx2,fma")))
 
