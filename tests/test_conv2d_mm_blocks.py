@@ -41,9 +41,10 @@ CASES = {
     "shortcut": (4, 16, 6, 6, 32, 1, 2, 0, 1, 1),
     "one_position": (11, 8, 2, 2, 8, 2, 1, 0, 1, 1),
     # 100 positions, but a GEMM of 16 x 150 x 100 MACs a sample (LeNet's second layer): tiny.
+    # (float32's forward takes the AVX2 few-channel kernel where it runs.)
     "tiny_gemm": (9, 6, 14, 14, 16, 5, 1, 0, 1, 1),
     # One input channel, 6 output channels, 5x5 (LeNet's first layer): no longer the direct
-    # loops, a GEMM in blocks.
+    # loops, a GEMM in blocks (float32's forward: as tiny_gemm).
     "lenet_first": (7, 1, 12, 12, 6, 5, 1, 2, 1, 1),
 }
 
@@ -85,9 +86,15 @@ def test_forward_and_gradients(dtype, case, layout, threads):
     args, gy = make(case, dtype, layout)
     n, c, h, w, o, k, s, p, d, g = CASES[case]
     pointwise = k == 1 and s == 1 and p == 0
-    # A channels_last forward of >= 8 channels a group takes the rows of taps (below).
+    # A channels_last forward of >= 8 channels a group takes the rows of taps (below). In
+    # float32 the AVX2 few-channel kernel (tests/test_conv2d_tiny_c.py) takes LeNet's shapes'
+    # forward: up to 8 input channels, >= 4 output channels, >= 25 taps a channel.
     rows = layout == "channels_last" and c // g >= 8 and not pointwise
-    with expect_path(CL_ROWS if rows else BLOCKS[0], *BLOCKS[1:]):
+    kh, kw = (k, k) if isinstance(k, int) else k
+    tiny_c = (dtype == torch.float32 and runnable("conv2d.fwd.tiny_c_lanes") and g == 1 and c <= 8 and o >= 4
+              and kh * kw >= 25)
+    fwd = "conv2d.fwd.tiny_c_lanes" if tiny_c else CL_ROWS if rows else BLOCKS[0]
+    with expect_path(fwd, *BLOCKS[1:]):
         ours = grads(conv2d, args, gy)
     ref_args, ref_gy = make(case, torch.float64, layout)
     ref = grads(F.conv2d, ref_args, ref_gy)

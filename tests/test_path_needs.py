@@ -79,7 +79,8 @@ def test_gated_paths_run_only_where_the_cpu_has_their_isa(cap):
 
 
 # Winograd's float32 forward, input and weight gradients (and the packed GEMM they run on)
-# have AVX2 kernels too; its bfloat16 entry points are AVX-512 only.
+# have AVX2 kernels too; its bfloat16 entry points are AVX-512 only. So do the few-channel
+# forward's paths (tiny_c: an AVX-512 and an AVX2 kernel).
 AVX2_WINOGRAD = {"sgemm.gemm_avx2", "conv2d.winograd.avx2", "conv2d.winograd.avx2_row_loads",
                  "conv2d.winograd.avx2_row_stores", "conv2d.input_grad.winograd", "conv2d.weight_grad.winograd"} | {
     f"conv2d.winograd.{p}" for p in ("f2x2", "f4x4", "f6x6", "nonfinite_fallback", "weight_cache_hit",
@@ -91,9 +92,9 @@ def test_every_gated_family_is_marked():
     # what it needs, so expect_path can skip it where it cannot run.
     table = _C._path_needs()
     for name, (what, _) in table.items():
-        if name in AVX2_WINOGRAD:
+        if name in AVX2_WINOGRAD or "tiny_c" in name:
             assert what == "avx2", (name, what)
-        elif name.startswith("sgemm.") or ".sgemm" in name or "winograd" in name or "tiny_c" in name:
+        elif name.startswith("sgemm.") or ".sgemm" in name or "winograd" in name:
             assert what == "avx512f", (name, what)
         elif "bf16_gemm" in name or "bf16_sweeps" in name or name.endswith(("bf16_flip", "bf16_phases")):
             assert what == "avx512_bf16", (name, what)

@@ -441,9 +441,9 @@ void conv2d_forward_rows(const at::Tensor& input, const at::Tensor& weight,
   const Bands bands = pointwise ? Bands{p.OH, 1} : bands_for(p);
   const Strides4 xs = strides_of(input);
   const bool gemm = use_sgemm(input) && !use_direct_loops(p);
-  // One to four input channels under a large kernel (stems): output channels in the vector
-  // lanes, no unfolding, either output layout.
-  if (use_sgemm(input) && conv_tinyc::applies(p)) {
+  // Few input channels under a large kernel (stems; on AVX2 also LeNet's layers): output
+  // channels in the vector lanes, no unfolding, either output layout.
+  if (input.scalar_type() == at::kFloat && conv_tinyc::applies(p)) {
     conv_tinyc::forward(input.const_data_ptr<float>(), xs, w.const_data_ptr<float>(),
                         has_bias ? b.const_data_ptr<float>() : nullptr, out.mutable_data_ptr<float>(),
                         strides_of(out), p, relu, rows_done);

@@ -23,10 +23,12 @@ namespace cpu {
 namespace conv_tinyc {
 namespace {
 
-CNNEXT_PATH_NEEDS(kTinyC, "conv2d.fwd.tiny_c_lanes", kAvx512F);
-CNNEXT_PATH_NEEDS(kTinyCLast, "conv2d.fwd.tiny_c_lanes.channels_last_store", kAvx512F);
+CNNEXT_PATH_NEEDS(kTinyC, "conv2d.fwd.tiny_c_lanes", kAvx2);
+CNNEXT_PATH_NEEDS(kTinyCLast, "conv2d.fwd.tiny_c_lanes.channels_last_store", kAvx2);
 // x's pixels dense (channels_last): rows copied whole into a [rows][cols][C] buffer.
-CNNEXT_PATH_NEEDS(kTinyCPixels, "conv2d.fwd.tiny_c_lanes.pixel_rows", kAvx512F);
+CNNEXT_PATH_NEEDS(kTinyCPixels, "conv2d.fwd.tiny_c_lanes.pixel_rows", kAvx2);
+// The 8-lane kernel (CPUs with AVX2 + FMA and no AVX-512F).
+CNNEXT_PATH_NEEDS(kTinyCAvx2, "conv2d.fwd.tiny_c_lanes.avx2", kAvx2);
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -35,6 +37,15 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // 16 positions).
 constexpr int64_t kOB = 64;
 constexpr int rmax(int nv) { return nv == 4 ? 6 : nv == 3 ? 8 : nv == 2 ? 12 : 16; }
+// AVX2 (16 ymm registers): blocks of 16 channels, two vectors of 8 by 6 positions, or one
+// vector by 12 (12 accumulators, the block's weight vectors and one broadcast).
+constexpr int64_t kOB8 = 16;
+constexpr int rmax8(int nv) { return nv == 2 ? 6 : 12; }
+// Where the AVX2 kernel takes a layer: up to 8 input channels (LeNet's second layer: 6),
+// at least 4 output channels (LeNet's first: 6).
+constexpr int64_t kMaxC8 = 8, kMinO8 = 4;
+// At most this many taps (C x KH x KW) and buffer floats per item (their offsets are int32).
+constexpr int64_t kMaxTaps8 = 1024;
 // Positions per segment of a row: whole tiles of each size, whole 16 x 16 transposes.
 constexpr int64_t kSeg = 48;
 
@@ -44,6 +55,7 @@ float* scratch(int slot, int64_t elems) { return thread_scratch(ScratchPool::Tin
 #ifdef CNNEXT_TINYC
 struct Geo {
   int64_t C, KH, KW, cs, hs, DH, tw;  // buffer strides of a channel, a row; tw: of a kw step
+  const int32_t* taps;                // AVX2 kernel: the buffer offset of each tap (c, kh, kw)
 };
 
 // acc[r][v] (r < R positions, v < NV vectors of 16 channels) = sum over the taps of
@@ -160,14 +172,144 @@ void store(const float* t, int nv, int n, int64_t m, const float* bias, bool rel
     }
   }
 }
+
+// The AVX2 kernel: as tile / tile_n / store above, with vectors of 8 channels.
+template <int NV, int R, int S>
+CNNEXT_TARGET("avx2,fma")
+inline void tile8(const float* xb, const Geo& g, const float* wk, float* out) {
+  // One loop over the taps (their offsets in g.taps). The loops over the accumulators are
+  // unrolled by pragma: left as loops, GCC turned the final stores into a copy of the
+  // accumulator array and so kept that array on the stack, storing to it at every tap.
+  const int32_t* taps = g.taps;
+  const int64_t K = g.C * g.KH * g.KW;
+  __m256 acc[R * NV];
+#pragma GCC unroll 16
+  for (int i = 0; i < R * NV; ++i) acc[i] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; ++k, wk += 8 * NV) {
+    const float* px = xb + taps[k];
+    __m256 wv[NV];
+    for (int v = 0; v < NV; ++v) wv[v] = _mm256_load_ps(wk + 8 * v);
+    for (int r = 0; r < R; ++r) {
+      const __m256 xv = _mm256_broadcast_ss(px + r * S);
+      for (int v = 0; v < NV; ++v) acc[r * NV + v] = _mm256_fmadd_ps(wv[v], xv, acc[r * NV + v]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < R * NV; ++i) _mm256_store_ps(out + i * 8, acc[i]);
+}
+
+template <int NV, int S, int R = rmax8(NV)>
+CNNEXT_TARGET("avx2,fma")
+void tile8_n(int n, const float* xb, const Geo& g, const float* wk, float* out) {
+  if constexpr (R > 1) {
+    if (n < R) return tile8_n<NV, S, R - 1>(n, xb, g, wk, out);
+  }
+  tile8<NV, R, S>(xb, g, wk, out);
+}
+
+template <int S>
+TileFn tile8_fn(int nv) {
+  return nv == 2 ? &tile8_n<2, S> : &tile8_n<1, S>;
+}
+
+TileFn pick8(int64_t step, int nv) {
+  switch (step) {
+    case 1: return tile8_fn<1>(nv);
+    case 2: return tile8_fn<2>(nv);
+    case 3: return tile8_fn<3>(nv);
+    case 4: return tile8_fn<4>(nv);
+    case 6: return tile8_fn<6>(nv);
+    default: return tile8_fn<8>(nv);
+  }
+}
+
+// Lanes [0, n) of 8 (n clamped to [0, 8]) as a maskload / maskstore mask.
+CNNEXT_TARGET("avx2,fma") inline __m256i lanes8(int64_t n) {
+  const int32_t k = int32_t(std::clamp<int64_t>(n, 0, 8));
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(k), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// col[j][i] = rows[i * ld + j], i, j < 8.
+CNNEXT_TARGET("avx2,fma") inline void transpose8_regs(const float* rows, int64_t ld, __m256* col) {
+  __m256 r[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_load_ps(rows + i * ld);
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  col[0] = _mm256_permute2f128_ps(s0, s4, 0x20);
+  col[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
+  col[2] = _mm256_permute2f128_ps(s2, s6, 0x20);
+  col[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
+  col[4] = _mm256_permute2f128_ps(s0, s4, 0x31);
+  col[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
+  col[6] = _mm256_permute2f128_ps(s2, s6, 0x31);
+  col[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
+}
+
+// store() for the AVX2 kernel: t's rows hold 8 nv floats and are readable up to n rounded
+// up to 8; the NCHW stores go through 8 x 8 register transposes.
+CNNEXT_TARGET("avx2,fma")
+void store8(const float* t, int nv, int n, int64_t m, const float* bias, bool relu, float* y0,
+            const Strides4& ys, int64_t room) {
+  const int64_t ld = 8 * nv;
+  const __m256 zero = _mm256_setzero_ps();
+  if (ys.c == 1) {
+    for (int v = 0; v < nv; ++v) {
+      const int64_t cnt = std::clamp<int64_t>(m - 8 * v, 0, 8);
+      if (cnt == 0) break;
+      const __m256i mk = lanes8(cnt);
+      const __m256 b = bias ? _mm256_maskload_ps(bias + 8 * v, mk) : zero;
+      for (int r = 0; r < n; ++r) {
+        __m256 val = _mm256_add_ps(_mm256_load_ps(t + r * ld + 8 * v), b);
+        if (relu) val = _mm256_max_ps(zero, val);  // NaN kept: MAXPS returns its second operand on NaN
+        _mm256_maskstore_ps(y0 + r * ys.w + 8 * v, mk, val);
+      }
+    }
+    return;
+  }
+  if (ys.w == 1) {  // NCHW: per channel runs of 8 positions, transposed in registers
+    for (int pb = 0; pb < n; pb += 8) {
+      const __m256i mk = lanes8(room - pb);
+      for (int v = 0; v < nv; ++v) {
+        const int64_t cnt = std::clamp<int64_t>(m - 8 * v, 0, 8);
+        if (cnt == 0) break;
+        __m256 col[8];
+        transpose8_regs(t + pb * ld + 8 * v, ld, col);
+        for (int64_t j = 0; j < cnt; ++j) {
+          __m256 val = col[j];
+          if (bias) val = _mm256_add_ps(val, _mm256_set1_ps(bias[8 * v + j]));
+          if (relu) val = _mm256_max_ps(zero, val);  // NaN kept: MAXPS returns its second operand on NaN
+          _mm256_maskstore_ps(y0 + (8 * v + j) * ys.c + pb, mk, val);
+        }
+      }
+    }
+    return;
+  }
+  for (int64_t o = 0; o < m; ++o) {
+    const float b = bias ? bias[o] : 0.f;
+    float* yo = y0 + o * ys.c;
+    for (int r = 0; r < n; ++r) {
+      float val = t[r * ld + o] + b;
+      if (relu) val = std::max(val, 0.f);
+      yo[r * ys.w] = val;
+    }
+  }
+}
 #endif
 
 }  // namespace
 
 bool applies(const Conv2dParams& p) {
 #ifdef CNNEXT_TINYC
-  return sgemm::available() && p.G == 1 && p.C >= 1 && p.C <= 4 && p.KH * p.KW >= 25 && p.SW >= 1 &&
-         p.SW <= 4 && p.O >= 16 && p.N * p.OH * p.OW > 0;
+  if (!(p.G == 1 && p.C >= 1 && p.KH * p.KW >= 25 && p.SW >= 1 && p.SW <= 4 && p.N * p.OH * p.OW > 0))
+    return false;
+  if (sgemm::available()) return p.C <= 4 && p.O >= 16;
+  return cpu_features().avx2_fma() && p.C <= kMaxC8 && p.O >= kMinO8 && p.C * p.KH * p.KW <= kMaxTaps8;
 #else
   (void)p;
   return false;
@@ -179,15 +321,20 @@ void forward(const float* x, const Strides4& xs, const float* w, const float* bi
 #ifdef CNNEXT_TINYC
   kTinyC.hit();
   if (ys.c == 1) kTinyCLast.hit();
+  // The AVX-512 kernel: blocks of 64 channels, vectors of 16; else the AVX2 one: blocks of
+  // 16, vectors of 8.
+  const bool wide = sgemm::available();
+  if (!wide) kTinyCAvx2.hit();
+  const int64_t ob = wide ? kOB : kOB8, lane = wide ? 16 : 8;
   const int64_t K = p.C * p.KH * p.KW;
-  const int64_t blocks = ceil_div(p.O, kOB);
-  // Packed weight: block b holds channels [32 b, 32 b + 32) as [k][32] (a last block of
-  // at most 16 channels as [k][16]), zeros past O.
-  const int64_t wsize = blocks * K * kOB;
+  const int64_t blocks = ceil_div(p.O, ob);
+  // Packed weight: block b holds channels [ob b, ob b + ob) as [k][width] (width: the
+  // block's channels rounded up to whole vectors), zeros past O.
+  const int64_t wsize = blocks * K * ob;
   float* wp = scratch(0, wsize);
   for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t o0 = b * kOB, m = std::min(kOB, p.O - o0), width = ceil_div(m, 16) * 16;
-    float* dst = wp + b * K * kOB;
+    const int64_t o0 = b * ob, m = std::min(ob, p.O - o0), width = ceil_div(m, lane) * lane;
+    float* dst = wp + b * K * ob;
     for (int64_t k = 0; k < K; ++k)
       for (int64_t j = 0; j < width; ++j) dst[k * width + j] = j < m ? w[(o0 + j) * K + k] : 0.f;
   }
@@ -198,12 +345,13 @@ void forward(const float* x, const Strides4& xs, const float* w, const float* bi
   const int64_t rows = ceil_div(p.OH, bands), per = ceil_div(p.OH, rows);
   const int64_t cols = (p.OW - 1) * p.SW + (p.KW - 1) * p.DW + 1 + 16 * p.SW;  // + tile slack
   const int64_t in_rows_max = (rows - 1) * p.SH + (p.KH - 1) * p.DH + 1;
-  // x's pixels dense with 2 to 4 channels: the buffer keeps them ([rows][cols][C], whole
+  // x's pixels dense with 2 or more channels: the buffer keeps them ([rows][cols][C], whole
   // rows copied), else planar ([C][rows][cols]).
   const bool pixels = p.C > 1 && xs.c == 1 && xs.w == p.C && step_ok(p.SW * p.C);
   if (pixels) kTinyCPixels.hit();
   const int64_t ws = pixels ? p.C : 1, step = p.SW * ws;
-  const TileFn fns[4] = {pick(step, 1), pick(step, 2), pick(step, 3), pick(step, 4)};
+  const TileFn fns[4] = {wide ? pick(step, 1) : pick8(step, 1), wide ? pick(step, 2) : pick8(step, 2),
+                         wide ? pick(step, 3) : nullptr, wide ? pick(step, 4) : nullptr};
   auto item = [&](int64_t it) {
     const int64_t n = it / per, oh0 = (it % per) * rows, oh1 = std::min(p.OH, oh0 + rows);
     const int64_t in_rows = (oh1 - oh0 - 1) * p.SH + (p.KH - 1) * p.DH + 1;
@@ -211,7 +359,15 @@ void forward(const float* x, const Strides4& xs, const float* w, const float* bi
     float* buf = scratch(1, p.C * in_rows_max * cols + kSeg * kOB + 16);  // tbuf: a segment, aligned
     float* tbuf = buf + p.C * in_rows_max * cols;
     tbuf = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(tbuf) + 63) & ~uintptr_t(63));
-    const Geo g{p.C, p.KH, p.KW, pixels ? 1 : in_rows * cols, pixels ? cols * p.C : cols, p.DH, p.DW * ws};
+    Geo g{p.C, p.KH, p.KW, pixels ? 1 : in_rows * cols, pixels ? cols * p.C : cols, p.DH, p.DW * ws, nullptr};
+    int32_t taps[kMaxTaps8];
+    if (!wide) {
+      int32_t* t = taps;
+      for (int64_t c = 0; c < p.C; ++c)
+        for (int64_t kh = 0; kh < p.KH; ++kh)
+          for (int64_t kw = 0; kw < p.KW; ++kw) *t++ = int32_t(c * g.cs + kh * p.DH * g.hs + kw * g.tw);
+      g.taps = taps;
+    }
     const int64_t a = std::clamp<int64_t>(-iw0, 0, cols), e = std::clamp<int64_t>(p.W - iw0, a, cols);
     for (int64_t r = 0; pixels && r < in_rows; ++r) {
       float* d = buf + r * g.hs;
@@ -245,18 +401,22 @@ void forward(const float* x, const Strides4& xs, const float* w, const float* bi
     // Channel blocks outermost: the block's weight stays in L1 and each channel plane of y
     // is written row after row.
     for (int64_t b = 0; b < blocks; ++b) {
-      const int64_t o0 = b * kOB, m = std::min(kOB, p.O - o0);
-      const int nv = int(ceil_div(m, 16)), R = rmax(nv);
+      const int64_t o0 = b * ob, m = std::min(ob, p.O - o0);
+      const int nv = int(ceil_div(m, lane)), R = wide ? rmax(nv) : rmax8(nv);
       const TileFn fn = fns[nv - 1];
-      const float* wk = wp + b * K * kOB;
+      const float* wk = wp + b * K * ob;
       for (int64_t oh = oh0; oh < oh1; ++oh) {
         const float* xr = buf + (oh - oh0) * p.SH * g.hs;
         float* yb = y + n * ys.n + o0 * ys.c + oh * ys.h;
         for (int64_t s0 = 0; s0 < p.OW; s0 += kSeg) {
           const int sn = int(std::min<int64_t>(kSeg, p.OW - s0));
           for (int ow = 0; ow < sn; ow += R)
-            fn(std::min(R, sn - ow), xr + (s0 + ow) * step, g, wk, tbuf + ow * 16 * nv);
-          store(tbuf, nv, sn, m, bias ? bias + o0 : nullptr, relu, yb + s0 * ys.w, ys, p.OW - s0);
+            fn(std::min(R, sn - ow), xr + (s0 + ow) * step, g, wk, tbuf + ow * lane * nv);
+          if (wide) {
+            store(tbuf, nv, sn, m, bias ? bias + o0 : nullptr, relu, yb + s0 * ys.w, ys, p.OW - s0);
+          } else {
+            store8(tbuf, nv, sn, m, bias ? bias + o0 : nullptr, relu, yb + s0 * ys.w, ys, p.OW - s0);
+          }
         }
       }
     }
