@@ -134,7 +134,7 @@ def test_n_zero_and_switch(tile):
         cpu_backend.winograd = 0
 
 
-@pytest.mark.parametrize("case", ["groups", "stride2", "dilation2", "kernel5", "float64"])
+@pytest.mark.parametrize("case", ["groups", "stride2", "dilation2", "kernel7", "float64"])
 def test_fallbacks(case, tile):
     tile(4)
     x = torch.randn(2, 16, 10, 10)
@@ -148,9 +148,9 @@ def test_fallbacks(case, tile):
     elif case == "dilation2":
         kw["dilation"] = 2
         kw["padding"] = 2
-    elif case == "kernel5":
-        w = kaiming(16, 16, 5)
-        kw["padding"] = 2
+    elif case == "kernel7":  # (5x5 kernels: tests/test_conv2d_winograd_split5.py)
+        w = kaiming(16, 16, 7)
+        kw["padding"] = 3
     elif case == "float64":
         x, w = x.double(), w.double()
     y, paths = ran(lambda: conv2d(x, w, None, **kw))

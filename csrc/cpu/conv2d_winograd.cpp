@@ -49,6 +49,9 @@ CNNEXT_PATH_NEEDS(kAvx2Kernels, "conv2d.winograd.avx2", kAvx2);
 CNNEXT_PATH_NEEDS(kAvx2RowLoads, "conv2d.winograd.avx2_row_loads", kAvx2);
 CNNEXT_PATH_NEEDS(kAvx2RowStores, "conv2d.winograd.avx2_row_stores", kAvx2);
 CNNEXT_PATH_NEEDS(kWeightGrad, "conv2d.weight_grad.winograd", kAvx2);
+// 5x5 stride-1 kernels as four 3x3 ones (split5 below): the forward and the input gradient.
+CNNEXT_PATH_NEEDS(kSplit5, "conv2d.winograd.split5x5", kAvx2);
+CNNEXT_PATH_NEEDS(kSplit5InputGrad, "conv2d.input_grad.winograd_split5x5", kAvx2);
 CNNEXT_PATH_NEEDS(kBf16Fwd, "conv2d.fwd.winograd_bf16", kAvx512F);
 CNNEXT_PATH_NEEDS(kBf16InputGrad, "conv2d.input_grad.winograd_bf16", kAvx512F);
 
@@ -1152,6 +1155,55 @@ int choose_tile(const Conv2dParams& p) {
 #endif
 }
 
+// ---- 5 x 5 kernels as four 3 x 3 ones ----
+// A 5x5 kernel, zero-extended to 6x6, is four 3x3 kernels w_ab = w[3a .. 3a + 2][3b .. 3b + 2]
+// (a, b in {0, 1}), and a stride-1 5x5 convolution is the sum of the four 3x3 ones, each
+// reading the input shifted by (3a, 3b): one 3x3 convolution over 4 C input channels, the
+// four shifted copies of the (padded) input side by side (split5_params, shifted_copies).
+// Winograd F(4x4, 3x3) on it multiplies 4 x 36 / 16 = 9 times per output and input channel
+// against the direct 25; the seven taps that w_ab holds past the 5x5 are zeros.
+namespace {
+
+Conv2dParams split5_params(const Conv2dParams& p) {
+  Conv2dParams q = p;
+  q.C = 4 * p.C;
+  q.H = p.OH + 2;
+  q.W = p.OW + 2;
+  q.KH = q.KW = 3;
+  q.PH = q.PW = 0;
+  return q;
+}
+
+int choose_tile5(const Conv2dParams& p) {
+#ifdef CNNEXT_WINO_AVX512
+  if (!enabled() || !available()) return 0;
+  if (p.KH != 5 || p.KW != 5 || p.SH != 1 || p.SW != 1 || p.DH != 1 || p.DW != 1 || p.G != 1) return 0;
+  if (p.N == 0 || p.OH <= 0 || p.OW <= 0 || p.C == 0 || p.O == 0) return 0;
+  const int forced = forced_tile();
+  if (forced > 0) return forced;
+  // As tile_for, with 4 transformed products per (input, output) channel pair against 25
+  // multiplications per output of the direct convolution, under stricter conditions: the
+  // split's transforms run on 4 C channels and its input is copied twice, so it lost to the
+  // GEMM path wherever the tiles were few or the channels thin (Zen 3, 2 threads, forward:
+  // GoogLeNet's 5x5 layers at 12x12, batch 4: 1.26-1.33x; 32 -> 64 at 24x24: 1.14x) and
+  // won on 26x26 maps at batch 8 (AlexNet's 96 -> 256: 0.67x; 64 -> 64: 0.79x; 48 -> 128:
+  // 0.72x; 32 -> 256: 0.76x). At least 32 input and 64 output channels, 256 tiles of 4 x 4
+  // outputs, and half the direct multiplications.
+  if (p.C < 32 || p.O < 64 || p.N * ceil_div(p.OH, 4) * ceil_div(p.OW, 4) < 256) return 0;
+  const Conv2dParams q = split5_params(p);
+  const int64_t direct = 25 * p.N * p.OH * p.OW;
+  const int64_t c2 = 4 * wino_cost(q, 2), c4 = 4 * wino_cost(q, 4);
+  const int m = 10 * c4 < 8 * c2 ? 4 : 2;
+  const int64_t cost = m == 4 ? c4 : c2;
+  return 2 * cost <= direct ? m : 0;
+#else
+  (void)p;
+  return 0;
+#endif
+}
+
+}  // namespace
+
 int64_t transformed_weight_size(int64_t O, int64_t C, int m) {
   return int64_t(m + 2) * (m + 2) * round_up(O, kMR) * C;
 }
@@ -1243,16 +1295,104 @@ at::Tensor cached_weight(const at::Tensor& weight, int64_t O, int64_t C, int m, 
 
 }  // namespace
 
+namespace {
+
+// The input of split5_params(p) for a 5x5 stride-1 convolution p of x: (N, 4C, OH + 2,
+// OW + 2), channel (2a + b) C + c holding x[n][c] shifted by (3a - PH, 3b - PW), zeros
+// outside x.
+at::Tensor shifted_copies(const at::Tensor& x, const Conv2dParams& p) {
+  const int64_t Hs = p.OH + 2, Ws = p.OW + 2;
+  at::Tensor out = at::empty({p.N, 4 * p.C, Hs, Ws}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  const Strides4 xs = strides_of(x);
+  const float* src = x.const_data_ptr<float>();
+  float* dst = out.mutable_data_ptr<float>();
+  run_items(p.N * 4 * p.C, [&](int64_t plane) {
+    const int64_t n = plane / (4 * p.C), k = plane % (4 * p.C), ab = k / p.C, c = k % p.C;
+    const int64_t h0 = 3 * (ab / 2) - p.PH, w0 = 3 * (ab % 2) - p.PW;
+    const float* s = src + n * xs.n + c * xs.c;
+    float* d = dst + plane * Hs * Ws;
+    const int64_t j0 = std::clamp<int64_t>(-w0, 0, Ws), j1 = std::clamp<int64_t>(p.W - w0, j0, Ws);
+    for (int64_t i = 0; i < Hs; ++i, d += Ws) {
+      const int64_t h = h0 + i;
+      if (h < 0 || h >= p.H) {
+        std::fill(d, d + Ws, 0.f);
+        continue;
+      }
+      std::fill(d, d + j0, 0.f);
+      const float* r = s + h * xs.h;
+      if (xs.w == 1) {
+        std::memcpy(d + j0, r + (w0 + j0), size_t(j1 - j0) * sizeof(float));
+      } else {
+        for (int64_t j = j0; j < j1; ++j) d[j] = r[(w0 + j) * xs.w];
+      }
+      std::fill(d + j1, d + Ws, 0.f);
+    }
+  });
+  return out;
+}
+
+// The transformed split weight (split5_params' O x 4C x 3 x 3) of a 5x5 `weight`, from the
+// weight cache or computed. flipped: of the input gradient's weight w'[c][o][kh][kw] =
+// w[o][c][4 - kh][4 - kw]; O and C are the dims of the problem as a forward (see
+// cached_weight).
+at::Tensor cached_split_weight(const at::Tensor& weight, int64_t O, int64_t C, int m, bool flipped) {
+  bool hit = false;
+  const at::Tensor u = weight_cache().get(
+      {weight}, {flipped ? kSplit5FlippedTransformedWeightTag : kSplit5TransformedWeightTag, O, C, m},
+      [&](const std::vector<at::Tensor>& reuse) {
+        const at::Tensor wc = weight.contiguous();
+        const float* w = wc.const_data_ptr<float>();
+        at::Tensor w4 = at::zeros({O, 4 * C, 3, 3}, weight.options().memory_format(at::MemoryFormat::Contiguous));
+        float* d = w4.mutable_data_ptr<float>();
+        for (int64_t o = 0; o < O; ++o)
+          for (int64_t ab = 0; ab < 4; ++ab)
+            for (int64_t c = 0; c < C; ++c)
+              for (int64_t i = 0; i < 3; ++i)
+                for (int64_t j = 0; j < 3; ++j) {
+                  const int64_t kh = 3 * (ab / 2) + i, kw = 3 * (ab % 2) + j;
+                  if (kh >= 5 || kw >= 5) continue;
+                  // The weight is (O, C, 5, 5) for the forward, (C, O, 5, 5) when flipped.
+                  const float v = flipped ? w[((c * O + o) * 5 + 4 - kh) * 5 + 4 - kw] : w[((o * C + c) * 5 + kh) * 5 + kw];
+                  d[((o * 4 * C + ab * C + c) * 3 + i) * 3 + j] = v;
+                }
+        at::Tensor out = reuse.empty() ? DerivedCache::empty({transformed_weight_size(O, 4 * C, m)}, weight.options())
+                                       : reuse[0];
+        transform_weight(d, 4 * C * 9, 9, 1, O, 4 * C, m, out.mutable_data_ptr<float>());
+        return std::vector<at::Tensor>{out};
+      },
+      &hit)[0];
+  (hit ? kCacheHit : kCacheMiss).hit();
+  return u;
+}
+
+// y = the 5x5 stride-1 convolution q of x (float32) by the split, transformed weight u.
+bool split5_forward(const at::Tensor& x, const at::Tensor& u, const float* bias, at::Tensor& y,
+                    const Conv2dParams& q, bool relu, int m) {
+  const at::Tensor x4 = shifted_copies(x, q);
+  return forward(x4.const_data_ptr<float>(), strides_of(x4), nullptr, 0, 0, 0, u.const_data_ptr<float>(), bias,
+                 y.mutable_data_ptr<float>(), strides_of(y), split5_params(q), relu, m);
+}
+
+}  // namespace
+
 bool forward_tensor(const at::Tensor& input, const at::Tensor& weight, const float* bias,
                     at::Tensor& out, const Conv2dParams& p, bool relu,
                     const std::function<void(int64_t, int64_t, int64_t)>& rows_done) {
-  const int m = choose_tile(p);
-  if (m == 0 || input.scalar_type() != at::kFloat || weight.scalar_type() != at::kFloat) return false;
-  const at::Tensor u = cached_weight(weight, p.O, p.C, m, false);
-  if (!forward(input.const_data_ptr<float>(), strides_of(input), nullptr, 0, 0, 0,
-               u.const_data_ptr<float>(), bias, out.mutable_data_ptr<float>(), strides_of(out), p,
-               relu, m))
-    return false;
+  if (input.scalar_type() != at::kFloat || weight.scalar_type() != at::kFloat) return false;
+  if (p.KH == 5 && p.KW == 5) {
+    const int m = choose_tile5(p);
+    if (m == 0 || !split5_forward(input, cached_split_weight(weight, p.O, p.C, m, false), bias, out, p, relu, m))
+      return false;
+    kSplit5.hit();
+  } else {
+    const int m = choose_tile(p);
+    if (m == 0) return false;
+    const at::Tensor u = cached_weight(weight, p.O, p.C, m, false);
+    if (!forward(input.const_data_ptr<float>(), strides_of(input), nullptr, 0, 0, 0,
+                 u.const_data_ptr<float>(), bias, out.mutable_data_ptr<float>(), strides_of(out), p,
+                 relu, m))
+      return false;
+  }
   if (rows_done) {
     run_items(p.N, [&](int64_t n) { rows_done(n, 0, p.OH); });
   }
@@ -1345,6 +1485,21 @@ at::Tensor input_backward_bf16_tensor(const at::Tensor& grad_output, const at::T
 
 bool input_backward_tensor(const at::Tensor& grad_output, const at::Tensor& weight, at::Tensor& gx,
                            const Conv2dParams& p) {
+  if (p.KH == 5 && p.KW == 5) {
+    if (grad_output.scalar_type() != at::kFloat || weight.scalar_type() != at::kFloat ||
+        gx.scalar_type() != at::kFloat)
+      return false;
+    // The forward's padding is 4 - p per side.
+    if (p.PH < 0 || p.PW < 0 || p.PH > 4 || p.PW > 4) return false;
+    const Conv2dParams q = conv_input_grad_as_forward(p);
+    const int m = choose_tile5(q);
+    if (m == 0) return false;
+    if (!split5_forward(grad_output, cached_split_weight(weight, q.O, q.C, m, true), nullptr, gx, q, false, m))
+      return false;
+    kSplit5InputGrad.hit();
+    kInputGrad.hit();
+    return true;
+  }
   if (grad_output.scalar_type() != at::kFloat || weight.scalar_type() != at::kFloat ||
       gx.scalar_type() != at::kFloat)
     return false;

@@ -90,6 +90,8 @@ enum WeightCacheTag : int64_t {
   kBnFoldTag = 1,             // (weight * scale, shift) of the fused op's inference
   kTransformedWeightTag = 2,  // Winograd's G g G^T in packed panels
   kFlippedTransformedWeightTag = 3,  // the same of the flipped, transposed weight (input gradient)
+  kSplit5TransformedWeightTag = 4,   // a 5x5 weight split into four 3x3 ones, then transformed
+  kSplit5FlippedTransformedWeightTag = 5,  // the same of its flipped, transposed weight
 };
 DerivedCache& weight_cache();
 

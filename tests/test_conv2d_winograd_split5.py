@@ -1,0 +1,254 @@
+"""5x5 stride-1 convolutions as four 3x3 Winograd ones (csrc/cpu/conv2d_winograd.cpp,
+split5_params / shifted_copies / cached_split_weight): the 5x5 kernel zero-extended to 6x6
+is four 3x3 kernels, each reading the input shifted by (3a, 3b), so the convolution is one
+3x3 Winograd convolution over 4 C channels. The forward and the input gradient (a 5x5
+forward of grad_output by the flipped, transposed weight) run it; the weight gradient keeps
+the GEMM. Each case asserts through the path counters which path ran, and compares against
+a float64 reference."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import cnnext.backends.cpu as cpu_backend
+from cnnext import _C
+from cnnext._paths import counts, expect_path
+from cnnext.functional import conv2d, conv_bn_relu2d
+
+SPLIT = "conv2d.winograd.split5x5"
+SPLIT_IN = "conv2d.input_grad.winograd_split5x5"
+TILES = {2: "conv2d.winograd.f2x2", 4: "conv2d.winograd.f4x4"}
+HIT, MISS = "conv2d.winograd.weight_cache_hit", "conv2d.winograd.weight_cache_miss"
+
+pytestmark = pytest.mark.skipif(not _C._winograd_available(), reason="Winograd runs on CPUs with AVX-512F or AVX2 + FMA only")
+
+
+@pytest.fixture(autouse=True)
+def _winograd_on():
+    with cpu_backend.flags(winograd=True):
+        yield
+
+
+@pytest.fixture
+def tile():
+    """Forces a tile (2, 4) wherever Winograd applies; restored after the test."""
+    old = _C._get_winograd_tile()
+    yield _C._set_winograd_tile
+    _C._set_winograd_tile(old)
+
+
+def ran(fn):
+    before = counts()
+    out = fn()
+    after = counts()
+    return out, {k for k, v in after.items() if v != before.get(k, 0)}
+
+
+def kaiming(o, c, k=5):
+    return torch.randn(o, c, k, k) * math.sqrt(2.0 / (c * k * k))
+
+
+def rel_err(y, ref):
+    return ((y.double() - ref).abs().max() / ref.abs().max()).item()
+
+
+# (N, C, H, W, O, padding): odd and non-square maps, every padding 0..4 (4: the input
+# gradient's forward pads by 0), asymmetric padding, partial tiles; more than 8 channels
+# (the AVX2 few-channel kernel takes up to 8: tests/test_conv2d_tiny_c.py).
+SHAPES = [
+    (2, 16, 13, 11, 24, 2),
+    (3, 20, 9, 10, 17, 0),
+    (1, 10, 7, 7, 16, 4),
+    (2, 16, 12, 12, 32, 1),
+    (2, 18, 6, 19, 20, 3),
+    (2, 12, 10, 9, 8, (1, 3)),
+]
+
+
+@pytest.mark.parametrize("m", [2, 4])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_forward_and_input_gradient(m, shape, layout, tile):
+    tile(m)
+    n, c, h, w, o, p = shape
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = torch.randn(n, c, h, w).contiguous(memory_format=fmt).requires_grad_()
+    wt = kaiming(o, c).contiguous(memory_format=fmt).requires_grad_()
+    b = torch.randn(o).requires_grad_()
+    with expect_path(SPLIT, SPLIT_IN, TILES[m]):
+        y = conv2d(x, wt, b, 1, p)
+        gy = torch.randn_like(y)
+        gx, gw, gb = torch.autograd.grad(y, (x, wt, b), gy)
+    xd, wd, bd = (t.detach().double().requires_grad_() for t in (x, wt, b))
+    ref = F.conv2d(xd, wd, bd, 1, p)
+    rgx, rgw, rgb = torch.autograd.grad(ref, (xd, wd, bd), gy.double())
+    bound = 2e-5 if m == 2 else 1e-4  # forced F(4x4) on tiny random layers: loose
+    assert rel_err(y, ref) <= bound
+    assert rel_err(gx, rgx) <= bound
+    assert rel_err(gw, rgw) <= 1e-5 and rel_err(gb, rgb) <= 1e-5
+    cl = torch.channels_last
+    assert y.is_contiguous(memory_format=cl) == ref.is_contiguous(memory_format=cl)
+    assert gx.is_contiguous(memory_format=cl) == x.is_contiguous(memory_format=cl)
+
+
+def test_no_bias_relu_and_bn_epilogue(tile):
+    """conv_bn_relu2d in eval mode takes the split with the folded weight and the ReLU; in
+    training mode the convolution, then the batch statistics."""
+    tile(4)
+    x = torch.randn(2, 16, 11, 12)
+    wt = kaiming(24, 16)
+    gamma, beta = torch.rand(24) + 0.5, torch.randn(24)
+    rm, rv = torch.randn(24), torch.rand(24) + 0.5
+    for training in (False, True):
+        with expect_path(SPLIT):
+            y = conv_bn_relu2d(x, wt, None, gamma, beta, rm.clone(), rv.clone(), training, padding=2)
+        ref = F.relu(F.batch_norm(F.conv2d(x.double(), wt.double(), None, 1, 2), rm.double().clone(),
+                                  rv.double().clone(), gamma.double(), beta.double(), training))
+        assert rel_err(y, ref) <= 1e-4
+
+
+def test_n_zero(tile):
+    tile(4)
+    x = torch.randn(0, 16, 9, 9, requires_grad=True)
+    wt = kaiming(16, 16).requires_grad_()
+    y = conv2d(x, wt, None, 1, 2)
+    assert y.shape == (0, 16, 9, 9)
+    gx, gw = torch.autograd.grad(y.sum(), (x, wt))
+    assert gx.shape == x.shape and torch.equal(gw, torch.zeros_like(wt))
+
+
+@pytest.mark.parametrize("case", ["stride2", "dilation2", "groups", "kernel5x3", "kernel7", "float64", "switch_off"])
+def test_fallbacks(case, tile):
+    tile(4)
+    x = torch.randn(2, 16, 12, 12, requires_grad=True)
+    w = kaiming(16, 16)
+    kw = dict(stride=1, padding=2)
+    if case == "stride2":
+        kw["stride"] = 2
+    elif case == "dilation2":
+        kw["dilation"], kw["padding"] = 2, 4
+    elif case == "groups":
+        w, kw["groups"] = kaiming(16, 8), 2
+    elif case == "kernel5x3":
+        w, kw["padding"] = w[..., 1:4], (2, 1)
+    elif case == "kernel7":
+        w, kw["padding"] = kaiming(16, 16, 7), 3
+    elif case == "float64":
+        x, w = x.detach().double().requires_grad_(), w.double()
+    w = w.contiguous().requires_grad_()
+
+    def run():
+        y = conv2d(x, w, None, **kw)
+        return (y, *torch.autograd.grad(y, (x, w), torch.ones_like(y)))
+
+    if case == "switch_off":
+        with cpu_backend.flags(winograd=False):
+            out, paths = ran(run)
+    else:
+        out, paths = ran(run)
+    assert not paths & {SPLIT, SPLIT_IN}, paths
+    xd, wd = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    r = F.conv2d(xd, wd, None, **kw)
+    refs = (r, *torch.autograd.grad(r, (xd, wd), torch.ones_like(r)))
+    for a, b in zip(out, refs):
+        assert rel_err(a, b) <= 1e-5
+
+
+def test_input_gradient_padding_past_4_falls_back(tile):
+    """Padding 5 on a 5x5 kernel: the input gradient's forward would pad by -1 (crop), which
+    the split does not do; the forward still takes it."""
+    tile(4)
+    x = torch.randn(2, 16, 6, 6, requires_grad=True)
+    w = kaiming(16, 16)
+    y, fpaths = ran(lambda: conv2d(x, w, None, 1, 5))
+    assert SPLIT in fpaths
+    gy = torch.randn_like(y)
+    (gx,), paths = ran(lambda: torch.autograd.grad(y, x, gy))
+    assert SPLIT_IN not in paths
+    xd = x.detach().double().requires_grad_()
+    (ref,) = torch.autograd.grad(F.conv2d(xd, w.double(), None, 1, 5), xd, gy.double())
+    assert rel_err(gx, ref) <= 1e-5
+
+
+def test_nonfinite_falls_back(tile):
+    """An Inf mixes into NaN across a Winograd tile (here also from the taps past the 5x5):
+    the call falls back and Inf / NaN land where stock puts them."""
+    tile(4)
+    x = torch.randn(2, 16, 12, 12)
+    x[0, 3, 5, 6] = float("inf")
+    x[1, 0, 11, 11] = float("nan")
+    w = kaiming(16, 16)
+    y, paths = ran(lambda: conv2d(x, w, None, 1, 2))
+    assert "conv2d.winograd.nonfinite_fallback" in paths
+    ref = F.conv2d(x, w, None, 1, 2)
+    assert torch.equal(y.isnan(), ref.isnan()) and torch.equal(y.isinf(), ref.isinf())
+    fin = ref.isfinite()
+    assert rel_err(y[fin], F.conv2d(x.double(), w.double(), None, 1, 2)[fin]) <= 1e-5
+
+
+def test_default_choice_by_shape():
+    """Unforced, the split takes wide layers on many tiles (AlexNet's second layer shape,
+    smaller) and leaves GoogLeNet's thin 5x5 layers on small maps to the GEMM."""
+    x = torch.randn(16, 32, 16, 16)
+    _, paths = ran(lambda: conv2d(x, kaiming(64, 32), None, 1, 2))
+    assert SPLIT in paths
+    x = torch.randn(4, 32, 12, 12)
+    _, paths = ran(lambda: conv2d(x, kaiming(96, 32), None, 1, 2))
+    assert SPLIT not in paths
+
+
+def test_accuracy_bound_alexnet_conv2():
+    """AlexNet's 96 -> 256 5x5 at 26x26 (batch 2), unit-normal input, Kaiming weights, the
+    tile chosen by shape: within #15's promise of 2e-5 of max |y| against float64, forward
+    and input gradient."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 96, 26, 26, requires_grad=True)
+    w = kaiming(256, 96)
+    with expect_path(SPLIT, SPLIT_IN):
+        y = conv2d(x, w, None, 1, 2)
+        gy = torch.randn_like(y)
+        (gx,) = torch.autograd.grad(y, x, gy)
+    xd = x.detach().double().requires_grad_()
+    ref = F.conv2d(xd, w.double(), None, 1, 2)
+    (rgx,) = torch.autograd.grad(ref, xd, gy.double())
+    assert rel_err(y, ref) <= 2e-5
+    assert rel_err(gx, rgx) <= 2e-5
+
+
+def test_weight_cache_follows_the_version(tile):
+    """The split, transformed weight is cached per weight version (its own key, and the
+    flipped one for the input gradient); an in-place update is seen by the next call."""
+    tile(4)
+    cpu_backend.clear_winograd_cache()
+    x = torch.randn(2, 16, 10, 10)
+    w = kaiming(24, 16)
+    y1, paths = ran(lambda: conv2d(x, w, None, 1, 2))
+    assert MISS in paths and SPLIT in paths
+    y2, paths = ran(lambda: conv2d(x, w, None, 1, 2))
+    y3, paths = ran(lambda: conv2d(x, w, None, 1, 2))
+    assert HIT in paths and MISS not in paths
+    assert torch.equal(y1, y2) and torch.equal(y1, y3)
+    with torch.no_grad():
+        w.mul_(-1)
+    y4, paths = ran(lambda: conv2d(x, w, None, 1, 2))
+    assert MISS in paths
+    assert rel_err(y4, F.conv2d(x.double(), w.double(), None, 1, 2)) <= 1e-4
+    cpu_backend.clear_winograd_cache()
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_deterministic_and_thread_independent(threads, tile):
+    tile(4)
+    x = torch.randn(3, 16, 14, 13)
+    w = kaiming(32, 16)
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        ref = conv2d(x, w, None, 1, 2)
+        torch.set_num_threads(threads)
+        with expect_path(SPLIT):
+            outs = [conv2d(x, w, None, 1, 2) for _ in range(3)]
+    finally:
+        torch.set_num_threads(saved)
+    assert all(torch.equal(o, ref) for o in outs)
