@@ -1184,12 +1184,16 @@ int choose_tile5(const Conv2dParams& p) {
   // As tile_for, with 4 transformed products per (input, output) channel pair against 25
   // multiplications per output of the direct convolution, under stricter conditions: the
   // split's transforms run on 4 C channels and its input is copied twice, so it lost to the
-  // GEMM path wherever the tiles were few or the channels thin (Zen 3, 2 threads, forward:
-  // GoogLeNet's 5x5 layers at 12x12, batch 4: 1.26-1.33x; 32 -> 64 at 24x24: 1.14x) and
-  // won on 26x26 maps at batch 8 (AlexNet's 96 -> 256: 0.67x; 64 -> 64: 0.79x; 48 -> 128:
-  // 0.72x; 32 -> 256: 0.76x). At least 32 input and 64 output channels, 256 tiles of 4 x 4
-  // outputs, and half the direct multiplications.
-  if (p.C < 32 || p.O < 64 || p.N * ceil_div(p.OH, 4) * ceil_div(p.OW, 4) < 256) return 0;
+  // GEMM path wherever the tiles were few or the channels thin (Zen 3, 2 threads, forward,
+  // split / GEMM path: GoogLeNet's 5x5 layers at 12x12, batch 4: 1.26-1.33x; 128 -> 256 at
+  // 12x12, 36 tiles: 1.24x; 32 -> 64 at 24x24, 144 tiles: 1.14x) and won on 26x26 maps
+  // (batch 8, 392 tiles: AlexNet's 96 -> 256 0.67x, 64 -> 64 0.79x, 48 -> 128 0.72x,
+  // 32 -> 256 0.76x; batch 4, 196 tiles: NiN's 96 -> 256 0.74x, 48 -> 128 0.76x, 32 -> 256
+  // 0.85x, 64 -> 64 0.98x; batch 2, 98 tiles: 96 -> 256 0.89x). At least 32 input and 64
+  // output channels, 96 tiles of 4 x 4 outputs with 128 output channels or more, else 256,
+  // and half the direct multiplications.
+  const int64_t tiles4 = p.N * ceil_div(p.OH, 4) * ceil_div(p.OW, 4);
+  if (p.C < 32 || p.O < 64 || tiles4 < (p.O >= 128 ? 96 : 256)) return 0;
   const Conv2dParams q = split5_params(p);
   const int64_t direct = 25 * p.N * p.OH * p.OW;
   const int64_t c2 = 4 * wino_cost(q, 2), c4 = 4 * wino_cost(q, 4);
