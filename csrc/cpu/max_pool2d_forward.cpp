@@ -66,6 +66,32 @@ CNNEXT_PATH(kGeneric, "max_pool2d.fwd.generic");
 #pragma GCC optimize("no-trapping-math")
 #endif
 
+// Storage to compare type and back. bfloat16 through its bits (c10's conversions were
+// calls, not inlined under these options, and kept the bfloat16 loops scalar): a bfloat16
+// is the top half of its float, and every value stored is one of the inputs (a maximum,
+// or -inf for an empty window), so dropping the low half on the way back is exact.
+template <typename T, typename S>
+inline __attribute__((always_inline)) T load_as(S v) {
+  return static_cast<T>(v);
+}
+template <>
+inline __attribute__((always_inline)) float load_as<float, c10::BFloat16>(c10::BFloat16 v) {
+  const uint32_t bits = uint32_t(v.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+template <typename S, typename T>
+inline __attribute__((always_inline)) S store_as(T v) {
+  return static_cast<S>(v);
+}
+template <>
+inline __attribute__((always_inline)) c10::BFloat16 store_as<c10::BFloat16, float>(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  return c10::BFloat16(uint16_t(bits >> 16), c10::BFloat16::from_bits());
+}
+
 // Vertical pass over one phase: v[j], vi[j] = maximum (torch's rule) and its flat index
 // over the rows x + ih * W, ih = lo, lo + d, ... < hi, of the columns base + s * j,
 // j in [0, n). fi[j] holds the column index of entry j (as T).
@@ -78,14 +104,14 @@ inline __attribute__((always_inline)) void vertical_body(const S* __restrict__ x
   const S* row = x + lo * W + base;
   const T off0 = T(lo * W);
   for (int64_t j = 0; j < n; ++j) {
-    v[j] = static_cast<T>(row[j * s]);
+    v[j] = load_as<T>(row[j * s]);
     vi[j] = fi[j] + off0;
   }
   for (int64_t ih = lo + d; ih < hi; ih += d) {
     row = x + ih * W + base;
     const T off = T(ih * W);
     for (int64_t j = 0; j < n; ++j) {
-      const T val = static_cast<T>(row[j * s]);
+      const T val = load_as<T>(row[j * s]);
       const bool take = (val > v[j]) | (val != val);
       v[j] = take ? val : v[j];
       vi[j] = take ? fi[j] + off : vi[j];
@@ -115,7 +141,7 @@ inline __attribute__((always_inline)) void store_body(const T* __restrict__ acc,
                                                       const T* __restrict__ acci, int64_t n,
                                                       S* __restrict__ y, int64_t* __restrict__ yi) {
   for (int64_t j = 0; j < n; ++j) {
-    y[j] = static_cast<S>(acc[j]);
+    y[j] = store_as<S>(acc[j]);
     yi[j] = static_cast<int64_t>(acci[j]);
   }
 }
