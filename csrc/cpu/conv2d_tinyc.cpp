@@ -44,7 +44,7 @@ constexpr int rmax8(int nv) { return nv == 2 ? 6 : 12; }
 // Where the AVX2 kernel takes a layer: up to 8 input channels (LeNet's second layer: 6),
 // at least 4 output channels (LeNet's first: 6).
 constexpr int64_t kMaxC8 = 8, kMinO8 = 4;
-// At most this many taps (C x KH x KW) and buffer floats per item (their offsets are int32).
+// At most this many taps (C x KH x KW): their buffer offsets live in a table on the stack.
 constexpr int64_t kMaxTaps8 = 1024;
 // Positions per segment of a row: whole tiles of each size, whole 16 x 16 transposes.
 constexpr int64_t kSeg = 48;
@@ -320,7 +320,12 @@ bool applies(const Conv2dParams& p) {
   if (!(p.G == 1 && p.C >= 1 && p.KH * p.KW >= 25 && p.SW >= 1 && p.SW <= 4 && p.N * p.OH * p.OW > 0))
     return false;
   if (sgemm::available()) return p.C <= 4 && p.O >= 16;
-  return cpu_features().avx2_fma() && p.C <= kMaxC8 && p.O >= kMinO8 && p.C * p.KH * p.KW <= kMaxTaps8;
+  // The tap offsets are int32: the buffer (at most the whole padded height of rows) must
+  // hold fewer than 2^31 floats.
+  const int64_t cols = (p.OW - 1) * p.SW + (p.KW - 1) * p.DW + 1 + 16 * p.SW;
+  const int64_t rows = (p.OH - 1) * p.SH + (p.KH - 1) * p.DH + 1;
+  return cpu_features().avx2_fma() && p.C <= kMaxC8 && p.O >= kMinO8 && p.C * p.KH * p.KW <= kMaxTaps8 &&
+         p.C * rows * cols < (int64_t(1) << 31);
 #else
   (void)p;
   return false;

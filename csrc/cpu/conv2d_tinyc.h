@@ -1,5 +1,8 @@
 // float32 conv2d forward for inputs of very few channels (1 to 4: an RGB stem, AlexNet's
-// one-channel first layer) with large kernels, for CPUs where sgemm::available().
+// one-channel first layer) with large kernels, for CPUs where sgemm::available(); on CPUs
+// with AVX2 + FMA but no AVX-512F an 8-lane version of the same kernel (blocks of 16
+// channels, tiles of 2 vectors x 6 positions or 1 x 12, 8 x 8 transposes for NCHW stores),
+// which also takes up to 8 input channels and as few as 4 output channels (LeNet's layers).
 //
 // Such a layer has few taps per output (C x KH x KW: 121, 147) against many output
 // channels, so as a GEMM its B side is the input unfolded (or read by stride phases, whose
@@ -28,8 +31,10 @@ namespace conv_tinyc {
 
 using RowsDoneFn = std::function<void(int64_t n, int64_t oh0, int64_t oh1)>;
 
-// Whether forward() takes this call: AVX-512F, one group, 1 to 4 input channels, a kernel
-// of at least 25 taps, a stride of at most 4 across, at least 16 output channels.
+// Whether forward() takes this call: one group, a kernel of at least 25 taps, a stride of
+// at most 4 across; with AVX-512F 1 to 4 input channels and at least 16 output channels,
+// else with AVX2 + FMA 1 to 8 input channels, at least 4 output channels, at most 1024
+// taps and a row buffer under 2^31 floats.
 bool applies(const Conv2dParams& p);
 
 // y = conv(x, w) (+ bias) (then max(., 0) with relu); w contiguous (O, C, KH, KW); x and y

@@ -1372,6 +1372,8 @@ at::Tensor cached_split_weight(const at::Tensor& weight, int64_t O, int64_t C, i
 // y = the 5x5 stride-1 convolution q of x (float32) by the split, transformed weight u.
 bool split5_forward(const at::Tensor& x, const at::Tensor& u, const float* bias, at::Tensor& y,
                     const Conv2dParams& q, bool relu, int m) {
+  // forward() declines planes past 32-bit offsets: decline before copying the input.
+  if (q.N * 4 * q.C * (ceil_div(q.OH, m) * m + 2) * (ceil_div(q.OW, m) * m + 2) >= (int64_t(1) << 31)) return false;
   const at::Tensor x4 = shifted_copies(x, q);
   return forward(x4.const_data_ptr<float>(), strides_of(x4), nullptr, 0, 0, 0, u.const_data_ptr<float>(), bias,
                  y.mutable_data_ptr<float>(), strides_of(y), split5_params(q), relu, m);
