@@ -15,6 +15,9 @@ import cnnext.backends.cpu as cpu_backend
 from cnnext import _C
 from cnnext._paths import counts, expect_path
 from cnnext.functional import conv2d, conv_bn_relu2d
+# The 3x3 Winograd tests' switch and tile fixtures and helpers (pytest takes fixtures
+# imported into a test module as its own).
+from test_conv2d_winograd import _winograd_on, ran, rel_err, tile  # noqa: F401
 
 SPLIT = "conv2d.winograd.split5x5"
 SPLIT_IN = "conv2d.input_grad.winograd_split5x5"
@@ -24,33 +27,8 @@ HIT, MISS = "conv2d.winograd.weight_cache_hit", "conv2d.winograd.weight_cache_mi
 pytestmark = pytest.mark.skipif(not _C._winograd_available(), reason="Winograd runs on CPUs with AVX-512F or AVX2 + FMA only")
 
 
-@pytest.fixture(autouse=True)
-def _winograd_on():
-    with cpu_backend.flags(winograd=True):
-        yield
-
-
-@pytest.fixture
-def tile():
-    """Forces a tile (2, 4) wherever Winograd applies; restored after the test."""
-    old = _C._get_winograd_tile()
-    yield _C._set_winograd_tile
-    _C._set_winograd_tile(old)
-
-
-def ran(fn):
-    before = counts()
-    out = fn()
-    after = counts()
-    return out, {k for k, v in after.items() if v != before.get(k, 0)}
-
-
 def kaiming(o, c, k=5):
     return torch.randn(o, c, k, k) * math.sqrt(2.0 / (c * k * k))
-
-
-def rel_err(y, ref):
-    return ((y.double() - ref).abs().max() / ref.abs().max()).item()
 
 
 # (N, C, H, W, O, padding): odd and non-square maps, every padding 0..4 (4: the input

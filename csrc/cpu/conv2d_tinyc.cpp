@@ -32,6 +32,30 @@ CNNEXT_PATH_NEEDS(kTinyCAvx2, "conv2d.fwd.tiny_c_lanes.avx2", kAvx2);
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Columns of an item's row buffer: the windows' reach across plus slack for a tile.
+[[maybe_unused]] int64_t buffer_cols(const Conv2dParams& p) {
+  return (p.OW - 1) * p.SW + conv_dilated_kernel(p.KW, p.DW) + 16 * p.SW;
+}
+// Input rows the windows of `rows` output rows read.
+[[maybe_unused]] int64_t window_rows(const Conv2dParams& p, int64_t rows) {
+  return (rows - 1) * p.SH + conv_dilated_kernel(p.KH, p.DH);
+}
+
+// Stores of either kernel into a y of any other strides, lane by lane: t's rows hold ld
+// floats (n positions x m channels), plus bias, then ReLU.
+[[maybe_unused]] void store_strided(const float* t, int64_t ld, int n, int64_t m, const float* bias, bool relu, float* y0,
+                   const Strides4& ys) {
+  for (int64_t o = 0; o < m; ++o) {
+    const float b = bias ? bias[o] : 0.f;
+    float* yo = y0 + o * ys.c;
+    for (int r = 0; r < n; ++r) {
+      float val = t[r * ld + o] + b;
+      if (relu) val = std::max(val, 0.f);
+      yo[r * ys.w] = val;
+    }
+  }
+}
+
 // Output channels per block (a last block holds fewer: whole vectors of 16), and positions
 // per register tile by the block's vectors (4 x 6, 3 x 8, 2 x 12 accumulators; one vector:
 // 16 positions).
@@ -162,15 +186,7 @@ void store(const float* t, int nv, int n, int64_t m, const float* bias, bool rel
     }
     return;
   }
-  for (int64_t o = 0; o < m; ++o) {
-    const float b = bias ? bias[o] : 0.f;
-    float* yo = y0 + o * ys.c;
-    for (int r = 0; r < n; ++r) {
-      float val = t[r * ld + o] + b;
-      if (relu) val = std::max(val, 0.f);
-      yo[r * ys.w] = val;
-    }
-  }
+  store_strided(t, ld, n, m, bias, relu, y0, ys);
 }
 
 // The AVX2 kernel: as tile / tile_n / store above, with vectors of 8 channels.
@@ -301,15 +317,7 @@ void store8(const float* t, int nv, int n, int64_t m, const float* bias, bool re
     }
     return;
   }
-  for (int64_t o = 0; o < m; ++o) {
-    const float b = bias ? bias[o] : 0.f;
-    float* yo = y0 + o * ys.c;
-    for (int r = 0; r < n; ++r) {
-      float val = t[r * ld + o] + b;
-      if (relu) val = std::max(val, 0.f);
-      yo[r * ys.w] = val;
-    }
-  }
+  store_strided(t, ld, n, m, bias, relu, y0, ys);
 }
 #endif
 
@@ -322,10 +330,8 @@ bool applies(const Conv2dParams& p) {
   if (sgemm::available()) return p.C <= 4 && p.O >= 16;
   // The tap offsets are int32: the buffer (at most the whole padded height of rows) must
   // hold fewer than 2^31 floats.
-  const int64_t cols = (p.OW - 1) * p.SW + (p.KW - 1) * p.DW + 1 + 16 * p.SW;
-  const int64_t rows = (p.OH - 1) * p.SH + (p.KH - 1) * p.DH + 1;
   return cpu_features().avx2_fma() && p.C <= kMaxC8 && p.O >= kMinO8 && p.C * p.KH * p.KW <= kMaxTaps8 &&
-         p.C * rows * cols < (int64_t(1) << 31);
+         p.C * window_rows(p, p.OH) * buffer_cols(p) < (int64_t(1) << 31);
 #else
   (void)p;
   return false;
@@ -359,8 +365,8 @@ void forward(const float* x, const Strides4& xs, const float* w, const float* bi
   const int64_t T = at::get_num_threads();
   const int64_t bands = std::min(p.OH, std::max<int64_t>(1, ceil_div(8 * T, p.N)));
   const int64_t rows = ceil_div(p.OH, bands), per = ceil_div(p.OH, rows);
-  const int64_t cols = (p.OW - 1) * p.SW + (p.KW - 1) * p.DW + 1 + 16 * p.SW;  // + tile slack
-  const int64_t in_rows_max = (rows - 1) * p.SH + (p.KH - 1) * p.DH + 1;
+  const int64_t cols = buffer_cols(p);
+  const int64_t in_rows_max = window_rows(p, rows);
   // x's pixels dense with 2 or more channels: the buffer keeps them ([rows][cols][C], whole
   // rows copied), else planar ([C][rows][cols]).
   const bool pixels = p.C > 1 && xs.c == 1 && xs.w == p.C && step_ok(p.SW * p.C);
@@ -370,7 +376,7 @@ void forward(const float* x, const Strides4& xs, const float* w, const float* bi
                          wide ? pick(step, 3) : nullptr, wide ? pick(step, 4) : nullptr};
   auto item = [&](int64_t it) {
     const int64_t n = it / per, oh0 = (it % per) * rows, oh1 = std::min(p.OH, oh0 + rows);
-    const int64_t in_rows = (oh1 - oh0 - 1) * p.SH + (p.KH - 1) * p.DH + 1;
+    const int64_t in_rows = window_rows(p, oh1 - oh0);
     const int64_t ih0 = oh0 * p.SH - p.PH, iw0 = -p.PW;
     float* buf = scratch(1, p.C * in_rows_max * cols + kSeg * kOB + 16);  // tbuf: a segment, aligned
     float* tbuf = buf + p.C * in_rows_max * cols;
