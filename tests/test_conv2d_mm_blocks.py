@@ -131,6 +131,52 @@ def test_one_sample_and_large_maps_keep_one_gemm_a_sample():
         torch.testing.assert_close(y, F.conv2d(x, w, None, 1, 1), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float64", "float32"])
+@pytest.mark.parametrize("n, stride", [(4, 1), (3, 1), (2, 2)])
+def test_weight_bound_blocks_take_the_whole_batch(dtype, n, stride):
+    # A few columns a thread against a weight of >= 2^17 values (128 -> 128 at 3x3, 9
+    # positions a sample): one block for all samples, at::mm threading over the weight,
+    # instead of a block a thread that each reads the whole weight.
+    if dtype == torch.float32 and not _float32_on_mm():
+        pytest.skip("float32 takes the AVX-512 GEMM on this CPU, not at::mm")
+    gen = torch.Generator().manual_seed(3)
+    h = 3 if stride == 1 else 5
+    x = torch.randn(n, 128, h, h, generator=gen, dtype=torch.float64)
+    w = torch.randn(128, 128, 3, 3, generator=gen, dtype=torch.float64)
+    b = torch.randn(128, generator=gen, dtype=torch.float64)
+    gy = torch.randn(F.conv2d(x, w, b, stride, 1).shape, generator=gen, dtype=torch.float64)
+    args = [t.to(dtype).requires_grad_(True) for t in (x, w, b)] + [stride, 1]
+    prev = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with expect_path("conv2d.sample_blocks.weight_bound", *BLOCKS):
+            ours = grads(conv2d, args, gy.to(dtype))
+    finally:
+        torch.set_num_threads(prev)
+    ref = grads(F.conv2d, [t.requires_grad_(True) for t in (x, w, b)] + [stride, 1], gy)
+    for a, r, name in zip(ours, ref, ("output", "grad_input", "grad_weight", "grad_bias")):
+        if dtype == torch.float64:
+            torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12, msg=name)
+        else:
+            assert_close_scaled(a.double(), r, 1e-5, name)
+
+
+def test_weight_bound_needs_a_large_weight():
+    # The same few columns against a small weight (32 -> 32): a block a thread, as before.
+    x = torch.randn(4, 32, 3, 3, dtype=torch.float64)
+    w = torch.randn(32, 32, 3, 3, dtype=torch.float64)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        before = counts()
+        with expect_path(BLOCKS[0]):
+            y = conv2d(x, w, None, 1, 1)
+        assert counts()["conv2d.sample_blocks.weight_bound"] == before["conv2d.sample_blocks.weight_bound"]
+    finally:
+        torch.set_num_threads(prev)
+    torch.testing.assert_close(y, F.conv2d(x, w, None, 1, 1), rtol=1e-12, atol=1e-12)
+
+
 def test_empty_batch():
     x = torch.randn(0, 8, 3, 3, dtype=torch.float64, requires_grad=True)
     w = torch.randn(8, 8, 3, 3, dtype=torch.float64, requires_grad=True)
