@@ -1,0 +1,96 @@
+"""The at::mm convolution's im2col reads float rows at a stride of 2 (stride-2 layers over
+unit-stride rows) with AVX2 vectors (csrc/cpu/conv2d.cpp gather_even_avx2: 8 outputs from
+16 values, the last few element by element so that no value past a row's last tap is read).
+
+These run where float32 takes the at::mm convolution (no AVX-512F) and the CPU has AVX2:
+every row length around the vector width, every padding and kernel width, in the forward
+and the weight gradient (both unfold the input), against float64."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import cnnext.backends.cpu as cpu_backend
+from cnnext._paths import counts, expect_path, runnable
+from cnnext.functional import conv2d
+from conftest import assert_close_scaled
+
+PATH = "conv2d.im2col.stride2_avx2"
+
+
+@pytest.fixture(autouse=True)
+def _float32_on_mm():
+    if runnable("conv2d.fwd.sgemm"):
+        pytest.skip("float32 takes the AVX-512 GEMM on this CPU, not at::mm")
+
+
+def run(x, w, b, stride, padding, dilation=1):
+    x64, w64, b64 = (t.detach().double().requires_grad_(True) for t in (x, w, b))
+    y = conv2d(x, w, b, stride, padding, dilation)
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    got = (y, *torch.autograd.grad(y, (x, w, b), gy.float()))
+    ref_y = F.conv2d(x64, w64, b64, stride, padding, dilation)
+    ref = (ref_y, *torch.autograd.grad(ref_y, (x64, w64, b64), gy))
+    for a, r, name in zip(got, ref, ("output", "grad_input", "grad_weight", "grad_bias")):
+        assert a.dtype == torch.float32
+        assert_close_scaled(a.double(), r, 1e-5, name)
+
+
+def make(n, c, h, w, o, k, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    kh, kw = (k, k) if isinstance(k, int) else k
+    x = torch.randn(n, c, h, w, generator=g).requires_grad_(True)
+    wt = torch.randn(o, c, kh, kw, generator=g).requires_grad_(True)
+    b = torch.randn(o, generator=g).requires_grad_(True)
+    return x, wt, b
+
+
+# Row lengths of 1-40 outputs: below one vector, exactly one, one and a tail, the last
+# vector's 16th value at the row's end (taken element by element) and past it.
+@pytest.mark.parametrize("width", [3, 15, 16, 17, 18, 19, 31, 33, 34, 35, 36, 49, 81])
+@pytest.mark.parametrize("k, padding", [(3, 1), (3, 0), (1, 0), (2, 0), (5, 2), ((1, 4), (0, 3))])
+def test_stride2_rows(width, k, padding, threads):
+    x, w, b = make(3, 5, 7, width, 6, k, seed=width)
+    with expect_path(PATH):
+        run(x, w, b, 2, padding)
+
+
+def test_the_input_ends_at_its_storage_end():
+    # The last row's last tap is the input's last value: nothing past it is read (a
+    # narrow of a larger buffer would hide an over-read; this is the whole storage).
+    x, w, b = make(1, 3, 3, 17, 4, (1, 1))
+    assert x.untyped_storage().nbytes() == x.numel() * 4
+    with expect_path(PATH):
+        run(x, w, b, 2, 0)
+
+
+def test_resnet_downsample_shapes():
+    # ResNet's 3x3 stride-2 and its 1x1 stride-2 shortcut, batch 2.
+    x, w, b = make(2, 16, 28, 28, 32, 3, seed=1)
+    with expect_path(PATH):
+        run(x, w, b, 2, 1)
+    x, w, b = make(2, 16, 28, 28, 32, 1, seed=2)
+    with expect_path(PATH):
+        run(x, w, b, 2, 0)
+
+
+@pytest.mark.parametrize("what", ["stride3", "stride1_dilation2", "channels_last", "float64"])
+def test_other_row_strides_keep_the_plain_loop(what):
+    # Only a row stride of exactly 2 values takes the vectors: stride 3, a channels_last
+    # input (rows at a stride of C values) and float64 keep the element loop.
+    x, w, b = make(2, 4, 9, 23, 5, 3, seed=3)
+    stride, dilation = 2, 1
+    if what == "stride3":
+        stride = 3
+    elif what == "stride1_dilation2":
+        stride, dilation = 1, 2
+    elif what == "channels_last":
+        x = x.detach().to(memory_format=torch.channels_last).requires_grad_(True)
+    with cpu_backend.flags(winograd=False):
+        before = counts()[PATH]
+        if what == "float64":
+            x, w, b = (t.detach().double().requires_grad_(True) for t in (x, w, b))
+            y = conv2d(x, w, b, stride, 1, dilation)
+            torch.testing.assert_close(y, F.conv2d(x, w, b, stride, 1, dilation), rtol=1e-12, atol=1e-12)
+        else:
+            run(x, w, b, stride, 1, dilation)
+        assert counts()[PATH] == before
