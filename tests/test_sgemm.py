@@ -46,6 +46,6 @@ def test_sgemm_matches_triple_loop(tmp_path, variant):
             "capped_avx2": "avx2" if avx2 else "plain", "capped_scalar": "plain"}[variant]
     assert lines[0] == f"kernel={want}"
     cases = [line.split() for line in lines[1:]]
-    assert len(cases) == 6 * 8
+    assert len(cases) == 11 * 8  # the sizes of tests/cpp/sgemm_check.cpp, 8 variants each
     bad = [c for c in cases if float(c[6]) != 0.0]
     assert not bad, f"inexact results (M N K accumulate bias relu maxerr): {bad}"

@@ -346,57 +346,91 @@ bool available() {
 
 namespace {
 
-// The AVX2 micro-kernel on the same packed panels: 16 ymm registers hold at most a 4 x 16
-// tile of C (8 accumulators, 2 B vectors, the A broadcast), so the kMR x kNR tile runs as
-// up to four passes of 4 rows x 16 columns over the whole kc (the B half-panel of a pass,
-// kc x 16 floats, is read from L1 by the second row pass). 8 independent FMA chains cover
-// the FMA latency (4 cycles) of two FMA pipes. Each C element is one chain of FMAs over
-// k in order, as in the AVX-512 kernel.
+// The AVX2 micro-kernel on the same packed panels: an R x 16 tile of C (R = 6: 12
+// accumulators of the 16 ymm registers, 2 for B, 1 for A's broadcast) over the whole kc.
+// The tile's rows are any R rows of A, each read through its own pointer into its panel
+// (row i at a + (i / kMR) * K * kMR + i % kMR, kMR floats a k): six rows cross the 8-row
+// panels. 12 independent FMA chains cover the FMA latency (4 cycles) of two FMA pipes with
+// room to spare; the earlier 4 x 16 tiles had exactly the 8 chains that takes, and ran at
+// about 55% of the FMA peak on Zen 3 (Winograd's element-wise GEMMs). Each C element is
+// one chain of FMAs over k in order, as in the AVX-512 kernel: the tile's shape changes
+// no bit.
 CNNEXT_TARGET("avx2,fma") __attribute__((always_inline)) inline __m256i lane_mask8(int64_t left) {
   const int32_t n = int32_t(std::max<int64_t>(0, std::min<int64_t>(8, left)));
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
-CNNEXT_TARGET("avx2,fma") void micro_kernel_avx2(int64_t kc, const float* a, const float* b, float* c,
-                                                 int64_t ldc, int64_t rows, int64_t cols, bool add,
-                                                 const float* bias, bool relu) {
-  for (int h = 0; h < 2 && 16 * h < cols; ++h) {
-    const __m256i m0 = lane_mask8(cols - 16 * h), m1 = lane_mask8(cols - 16 * h - 8);
-    const bool full = cols - 16 * h >= 16;
-    for (int64_t r0 = 0; r0 < rows; r0 += 4) {
-      __m256 acc[4][2];
-#pragma GCC unroll 4
-      for (int r = 0; r < 4; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-      const float* ap = a + r0;
-      const float* bp = b + 16 * h;
-      for (int64_t k = 0; k < kc; ++k) {
-        const __m256 b0 = _mm256_loadu_ps(bp + k * kNR), b1 = _mm256_loadu_ps(bp + k * kNR + 8);
-#pragma GCC unroll 4
-        for (int r = 0; r < 4; ++r) {
-          const __m256 av = _mm256_broadcast_ss(ap + k * kMR + r);
-          acc[r][0] = _mm256_fmadd_ps(av, b0, acc[r][0]);
-          acc[r][1] = _mm256_fmadd_ps(av, b1, acc[r][1]);
-        }
-      }
-      // Stored as the AVX-512 kernel's store_tile: C added (`add`), else the bias; then
-      // max(., 0) (NaN kept: the ordered compare is false for it).
-      const __m256 zero = _mm256_setzero_ps();
-#pragma GCC unroll 4
-      for (int r = 0; r < 4; ++r) {
-        if (r0 + r >= rows) break;
-        float* cr = c + (r0 + r) * ldc + 16 * h;
+template <int R>
+CNNEXT_TARGET("avx2,fma") void tile_avx2(int64_t kc, const float* const* arow, const float* b,
+                                         float* c, int64_t ldc, int64_t rows, int64_t cols,
+                                         bool add, const float* bias, bool relu) {
+  __m256 acc[R][2];
+  const float* ap[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    ap[r] = arow[r];
+  }
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m256 b0 = _mm256_loadu_ps(b + k * kNR), b1 = _mm256_loadu_ps(b + k * kNR + 8);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m256 av = _mm256_broadcast_ss(ap[r] + k * kMR);
+      acc[r][0] = _mm256_fmadd_ps(av, b0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(av, b1, acc[r][1]);
+    }
+  }
+  // Stored as the AVX-512 kernel's store_tile: C added (`add`), else the bias; then
+  // max(., 0) (NaN kept: the ordered compare is false for it).
+  const bool full = cols >= 16;
+  const __m256i m0 = lane_mask8(cols), m1 = lane_mask8(cols - 8);
+  const __m256 zero = _mm256_setzero_ps();
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    if (r >= rows) break;
+    float* cr = c + r * ldc;
 #pragma GCC unroll 2
-        for (int v = 0; v < 2; ++v) {
-          const __m256i m = v == 0 ? m0 : m1;
-          __m256 val = acc[r][v];
-          if (add) {
-            val = _mm256_add_ps(val, full ? _mm256_loadu_ps(cr + 8 * v) : _mm256_maskload_ps(cr + 8 * v, m));
-          } else if (bias) {
-            val = _mm256_add_ps(val, _mm256_set1_ps(bias[r0 + r]));
+    for (int v = 0; v < 2; ++v) {
+      const __m256i m = v == 0 ? m0 : m1;
+      __m256 val = acc[r][v];
+      if (add) {
+        val = _mm256_add_ps(val, full ? _mm256_loadu_ps(cr + 8 * v) : _mm256_maskload_ps(cr + 8 * v, m));
+      } else if (bias) {
+        val = _mm256_add_ps(val, _mm256_set1_ps(bias[r]));
+      }
+      if (relu) val = _mm256_blendv_ps(val, zero, _mm256_cmp_ps(val, zero, _CMP_LT_OQ));
+      if (full) _mm256_storeu_ps(cr + 8 * v, val);
+      else _mm256_maskstore_ps(cr + 8 * v, m, val);
+    }
+  }
+}
+
+// gemm() on AVX2: for each K block and 16-column half of a B panel (kc x 16 floats, kept in
+// L1), every row tile of A passes it: tiles of 6 rows, the last 1-5 rows as a tile of 2, 4
+// or 6 whose rows past M repeat row M - 1 (computed, not stored).
+void gemm_avx2(const float* a_packed, const float* b_packed, int64_t M, int64_t N, int64_t K,
+               float* c, int64_t ldc, bool accumulate, const float* bias, bool relu) {
+  constexpr int64_t kRows = 6;
+  for (int64_t k0 = 0; k0 < K; k0 += kKC) {
+    const int64_t kc = std::min(kKC, K - k0);
+    const bool add = accumulate || k0 > 0;
+    const bool rl = relu && k0 + kc >= K;  // the ReLU sees only final values
+    for (int64_t j0 = 0; j0 < N; j0 += kNR) {
+      for (int64_t h = j0; h < std::min(N, j0 + kNR); h += 16) {
+        const float* bp = b_packed + j0 * K + k0 * kNR + (h - j0);
+        const int64_t cols = std::min<int64_t>(16, N - h);
+        for (int64_t i0 = 0; i0 < M; i0 += kRows) {
+          const int64_t rows = std::min(kRows, M - i0);
+          const float* arow[kRows];
+          for (int64_t r = 0; r < kRows; ++r) {
+            const int64_t i = std::min(i0 + r, M - 1);
+            arow[r] = a_packed + (i / kMR) * K * kMR + k0 * kMR + i % kMR;
           }
-          if (relu) val = _mm256_blendv_ps(val, zero, _mm256_cmp_ps(val, zero, _CMP_LT_OQ));
-          if (full) _mm256_storeu_ps(cr + 8 * v, val);
-          else _mm256_maskstore_ps(cr + 8 * v, m, val);
+          float* ct = c + i0 * ldc + h;
+          const float* bi = bias ? bias + i0 : nullptr;
+          if (rows > 4) tile_avx2<6>(kc, arow, bp, ct, ldc, rows, cols, add, bi, rl);
+          else if (rows > 2) tile_avx2<4>(kc, arow, bp, ct, ldc, rows, cols, add, bi, rl);
+          else tile_avx2<2>(kc, arow, bp, ct, ldc, rows, cols, add, bi, rl);
         }
       }
     }
@@ -412,7 +446,12 @@ void gemm(const float* a_packed, const float* b_packed, int64_t M, int64_t N, in
     gemm_plain(a_packed, b_packed, M, N, K, c, ldc, accumulate, bias, relu);
     return;
   }
-  (wide ? kGemm : kGemmAvx2).hit();
+  if (!wide) {
+    kGemmAvx2.hit();
+    gemm_avx2(a_packed, b_packed, M, N, K, c, ldc, accumulate, bias, relu);
+    return;
+  }
+  kGemm.hit();
   for (int64_t k0 = 0; k0 < K; k0 += kKC) {
     const int64_t kc = std::min(kKC, K - k0);
     const bool add = accumulate || k0 > 0;
@@ -421,11 +460,6 @@ void gemm(const float* a_packed, const float* b_packed, int64_t M, int64_t N, in
       const float* bp = b_packed + j0 * K + k0 * kNR;
       const int64_t cols = std::min(kNR, N - j0);
       for (int64_t i0 = 0; i0 < M; i0 += kMR) {
-        if (!wide) {
-          micro_kernel_avx2(kc, a_packed + i0 * K + k0 * kMR, bp, c + i0 * ldc + j0, ldc,
-                            std::min(kMR, M - i0), cols, add, bias ? bias + i0 : nullptr, relu && last);
-          continue;
-        }
         (cols <= 16 ? micro_kernel<false, false, 1> : micro_kernel<false, false, 2>)(
             kc, a_packed + i0 * K + k0 * kMR, nullptr, bp, nullptr, c + i0 * ldc + j0, ldc,
             std::min(kMR, M - i0), cols, add, bias ? bias + i0 : nullptr, relu && last);

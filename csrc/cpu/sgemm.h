@@ -22,7 +22,7 @@ inline int64_t packed_b_size(int64_t K, int64_t N) { return (N + kNR - 1) / kNR 
 
 // Whether this CPU runs the AVX-512 micro-kernel (AVX-512F + FMA): every entry point below
 // but gemm() may be called only then. gemm() runs anywhere: the AVX-512 micro-kernel, an
-// AVX2 one (AVX2 + FMA: the same panels in 4 x 16 passes, path sgemm.gemm_avx2) or plain
+// AVX2 one (AVX2 + FMA: the same panels in 6 x 16 tiles, path sgemm.gemm_avx2) or plain
 // loops.
 bool available();
 

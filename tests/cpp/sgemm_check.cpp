@@ -16,7 +16,8 @@
 using namespace cnnext::cpu::sgemm;
 
 int main() {
-  const int sizes[][3] = {{1, 1, 1}, {12, 32, 1}, {13, 37, 29}, {11, 31, 300}, {64, 448, 576}, {25, 17, 513}};
+  const int sizes[][3] = {{1, 1, 1}, {12, 32, 1}, {13, 37, 29}, {11, 31, 300}, {64, 448, 576}, {25, 17, 513},
+                          {2, 48, 3}, {3, 9, 7}, {5, 40, 17}, {9, 16, 400}, {8, 33, 385}};
   // (pack_a's row-major blocks: 8 rows x 16 k, with partial panels and K tails above.)
 #ifdef CNNEXT_NO_AVX512
   const char* kernel = "plain";
