@@ -53,6 +53,7 @@ CNNEXT_PATH(kWMmBlocks, "conv2d.weight_grad.mm_sample_blocks");
 CNNEXT_PATH(kBlocksWeightBound, "conv2d.sample_blocks.weight_bound");
 // im2col of float rows read at a stride of 2, by AVX2 vectors (gather_even_avx2).
 CNNEXT_PATH_NEEDS(kIm2colEven, "conv2d.im2col.stride2_avx2", kAvx2);
+CNNEXT_PATH_NEEDS(kCol2imEven, "conv2d.col2im.stride2_avx2", kAvx2);
 
 // Column buffer elements a work item aims for: about 4 MiB of floats. Bands of one
 // sample are made equal, so no band is a sliver.
@@ -174,9 +175,28 @@ CNNEXT_TARGET("avx2") void gather_even_avx2(const float* src, float* dst, int64_
   }
   for (; i < n; ++i) dst[i] = src[2 * i];
 }
+
+// dst[2 * i] += src[i] for i in [0, n), the adjoint of gather_even_avx2: 8 values spread
+// over 16 lanes between -0.0s (x + -0.0 == x for every x, signed zeros and NaNs included,
+// so the odd lanes come back unchanged); touches dst[0, 2n - 1) only, as gather_even_avx2.
+CNNEXT_TARGET("avx2") void scatter_add_even_avx2(const float* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  const __m256 nz = _mm256_set1_ps(-0.f);
+  for (; i + 9 <= n; i += 8) {
+    // s0 s1 s4 s5 | s2 s3 s6 s7, then interleaved with -0.0: s0 . s1 . | s2 . s3 . and
+    // s4 . s5 . | s6 . s7 . (the 128-bit lanes as the memory order needs them).
+    const __m256 sp = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_loadu_ps(src + i)),
+                                                             _MM_SHUFFLE(3, 1, 2, 0)));
+    float* d = dst + 2 * i;
+    _mm256_storeu_ps(d, _mm256_add_ps(_mm256_loadu_ps(d), _mm256_unpacklo_ps(sp, nz)));
+    _mm256_storeu_ps(d + 8, _mm256_add_ps(_mm256_loadu_ps(d + 8), _mm256_unpackhi_ps(sp, nz)));
+  }
+  for (; i < n; ++i) dst[2 * i] += src[i];
+}
 constexpr bool kGatherEven = true;
 #else
 void gather_even_avx2(const float*, float*, int64_t) {}
+void scatter_add_even_avx2(const float*, float*, int64_t) {}
 constexpr bool kGatherEven = false;
 #endif
 
@@ -252,6 +272,9 @@ template <typename T>
 void col2im_add(const T* col, const Conv2dParams& p, int64_t Cg, int64_t oh0, int64_t oh1,
                 T* x, const Strides4& xs, int64_t ld = 0) {
   const int64_t L = ld > 0 ? ld : (oh1 - oh0) * p.OW;
+  // float rows added at a stride of 2: by vectors, as im2col reads them.
+  const bool even = std::is_same_v<T, float> && kGatherEven && p.SW * xs.w == 2 && cpu_features().avx2_fma();
+  if (even) kCol2imEven.hit();
   for (int64_t c = 0; c < Cg; ++c) {
     for (int64_t kh = 0; kh < p.KH; ++kh) {
       for (int64_t kw = 0; kw < p.KW; ++kw) {
@@ -268,6 +291,8 @@ void col2im_add(const T* col, const Conv2dParams& p, int64_t Cg, int64_t oh0, in
             const T* srow = src + lo;
             _Pragma("omp simd")
             for (int64_t q = 0; q < hi - lo; ++q) dst[q] += srow[q];
+          } else if (even) {
+            if constexpr (std::is_same_v<T, float>) scatter_add_even_avx2(src + lo, dst, hi - lo);
           } else {
             for (int64_t ow = lo; ow < hi; ++ow) dst[(ow - lo) * step] += src[ow];
           }
