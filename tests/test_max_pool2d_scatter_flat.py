@@ -78,8 +78,12 @@ def test_channels_last_backward(dtype, k, s, p):
     cl = torch.channels_last
     for n, (gg, ii) in enumerate(((g.contiguous(memory_format=cl), idx.contiguous(memory_format=cl)),
                                   (g.contiguous(memory_format=cl), idx), (g, idx.contiguous(memory_format=cl)))):
-        # grad_input takes the indices' layout: channels_last loops when they are channels_last
-        with expect_path("max_pool2d.bwd.channels_last" if n != 1 else "max_pool2d.bwd.strided_scatter"):
+        # grad_input takes the indices' layout: channels_last loops when they are channels_last;
+        # windows that do not overlap (stride >= kernel) with every layout channels_last
+        # write grad_input once (test_channels_last_tiled_backward below)
+        path = "max_pool2d.bwd.strided_scatter" if n == 1 else (
+            "max_pool2d.bwd.channels_last_tiled" if n == 0 and s >= k else "max_pool2d.bwd.channels_last")
+        with expect_path(path):
             gx = ops.max_pool2d_with_indices_backward(gg, ii, list(x.shape), [k, k], [s, s], [p, p], [1, 1], False)
         if n == 0:
             assert gx.is_contiguous(memory_format=cl)
@@ -89,3 +93,80 @@ def test_channels_last_backward(dtype, k, s, p):
     with pytest.raises(RuntimeError, match="invalid index 90"):
         ops.max_pool2d_with_indices_backward(g.contiguous(memory_format=cl), bad.contiguous(memory_format=cl),
                                              list(x.shape), [k, k], [s, s], [p, p], [1, 1], False)
+
+
+TILED = "max_pool2d.bwd.channels_last_tiled"
+TILED_FALLBACK = "max_pool2d.bwd.channels_last_tiled_fallback"
+
+
+# (H, W, k, s, p, ceil_mode): windows that tile the input; gaps between them (stride past
+# the kernel); rows and columns past the last window; padding; ceil mode's clipped last
+# window; a 1x1 window.
+TILED_CASES = [(8, 10, 2, 2, 0, False), (9, 11, 2, 2, 0, False), (9, 11, 3, 3, 1, False),
+               (10, 13, 2, 3, 0, False), (11, 9, 2, 3, 1, True), (7, 9, 3, 3, 0, True),
+               (5, 6, 1, 2, 0, False), (12, 12, (2, 3), (3, 4), (1, 0), False)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", TILED_CASES)
+def test_channels_last_tiled_backward(dtype, case):
+    # Non-overlapping windows, channels_last: grad_input written once (the gradient where the
+    # index names the position, else 0; 0 outside every window), bit for bit stock's
+    # zero-then-add: a -0.0 gradient lands as +0.0, NaN and Inf as they are.
+    h, w, k, s, p, ceil_mode = case
+    gen = torch.Generator().manual_seed(h * w)
+    x = torch.randint(-2, 3, (3, 6, h, w), generator=gen).to(dtype).contiguous(memory_format=torch.channels_last)
+    x[0, 1, 0, 0] = float("nan")
+    y, idx = F.max_pool2d(x, k, s, p, ceil_mode=ceil_mode, return_indices=True)
+    g = torch.randn(y.shape, generator=gen).to(dtype).contiguous(memory_format=torch.channels_last)
+    g[0, 0, 0, 0] = -0.0
+    g[1, 2, 0, 1] = float("inf")
+    g[2, 5, 1, 0] = float("nan")
+    ks, ss, ps = ([v, v] if isinstance(v, int) else list(v) for v in (k, s, p))
+    with expect_path(TILED):
+        gx = ops.max_pool2d_with_indices_backward(g, idx, list(x.shape), ks, ss, ps, [1, 1], ceil_mode)
+    want = torch.ops.aten.max_pool2d_with_indices_backward(g, x, ks, ss, ps, [1, 1], ceil_mode, idx)
+    assert gx.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(gx.isnan(), want.isnan())
+    assert torch.equal(gx.nan_to_num(), want.nan_to_num())
+    assert torch.equal(torch.signbit(gx), torch.signbit(want))
+    # Through autograd, against stock's whole backward.
+    xr = x.clone().requires_grad_()
+    with expect_path(TILED):
+        (got,) = torch.autograd.grad(cnnext.functional.max_pool2d(xr, k, s, p, ceil_mode=ceil_mode), xr, g)
+    (ref,) = torch.autograd.grad(F.max_pool2d(xr, k, s, p, ceil_mode=ceil_mode), xr, g)
+    assert torch.equal(got.nan_to_num(), ref.nan_to_num()) and torch.equal(got.isnan(), ref.isnan())
+
+
+def test_channels_last_tiled_backward_indices_from_elsewhere():
+    # Indices that are valid positions but not of their own window (made by hand, or by
+    # another pooling): the tiled writer notices (not every pixel matched) and hands over
+    # to the scatter, which adds them where they point, as stock does; repeated too.
+    gen = torch.Generator().manual_seed(4)
+    g = torch.randn(2, 5, 3, 4, generator=gen).contiguous(memory_format=torch.channels_last)
+    idx = torch.randint(0, 6 * 8, (2, 5, 3, 4), generator=gen).contiguous(memory_format=torch.channels_last)
+    x = torch.empty(2, 5, 6, 8).contiguous(memory_format=torch.channels_last)
+    with expect_path(TILED_FALLBACK, "max_pool2d.bwd.channels_last"):
+        gx = ops.max_pool2d_with_indices_backward(g, idx, list(x.shape), [2, 2], [2, 2], [0, 0], [1, 1], False)
+    want = torch.ops.aten.max_pool2d_with_indices_backward(g, x, [2, 2], [2, 2], [0, 0], [1, 1], False, idx)
+    torch.testing.assert_close(gx, want, rtol=1e-6, atol=1e-6)
+    # One bad pixel among matching ones still hands over.
+    y, idx = F.max_pool2d(torch.randn(2, 5, 6, 8, generator=gen).contiguous(memory_format=torch.channels_last), 2,
+                          return_indices=True)
+    idx = idx.clone()
+    idx[1, 4, 2, 3] = 0
+    with expect_path(TILED_FALLBACK):
+        gx = ops.max_pool2d_with_indices_backward(g, idx, list(x.shape), [2, 2], [2, 2], [0, 0], [1, 1], False)
+    want = torch.ops.aten.max_pool2d_with_indices_backward(g, x, [2, 2], [2, 2], [0, 0], [1, 1], False, idx)
+    torch.testing.assert_close(gx, want, rtol=0, atol=0)
+
+
+def test_channels_last_tiled_backward_threads(threads):
+    # Items are (sample, output row): every split over threads writes every position once.
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 16, 13, 14, generator=gen).contiguous(memory_format=torch.channels_last).requires_grad_()
+    g = torch.randn(3, 16, 4, 4, generator=gen).contiguous(memory_format=torch.channels_last)
+    with expect_path(TILED):
+        (got,) = torch.autograd.grad(cnnext.functional.max_pool2d(x, 3, 3), x, g)
+    (ref,) = torch.autograd.grad(F.max_pool2d(x, 3, 3), x, g)
+    assert torch.equal(got, ref)

@@ -13,6 +13,8 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -27,6 +29,9 @@ namespace cpu {
 namespace {
 
 CNNEXT_PATH(kBwdChannelsLast, "max_pool2d.bwd.channels_last");
+CNNEXT_PATH(kBwdTiledCl, "max_pool2d.bwd.channels_last_tiled");
+// The tiled backward met an index outside its window and handed over to the scatter.
+CNNEXT_PATH(kBwdTiledClFallback, "max_pool2d.bwd.channels_last_tiled_fallback");
 CNNEXT_PATH(kBwdFlat, "max_pool2d.bwd.flat_scatter");
 CNNEXT_PATH(kBwdStrided, "max_pool2d.bwd.strided_scatter");
 CNNEXT_PATH(kGatherCl, "max_pool2d.gather.channels_last");
@@ -34,10 +39,147 @@ CNNEXT_PATH(kGatherPlanes, "max_pool2d.gather.planes");
 
 }  // namespace
 
+namespace {
+
+// The unsigned integer of T's width, for selects by bit masks.
+template <typename T>
+using Bits = std::conditional_t<sizeof(T) == 8, uint64_t, std::conditional_t<sizeof(T) == 4, uint32_t, uint16_t>>;
+
+// hit ? v + 0 : 0, in v's own type, by its bits: a zeroed grad_input plus v where the index
+// hits (-0.0 becomes +0.0; every other value, NaN included, is unchanged), else +0.0. Integer
+// operations only, so the loop around it vectorises (GCC would not if-convert the select
+// of values, and c10's 16-bit conversions are not inlined).
+template <typename T>
+inline T select_plus_zero(bool hit, T v) {
+  using U = Bits<T>;
+  static_assert(sizeof(U) == sizeof(T), "T is 2, 4 or 8 bytes");
+  U b;
+  std::memcpy(&b, &v, sizeof(T));
+  constexpr U kMagnitude = U(~U(0)) >> 1;
+  b &= U(-U(hit)) & U(-U((b & kMagnitude) != 0));
+  std::memcpy(&v, &b, sizeof(T));
+  return v;
+}
+
+// One input position's C channels of the tiled backward: d[c] = select_plus_zero(idx[c] ==
+// pos, g[c]); returns how many hit. Plain loop for every type; for float on AVX2, 8
+// channels a step (GCC left the plain loop scalar, with a branch per value: slower than
+// the zero fill and scatter it replaces).
+template <typename T>
+inline int64_t tile_position(const T* __restrict__ g, const int64_t* __restrict__ idx, T* __restrict__ d,
+                             int64_t C, int64_t pos) {
+  int64_t m = 0;
+  for (int64_t c = 0; c < C; ++c) {
+    const bool hit = idx[c] == pos;
+    d[c] = select_plus_zero(hit, g[c]);
+    m += hit;
+  }
+  return m;
+}
+
+#ifdef CNNEXT_VEC_X86
+CNNEXT_TARGET("avx2") int64_t tile_position_avx2(const float* __restrict__ g, const int64_t* __restrict__ idx,
+                                                float* __restrict__ d, int64_t C, int64_t pos) {
+  const __m256i want = _mm256_set1_epi64x(pos);
+  const __m256i magnitude = _mm256_set1_epi32(0x7FFFFFFF), zero = _mm256_setzero_si256();
+  // The low 32 bits of each 64-bit compare result, in lane order: dwords 0, 2 of each
+  // 128-bit half, then the halves side by side.
+  const __m256i pick = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6);
+  int64_t m = 0, c = 0;
+  for (; c + 8 <= C; c += 8) {
+    const __m256i e0 = _mm256_cmpeq_epi64(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx + c)), want);
+    const __m256i e1 = _mm256_cmpeq_epi64(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx + c + 4)), want);
+    const __m256i h = _mm256_permute2x128_si256(_mm256_permutevar8x32_epi32(e0, pick),
+                                                _mm256_permutevar8x32_epi32(e1, pick), 0x20);
+    const __m256i b = _mm256_castps_si256(_mm256_loadu_ps(g + c));
+    // Not a zero (magnitude bits set) and hit: the value's bits, else +0.0.
+    const __m256i nonzero = _mm256_xor_si256(_mm256_cmpeq_epi32(_mm256_and_si256(b, magnitude), zero),
+                                             _mm256_set1_epi32(-1));
+    _mm256_storeu_ps(d + c, _mm256_castsi256_ps(_mm256_and_si256(b, _mm256_and_si256(h, nonzero))));
+    m += __builtin_popcount(unsigned(_mm256_movemask_ps(_mm256_castsi256_ps(h))));
+  }
+  return m + tile_position(g + c, idx + c, d + c, C - c, pos);
+}
+#endif
+
+// Windows that do not overlap (stride >= kernel, dilation 1), channels_last with channels
+// at unit stride in grad_output, indices and grad_input: each input position lies in at
+// most one window, so grad_input is written once, without the zero fill and the
+// read-add-write of a scatter: in a window, g where the index names the position, else 0;
+// positions in no window (the gaps of a stride past the kernel, the rows and columns past
+// the last window) 0. Work items are output rows: item (n, oh) writes input rows
+// [start(oh), start(oh + 1)) of sample n (start(0) = 0, start(OH) = H), its window's rows
+// and the uncovered rows after them. Returns false, having written only parts of gx,
+// where some index is not a position of its window (indices from elsewhere than this
+// forward, or out of range): the caller then runs the general scatter, which sums or
+// reports them. Counting the matches suffices for that: positions in a window are
+// distinct, so each (pixel, channel) matches at most once, and all do exactly when the
+// count reaches pixels x channels.
+bool tiled_channels_last(const Pool2dParams& p) {
+  return p.DH == 1 && p.DW == 1 && p.SH >= p.KH && p.SW >= p.KW;
+}
+
+template <typename T>
+bool tiled_backward_channels_last(const T* g, const Strides4& gs, const int64_t* ip, const Strides4& is,
+                                  T* dx, const Strides4& xs, const Pool2dParams& p) {
+  const int64_t C = p.C;
+  const bool avx2 = cpu_features().avx2_fma();
+  auto row_start = [&](int64_t oh) { return oh == 0 ? 0 : oh >= p.OH ? p.H : std::max<int64_t>(0, oh * p.SH - p.PH); };
+  auto col_start = [&](int64_t ow) { return ow == 0 ? 0 : ow >= p.OW ? p.W : std::max<int64_t>(0, ow * p.SW - p.PW); };
+  std::atomic<bool> ok{true};
+  at::parallel_for(0, p.N * p.OH, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end && ok.load(std::memory_order_relaxed); ++item) {
+      const int64_t n = item / p.OH, oh = item % p.OH;
+      int64_t h_lo, h_hi;
+      max_window(oh, p.H, p.KH, p.SH, p.PH, 1, &h_lo, &h_hi);
+      const int64_t r0 = row_start(oh), r1 = row_start(oh + 1);
+      T* xn = dx + n * xs.n;
+      // Rows of the item outside the window: zeros.
+      for (int64_t ih = r0; ih < r1; ++ih)
+        if (ih < h_lo || ih >= h_hi) std::fill(xn + ih * xs.h, xn + ih * xs.h + p.W * C, T(0));
+      int64_t matches = 0;
+      for (int64_t ow = 0; ow < p.OW; ++ow) {
+        int64_t w_lo, w_hi;
+        max_window(ow, p.W, p.KW, p.SW, p.PW, 1, &w_lo, &w_hi);
+        const int64_t c0 = col_start(ow), c1 = col_start(ow + 1);
+        const T* __restrict__ gp = g + n * gs.n + oh * gs.h + ow * gs.w;
+        const int64_t* __restrict__ ipx = ip + n * is.n + oh * is.h + ow * is.w;
+        for (int64_t ih = h_lo; ih < h_hi; ++ih) {
+          T* row = xn + ih * xs.h;
+          for (int64_t iw = c0; iw < c1; ++iw) {
+            T* __restrict__ d = row + iw * C;
+            if (iw < w_lo || iw >= w_hi) {
+              std::fill(d, d + C, T(0));
+              continue;
+            }
+            const int64_t pos = ih * p.W + iw;
+#ifdef CNNEXT_VEC_X86
+            if constexpr (std::is_same_v<T, float>) {
+              if (avx2) {
+                matches += tile_position_avx2(gp, ipx, d, C, pos);
+                continue;
+              }
+            }
+#endif
+            matches += tile_position(gp, ipx, d, C, pos);
+          }
+        }
+      }
+      if (matches != p.OW * C) ok.store(false, std::memory_order_relaxed);
+    }
+  });
+  return ok.load();
+}
+
+}  // namespace
+
 at::Tensor max_pool2d_backward(const at::Tensor& grad_output, const at::Tensor& indices,
                                const Pool2dParams& p, at::MemoryFormat out_format) {
-  at::Tensor gx = at::empty({p.N, p.C, p.H, p.W}, grad_output.options().memory_format(out_format)).zero_();
-  if (gx.numel() == 0 || grad_output.numel() == 0) return gx;
+  // Every path below writes all of gx: the scatters zero their sample or plane first (in
+  // cache just before the scatter adds into it, instead of one pass over all of gx ahead).
+  at::Tensor gx = at::empty({p.N, p.C, p.H, p.W}, grad_output.options().memory_format(out_format));
+  if (gx.numel() == 0) return gx;
+  if (grad_output.numel() == 0) return gx.zero_();
   const EmptyWindows empty(p);
   BadIndex bad;
   const int64_t HW = p.H * p.W;
@@ -48,16 +190,24 @@ at::Tensor max_pool2d_backward(const at::Tensor& grad_output, const at::Tensor& 
     const Strides4 gs = strides_of(grad_output), is = strides_of(indices), xs = strides_of(gx);
     // gx is allocated dense: flat plane index i is at i * xs.w.
     if (xs.c == 1 && p.C > 1) {
-      kBwdChannelsLast.hit();
       // channels_last: one sample per thread, output pixels in order, channels inside
       // (each plane still receives its grads in output order: the same sums).
       const bool unit = gs.c == 1 && is.c == 1 && xs.w == p.C;
+      if (unit && tiled_channels_last(p)) {
+        if (tiled_backward_channels_last(g, gs, ip, is, dx, xs, p)) {
+          kBwdTiledCl.hit();
+          return;
+        }
+        kBwdTiledClFallback.hit();
+      }
+      kBwdChannelsLast.hit();
       const int64_t C = p.C;
       at::parallel_for(0, p.N, 1, [&](int64_t begin, int64_t end) {
         for (int64_t n = begin; n < end; ++n) {
           const scalar_t* gp = g + n * gs.n;
           const int64_t* ipp = ip + n * is.n;
           scalar_t* xp = dx + n * xs.n;
+          std::fill(xp, xp + HW * C, scalar_t(0));
           for (int64_t oh = 0; oh < p.OH; ++oh) {
             if (empty.row_empty[oh]) continue;
             for (int64_t ow = 0; ow < p.OW; ++ow) {
@@ -124,6 +274,9 @@ at::Tensor max_pool2d_backward(const at::Tensor& grad_output, const at::Tensor& 
             for (int64_t i = 0; i < HW; ++i) xp[i] = static_cast<scalar_t>(ap[i]);
           continue;
         }
+        // The plane (dense, xs.w == 1: the only NCHW layout gx is allocated in) zeroed,
+        // then the scatter adds into it while it is in cache.
+        std::fill(xp, xp + HW * xs.w, scalar_t(0));
         if (flat) {  // dense planes, every window with a tap: one flat loop
           const int64_t OHW = p.OH * p.OW;
           for (int64_t k = 0; k < OHW; ++k) {
