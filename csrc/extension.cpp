@@ -6,6 +6,7 @@
 #include <pybind11/stl.h>
 #include <torch/version.h>
 
+#include "cpu/output_alloc.h"
 #include "cpu/conv2d_winograd.h"
 #include "cpu/derived_cache.h"
 #include "eager.h"
@@ -57,6 +58,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   });
   m.def("_clear_weight_cache", [] { cnnext::cpu::weight_cache().clear(); });
   m.def("_winograd_available", &wino::available);
+  // Huge pages for large output tensors (cnnext.backends.cpu.huge_pages).
+  m.def("_set_huge_pages", &cnnext::cpu::set_huge_pages);
+  m.def("_get_huge_pages", &cnnext::cpu::huge_pages);
   m.def("_winograd_allowed_tiles", &wino::allowed_tiles);
   cnnext::bind_eager(m);
   cnnext::bind_test_hooks(m);

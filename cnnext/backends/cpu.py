@@ -18,6 +18,13 @@ Set it to False for the GEMM path::
 Either way the results are bitwise reproducible run to run and do not depend on the
 thread count.
 
+``huge_pages`` (bool, default True): output tensors (outputs, indices, input gradients) of
+4 MiB or more are advised for transparent huge pages (Linux ``madvise(MADV_HUGEPAGE)``) before
+anything is written to them. A fresh tensor of many megabytes otherwise faults its memory in
+4 KiB at a time: allocating and filling 103 MB took 69 ms on a 2-core Zen 3 VM, 13 ms with
+the advice. It changes no value; where the system has transparent huge pages set to
+``never`` it does nothing. Set it to False to leave every page size to the system.
+
 The weight cache: tensors derived from parameters (the Winograd weight transform, the
 batch norm folded into the fused op's inference weight) are kept between calls and reused
 only while their sources are provably unchanged: the same tensors, the same version
@@ -33,7 +40,7 @@ import types
 
 from cnnext import _C
 
-__all__ = ["winograd", "flags", "clear_weight_cache", "weight_cache_info",
+__all__ = ["winograd", "huge_pages", "flags", "clear_weight_cache", "weight_cache_info",
            "clear_winograd_cache", "winograd_cache_info"]
 
 
@@ -53,15 +60,18 @@ winograd_cache_info = weight_cache_info
 
 
 @contextlib.contextmanager
-def flags(winograd=None):
+def flags(winograd=None, huge_pages=None):
     """Sets the given switches inside the block and restores them after it."""
-    old = _C._get_winograd()
+    old = _C._get_winograd(), _C._get_huge_pages()
     try:
         if winograd is not None:
             _C._set_winograd(bool(winograd))
+        if huge_pages is not None:
+            _C._set_huge_pages(bool(huge_pages))
         yield
     finally:
-        _C._set_winograd(old)
+        _C._set_winograd(old[0])
+        _C._set_huge_pages(old[1])
 
 
 class _Module(types.ModuleType):
@@ -74,6 +84,16 @@ class _Module(types.ModuleType):
         if not isinstance(value, bool):
             raise TypeError(f"cnnext.backends.cpu.winograd must be a bool, got {type(value).__name__}")
         _C._set_winograd(value)
+
+    @property
+    def huge_pages(self):
+        return _C._get_huge_pages()
+
+    @huge_pages.setter
+    def huge_pages(self, value):
+        if not isinstance(value, bool):
+            raise TypeError(f"cnnext.backends.cpu.huge_pages must be a bool, got {type(value).__name__}")
+        _C._set_huge_pages(value)
 
 
 sys.modules[__name__].__class__ = _Module

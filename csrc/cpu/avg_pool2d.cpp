@@ -38,6 +38,7 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu/output_alloc.h"
 #include "cpu/avg_pool2d.h"
 #include "cpu/half.h"
 #include "cpu/cpu_features.h"
@@ -112,7 +113,7 @@ at::Tensor avg_pool2d_forward(const at::Tensor& input, const AvgPool2dParams& a,
   if (is_half(input))
     return avg_pool2d_forward(to_float(input), a, out_format).to(input.scalar_type());
   const Pool2dParams& p = a.p;
-  at::Tensor out = at::empty({p.N, p.C, p.OH, p.OW}, input.options().memory_format(out_format));
+  at::Tensor out = empty_output({p.N, p.C, p.OH, p.OW}, input.options().memory_format(out_format));
   if (out.numel() == 0) return out;
   const bool cl = out_format == at::MemoryFormat::ChannelsLast;
   unsigned ran = 0;
@@ -140,7 +141,7 @@ at::Tensor avg_pool2d_backward(const at::Tensor& grad_output, const AvgPool2dPar
   if (is_half(grad_output))
     return avg_pool2d_backward(to_float(grad_output), a, out_format).to(grad_output.scalar_type());
   const Pool2dParams& p = a.p;
-  at::Tensor gx = at::empty({p.N, p.C, p.H, p.W}, grad_output.options().memory_format(out_format));
+  at::Tensor gx = empty_output({p.N, p.C, p.H, p.W}, grad_output.options().memory_format(out_format));
   if (gx.numel() == 0) return gx;
   if (p.OH * p.OW == 0) return gx.zero_();  // adaptive output_size 0: no window reads anything
   const bool cl = out_format == at::MemoryFormat::ChannelsLast;

@@ -19,6 +19,7 @@
 #include <immintrin.h>
 #endif
 
+#include "cpu/output_alloc.h"
 #include "cpu/conv2d.h"
 #include "cpu/conv2d_half.h"
 #include "cpu/cpu_features.h"
@@ -489,7 +490,7 @@ double sum_run(const T* r, int64_t n) {
 at::Tensor conv2d_forward(const at::Tensor& input, const at::Tensor& weight,
                           const c10::optional<at::Tensor>& bias, const Conv2dParams& p,
                           at::MemoryFormat out_format, bool relu) {
-  at::Tensor out = at::empty({p.N, p.O, p.OH, p.OW}, input.options().memory_format(out_format));
+  at::Tensor out = empty_output({p.N, p.O, p.OH, p.OW}, input.options().memory_format(out_format));
   conv2d_forward_rows(input, weight, bias, p, out, relu, RowsDone());
   return out;
 }
@@ -655,7 +656,7 @@ at::Tensor conv2d_input_backward(const at::Tensor& grad_out, const at::Tensor& w
   const bool sgemm = use_sgemm(grad_output) && !use_direct_loops(p);
   // Only at::mm on a pointwise conv writes every element of gx; every other path adds.
   const bool pointwise = is_pointwise(p) && !use_direct_loops(p) && !sgemm;
-  at::Tensor gx = at::empty({p.N, p.C, p.H, p.W}, grad_output.options().memory_format(out_format));
+  at::Tensor gx = empty_output({p.N, p.C, p.H, p.W}, grad_output.options().memory_format(out_format));
   if (gx.numel() == 0) return gx;
   // 3 x 3 stride 1: Winograd on the flipped, transposed weight (overwrites gx).
   if (grad_output.scalar_type() == at::kFloat && !use_direct_loops(p) &&

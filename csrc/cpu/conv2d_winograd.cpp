@@ -5,6 +5,7 @@
 // The transforms run 16 tiles (input, output) or 16 (channel, output-channel) pairs
 // (weight) per AVX-512 vector: gathers from the padded input, scatters into the output;
 // on CPUs with AVX2 but no AVX-512F, 8 per AVX2 vector (the "AVX2" sections below).
+#include "cpu/output_alloc.h"
 #include "cpu/conv2d_winograd.h"
 #include "cpu/derived_cache.h"
 #include "cpu/scratch.h"
@@ -1459,7 +1460,7 @@ at::Tensor input_backward_bf16_tensor(const at::Tensor& grad_output, const at::T
   const Conv2dParams q = conv_input_grad_as_forward(p);
   const int m = choose_tile(q);
   if (m == 0 || !bf16_pays(q)) return at::Tensor();
-  at::Tensor gx = at::empty({p.N, p.C, p.H, p.W}, grad_output.options().memory_format(out_format));
+  at::Tensor gx = empty_output({p.N, p.C, p.H, p.W}, grad_output.options().memory_format(out_format));
   // The flipped weight's element (o', c', t) is w[c'][o'][8 - t], read from a float copy.
   const at::Tensor wf = weight.to(at::kFloat).contiguous();
   const float* w = wf.const_data_ptr<float>() + 8;

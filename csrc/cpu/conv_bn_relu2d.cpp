@@ -27,6 +27,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/output_alloc.h"
 #include "cpu/bn_bf16.h"
 #include "cpu/conv2d.h"
 #include "cpu/conv_bn_relu2d.h"
@@ -301,8 +302,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu2d_train(
     const c10::optional<at::Tensor>& bn_weight, const c10::optional<at::Tensor>& bn_bias,
     double eps, const Conv2dParams& p, at::MemoryFormat out_format, bool relu) {
   at::Tensor conv_out =
-      at::empty({p.N, p.O, p.OH, p.OW}, input.options().memory_format(out_format));
-  at::Tensor out = at::empty_like(conv_out);
+      empty_output({p.N, p.O, p.OH, p.OW}, input.options().memory_format(out_format));
+  at::Tensor out = empty_output(conv_out.sizes(), conv_out.options().memory_format(out_format));
   const Dense d = dense_of(conv_out);
   const int64_t M = p.N * p.OH * p.OW;
   // Statistics in stats_dtype: float for float16 / bfloat16 input.

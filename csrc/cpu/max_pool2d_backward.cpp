@@ -18,6 +18,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/output_alloc.h"
 #include "cpu/max_pool2d.h"
 #include "cpu/max_pool2d_common.h"
 #include "cpu/vec.h"
@@ -177,7 +178,7 @@ at::Tensor max_pool2d_backward(const at::Tensor& grad_output, const at::Tensor& 
                                const Pool2dParams& p, at::MemoryFormat out_format) {
   // Every path below writes all of gx: the scatters zero their sample or plane first (in
   // cache just before the scatter adds into it, instead of one pass over all of gx ahead).
-  at::Tensor gx = at::empty({p.N, p.C, p.H, p.W}, grad_output.options().memory_format(out_format));
+  at::Tensor gx = empty_output({p.N, p.C, p.H, p.W}, grad_output.options().memory_format(out_format));
   if (gx.numel() == 0) return gx;
   if (grad_output.numel() == 0) return gx.zero_();
   const EmptyWindows empty(p);
@@ -312,7 +313,7 @@ at::Tensor max_pool2d_backward(const at::Tensor& grad_output, const at::Tensor& 
 // the windows without a tap inside the input.
 at::Tensor max_pool2d_gather(const char* op, const at::Tensor& src, const at::Tensor& indices,
                              const Pool2dParams* pool, at::MemoryFormat out_format) {
-  at::Tensor out = at::empty(indices.sizes(), src.options().memory_format(out_format));
+  at::Tensor out = empty_output(indices.sizes(), src.options().memory_format(out_format));
   if (out.numel() == 0) return out;
   const int64_t N = indices.size(0), C = indices.size(1), h = indices.size(2), w = indices.size(3);
   const int64_t Hs = src.size(2), Ws = src.size(3), HWs = Hs * Ws;

@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "common/pool2d.h"
+#include "cpu/output_alloc.h"
 #include "cpu/max_pool2d.h"
 #include "cpu/max_pool2d_avx512.h"
 #include "cpu/cpu_features.h"
@@ -491,8 +492,8 @@ bool is_nchw_rows(const at::Tensor& t) { return t.stride(3) == 1 && t.stride(2) 
 std::tuple<at::Tensor, at::Tensor> max_pool2d_forward(const at::Tensor& input,
                                                       const Pool2dParams& p,
                                                       at::MemoryFormat out_format) {
-  at::Tensor out = at::empty({p.N, p.C, p.OH, p.OW}, input.options().memory_format(out_format));
-  at::Tensor idx = at::empty({p.N, p.C, p.OH, p.OW},
+  at::Tensor out = empty_output({p.N, p.C, p.OH, p.OW}, input.options().memory_format(out_format));
+  at::Tensor idx = empty_output({p.N, p.C, p.OH, p.OW},
                              input.options().dtype(at::kLong).memory_format(out_format));
   if (out.numel() == 0) return {out, idx};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "cnnext_max_pool2d_forward", [&] {

@@ -6,6 +6,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include "cpu/output_alloc.h"
 #include "cpu/max_pool2d.h"
 #include "cpu/max_pool2d_common.h"
 #include "paths.h"
@@ -29,7 +30,7 @@ at::Tensor max_unpool2d_backward(const at::Tensor& grad_output, const at::Tensor
 at::Tensor max_unpool2d_forward(const at::Tensor& input, const at::Tensor& indices, int64_t OH,
                                 int64_t OW, at::MemoryFormat out_format) {
   const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
-  at::Tensor out = at::empty({N, C, OH, OW}, input.options().memory_format(out_format)).zero_();
+  at::Tensor out = empty_output({N, C, OH, OW}, input.options().memory_format(out_format)).zero_();
   if (out.numel() == 0 || input.numel() == 0) return out;
   const int64_t OHW = OH * OW;
   BadIndex bad;
