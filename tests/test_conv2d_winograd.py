@@ -826,6 +826,32 @@ def test_default_choice_by_shape():
     assert paths & set(WINO)
 
 
+@pytest.mark.parametrize("shape", [(4, 128, 12, 12), (4, 256, 6, 6), (1, 256, 14, 14)])
+def test_avx2_small_maps_pick_the_tile_on_16_column_halves(shape):
+    """On AVX2 the forward and the input gradient pick F(2x2) or F(4x4) on the AVX2 kernel's
+    16-column halves (these maps have 9-36 F(4x4) tiles, which whole 32-column panels
+    priced out); the weight gradient keeps the panel count, and F(2x2) here. Against
+    float64 within the accuracy bound."""
+    if runnable("conv2d.fwd.sgemm") or not runnable("conv2d.winograd.avx2"):
+        pytest.skip("the 16-column pick is the AVX2 kernel's (this CPU has AVX-512F, or no AVX2)")
+    n, c, h, w = shape
+    gen = torch.Generator().manual_seed(c + h)
+    x = torch.randn(n, c, h, w, generator=gen)
+    wt = torch.randn(c, c, 3, 3, generator=gen) * math.sqrt(2.0 / (c * 9))
+    gy = torch.randn(n, c, h, w, generator=gen)
+    y, paths = ran(lambda: conv2d(x, wt, None, 1, 1))
+    assert TILES[4] in paths and TILES[2] not in paths
+    assert rel_err(y, _ref(x, wt)) <= 2e-5
+    gx, paths = ran(lambda: torch.ops.cnnext.conv2d_input_backward(gy, wt, list(x.shape), [1, 1], [1, 1], [1, 1], 1))
+    assert {TILES[4], "conv2d.input_grad.winograd"} <= paths and TILES[2] not in paths
+    ref_gx = torch.ops.aten.convolution_backward(gy.double(), x.double(), wt.double(), None, [1, 1], [1, 1], [1, 1],
+                                                 False, [0, 0], 1, [True, True, False])
+    assert (gx.double() - ref_gx[0]).abs().max() <= 2e-5 * ref_gx[0].abs().max()
+    gw, paths = ran(lambda: torch.ops.cnnext.conv2d_weight_backward(gy, x, list(wt.shape), [1, 1], [1, 1], [1, 1], 1))
+    assert {TILES[2], "conv2d.weight_grad.winograd"} <= paths and TILES[4] not in paths
+    assert (gw.double() - ref_gx[1]).abs().max() <= 2e-5 * ref_gx[1].abs().max()
+
+
 def test_on_by_default():
     """A fresh process starts with Winograd on (docs/DESIGN.md: why it may be)."""
     import os

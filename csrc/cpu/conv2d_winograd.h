@@ -47,8 +47,11 @@ bool available();
 std::vector<int> allowed_tiles();
 
 // The tile m chosen for this convolution (2, 4 or 6), or 0 when Winograd does not apply
-// (not 3 x 3 / stride 1 / dilation 1 / one group, too small to pay, or switched off).
-int choose_tile(const Conv2dParams& p);
+// (not 3 x 3 / stride 1 / dilation 1 / one group, too small to pay, or switched off). On
+// AVX2 the forward's (and the input gradient's, a forward) F(2x2) / F(4x4) pick counts the
+// GEMM columns in the AVX2 kernel's 16-column halves; the weight gradient's (weight_grad)
+// and every AVX-512 choice in whole panels of 32.
+int choose_tile(const Conv2dParams& p, bool weight_grad = false);
 
 // y = conv(x, w) (+ bias) (then ReLU) by Winograd with tile m. The weight element
 // (o, c, kh, kw) is at w[o * wso + c * wsc + (kh * 3 + kw) * wst]. `u` (may be null) is
@@ -105,7 +108,7 @@ bool input_backward_tensor(const at::Tensor& grad_output, const at::Tensor& weig
                            const Conv2dParams& p);
 
 // gw (O x C x 3 x 3, contiguous) = the weight gradient of the convolution p for gy and the
-// input x, by Winograd with the forward's tile (choose_tile(p): its switch and shape rules):
+// input x, by Winograd with the tile choose_tile(p, true) picks (the switch, the shape rules):
 // sum over tiles of G^T (A gy A^T (.) B^T d B) G, the sums over tiles run as (m + 2)^2
 // GEMMs. Returns false (gw then holds garbage) when the caller must compute gw itself: not
 // applicable, or a value not finite (counted by conv2d.winograd.nonfinite_fallback).
