@@ -6,9 +6,9 @@
 #include <pybind11/stl.h>
 #include <torch/version.h>
 
-#include "cpu/output_alloc.h"
 #include "cpu/conv2d_winograd.h"
 #include "cpu/derived_cache.h"
+#include "cpu/output_alloc.h"
 #include "eager.h"
 #include "test_hooks.h"
 

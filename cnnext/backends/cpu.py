@@ -59,41 +59,42 @@ clear_winograd_cache = clear_weight_cache
 winograd_cache_info = weight_cache_info
 
 
+# Each switch: (getter, setter) in the extension.
+_SWITCHES = {
+    "winograd": (_C._get_winograd, _C._set_winograd),
+    "huge_pages": (_C._get_huge_pages, _C._set_huge_pages),
+}
+
+
 @contextlib.contextmanager
 def flags(winograd=None, huge_pages=None):
     """Sets the given switches inside the block and restores them after it."""
-    old = _C._get_winograd(), _C._get_huge_pages()
+    wanted = {"winograd": winograd, "huge_pages": huge_pages}
+    old = {name: get() for name, (get, _) in _SWITCHES.items()}
     try:
-        if winograd is not None:
-            _C._set_winograd(bool(winograd))
-        if huge_pages is not None:
-            _C._set_huge_pages(bool(huge_pages))
+        for name, value in wanted.items():
+            if value is not None:
+                _SWITCHES[name][1](bool(value))
         yield
     finally:
-        _C._set_winograd(old[0])
-        _C._set_huge_pages(old[1])
+        for name, value in old.items():
+            _SWITCHES[name][1](value)
+
+
+def _switch(name):
+    get, set_ = _SWITCHES[name]
+
+    def setter(self, value):
+        if not isinstance(value, bool):
+            raise TypeError(f"cnnext.backends.cpu.{name} must be a bool, got {type(value).__name__}")
+        set_(value)
+
+    return property(lambda self: get(), setter)
 
 
 class _Module(types.ModuleType):
-    @property
-    def winograd(self):
-        return _C._get_winograd()
-
-    @winograd.setter
-    def winograd(self, value):
-        if not isinstance(value, bool):
-            raise TypeError(f"cnnext.backends.cpu.winograd must be a bool, got {type(value).__name__}")
-        _C._set_winograd(value)
-
-    @property
-    def huge_pages(self):
-        return _C._get_huge_pages()
-
-    @huge_pages.setter
-    def huge_pages(self, value):
-        if not isinstance(value, bool):
-            raise TypeError(f"cnnext.backends.cpu.huge_pages must be a bool, got {type(value).__name__}")
-        _C._set_huge_pages(value)
+    winograd = _switch("winograd")
+    huge_pages = _switch("huge_pages")
 
 
 sys.modules[__name__].__class__ = _Module

@@ -98,6 +98,18 @@ CNNEXT_HD void max_window(int64_t o, int64_t in, int64_t k, int64_t s, int64_t p
   *hi = end;
 }
 
+// Windows that do not overlap (dilation 1, stride s >= kernel): the input coordinates
+// [segment_start(o), segment_start(o + 1)) along one dimension are output o's: its window's
+// taps inside the input (max_window's [lo, hi), which starts the segment) and the
+// coordinates after them that no window covers. segment_start(0) = 0 and
+// segment_start(out) = in, so the segments partition the input.
+CNNEXT_HD int64_t tiled_segment_start(int64_t o, int64_t out, int64_t in, int64_t s, int64_t p) {
+  if (o <= 0) return 0;
+  if (o >= out) return in;
+  const int64_t start = o * s - p;
+  return start > 0 ? start : 0;
+}
+
 // Whether the window of output position o (one dimension) has a tap inside the input.
 CNNEXT_HD bool max_window_nonempty(int64_t o, int64_t in, int64_t k, int64_t s, int64_t p,
                                    int64_t d) {

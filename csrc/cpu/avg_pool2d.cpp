@@ -38,10 +38,10 @@
 #include <cstring>
 #include <vector>
 
-#include "cpu/output_alloc.h"
 #include "cpu/avg_pool2d.h"
 #include "cpu/half.h"
 #include "cpu/cpu_features.h"
+#include "cpu/output_alloc.h"
 #include "cpu/vec.h"
 #include "paths.h"
 #include "tensors.h"

@@ -19,7 +19,6 @@
 #include <immintrin.h>
 #endif
 
-#include "cpu/output_alloc.h"
 #include "cpu/conv2d.h"
 #include "cpu/conv2d_half.h"
 #include "cpu/cpu_features.h"
@@ -29,6 +28,7 @@
 #include "cpu/conv2d_sgemm.h"
 #include "cpu/conv2d_tinyc.h"
 #include "cpu/conv2d_winograd.h"
+#include "cpu/output_alloc.h"
 #include "cpu/scratch.h"
 #include "cpu/sgemm.h"
 #include "paths.h"
@@ -201,6 +201,13 @@ void scatter_add_even_avx2(const float*, float*, int64_t) {}
 constexpr bool kGatherEven = false;
 #endif
 
+// Whether im2col / col2im move T's rows by gather_even_avx2 / scatter_add_even_avx2: float
+// rows at a stride of exactly 2 values, on a CPU with AVX2.
+template <typename T>
+bool stride2_vectors(const Conv2dParams& p, const Strides4& xs) {
+  return std::is_same_v<T, float> && kGatherEven && p.SW * xs.w == 2 && cpu_features().avx2_fma();
+}
+
 // Unfolds channels [0, Cg) (x points at the group's first channel of one sample) for
 // output rows [oh0, oh1) into col, laid out (Cg * KH * KW, (oh1 - oh0) * OW), rows ld
 // apart (0: (oh1 - oh0) * OW, the rows back to back).
@@ -209,7 +216,7 @@ void im2col(const T* x, const Strides4& xs, const Conv2dParams& p, int64_t Cg, i
             int64_t oh1, T* col, int64_t ld = 0) {
   const int64_t L = ld > 0 ? ld : (oh1 - oh0) * p.OW;
   // float rows read at a stride of 2 (a stride-2 layer, unit-stride rows): by vectors.
-  const bool even = std::is_same_v<T, float> && kGatherEven && p.SW * xs.w == 2 && cpu_features().avx2_fma();
+  const bool even = stride2_vectors<T>(p, xs);
   if (even) kIm2colEven.hit();
   for (int64_t c = 0; c < Cg; ++c) {
     for (int64_t kh = 0; kh < p.KH; ++kh) {
@@ -274,7 +281,7 @@ void col2im_add(const T* col, const Conv2dParams& p, int64_t Cg, int64_t oh0, in
                 T* x, const Strides4& xs, int64_t ld = 0) {
   const int64_t L = ld > 0 ? ld : (oh1 - oh0) * p.OW;
   // float rows added at a stride of 2: by vectors, as im2col reads them.
-  const bool even = std::is_same_v<T, float> && kGatherEven && p.SW * xs.w == 2 && cpu_features().avx2_fma();
+  const bool even = stride2_vectors<T>(p, xs);
   if (even) kCol2imEven.hit();
   for (int64_t c = 0; c < Cg; ++c) {
     for (int64_t kh = 0; kh < p.KH; ++kh) {

@@ -5,9 +5,9 @@
 // The transforms run 16 tiles (input, output) or 16 (channel, output-channel) pairs
 // (weight) per AVX-512 vector: gathers from the padded input, scatters into the output;
 // on CPUs with AVX2 but no AVX-512F, 8 per AVX2 vector (the "AVX2" sections below).
-#include "cpu/output_alloc.h"
 #include "cpu/conv2d_winograd.h"
 #include "cpu/derived_cache.h"
+#include "cpu/output_alloc.h"
 #include "cpu/scratch.h"
 
 #include <ATen/Parallel.h>

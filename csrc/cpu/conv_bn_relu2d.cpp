@@ -27,11 +27,11 @@
 #include <type_traits>
 #include <vector>
 
-#include "cpu/output_alloc.h"
 #include "cpu/bn_bf16.h"
 #include "cpu/conv2d.h"
 #include "cpu/conv_bn_relu2d.h"
 #include "cpu/derived_cache.h"
+#include "cpu/output_alloc.h"
 #include "paths.h"
 #include "tensors.h"
 

@@ -18,9 +18,9 @@
 #include <type_traits>
 #include <vector>
 
-#include "cpu/output_alloc.h"
 #include "cpu/max_pool2d.h"
 #include "cpu/max_pool2d_common.h"
+#include "cpu/output_alloc.h"
 #include "cpu/vec.h"
 #include "paths.h"
 #include "tensors.h"
@@ -37,10 +37,6 @@ CNNEXT_PATH(kBwdFlat, "max_pool2d.bwd.flat_scatter");
 CNNEXT_PATH(kBwdStrided, "max_pool2d.bwd.strided_scatter");
 CNNEXT_PATH(kGatherCl, "max_pool2d.gather.channels_last");
 CNNEXT_PATH(kGatherPlanes, "max_pool2d.gather.planes");
-
-}  // namespace
-
-namespace {
 
 // The unsigned integer of T's width, for selects by bit masks.
 template <typename T>
@@ -109,8 +105,8 @@ CNNEXT_TARGET("avx2") int64_t tile_position_avx2(const float* __restrict__ g, co
 // read-add-write of a scatter: in a window, g where the index names the position, else 0;
 // positions in no window (the gaps of a stride past the kernel, the rows and columns past
 // the last window) 0. Work items are output rows: item (n, oh) writes input rows
-// [start(oh), start(oh + 1)) of sample n (start(0) = 0, start(OH) = H), its window's rows
-// and the uncovered rows after them. Returns false, having written only parts of gx,
+// [tiled_segment_start(oh), tiled_segment_start(oh + 1)) of sample n (csrc/common/pool2d.h),
+// its window's rows and the uncovered rows after them. Returns false, having written only parts of gx,
 // where some index is not a position of its window (indices from elsewhere than this
 // forward, or out of range): the caller then runs the general scatter, which sums or
 // reports them. Counting the matches suffices for that: positions in a window are
@@ -125,15 +121,14 @@ bool tiled_backward_channels_last(const T* g, const Strides4& gs, const int64_t*
                                   T* dx, const Strides4& xs, const Pool2dParams& p) {
   const int64_t C = p.C;
   const bool avx2 = cpu_features().avx2_fma();
-  auto row_start = [&](int64_t oh) { return oh == 0 ? 0 : oh >= p.OH ? p.H : std::max<int64_t>(0, oh * p.SH - p.PH); };
-  auto col_start = [&](int64_t ow) { return ow == 0 ? 0 : ow >= p.OW ? p.W : std::max<int64_t>(0, ow * p.SW - p.PW); };
   std::atomic<bool> ok{true};
   at::parallel_for(0, p.N * p.OH, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end && ok.load(std::memory_order_relaxed); ++item) {
       const int64_t n = item / p.OH, oh = item % p.OH;
       int64_t h_lo, h_hi;
       max_window(oh, p.H, p.KH, p.SH, p.PH, 1, &h_lo, &h_hi);
-      const int64_t r0 = row_start(oh), r1 = row_start(oh + 1);
+      const int64_t r0 = tiled_segment_start(oh, p.OH, p.H, p.SH, p.PH);
+      const int64_t r1 = tiled_segment_start(oh + 1, p.OH, p.H, p.SH, p.PH);
       T* xn = dx + n * xs.n;
       // Rows of the item outside the window: zeros.
       for (int64_t ih = r0; ih < r1; ++ih)
@@ -142,7 +137,8 @@ bool tiled_backward_channels_last(const T* g, const Strides4& gs, const int64_t*
       for (int64_t ow = 0; ow < p.OW; ++ow) {
         int64_t w_lo, w_hi;
         max_window(ow, p.W, p.KW, p.SW, p.PW, 1, &w_lo, &w_hi);
-        const int64_t c0 = col_start(ow), c1 = col_start(ow + 1);
+        const int64_t c0 = tiled_segment_start(ow, p.OW, p.W, p.SW, p.PW);
+        const int64_t c1 = tiled_segment_start(ow + 1, p.OW, p.W, p.SW, p.PW);
         const T* __restrict__ gp = g + n * gs.n + oh * gs.h + ow * gs.w;
         const int64_t* __restrict__ ipx = ip + n * is.n + oh * is.h + ow * is.w;
         for (int64_t ih = h_lo; ih < h_hi; ++ih) {

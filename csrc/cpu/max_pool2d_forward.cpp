@@ -32,11 +32,11 @@
 #include <vector>
 
 #include "common/pool2d.h"
-#include "cpu/output_alloc.h"
 #include "cpu/max_pool2d.h"
 #include "cpu/max_pool2d_avx512.h"
 #include "cpu/cpu_features.h"
 #include "cpu/max_pool2d_common.h"
+#include "cpu/output_alloc.h"
 #include "cpu/vec.h"
 #include "paths.h"
 #include "tensors.h"

@@ -6,9 +6,9 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
-#include "cpu/output_alloc.h"
 #include "cpu/max_pool2d.h"
 #include "cpu/max_pool2d_common.h"
+#include "cpu/output_alloc.h"
 #include "paths.h"
 #include "tensors.h"
 
