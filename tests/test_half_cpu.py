@@ -404,11 +404,13 @@ for stride in (1, 2):
     for a, r in zip(grads, refs):
         err = (a.double() - r).abs().max().item() / r.abs().max().item()
         assert a.dtype == torch.bfloat16 and err <= 5e-3, (stride, err)
-# the bfloat16 Winograd (AVX-512F) does not run either, even with a tile forced
-_C._set_winograd_tile(4)
-before = _C._path_counts()["conv2d.fwd.winograd_bf16"]
-y = cnnext.functional.conv2d(x, w, None, 1, 1)
-assert _C._path_counts()["conv2d.fwd.winograd_bf16"] == before
+# the bfloat16 Winograd runs on the AVX2 transforms: the shape's own choice (without
+# AVX512_BF16 every shape choose_tile takes), and a forced tile
+for tile in (0, 4):
+    _C._set_winograd_tile(tile)
+    before = {k: _C._path_counts()[k] for k in ("conv2d.fwd.winograd_bf16", "conv2d.winograd.avx2")}
+    y = cnnext.functional.conv2d(x, w, None, 1, 1)
+    assert all(_C._path_counts()[k] == before[k] + 1 for k in before), tile
 _C._set_winograd_tile(0)
 err = (y.double() - want).abs().max().item() / want.abs().max().item()
 assert y.dtype == torch.bfloat16 and err <= 5e-3, err
@@ -439,7 +441,7 @@ print("ok")
 
 
 def _has_winograd():
-    return cnnext._C._cpu_isa() == "avx512"
+    return cnnext._C._cpu_isa() in ("avx512", "avx2")
 
 
 WINO_BF16 = [
@@ -451,7 +453,7 @@ WINO_BF16 = [
 ]
 
 
-@pytest.mark.skipif(not _has_winograd(), reason="needs AVX-512F")
+@pytest.mark.skipif(not _has_winograd(), reason="needs AVX-512F or AVX2 + FMA")
 @pytest.mark.parametrize("cfg", range(len(WINO_BF16)))
 def test_bf16_winograd_forward(cfg):
     """bfloat16 3x3 stride-1 forward by the float32 Winograd (path counter): bfloat16 values
@@ -497,7 +499,7 @@ def test_bf16_winograd_forward(cfg):
         cnnext._C._set_winograd_tile(old)
 
 
-@pytest.mark.skipif(not _has_winograd(), reason="needs AVX-512F")
+@pytest.mark.skipif(not _has_winograd(), reason="needs AVX-512F or AVX2 + FMA")
 @pytest.mark.parametrize("cfg", range(len(WINO_BF16)))
 def test_bf16_winograd_input_grad(cfg):
     """The bfloat16 input gradient of a 3x3 stride-1 convolution by the float Winograd (the
@@ -540,7 +542,56 @@ def test_bf16_winograd_input_grad(cfg):
         cnnext._C._set_winograd_tile(old)
 
 
-@pytest.mark.skipif(not _has_winograd(), reason="needs AVX-512F")
+WINO_BF16_BITS = [
+    # input, out channels, padding, tile, bias, layout: maps whose width fills whole rows of 8
+    # tiles (the AVX2 row stores) and maps with partial tiles (lane stores)
+    ((2, 16, 32, 32), 24, 1, 4, True, "contiguous"),
+    ((1, 24, 16, 16), 16, 1, 2, False, "contiguous"),
+    ((2, 16, 13, 11), 24, 1, 4, True, "channels_last"),
+    ((1, 16, 9, 12), 17, 0, 2, True, "contiguous"),
+    ((1, 16, 14, 15), 16, 2, 6, False, "channels_last"),
+]
+
+
+@pytest.mark.skipif(not _has_winograd(), reason="needs AVX-512F or AVX2 + FMA")
+@pytest.mark.parametrize("cfg", range(len(WINO_BF16_BITS)))
+def test_bf16_winograd_bits_of_float_winograd(cfg):
+    """The bfloat16 Winograd computes in float exactly what the float32 Winograd computes on
+    the bfloat16 values (exact in float) and rounds each output once, to nearest even: its
+    output is bit for bit the float32 Winograd's output converted by .bfloat16(), forward and
+    input gradient, through row stores and lane stores, any layout (both paths asserted)."""
+    from cnnext._paths import expect_path
+
+    xs, o, p, tile, with_bias, layout = WINO_BF16_BITS[cfg]
+    gen = torch.Generator().manual_seed(500 + cfg)
+    x = to_layout(torch.randn(xs, generator=gen).bfloat16(), layout)
+    w = torch.randn(o, xs[1], 3, 3, generator=gen).bfloat16()
+    b = torch.randn(o, generator=gen).bfloat16() if with_bias else None
+    old = cnnext._C._get_winograd_tile()
+    cnnext._C._set_winograd_tile(tile)
+    try:
+        with cnnext.backends.cpu.flags(winograd=True):
+            rows = ["conv2d.winograd.avx2_row_stores"] if cnnext._C._cpu_isa() == "avx2" and cfg < 2 else []
+            with expect_path("conv2d.fwd.winograd_bf16", f"conv2d.winograd.f{tile}x{tile}", *rows):
+                y = cf.conv2d(x, w, b, 1, p)
+            with expect_path(f"conv2d.winograd.f{tile}x{tile}"):
+                y32 = cf.conv2d(x.float(), w.float(), None if b is None else b.float(), 1, p)
+            assert torch.equal(y.view(torch.int16), y32.bfloat16().view(torch.int16))
+            gy = torch.randn(y.shape, generator=gen).bfloat16()
+            xb = x.clone().requires_grad_()
+            with expect_path("conv2d.input_grad.winograd_bf16"):
+                gx, = torch.autograd.grad(cf.conv2d(xb, w, None, 1, p), (xb,), gy)
+            xf = x.float().requires_grad_()
+            with expect_path("conv2d.input_grad.winograd"):
+                gx32, = torch.autograd.grad(cf.conv2d(xf, w.float(), None, 1, p), (xf,), gy.float())
+            assert torch.equal(gx.view(torch.int16), gx32.bfloat16().view(torch.int16))
+            if layout == "channels_last":
+                assert y.is_contiguous(memory_format=torch.channels_last)
+    finally:
+        cnnext._C._set_winograd_tile(old)
+
+
+@pytest.mark.skipif(not _has_winograd(), reason="needs AVX-512F or AVX2 + FMA")
 def test_bf16_winograd_nonfinite_falls_back():
     """An Inf in the input makes the bfloat16 Winograd give up (its transforms would spread
     NaN over the tile): the direct path runs and gives stock's Inf / NaN pattern."""

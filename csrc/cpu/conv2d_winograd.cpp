@@ -6,6 +6,7 @@
 // (weight) per AVX-512 vector: gathers from the padded input, scatters into the output;
 // on CPUs with AVX2 but no AVX-512F, 8 per AVX2 vector (the "AVX2" sections below).
 #include "cpu/conv2d_winograd.h"
+#include "cpu/conv2d_bf16.h"
 #include "cpu/derived_cache.h"
 #include "cpu/output_alloc.h"
 #include "cpu/scratch.h"
@@ -34,8 +35,8 @@ namespace cpu {
 namespace winograd {
 namespace {
 
-// The float32 forward, input gradient and weight gradient run on AVX-512F or AVX2 + FMA;
-// the bfloat16 entry points on AVX-512F only.
+// The float32 forward, input gradient and weight gradient, and the bfloat16 forward and
+// input gradient, run on AVX-512F or AVX2 + FMA.
 CNNEXT_PATH_NEEDS(kF2, "conv2d.winograd.f2x2", kAvx2);
 CNNEXT_PATH_NEEDS(kF4, "conv2d.winograd.f4x4", kAvx2);
 CNNEXT_PATH_NEEDS(kF6, "conv2d.winograd.f6x6", kAvx2);
@@ -53,8 +54,8 @@ CNNEXT_PATH_NEEDS(kWeightGrad, "conv2d.weight_grad.winograd", kAvx2);
 // 5x5 stride-1 kernels as four 3x3 ones (split5 below): the forward and the input gradient.
 CNNEXT_PATH_NEEDS(kSplit5, "conv2d.winograd.split5x5", kAvx2);
 CNNEXT_PATH_NEEDS(kSplit5InputGrad, "conv2d.input_grad.winograd_split5x5", kAvx2);
-CNNEXT_PATH_NEEDS(kBf16Fwd, "conv2d.fwd.winograd_bf16", kAvx512F);
-CNNEXT_PATH_NEEDS(kBf16InputGrad, "conv2d.input_grad.winograd_bf16", kAvx512F);
+CNNEXT_PATH_NEEDS(kBf16Fwd, "conv2d.fwd.winograd_bf16", kAvx2);
+CNNEXT_PATH_NEEDS(kBf16InputGrad, "conv2d.input_grad.winograd_bf16", kAvx2);
 
 std::atomic<bool> g_enabled{true};
 std::atomic<int> g_forced{0};
@@ -570,20 +571,53 @@ WINO_AVX2 __attribute__((always_inline)) inline void store_row8(const __m256* v,
   }
 }
 
-// output_transform with 8 tiles a vector, float output; returns false when a value is not
-// finite. Where the 8 tiles are whole, side by side in one row of tiles, and y's rows are
-// contiguous (NCHW), each output row of them is stored as 8 * m contiguous floats; else
-// lane by lane.
+// The bfloat16 bits (in the low 16 bits of each lane) of 8 finite floats, rounded to
+// nearest even as torch's float -> bfloat16 conversion (a non-finite value fails the call
+// before it is stored).
+WINO_AVX2 __attribute__((always_inline)) inline __m256i round_bf16x8(__m256 v) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  return _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+}
+
+// Stores row i of 8 tiles side by side as bfloat16 (y[l * M + j] = the bits in v[j][l]):
+// store_row8's interleave on the 32-bit lanes, then the 8 * M values narrowed to 16 bits
+// (they are below 2^16: packus does not saturate) and stored as whole vectors.
 template <int M>
+WINO_AVX2 __attribute__((always_inline)) inline void store_row8_bf16(const __m256i* r, uint16_t* y) {
+  alignas(32) float tmp[8 * M];
+  __m256 v[M];
+#pragma GCC unroll 4
+  for (int j = 0; j < M; ++j) v[j] = _mm256_castsi256_ps(r[j]);
+  store_row8<M>(v, tmp);
+#pragma GCC unroll 2
+  for (int k = 0; k < 8 * M; k += 16) {
+    const __m256i a = _mm256_load_si256(reinterpret_cast<const __m256i*>(tmp + k));
+    const __m256i b = _mm256_load_si256(reinterpret_cast<const __m256i*>(tmp + k + 8));
+    // packus interleaves the 128-bit halves (a.lo, b.lo, a.hi, b.hi): put them back in order.
+    const __m256i h = _mm256_permute4x64_epi64(_mm256_packus_epi32(a, b), 0xD8);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + k), h);
+  }
+}
+
+// output_transform with 8 tiles a vector; returns false when a value is not finite. Y:
+// float, or uint16_t for bfloat16 (each output rounded once, to nearest even, from its
+// float value, as output_transform). Where the 8 tiles are whole, side by side in one row
+// of tiles, and y's rows are contiguous (NCHW), each output row of them is stored as 8 * m
+// contiguous values; else lane by lane.
+template <int M, typename Y>
 WINO_AVX2 bool output_transform_avx2(const float* mbuf, int64_t m_size, const Conv2dParams& p,
                                      const Layout& L, const Strides4& ys, int64_t t0, int64_t tc,
-                                     int64_t o0, int64_t ob, const float* bias, bool relu, float* y) {
+                                     int64_t o0, int64_t ob, const float* bias, bool relu, Y* y) {
+  constexpr bool kBf16 = std::is_same<Y, uint16_t>::value;
+  static_assert(kBf16 || std::is_same<Y, float>::value, "float or bfloat16 bits");
   using T = Mat<M>;
   constexpr int A = T::A;
   TileLanes tl;
   unsigned bad = 0;
   const __m256 zero = _mm256_setzero_ps();
   alignas(32) float lane[8];
+  alignas(32) uint32_t hlane[8];
   bool any_rows = false;
   for (int64_t tg = 0; tg < tc; tg += 8) {
     tile_lanes(t0 + tg, t0 + tc, M, p, L, ys, &tl);
@@ -611,7 +645,7 @@ WINO_AVX2 bool output_transform_avx2(const float* mbuf, int64_t m_size, const Co
 #pragma GCC unroll 8
         for (int b = 0; b < A; ++b) tmp[i * A + b] = lin8<A>(T::AT[i], mv + b, A);
       const __m256 bv = _mm256_set1_ps(bias ? bias[o0 + o] : 0.f);
-      float* yo = y + (o0 + o) * ys.c;
+      Y* yo = y + (o0 + o) * ys.c;
 #pragma GCC unroll 8
       for (int i = 0; i < M; ++i) {
         __m256 row[M];
@@ -624,19 +658,40 @@ WINO_AVX2 bool output_transform_avx2(const float* mbuf, int64_t m_size, const Co
           if (relu) val = _mm256_blendv_ps(val, zero, _mm256_cmp_ps(val, zero, _CMP_LT_OQ));
           row[j] = val;
         }
-        if constexpr (M == 2 || M == 4) {
-          if (row_run && (rowok[i] & 1u)) {
-            store_row8<M>(row, yo + tl.out[0] + i * ys.h);
-            continue;
-          }
-        }
+        if constexpr (kBf16) {
+          __m256i h[M];
 #pragma GCC unroll 8
-        for (int j = 0; j < M; ++j) {
-          _mm256_store_ps(lane, row[j]);
-          float* base = yo + i * ys.h + j * ys.w;
-          for (unsigned st = valid & rowok[i] & colok[j]; st; st &= st - 1) {
-            const int l = __builtin_ctz(st);
-            base[tl.out[l]] = lane[l];
+          for (int j = 0; j < M; ++j) h[j] = round_bf16x8(row[j]);
+          if constexpr (M == 2 || M == 4) {
+            if (row_run && (rowok[i] & 1u)) {
+              store_row8_bf16<M>(h, yo + tl.out[0] + i * ys.h);
+              continue;
+            }
+          }
+#pragma GCC unroll 8
+          for (int j = 0; j < M; ++j) {
+            _mm256_store_si256(reinterpret_cast<__m256i*>(hlane), h[j]);
+            Y* base = yo + i * ys.h + j * ys.w;
+            for (unsigned st = valid & rowok[i] & colok[j]; st; st &= st - 1) {
+              const int l = __builtin_ctz(st);
+              base[tl.out[l]] = static_cast<Y>(hlane[l]);
+            }
+          }
+        } else {
+          if constexpr (M == 2 || M == 4) {
+            if (row_run && (rowok[i] & 1u)) {
+              store_row8<M>(row, yo + tl.out[0] + i * ys.h);
+              continue;
+            }
+          }
+#pragma GCC unroll 8
+          for (int j = 0; j < M; ++j) {
+            _mm256_store_ps(lane, row[j]);
+            Y* base = yo + i * ys.h + j * ys.w;
+            for (unsigned st = valid & rowok[i] & colok[j]; st; st &= st - 1) {
+              const int l = __builtin_ctz(st);
+              base[tl.out[l]] = lane[l];
+            }
           }
         }
       }
@@ -684,8 +739,9 @@ WINO_AVX2 void weight_panels_avx2(const float* w, int64_t wso, int64_t wsc, int6
   }
 }
 
-// kWide: the AVX-512 transforms (16 tiles a vector; any X, Y), else the AVX2 ones (8 tiles
-// a vector; float only).
+// kWide: the AVX-512 transforms (16 tiles a vector), else the AVX2 ones (8 tiles a vector).
+// X, Y: float, or uint16_t for bfloat16 (the input converted while padded, each output
+// rounded as stored).
 template <int M, bool kWide, typename X = float, typename Y = float>
 bool forward_m(const X* x, const Strides4& xs, const float* w, int64_t wso, int64_t wsc,
                int64_t wst, const float* u, const float* bias, Y* y, const Strides4& ys,
@@ -747,8 +803,6 @@ bool forward_m(const X* x, const Strides4& xs, const float* w, int64_t wso, int6
     if constexpr (kWide) {
       input_transform<M>(xp, p, L, ys, t0, n_t, v, v_size);
     } else {
-      static_assert(std::is_same<X, float>::value && std::is_same<Y, float>::value,
-                    "the AVX2 transforms are float32 only");
       input_transform_avx2<M>(xp, p, L, ys, t0, n_t, v, v_size);
     }
     for (int xi = 0; xi < A * A; ++xi)
@@ -756,7 +810,7 @@ bool forward_m(const X* x, const Strides4& xs, const float* w, int64_t wso, int6
                   false, nullptr, false);
     bool done;
     if constexpr (kWide) done = output_transform<M, Y>(mb, m_size, p, L, ys, t0, n_t, o0, n_o, bias, relu, y);
-    else done = output_transform_avx2<M>(mb, m_size, p, L, ys, t0, n_t, o0, n_o, bias, relu, y);
+    else done = output_transform_avx2<M, Y>(mb, m_size, p, L, ys, t0, n_t, o0, n_o, bias, relu, y);
     if (!done) ok.store(false, std::memory_order_relaxed);
   });
   return ok.load();
@@ -1421,18 +1475,51 @@ bool forward_tensor(const at::Tensor& input, const at::Tensor& weight, const flo
 }
 
 bool bf16_pays(const Conv2dParams& p) {
-  // Measured (1 thread, against the vdpbf16ps GEMM at about 3.3 G vdpbf16ps a second):
-  // VGG's 128 -> 256 at 56 x 56, batch 8, 62 vs 70 ms; ResNet's 64 -> 64 at 56 x 56, 14
-  // vs 10.8 ms; AlexNet's 256 -> 384 at 12 x 12, 11.0 vs 10.2 ms. Wide layers on wide
-  // maps only (or wherever a tile is forced, for tests).
-  return forced_tile() > 0 || (p.C >= 128 && p.O >= 128 && p.OW >= 48 && p.OH >= 48);
+  // Against the vdpbf16ps GEMM (AVX512_BF16; measured 1 thread, at about 3.3 G vdpbf16ps a
+  // second): VGG's 128 -> 256 at 56 x 56, batch 8, 62 vs 70 ms; ResNet's 64 -> 64 at 56 x 56,
+  // 14 vs 10.8 ms; AlexNet's 256 -> 384 at 12 x 12, 11.0 vs 10.2 ms: wide layers on wide maps
+  // only (or wherever a tile is forced, for tests). Without AVX512_BF16 the alternative is the
+  // float32 path on float copies, which itself takes this Winograd where choose_tile picks
+  // it: converting while gathering and rounding while storing saves the copies, so it pays
+  // wherever a tile is chosen.
+  return forced_tile() > 0 || !bf16::available() || (p.C >= 128 && p.O >= 128 && p.OW >= 48 && p.OH >= 48);
 }
+
+#ifdef CNNEXT_WINO_AVX512
+namespace {
+
+// The bfloat16 forward of forward_bf16_tensor / input_backward_bf16_tensor with tile m on
+// this CPU's transforms (AVX-512F: 16 tiles a vector, else AVX2: 8).
+bool forward_bf16(const uint16_t* x, const Strides4& xs, const float* w, int64_t wso, int64_t wsc, int64_t wst,
+                  const float* bias, uint16_t* y, const Strides4& ys, const Conv2dParams& p, bool relu, int m) {
+  const bool wide = sgemm::available();
+  if (!wide) kAvx2Kernels.hit();
+#define CNNEXT_WINO_BF16(MM)                                                                                 \
+  (wide ? forward_m<MM, true, uint16_t, uint16_t>(x, xs, w, wso, wsc, wst, nullptr, bias, y, ys, p, relu) \
+        : forward_m<MM, false, uint16_t, uint16_t>(x, xs, w, wso, wsc, wst, nullptr, bias, y, ys, p, relu))
+  bool ok = false;
+  if (m == 2) {
+    kF2.hit();
+    ok = CNNEXT_WINO_BF16(2);
+  } else if (m == 4) {
+    kF4.hit();
+    ok = CNNEXT_WINO_BF16(4);
+  } else if (m == 6) {
+    kF6.hit();
+    ok = CNNEXT_WINO_BF16(6);
+  }
+#undef CNNEXT_WINO_BF16
+  if (!ok) kNonFinite.hit();
+  return ok;
+}
+
+}  // namespace
+#endif  // CNNEXT_WINO_AVX512
 
 bool forward_bf16_tensor(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                          at::Tensor& out, const Conv2dParams& p, bool relu) {
 #ifdef CNNEXT_WINO_AVX512
-  if (!sgemm::available()) return false;  // the bfloat16 transforms are AVX-512 only
-  const int m = choose_tile(p);
+  const int m = choose_tile(p);  // 0 where Winograd does not run here (the switch, the CPU, the shape)
   if (m == 0 || !bf16_pays(p) || input.scalar_type() != at::kBFloat16 || weight.scalar_type() != at::kBFloat16 ||
       out.scalar_type() != at::kBFloat16)
     return false;
@@ -1443,22 +1530,12 @@ bool forward_bf16_tensor(const at::Tensor& input, const at::Tensor& weight, cons
   if (bias.has_value() && bias->defined()) bf = bias->to(at::kFloat).contiguous();
   const uint16_t* x = reinterpret_cast<const uint16_t*>(input.const_data_ptr<at::BFloat16>());
   uint16_t* y = reinterpret_cast<uint16_t*>(out.mutable_data_ptr<at::BFloat16>());
-  const float* w = wf.const_data_ptr<float>();
   const float* b = bf.defined() ? bf.const_data_ptr<float>() : nullptr;
-  bool ok = false;
-  if (m == 2) {
-    kF2.hit();
-    ok = forward_m<2, true, uint16_t, uint16_t>(x, strides_of(input), w, p.C * 9, 9, 1, nullptr, b, y, strides_of(out), p, relu);
-  } else if (m == 4) {
-    kF4.hit();
-    ok = forward_m<4, true, uint16_t, uint16_t>(x, strides_of(input), w, p.C * 9, 9, 1, nullptr, b, y, strides_of(out), p, relu);
-  } else if (m == 6) {
-    kF6.hit();
-    ok = forward_m<6, true, uint16_t, uint16_t>(x, strides_of(input), w, p.C * 9, 9, 1, nullptr, b, y, strides_of(out), p, relu);
-  }
-  if (!ok) kNonFinite.hit();
-  else kBf16Fwd.hit();
-  return ok;
+  if (!forward_bf16(x, strides_of(input), wf.const_data_ptr<float>(), p.C * 9, 9, 1, b, y, strides_of(out), p, relu,
+                    m))
+    return false;
+  kBf16Fwd.hit();
+  return true;
 #else
   (void)input, (void)weight, (void)bias, (void)out, (void)p, (void)relu;
   return false;
@@ -1468,7 +1545,6 @@ bool forward_bf16_tensor(const at::Tensor& input, const at::Tensor& weight, cons
 at::Tensor input_backward_bf16_tensor(const at::Tensor& grad_output, const at::Tensor& weight,
                                       const Conv2dParams& p, at::MemoryFormat out_format) {
 #ifdef CNNEXT_WINO_AVX512
-  if (!sgemm::available()) return at::Tensor();  // the bfloat16 transforms are AVX-512 only
   if (grad_output.scalar_type() != at::kBFloat16 || weight.scalar_type() != at::kBFloat16) return at::Tensor();
   if (p.PH < 0 || p.PW < 0 || p.PH > 2 || p.PW > 2) return at::Tensor();
   const Conv2dParams q = conv_input_grad_as_forward(p);
@@ -1477,25 +1553,11 @@ at::Tensor input_backward_bf16_tensor(const at::Tensor& grad_output, const at::T
   at::Tensor gx = empty_output({p.N, p.C, p.H, p.W}, grad_output.options().memory_format(out_format));
   // The flipped weight's element (o', c', t) is w[c'][o'][8 - t], read from a float copy.
   const at::Tensor wf = weight.to(at::kFloat).contiguous();
-  const float* w = wf.const_data_ptr<float>() + 8;
   const uint16_t* gy = reinterpret_cast<const uint16_t*>(grad_output.const_data_ptr<at::BFloat16>());
   uint16_t* out = reinterpret_cast<uint16_t*>(gx.mutable_data_ptr<at::BFloat16>());
-  const Strides4 gs = strides_of(grad_output), xs = strides_of(gx);
-  bool ok = false;
-  if (m == 2) {
-    kF2.hit();
-    ok = forward_m<2, true, uint16_t, uint16_t>(gy, gs, w, 9, q.O * 9, -1, nullptr, nullptr, out, xs, q, false);
-  } else if (m == 4) {
-    kF4.hit();
-    ok = forward_m<4, true, uint16_t, uint16_t>(gy, gs, w, 9, q.O * 9, -1, nullptr, nullptr, out, xs, q, false);
-  } else if (m == 6) {
-    kF6.hit();
-    ok = forward_m<6, true, uint16_t, uint16_t>(gy, gs, w, 9, q.O * 9, -1, nullptr, nullptr, out, xs, q, false);
-  }
-  if (!ok) {
-    kNonFinite.hit();
+  if (!forward_bf16(gy, strides_of(grad_output), wf.const_data_ptr<float>() + 8, 9, q.O * 9, -1, nullptr, out,
+                    strides_of(gx), q, false, m))
     return at::Tensor();
-  }
   kBf16InputGrad.hit();
   return gx;
 #else

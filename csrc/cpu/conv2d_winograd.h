@@ -1,5 +1,5 @@
 // Winograd convolution F(m x m, 3 x 3) for float32 on AVX-512F CPUs, and on AVX2 + FMA CPUs with
-// 8-lane transforms and sgemm's AVX2 kernel (csrc/cpu/conv2d_winograd.cpp; bfloat16: AVX-512F only):
+// 8-lane transforms and sgemm's AVX2 kernel (csrc/cpu/conv2d_winograd.cpp; bfloat16 too):
 // 3 x 3 kernels, stride 1, dilation 1, one group; input and output through any strides
 // (NCHW or channels_last: the input is copied into zero-padded planes, the output
 // scattered). m = 2, 4 or 6 (tile of m x m outputs, (m + 2)^2 products per tile and
@@ -72,10 +72,11 @@ void transform_weight(const float* w, int64_t wso, int64_t wsc, int64_t wst, int
 // the largest output) stays far inside the one rounding to bfloat16 of each output. The
 // input is converted while it is gathered into the padded float planes and each output
 // is rounded as the output transform writes it (no whole-tensor conversion passes). Runs
-// where choose_tile(p) picks a tile (the switch, the shape rules) and bf16_pays(p) (wide
-// layers on wide maps, where it beats the vdpbf16ps GEMM; any shape when a tile is
-// forced); returns false otherwise or when an output is not finite (out then holds
-// garbage: the caller runs its own path).
+// where choose_tile(p) picks a tile (the switch, the shape rules) and bf16_pays(p) (with
+// AVX512_BF16: wide layers on wide maps, where it beats the vdpbf16ps GEMM; without it,
+// every shape choose_tile takes, where the alternative is the float path on float copies;
+// any shape when a tile is forced); returns false otherwise or when an output is not
+// finite (out then holds garbage: the caller runs its own path).
 bool bf16_pays(const Conv2dParams& p);
 bool forward_bf16_tensor(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                          at::Tensor& out, const Conv2dParams& p, bool relu);
