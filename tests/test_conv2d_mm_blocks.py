@@ -94,7 +94,11 @@ def test_forward_and_gradients(dtype, case, layout, threads):
     tiny_c = (dtype == torch.float32 and runnable("conv2d.fwd.tiny_c_lanes") and g == 1 and c <= 8 and o >= 4
               and kh * kw >= 25)
     fwd = "conv2d.fwd.tiny_c_lanes" if tiny_c else CL_ROWS if rows else BLOCKS[0]
-    with expect_path(fwd, *BLOCKS[1:]):
+    # Its gradients too, at stride 1 with at most 16 output channels (the AVX2 few-channel
+    # gradients of csrc/cpu/conv2d_tinyc_grad.cpp: tests/test_conv2d_tiny_c.py).
+    tiny_grads = tiny_c and s == 1 and d == 1 and o <= 16 and p < min(kh, kw)
+    bwd = ("conv2d.input_grad.tiny_c_rows", "conv2d.weight_grad.tiny_c_flat") if tiny_grads else BLOCKS[1:]
+    with expect_path(fwd, *bwd):
         ours = grads(conv2d, args, gy)
     ref_args, ref_gy = make(case, torch.float64, layout)
     ref = grads(F.conv2d, ref_args, ref_gy)

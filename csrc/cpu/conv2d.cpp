@@ -669,6 +669,13 @@ at::Tensor conv2d_input_backward(const at::Tensor& grad_out, const at::Tensor& w
   if (grad_output.scalar_type() == at::kFloat && !use_direct_loops(p) &&
       winograd::input_backward_tensor(grad_output, weight, gx, p))
     return gx;
+  // Few channels under a large kernel, AVX2: a direct convolution of grad_output (overwrites gx).
+  if (grad_output.scalar_type() == at::kFloat && conv_tinyc::grad_applies(p)) {
+    const at::Tensor w = weight.contiguous();
+    if (conv_tinyc::input_backward(grad_output.const_data_ptr<float>(), strides_of(grad_output),
+                                   w.const_data_ptr<float>(), gx.mutable_data_ptr<float>(), strides_of(gx), p))
+      return gx;
+  }
   if (!pointwise && !(sgemm && conv_sgemm::input_backward_overwrites(p, strides_of(gx)))) gx.zero_();
   if (sgemm) {
     kInSgemm.hit();
@@ -759,6 +766,18 @@ at::Tensor conv2d_weight_backward(const at::Tensor& grad_out, const at::Tensor& 
     // Winograd where it applies (AVX-512F or AVX2), then the AVX-512 GEMM.
     at::Tensor gw = at::empty({p.O, Cg, p.KH, p.KW}, grad_output.options());
     if (winograd::weight_backward_tensor(grad_output, input, gw, p)) return gw;
+    if (conv_tinyc::grad_applies(p)) {
+      const float* gyp = grad_output.const_data_ptr<float>();
+      const float* xp = input.const_data_ptr<float>();
+      float* gwp = gw.mutable_data_ptr<float>();
+      if (!conv_tinyc::weight_backward(gyp, strides_of(grad_output), xp, strides_of(input), gwp, p)) {
+        // A value not finite: the direct loops sum only the terms inside the input, as stock
+        // (the GEMM paths below would multiply the padding's zeros by it too).
+        kWDirect.hit();
+        direct_weight_backward(gyp, strides_of(grad_output), xp, strides_of(input), gwp, p);
+      }
+      return gw;
+    }
     if (use_sgemm(grad_output)) {
       kWSgemm.hit();
       conv_sgemm::weight_backward(grad_output.const_data_ptr<float>(), strides_of(grad_output),

@@ -43,6 +43,33 @@ bool applies(const Conv2dParams& p);
 void forward(const float* x, const Strides4& xs, const float* w, const float* bias, float* y,
              const Strides4& ys, const Conv2dParams& p, bool relu, const RowsDoneFn& rows_done);
 
+// The gradients of such layers on CPUs with AVX2 + FMA and no AVX-512F
+// (csrc/cpu/conv2d_tinyc_grad.cpp), where the at::mm paths run GEMMs with 16 or fewer rows or
+// a K of 16 or less (LeNet's second layer: 1.5x stock's time for each gradient). grad_applies:
+// float32, one group, stride 1, dilation 1, 1 to 8 input channels, 4 to 16 output channels,
+// at least 25 and at most 1024 taps, padding below the kernel.
+bool grad_applies(const Conv2dParams& p);
+
+// gx (every element written) = the input gradient for gy and w (contiguous O x C x KH x KW),
+// through the strides of gy and gx, as a direct convolution of gy zero-padded with the
+// weight: 8 positions of a gx row a vector, the taps of every output channel summed in the
+// order (o, kh, kw) (float32; a function of the shape only). Returns false, having written
+// nothing, where grad_applies is false or a weight value is not finite (it would meet the
+// zero padding: path conv2d.tiny_c_grad.nonfinite_fallback).
+bool input_backward(const float* gy, const Strides4& gs, const float* w, float* gx, const Strides4& xs,
+                    const Conv2dParams& p);
+
+// gw (contiguous O x C x KH x KW, every element written) = the weight gradient for gy and x
+// (through their strides): per band of output rows, each (output channel, tap) a dot product
+// over the band's positions in rows padded to the input's padded width, 8 positions a vector;
+// the vector sums of a fixed set of bands (at most 16 sets, by the shape) added horizontally,
+// then the sets in order (results do not depend on the thread count). Returns false where
+// grad_applies is false or a value of x or gy is not finite (it would meet zeros that pad
+// the rows or the input, where stock sums only the terms inside the input: the caller then
+// runs a path that does).
+bool weight_backward(const float* gy, const Strides4& gs, const float* x, const Strides4& xs, float* gw,
+                     const Conv2dParams& p);
+
 }  // namespace conv_tinyc
 }  // namespace cpu
 }  // namespace cnnext
