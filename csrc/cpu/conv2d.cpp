@@ -11,6 +11,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -44,6 +45,9 @@ CNNEXT_PATH_NEEDS(kInSgemm, "conv2d.input_grad.sgemm", kAvx512F);
 CNNEXT_PATH(kInDirect, "conv2d.input_grad.direct");
 CNNEXT_PATH(kInMm, "conv2d.input_grad.mm");
 CNNEXT_PATH(kWDirect, "conv2d.weight_grad.direct");
+// A padded float32 convolution's weight gradient came out not finite and was recomputed by
+// the direct loops (stock's terms only: conv2d_weight_backward).
+CNNEXT_PATH(kWNonFiniteRedo, "conv2d.weight_grad.nonfinite_direct");
 CNNEXT_PATH_NEEDS(kWSgemm, "conv2d.weight_grad.sgemm", kAvx512F);
 CNNEXT_PATH(kWMm, "conv2d.weight_grad.mm");
 CNNEXT_PATH(kFwdMmBlocks, "conv2d.fwd.mm_sample_blocks");
@@ -747,9 +751,10 @@ at::Tensor conv2d_input_backward(const at::Tensor& grad_out, const at::Tensor& w
   return gx;
 }
 
-at::Tensor conv2d_weight_backward(const at::Tensor& grad_out, const at::Tensor& input,
-                                  const Conv2dParams& p) {
-  if (is_half(grad_out)) return half::conv2d_weight_backward(grad_out, input, p);
+namespace {
+
+// The weight gradient by the fastest path that takes p (float32 / float64).
+at::Tensor weight_backward_paths(const at::Tensor& grad_out, const at::Tensor& input, const Conv2dParams& p) {
   const at::Tensor grad_output = flattenable(grad_out);
   const int64_t Cg = p.in_per_group(), Og = p.out_per_group(), K = Cg * p.KH * p.KW;
   const bool pointwise = is_pointwise(p) && planes_flatten(input);
@@ -766,18 +771,11 @@ at::Tensor conv2d_weight_backward(const at::Tensor& grad_out, const at::Tensor& 
     // Winograd where it applies (AVX-512F or AVX2), then the AVX-512 GEMM.
     at::Tensor gw = at::empty({p.O, Cg, p.KH, p.KW}, grad_output.options());
     if (winograd::weight_backward_tensor(grad_output, input, gw, p)) return gw;
-    if (conv_tinyc::grad_applies(p)) {
-      const float* gyp = grad_output.const_data_ptr<float>();
-      const float* xp = input.const_data_ptr<float>();
-      float* gwp = gw.mutable_data_ptr<float>();
-      if (!conv_tinyc::weight_backward(gyp, strides_of(grad_output), xp, strides_of(input), gwp, p)) {
-        // A value not finite: the direct loops sum only the terms inside the input, as stock
-        // (the GEMM paths below would multiply the padding's zeros by it too).
-        kWDirect.hit();
-        direct_weight_backward(gyp, strides_of(grad_output), xp, strides_of(input), gwp, p);
-      }
+    // Few channels under a large kernel, AVX2 (hands a non-finite value over to the paths below).
+    if (conv_tinyc::grad_applies(p) &&
+        conv_tinyc::weight_backward(grad_output.const_data_ptr<float>(), strides_of(grad_output),
+                                    input.const_data_ptr<float>(), strides_of(input), gw.mutable_data_ptr<float>(), p))
       return gw;
-    }
     if (use_sgemm(grad_output)) {
       kWSgemm.hit();
       conv_sgemm::weight_backward(grad_output.const_data_ptr<float>(), strides_of(grad_output),
@@ -839,6 +837,36 @@ at::Tensor conv2d_weight_backward(const at::Tensor& grad_out, const at::Tensor& 
   at::Tensor gw = partial[0];
   for (int64_t t = 1; t < threads; ++t) gw.add_(partial[t]);
   return gw.view({p.O, Cg, p.KH, p.KW});
+}
+
+template <typename T>
+bool all_finite(const T* v, int64_t n) {
+  bool ok = true;
+  for (int64_t i = 0; i < n; ++i) ok &= std::isfinite(v[i]);
+  return ok;
+}
+
+}  // namespace
+
+at::Tensor conv2d_weight_backward(const at::Tensor& grad_out, const at::Tensor& input,
+                                  const Conv2dParams& p) {
+  if (is_half(grad_out)) return half::conv2d_weight_backward(grad_out, input, p);
+  at::Tensor gw = weight_backward_paths(grad_out, input, p).contiguous();
+  // Stock's float32 weight gradient (oneDNN) sums only the terms inside the input. The
+  // unfolding, Winograd and GEMM paths multiply grad_output by the zeros that pad the input
+  // too, so an Inf in grad_output next to the padding gives them NaN where stock has Inf or
+  // a finite value. Such a value shows in gw (never less finite than stock's): a non-finite
+  // float32 gw of a padded convolution is recomputed by the direct loops, which sum stock's
+  // terms. (Stock's float64 path unfolds as ours do, NaN included: float64 keeps it.)
+  if (gw.scalar_type() == at::kFloat && (p.PH > 0 || p.PW > 0) && !use_direct_loops(p) &&
+      !all_finite(gw.const_data_ptr<float>(), gw.numel())) {
+    kWDirect.hit();
+    kWNonFiniteRedo.hit();
+    const at::Tensor gy = flattenable(grad_out);
+    direct_weight_backward(gy.const_data_ptr<float>(), strides_of(gy), input.const_data_ptr<float>(), strides_of(input),
+                           gw.mutable_data_ptr<float>(), p);
+  }
+  return gw;
 }
 
 at::Tensor channel_sum(const at::Tensor& t) {

@@ -65,8 +65,8 @@ bool input_backward(const float* gy, const Strides4& gs, const float* w, float* 
 // the vector sums of a fixed set of bands (at most 16 sets, by the shape) added horizontally,
 // then the sets in order (results do not depend on the thread count). Returns false where
 // grad_applies is false or a value of x or gy is not finite (it would meet zeros that pad
-// the rows or the input, where stock sums only the terms inside the input: the caller then
-// runs a path that does).
+// the rows; the caller's other paths run, and a non-finite result of a padded convolution
+// is recomputed by the direct loops: cpu::conv2d_weight_backward).
 bool weight_backward(const float* gy, const Strides4& gs, const float* x, const Strides4& xs, float* gw,
                      const Conv2dParams& p);
 
