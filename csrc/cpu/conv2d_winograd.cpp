@@ -1348,8 +1348,10 @@ at::Tensor cached_weight(const at::Tensor& weight, int64_t O, int64_t C, int m, 
   const at::Tensor u = weight_cache().get(
       {weight}, {flipped ? kFlippedTransformedWeightTag : kTransformedWeightTag, O, C, m},
       [&](const std::vector<at::Tensor>& reuse) {
-        const at::Tensor wc = weight.contiguous();
-        at::Tensor out = reuse.empty() ? DerivedCache::empty({transformed_weight_size(O, C, m)}, weight.options())
+        // A bfloat16 weight in float (exact); a float32 one as it is.
+        const at::Tensor wc = weight.to(at::kFloat).contiguous();
+        at::Tensor out = reuse.empty() ? DerivedCache::empty({transformed_weight_size(O, C, m)},
+                                                             weight.options().dtype(at::kFloat))
                                        : reuse[0];
         const float* w = wc.const_data_ptr<float>();
         if (flipped) {
@@ -1488,15 +1490,16 @@ bool bf16_pays(const Conv2dParams& p) {
 #ifdef CNNEXT_WINO_AVX512
 namespace {
 
-// The bfloat16 forward of forward_bf16_tensor / input_backward_bf16_tensor with tile m on
-// this CPU's transforms (AVX-512F: 16 tiles a vector, else AVX2: 8).
-bool forward_bf16(const uint16_t* x, const Strides4& xs, const float* w, int64_t wso, int64_t wsc, int64_t wst,
-                  const float* bias, uint16_t* y, const Strides4& ys, const Conv2dParams& p, bool relu, int m) {
+// The bfloat16 forward of forward_bf16_tensor / input_backward_bf16_tensor with tile m and
+// the transformed weight u on this CPU's transforms (AVX-512F: 16 tiles a vector, else
+// AVX2: 8).
+bool forward_bf16(const uint16_t* x, const Strides4& xs, const float* u, const float* bias, uint16_t* y,
+                  const Strides4& ys, const Conv2dParams& p, bool relu, int m) {
   const bool wide = sgemm::available();
   if (!wide) kAvx2Kernels.hit();
-#define CNNEXT_WINO_BF16(MM)                                                                                 \
-  (wide ? forward_m<MM, true, uint16_t, uint16_t>(x, xs, w, wso, wsc, wst, nullptr, bias, y, ys, p, relu) \
-        : forward_m<MM, false, uint16_t, uint16_t>(x, xs, w, wso, wsc, wst, nullptr, bias, y, ys, p, relu))
+#define CNNEXT_WINO_BF16(MM)                                                                           \
+  (wide ? forward_m<MM, true, uint16_t, uint16_t>(x, xs, nullptr, 0, 0, 0, u, bias, y, ys, p, relu) \
+        : forward_m<MM, false, uint16_t, uint16_t>(x, xs, nullptr, 0, 0, 0, u, bias, y, ys, p, relu))
   bool ok = false;
   if (m == 2) {
     kF2.hit();
@@ -1523,16 +1526,15 @@ bool forward_bf16_tensor(const at::Tensor& input, const at::Tensor& weight, cons
   if (m == 0 || !bf16_pays(p) || input.scalar_type() != at::kBFloat16 || weight.scalar_type() != at::kBFloat16 ||
       out.scalar_type() != at::kBFloat16)
     return false;
-  // The weight in float (exact), transformed per call: a float copy's cache entry would
-  // never be reused.
-  const at::Tensor wf = weight.to(at::kFloat).contiguous();
+  // The weight's transform (of its float values, exact) from the weight cache, under the
+  // bfloat16 weight itself: computed once per weight value, as float32's.
+  const at::Tensor u = cached_weight(weight, p.O, p.C, m, false);
   at::Tensor bf;
   if (bias.has_value() && bias->defined()) bf = bias->to(at::kFloat).contiguous();
   const uint16_t* x = reinterpret_cast<const uint16_t*>(input.const_data_ptr<at::BFloat16>());
   uint16_t* y = reinterpret_cast<uint16_t*>(out.mutable_data_ptr<at::BFloat16>());
   const float* b = bf.defined() ? bf.const_data_ptr<float>() : nullptr;
-  if (!forward_bf16(x, strides_of(input), wf.const_data_ptr<float>(), p.C * 9, 9, 1, b, y, strides_of(out), p, relu,
-                    m))
+  if (!forward_bf16(x, strides_of(input), u.const_data_ptr<float>(), b, y, strides_of(out), p, relu, m))
     return false;
   kBf16Fwd.hit();
   return true;
@@ -1551,12 +1553,11 @@ at::Tensor input_backward_bf16_tensor(const at::Tensor& grad_output, const at::T
   const int m = choose_tile(q);
   if (m == 0 || !bf16_pays(q)) return at::Tensor();
   at::Tensor gx = empty_output({p.N, p.C, p.H, p.W}, grad_output.options().memory_format(out_format));
-  // The flipped weight's element (o', c', t) is w[c'][o'][8 - t], read from a float copy.
-  const at::Tensor wf = weight.to(at::kFloat).contiguous();
+  // The flipped weight's transform, cached under the bfloat16 weight like the forward's.
+  const at::Tensor u = cached_weight(weight, q.O, q.C, m, true);
   const uint16_t* gy = reinterpret_cast<const uint16_t*>(grad_output.const_data_ptr<at::BFloat16>());
   uint16_t* out = reinterpret_cast<uint16_t*>(gx.mutable_data_ptr<at::BFloat16>());
-  if (!forward_bf16(gy, strides_of(grad_output), wf.const_data_ptr<float>() + 8, 9, q.O * 9, -1, nullptr, out,
-                    strides_of(gx), q, false, m))
+  if (!forward_bf16(gy, strides_of(grad_output), u.const_data_ptr<float>(), nullptr, out, strides_of(gx), q, false, m))
     return at::Tensor();
   kBf16InputGrad.hit();
   return gx;
