@@ -9,6 +9,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/ConvUtils.h>
 
 #include <algorithm>
 #include <cmath>
@@ -48,6 +49,9 @@ CNNEXT_PATH(kWDirect, "conv2d.weight_grad.direct");
 // A padded float32 convolution's weight gradient came out not finite and was recomputed by
 // the direct loops (stock's terms only: conv2d_weight_backward).
 CNNEXT_PATH(kWNonFiniteRedo, "conv2d.weight_grad.nonfinite_direct");
+// A padded float32 forward with a non-finite weight, recomputed by the direct loops
+// (stock's taps only: match_stock_padding).
+CNNEXT_PATH(kFwdNonFiniteDirect, "conv2d.fwd.nonfinite_direct");
 CNNEXT_PATH_NEEDS(kWSgemm, "conv2d.weight_grad.sgemm", kAvx512F);
 CNNEXT_PATH(kWMm, "conv2d.weight_grad.mm");
 CNNEXT_PATH(kFwdMmBlocks, "conv2d.fwd.mm_sample_blocks");
@@ -498,11 +502,73 @@ double sum_run(const T* r, int64_t n) {
 
 }  // namespace
 
+namespace {
+
+// The first output row (column) whose window lies inside the input for every tap, or -1.
+int64_t first_inside(int64_t out, int64_t in, int64_t k, int64_t s, int64_t pad, int64_t d) {
+  const int64_t o = (pad + s - 1) / s;  // the first with o * s - pad >= 0
+  return o < out && o * s - pad + (k - 1) * d < in ? o : -1;
+}
+
+template <typename T>
+bool finite_all(const T* v, int64_t n) {
+  bool ok = true;
+  for (int64_t i = 0; i < n; ++i) ok &= std::isfinite(v[i]);
+  return ok;
+}
+
+// Whether stock torch would run this float32 convolution on oneDNN, whose kernels sum only
+// the taps inside the input (its other CPU backends, like every path here, multiply the
+// padding's zeros too: a non-finite weight, or grad_output value, then gives NaN there).
+// Asked of torch's own backend choice (batch, kernel and map sizes, threads decide it); only
+// called once a non-finite value is there.
+bool stock_skips_padding(const at::Tensor& input, const at::Tensor& weight, const Conv2dParams& p) {
+  const std::vector<c10::SymInt> stride{p.SH, p.SW}, pad{p.PH, p.PW}, dil{p.DH, p.DW}, outpad{0, 0};
+  return at::native::select_conv_backend(input, weight, c10::nullopt, stride, pad, dil, false, outpad, p.G,
+                                         c10::nullopt) == at::native::ConvBackend::Mkldnn;
+}
+
+// Stock's float32 forward on oneDNN sums only the taps inside the input; every path here
+// multiplies the padding's zeros by the weight too, so a non-finite weight gives NaN where
+// stock's output is finite (or Inf). Whether out can hold such a NaN is probed cheaply: a
+// non-finite weight of channel o makes out[0][o] non-finite wherever the window lies inside
+// the input, so O values at one such position (or, with none, the whole output, which is
+// then small) clear the common case. Otherwise, if the weight itself is not finite and
+// stock would take oneDNN, the direct loops recompute out with its taps.
+void match_stock_padding(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                         const Conv2dParams& p, at::Tensor& out, bool relu) {
+  if (out.scalar_type() != at::kFloat || (p.PH == 0 && p.PW == 0) || use_direct_loops(p) || out.numel() == 0) return;
+  const Strides4 ys = strides_of(out);
+  const float* y = out.const_data_ptr<float>();
+  const int64_t oh = first_inside(p.OH, p.H, p.KH, p.SH, p.PH, p.DH);
+  const int64_t ow = first_inside(p.OW, p.W, p.KW, p.SW, p.PW, p.DW);
+  // With ReLU an Inf weight can leave 0 at the probe (max(-Inf, 0)): the weight is scanned
+  // (the fused eval op's, folded per call: a pass like the fold).
+  bool suspect = relu;
+  if (relu) {
+  } else if (oh >= 0 && ow >= 0) {
+    for (int64_t o = 0; o < p.O; ++o) suspect |= !std::isfinite(y[o * ys.c + oh * ys.h + ow * ys.w]);
+  } else {
+    suspect = !at::isfinite(out).all().item<bool>();
+  }
+  if (!suspect) return;
+  const at::Tensor w = weight.contiguous();
+  if (finite_all(w.const_data_ptr<float>(), w.numel()) || !stock_skips_padding(input, weight, p)) return;
+  kFwdNonFiniteDirect.hit();
+  const bool has_bias = bias.has_value() && bias->defined();
+  const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
+  direct_forward(input.const_data_ptr<float>(), strides_of(input), w.const_data_ptr<float>(),
+                 has_bias ? b.const_data_ptr<float>() : nullptr, out.mutable_data_ptr<float>(), ys, p, relu);
+}
+
+}  // namespace
+
 at::Tensor conv2d_forward(const at::Tensor& input, const at::Tensor& weight,
                           const c10::optional<at::Tensor>& bias, const Conv2dParams& p,
                           at::MemoryFormat out_format, bool relu) {
   at::Tensor out = empty_output({p.N, p.O, p.OH, p.OW}, input.options().memory_format(out_format));
   conv2d_forward_rows(input, weight, bias, p, out, relu, RowsDone());
+  match_stock_padding(input, weight, bias, p, out, relu);
   return out;
 }
 
@@ -839,27 +905,22 @@ at::Tensor weight_backward_paths(const at::Tensor& grad_out, const at::Tensor& i
   return gw.view({p.O, Cg, p.KH, p.KW});
 }
 
-template <typename T>
-bool all_finite(const T* v, int64_t n) {
-  bool ok = true;
-  for (int64_t i = 0; i < n; ++i) ok &= std::isfinite(v[i]);
-  return ok;
-}
-
 }  // namespace
 
 at::Tensor conv2d_weight_backward(const at::Tensor& grad_out, const at::Tensor& input,
                                   const Conv2dParams& p) {
   if (is_half(grad_out)) return half::conv2d_weight_backward(grad_out, input, p);
   at::Tensor gw = weight_backward_paths(grad_out, input, p).contiguous();
-  // Stock's float32 weight gradient (oneDNN) sums only the terms inside the input. The
+  // Stock's float32 weight gradient on oneDNN sums only the terms inside the input. The
   // unfolding, Winograd and GEMM paths multiply grad_output by the zeros that pad the input
-  // too, so an Inf in grad_output next to the padding gives them NaN where stock has Inf or
-  // a finite value. Such a value shows in gw (never less finite than stock's): a non-finite
-  // float32 gw of a padded convolution is recomputed by the direct loops, which sum stock's
-  // terms. (Stock's float64 path unfolds as ours do, NaN included: float64 keeps it.)
+  // too (as stock's other backends and its float64 path do), so an Inf in grad_output next
+  // to the padding gives them NaN where oneDNN has Inf or a finite value. Such a value
+  // shows in gw (never less finite than oneDNN's): a non-finite float32 gw of a padded
+  // convolution that stock would run on oneDNN is recomputed by the direct loops, which sum
+  // its terms.
   if (gw.scalar_type() == at::kFloat && (p.PH > 0 || p.PW > 0) && !use_direct_loops(p) &&
-      !all_finite(gw.const_data_ptr<float>(), gw.numel())) {
+      !finite_all(gw.const_data_ptr<float>(), gw.numel()) &&
+      stock_skips_padding(input, at::empty({p.O, p.in_per_group(), p.KH, p.KW}, input.options()), p)) {
     kWDirect.hit();
     kWNonFiniteRedo.hit();
     const at::Tensor gy = flattenable(grad_out);
