@@ -516,7 +516,13 @@ def fit(net=None, data=None, *, resume=None, log=print, **options):
 
     dist_ = _init_distributed(o.device)
     try:
-        return _fit(o, ckpt, resume, start_epoch, dist_, log if dist_.main else (lambda *a, **k: None))
+        result = _fit(o, ckpt, resume, start_epoch, dist_, log if dist_.main else (lambda *a, **k: None))
+        # Every rank done before any tears gloo down: a rank that destroys its group while
+        # rank 0 still writes the run's files can make a process abort ("terminate called
+        # without an active exception", SIGABRT; seen in CI on the 2-core VM). Not on an
+        # exception: the other ranks might never arrive.
+        dist_.barrier()
+        return result
     finally:
         if dist_.owns_group:
             torch.distributed.destroy_process_group()
