@@ -95,4 +95,11 @@ CNNEXT_HD void conv_valid_out_range(int64_t t, int64_t in, int64_t s, int64_t p,
   *hi = h;
 }
 
+// The first output position whose window lies inside [0, in) for every tap, or -1 when
+// none does (every window meets the padding).
+CNNEXT_HD int64_t conv_first_inside_out(int64_t out_size, int64_t in, int64_t k, int64_t s, int64_t p, int64_t d) {
+  const int64_t o = (p + s - 1) / s;  // the first with o * s - p >= 0
+  return o < out_size && o * s - p + (k - 1) * d < in ? o : -1;
+}
+
 }  // namespace cnnext

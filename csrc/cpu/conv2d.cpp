@@ -24,6 +24,7 @@
 #include "cpu/conv2d.h"
 #include "cpu/conv2d_half.h"
 #include "cpu/cpu_features.h"
+#include "cpu/items.h"
 #include "cpu/half.h"
 #include "tensors.h"
 #include "cpu/conv2d_nhwc.h"
@@ -504,19 +505,6 @@ double sum_run(const T* r, int64_t n) {
 
 namespace {
 
-// The first output row (column) whose window lies inside the input for every tap, or -1.
-int64_t first_inside(int64_t out, int64_t in, int64_t k, int64_t s, int64_t pad, int64_t d) {
-  const int64_t o = (pad + s - 1) / s;  // the first with o * s - pad >= 0
-  return o < out && o * s - pad + (k - 1) * d < in ? o : -1;
-}
-
-template <typename T>
-bool finite_all(const T* v, int64_t n) {
-  bool ok = true;
-  for (int64_t i = 0; i < n; ++i) ok &= std::isfinite(v[i]);
-  return ok;
-}
-
 // Whether stock torch would run this float32 convolution on oneDNN, whose kernels sum only
 // the taps inside the input (its other CPU backends, like every path here, multiply the
 // padding's zeros too: a non-finite weight, or grad_output value, then gives NaN there).
@@ -540,8 +528,8 @@ void match_stock_padding(const at::Tensor& input, const at::Tensor& weight, cons
   if (out.scalar_type() != at::kFloat || (p.PH == 0 && p.PW == 0) || use_direct_loops(p) || out.numel() == 0) return;
   const Strides4 ys = strides_of(out);
   const float* y = out.const_data_ptr<float>();
-  const int64_t oh = first_inside(p.OH, p.H, p.KH, p.SH, p.PH, p.DH);
-  const int64_t ow = first_inside(p.OW, p.W, p.KW, p.SW, p.PW, p.DW);
+  const int64_t oh = conv_first_inside_out(p.OH, p.H, p.KH, p.SH, p.PH, p.DH);
+  const int64_t ow = conv_first_inside_out(p.OW, p.W, p.KW, p.SW, p.PW, p.DW);
   // With ReLU an Inf weight can leave 0 at the probe (max(-Inf, 0)): the weight is scanned
   // (the fused eval op's, folded per call: a pass like the fold).
   bool suspect = relu;
@@ -553,7 +541,7 @@ void match_stock_padding(const at::Tensor& input, const at::Tensor& weight, cons
   }
   if (!suspect) return;
   const at::Tensor w = weight.contiguous();
-  if (finite_all(w.const_data_ptr<float>(), w.numel()) || !stock_skips_padding(input, weight, p)) return;
+  if (all_finite(w.const_data_ptr<float>(), w.numel()) || !stock_skips_padding(input, weight, p)) return;
   kFwdNonFiniteDirect.hit();
   const bool has_bias = bias.has_value() && bias->defined();
   const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
@@ -919,7 +907,7 @@ at::Tensor conv2d_weight_backward(const at::Tensor& grad_out, const at::Tensor& 
   // convolution that stock would run on oneDNN is recomputed by the direct loops, which sum
   // its terms.
   if (gw.scalar_type() == at::kFloat && (p.PH > 0 || p.PW > 0) && !use_direct_loops(p) &&
-      !finite_all(gw.const_data_ptr<float>(), gw.numel()) &&
+      !all_finite(gw.const_data_ptr<float>(), gw.numel()) &&
       stock_skips_padding(input, at::empty({p.O, p.in_per_group(), p.KH, p.KW}, input.options()), p)) {
     kWDirect.hit();
     kWNonFiniteRedo.hit();

@@ -1,13 +1,11 @@
 // See conv2d_tinyc.h: the AVX2 gradients of convolutions with few input and output channels.
 #include "cpu/conv2d_tinyc.h"
 
-#include <ATen/Parallel.h>
-
 #include <algorithm>
-#include <cmath>
 #include <vector>
 
 #include "cpu/cpu_features.h"
+#include "cpu/items.h"
 #include "cpu/scratch.h"
 #include "cpu/sgemm.h"
 #include "paths.h"
@@ -42,25 +40,6 @@ int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 // Thread-local buffers (slots 0 and 1 are the forward's): 2 the item's padded rows, 3 the
 // weight gradient's repacked grad_output rows, 4 its vector sums.
 float* scratch(int slot, int64_t elems) { return thread_scratch(ScratchPool::TinyC, slot, elems); }
-
-bool all_finite(const float* v, int64_t n) {
-  bool ok = true;
-  for (int64_t i = 0; i < n; ++i) ok &= std::isfinite(v[i]);
-  return ok;
-}
-
-// fn(i) for i in [0, count) over the threads.
-template <typename Fn>
-void run_items(int64_t count, const Fn& fn) {
-  if (count <= 0) return;
-  if (count == 1 || at::get_num_threads() == 1) {
-    for (int64_t i = 0; i < count; ++i) fn(i);
-    return;
-  }
-  at::parallel_for(0, count, 1, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) fn(i);
-  });
-}
 
 #ifdef CNNEXT_TINYC_GRAD
 #define TG_AVX2 __attribute__((target("avx2,fma")))

@@ -8,6 +8,7 @@
 #include "cpu/conv2d_winograd.h"
 #include "cpu/conv2d_bf16.h"
 #include "cpu/derived_cache.h"
+#include "cpu/items.h"
 #include "cpu/output_alloc.h"
 #include "cpu/scratch.h"
 
@@ -120,19 +121,6 @@ struct Mat<6> {
 // buffers, slot 1 the padded input, slot 2 the transformed weight of an uncached call;
 // for the weight gradient, slot 3 its transformed input and gradient, slot 4 its sums.
 float* scratch(int slot, int64_t elems) { return thread_scratch(ScratchPool::Winograd, slot, elems); }
-
-// fn(i) for i in [0, count), over the threads when there are several items.
-template <typename Fn>
-void run_items(int64_t count, const Fn& fn) {
-  if (count <= 0) return;
-  if (count == 1 || at::get_num_threads() == 1) {
-    for (int64_t i = 0; i < count; ++i) fn(i);
-    return;
-  }
-  at::parallel_for(0, count, 1, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) fn(i);
-  });
-}
 
 #ifdef CNNEXT_WINO_AVX512
 
@@ -580,15 +568,13 @@ WINO_AVX2 __attribute__((always_inline)) inline __m256i round_bf16x8(__m256 v) {
   return _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
 }
 
-// Stores row i of 8 tiles side by side as bfloat16 (y[l * M + j] = the bits in v[j][l]):
-// store_row8's interleave on the 32-bit lanes, then the 8 * M values narrowed to 16 bits
-// (they are below 2^16: packus does not saturate) and stored as whole vectors.
+// Stores row i of 8 tiles side by side as bfloat16 (y[l * M + j] = the bits in the low
+// half of v[j]'s lane l, round_bf16x8's): store_row8's interleave on the 32-bit lanes,
+// then the 8 * M values narrowed to 16 bits (they are below 2^16: packus does not
+// saturate) and stored as whole vectors.
 template <int M>
-WINO_AVX2 __attribute__((always_inline)) inline void store_row8_bf16(const __m256i* r, uint16_t* y) {
+WINO_AVX2 __attribute__((always_inline)) inline void store_row8_bf16(const __m256* v, uint16_t* y) {
   alignas(32) float tmp[8 * M];
-  __m256 v[M];
-#pragma GCC unroll 4
-  for (int j = 0; j < M; ++j) v[j] = _mm256_castsi256_ps(r[j]);
   store_row8<M>(v, tmp);
 #pragma GCC unroll 2
   for (int k = 0; k < 8 * M; k += 16) {
@@ -597,6 +583,18 @@ WINO_AVX2 __attribute__((always_inline)) inline void store_row8_bf16(const __m25
     // packus interleaves the 128-bit halves (a.lo, b.lo, a.hi, b.hi): put them back in order.
     const __m256i h = _mm256_permute4x64_epi64(_mm256_packus_epi32(a, b), 0xD8);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + k), h);
+  }
+}
+
+// A stored lane: the float, or (bfloat16) the rounded bits in its low half.
+template <typename Y>
+inline Y lane_value(float v) {
+  if constexpr (std::is_same<Y, float>::value) {
+    return v;
+  } else {
+    uint32_t bits;
+    std::memcpy(&bits, &v, 4);
+    return static_cast<Y>(bits);
   }
 }
 
@@ -617,7 +615,6 @@ WINO_AVX2 bool output_transform_avx2(const float* mbuf, int64_t m_size, const Co
   unsigned bad = 0;
   const __m256 zero = _mm256_setzero_ps();
   alignas(32) float lane[8];
-  alignas(32) uint32_t hlane[8];
   bool any_rows = false;
   for (int64_t tg = 0; tg < tc; tg += 8) {
     tile_lanes(t0 + tg, t0 + tc, M, p, L, ys, &tl);
@@ -656,42 +653,24 @@ WINO_AVX2 bool output_transform_avx2(const float* mbuf, int64_t m_size, const Co
           const __m256 dz = _mm256_sub_ps(val, val);  // NaN exactly where val is not finite
           bad |= unsigned(_mm256_movemask_ps(_mm256_cmp_ps(dz, dz, _CMP_UNORD_Q)));
           if (relu) val = _mm256_blendv_ps(val, zero, _mm256_cmp_ps(val, zero, _CMP_LT_OQ));
+          // bfloat16: each lane's rounded bits, carried in the float lanes to the stores.
+          if constexpr (kBf16) val = _mm256_castsi256_ps(round_bf16x8(val));
           row[j] = val;
         }
-        if constexpr (kBf16) {
-          __m256i h[M];
-#pragma GCC unroll 8
-          for (int j = 0; j < M; ++j) h[j] = round_bf16x8(row[j]);
-          if constexpr (M == 2 || M == 4) {
-            if (row_run && (rowok[i] & 1u)) {
-              store_row8_bf16<M>(h, yo + tl.out[0] + i * ys.h);
-              continue;
-            }
+        if constexpr (M == 2 || M == 4) {
+          if (row_run && (rowok[i] & 1u)) {
+            if constexpr (kBf16) store_row8_bf16<M>(row, yo + tl.out[0] + i * ys.h);
+            else store_row8<M>(row, yo + tl.out[0] + i * ys.h);
+            continue;
           }
+        }
 #pragma GCC unroll 8
-          for (int j = 0; j < M; ++j) {
-            _mm256_store_si256(reinterpret_cast<__m256i*>(hlane), h[j]);
-            Y* base = yo + i * ys.h + j * ys.w;
-            for (unsigned st = valid & rowok[i] & colok[j]; st; st &= st - 1) {
-              const int l = __builtin_ctz(st);
-              base[tl.out[l]] = static_cast<Y>(hlane[l]);
-            }
-          }
-        } else {
-          if constexpr (M == 2 || M == 4) {
-            if (row_run && (rowok[i] & 1u)) {
-              store_row8<M>(row, yo + tl.out[0] + i * ys.h);
-              continue;
-            }
-          }
-#pragma GCC unroll 8
-          for (int j = 0; j < M; ++j) {
-            _mm256_store_ps(lane, row[j]);
-            Y* base = yo + i * ys.h + j * ys.w;
-            for (unsigned st = valid & rowok[i] & colok[j]; st; st &= st - 1) {
-              const int l = __builtin_ctz(st);
-              base[tl.out[l]] = lane[l];
-            }
+        for (int j = 0; j < M; ++j) {
+          _mm256_store_ps(lane, row[j]);
+          Y* base = yo + i * ys.h + j * ys.w;
+          for (unsigned st = valid & rowok[i] & colok[j]; st; st &= st - 1) {
+            const int l = __builtin_ctz(st);
+            base[tl.out[l]] = lane_value<Y>(lane[l]);
           }
         }
       }
