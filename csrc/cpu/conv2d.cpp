@@ -59,6 +59,9 @@ CNNEXT_PATH(kFwdMmBlocks, "conv2d.fwd.mm_sample_blocks");
 CNNEXT_PATH(kFwdMmRowsCl, "conv2d.fwd.mm_rows_channels_last");
 CNNEXT_PATH(kInMmBlocks, "conv2d.input_grad.mm_sample_blocks");
 CNNEXT_PATH(kWMmBlocks, "conv2d.weight_grad.mm_sample_blocks");
+// conv2d_and_weight_backward: one unfolding of the input serves both GEMMs (conv_transpose2d's
+// backward: grad_input and grad_weight unfold grad_output alike).
+CNNEXT_PATH(kSharedColumns, "conv2d.fwd_and_weight_grad.shared_columns");
 // sample_blocks chose one block for every thread (a weight-bound GEMM, below).
 CNNEXT_PATH(kBlocksWeightBound, "conv2d.sample_blocks.weight_bound");
 // im2col of float rows read at a stride of 2, by AVX2 vectors (gather_even_avx2).
@@ -895,17 +898,17 @@ at::Tensor weight_backward_paths(const at::Tensor& grad_out, const at::Tensor& i
 
 }  // namespace
 
-at::Tensor conv2d_weight_backward(const at::Tensor& grad_out, const at::Tensor& input,
-                                  const Conv2dParams& p) {
-  if (is_half(grad_out)) return half::conv2d_weight_backward(grad_out, input, p);
-  at::Tensor gw = weight_backward_paths(grad_out, input, p).contiguous();
-  // Stock's float32 weight gradient on oneDNN sums only the terms inside the input. The
-  // unfolding, Winograd and GEMM paths multiply grad_output by the zeros that pad the input
-  // too (as stock's other backends and its float64 path do), so an Inf in grad_output next
-  // to the padding gives them NaN where oneDNN has Inf or a finite value. Such a value
-  // shows in gw (never less finite than oneDNN's): a non-finite float32 gw of a padded
-  // convolution that stock would run on oneDNN is recomputed by the direct loops, which sum
-  // its terms.
+namespace {
+
+// Stock's float32 weight gradient on oneDNN sums only the terms inside the input. The
+// unfolding, Winograd and GEMM paths multiply grad_output by the zeros that pad the input
+// too (as stock's other backends and its float64 path do), so an Inf in grad_output next
+// to the padding gives them NaN where oneDNN has Inf or a finite value. Such a value
+// shows in gw (never less finite than oneDNN's): a non-finite float32 gw of a padded
+// convolution that stock would run on oneDNN is recomputed by the direct loops, which sum
+// its terms.
+void match_stock_padding_gw(const at::Tensor& grad_out, const at::Tensor& input, at::Tensor& gw,
+                            const Conv2dParams& p) {
   if (gw.scalar_type() == at::kFloat && (p.PH > 0 || p.PW > 0) && !use_direct_loops(p) &&
       !all_finite(gw.const_data_ptr<float>(), gw.numel()) &&
       stock_skips_padding(input, at::empty({p.O, p.in_per_group(), p.KH, p.KW}, input.options()), p)) {
@@ -915,7 +918,73 @@ at::Tensor conv2d_weight_backward(const at::Tensor& grad_out, const at::Tensor& 
     direct_weight_backward(gy.const_data_ptr<float>(), strides_of(gy), input.const_data_ptr<float>(), strides_of(input),
                            gw.mutable_data_ptr<float>(), p);
   }
+}
+
+}  // namespace
+
+at::Tensor conv2d_weight_backward(const at::Tensor& grad_out, const at::Tensor& input,
+                                  const Conv2dParams& p) {
+  if (is_half(grad_out)) return half::conv2d_weight_backward(grad_out, input, p);
+  at::Tensor gw = weight_backward_paths(grad_out, input, p).contiguous();
+  match_stock_padding_gw(grad_out, input, gw, p);
   return gw;
+}
+
+bool conv2d_and_weight_backward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& other,
+                                const Conv2dParams& p, at::Tensor& out, at::Tensor& grad_weight) {
+  // Where conv2d_forward and weight_backward_paths would both take their at::mm paths on
+  // unfolded bands of input (fwd.mm, weight_grad.mm): a float dtype without our GEMM
+  // (AVX-512 runs conv_sgemm's paths), NCHW tensors, a stride past 1 (no Winograd, no
+  // few-channel kernels: those are stride 1) and one band a work item per sample or more
+  // (no sample blocks).
+  const auto dt = input.scalar_type();
+  if (!(dt == at::kFloat || dt == at::kDouble) || weight.scalar_type() != dt || other.scalar_type() != dt)
+    return false;
+  if (use_sgemm(input) || use_direct_loops(p) || is_pointwise(p) || (p.SH == 1 && p.SW == 1) ||
+      conv_tinyc::applies(p) || p.N * p.OH * p.OW == 0)
+    return false;
+  if (!input.is_contiguous() || !weight.is_contiguous() || !other.is_contiguous()) return false;
+  const Bands bands = bands_for(p);
+  if (bands.count == 1 && sample_blocks(p).per > 1) return false;
+  // A non-finite weight meets the padding's zeros (match_stock_padding): the two ops then.
+  if (dt == at::kFloat && (p.PH > 0 || p.PW > 0) && !all_finite(weight.const_data_ptr<float>(), weight.numel()))
+    return false;
+  kFwdMm.hit();
+  kWMm.hit();
+  kSharedColumns.hit();
+  const int64_t Cg = p.in_per_group(), Og = p.out_per_group(), K = Cg * p.KH * p.KW;
+  out = empty_output({p.N, p.O, p.OH, p.OW}, input.options());
+  const at::Tensor w = weight.view({p.G, Og, K});
+  const int64_t items = p.N * bands.count;
+  const int64_t threads = items > 1 ? at::get_num_threads() : 1;
+  // The same items, GEMMs and per-thread partial sums as the two paths: each result is
+  // bitwise the one its own op gives.
+  at::Tensor partial = at::zeros({threads, p.G, Og, K}, input.options());
+  const Strides4 xs = strides_of(input);
+  AT_DISPATCH_FLOATING_TYPES(dt, "cnnext_conv2d_and_weight_backward", [&] {
+    const scalar_t* x = input.const_data_ptr<scalar_t>();
+    for_each_item(items, input, K * bands.rows * p.OW, [&](int64_t item, at::Tensor& buf) {
+      at::Tensor acc = partial[threads > 1 ? at::get_thread_num() : 0];
+      const int64_t n = item / bands.count;
+      const int64_t oh0 = (item % bands.count) * bands.rows;
+      const int64_t oh1 = std::min(p.OH, oh0 + bands.rows);
+      const int64_t L = (oh1 - oh0) * p.OW;
+      for (int64_t g = 0; g < p.G; ++g) {
+        im2col(x + n * xs.n + g * Cg * xs.c, xs, p, Cg, oh0, oh1, buf.data_ptr<scalar_t>());
+        const at::Tensor col = buf.narrow(0, 0, K * L).view({K, L});
+        at::Tensor dst = plane_matrix(out, n, g * Og, Og, oh0, oh1);
+        at::mm_out(dst, w[g], col);
+        const at::Tensor gy = plane_matrix(other, n, g * Og, Og, oh0, oh1);
+        at::Tensor a = acc[g];
+        at::addmm_out(a, a, gy, col.t());
+      }
+    });
+  });
+  at::Tensor gw = partial[0];
+  for (int64_t t = 1; t < threads; ++t) gw.add_(partial[t]);
+  grad_weight = gw.view({p.O, Cg, p.KH, p.KW});
+  match_stock_padding_gw(other, input, grad_weight, p);
+  return true;
 }
 
 at::Tensor channel_sum(const at::Tensor& t) {

@@ -18,6 +18,15 @@ backend_api::conv2d_weight_backward conv2d_weight_backward;
 backend_api::channel_sum channel_sum;
 backend_api::add_channel_bias_ add_channel_bias_;
 
+// conv2d_forward(input, weight, no bias, NCHW) into out and conv2d_weight_backward(other,
+// input) into grad_weight at once, where both would unfold input the same way: one unfolding
+// then serves both GEMMs, each result bitwise its own op's. conv_transpose2d's backward
+// (grad_input and grad_weight both unfold grad_output) calls it with grad mode off. Returns
+// false, leaving out and grad_weight alone, where the shared path does not apply (the caller
+// then calls the two ops).
+bool conv2d_and_weight_backward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& other,
+                                const Conv2dParams& p, at::Tensor& out, at::Tensor& grad_weight);
+
 // Called by conv2d_forward_rows once output rows [oh0, oh1) of sample n are final in
 // every channel (bias and ReLU applied), on the thread that wrote them while they are
 // still in its cache where the path allows. The calls cover every (n, row) exactly once;

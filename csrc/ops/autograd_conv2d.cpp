@@ -20,6 +20,7 @@
 #include "ops/autograd_node.h"
 #include "ops/handles.h"
 #include "ops/checks.h"
+#include "ops/conv2d_common.h"
 #include "tensors.h"
 
 namespace cnnext {
@@ -171,6 +172,17 @@ struct ConvTranspose2dNode : OpNode {
         extra[d] = (out - input_hw[d]).guard_int(__FILE__, __LINE__);
       }
       const bool padded = extra[0] != 0 || extra[1] != 0;
+      // Both gradients unfold g alike: in a first-order backward on the CPU one unfolding
+      // serves the two GEMMs (the same values as the two ops below).
+      at::Tensor gx_shared, gw_shared;
+      if (nx && nw && !padded &&
+          conv2d_and_weight_backward(g, saved(weight), saved(input), c.stride, c.padding, c.dilation, c.groups,
+                                     gx_shared, gw_shared)) {
+        r[0] = gx_shared;
+        r[1] = gw_shared;
+        if (needs(2)) r[2] = op::channel_sum().call(g);
+        return r;
+      }
       if (nx) {
         at::Tensor gx = conv(g, saved(weight), c);
         if (padded) {  // dense, in the layout it had, as torch's (not a strided view)

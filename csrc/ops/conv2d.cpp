@@ -88,6 +88,51 @@ at::Tensor channel_sum(const at::Tensor& t) {
 
 }  // namespace
 
+namespace {
+
+// A tensor the dispatcher would hand straight to the CPU kernel: dense and strided, no
+// Python subclass, functorch wrapper, functionalization or lazy conjugate / negative bit.
+bool plain_cpu(const at::Tensor& t) {
+  constexpr c10::DispatchKeySet wrapped = c10::DispatchKeySet(c10::DispatchKey::Python) |
+                                          c10::DispatchKeySet(c10::DispatchKey::PythonTLSSnapshot) |
+                                          c10::DispatchKeySet(c10::DispatchKey::FuncTorchBatched) |
+                                          c10::DispatchKeySet(c10::DispatchKey::FuncTorchGradWrapper) |
+                                          c10::DispatchKeySet(c10::DispatchKey::Functionalize) |
+                                          c10::DispatchKeySet(c10::DispatchKey::Conjugate) |
+                                          c10::DispatchKeySet(c10::DispatchKey::Negative) |
+                                          c10::DispatchKeySet(c10::DispatchKey::ZeroTensor);
+  return t.defined() && t.device().is_cpu() && t.layout() == at::kStrided && t.dim() == 4 &&
+         !t.key_set().has_any(wrapped) && !t._fw_grad(/*level=*/0).defined();
+}
+
+}  // namespace
+
+bool conv2d_and_weight_backward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& other,
+                                at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                int64_t groups, at::Tensor& out, at::Tensor& grad_weight) {
+  if (at::GradMode::is_enabled() || !plain_cpu(input) || !plain_cpu(weight) || !plain_cpu(other)) return false;
+  // A dispatch mode (TorchDispatchMode, torch.func's layers) includes keys in the thread's
+  // dispatch state: it must see the two ops.
+  constexpr c10::DispatchKeySet modes = c10::DispatchKeySet(c10::DispatchKey::Python) |
+                                       c10::DispatchKeySet(c10::DispatchKey::PythonTLSSnapshot) |
+                                       c10::DispatchKeySet(c10::DispatchKey::PreDispatch) |
+                                       c10::DispatchKeySet(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) |
+                                       c10::DispatchKeySet(c10::DispatchKey::FuncTorchDynamicLayerBackMode) |
+                                       c10::DispatchKeySet(c10::DispatchKey::Functionalize);
+  if (c10::impl::tls_local_dispatch_key_set().included_.has_any(modes)) return false;
+  if (input.scalar_type() != weight.scalar_type() || input.scalar_type() != other.scalar_type()) return false;
+  // NCHW results, as the two ops give for NCHW operands.
+  if (layout_of({input, weight}) != at::MemoryFormat::Contiguous ||
+      layout_of({other, input}) != at::MemoryFormat::Contiguous)
+    return false;
+  const Conv2dParams p =
+      make_params("conv_transpose2d", input.sizes(), weight.sizes(), stride, padding, dilation, groups);
+  if (other.sizes() != at::IntArrayRef({p.N, p.O, p.OH, p.OW})) return false;
+  // The kernels run below autograd, as the ops' CPU kernels do.
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return cpu::conv2d_and_weight_backward(input, weight, other, p, out, grad_weight);
+}
+
 // The same checked entry points serve both dispatch keys: they pick the backend
 // from the input's device (CNNEXT_BACKEND).
 static void impls(torch::Library& m) {

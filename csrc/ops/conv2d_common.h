@@ -55,4 +55,15 @@ inline Conv2dParams make_params(const char* op, at::IntArrayRef in, at::IntArray
   return p;
 }
 
+// conv2d(input, weight) into out and conv2d_weight_backward(other, input, weight's size)
+// into grad_weight at once, sharing one unfolding of input (conv_transpose2d's backward,
+// csrc/ops/autograd_conv2d.cpp). Only for plain, dense, batched CPU tensors reached with
+// grad mode off, no forward-mode tangent and no dispatch mode or functorch layer in effect
+// (the kernel is called directly, around the dispatcher), and where the CPU backend has the
+// shared path (cpu::conv2d_and_weight_backward); false otherwise, out and grad_weight left
+// alone: the caller calls the two ops. Defined in csrc/ops/conv2d.cpp.
+bool conv2d_and_weight_backward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& other,
+                                at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                int64_t groups, at::Tensor& out, at::Tensor& grad_weight);
+
 }  // namespace cnnext
