@@ -64,13 +64,18 @@ def test_bf16_dot_against_float64(n):
     assert abs(got - want) <= 1e-6 * float((a.double() * b.double()).abs().sum()) + 1e-30
 
 
-def test_scalar_fallbacks():
+@pytest.mark.parametrize("isa", ["scalar", "avx2"])
+def test_capped_isa(isa):
+    """The scalar fallbacks, and the AVX2 conversions (which an AVX-512 CPU would not run
+    otherwise), under CNNEXT_CPU_ISA."""
+    if isa == "avx2" and _C._cpu_isa() == "scalar":
+        pytest.skip("this CPU has no AVX2")
     script = """
 import torch, sys
 sys.path.insert(0, {tests!r})
 import test_cpu_vec as T
 from cnnext import _C
-assert _C._cpu_isa() == "scalar", _C._cpu_isa()
+assert _C._cpu_isa() == {isa!r}, _C._cpu_isa()
 for dtype in (torch.bfloat16, torch.float16):
     for n in (1, 17, 1000):
         T.test_narrow_matches_torch_bitwise(dtype, n)
@@ -81,7 +86,7 @@ print("ok")
 """
     root = os.path.dirname(os.path.dirname(os.path.abspath(cnnext.__file__)))
     tests = os.path.dirname(os.path.abspath(__file__))
-    out = subprocess.run([sys.executable, "-c", script.format(tests=tests)], cwd=root,
-                         env=dict(os.environ, CNNEXT_CPU_ISA="scalar"), capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", script.format(tests=tests, isa=isa)], cwd=root,
+                         env=dict(os.environ, CNNEXT_CPU_ISA=isa), capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split()[-1] == "ok"

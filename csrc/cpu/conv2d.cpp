@@ -34,6 +34,7 @@
 #include "cpu/output_alloc.h"
 #include "cpu/scratch.h"
 #include "cpu/sgemm.h"
+#include "cpu/vec.h"
 #include "paths.h"
 
 namespace cnnext {
@@ -62,6 +63,9 @@ CNNEXT_PATH(kWMmBlocks, "conv2d.weight_grad.mm_sample_blocks");
 // conv2d_and_weight_backward: one unfolding of the input serves both GEMMs (conv_transpose2d's
 // backward: grad_input and grad_weight unfold grad_output alike).
 CNNEXT_PATH(kSharedColumns, "conv2d.fwd_and_weight_grad.shared_columns");
+// conv2d_forward_bf16_unfolded: bfloat16 input unfolded straight into float columns, the
+// output rounded from the GEMM's band (no float copies of input and output), AVX2.
+CNNEXT_PATH_NEEDS(kFwdMmBf16, "conv2d.fwd.mm_bf16_unfolded", kAvx2);
 // sample_blocks chose one block for every thread (a weight-bound GEMM, below).
 CNNEXT_PATH(kBlocksWeightBound, "conv2d.sample_blocks.weight_bound");
 // im2col of float rows read at a stride of 2, by AVX2 vectors (gather_even_avx2).
@@ -206,10 +210,22 @@ CNNEXT_TARGET("avx2") void scatter_add_even_avx2(const float* src, float* dst, i
   }
   for (; i < n; ++i) dst[2 * i] += src[i];
 }
+// dst[i] = float(src[2 * i]) for bfloat16 bits src, 8 at a time: one load of 16 values, whose
+// even ones are the low halves of the 32-bit lanes, shifted up into float bits (exact).
+// Reads src[0, 2n - 1) only, as gather_even_avx2.
+CNNEXT_TARGET("avx2") void gather_even_bf16_avx2(const uint16_t* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 9 <= n; i += 8) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 2 * i));
+    _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)));
+  }
+  for (; i < n; ++i) dst[i] = vec::bf16_to_float(src[2 * i]);
+}
 constexpr bool kGatherEven = true;
 #else
 void gather_even_avx2(const float*, float*, int64_t) {}
 void scatter_add_even_avx2(const float*, float*, int64_t) {}
+void gather_even_bf16_avx2(const uint16_t*, float*, int64_t) {}
 constexpr bool kGatherEven = false;
 #endif
 
@@ -561,6 +577,98 @@ at::Tensor conv2d_forward(const at::Tensor& input, const at::Tensor& weight,
   conv2d_forward_rows(input, weight, bias, p, out, relu, RowsDone());
   match_stock_padding(input, weight, bias, p, out, relu);
   return out;
+}
+
+namespace {
+
+// im2col of bfloat16 input into float columns (exact): im2col's loops, rows widened as they
+// are copied (unit stride: vec::bf16_to_float; a stride of 2 values: gather_even_bf16_avx2).
+void im2col_bf16(const uint16_t* x, const Strides4& xs, const Conv2dParams& p, int64_t Cg, int64_t oh0,
+                 int64_t oh1, float* col) {
+  const int64_t L = (oh1 - oh0) * p.OW;
+  const bool even = kGatherEven && p.SW * xs.w == 2 && cpu_features().avx2;
+  for (int64_t c = 0; c < Cg; ++c) {
+    for (int64_t kh = 0; kh < p.KH; ++kh) {
+      for (int64_t kw = 0; kw < p.KW; ++kw) {
+        float* dst = col + ((c * p.KH + kh) * p.KW + kw) * L;
+        int64_t lo, hi;
+        conv_valid_out_range(kw, p.W, p.SW, p.PW, p.DW, p.OW, &lo, &hi);
+        const int64_t iw_lo = conv_in_coord(lo, kw, p.SW, p.PW, p.DW);
+        for (int64_t oh = oh0; oh < oh1; ++oh, dst += p.OW) {
+          const int64_t ih = conv_in_coord(oh, kh, p.SH, p.PH, p.DH);
+          if (ih < 0 || ih >= p.H) {
+            std::fill(dst, dst + p.OW, 0.f);
+            continue;
+          }
+          std::fill(dst, dst + lo, 0.f);
+          std::fill(dst + hi, dst + p.OW, 0.f);
+          const uint16_t* src = x + c * xs.c + ih * xs.h + iw_lo * xs.w;
+          if (p.SW * xs.w == 1) {
+            vec::bf16_to_float(src, dst + lo, hi - lo);
+          } else if (even) {
+            gather_even_bf16_avx2(src, dst + lo, hi - lo);
+          } else {
+            const int64_t step = p.SW * xs.w;
+            for (int64_t ow = lo; ow < hi; ++ow) dst[ow] = vec::bf16_to_float(src[(ow - lo) * step]);
+          }
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+bool conv2d_forward_bf16_unfolded(const at::Tensor& input, const at::Tensor& weight,
+                                  const c10::optional<at::Tensor>& bias, const Conv2dParams& p, at::Tensor& out,
+                                  bool relu) {
+  // Where the float forward on float copies would take its fwd.mm path: no AVX-512 GEMM,
+  // no direct loops, no pointwise or few-channel kernel, no Winograd shape (3 x 3 stride 1:
+  // the bfloat16 Winograd's or, declined there, the float Winograd's), no sample blocks, an
+  // NCHW output, and a finite weight next to padding (match_stock_padding otherwise).
+  if (input.scalar_type() != at::kBFloat16 || weight.scalar_type() != at::kBFloat16 || sgemm::available() ||
+      !cpu_features().avx2 || out.numel() == 0 || !out.is_contiguous())
+    return false;
+  if (use_direct_loops(p) || is_pointwise(p) || conv_tinyc::applies(p)) return false;
+  if (p.KH == 3 && p.KW == 3 && p.SH == 1 && p.SW == 1 && p.DH == 1 && p.DW == 1) return false;
+  const Bands bands = bands_for(p);
+  if (bands.count == 1 && sample_blocks(p).per > 1) return false;
+  const at::Tensor wf = weight.to(at::kFloat).contiguous();
+  if ((p.PH > 0 || p.PW > 0) && !all_finite(wf.const_data_ptr<float>(), wf.numel())) return false;
+  const bool has_bias = bias.has_value() && bias->defined();
+  const at::Tensor b = has_bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  kFwdMm.hit();
+  kFwdMmBf16.hit();
+  const int64_t Cg = p.in_per_group(), Og = p.out_per_group(), K = Cg * p.KH * p.KW;
+  const at::Tensor w = wf.view({p.G, Og, K});
+  const Strides4 xs = strides_of(input), ys = strides_of(out);
+  const uint16_t* x = reinterpret_cast<const uint16_t*>(input.const_data_ptr<at::BFloat16>());
+  uint16_t* y = reinterpret_cast<uint16_t*>(out.mutable_data_ptr<at::BFloat16>());
+  const int64_t col_max = K * bands.rows * p.OW;
+  // The float path's items and GEMMs on the same float columns: the same float sums, each
+  // rounded once into out (as its out.copy_ of the float output).
+  for_each_item(p.N * bands.count, wf, col_max + Og * bands.rows * p.OW, [&](int64_t item, at::Tensor& buf) {
+    const int64_t n = item / bands.count;
+    const int64_t oh0 = (item % bands.count) * bands.rows;
+    const int64_t oh1 = std::min(p.OH, oh0 + bands.rows);
+    const int64_t L = (oh1 - oh0) * p.OW;
+    for (int64_t g = 0; g < p.G; ++g) {
+      float* colp = buf.data_ptr<float>();
+      im2col_bf16(x + n * xs.n + g * Cg * xs.c, xs, p, Cg, oh0, oh1, colp);
+      const at::Tensor col = buf.narrow(0, 0, K * L).view({K, L});
+      at::Tensor prod = buf.narrow(0, col_max, Og * L).view({Og, L});
+      if (has_bias) {
+        at::addmm_out(prod, b.narrow(0, g * Og, Og).unsqueeze(1).expand({Og, L}), w[g], col);
+      } else {
+        at::mm_out(prod, w[g], col);
+      }
+      if (relu) prod.clamp_min_(0);
+      const float* pr = prod.const_data_ptr<float>();
+      for (int64_t o = 0; o < Og; ++o)
+        vec::float_to_bf16(pr + o * L, y + n * ys.n + (g * Og + o) * ys.c + oh0 * ys.h, L);
+    }
+  });
+  return true;
 }
 
 void conv2d_forward_rows(const at::Tensor& input, const at::Tensor& weight,

@@ -27,6 +27,14 @@ backend_api::add_channel_bias_ add_channel_bias_;
 bool conv2d_and_weight_backward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& other,
                                 const Conv2dParams& p, at::Tensor& out, at::Tensor& grad_weight);
 
+// The bfloat16 forward where the float path on float copies would unfold the input for
+// at::mm (conv2d.fwd.mm), on AVX2 without the AVX-512 GEMM: the same float columns, GEMMs
+// and one rounding a value, read from and written to the bfloat16 tensors directly (bitwise
+// the float path's result rounded). False, out untouched, where it does not apply.
+bool conv2d_forward_bf16_unfolded(const at::Tensor& input, const at::Tensor& weight,
+                                  const c10::optional<at::Tensor>& bias, const Conv2dParams& p, at::Tensor& out,
+                                  bool relu);
+
 // Called by conv2d_forward_rows once output rows [oh0, oh1) of sample n are final in
 // every channel (bias and ReLU applied), on the thread that wrote them while they are
 // still in its cache where the path allows. The calls cover every (n, row) exactly once;

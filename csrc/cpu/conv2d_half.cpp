@@ -22,7 +22,8 @@ void conv2d_forward_rows(const at::Tensor& input, const at::Tensor& weight,
   if (out.numel() == 0) return;
   // bfloat16 3 x 3 stride 1 on wide layers: the float Winograd, where it beats the GEMM.
   if (winograd::forward_bf16_tensor(input, weight, bias, out, p, relu)) {
-  } else if (!bf16::conv2d_forward(input, weight, bias, p, out, relu)) {
+  } else if (!bf16::conv2d_forward(input, weight, bias, p, out, relu) &&
+             !cpu::conv2d_forward_bf16_unfolded(input, weight, bias, p, out, relu)) {
     const at::MemoryFormat fmt =
         out.is_contiguous() ? at::MemoryFormat::Contiguous : at::MemoryFormat::ChannelsLast;
     out.copy_(cpu::conv2d_forward(to_float(input), to_float(weight), to_float(bias), p, fmt, relu));

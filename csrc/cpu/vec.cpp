@@ -84,6 +84,37 @@ void fp16_to_float_f16c(const uint16_t* in, float* out, int64_t n) {
   for (; i < n; ++i) out[i] = fp16_to_float(in[i]);
 }
 
+// AVX2: 8 floats to bfloat16 bits in the low halves of 32-bit lanes, rounded to nearest even
+// (subnormals too) and NaN as 0xFFFF, torch's bits (its vectorised conversion's).
+CNNEXT_TARGET("avx2") __attribute__((always_inline)) inline __m256i bf16_round8_avx2(__m256 v) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+  return _mm256_blendv_epi8(r, _mm256_set1_epi32(0xFFFF), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+}
+
+CNNEXT_TARGET("avx2")
+void float_to_bf16_avx2(const float* in, uint16_t* out, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m256i a = bf16_round8_avx2(_mm256_loadu_ps(in + i)), b = bf16_round8_avx2(_mm256_loadu_ps(in + i + 8));
+    // packus interleaves the 128-bit halves (a.lo, b.lo, a.hi, b.hi): put them back in order
+    // (the values are below 2^16: no saturation).
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), _mm256_permute4x64_epi64(_mm256_packus_epi32(a, b), 0xD8));
+  }
+  for (; i < n; ++i) out[i] = in[i] != in[i] ? uint16_t(0xFFFF) : float_to_bf16(in[i]);
+}
+
+CNNEXT_TARGET("avx2")
+void bf16_to_float_avx2(const uint16_t* in, float* out, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in + i)));
+    _mm256_storeu_ps(out + i, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
+  }
+  for (; i < n; ++i) out[i] = bf16_to_float(in[i]);
+}
+
 // vdpbf16ps: each float lane accumulates the products of one pair of bfloat16 lanes.
 CNNEXT_TARGET("avx512f,avx512bw,avx512vl,avx512bf16")
 float dot_bf16_avx512(const uint16_t* a, const uint16_t* b, int64_t n) {
@@ -108,6 +139,7 @@ float dot_bf16_avx512(const uint16_t* a, const uint16_t* b, int64_t n) {
 void float_to_bf16(const float* in, uint16_t* out, int64_t n) {
 #ifdef CNNEXT_VEC_X86
   if (cpu_features().avx512_bf16) return float_to_bf16_avx512(in, out, n);
+  if (cpu_features().avx2) return float_to_bf16_avx2(in, out, n);
 #endif
   for (int64_t i = 0; i < n; ++i) out[i] = in[i] != in[i] ? uint16_t(0xFFFF) : float_to_bf16(in[i]);
 }
@@ -115,6 +147,7 @@ void float_to_bf16(const float* in, uint16_t* out, int64_t n) {
 void bf16_to_float(const uint16_t* in, float* out, int64_t n) {
 #ifdef CNNEXT_VEC_X86
   if (cpu_features().avx512bw) return bf16_to_float_avx512(in, out, n);
+  if (cpu_features().avx2) return bf16_to_float_avx2(in, out, n);
 #endif
   for (int64_t i = 0; i < n; ++i) out[i] = bf16_to_float(in[i]);
 }
