@@ -71,8 +71,6 @@ CNNEXT_PATH(kBlocksWeightBound, "conv2d.sample_blocks.weight_bound");
 // im2col of float rows read at a stride of 2, by AVX2 vectors (gather_even_avx2).
 CNNEXT_PATH_NEEDS(kIm2colEven, "conv2d.im2col.stride2_avx2", kAvx2);
 CNNEXT_PATH_NEEDS(kCol2imEven, "conv2d.col2im.stride2_avx2", kAvx2);
-// The input gradient's at::mm paths writing each row of gx once (col2im_set), no zeroing.
-CNNEXT_PATH(kCol2imSet, "conv2d.col2im.set_rows");
 
 // Column buffer elements a work item aims for: about 4 MiB of floats. Bands of one
 // sample are made equal, so no band is a sliver.
@@ -273,80 +271,6 @@ void im2col(const T* x, const Strides4& xs, const Conv2dParams& p, int64_t Cg, i
             for (int64_t ow = lo; ow < hi; ++ow) dst[ow] = src[(ow - lo) * step];
           }
         }
-      }
-    }
-  }
-}
-
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(CNNEXT_NO_AVX512)
-// dst[2 j] = e[j], dst[2 j + 1] = o[j] for 2 j, 2 j + 1 < n: 16 values a step by unpacking.
-CNNEXT_TARGET("avx2") void interleave2_avx2(const float* e, const float* o, float* dst, int64_t n) {
-  int64_t j = 0;
-  for (; 2 * j + 16 <= n; j += 8) {
-    const __m256 a = _mm256_loadu_ps(e + j), b = _mm256_loadu_ps(o + j);
-    const __m256 lo = _mm256_unpacklo_ps(a, b), hi = _mm256_unpackhi_ps(a, b);  // e0 o0 e1 o1 e4 o4 e5 o5 | ...
-    _mm256_storeu_ps(dst + 2 * j, _mm256_permute2f128_ps(lo, hi, 0x20));
-    _mm256_storeu_ps(dst + 2 * j + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
-  }
-  for (; 2 * j < n; ++j) {
-    dst[2 * j] = e[j];
-    if (2 * j + 1 < n) dst[2 * j + 1] = o[j];
-  }
-}
-constexpr bool kInterleave2 = true;
-#else
-void interleave2_avx2(const float*, const float*, float*, int64_t) {}
-constexpr bool kInterleave2 = false;
-#endif
-
-// Whether col2im_set serves p into x: dilation 1 across, x's rows at unit stride, a stride
-// across of at most kMaxSetStride (one row of sums a phase).
-constexpr int64_t kMaxSetStride = 16;
-bool col2im_sets(const Conv2dParams& p, const Strides4& xs) { return p.DW == 1 && xs.w == 1 && p.SW <= kMaxSetStride; }
-
-// col2im of a whole sample (output rows [0, OH), every tap of every input position in col)
-// that writes x instead of adding to it: each x row once, as the sum of its taps in
-// col2im_add's order (kh, then kw) starting from +0, so bitwise what col2im_add gives on a
-// zeroed x (the sum never is -0, so a +0 added for a tap outside the input changes nothing),
-// without zeroing x first. A row's columns are summed per stride phase a (columns a + SW j)
-// in a row of its own (in L1: each tap adds a shifted run of col), then the phases are
-// interleaved into x's row. col2im_sets(p, xs) must hold. tmp holds W + SW values.
-template <typename T>
-void col2im_set(const T* col, const Conv2dParams& p, int64_t Cg, T* x, const Strides4& xs, int64_t ld, T* tmp) {
-  const int64_t L = ld > 0 ? ld : p.OH * p.OW, S = p.SW;
-  T* ph[kMaxSetStride];
-  int64_t cnt[kMaxSetStride];
-  for (int64_t a = 0, at_ = 0; a < S; ++a) {
-    cnt[a] = a < p.W ? (p.W - a + S - 1) / S : 0;
-    ph[a] = tmp + at_;
-    at_ += cnt[a];
-  }
-  const bool pairs = std::is_same_v<T, float> && kInterleave2 && S == 2 && cpu_features().avx2;
-  for (int64_t c = 0; c < Cg; ++c) {
-    for (int64_t ih = 0; ih < p.H; ++ih) {
-      T* row = x + c * xs.c + ih * xs.h;
-      if (S == 1) ph[0] = row;  // the row itself
-      for (int64_t a = 0; a < S; ++a) std::fill(ph[a], ph[a] + cnt[a], T(0));
-      for (int64_t kh = 0; kh < p.KH; ++kh) {
-        const int64_t t = ih + p.PH - kh * p.DH;
-        if (t < 0 || t % p.SH != 0 || t / p.SH >= p.OH) continue;
-        const T* crow = col + (c * p.KH + kh) * p.KW * L + (t / p.SH) * p.OW;
-        for (int64_t kw = 0; kw < p.KW; ++kw, crow += L) {
-          // iw = S ow - PW + kw = a + S j: phase a, j = ow + shift.
-          const int64_t a = ((kw - p.PW) % S + S) % S, shift = (kw - p.PW - a) / S;
-          const int64_t j0 = std::max<int64_t>(0, shift), j1 = std::min(cnt[a], p.OW + shift);
-          T* d = ph[a] + j0;
-          const T* src = crow + (j0 - shift);
-          _Pragma("omp simd")
-          for (int64_t q = 0; q < j1 - j0; ++q) d[q] += src[q];
-        }
-      }
-      if (S == 1) continue;
-      if (pairs) {
-        if constexpr (std::is_same_v<T, float>) interleave2_avx2(ph[0], ph[1], row, p.W);
-      } else {
-        for (int64_t a = 0; a < S; ++a)
-          for (int64_t j = 0; j < cnt[a]; ++j) row[a + S * j] = ph[a][j];
       }
     }
   }
@@ -921,11 +845,7 @@ at::Tensor conv2d_input_backward(const at::Tensor& grad_out, const at::Tensor& w
                                    w.const_data_ptr<float>(), gx.mutable_data_ptr<float>(), strides_of(gx), p))
       return gx;
   }
-  const Bands bands = pointwise ? Bands{p.OH, 1} : bands_for(p);
-  const Strides4 xs = strides_of(gx);
-  // The at::mm paths with a whole sample a band write gx's rows once (col2im_set): no zeroing.
-  const bool sets = !pointwise && !sgemm && !use_direct_loops(p) && bands.count == 1 && col2im_sets(p, xs);
-  if (!pointwise && !sets && !(sgemm && conv_sgemm::input_backward_overwrites(p, strides_of(gx)))) gx.zero_();
+  if (!pointwise && !(sgemm && conv_sgemm::input_backward_overwrites(p, strides_of(gx)))) gx.zero_();
   if (sgemm) {
     kInSgemm.hit();
     const at::Tensor w = weight.contiguous();
@@ -935,7 +855,8 @@ at::Tensor conv2d_input_backward(const at::Tensor& grad_out, const at::Tensor& w
     return gx;
   }
   const at::Tensor wt = weight.contiguous().view({p.G, Og, K}).transpose(1, 2);  // (G, K, Og)
-  if (sets) kCol2imSet.hit();
+  const Bands bands = pointwise ? Bands{p.OH, 1} : bands_for(p);
+  const Strides4 xs = strides_of(gx);
 
   AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "cnnext_conv2d_input_backward", [&] {
     scalar_t* gxp = gx.mutable_data_ptr<scalar_t>();
@@ -955,16 +876,12 @@ at::Tensor conv2d_input_backward(const at::Tensor& grad_out, const at::Tensor& w
         const int64_t n0 = blocks.first(blk), n1 = blocks.last(blk, p.N), c = (n1 - n0) * L;
         at::Tensor col = blocks.columns(buf, K, c);
         at::Tensor gyc = blocks.planes(buf, K, Og, L, c);
-        std::vector<scalar_t> tmp(sets ? p.W + p.SW : 0);
         for (int64_t g = 0; g < p.G; ++g) {
           gather_planes(gyc, grad_output, n0, n1, g * Og, Og);
           at::mm_out(col, wt[g], gyc);
           for (int64_t n = n0; n < n1; ++n) {
             if (pointwise) {
               plane_matrix(gx, n, g * Cg, Cg, 0, p.H).copy_(col.narrow(1, (n - n0) * L, L));
-            } else if (sets) {
-              col2im_set(col.const_data_ptr<scalar_t>() + (n - n0) * L, p, Cg, gxp + n * xs.n + g * Cg * xs.c, xs, c,
-                         tmp.data());
             } else {
               col2im_add(col.const_data_ptr<scalar_t>() + (n - n0) * L, p, Cg, 0, p.OH,
                          gxp + n * xs.n + g * Cg * xs.c, xs, c);
@@ -978,7 +895,6 @@ at::Tensor conv2d_input_backward(const at::Tensor& grad_out, const at::Tensor& w
     // One item per sample: the bands of a sample overlap in the input they add to.
     for_each_item(p.N, grad_output, pointwise ? 0 : K * bands.rows * p.OW,
                   [&](int64_t n, at::Tensor& buf) {
-      std::vector<scalar_t> tmp(sets ? p.W + p.SW : 0);
       for (int64_t band = 0; band < bands.count; ++band) {
         const int64_t oh0 = band * bands.rows, oh1 = std::min(p.OH, oh0 + bands.rows);
         const int64_t L = (oh1 - oh0) * p.OW;
@@ -990,11 +906,8 @@ at::Tensor conv2d_input_backward(const at::Tensor& grad_out, const at::Tensor& w
           } else {
             at::Tensor col = buf.narrow(0, 0, K * L).view({K, L});
             at::mm_out(col, wt[g], gy);
-            if (sets) {
-              col2im_set(col.const_data_ptr<scalar_t>(), p, Cg, gxp + n * xs.n + g * Cg * xs.c, xs, 0, tmp.data());
-            } else {
-              col2im_add(col.const_data_ptr<scalar_t>(), p, Cg, oh0, oh1, gxp + n * xs.n + g * Cg * xs.c, xs);
-            }
+            col2im_add(col.const_data_ptr<scalar_t>(), p, Cg, oh0, oh1,
+                       gxp + n * xs.n + g * Cg * xs.c, xs);
           }
         }
       }
