@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from cnnext._paths import counts, expect_path, runnable
 from cnnext.functional import conv2d
 
-PATH = "conv2d.fwd.mm_bf16_unfolded"
+PATH = "conv2d.fwd.mm_bf16_unfolded_avx2"
 HERE = runnable(PATH) and not runnable("sgemm.gemm")
 needs_path = pytest.mark.skipif(not HERE, reason="the bfloat16 unfolded forward does not run on this CPU")
 

@@ -65,7 +65,7 @@ CNNEXT_PATH(kWMmBlocks, "conv2d.weight_grad.mm_sample_blocks");
 CNNEXT_PATH(kSharedColumns, "conv2d.fwd_and_weight_grad.shared_columns");
 // conv2d_forward_bf16_unfolded: bfloat16 input unfolded straight into float columns, the
 // output rounded from the GEMM's band (no float copies of input and output), AVX2.
-CNNEXT_PATH_NEEDS(kFwdMmBf16, "conv2d.fwd.mm_bf16_unfolded", kAvx2);
+CNNEXT_PATH_NEEDS(kFwdMmBf16, "conv2d.fwd.mm_bf16_unfolded_avx2", kAvx2);
 // sample_blocks chose one block for every thread (a weight-bound GEMM, below).
 CNNEXT_PATH(kBlocksWeightBound, "conv2d.sample_blocks.weight_bound");
 // im2col of float rows read at a stride of 2, by AVX2 vectors (gather_even_avx2).
