@@ -5,6 +5,8 @@ tests/strategies.py."""
 import contextlib
 import io
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -28,6 +30,18 @@ settings.load_profile("cnnext")
 
 # CNNEXT_HYPOTHESIS_SCALE=20 runs twenty times the examples of every hypothesis test.
 _EXAMPLES_SCALE = int(os.environ.get("CNNEXT_HYPOTHESIS_SCALE", "1"))
+
+
+def rerun_under_avx2_cap(test_file, this_test):
+    """Runs test_file again in a pytest subprocess with CNNEXT_CPU_ISA=avx2 (all but this_test,
+    the test that calls it): an AVX-512 CPU's way to run a file's AVX2-only kernel paths. Fails
+    unless every test there passed and none was skipped."""
+    here = os.path.dirname(os.path.abspath(test_file))
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(test_file),
+                          "-k", f"not {this_test}"], cwd=here, capture_output=True, text=True,
+                         env=dict(os.environ, CNNEXT_CPU_ISA="avx2"))
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    assert " passed" in out.stdout and "skipped" not in out.stdout.splitlines()[-1], out.stdout[-2000:]
 
 
 def examples(n):

@@ -8,8 +8,6 @@ where that has NaN. Checked for unit-stride, stride-2 (vector gather) and stride
 groups, dilation, bias or none, several row bands; and the shapes it leaves to the float
 copies. On an AVX-512 CPU the file reruns itself under CNNEXT_CPU_ISA=avx2."""
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,6 +15,7 @@ import torch.nn.functional as F
 
 from cnnext._paths import counts, expect_path, runnable
 from cnnext.functional import conv2d
+from conftest import rerun_under_avx2_cap
 
 PATH = "conv2d.fwd.mm_bf16_unfolded_avx2"
 HERE = runnable(PATH) and not runnable("sgemm.gemm")
@@ -139,9 +138,4 @@ def test_left_to_the_float_copies(why):
                     reason="runs the file under the AVX2 cap on CPUs with AVX-512F")
 def test_under_avx2_cap():
     """On an AVX-512 CPU: this file again with CNNEXT_CPU_ISA=avx2, where the path runs."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__),
-                          "-k", "not test_under_avx2_cap"], cwd=here, capture_output=True, text=True,
-                         env=dict(os.environ, CNNEXT_CPU_ISA="avx2"))
-    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
-    assert " passed" in out.stdout and "skipped" not in out.stdout.splitlines()[-1], out.stdout[-2000:]
+    rerun_under_avx2_cap(__file__, "test_under_avx2_cap")

@@ -9,8 +9,6 @@ NaN / Inf patterns of stock, and the shapes they leave to the other paths.
 On an AVX-512 CPU the float32 gradients take the AVX-512 GEMM instead: the whole file then
 runs in a subprocess under CNNEXT_CPU_ISA=avx2 (test_under_avx2_cap)."""
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,7 +16,7 @@ import torch.nn.functional as F
 
 from cnnext._paths import counts, expect_path, runnable
 from cnnext.functional import conv2d
-from conftest import assert_close_scaled, to_layout
+from conftest import assert_close_scaled, rerun_under_avx2_cap, to_layout
 
 GX = "conv2d.input_grad.tiny_c_rows"
 GW = "conv2d.weight_grad.tiny_c_flat"
@@ -186,9 +184,4 @@ def test_fallbacks(case):
                     reason="runs the file under the AVX2 cap on CPUs with AVX-512F")
 def test_under_avx2_cap():
     """On an AVX-512 CPU: this file again with CNNEXT_CPU_ISA=avx2, where the kernels run."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__),
-                          "-k", "not test_under_avx2_cap"], cwd=here, capture_output=True, text=True,
-                         env=dict(os.environ, CNNEXT_CPU_ISA="avx2"))
-    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
-    assert " passed" in out.stdout and "skipped" not in out.stdout.splitlines()[-1], out.stdout[-2000:]
+    rerun_under_avx2_cap(__file__, "test_under_avx2_cap")

@@ -229,22 +229,50 @@ void gather_even_bf16_avx2(const uint16_t*, float*, int64_t) {}
 constexpr bool kGatherEven = false;
 #endif
 
-// Whether im2col / col2im move T's rows by gather_even_avx2 / scatter_add_even_avx2: float
-// rows at a stride of exactly 2 values, on a CPU with AVX2.
+// Whether im2col / col2im move T's rows by gather_even_avx2 / scatter_add_even_avx2 (im2col of
+// bfloat16 bits, uint16_t, by gather_even_bf16_avx2): rows at a stride of exactly 2 values,
+// on a CPU with AVX2.
 template <typename T>
 bool stride2_vectors(const Conv2dParams& p, const Strides4& xs) {
-  return std::is_same_v<T, float> && kGatherEven && p.SW * xs.w == 2 && cpu_features().avx2_fma();
+  return (std::is_same_v<T, float> || std::is_same_v<T, uint16_t>) && kGatherEven && p.SW * xs.w == 2 &&
+         cpu_features().avx2_fma();
+}
+
+// One row of taps: dst[i] = src[i * step] for i in [0, n), widened to float where S holds
+// bfloat16 bits (uint16_t); `even`: stride2_vectors<S>.
+template <typename S, typename T>
+void copy_taps(const S* src, T* dst, int64_t n, int64_t step, bool even) {
+  if constexpr (std::is_same_v<S, uint16_t>) {
+    static_assert(std::is_same_v<T, float>, "bfloat16 bits unfold into float columns");
+    if (step == 1) {
+      vec::bf16_to_float(src, dst, n);
+    } else if (even) {
+      gather_even_bf16_avx2(src, dst, n);
+    } else {
+      for (int64_t i = 0; i < n; ++i) dst[i] = vec::bf16_to_float(src[i * step]);
+    }
+  } else {
+    static_assert(std::is_same_v<S, T>, "float and double unfold into their own type");
+    if (step == 1) {
+      std::memcpy(dst, src, sizeof(T) * n);
+    } else if (even) {
+      if constexpr (std::is_same_v<T, float>) gather_even_avx2(src, dst, n);
+    } else {
+      for (int64_t i = 0; i < n; ++i) dst[i] = src[i * step];
+    }
+  }
 }
 
 // Unfolds channels [0, Cg) (x points at the group's first channel of one sample) for
 // output rows [oh0, oh1) into col, laid out (Cg * KH * KW, (oh1 - oh0) * OW), rows ld
-// apart (0: (oh1 - oh0) * OW, the rows back to back).
-template <typename T>
-void im2col(const T* x, const Strides4& xs, const Conv2dParams& p, int64_t Cg, int64_t oh0,
+// apart (0: (oh1 - oh0) * OW, the rows back to back). S is T, or bfloat16 bits (uint16_t)
+// unfolded into float columns.
+template <typename S, typename T>
+void im2col(const S* x, const Strides4& xs, const Conv2dParams& p, int64_t Cg, int64_t oh0,
             int64_t oh1, T* col, int64_t ld = 0) {
   const int64_t L = ld > 0 ? ld : (oh1 - oh0) * p.OW;
-  // float rows read at a stride of 2 (a stride-2 layer, unit-stride rows): by vectors.
-  const bool even = stride2_vectors<T>(p, xs);
+  // rows read at a stride of 2 (a stride-2 layer, unit-stride rows): by vectors.
+  const bool even = stride2_vectors<S>(p, xs);
   if (even) kIm2colEven.hit();
   for (int64_t c = 0; c < Cg; ++c) {
     for (int64_t kh = 0; kh < p.KH; ++kh) {
@@ -261,15 +289,7 @@ void im2col(const T* x, const Strides4& xs, const Conv2dParams& p, int64_t Cg, i
           }
           std::fill(dst, dst + lo, T(0));
           std::fill(dst + hi, dst + p.OW, T(0));
-          const T* src = x + c * xs.c + ih * xs.h + iw_lo * xs.w;
-          if (p.SW == 1 && xs.w == 1) {
-            std::memcpy(dst + lo, src, sizeof(T) * (hi - lo));
-          } else if (even) {
-            if constexpr (std::is_same_v<T, float>) gather_even_avx2(src, dst + lo, hi - lo);
-          } else {
-            const int64_t step = p.SW * xs.w;
-            for (int64_t ow = lo; ow < hi; ++ow) dst[ow] = src[(ow - lo) * step];
-          }
+          copy_taps(x + c * xs.c + ih * xs.h + iw_lo * xs.w, dst + lo, hi - lo, p.SW * xs.w, even);
         }
       }
     }
@@ -579,46 +599,6 @@ at::Tensor conv2d_forward(const at::Tensor& input, const at::Tensor& weight,
   return out;
 }
 
-namespace {
-
-// im2col of bfloat16 input into float columns (exact): im2col's loops, rows widened as they
-// are copied (unit stride: vec::bf16_to_float; a stride of 2 values: gather_even_bf16_avx2).
-void im2col_bf16(const uint16_t* x, const Strides4& xs, const Conv2dParams& p, int64_t Cg, int64_t oh0,
-                 int64_t oh1, float* col) {
-  const int64_t L = (oh1 - oh0) * p.OW;
-  const bool even = kGatherEven && p.SW * xs.w == 2 && cpu_features().avx2;
-  for (int64_t c = 0; c < Cg; ++c) {
-    for (int64_t kh = 0; kh < p.KH; ++kh) {
-      for (int64_t kw = 0; kw < p.KW; ++kw) {
-        float* dst = col + ((c * p.KH + kh) * p.KW + kw) * L;
-        int64_t lo, hi;
-        conv_valid_out_range(kw, p.W, p.SW, p.PW, p.DW, p.OW, &lo, &hi);
-        const int64_t iw_lo = conv_in_coord(lo, kw, p.SW, p.PW, p.DW);
-        for (int64_t oh = oh0; oh < oh1; ++oh, dst += p.OW) {
-          const int64_t ih = conv_in_coord(oh, kh, p.SH, p.PH, p.DH);
-          if (ih < 0 || ih >= p.H) {
-            std::fill(dst, dst + p.OW, 0.f);
-            continue;
-          }
-          std::fill(dst, dst + lo, 0.f);
-          std::fill(dst + hi, dst + p.OW, 0.f);
-          const uint16_t* src = x + c * xs.c + ih * xs.h + iw_lo * xs.w;
-          if (p.SW * xs.w == 1) {
-            vec::bf16_to_float(src, dst + lo, hi - lo);
-          } else if (even) {
-            gather_even_bf16_avx2(src, dst + lo, hi - lo);
-          } else {
-            const int64_t step = p.SW * xs.w;
-            for (int64_t ow = lo; ow < hi; ++ow) dst[ow] = vec::bf16_to_float(src[(ow - lo) * step]);
-          }
-        }
-      }
-    }
-  }
-}
-
-}  // namespace
-
 bool conv2d_forward_bf16_unfolded(const at::Tensor& input, const at::Tensor& weight,
                                   const c10::optional<at::Tensor>& bias, const Conv2dParams& p, at::Tensor& out,
                                   bool relu) {
@@ -654,7 +634,7 @@ bool conv2d_forward_bf16_unfolded(const at::Tensor& input, const at::Tensor& wei
     const int64_t L = (oh1 - oh0) * p.OW;
     for (int64_t g = 0; g < p.G; ++g) {
       float* colp = buf.data_ptr<float>();
-      im2col_bf16(x + n * xs.n + g * Cg * xs.c, xs, p, Cg, oh0, oh1, colp);
+      im2col(x + n * xs.n + g * Cg * xs.c, xs, p, Cg, oh0, oh1, colp);
       const at::Tensor col = buf.narrow(0, 0, K * L).view({K, L});
       at::Tensor prod = buf.narrow(0, col_max, Og * L).view({Og, L});
       if (has_bias) {

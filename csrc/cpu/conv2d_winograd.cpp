@@ -11,6 +11,7 @@
 #include "cpu/items.h"
 #include "cpu/output_alloc.h"
 #include "cpu/scratch.h"
+#include "cpu/vec.h"
 
 #include <ATen/Parallel.h>
 
@@ -559,17 +560,8 @@ WINO_AVX2 __attribute__((always_inline)) inline void store_row8(const __m256* v,
   }
 }
 
-// The bfloat16 bits (in the low 16 bits of each lane) of 8 finite floats, rounded to
-// nearest even as torch's float -> bfloat16 conversion (a non-finite value fails the call
-// before it is stored).
-WINO_AVX2 __attribute__((always_inline)) inline __m256i round_bf16x8(__m256 v) {
-  const __m256i bits = _mm256_castps_si256(v);
-  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-  return _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
-}
-
 // Stores row i of 8 tiles side by side as bfloat16 (y[l * M + j] = the bits in the low
-// half of v[j]'s lane l, round_bf16x8's): store_row8's interleave on the 32-bit lanes,
+// half of v[j]'s lane l, vec::bf16_bits_avx2's): store_row8's interleave on the 32-bit lanes,
 // then the 8 * M values narrowed to 16 bits (they are below 2^16: packus does not
 // saturate) and stored as whole vectors.
 template <int M>
@@ -654,7 +646,9 @@ WINO_AVX2 bool output_transform_avx2(const float* mbuf, int64_t m_size, const Co
           bad |= unsigned(_mm256_movemask_ps(_mm256_cmp_ps(dz, dz, _CMP_UNORD_Q)));
           if (relu) val = _mm256_blendv_ps(val, zero, _mm256_cmp_ps(val, zero, _CMP_LT_OQ));
           // bfloat16: each lane's rounded bits, carried in the float lanes to the stores.
-          if constexpr (kBf16) val = _mm256_castsi256_ps(round_bf16x8(val));
+          // The output's values are finite here (a non-finite one fails the call before it
+          // is stored): vec::bf16_bits_avx2's rounding is torch's.
+          if constexpr (kBf16) val = _mm256_castsi256_ps(vec::bf16_bits_avx2(val));
           row[j] = val;
         }
         if constexpr (M == 2 || M == 4) {

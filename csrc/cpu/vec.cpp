@@ -84,16 +84,13 @@ void fp16_to_float_f16c(const uint16_t* in, float* out, int64_t n) {
   for (; i < n; ++i) out[i] = fp16_to_float(in[i]);
 }
 
-// AVX2: 8 floats to bfloat16 bits in the low halves of 32-bit lanes, rounded to nearest even
-// (subnormals too) and NaN as 0xFFFF, torch's bits (its vectorised conversion's).
-CNNEXT_TARGET("avx2") __attribute__((always_inline)) inline __m256i bf16_round8_avx2(__m256 v) {
-  const __m256i bits = _mm256_castps_si256(v);
-  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-  const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
-  return _mm256_blendv_epi8(r, _mm256_set1_epi32(0xFFFF), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+// AVX2: bf16_bits_avx2, with NaN as 0xFFFF (torch's bits, its vectorised conversion's).
+CNNEXT_AVX2 __attribute__((always_inline)) inline __m256i bf16_round8_avx2(__m256 v) {
+  return _mm256_blendv_epi8(bf16_bits_avx2(v), _mm256_set1_epi32(0xFFFF),
+                            _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
 }
 
-CNNEXT_TARGET("avx2")
+CNNEXT_AVX2
 void float_to_bf16_avx2(const float* in, uint16_t* out, int64_t n) {
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
@@ -105,7 +102,7 @@ void float_to_bf16_avx2(const float* in, uint16_t* out, int64_t n) {
   for (; i < n; ++i) out[i] = in[i] != in[i] ? uint16_t(0xFFFF) : float_to_bf16(in[i]);
 }
 
-CNNEXT_TARGET("avx2")
+CNNEXT_AVX2
 void bf16_to_float_avx2(const uint16_t* in, float* out, int64_t n) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {

@@ -207,6 +207,15 @@ CNNEXT_VEC_AVX512 inline Vec<int64_t, Isa::kAvx512> Vec<int32_t, Isa::kAvx512>::
   return {_mm512_cvtepi32_epi64(_mm512_castsi512_si256(v))};
 }
 
+// The bfloat16 bits (in the low 16 bits of each lane) of 8 floats, rounded to nearest even
+// as torch rounds (subnormals too). A NaN comes out a NaN, but not with torch's bits: a
+// caller that may meet one blends 0xFFFF in (float_to_bf16 does).
+CNNEXT_VEC_AVX2 inline __m256i bf16_bits_avx2(__m256 v) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  return _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+}
+
 #endif  // CNNEXT_VEC_X86
 
 // ---- bfloat16 / float16 <-> float ------------------------------------------------------

@@ -174,16 +174,10 @@ struct ConvTranspose2dNode : OpNode {
       const bool padded = extra[0] != 0 || extra[1] != 0;
       // Both gradients unfold g alike: in a first-order backward on the CPU one unfolding
       // serves the two GEMMs (the same values as the two ops below).
-      at::Tensor gx_shared, gw_shared;
-      if (nx && nw && !padded &&
-          conv2d_and_weight_backward(g, saved(weight), saved(input), c.stride, c.padding, c.dilation, c.groups,
-                                     gx_shared, gw_shared)) {
-        r[0] = gx_shared;
-        r[1] = gw_shared;
-        if (needs(2)) r[2] = op::channel_sum().call(g);
-        return r;
-      }
-      if (nx) {
+      const bool shared = nx && nw && !padded &&
+                          conv2d_and_weight_backward(g, saved(weight), saved(input), c.stride, c.padding,
+                                                     c.dilation, c.groups, r[0], r[1]);
+      if (nx && !shared) {
         at::Tensor gx = conv(g, saved(weight), c);
         if (padded) {  // dense, in the layout it had, as torch's (not a strided view)
           // An unbatched (C, H, W) gradient is channels_last when its channels are innermost.
@@ -197,7 +191,7 @@ struct ConvTranspose2dNode : OpNode {
         }
         r[0] = gx;
       }
-      if (nw) {
+      if (nw && !shared) {
         at::Tensor x = saved(input);
         if (padded) x = at::constant_pad_nd(x, {0, extra[1], 0, extra[0]}, 0);
         r[1] = weight_backward(x, g, weight_size, c);
