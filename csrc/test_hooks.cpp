@@ -5,6 +5,7 @@
 // calling thread's kernel scratch (csrc/cpu/scratch.h).
 #include "test_hooks.h"
 
+#include "cpu/conv2d_bf16.h"
 #include "cpu/cpu_features.h"
 #include "cpu/scratch.h"
 #include "cpu/vec.h"
@@ -109,6 +110,9 @@ void bind_test_hooks(pybind11::module_& m) {
   m.def("_vec_narrow", &vec_narrow, "float32 1-D -> bfloat16 / float16 via csrc/cpu/vec.h (tests).");
   m.def("_vec_widen", &vec_widen, "bfloat16 / float16 1-D -> float32 via csrc/cpu/vec.h (tests).");
   m.def("_vec_dot_bf16", &vec_dot_bf16, "dot product of two bfloat16 1-D tensors via csrc/cpu/vec.h (tests).");
+  m.def("_set_bf16_direct", &cpu::bf16::set_direct_enabled,
+        "Turns the bfloat16 direct forward (AVX512_BF16) on or off (tests: the GEMM path's results).");
+  m.def("_get_bf16_direct", &cpu::bf16::direct_enabled);
   m.def("_scratch_held", [] { return pybind11::make_tuple(cpu::thread_scratch_held(), cpu::thread_scratch_huge_held()); },
         "(bytes, bytes in huge-page-advised mappings) of kernel scratch the calling thread "
         "holds (csrc/cpu/scratch.h; tests).");

@@ -28,11 +28,16 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #include "cpu/cpu_features.h"
+#include "cpu/derived_cache.h"
+#include "cpu/scratch.h"
 #include "cpu/vec.h"
 #include "paths.h"
 #include "tensors.h"
@@ -49,6 +54,10 @@ namespace {
 
 CNNEXT_PATH_NEEDS(kFwdBf16Gemm, "conv2d.fwd.bf16_gemm", kAvx512Bf16);
 CNNEXT_PATH_NEEDS(kFwdBf16Pairs, "conv2d.fwd.bf16_gemm_pairs", kAvx512Bf16);
+
+// Whether the direct forward may run (the test hook _set_bf16_direct turns it off, for
+// comparisons with the GEMM path).
+std::atomic<bool> g_direct{true};
 
 constexpr int64_t kMR = 8;   // rows (output channels) per A panel
 constexpr int64_t kNR = 32;  // columns (output pixels) per B panel: two zmm of 16 floats
@@ -460,9 +469,288 @@ CNNEXT_BF16 void pack_taps(const uint16_t* x, const Strides4& xs, const Conv2dPa
       _mm512_storeu_si512(row + t, im2col_row(x, xs, p, c, kh, kw, segs[t / kNR], scratch));
   }
 }
+
+// ---- The direct forward: output channels in the vector lanes ----
+//
+// out[n, o, oh, ow] for a tile of NP consecutive pixels of one output row and 16 * V
+// output channels: V * NP float accumulators; per pair (tap, channel pair) V loads of
+// weight pairs and NP broadcasts of one input pair, nothing packed per tile. The input is
+// read from xi, a channel-pair copy of it with the padding made explicit, laid out so that
+// the NP pixels a step reads are SW dwords apart (an immediate displacement from one
+// pointer): xi[((n * Hp + r) * Cp + cp) * Wp + s] = (x[n, c, ih, iw], x[n, c + 1, ih, iw]),
+// ih = r + ih_lo, iw = s + iw_lo, c = g * Cg + 2 * (cp - g * Cpg), zero outside the input
+// and for channel c + 1 = Cg (odd Cg). K runs (tap, channel pair), the pair GEMM's order,
+// so each output is the same float sum as that GEMM's and the same rounding.
+// Tiles: 4 vectors x 7 pixels where the group's channels come in 64s (one broadcast feeds
+// four vdpbf16ps), else 2 x 14.
+constexpr int kDirAcc = 28;  // accumulators a tile: V * NP <= 28, leaving V weight and 1-2 broadcast registers
+
+// out + bias, [relu], rounded, stored: NCHW (cl false) y0 + i * ldo + j for channel i of
+// the tile and pixel j; channels_last y0 + j * ldo + i.
+template <int NP, int SW, int V>
+CNNEXT_BF16 void direct_tile(const uint32_t* __restrict__ xb, const int64_t* __restrict__ tap_off, int64_t taps,
+                             int64_t Cp, int64_t Wp, const uint32_t* __restrict__ wa, const float* bias, bool relu,
+                             int64_t ocn, bool cl, uint16_t* y0, int64_t ldo) {
+  __m512 acc[NP][V];
+#pragma GCC unroll 28
+  for (int j = 0; j < NP; ++j)
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) acc[j][v] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < taps; ++t) {
+    const uint32_t* xp = xb + tap_off[t];
+    const uint32_t* wk = wa + t * Cp * 16 * V;
+    for (int64_t cp = 0; cp < Cp; ++cp, xp += Wp, wk += 16 * V) {
+      __m512bh w[V];
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) w[v] = (__m512bh)_mm512_loadu_si512(wk + 16 * v);
+#pragma GCC unroll 14
+      for (int j = 0; j < NP; ++j) {
+        const __m512bh b = (__m512bh)_mm512_set1_epi32(static_cast<int>(xp[j * SW]));
+#pragma GCC unroll 4
+        for (int v = 0; v < V; ++v) acc[j][v] = _mm512_dpbf16_ps(acc[j][v], b, w[v]);
+      }
+    }
+  }
+  const __m512 zero = _mm512_setzero_ps();
+#pragma GCC unroll 4
+  for (int v = 0; v < V; ++v) {
+    const __m512 bv = bias ? _mm512_loadu_ps(bias + 16 * v) : zero;
+#pragma GCC unroll 14
+    for (int j = 0; j < NP; ++j) {
+      if (bias) acc[j][v] = _mm512_add_ps(acc[j][v], bv);
+      // max(0, v): the second operand is returned for NaN, so NaN stays NaN
+      if (relu) acc[j][v] = _mm512_mask_max_ps(acc[j][v], __mmask16(0xFFFF), zero, acc[j][v]);
+    }
+  }
+  if (cl) {
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) {
+      const int64_t left = ocn - 16 * v;
+      if (left <= 0) break;
+      const __mmask16 m = left >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
+#pragma GCC unroll 14
+      for (int j = 0; j < NP; ++j)
+        _mm256_mask_storeu_epi16(y0 + j * ldo + 16 * v, m, (__m256i)_mm512_cvtneps_pbh(acc[j][v]));
+    }
+    return;
+  }
+  // NCHW: a 16 x 16 transpose per 16 channels turns pixel vectors into channel rows.
+  const __mmask16 pm = static_cast<__mmask16>((1u << NP) - 1);
+#pragma GCC unroll 4
+  for (int v = 0; v < V; ++v) {
+    if (16 * v >= ocn) break;
+    __m512i r[16], c[16];
+#pragma GCC unroll 16
+    for (int j = 0; j < 16; ++j) r[j] = j < NP ? _mm512_castps_si512(acc[j < NP ? j : 0][v]) : _mm512_setzero_si512();
+    transpose16(r, c);
+    const int64_t rows = std::min<int64_t>(16, ocn - 16 * v);
+    for (int64_t i = 0; i < rows; ++i)
+      _mm256_mask_storeu_epi16(y0 + (16 * v + i) * ldo, pm, (__m256i)_mm512_cvtneps_pbh(_mm512_castsi512_ps(c[i])));
+  }
+}
+
+using DirectTile = void (*)(const uint32_t*, const int64_t*, int64_t, int64_t, int64_t, const uint32_t*,
+                            const float*, bool, int64_t, bool, uint16_t*, int64_t);
+
+template <int SW, int V, int... NP>
+constexpr std::array<DirectTile, sizeof...(NP)> direct_tiles(std::integer_sequence<int, NP...>) {
+  return {&direct_tile<NP + 1, SW, V>...};
+}
+
+// The channel-pair copy's rows [r0, r1) of every sample (items n * Hp + r).
+CNNEXT_BF16 void direct_copy_rows(const uint16_t* x, const Strides4& xs, const Conv2dParams& p, int64_t Hp,
+                                  int64_t Wp, int64_t ih_lo, int64_t iw_lo, uint32_t* xi, int64_t i0, int64_t i1) {
+  const int64_t Cg = p.in_per_group(), Cpg = (Cg + 1) / 2, Cp = p.G * Cpg;
+  const __m512i ilo = _mm512_load_si512(kPairLo), ihi = _mm512_load_si512(kPairHi);
+  // Columns s of the copy that hold input: [s0, s1).
+  const int64_t s0 = std::clamp<int64_t>(-iw_lo, 0, Wp), s1 = std::clamp<int64_t>(p.W - iw_lo, s0, Wp);
+  for (int64_t item = i0; item < i1; ++item) {
+    const int64_t n = item / Hp, r = item % Hp, ih = r + ih_lo;
+    uint32_t* dst = xi + item * Cp * Wp;
+    if (ih < 0 || ih >= p.H || s0 == s1) {
+      std::memset(dst, 0, Cp * Wp * sizeof(uint32_t));
+      continue;
+    }
+    for (int64_t cp = 0; cp < Cp; ++cp) {
+      const int64_t g = cp / Cpg, c = g * Cg + 2 * (cp % Cpg);
+      const bool second = 2 * (cp % Cpg) + 1 < Cg;
+      uint32_t* row = dst + cp * Wp;
+      std::fill(row, row + s0, 0u);
+      std::fill(row + s1, row + Wp, 0u);
+      const uint16_t* ra = x + n * xs.n + c * xs.c + ih * xs.h + (s0 + iw_lo) * xs.w;
+      const uint16_t* rb = ra + xs.c;
+      const int64_t cnt_all = s1 - s0;
+      if (xs.w != 1) {
+        for (int64_t s = 0; s < cnt_all; ++s)
+          row[s0 + s] = uint32_t(ra[s * xs.w]) | (second ? uint32_t(rb[s * xs.w]) << 16 : 0u);
+        continue;
+      }
+      for (int64_t s = 0; s < cnt_all; s += 32) {
+        const int64_t cnt = std::min<int64_t>(32, cnt_all - s);
+        const __mmask32 m = cnt >= 32 ? ~__mmask32(0) : static_cast<__mmask32>((1u << cnt) - 1);
+        const __m512i va = _mm512_maskz_loadu_epi16(m, ra + s);
+        const __m512i vb = second ? _mm512_maskz_loadu_epi16(m, rb + s) : _mm512_setzero_si512();
+        _mm512_mask_storeu_epi32(row + s0 + s, static_cast<__mmask16>(m), _mm512_permutex2var_epi16(va, ilo, vb));
+        if (cnt > 16)
+          _mm512_mask_storeu_epi32(row + s0 + s + 16, static_cast<__mmask16>(m >> 16),
+                                   _mm512_permutex2var_epi16(va, ihi, vb));
+      }
+    }
+  }
+}
+
+// ---- The direct weight gradient: output channels in the vector lanes ----
+//
+// gw[o, k] = sum over samples and output pixels of gy[o, q] * X[k, q], k = (c, kh, kw), in
+// tiles of 7 taps x 16 * V output channels: the reduction runs over pairs of horizontally
+// adjacent output pixels (ow = 2j, 2j + 1 of one output row; an odd OW's last pair is
+// completed by a zero of grad_output), per pair V loads of grad_output pairs
+// (gyp[((ob * rows + row) * OWp + j) * BW + l] = (gy[o, row, 2j], gy[o, row, 2j + 1]),
+// o = ob * BW + l, row = n * OH + oh) and one broadcast per tap of the input pair those two
+// pixels read. The input is copied once, padded and split by column phase (xc below), so
+// that the pair is two adjacent values: one unaligned dword, nothing packed per tile.
+//   xc[(((n * C + c) * Hp + r) * SW + ph) * Wh + i] = x[n, c, r - PH, ph + SW * i - PW]
+// (zero outside the input): pixel (oh, ow) at tap (kh, kw) reads row r = oh * SH + kh * DH,
+// phase (kw * DW) % SW, index ow + (kw * DW) / SW.
+constexpr int kGwRows = 7;  // taps a tile: 7 x V accumulators, V weight and one broadcast register
+
+template <int V>
+CNNEXT_BF16 void gw_tile(const uint16_t* __restrict__ xc, const int64_t* __restrict__ roff, int64_t xn, int64_t rs,
+                         int64_t OH, int64_t OWp, const uint32_t* __restrict__ gyp, int64_t row0, int64_t row1,
+                         float* __restrict__ acc_mem) {
+  __m512 acc[kGwRows][V];
+#pragma GCC unroll 7
+  for (int i = 0; i < kGwRows; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) acc[i][v] = _mm512_loadu_ps(acc_mem + (i * V + v) * 16);
+  for (int64_t row = row0; row < row1; ++row) {
+    const uint16_t* base = xc + (row / OH) * xn + (row % OH) * rs;
+    const uint16_t* p0 = base + roff[0];
+    const uint16_t* p1 = base + roff[1];
+    const uint16_t* p2 = base + roff[2];
+    const uint16_t* p3 = base + roff[3];
+    const uint16_t* p4 = base + roff[4];
+    const uint16_t* p5 = base + roff[5];
+    const uint16_t* p6 = base + roff[6];
+    const uint32_t* g = gyp + row * OWp * 16 * V;
+    for (int64_t j = 0; j < OWp; ++j, g += 16 * V) {
+      __m512bh w[V];
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) w[v] = (__m512bh)_mm512_loadu_si512(g + 16 * v);
+      const uint16_t* ps[kGwRows] = {p0, p1, p2, p3, p4, p5, p6};
+#pragma GCC unroll 7
+      for (int i = 0; i < kGwRows; ++i) {
+        uint32_t pair;
+        std::memcpy(&pair, ps[i] + 2 * j, sizeof(pair));
+        const __m512bh b = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
+#pragma GCC unroll 4
+        for (int v = 0; v < V; ++v) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], b, w[v]);
+      }
+    }
+  }
+#pragma GCC unroll 7
+  for (int i = 0; i < kGwRows; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) _mm512_storeu_ps(acc_mem + (i * V + v) * 16, acc[i][v]);
+}
+
+// xc's planes [i0, i1) (items n * C + c); returns whether any value copied is not finite.
+CNNEXT_BF16 bool gw_copy_planes(const uint16_t* x, const Strides4& xs, const Conv2dParams& p, int64_t Hp, int64_t Wh,
+                                uint16_t* xc, int64_t i0, int64_t i1) {
+  const int64_t SW = p.SW;
+  alignas(64) static const uint16_t even_idx[32] = {0,  2,  4,  6,  8,  10, 12, 14, 16, 18, 20,
+                                                    22, 24, 26, 28, 30, 32, 34, 36, 38, 40, 42,
+                                                    44, 46, 48, 50, 52, 54, 56, 58, 60, 62};
+  const __m512i ie = _mm512_load_si512(even_idx);
+  const __m512i expo = _mm512_set1_epi16(0x7F80);
+  __mmask32 bad = 0;
+  for (int64_t item = i0; item < i1; ++item) {
+    const int64_t n = item / p.C, c = item % p.C;
+    uint16_t* plane = xc + item * Hp * SW * Wh;
+    for (int64_t r = 0; r < Hp; ++r) {
+      const int64_t ih = r - p.PH;
+      uint16_t* dst = plane + r * SW * Wh;
+      if (ih < 0 || ih >= p.H) {
+        std::memset(dst, 0, SW * Wh * sizeof(uint16_t));
+        continue;
+      }
+      const uint16_t* src = x + n * xs.n + c * xs.c + ih * xs.h;
+      for (int64_t ph = 0; ph < SW; ++ph) {
+        uint16_t* d = dst + ph * Wh;
+        // index i holds iw = ph + SW * i - PW: the ones inside [0, W) are [ilo, ihi).
+        const int64_t first = ph - p.PW;  // iw of i = 0
+        const int64_t ilo = first >= 0 ? 0 : (-first + SW - 1) / SW;
+        const int64_t ihi = std::clamp<int64_t>(p.W - first > 0 ? (p.W - first + SW - 1) / SW : 0, ilo, Wh);
+        std::fill(d, d + std::min(ilo, Wh), uint16_t(0));
+        std::fill(d + ihi, d + Wh, uint16_t(0));
+        const uint16_t* s = src + (first + SW * ilo) * xs.w;  // iw of index ilo
+        const int64_t cnt = ihi - ilo;
+        if (xs.w == 1 && SW == 1) {
+          for (int64_t t = 0; t < cnt; t += 32) {
+            const int64_t k = std::min<int64_t>(32, cnt - t);
+            const __mmask32 m = k >= 32 ? ~__mmask32(0) : static_cast<__mmask32>((1u << k) - 1);
+            const __m512i v = _mm512_maskz_loadu_epi16(m, s + t);
+            bad |= _mm512_mask_cmpeq_epi16_mask(m, _mm512_and_si512(v, expo), expo);
+            _mm512_mask_storeu_epi16(d + ilo + t, m, v);
+          }
+        } else if (xs.w == 1 && SW == 2) {
+          // element 2t of s for t < cnt: 64 loaded (masked to the row), the even ones kept
+          for (int64_t t = 0; t < cnt; t += 32) {
+            const int64_t k = std::min<int64_t>(32, cnt - t);
+            const int64_t span = std::min<int64_t>(64, 2 * k - 1);  // elements read: 2(k-1) + 1
+            const __mmask32 m0 = span >= 32 ? ~__mmask32(0) : static_cast<__mmask32>((1u << span) - 1);
+            const __mmask32 m1 = span <= 32 ? __mmask32(0)
+                                             : span >= 64 ? ~__mmask32(0) : static_cast<__mmask32>((1u << (span - 32)) - 1);
+            const __m512i v0 = _mm512_maskz_loadu_epi16(m0, s + 2 * t);
+            const __m512i v1 = _mm512_maskz_loadu_epi16(m1, s + 2 * t + 32);
+            const __m512i v = _mm512_permutex2var_epi16(v0, ie, v1);
+            const __mmask32 m = k >= 32 ? ~__mmask32(0) : static_cast<__mmask32>((1u << k) - 1);
+            bad |= _mm512_mask_cmpeq_epi16_mask(m, _mm512_and_si512(v, expo), expo);
+            _mm512_mask_storeu_epi16(d + ilo + t, m, v);
+          }
+        } else {
+          for (int64_t t = 0; t < cnt; ++t) {
+            const uint16_t v = s[t * SW * xs.w];
+            if ((v & 0x7F80) == 0x7F80) bad = 1;
+            d[ilo + t] = v;
+          }
+        }
+      }
+    }
+  }
+  return bad != 0;
+}
+
+// gyp for output rows [r0, r1) (row = n * OH + oh) of every channel block: 16 channels x 16
+// pairs at a time, two dword transposes' worth of loads (a pair is one dword of a row).
+CNNEXT_BF16 void gw_pack_gy(const uint16_t* gy, const Conv2dParams& p, int64_t BW, int64_t OWp, uint32_t* gyp,
+                            int64_t r0, int64_t r1) {
+  const int64_t rows = p.N * p.OH, ocbs = (p.O + BW - 1) / BW, P = p.OH * p.OW;
+  for (int64_t row = r0; row < r1; ++row) {
+    const int64_t n = row / p.OH, oh = row % p.OH;
+    for (int64_t o0 = 0; o0 < ocbs * BW; o0 += 16) {
+      const int64_t ob = o0 / BW, l0 = o0 % BW;
+      uint32_t* dst = gyp + ((ob * rows + row) * OWp) * BW + l0;
+      for (int64_t j0 = 0; j0 < OWp; j0 += 16) {
+        const int64_t px0 = 2 * j0, npx = std::min<int64_t>(32, p.OW - px0);
+        const __mmask32 pm = npx >= 32 ? ~__mmask32(0) : static_cast<__mmask32>((1u << npx) - 1);
+        __m512i r[16], t[16];
+        for (int64_t i = 0; i < 16; ++i)
+          r[i] = o0 + i < p.O ? _mm512_maskz_loadu_epi16(pm, gy + (n * p.O + o0 + i) * P + oh * p.OW + px0)
+                              : _mm512_setzero_si512();
+        transpose16(r, t);
+        const int64_t nj = std::min<int64_t>(16, OWp - j0);
+        for (int64_t j = 0; j < nj; ++j) _mm512_storeu_si512(dst + (j0 + j) * BW, t[j]);
+      }
+    }
+  }
+}
 #endif  // CNNEXT_BF16_GEMM
 
 }  // namespace
+
+void set_direct_enabled(bool on) { g_direct.store(on); }
+bool direct_enabled() { return g_direct.load(); }
 
 bool available() {
 #ifdef CNNEXT_BF16_GEMM
@@ -475,6 +763,142 @@ bool available() {
 
 namespace {
 
+CNNEXT_PATH_NEEDS(kFwdBf16Direct, "conv2d.fwd.bf16_direct", kAvx512Bf16);
+CNNEXT_PATH_NEEDS(kDirectCacheHit, "conv2d.fwd.bf16_direct.weight_cache_hit", kAvx512Bf16);
+
+// The direct forward's weight (direct_forward's wa), channel pair by channel pair so that
+// the 9-or-so lines a pair's taps write stay in L1 while its BW output channels are read.
+void pack_direct_weight(const at::Tensor& weight, const Conv2dParams& p, bool flipped, int64_t BW, uint32_t* wa) {
+  const int64_t Cg = p.in_per_group(), Og = p.out_per_group(), Cpg = (Cg + 1) / 2, KHW = p.KH * p.KW;
+  const int64_t ocbs = (Og + BW - 1) / BW;
+  const at::Tensor wc = weight.contiguous();
+  const uint16_t* w = reinterpret_cast<const uint16_t*>(wc.const_data_ptr<at::BFloat16>());
+  at::parallel_for(0, p.G * ocbs, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t gb = b0; gb < b1; ++gb) {
+      const int64_t g = gb / ocbs, ob = gb % ocbs;
+      uint32_t* dst = wa + gb * KHW * Cpg * BW;
+      for (int64_t cp = 0; cp < Cpg; ++cp)
+        for (int64_t l = 0; l < BW; ++l) {
+          const int64_t o = ob * BW + l;
+          for (int64_t h = 0; h < 2; ++h) {
+            const int64_t c = 2 * cp + h;
+            uint32_t* d = dst + cp * BW + l;
+            if (o >= Og || c >= Cg) {
+              if (h == 0 || o >= Og) for (int64_t t = 0; t < KHW; ++t) d[t * Cpg * BW] = 0;
+              continue;
+            }
+            // W[o, c, t] (flipped: the other convolution's weight, its taps reversed).
+            const uint16_t* src = flipped ? w + ((g * Cg + c) * Og + o) * KHW + (KHW - 1) : w + ((g * Og + o) * Cg + c) * KHW;
+            const int64_t ts = flipped ? -1 : 1;
+            if (h == 0)
+              for (int64_t t = 0; t < KHW; ++t) d[t * Cpg * BW] = src[t * ts];
+            else
+              for (int64_t t = 0; t < KHW; ++t) d[t * Cpg * BW] |= uint32_t(src[t * ts]) << 16;
+          }
+        }
+    }
+  });
+}
+
+// The direct forward (direct_tile above), for output channels 16 or more a group, column
+// stride 1 or 2, NCHW or channels_last output. flipped as forward_gemm's. Returns false,
+// having written nothing, where it does not apply; the caller runs the GEMM then.
+bool direct_forward(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                    const Conv2dParams& p, at::Tensor& out, bool relu, bool flipped) {
+#ifdef CNNEXT_BF16_GEMM
+  const int64_t Cg = p.in_per_group(), Og = p.out_per_group();
+  // Not for 1x1 kernels (the copy is a pass over the input that the GEMM, reading each
+  // value once, does without: ResNet's 256 -> 64 1x1 at 56x56 took 7.5 against 5.9 ms, 1
+  // thread) nor few odd channels (a pair's second half is zero: an RGB stem's K grows by
+  // a third; 7.5 against 6.5 ms, 2 threads).
+  if (!g_direct.load() || Og < 16 || (p.SW != 1 && p.SW != 2) || p.KH * p.KW == 1 || (Cg % 2 == 1 && Cg < 15))
+    return false;
+  const bool cl = !out.is_contiguous();
+  if (cl && !out.is_contiguous(at::MemoryFormat::ChannelsLast)) return false;
+  const int64_t Cpg = (Cg + 1) / 2, Cp = p.G * Cpg, KHW = p.KH * p.KW;
+  // The input rows and columns the output reads (padding included; a negative padding
+  // crops): [ih_lo, ih_lo + Hp), [iw_lo, iw_lo + Wp).
+  const int64_t ih_lo = -p.PH, iw_lo = -p.PW;
+  const int64_t Hp = (p.OH - 1) * p.SH + (p.KH - 1) * p.DH + 1, Wp = (p.OW - 1) * p.SW + (p.KW - 1) * p.DW + 1;
+  // The copy may not outgrow the tensors by much (a large padding under a large stride
+  // would make it mostly zeros): the GEMM then.
+  const int64_t copy = p.N * Hp * Cp * Wp;
+  if (copy > 4 * (input.numel() + out.numel()) + (int64_t(1) << 18)) return false;
+  kFwdBf16Direct.hit();
+  // Channel blocks of BW = 16 * V: 64 where the group's channels come in 64s, else 32.
+  const int V = Og % 64 == 0 ? 4 : 2;
+  const int64_t BW = 16 * V, ocbs = (Og + BW - 1) / BW;
+  // wa[(((g * ocbs + ob) * KHW + t) * Cpg + cp) * BW + l] = (W[o, 2cp, t], W[o, 2cp + 1, t]),
+  // o = g * Og + ob * BW + l; zero beyond Og and Cg. From the weight cache (reused only while
+  // the weight is provably unchanged: csrc/cpu/derived_cache.h) or packed.
+  bool hit = false;
+  const at::Tensor wa_t = weight_cache().get(
+      {weight}, {flipped ? kBf16DirectFlippedWeightTag : kBf16DirectWeightTag, p.G, Og, Cg, p.KH, p.KW, BW},
+      [&](const std::vector<at::Tensor>& reuse) {
+        at::Tensor t = reuse.empty() ? DerivedCache::empty({p.G * ocbs * KHW * Cpg * BW}, weight.options().dtype(at::kInt))
+                                     : reuse[0];
+        pack_direct_weight(weight, p, flipped, BW, reinterpret_cast<uint32_t*>(t.mutable_data_ptr<int32_t>()));
+        return std::vector<at::Tensor>{t};
+      },
+      &hit)[0];
+  if (hit) kDirectCacheHit.hit();
+  const uint32_t* wa = reinterpret_cast<const uint32_t*>(wa_t.const_data_ptr<int32_t>());
+  std::vector<float> bias_f(static_cast<size_t>(p.G * ocbs * BW), 0.f);
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias) {
+    const at::Tensor bf = bias->to(at::kFloat).contiguous();
+    const float* bp = bf.const_data_ptr<float>();
+    for (int64_t g = 0; g < p.G; ++g)
+      for (int64_t o = 0; o < Og; ++o) bias_f[(g * ocbs + o / BW) * BW + o % BW] = bp[g * Og + o];
+  }
+  const uint16_t* x = reinterpret_cast<const uint16_t*>(input.const_data_ptr<at::BFloat16>());
+  const Strides4 xs = strides_of(input);
+  // The copy in the calling thread's scratch (kept between calls: no page faults for a
+  // buffer of megabytes each call); the threads below fill and read it.
+  uint32_t* xi = thread_scratch<uint32_t>(ScratchPool::Bf16, 0, copy);
+  at::parallel_for(0, p.N * Hp, 1, [&](int64_t i0, int64_t i1) {
+    direct_copy_rows(x, xs, p, Hp, Wp, ih_lo, iw_lo, xi, i0, i1);
+  });
+  std::vector<int64_t> tap_off(static_cast<size_t>(KHW));
+  for (int64_t t = 0; t < KHW; ++t) tap_off[t] = (t / p.KW) * p.DH * Cp * Wp + (t % p.KW) * p.DW;
+  static constexpr auto tiles12 = direct_tiles<1, 2>(std::make_integer_sequence<int, kDirAcc / 2>());
+  static constexpr auto tiles22 = direct_tiles<2, 2>(std::make_integer_sequence<int, kDirAcc / 2>());
+  static constexpr auto tiles14 = direct_tiles<1, 4>(std::make_integer_sequence<int, kDirAcc / 4>());
+  static constexpr auto tiles24 = direct_tiles<2, 4>(std::make_integer_sequence<int, kDirAcc / 4>());
+  const DirectTile* tiles = V == 4 ? (p.SW == 1 ? tiles14.data() : tiles24.data())
+                                   : (p.SW == 1 ? tiles12.data() : tiles22.data());
+  // Each output row in blocks of at most kDirAcc / V pixels, sizes within one of each other.
+  const int64_t px = kDirAcc / V, nb = (p.OW + px - 1) / px;
+  uint16_t* y = reinterpret_cast<uint16_t*>(out.mutable_data_ptr<at::BFloat16>());
+  const int64_t rows = p.N * p.OH, blocks = p.G * ocbs;
+  // Work items (row, channel block): the channel blocks of a row in turn (the row's input
+  // stays in L1) while all packed weights fit in L2; else the rows of a channel block in
+  // turn (its weights stay in L2).
+  const bool rows_outer = wa_t.numel() * int64_t(sizeof(uint32_t)) <= (int64_t(512) << 10);
+  at::parallel_for(0, rows * blocks, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t item = i0; item < i1; ++item) {
+      const int64_t row = rows_outer ? item / blocks : item % rows;
+      const int64_t gb = rows_outer ? item % blocks : item / rows;
+      const int64_t n = row / p.OH, oh = row % p.OH, g = gb / ocbs, ob = gb % ocbs;
+      const int64_t o0 = g * Og + ob * BW, ocn = std::min<int64_t>(BW, Og - ob * BW);
+      const uint32_t* xrow = xi + ((n * Hp + oh * p.SH) * Cp + g * Cpg) * Wp;
+      const uint32_t* wb = wa + gb * KHW * Cpg * BW;
+      const float* bb = has_bias ? bias_f.data() + gb * BW : nullptr;
+      for (int64_t b = 0; b < nb; ++b) {
+        const int64_t ow0 = b * p.OW / nb, ow1 = (b + 1) * p.OW / nb;
+        uint16_t* y0 = cl ? y + ((n * p.OH + oh) * p.OW + ow0) * p.O + o0 : y + ((n * p.O + o0) * p.OH + oh) * p.OW + ow0;
+        tiles[ow1 - ow0 - 1](xrow + ow0 * p.SW, tap_off.data(), KHW, Cpg, Wp, wb, bb, relu, ocn, cl, y0,
+                             cl ? p.O : p.OH * p.OW);
+      }
+    }
+  });
+  return true;
+#else
+  (void)input; (void)weight; (void)bias; (void)p; (void)out; (void)relu; (void)flipped;
+  return false;
+#endif
+}
+
 // The forward GEMM. flipped: weight is not this convolution's but the one whose input
 // gradient it computes (O' x C'/G x KH x KW, O' = p.C, C' = p.O): row o, tap (c, kh, kw)
 // of this convolution's weight is weight[g * Cg + c, o, KH - 1 - kh, KW - 1 - kw], read
@@ -483,7 +907,9 @@ bool forward_gemm(const at::Tensor& input, const at::Tensor& weight,
                   const c10::optional<at::Tensor>& bias, const Conv2dParams& p, at::Tensor& out,
                   bool relu, bool flipped) {
 #ifdef CNNEXT_BF16_GEMM
-  if (input.scalar_type() != at::kBFloat16 || !available() || !out.is_contiguous()) return false;
+  if (input.scalar_type() != at::kBFloat16 || !available()) return false;
+  if (direct_forward(input, weight, bias, p, out, relu, flipped)) return true;
+  if (!out.is_contiguous()) return false;
   kFwdBf16Gemm.hit();
   const int64_t Cg = p.in_per_group(), Og = p.out_per_group(), K = Cg * p.KH * p.KW;
   const int64_t Kp = (K + 1) / 2, P = p.OH * p.OW;
@@ -759,10 +1185,112 @@ at::Tensor conv2d_input_backward(const at::Tensor& grad_output, const at::Tensor
 #endif
 }
 
+namespace {
+CNNEXT_PATH_NEEDS(kWBf16Direct, "conv2d.weight_grad.bf16_direct", kAvx512Bf16);
+
+// The direct weight gradient (gw_tile above), for output channels 16 or more a group
+// (in blocks of 64 or 32 that do not straddle groups). Returns an undefined tensor, having
+// done nothing, where it does not apply; the caller runs the GEMM then.
+at::Tensor direct_weight_backward(const at::Tensor& grad_output, const at::Tensor& input, const Conv2dParams& p) {
+#ifdef CNNEXT_BF16_GEMM
+  const int64_t Cg = p.in_per_group(), Og = p.out_per_group(), KHW = p.KH * p.KW, Kg = Cg * KHW;
+  const int V = Og % 64 == 0 ? 4 : 2;
+  const int64_t BW = 16 * V;
+  if (!g_direct.load() || Og < 16 || (p.G > 1 && Og % BW != 0)) return at::Tensor();
+  const int64_t OWp = (p.OW + 1) / 2, rows = p.N * p.OH;
+  const int64_t Hp = (p.OH - 1) * p.SH + (p.KH - 1) * p.DH + 1;
+  const int64_t Wh = 2 * OWp + ((p.KW - 1) * p.DW) / p.SW + 1;
+  const int64_t xn = p.C * Hp * p.SW * Wh, rs = p.SH * p.SW * Wh;
+  const int64_t copy = p.N * xn;
+  // The copy may not outgrow the tensors by much (a padding far past the kernel).
+  if (copy > 4 * (input.numel() + grad_output.numel()) + (int64_t(1) << 18)) return at::Tensor();
+  at::Tensor gw = at::empty({p.O, Cg, p.KH, p.KW}, grad_output.options());
+  if (gw.numel() == 0) return gw;
+  if (rows * p.OW == 0) {
+    kWBf16Direct.hit();
+    return gw.zero_();
+  }
+  const uint16_t* x = reinterpret_cast<const uint16_t*>(input.const_data_ptr<at::BFloat16>());
+  uint16_t* xc = thread_scratch<uint16_t>(ScratchPool::Bf16, 1, copy);
+  std::atomic<bool> bad{false};
+  at::parallel_for(0, p.N * p.C, 1, [&](int64_t i0, int64_t i1) {
+    if (gw_copy_planes(x, strides_of(input), p, Hp, Wh, xc, i0, i1)) bad.store(true);
+  });
+  // An odd OW's last pair reads one input value past the row's last pixel for the zero of
+  // grad_output that completes it: a non-finite value there would give NaN (0 x Inf). The
+  // GEMM then, which pairs pixels across rows instead.
+  if (p.OW % 2 == 1 && bad.load()) return at::Tensor();
+  kWBf16Direct.hit();
+  const int64_t ocbs = (p.O + BW - 1) / BW;
+  const at::Tensor gyc = grad_output.contiguous();
+  const uint16_t* gy = reinterpret_cast<const uint16_t*>(gyc.const_data_ptr<at::BFloat16>());
+  uint32_t* gyp = thread_scratch<uint32_t>(ScratchPool::Bf16, 2, ocbs * rows * OWp * BW);
+  at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) { gw_pack_gy(gy, p, BW, OWp, gyp, r0, r1); });
+  // Tiles (group, tap block of 7, channel block); each thread sums its tiles over every
+  // output row in order, a chunk of rows at a time (the chunk's grad_output pairs, about
+  // 128 KiB, stay in L2 while the thread's tiles pass over them), the float sums kept in
+  // memory between chunks: the result does not depend on the thread count.
+  const int64_t kblocks = (Kg + kGwRows - 1) / kGwRows, obs_g = (Og + BW - 1) / BW;
+  const int64_t tiles = p.G * kblocks * obs_g;
+  const int64_t chunk = std::max<int64_t>(1, (int64_t(128) << 10) / (OWp * BW * 4));
+  at::Tensor gwf = at::empty({p.O, Kg}, grad_output.options().dtype(at::kFloat));
+  float* gwp = gwf.mutable_data_ptr<float>();
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> acc(static_cast<size_t>((t1 - t0) * kGwRows * BW), 0.f);
+    std::vector<int64_t> roffs(static_cast<size_t>((t1 - t0) * kGwRows));
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t g = t / (kblocks * obs_g), kb = (t / obs_g) % kblocks;
+      for (int64_t i = 0; i < kGwRows; ++i) {
+        const int64_t k = std::min(Kg - 1, kb * kGwRows + i);  // past K: a valid row, not stored
+        const int64_t c = g * Cg + k / KHW, kh = (k % KHW) / p.KW, kw = k % p.KW;
+        roffs[(t - t0) * kGwRows + i] =
+            ((c * Hp + kh * p.DH) * p.SW + (kw * p.DW) % p.SW) * Wh + (kw * p.DW) / p.SW;
+      }
+    }
+    for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
+      const int64_t r1 = std::min(rows, r0 + chunk);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t g = t / (kblocks * obs_g), ob = g * obs_g + t % obs_g;
+        const uint32_t* gb = gyp + ob * rows * OWp * BW;
+        float* a = acc.data() + (t - t0) * kGwRows * BW;
+        if (V == 4)
+          gw_tile<4>(xc, roffs.data() + (t - t0) * kGwRows, xn, rs, p.OH, OWp, gb, r0, r1, a);
+        else
+          gw_tile<2>(xc, roffs.data() + (t - t0) * kGwRows, xn, rs, p.OH, OWp, gb, r0, r1, a);
+      }
+    }
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t g = t / (kblocks * obs_g), kb = (t / obs_g) % kblocks, obg = t % obs_g;
+      const float* a = acc.data() + (t - t0) * kGwRows * BW;
+      for (int64_t l = 0; l < BW; ++l) {
+        const int64_t o = obg * BW + l;
+        if (o >= Og) break;
+        for (int64_t i = 0; i < kGwRows; ++i) {
+          const int64_t k = kb * kGwRows + i;
+          if (k >= Kg) break;
+          gwp[(g * Og + o) * Kg + k] = a[i * BW + l];
+        }
+      }
+    }
+  });
+  vec::float_to_bf16(gwp, reinterpret_cast<uint16_t*>(gw.mutable_data_ptr<at::BFloat16>()), p.O * Kg);
+  return gw;
+#else
+  (void)grad_output; (void)input; (void)p;
+  return at::Tensor();
+#endif
+}
+
+}  // namespace
+
 at::Tensor conv2d_weight_backward(const at::Tensor& grad_output, const at::Tensor& input,
                                   const Conv2dParams& p) {
 #ifdef CNNEXT_BF16_GEMM
   if (!backward_applies(grad_output, p) || input.scalar_type() != at::kBFloat16) return at::Tensor();
+  {
+    at::Tensor gw = direct_weight_backward(grad_output, input, p);
+    if (gw.defined()) return gw;
+  }
   kWBf16Gemm.hit();
   const int64_t Cg = p.in_per_group(), Og = p.out_per_group(), K = Cg * p.KH * p.KW;
   const int64_t P = p.OH * p.OW, QP = (P + 1) / 2;

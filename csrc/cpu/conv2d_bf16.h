@@ -13,6 +13,11 @@ namespace bf16 {
 // CNNEXT_CPU_ISA).
 bool available();
 
+// The direct forward (output channels in the vector lanes, csrc/cpu/conv2d_bf16.cpp) on or
+// off (test hook: off, the GEMM path runs what it would take).
+void set_direct_enabled(bool on);
+bool direct_enabled();
+
 // out (allocated, N x O x OH x OW, contiguous or channels_last) = [relu](conv2d(input,
 // weight) + bias) for bfloat16 tensors, through the vdpbf16ps GEMM with float
 // accumulation. Returns false, having written nothing, where it does not apply (another

@@ -92,6 +92,8 @@ enum WeightCacheTag : int64_t {
   kFlippedTransformedWeightTag = 3,  // the same of the flipped, transposed weight (input gradient)
   kSplit5TransformedWeightTag = 4,   // a 5x5 weight split into four 3x3 ones, then transformed
   kSplit5FlippedTransformedWeightTag = 5,  // the same of its flipped, transposed weight
+  kBf16DirectWeightTag = 6,  // the bfloat16 direct forward's weight in channel pairs, 32 channels a row
+  kBf16DirectFlippedWeightTag = 7,  // the same of the flipped, transposed weight (input gradient)
 };
 DerivedCache& weight_cache();
 

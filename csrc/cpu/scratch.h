@@ -17,7 +17,7 @@
 namespace cnnext {
 namespace cpu {
 
-enum class ScratchPool : int { Conv2d = 0, Sgemm = 1, Winograd = 2, TinyC = 3, Count = 4 };
+enum class ScratchPool : int { Conv2d = 0, Sgemm = 1, Winograd = 2, TinyC = 3, Bf16 = 4, Count = 5 };
 constexpr int kScratchSlots = 8;
 constexpr size_t kHugeBytes = size_t(1) << 20;
 
