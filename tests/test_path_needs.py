@@ -90,7 +90,7 @@ AVX2_WINOGRAD = {"sgemm.gemm_avx2", "conv2d.winograd.avx2", "conv2d.winograd.avx
 
 
 def test_every_gated_family_is_marked():
-    # The float32 GEMM's paths, the bfloat16 GEMM's, the vector max pooling's: each names
+    # The float32 GEMM's paths, the bfloat16 GEMM's and direct kernels', the vector max pooling's: each names
     # what it needs, so expect_path can skip it where it cannot run.
     table = _C._path_needs()
     for name, (what, _) in table.items():
@@ -98,7 +98,8 @@ def test_every_gated_family_is_marked():
             assert what == "avx2", (name, what)
         elif name.startswith("sgemm.") or ".sgemm" in name or "winograd" in name:
             assert what == "avx512f", (name, what)
-        elif "bf16_gemm" in name or "bf16_sweeps" in name or name.endswith(("bf16_flip", "bf16_phases")):
+        elif ("bf16_gemm" in name or "bf16_sweeps" in name or "bf16_direct" in name
+              or name.endswith(("bf16_flip", "bf16_phases"))):
             assert what == "avx512_bf16", (name, what)
         elif "avx512" in name:
             assert what == "avx512", (name, what)
