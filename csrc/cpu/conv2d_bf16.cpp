@@ -602,47 +602,52 @@ CNNEXT_BF16 void direct_copy_rows(const uint16_t* x, const Strides4& xs, const C
 // ---- The direct weight gradient: output channels in the vector lanes ----
 //
 // gw[o, k] = sum over samples and output pixels of gy[o, q] * X[k, q], k = (c, kh, kw), in
-// tiles of 7 taps x 16 * V output channels: the reduction runs over pairs of horizontally
-// adjacent output pixels (ow = 2j, 2j + 1 of one output row; an odd OW's last pair is
-// completed by a zero of grad_output), per pair V loads of grad_output pairs
-// (gyp[((ob * rows + row) * OWp + j) * BW + l] = (gy[o, row, 2j], gy[o, row, 2j + 1]),
-// o = ob * BW + l, row = n * OH + oh) and one broadcast per tap of the input pair those two
-// pixels read. The input is copied once, padded and split by column phase (xc below), so
-// that the pair is two adjacent values: one unaligned dword, nothing packed per tile.
-//   xc[(((n * C + c) * Hp + r) * SW + ph) * Wh + i] = x[n, c, r - PH, ph + SW * i - PW]
-// (zero outside the input): pixel (oh, ow) at tap (kh, kw) reads row r = oh * SH + kh * DH,
-// phase (kw * DW) % SW, index ow + (kw * DW) / SW.
+// tiles of 7 taps x 16 * V output channels. The reduction runs over pairs of samples (2m,
+// 2m + 1; an odd batch's last one paired with zeros) at one output pixel: per pixel V loads
+// of grad_output pairs (gyp[((ob * rows + row) * OW + ow) * BW + l] = (gy[2m, o, oh, ow],
+// gy[2m + 1, o, oh, ow]), o = ob * BW + l, row = m * OH + oh) and one broadcast per tap of
+// the input pair that pixel reads in the two samples. The input is copied once, padded, split
+// by column phase and with the two samples' values side by side (xc below), so that the pair
+// is one dword and a row's pixels are consecutive dwords: nothing packed per tile.
+//   xc[(((m * C + c) * Hp + r) * SW + ph) * Wh + i] = (x[2m, c, ih, iw], x[2m + 1, c, ih, iw]),
+//   ih = r - PH, iw = ph + SW * i - PW (zero outside the input and for a sample past N):
+// pixel (oh, ow) at tap (kh, kw) reads r = oh * SH + kh * DH, phase (kw * DW) % SW, index
+// ow + (kw * DW) / SW.
 constexpr int kGwRows = 7;  // taps a tile: 7 x V accumulators, V weight and one broadcast register
 
 template <int V>
-CNNEXT_BF16 void gw_tile(const uint16_t* __restrict__ xc, const int64_t* __restrict__ roff, int64_t xn, int64_t rs,
-                         int64_t OH, int64_t OWp, const uint32_t* __restrict__ gyp, int64_t row0, int64_t row1,
+CNNEXT_BF16 void gw_tile(const uint32_t* __restrict__ xc, const int64_t* __restrict__ roff, int64_t xn, int64_t rs,
+                         int64_t OH, int64_t OW, const uint32_t* __restrict__ gyp, int64_t row0, int64_t row1,
                          float* __restrict__ acc_mem) {
   __m512 acc[kGwRows][V];
 #pragma GCC unroll 7
   for (int i = 0; i < kGwRows; ++i)
 #pragma GCC unroll 4
     for (int v = 0; v < V; ++v) acc[i][v] = _mm512_loadu_ps(acc_mem + (i * V + v) * 16);
-  for (int64_t row = row0; row < row1; ++row) {
-    const uint16_t* base = xc + (row / OH) * xn + (row % OH) * rs;
-    const uint16_t* p0 = base + roff[0];
-    const uint16_t* p1 = base + roff[1];
-    const uint16_t* p2 = base + roff[2];
-    const uint16_t* p3 = base + roff[3];
-    const uint16_t* p4 = base + roff[4];
-    const uint16_t* p5 = base + roff[5];
-    const uint16_t* p6 = base + roff[6];
-    const uint32_t* g = gyp + row * OWp * 16 * V;
-    for (int64_t j = 0; j < OWp; ++j, g += 16 * V) {
+  // (m, oh) of row stepped along: no division per row (7 x 7 maps have 7 pixels a row)
+  int64_t m = row0 / OH, oh = row0 % OH;
+  for (int64_t row = row0; row < row1; ++row, ++oh) {
+    if (oh == OH) {
+      oh = 0;
+      ++m;
+    }
+    const uint32_t* base = xc + m * xn + oh * rs;
+    const uint32_t* p0 = base + roff[0];
+    const uint32_t* p1 = base + roff[1];
+    const uint32_t* p2 = base + roff[2];
+    const uint32_t* p3 = base + roff[3];
+    const uint32_t* p4 = base + roff[4];
+    const uint32_t* p5 = base + roff[5];
+    const uint32_t* p6 = base + roff[6];
+    const uint32_t* g = gyp + row * OW * 16 * V;
+    for (int64_t j = 0; j < OW; ++j, g += 16 * V) {
       __m512bh w[V];
 #pragma GCC unroll 4
       for (int v = 0; v < V; ++v) w[v] = (__m512bh)_mm512_loadu_si512(g + 16 * v);
-      const uint16_t* ps[kGwRows] = {p0, p1, p2, p3, p4, p5, p6};
+      const uint32_t* ps[kGwRows] = {p0, p1, p2, p3, p4, p5, p6};
 #pragma GCC unroll 7
       for (int i = 0; i < kGwRows; ++i) {
-        uint32_t pair;
-        std::memcpy(&pair, ps[i] + 2 * j, sizeof(pair));
-        const __m512bh b = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
+        const __m512bh b = (__m512bh)_mm512_set1_epi32(static_cast<int>(ps[i][j]));
 #pragma GCC unroll 4
         for (int v = 0; v < V; ++v) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], b, w[v]);
       }
@@ -654,93 +659,98 @@ CNNEXT_BF16 void gw_tile(const uint16_t* __restrict__ xc, const int64_t* __restr
     for (int v = 0; v < V; ++v) _mm512_storeu_ps(acc_mem + (i * V + v) * 16, acc[i][v]);
 }
 
-// xc's planes [i0, i1) (items n * C + c); returns whether any value copied is not finite.
-CNNEXT_BF16 bool gw_copy_planes(const uint16_t* x, const Strides4& xs, const Conv2dParams& p, int64_t Hp, int64_t Wh,
-                                uint16_t* xc, int64_t i0, int64_t i1) {
+// k (<= 32) values of a row from s, elements SW (1 or 2) apart; zero past k. ie: the even
+// elements' vpermt2w indices.
+CNNEXT_BF16 inline __m512i gw_load_row(const uint16_t* s, int64_t k, int64_t SW, __m512i ie) {
+  const __mmask32 m = k >= 32 ? ~__mmask32(0) : static_cast<__mmask32>((1u << k) - 1);
+  if (SW == 1) return _mm512_maskz_loadu_epi16(m, s);
+  const int64_t span = std::min<int64_t>(64, 2 * k - 1);  // elements read: 2(k-1) + 1
+  const __mmask32 m0 = span >= 32 ? ~__mmask32(0) : static_cast<__mmask32>((1u << span) - 1);
+  const __mmask32 m1 =
+      span <= 32 ? __mmask32(0) : span >= 64 ? ~__mmask32(0) : static_cast<__mmask32>((1u << (span - 32)) - 1);
+  return _mm512_permutex2var_epi16(_mm512_maskz_loadu_epi16(m0, s), ie, _mm512_maskz_loadu_epi16(m1, s + 32));
+}
+
+// xc's planes [i0, i1) (items m * C + c).
+CNNEXT_BF16 void gw_copy_planes(const uint16_t* x, const Strides4& xs, const Conv2dParams& p, int64_t Hp, int64_t Wh,
+                                uint32_t* xc, int64_t i0, int64_t i1) {
   const int64_t SW = p.SW;
   alignas(64) static const uint16_t even_idx[32] = {0,  2,  4,  6,  8,  10, 12, 14, 16, 18, 20,
                                                     22, 24, 26, 28, 30, 32, 34, 36, 38, 40, 42,
                                                     44, 46, 48, 50, 52, 54, 56, 58, 60, 62};
   const __m512i ie = _mm512_load_si512(even_idx);
-  const __m512i expo = _mm512_set1_epi16(0x7F80);
-  __mmask32 bad = 0;
+  const __m512i ilo_v = _mm512_load_si512(kPairLo), ihi_v = _mm512_load_si512(kPairHi);
   for (int64_t item = i0; item < i1; ++item) {
-    const int64_t n = item / p.C, c = item % p.C;
-    uint16_t* plane = xc + item * Hp * SW * Wh;
+    const int64_t m = item / p.C, c = item % p.C;
+    const bool second = 2 * m + 1 < p.N;
+    uint32_t* plane = xc + item * Hp * SW * Wh;
     for (int64_t r = 0; r < Hp; ++r) {
       const int64_t ih = r - p.PH;
-      uint16_t* dst = plane + r * SW * Wh;
+      uint32_t* dst = plane + r * SW * Wh;
       if (ih < 0 || ih >= p.H) {
-        std::memset(dst, 0, SW * Wh * sizeof(uint16_t));
+        std::memset(dst, 0, SW * Wh * sizeof(uint32_t));
         continue;
       }
-      const uint16_t* src = x + n * xs.n + c * xs.c + ih * xs.h;
+      const uint16_t* sa = x + 2 * m * xs.n + c * xs.c + ih * xs.h;
       for (int64_t ph = 0; ph < SW; ++ph) {
-        uint16_t* d = dst + ph * Wh;
+        uint32_t* d = dst + ph * Wh;
         // index i holds iw = ph + SW * i - PW: the ones inside [0, W) are [ilo, ihi).
         const int64_t first = ph - p.PW;  // iw of i = 0
-        const int64_t ilo = first >= 0 ? 0 : (-first + SW - 1) / SW;
+        const int64_t ilo = std::min<int64_t>(first >= 0 ? 0 : (-first + SW - 1) / SW, Wh);
         const int64_t ihi = std::clamp<int64_t>(p.W - first > 0 ? (p.W - first + SW - 1) / SW : 0, ilo, Wh);
-        std::fill(d, d + std::min(ilo, Wh), uint16_t(0));
-        std::fill(d + ihi, d + Wh, uint16_t(0));
-        const uint16_t* s = src + (first + SW * ilo) * xs.w;  // iw of index ilo
+        std::fill(d, d + ilo, 0u);
+        std::fill(d + ihi, d + Wh, 0u);
+        const uint16_t* a = sa + (first + SW * ilo) * xs.w;  // iw of index ilo, sample 2m
+        const uint16_t* b = a + xs.n;                        // sample 2m + 1
         const int64_t cnt = ihi - ilo;
-        if (xs.w == 1 && SW == 1) {
+        if (xs.w == 1 && SW <= 2) {
           for (int64_t t = 0; t < cnt; t += 32) {
             const int64_t k = std::min<int64_t>(32, cnt - t);
-            const __mmask32 m = k >= 32 ? ~__mmask32(0) : static_cast<__mmask32>((1u << k) - 1);
-            const __m512i v = _mm512_maskz_loadu_epi16(m, s + t);
-            bad |= _mm512_mask_cmpeq_epi16_mask(m, _mm512_and_si512(v, expo), expo);
-            _mm512_mask_storeu_epi16(d + ilo + t, m, v);
-          }
-        } else if (xs.w == 1 && SW == 2) {
-          // element 2t of s for t < cnt: 64 loaded (masked to the row), the even ones kept
-          for (int64_t t = 0; t < cnt; t += 32) {
-            const int64_t k = std::min<int64_t>(32, cnt - t);
-            const int64_t span = std::min<int64_t>(64, 2 * k - 1);  // elements read: 2(k-1) + 1
-            const __mmask32 m0 = span >= 32 ? ~__mmask32(0) : static_cast<__mmask32>((1u << span) - 1);
-            const __mmask32 m1 = span <= 32 ? __mmask32(0)
-                                             : span >= 64 ? ~__mmask32(0) : static_cast<__mmask32>((1u << (span - 32)) - 1);
-            const __m512i v0 = _mm512_maskz_loadu_epi16(m0, s + 2 * t);
-            const __m512i v1 = _mm512_maskz_loadu_epi16(m1, s + 2 * t + 32);
-            const __m512i v = _mm512_permutex2var_epi16(v0, ie, v1);
-            const __mmask32 m = k >= 32 ? ~__mmask32(0) : static_cast<__mmask32>((1u << k) - 1);
-            bad |= _mm512_mask_cmpeq_epi16_mask(m, _mm512_and_si512(v, expo), expo);
-            _mm512_mask_storeu_epi16(d + ilo + t, m, v);
+            const __m512i va = gw_load_row(a + SW * t, k, SW, ie);
+            const __m512i vb = second ? gw_load_row(b + SW * t, k, SW, ie) : _mm512_setzero_si512();
+            const __mmask32 mk = k >= 32 ? ~__mmask32(0) : static_cast<__mmask32>((1u << k) - 1);
+            _mm512_mask_storeu_epi32(d + ilo + t, static_cast<__mmask16>(mk), _mm512_permutex2var_epi16(va, ilo_v, vb));
+            if (k > 16)
+              _mm512_mask_storeu_epi32(d + ilo + t + 16, static_cast<__mmask16>(mk >> 16),
+                                       _mm512_permutex2var_epi16(va, ihi_v, vb));
           }
         } else {
-          for (int64_t t = 0; t < cnt; ++t) {
-            const uint16_t v = s[t * SW * xs.w];
-            if ((v & 0x7F80) == 0x7F80) bad = 1;
-            d[ilo + t] = v;
-          }
+          for (int64_t t = 0; t < cnt; ++t)
+            d[ilo + t] = uint32_t(a[t * SW * xs.w]) | (second ? uint32_t(b[t * SW * xs.w]) << 16 : 0u);
         }
       }
     }
   }
-  return bad != 0;
 }
 
-// gyp for output rows [r0, r1) (row = n * OH + oh) of every channel block: 16 channels x 16
-// pairs at a time, two dword transposes' worth of loads (a pair is one dword of a row).
-CNNEXT_BF16 void gw_pack_gy(const uint16_t* gy, const Conv2dParams& p, int64_t BW, int64_t OWp, uint32_t* gyp,
+// gyp for rows [r0, r1) (row = m * OH + oh) of every channel block: per 16 channels and 16
+// pixels, the two samples' rows interleaved into dwords, then one dword transpose.
+CNNEXT_BF16 void gw_pack_gy(const uint16_t* gy, const Conv2dParams& p, int64_t BW, int64_t rows, uint32_t* gyp,
                             int64_t r0, int64_t r1) {
-  const int64_t rows = p.N * p.OH, ocbs = (p.O + BW - 1) / BW, P = p.OH * p.OW;
+  const int64_t ocbs = (p.O + BW - 1) / BW, P = p.OH * p.OW;
+  const __m512i ilo = _mm512_load_si512(kPairLo);
   for (int64_t row = r0; row < r1; ++row) {
-    const int64_t n = row / p.OH, oh = row % p.OH;
+    const int64_t m = row / p.OH, oh = row % p.OH;
+    const bool second = 2 * m + 1 < p.N;
     for (int64_t o0 = 0; o0 < ocbs * BW; o0 += 16) {
       const int64_t ob = o0 / BW, l0 = o0 % BW;
-      uint32_t* dst = gyp + ((ob * rows + row) * OWp) * BW + l0;
-      for (int64_t j0 = 0; j0 < OWp; j0 += 16) {
-        const int64_t px0 = 2 * j0, npx = std::min<int64_t>(32, p.OW - px0);
-        const __mmask32 pm = npx >= 32 ? ~__mmask32(0) : static_cast<__mmask32>((1u << npx) - 1);
+      uint32_t* dst = gyp + ((ob * rows + row) * p.OW) * BW + l0;
+      for (int64_t j0 = 0; j0 < p.OW; j0 += 16) {
+        const int64_t npx = std::min<int64_t>(16, p.OW - j0);
+        const __mmask32 pm = static_cast<__mmask32>((1u << npx) - 1);
         __m512i r[16], t[16];
-        for (int64_t i = 0; i < 16; ++i)
-          r[i] = o0 + i < p.O ? _mm512_maskz_loadu_epi16(pm, gy + (n * p.O + o0 + i) * P + oh * p.OW + px0)
-                              : _mm512_setzero_si512();
+        for (int64_t i = 0; i < 16; ++i) {
+          if (o0 + i >= p.O) {
+            r[i] = _mm512_setzero_si512();
+            continue;
+          }
+          const uint16_t* ga = gy + ((2 * m) * p.O + o0 + i) * P + oh * p.OW + j0;
+          const __m512i va = _mm512_maskz_loadu_epi16(pm, ga);
+          const __m512i vb = second ? _mm512_maskz_loadu_epi16(pm, ga + p.O * P) : _mm512_setzero_si512();
+          r[i] = _mm512_permutex2var_epi16(va, ilo, vb);  // dword j = (a[j], b[j])
+        }
         transpose16(r, t);
-        const int64_t nj = std::min<int64_t>(16, OWp - j0);
-        for (int64_t j = 0; j < nj; ++j) _mm512_storeu_si512(dst + (j0 + j) * BW, t[j]);
+        for (int64_t j = 0; j < npx; ++j) _mm512_storeu_si512(dst + (j0 + j) * BW, t[j]);
       }
     }
   }
@@ -1197,49 +1207,42 @@ at::Tensor direct_weight_backward(const at::Tensor& grad_output, const at::Tenso
   const int V = Og % 64 == 0 ? 4 : 2;
   const int64_t BW = 16 * V;
   if (!g_direct.load() || Og < 16 || (p.G > 1 && Og % BW != 0)) return at::Tensor();
-  const int64_t OWp = (p.OW + 1) / 2, rows = p.N * p.OH;
+  const int64_t M = (p.N + 1) / 2, rows = M * p.OH;  // sample pairs; rows of pairs
   const int64_t Hp = (p.OH - 1) * p.SH + (p.KH - 1) * p.DH + 1;
-  const int64_t Wh = 2 * OWp + ((p.KW - 1) * p.DW) / p.SW + 1;
+  const int64_t Wh = p.OW + ((p.KW - 1) * p.DW) / p.SW;
   const int64_t xn = p.C * Hp * p.SW * Wh, rs = p.SH * p.SW * Wh;
-  const int64_t copy = p.N * xn;
+  const int64_t copy = M * xn;  // dwords
   // The copy may not outgrow the tensors by much (a padding far past the kernel).
-  if (copy > 4 * (input.numel() + grad_output.numel()) + (int64_t(1) << 18)) return at::Tensor();
+  if (copy > 2 * (input.numel() + grad_output.numel()) + (int64_t(1) << 17)) return at::Tensor();
+  kWBf16Direct.hit();
   at::Tensor gw = at::empty({p.O, Cg, p.KH, p.KW}, grad_output.options());
   if (gw.numel() == 0) return gw;
-  if (rows * p.OW == 0) {
-    kWBf16Direct.hit();
-    return gw.zero_();
-  }
+  if (p.N * p.OH * p.OW == 0) return gw.zero_();
   const uint16_t* x = reinterpret_cast<const uint16_t*>(input.const_data_ptr<at::BFloat16>());
-  uint16_t* xc = thread_scratch<uint16_t>(ScratchPool::Bf16, 1, copy);
-  std::atomic<bool> bad{false};
-  at::parallel_for(0, p.N * p.C, 1, [&](int64_t i0, int64_t i1) {
-    if (gw_copy_planes(x, strides_of(input), p, Hp, Wh, xc, i0, i1)) bad.store(true);
+  uint32_t* xc = thread_scratch<uint32_t>(ScratchPool::Bf16, 1, copy);
+  at::parallel_for(0, M * p.C, 1, [&](int64_t i0, int64_t i1) {
+    gw_copy_planes(x, strides_of(input), p, Hp, Wh, xc, i0, i1);
   });
-  // An odd OW's last pair reads one input value past the row's last pixel for the zero of
-  // grad_output that completes it: a non-finite value there would give NaN (0 x Inf). The
-  // GEMM then, which pairs pixels across rows instead.
-  if (p.OW % 2 == 1 && bad.load()) return at::Tensor();
-  kWBf16Direct.hit();
   const int64_t ocbs = (p.O + BW - 1) / BW;
   const at::Tensor gyc = grad_output.contiguous();
   const uint16_t* gy = reinterpret_cast<const uint16_t*>(gyc.const_data_ptr<at::BFloat16>());
-  uint32_t* gyp = thread_scratch<uint32_t>(ScratchPool::Bf16, 2, ocbs * rows * OWp * BW);
-  at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) { gw_pack_gy(gy, p, BW, OWp, gyp, r0, r1); });
-  // Tiles (group, tap block of 7, channel block); each thread sums its tiles over every
-  // output row in order, a chunk of rows at a time (the chunk's grad_output pairs, about
-  // 128 KiB, stay in L2 while the thread's tiles pass over them), the float sums kept in
-  // memory between chunks: the result does not depend on the thread count.
+  uint32_t* gyp = thread_scratch<uint32_t>(ScratchPool::Bf16, 2, ocbs * rows * p.OW * BW);
+  at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) { gw_pack_gy(gy, p, BW, rows, gyp, r0, r1); });
+  // Tiles (group, channel block, tap block of 7: consecutive tiles share a channel block's
+  // grad_output); each thread sums its tiles over every row in order, a chunk of rows at a
+  // time (the chunk's grad_output pairs, about 192 KiB a channel block, stay in L2 while
+  // the thread's tiles pass over them), the float sums kept in memory between chunks: the
+  // result does not depend on the thread count.
   const int64_t kblocks = (Kg + kGwRows - 1) / kGwRows, obs_g = (Og + BW - 1) / BW;
   const int64_t tiles = p.G * kblocks * obs_g;
-  const int64_t chunk = std::max<int64_t>(1, (int64_t(128) << 10) / (OWp * BW * 4));
+  const int64_t chunk = std::max<int64_t>(1, (int64_t(192) << 10) / (p.OW * BW * 4));
   at::Tensor gwf = at::empty({p.O, Kg}, grad_output.options().dtype(at::kFloat));
   float* gwp = gwf.mutable_data_ptr<float>();
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> acc(static_cast<size_t>((t1 - t0) * kGwRows * BW), 0.f);
     std::vector<int64_t> roffs(static_cast<size_t>((t1 - t0) * kGwRows));
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t g = t / (kblocks * obs_g), kb = (t / obs_g) % kblocks;
+      const int64_t g = t / (kblocks * obs_g), kb = t % kblocks;
       for (int64_t i = 0; i < kGwRows; ++i) {
         const int64_t k = std::min(Kg - 1, kb * kGwRows + i);  // past K: a valid row, not stored
         const int64_t c = g * Cg + k / KHW, kh = (k % KHW) / p.KW, kw = k % p.KW;
@@ -1250,17 +1253,17 @@ at::Tensor direct_weight_backward(const at::Tensor& grad_output, const at::Tenso
     for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
       const int64_t r1 = std::min(rows, r0 + chunk);
       for (int64_t t = t0; t < t1; ++t) {
-        const int64_t g = t / (kblocks * obs_g), ob = g * obs_g + t % obs_g;
-        const uint32_t* gb = gyp + ob * rows * OWp * BW;
+        const int64_t g = t / (kblocks * obs_g), ob = g * obs_g + (t / kblocks) % obs_g;
+        const uint32_t* gb = gyp + ob * rows * p.OW * BW;
         float* a = acc.data() + (t - t0) * kGwRows * BW;
         if (V == 4)
-          gw_tile<4>(xc, roffs.data() + (t - t0) * kGwRows, xn, rs, p.OH, OWp, gb, r0, r1, a);
+          gw_tile<4>(xc, roffs.data() + (t - t0) * kGwRows, xn, rs, p.OH, p.OW, gb, r0, r1, a);
         else
-          gw_tile<2>(xc, roffs.data() + (t - t0) * kGwRows, xn, rs, p.OH, OWp, gb, r0, r1, a);
+          gw_tile<2>(xc, roffs.data() + (t - t0) * kGwRows, xn, rs, p.OH, p.OW, gb, r0, r1, a);
       }
     }
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t g = t / (kblocks * obs_g), kb = (t / obs_g) % kblocks, obg = t % obs_g;
+      const int64_t g = t / (kblocks * obs_g), kb = t % kblocks, obg = (t / kblocks) % obs_g;
       const float* a = acc.data() + (t - t0) * kGwRows * BW;
       for (int64_t l = 0; l < BW; ++l) {
         const int64_t o = obg * BW + l;
