@@ -485,12 +485,14 @@ CNNEXT_BF16 void pack_taps(const uint16_t* x, const Strides4& xs, const Conv2dPa
 // four vdpbf16ps), else 2 x 14.
 constexpr int kDirAcc = 28;  // accumulators a tile: V * NP <= 28, leaving V weight and 1-2 broadcast registers
 
-// out + bias, [relu], rounded, stored: NCHW (cl false) y0 + i * ldo + j for channel i of
-// the tile and pixel j; channels_last y0 + j * ldo + i.
+// out + bias, [relu], rounded, stored at y0 + i * ldc + j * ldw for channel i of the tile
+// and pixel j: cl (ldc = 1) one vector store per pixel; else a 16 x 16 transpose per 16
+// channels and a row store per channel (ldw = 1), or its values ldw apart (an input
+// gradient's stride phase written in place).
 template <int NP, int SW, int V>
 CNNEXT_BF16 void direct_tile(const uint32_t* __restrict__ xb, const int64_t* __restrict__ tap_off, int64_t taps,
                              int64_t Cp, int64_t Wp, const uint32_t* __restrict__ wa, const float* bias, bool relu,
-                             int64_t ocn, bool cl, uint16_t* y0, int64_t ldo) {
+                             int64_t ocn, bool cl, uint16_t* y0, int64_t ldc, int64_t ldw) {
   __m512 acc[NP][V];
 #pragma GCC unroll 28
   for (int j = 0; j < NP; ++j)
@@ -530,7 +532,7 @@ CNNEXT_BF16 void direct_tile(const uint32_t* __restrict__ xb, const int64_t* __r
       const __mmask16 m = left >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
 #pragma GCC unroll 14
       for (int j = 0; j < NP; ++j)
-        _mm256_mask_storeu_epi16(y0 + j * ldo + 16 * v, m, (__m256i)_mm512_cvtneps_pbh(acc[j][v]));
+        _mm256_mask_storeu_epi16(y0 + j * ldw + 16 * v, m, (__m256i)_mm512_cvtneps_pbh(acc[j][v]));
     }
     return;
   }
@@ -544,13 +546,22 @@ CNNEXT_BF16 void direct_tile(const uint32_t* __restrict__ xb, const int64_t* __r
     for (int j = 0; j < 16; ++j) r[j] = j < NP ? _mm512_castps_si512(acc[j < NP ? j : 0][v]) : _mm512_setzero_si512();
     transpose16(r, c);
     const int64_t rows = std::min<int64_t>(16, ocn - 16 * v);
-    for (int64_t i = 0; i < rows; ++i)
-      _mm256_mask_storeu_epi16(y0 + (16 * v + i) * ldo, pm, (__m256i)_mm512_cvtneps_pbh(_mm512_castsi512_ps(c[i])));
+    for (int64_t i = 0; i < rows; ++i) {
+      const __m256i h = (__m256i)_mm512_cvtneps_pbh(_mm512_castsi512_ps(c[i]));
+      uint16_t* row = y0 + (16 * v + i) * ldc;
+      if (ldw == 1) {
+        _mm256_mask_storeu_epi16(row, pm, h);
+      } else {
+        alignas(32) uint16_t b[16];
+        _mm256_store_si256(reinterpret_cast<__m256i*>(b), h);
+        for (int j = 0; j < NP; ++j) row[j * ldw] = b[j];
+      }
+    }
   }
 }
 
 using DirectTile = void (*)(const uint32_t*, const int64_t*, int64_t, int64_t, int64_t, const uint32_t*,
-                            const float*, bool, int64_t, bool, uint16_t*, int64_t);
+                            const float*, bool, int64_t, bool, uint16_t*, int64_t, int64_t);
 
 template <int SW, int V, int... NP>
 constexpr std::array<DirectTile, sizeof...(NP)> direct_tiles(std::integer_sequence<int, NP...>) {
@@ -811,20 +822,23 @@ void pack_direct_weight(const at::Tensor& weight, const Conv2dParams& p, bool fl
 }
 
 // The direct forward (direct_tile above), for output channels 16 or more a group, column
-// stride 1 or 2, NCHW or channels_last output. flipped as forward_gemm's. Returns false,
-// having written nothing, where it does not apply; the caller runs the GEMM then.
+// stride 1 or 2, into out of any strides (NCHW, channels_last, or a strided view: an input
+// gradient's stride phase). flipped as forward_gemm's; pointwise: take a 1x1 kernel too.
+// Returns false, having written nothing, where it does not apply; the caller runs the GEMM
+// then.
 bool direct_forward(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                    const Conv2dParams& p, at::Tensor& out, bool relu, bool flipped) {
+                    const Conv2dParams& p, at::Tensor& out, bool relu, bool flipped, bool pointwise = false) {
 #ifdef CNNEXT_BF16_GEMM
   const int64_t Cg = p.in_per_group(), Og = p.out_per_group();
   // Not for 1x1 kernels (the copy is a pass over the input that the GEMM, reading each
   // value once, does without: ResNet's 256 -> 64 1x1 at 56x56 took 7.5 against 5.9 ms, 1
   // thread) nor few odd channels (a pair's second half is zero: an RGB stem's K grows by
   // a third; 7.5 against 6.5 ms, 2 threads).
-  if (!g_direct.load() || Og < 16 || (p.SW != 1 && p.SW != 2) || p.KH * p.KW == 1 || (Cg % 2 == 1 && Cg < 15))
+  if (!g_direct.load() || Og < 16 || (p.SW != 1 && p.SW != 2) || (p.KH * p.KW == 1 && !pointwise) ||
+      (Cg % 2 == 1 && Cg < 15))
     return false;
-  const bool cl = !out.is_contiguous();
-  if (cl && !out.is_contiguous(at::MemoryFormat::ChannelsLast)) return false;
+  const Strides4 ys = strides_of(out);
+  const bool cl = ys.c == 1;  // the channels side by side: one vector store per pixel
   const int64_t Cpg = (Cg + 1) / 2, Cp = p.G * Cpg, KHW = p.KH * p.KW;
   // The input rows and columns the output reads (padding included; a negative padding
   // crops): [ih_lo, ih_lo + Hp), [iw_lo, iw_lo + Wp).
@@ -896,9 +910,9 @@ bool direct_forward(const at::Tensor& input, const at::Tensor& weight, const c10
       const float* bb = has_bias ? bias_f.data() + gb * BW : nullptr;
       for (int64_t b = 0; b < nb; ++b) {
         const int64_t ow0 = b * p.OW / nb, ow1 = (b + 1) * p.OW / nb;
-        uint16_t* y0 = cl ? y + ((n * p.OH + oh) * p.OW + ow0) * p.O + o0 : y + ((n * p.O + o0) * p.OH + oh) * p.OW + ow0;
-        tiles[ow1 - ow0 - 1](xrow + ow0 * p.SW, tap_off.data(), KHW, Cpg, Wp, wb, bb, relu, ocn, cl, y0,
-                             cl ? p.O : p.OH * p.OW);
+        uint16_t* y0 = y + n * ys.n + o0 * ys.c + oh * ys.h + ow0 * ys.w;
+        tiles[ow1 - ow0 - 1](xrow + ow0 * p.SW, tap_off.data(), KHW, Cpg, Wp, wb, bb, relu, ocn, cl, y0, ys.c,
+                             ys.w);
       }
     }
   });
@@ -1087,7 +1101,8 @@ at::Tensor conv2d_input_backward(const at::Tensor& grad_output, const at::Tensor
     if (gx.numel() == 0) return out_format == at::MemoryFormat::Contiguous ? gx : gx.contiguous(out_format);
     const at::Tensor gyc = grad_output.contiguous();
     // wt[g * Cg + c, o, kh, kw] = weight[g * Og + o, c, kh, kw].
-    const at::Tensor wt = weight.reshape({p.G, Og, Cg, p.KH, p.KW}).transpose(1, 2).reshape({p.C, Og, p.KH, p.KW});
+    const at::Tensor wt =
+        weight.reshape({p.G, Og, Cg, p.KH, p.KW}).transpose(1, 2).reshape({p.C, Og, p.KH, p.KW}).contiguous();
     auto taps = [](int64_t a, int64_t pad, int64_t S, int64_t Kn) {
       std::vector<int64_t> t;  // valid taps, descending
       for (int64_t k = Kn - 1; k >= 0; --k)
@@ -1106,15 +1121,26 @@ at::Tensor conv2d_input_backward(const at::Tensor& grad_output, const at::Tensor
           dst.zero_();
           continue;
         }
-        const auto opt = at::TensorOptions().dtype(at::kLong);
-        const at::Tensor ih = at::tensor(th, opt), iw = at::tensor(tw, opt);
-        const at::Tensor sub = wt.index_select(2, ih).index_select(3, iw).contiguous();
+        // sub[c, o, i, j] = wt[c, o, th[i], tw[j]] (a loop: index_select on the 4-D
+        // weight took 13% of ResNet's 128 -> 256 3x3/2 input gradient).
+        const int64_t nh = static_cast<int64_t>(th.size()), nw = static_cast<int64_t>(tw.size());
+        at::Tensor sub = at::empty({p.C, Og, nh, nw}, wt.options());
+        {
+          const uint16_t* src = reinterpret_cast<const uint16_t*>(wt.const_data_ptr<at::BFloat16>());
+          uint16_t* d = reinterpret_cast<uint16_t*>(sub.mutable_data_ptr<at::BFloat16>());
+          for (int64_t co = 0; co < p.C * Og; ++co, src += p.KH * p.KW)
+            for (int64_t i = 0; i < nh; ++i)
+              for (int64_t j = 0; j < nw; ++j) *d++ = src[th[i] * p.KW + tw[j]];
+        }
         Conv2dParams q = conv_input_grad_as_forward(p);  // then this phase's sizes and sub-kernel
         q.OH = Ha; q.OW = Wb;
         q.KH = static_cast<int64_t>(th.size()); q.KW = static_cast<int64_t>(tw.size());
         q.SH = q.SW = 1;
         q.PH = -floor_div(a + p.PH - th[0], p.SH);
         q.PW = -floor_div(b + p.PW - tw[0], p.SW);
+        // The direct forward writes the phase's positions of gx in place (a 1x1 phase
+        // too: its copy of grad_output costs less than the GEMM's output copied in).
+        if (direct_forward(gyc, sub, c10::nullopt, q, dst, false, false, /*pointwise=*/true)) continue;
         at::Tensor part = at::empty({p.N, p.C, Ha, Wb}, grad_output.options());
         const bool ran = forward_gemm(gyc, sub, c10::nullopt, q, part, false, false);
         TORCH_INTERNAL_ASSERT(ran);
