@@ -400,8 +400,9 @@ assert _C._path_counts()["conv2d.fwd.bf16_gemm"] == before
 want = F.conv2d(x.double(), w.double(), None, 1, 1)
 err = (y.double() - want).abs().max().item() / want.abs().max().item()
 assert y.dtype == torch.bfloat16 and err <= 5e-3, err
-bf16_paths = ["conv2d.fwd.bf16_gemm", "conv2d.input_grad.bf16_flip", "conv2d.input_grad.bf16_gemm",
-              "conv2d.input_grad.bf16_phases", "conv2d.weight_grad.bf16_gemm"]
+bf16_paths = ["conv2d.fwd.bf16_gemm", "conv2d.fwd.bf16_direct", "conv2d.input_grad.bf16_flip",
+              "conv2d.input_grad.bf16_gemm", "conv2d.input_grad.bf16_phases", "conv2d.weight_grad.bf16_gemm",
+              "conv2d.weight_grad.bf16_direct"]
 for stride in (1, 2):
     before = {k: _C._path_counts()[k] for k in bf16_paths}
     xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()

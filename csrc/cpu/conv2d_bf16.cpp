@@ -1,7 +1,12 @@
-// bfloat16 forward convolution on AVX512_BF16: an implicit-im2col GEMM whose
-// micro-kernel is vdpbf16ps (each float lane adds the products of one pair of bfloat16
-// values: two steps of K per instruction), accumulating in float; each output is rounded
-// to bfloat16 once, after the bias and the ReLU.
+// bfloat16 convolutions on AVX512_BF16, on vdpbf16ps (each float lane adds the products of
+// one pair of bfloat16 values: two steps of K per instruction), accumulating in float; each
+// output is rounded to bfloat16 once, after the bias and the ReLU. Two families:
+//   - the direct kernels (direct_forward, direct_weight_backward, below "The direct
+//     forward" / "The direct weight gradient"): output channels in the vector lanes, input
+//     pairs broadcast from a padded copy of the input, nothing packed per tile; they take
+//     most shapes first (output channels >= 16 a group);
+//   - the implicit-im2col GEMM described next, for what they leave (1x1 kernels, a few odd
+//     channels, column strides past 2, thin groups) and the test hook's comparisons.
 //
 //   out[n, g*Og + o, q] = sum_k W[g, o, k] * X_n[k, q],   k = (c, kh, kw), q = (oh, ow)
 //
