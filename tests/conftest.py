@@ -44,6 +44,26 @@ def rerun_under_avx2_cap(test_file, this_test):
     assert " passed" in out.stdout and "skipped" not in out.stdout.splitlines()[-1], out.stdout[-2000:]
 
 
+def bf16_conv_case(shape, seed=0):
+    """bfloat16 (input, weight, bias, conv keyword arguments) for shape = (N, C, H, W, O,
+    (KH, KW), stride, padding, dilation, groups): unit-normal input and bias, the weight
+    scaled by 1 / sqrt(fan-in)."""
+    n, c, h, w, o, k, s, p, d, g = shape
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, h, w, generator=gen).bfloat16()
+    wt = (torch.randn(o, c // g, *k, generator=gen) / (c // g * k[0] * k[1]) ** 0.5).bfloat16()
+    b = torch.randn(o, generator=gen).bfloat16()
+    return x, wt, b, dict(stride=s, padding=p, dilation=d, groups=g)
+
+
+def assert_same_bits(got, want):
+    """got and want hold the same values bit for bit (NaN where want has NaN, payloads aside)."""
+    assert got.shape == want.shape and got.dtype == want.dtype
+    nan = torch.isnan(want)
+    assert torch.equal(torch.isnan(got), nan)
+    assert torch.equal(got[~nan].view(torch.int16), want[~nan].view(torch.int16))
+
+
 def examples(n):
     """max_examples for a hypothesis test: n, times CNNEXT_HYPOTHESIS_SCALE."""
     return n * _EXAMPLES_SCALE

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from cnnext import _C
 from cnnext._paths import counts, expect_path, runnable
 from cnnext.functional import conv2d
+from conftest import assert_same_bits, bf16_conv_case
 
 PATH = "conv2d.fwd.bf16_direct"
 needs_path = pytest.mark.skipif(not runnable(PATH), reason="the bfloat16 direct forward needs AVX512_BF16")
@@ -45,12 +46,7 @@ CASES = {
 
 
 def make(case, seed=0):
-    n, c, h, w, o, k, s, p, d, g = CASES[case]
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, c, h, w, generator=gen).bfloat16()
-    wt = (torch.randn(o, c // g, *k, generator=gen) / (c // g * k[0] * k[1]) ** 0.5).bfloat16()
-    b = torch.randn(o, generator=gen).bfloat16()
-    return x, wt, b, dict(stride=s, padding=p, dilation=d, groups=g)
+    return bf16_conv_case(CASES[case], seed)
 
 
 def pair_gemm_takes(case):
@@ -66,13 +62,6 @@ def direct(on):
         yield
     finally:
         _C._set_bf16_direct(prev)
-
-
-def assert_same_bits(got, want):
-    assert got.shape == want.shape and got.dtype == want.dtype
-    nan = torch.isnan(want)
-    assert torch.equal(torch.isnan(got), nan)
-    assert torch.equal(got[~nan].view(torch.int16), want[~nan].view(torch.int16))
 
 
 def assert_within_rounding(got, x, wt, b, conf):

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from cnnext._paths import counts, expect_path, runnable
 from cnnext.functional import conv2d
-from conftest import rerun_under_avx2_cap
+from conftest import assert_same_bits, bf16_conv_case, rerun_under_avx2_cap
 
 PATH = "conv2d.fwd.mm_bf16_unfolded_avx2"
 HERE = runnable(PATH) and not runnable("sgemm.gemm")
@@ -37,23 +37,12 @@ CASES = {
 
 
 def make(case, seed=0):
-    n, c, h, w, o, k, s, p, d, g = CASES[case]
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, c, h, w, generator=gen).bfloat16()
-    wt = (torch.randn(o, c // g, *k, generator=gen) / (c // g * k[0] * k[1]) ** 0.5).bfloat16()
-    b = torch.randn(o, generator=gen).bfloat16()
-    return x, wt, b, dict(stride=s, padding=p, dilation=d, groups=g)
+    return bf16_conv_case(CASES[case], seed)
 
 
 def float_path(x, wt, b, conf):
     """cnnext's float32 forward on float copies, rounded once as torch rounds."""
     return conv2d(x.float(), wt.float(), None if b is None else b.float(), **conf).bfloat16()
-
-
-def assert_same_bits(got, want):
-    nan = torch.isnan(want)
-    assert torch.equal(torch.isnan(got), nan)
-    assert torch.equal(got[~nan].view(torch.int16), want[~nan].view(torch.int16))
 
 
 @needs_path
