@@ -8,7 +8,10 @@ must be within a bfloat16 rounding of float64. Channels_last input or output cha
 where values are read and written: bitwise the NCHW result. Also: the thread count does not
 change a bit, the stride-1 input gradient (a forward with the flipped weight) and the
 stride-2 one (its phases) run it, NaN / Inf propagate as the GEMM's, and what it leaves to
-the GEMM."""
+the GEMM. The weight gradient's direct kernel (pairs of samples at a pixel) is checked the
+same ways against float64, and 300 random shapes (groups, kernels 1-5, strides, padding,
+dilation, odd channel counts, channels_last input) check the forward and both gradients,
+and which of them took the direct kernels."""
 import contextlib
 
 import pytest
@@ -355,3 +358,54 @@ def test_training_step_matches_the_gemm_paths():
         off = grads()
     for a, b in zip(on, off):
         torch.testing.assert_close(a.float(), b.float(), rtol=2 ** -6, atol=2 ** -6 * b.float().abs().max().item())
+
+
+# ---- random shapes: forward and both gradients against float64 ----
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from conftest import examples  # noqa: E402
+
+
+@st.composite
+def direct_configs(draw):
+    g = draw(st.sampled_from([1, 1, 2]))
+    cg, og = draw(st.integers(1, 40)), draw(st.sampled_from([16, 32, 48, 64, 80]))
+    k = (draw(st.integers(1, 5)), draw(st.integers(1, 5)))
+    s = (draw(st.integers(1, 2)), draw(st.integers(1, 3)))
+    d = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    p = (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
+    h = draw(st.integers(max(1, d[0] * (k[0] - 1) + 1 - 2 * p[0]), 20))
+    w = draw(st.integers(max(1, d[1] * (k[1] - 1) + 1 - 2 * p[1]), 20))
+    return dict(shape=(draw(st.integers(1, 3)), g * cg, h, w, g * og, k, s, p, d, g),
+                layout=draw(st.sampled_from(["contiguous", "channels_last"])), seed=draw(st.integers(0, 2 ** 16)))
+
+
+def _within_rounding(got, ref, what):
+    err = (got.double() - ref).abs()
+    assert (err <= 2 ** -8 * ref.abs() + 1e-5 * ref.abs().max()).all(), (what, err.max().item())
+
+
+@needs_path
+@settings(deadline=None, derandomize=True, max_examples=examples(300))
+@given(c=direct_configs())
+def test_random_shapes_forward_and_gradients(c):
+    x, wt, b, conf = bf16_conv_case(c["shape"], c["seed"])
+    if c["layout"] == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    n, cin, h, w, o, k, s, p, d, g = c["shape"]
+    cg = cin // g
+    takes_forward = s[1] <= 2 and k[0] * k[1] > 1 and (cg % 2 == 0 or cg >= 15)
+    before = counts()
+    xs, ws, bs = (t.detach().requires_grad_() for t in (x, wt, b))
+    y = conv2d(xs, ws, bs, **conf)
+    ran = counts()
+    assert (ran[PATH] > before[PATH]) == takes_forward, c
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(c["seed"] + 1)).bfloat16()
+    gx, gw = torch.autograd.grad(y, (xs, ws), gy)
+    assert counts()[GW_PATH] > ran[GW_PATH] or (g > 1 and (o // g) % 32 != 0), c  # blocks within groups
+    xd, wd, bd = (t.detach().double().requires_grad_() for t in (x, wt, b))
+    yd = F.conv2d(xd, wd, bd, **conf)
+    gxd, gwd = torch.autograd.grad(yd, (xd, wd), gy.double())
+    _within_rounding(y, yd, "output")
+    _within_rounding(gx, gxd, "grad_input")
+    _within_rounding(gw, gwd, "grad_weight")
