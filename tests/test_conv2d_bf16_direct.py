@@ -409,3 +409,34 @@ def test_random_shapes_forward_and_gradients(c):
     _within_rounding(y, yd, "output")
     _within_rounding(gx, gxd, "grad_input")
     _within_rounding(gw, gwd, "grad_weight")
+
+
+@needs_path
+@pytest.mark.parametrize("layout", ["sliced", "permuted", "grad_output_channels_last", "grad_output_sliced",
+                                    "unbatched", "channels_last_sliced"])
+def test_layouts_forward_and_gradients(layout):
+    """Views as users pass them (sliced, permuted, unbatched input; grad_output
+    channels_last or sliced): the direct kernels run and the forward and both gradients are
+    within a rounding of float64."""
+    gen = torch.Generator().manual_seed(11)
+    big = torch.randn(3, 40, 20, 30, generator=gen).bfloat16()
+    wt = (torch.randn(64, 16, 3, 3, generator=gen) / 12).bfloat16()
+    conf = dict(stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1)
+    x = {"sliced": big[:, 3:35:2, 1:18, 2:29], "permuted": big.permute(0, 1, 3, 2)[:, :16],
+         "unbatched": big[0, :16],
+         "channels_last_sliced": big[:, :16].contiguous(memory_format=torch.channels_last)[:, :, ::2]}.get(layout, big[:, :16])
+    xs, ws = x.detach().requires_grad_(), wt.detach().requires_grad_()
+    with expect_path(PATH, GW_PATH):
+        y = conv2d(xs, ws, None, **conf)
+        gy = torch.randn(y.shape, generator=gen).bfloat16()
+        if layout == "grad_output_channels_last":
+            gy = gy.contiguous(memory_format=torch.channels_last)
+        if layout == "grad_output_sliced":
+            gy = torch.randn(y.shape[0], 2 * y.shape[1], *y.shape[2:], generator=gen).bfloat16()[:, ::2]
+        gx, gw = torch.autograd.grad(y, (xs, ws), gy)
+    xd, wd = x.detach().double().requires_grad_(), wt.detach().double().requires_grad_()
+    yd = F.conv2d(xd, wd, None, **conf)
+    gxd, gwd = torch.autograd.grad(yd, (xd, wd), gy.double())
+    for got, ref, what in ((y, yd, "output"), (gx, gxd, "grad_input"), (gw, gwd, "grad_weight")):
+        assert got.shape == ref.shape, what
+        _within_rounding(got, ref, what)
