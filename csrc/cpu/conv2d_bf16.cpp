@@ -70,6 +70,11 @@ constexpr int64_t kNR = 32;  // columns (output pixels) per B panel: two zmm of 
 #ifdef CNNEXT_BF16_GEMM
 #define CNNEXT_BF16 CNNEXT_TARGET("avx512f,avx512bw,avx512vl,avx512bf16,fma,bmi2")
 
+// vpermt2w indices of the even elements of two 32-element vectors (a stride-2 row).
+alignas(64) constexpr uint16_t kEvenIdx[32] = {0,  2,  4,  6,  8,  10, 12, 14, 16, 18, 20,
+                                               22, 24, 26, 28, 30, 32, 34, 36, 38, 40, 42,
+                                               44, 46, 48, 50, 52, 54, 56, 58, 60, 62};
+
 // The output rows a panel of pixels [q0, q1) (q1 - q0 <= 32) touches, pixels numbered
 // across samples (q = n * P + oh * OW + ow, q1 <= total), worked out once per panel (its
 // integer divisions) and shared by every tap's im2col row: run r covers panel positions
@@ -215,10 +220,7 @@ CNNEXT_BF16 inline __m512i im2col_row(const uint16_t* x, const Strides4& xs, con
   if (p.SW == 2 && xs.w == 1) {
     // Position t reads element 2t from the run's base: two masked 32-element loads,
     // then the even elements (vpermt2w); runs do not share lanes, so they are OR-ed.
-    alignas(64) static const uint16_t even_idx[32] = {0,  2,  4,  6,  8,  10, 12, 14, 16, 18, 20,
-                                                      22, 24, 26, 28, 30, 32, 34, 36, 38, 40, 42,
-                                                      44, 46, 48, 50, 52, 54, 56, 58, 60, 62};
-    const __m512i ie = _mm512_load_si512(even_idx);
+    const __m512i ie = _mm512_load_si512(kEvenIdx);
     __m512i seg = _mm512_setzero_si512();
     for (int64_t r = 0; r < runs.n; ++r) {
       const int64_t ih = runs.ih0[r] + dh;
@@ -257,6 +259,41 @@ alignas(64) constexpr uint16_t kPairHi[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20
                                               53, 22, 54, 23, 55, 24, 56, 25, 57, 26, 58,
                                               27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
 
+// k (<= 32) values of a row from s, elements SW (1 or 2) apart, zero past k (masked loads:
+// nothing past the row is read). ie: kEvenIdx loaded.
+CNNEXT_BF16 inline __m512i load_row(const uint16_t* s, int64_t k, int64_t SW, __m512i ie) {
+  const __mmask32 m = k >= 32 ? ~__mmask32(0) : static_cast<__mmask32>((1u << k) - 1);
+  if (SW == 1) return _mm512_maskz_loadu_epi16(m, s);
+  const int64_t span = std::min<int64_t>(64, 2 * k - 1);  // elements read: 2(k-1) + 1
+  const __mmask32 m0 = span >= 32 ? ~__mmask32(0) : static_cast<__mmask32>((1u << span) - 1);
+  const __mmask32 m1 =
+      span <= 32 ? __mmask32(0) : span >= 64 ? ~__mmask32(0) : static_cast<__mmask32>((1u << (span - 32)) - 1);
+  return _mm512_permutex2var_epi16(_mm512_maskz_loadu_epi16(m0, s), ie, _mm512_maskz_loadu_epi16(m1, s + 32));
+}
+
+// dst[t] = the dword (a[t * step], b[t * step]) for t < cnt, step = SW * xw (b null: a zero
+// high half): two rows interleaved into pairs, by vpermt2w where the row is contiguous
+// (xw 1) and SW is 1 or 2.
+CNNEXT_BF16 void pair_rows(const uint16_t* a, const uint16_t* b, int64_t cnt, int64_t SW, int64_t xw,
+                           uint32_t* dst) {
+  if (xw != 1 || SW > 2) {
+    for (int64_t t = 0; t < cnt; ++t)
+      dst[t] = uint32_t(a[t * SW * xw]) | (b ? uint32_t(b[t * SW * xw]) << 16 : 0u);
+    return;
+  }
+  const __m512i ilo = _mm512_load_si512(kPairLo), ihi = _mm512_load_si512(kPairHi);
+  const __m512i ie = _mm512_load_si512(kEvenIdx);
+  for (int64_t t = 0; t < cnt; t += 32) {
+    const int64_t k = std::min<int64_t>(32, cnt - t);
+    const __m512i va = load_row(a + SW * t, k, SW, ie);
+    const __m512i vb = b ? load_row(b + SW * t, k, SW, ie) : _mm512_setzero_si512();
+    const __mmask32 m = k >= 32 ? ~__mmask32(0) : static_cast<__mmask32>((1u << k) - 1);
+    _mm512_mask_storeu_epi32(dst + t, static_cast<__mmask16>(m), _mm512_permutex2var_epi16(va, ilo, vb));
+    if (k > 16)
+      _mm512_mask_storeu_epi32(dst + t + 16, static_cast<__mmask16>(m >> 16), _mm512_permutex2var_epi16(va, ihi, vb));
+  }
+}
+
 // B panel of the pixels of runs (group's channels from c0; x the batch's input): Kp pairs of rows.
 CNNEXT_BF16 void pack_b(const uint16_t* x, const Strides4& xs, const Conv2dParams& p, int64_t c0,
                         int64_t K, const PanelRuns& runs, uint16_t* b) {
@@ -294,7 +331,6 @@ CNNEXT_BF16 void interleave_pairs(const uint16_t* x, const Strides4& xs, const C
                                   int64_t b0, int64_t b1) {
   const int64_t pairs = p.C / 2, HW = p.H * p.W;  // pairs of the whole batch's channels
   {
-    const __m512i ilo = _mm512_load_si512(kPairLo), ihi = _mm512_load_si512(kPairHi);
     for (int64_t item = b0; item < b1; ++item) {
       const int64_t n = item / pairs, cp = item % pairs;
       const uint16_t* xa = x + n * xs.n + 2 * cp * xs.c;
@@ -304,19 +340,7 @@ CNNEXT_BF16 void interleave_pairs(const uint16_t* x, const Strides4& xs, const C
         const uint16_t* ra = xa + ih * xs.h;
         const uint16_t* rb = xb + ih * xs.h;
         uint32_t* row = dst + ih * p.W;
-        if (xs.w != 1) {
-          for (int64_t iw = 0; iw < p.W; ++iw)
-            row[iw] = uint32_t(ra[iw * xs.w]) | (uint32_t(rb[iw * xs.w]) << 16);
-          continue;
-        }
-        for (int64_t iw = 0; iw < p.W; iw += 32) {
-          const int64_t cnt = std::min<int64_t>(32, p.W - iw);
-          const __mmask32 m = cnt >= 32 ? ~__mmask32(0) : static_cast<__mmask32>((1u << cnt) - 1);
-          const __m512i va = _mm512_maskz_loadu_epi16(m, ra + iw), vb = _mm512_maskz_loadu_epi16(m, rb + iw);
-          _mm512_mask_storeu_epi32(row + iw, static_cast<__mmask16>(m), _mm512_permutex2var_epi16(va, ilo, vb));
-          if (cnt > 16)
-            _mm512_mask_storeu_epi32(row + iw + 16, static_cast<__mmask16>(m >> 16), _mm512_permutex2var_epi16(va, ihi, vb));
-        }
+        pair_rows(ra, rb, p.W, 1, xs.w, row);
       }
     }
   }
@@ -399,6 +423,11 @@ CNNEXT_BF16 void pack_gy_pixels(const uint16_t* gy, int64_t P, int64_t rows, int
   }
 }
 
+// GCC 12 warns about the undefined source operand inside its unpack intrinsics (as
+// cpu/transpose16.h, which says so too).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 // out[c] (16 dwords) = column c of the 16 x 16 dword matrix whose rows are r[0..15]:
 // 32-bit then 64-bit interleaves within 128-bit lanes, then two rounds of lane shuffles.
 CNNEXT_BF16 inline void transpose16(const __m512i* r, __m512i* out) {
@@ -425,6 +454,7 @@ CNNEXT_BF16 inline void transpose16(const __m512i* r, __m512i* out) {
     out[12 + m] = _mm512_shuffle_i32x4(s2, s4, 0xDD);
   }
 }
+#pragma GCC diagnostic pop
 
 // The weight gradient's B panels of one sample's group: for each panel of 32 rows
 // (output channels) and each pair qp of pixels, b[panel * panel_stride + qp * 64 + 2j + h]
@@ -577,7 +607,6 @@ constexpr std::array<DirectTile, sizeof...(NP)> direct_tiles(std::integer_sequen
 CNNEXT_BF16 void direct_copy_rows(const uint16_t* x, const Strides4& xs, const Conv2dParams& p, int64_t Hp,
                                   int64_t Wp, int64_t ih_lo, int64_t iw_lo, uint32_t* xi, int64_t i0, int64_t i1) {
   const int64_t Cg = p.in_per_group(), Cpg = (Cg + 1) / 2, Cp = p.G * Cpg;
-  const __m512i ilo = _mm512_load_si512(kPairLo), ihi = _mm512_load_si512(kPairHi);
   // Columns s of the copy that hold input: [s0, s1).
   const int64_t s0 = std::clamp<int64_t>(-iw_lo, 0, Wp), s1 = std::clamp<int64_t>(p.W - iw_lo, s0, Wp);
   for (int64_t item = i0; item < i1; ++item) {
@@ -595,22 +624,7 @@ CNNEXT_BF16 void direct_copy_rows(const uint16_t* x, const Strides4& xs, const C
       std::fill(row + s1, row + Wp, 0u);
       const uint16_t* ra = x + n * xs.n + c * xs.c + ih * xs.h + (s0 + iw_lo) * xs.w;
       const uint16_t* rb = ra + xs.c;
-      const int64_t cnt_all = s1 - s0;
-      if (xs.w != 1) {
-        for (int64_t s = 0; s < cnt_all; ++s)
-          row[s0 + s] = uint32_t(ra[s * xs.w]) | (second ? uint32_t(rb[s * xs.w]) << 16 : 0u);
-        continue;
-      }
-      for (int64_t s = 0; s < cnt_all; s += 32) {
-        const int64_t cnt = std::min<int64_t>(32, cnt_all - s);
-        const __mmask32 m = cnt >= 32 ? ~__mmask32(0) : static_cast<__mmask32>((1u << cnt) - 1);
-        const __m512i va = _mm512_maskz_loadu_epi16(m, ra + s);
-        const __m512i vb = second ? _mm512_maskz_loadu_epi16(m, rb + s) : _mm512_setzero_si512();
-        _mm512_mask_storeu_epi32(row + s0 + s, static_cast<__mmask16>(m), _mm512_permutex2var_epi16(va, ilo, vb));
-        if (cnt > 16)
-          _mm512_mask_storeu_epi32(row + s0 + s + 16, static_cast<__mmask16>(m >> 16),
-                                   _mm512_permutex2var_epi16(va, ihi, vb));
-      }
+      pair_rows(ra, second ? rb : nullptr, s1 - s0, 1, xs.w, row + s0);
     }
   }
 }
@@ -675,27 +689,10 @@ CNNEXT_BF16 void gw_tile(const uint32_t* __restrict__ xc, const int64_t* __restr
     for (int v = 0; v < V; ++v) _mm512_storeu_ps(acc_mem + (i * V + v) * 16, acc[i][v]);
 }
 
-// k (<= 32) values of a row from s, elements SW (1 or 2) apart; zero past k. ie: the even
-// elements' vpermt2w indices.
-CNNEXT_BF16 inline __m512i gw_load_row(const uint16_t* s, int64_t k, int64_t SW, __m512i ie) {
-  const __mmask32 m = k >= 32 ? ~__mmask32(0) : static_cast<__mmask32>((1u << k) - 1);
-  if (SW == 1) return _mm512_maskz_loadu_epi16(m, s);
-  const int64_t span = std::min<int64_t>(64, 2 * k - 1);  // elements read: 2(k-1) + 1
-  const __mmask32 m0 = span >= 32 ? ~__mmask32(0) : static_cast<__mmask32>((1u << span) - 1);
-  const __mmask32 m1 =
-      span <= 32 ? __mmask32(0) : span >= 64 ? ~__mmask32(0) : static_cast<__mmask32>((1u << (span - 32)) - 1);
-  return _mm512_permutex2var_epi16(_mm512_maskz_loadu_epi16(m0, s), ie, _mm512_maskz_loadu_epi16(m1, s + 32));
-}
-
 // xc's planes [i0, i1) (items m * C + c).
 CNNEXT_BF16 void gw_copy_planes(const uint16_t* x, const Strides4& xs, const Conv2dParams& p, int64_t Hp, int64_t Wh,
                                 uint32_t* xc, int64_t i0, int64_t i1) {
   const int64_t SW = p.SW;
-  alignas(64) static const uint16_t even_idx[32] = {0,  2,  4,  6,  8,  10, 12, 14, 16, 18, 20,
-                                                    22, 24, 26, 28, 30, 32, 34, 36, 38, 40, 42,
-                                                    44, 46, 48, 50, 52, 54, 56, 58, 60, 62};
-  const __m512i ie = _mm512_load_si512(even_idx);
-  const __m512i ilo_v = _mm512_load_si512(kPairLo), ihi_v = _mm512_load_si512(kPairHi);
   for (int64_t item = i0; item < i1; ++item) {
     const int64_t m = item / p.C, c = item % p.C;
     const bool second = 2 * m + 1 < p.N;
@@ -718,22 +715,7 @@ CNNEXT_BF16 void gw_copy_planes(const uint16_t* x, const Strides4& xs, const Con
         std::fill(d + ihi, d + Wh, 0u);
         const uint16_t* a = sa + (first + SW * ilo) * xs.w;  // iw of index ilo, sample 2m
         const uint16_t* b = a + xs.n;                        // sample 2m + 1
-        const int64_t cnt = ihi - ilo;
-        if (xs.w == 1 && SW <= 2) {
-          for (int64_t t = 0; t < cnt; t += 32) {
-            const int64_t k = std::min<int64_t>(32, cnt - t);
-            const __m512i va = gw_load_row(a + SW * t, k, SW, ie);
-            const __m512i vb = second ? gw_load_row(b + SW * t, k, SW, ie) : _mm512_setzero_si512();
-            const __mmask32 mk = k >= 32 ? ~__mmask32(0) : static_cast<__mmask32>((1u << k) - 1);
-            _mm512_mask_storeu_epi32(d + ilo + t, static_cast<__mmask16>(mk), _mm512_permutex2var_epi16(va, ilo_v, vb));
-            if (k > 16)
-              _mm512_mask_storeu_epi32(d + ilo + t + 16, static_cast<__mmask16>(mk >> 16),
-                                       _mm512_permutex2var_epi16(va, ihi_v, vb));
-          }
-        } else {
-          for (int64_t t = 0; t < cnt; ++t)
-            d[ilo + t] = uint32_t(a[t * SW * xs.w]) | (second ? uint32_t(b[t * SW * xs.w]) << 16 : 0u);
-        }
+        pair_rows(a, second ? b : nullptr, ihi - ilo, SW, xs.w, d + ilo);
       }
     }
   }
@@ -848,7 +830,8 @@ bool direct_forward(const at::Tensor& input, const at::Tensor& weight, const c10
   // The input rows and columns the output reads (padding included; a negative padding
   // crops): [ih_lo, ih_lo + Hp), [iw_lo, iw_lo + Wp).
   const int64_t ih_lo = -p.PH, iw_lo = -p.PW;
-  const int64_t Hp = (p.OH - 1) * p.SH + (p.KH - 1) * p.DH + 1, Wp = (p.OW - 1) * p.SW + (p.KW - 1) * p.DW + 1;
+  const int64_t Hp = (p.OH - 1) * p.SH + conv_dilated_kernel(p.KH, p.DH);
+  const int64_t Wp = (p.OW - 1) * p.SW + conv_dilated_kernel(p.KW, p.DW);
   // The copy may not outgrow the tensors by much (a large padding under a large stride
   // would make it mostly zeros): the GEMM then.
   const int64_t copy = p.N * Hp * Cp * Wp;
@@ -1239,7 +1222,7 @@ at::Tensor direct_weight_backward(const at::Tensor& grad_output, const at::Tenso
   const int64_t BW = 16 * V;
   if (!g_direct.load() || Og < 16 || (p.G > 1 && Og % BW != 0)) return at::Tensor();
   const int64_t M = (p.N + 1) / 2, rows = M * p.OH;  // sample pairs; rows of pairs
-  const int64_t Hp = (p.OH - 1) * p.SH + (p.KH - 1) * p.DH + 1;
+  const int64_t Hp = (p.OH - 1) * p.SH + conv_dilated_kernel(p.KH, p.DH);
   const int64_t Wh = p.OW + ((p.KW - 1) * p.DW) / p.SW;
   const int64_t xn = p.C * Hp * p.SW * Wh, rs = p.SH * p.SW * Wh;
   const int64_t copy = M * xn;  // dwords
