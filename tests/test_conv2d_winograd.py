@@ -852,6 +852,65 @@ def test_avx2_small_maps_pick_the_tile_on_16_column_halves(shape):
     assert (gw.double() - ref_gx[1]).abs().max() <= 2e-5 * ref_gx[1].abs().max()
 
 
+@pytest.mark.parametrize("shape,m", [((4, 128, 12, 12), 4), ((4, 256, 6, 6), 2), ((1, 256, 14, 14), 4),
+                                     ((8, 64, 56, 56), 4)])
+def test_avx512_picks_the_tile_on_16_column_halves(shape, m):
+    """On AVX-512 the forward and the input gradient pick F(2x2) or F(4x4) again on the
+    micro-kernel's 16-column halves plus the transformed weight's traffic: F(4x4) on the
+    12x12 maps and 14x14 at batch 1, F(2x2) on 6x6 (its F(4x4) weight is 2.25x bigger, read
+    for 16 tiles); the weight gradient keeps its own pick. Against float64 within the bound."""
+    if not runnable("conv2d.fwd.sgemm"):
+        pytest.skip("the AVX-512 pick (this CPU runs the AVX2 kernels)")
+    n, c, h, w = shape
+    gen = torch.Generator().manual_seed(c + h)
+    x = torch.randn(n, c, h, w, generator=gen)
+    wt = torch.randn(c, c, 3, 3, generator=gen) * math.sqrt(2.0 / (c * 9))
+    gy = torch.randn(n, c, h, w, generator=gen)
+    y, paths = ran(lambda: conv2d(x, wt, None, 1, 1))
+    assert TILES[m] in paths and TILES[6 - m] not in paths
+    assert rel_err(y, _ref(x, wt)) <= 2e-5
+    gx, paths = ran(lambda: torch.ops.cnnext.conv2d_input_backward(gy, wt, list(x.shape), [1, 1], [1, 1], [1, 1], 1))
+    assert {TILES[m], "conv2d.input_grad.winograd"} <= paths
+    ref_gx = torch.ops.aten.convolution_backward(gy.double(), x.double(), wt.double(), None, [1, 1], [1, 1], [1, 1],
+                                                 False, [0, 0], 1, [True, False, False])[0]
+    assert (gx.double() - ref_gx).abs().max() <= 2e-5 * ref_gx.abs().max()
+
+
+SHARED = "conv2d.winograd.shared_input"
+
+
+@pytest.mark.parametrize("m", [2, 4])
+@pytest.mark.parametrize("shape", [(4, 256, 6, 6, 256), (4, 128, 12, 12, 128), (1, 37, 5, 7, 72), (2, 40, 9, 3, 200)])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_shared_input_transform(m, shape, threads, tile):
+    """Few tiles and many output channels: the output channels are split over items and each
+    chunk's input is transformed once, its channels over the threads, for all blocks. The
+    result does not depend on the split (1, 2 or 3 threads: bit for bit the same) and is
+    within the bound of float64, NCHW and channels_last output alike."""
+    tile(m)
+    n, c, h, w, o = shape
+    gen = torch.Generator().manual_seed(c + o)
+    x = torch.randn(n, c, h, w, generator=gen)
+    wt = kaiming(o, c)
+    b = torch.randn(o, generator=gen)
+    # One thread splits the channels only where the tiles make one chunk.
+    ref, outs = single_thread_then(threads, lambda: conv2d(x, wt, b, 1, 1), TILES[m], *([SHARED] if threads > 1 else []))
+    for y in outs:
+        assert torch.equal(y, ref)
+    ref64 = F.conv2d(x.double(), wt.double(), b.double(), 1, 1)
+    assert rel_err(ref, ref64) <= 2e-5
+    xl = x.to(memory_format=torch.channels_last)
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with expect_path(TILES[m], SHARED):
+            yl = conv2d(xl, wt, b, 1, 1)
+    finally:
+        torch.set_num_threads(saved)
+    assert yl.is_contiguous(memory_format=torch.channels_last)
+    assert rel_err(yl, ref64) <= 2e-5
+
+
 def test_on_by_default():
     """A fresh process starts with Winograd on (docs/DESIGN.md: why it may be)."""
     import os

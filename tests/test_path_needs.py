@@ -86,7 +86,7 @@ AVX2_WINOGRAD = {"sgemm.gemm_avx2", "conv2d.winograd.avx2", "conv2d.winograd.avx
                  "conv2d.winograd.split5x5", "conv2d.input_grad.winograd_split5x5", "conv2d.fwd.winograd_bf16",
                  "conv2d.input_grad.winograd_bf16"} | {
     f"conv2d.winograd.{p}" for p in ("f2x2", "f4x4", "f6x6", "nonfinite_fallback", "weight_cache_hit",
-                                     "weight_cache_miss")}
+                                     "weight_cache_miss", "shared_input")}
 
 
 def test_every_gated_family_is_marked():

@@ -53,6 +53,9 @@ CNNEXT_PATH_NEEDS(kAvx2Kernels, "conv2d.winograd.avx2", kAvx2);
 CNNEXT_PATH_NEEDS(kAvx2RowLoads, "conv2d.winograd.avx2_row_loads", kAvx2);
 CNNEXT_PATH_NEEDS(kAvx2RowStores, "conv2d.winograd.avx2_row_stores", kAvx2);
 CNNEXT_PATH_NEEDS(kWeightGrad, "conv2d.weight_grad.winograd", kAvx2);
+// Forward calls whose output channels were split over items, the input transformed once
+// per chunk of tiles and shared by the blocks.
+CNNEXT_PATH_NEEDS(kSharedInput, "conv2d.winograd.shared_input", kAvx2);
 // 5x5 stride-1 kernels as four 3x3 ones (split5 below): the forward and the input gradient.
 CNNEXT_PATH_NEEDS(kSplit5, "conv2d.winograd.split5x5", kAvx2);
 CNNEXT_PATH_NEEDS(kSplit5InputGrad, "conv2d.input_grad.winograd_split5x5", kAvx2);
@@ -119,8 +122,9 @@ struct Mat<6> {
 };
 
 // Scratch of the calling thread, kept between calls: slot 0 the per-item V and M
-// buffers, slot 1 the padded input, slot 2 the transformed weight of an uncached call;
-// for the weight gradient, slot 3 its transformed input and gradient, slot 4 its sums.
+// buffers, slot 1 the padded input, slot 2 the transformed weight of an uncached call,
+// slot 3 the forward's shared V (output channels split over items); for the weight
+// gradient, slot 3 its transformed input and gradient, slot 4 its sums.
 float* scratch(int slot, int64_t elems) { return thread_scratch(ScratchPool::Winograd, slot, elems); }
 
 #ifdef CNNEXT_WINO_AVX512
@@ -294,11 +298,12 @@ void tile_lanes(int64_t t0, int64_t tend, int m, const Conv2dParams& p, const La
 }
 
 // V[xi] for the tiles [t0, t0 + tc) (tc rounded up to kNR, the padding tiles zero) in
-// packed-B panels: V + xi * v_size + (t / kNR) * C * kNR + c * kNR + t % kNR.
+// packed-B panels: V + xi * v_size + (t / kNR) * C * kNR + c * kNR + t % kNR, for the input
+// channels [c0, c1).
 template <int M>
 WINO_TARGET void input_transform(const float* xp, const Conv2dParams& p, const Layout& L,
                                  const Strides4& ys, int64_t t0, int64_t tc, float* v,
-                                 int64_t v_size) {
+                                 int64_t v_size, int64_t c0, int64_t c1) {
   using T = Mat<M>;
   constexpr int A = T::A;
   const int64_t plane = L.Hq * L.Wq, tcp = round_up(tc, kNR);
@@ -307,7 +312,7 @@ WINO_TARGET void input_transform(const float* xp, const Conv2dParams& p, const L
     tile_lanes(t0 + tg, t0 + tc, M, p, L, ys, &tl);
     const __m512i idx = _mm512_load_si512(tl.in);
     float* vbase = v + (tg / kNR) * p.C * kNR + tg % kNR;
-    for (int64_t c = 0; c < p.C; ++c) {
+    for (int64_t c = c0; c < c1; ++c) {
       const float* src = xp + c * plane;
       __m512 tmp[A * A];  // tmp[r][j] = sum_s d[r][s] B[s][j] = sum_s BT[j][s] d[r][s]
 #pragma GCC unroll 8
@@ -487,7 +492,7 @@ WINO_AVX2 __attribute__((always_inline)) inline void load_row8(const float* x, _
 template <int M>
 WINO_AVX2 void input_transform_avx2(const float* xp, const Conv2dParams& p, const Layout& L,
                                     const Strides4& ys, int64_t t0, int64_t tc, float* v,
-                                    int64_t v_size) {
+                                    int64_t v_size, int64_t c0, int64_t c1) {
   using T = Mat<M>;
   constexpr int A = T::A;
   const int64_t plane = L.Hq * L.Wq, tcp = round_up(tc, kNR);
@@ -496,7 +501,7 @@ WINO_AVX2 void input_transform_avx2(const float* xp, const Conv2dParams& p, cons
   for (int64_t tg = 0; tg < tcp; tg += 8) {
     float* vbase = v + (tg / kNR) * p.C * kNR + tg % kNR;
     if (tg >= tc) {
-      for (int64_t c = 0; c < p.C; ++c)
+      for (int64_t c = c0; c < c1; ++c)
         for (int x = 0; x < A * A; ++x) _mm256_storeu_ps(vbase + c * kNR + x * v_size, _mm256_setzero_ps());
       continue;
     }
@@ -506,7 +511,7 @@ WINO_AVX2 void input_transform_avx2(const float* xp, const Conv2dParams& p, cons
     bool row_run = (M == 2 || M == 4) && (tl.valid & 0xFFu) == 0xFFu;
     for (int l = 1; row_run && l < 8; ++l) row_run = tl.in[l] == tl.in[0] + l * M && tl.oh[l] == tl.oh[0];
     any_rows |= row_run;
-    for (int64_t c = 0; c < p.C; ++c) {
+    for (int64_t c = c0; c < c1; ++c) {
       const float* src = xp + c * plane;
       __m256 tmp[A * A];  // tmp[r][j] = sum_s BT[j][s] d[r][s]
 #pragma GCC unroll 8
@@ -767,16 +772,41 @@ bool forward_m(const X* x, const Strides4& xs, const float* w, int64_t wso, int6
   // AVX-512 path keeps its layout (not measured there).
   const int64_t plane_pad = kWide ? 0 : 16;
   const int64_t v_size = tcp * p.C + plane_pad, m_size = ob * tc + plane_pad;
+  auto transform_input = [&](int64_t t0, int64_t n_t, float* v, int64_t c0, int64_t c1) {
+    if constexpr (kWide) {
+      input_transform<M>(xp, p, L, ys, t0, n_t, v, v_size, c0, c1);
+    } else {
+      input_transform_avx2<M>(xp, p, L, ys, t0, n_t, v, v_size, c0, c1);
+    }
+  };
+  // Where the output channels are split, each chunk's V is made once, in a buffer the
+  // blocks share, its input channels over the threads; else each item makes its own.
+  float* v_shared = nullptr;
+  if (oblocks > 1) {
+    const int64_t v_chunk = int64_t(A) * A * v_size;
+    v_shared = scratch(3, chunks * v_chunk);
+    const int64_t csplit = std::min(p.C, ceil_div(2 * T_threads, chunks));
+    const int64_t cper = ceil_div(p.C, csplit);
+    run_items(chunks * csplit, [&](int64_t item) {
+      const int64_t chunk = item / csplit, c0 = (item % csplit) * cper, c1 = std::min(p.C, c0 + cper);
+      const int64_t t0 = chunk * tc;
+      if (c0 < c1) transform_input(t0, std::min(tc, L.T - t0), v_shared + chunk * v_chunk, c0, c1);
+    });
+    kSharedInput.hit();
+  }
   std::atomic<bool> ok{true};
   run_items(chunks * oblocks, [&](int64_t item) {
     const int64_t chunk = item / oblocks, o0 = (item % oblocks) * ob;
     const int64_t t0 = chunk * tc, n_t = std::min(tc, L.T - t0), n_o = std::min(ob, p.O - o0);
-    float* v = scratch(0, int64_t(A) * A * (v_size + m_size));
-    float* mb = v + int64_t(A) * A * v_size;
-    if constexpr (kWide) {
-      input_transform<M>(xp, p, L, ys, t0, n_t, v, v_size);
+    float* v;
+    float* mb;
+    if (v_shared) {
+      v = v_shared + chunk * int64_t(A) * A * v_size;
+      mb = scratch(0, int64_t(A) * A * m_size);
     } else {
-      input_transform_avx2<M>(xp, p, L, ys, t0, n_t, v, v_size);
+      v = scratch(0, int64_t(A) * A * (v_size + m_size));
+      mb = v + int64_t(A) * A * v_size;
+      transform_input(t0, n_t, v, 0, p.C);
     }
     for (int xi = 0; xi < A * A; ++xi)
       sgemm::gemm(u + xi * u_size + o0 * p.C, v + xi * v_size, n_o, n_t, p.C, mb + xi * m_size, n_t,
@@ -1162,6 +1192,19 @@ int tile_for(const Conv2dParams& p, int64_t cols) {
   return 12 * cost <= 10 * direct ? m : 0;
 }
 
+// AVX-512, once tile_for chose Winograd for a forward: F(2x2) or F(4x4) again, on the
+// micro-kernel's 16-column halves (it skips a half past the tiles, as on AVX2) plus 8
+// columns a transformed element for streaming the transformed weight, (m + 2)^2 C O floats a
+// call, which on small maps is read for few tiles. F(4x4) where it saves 10%. Timed on a
+// 2-core Zen 4 (forward, 2 threads, F(2x2) / F(4x4) ms, chosen before -> now): ResNet-18 at
+// 96x96, batch 4: 128 x 12 x 12 0.69 / 0.55 (F(2x2) -> F(4x4)); 256 x 6 x 6 0.78 / 0.80-1.04
+// (F(2x2) kept); 256 x 14 x 14 at batch 1 0.80 / 0.77 (F(2x2) -> F(4x4)); unchanged where
+// the tiles are many (F(4x4) at 56, 28, 14 and 7 at batch 8).
+int wide_tile(const Conv2dParams& p) {
+  const int64_t c2 = wino_cost(p, 2, 16) + 16 * 8, c4 = wino_cost(p, 4, 16) + 36 * 8;
+  return 10 * c4 < 9 * c2 ? 4 : 2;
+}
+
 }  // namespace
 
 bool enabled() { return g_enabled.load(std::memory_order_relaxed); }
@@ -1188,7 +1231,8 @@ int choose_tile(const Conv2dParams& p, bool weight_grad) {
   const int forced = forced_tile();
   if (forced > 0) return forced;
   const int m = tile_for(p, kNR);
-  if (m == 0 || weight_grad || sgemm::available()) return m;
+  if (m == 0 || weight_grad) return m;
+  if (sgemm::available()) return wide_tile(p);
   return tile_for(p, 16) == 4 ? 4 : m;  // AVX2: F(2x2) or F(4x4) by the 16-column halves
 #else
   (void)p;
