@@ -826,6 +826,26 @@ def test_default_choice_by_shape():
     assert paths & set(WINO)
 
 
+def _picked_tile_runs(shape, m):
+    """A C -> C 3x3 layer of `shape`: its forward and input gradient run F(m x m) (not the
+    other tile) within the bound of float64. Returns x, the weight, gy and the float64
+    gradients (input, weight)."""
+    n, c, h, w = shape
+    gen = torch.Generator().manual_seed(c + h)
+    x = torch.randn(n, c, h, w, generator=gen)
+    wt = torch.randn(c, c, 3, 3, generator=gen) * math.sqrt(2.0 / (c * 9))
+    gy = torch.randn(n, c, h, w, generator=gen)
+    y, paths = ran(lambda: conv2d(x, wt, None, 1, 1))
+    assert TILES[m] in paths and TILES[6 - m] not in paths
+    assert rel_err(y, _ref(x, wt)) <= 2e-5
+    gx, paths = ran(lambda: torch.ops.cnnext.conv2d_input_backward(gy, wt, list(x.shape), [1, 1], [1, 1], [1, 1], 1))
+    assert {TILES[m], "conv2d.input_grad.winograd"} <= paths and TILES[6 - m] not in paths
+    ref_g = torch.ops.aten.convolution_backward(gy.double(), x.double(), wt.double(), None, [1, 1], [1, 1], [1, 1],
+                                                False, [0, 0], 1, [True, True, False])
+    assert (gx.double() - ref_g[0]).abs().max() <= 2e-5 * ref_g[0].abs().max()
+    return x, wt, gy, ref_g
+
+
 @pytest.mark.parametrize("shape", [(4, 128, 12, 12), (4, 256, 6, 6), (1, 256, 14, 14)])
 def test_avx2_small_maps_pick_the_tile_on_16_column_halves(shape):
     """On AVX2 the forward and the input gradient pick F(2x2) or F(4x4) on the AVX2 kernel's
@@ -834,19 +854,7 @@ def test_avx2_small_maps_pick_the_tile_on_16_column_halves(shape):
     float64 within the accuracy bound."""
     if runnable("conv2d.fwd.sgemm") or not runnable("conv2d.winograd.avx2"):
         pytest.skip("the 16-column pick is the AVX2 kernel's (this CPU has AVX-512F, or no AVX2)")
-    n, c, h, w = shape
-    gen = torch.Generator().manual_seed(c + h)
-    x = torch.randn(n, c, h, w, generator=gen)
-    wt = torch.randn(c, c, 3, 3, generator=gen) * math.sqrt(2.0 / (c * 9))
-    gy = torch.randn(n, c, h, w, generator=gen)
-    y, paths = ran(lambda: conv2d(x, wt, None, 1, 1))
-    assert TILES[4] in paths and TILES[2] not in paths
-    assert rel_err(y, _ref(x, wt)) <= 2e-5
-    gx, paths = ran(lambda: torch.ops.cnnext.conv2d_input_backward(gy, wt, list(x.shape), [1, 1], [1, 1], [1, 1], 1))
-    assert {TILES[4], "conv2d.input_grad.winograd"} <= paths and TILES[2] not in paths
-    ref_gx = torch.ops.aten.convolution_backward(gy.double(), x.double(), wt.double(), None, [1, 1], [1, 1], [1, 1],
-                                                 False, [0, 0], 1, [True, True, False])
-    assert (gx.double() - ref_gx[0]).abs().max() <= 2e-5 * ref_gx[0].abs().max()
+    x, wt, gy, ref_gx = _picked_tile_runs(shape, 4)
     gw, paths = ran(lambda: torch.ops.cnnext.conv2d_weight_backward(gy, x, list(wt.shape), [1, 1], [1, 1], [1, 1], 1))
     assert {TILES[2], "conv2d.weight_grad.winograd"} <= paths and TILES[4] not in paths
     assert (gw.double() - ref_gx[1]).abs().max() <= 2e-5 * ref_gx[1].abs().max()
@@ -861,19 +869,7 @@ def test_avx512_picks_the_tile_on_16_column_halves(shape, m):
     for 16 tiles); the weight gradient keeps its own pick. Against float64 within the bound."""
     if not runnable("conv2d.fwd.sgemm"):
         pytest.skip("the AVX-512 pick (this CPU runs the AVX2 kernels)")
-    n, c, h, w = shape
-    gen = torch.Generator().manual_seed(c + h)
-    x = torch.randn(n, c, h, w, generator=gen)
-    wt = torch.randn(c, c, 3, 3, generator=gen) * math.sqrt(2.0 / (c * 9))
-    gy = torch.randn(n, c, h, w, generator=gen)
-    y, paths = ran(lambda: conv2d(x, wt, None, 1, 1))
-    assert TILES[m] in paths and TILES[6 - m] not in paths
-    assert rel_err(y, _ref(x, wt)) <= 2e-5
-    gx, paths = ran(lambda: torch.ops.cnnext.conv2d_input_backward(gy, wt, list(x.shape), [1, 1], [1, 1], [1, 1], 1))
-    assert {TILES[m], "conv2d.input_grad.winograd"} <= paths
-    ref_gx = torch.ops.aten.convolution_backward(gy.double(), x.double(), wt.double(), None, [1, 1], [1, 1], [1, 1],
-                                                 False, [0, 0], 1, [True, False, False])[0]
-    assert (gx.double() - ref_gx).abs().max() <= 2e-5 * ref_gx.abs().max()
+    _picked_tile_runs(shape, m)
 
 
 SHARED = "conv2d.winograd.shared_input"
