@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import cnnext.backends.cpu as cpu_backend
 from cnnext import _C
-from cnnext._paths import counts, expect_path
+from cnnext._paths import counts, expect_path, runnable
 from cnnext.functional import conv2d, conv_bn_relu2d
 # The 3x3 Winograd tests' switch and tile fixtures and helpers (pytest takes fixtures
 # imported into a test module as its own).
@@ -176,14 +176,35 @@ def test_default_choice_by_shape():
     assert SPLIT not in paths
 
 
+def test_avx512_leaves_many_inputs_to_few_outputs_to_the_gemm():
+    """On AVX-512 the split is not taken where the input channels outnumber twice the
+    output channels (as a forward): AlexNet's 5x5 input gradient (256 -> 96) and a 256 -> 96
+    forward run the GEMM path; its 96 -> 256 forward keeps the split."""
+    if not runnable("conv2d.fwd.sgemm"):
+        pytest.skip("the AVX-512 rule (this CPU runs the AVX2 kernels)")
+    x = torch.randn(8, 96, 26, 26, requires_grad=True)
+    w = kaiming(256, 96)
+    y, paths = ran(lambda: conv2d(x, w, None, 1, 2))
+    assert SPLIT in paths
+    gy = torch.randn_like(y)
+    (gx,), paths = ran(lambda: torch.autograd.grad(y, x, gy))
+    assert SPLIT_IN not in paths and SPLIT not in paths
+    assert rel_err(gx, torch.ops.aten.convolution_backward(
+        gy.double(), x.detach().double(), w.double(), None, [1, 1], [2, 2], [1, 1], False, [0, 0], 1,
+        [True, False, False])[0]) <= 1e-5
+    x2 = torch.randn(8, 256, 26, 26)
+    _, paths = ran(lambda: conv2d(x2, kaiming(96, 256), None, 1, 2))
+    assert SPLIT not in paths
+
+
 def test_accuracy_bound_alexnet_conv2():
     """AlexNet's 96 -> 256 5x5 at 26x26 (batch 2), unit-normal input, Kaiming weights, the
     tile chosen by shape: within #15's promise of 2e-5 of max |y| against float64, forward
-    and input gradient."""
+    and input gradient (on AVX-512 the input gradient is the GEMM's: see the test above)."""
     torch.manual_seed(0)
     x = torch.randn(8, 96, 26, 26, requires_grad=True)
     w = kaiming(256, 96)
-    with expect_path(SPLIT, SPLIT_IN):
+    with expect_path(SPLIT, *([] if runnable("conv2d.fwd.sgemm") else [SPLIT_IN])):
         y = conv2d(x, w, None, 1, 2)
         gy = torch.randn_like(y)
         (gx,) = torch.autograd.grad(y, x, gy)

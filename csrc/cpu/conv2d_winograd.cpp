@@ -1280,6 +1280,15 @@ int choose_tile5(const Conv2dParams& p) {
   // and half the direct multiplications.
   const int64_t tiles4 = p.N * ceil_div(p.OH, 4) * ceil_div(p.OW, 4);
   if (p.C < 32 || p.O < 64 || tiles4 < (p.O >= 128 ? 96 : 256)) return 0;
+  // AVX-512: not where the input channels outnumber twice the output channels. The split's
+  // transforms and its shifted copies of the input grow with 4 C, its products with 4 C O:
+  // with few outputs a channel they cost more than the products save. Zen 4, 2 threads,
+  // interleaved medians, split / GEMM path: AlexNet's 5x5 input gradient (a 256 -> 96
+  // forward at 26x26, batch 8) 43.7-52.9 / 36.3-38.2 ms, the same as a forward 46.7 / 36.3;
+  // kept: 96 -> 256 forward 22.5-28.1 / 31.8-35.1, 64 -> 64 9.0 / 11.8, 128 -> 128 22.6 /
+  // 24.2 (its input gradient 25.7 / 23.6, within the noise). AVX2 keeps the rule above (not
+  // measured there).
+  if (sgemm::available() && p.C > 2 * p.O) return 0;
   const Conv2dParams q = split5_params(p);
   const int64_t direct = 25 * p.N * p.OH * p.OW;
   const int64_t c2 = 4 * wino_cost(q, 2), c4 = 4 * wino_cost(q, 4);
