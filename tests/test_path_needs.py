@@ -83,7 +83,8 @@ def test_gated_paths_run_only_where_the_cpu_has_their_isa(cap):
 # few-channel forward's paths (tiny_c: an AVX-512 and an AVX2 kernel) and its AVX2 gradients.
 AVX2_WINOGRAD = {"sgemm.gemm_avx2", "conv2d.winograd.avx2", "conv2d.winograd.avx2_row_loads",
                  "conv2d.winograd.avx2_row_stores", "conv2d.input_grad.winograd", "conv2d.weight_grad.winograd",
-                 "conv2d.winograd.split5x5", "conv2d.input_grad.winograd_split5x5", "conv2d.fwd.winograd_bf16",
+                 "conv2d.winograd.split5x5", "conv2d.input_grad.winograd_split5x5", "conv2d.weight_grad.winograd_split5x5",
+                 "conv2d.fwd.winograd_bf16",
                  "conv2d.input_grad.winograd_bf16"} | {
     f"conv2d.winograd.{p}" for p in ("f2x2", "f4x4", "f6x6", "nonfinite_fallback", "weight_cache_hit",
                                      "weight_cache_miss", "shared_input")}

@@ -108,7 +108,7 @@ bool forward_tensor(const at::Tensor& input, const at::Tensor& weight, const flo
 bool input_backward_tensor(const at::Tensor& grad_output, const at::Tensor& weight, at::Tensor& gx,
                            const Conv2dParams& p);
 
-// gw (O x C x 3 x 3, contiguous) = the weight gradient of the convolution p for gy and the
+// gw (O x C x 3 x 3, or 5 x 5 by the split, contiguous) = the weight gradient of the convolution p for gy and the
 // input x, by Winograd with the tile choose_tile(p, true) picks (the switch, the shape rules):
 // sum over tiles of G^T (A gy A^T (.) B^T d B) G, the sums over tiles run as (m + 2)^2
 // GEMMs. Returns false (gw then holds garbage) when the caller must compute gw itself: not
