@@ -310,3 +310,43 @@ def test_empty_batch_new_backward_paths(case, threads):
     for a, e in zip(*outs):
         assert a.shape == e.shape
         torch.testing.assert_close(a, e)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+@pytest.mark.parametrize("shape", [(8, 64, 20, 20, 128, 1, 2, 0), (4, 256, 6, 6, 512, 1, 2, 0), (2, 32, 15, 17, 40, 3, 2, 1)],
+                         ids=["shortcut", "l4_shortcut", "padded"])
+def test_weight_gradient_gather_shares_packed_gy(shape, layout):
+    """The gather weight gradient with its taps split over two threads packs gy once, shared
+    (conv2d.weight_grad.sgemm_gather_shared_gy), and reads an unpadded input in place
+    (conv2d.sgemm.gather.unpadded_source): within a rounding of float64 under any layout,
+    and a NaN / Inf of x lands where stock puts it."""
+    n, c, h, w, o, k, s, p = shape
+    gen = torch.Generator().manual_seed(c + o)
+    x = torch.randn(n, c, h, w, dtype=torch.float64, generator=gen)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    elif layout == "sliced":
+        x = torch.randn(n, 2 * c, h, w + 3, dtype=torch.float64, generator=gen)[:, ::2, :, 1:w + 1]
+    wt = torch.randn(o, c, k, k, dtype=torch.float64, generator=gen)
+    gy = torch.randn(F.conv2d(x, wt, None, s, p).shape, dtype=torch.float64, generator=gen)
+    paths = ["conv2d.weight_grad.sgemm_gather", "conv2d.weight_grad.sgemm_gather_shared_gy"]
+    if p == 0:
+        paths.append("conv2d.sgemm.gather.unpadded_source")
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        for poison in (False, True):
+            xin = x.clone() if poison else x
+            if poison:
+                xin[0, 1, 2, 4] = float("nan")
+                xin[-1, 2, 4, 2] = float("inf")
+            ref = torch.ops.aten.convolution_backward(gy, xin, wt, None, [s, s], [p, p], [1, 1], False, [0, 0], 1,
+                                                      [False, True, False])[1]
+            with expect_path(*paths):
+                gw = torch.ops.cnnext.conv2d_weight_backward(gy.float(), xin.float(), list(wt.shape), [s, s], [p, p],
+                                                             [1, 1], 1)
+            assert torch.equal(gw.isnan(), ref.isnan()) and torch.equal(gw.isinf(), ref.isinf())
+            fin = ref.isfinite()
+            assert ((gw.double() - ref)[fin].abs().max() / ref[fin].abs().max()).item() <= 1e-5
+    finally:
+        torch.set_num_threads(saved)

@@ -54,6 +54,8 @@ CNNEXT_PATH_NEEDS(kInRows, "conv2d.input_grad.sgemm_rows", kAvx512F);
 CNNEXT_PATH_NEEDS(kWImplicit, "conv2d.weight_grad.sgemm_implicit", kAvx512F);
 CNNEXT_PATH_NEEDS(kWImplicitPhases, "conv2d.weight_grad.sgemm_implicit_phases", kAvx512F);
 CNNEXT_PATH_NEEDS(kWGather, "conv2d.weight_grad.sgemm_gather", kAvx512F);
+// Gather-path weight gradients whose packed gy was made once and shared by the tap blocks.
+CNNEXT_PATH_NEEDS(kWSharedA, "conv2d.weight_grad.sgemm_gather_shared_gy", kAvx512F);
 CNNEXT_PATH_NEEDS(kWLanes, "conv2d.weight_grad.sgemm_lanes", kAvx512F);
 
 using sgemm::kMR;
@@ -1551,20 +1553,44 @@ void weight_backward(const float* gy, const Strides4& gs, const float* x, const 
   const int64_t rows = std::clamp<int64_t>(kColBudget / std::max<int64_t>(1, kpb * p.OW), 1, R);
   const int64_t Lmax = rows * p.OW;
   const int64_t a_size = sgemm::packed_a_size(Og, Lmax), b_size = sgemm::packed_b_size(Lmax, kpb);
-  const float* xp = pad_input(x, xs, p);
-  const std::vector<int64_t> off = tap_offsets(p);
-  const int64_t gstride = Cg * (p.H + 2 * p.PH) * (p.W + 2 * p.PW);
+  // The input itself where there is no padding (a strided 1x1 shortcut reads a quarter of
+  // it), else its padded copy.
+  const GatherSrc src = gather_source(x, xs, p);
+  const float* xp = src.x;
+  const std::vector<int64_t> off = tap_offsets(src.s, p);
+  const int64_t gstride = Cg * src.s.c;
+  // Where the taps are split over items, gy is packed once, its panels of output channels
+  // over the threads, into a buffer the items share (up to 64 MiB; each item packed all of
+  // it before). The products and their order are unchanged.
+  const int64_t nchunks = ceil_div(R, rows), a_total = p.G * nchunks * a_size;
+  const bool share_a = kblocks > 1 && a_total <= (int64_t(1) << 24);
+  float* ash = nullptr;
+  if (share_a) {
+    ash = scratch(1, a_total);
+    const int64_t panels = ceil_div(Og, kMR);
+    const int64_t psplit = std::min(panels, std::max<int64_t>(1, ceil_div(2 * T, p.G * nchunks)));
+    const int64_t ppb = ceil_div(panels, psplit);
+    run_items(p.G * nchunks * psplit, [&](int64_t item) {
+      const int64_t gc = item / psplit, g = gc / nchunks, c = gc % nchunks;
+      const int64_t o0 = (item % psplit) * ppb * kMR, o1 = std::min(Og, o0 + ppb * kMR);
+      const int64_t r0 = c * rows, r1 = std::min(R, r0 + rows), L = (r1 - r0) * p.OW;
+      if (o0 < o1) pack_channels(gy + (g * Og + o0) * gs.c, gs, p, o1 - o0, r0, r1, kMR, ash + gc * a_size + o0 * L);
+    }, a_total);
+    kWSharedA.hit();
+  }
   run_items(p.G * kblocks, [&](int64_t item) {
     const int64_t g = item / kblocks, k0 = (item % kblocks) * kpb, k1 = std::min(K, k0 + kpb);
-    float* apk = scratch(0, a_size + b_size + 2 * Lmax);
-    float* bpk = apk + a_size;
+    float* apk = scratch(0, (share_a ? 0 : a_size) + b_size + 2 * Lmax);
+    float* bpk = apk + (share_a ? 0 : a_size);
     int64_t* idx = reinterpret_cast<int64_t*>(bpk + b_size);
     for (int64_t r0 = 0; r0 < R; r0 += rows) {
       const int64_t r1 = std::min(R, r0 + rows), L = (r1 - r0) * p.OW;
-      pack_channels(gy + g * Og * gs.c, gs, p, Og, r0, r1, kMR, apk);
-      position_offsets(p, r0, r1, idx);
+      const float* a = apk;
+      if (share_a) a = ash + (g * nchunks + r0 / rows) * a_size;
+      else pack_channels(gy + g * Og * gs.c, gs, p, Og, r0, r1, kMR, apk);
+      position_offsets(src.s, p, r0, r1, idx);
       gather_t(xp + g * gstride, off.data(), k0, k1, idx, L, bpk);
-      sgemm::gemm(apk, bpk, Og, k1 - k0, L, gw + g * Og * K + k0, K, r0 > 0, nullptr);
+      sgemm::gemm(a, bpk, Og, k1 - k0, L, gw + g * Og * K + k0, K, r0 > 0, nullptr);
     }
   });
 }
