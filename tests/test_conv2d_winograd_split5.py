@@ -134,16 +134,23 @@ def test_fallbacks(case, tile):
         assert rel_err(a, b) <= 1e-5
 
 
+def split_forward_then_input_grad(x, w, padding):
+    """The forward of x (requires grad) by w, asserted to take the split, then its input
+    gradient for a random gy: (gy, gx, the paths the gradient ran)."""
+    y, fpaths = ran(lambda: conv2d(x, w, None, 1, padding))
+    assert SPLIT in fpaths
+    gy = torch.randn_like(y)
+    (gx,), paths = ran(lambda: torch.autograd.grad(y, x, gy))
+    return gy, gx, paths
+
+
 def test_input_gradient_padding_past_4_falls_back(tile):
     """Padding 5 on a 5x5 kernel: the input gradient's forward would pad by -1 (crop), which
     the split does not do; the forward still takes it."""
     tile(4)
     x = torch.randn(2, 16, 6, 6, requires_grad=True)
     w = kaiming(16, 16)
-    y, fpaths = ran(lambda: conv2d(x, w, None, 1, 5))
-    assert SPLIT in fpaths
-    gy = torch.randn_like(y)
-    (gx,), paths = ran(lambda: torch.autograd.grad(y, x, gy))
+    gy, gx, paths = split_forward_then_input_grad(x, w, 5)
     assert SPLIT_IN not in paths
     xd = x.detach().double().requires_grad_()
     (ref,) = torch.autograd.grad(F.conv2d(xd, w.double(), None, 1, 5), xd, gy.double())
@@ -263,10 +270,7 @@ def test_avx512_leaves_many_inputs_to_few_outputs_to_the_gemm():
         pytest.skip("the AVX-512 rule (this CPU runs the AVX2 kernels)")
     x = torch.randn(8, 96, 26, 26, requires_grad=True)
     w = kaiming(256, 96)
-    y, paths = ran(lambda: conv2d(x, w, None, 1, 2))
-    assert SPLIT in paths
-    gy = torch.randn_like(y)
-    (gx,), paths = ran(lambda: torch.autograd.grad(y, x, gy))
+    gy, gx, paths = split_forward_then_input_grad(x, w, 2)
     assert SPLIT_IN not in paths and SPLIT not in paths
     assert rel_err(gx, torch.ops.aten.convolution_backward(
         gy.double(), x.detach().double(), w.double(), None, [1, 1], [2, 2], [1, 1], False, [0, 0], 1,
