@@ -1261,6 +1261,27 @@ Conv2dParams split5_params(const Conv2dParams& p) {
   return q;
 }
 
+// fn(ab, c, i, j, kh, kw) for every tap (i, j) of the split kernel w_ab at input channel c
+// that lies inside the 5x5 (kh = 3a + i, kw = 3b + j, ab = 2a + b): the one map between
+// the 5x5 weight and the split's O x 4C x 3 x 3 one, read by the forward's weight and
+// written back by the weight gradient.
+template <typename Fn>
+void for_each_split_tap(int64_t C, const Fn& fn) {
+  for (int64_t ab = 0; ab < 4; ++ab)
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t i = 0; i < 3; ++i)
+        for (int64_t j = 0; j < 3; ++j) {
+          const int64_t kh = 3 * (ab / 2) + i, kw = 3 * (ab % 2) + j;
+          if (kh < 5 && kw < 5) fn(ab, c, i, j, kh, kw);
+        }
+}
+
+// Whether the split's copies of the input (4 C planes padded to whole tiles of m) stay
+// within the transforms' 32-bit offsets; else the split declines before copying.
+bool split5_planes_fit(const Conv2dParams& p, int m) {
+  return p.N * 4 * p.C * (ceil_div(p.OH, m) * m + 2) * (ceil_div(p.OW, m) * m + 2) < (int64_t(1) << 31);
+}
+
 int choose_tile5(const Conv2dParams& p) {
 #ifdef CNNEXT_WINO_AVX512
   if (!enabled() || !available()) return 0;
@@ -1447,16 +1468,11 @@ at::Tensor cached_split_weight(const at::Tensor& weight, int64_t O, int64_t C, i
         at::Tensor w4 = at::zeros({O, 4 * C, 3, 3}, weight.options().memory_format(at::MemoryFormat::Contiguous));
         float* d = w4.mutable_data_ptr<float>();
         for (int64_t o = 0; o < O; ++o)
-          for (int64_t ab = 0; ab < 4; ++ab)
-            for (int64_t c = 0; c < C; ++c)
-              for (int64_t i = 0; i < 3; ++i)
-                for (int64_t j = 0; j < 3; ++j) {
-                  const int64_t kh = 3 * (ab / 2) + i, kw = 3 * (ab % 2) + j;
-                  if (kh >= 5 || kw >= 5) continue;
-                  // The weight is (O, C, 5, 5) for the forward, (C, O, 5, 5) when flipped.
-                  const float v = flipped ? w[((c * O + o) * 5 + 4 - kh) * 5 + 4 - kw] : w[((o * C + c) * 5 + kh) * 5 + kw];
-                  d[((o * 4 * C + ab * C + c) * 3 + i) * 3 + j] = v;
-                }
+          for_each_split_tap(C, [&](int64_t ab, int64_t c, int64_t i, int64_t j, int64_t kh, int64_t kw) {
+            // The weight is (O, C, 5, 5) for the forward, (C, O, 5, 5) when flipped.
+            const float v = flipped ? w[((c * O + o) * 5 + 4 - kh) * 5 + 4 - kw] : w[((o * C + c) * 5 + kh) * 5 + kw];
+            d[((o * 4 * C + ab * C + c) * 3 + i) * 3 + j] = v;
+          });
         at::Tensor out = reuse.empty() ? DerivedCache::empty({transformed_weight_size(O, 4 * C, m)}, weight.options())
                                        : reuse[0];
         transform_weight(d, 4 * C * 9, 9, 1, O, 4 * C, m, out.mutable_data_ptr<float>());
@@ -1471,7 +1487,7 @@ at::Tensor cached_split_weight(const at::Tensor& weight, int64_t O, int64_t C, i
 bool split5_forward(const at::Tensor& x, const at::Tensor& u, const float* bias, at::Tensor& y,
                     const Conv2dParams& q, bool relu, int m) {
   // forward() declines planes past 32-bit offsets: decline before copying the input.
-  if (q.N * 4 * q.C * (ceil_div(q.OH, m) * m + 2) * (ceil_div(q.OW, m) * m + 2) >= (int64_t(1) << 31)) return false;
+  if (!split5_planes_fit(q, m)) return false;
   const at::Tensor x4 = shifted_copies(x, q);
   return forward(x4.const_data_ptr<float>(), strides_of(x4), nullptr, 0, 0, 0, u.const_data_ptr<float>(), bias,
                  y.mutable_data_ptr<float>(), strides_of(y), split5_params(q), relu, m);
@@ -1649,9 +1665,7 @@ bool weight_backward_tensor(const at::Tensor& grad_output, const at::Tensor& inp
   const int m = split ? (choose_tile5(p) == 0 || !split_pays ? 0 : choose_tile(q, /*weight_grad=*/true))
                       : choose_tile(p, /*weight_grad=*/true);
   if (m == 0) return false;
-  // The copies' planes past 32-bit offsets: weight_grad_m declines them; decline first.
-  if (split && q.N * q.C * (ceil_div(q.OH, m) * m + 2) * (ceil_div(q.OW, m) * m + 2) >= (int64_t(1) << 31))
-    return false;
+  if (split && !split5_planes_fit(p, m)) return false;
   at::Tensor x4, gw4;
   if (split) {
     x4 = shifted_copies(input, p);
@@ -1686,13 +1700,9 @@ bool weight_backward_tensor(const at::Tensor& grad_output, const at::Tensor& inp
     const float* s4 = gw4.const_data_ptr<float>();
     float* d = gw.mutable_data_ptr<float>();
     run_items(p.O, [&](int64_t o) {
-      for (int64_t ab = 0; ab < 4; ++ab)
-        for (int64_t c = 0; c < p.C; ++c)
-          for (int64_t i = 0; i < 3; ++i)
-            for (int64_t j = 0; j < 3; ++j) {
-              const int64_t kh = 3 * (ab / 2) + i, kw = 3 * (ab % 2) + j;
-              if (kh < 5 && kw < 5) d[((o * p.C + c) * 5 + kh) * 5 + kw] = s4[((o * q.C + ab * p.C + c) * 3 + i) * 3 + j];
-            }
+      for_each_split_tap(p.C, [&](int64_t ab, int64_t c, int64_t i, int64_t j, int64_t kh, int64_t kw) {
+        d[((o * p.C + c) * 5 + kh) * 5 + kw] = s4[((o * q.C + ab * p.C + c) * 3 + i) * 3 + j];
+      });
     });
     kSplit5WeightGrad.hit();
   }
